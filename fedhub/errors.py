@@ -1,0 +1,243 @@
+"""
+The exception hierarchy of fedhub.
+
+Every error fedhub raises on purpose derives from L{FedhubError}.  Errors carry
+the facts that explain them as attributes, so callers and log observers can act
+on them without parsing messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FedhubError(Exception):
+    """
+    Base class of every error fedhub raises on purpose.
+    """
+
+
+# --- messages -----------------------------------------------------------
+
+
+class MessageError(FedhubError):
+    """
+    A message is not valid: it can never be published or handled as it is.
+    """
+
+
+class DecodeError(MessageError):
+    """
+    Bytes or a serialized record could not be turned into a L{fedhub.message.Message}.
+
+    @ivar reason: A short human-readable reason.
+    @ivar line: The 1-based line of a serialized file, when known.
+    """
+
+    def __init__(self, reason: str, line: int | None = None) -> None:
+        self.reason = reason
+        self.line = line
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{reason}")
+
+
+class SchemaValidationError(MessageError):
+    """
+    A message body does not satisfy the JSON schema registered for its name.
+
+    @ivar schema: The schema name the message claims.
+    @ivar reason: What the validator said.
+    @ivar path: The JSON path to the offending element of the body.
+    """
+
+    def __init__(self, schema: str, reason: str, path: str = "$") -> None:
+        self.schema = schema
+        self.reason = reason
+        self.path = path
+        super().__init__(f"body does not match schema {schema!r} at {path}: {reason}")
+
+
+# --- configuration ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """
+    One problem found in a configuration.
+
+    @ivar path: The key path, for example C{consumers[2].domain}.
+    @ivar message: What is wrong with it.
+    @ivar line: The 1-based line in the file where the key is, when known.
+    """
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line is not None else ""
+        return f"{self.path}: {self.message}{where}"
+
+
+class ConfigError(FedhubError):
+    """
+    A configuration is not valid; nothing may be started from it.
+
+    @ivar problems: Every problem found, in file order.
+    @ivar source: The file the configuration came from, if any.
+    """
+
+    def __init__(self, problems: list[ConfigProblem], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{head}{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+class UnknownPlugin(FedhubError):
+    """
+    No installed plugin has the requested name.
+
+    @ivar kind: C{"consumer"} or C{"producer"}.
+    @ivar name: The name that was asked for.
+    @ivar known: The names that are installed.
+    """
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(
+            f"unknown {kind} plugin {name!r} (installed: {', '.join(self.known) or 'none'})"
+        )
+
+
+# --- publishing ---------------------------------------------------------
+
+
+class PublishError(FedhubError):
+    """
+    A message could not be handed over or was not accepted by the broker.
+
+    @ivar message_id: The id of the message concerned, when known.
+    """
+
+    def __init__(self, reason: str, message_id: str | None = None) -> None:
+        self.reason = reason
+        self.message_id = message_id
+        super().__init__(reason)
+
+
+class TemporarilyUnavailable(PublishError):
+    """
+    The message can not be taken now but may be later (outbox full, disk full,
+    broker unreachable past the backlog limit).  Producers answer with a
+    temporary failure: SMTP C{451}/C{452}, a poller keeps its cursor.
+    """
+
+
+class MessageReturned(PublishError):
+    """
+    The broker returned a C{mandatory} message: no queue is bound for its topic.
+
+    @ivar reply_code: The AMQP reply code (C{312} NO_ROUTE).
+    """
+
+    def __init__(self, reason: str, message_id: str | None = None, reply_code: int = 312) -> None:
+        self.reply_code = reply_code
+        super().__init__(reason, message_id)
+
+
+class MessageNacked(PublishError):
+    """
+    The broker refused responsibility for a message (C{basic.nack}).
+    """
+
+
+class NotConnected(TemporarilyUnavailable):
+    """
+    The transport has no usable broker connection right now.
+    """
+
+
+# --- consumers: verdicts a plugin may raise -----------------------------
+
+
+class Verdict(FedhubError):
+    """
+    Base of the exceptions a consumer plugin raises to decide what happens to
+    the message it was handling, instead of the default failure policy.
+
+    @ivar reason: Why, for logs and the dead-letter record.
+    """
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(reason or type(self).__name__)
+
+
+class Retry(Verdict):
+    """
+    Handle the message again later, after C{delay} seconds (or the consumer's
+    backoff when C{None}), until the consumer's delivery limit; then dead-letter it.
+    """
+
+    def __init__(self, reason: str = "", delay: float | None = None) -> None:
+        self.delay = delay
+        super().__init__(reason)
+
+
+class Drop(Verdict):
+    """
+    Acknowledge the message without handling it; it is gone.
+    """
+
+
+class DeadLetter(Verdict):
+    """
+    Move the message to the consumer's dead-letter queue now, with the reason.
+    """
+
+
+class Halt(Verdict):
+    """
+    Stop this consumer: the message is returned to its queue and the consumer
+    consumes nothing more until the hub restarts.  Other consumers go on.
+    """
+
+
+# --- broker -------------------------------------------------------------
+
+
+class ChannelError(FedhubError):
+    """
+    The broker closed a channel or connection with an error reply.
+
+    @ivar reply_code: The AMQP reply code (403, 404, 406, ...).
+    @ivar reply_text: The broker's text.
+    """
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+        super().__init__(f"{reply_code} {reply_text}")
+
+
+class AccessRefused(ChannelError):
+    """
+    C{403 ACCESS_REFUSED}: the credentials may not do this.
+    """
+
+
+class NotFound(ChannelError):
+    """
+    C{404 NOT_FOUND}: the exchange or queue does not exist.
+    """
+
+
+class PreconditionFailed(ChannelError):
+    """
+    C{406 PRECONDITION_FAILED}: for example a queue declared again with other
+    arguments, or an acknowledgement timeout.
+    """

@@ -1,0 +1,207 @@
+"""
+The roles of fedhub, as small zope interfaces.
+
+Twisted already uses C{IProducer}/C{IConsumer} for flow control, so fedhub's
+roles carry other names:
+
+  - L{IPublisher}: where a component hands over messages for its domain;
+  - L{IBus}: a transport (in-process or AMQP) for one security domain;
+  - L{IDelivery} and L{ISubscription}: what a transport gives a subscriber;
+  - L{IConsumerPlugin} builds an L{IMessageHandler} (the code that reacts to
+    messages); L{IProducerPlugin} builds a message source (an C{IService}
+    that publishes).
+
+Plugins are found with C{twisted.plugin.getPlugins} by these interfaces; see
+L{fedhub.plugins}.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IPublisher(Interface):
+    """
+    Takes messages for one security domain.
+
+    Producers and consumer plugins receive one for their own domain and never
+    see the transport behind it.
+    """
+
+    domain = Attribute("str: the name of the domain messages go to")
+
+    def publish(message):  # type: ignore[no-untyped-def]
+        """
+        Hand a message over.
+
+        @param message: a L{fedhub.message.Message}.
+        @return: a Deferred that fires with C{None} once the hand-over is done:
+            durable in the outbox when the hub has one, accepted by the broker
+            for a bare transport.  It fails with
+            L{fedhub.errors.TemporarilyUnavailable} when the message can not be
+            taken now but may be later, or with L{fedhub.errors.PublishError}
+            or L{fedhub.errors.MessageError} when it never will be.
+        """
+
+
+class IDelivery(Interface):
+    """
+    One message delivered to a subscriber, waiting for its verdict.
+
+    Exactly one of L{ack} and L{reject} is called for each delivery; later
+    calls are ignored.
+    """
+
+    message = Attribute("Message: the decoded message (its C{queue} set)")
+    redelivered = Attribute("bool: the broker delivered it before")
+    queue = Attribute("str: the queue it came from")
+
+    def ack():  # type: ignore[no-untyped-def]
+        """
+        The message is handled: remove it from its queue.
+        """
+
+    def reject(requeue):  # type: ignore[no-untyped-def]
+        """
+        The message is not handled.
+
+        @param requeue: C{True} puts it back in its queue for another
+            delivery; C{False} dead-letters it when the queue has a
+            dead-letter exchange, and drops it otherwise.
+        """
+
+
+class ISubscription(Interface):
+    """
+    A running subscription of a handler to a queue.
+    """
+
+    queue = Attribute("str: the queue consumed from")
+
+    def cancel():  # type: ignore[no-untyped-def]
+        """
+        Stop consuming.  Unacknowledged deliveries go back to the queue.
+
+        @return: a Deferred firing when no more deliveries will come.
+        """
+
+
+class IBus(Interface):
+    """
+    A message transport for one security domain: the in-process bus or a
+    broker connection.  Providers are also C{IService}s: work starts in
+    C{startService}, and C{stopService} waits for it.
+    """
+
+    domain = Attribute("str: the name of the domain this bus serves")
+    exchange = Attribute("str: the exchange messages are published to by default")
+    connected = Attribute("bool: whether the bus can take messages now")
+
+    def declare(topology):  # type: ignore[no-untyped-def]
+        """
+        Make sure exchanges, queues and bindings exist, and remember them so
+        they are declared again after a reconnect.
+
+        @param topology: a L{fedhub.topology.Topology}.
+        @return: a Deferred firing with C{None} when they exist.
+        """
+
+    def publish(message, exchange=None, routing_key=None):  # type: ignore[no-untyped-def]
+        """
+        Publish one message persistently with C{mandatory} set.
+
+        @param exchange: the exchange, default L{exchange}.
+        @param routing_key: the routing key, default the message's topic.
+        @return: a Deferred firing with C{None} when the broker took
+            responsibility for the message (its confirm).  It fails with
+            L{fedhub.errors.MessageReturned} when no queue is bound for it,
+            L{fedhub.errors.MessageNacked} when the broker refused it and
+            L{fedhub.errors.NotConnected} when there is no connection.  A bus
+            that can not take more for now (a full queue, a blocked broker)
+            delays the Deferred: that is how it pushes back on publishers.
+        """
+
+    def subscribe(queue, on_delivery, prefetch):  # type: ignore[no-untyped-def]
+        """
+        Consume from a declared queue, and again after every reconnect.
+
+        @param queue: the queue name.
+        @param on_delivery: called with an L{IDelivery} for each message;
+            whatever it returns is ignored, and it must not raise.
+        @param prefetch: at most this many deliveries are unacknowledged at
+            once.
+        @return: a Deferred firing with an L{ISubscription}.
+        """
+
+
+class IMessageHandler(Interface):
+    """
+    The code of a consumer: what a consumer plugin builds.
+    """
+
+    topics = Attribute("tuple[str, ...]: the topic patterns (AMQP C{*}/C{#}) it wants")
+
+    def handle(message):  # type: ignore[no-untyped-def]
+        """
+        Handle one message.
+
+        @return: anything, a Deferred or a coroutine.  Success acknowledges
+            the message.  Raising (or failing with) a L{fedhub.errors.Verdict}
+            decides its fate; any other exception is handled by the consumer's
+            failure policy.
+        """
+
+    def start():  # type: ignore[no-untyped-def]
+        """
+        Called once before the first message; may return a Deferred.
+        """
+
+    def stop():  # type: ignore[no-untyped-def]
+        """
+        Called once after the last message has been handled; may return a
+        Deferred.
+        """
+
+
+class IConsumerPlugin(Interface):
+    """
+    A kind of consumer, found by name with C{twisted.plugin.getPlugins}.
+    """
+
+    name = Attribute("str: the name a configuration uses in C{plugin = ...}")
+    description = Attribute("str: one line saying what it does")
+    options = Attribute(
+        "Mapping[str, fedhub.config.Option]: its own configuration keys, checked "
+        "before it is built"
+    )
+
+    def build(context):  # type: ignore[no-untyped-def]
+        """
+        Build a handler.  Must do no I/O.
+
+        @param context: a L{fedhub.plugins.PluginContext}.
+        @return: an L{IMessageHandler}.
+        """
+
+
+class IProducerPlugin(Interface):
+    """
+    A kind of producer (a message source), found by name with
+    C{twisted.plugin.getPlugins}.
+    """
+
+    name = Attribute("str: the name a configuration uses in C{plugin = ...}")
+    description = Attribute("str: one line saying what it does")
+    options = Attribute(
+        "Mapping[str, fedhub.config.Option]: its own configuration keys, checked "
+        "before it is built"
+    )
+
+    def build(context):  # type: ignore[no-untyped-def]
+        """
+        Build the producer.  Must do no I/O.
+
+        @param context: a L{fedhub.plugins.PluginContext}.
+        @return: a C{twisted.application.service.IService} that publishes
+            through C{context.publisher}.
+        """

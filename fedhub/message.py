@@ -1,0 +1,581 @@
+"""
+The message model and its fedora-messaging wire format.
+
+A L{Message} is an immutable value: topic, JSON-object body, extra headers, id,
+severity, priority, sent-at and schema name.  This module maps it exactly to
+and from
+
+  - AMQP: routing key, basic properties (C{content_type}, C{content_encoding},
+    C{delivery_mode}, C{message_id}, C{priority}, C{headers}) and body bytes,
+    as fedora-messaging publishes them; and
+  - the serialized form used by files and the command line: one JSON object per
+    line with C{topic}, C{body}, C{headers}, C{id}, C{priority} and C{queue}.
+
+Every decoding function raises L{DecodeError} for bad input, never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+
+from fedhub.errors import DecodeError, MessageError
+
+DEBUG = 10
+INFO = 20
+WARNING = 30
+ERROR = 40
+#: The severities fedora-messaging defines, lowest first.
+SEVERITIES = (DEBUG, INFO, WARNING, ERROR)
+
+#: The schema name of a message that names none.
+BASE_SCHEMA = "base.message"
+
+#: AMQP routing keys are short strings: at most 255 bytes.
+MAX_TOPIC_BYTES = 255
+
+# Header names of the wire format.
+SCHEMA_HEADER = "fedora_messaging_schema"
+SEVERITY_HEADER = "fedora_messaging_severity"
+SENT_AT_HEADER = "sent-at"
+PRIORITY_HEADER = "priority"
+#: Headers the model manages itself; everything else is an extra header.
+MANAGED_HEADERS = frozenset({SCHEMA_HEADER, SEVERITY_HEADER, SENT_AT_HEADER, PRIORITY_HEADER})
+
+CONTENT_TYPE = "application/json"
+CONTENT_ENCODING = "utf-8"
+PERSISTENT = 2
+
+#: The keys of one serialized record.
+SERIALIZED_KEYS = frozenset({"topic", "body", "headers", "id", "priority", "queue"})
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """
+    A C{dict} that refuses mutation, so a message body stays as it was built.
+
+    It is still a C{dict}: C{json} serializes it and it compares equal to plain
+    dictionaries with the same items.
+    """
+
+    __slots__ = ()
+
+    def _readonly(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("message bodies and headers are immutable")
+
+    __setitem__ = __delitem__ = _readonly
+    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+    __ior__ = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(json.dumps(self, sort_keys=True, separators=(",", ":")))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+
+class FrozenList(list):  # type: ignore[type-arg]
+    """
+    A C{list} that refuses mutation; the array counterpart of L{FrozenDict}.
+    """
+
+    __slots__ = ()
+
+    def _readonly(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("message bodies and headers are immutable")
+
+    __setitem__ = __delitem__ = _readonly
+    append = extend = insert = pop = remove = clear = sort = reverse = _readonly  # type: ignore[assignment]
+    __iadd__ = __imul__ = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(json.dumps(self, sort_keys=True, separators=(",", ":")))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenList, (list(self),))
+
+
+def _freeze(value: Any) -> Any:
+    """
+    Return C{value} with every list replaced by a L{FrozenList}; dictionaries
+    are expected to be L{FrozenDict} already (made by the JSON object hook).
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (list, dict)):
+                dict.__setitem__(value, key, _freeze(item))
+        return value
+    if isinstance(value, list):
+        return FrozenList(_freeze(item) if isinstance(item, (list, dict)) else item for item in value)
+    return value
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_object(data: bytes | str) -> FrozenDict:
+    """
+    Decode a JSON document that must be an object, frozen; any failure is a
+    L{DecodeError}.  Deep nesting raises C{RecursionError} inside C{json}: that
+    is caught here too.
+    """
+    try:
+        value = json.loads(data, object_hook=FrozenDict, parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    except RecursionError:
+        raise DecodeError("body is nested too deeply") from None
+    except ValueError as e:
+        raise DecodeError(f"body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise DecodeError(f"body is a JSON {type(value).__name__}, not an object")
+    if isinstance(data, (bytes, str)) and ("[" in data if isinstance(data, str) else b"[" in data):
+        value = _freeze(value)
+    return value
+
+
+def _encode_json(value: Mapping[str, Any]) -> bytes:
+    """
+    Encode a message body as compact UTF-8 JSON, or raise L{MessageError}.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8"
+        )
+    except RecursionError:
+        raise MessageError("body is nested too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise MessageError(f"body is not JSON-serializable: {e}") from None
+    except UnicodeEncodeError as e:
+        raise MessageError(f"body holds a string that is not valid Unicode: {e.reason}") from None
+
+
+def utc_now() -> datetime:
+    """
+    The current time in UTC without microseconds, as the C{sent-at} header has it.
+    """
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def format_sent_at(when: datetime) -> str:
+    """
+    Format a time for the C{sent-at} header: ISO 8601 with a UTC offset, no microseconds.
+    """
+    if when.tzinfo is None:
+        raise MessageError("sent_at must be timezone-aware")
+    return when.replace(microsecond=0).isoformat()
+
+
+def parse_sent_at(text: str) -> datetime:
+    """
+    Parse a C{sent-at} header value.  A value without an offset is taken as UTC.
+
+    @raise DecodeError: when C{text} is not an ISO 8601 time.
+    """
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise DecodeError(f"sent-at header {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when
+
+
+def _check_topic(topic: object) -> str:
+    if not isinstance(topic, str) or not topic:
+        raise MessageError(f"topic must be a non-empty string, not {topic!r}")
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise MessageError("topic is not valid Unicode") from None
+    if size > MAX_TOPIC_BYTES:
+        raise MessageError(f"topic is {size} bytes long; at most {MAX_TOPIC_BYTES} are allowed")
+    if any(c in topic for c in "\x00\r\n\t "):
+        raise MessageError(f"topic {topic!r} contains whitespace or control characters")
+    return topic
+
+
+def _check_int(name: str, value: object, allowed: Iterable[int] | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError(f"{name} must be an integer, not {value!r}")
+    if allowed is not None and value not in allowed:
+        raise MessageError(f"{name} must be one of {tuple(allowed)}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True, eq=True)
+class Message:
+    """
+    One message on the bus.
+
+    Build new messages with L{Message.create} (or the constructor with every
+    field); they are validated on construction and immutable afterwards.
+
+    @ivar topic: The full topic, e.g. C{org.fedoraproject.prod.bugzilla.bug.update};
+        it is the AMQP routing key.
+    @ivar body: The JSON object carried, immutable.
+    @ivar headers: Extra headers beyond those the model manages (for example
+        C{fedora_messaging_user_jdoe: True}), immutable.
+    @ivar id: The message id (a UUID4 string for messages fedhub creates).
+    @ivar severity: One of L{SEVERITIES}.
+    @ivar priority: The AMQP priority, 0 when unset.
+    @ivar sent_at: When it was sent (aware, no microseconds), or C{None} when a
+        received message did not say.
+    @ivar schema: The registered schema name of the body.
+    @ivar queue: The queue a received message arrived on, else C{None}.
+    """
+
+    topic: str
+    body: Mapping[str, Any]
+    headers: Mapping[str, Any] = field(default_factory=FrozenDict)
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    severity: int = INFO
+    priority: int = 0
+    sent_at: datetime | None = field(default_factory=utc_now)
+    schema: str = BASE_SCHEMA
+    queue: str | None = None
+    _body_bytes: bytes = field(default=b"", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_topic(self.topic)
+        if not isinstance(self.body, Mapping):
+            raise MessageError(f"body must be a JSON object, not {type(self.body).__name__}")
+        if not isinstance(self.headers, Mapping):
+            raise MessageError(f"headers must be a mapping, not {type(self.headers).__name__}")
+        if not isinstance(self.id, str) or not self.id:
+            raise MessageError(f"id must be a non-empty string, not {self.id!r}")
+        _check_int("severity", self.severity, SEVERITIES)
+        _check_int("priority", self.priority)
+        if not 0 <= self.priority <= 255:
+            raise MessageError(f"priority must be within 0..255, not {self.priority}")
+        if self.sent_at is not None:
+            if not isinstance(self.sent_at, datetime) or self.sent_at.tzinfo is None:
+                raise MessageError("sent_at must be a timezone-aware datetime")
+            if self.sent_at.microsecond:
+                object.__setattr__(self, "sent_at", self.sent_at.replace(microsecond=0))
+        if not isinstance(self.schema, str) or not self.schema:
+            raise MessageError(f"schema must be a non-empty string, not {self.schema!r}")
+        if self.queue is not None and not isinstance(self.queue, str):
+            raise MessageError(f"queue must be a string or None, not {self.queue!r}")
+        for name in self.headers:
+            if not isinstance(name, str):
+                raise MessageError(f"header names must be strings, not {name!r}")
+            if name in MANAGED_HEADERS:
+                raise MessageError(f"header {name!r} is set from the message's own fields")
+        if not self._body_bytes:
+            encoded = _encode_json(self.body)
+            object.__setattr__(self, "_body_bytes", encoded)
+            if not isinstance(self.body, FrozenDict):
+                object.__setattr__(self, "body", _json_object(encoded))
+        if not isinstance(self.headers, FrozenDict):
+            object.__setattr__(self, "headers", _freeze_headers(self.headers))
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @classmethod
+    def create(
+        cls,
+        topic: str,
+        body: Mapping[str, Any],
+        *,
+        headers: Mapping[str, Any] | None = None,
+        severity: int = INFO,
+        priority: int = 0,
+        schema: str = BASE_SCHEMA,
+        id: str | None = None,
+        sent_at: datetime | None = None,
+    ) -> Message:
+        """
+        Build a new message to publish, with a fresh id and the current time
+        unless given.
+
+        @raise MessageError: when any field is invalid.
+        """
+        return cls(
+            topic=topic,
+            body=body,
+            headers=FrozenDict() if headers is None else headers,
+            id=id or str(uuid.uuid4()),
+            severity=severity,
+            priority=priority,
+            sent_at=sent_at or utc_now(),
+            schema=schema,
+        )
+
+    @property
+    def body_bytes(self) -> bytes:
+        """
+        The body as it goes on the wire: compact UTF-8 JSON.
+        """
+        return self._body_bytes
+
+    def wire_headers(self) -> dict[str, Any]:
+        """
+        Every AMQP header of this message: the extra headers plus the managed ones.
+        """
+        headers = dict(self.headers)
+        headers[SCHEMA_HEADER] = self.schema
+        headers[SEVERITY_HEADER] = self.severity
+        if self.sent_at is not None:
+            headers[SENT_AT_HEADER] = format_sent_at(self.sent_at)
+        headers[PRIORITY_HEADER] = self.priority
+        return headers
+
+    def amqp_properties(self) -> dict[str, Any]:
+        """
+        The AMQP basic properties fedora-messaging sets, by their AMQP field names.
+        """
+        return {
+            "content_type": CONTENT_TYPE,
+            "content_encoding": CONTENT_ENCODING,
+            "delivery_mode": PERSISTENT,
+            "message_id": self.id,
+            "priority": self.priority,
+            "headers": self.wire_headers(),
+        }
+
+    def evolve(self, **changes: Any) -> Message:
+        """
+        A copy with some fields changed (validated like a new message).
+        """
+        fields = {
+            "topic": self.topic,
+            "body": self.body,
+            "headers": self.headers,
+            "id": self.id,
+            "severity": self.severity,
+            "priority": self.priority,
+            "sent_at": self.sent_at,
+            "schema": self.schema,
+            "queue": self.queue,
+        }
+        fields.update(changes)
+        if "body" not in changes:
+            fields["_body_bytes"] = self._body_bytes
+        return Message(**fields)
+
+    def to_serialized(self) -> dict[str, Any]:
+        """
+        This message as one serialized record (a JSON-ready dictionary).
+        """
+        return {
+            "topic": self.topic,
+            "headers": self.wire_headers(),
+            "id": self.id,
+            "body": self.body,
+            "queue": self.queue,
+            "priority": self.priority,
+        }
+
+
+def _freeze_headers(headers: Mapping[str, Any]) -> FrozenDict:
+    frozen = FrozenDict()
+    for name, value in headers.items():
+        dict.__setitem__(frozen, name, _deep_freeze(value))
+    return frozen
+
+
+def _deep_freeze(value: Any) -> Any:
+    if isinstance(value, FrozenDict | FrozenList):
+        return value
+    if isinstance(value, Mapping):
+        frozen = FrozenDict()
+        for key, item in value.items():
+            dict.__setitem__(frozen, key, _deep_freeze(item))
+        return frozen
+    if isinstance(value, (list, tuple)):
+        return FrozenList(_deep_freeze(item) for item in value)
+    return value
+
+
+def _split_headers(raw: object) -> tuple[str, int, int, datetime | None, FrozenDict]:
+    """
+    Split wire headers into (schema, severity, priority, sent_at, extra headers),
+    checking the types of the managed ones.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise DecodeError(f"headers must be a table, not {type(raw).__name__}")
+    schema = raw.get(SCHEMA_HEADER, BASE_SCHEMA)
+    if not isinstance(schema, str) or not schema:
+        raise DecodeError(f"header {SCHEMA_HEADER} must be a non-empty string, not {schema!r}")
+    severity = raw.get(SEVERITY_HEADER, INFO)
+    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+        raise DecodeError(f"header {SEVERITY_HEADER} must be one of {SEVERITIES}, not {severity!r}")
+    priority = raw.get(PRIORITY_HEADER, 0)
+    if priority is None:
+        priority = 0
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
+        raise DecodeError(f"header {PRIORITY_HEADER} must be an integer 0..255, not {priority!r}")
+    sent_at_text = raw.get(SENT_AT_HEADER)
+    sent_at: datetime | None = None
+    if sent_at_text is not None:
+        if isinstance(sent_at_text, bytes):
+            sent_at_text = sent_at_text.decode("utf-8", "replace")
+        if not isinstance(sent_at_text, str):
+            raise DecodeError(f"header {SENT_AT_HEADER} must be a string, not {sent_at_text!r}")
+        sent_at = parse_sent_at(sent_at_text)
+    extra = FrozenDict()
+    for name, value in raw.items():
+        if not isinstance(name, str):
+            raise DecodeError(f"header name {name!r} is not a string")
+        if name not in MANAGED_HEADERS:
+            dict.__setitem__(extra, name, _deep_freeze(value))
+    return schema, severity, priority, sent_at, extra
+
+
+def from_amqp(
+    routing_key: str,
+    properties: Mapping[str, Any],
+    body: bytes,
+    queue: str | None = None,
+) -> Message:
+    """
+    Build a message from what an AMQP delivery carries.
+
+    @param properties: The basic properties by AMQP field name (C{headers},
+        C{message_id}, C{content_encoding}, C{priority}, ...); missing ones are
+        treated as fedora-messaging treats them.
+    @raise DecodeError: for an invalid topic, body, encoding or header.
+    """
+    encoding = properties.get("content_encoding") or CONTENT_ENCODING
+    if isinstance(encoding, bytes):
+        encoding = encoding.decode("ascii", "replace")
+    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        try:
+            text: bytes | str = body.decode(encoding)
+        except LookupError:
+            raise DecodeError(f"unknown content encoding {encoding!r}") from None
+        except UnicodeDecodeError as e:
+            raise DecodeError(f"body is not valid {encoding}: {e.reason}") from None
+        body_bytes = None
+    else:
+        text = body
+        body_bytes = body
+    decoded = _json_object(text)
+    schema, severity, priority, sent_at, extra = _split_headers(properties.get("headers"))
+    prop_priority = properties.get("priority")
+    if isinstance(prop_priority, int) and not isinstance(prop_priority, bool):
+        priority = prop_priority
+    message_id = properties.get("message_id")
+    if isinstance(message_id, bytes):
+        message_id = message_id.decode("utf-8", "replace")
+    if not isinstance(message_id, str) or not message_id:
+        # Some publishers set no id; give the message one so it can be traced.
+        message_id = str(uuid.uuid4())
+    try:
+        return Message(
+            topic=routing_key,
+            body=decoded,
+            headers=extra,
+            id=message_id,
+            severity=severity,
+            priority=priority,
+            sent_at=sent_at,
+            schema=schema,
+            queue=queue,
+            _body_bytes=body_bytes or b"",
+        )
+    except MessageError as e:
+        raise DecodeError(str(e)) from None
+
+
+def load_message(record: object, line: int | None = None) -> Message:
+    """
+    Build a message from one serialized record (a decoded JSON object).
+
+    @raise DecodeError: when the record is not a valid serialized message.
+    """
+    if not isinstance(record, Mapping):
+        raise DecodeError(f"record is a JSON {type(record).__name__}, not an object", line)
+    unknown = set(record) - SERIALIZED_KEYS
+    if unknown:
+        raise DecodeError(f"unknown keys in record: {', '.join(sorted(unknown))}", line)
+    for key in ("topic", "body"):
+        if key not in record:
+            raise DecodeError(f"record has no {key!r}", line)
+    body = record["body"]
+    if not isinstance(body, Mapping):
+        raise DecodeError(f"body is a JSON {type(body).__name__}, not an object", line)
+    try:
+        schema, severity, priority, sent_at, extra = _split_headers(record.get("headers"))
+    except DecodeError as e:
+        raise DecodeError(e.reason, line) from None
+    if record.get("priority") is not None:
+        priority = record["priority"]
+    message_id = record.get("id") or str(uuid.uuid4())
+    queue = record.get("queue")
+    try:
+        return Message(
+            topic=record["topic"],
+            body=body,
+            headers=extra,
+            id=message_id,
+            severity=severity,
+            priority=priority,
+            sent_at=sent_at,
+            schema=schema,
+            queue=queue,
+        )
+    except MessageError as e:
+        raise DecodeError(str(e), line) from None
+
+
+def dumps(messages: Message | Iterable[Message]) -> str:
+    """
+    Serialize messages: one JSON object per line, each line ending in a newline.
+    """
+    if isinstance(messages, Message):
+        messages = [messages]
+    return "".join(dump_line(m) for m in messages)
+
+
+def dump_line(message: Message) -> str:
+    """
+    Serialize one message as one line, newline included.
+    """
+    return json.dumps(message.to_serialized(), ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def iter_loads(lines: Iterable[str | bytes]) -> Iterator[Message]:
+    """
+    Deserialize messages from lines of the serialized form, lazily; blank lines
+    are skipped.
+
+    @raise DecodeError: naming the 1-based line of the first bad record.
+    """
+    for number, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DecodeError(f"not valid UTF-8: {e.reason}", number) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_hook=FrozenDict, parse_constant=_reject_constant)
+        except RecursionError:
+            raise DecodeError("record is nested too deeply", number) from None
+        except ValueError as e:
+            raise DecodeError(f"not valid JSON: {e}", number) from None
+        yield load_message(record, number)
+
+
+def loads(text: str | bytes) -> list[Message]:
+    """
+    Deserialize every message of a serialized text.
+
+    @raise DecodeError: naming the 1-based line of the first bad record.
+    """
+    if isinstance(text, bytes):
+        lines: list[str | bytes] = list(text.splitlines())
+    else:
+        lines = list(text.splitlines())
+    return list(iter_loads(lines))
