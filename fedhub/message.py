@@ -574,8 +574,10 @@ def loads(text: str | bytes) -> list[Message]:
 
     @raise DecodeError: naming the 1-based line of the first bad record.
     """
+    # Split on newlines only: str.splitlines() would also split inside
+    # records at characters such as U+0085 or U+2028, which JSON keeps raw.
     if isinstance(text, bytes):
-        lines: list[str | bytes] = list(text.splitlines())
+        lines: list[str | bytes] = list(text.split(b"\n"))
     else:
-        lines = list(text.splitlines())
+        lines = list(text.split("\n"))
     return list(iter_loads(lines))

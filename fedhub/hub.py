@@ -1,0 +1,179 @@
+"""
+The hub: the service tree that wires domains, producers and consumers.
+
+For every security domain the hub builds a bus (the in-process bus or an AMQP
+connection) and an outbox that publishes through it.  Consumers and producers
+are built by their plugins and get their own domain's publisher only.
+
+Services start in order (buses, outboxes, consumers, producers) and stop in
+the reverse order, one after the other, so producers stop taking work first
+and outboxes are flushed before their connection goes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.logger import Logger
+
+from fedhub.config import ComponentConfig, Config, DomainConfig
+from fedhub.consumers.runner import ConsumerService
+from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
+from fedhub.outbox import Outbox
+from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
+
+
+class SequentialMultiService(MultiService):
+    """
+    A C{MultiService} that stops its children one at a time, last added
+    first, waiting for each before stopping the next.
+    """
+
+    log = Logger()
+
+    @inlineCallbacks
+    def stopService(self) -> Iterator[Deferred[Any]]:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:
+                self.log.failure("Stopping {service} failed", service=service.name)
+
+
+@dataclass
+class DomainRuntime:
+    """
+    What the hub runs for one security domain.
+
+    @ivar config: The domain's configuration.
+    @ivar bus: Its transport.
+    @ivar publisher: Its outbox: the only way components publish.
+    """
+
+    config: DomainConfig
+    bus: IBus
+    publisher: IPublisher
+
+
+def make_bus(domain: DomainConfig, reactor: Any) -> IBus:
+    """
+    Build the transport a domain's configuration asks for.
+    """
+    if domain.is_memory:
+        from fedhub.bus.memory import MemoryBus
+
+        return MemoryBus(domain.name, exchange=domain.exchange, clock=reactor)
+    from fedhub.amqp.transport import AMQPBus
+
+    bus: IBus = AMQPBus.from_domain(domain, reactor)
+    return bus
+
+
+class Hub(SequentialMultiService):
+    """
+    The whole hub built from a L{Config}.
+
+    @ivar domains: The runtime of every domain, by name.
+    @ivar consumers: The consumer services, by component name.
+    @ivar producers: The producer services, by component name.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        bus_factory: Callable[[DomainConfig, Any], IBus] = make_bus,
+        find_consumer: Callable[[str], IConsumerPlugin] = find_consumer_plugin,
+        find_producer: Callable[[str], IProducerPlugin] = find_producer_plugin,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.domains: dict[str, DomainRuntime] = {}
+        self.consumers: dict[str, ConsumerService] = {}
+        self.producers: dict[str, IService] = {}
+        self._find_consumer = find_consumer
+        self._find_producer = find_producer
+
+        outboxes = []
+        for name, domain in config.domains.items():
+            bus = bus_factory(domain, reactor)
+            IService(bus).setName(f"bus:{name}")
+            IService(bus).setServiceParent(self)
+            outbox = Outbox(
+                name,
+                os.path.join(config.hub.state_dir, "outbox", name),
+                bus,
+                reactor,
+                **_outbox_settings(domain),
+            )
+            outbox.setName(f"outbox:{name}")
+            outboxes.append(outbox)
+            self.domains[name] = DomainRuntime(domain, bus, outbox)
+        for outbox in outboxes:
+            outbox.setServiceParent(self)
+        for component in config.consumers:
+            self._add_consumer(component)
+        for component in config.producers:
+            self._add_producer(component)
+
+    def _context(self, component: ComponentConfig) -> PluginContext:
+        return PluginContext(
+            name=component.name,
+            domain=component.domain,
+            options=component.options,
+            publisher=self.domains[component.domain].publisher,
+            reactor=self.reactor,
+            hub=self.config.hub,
+            component=component,
+        )
+
+    def _add_consumer(self, component: ComponentConfig) -> None:
+        plugin = self._find_consumer(component.plugin)
+        handler = plugin.build(self._context(component))
+        runtime = self.domains[component.domain]
+        service = ConsumerService(component, handler, runtime.bus, self.reactor)
+        service.setName(f"consumer:{component.name}")
+        service.setServiceParent(self)
+        self.consumers[component.name] = service
+
+    def _add_producer(self, component: ComponentConfig) -> None:
+        plugin = self._find_producer(component.plugin)
+        service = IService(plugin.build(self._context(component)))
+        service.setName(f"producer:{component.name}")
+        service.setServiceParent(self)
+        self.producers[component.name] = service
+
+    def startService(self) -> None:
+        for name, runtime in self.domains.items():
+            if runtime.config.is_memory:
+                self.log.warn(
+                    "Domain {domain} runs on the in-process memory bus: its messages "
+                    "do not leave this process",
+                    domain=name,
+                )
+        super().startService()
+
+
+def _outbox_settings(domain: DomainConfig) -> dict[str, Any]:
+    """
+    The outbox keyword arguments a domain's configuration sets.
+    """
+    settings: dict[str, Any] = {}
+    for key in ("window", "max_messages", "max_bytes"):
+        value = getattr(domain, f"outbox_{key}", None)
+        if value is not None:
+            settings[key] = value
+    window = getattr(domain, "confirm_window", None)
+    if window is not None:
+        settings["window"] = window
+    return settings

@@ -1,0 +1,42 @@
+"""
+Text helpers for logs and terminals: escaping untrusted text and summarizing
+messages in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from fedhub.message import Message
+
+#: The extra header a producer may set to give its message a human summary.
+SUMMARY_HEADER = "fedhub_summary"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str, limit: int | None = None) -> str:
+    """
+    Replace control characters (newlines included) by visible escapes, so
+    untrusted text can not forge log lines or drive a terminal; optionally
+    cut it to C{limit} characters, marking the cut with an ellipsis.
+    """
+    escaped = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    if limit is not None and len(escaped) > limit:
+        escaped = escaped[: max(0, limit - 1)] + "…"
+    return escaped
+
+
+def summarize(message: Message, limit: int = 160) -> str:
+    """
+    A one-line human summary of a message: the producer's own summary
+    (header C{fedhub_summary}), else a C{summary} string in the body, else the
+    body itself as compact JSON, cut to C{limit} characters and escaped.
+    """
+    summary = message.headers.get(SUMMARY_HEADER)
+    if not isinstance(summary, str):
+        summary = message.body.get("summary")
+    if not isinstance(summary, str):
+        summary = json.dumps(message.body, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return escape_control(summary, limit)
