@@ -7,6 +7,7 @@ codec (L{fedhub.amqp.codec}) that txamqp's own codec lacks.
 """
 
 from fedhub.amqp.codec import (
+    FieldTableClient,
     FieldTableCodec,
     FieldTableDecodeError,
     FieldTableEncodeError,
@@ -14,14 +15,19 @@ from fedhub.amqp.codec import (
     FieldTableFrameMixin,
     FieldValue,
     FrameError,
+    body_frame,
+    content_header_frame,
     decode_table,
     encode_table,
+    encode_value,
+    method_frame,
     pack_frame,
     unpack_frame,
 )
 from fedhub.amqp.spec import load_spec
 
 __all__ = [
+    "FieldTableClient",
     "FieldTableCodec",
     "FieldTableDecodeError",
     "FieldTableEncodeError",
@@ -29,9 +35,13 @@ __all__ = [
     "FieldTableFrameMixin",
     "FieldValue",
     "FrameError",
+    "body_frame",
+    "content_header_frame",
     "decode_table",
     "encode_table",
+    "encode_value",
     "load_spec",
+    "method_frame",
     "pack_frame",
     "unpack_frame",
 ]

@@ -41,7 +41,8 @@ a mapping that contains itself must fail cleanly.
 
 L{FieldTableCodec} plugs this codec into txamqp, and L{pack_frame},
 L{unpack_frame} and L{FieldTableFrameMixin} give txamqp's protocol a frame
-path that uses it for method arguments and content-header properties.
+path that uses it for method arguments and content-header properties;
+L{FieldTableClient} is txamqp's client with that mixin applied.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from typing import Any, Final
 from txamqp.codec import EOF as _TxEOF
 from txamqp.codec import Codec as _TxCodec
 from txamqp.connection import Body, Frame, Header, Heartbeat, Method
+from txamqp.protocol import AMQClient as _TxAMQClient
 
 from fedhub.errors import FedhubError
 
@@ -554,7 +556,13 @@ class FieldTableCodec(_TxCodec):  # type: ignore[misc]
     C{encode_table} and C{decode_table} use this module's codec, and C{read}
     raises txamqp's C{EOF} on a short read (txamqp's returns the short data,
     so a truncated string went unnoticed).  Everything else is txamqp's.
+
+    @ivar exact: Decode tables as L{decode_table} does with C{exact=True}.
     """
+
+    def __init__(self, stream: Any, exact: bool = False) -> None:
+        super().__init__(stream)
+        self.exact = exact
 
     def read(self, n: int) -> bytes:
         """
@@ -593,7 +601,7 @@ class FieldTableCodec(_TxCodec):  # type: ignore[misc]
             raise FieldTableDecodeError(
                 TRUNCATED, 0, f"table of {size} bytes runs past the frame"
             ) from None
-        table, _ = decode_table(head + body)
+        table, _ = decode_table(head + body, exact=self.exact)
         return table
 
 
@@ -605,6 +613,37 @@ def _frame_types(spec: Any) -> dict[str, int]:
         Frame.BODY: by_name["frame-body"].id,
         Frame.HEARTBEAT: by_name["frame-heartbeat"].id,
     }
+
+
+def method_frame(spec: Any, channel: int, name: str, *args: Any) -> Any:
+    """
+    Build a txamqp method C{Frame}.
+
+    @param name: C{"class.method"}, e.g. C{"basic.nack"}.
+    @param args: The method's fields in spec order.
+    @raise KeyError: The spec has no such method.
+    @raise TypeError: The number of arguments is wrong.
+    """
+    return Frame(channel, Method(spec.parse_method(name), *args))
+
+
+def content_header_frame(
+    spec: Any, channel: int, body_size: int, properties: Mapping[str, Any], class_name: str = "basic"
+) -> Any:
+    """
+    Build a txamqp content-header C{Frame}.
+
+    @param properties: Property values by spec name (C{"content-type"},
+        C{"headers"}, ...); C{None} values are left out.
+    """
+    return Frame(channel, Header(spec.classes.byname[class_name], 0, body_size, **properties))
+
+
+def body_frame(channel: int, data: bytes) -> Any:
+    """
+    Build a txamqp content-body C{Frame}.
+    """
+    return Frame(channel, Body(data))
 
 
 def pack_frame(spec: Any, frame: Any) -> bytes:
@@ -672,7 +711,7 @@ def _encode_header(payload: Any) -> bytes:
     return buf.getvalue()
 
 
-def unpack_frame(spec: Any, data: bytes | bytearray | memoryview) -> Any:
+def unpack_frame(spec: Any, data: bytes | bytearray | memoryview, *, exact: bool = False) -> Any:
     """
     Decode one complete frame (header, payload and end octet) to a txamqp
     C{Frame} with txamqp's own payload classes.
@@ -681,6 +720,8 @@ def unpack_frame(spec: Any, data: bytes | bytearray | memoryview) -> Any:
     never guessed to be text.
 
     @param spec: The txamqp spec to look classes and methods up in.
+    @param exact: Decode field tables with C{exact=True} (see
+        L{decode_table}), so that L{pack_frame} gives back the same bytes.
     @raise FrameError: The frame is malformed, of an unknown type, or names
         a class or method the spec lacks; a malformed field table in it is
         reported with reason C{"bad-table"} and the L{FieldTableDecodeError}
@@ -700,9 +741,9 @@ def unpack_frame(spec: Any, data: bytes | bytearray | memoryview) -> Any:
     kind = types.get(frame_type)
     try:
         if kind == Frame.METHOD:
-            payload: Any = _decode_method(spec, body, channel)
+            payload: Any = _decode_method(spec, body, channel, exact)
         elif kind == Frame.HEADER:
-            payload = _decode_header(spec, body, channel)
+            payload = _decode_header(spec, body, channel, exact)
         elif kind == Frame.BODY:
             payload = Body(body)
         elif kind == Frame.HEARTBEAT:
@@ -726,8 +767,8 @@ def _lookup_method(spec: Any, class_id: int, method_id: int, channel: int) -> An
     return method
 
 
-def _decode_method(spec: Any, body: bytes, channel: int) -> Any:
-    codec = FieldTableCodec(BytesIO(body))
+def _decode_method(spec: Any, body: bytes, channel: int, exact: bool) -> Any:
+    codec = FieldTableCodec(BytesIO(body), exact)
     class_id = codec.decode_short()
     method = _lookup_method(spec, class_id, codec.decode_short(), channel)
     args = tuple(codec.decode(field.type) for field in method.fields)
@@ -742,8 +783,8 @@ def _check_consumed(codec: FieldTableCodec, body: bytes, channel: int) -> None:
         )
 
 
-def _decode_header(spec: Any, body: bytes, channel: int) -> Any:
-    codec = FieldTableCodec(BytesIO(body))
+def _decode_header(spec: Any, body: bytes, channel: int, exact: bool) -> Any:
+    codec = FieldTableCodec(BytesIO(body), exact)
     class_id = codec.decode_short()
     klass = spec.classes.byid.get(class_id)
     if klass is None:
@@ -781,3 +822,11 @@ class FieldTableFrameMixin:
 
     def _unpack_frame(self, data: bytes) -> Any:
         return unpack_frame(self.spec, data)
+
+
+class FieldTableClient(FieldTableFrameMixin, _TxAMQClient):  # type: ignore[misc]
+    """
+    txamqp's C{AMQClient} with fedhub's frame codec: same constructor
+    (C{delegate, vhost, spec, heartbeat=0, clock=None}), same behaviour,
+    except that field tables of every type and bytes bodies work.
+    """

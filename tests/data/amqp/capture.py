@@ -37,9 +37,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from fedhub.amqp.codec import FieldValue, pack_frame, unpack_frame  # noqa: E402
+from fedhub.amqp.codec import (  # noqa: E402
+    FieldValue,
+    body_frame,
+    content_header_frame,
+    method_frame,
+    pack_frame,
+    unpack_frame,
+)
 from fedhub.amqp.spec import load_spec  # noqa: E402
-from txamqp.connection import Frame, Header, Method  # noqa: E402
 
 HOST = "127.0.0.1"
 EXCHANGE = "fedhub.capture.dlx"
@@ -81,14 +87,12 @@ class RawClient:
         self.received: list[bytes] = []
 
     def send_method(self, channel: int, name: str, *args: Any) -> None:
-        method = self.spec.parse_method(name)
-        self.sock.sendall(pack_frame(self.spec, Frame(channel, Method(method, *args))))
+        self.sock.sendall(pack_frame(self.spec, method_frame(self.spec, channel, name, *args)))
 
     def send_content(self, channel: int, body: bytes, properties: dict[str, Any]) -> None:
-        klass = self.spec.classes.byname["basic"]
-        header = Header(klass, 0, len(body), **properties)
-        self.sock.sendall(pack_frame(self.spec, Frame(channel, header)))
-        self.sock.sendall(struct.pack("!BHI", 3, channel, len(body)) + body + b"\xce")
+        header = content_header_frame(self.spec, channel, len(body), properties)
+        self.sock.sendall(pack_frame(self.spec, header))
+        self.sock.sendall(pack_frame(self.spec, body_frame(channel, body)))
 
     def read_frame(self) -> tuple[bytes, Any]:
         while True:
@@ -108,7 +112,7 @@ class RawClient:
         wanted = self.spec.parse_method(name)
         while True:
             raw, frame = self.read_frame()
-            if isinstance(frame.payload, Method):
+            if frame.payload.type == "frame_method":
                 if frame.payload.method is wanted:
                     return raw, frame
                 raise RuntimeError(f"expected {name}, got {frame.payload}")
