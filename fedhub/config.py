@@ -1,0 +1,1355 @@
+"""
+fedhub's configuration: one TOML file, read with C{tomllib} and validated
+before anything starts.
+
+L{parse_config} checks everything it can without connecting anywhere and
+collects every problem it finds, in file order, into one
+L{fedhub.errors.ConfigError}: syntax, unknown keys at every level, types,
+missing keys, references between sections (a component's domain and
+plugin), broker URLs, TLS settings, readable certificate files, topic
+patterns and each plugin's own keys (its L{Option}s).  Each problem names
+the key path (C{consumers[2].domain}) and, where it can be found, the line.
+
+Problem texts are safe to print: control characters are escaped, and a
+password in a broker URL is shown as C{***}.
+
+The result is a tree of frozen dataclasses: L{Config} holds the
+L{HubSettings}, one L{DomainConfig} per security domain and one
+L{ComponentConfig} per producer and consumer.  See C{docs/configuration.md}
+for the file format.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import difflib
+import enum
+import os
+import re
+import tempfile
+import tomllib
+import unicodedata
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time
+from types import MappingProxyType
+from typing import Any, Final, cast
+from urllib.parse import unquote, urlsplit
+
+from fedhub.errors import ConfigError, ConfigProblem, UnknownPlugin
+
+__all__ = [
+    "REQUIRED",
+    "Option",
+    "HubSettings",
+    "DomainConfig",
+    "ComponentConfig",
+    "Config",
+    "PluginLookup",
+    "parse_config",
+    "load_config",
+    "default_config",
+    "redact_url",
+    "escape_text",
+    "format_path",
+    "is_valid_name",
+    "check_topic_pattern",
+]
+
+
+class _Required(enum.Enum):
+    """
+    The type of L{REQUIRED}.
+    """
+
+    REQUIRED = "REQUIRED"
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: The default of an L{Option} that must be given.
+REQUIRED: Final = _Required.REQUIRED
+
+#: The schemes a broker URL may have (besides the bare word C{memory}).
+BROKER_SCHEMES: Final = ("amqp", "amqps")
+
+#: The broker of the in-process bus.
+MEMORY_BROKER: Final = "memory"
+
+#: AMQP short strings (routing keys, queue and exchange names) hold at most 255 bytes.
+MAX_NAME_BYTES: Final = 255
+
+#: A configuration file larger than this is refused unread.
+MAX_FILE_BYTES: Final = 10 * 1024 * 1024
+
+#: Where the hub keeps its state when the file does not say.
+DEFAULT_STATE_DIR: Final = "/var/lib/fedhub"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# --- safe text -------------------------------------------------------------
+
+
+def escape_text(text: str) -> str:
+    """
+    Escape control and formatting characters (newlines, escape sequences,
+    bidirectional overrides, ...) so that C{text} prints as one harmless line.
+    """
+    out = []
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            code = ord(char)
+            if code < 0x100:
+                out.append(f"\\x{code:02x}")
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _quote(text: str) -> str:
+    """
+    C{text} in double quotes, escaped so it prints safely and unambiguously.
+    """
+    return '"' + escape_text(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def redact_url(url: str) -> str:
+    """
+    A broker URL fit for logs and messages: a password is replaced by C{***}.
+
+    Everything between the user name and the last C{@} is treated as the
+    password, so a URL that does not even parse still shows no secret.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    userinfo, hostpart = rest[:at], rest[at:]
+    user, colon, _password = userinfo.partition(":")
+    if not colon:
+        return url
+    return f"{head}://{user}:***{hostpart}"
+
+
+def format_path(path: tuple[str | int, ...]) -> str:
+    """
+    Render a key path: C{("consumers", 2, "domain")} becomes
+    C{consumers[2].domain}; keys that are not bare TOML keys are quoted.
+    """
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if _BARE_KEY.fullmatch(part) else _quote(part)
+            out += f".{text}" if out else text
+    return out
+
+
+def is_valid_name(name: str) -> bool:
+    """
+    Whether C{name} may name a domain or component: letters, digits, C{.},
+    C{_} and C{-}, starting with a letter or digit, at most 100 characters.
+    Such a name is safe in queue names and as a directory name.
+    """
+    return _NAME.fullmatch(name) is not None
+
+
+def check_topic_pattern(pattern: str) -> str | None:
+    """
+    Check a topic or topic pattern (AMQP topic exchange syntax).
+
+    @return: C{None} when it is valid, otherwise what is wrong with it.
+    """
+    if not pattern:
+        return "a topic pattern can not be empty"
+    size = len(pattern.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"topic pattern is {size} bytes long; at most {MAX_NAME_BYTES} are allowed"
+    if any(unicodedata.category(c)[0] in "CZ" for c in pattern):
+        return f"topic pattern {_quote(pattern)} contains whitespace or control characters"
+    words = pattern.split(".")
+    if "" in words:
+        return f"empty word in topic pattern {_quote(pattern)}"
+    for word in words:
+        if word not in ("*", "#") and ("*" in word or "#" in word):
+            return f'"*" and "#" must stand alone as words in topic pattern {_quote(pattern)}'
+    return None
+
+
+# --- the configuration model ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """
+    One configuration key of a plugin (or of fedhub itself).
+
+    @ivar type: The TOML value types allowed: C{str}, C{int}, C{float},
+        C{bool}, C{list}, C{dict} (and C{datetime}, C{date}, C{time}), or a
+        tuple of them.  An integer is accepted (and converted) where only
+        C{float} is asked for; a boolean is never taken for a number.
+    @ivar default: The value when the key is absent, or L{REQUIRED}.
+    @ivar help: One line for documentation and C{check-config}.
+    @ivar check: Called with a value of the right type; returns a text saying
+        what is wrong with it, or C{None} when it is fine.
+    @ivar items: For lists, the type every element must have.
+    @ivar path: The value names a file that must be readable; a relative
+        path is taken relative to the configuration file's directory.
+    """
+
+    type: builtins.type | tuple[builtins.type, ...]
+    default: Any = REQUIRED
+    help: str = ""
+    check: Callable[[Any], str | None] | None = None
+    items: builtins.type | None = None
+    path: bool = False
+
+    @property
+    def required(self) -> bool:
+        """
+        Whether the key must be given.
+        """
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """
+    The C{[hub]} table: settings of the whole process.
+
+    @ivar topic_prefix: The first words of every topic fedhub builds.
+    @ivar environment: The deployment (C{dev}, C{stg}, C{prod}); the word
+        after the prefix.
+    @ivar state_dir: Where the outbox, poller cursors and plugin state live.
+    @ivar status: The endpoint string of the HTTP status server, or C{None}
+        for none.
+    """
+
+    topic_prefix: str = "org.fedoraproject"
+    environment: str = "dev"
+    state_dir: str = DEFAULT_STATE_DIR
+    status: str | None = None
+
+    def topic(self, suffix: str) -> str:
+        """
+        A full topic: C{<topic_prefix>.<environment>.<suffix>}.
+        """
+        return f"{self.topic_prefix}.{self.environment}.{suffix}"
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """
+    One C{[domains.<name>]} table: a security domain and its broker.
+
+    @ivar name: The domain's name.
+    @ivar broker: C{"memory"} for the in-process bus, or an C{amqp://} or
+        C{amqps://} URL; it may hold a password, so show L{display_broker}
+        instead (the field is left out of C{repr}).
+    @ivar exchange: The exchange messages are published to.
+    @ivar ca: The CA bundle that verifies the broker (required for C{amqps}).
+    @ivar cert: The client certificate (PEM), with L{key}.
+    @ivar key: The client certificate's private key (PEM).
+    @ivar heartbeat: The AMQP heartbeat, in seconds (never 0).
+    @ivar connection_name: Shown by the broker for this connection.
+    @ivar connect_timeout: Seconds to wait for a connection to be set up.
+    @ivar confirm_window: At most this many published messages wait for
+        their publisher confirm at once.
+    @ivar outbox_max_messages: The outbox takes no more messages beyond this
+        many (producers are told to retry later).
+    @ivar outbox_max_bytes: Likewise, in bytes of stored messages.
+    @ivar passive_declares: Only check that exchanges and queues exist
+        (for brokers where the hub may not declare them).
+    """
+
+    name: str
+    broker: str = field(repr=False)
+    exchange: str = "amq.topic"
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    heartbeat: int = 30
+    connection_name: str | None = None
+    connect_timeout: float = 30.0
+    confirm_window: int = 1000
+    outbox_max_messages: int = 100_000
+    outbox_max_bytes: int = 1024 * 1024 * 1024
+    passive_declares: bool = False
+
+    @property
+    def is_memory(self) -> bool:
+        """
+        Whether this domain runs on the in-process bus.
+        """
+        return self.broker == MEMORY_BROKER
+
+    @property
+    def display_broker(self) -> str:
+        """
+        The broker URL with any password replaced by C{***}.
+        """
+        return redact_url(self.broker)
+
+    @property
+    def tls(self) -> bool:
+        """
+        Whether the broker is reached over TLS (C{amqps}).
+        """
+        return not self.is_memory and urlsplit(self.broker).scheme == "amqps"
+
+    @property
+    def host(self) -> str | None:
+        """
+        The broker's host name, C{None} for the in-process bus.
+        """
+        return None if self.is_memory else urlsplit(self.broker).hostname
+
+    @property
+    def port(self) -> int | None:
+        """
+        The broker's port (5672, or 5671 with TLS, unless the URL says),
+        C{None} for the in-process bus.
+        """
+        if self.is_memory:
+            return None
+        return urlsplit(self.broker).port or (5671 if self.tls else 5672)
+
+    @property
+    def vhost(self) -> str:
+        """
+        The virtual host: the URL's path, percent-decoded (C{/%2Finfra} is
+        C{/infra}); C{/} when the URL has none.
+        """
+        if self.is_memory:
+            return "/"
+        return unquote(urlsplit(self.broker).path[1:]) or "/"
+
+    @property
+    def username(self) -> str | None:
+        """
+        The user name in the URL (percent-decoded), if any.
+        """
+        if self.is_memory:
+            return None
+        name = urlsplit(self.broker).username
+        return None if name is None else unquote(name)
+
+    @property
+    def password(self) -> str | None:
+        """
+        The password in the URL (percent-decoded), if any.  Never log it.
+        """
+        if self.is_memory:
+            return None
+        secret = urlsplit(self.broker).password
+        return None if secret is None else unquote(secret)
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """
+    One C{[[producers]]} or C{[[consumers]]} table.
+
+    @ivar kind: C{"producer"} or C{"consumer"}.
+    @ivar index: Its 0-based position among the tables of its kind.
+    @ivar name: Its name, unique among all producers and consumers.
+    @ivar plugin: The name of the plugin that builds it.
+    @ivar domain: The name of the domain it publishes to or consumes from.
+    @ivar options: The plugin's own keys, with the plugin's defaults applied
+        (read-only).
+    @ivar topics: A consumer's topic patterns; empty when the file gives none.
+    @ivar queue: A consumer's queue name (default C{fedhub.<name>}).
+    @ivar concurrency: How many messages a consumer handles at once.
+    """
+
+    kind: str
+    index: int
+    name: str
+    plugin: str
+    domain: str
+    options: Mapping[str, Any] = field(hash=False)
+    topics: tuple[str, ...] = ()
+    queue: str | None = None
+    concurrency: int = 1
+
+    @property
+    def path(self) -> str:
+        """
+        Its key path in the file, for example C{consumers[2]}.
+        """
+        return f"{self.kind}s[{self.index}]"
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A whole, valid configuration.
+
+    @ivar hub: The C{[hub]} settings.
+    @ivar domains: The domains by name (read-only).
+    @ivar producers: The producers, in file order.
+    @ivar consumers: The consumers, in file order.
+    @ivar source: Where it was read from, if anywhere.
+    """
+
+    hub: HubSettings
+    domains: Mapping[str, DomainConfig] = field(hash=False)
+    producers: tuple[ComponentConfig, ...]
+    consumers: tuple[ComponentConfig, ...]
+    source: str | None = None
+
+    @property
+    def components(self) -> tuple[ComponentConfig, ...]:
+        """
+        Every producer, then every consumer.
+        """
+        return self.producers + self.consumers
+
+
+#: How L{parse_config} finds a plugin: called with C{("consumer" | "producer",
+#: name)}, returns the plugin or raises L{UnknownPlugin}.
+PluginLookup = Callable[[str, str], Any]
+
+
+# --- fedhub's own keys -------------------------------------------------------
+
+
+def _positive(value: int | float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _heartbeat(value: int) -> str | None:
+    if value <= 0:
+        return (
+            f"must be at least 1 second; {value} is refused "
+            "(0 would turn heartbeats off and a dead broker would go unnoticed)"
+        )
+    if value > 65535:
+        return "must be at most 65535 seconds"
+    return None
+
+
+def _prefix(value: str) -> str | None:
+    words = value.split(".")
+    if (
+        "" in words
+        or any(word in ("*", "#") or "*" in word or "#" in word for word in words)
+        or any(unicodedata.category(c)[0] in "CZ" for c in value)
+    ):
+        return (
+            "must be dot-separated words, with no empty word, wildcard, whitespace "
+            "or control character"
+        )
+    if len(value.encode("utf-8", "surrogatepass")) > 200:
+        return "is too long: topics are at most 255 bytes"
+    return None
+
+
+def _environment(value: str) -> str | None:
+    if "." in value or not is_valid_name(value):
+        return "must be one word of letters, digits, _ and - (for example dev, stg or prod)"
+    return None
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _short_string(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long; at most {MAX_NAME_BYTES} are allowed"
+    if any(unicodedata.category(c)[0] == "C" for c in value):
+        return "must not contain control characters"
+    return None
+
+
+def _queue_name(value: str) -> str | None:
+    error = _short_string(value)
+    if error is None and value.startswith("amq."):
+        return 'names starting with "amq." are reserved by the broker'
+    return error
+
+
+def _component_name(value: str) -> str | None:
+    if is_valid_name(value):
+        return None
+    return (
+        "must be 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit "
+        f"(not {_quote(value)})"
+    )
+
+
+_HUB_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        "topic_prefix": Option(str, "org.fedoraproject", "first words of every topic", _prefix),
+        "environment": Option(str, "dev", "deployment name, the topic word after the prefix",
+                              _environment),
+        "state_dir": Option(str, DEFAULT_STATE_DIR, "outbox, cursors and plugin state",
+                            _not_empty),
+        "status": Option(str, None, "endpoint string of the HTTP status server", _not_empty),
+    }
+)
+
+_DOMAIN_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        "broker": Option(str, REQUIRED, '"memory", or an amqp:// or amqps:// URL'),
+        "exchange": Option(str, "amq.topic", "exchange messages are published to", _short_string),
+        "ca": Option(str, None, "CA bundle that verifies the broker", path=True),
+        "cert": Option(str, None, "client certificate (PEM)", path=True),
+        "key": Option(str, None, "private key of the client certificate (PEM)", path=True),
+        "heartbeat": Option(int, 30, "AMQP heartbeat in seconds", _heartbeat),
+        "connection_name": Option(str, None, "connection name shown by the broker",
+                                  _short_string),
+        "connect_timeout": Option(float, 30.0, "seconds to set up a connection", _positive),
+        "confirm_window": Option(int, 1000, "unconfirmed messages at most", _positive),
+        "outbox_max_messages": Option(int, 100_000, "outbox limit in messages", _positive),
+        "outbox_max_bytes": Option(int, 1024 * 1024 * 1024, "outbox limit in bytes", _positive),
+        "passive_declares": Option(bool, False, "only check that queues and exchanges exist"),
+    }
+)
+
+_COMPONENT_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        "name": Option(str, REQUIRED, "unique name", _component_name),
+        "plugin": Option(str, REQUIRED, "plugin that builds it", _not_empty),
+        "domain": Option(str, REQUIRED, "domain it belongs to", _not_empty),
+    }
+)
+
+_CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        **_COMPONENT_OPTIONS,
+        "topics": Option(list, None, "topic patterns to bind"),
+        "queue": Option(str, None, "queue name (default fedhub.<name>)", _queue_name),
+        "concurrency": Option(int, 1, "messages handled at once", _positive),
+    }
+)
+
+_TOP_KEYS: Final = ("hub", "domains", "producers", "consumers")
+
+
+# --- where keys are --------------------------------------------------------
+
+_Path = tuple[str | int, ...]
+
+_ESCAPES: Final = {'"': '"', "\\": "\\", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                   "t": "\t", "e": "\x1b"}
+
+
+def _read_string(line: str, pos: int) -> tuple[str | None, int]:
+    """
+    Read a one-line TOML string starting at C{line[pos]} (a quote).
+
+    @return: the decoded text (C{None} when unterminated) and the position
+        after it.
+    """
+    quote = line[pos]
+    i = pos + 1
+    out: list[str] = []
+    while i < len(line):
+        char = line[i]
+        if char == quote:
+            return "".join(out), i + 1
+        if char == "\\" and quote == '"' and i + 1 < len(line):
+            code = line[i + 1]
+            if code in ("u", "U"):
+                width = 4 if code == "u" else 8
+                try:
+                    out.append(chr(int(line[i + 2 : i + 2 + width], 16)))
+                except ValueError:
+                    return None, len(line)
+                i += 2 + width
+                continue
+            out.append(_ESCAPES.get(code, code))
+            i += 2
+            continue
+        out.append(char)
+        i += 1
+    return None, len(line)
+
+
+def _read_key(line: str, pos: int) -> tuple[list[str] | None, int]:
+    """
+    Read a (dotted, possibly quoted) TOML key starting at C{line[pos]}.
+    """
+    parts: list[str] = []
+    while True:
+        while pos < len(line) and line[pos] in " \t":
+            pos += 1
+        if pos >= len(line):
+            return None, pos
+        if line[pos] in "\"'":
+            text, pos = _read_string(line, pos)
+            if text is None:
+                return None, pos
+            parts.append(text)
+        else:
+            match = _BARE_KEY.match(line, pos)
+            if match is None:
+                return None, pos
+            parts.append(match.group())
+            pos = match.end()
+        while pos < len(line) and line[pos] in " \t":
+            pos += 1
+        if pos < len(line) and line[pos] == ".":
+            pos += 1
+            continue
+        return parts, pos
+
+
+def _skip_value(line: str, pos: int, pending: str | None, depth: int) -> tuple[str | None, int]:
+    """
+    Scan (the rest of) a line of a value, following multi-line strings and
+    arrays that go on to the next lines.
+
+    @return: the multi-line string delimiter still open, if any, and the
+        bracket depth at the end of the line.
+    """
+    i = pos
+    while i < len(line):
+        if pending is not None:
+            end = line.find(pending, i)
+            while end > 0 and pending == '"""' and _escaped(line, end):
+                end = line.find(pending, end + 1)
+            if end < 0:
+                return pending, depth
+            i = end + 3
+            while i < len(line) and line[i] == pending[0]:
+                i += 1
+            pending = None
+            continue
+        char = line[i]
+        if char == "#":
+            break
+        if line.startswith('"""', i) or line.startswith("'''", i):
+            pending = line[i : i + 3]
+            i += 3
+            continue
+        if char in "\"'":
+            _, i = _read_string(line, i)
+            continue
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return pending, depth
+
+
+def _escaped(line: str, pos: int) -> bool:
+    backslashes = 0
+    while pos - backslashes - 1 >= 0 and line[pos - backslashes - 1] == "\\":
+        backslashes += 1
+    return backslashes % 2 == 1
+
+
+class _LineIndex:
+    """
+    The 1-based line of each key of a TOML text, found by scanning it
+    (C{tomllib} keeps no positions).  Best effort: table headers, arrays of
+    tables, dotted and quoted keys, multi-line strings and arrays are
+    followed; keys inside inline tables are given their table's line.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[_Path, int] = {}
+        self._scan(text)
+
+    def line_of(self, path: _Path) -> int | None:
+        """
+        The line of C{path}, or of its nearest ancestor that has one.
+        """
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return None
+
+    def _record(self, path: _Path, line: int, start: int = 1) -> None:
+        for end in range(start, len(path) + 1):
+            self._lines.setdefault(path[:end], line)
+
+    def _scan(self, text: str) -> None:
+        counts: dict[tuple[str, ...], int] = {}
+        table: _Path = ()
+        pending: str | None = None
+        depth = 0
+        for number, line in enumerate(text.splitlines(), 1):
+            if pending is not None or depth > 0:
+                pending, depth = _skip_value(line, 0, pending, depth)
+                continue
+            i = len(line) - len(line.lstrip(" \t"))
+            if i >= len(line) or line[i] == "#":
+                continue
+            if line[i] == "[":
+                array = line.startswith("[[", i)
+                keys, _ = _read_key(line, i + (2 if array else 1))
+                if keys is None:
+                    continue
+                raw = tuple(keys)
+                if array:
+                    counts[raw] = counts.get(raw, 0) + 1
+                table = self._resolve(raw, counts)
+                self._record(table, number)
+                continue
+            keys, j = _read_key(line, i)
+            if keys is None or j >= len(line) or line[j] != "=":
+                continue
+            self._record(table + tuple(keys), number, len(table) + 1)
+            pending, depth = _skip_value(line, j + 1, None, 0)
+
+    @staticmethod
+    def _resolve(raw: tuple[str, ...], counts: Mapping[tuple[str, ...], int]) -> _Path:
+        resolved: list[str | int] = []
+        for end in range(1, len(raw) + 1):
+            resolved.append(raw[end - 1])
+            if raw[:end] in counts:
+                resolved.append(counts[raw[:end]] - 1)
+        return tuple(resolved)
+
+
+# --- validation ------------------------------------------------------------
+
+_TYPE_NAMES: Final[Mapping[type, str]] = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    list: "an array",
+    dict: "a table",
+    datetime: "a date-time",
+    date: "a date",
+    time: "a time",
+}
+
+
+def _describe(value: object) -> str:
+    for kind, name in _TYPE_NAMES.items():
+        if _is_a(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _is_a(value: object, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, float)
+    if kind is date:
+        return isinstance(value, date) and not isinstance(value, datetime)
+    return isinstance(value, kind)
+
+
+def _types(option: Option) -> tuple[type, ...]:
+    return option.type if isinstance(option.type, tuple) else (option.type,)
+
+
+def _expected(kinds: tuple[type, ...]) -> str:
+    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _coerce(value: object, kinds: tuple[type, ...]) -> tuple[object, bool]:
+    """
+    C{value} as one of C{kinds} (an integer becomes a float where only a
+    float is wanted), and whether it fits.
+    """
+    if any(_is_a(value, kind) for kind in kinds):
+        return value, True
+    if float in kinds and _is_a(value, int):
+        return float(value), True  # type: ignore[arg-type]
+    return value, False
+
+
+class _Validator:
+    """
+    One run of validation over one parsed file; collects problems.
+    """
+
+    def __init__(
+        self, text: str, find_plugin: PluginLookup, base_dir: str | None
+    ) -> None:
+        self._index = _LineIndex(text)
+        self._find_plugin = find_plugin
+        self._base_dir = base_dir
+        self._problems: list[ConfigProblem] = []
+
+    @property
+    def problems(self) -> list[ConfigProblem]:
+        """
+        Every problem found, in file order (those without a line last).
+        """
+        order = sorted(
+            enumerate(self._problems),
+            key=lambda item: (item[1].line is None, item[1].line or 0, item[0]),
+        )
+        return [problem for _, problem in order]
+
+    def report(self, path: _Path, message: str) -> None:
+        """
+        Record one problem at C{path}.
+        """
+        self._problems.append(
+            ConfigProblem(format_path(path), escape_text(message), self._index.line_of(path))
+        )
+
+    def resolve(self, path: str) -> str:
+        """
+        A path from the file, relative ones taken from the file's directory.
+        """
+        if self._base_dir is not None and not os.path.isabs(path):
+            return os.path.join(self._base_dir, path)
+        return path
+
+    # generic tables
+
+    def table(self, value: object, path: _Path) -> Mapping[str, Any] | None:
+        """
+        C{value} when it is a table; otherwise report it and return C{None}.
+        """
+        if isinstance(value, dict):
+            return value
+        self.report(path, f"expected a table, not {_describe(value)}")
+        return None
+
+    def unknown_keys(
+        self, table: Mapping[str, Any], path: _Path, known: Collection[str], what: str = ""
+    ) -> None:
+        """
+        Report each key of C{table} that is not in C{known}.
+        """
+        for key in table:
+            if key in known:
+                continue
+            message = f"unknown key{what}"
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            if close:
+                message += f" (did you mean {_quote(close[0])}?)"
+            self.report(path + (key,), message)
+
+    def values(
+        self, table: Mapping[str, Any], path: _Path, schema: Mapping[str, Option]
+    ) -> tuple[dict[str, Any], bool]:
+        """
+        Check the keys of C{schema} in C{table}; unknown keys are left to
+        L{unknown_keys}.
+
+        @return: the valid values with defaults applied, and whether every
+            key was valid.
+        """
+        result: dict[str, Any] = {}
+        ok = True
+        for key, option in schema.items():
+            if key not in table:
+                if option.required:
+                    self.report(path + (key,), "required key is missing")
+                    ok = False
+                else:
+                    result[key] = copy.deepcopy(option.default)
+                continue
+            value = self.value(table[key], path + (key,), option)
+            if value is REQUIRED:
+                ok = False
+            else:
+                result[key] = value
+        return result, ok
+
+    def value(self, value: object, path: _Path, option: Option) -> Any:
+        """
+        Check one value against its option.
+
+        @return: the value (converted, paths resolved), or L{REQUIRED} when it
+            is not valid.
+        """
+        kinds = _types(option)
+        value, fits = _coerce(value, kinds)
+        if not fits:
+            self.report(path, f"expected {_expected(kinds)}, not {_describe(value)}")
+            return REQUIRED
+        if option.items is not None and isinstance(value, list):
+            items = []
+            all_fit = True
+            for position, item in enumerate(value):
+                item, fits = _coerce(item, (option.items,))
+                if not fits:
+                    self.report(
+                        path + (position,),
+                        f"expected {_expected((option.items,))}, not {_describe(item)}",
+                    )
+                    all_fit = False
+                items.append(item)
+            if not all_fit:
+                return REQUIRED
+            value = items
+        if option.path and isinstance(value, str):
+            value = self.resolve(value)
+            error = _unreadable(value)
+            if error is not None:
+                self.report(path, error)
+                return REQUIRED
+        if option.check is not None:
+            try:
+                error = option.check(value)
+            except Exception as e:
+                error = f"could not be checked: {type(e).__name__}: {e}"
+            if error is not None:
+                self.report(path, str(error))
+                return REQUIRED
+        return value
+
+    # sections
+
+    def hub(self, data: Mapping[str, Any]) -> HubSettings | None:
+        """
+        The C{[hub]} table.
+        """
+        table = self.table(data.get("hub", {}), ("hub",))
+        if table is None:
+            return None
+        values, ok = self.values(table, ("hub",), _HUB_OPTIONS)
+        self.unknown_keys(table, ("hub",), _HUB_OPTIONS)
+        if "status" in values and values["status"] is not None:
+            error = _endpoint_error(values["status"])
+            if error is not None:
+                self.report(("hub", "status"), error)
+                ok = False
+        if ok:
+            values["state_dir"] = self.resolve(values["state_dir"])
+            return HubSettings(**values)
+        return None
+
+    def domains(self, data: Mapping[str, Any]) -> tuple[dict[str, DomainConfig], set[str]]:
+        """
+        The C{[domains.*]} tables.
+
+        @return: the valid domains, and the names of every domain the file
+            defines (valid or not), so that references are only reported
+            when they name none.
+        """
+        if "domains" not in data:
+            self.report(("domains",), "at least one domain is required, such as "
+                        '[domains.default] with broker = "memory"')
+            return {}, set()
+        table = self.table(data["domains"], ("domains",))
+        if table is None:
+            return {}, set()
+        if not table:
+            self.report(("domains",), "at least one domain is required")
+        domains: dict[str, DomainConfig] = {}
+        for name, value in table.items():
+            domain = self.domain(name, value, ("domains", name))
+            if domain is not None:
+                domains[name] = domain
+        return domains, set(table)
+
+    def domain(self, name: str, value: object, path: _Path) -> DomainConfig | None:
+        """
+        One C{[domains.<name>]} table.
+        """
+        table = self.table(value, path)
+        if table is None:
+            return None
+        ok = True
+        if not is_valid_name(name):
+            self.report(path, "domain names may use only letters, digits, '.', '_' and '-', "
+                        "starting with a letter or digit")
+            ok = False
+        values, valid = self.values(table, path, _DOMAIN_OPTIONS)
+        ok = ok and valid
+        self.unknown_keys(table, path, _DOMAIN_OPTIONS)
+        scheme = None
+        if "broker" in values:
+            scheme = self.broker(values["broker"], path + ("broker",))
+            ok = ok and scheme is not None
+        if scheme == "amqps" and "ca" not in table:
+            self.report(path + ("ca",), "required with an amqps broker: without a CA the "
+                        "broker's certificate is not verified, and fedhub refuses to connect "
+                        "unverified")
+            ok = False
+        elif scheme is not None and scheme != "amqps":
+            for key in ("ca", "cert", "key"):
+                if key in table:
+                    self.report(path + (key,), "only used with an amqps broker")
+                    ok = False
+        if "cert" in table and "key" not in table:
+            self.report(path + ("key",), 'required when "cert" is set')
+            ok = False
+        if "key" in table and "cert" not in table:
+            self.report(path + ("cert",), 'required when "key" is set')
+            ok = False
+        return DomainConfig(name=name, **values) if ok else None
+
+    def broker(self, url: str, path: _Path) -> str | None:
+        """
+        Check a broker URL.
+
+        @return: its scheme (C{memory}, C{amqp} or C{amqps}), or C{None} when
+            it is not valid.
+        """
+        if url == MEMORY_BROKER:
+            return MEMORY_BROKER
+        shown = _quote(redact_url(url))
+        if "://" not in url:
+            self.report(path, f'{shown} is not a broker: use "memory", amqp://... or amqps://...')
+            return None
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            self.report(path, f"{shown} is not a valid URL (is its port a number?)")
+            return None
+        scheme = parts.scheme.lower()
+        if scheme not in BROKER_SCHEMES:
+            self.report(path, f"unsupported scheme {_quote(scheme)} in {shown}: "
+                        'use "memory", amqp:// or amqps://')
+            return None
+        ok = True
+        if not parts.hostname:
+            self.report(path, f"{shown} names no host")
+            ok = False
+        if port == 0:
+            self.report(path, f"{shown} has port 0")
+            ok = False
+        if parts.query or parts.fragment:
+            self.report(path, f"{shown}: query parameters are not supported; "
+                        "use the domain's keys (heartbeat, connection_name, ...)")
+            ok = False
+        if "/" in parts.path[1:]:
+            self.report(path, f"{shown}: the virtual host must be one path segment; "
+                        "write a slash in it as %2F")
+            ok = False
+        return scheme if ok else None
+
+    def components(
+        self,
+        data: Mapping[str, Any],
+        domains: Collection[str],
+    ) -> tuple[list[ComponentConfig], list[ComponentConfig], bool]:
+        """
+        The C{[[producers]]} and C{[[consumers]]} tables.
+        """
+        built: dict[str, list[ComponentConfig]] = {"producer": [], "consumer": []}
+        names: dict[str, _Path] = {}
+        queues: dict[tuple[str, str], _Path] = {}
+        ok = True
+        for kind in ("producer", "consumer"):
+            key = f"{kind}s"
+            if key not in data:
+                continue
+            tables = data[key]
+            if not isinstance(tables, list):
+                self.report((key,), f"expected an array of tables ([[{key}]]), "
+                            f"not {_describe(tables)}")
+                ok = False
+                continue
+            for index, value in enumerate(tables):
+                path: _Path = (key, index)
+                component = self.component(kind, index, value, path, domains)
+                if component is None:
+                    ok = False
+                if not isinstance(value, dict):
+                    continue
+                # Names and queues are compared even when the rest of the
+                # table is wrong, so that every clash is reported at once.
+                name = value.get("name")
+                if isinstance(name, str):
+                    if name in names:
+                        self.report(path + ("name",), f"duplicate name {_quote(name)} "
+                                    f"(also {format_path(names[name])})")
+                        ok = False
+                        continue
+                    names[name] = path
+                domain = value.get("domain")
+                queue = value.get("queue", f"fedhub.{name}" if isinstance(name, str) else None)
+                if kind == "consumer" and isinstance(domain, str) and isinstance(queue, str):
+                    if (domain, queue) in queues:
+                        self.report(path + ("queue",), f"queue {_quote(queue)} is already "
+                                    f"used by {format_path(queues[domain, queue])} in domain "
+                                    f"{_quote(domain)}")
+                        ok = False
+                        continue
+                    queues[domain, queue] = path
+                if component is not None:
+                    built[kind].append(component)
+        return built["producer"], built["consumer"], ok
+
+    def component(
+        self, kind: str, index: int, value: object, path: _Path, domains: Collection[str]
+    ) -> ComponentConfig | None:
+        """
+        One producer or consumer table.
+        """
+        table = self.table(value, path)
+        if table is None:
+            return None
+        schema = _CONSUMER_OPTIONS if kind == "consumer" else _COMPONENT_OPTIONS
+        values, ok = self.values(table, path, schema)
+        if "domain" in values and values["domain"] not in domains:
+            self.report(path + ("domain",), f"unknown domain {_quote(values['domain'])}")
+            ok = False
+        topics = values.get("topics")
+        raw_topics = table.get("topics")
+        if isinstance(raw_topics, list):
+            if not raw_topics:
+                self.report(path + ("topics",), "must name at least one topic pattern")
+                ok = False
+            for position, pattern in enumerate(raw_topics):
+                if isinstance(pattern, str):
+                    error = check_topic_pattern(pattern)
+                else:
+                    error = f"expected a string, not {_describe(pattern)}"
+                if error is not None:
+                    self.report(path + ("topics", position), error)
+                    ok = False
+        plugin = None
+        if "plugin" in values:
+            plugin = self.plugin(kind, values["plugin"], path + ("plugin",))
+        rest = {key: item for key, item in table.items() if key not in schema}
+        options: dict[str, Any] = {}
+        if plugin is None:
+            ok = False
+        else:
+            plugin_schema = self.plugin_schema(plugin, values["plugin"], path + ("plugin",))
+            if plugin_schema is None:
+                ok = False
+            else:
+                options, valid = self.values(rest, path, plugin_schema)
+                ok = ok and valid
+                self.unknown_keys(rest, path, [*schema, *plugin_schema],
+                                  f" for plugin {_quote(values['plugin'])}")
+        if not ok:
+            return None
+        extra: dict[str, Any] = {}
+        if kind == "consumer":
+            extra = {
+                "topics": tuple(topics or ()),
+                "queue": values["queue"] or f"fedhub.{values['name']}",
+                "concurrency": values["concurrency"],
+            }
+        return ComponentConfig(
+            kind=kind,
+            index=index,
+            name=values["name"],
+            plugin=values["plugin"],
+            domain=values["domain"],
+            options=MappingProxyType(options),
+            **extra,
+        )
+
+    def plugin(self, kind: str, name: str, path: _Path) -> Any:
+        """
+        Look up a plugin, reporting an unknown one with the installed names.
+        """
+        try:
+            return self._find_plugin(kind, name)
+        except UnknownPlugin as e:
+            installed = ", ".join(_quote(known) for known in e.known) or "none"
+            self.report(path, f"unknown {kind} plugin {_quote(name)} (installed: {installed})")
+            return None
+
+    def plugin_schema(self, plugin: Any, name: str, path: _Path) -> Mapping[str, Option] | None:
+        """
+        The options a plugin declares, when they are well-formed.
+        """
+        schema = getattr(plugin, "options", {})
+        if not isinstance(schema, Mapping):
+            self.report(path, f"plugin {_quote(name)} is broken: its options are not a mapping")
+            return None
+        for key, option in schema.items():
+            if not isinstance(key, str) or not isinstance(option, Option):
+                self.report(path, f"plugin {_quote(name)} is broken: its option "
+                            f"{_quote(str(key))} is not a fedhub.config.Option")
+                return None
+            if key in _CONSUMER_OPTIONS:
+                self.report(path, f"plugin {_quote(name)} is broken: its option "
+                            f"{_quote(key)} has the name of one of fedhub's own keys")
+                return None
+        return schema
+
+
+def _unreadable(path: str) -> str | None:
+    """
+    Why the file at C{path} can not be read, or C{None} when it can.
+    """
+    if not os.access(path, os.R_OK):
+        try:
+            os.stat(path)
+        except OSError as e:
+            return f"can not read {_quote(path)}: {e.strerror}"
+        return f"can not read {_quote(path)}: permission denied"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"can not read {_quote(path)}: {e.strerror}"
+    return None
+
+
+def _endpoint_error(description: str) -> str | None:
+    """
+    Why C{description} is not a server endpoint string, or C{None}.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        # Parsing needs no reactor; endpoints only keep it for later.
+        serverFromString(cast(Any, None), description)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        return f"not a valid endpoint string ({type(e).__name__}: {e})"
+    return None
+
+
+def _default_lookup() -> PluginLookup:
+    """
+    A lookup of installed plugins (see L{fedhub.plugins}) that discovers them
+    once per call of L{parse_config}.
+    """
+    from fedhub import plugins
+
+    found: dict[str, Mapping[str, Any]] = {}
+
+    def lookup(kind: str, name: str) -> Any:
+        if kind not in found:
+            found[kind] = plugins.plugins_of_kind(kind)
+        installed = found[kind]
+        if name not in installed:
+            raise UnknownPlugin(kind, name, list(installed))
+        return installed[name]
+
+    return lookup
+
+
+# --- entry points ----------------------------------------------------------
+
+
+def parse_config(
+    text: str,
+    source: str | None = None,
+    *,
+    find_plugin: PluginLookup | None = None,
+    base_dir: str | None = None,
+) -> Config:
+    """
+    Parse and validate a configuration.
+
+    @param text: The TOML text.
+    @param source: Where it came from, for messages.
+    @param find_plugin: How to find plugins: called with C{(kind, name)},
+        returns the plugin or raises L{UnknownPlugin}.  The default looks
+        among the installed ones (L{fedhub.plugins}).
+    @param base_dir: The directory relative paths in the file are relative
+        to; when C{None} they are left as written (relative to the working
+        directory).
+    @raise ConfigError: listing every problem found, in file order.
+    """
+    shown_source = escape_text(source) if source is not None else None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([_syntax_problem(str(e))], shown_source) from None
+    except RecursionError:
+        raise ConfigError([ConfigProblem("toml", "values are nested too deeply")],
+                          shown_source) from None
+    validator = _Validator(text, find_plugin or _default_lookup(), base_dir)
+    validator.unknown_keys(data, (), _TOP_KEYS)
+    hub = validator.hub(data)
+    domains, domain_names = validator.domains(data)
+    producers, consumers, components_ok = validator.components(data, domain_names)
+    problems = validator.problems
+    if problems or hub is None or not components_ok:
+        raise ConfigError(problems, shown_source)
+    return Config(
+        hub=hub,
+        domains=MappingProxyType(domains),
+        producers=tuple(producers),
+        consumers=tuple(consumers),
+        source=source,
+    )
+
+
+def _syntax_problem(message: str) -> ConfigProblem:
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if match is None:
+        return ConfigProblem("toml", escape_text(f"invalid TOML: {message}"))
+    text = message[: match.start()]
+    return ConfigProblem(
+        "toml",
+        escape_text(f"invalid TOML: {text} (column {match.group(2)})"),
+        int(match.group(1)),
+    )
+
+
+def load_config(path: str, *, find_plugin: PluginLookup | None = None) -> Config:
+    """
+    Read a configuration file and validate it (see L{parse_config}).
+    Relative paths in it are relative to the file's directory.
+
+    @raise ConfigError: when the file can not be read, is not UTF-8, or is
+        not a valid configuration.
+    """
+    shown = escape_text(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError([ConfigProblem("file", f"can not read it: {e.strerror}")],
+                          shown) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError([ConfigProblem("file", f"larger than {MAX_FILE_BYTES} bytes")], shown)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            [ConfigProblem("file", f"not valid UTF-8 (byte {e.start}: {e.reason})", line)], shown
+        ) from None
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return parse_config(text, path, find_plugin=find_plugin, base_dir=base_dir)
+
+
+#: The configuration used when none is given: an in-process bus and a
+#: consumer that logs every message.
+DEFAULT_CONFIG_TEXT: Final = """\
+[domains.default]
+broker = "memory"
+
+[[consumers]]
+name = "log"
+plugin = "log"
+domain = "default"
+topics = ["#"]
+"""
+
+
+def default_state_dir() -> str:
+    """
+    The state directory of the built-in default: C{fedhub-<uid>} in the
+    system's temporary directory, so users on one machine do not collide.
+    """
+    user = str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return os.path.join(tempfile.gettempdir(), f"fedhub-{user}")
+
+
+def default_config(*, find_plugin: PluginLookup | None = None) -> Config:
+    """
+    The built-in configuration: one in-process domain C{default} and one
+    consumer C{log} that logs every message; state in a per-user temporary
+    directory (L{default_state_dir}).
+
+    @raise ConfigError: when the C{log} plugin is not installed.
+    """
+    config = parse_config(DEFAULT_CONFIG_TEXT, "<built-in default>", find_plugin=find_plugin)
+    return replace(config, hub=replace(config.hub, state_dir=default_state_dir()))

@@ -1,0 +1,218 @@
+"""
+Finding consumer and producer plugins, and what they are built with.
+
+Plugins are found with C{twisted.plugin.getPlugins} in the C{twisted.plugins}
+package: fedhub's own live in C{twisted/plugins/fedhub_builtins.py}, and any
+installed distribution can add more with a module under its own
+C{twisted/plugins/} directory (see C{docs/configuration.md}, "Writing a
+plugin").  Such a module holds objects that provide
+C{twisted.plugin.IPlugin} and L{IConsumerPlugin} or L{IProducerPlugin}.
+
+Plugin names are unique per kind.  When two plugins of one kind have the same
+name, a warning is logged and the one from the module that sorts first by
+name is kept, so the choice does not depend on directory order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+
+from fedhub.config import ComponentConfig, HubSettings, is_valid_name
+from fedhub.errors import UnknownPlugin
+from fedhub.interfaces import IConsumerPlugin, IProducerPlugin, IPublisher
+
+__all__ = [
+    "PluginContext",
+    "consumer_plugins",
+    "producer_plugins",
+    "plugins_of_kind",
+    "find_consumer_plugin",
+    "find_producer_plugin",
+    "find_plugin",
+]
+
+_P = TypeVar("_P")
+
+#: The plugin interface of each kind of component.
+KINDS: dict[str, Any] = {"consumer": IConsumerPlugin, "producer": IProducerPlugin}
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """
+    Everything a plugin's C{build} gets.
+
+    @ivar name: The component's name (unique in the configuration).
+    @ivar domain: The name of the component's domain.
+    @ivar options: The plugin's own keys from the configuration, checked and
+        with defaults applied.
+    @ivar publisher: Where to publish, for this component's domain only.
+    @ivar reactor: The reactor (a parameter, so tests can pass a fake clock).
+    @ivar hub: The hub-wide settings.
+    @ivar component: The component's whole configuration, when it came from
+        one.
+    """
+
+    name: str
+    domain: str
+    options: Mapping[str, Any]
+    publisher: IPublisher
+    reactor: Any
+    hub: HubSettings
+    component: ComponentConfig | None = None
+
+    def topic(self, suffix: str) -> str:
+        """
+        A full topic for this hub: C{<prefix>.<environment>.<suffix>}.
+        """
+        return self.hub.topic(suffix)
+
+    @property
+    def state_dir(self) -> str:
+        """
+        The component's own directory, C{<state_dir>/components/<name>}.
+        It is not created here; the plugin creates it when it needs it.
+
+        @raise ValueError: when the name is not a safe directory name (a
+            validated configuration never has such a name).
+        """
+        if not is_valid_name(self.name):
+            raise ValueError(f"component name {self.name!r} can not name a directory")
+        return os.path.join(self.hub.state_dir, "components", self.name)
+
+
+#: Plugin discovery logs here (there is no object to hang it on).
+log = Logger()
+
+
+def _origin(plugin: object, package: str) -> str:
+    """
+    The name of the plugin module (under C{package}) that holds C{plugin};
+    C{getPlugins} imported it, so it is in C{sys.modules}.
+    """
+    prefix = package + "."
+    for name in sorted(n for n in list(sys.modules) if n.startswith(prefix)):
+        module = sys.modules.get(name)
+        if module is not None and any(v is plugin for v in vars(module).values()):
+            return name
+    return "?"
+
+
+def collect(kind: str, found: Iterable[tuple[str, _P]]) -> dict[str, _P]:
+    """
+    Index plugins by name: the first of each name in module order is kept;
+    later ones, and plugins without a usable name, are logged and skipped.
+
+    @param kind: C{"consumer"} or C{"producer"}, for log messages.
+    @param found: C{(module name, plugin)} pairs.
+    """
+    result: dict[str, _P] = {}
+    origins: dict[str, str] = {}
+    for module, plugin in sorted(found, key=lambda pair: pair[0]):
+        name = getattr(plugin, "name", None)
+        if not isinstance(name, str) or not name:
+            log.warn(
+                "Ignoring a {kind} plugin in {module} without a name: {plugin!r}",
+                kind=kind,
+                module=module,
+                plugin=plugin,
+            )
+            continue
+        if name in result:
+            log.warn(
+                "Two {kind} plugins are named {plugin_name!r}: using the one from "
+                "{module}, ignoring the one from {other_module}",
+                kind=kind,
+                plugin_name=name,
+                module=origins[name],
+                other_module=module,
+            )
+            continue
+        result[name] = plugin
+        origins[name] = module
+    return result
+
+
+def _discover(kind: str, interface: Any, package: ModuleType | None) -> dict[str, Any]:
+    if package is None:
+        import twisted.plugins
+
+        package = twisted.plugins
+    found = [(_origin(plugin, package.__name__), plugin)
+             for plugin in getPlugins(interface, package)]
+    return collect(kind, found)
+
+
+def consumer_plugins(package: ModuleType | None = None) -> dict[str, IConsumerPlugin]:
+    """
+    Every installed consumer plugin, by name.
+
+    @param package: Where to look; the default is C{twisted.plugins}.
+    """
+    return _discover("consumer", IConsumerPlugin, package)
+
+
+def producer_plugins(package: ModuleType | None = None) -> dict[str, IProducerPlugin]:
+    """
+    Every installed producer plugin, by name.
+
+    @param package: Where to look; the default is C{twisted.plugins}.
+    """
+    return _discover("producer", IProducerPlugin, package)
+
+
+def plugins_of_kind(kind: str, package: ModuleType | None = None) -> dict[str, Any]:
+    """
+    Every installed plugin of one kind (C{"consumer"} or C{"producer"}), by name.
+
+    @raise ValueError: for another kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"no such kind of plugin: {kind!r}")
+    return _discover(kind, KINDS[kind], package)
+
+
+def find_consumer_plugin(name: str, package: ModuleType | None = None) -> IConsumerPlugin:
+    """
+    The installed consumer plugin called C{name}.
+
+    @raise UnknownPlugin: when there is none; it lists the installed ones.
+    """
+    installed = consumer_plugins(package)
+    if name not in installed:
+        raise UnknownPlugin("consumer", name, list(installed))
+    return installed[name]
+
+
+def find_producer_plugin(name: str, package: ModuleType | None = None) -> IProducerPlugin:
+    """
+    The installed producer plugin called C{name}.
+
+    @raise UnknownPlugin: when there is none; it lists the installed ones.
+    """
+    installed = producer_plugins(package)
+    if name not in installed:
+        raise UnknownPlugin("producer", name, list(installed))
+    return installed[name]
+
+
+def find_plugin(kind: str, name: str) -> Any:
+    """
+    The installed plugin of a kind (C{"consumer"} or C{"producer"}) called
+    C{name}: the lookup L{fedhub.config.parse_config} uses by default.
+
+    @raise UnknownPlugin: when there is none.
+    @raise ValueError: for another kind.
+    """
+    installed = plugins_of_kind(kind)
+    if name not in installed:
+        raise UnknownPlugin(kind, name, list(installed))
+    return installed[name]
