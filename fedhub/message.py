@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from fedhub.errors import DecodeError, MessageError
 
@@ -134,9 +134,9 @@ def _json_object(data: bytes | str) -> FrozenDict:
         raise DecodeError(f"body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise DecodeError(f"body is a JSON {type(value).__name__}, not an object")
-    if isinstance(data, (bytes, str)) and ("[" in data if isinstance(data, str) else b"[" in data):
-        value = _freeze(value)
-    return value
+    if ("[" in data) if isinstance(data, str) else (b"[" in data):
+        _freeze(value)
+    return cast(FrozenDict, value)  # the object hook made every object a FrozenDict
 
 
 def _encode_json(value: Mapping[str, Any]) -> bytes:
@@ -344,7 +344,7 @@ class Message:
         """
         A copy with some fields changed (validated like a new message).
         """
-        fields = {
+        fields: dict[str, Any] = {
             "topic": self.topic,
             "body": self.body,
             "headers": self.headers,
