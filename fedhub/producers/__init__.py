@@ -1,0 +1,1 @@
+"""Producers: turn services without native bus support into fedhub messages."""

@@ -1,0 +1,1 @@
+"""Bugzilla producer: notification mail ("bugmail") in, structured bug events out."""
