@@ -1,0 +1,1011 @@
+"""
+The outbox: the reliable publish path of one domain.
+
+Producers hand messages to an L{Outbox}; its L{Outbox.publish} fires once the
+message is on disk.  The outbox then publishes pending messages through the
+domain's bus in hand-over order, with at most C{window} waiting for their
+publisher confirm, and deletes a message only after its confirm.  Messages
+the broker returns or refuses go to the store's failed area, are counted and
+wait for an operator; they are never retried by themselves.  When the bus is
+gone the outbox backs off (capped exponential, with jitter), keeps taking
+messages up to its limits, and sends again, in order, once the bus is back.
+
+Hand-overs that arrive while a transaction is being written wait for the next
+one, and deletions of confirmed messages ride along: under load, many
+messages share one fsync.  Memory holds at most the window, a batch of
+committed messages ready to send and the hand-overs waiting for the disk; a
+larger backlog stays on disk and is read back a batch at a time.
+
+See C{docs/outbox.md} for the design and its reasons.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random as _random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure as TwistedFailure
+from zope.interface import implementer
+
+from fedhub.errors import (
+    DecodeError,
+    MessageError,
+    MessageNacked,
+    MessageReturned,
+    PublishError,
+    TemporarilyUnavailable,
+)
+from fedhub.interfaces import IBus, IPublisher
+from fedhub.message import Message
+from fedhub.outbox.store import (
+    NACKED,
+    REJECTED,
+    RETURNED,
+    UNREADABLE,
+    CommitResult,
+    Executor,
+    Failure,
+    FailedRecord,
+    Store,
+    StoreError,
+    StoredRow,
+    Summary,
+    ThreadExecutor,
+    decode,
+    encode,
+)
+
+#: Events an observer hears about, with the message id.
+CONFIRMED = "confirmed"
+OBSERVED_EVENTS = (CONFIRMED, RETURNED, NACKED, REJECTED)
+
+#: An observer: called with an event name and a message id.
+Observer = Callable[[str, str], object]
+
+
+class _DelayedCall(Protocol):
+    def cancel(self) -> None:
+        """Cancel the call."""
+
+    def active(self) -> bool:
+        """Whether it is still to run."""
+
+
+class _Reactor(Protocol):
+    """
+    What the outbox needs of a reactor: time and timers.
+    """
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> _DelayedCall:
+        """Call something later."""
+
+    def seconds(self) -> float:
+        """The current time."""
+
+
+class _Bus(Protocol):
+    """
+    The part of L{IBus} the outbox uses, typed.
+    """
+
+    connected: bool
+
+    def publish(self, message: Message) -> Deferred[None]:
+        """Publish one message; fires on its confirm."""
+
+
+def _error(failure: TwistedFailure) -> BaseException:
+    """
+    The exception a failure carries.
+    """
+    return cast(BaseException, failure.value)
+
+
+class _Entry:
+    """
+    A committed message the outbox holds in memory: ready to send, waiting
+    to be sent again, or waiting for its confirm.
+    """
+
+    __slots__ = ("seq", "message", "size", "created")
+
+    def __init__(self, seq: int, message: Message, size: int, created: float) -> None:
+        self.seq = seq
+        self.message = message
+        self.size = size
+        self.created = created
+
+
+class _Handover:
+    """
+    A message handed over and not yet on disk.
+    """
+
+    __slots__ = ("message", "data", "created", "deferred")
+
+    def __init__(self, message: Message, data: bytes, created: float, deferred: Deferred[None]) -> None:
+        self.message = message
+        self.data = data
+        self.created = created
+        self.deferred = deferred
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """
+    Numbers about one outbox, for the status page and metrics.  Counters
+    count since the service started.
+
+    @ivar domain: The domain.
+    @ivar accepted: Hand-overs written to disk.
+    @ivar published: Messages given to the bus, resends included.
+    @ivar confirmed: Messages the broker confirmed (then deleted).
+    @ivar returned: Messages the broker returned as unroutable.
+    @ivar nacked: Messages the broker refused (C{basic.nack}).
+    @ivar rejected: Messages the bus refused as invalid.
+    @ivar depth: Messages on disk waiting for their confirm.
+    @ivar depth_bytes: Their stored size.
+    @ivar waiting_for_disk: Hand-overs not yet written.
+    @ivar in_flight: Messages published and not yet confirmed.
+    @ivar failed: Messages in the failed area.
+    @ivar failed_bytes: Their stored size.
+    @ivar oldest_age: Seconds since the oldest waiting message was handed
+        over, or C{None} when none waits (or it is not known yet).
+    @ivar held: Messages held in memory (sending, ready to send, waiting for
+        the disk).
+    @ivar paused: Whether sending is paused, waiting for the bus.
+    @ivar transactions: Store transactions written.
+    """
+
+    domain: str
+    accepted: int
+    published: int
+    confirmed: int
+    returned: int
+    nacked: int
+    rejected: int
+    depth: int
+    depth_bytes: int
+    waiting_for_disk: int
+    in_flight: int
+    failed: int
+    failed_bytes: int
+    oldest_age: float | None
+    held: int
+    paused: bool
+    transactions: int
+
+
+@implementer(IPublisher)
+class Outbox(Service):
+    """
+    The durable publisher of one domain: an L{IPublisher} and a service.
+
+    @ivar domain: The domain messages go to.
+    @ivar store: The store holding the messages.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        domain: str,
+        directory: str,
+        bus: IBus,
+        reactor: _Reactor,
+        *,
+        window: int = 1000,
+        max_messages: int = 100_000,
+        max_bytes: int = 1024 * 1024 * 1024,
+        max_waiting: int = 10_000,
+        read_batch: int = 1000,
+        stop_timeout: float = 10.0,
+        retry_initial: float = 0.2,
+        retry_max: float = 10.0,
+        executor: Executor | None = None,
+        store: Store | None = None,
+        random: _random.Random | None = None,
+    ) -> None:
+        """
+        @param domain: The domain's name.
+        @param directory: Where the store lives (the hub passes
+            C{<state_dir>/outbox/<domain>}); nothing is created before
+            C{startService}.
+        @param bus: The transport messages are published through.
+        @param reactor: Provides time and timers.
+        @param window: At most this many messages wait for their confirm at
+            once.
+        @param max_messages: Hand-overs are refused (temporarily) while this
+            many messages are waiting.
+        @param max_bytes: Hand-overs are refused (temporarily) while the
+            stored messages, failed ones included, would take more bytes.
+        @param max_waiting: Hand-overs are refused (temporarily) while this
+            many wait for the disk.
+        @param read_batch: A backlog on disk is read back this many messages
+            at a time; it also bounds the committed messages kept in memory.
+        @param stop_timeout: C{stopService} waits this long for confirms.
+        @param retry_initial: The first delay, in seconds, before sending
+            again after the bus failed (or before retrying a failed disk).
+        @param retry_max: The longest such delay.
+        @param executor: Runs the store's disk I/O; default a dedicated
+            thread.  Tests pass a synchronous or hand-driven one.
+        @param store: The store to use instead of one on C{directory}.
+        @param random: The source of the backoff jitter.
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        if read_batch < 2:
+            raise ValueError(f"read_batch must be at least 2, not {read_batch}")
+        for name, value in (
+            ("max_messages", max_messages),
+            ("max_bytes", max_bytes),
+            ("max_waiting", max_waiting),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, not {value}")
+        self.domain = domain
+        self._bus = cast(_Bus, bus)
+        self._reactor = reactor
+        self._window = window
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._max_waiting = max_waiting
+        self._read_batch = read_batch
+        self._stop_timeout = stop_timeout
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._random = random or _random.Random()
+        if store is None:
+            if executor is None:
+                executor = ThreadExecutor(cast(Any, reactor), name=f"fedhub-outbox-{domain}")
+            store = Store(directory, executor)
+        self.store = store
+        self._observers: list[Observer] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        """
+        Forget everything held in memory; the store is the truth.
+        """
+        # The store.
+        self._opening = False
+        self._opened = False
+        self._trouble: str | None = None
+        self._trouble_call: _DelayedCall | None = None
+        self._trouble_attempt = 0
+        # Writing.
+        self._inserts: list[_Handover] = []
+        self._deletes: list[tuple[int, int]] = []
+        self._failures: list[Failure] = []
+        self._committing = False
+        self._flushing = False
+        self._flush_again = False
+        self._waiting_count = 0
+        self._waiting_bytes = 0
+        # Sending.
+        self._ready: deque[_Entry] = deque()
+        self._resend: list[tuple[int, _Entry]] = []
+        self._inflight: dict[int, _Entry] = {}
+        self._backlog = False
+        self._loaded_upto = 0
+        self._loading = False
+        self._load_call: _DelayedCall | None = None
+        self._paused = False
+        self._probing = False
+        self._retry_call: _DelayedCall | None = None
+        self._attempt = 0
+        self._generation = 0
+        self._pumping = False
+        self._pump_again = False
+        self._oldest_hint: float | None = None
+        # Stopping.
+        self._stop_d: Deferred[None] | None = None
+        self._stop_call: _DelayedCall | None = None
+        self._stop_timed_out = False
+        self._closing = False
+        # Counters.
+        self._accepted = 0
+        self._published = 0
+        self._confirmed = 0
+        self._returned = 0
+        self._nacked = 0
+        self._rejected = 0
+
+    # --- IPublisher ------------------------------------------------------
+
+    def publish(self, message: Message) -> Deferred[None]:
+        """
+        Hand a message over.
+
+        @return: a Deferred firing with C{None} once the message is on disk.
+            It fails with L{TemporarilyUnavailable} when the outbox is full,
+            the disk is full or failing, or the outbox is not running (its
+            C{reason} says which); with L{MessageError} when the message can
+            not be stored; with L{PublishError} when it is larger than the
+            whole outbox.
+        """
+        if not isinstance(message, Message):
+            return fail(MessageError(f"only Message objects can be published, not {type(message).__name__}"))
+        if not self.running or self._stop_d is not None:
+            return fail(
+                TemporarilyUnavailable(f"the outbox of domain {self.domain} is not running", message.id)
+            )
+        if self._trouble is not None:
+            return fail(TemporarilyUnavailable(self._trouble, message.id))
+        try:
+            data = encode(message)
+        except MessageError as e:
+            return fail(e)
+        size = len(data)
+        if size > self._max_bytes:
+            return fail(
+                PublishError(
+                    f"the message takes {size} bytes, more than the whole outbox of domain "
+                    f"{self.domain} may hold ({self._max_bytes})",
+                    message.id,
+                )
+            )
+        store = self.store
+        count = store.pending_count + self._waiting_count
+        if count >= self._max_messages:
+            return fail(
+                TemporarilyUnavailable(
+                    f"the outbox of domain {self.domain} is full: {count} messages waiting "
+                    f"(limit {self._max_messages})",
+                    message.id,
+                )
+            )
+        used = store.pending_bytes + store.failed_bytes + self._waiting_bytes
+        if used + size > self._max_bytes:
+            return fail(
+                TemporarilyUnavailable(
+                    f"the outbox of domain {self.domain} is full: {used} bytes stored "
+                    f"(limit {self._max_bytes})",
+                    message.id,
+                )
+            )
+        if self._waiting_count >= self._max_waiting:
+            return fail(
+                TemporarilyUnavailable(
+                    f"the outbox of domain {self.domain} is busy: {self._waiting_count} "
+                    "hand-overs wait for the disk",
+                    message.id,
+                )
+            )
+        d: Deferred[None] = Deferred()
+        self._inserts.append(_Handover(message, data, self._reactor.seconds(), d))
+        self._waiting_count += 1
+        self._waiting_bytes += size
+        self._flush()
+        return d
+
+    # --- observation -----------------------------------------------------
+
+    def add_observer(self, observer: Observer) -> None:
+        """
+        Call C{observer(event, message_id)} for every outcome of a publish:
+        C{"confirmed"}, C{"returned"}, C{"nacked"} or C{"rejected"}.  It
+        runs in the reactor thread and must be quick; what it raises is
+        logged and ignored.
+        """
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        """
+        Stop calling an observer added with L{add_observer}.
+        """
+        self._observers.remove(observer)
+
+    def _notify(self, event: str, message_id: str) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(event, message_id)
+            except Exception:
+                self.log.failure(
+                    "Outbox observer {observer!r} failed on {event} of {msg_id}",
+                    observer=observer,
+                    event=event,
+                    msg_id=message_id,
+                    domain=self.domain,
+                )
+
+    def stats(self) -> OutboxStats:
+        """
+        The outbox's numbers now.
+        """
+        store = self.store
+        oldest: float | None = None
+        for entry in self._inflight.values():
+            if oldest is None or entry.created < oldest:
+                oldest = entry.created
+        for candidate in (self._resend[0][1] if self._resend else None, self._ready[0] if self._ready else None):
+            if candidate is not None and (oldest is None or candidate.created < oldest):
+                oldest = candidate.created
+        if oldest is None and store.pending_count:
+            oldest = self._oldest_hint
+        return OutboxStats(
+            domain=self.domain,
+            accepted=self._accepted,
+            published=self._published,
+            confirmed=self._confirmed,
+            returned=self._returned,
+            nacked=self._nacked,
+            rejected=self._rejected,
+            depth=store.pending_count,
+            depth_bytes=store.pending_bytes,
+            waiting_for_disk=self._waiting_count,
+            in_flight=len(self._inflight),
+            failed=store.failed_count,
+            failed_bytes=store.failed_bytes,
+            oldest_age=None if oldest is None else max(0.0, self._reactor.seconds() - oldest),
+            held=self.held(),
+            paused=self._paused,
+            transactions=store.transactions,
+        )
+
+    def held(self) -> int:
+        """
+        How many messages the outbox holds in memory now: in flight, ready
+        to send, to be sent again and waiting for the disk.  Bounded by
+        C{window + read_batch + max_waiting}.
+        """
+        return len(self._inflight) + len(self._ready) + len(self._resend) + self._waiting_count
+
+    # --- the failed area -------------------------------------------------
+
+    def failed(self, after_seq: int = 0, limit: int = 100) -> Deferred[list[FailedRecord]]:
+        """
+        List the failed area a page at a time (see L{Store.failed}).
+        """
+        if not self.store.is_open:
+            return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} is not open"))
+        return self.store.failed(after_seq, limit)
+
+    def retry_failed(self, seqs: Iterable[int] | None = None) -> Deferred[int]:
+        """
+        Move failed messages back to the end of the queue to publish them
+        again (all of them when C{seqs} is C{None}).
+
+        @return: a Deferred firing with how many were moved.
+        """
+        if not self.store.is_open:
+            return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} is not open"))
+        d = self.store.retry_failed(seqs, self._reactor.seconds())
+
+        def moved(count: int) -> int:
+            if count:
+                self.log.info(
+                    "{count} failed messages of domain {domain} queued again",
+                    count=count,
+                    domain=self.domain,
+                )
+                self._backlog = True
+                self._pump()
+            return count
+
+        return d.addCallback(moved)
+
+    def drop_failed(self, seqs: Iterable[int] | None = None) -> Deferred[int]:
+        """
+        Delete failed messages for good (all of them when C{seqs} is
+        C{None}).
+
+        @return: a Deferred firing with how many were dropped.
+        """
+        if not self.store.is_open:
+            return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} is not open"))
+        d = self.store.drop_failed(seqs)
+
+        def dropped(count: int) -> int:
+            if count:
+                self.log.warn(
+                    "{count} failed messages of domain {domain} dropped", count=count, domain=self.domain
+                )
+            return count
+
+        return d.addCallback(dropped)
+
+    # --- service ---------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Open the store and publish everything it holds.
+        """
+        self._reset()
+        Service.startService(self)  # type: ignore[no-untyped-call]
+        self._open()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop taking messages and stop sending.  The returned Deferred fires
+        once every hand-over taken is on disk, the confirms in flight have
+        arrived (or C{stop_timeout} passed: those messages stay pending and
+        are published again at the next start) and the store is closed.
+        """
+        Service.stopService(self)  # type: ignore[no-untyped-call]
+        if self._stop_d is not None:
+            waiter: Deferred[None] = Deferred()
+
+            def stopped(result: object) -> object:
+                waiter.callback(None)
+                return result
+
+            self._stop_d.addBoth(stopped)
+            return waiter
+        self._stop_d = Deferred()
+        for name in ("_retry_call", "_load_call", "_trouble_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        # One last try at writing what is queued, even after a disk error.
+        self._trouble = None
+        if self._inflight:
+            self._stop_call = self._reactor.callLater(self._stop_timeout, self._stop_timeout_passed)
+        d = self._stop_d
+        self._check_stop()
+        return d
+
+    def _stop_timeout_passed(self) -> None:
+        self._stop_call = None
+        self._stop_timed_out = True
+        self.log.warn(
+            "{count} messages of domain {domain} are still waiting for their confirm; they stay "
+            "in the outbox and are published again at the next start",
+            count=len(self._inflight),
+            domain=self.domain,
+        )
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        """
+        Close the store once stopping has nothing left to wait for.
+        """
+        if self._stop_d is None or self._closing:
+            return
+        if self._opening or self._committing or self._loading:
+            return
+        if self._inflight and not self._stop_timed_out:
+            return
+        if self._opened and (self._inserts or self._deletes or self._failures):
+            self._flush()
+            return
+        if self._inserts:
+            # The store never opened: these were never accepted.
+            inserts, self._inserts = self._inserts, []
+            self._fail_handovers(inserts, f"the outbox of domain {self.domain} is stopping")
+        self._closing = True
+        if self._stop_call is not None and self._stop_call.active():
+            self._stop_call.cancel()
+        self._stop_call = None
+        stop_d = self._stop_d
+
+        def closed(result: object) -> None:
+            if isinstance(result, TwistedFailure):
+                self.log.failure(
+                    "Closing the outbox store of domain {domain} failed", result, domain=self.domain
+                )
+            self._opened = False
+            stop_d.callback(None)
+
+        self.store.close().addBoth(closed)
+
+    # --- the store -------------------------------------------------------
+
+    def _open(self) -> None:
+        self._opening = True
+        d = self.store.open()
+        d.addCallbacks(self._store_opened, self._store_open_failed)
+        d.addErrback(self._bug, "opening the store")
+
+    def _store_opened(self, summary: Summary) -> None:
+        self._opening = False
+        self._opened = True
+        self._trouble_attempt = 0
+        self._backlog = summary.pending > 0
+        self._loaded_upto = 0
+        self._oldest_hint = summary.oldest_created
+        self.log.info(
+            "Outbox of domain {domain} open: {pending} messages to publish, {failed} failed",
+            domain=self.domain,
+            pending=summary.pending,
+            failed=summary.failed,
+        )
+        if self._stop_d is not None:
+            self._check_stop()
+            return
+        self._flush()
+        self._pump()
+
+    def _store_open_failed(self, failure: TwistedFailure) -> None:
+        self._opening = False
+        if self._stop_d is not None:
+            self.log.failure("The outbox store of domain {domain} did not open", failure, domain=self.domain)
+            self._check_stop()
+            return
+        self._set_trouble(failure)
+
+    def _trouble_reason(self, error: BaseException) -> str:
+        if isinstance(error, StoreError):
+            if error.disk_full:
+                return f"the disk of the outbox of domain {self.domain} is full"
+            if error.locked:
+                return f"the outbox of domain {self.domain} is in use by another process"
+            return f"the outbox of domain {self.domain} can not write: {error.reason}"
+        return f"the outbox of domain {self.domain} can not write: {error!r}"
+
+    def _set_trouble(self, failure: TwistedFailure) -> None:
+        """
+        The store failed: refuse hand-overs for a while, then try again.
+        """
+        reason = self._trouble_reason(_error(failure))
+        delay = self._backoff(self._trouble_attempt)
+        self._trouble_attempt += 1
+        if self._trouble_attempt == 1:
+            if isinstance(failure.value, StoreError):
+                self.log.error(
+                    "{reason}; refusing messages, trying again in {delay:.1f}s",
+                    reason=reason,
+                    delay=delay,
+                    domain=self.domain,
+                )
+            else:
+                self.log.failure("{reason}", failure, reason=reason, domain=self.domain)
+        else:
+            self.log.info("{reason}; trying again in {delay:.1f}s", reason=reason, delay=delay, domain=self.domain)
+        self._trouble = reason
+        inserts, self._inserts = self._inserts, []
+        self._fail_handovers(inserts, reason)
+        self._trouble_call = self._reactor.callLater(delay, self._trouble_over)
+
+    def _trouble_over(self) -> None:
+        self._trouble_call = None
+        self._trouble = None
+        if not self._opened:
+            self._open()
+        else:
+            self._flush()
+            self._pump()
+
+    def _fail_handovers(self, handovers: list[_Handover], reason: str) -> None:
+        for handover in handovers:
+            self._waiting_count -= 1
+            self._waiting_bytes -= len(handover.data)
+            handover.deferred.errback(TemporarilyUnavailable(reason, handover.message.id))
+
+    def _flush(self) -> None:
+        """
+        Start a transaction with everything queued, unless one is running:
+        what comes in meanwhile waits for the next one (group commit).
+        """
+        if self._flushing:
+            self._flush_again = True
+            return
+        self._flushing = True
+        try:
+            while True:
+                self._flush_again = False
+                if (
+                    not self._committing
+                    and self._opened
+                    and not self._closing
+                    and self._trouble is None
+                    and (self._inserts or self._deletes or self._failures)
+                ):
+                    inserts, self._inserts = self._inserts, []
+                    deletes, self._deletes = self._deletes, []
+                    failures, self._failures = self._failures, []
+                    self._committing = True
+                    d = self.store.commit(
+                        [(h.message.id, h.created, h.data) for h in inserts], deletes, failures
+                    )
+                    d.addCallbacks(
+                        self._committed,
+                        self._commit_failed,
+                        callbackArgs=(inserts,),
+                        errbackArgs=(inserts, deletes, failures),
+                    )
+                    d.addErrback(self._bug, "writing to the store")
+                if not self._flush_again:
+                    break
+        finally:
+            self._flushing = False
+
+    def _committed(self, result: CommitResult, inserts: list[_Handover]) -> None:
+        self._committing = False
+        self._trouble_attempt = 0
+        count = len(inserts)
+        if count:
+            for handover in inserts:
+                self._waiting_bytes -= len(handover.data)
+            self._waiting_count -= count
+            self._accepted += count
+            first = result.first_seq
+            take = 0
+            if not self._backlog and not self._loading:
+                # Keep what fits in memory so it need not be read back.
+                room = self._read_batch - len(self._ready) - len(self._resend)
+                take = max(0, min(room, count))
+                ready = self._ready
+                for i in range(take):
+                    handover = inserts[i]
+                    ready.append(_Entry(first + i, handover.message, len(handover.data), handover.created))
+                if take:
+                    self._loaded_upto = first + take - 1
+            if take < count:
+                self._backlog = True
+            for handover in inserts:
+                handover.deferred.callback(None)
+        self._flush()
+        self._pump()
+        self._check_stop()
+
+    def _commit_failed(
+        self,
+        failure: TwistedFailure,
+        inserts: list[_Handover],
+        deletes: list[tuple[int, int]],
+        failures: list[Failure],
+    ) -> None:
+        self._committing = False
+        if self._stop_d is not None:
+            reason = self._trouble_reason(_error(failure))
+            if deletes or failures:
+                self.log.warn(
+                    "{reason}: the outcome of {count} publishes was not recorded; those messages "
+                    "are published again at the next start",
+                    reason=reason,
+                    count=len(deletes) + len(failures),
+                    domain=self.domain,
+                )
+            queued, self._inserts = self._inserts, []
+            self._deletes = []
+            self._failures = []
+            self._fail_handovers(inserts + queued, reason)
+            self._check_stop()
+            return
+        # Keep the bookkeeping for the next attempt; refuse the hand-overs.
+        self._deletes[:0] = deletes
+        self._failures[:0] = failures
+        self._fail_handovers(inserts, self._trouble_reason(_error(failure)))
+        self._set_trouble(failure)
+
+    # --- sending ---------------------------------------------------------
+
+    def _pump(self) -> None:
+        """
+        Send what the window allows, and read more from disk when memory runs
+        low.  Re-entrant calls (a bus that confirms at once) only ask the
+        running loop for another round.
+        """
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                self._send_some()
+                self._maybe_load()
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+
+    def _send_some(self) -> None:
+        if not self._opened or self._paused or self._stop_d is not None:
+            return
+        limit = 1 if self._probing else self._window
+        resend = self._resend
+        ready = self._ready
+        inflight = self._inflight
+        bus = self._bus
+        while len(inflight) < limit and (resend or ready):
+            if not bus.connected:
+                self._pause("the bus is not connected")
+                return
+            entry = heapq.heappop(resend)[1] if resend else ready.popleft()
+            self._send(entry)
+            if self._paused:
+                return
+
+    def _send(self, entry: _Entry) -> None:
+        generation = self._generation
+        self._inflight[entry.seq] = entry
+        self._published += 1
+        try:
+            d = self._bus.publish(entry.message)
+        except Exception:
+            d = fail()
+        d.addCallbacks(
+            self._acked,
+            self._publish_failed,
+            callbackArgs=(entry,),
+            errbackArgs=(entry, generation),
+        )
+        d.addErrback(self._bug, "handling a publish outcome")
+
+    def _acked(self, result: object, entry: _Entry) -> None:
+        if self._inflight.get(entry.seq) is not entry:
+            return
+        del self._inflight[entry.seq]
+        self._confirmed += 1
+        self._probing = False
+        self._attempt = 0
+        self._deletes.append((entry.seq, entry.size))
+        if self._observers:
+            self._notify(CONFIRMED, entry.message.id)
+        self._flush()
+        self._pump()
+        self._check_stop()
+
+    def _publish_failed(self, failure: TwistedFailure, entry: _Entry, generation: int) -> None:
+        if self._inflight.get(entry.seq) is not entry:
+            return
+        del self._inflight[entry.seq]
+        error = _error(failure)
+        kind: str | None
+        if isinstance(error, MessageReturned):
+            kind = RETURNED
+            self._returned += 1
+            reason = f"returned by the broker ({error.reply_code}): {error.reason}"
+        elif isinstance(error, MessageNacked):
+            kind = NACKED
+            self._nacked += 1
+            reason = f"refused by the broker: {error.reason}"
+        elif isinstance(error, MessageError) or (
+            isinstance(error, PublishError) and not isinstance(error, TemporarilyUnavailable)
+        ):
+            kind = REJECTED
+            self._rejected += 1
+            reason = f"refused by the bus: {error}"
+        else:
+            kind = None
+            reason = f"{type(error).__name__}: {error}"
+        if kind is None:
+            # Transient: the message stays and is sent again, in order.
+            heapq.heappush(self._resend, (entry.seq, entry))
+            if generation == self._generation and not self._paused and self._stop_d is None:
+                self._pause(reason, failure)
+            self._check_stop()
+            return
+        # The broker answered, so the connection works.
+        self._probing = False
+        self._attempt = 0
+        self.log.warn(
+            "Message {msg_id} ({topic}) for domain {domain} moved to the failed area: {reason}",
+            msg_id=entry.message.id,
+            topic=entry.message.topic,
+            domain=self.domain,
+            reason=reason,
+        )
+        self._failures.append(Failure(entry.seq, kind, reason, self._reactor.seconds()))
+        if self._observers:
+            self._notify(kind, entry.message.id)
+        self._flush()
+        self._pump()
+        self._check_stop()
+
+    def _pause(self, reason: str, failure: TwistedFailure | None = None) -> None:
+        """
+        Stop sending; try again after a backoff delay.
+        """
+        self._generation += 1
+        self._paused = True
+        self._probing = False
+        delay = self._backoff(self._attempt)
+        self._attempt += 1
+        if self._attempt == 1:
+            if failure is not None and not isinstance(failure.value, PublishError):
+                self.log.failure(
+                    "Publishing to domain {domain} failed unexpectedly; retrying in {delay:.1f}s",
+                    failure,
+                    domain=self.domain,
+                    delay=delay,
+                )
+            else:
+                self.log.warn(
+                    "Publishing to domain {domain} paused ({reason}); retrying in {delay:.1f}s",
+                    domain=self.domain,
+                    reason=reason,
+                    delay=delay,
+                )
+        else:
+            self.log.debug(
+                "Publishing to domain {domain} still paused ({reason}); retrying in {delay:.1f}s",
+                domain=self.domain,
+                reason=reason,
+                delay=delay,
+            )
+        self._retry_call = self._reactor.callLater(delay, self._resume)
+
+    def _resume(self) -> None:
+        self._retry_call = None
+        if self._stop_d is not None:
+            return
+        self._paused = False
+        # One message first: the window opens again with its confirm.
+        self._probing = True
+        self._pump()
+
+    def _backoff(self, attempt: int) -> float:
+        """
+        The delay before retry number C{attempt} (from 0): doubling from
+        C{retry_initial} up to C{retry_max}, the upper half of it jittered.
+        """
+        base = min(self._retry_max, self._retry_initial * (2.0 ** min(attempt, 32)))
+        return base / 2 + self._random.random() * base / 2
+
+    # --- reading back ----------------------------------------------------
+
+    def _maybe_load(self) -> None:
+        if not self._backlog or self._loading or not self._opened or self._stop_d is not None:
+            return
+        if self._load_call is not None:
+            return
+        have = len(self._ready) + len(self._resend)
+        if have > self._read_batch // 2:
+            return
+        limit = self._read_batch - have
+        self._loading = True
+        d = self.store.load(self._loaded_upto, limit)
+        d.addCallbacks(self._loaded, self._load_failed, callbackArgs=(limit,))
+        d.addErrback(self._bug, "reading the store")
+
+    def _loaded(self, rows: list[StoredRow], limit: int) -> None:
+        self._loading = False
+        ready = self._ready
+        for row in rows:
+            try:
+                message = decode(row.data)
+            except DecodeError as e:
+                self.log.error(
+                    "Stored message {seq} of domain {domain} is unreadable ({reason}); moved to "
+                    "the failed area",
+                    seq=row.seq,
+                    domain=self.domain,
+                    reason=str(e),
+                )
+                self._failures.append(Failure(row.seq, UNREADABLE, str(e), self._reactor.seconds()))
+                continue
+            ready.append(_Entry(row.seq, message, len(row.data), row.created))
+        if rows:
+            self._loaded_upto = rows[-1].seq
+        if len(rows) < limit:
+            self._backlog = False
+        if self._failures:
+            self._flush()
+        self._pump()
+        self._check_stop()
+
+    def _load_failed(self, failure: TwistedFailure) -> None:
+        self._loading = False
+        delay = self._backoff(self._trouble_attempt)
+        self._trouble_attempt += 1
+        self.log.failure(
+            "Reading the outbox of domain {domain} failed; trying again in {delay:.1f}s",
+            failure,
+            domain=self.domain,
+            delay=delay,
+        )
+        if self._stop_d is None:
+            self._load_call = self._reactor.callLater(delay, self._load_again)
+        self._check_stop()
+
+    def _load_again(self) -> None:
+        self._load_call = None
+        self._pump()
+
+    def _bug(self, failure: TwistedFailure, doing: str) -> None:
+        self.log.failure(
+            "Bug in the outbox of domain {domain} while {doing}", failure, domain=self.domain, doing=doing
+        )
