@@ -17,7 +17,17 @@ L{fedhub.plugins}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from fedhub.message import Message
+    from fedhub.plugins import PluginContext
+    from fedhub.topology import Topology
 
 
 class IPublisher(Interface):
@@ -30,7 +40,7 @@ class IPublisher(Interface):
 
     domain = Attribute("str: the name of the domain messages go to")
 
-    def publish(message):  # type: ignore[no-untyped-def]
+    def publish(message: Message) -> Deferred[None]:
         """
         Hand a message over.
 
@@ -56,12 +66,12 @@ class IDelivery(Interface):
     redelivered = Attribute("bool: the broker delivered it before")
     queue = Attribute("str: the queue it came from")
 
-    def ack():  # type: ignore[no-untyped-def]
+    def ack() -> None:
         """
         The message is handled: remove it from its queue.
         """
 
-    def reject(requeue):  # type: ignore[no-untyped-def]
+    def reject(requeue: bool) -> None:
         """
         The message is not handled.
 
@@ -78,7 +88,7 @@ class ISubscription(Interface):
 
     queue = Attribute("str: the queue consumed from")
 
-    def cancel():  # type: ignore[no-untyped-def]
+    def cancel() -> Deferred[None]:
         """
         Stop consuming.  Unacknowledged deliveries go back to the queue.
 
@@ -97,7 +107,7 @@ class IBus(Interface):
     exchange = Attribute("str: the exchange messages are published to by default")
     connected = Attribute("bool: whether the bus can take messages now")
 
-    def declare(topology):  # type: ignore[no-untyped-def]
+    def declare(topology: Topology) -> Deferred[None]:
         """
         Make sure exchanges, queues and bindings exist, and remember them so
         they are declared again after a reconnect.
@@ -106,7 +116,9 @@ class IBus(Interface):
         @return: a Deferred firing with C{None} when they exist.
         """
 
-    def publish(message, exchange=None, routing_key=None):  # type: ignore[no-untyped-def]
+    def publish(
+        message: Message, exchange: str | None = None, routing_key: str | None = None
+    ) -> Deferred[None]:
         """
         Publish one message persistently with C{mandatory} set.
 
@@ -121,7 +133,9 @@ class IBus(Interface):
             delays the Deferred: that is how it pushes back on publishers.
         """
 
-    def subscribe(queue, on_delivery, prefetch):  # type: ignore[no-untyped-def]
+    def subscribe(
+        queue: str, on_delivery: Callable[[IDelivery], object], prefetch: int
+    ) -> Deferred[ISubscription]:
         """
         Consume from a declared queue, and again after every reconnect.
 
@@ -141,7 +155,7 @@ class IMessageHandler(Interface):
 
     topics = Attribute("tuple[str, ...]: the topic patterns (AMQP C{*}/C{#}) it wants")
 
-    def handle(message):  # type: ignore[no-untyped-def]
+    def handle(message: Message) -> Any:
         """
         Handle one message.
 
@@ -151,12 +165,12 @@ class IMessageHandler(Interface):
             failure policy.
         """
 
-    def start():  # type: ignore[no-untyped-def]
+    def start() -> Any:
         """
         Called once before the first message; may return a Deferred.
         """
 
-    def stop():  # type: ignore[no-untyped-def]
+    def stop() -> Any:
         """
         Called once after the last message has been handled; may return a
         Deferred.
@@ -175,7 +189,7 @@ class IConsumerPlugin(Interface):
         "before it is built"
     )
 
-    def build(context):  # type: ignore[no-untyped-def]
+    def build(context: PluginContext) -> IMessageHandler:
         """
         Build a handler.  Must do no I/O.
 
@@ -197,7 +211,7 @@ class IProducerPlugin(Interface):
         "before it is built"
     )
 
-    def build(context):  # type: ignore[no-untyped-def]
+    def build(context: PluginContext) -> IService:
         """
         Build the producer.  Must do no I/O.
 

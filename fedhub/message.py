@@ -228,6 +228,8 @@ class Message:
         received message did not say.
     @ivar schema: The registered schema name of the body.
     @ivar queue: The queue a received message arrived on, else C{None}.
+    @ivar redelivered: Whether the broker delivered this message before (to
+        this or another consumer of the queue); C{False} for new messages.
     """
 
     topic: str
@@ -239,6 +241,7 @@ class Message:
     sent_at: datetime | None = field(default_factory=utc_now)
     schema: str = BASE_SCHEMA
     queue: str | None = None
+    redelivered: bool = field(default=False, compare=False)
     _body_bytes: bytes = field(default=b"", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -354,6 +357,7 @@ class Message:
             "sent_at": self.sent_at,
             "schema": self.schema,
             "queue": self.queue,
+            "redelivered": self.redelivered,
         }
         fields.update(changes)
         if "body" not in changes:
@@ -436,6 +440,7 @@ def from_amqp(
     properties: Mapping[str, Any],
     body: bytes,
     queue: str | None = None,
+    redelivered: bool = False,
 ) -> Message:
     """
     Build a message from what an AMQP delivery carries.
@@ -481,6 +486,7 @@ def from_amqp(
             sent_at=sent_at,
             schema=schema,
             queue=queue,
+            redelivered=redelivered,
             _body_bytes=body_bytes or b"",
         )
     except MessageError as e:
