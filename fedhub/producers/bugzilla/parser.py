@@ -1476,6 +1476,8 @@ def _parse(raw: bytes) -> BugEvent:
 
     names_header = headers.get("X-Bugzilla-Changed-Field-Names")
     changed_fields = (names_header if names_header is not None else changed_fields_raw).split()
+    if bz_type is None and changed_fields == ["New"]:
+        changed_fields = []  # the 2.x new-bug marker, not a field
     reasons = tuple(r for r in headers.get("X-Bugzilla-Reason", "").split() if r != "None")
     watch_reason = headers.get("X-Bugzilla-Watch-Reason")
     source = headers.get("X-Bugzilla-URL")
