@@ -130,15 +130,14 @@ def redact_url(url: str) -> str:
     """
     head, sep, rest = url.partition("://")
     if not sep:
-        return url
+        head, rest = "", url
     at = rest.rfind("@")
     if at < 0:
         return url
-    userinfo, hostpart = rest[:at], rest[at:]
-    user, colon, _password = userinfo.partition(":")
+    user, colon, _password = rest[:at].partition(":")
     if not colon:
         return url
-    return f"{head}://{user}:***{hostpart}"
+    return f"{head}{sep}{user}:***{rest[at:]}"
 
 
 def format_path(path: tuple[str | int, ...]) -> str:
@@ -261,9 +260,14 @@ class DomainConfig:
     @ivar ca: The CA bundle that verifies the broker (required for C{amqps}).
     @ivar cert: The client certificate (PEM), with L{key}.
     @ivar key: The client certificate's private key (PEM).
+    @ivar server_hostname: The name the broker's certificate must carry, when
+        it is not the URL's host (for example when the URL has an address).
+    @ivar auth_mechanism: C{"PLAIN"} (the URL's user and password) or
+        C{"EXTERNAL"} (the client certificate's identity); C{None} chooses
+        C{EXTERNAL} when a client certificate is set, C{PLAIN} otherwise.
     @ivar heartbeat: The AMQP heartbeat, in seconds (never 0).
     @ivar connection_name: Shown by the broker for this connection.
-    @ivar connect_timeout: Seconds to wait for a connection to be set up.
+    @ivar connection_timeout: Seconds to wait for a connection to be set up.
     @ivar confirm_window: At most this many published messages wait for
         their publisher confirm at once.
     @ivar outbox_max_messages: The outbox takes no more messages beyond this
@@ -279,9 +283,11 @@ class DomainConfig:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    server_hostname: str | None = None
+    auth_mechanism: str | None = None
     heartbeat: int = 30
     connection_name: str | None = None
-    connect_timeout: float = 30.0
+    connection_timeout: float = 10.0
     confirm_window: int = 1000
     outbox_max_messages: int = 100_000
     outbox_max_bytes: int = 1024 * 1024 * 1024
@@ -462,6 +468,10 @@ def _environment(value: str) -> str | None:
     return None
 
 
+def _mechanism(value: str) -> str | None:
+    return None if value in ("PLAIN", "EXTERNAL") else 'must be "PLAIN" or "EXTERNAL"'
+
+
 def _not_empty(value: str) -> str | None:
     return None if value else "must not be empty"
 
@@ -511,10 +521,13 @@ _DOMAIN_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "ca": Option(str, None, "CA bundle that verifies the broker", path=True),
         "cert": Option(str, None, "client certificate (PEM)", path=True),
         "key": Option(str, None, "private key of the client certificate (PEM)", path=True),
+        "server_hostname": Option(str, None, "name the broker's certificate must carry",
+                                  _not_empty),
+        "auth_mechanism": Option(str, None, "PLAIN or EXTERNAL", _mechanism),
         "heartbeat": Option(int, 30, "AMQP heartbeat in seconds", _heartbeat),
         "connection_name": Option(str, None, "connection name shown by the broker",
                                   _short_string),
-        "connect_timeout": Option(float, 30.0, "seconds to set up a connection", _positive),
+        "connection_timeout": Option(float, 10.0, "seconds to set up a connection", _positive),
         "confirm_window": Option(int, 1000, "unconfirmed messages at most", _positive),
         "outbox_max_messages": Option(int, 100_000, "outbox limit in messages", _positive),
         "outbox_max_bytes": Option(int, 1024 * 1024 * 1024, "outbox limit in bytes", _positive),
@@ -980,7 +993,7 @@ class _Validator:
                         "unverified")
             ok = False
         elif scheme is not None and scheme != "amqps":
-            for key in ("ca", "cert", "key"):
+            for key in ("ca", "cert", "key", "server_hostname"):
                 if key in table:
                     self.report(path + (key,), "only used with an amqps broker")
                     ok = False
@@ -989,6 +1002,13 @@ class _Validator:
             ok = False
         if "key" in table and "cert" not in table:
             self.report(path + ("cert",), 'required when "key" is set')
+            ok = False
+        if values.get("auth_mechanism") == "EXTERNAL" and "cert" not in table:
+            self.report(path + ("auth_mechanism",), 'EXTERNAL needs a client certificate '
+                        '("cert" and "key")')
+            ok = False
+        if scheme == MEMORY_BROKER and "auth_mechanism" in table:
+            self.report(path + ("auth_mechanism",), "not used with the memory broker")
             ok = False
         return DomainConfig(name=name, **values) if ok else None
 
