@@ -13,7 +13,7 @@ and outboxes are flushed before their connection goes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ class SequentialMultiService(MultiService):
     log = Logger()
 
     @inlineCallbacks
-    def stopService(self) -> Iterator[Deferred[Any]]:
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         Service.stopService(self)
         for service in reversed(list(self)):
             try:

@@ -7,10 +7,12 @@ takes the reactor as a parameter.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from fedhub import __version__
@@ -47,6 +49,37 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+class GracefulStop(Service):
+    """
+    Makes SIGTERM and SIGINT stop the reactor like twistd does, draining
+    every service, but without twistd's re-raising of the signal afterwards:
+    a hub that stopped cleanly exits with status 0.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # The reactor installs its own handlers when it starts running, after
+        # services started: replace them once it runs.
+        self.reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._received)
+        self.log.info("Hub running; SIGTERM or SIGINT stops it")
+
+    def _received(self, signum: int, frame: object) -> None:
+        self.log.info(
+            "Received {signal}: stopping (draining in-flight work)",
+            signal=signal.Signals(signum).name,
+        )
+        self.reactor.callFromThread(self.reactor.stop)
+
+
 def makeService(options: Options | dict[str, Any]) -> IService:
     """
     Build the hub's service tree from parsed options.
@@ -56,4 +89,6 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     from fedhub.hub import Hub
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
-    return Hub(config, reactor)
+    hub = Hub(config, reactor)
+    GracefulStop(reactor).setServiceParent(hub)
+    return hub

@@ -1,18 +1,31 @@
 """
 The consumer runner: feeds one consumer plugin from its own queue.
 
-Each consumer has its own durable queue in its domain (default name
-C{fedhub.<consumer name>}), bound to the domain's exchange for the consumer's
-topics, with a dead-letter queue beside it (C{<queue>.dead}, reached through
-the default exchange).  A message is acknowledged only after the plugin's
-result succeeded.  What happens otherwise:
+Each consumer C{Q} (default name C{fedhub.<consumer name>}) has this
+topology in its domain, all durable, all fanout exchanges so a message keeps
+its routing key (its topic) wherever it goes:
 
+  - queue C{Q}, bound to the domain's exchange for the consumer's topics; its
+    dead-letter exchange is C{Q.dead};
+  - exchange and queue C{Q.dead}: messages that will not be handled;
+  - exchange and queue C{Q.retry.N} for N = 1..max_retries: a message waits
+    there C{retry_delay * 2**(N-1)} seconds (capped at C{max_retry_delay}),
+    then expires into exchange C{Q.return}, which feeds C{Q} again.
+
+A message is acknowledged only after the plugin's result succeeded, or after
+the copy that replaces it (in a retry or dead-letter queue) was confirmed by
+the broker.  What happens otherwise:
+
+  - L{Retry}: a copy goes to the next retry queue; the number of earlier
+    attempts is counted from the C{x-death} header the broker maintains.
+    Past C{max_retries} the message is dead-lettered;
   - L{Drop}: acknowledged, gone;
-  - L{DeadLetter}, a body that fails its schema, and any other exception:
-    rejected without requeue, so the broker moves it to the dead-letter queue;
-  - L{Retry}: for now the same as L{DeadLetter} (delayed redelivery through
-    retry queues is not built yet);
-  - L{Halt}: returned to the queue, and this consumer stops consuming.
+  - L{DeadLetter}: a copy with the reason in header C{fedhub_dead_letter_reason}
+    goes to C{Q.dead};
+  - L{Halt}: returned to the queue, and this consumer stops consuming;
+  - a body that fails its schema: dead-lettered with the reason;
+  - any other exception: the consumer's C{on_error} policy, by default
+    C{"retry"} (retry with backoff, then dead-letter).
 
 A plugin's failure is contained here: it never reaches the bus, the hub or
 another consumer.
@@ -21,7 +34,7 @@ another consumer.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from twisted.application.service import Service
@@ -44,12 +57,43 @@ from fedhub.message import Message
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.topology import (
     DEAD_LETTER_EXCHANGE,
-    DEAD_LETTER_ROUTING_KEY,
-    DEFAULT_EXCHANGE,
+    MESSAGE_TTL,
     BindingSpec,
+    ExchangeSpec,
     QueueSpec,
     Topology,
 )
+
+#: The header a dead-lettered copy carries its reason in.
+DEAD_LETTER_REASON_HEADER = "fedhub_dead_letter_reason"
+
+#: What a consumer does with a message whose handler raised an exception
+#: that is no verdict.
+ERROR_POLICIES = ("retry", "dead-letter", "drop", "halt")
+
+
+def attempts_from(message: Message, retry_prefix: str) -> int:
+    """
+    How often a message went through retry queues whose names start with
+    C{retry_prefix}, counted from its C{x-death} header.
+    """
+    deaths = message.headers.get("x-death")
+    if not isinstance(deaths, list):
+        return 0
+    total = 0
+    for death in deaths:
+        if not isinstance(death, dict):
+            continue
+        queue, count = death.get("queue"), death.get("count")
+        if (
+            isinstance(queue, str)
+            and queue.startswith(retry_prefix)
+            and death.get("reason") == "expired"
+            and isinstance(count, int)
+            and not isinstance(count, bool)
+        ):
+            total += count
+    return total
 
 
 def call_handler(handler: IMessageHandler, message: Message) -> Deferred[Any]:
@@ -89,7 +133,13 @@ class ConsumerService(Service):
         *,
         schemas: SchemaRegistry = registry,
         drain_timeout: float = 30.0,
+        retry_delay: float = 10.0,
+        max_retry_delay: float = 3600.0,
+        max_retries: int = 5,
+        on_error: str = "retry",
     ) -> None:
+        if on_error not in ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
         self.component = component
         self.handler = handler
         self.bus = bus
@@ -98,11 +148,19 @@ class ConsumerService(Service):
         self.drain_timeout = drain_timeout
         self.queue = component.queue or f"fedhub.{component.name}"
         self.dead_letter_queue = f"{self.queue}.dead"
+        self.return_exchange = f"{self.queue}.return"
+        self.retry_prefix = f"{self.queue}.retry."
+        self.retry_delays = tuple(
+            min(max_retry_delay, retry_delay * 2**level) for level in range(max_retries)
+        )
+        self.on_error = on_error
         self.topics = tuple(component.topics) or tuple(handler.topics)
         self.halted = False
         self.consuming = False
         self.stats = dict.fromkeys(
-            ("consumed", "acked", "dropped", "dead_lettered", "invalid", "failed", "requeued"), 0
+            ("consumed", "acked", "dropped", "dead_lettered", "retried", "invalid", "failed",
+             "requeued"),
+            0,
         )
         self._in_flight: set[Deferred[None]] = set()
         self._subscription: ISubscription | None = None
@@ -110,21 +168,30 @@ class ConsumerService(Service):
 
     def topology(self) -> Topology:
         """
-        The queues and bindings this consumer needs.
+        The exchanges, queues and bindings this consumer needs.
         """
-        return Topology(
-            queues=(
-                QueueSpec(self.dead_letter_queue),
+        dead = self.dead_letter_queue
+        exchanges = [ExchangeSpec(dead, "fanout"), ExchangeSpec(self.return_exchange, "fanout")]
+        queues = [
+            QueueSpec(dead),
+            QueueSpec(self.queue, arguments={DEAD_LETTER_EXCHANGE: dead}),
+        ]
+        bindings = [BindingSpec(dead, dead, ""), BindingSpec(self.queue, self.return_exchange, "")]
+        for level, delay in enumerate(self.retry_delays, 1):
+            name = f"{self.retry_prefix}{level}"
+            exchanges.append(ExchangeSpec(name, "fanout"))
+            queues.append(
                 QueueSpec(
-                    self.queue,
+                    name,
                     arguments={
-                        DEAD_LETTER_EXCHANGE: DEFAULT_EXCHANGE,
-                        DEAD_LETTER_ROUTING_KEY: self.dead_letter_queue,
+                        MESSAGE_TTL: int(delay * 1000),
+                        DEAD_LETTER_EXCHANGE: self.return_exchange,
                     },
-                ),
-            ),
-            bindings=tuple(BindingSpec(self.queue, self.bus.exchange, t) for t in self.topics),
-        )
+                )
+            )
+            bindings.append(BindingSpec(name, name, ""))
+        bindings.extend(BindingSpec(self.queue, self.bus.exchange, t) for t in self.topics)
+        return Topology(tuple(exchanges), tuple(queues), tuple(bindings))
 
     def startService(self) -> None:
         super().startService()
@@ -136,7 +203,7 @@ class ConsumerService(Service):
         )
 
     @inlineCallbacks
-    def _start(self) -> Iterator[Deferred[Any]]:
+    def _start(self) -> Generator[Deferred[Any], Any, None]:
         yield maybeDeferred(self.handler.start)
         yield self.bus.declare(self.topology())
         if not self.running:
@@ -163,17 +230,12 @@ class ConsumerService(Service):
             self.schemas.validate(message)
         except SchemaValidationError as e:
             self.stats["invalid"] += 1
-            self.log.warn(
-                "Consumer {consumer} dead-letters {msg_id} ({topic}): {reason}",
-                consumer=self.component.name,
-                msg_id=message.id,
-                topic=message.topic,
-                reason=str(e),
-            )
-            delivery.reject(False)
+            self._settle(self._dead_letter(delivery, str(e)), delivery)
             return
         d = call_handler(self.handler, message)
-        d.addCallbacks(self._succeeded, self._failed, (delivery,), None, (delivery,), None)
+        d.addCallbacks(
+            self._succeeded, self._failed, callbackArgs=(delivery,), errbackArgs=(delivery,)
+        )
         d.addErrback(
             lambda f: self.log.failure("Settling {msg_id} failed", f, msg_id=message.id)
         )
@@ -191,34 +253,118 @@ class ConsumerService(Service):
 
     def _failed(self, failure: Failure, delivery: IDelivery) -> None:
         message = delivery.message
-        fields = {"consumer": self.component.name, "msg_id": message.id, "topic": message.topic}
         verdict = failure.value
+        if not isinstance(verdict, (Drop, Halt, DeadLetter, Retry)):
+            self.stats["failed"] += 1
+            self.log.failure(
+                "Consumer {consumer} failed on {msg_id} ({topic}); policy {policy}",
+                failure,
+                consumer=self.component.name,
+                msg_id=message.id,
+                topic=message.topic,
+                policy=self.on_error,
+            )
+            reason = f"{type(verdict).__name__}: {verdict}"
+            verdict = {
+                "retry": Retry(reason),
+                "dead-letter": DeadLetter(reason),
+                "drop": Drop(reason),
+                "halt": Halt(reason),
+            }[self.on_error]
         if isinstance(verdict, Drop):
-            self.log.info("Consumer {consumer} dropped {msg_id}: {reason}", reason=verdict.reason, **fields)
+            self.log.info(
+                "Consumer {consumer} dropped {msg_id}: {reason}",
+                consumer=self.component.name,
+                msg_id=message.id,
+                reason=verdict.reason,
+            )
             delivery.ack()
             self.stats["dropped"] += 1
         elif isinstance(verdict, Halt):
             self.log.error(
-                "Consumer {consumer} halts on {msg_id}: {reason}", reason=verdict.reason, **fields
+                "Consumer {consumer} halts on {msg_id}: {reason}",
+                consumer=self.component.name,
+                msg_id=message.id,
+                reason=verdict.reason,
             )
             delivery.reject(True)
             self.stats["requeued"] += 1
             self._halt()
-        elif isinstance(verdict, (DeadLetter, Retry)):
-            self.log.warn(
-                "Consumer {consumer} dead-letters {msg_id}: {reason}", reason=verdict.reason, **fields
-            )
-            delivery.reject(False)
-            self.stats["dead_lettered"] += 1
+        elif isinstance(verdict, Retry):
+            self._settle(self._retry(delivery, verdict), delivery)
         else:
+            self._settle(self._dead_letter(delivery, verdict.reason), delivery)
+
+    def _retry(self, delivery: IDelivery, verdict: Retry) -> Deferred[None]:
+        """
+        Put a copy in the next retry queue, or dead-letter the message when
+        its retries are used up.
+        """
+        message = delivery.message
+        attempts = attempts_from(message, self.retry_prefix)
+        if attempts >= len(self.retry_delays):
+            return self._dead_letter(
+                delivery, f"gave up after {attempts} retries; last: {verdict.reason}"
+            )
+        level = attempts + 1
+        if verdict.delay is not None:
+            # The first level waiting at least as long as asked, else the last.
+            level = next(
+                (n for n, delay in enumerate(self.retry_delays, 1) if n >= level and delay >= verdict.delay),
+                len(self.retry_delays),
+            )
+        self.log.info(
+            "Consumer {consumer} retries {msg_id} in {delay} s (attempt {attempt}): {reason}",
+            consumer=self.component.name,
+            msg_id=message.id,
+            delay=self.retry_delays[level - 1],
+            attempt=attempts + 1,
+            reason=verdict.reason,
+        )
+        self.stats["retried"] += 1
+        name = f"{self.retry_prefix}{level}"
+        return self.bus.publish(message.evolve(queue=None), exchange=name, routing_key=message.topic)
+
+    def _dead_letter(self, delivery: IDelivery, reason: str) -> Deferred[None]:
+        """
+        Put a copy carrying C{reason} in the dead-letter queue.
+        """
+        message = delivery.message
+        self.log.warn(
+            "Consumer {consumer} dead-letters {msg_id} ({topic}): {reason}",
+            consumer=self.component.name,
+            msg_id=message.id,
+            topic=message.topic,
+            reason=reason,
+        )
+        self.stats["dead_lettered"] += 1
+        headers = dict(message.headers)
+        headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
+        copy = message.evolve(queue=None, headers=headers)
+        return self.bus.publish(copy, exchange=self.dead_letter_queue, routing_key=message.topic)
+
+    def _settle(self, replaced: Deferred[None], delivery: IDelivery) -> None:
+        """
+        Acknowledge a delivery once the copy replacing it is confirmed; if the
+        copy can not be published, let the broker dead-letter the original.
+        """
+
+        def confirmed(_: object) -> None:
+            delivery.ack()
+
+        def refused(failure: Failure) -> None:
             self.log.failure(
-                "Consumer {consumer} failed on {msg_id} ({topic}); dead-lettered",
+                "Consumer {consumer} could not re-publish {msg_id}; rejecting it",
                 failure,
-                **fields,
+                consumer=self.component.name,
+                msg_id=delivery.message.id,
             )
             delivery.reject(False)
-            self.stats["failed"] += 1
-            self.stats["dead_lettered"] += 1
+
+        replaced.addCallbacks(confirmed, refused)
+        if not replaced.called:
+            self._in_flight.add(replaced)
+            replaced.addBoth(self._forget, replaced)
 
     def _halt(self) -> None:
         if self.halted:
@@ -232,7 +378,7 @@ class ConsumerService(Service):
             )
 
     @inlineCallbacks
-    def stopService(self) -> Iterator[Deferred[Any]]:
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         self.consuming = False
         if self._in_flight:

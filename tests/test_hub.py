@@ -1,0 +1,351 @@
+"""
+Tests for L{fedhub.hub}: the service tree built from a configuration, on the
+in-process bus.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import Logger, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from fedhub.config import Option, parse_config
+from fedhub.consumers.log import LogHandler, LogPlugin, format_line
+from fedhub.errors import DeadLetter, Drop
+from fedhub.hub import Hub, SequentialMultiService
+from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
+from fedhub.message import Message
+from fedhub.plugins import PluginContext
+from fedhub.tap import Options, makeService
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@implementer(IMessageHandler)
+class RecordingHandler:
+    """
+    A handler that records messages and fails as told by the body's C{fail} key.
+    """
+
+    def __init__(self, topics: tuple[str, ...]) -> None:
+        self.topics = topics
+        self.seen: list[Message] = []
+        self.started = False
+        self.stopped = False
+        self.arrived: Deferred[None] | None = None
+
+    def handle(self, message: Message) -> None:
+        self.seen.append(message)
+        if self.arrived is not None and not self.arrived.called:
+            self.arrived.callback(None)
+        fail = message.body.get("fail")
+        if fail == "drop":
+            raise Drop("told to")
+        if fail == "dead":
+            raise DeadLetter("told to")
+        if fail == "crash":
+            raise RuntimeError("plugin bug")
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@implementer(IConsumerPlugin)
+class RecordingPlugin:
+    """
+    A consumer plugin whose handlers the test can reach.
+    """
+
+    name = "recording"
+    description = "records messages"
+    options: Mapping[str, Option] = {}
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, RecordingHandler] = {}
+
+    def build(self, context: PluginContext) -> RecordingHandler:
+        assert context.component is not None
+        handler = RecordingHandler(context.component.topics)
+        self.handlers[context.name] = handler
+        return handler
+
+
+CONFIG = """
+[hub]
+state_dir = "{state}"
+
+[domains.one]
+broker = "memory"
+
+[domains.two]
+broker = "memory"
+
+[[consumers]]
+name = "a"
+plugin = "recording"
+domain = "one"
+topics = ["org.fedoraproject.dev.test.#"]
+
+[[consumers]]
+name = "b"
+plugin = "recording"
+domain = "one"
+topics = ["#"]
+
+[[consumers]]
+name = "c"
+plugin = "recording"
+domain = "two"
+topics = ["#"]
+"""
+
+
+class HubTests(TestCase):
+    """
+    A hub of two memory domains and three consumers.
+    """
+
+    def setUp(self) -> None:
+        self.plugin = RecordingPlugin()
+        lookup = {"recording": self.plugin, "log": LogPlugin()}
+        state = os.path.abspath(self.mktemp())
+        config = parse_config(
+            CONFIG.format(state=state), "test", find_plugin=lambda kind, name: lookup.get(name)
+        )
+        self.hub = Hub(config, reactor, find_consumer=lambda name: lookup[name])  # type: ignore[arg-type]
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.hub.startService()
+        self.addCleanup(self.hub.stopService)
+
+    @inlineCallbacks
+    def publish_and_wait(self, consumer: str, message: Message, domain: str = "one") -> Any:
+        handler = self.plugin.handlers[consumer]
+        handler.arrived = Deferred()
+        yield self.hub.domains[domain].publisher.publish(message)
+        timeout = reactor.callLater(5, handler.arrived.cancel)
+        yield handler.arrived
+        timeout.cancel()
+
+    def test_publisher_per_domain(self) -> None:
+        """Every domain has a publisher providing IPublisher for that domain."""
+        for name, runtime in self.hub.domains.items():
+            verifyObject(IPublisher, runtime.publisher)
+            self.assertEqual(runtime.publisher.domain, name)
+
+    @inlineCallbacks
+    def test_routing_by_topic(self) -> None:
+        """A message reaches the consumers of its domain whose topics match, and no others."""
+        yield self.publish_and_wait("b", Message.create("other.topic", {"n": 1}))
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual([m.body["n"] for m in self.plugin.handlers["b"].seen], [1])
+        self.assertEqual(self.plugin.handlers["a"].seen, [])
+        self.assertEqual(self.plugin.handlers["c"].seen, [])
+        yield self.publish_and_wait("a", Message.create("org.fedoraproject.dev.test.x", {"n": 2}))
+        self.assertEqual([m.body["n"] for m in self.plugin.handlers["a"].seen], [2])
+        self.assertEqual(self.plugin.handlers["a"].seen[0].queue, "fedhub.a")
+
+    @inlineCallbacks
+    def test_failure_contained(self) -> None:
+        """A crashing plugin's message goes to its first retry queue and the next message is still handled."""
+        yield self.publish_and_wait("c", Message.create("t", {"fail": "crash"}), domain="two")
+        yield self.publish_and_wait("c", Message.create("t", {"n": 2}), domain="two")
+        yield deferLater(reactor, 0.05, lambda: None)
+        consumer = self.hub.consumers["c"]
+        self.assertEqual(consumer.stats["failed"], 1)
+        self.assertEqual(consumer.stats["retried"], 1)
+        self.assertEqual(consumer.stats["acked"], 1)
+        bus = self.hub.domains["two"].bus
+        self.assertEqual(bus.queue_depth("fedhub.c.retry.1"), 1)  # type: ignore[attr-defined]
+        self.assertEqual(bus.queue_depth("fedhub.c"), 0)  # type: ignore[attr-defined]
+        failures = [e for e in self.events if e.get("log_failure") is not None and e.get("consumer") == "c"]
+        self.assertEqual(len(failures), 1)
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @inlineCallbacks
+    def test_verdicts(self) -> None:
+        """Drop acknowledges; DeadLetter moves the message to the dead-letter queue."""
+        yield self.publish_and_wait("c", Message.create("t", {"fail": "drop"}), domain="two")
+        yield self.publish_and_wait("c", Message.create("t", {"fail": "dead"}), domain="two")
+        yield deferLater(reactor, 0.05, lambda: None)
+        stats = self.hub.consumers["c"].stats
+        self.assertEqual((stats["dropped"], stats["dead_lettered"]), (1, 1))
+        self.assertEqual(self.hub.domains["two"].bus.queue_depth("fedhub.c.dead"), 1)  # type: ignore[attr-defined]
+
+    def test_memory_warning(self) -> None:
+        """Starting a memory domain logs that its messages do not leave the process."""
+        texts = [e.get("log_format", "") for e in self.events if e.get("domain") == "one"]
+        self.assertTrue(any("do not leave this process" in t for t in texts), texts)
+
+    @inlineCallbacks
+    def test_stop_calls_handler_stop(self) -> None:
+        """Stopping the hub stops every handler after it was started."""
+        yield deferLater(reactor, 0.05, lambda: None)
+        yield self.hub.stopService()
+        for handler in self.plugin.handlers.values():
+            self.assertTrue(handler.started)
+            self.assertTrue(handler.stopped)
+
+
+class Step(Service):
+    """
+    A service that records when it stops and stops only when told.
+    """
+
+    def __init__(self, name: str, order: list[str]) -> None:
+        self.setName(name)
+        self.order = order
+        self.release: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.order.append(self.name)
+        return self.release
+
+
+class SequentialStopTests(SynchronousTestCase):
+    """
+    L{SequentialMultiService} stops children one after the other.
+    """
+
+    def test_reverse_order_one_at_a_time(self) -> None:
+        """The last child stops first, and the next only after it finished."""
+        order: list[str] = []
+        parent = SequentialMultiService()
+        first, second = Step("first", order), Step("second", order)
+        first.setServiceParent(parent)
+        second.setServiceParent(parent)
+        parent.startService()
+        stopped = parent.stopService()
+        self.assertEqual(order, ["second"])
+        second.release.callback(None)
+        self.assertEqual(order, ["second", "first"])
+        self.assertNoResult(stopped)
+        first.release.callback(None)
+        self.successResultOf(stopped)
+
+
+class LogConsumerTests(SynchronousTestCase):
+    """
+    The built-in C{log} consumer.
+    """
+
+    def test_interfaces(self) -> None:
+        """The plugin and its handler provide their interfaces."""
+        verifyObject(IConsumerPlugin, LogPlugin())
+        verifyObject(IMessageHandler, LogHandler("log"))
+
+    def test_line(self) -> None:
+        """The line holds time, topic and the summary, with control characters escaped."""
+        message = Message.create(
+            "a.b", {"summary": "evil\nline\x1b[31m"},
+            sent_at=Message.create("x", {}).sent_at,
+        )
+        line = format_line(message)
+        assert message.sent_at is not None
+        self.assertTrue(line.startswith(message.sent_at.isoformat() + " a.b "))
+        self.assertNotIn("\n", line)
+        self.assertNotIn("\x1b", line)
+        self.assertIn("evil\\nline\\x1b[31m", line)
+
+    def test_logs_one_event(self) -> None:
+        """Handling a message emits one info event with the stable field names."""
+        events: list[dict[str, Any]] = []
+        handler = LogHandler("log")
+        handler.log = Logger(observer=events.append, source=handler)  # type: ignore[misc]
+        message = Message.create("a.b", {"x": 1})
+        handler.handle(message)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["msg_id"], message.id)
+        self.assertEqual(events[0]["topic"], "a.b")
+        self.assertEqual(events[0]["consumer"], "log")
+        self.assertEqual(events[0]["line"], format_line(message))
+
+
+class TapTests(SynchronousTestCase):
+    """
+    The twistd glue.
+    """
+
+    def test_default(self) -> None:
+        """With no --config the hub runs the built-in default: one memory domain and the log consumer."""
+        options = Options()
+        options.parseOptions([])
+        service = makeService(options)
+        assert isinstance(service, Hub)
+        self.assertEqual(list(service.domains), ["default"])
+        self.assertTrue(service.domains["default"].config.is_memory)
+        self.assertEqual(list(service.consumers), ["log"])
+
+    def test_bad_config_refused(self) -> None:
+        """A configuration with problems is a usage error naming every problem; nothing is built."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[hub]\nbogus = 1\n[[consumers]]\nname = "x"\nplugin = "log"\ndomain = "nowhere"\n')
+        options = Options()
+        from twisted.python.usage import UsageError
+
+        error = self.assertRaises(UsageError, options.parseOptions, ["--config", path])
+        self.assertIn("hub.bogus", str(error))
+        self.assertIn('unknown domain "nowhere"', str(error))
+
+
+class TwistdTests(SynchronousTestCase):
+    """
+    C{twistd -n fedhub} as an operator runs it.
+    """
+
+    def test_runs_until_signalled(self) -> None:
+        """The default hub starts, says messages stay in process, and exits 0 on SIGTERM."""
+        twistd = Path(sys.executable).parent / "twistd"
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        env = dict(os.environ, TMPDIR=str(state))
+        process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "fedhub"],
+            cwd=str(state),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        output: list[str] = []
+        try:
+            assert process.stdout is not None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = process.stdout.readline()
+                if not line:
+                    break
+                output.append(line)
+                if "SIGTERM or SIGINT stops it" in line:
+                    break
+            self.assertTrue(any("do not leave this process" in line for line in output), "".join(output))
+            self.assertTrue(any("Consumer log consumes" in line for line in output), "".join(output))
+            process.send_signal(signal.SIGTERM)
+            rest, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.assertEqual(process.returncode, 0, "".join(output) + rest)
+        self.assertIn("Server Shut Down", rest)
