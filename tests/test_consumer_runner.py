@@ -1,0 +1,281 @@
+"""
+Tests for L{fedhub.consumers.runner}: how a consumer's outcome settles each
+delivery, driven on the in-process bus with a fake clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from fedhub.bus.memory import MemoryBus
+from fedhub.config import ComponentConfig
+from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, attempts_from
+from fedhub.errors import DeadLetter, Drop, Halt, Retry
+from fedhub.interfaces import IMessageHandler
+from fedhub.message import Message
+from fedhub.schema import SchemaRegistry
+
+
+@implementer(IMessageHandler)
+class ScriptedHandler:
+    """
+    A handler whose outcome per call is scripted: a list of values or
+    exceptions consumed in order (the last one repeats), or Deferreds.
+    """
+
+    topics = ("#",)
+
+    def __init__(self, *outcomes: Any) -> None:
+        self.outcomes = list(outcomes) or [None]
+        self.seen: list[Message] = []
+        self.stopped = False
+
+    def handle(self, message: Message) -> Any:
+        self.seen.append(message)
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def component(name: str = "c", **changes: Any) -> ComponentConfig:
+    fields: dict[str, Any] = {
+        "kind": "consumer",
+        "index": 0,
+        "name": name,
+        "plugin": "test",
+        "domain": "d",
+        "options": {},
+        "topics": ("t.#",),
+    }
+    fields.update(changes)
+    return ComponentConfig(**fields)
+
+
+class RunnerTests(SynchronousTestCase):
+    """
+    A consumer on a memory bus whose time is a L{Clock}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bus = MemoryBus("d", clock=self.clock)
+        self.bus.startService()
+
+    def start(self, handler: ScriptedHandler, **settings: Any) -> ConsumerService:
+        service = ConsumerService(component(), handler, self.bus, self.clock, **settings)
+        service.startService()
+        self.flush()
+        self.assertTrue(service.consuming)
+        return service
+
+    def flush(self, seconds: float = 0) -> None:
+        """Run what is due now (and after C{seconds})."""
+        self.clock.advance(0)
+        if seconds:
+            self.clock.advance(seconds)
+        for _ in range(5):
+            self.clock.advance(0)
+
+    def publish(self, body: dict[str, Any] | None = None, **kw: Any) -> Message:
+        message = Message.create("t.x", body or {"n": 1}, **kw)
+        self.successResultOf(self.bus.publish(message))
+        self.flush()
+        return message
+
+    def test_success_acks(self) -> None:
+        """A handler that returns acknowledges: the queue is empty and nothing is retried."""
+        handler = ScriptedHandler(None)
+        service = self.start(handler)
+        message = self.publish()
+        self.assertEqual([m.id for m in handler.seen], [message.id])
+        self.assertEqual(handler.seen[0].queue, "fedhub.c")
+        self.assertEqual(self.bus.queue_depth("fedhub.c") + self.bus.unacked("fedhub.c"), 0)
+        self.assertEqual(service.stats["acked"], 1)
+
+    def test_deferred_result_waits(self) -> None:
+        """The ack waits for the handler's Deferred; while it is pending the message stays unacked."""
+        pending: Deferred[None] = Deferred()
+        service = self.start(ScriptedHandler(pending))
+        self.publish()
+        self.assertEqual(self.bus.unacked("fedhub.c"), 1)
+        pending.callback(None)
+        self.flush()
+        self.assertEqual(self.bus.unacked("fedhub.c"), 0)
+        self.assertEqual(service.stats["acked"], 1)
+
+    def test_coroutine_handler(self) -> None:
+        """An `async def` handler is awaited."""
+        done: Deferred[None] = Deferred()
+
+        async def work() -> None:
+            await done
+
+        handler = ScriptedHandler()
+        handler.handle = lambda message: work()  # type: ignore[method-assign]
+        service = self.start(handler)
+        self.publish()
+        self.assertEqual(service.stats["acked"], 0)
+        done.callback(None)
+        self.flush()
+        self.assertEqual(service.stats["acked"], 1)
+
+    def test_retry_backoff_then_dead_letter(self) -> None:
+        """Retries wait 1, 2, 4 s in turn (counted from x-death), then the message is dead-lettered."""
+        handler = ScriptedHandler(RuntimeError("down"))
+        service = self.start(handler, retry_delay=1.0, max_retries=3)
+        self.publish()
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(handler.seen), 1)
+        self.assertEqual(self.bus.queue_depth("fedhub.c.retry.1"), 1)
+        self.flush(0.999)
+        self.assertEqual(len(handler.seen), 1)
+        self.flush(0.001)
+        self.assertEqual(len(handler.seen), 2)
+        self.assertEqual(attempts_from(handler.seen[1], "fedhub.c.retry."), 1)
+        self.assertEqual(self.bus.queue_depth("fedhub.c.retry.2"), 1)
+        self.flush(1.999)
+        self.assertEqual(len(handler.seen), 2)
+        self.flush(0.001)
+        self.assertEqual(len(handler.seen), 3)
+        self.flush(4)
+        self.assertEqual(len(handler.seen), 4)
+        self.assertEqual(attempts_from(handler.seen[3], "fedhub.c.retry."), 3)
+        # Retries used up: dead-lettered with the reason, topic and id kept.
+        self.assertEqual(self.bus.queue_depth("fedhub.c.dead"), 1)
+        self.assertEqual(service.stats["retried"], 3)
+        self.assertEqual(service.stats["dead_lettered"], 1)
+        self.assertEqual({m.id for m in handler.seen}, {handler.seen[0].id})
+        self.assertEqual({m.topic for m in handler.seen}, {"t.x"})
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_dead_letter_copy(self) -> None:
+        """DeadLetter puts a copy with the reason header in the dead-letter queue and acks the original."""
+        dead: list[Message] = []
+        handler = ScriptedHandler(DeadLetter("no such package"))
+        service = self.start(handler)
+        message = self.publish()
+        self.successResultOf(self.bus.subscribe("fedhub.c.dead", lambda d: (dead.append(d.message), d.ack()), 10))
+        self.flush()
+        self.assertEqual(len(dead), 1)
+        self.assertEqual(dead[0].id, message.id)
+        self.assertEqual(dead[0].topic, "t.x")
+        self.assertEqual(dead[0].body, message.body)
+        self.assertEqual(dead[0].headers[DEAD_LETTER_REASON_HEADER], "no such package")
+        self.assertEqual(self.bus.queue_depth("fedhub.c") + self.bus.unacked("fedhub.c"), 0)
+        self.assertEqual(service.stats["dead_lettered"], 1)
+
+    def test_retry_with_delay(self) -> None:
+        """Retry(delay=d) uses the first retry queue that waits at least d."""
+        handler = ScriptedHandler(Retry("later", delay=3), None)
+        self.start(handler, retry_delay=1.0, max_retries=4)
+        self.publish()
+        self.assertEqual(self.bus.queue_depth("fedhub.c.retry.3"), 1)
+
+    def test_drop(self) -> None:
+        """Drop acknowledges without dead-lettering."""
+        service = self.start(ScriptedHandler(Drop("noise")))
+        self.publish()
+        self.assertEqual(self.bus.queue_depth("fedhub.c.dead"), 0)
+        self.assertEqual(self.bus.queue_depth("fedhub.c") + self.bus.unacked("fedhub.c"), 0)
+        self.assertEqual(service.stats["dropped"], 1)
+
+    def test_halt(self) -> None:
+        """Halt returns the message to the queue and stops this consumer."""
+        handler = ScriptedHandler(Halt("database gone"), None)
+        service = self.start(handler)
+        self.publish()
+        self.publish()
+        self.assertTrue(service.halted)
+        self.assertFalse(service.consuming)
+        self.assertEqual(len(handler.seen), 1)
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 2)
+
+    def test_error_policy_dead_letter(self) -> None:
+        """With on_error='dead-letter' an exception dead-letters at once, naming the exception."""
+        dead: list[Message] = []
+        self.start(ScriptedHandler(KeyError("x")), on_error="dead-letter")
+        self.publish()
+        self.flushLoggedErrors(KeyError)
+        self.successResultOf(self.bus.subscribe("fedhub.c.dead", lambda d: (dead.append(d.message), d.ack()), 10))
+        self.flush()
+        self.assertIn("KeyError", dead[0].headers[DEAD_LETTER_REASON_HEADER])
+
+    def test_bad_policy_refused(self) -> None:
+        """An unknown on_error policy is refused when the consumer is built."""
+        self.assertRaises(ValueError, ConsumerService, component(), ScriptedHandler(), self.bus, self.clock, on_error="pray")
+
+    def test_schema_failure_dead_lettered(self) -> None:
+        """A body that fails its registered schema is dead-lettered with the reason, never handled."""
+        schemas = SchemaRegistry()
+        schemas.register("test.v1", {"type": "object", "required": ["name"]})
+        handler = ScriptedHandler(None)
+        service = self.start(handler, schemas=schemas)
+        dead: list[Message] = []
+        self.successResultOf(self.bus.subscribe("fedhub.c.dead", lambda d: (dead.append(d.message), d.ack()), 10))
+        self.publish({"other": 1}, schema="test.v1")
+        self.publish({"name": "ok"}, schema="test.v1")
+        self.publish({"anything": 1}, schema="unknown.v9")
+        self.assertEqual(len(handler.seen), 2)
+        self.assertEqual(service.stats["invalid"], 1)
+        self.assertEqual(len(dead), 1)
+        self.assertIn("'name' is a required property", dead[0].headers[DEAD_LETTER_REASON_HEADER])
+
+    def test_prefetch_is_concurrency(self) -> None:
+        """At most `concurrency` messages are in the handler's hands at once."""
+        pending = [Deferred[None]() for _ in range(3)]
+        handler = ScriptedHandler(*pending)
+        service = ConsumerService(component(concurrency=2), handler, self.bus, self.clock)
+        service.startService()
+        self.flush()
+        for _ in range(3):
+            self.publish()
+        self.assertEqual(len(handler.seen), 2)
+        pending[0].callback(None)
+        self.flush()
+        self.assertEqual(len(handler.seen), 3)
+
+    def test_stop_drains(self) -> None:
+        """Stopping waits for the message in hand, acks it, then stops the handler."""
+        pending: Deferred[None] = Deferred()
+        handler = ScriptedHandler(pending)
+        service = self.start(handler)
+        self.publish()
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.assertFalse(handler.stopped)
+        pending.callback(None)
+        self.flush()
+        self.successResultOf(stopped)
+        self.assertTrue(handler.stopped)
+        self.assertEqual(service.stats["acked"], 1)
+
+    def test_stop_gives_up_after_drain_timeout(self) -> None:
+        """A handler that never finishes delays stopping only by the drain timeout; its message goes back."""
+        handler = ScriptedHandler(Deferred())
+        service = self.start(handler, drain_timeout=5)
+        self.publish()
+        stopped = service.stopService()
+        self.flush(4.9)
+        self.assertNoResult(stopped)
+        self.flush(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 1)
+
+    def test_topology_declared(self) -> None:
+        """The queue, its dead-letter queue and one retry queue per level exist after start."""
+        self.start(ScriptedHandler(), max_retries=2)
+        for name in ("fedhub.c", "fedhub.c.dead", "fedhub.c.retry.1", "fedhub.c.retry.2"):
+            self.assertEqual(self.bus.queue_depth(name), 0)
+        self.assertRaises(Exception, self.bus.queue_depth, "fedhub.c.retry.3")
