@@ -865,16 +865,19 @@ class MemoryBus(Service):
 
 def _delivered(entry: _Entry, queue: str) -> Message:
     """
-    The message as a consumer sees it: from its queue, and with the routing key
-    it came in with as its topic, since that is all the AMQP wire carries.
+    The message as a consumer sees it: from its queue, flagged redelivered or
+    not, and with the routing key it came in with as its topic, since that is
+    all the AMQP wire carries.
     """
     message = entry.message
     if entry.routing_key != message.topic:
         try:
-            return message.evolve(queue=queue, topic=entry.routing_key)
+            return message.evolve(
+                queue=queue, topic=entry.routing_key, redelivered=entry.redelivered
+            )
         except MessageError:
             pass
-    return message.evolve(queue=queue)
+    return message.evolve(queue=queue, redelivered=entry.redelivered)
 
 
 def record_death(
@@ -927,7 +930,7 @@ def record_death(
         headers[X_FIRST_DEATH_EXCHANGE] = exchange
         headers[X_FIRST_DEATH_QUEUE] = queue
         headers[X_FIRST_DEATH_REASON] = reason
-    return message.evolve(headers=headers, queue=None)
+    return message.evolve(headers=headers, queue=None, redelivered=False)
 
 
 def _is_cycle(queue: str, deaths: list[Mapping[str, Any]]) -> bool:
