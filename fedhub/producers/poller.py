@@ -1,0 +1,551 @@
+"""
+The polling producer framework: a service that asks a source for news at an
+interval, hands the resulting messages over and remembers where it got to.
+
+A L{PollingService} drives one L{IPollSource}.  What it guarantees:
+
+  - B{containment}: a failed poll (any exception, a timeout, a malformed
+    answer) is logged and counted, and polling goes on; C{LoopingCall} and
+    C{TimerService} would stop for good after one failure, so neither is used;
+  - B{no overlap}: the next poll is scheduled only after the previous one has
+    finished (published and saved), never on a fixed beat;
+  - B{backoff}: after a failure the next poll waits a capped exponential,
+    jittered delay; a success resets it.  Successful polls run every
+    C{interval} seconds with some jitter, or at once while the source reports
+    it has more to catch up on;
+  - B{cursor}: the position in the source is a JSON value kept in
+    C{<state_dir>/cursor.json}.  It is written atomically (temporary file,
+    C{fsync}, rename, C{fsync} of the directory), in a thread so the reactor
+    never waits on the disk, and only after every message of the poll has been
+    handed over: every C{publish} Deferred fired.  A process that dies between
+    poll and hand-over starts again from the old cursor: no gap, and at most
+    one poll's messages twice (with the same message ids when the source
+    derives them from the events, as fedhub's sources do);
+  - B{pushback}: when the publisher says L{TemporarilyUnavailable}, the cursor
+    stays and the poller backs off.  A message the publisher refuses for good
+    (L{PublishError}, L{MessageError}) is logged, counted as dropped and does
+    not block the ones after it;
+  - B{status}: L{PollingService.status} gives counters and times for a status
+    page.
+
+On its first start (no cursor file), the service asks the source for its
+initial cursor and saves it before the first poll, so a restart never jumps
+ahead over events that happened in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random as _random
+import tempfile
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from fedhub.errors import FedhubError, MessageError, PublishError, TemporarilyUnavailable
+from fedhub.interfaces import IPublisher
+from fedhub.message import Message
+from fedhub.text import escape_control
+
+_T = TypeVar("_T")
+
+#: The name of the cursor file in a component's state directory.
+CURSOR_FILE = "cursor.json"
+#: The version of the cursor file's envelope.
+CURSOR_VERSION = 1
+
+
+class CursorError(FedhubError):
+    """
+    The cursor file exists but can not be used.  The poller does not start
+    over from "now" (that would skip events): it keeps retrying and reports
+    the error until an operator repairs or removes the file.
+
+    @ivar path: The cursor file.
+    @ivar reason: What is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cursor file {path}: {reason}")
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """
+    What one poll of a source found.
+
+    @ivar messages: The messages to publish, in order.
+    @ivar cursor: The position after these messages (a JSON value); saved once
+        all of them have been handed over.
+    @ivar more: The source knows there is more to fetch right away (it is
+        catching up): poll again without waiting for the interval.
+    @ivar lag: How far behind the source the new cursor is, in seconds, when
+        the source can tell.
+    """
+
+    messages: Sequence[Message]
+    cursor: Any
+    more: bool = False
+    lag: float | None = None
+
+
+class IPollSource(Interface):
+    """
+    Something a L{PollingService} polls: it turns a cursor into messages and
+    a new cursor, and never changes the cursor it was given.
+    """
+
+    description = Attribute("str: what is polled, for logs (no secrets)")
+
+    def initial_cursor():  # type: ignore[no-untyped-def]
+        """
+        Where to start when there is no saved cursor.
+
+        @return: a Deferred firing with a JSON value.
+        """
+
+    def poll(cursor):  # type: ignore[no-untyped-def]
+        """
+        Fetch what happened after C{cursor}.
+
+        @return: a Deferred firing with a L{PollResult}; it may be cancelled
+            (the service is stopping).
+        """
+
+    def close():  # type: ignore[no-untyped-def]
+        """
+        Release connections; called once when the service stops.
+
+        @return: a Deferred, or C{None}.
+        """
+
+
+class CursorStore:
+    """
+    One JSON cursor in a file, written atomically.  Its methods block: call
+    them in a thread.
+
+    @ivar path: The file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> tuple[bool, Any]:
+        """
+        Read the cursor.
+
+        @return: C{(False, None)} when there is no file, else C{(True, cursor)}.
+        @raise CursorError: when the file can not be read or is not a cursor.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return False, None
+        except OSError as e:
+            raise CursorError(self.path, f"can not be read: {e.strerror}") from None
+        try:
+            record = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise CursorError(self.path, f"is not valid JSON: {e}") from None
+        if not isinstance(record, dict) or record.get("version") != CURSOR_VERSION or "cursor" not in record:
+            raise CursorError(self.path, f"is not a version {CURSOR_VERSION} cursor record")
+        return True, record["cursor"]
+
+    def save(self, cursor: Any) -> None:
+        """
+        Replace the cursor: write a temporary file, flush it to disk, rename
+        it over the old one, and flush the directory so the rename survives
+        a crash too.
+
+        @raise CursorError: when it can not be written.
+        """
+        directory = os.path.dirname(self.path) or "."
+        try:
+            payload = json.dumps(
+                {"version": CURSOR_VERSION, "cursor": cursor}, sort_keys=True, separators=(",", ":")
+            ).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise CursorError(self.path, f"cursor is not JSON-serializable: {e}") from None
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=".cursor-", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                try:
+                    os.unlink(temporary)
+                except OSError:
+                    pass
+                raise
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise CursorError(self.path, f"can not be written: {e.strerror or e}") from None
+
+
+def thread_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """
+    Run blocking functions in C{reactor}'s thread pool.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    def run(f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return run
+
+
+def run_inline(f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    """
+    Run a function at once and wrap its result in a Deferred: for tests with
+    a fake clock, where there is no thread pool.
+    """
+    return maybeDeferred(f, *args)
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.fromtimestamp(when, timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _describe(failure: Failure) -> str:
+    value = failure.value
+    return escape_control(f"{type(value).__name__}: {value}", 500)
+
+
+class PollingService(Service):
+    """
+    Polls one L{IPollSource} and publishes what it finds; see the module
+    docstring for the guarantees.
+
+    @ivar polls: Polls completed successfully.
+    @ivar errors: Polls that failed.
+    @ivar published: Messages handed over.
+    @ivar dropped: Messages the publisher refused for good.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        source: IPollSource,
+        publisher: IPublisher,
+        reactor: Any,
+        state_dir: str,
+        *,
+        interval: float = 60.0,
+        jitter: float = 0.1,
+        backoff: float | None = None,
+        max_backoff: float = 600.0,
+        publish_window: int = 100,
+        stop_timeout: float = 30.0,
+        random: Callable[[], float] = _random.random,
+        run_in_thread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        if not 0 <= jitter < 1:
+            raise ValueError("jitter must be within [0, 1)")
+        if publish_window < 1:
+            raise ValueError("publish_window must be at least 1")
+        self.name = name
+        self.source = source
+        self.publisher = publisher
+        self.interval = interval
+        self.jitter = jitter
+        self.backoff = min(interval, 5.0) if backoff is None else backoff
+        self.max_backoff = max(max_backoff, self.backoff)
+        self.publish_window = publish_window
+        self.stop_timeout = stop_timeout
+        self.store = CursorStore(os.path.join(state_dir, CURSOR_FILE))
+        self.polls = 0
+        self.errors = 0
+        self.published = 0
+        self.dropped = 0
+        self.consecutive_errors = 0
+        self.last_poll: float | None = None
+        self.last_success: float | None = None
+        self.last_error: tuple[float, str] | None = None
+        self.lag: float | None = None
+        self._reactor = reactor
+        self._random = random
+        self._thread = run_in_thread if run_in_thread is not None else thread_runner(reactor)
+        self._cursor_loaded = False
+        self._cursor: Any = None
+        self._phase = "stopped"
+        self._next: IDelayedCall | None = None
+        self._cycle_d: Deferred[Any] | None = None
+        self._fetch_d: Deferred[Any] | None = None
+
+    # --- lifecycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)  # type: ignore[no-untyped-call]
+        self.log.info("Polling {source} every {interval:g} s", producer=self.name,
+                      source=self.source.description, interval=self.interval)
+        self._schedule(0)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop polling: cancel the next poll, cancel a fetch in progress, and
+        wait (at most C{stop_timeout} seconds) for a hand-over or cursor
+        write in progress to finish.
+        """
+        Service.stopService(self)  # type: ignore[no-untyped-call]
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        if self._fetch_d is not None:
+            self._fetch_d.cancel()
+        waiting: Deferred[Any] = succeed(None)
+        if self._cycle_d is not None:
+            waiting = Deferred()
+            cycle = self._cycle_d
+            cycle.addBoth(lambda _: None if waiting.called else waiting.callback(None))
+            waiting.addTimeout(self.stop_timeout, self._reactor, onTimeoutCancel=self._stop_timed_out)
+        done: Deferred[None] = Deferred()
+
+        def close(_: object) -> Deferred[Any]:
+            self._phase = "stopped"
+            return maybeDeferred(self.source.close)
+
+        def closed(result: object) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("Closing {source} failed", result, producer=self.name,
+                                 source=self.source.description)
+            done.callback(None)
+
+        waiting.addBoth(close).addBoth(closed)
+        return done
+
+    def _stop_timed_out(self, result: object, timeout: float) -> None:
+        self.log.warn(
+            "Stopped without waiting any longer for a hand-over in progress ({timeout:g} s); "
+            "its messages will be polled and published again",
+            producer=self.name, timeout=timeout,
+        )
+
+    # --- scheduling -------------------------------------------------------
+
+    def _schedule(self, delay: float) -> None:
+        if not self.running:
+            return
+        self._phase = "waiting" if self.consecutive_errors == 0 else "backing off"
+        self._next = self._reactor.callLater(delay, self._run)
+
+    def _poll_delay(self) -> float:
+        spread = self.interval * self.jitter
+        return max(0.0, self.interval + spread * (2 * self._random() - 1))
+
+    def _backoff_delay(self) -> float:
+        exponent = min(self.consecutive_errors - 1, 62)
+        delay = min(self.max_backoff, self.backoff * (2**exponent))
+        # "Equal jitter": never less than half the delay, never in lockstep
+        # with other pollers of the same failing service.
+        return float(delay / 2 + (delay / 2) * self._random())
+
+    def _run(self) -> None:
+        self._next = None
+        self.last_poll = self._reactor.seconds()
+        d = self._cycle()
+        self._cycle_d = d
+        d.addBoth(self._after_cycle)
+
+    def _after_cycle(self, result: PollResult | Failure) -> None:
+        self._cycle_d = None
+        self._fetch_d = None
+        if isinstance(result, Failure):
+            if isinstance(result.value, CancelledError) and not self.running:
+                return
+            self.errors += 1
+            self.consecutive_errors += 1
+            now = self._reactor.seconds()
+            self.last_error = (now, _describe(result))
+            delay = self._backoff_delay()
+            if isinstance(result.value, TemporarilyUnavailable):
+                self.log.warn(
+                    "Publisher can not take messages now ({error}); keeping the cursor, "
+                    "next poll in {delay:.1f} s",
+                    producer=self.name, error=_describe(result), delay=delay,
+                )
+            elif isinstance(result.value, FedhubError):
+                self.log.error(
+                    "Poll of {source} failed: {error}; next poll in {delay:.1f} s",
+                    producer=self.name, source=self.source.description,
+                    error=_describe(result), delay=delay,
+                )
+            else:
+                self.log.failure(
+                    "Poll of {source} failed unexpectedly; next poll in {delay:.1f} s",
+                    result, producer=self.name, source=self.source.description, delay=delay,
+                )
+            self._schedule(delay)
+            return
+        self.polls += 1
+        self.consecutive_errors = 0
+        self.last_success = self._reactor.seconds()
+        self.lag = result.lag
+        self._schedule(0 if result.more else self._poll_delay())
+
+    # --- one poll ---------------------------------------------------------
+
+    def _fetch(self, f: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
+        d = maybeDeferred(f, *args)
+        self._fetch_d = d
+        return d
+
+    @inlineCallbacks
+    def _cycle(self) -> Generator[Deferred[Any], Any, PollResult]:
+        if not self._cursor_loaded:
+            self._phase = "loading"
+            found, cursor = yield self._thread(self.store.load)
+            if not found:
+                self._phase = "fetching"
+                cursor = yield self._fetch(self.source.initial_cursor)
+                self._fetch_d = None
+                self._phase = "saving"
+                yield self._thread(self.store.save, cursor)
+                self.log.info("First start: polling {source} from {cursor}",
+                              producer=self.name, source=self.source.description,
+                              cursor=_summary(cursor))
+            self._cursor = cursor
+            self._cursor_loaded = True
+        self._phase = "fetching"
+        result: PollResult = yield self._fetch(self.source.poll, self._cursor)
+        self._fetch_d = None
+        if not self.running:
+            raise CancelledError()
+        self._phase = "publishing"
+        yield self._publish_all(result.messages)
+        self._phase = "saving"
+        yield self._thread(self.store.save, result.cursor)
+        self._cursor = result.cursor
+        if result.messages:
+            self.log.debug("Published {count} messages from {source}", producer=self.name,
+                           count=len(result.messages), source=self.source.description)
+        return result
+
+    def _publish_all(self, messages: Sequence[Message]) -> Deferred[None]:
+        """
+        Hand C{messages} over in order, at most C{publish_window} at a time.
+
+        @return: a Deferred firing when every one of them has been handed over
+            (or dropped for good), or failing with the first temporary
+            failure; no more are handed over after one.
+        """
+        done: Deferred[None] = Deferred()
+        queue = iter(messages)
+        state = {"in_flight": 0, "pumping": False, "exhausted": False}
+        first_failure: list[Failure] = []
+
+        def landed(result: object, message: Message) -> None:
+            state["in_flight"] -= 1
+            if isinstance(result, Failure):
+                if isinstance(result.value, TemporarilyUnavailable) or not isinstance(
+                    result.value, (PublishError, MessageError)
+                ):
+                    if not first_failure:
+                        first_failure.append(result)
+                else:
+                    self.dropped += 1
+                    self.log.error(
+                        "Dropped message {msg_id} ({topic}): the publisher refused it for good: "
+                        "{error}",
+                        producer=self.name, msg_id=message.id, topic=message.topic,
+                        error=_describe(result),
+                    )
+            else:
+                self.published += 1
+            if not state["pumping"]:
+                pump()
+
+        def pump() -> None:
+            state["pumping"] = True
+            try:
+                while not first_failure and state["in_flight"] < self.publish_window:
+                    message = next(queue, None)
+                    if message is None:
+                        state["exhausted"] = True
+                        break
+                    state["in_flight"] += 1
+                    d = maybeDeferred(self.publisher.publish, message)
+                    d.addBoth(landed, message)
+            finally:
+                state["pumping"] = False
+            if state["in_flight"] == 0 and not done.called:
+                if first_failure:
+                    done.errback(first_failure[0])
+                elif state["exhausted"]:
+                    done.callback(None)
+
+        pump()
+        return done
+
+    # --- status -----------------------------------------------------------
+
+    @property
+    def cursor(self) -> Any:
+        """
+        The last saved cursor (C{None} before the first load).
+        """
+        return self._cursor
+
+    def status(self) -> dict[str, Any]:
+        """
+        Counters and times for a status page: state, polls, errors, published,
+        dropped, last poll/success/error, lag and the time of the next poll.
+        """
+        next_in: float | None = None
+        if self._next is not None and self._next.active():
+            next_in = max(0.0, self._next.getTime() - self._reactor.seconds())
+        return {
+            "name": self.name,
+            "source": self.source.description,
+            "running": bool(self.running),
+            "state": self._phase,
+            "polls": self.polls,
+            "errors": self.errors,
+            "consecutive_errors": self.consecutive_errors,
+            "published": self.published,
+            "dropped": self.dropped,
+            "last_poll": _iso(self.last_poll),
+            "last_success": _iso(self.last_success),
+            "last_error": None if self.last_error is None else {
+                "time": _iso(self.last_error[0]), "error": self.last_error[1],
+            },
+            "lag": self.lag,
+            "next_poll_in": next_in,
+        }
+
+
+def _summary(cursor: Any, limit: int = 200) -> str:
+    """
+    A short rendering of a cursor for logs.
+    """
+    try:
+        text = json.dumps(cursor, sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(cursor)
+    return escape_control(text, limit)
