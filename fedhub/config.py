@@ -377,6 +377,13 @@ class ComponentConfig:
     @ivar topics: A consumer's topic patterns; empty when the file gives none.
     @ivar queue: A consumer's queue name (default C{fedhub.<name>}).
     @ivar concurrency: How many messages a consumer handles at once.
+    @ivar on_error: What an exception that is no verdict does to a message:
+        C{retry}, C{dead-letter}, C{drop} or C{halt}.
+    @ivar retry_delay: Seconds before the first retry; each next one waits
+        twice as long, up to C{max_retry_delay}.
+    @ivar max_retry_delay: The longest wait between retries.
+    @ivar max_retries: Retries before a message is dead-lettered.
+    @ivar drain_timeout: How long stopping waits for messages in hand.
     """
 
     kind: str
@@ -388,6 +395,11 @@ class ComponentConfig:
     topics: tuple[str, ...] = ()
     queue: str | None = None
     concurrency: int = 1
+    on_error: str = "retry"
+    retry_delay: float = 10.0
+    max_retry_delay: float = 3600.0
+    max_retries: int = 5
+    drain_timeout: float = 30.0
 
     @property
     def path(self) -> str:
@@ -494,6 +506,15 @@ def _queue_name(value: str) -> str | None:
     return error
 
 
+def _error_policy(value: str) -> str | None:
+    policies = ("retry", "dead-letter", "drop", "halt")
+    return None if value in policies else f"must be one of {', '.join(policies)}"
+
+
+def _retries(value: int) -> str | None:
+    return None if 1 <= value <= 50 else "must be between 1 and 50"
+
+
 def _component_name(value: str) -> str | None:
     if is_valid_name(value):
         return None
@@ -549,6 +570,13 @@ _CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "topics": Option(list, None, "topic patterns to bind"),
         "queue": Option(str, None, "queue name (default fedhub.<name>)", _queue_name),
         "concurrency": Option(int, 1, "messages handled at once", _positive),
+        "on_error": Option(str, "retry", "what an exception does: retry, dead-letter, drop or halt",
+                           _error_policy),
+        "retry_delay": Option(float, 10.0, "seconds before the first retry", _positive),
+        "max_retry_delay": Option(float, 3600.0, "longest wait between retries", _positive),
+        "max_retries": Option(int, 5, "retries before a message is dead-lettered", _retries),
+        "drain_timeout": Option(float, 30.0, "seconds stopping waits for messages in hand",
+                                _positive),
     }
 )
 
@@ -1158,6 +1186,11 @@ class _Validator:
                 "topics": tuple(topics or ()),
                 "queue": values["queue"] or f"fedhub.{values['name']}",
                 "concurrency": values["concurrency"],
+                "on_error": values["on_error"],
+                "retry_delay": float(values["retry_delay"]),
+                "max_retry_delay": float(values["max_retry_delay"]),
+                "max_retries": values["max_retries"],
+                "drain_timeout": float(values["drain_timeout"]),
             }
         return ComponentConfig(
             kind=kind,
@@ -1253,6 +1286,27 @@ def _default_lookup() -> PluginLookup:
 
 
 # --- entry points ----------------------------------------------------------
+
+
+def check_options(
+    schema: Mapping[str, Option], table: Mapping[str, Any], path: str = "options"
+) -> Mapping[str, Any]:
+    """
+    Check a plugin's own keys outside a configuration file (for example in
+    a plugin's tests) exactly as a configuration would check them.
+
+    @param schema: The plugin's C{options}.
+    @param table: The keys to check.
+    @param path: The key path problems are reported under.
+    @return: The values with defaults applied (read-only).
+    @raise ConfigError: naming every problem.
+    """
+    validator = _Validator("", _default_lookup(), None)
+    values, ok = validator.values(dict(table), (path,), schema)
+    validator.unknown_keys(table, (path,), list(schema))
+    if validator.problems or not ok:
+        raise ConfigError(validator.problems or [ConfigProblem(path, "invalid options")])
+    return MappingProxyType(values)
 
 
 def parse_config(

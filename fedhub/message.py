@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any, NoReturn, cast
 
 from fedhub.errors import DecodeError, MessageError
@@ -543,11 +544,29 @@ def dumps(messages: Message | Iterable[Message]) -> str:
     return "".join(dump_line(m) for m in messages)
 
 
+def _header_json(value: object) -> object:
+    """
+    The JSON form of header values AMQP has and JSON lacks: timestamps (as
+    in RabbitMQ's C{x-death}) become ISO 8601 strings, decimals strings and
+    byte arrays text.
+    """
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} can not be serialized")
+
+
 def dump_line(message: Message) -> str:
     """
     Serialize one message as one line, newline included.
     """
-    return json.dumps(message.to_serialized(), ensure_ascii=False, sort_keys=True) + "\n"
+    return (
+        json.dumps(message.to_serialized(), ensure_ascii=False, sort_keys=True, default=_header_json)
+        + "\n"
+    )
 
 
 def iter_loads(lines: Iterable[str | bytes]) -> Iterator[Message]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -342,6 +343,15 @@ class SerializedFormTests(SynchronousTestCase):
         """A line of invalid UTF-8 is a DecodeError with its line number."""
         error = self.assertRaises(DecodeError, list, iter_loads([b'{"topic": "a", "body": {}}', b"\xff{}"]))
         self.assertEqual(error.line, 2)
+
+    def test_amqp_only_header_values(self) -> None:
+        """Header values JSON lacks (x-death timestamps, decimals, bytes) serialize as strings."""
+        death = {"count": 1, "time": SENT, "queue": "q", "routing-keys": ["a"]}
+        message = sample(headers={"x-death": [death], "d": Decimal("1.5"), "b": b"raw"})
+        (back,) = loads(dumps(message))
+        self.assertEqual(back.headers["x-death"][0]["time"], "2026-11-28T06:00:00+00:00")
+        self.assertEqual(back.headers["d"], "1.5")
+        self.assertEqual(back.headers["b"], "raw")
 
     def test_load_message_not_mapping(self) -> None:
         """load_message refuses what is not an object."""

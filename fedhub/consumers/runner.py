@@ -34,7 +34,8 @@ another consumer.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -96,6 +97,23 @@ def attempts_from(message: Message, retry_prefix: str) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Settled:
+    """
+    What became of one delivery, as told to a consumer's observers.
+
+    @ivar message: The message.
+    @ivar outcome: C{"acked"}, C{"dropped"}, C{"retried"}, C{"dead_lettered"},
+        C{"requeued"} (a L{Halt}) or C{"rejected"} (the replacing copy could
+        not be published; the broker dead-letters the original).
+    @ivar reason: Why, for every outcome but C{"acked"}.
+    """
+
+    message: Message
+    outcome: str
+    reason: str | None = None
+
+
 def call_handler(handler: IMessageHandler, message: Message) -> Deferred[Any]:
     """
     Call a plugin's C{handle} and return a Deferred of its result, whether it
@@ -132,12 +150,20 @@ class ConsumerService(Service):
         clock: Any,
         *,
         schemas: SchemaRegistry = registry,
-        drain_timeout: float = 30.0,
-        retry_delay: float = 10.0,
-        max_retry_delay: float = 3600.0,
-        max_retries: int = 5,
-        on_error: str = "retry",
+        drain_timeout: float | None = None,
+        retry_delay: float | None = None,
+        max_retry_delay: float | None = None,
+        max_retries: int | None = None,
+        on_error: str | None = None,
     ) -> None:
+        """
+        The failure-policy settings default to the component's configuration.
+        """
+        drain_timeout = component.drain_timeout if drain_timeout is None else drain_timeout
+        retry_delay = component.retry_delay if retry_delay is None else retry_delay
+        max_retry_delay = component.max_retry_delay if max_retry_delay is None else max_retry_delay
+        max_retries = component.max_retries if max_retries is None else max_retries
+        on_error = component.on_error if on_error is None else on_error
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
         self.component = component
@@ -163,6 +189,7 @@ class ConsumerService(Service):
             0,
         )
         self._in_flight: set[Deferred[None]] = set()
+        self._observers: list[Callable[[Settled], None]] = []
         self._subscription: ISubscription | None = None
         self._starting: Deferred[None] | None = None
 
@@ -192,6 +219,21 @@ class ConsumerService(Service):
             bindings.append(BindingSpec(name, name, ""))
         bindings.extend(BindingSpec(self.queue, self.bus.exchange, t) for t in self.topics)
         return Topology(tuple(exchanges), tuple(queues), tuple(bindings))
+
+    def add_observer(self, observer: Callable[[Settled], None]) -> None:
+        """
+        Call C{observer} with a L{Settled} for every delivery once its fate is
+        decided.  An observer must not raise; if it does, it is logged.
+        """
+        self._observers.append(observer)
+
+    def _tell(self, message: Message, outcome: str, reason: str | None = None) -> None:
+        event = Settled(message, outcome, reason)
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:
+                self.log.failure("Observer of consumer {consumer} failed", consumer=self.component.name)
 
     def startService(self) -> None:
         super().startService()
@@ -223,6 +265,7 @@ class ConsumerService(Service):
         if self.halted or not self.running:
             delivery.reject(True)
             self.stats["requeued"] += 1
+            self._tell(delivery.message, "requeued", "consumer stopping or halted")
             return
         message = delivery.message
         self.stats["consumed"] += 1
@@ -230,7 +273,7 @@ class ConsumerService(Service):
             self.schemas.validate(message)
         except SchemaValidationError as e:
             self.stats["invalid"] += 1
-            self._settle(self._dead_letter(delivery, str(e)), delivery)
+            self._settle(self._dead_letter(delivery, str(e)), delivery, "dead_lettered", str(e))
             return
         d = call_handler(self.handler, message)
         d.addCallbacks(
@@ -250,6 +293,7 @@ class ConsumerService(Service):
     def _succeeded(self, result: object, delivery: IDelivery) -> None:
         delivery.ack()
         self.stats["acked"] += 1
+        self._tell(delivery.message, "acked")
 
     def _failed(self, failure: Failure, delivery: IDelivery) -> None:
         message = delivery.message
@@ -280,6 +324,7 @@ class ConsumerService(Service):
             )
             delivery.ack()
             self.stats["dropped"] += 1
+            self._tell(message, "dropped", verdict.reason)
         elif isinstance(verdict, Halt):
             self.log.error(
                 "Consumer {consumer} halts on {msg_id}: {reason}",
@@ -289,11 +334,16 @@ class ConsumerService(Service):
             )
             delivery.reject(True)
             self.stats["requeued"] += 1
+            self._tell(message, "requeued", verdict.reason)
             self._halt()
         elif isinstance(verdict, Retry):
-            self._settle(self._retry(delivery, verdict), delivery)
+            attempts = attempts_from(message, self.retry_prefix)
+            outcome = "retried" if attempts < len(self.retry_delays) else "dead_lettered"
+            self._settle(self._retry(delivery, verdict), delivery, outcome, verdict.reason)
         else:
-            self._settle(self._dead_letter(delivery, verdict.reason), delivery)
+            self._settle(
+                self._dead_letter(delivery, verdict.reason), delivery, "dead_lettered", verdict.reason
+            )
 
     def _retry(self, delivery: IDelivery, verdict: Retry) -> Deferred[None]:
         """
@@ -343,7 +393,9 @@ class ConsumerService(Service):
         copy = message.evolve(queue=None, headers=headers)
         return self.bus.publish(copy, exchange=self.dead_letter_queue, routing_key=message.topic)
 
-    def _settle(self, replaced: Deferred[None], delivery: IDelivery) -> None:
+    def _settle(
+        self, replaced: Deferred[None], delivery: IDelivery, outcome: str, reason: str
+    ) -> None:
         """
         Acknowledge a delivery once the copy replacing it is confirmed; if the
         copy can not be published, let the broker dead-letter the original.
@@ -351,6 +403,7 @@ class ConsumerService(Service):
 
         def confirmed(_: object) -> None:
             delivery.ack()
+            self._tell(delivery.message, outcome, reason)
 
         def refused(failure: Failure) -> None:
             self.log.failure(
@@ -360,6 +413,7 @@ class ConsumerService(Service):
                 msg_id=delivery.message.id,
             )
             delivery.reject(False)
+            self._tell(delivery.message, "rejected", reason)
 
         replaced.addCallbacks(confirmed, refused)
         if not replaced.called:
