@@ -126,7 +126,14 @@ class Hub(SequentialMultiService):
         for component in config.producers:
             self._add_producer(component)
 
-    def _context(self, component: ComponentConfig) -> PluginContext:
+    def _context(self, component: ComponentConfig, plugin: object) -> PluginContext:
+        peers: dict[str, IPublisher] = {}
+        if getattr(plugin, "crosses_domains", False) is True:
+            peers = {
+                name: runtime.publisher
+                for name, runtime in self.domains.items()
+                if name != component.domain
+            }
         return PluginContext(
             name=component.name,
             domain=component.domain,
@@ -135,11 +142,12 @@ class Hub(SequentialMultiService):
             reactor=self.reactor,
             hub=self.config.hub,
             component=component,
+            peer_publishers=peers,
         )
 
     def _add_consumer(self, component: ComponentConfig) -> None:
         plugin = self._find_consumer(component.plugin)
-        handler = plugin.build(self._context(component))
+        handler = plugin.build(self._context(component, plugin))
         runtime = self.domains[component.domain]
         service = ConsumerService(component, handler, runtime.bus, self.reactor)
         service.setName(f"consumer:{component.name}")
@@ -148,7 +156,7 @@ class Hub(SequentialMultiService):
 
     def _add_producer(self, component: ComponentConfig) -> None:
         plugin = self._find_producer(component.plugin)
-        service = IService(plugin.build(self._context(component)))
+        service = IService(plugin.build(self._context(component, plugin)))
         service.setName(f"producer:{component.name}")
         service.setServiceParent(self)
         self.producers[component.name] = service
@@ -168,12 +176,8 @@ def _outbox_settings(domain: DomainConfig) -> dict[str, Any]:
     """
     The outbox keyword arguments a domain's configuration sets.
     """
-    settings: dict[str, Any] = {}
-    for key in ("window", "max_messages", "max_bytes"):
-        value = getattr(domain, f"outbox_{key}", None)
-        if value is not None:
-            settings[key] = value
-    window = getattr(domain, "confirm_window", None)
-    if window is not None:
-        settings["window"] = window
-    return settings
+    return {
+        "window": domain.confirm_window,
+        "max_messages": domain.outbox_max_messages,
+        "max_bytes": domain.outbox_max_bytes,
+    }

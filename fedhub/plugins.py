@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -59,6 +59,10 @@ class PluginContext:
     @ivar hub: The hub-wide settings.
     @ivar component: The component's whole configuration, when it came from
         one.
+    @ivar peer_publishers: The publishers of the other domains, by name.  Only
+        a plugin whose class sets C{crosses_domains = True} (a bridge) gets
+        them; every other plugin gets an empty mapping, so nothing it builds
+        can reach beyond its own domain.
     """
 
     name: str
@@ -68,6 +72,7 @@ class PluginContext:
     reactor: Any
     hub: HubSettings
     component: ComponentConfig | None = None
+    peer_publishers: Mapping[str, IPublisher] = field(default_factory=dict)
 
     def topic(self, suffix: str) -> str:
         """
