@@ -112,8 +112,10 @@ class ListenerSettings:
         compared case-insensitively); everything else is refused, so the
         listener never relays.
     @ivar hostname: The name it greets with.
-    @ivar allowed_networks: Client networks that may connect; empty: any.
-        Connections over UNIX sockets are always allowed.
+    @ivar allowed_networks: Client networks that may connect (given as
+        strings such as C{"192.0.2.0/24"} or as C{ipaddress} networks; kept
+        parsed); empty: any.  Connections over UNIX sockets are always
+        allowed.
     @ivar max_message_size: The largest mail in bytes (advertised as C{SIZE}).
     @ivar max_recipients: Recipients per mail at most.
     @ivar max_line_length: The longest line of a mail in bytes, CRLF included
@@ -141,7 +143,7 @@ class ListenerSettings:
 
     recipients: frozenset[str]
     hostname: str = "localhost"
-    allowed_networks: tuple[Network, ...] = ()
+    allowed_networks: tuple[Network | str, ...] = ()
     max_message_size: int = 1024 * 1024
     max_recipients: int = 10
     max_line_length: int = 10_000
@@ -194,6 +196,13 @@ class ListenerSettings:
             raise ValueError("tls_client_ca and tls_required need tls_certificate")
         if not re.fullmatch(r"[!-9;-~]{1,64}", self.secret_header):
             raise ValueError(f"{self.secret_header!r} is not a header name")
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        """
+        The allowed client networks, parsed.
+        """
+        return tuple(n for n in self.allowed_networks if not isinstance(n, str))
 
     @property
     def domains(self) -> frozenset[str]:
@@ -1013,7 +1022,7 @@ class BugmailSMTPFactory(ServerFactory):
         self._pending: set[Deferred[Any]] = set()
 
     def _allowed(self, host: str) -> bool:
-        networks = self.settings.allowed_networks
+        networks = self.settings.networks
         if not networks or host.startswith("unix"):
             return True
         try:
