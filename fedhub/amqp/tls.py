@@ -1,0 +1,193 @@
+"""
+TLS client options for broker connections.
+
+fedhub refuses to connect to a broker it can not verify: every TLS
+connection checks the broker's certificate against a configured CA bundle and
+its name with service-identity, and speaks TLS 1.2 or newer.
+
+Two Twisted traps are avoided here:
+
+  - C{Certificate.loadPEM} of a CA bundle silently keeps only the first
+    certificate, so L{load_certificates} parses every PEM block itself;
+  - C{CertificateOptions} without a trust root does not verify the server at
+    all, so options are only ever built with C{optionsForClientTLS} and an
+    explicit trust root.
+
+Everything here reads files: call it when a service starts or a
+configuration is checked, never from a constructor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import (
+    Certificate,
+    KeyPair,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+
+from fedhub.errors import ConfigError, ConfigProblem
+
+MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+"""The oldest TLS version fedhub speaks to a broker."""
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+_PEM_PRIVATE_KEY = re.compile(
+    rb"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----\r?\n.+?\r?\n"
+    rb"-----END (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----",
+    re.DOTALL,
+)
+
+
+def _problem(key: str, message: str) -> ConfigError:
+    return ConfigError([ConfigProblem(key, message)])
+
+
+def _read(path: str, key: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise _problem(key, f"can not read the {what} {path!r}: {e.strerror or e}") from None
+
+
+def parse_certificates(pem: bytes, source: str = "<bytes>", key: str = "ca") -> list[Certificate]:
+    """
+    Every certificate of a PEM text, in order.
+
+    @param source: Where the text came from, for error messages.
+    @raise ConfigError: when a block is not a valid certificate, or there is none.
+    """
+    certificates = []
+    for number, match in enumerate(_PEM_CERTIFICATE.finditer(pem), 1):
+        try:
+            certificates.append(Certificate.loadPEM(match.group(0)))
+        except (crypto.Error, ValueError) as e:
+            raise _problem(
+                key, f"certificate {number} of {source!r} is not a valid certificate: {e}"
+            ) from None
+    if not certificates:
+        raise _problem(key, f"{source!r} holds no PEM certificate")
+    return certificates
+
+
+def load_certificates(path: str, key: str = "ca") -> list[Certificate]:
+    """
+    Every certificate of a PEM file, such as a CA bundle.
+
+    @param key: The configuration key path naming the file, for errors.
+    @raise ConfigError: when the file can not be read, holds no certificate
+        or a broken one.
+    """
+    return parse_certificates(_read(path, key, "certificate file"), path, key)
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """
+    A TLS client certificate with its private key.
+
+    @ivar certificate: The client certificate and its key.
+    @ivar chain: Intermediate certificates sent along with it.
+    """
+
+    certificate: PrivateCertificate
+    chain: tuple[Certificate, ...] = ()
+
+
+def load_client_identity(cert_path: str, key_path: str | None = None) -> ClientIdentity:
+    """
+    Load a client certificate, its chain and its private key.
+
+    @param cert_path: A PEM file: the client certificate first, then any
+        intermediate certificates, and the key too when C{key_path} is not given.
+    @param key_path: A PEM file holding the (unencrypted) private key.
+    @raise ConfigError: when a file can not be read, a certificate or the key
+        is missing or invalid, or the key does not belong to the certificate.
+    """
+    cert_pem = _read(cert_path, "cert", "client certificate")
+    certificates = parse_certificates(cert_pem, cert_path, "cert")
+    key_source = key_path or cert_path
+    key_pem = _read(key_path, "key", "client key") if key_path else cert_pem
+    key_name = "key" if key_path else "cert"
+    match = _PEM_PRIVATE_KEY.search(key_pem)
+    if match is None:
+        raise _problem(key_name, f"{key_source!r} holds no PEM private key")
+    if b"ENCRYPTED" in match.group(0).split(b"\n", 1)[0] or b"Proc-Type: 4,ENCRYPTED" in (
+        match.group(0)
+    ):
+        raise _problem(key_name, f"the private key in {key_source!r} is encrypted")
+    try:
+        key_pair = KeyPair.load(match.group(0), crypto.FILETYPE_PEM)
+    except (crypto.Error, ValueError) as e:
+        raise _problem(key_name, f"{key_source!r} holds no valid private key: {e}") from None
+    leaf = certificates[0]
+    # The same check OpenSSL makes when the context is built, made now so that
+    # a wrong key is a configuration error and not a failure at connect time.
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    try:
+        context.use_certificate(leaf.original)
+        context.use_privatekey(key_pair.original)
+        context.check_privatekey()
+    except SSL.Error:
+        raise _problem(
+            key_name, f"the private key in {key_source!r} does not match the certificate"
+        ) from None
+    return ClientIdentity(
+        PrivateCertificate.fromCertificateAndKeyPair(leaf, key_pair),  # type: ignore[no-untyped-call]
+        tuple(certificates[1:]),
+    )
+
+
+def client_tls_options(
+    hostname: str,
+    ca: str | None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> IOpenSSLClientConnectionCreator:
+    """
+    Options for a verified TLS connection to a broker.
+
+    @param hostname: The name (or IP address) the broker's certificate must
+        carry; checked with service-identity.
+    @param ca: A PEM file of every CA that may sign the broker's certificate;
+        all of its certificates are trusted.  Required: fedhub does not fall
+        back to the system store silently.  (To use it, name the system bundle,
+        e.g. C{/etc/ssl/certs/ca-certificates.crt}.)
+    @param cert: The client certificate file, for certificate login.
+    @param key: Its private key file, when the key is not in C{cert}.
+    @raise ConfigError: when the configuration would not verify the broker or
+        a file is unusable.
+    """
+    if not hostname:
+        raise _problem("url", "TLS needs the broker's host name to verify its certificate")
+    if not ca:
+        raise _problem(
+            "ca",
+            "TLS needs a CA bundle to verify the broker's certificate; a connection"
+            " without verification is refused",
+        )
+    if key and not cert:
+        raise _problem("key", "a client key is set without a client certificate")
+    roots = load_certificates(ca, "ca")
+    extra: dict[str, object] = {"raiseMinimumTo": MINIMUM_TLS_VERSION}
+    identity = None
+    if cert:
+        identity = load_client_identity(cert, key)
+        if identity.chain:
+            extra["extraCertChain"] = [c.original for c in identity.chain]
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=trustRootFromCertificates(roots),  # type: ignore[no-untyped-call]
+        clientCertificate=identity.certificate if identity else None,
+        extraCertificateOptions=extra,
+    )

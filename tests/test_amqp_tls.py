@@ -1,0 +1,411 @@
+"""
+Tests for L{fedhub.amqp.tls}: CA bundles, client identities and verified TLS
+client options, checked with real TLS handshakes over an in-memory pump.
+
+The certificates are made in the test run with C{cryptography}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.amqp.tls import (
+    client_tls_options,
+    load_certificates,
+    load_client_identity,
+    parse_certificates,
+)
+from fedhub.errors import ConfigError
+
+Key = ec.EllipticCurvePrivateKey
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(common_name: str) -> tuple[Key, x509.Certificate]:
+    """
+    A self-signed CA.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_leaf(
+    ca: tuple[Key, x509.Certificate],
+    common_name: str,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+    client: bool = False,
+) -> tuple[Key, x509.Certificate]:
+    """
+    A server (or client) certificate signed by C{ca}.
+    """
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: Key, password: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+class _Peer(Protocol):
+    """
+    One side of a test connection: says something, keeps what it hears and
+    how the connection ended.
+    """
+
+    def __init__(self, greeting: bytes) -> None:
+        self.greeting = greeting
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self.lost = reason
+
+
+def handshake(client_creator: Any, server_options: Any) -> tuple[_Peer, _Peer, Any]:
+    """
+    Connect a TLS client and server in memory and pump until quiet.
+
+    @return: the client and server application protocols, and the server's
+        TLS protocol.
+    """
+    client_peer, server_peer = _Peer(b"from client"), _Peer(b"from server")
+    # TLS transports gather small writes until the clock's next turn.
+    clock = Clock()
+    server_tls = TLSMemoryBIOFactory(
+        server_options, False, Factory.forProtocol(lambda: server_peer), clock
+    ).buildProtocol(None)
+    client_tls = TLSMemoryBIOFactory(
+        client_creator, True, Factory.forProtocol(lambda: client_peer), clock
+    ).buildProtocol(None)
+    _, _, pump = connectedServerAndClient(lambda: server_tls, lambda: client_tls, clock=clock)
+    pump.flush()
+    return client_peer, server_peer, server_tls
+
+
+class Files(SynchronousTestCase):
+    """
+    Base: write PEM files into a temporary directory.
+    """
+
+    def write(self, name: str, *parts: bytes) -> str:
+        path = str(self.mktemp()) + "-" + name
+        with open(path, "wb") as f:
+            f.write(b"".join(parts))
+        return path
+
+
+class LoadCertificatesTests(Files):
+    """
+    L{load_certificates} reads every certificate of a bundle.
+    """
+
+    def test_every_certificate_of_a_bundle(self) -> None:
+        """
+        All certificates are loaded, in order, where Certificate.loadPEM keeps
+        only the first.
+        """
+        cas = [make_ca(f"CA {n}")[1] for n in range(3)]
+        bundle = b"# a comment, as Debian's bundle has\n".join(cert_pem(c) for c in cas)
+        path = self.write("bundle.pem", b"leading text\n", bundle, b"trailing\n")
+        loaded = load_certificates(path)
+        self.assertEqual(
+            [c.getSubject().commonName for c in loaded], [b"CA 0", b"CA 1", b"CA 2"]
+        )
+        # The pitfall this guards against:
+        self.assertEqual(Certificate.loadPEM(bundle).getSubject().commonName, b"CA 0")
+
+    def test_no_certificate(self) -> None:
+        """
+        A file without a certificate is a configuration error naming it.
+        """
+        path = self.write("empty.pem", b"nothing here\n")
+        error = self.assertRaises(ConfigError, load_certificates, path)
+        self.assertIn(path, str(error))
+        self.assertEqual(error.problems[0].path, "ca")
+
+    def test_broken_certificate(self) -> None:
+        """
+        A corrupt certificate block is a configuration error naming its position.
+        """
+        good = cert_pem(make_ca("good")[1])
+        broken = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        error = self.assertRaises(ConfigError, parse_certificates, good + broken, "b.pem")
+        self.assertIn("certificate 2", str(error))
+
+    def test_missing_file(self) -> None:
+        """
+        An unreadable file is a configuration error, not an OSError.
+        """
+        error = self.assertRaises(ConfigError, load_certificates, "/nonexistent/ca.pem")
+        self.assertIn("/nonexistent/ca.pem", str(error))
+
+
+class ClientIdentityTests(Files):
+    """
+    L{load_client_identity} loads a client certificate, chain and key.
+    """
+
+    def setUp(self) -> None:
+        self.ca = make_ca("client CA")
+        self.key, self.cert = make_leaf(self.ca, "hub", client=True)
+
+    def test_separate_files(self) -> None:
+        """
+        Certificate and key in two files.
+        """
+        identity = load_client_identity(
+            self.write("c.pem", cert_pem(self.cert)), self.write("k.pem", key_pem(self.key))
+        )
+        self.assertEqual(identity.certificate.getSubject().commonName, b"hub")
+        self.assertEqual(identity.chain, ())
+
+    def test_one_file_with_chain(self) -> None:
+        """
+        Certificate, intermediate and key in one file: the rest of the
+        certificates become the chain.
+        """
+        path = self.write("all.pem", cert_pem(self.cert), cert_pem(self.ca[1]), key_pem(self.key))
+        identity = load_client_identity(path)
+        self.assertEqual([c.getSubject().commonName for c in identity.chain], [b"client CA"])
+
+    def test_mismatched_key(self) -> None:
+        """
+        A key that does not belong to the certificate is refused.
+        """
+        other = ec.generate_private_key(ec.SECP256R1())
+        error = self.assertRaises(
+            ConfigError,
+            load_client_identity,
+            self.write("c.pem", cert_pem(self.cert)),
+            self.write("k.pem", key_pem(other)),
+        )
+        self.assertIn("does not match", str(error))
+        self.assertEqual(error.problems[0].path, "key")
+
+    def test_encrypted_key(self) -> None:
+        """
+        An encrypted key is refused (the hub can not ask for a passphrase).
+        """
+        error = self.assertRaises(
+            ConfigError,
+            load_client_identity,
+            self.write("c.pem", cert_pem(self.cert)),
+            self.write("k.pem", key_pem(self.key, b"secret")),
+        )
+        self.assertIn("encrypted", str(error))
+
+    def test_no_key(self) -> None:
+        """
+        A certificate file without a key, and no key file, is refused.
+        """
+        error = self.assertRaises(
+            ConfigError, load_client_identity, self.write("c.pem", cert_pem(self.cert))
+        )
+        self.assertIn("no PEM private key", str(error))
+
+
+class ClientOptionsTests(Files):
+    """
+    L{client_tls_options} verifies the broker, or refuses to be built.
+    """
+
+    def setUp(self) -> None:
+        self.other_ca = make_ca("Other CA")
+        self.broker_ca = make_ca("Broker CA")
+        self.bundle = self.write(
+            "bundle.pem", cert_pem(self.other_ca[1]), cert_pem(self.broker_ca[1])
+        )
+        key, cert = make_leaf(
+            self.broker_ca, "broker", dns=("broker.example",), ips=("127.0.0.1",)
+        )
+        self.server = PrivateCertificate.loadPEM(cert_pem(cert) + key_pem(key))
+
+    def server_options(self, **extra: Any) -> CertificateOptions:
+        return CertificateOptions(
+            privateKey=self.server.privateKey.original,
+            certificate=self.server.original,
+            **extra,
+        )
+
+    def assertHandshakeFails(self, client: _Peer, server: _Peer) -> None:
+        self.assertIsNotNone(client.lost)
+        self.assertNotEqual(server.received, b"from client")
+
+    def test_verified_by_second_ca_of_bundle(self) -> None:
+        """
+        A broker whose CA is the second of the bundle is trusted, and data flows.
+        """
+        options = client_tls_options("broker.example", self.bundle)
+        client, server, _ = handshake(options, self.server_options())
+        self.assertEqual(server.received, b"from client")
+        self.assertEqual(client.received, b"from server")
+        self.assertIsNone(client.lost)
+
+    def test_ip_address_name(self) -> None:
+        """
+        An IP address is checked against the certificate's IP addresses.
+        """
+        client, server, _ = handshake(
+            client_tls_options("127.0.0.1", self.bundle), self.server_options()
+        )
+        self.assertEqual(server.received, b"from client")
+
+    def test_wrong_name_refused(self) -> None:
+        """
+        A certificate for another name fails the handshake.
+        """
+        client, server, _ = handshake(
+            client_tls_options("elsewhere.example", self.bundle), self.server_options()
+        )
+        self.assertHandshakeFails(client, server)
+
+    def test_untrusted_ca_refused(self) -> None:
+        """
+        A broker certificate from a CA outside the bundle fails the handshake.
+        """
+        only_other = self.write("other.pem", cert_pem(self.other_ca[1]))
+        client, server, _ = handshake(
+            client_tls_options("broker.example", only_other), self.server_options()
+        )
+        self.assertHandshakeFails(client, server)
+
+    def test_client_certificate_presented(self) -> None:
+        """
+        With a client certificate, a broker that requires one sees it.
+        """
+        client_ca = make_ca("Client CA")
+        key, cert = make_leaf(client_ca, "hub.example", client=True)
+        options = client_tls_options(
+            "broker.example",
+            self.bundle,
+            self.write("c.pem", cert_pem(cert)),
+            self.write("k.pem", key_pem(key)),
+        )
+        server_options = self.server_options(
+            verify=True, caCerts=[Certificate.loadPEM(cert_pem(client_ca[1])).original],
+            requireCertificate=True,
+        )
+        client, server, server_tls = handshake(options, server_options)
+        self.assertEqual(server.received, b"from client")
+        peer = Certificate.peerFromTransport(server_tls)
+        self.assertEqual(peer.getSubject().commonName, b"hub.example")
+
+    def test_missing_client_certificate_refused_by_broker(self) -> None:
+        """
+        Without a client certificate, such a broker refuses the handshake
+        (showing the previous test's server really checks).
+        """
+        client_ca = make_ca("Client CA")
+        server_options = self.server_options(
+            verify=True, caCerts=[Certificate.loadPEM(cert_pem(client_ca[1])).original],
+            requireCertificate=True,
+        )
+        client, server, _ = handshake(client_tls_options("broker.example", self.bundle),
+                                      server_options)
+        self.assertNotEqual(server.received, b"from client")
+
+    def test_no_ca_refused(self) -> None:
+        """
+        Without a CA bundle no options are built: the broker could not be verified.
+        """
+        error = self.assertRaises(ConfigError, client_tls_options, "broker.example", None)
+        self.assertIn("without verification is refused", str(error))
+
+    def test_no_hostname_refused(self) -> None:
+        """
+        Without a name to check, no options are built.
+        """
+        self.assertRaises(ConfigError, client_tls_options, "", self.bundle)
+
+    def test_key_without_certificate_refused(self) -> None:
+        """
+        A client key alone is refused.
+        """
+        self.assertRaises(
+            ConfigError, client_tls_options, "broker.example", self.bundle, None, "/k.pem"
+        )
