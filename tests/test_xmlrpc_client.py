@@ -1,0 +1,440 @@
+"""
+Tests for L{fedhub.xmlrpc}: the XML-RPC client against real loopback servers
+that answer well and badly (faults, HTTP errors, truncated and hostile XML, a
+100 MB answer, an answer that never comes), and HTTPS verification.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import datetime
+import os
+import xmlrpc.client
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.ssl import PrivateCertificate
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface.verify import verifyObject
+
+from fedhub.xmlrpc import (
+    BadResponse,
+    Call,
+    HTTPStatusError,
+    IXMLRPCCaller,
+    ResponseTooLarge,
+    TransportError,
+    XMLRPCClient,
+    XMLRPCError,
+    XMLRPCFault,
+    XMLRPCTimeout,
+    _split_pem,
+    tls_policy,
+    unwrap,
+)
+from tests.fakes_xmlrpc import FakeKoji, FakeXMLRPCServer, listen
+
+reactor: Any = _reactor
+
+
+def echo(*args: Any) -> Any:
+    return list(args)
+
+
+class ClientTestBase(TestCase):
+    """
+    Starts a fake server on a loopback port and builds clients for it, all
+    stopped at the end of the test.
+    """
+
+    def serve(self, resource: Resource) -> str:
+        port, url = listen(resource, reactor)
+        self.addCleanup(port.stopListening)
+        if isinstance(resource, FakeXMLRPCServer):
+            self.addCleanup(resource.release_hanging)
+        return url
+
+    def client(self, url: str, **kwargs: Any) -> XMLRPCClient:
+        client = XMLRPCClient(url, reactor, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+
+class CallTests(ClientTestBase):
+    """
+    Calls that succeed, and faults.
+    """
+
+    def setUp(self) -> None:
+        self.server = FakeXMLRPCServer({"echo": echo, "big": lambda: 2**40,
+                                        "nothing": lambda: None})
+        self.url = self.serve(self.server)
+
+    def test_interface(self) -> None:
+        """XMLRPCClient provides IXMLRPCCaller."""
+        self.assertTrue(verifyObject(IXMLRPCCaller, self.client(self.url)))
+
+    @inlineCallbacks
+    def test_call(self) -> Any:
+        """A call sends its parameters and returns the decoded result (nil, i8, struct)."""
+        client = self.client(self.url)
+        result = yield client.call("echo", 1, "ü", None, {"a": [1.5, True]})
+        self.assertEqual(result, [1, "ü", None, {"a": [1.5, True]}])
+        self.assertEqual((yield client.call("big")), 2**40)
+        self.assertIsNone((yield client.call("nothing")))
+        self.assertEqual(client.calls, 3)
+        self.assertEqual(client.failures, {})
+
+    @inlineCallbacks
+    def test_fault(self) -> Any:
+        """A fault becomes an XMLRPCFault with its code and string."""
+        client = self.client(self.url)
+        error = yield self.assertFailure(client.call("nosuch"), XMLRPCFault)
+        self.assertEqual(error.fault_code, 1000)
+        self.assertIn("Invalid method: nosuch", error.fault_string)
+        self.assertEqual((error.url, error.method), (self.url, "nosuch"))
+        self.assertEqual(client.failures, {"XMLRPCFault": 1})
+
+    @inlineCallbacks
+    def test_connection_reused(self) -> Any:
+        """Consecutive calls work over the pool's persistent connection."""
+        client = self.client(self.url)
+        for i in range(3):
+            self.assertEqual((yield client.call("echo", i)), [i])
+        self.assertEqual(self.server.requests, 3)
+
+    def test_bad_url(self) -> None:
+        """Only http and https endpoints are accepted."""
+        self.assertRaises(XMLRPCError, XMLRPCClient, "ftp://example.org/", reactor)
+        self.assertRaises(XMLRPCError, XMLRPCClient, "http://example.org/", reactor, timeout=0)
+
+    @inlineCallbacks
+    def test_unencodable_parameters(self) -> Any:
+        """Parameters XML-RPC can not carry fail the call without a request."""
+        client = self.client(self.url)
+        yield self.assertFailure(client.call("echo", object()), XMLRPCError)
+        yield self.assertFailure(client.call("echo", 2**70), XMLRPCError)
+        self.assertEqual(self.server.requests, 0)
+
+
+class MulticallTests(ClientTestBase):
+    """
+    Batching with Koji's multiCall.
+    """
+
+    def setUp(self) -> None:
+        self.koji = FakeKoji()
+        self.url = self.serve(self.koji.server)
+
+    @inlineCallbacks
+    def test_batches_in_order(self) -> Any:
+        """Calls are sent in batches of batch_size and results come back in order."""
+        client = self.client(self.url, multicall_method="multiCall")
+        calls = [Call("getBuild", (574,)), Call("getEvent", (497788,)),
+                 Call("getTag", ("f24",)), Call("getAPIVersion"), Call("getBuild", (99999,))]
+        results = yield client.multicall(calls, batch_size=2)
+        self.assertEqual(self.koji.server.requests, 3)
+        self.assertEqual(results[0]["nvr"], "fake-1.1-35MYDISTTAG")
+        self.assertEqual(results[1]["id"], 497788)
+        self.assertEqual(results[2]["name"], "f24")
+        self.assertEqual(results[3], 1)
+        self.assertIsNone(results[4])
+
+    @inlineCallbacks
+    def test_faults_per_call(self) -> Any:
+        """A fault of one call is returned in its place; the others succeed."""
+        client = self.client(self.url, multicall_method="multiCall")
+        results = yield client.multicall(
+            [Call("getEvent", (1, {"strict": True, "__starstar": True})), Call("getAPIVersion")]
+        )
+        self.assertIsInstance(results[0], XMLRPCFault)
+        self.assertEqual(results[0].method, "getEvent")
+        self.assertEqual(results[1], 1)
+        self.assertRaises(XMLRPCFault, unwrap, results[0])
+        self.assertEqual(unwrap(results[1]), 1)
+
+    @inlineCallbacks
+    def test_request_failure_fails_all(self) -> Any:
+        """A failed request fails the whole multicall."""
+        client = self.client(self.url, multicall_method="multiCall")
+        self.koji.server.misbehave = ["ok", "http500"]
+        d = client.multicall([Call("getAPIVersion")] * 4, batch_size=2)
+        yield self.assertFailure(d, HTTPStatusError)
+
+    @inlineCallbacks
+    def test_empty(self) -> Any:
+        """An empty multicall makes no request."""
+        client = self.client(self.url, multicall_method="multiCall")
+        self.assertEqual((yield client.multicall([])), [])
+        self.assertEqual(self.koji.server.requests, 0)
+
+
+class MisbehavingServerTests(ClientTestBase):
+    """
+    Every kind of bad answer fails the call with a typed error.
+    """
+
+    def setUp(self) -> None:
+        self.server = FakeXMLRPCServer({"echo": echo})
+        self.url = self.serve(self.server)
+
+    @inlineCallbacks
+    def misbehaving(self, mode: str, error: type[Exception], **kwargs: Any) -> Any:
+        client = self.client(self.url, **kwargs)
+        self.server.mode = mode
+        failure = yield self.assertFailure(client.call("echo", "x" * 200), error)
+        # The client stays usable for the next call.
+        self.server.mode = None
+        self.assertEqual((yield client.call("echo", 1)), [1])
+        return failure
+
+    def test_fault(self) -> Any:
+        """A server that always faults gives XMLRPCFault."""
+        return self.misbehaving("fault", XMLRPCFault)
+
+    @inlineCallbacks
+    def test_http_500(self) -> Any:
+        """HTTP 500 gives HTTPStatusError with the status."""
+        error = yield self.misbehaving("http500", HTTPStatusError)
+        self.assertEqual(error.status, 500)
+
+    def test_truncated(self) -> Any:
+        """A cleanly ended but truncated answer is a BadResponse."""
+        return self.misbehaving("truncated", BadResponse)
+
+    def test_cut(self) -> Any:
+        """An answer cut short by a dropped connection is a TransportError."""
+        return self.misbehaving("cut", TransportError)
+
+    def test_not_xml(self) -> Any:
+        """An HTML page instead of XML-RPC is a BadResponse."""
+        return self.misbehaving("not_xml", BadResponse)
+
+    @inlineCallbacks
+    def test_billion_laughs(self) -> Any:
+        """Entity declarations are refused: no expansion happens."""
+        error = yield self.misbehaving("billion_laughs", BadResponse)
+        self.assertIn("DTD", error.reason)
+
+    @inlineCallbacks
+    def test_external_entity(self) -> Any:
+        """External entities are refused: no local file is read."""
+        error = yield self.misbehaving("external_entity", BadResponse)
+        self.assertIn("DTD", error.reason)
+        self.assertNotIn("root:", error.reason)
+
+    @inlineCallbacks
+    def test_huge_answer_aborted_at_cap(self) -> Any:
+        """A 100 MB answer is dropped at the cap: neither side moves more than a little beyond it."""
+        cap = 1024 * 1024
+        error = yield self.misbehaving("huge", ResponseTooLarge, max_response_bytes=cap)
+        self.assertEqual(error.limit, cap)
+        self.assertLess(error.received, cap + 128 * 1024)
+        # Socket buffers hold a few MB at most; the server never got to write
+        # anything like the 100 MB it meant to.
+        self.assertLess(self.server.flood_sent, 32 * 1024 * 1024)
+
+    @inlineCallbacks
+    def test_announced_length_over_cap(self) -> Any:
+        """A Content-Length over the cap fails at once, without reading the body."""
+        self.server.handlers["blob"] = lambda: "y" * (2 * 1024 * 1024)
+        client = self.client(self.url, max_response_bytes=1024 * 1024)
+        error = yield self.assertFailure(client.call("blob"), ResponseTooLarge)
+        self.assertGreater(error.received, 2 * 1024 * 1024)
+        self.assertEqual(client.bytes_received, 0)
+
+    @inlineCallbacks
+    def test_hang_times_out(self) -> Any:
+        """A server that accepts and never answers gives XMLRPCTimeout after the timeout."""
+        error = yield self.misbehaving("hang", XMLRPCTimeout, timeout=0.3)
+        self.assertEqual(error.timeout, 0.3)
+        self.assertEqual(len(self.server.hanging), 1)
+
+    @inlineCallbacks
+    def test_connection_refused(self) -> Any:
+        """Nobody listening is a TransportError."""
+        port, url = listen(Resource(), reactor)
+        yield port.stopListening()
+        client = self.client(url)
+        yield self.assertFailure(client.call("echo"), TransportError)
+
+    @inlineCallbacks
+    def test_compressed_answer_refused(self) -> Any:
+        """A content encoding the client did not ask for is refused (no decompression bombs)."""
+
+        class Gzipped(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Request) -> bytes:
+                request.setHeader(b"content-encoding", b"gzip")
+                return b"\x1f\x8b..."
+
+        client = self.client(self.serve(Gzipped()))
+        yield self.assertFailure(client.call("echo"), BadResponse)
+
+    @inlineCallbacks
+    def test_close_cancels_calls(self) -> Any:
+        """close() cancels calls in progress."""
+        client = XMLRPCClient(self.url, reactor)
+        self.server.mode = "hang"
+        d = client.call("echo")
+        while not self.server.hanging:
+            yield deferLater(0.01)
+        yield client.close()
+        yield self.assertFailure(d, CancelledError)
+
+
+def deferLater(delay: float) -> Deferred[None]:
+    from twisted.internet.task import deferLater as later
+
+    return later(reactor, delay, lambda: None)
+
+
+# --- HTTPS --------------------------------------------------------------
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_pki(directory: str) -> dict[str, str]:
+    """
+    A test CA, an unrelated CA, and a server certificate for 127.0.0.1 signed
+    by the first; PEM files in C{directory}.
+    """
+    import ipaddress
+
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    paths: dict[str, str] = {}
+
+    def ca(common: str) -> tuple[Any, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder().subject_name(_name(common)).issuer_name(_name(common))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        return key, cert
+
+    ca_key, ca_cert = ca("fedhub test CA")
+    _, other_cert = ca("some other CA")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+
+    def write(name: str, data: bytes) -> None:
+        paths[name] = os.path.join(directory, name)
+        with open(paths[name], "wb") as f:
+            f.write(data)
+
+    write("ca.pem", ca_cert.public_bytes(pem))
+    write("other.pem", other_cert.public_bytes(pem))
+    # The signing CA second: loading only the first certificate would fail.
+    write("bundle.pem", other_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+    write("server.pem", server_cert.public_bytes(pem) + server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+class HTTPSTests(ClientTestBase):
+    """
+    HTTPS endpoints are verified.
+    """
+
+    def setUp(self) -> None:
+        self.pki = make_pki(self.mktemp())
+        with open(self.pki["server.pem"], "rb") as f:
+            options = PrivateCertificate.loadPEM(f.read()).options()
+        server = FakeXMLRPCServer({"echo": echo})
+        site = Site(server)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.url = f"https://127.0.0.1:{port.getHost().port}/RPC2"
+
+    @inlineCallbacks
+    def test_trusted_by_ca_file(self) -> Any:
+        """A server whose certificate chains to the configured CA file is accepted."""
+        client = self.client(self.url, ca_file=self.pki["ca.pem"])
+        self.assertEqual((yield client.call("echo", 7)), [7])
+
+    @inlineCallbacks
+    def test_every_certificate_of_bundle(self) -> Any:
+        """Every certificate of a CA bundle is trusted, not only the first."""
+        client = self.client(self.url, ca_file=self.pki["bundle.pem"])
+        self.assertEqual((yield client.call("echo", 8)), [8])
+
+    @inlineCallbacks
+    def test_untrusted_refused(self) -> Any:
+        """A server the trust roots do not vouch for is refused."""
+        client = self.client(self.url, ca_file=self.pki["other.pem"])
+        yield self.assertFailure(client.call("echo"), TransportError)
+
+    @inlineCallbacks
+    def test_platform_trust_refuses_test_ca(self) -> Any:
+        """Without a CA file the platform's trust store is used: the test CA is not in it."""
+        client = self.client(self.url)
+        yield self.assertFailure(client.call("echo"), TransportError)
+
+    @inlineCallbacks
+    def test_unreadable_ca_file(self) -> Any:
+        """A CA file that can not be read fails the call with its reason."""
+        client = self.client(self.url, ca_file=os.path.join(self.mktemp(), "missing.pem"))
+        error = yield self.assertFailure(client.call("echo"), XMLRPCError)
+        self.assertIn("can not read CA file", error.reason)
+
+
+class PEMTests(SynchronousTestCase):
+    """
+    Reading CA bundles.
+    """
+
+    def test_split(self) -> None:
+        """Every certificate block of a bundle is found, text around them ignored."""
+        block = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"
+        self.assertEqual(_split_pem(b"# comment\n" + block + b"\njunk\n" + block),
+                         [block + b"\n", block + b"\n"])
+
+    def test_no_certificate(self) -> None:
+        """A file without a certificate is refused."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"nothing here")
+        self.assertRaises(XMLRPCError, tls_policy, path)
+
+
+class FaultMappingTests(SynchronousTestCase):
+    """
+    Error values.
+    """
+
+    def test_fault_string_escaped(self) -> None:
+        """Control characters in a fault string can not forge log lines."""
+        error = XMLRPCFault("http://h/", "m", 1, "bad\nINFO forged line")
+        self.assertNotIn("\n", str(error))
+        self.assertEqual(error.fault_code, 1)
+
+    def test_stdlib_fault_shape(self) -> None:
+        """The fake server's faults are standard XML-RPC faults."""
+        data = xmlrpc.client.dumps(xmlrpc.client.Fault(3, "x"), methodresponse=True)
+        self.assertRaises(xmlrpc.client.Fault, xmlrpc.client.loads, data)
