@@ -581,8 +581,8 @@ class LimitTests(SynchronousTestCase):
         harness = Harness(self.settings, intake=intake)
         client = harness.connect()
         injected = dot_stuffed(sample(CHANGED))[:-3]  # without the final dot
-        client.send(envelope() + b"Subject: x\r\n\r\n" + b"A" * 3000 + b"\r\n"
-                    + b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n"
+        client.send(envelope() + b"Subject: x\r\n\r\n" + b"A" * 3000 + b"\r\n")
+        client.send(b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n"
                     + injected)
         self.assertEqual(client.codes(), [220, 250, 250, 250, 354])
         client.send(b".\r\n")

@@ -94,6 +94,11 @@ _VERB = re.compile(rb"[A-Za-z]{1,16}")
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
+_PEM_PRIVATE_KEY = re.compile(
+    rb"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----\r?\n.+?\r?\n"
+    rb"-----END (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----",
+    re.DOTALL,
+)
 
 
 # --- settings -------------------------------------------------------------------
@@ -274,17 +279,29 @@ def _read(path: str) -> bytes:
 
 
 def _certificates(data: bytes, path: str) -> list[Any]:
-    from twisted.internet.ssl import Certificate
+    from cryptography import x509
 
     blocks = _PEM_CERTIFICATE.findall(data)
     if not blocks:
         raise TLSFilesError(path, "holds no PEM certificate")
     try:
-        # Certificate.loadPEM of a bundle keeps only the first certificate:
-        # load every block on its own.
-        return [Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:
+        # Every block on its own: Twisted's Certificate.loadPEM of a bundle
+        # keeps only the first certificate.
+        return [x509.load_pem_x509_certificate(block) for block in blocks]
+    except ValueError as e:
         raise TLSFilesError(path, f"not a valid certificate: {e}") from None
+
+
+def _private_key(data: bytes, path: str) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    match = _PEM_PRIVATE_KEY.search(data)
+    if match is None:
+        raise TLSFilesError(path, "holds no PEM private key")
+    try:
+        return load_pem_private_key(match.group(0), password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSFilesError(path, f"holds no usable private key (encrypted keys are not supported): {e}") from None
 
 
 def load_tls_options(settings: ListenerSettings) -> Any:
@@ -298,32 +315,38 @@ def load_tls_options(settings: ListenerSettings) -> Any:
     """
     if settings.tls_certificate is None:
         return None
-    from twisted.internet.ssl import CertificateOptions, KeyPair, TLSVersion
+    from twisted.internet.ssl import CertificateOptions, TLSVersion
 
     cert_path = settings.tls_certificate
     cert_data = _read(cert_path)
     chain = _certificates(cert_data, cert_path)
     key_path = settings.tls_key or cert_path
-    key_data = _read(key_path) if settings.tls_key else cert_data
-    try:
-        key = KeyPair.load(key_data, 1)  # 1 = FILETYPE_PEM
-    except Exception as e:
-        raise TLSFilesError(key_path, f"holds no usable private key: {e}") from None
+    key = _private_key(_read(key_path) if settings.tls_key else cert_data, key_path)
     ca_certs: list[Any] = []
     if settings.tls_client_ca is not None:
-        ca_certs = _certificates(_read(settings.tls_client_ca), settings.tls_client_ca)
+        from OpenSSL.crypto import X509
+
+        # The trust store still wants pyOpenSSL's certificate objects.
+        ca_certs = [
+            X509.from_cryptography(c)
+            for c in _certificates(_read(settings.tls_client_ca), settings.tls_client_ca)
+        ]
     try:
-        return CertificateOptions(
-            privateKey=key.original,
-            certificate=chain[0].original,
-            extraCertChain=[c.original for c in chain[1:]],
+        options = CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
             raiseMinimumTo=TLSVersion.TLSv1_2,
             verify=bool(ca_certs),
-            caCerts=[c.original for c in ca_certs] or None,
+            caCerts=ca_certs or None,
             requireCertificate=bool(ca_certs),
         )
+        # Build the context now, so a key that does not match the
+        # certificate fails the start instead of the first handshake.
+        options.getContext()
     except Exception as e:
         raise TLSFilesError(cert_path, f"certificate and key do not work together: {e}") from None
+    return options
 
 
 # --- the shared secret ---------------------------------------------------------------
