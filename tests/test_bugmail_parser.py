@@ -4,6 +4,9 @@ results documented for them, CRLF mail parses like LF mail, and each layout
 rule, rejection reason and resource limit behaves as documented.
 """
 
+# twisted.trial's assertion methods carry no annotations.
+# mypy: disable-error-code="no-untyped-call"
+
 from __future__ import annotations
 
 import json
@@ -12,7 +15,9 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.errors import FedhubError
+from fedhub.producers.bugzilla import parser
 from fedhub.producers.bugzilla.parser import (
+    MAX_CONTENT_TYPE_PARAMS,
     MAX_HEADER_LINES,
     MAX_MAIL_BYTES,
     MAX_MIME_DEPTH,
@@ -779,6 +784,19 @@ class RejectionTests(SynchronousTestCase):
         error = _error(_mail(headers=(("X-Bugzilla-Encrypt", "1"),)))
         self.assertEqual(error.code, "encrypted")
 
+    def test_unexpected_failure_contained(self) -> None:
+        """A failure inside the parser surfaces as MalformedBugmail('internal_error'), chaining the cause."""
+
+        def broken(raw: bytes) -> BugEvent:
+            raise RecursionError("deep")
+
+        self.patch(parser, "_parse", broken)
+        error = _error(_mail())
+        self.assertIsInstance(error, MalformedBugmail)
+        self.assertEqual(error.code, "internal_error")
+        self.assertIn("RecursionError", error.reason)
+        self.assertIsInstance(error.__cause__, RecursionError)
+
     def test_type_error(self) -> None:
         """Passing text instead of bytes is a programming error, not a mail error."""
         self.assertRaises(TypeError, parse_bugmail, "From: x\n\n")
@@ -855,6 +873,28 @@ class MimeTests(SynchronousTestCase):
         head, text = self._headers_and_text()
         raw = head + b"\nContent-Type: multipart/mixed\n\n" + text
         self.assertEqual(_error(raw).code, "bad_mime")
+
+    def test_parameter_limit(self) -> None:
+        """A Content-Type with more parameters than the limit is refused; at the limit it is read."""
+        head, text = self._headers_and_text()
+        for count, ok in ((MAX_CONTENT_TYPE_PARAMS - 1, True), (MAX_CONTENT_TYPE_PARAMS + 1, False)):
+            params = "".join(f"; p{i}=v" for i in range(count))
+            raw = head + f"\nContent-Type: text/plain; charset=utf-8{params}\n\n".encode() + text
+            if ok:
+                self.assertEqual(parse_bugmail(raw).bug_id, 4242)
+            else:
+                self.assertEqual(_error(raw).code, "too_many_parameters")
+
+    def test_quoted_boundary_with_escapes(self) -> None:
+        """A quoted boundary with a backslash escape and a ';' is unquoted as RFC 2045 says."""
+        head, text = self._headers_and_text()
+        raw = (
+            head
+            + b'\nContent-Type: multipart/mixed; boundary="a\\"b;c" ; x=y\n\n--a"b;c\nContent-Type: text/plain\n\n'
+            + text
+            + b'\n--a"b;c--\n'
+        )
+        self.assertEqual(parse_bugmail(raw).bug_id, 4242)
 
     def test_base64_with_junk(self) -> None:
         """Base64 bodies with stray characters and missing padding still decode."""

@@ -166,6 +166,13 @@ _FIELD_NAMES: Mapping[str, str] = MappingProxyType(
 )
 
 _ATTACHMENT_LABEL = re.compile(r"Attachment #([0-9]{1,10}) (.+)")
+_NUMBERED_LABEL = re.compile(r"(?:Attachment|Comment) #[0-9]{1,10}(?: (.*))?")
+# What may follow "Attachment #N " / "Comment #N " in a complete label.
+_COMPLETE_SUFFIXES = frozenset(
+    [label for label in _FIELD_NAMES if label.startswith("Attachment ")]
+    + [label[len("Attachment ") :] for label in _FIELD_NAMES if label.startswith("Attachment ")]
+    + ["Flags", "Attachment Flags", "is private", "Tags"]
+)
 
 
 @dataclass(frozen=True)
@@ -199,9 +206,12 @@ class Change:
             return found
         m = _ATTACHMENT_LABEL.fullmatch(self.field)
         if m is not None:
-            if m.group(2) == "Flags":
+            rest = m.group(2)
+            if rest.startswith("Attachment "):
+                rest = rest[len("Attachment ") :]
+            if rest == "Flags":
                 return "flagtypes.name"
-            return _FIELD_NAMES.get("Attachment " + m.group(2))
+            return _FIELD_NAMES.get("Attachment " + rest)
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -515,8 +525,9 @@ def _clean_line(value: str) -> str:
 
 def _clean_text(value: str) -> str:
     """
-    Return multi-line text with control characters other than newline and tab
-    removed.
+    Return multi-line text with newline and tab kept, the other white-space
+    controls (vertical tab, form feed, carriage return) turned into spaces and
+    every other control character removed.
     """
     return value.translate(_TEXT_TABLE)
 
@@ -922,11 +933,8 @@ _SUBJECT = re.compile(
     r"\[([A-Za-z][\w -]{0,30}) ([0-9]{1,12})\]\s?(New: )?(.*)",
     re.S,
 )
-_FOOTER_MARKERS = (
-    "You are receiving this mail because",
-    "You may reply to this email",
-    "Configure bugmail",
-    "Do not reply to this email",
+_FOOTER_MARKERS = re.compile(
+    "You are receiving this mail because|You may reply to this email|Configure bugmail|Do not reply to this email"
 )
 _MAX_STRUCTURE_LINE = 2100
 _TRIPLE_WIDTHS = (18, 27)
@@ -1020,7 +1028,14 @@ def _label_continues(pieces: list[str], label: str, removed: str, added: str) ->
         return False
     if not removed and not added:
         return True
-    return re.fullmatch(r"(?:Attachment|Comment) #[0-9]{1,10}(?: is)?", " ".join(pieces)) is not None
+    # Rows carrying values on both lines: only labels known to be incomplete
+    # (an attachment or comment number without a complete field description)
+    # are continued; anything else starts a new row.
+    joined = " ".join(pieces)
+    if joined in ("Attachment", "Comment"):
+        return label.startswith("#")
+    m = _NUMBERED_LABEL.fullmatch(joined)
+    return m is not None and (m.group(1) or "") not in _COMPLETE_SUFFIXES
 
 
 def _parse_change_table(lines: list[str], i: int, changes: list[Change]) -> int:
@@ -1047,9 +1062,9 @@ def _parse_change_table(lines: list[str], i: int, changes: list[Change]) -> int:
     for label_pieces, removed_pieces, added_pieces in rows:
         changes.append(
             Change(
-                _join_pieces(label_pieces, _TRIPLE_WIDTHS[0]),
-                _join_pieces(removed_pieces, _TRIPLE_WIDTHS[1]),
-                _join_pieces(added_pieces, _TRIPLE_WIDTHS[1]),
+                _clean_line(_join_pieces(label_pieces, _TRIPLE_WIDTHS[0])),
+                _clean_line(_join_pieces(removed_pieces, _TRIPLE_WIDTHS[1])),
+                _clean_line(_join_pieces(added_pieces, _TRIPLE_WIDTHS[1])),
             )
         )
     return i
@@ -1088,8 +1103,9 @@ def _parse_new_table(lines: list[str], i: int) -> tuple[list[tuple[str, str]], i
         i += 1
     table = []
     for label_pieces, value_pieces in rows:
-        label = _join_pieces(label_pieces, _TRIPLE_WIDTHS[0])
-        table.append((label[:-1] if label.endswith(":") else label, _join_pieces(value_pieces, _DOUBLE_WIDTH)))
+        label = _clean_line(_join_pieces(label_pieces, _TRIPLE_WIDTHS[0]))
+        value = _clean_line(_join_pieces(value_pieces, _DOUBLE_WIDTH))
+        table.append((label[:-1] if label.endswith(":") else label, value))
     return table, i
 
 
@@ -1121,15 +1137,18 @@ def _find_footer(lines: list[str], start: int) -> int:
     after it is cut off with it.
     """
     fallback_sig: int | None = None
+    next_marker = -1  # nearest line after i holding a footer sentence
     for i in range(len(lines) - 1, start - 1, -1):
         line = lines[i]
-        if len(line) > 8 or line.rstrip() != "--":
+        if not line:
             continue
-        if fallback_sig is None:
-            fallback_sig = i
-        window = lines[i + 1 : i + 7]
-        if any(marker in text for text in window for marker in _FOOTER_MARKERS if len(text) < 200):
-            return i
+        if line[0] == "-" and len(line) <= 8 and line.rstrip() == "--":
+            if 0 < next_marker - i <= 6:
+                return i
+            if fallback_sig is None:
+                fallback_sig = i
+        elif len(line) < 200 and _FOOTER_MARKERS.search(line):
+            next_marker = i
     for i in range(start, len(lines) - 1):
         line = lines[i]
         if 10 <= len(line) <= 100 and line.strip("_") == "" and "mailing list" in lines[i + 1]:
@@ -1208,40 +1227,38 @@ def _parse_body(text: str, is_new: bool) -> _Body:
     else:
         while i < end:
             line = lines[i]
-            if _comment_header(line) is not None:
-                break
-            if len(line) > _MAX_STRUCTURE_LINE or not line.strip():
-                i += 1
-                continue
-            if _TABLE_HEADER.fullmatch(line) and i + 1 < end and _TABLE_RULE.fullmatch(lines[i + 1]):
-                i = _parse_change_table(lines, i + 2, body.changes)
-                continue
-            m = _CHANGED_BY.fullmatch(line)
-            if m is not None:
-                body.changers.append(m.group(1))
-                i += 1
-                continue
-            m = _DEPENDS.fullmatch(line)
-            if m is not None:
-                blocker_id = _bug_id(m.group(2), "the blocking bug")
-                body.blocker = Blocker(blocker_id, "")
-                i += 1
-                continue
-            m = _DEP_SUMMARY.fullmatch(line)
-            if m is not None and body.blocker is not None and m.group(1) == str(body.blocker.bug_id):
-                body.blocker = Blocker(body.blocker.bug_id, m.group(2).strip())
             i += 1
+            if not line or len(line) > _MAX_STRUCTURE_LINE:
+                continue
+            if line.startswith("---") and _comment_header(line) is not None:
+                i -= 1
+                break
+            if "|" in line:
+                if _TABLE_HEADER.fullmatch(line) and i < end and _TABLE_RULE.fullmatch(lines[i]):
+                    i = _parse_change_table(lines, i + 1, body.changes)
+            elif line.endswith(" changed:"):
+                m = _CHANGED_BY.fullmatch(line)
+                if m is not None:
+                    body.changers.append(m.group(1))
+            elif line.startswith("Bug "):
+                m = _DEPENDS.fullmatch(line)
+                if m is not None:
+                    body.blocker = Blocker(_bug_id(m.group(2), "the blocking bug"), "")
+                    continue
+                m = _DEP_SUMMARY.fullmatch(line)
+                if m is not None and body.blocker is not None and m.group(1) == str(body.blocker.bug_id):
+                    body.blocker = Blocker(body.blocker.bug_id, m.group(2).strip())
 
     while i < end:
         line = lines[i]
-        header = _comment_header(line)
+        i += 1
+        header = _comment_header(line) if line.startswith("---") else None
         if header is not None:
             if pending is not None:
                 body.comments.append(pending)
             pending = (header[0], header[1], [])
         elif pending is not None:
             pending[2].append(line)
-        i += 1
     if pending is not None:
         body.comments.append(pending)
     return body
