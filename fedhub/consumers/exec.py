@@ -1,0 +1,910 @@
+"""
+The C{exec} consumer: run a command for each message, or once for each burst
+of messages (the replacement for a cron job that scrapes for changes).
+
+The command is an argument list, never a shell string.  Each run gets:
+
+  - on standard input, the serialized message (one JSON line, as
+    L{fedhub.message.dump_line} writes it), unless C{stdin = false}; a
+    coalesced run gets every message of its batch, one line each;
+  - arguments templated from the message: C{{topic}}, C{{id}},
+    C{{schema}}, C{{severity}}, C{{priority}}, C{{body}},
+    C{{body[key]}}, C{{body[key][0]}}, C{{headers[name]}}; C{{{}} and
+    C{}}} stand for braces.  Only these lookups exist: no attribute access,
+    no format specifications.  The program itself (the first element) can
+    not be templated;
+  - an environment made only of the variables named in C{pass_env} (taken
+    from the hub's environment), those in C{env}, and C{FEDHUB_TOPIC},
+    C{FEDHUB_MSG_ID}, C{FEDHUB_CONSUMER} and C{FEDHUB_MESSAGE_COUNT}.
+
+Each run is started in its own session (so its own process group) by a tiny
+launcher, C{sys.executable -I -S -c ...}, that calls C{setsid()} and then
+C{execvp()}s the command; Twisted's C{spawnProcess} has no such option.  A
+run that passes C{timeout} gets C{SIGTERM} sent to its whole process group,
+then C{SIGKILL} after C{kill_grace} seconds.
+
+Verdicts: exit status 0 acknowledges; a status in C{retry_codes} (default
+75, C{EX_TEMPFAIL}) is a L{Retry}; any other status, a signal, a timeout or
+a program that can not be started is a L{DeadLetter} whose reason has the
+status and the last lines of standard error.  At most C{max_output} bytes of
+each output stream are kept (the last ones); the rest is read and discarded,
+so a chatty command never blocks on a full pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fedhub.config import Option
+from fedhub.errors import ConfigError, ConfigProblem, DeadLetter, FedhubError, Retry
+from fedhub.interfaces import IConsumerPlugin, IMessageHandler
+from fedhub.message import Message, dump_line
+from fedhub.plugins import PluginContext
+from fedhub.text import escape_control
+
+__all__ = [
+    "ExecPlugin",
+    "ExecHandler",
+    "ExecSettings",
+    "RunResult",
+    "TemplateError",
+    "TemplateField",
+    "parse_template",
+    "render_template",
+]
+
+#: Exit status of a command that asks to be run again later (C{EX_TEMPFAIL}).
+EX_TEMPFAIL = 75
+
+#: The variables a command inherits from the hub's environment by default.
+DEFAULT_PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+
+#: The search path a command gets when the hub's environment has none.
+FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+#: How many lines of standard error a dead-letter reason quotes.
+REASON_LINES = 10
+
+#: Runs the command in a new session (its own process group), so that a
+#: timeout can signal everything it started.  Exit statuses 126 and 127 are
+#: the shell's for "not executable" and "not found".
+LAUNCHER = (
+    "import os, sys\n"
+    "os.setsid()\n"
+    "try:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "except OSError as e:\n"
+    "    sys.stderr.write('fedhub exec: can not run %r: %s\\n' % (sys.argv[1], e.strerror))\n"
+    "    sys.stderr.flush()\n"
+    "    os._exit(127 if isinstance(e, FileNotFoundError) else 126)\n"
+)
+
+#: The message fields a template may name; C{body} and C{headers} take keys.
+TEMPLATE_ROOTS = frozenset({"topic", "id", "schema", "severity", "priority", "body", "headers"})
+
+
+# --- argument templates ---------------------------------------------------
+
+
+class TemplateError(FedhubError):
+    """
+    An argument template is malformed, or names something a message lacks.
+
+    @ivar reason: What is wrong.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class TemplateField:
+    """
+    One C{{...}} field of an argument template.
+
+    @ivar root: The message field (one of L{TEMPLATE_ROOTS}).
+    @ivar keys: The keys looked up in it, in order (C{body[a][0]} has
+        C{("a", "0")}).
+    """
+
+    root: str
+    keys: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return "{" + self.root + "".join(f"[{key}]" for key in self.keys) + "}"
+
+
+Template = tuple["str | TemplateField", ...]
+
+
+def parse_template(text: str) -> Template:
+    """
+    Split an argument template into literal text and L{TemplateField}s.
+
+    @raise TemplateError: for an unbalanced brace, an unknown field name, an
+        empty key or keys on a field that takes none.
+    """
+    parts: list[str | TemplateField] = []
+    literal: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == "}":
+            if text.startswith("}}", i):
+                literal.append("}")
+                i += 2
+                continue
+            raise TemplateError(f"single '}}' at position {i}; write '}}}}' for a brace")
+        if char != "{":
+            literal.append(char)
+            i += 1
+            continue
+        if text.startswith("{{", i):
+            literal.append("{")
+            i += 2
+            continue
+        start = i
+        i += 1
+        j = i
+        while j < n and (text[j].isalnum() or text[j] == "_"):
+            j += 1
+        root = text[i:j]
+        if root not in TEMPLATE_ROOTS:
+            known = ", ".join(sorted(TEMPLATE_ROOTS))
+            raise TemplateError(f"unknown field {root!r} at position {start} (known: {known})")
+        keys: list[str] = []
+        while j < n and text[j] == "[":
+            end = text.find("]", j + 1)
+            if end < 0:
+                raise TemplateError(f"'[' without ']' at position {j}")
+            key = text[j + 1 : end]
+            if not key:
+                raise TemplateError(f"empty key at position {j}")
+            keys.append(key)
+            j = end + 1
+        if j >= n or text[j] != "}":
+            raise TemplateError(f"field at position {start} is not closed by '}}'")
+        if keys and root not in ("body", "headers"):
+            raise TemplateError(f"field {root!r} takes no keys")
+        if literal:
+            parts.append("".join(literal))
+            literal = []
+        parts.append(TemplateField(root, tuple(keys)))
+        i = j + 1
+    if literal:
+        parts.append("".join(literal))
+    return tuple(parts)
+
+
+def _field_value(message: Message, spec: TemplateField) -> object:
+    value: object
+    if spec.root == "body":
+        value = message.body
+    elif spec.root == "headers":
+        value = message.wire_headers()
+    else:
+        value = getattr(message, spec.root)
+    walked = spec.root
+    for key in spec.keys:
+        if isinstance(value, Mapping):
+            if key not in value:
+                raise TemplateError(f"{walked} has no key {key!r}")
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit():
+            index = int(key)
+            if index >= len(value):
+                raise TemplateError(f"{walked} has no element {index}")
+            value = value[index]
+        else:
+            raise TemplateError(f"{walked} is a {type(value).__name__}; it has no key {key!r}")
+        walked += f"[{key}]"
+    return value
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(
+        value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str
+    )
+
+
+def render_template(template: Template, message: Message) -> str:
+    """
+    Fill a parsed template from a message.  Strings are put in as they are;
+    numbers, booleans, C{null}, objects and arrays as compact JSON.
+
+    @raise TemplateError: when the message lacks a named key, or a value
+        holds a NUL character (which no argument can carry).
+    """
+    out: list[str] = []
+    for part in template:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        text = _as_text(_field_value(message, part))
+        if "\x00" in text:
+            raise TemplateError(f"{part} holds a NUL character")
+        out.append(text)
+    return "".join(out)
+
+
+# --- settings -------------------------------------------------------------
+
+
+def _check_command(value: list[str]) -> str | None:
+    if not value:
+        return "must name at least the program"
+    if not value[0]:
+        return "the program can not be empty"
+    for position, item in enumerate(value):
+        if "\x00" in item:
+            return f"element {position} holds a NUL character"
+        try:
+            template = parse_template(item)
+        except TemplateError as e:
+            return f"element {position}: {e.reason}"
+        if position == 0 and any(isinstance(part, TemplateField) for part in template):
+            return "the program (element 0) can not come from the message"
+    return None
+
+
+def _check_env(value: dict[str, Any]) -> str | None:
+    for name, item in value.items():
+        if not name or "=" in name or "\x00" in name:
+            return f"{name!r} is not a valid variable name"
+        if not isinstance(item, str):
+            return f"value of {name!r} must be a string"
+        if "\x00" in item:
+            return f"value of {name!r} holds a NUL character"
+    return None
+
+
+def _check_names(value: list[str]) -> str | None:
+    for name in value:
+        if not name or "=" in name or "\x00" in name:
+            return f"{name!r} is not a valid variable name"
+    return None
+
+
+def _check_positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _check_not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _check_codes(value: list[int]) -> str | None:
+    for code in value:
+        if not 1 <= code <= 255:
+            return f"exit status {code} is not within 1..255"
+    return None
+
+
+def _check_cwd(value: str) -> str | None:
+    return None if os.path.isabs(value) else "must be an absolute path"
+
+
+def _check_output(value: int) -> str | None:
+    return None if value >= 1024 else "must be at least 1024 bytes"
+
+
+@dataclass(frozen=True)
+class ExecSettings:
+    """
+    The checked options of one C{exec} consumer.
+
+    @ivar command: The argument templates; element 0 is the program.
+    @ivar stdin: Whether the serialized message goes to standard input.
+    @ivar env: Extra environment variables.
+    @ivar pass_env: Variables taken from the hub's environment.
+    @ivar cwd: The working directory, or C{None} for the hub's.
+    @ivar timeout: Seconds a run may take before its process group is
+        signalled.
+    @ivar kill_grace: Seconds between C{SIGTERM} and C{SIGKILL}.
+    @ivar max_running: Runs at once, across messages.
+    @ivar max_output: Bytes of each output stream kept (the last ones).
+    @ivar retry_codes: Exit statuses that mean "retry later".
+    @ivar coalesce: Seconds a batch collects messages before its one run;
+        0 runs once per message.
+    """
+
+    command: tuple[Template, ...]
+    stdin: bool = True
+    env: Mapping[str, str] = field(default_factory=dict)
+    pass_env: tuple[str, ...] = DEFAULT_PASS_ENV
+    cwd: str | None = None
+    timeout: float = 300.0
+    kill_grace: float = 5.0
+    max_running: int = 1
+    max_output: int = 64 * 1024
+    retry_codes: frozenset[int] = frozenset({EX_TEMPFAIL})
+    coalesce: float = 0.0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ExecSettings:
+        """
+        Settings from a plugin's checked options.
+        """
+        return cls(
+            command=tuple(parse_template(item) for item in options["command"]),
+            stdin=bool(options.get("stdin", True)),
+            env=dict(options.get("env") or {}),
+            pass_env=tuple(options.get("pass_env", DEFAULT_PASS_ENV)),
+            cwd=options.get("cwd"),
+            timeout=float(options.get("timeout", 300.0)),
+            kill_grace=float(options.get("kill_grace", 5.0)),
+            max_running=int(options.get("max_running", 1)),
+            max_output=int(options.get("max_output", 64 * 1024)),
+            retry_codes=frozenset(options.get("retry_codes", (EX_TEMPFAIL,))),
+            coalesce=float(options.get("coalesce", 0.0)),
+        )
+
+    @property
+    def program(self) -> str:
+        """
+        The program to run (element 0, never templated).
+        """
+        first = self.command[0]
+        return "".join(part for part in first if isinstance(part, str))
+
+
+# --- running one command ----------------------------------------------------
+
+
+class _Tail:
+    """
+    The last C{limit} bytes of a stream, and how many bytes it had.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        self.data += data
+        if len(self.data) > self.limit:
+            del self.data[: len(self.data) - self.limit]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.data)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """
+    How one run of a command ended.
+
+    @ivar exit_code: Its exit status, or C{None} when a signal ended it.
+    @ivar signal: The signal that ended it, or C{None}.
+    @ivar timed_out: Whether it was killed for passing its timeout.
+    @ivar stdout: The last bytes of its standard output.
+    @ivar stderr: The last bytes of its standard error.
+    @ivar stdout_truncated: Whether earlier output was discarded.
+    @ivar stderr_truncated: Likewise for standard error.
+    """
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    def stderr_lines(self, count: int = REASON_LINES, limit: int = 600) -> str:
+        """
+        The last C{count} lines of standard error, escaped, at most C{limit}
+        characters (the end is kept).
+        """
+        text = self.stderr.decode("utf-8", "replace").rstrip("\n")
+        lines = text.split("\n")[-count:]
+        escaped = escape_control("\n".join(lines))
+        if len(escaped) > limit:
+            escaped = "…" + escaped[-(limit - 1) :]
+        return escaped
+
+    def describe(self) -> str:
+        """
+        What happened, in a few words.
+        """
+        if self.timed_out:
+            how = "timed out and was killed"
+            if self.signal is not None:
+                how += f" (signal {self.signal})"
+        elif self.signal is not None:
+            how = f"killed by signal {self.signal}"
+        else:
+            how = f"exit status {self.exit_code}"
+        return how
+
+
+class _CommandProtocol(ProcessProtocol):
+    """
+    Feeds standard input, keeps the tails of the output and reports the end.
+    """
+
+    def __init__(self, run: _Run, stdin: bytes | None, limit: int) -> None:
+        self.run = run
+        self.stdin = stdin
+        self.out = _Tail(limit)
+        self.err = _Tail(limit)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self.stdin:
+            self.transport.write(self.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.feed(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.feed(data)
+
+    def processExited(self, reason: Failure) -> None:
+        self.run.exited()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.run.ended(reason)
+
+
+class _Run:
+    """
+    One process: started through the launcher, watched by a timeout.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        stdin: bytes | None,
+        settings: ExecSettings,
+    ) -> None:
+        self.reactor = reactor
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.settings = settings
+        self.protocol = _CommandProtocol(self, stdin, settings.max_output)
+        self.done: Deferred[RunResult] = Deferred()
+        self.timed_out = False
+        self.finished = False
+        self.pgid: int | None = None
+        self.transport: Any = None
+        self._timers: list[IDelayedCall] = []
+        self._waiting: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        """
+        A Deferred that fires when the process has ended, whatever is
+        chained on L{done}.
+        """
+        d: Deferred[None] = Deferred()
+        if self.finished:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def start(self) -> Deferred[RunResult]:
+        """
+        Spawn the process.
+
+        @raise OSError: when it can not be spawned (no fork, no pipes).
+        """
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, *self.argv]
+        self.transport = self.reactor.spawnProcess(
+            self.protocol, sys.executable, launcher, env=self.env, path=self.settings.cwd
+        )
+        self.pgid = self.transport.pid
+        self._later(self.settings.timeout, self._expire)
+        return self.done
+
+    def _later(self, delay: float, fn: Any) -> None:
+        self._timers = [t for t in self._timers if t.active()]
+        self._timers.append(self.reactor.callLater(delay, fn))
+
+    def _signal(self, number: int) -> None:
+        if self.finished:
+            return
+        if self.pgid is not None:
+            try:
+                os.killpg(self.pgid, number)
+                return
+            except OSError:
+                # The launcher has not made its group yet: signal the
+                # process alone.
+                pass
+        try:
+            self.transport.signalProcess(number)
+        except Exception:
+            # It is gone already (ProcessExitedAlready).
+            pass
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self.terminate()
+
+    def terminate(self) -> None:
+        """
+        C{SIGTERM} to the process group now, C{SIGKILL} after the grace
+        period.
+        """
+        if self.finished:
+            return
+        self._signal(signal.SIGTERM)
+        self._later(self.settings.kill_grace, self._kill)
+
+    def _kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        # A process that left children holding its output pipes would keep
+        # the run open; closing our ends lets it end.
+        if not self.finished and self.transport is not None:
+            self.transport.loseConnection()
+
+    def exited(self) -> None:
+        """
+        The process exited; its output pipes may still be open (held by
+        children it left).  Wait a grace period for them, then close them.
+        """
+        self._later(self.settings.kill_grace, self._close_pipes)
+
+    def ended(self, reason: Failure) -> None:
+        """
+        The process exited and its pipes are closed: report the result.
+        """
+        self.finished = True
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers = []
+        value = reason.value
+        exit_code: int | None
+        number: int | None
+        if isinstance(value, ProcessDone):
+            exit_code, number = 0, None
+        elif isinstance(value, ProcessTerminated):
+            exit_code, number = value.exitCode, value.signal
+        else:
+            exit_code, number = None, None
+        out, err = self.protocol.out, self.protocol.err
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        self.done.callback(
+            RunResult(
+                exit_code=exit_code,
+                signal=number,
+                timed_out=self.timed_out,
+                stdout=bytes(out.data),
+                stderr=bytes(err.data),
+                stdout_truncated=out.truncated,
+                stderr_truncated=err.truncated,
+            )
+        )
+
+
+# --- the handler --------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """
+    Messages that share one coalesced run.
+    """
+
+    messages: list[Message] = field(default_factory=list)
+    waiters: list[Deferred[None]] = field(default_factory=list)
+    timer: IDelayedCall | None = None
+    due: bool = False
+
+
+@implementer(IMessageHandler)
+class ExecHandler:
+    """
+    Runs a command per message, or per batch of messages when coalescing.
+
+    @ivar runs: How many runs were started.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, name: str, topics: tuple[str, ...], reactor: Any, settings: ExecSettings
+    ) -> None:
+        self.name = name
+        self.topics = topics
+        self.reactor = reactor
+        self.settings = settings
+        self.runs = 0
+        self._semaphore = DeferredSemaphore(settings.max_running)
+        self._base_env: dict[str, str] = {}
+        self._running: set[_Run] = set()
+        self._batch: _Batch | None = None
+        self._batch_running = False
+        self._stopping = False
+        self._started = False
+
+    # lifecycle
+
+    def start(self) -> None:
+        """
+        Build the base environment and check that the program exists.
+
+        @raise ConfigError: when the program can not be found or run.
+        """
+        env = {name: os.environ[name] for name in self.settings.pass_env if name in os.environ}
+        env.setdefault("PATH", FALLBACK_PATH)
+        env.update(self.settings.env)
+        self._base_env = env
+        program = self.settings.program
+        if "/" in program:
+            found: str | None = program if os.access(program, os.X_OK) else None
+        else:
+            found = shutil.which(program, path=env["PATH"])
+        if found is None or not os.path.isfile(found):
+            raise ConfigError(
+                [ConfigProblem(f"{self.name}.command", f"can not run {program!r}: not found "
+                               "or not executable")]
+            )
+        if self.settings.cwd is not None and not os.path.isdir(self.settings.cwd):
+            raise ConfigError(
+                [ConfigProblem(f"{self.name}.cwd", f"{self.settings.cwd!r} is not a directory")]
+            )
+        self._started = True
+
+    def stop(self) -> Deferred[None]:
+        """
+        Terminate the runs still going (C{SIGTERM}, then C{SIGKILL}) and wait
+        for them to end.  Messages of those runs, and of a batch that never
+        ran, are left unsettled: the runner gave up on them before calling
+        this, and they went back to the queue.
+        """
+        self._stopping = True
+        if self._batch is not None:
+            if self._batch.timer is not None and self._batch.timer.active():
+                self._batch.timer.cancel()
+            self._batch = None
+        waits: list[Deferred[None]] = []
+        for run in list(self._running):
+            waits.append(run.wait())
+            run.terminate()
+        gathered = gatherResults(waits, consumeErrors=True)
+        return gathered.addBoth(lambda _: None)
+
+    # messages
+
+    def handle(self, message: Message) -> Deferred[None]:
+        """
+        Run the command for C{message} (or add it to the open batch).
+        """
+        if self.settings.coalesce > 0:
+            return self._join_batch(message)
+        try:
+            argv = self._argv(message)
+        except TemplateError as e:
+            raise DeadLetter(f"can not build the command: {e.reason}") from None
+        env = self._env(message, 1)
+        stdin = dump_line(message).encode("utf-8") if self.settings.stdin else None
+        d: Deferred[RunResult] = self._semaphore.run(self._spawn, argv, env, stdin, [message])
+        return d.addCallback(self._verdict, [message])
+
+    def _argv(self, message: Message) -> list[str]:
+        return [render_template(template, message) for template in self.settings.command]
+
+    def _env(self, newest: Message, count: int) -> dict[str, str]:
+        env = dict(self._base_env)
+        if "\x00" in newest.id:
+            raise DeadLetter("the message id holds a NUL character")
+        env["FEDHUB_TOPIC"] = newest.topic
+        env["FEDHUB_MSG_ID"] = newest.id
+        env["FEDHUB_CONSUMER"] = self.name
+        env["FEDHUB_MESSAGE_COUNT"] = str(count)
+        return env
+
+    def _spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        stdin: bytes | None,
+        messages: list[Message],
+    ) -> Deferred[RunResult]:
+        if self._stopping:
+            # Never settled: the runner stopped waiting for these messages.
+            return Deferred()
+        run = _Run(self.reactor, argv, env, stdin, self.settings)
+        try:
+            done = run.start()
+        except OSError as e:
+            raise Retry(f"can not start {self.settings.program!r}: {e.strerror or e}") from None
+        self.runs += 1
+        self._running.add(run)
+        newest = messages[-1]
+        self.log.debug(
+            "Consumer {consumer} started {program} (pid {pid}) for {msg_id} ({topic}), "
+            "{count} message(s)",
+            consumer=self.name,
+            program=self.settings.program,
+            pid=run.pgid,
+            msg_id=newest.id,
+            topic=newest.topic,
+            count=len(messages),
+        )
+
+        def finished(result: RunResult) -> RunResult:
+            self._running.discard(run)
+            return result
+
+        return done.addCallback(finished)
+
+    def _verdict(self, result: RunResult, messages: list[Message]) -> Deferred[None] | None:
+        if self._stopping:
+            # Terminated by stop(): leave the messages to the queue.
+            return Deferred()
+        newest = messages[-1]
+        fields = {
+            "consumer": self.name,
+            "msg_id": newest.id,
+            "topic": newest.topic,
+            "program": self.settings.program,
+            "count": len(messages),
+        }
+        if result.exit_code == 0 and result.signal is None and not result.timed_out:
+            self.log.info(
+                "Consumer {consumer} ran {program} for {msg_id} ({topic}), {count} "
+                "message(s): exit status 0",
+                **fields,
+            )
+            return None
+        how = result.describe()
+        stderr = result.stderr_lines()
+        reason = f"{self.settings.program}: {how}"
+        if stderr:
+            reason += f"; stderr: {stderr}"
+        self.log.warn(
+            "Consumer {consumer} ran {program} for {msg_id} ({topic}), {count} "
+            "message(s): {how}; stderr: {stderr}",
+            how=how,
+            stderr=stderr or "-",
+            **fields,
+        )
+        if (
+            not result.timed_out
+            and result.signal is None
+            and result.exit_code in self.settings.retry_codes
+        ):
+            raise Retry(reason)
+        raise DeadLetter(reason)
+
+    # coalescing
+
+    def _join_batch(self, message: Message) -> Deferred[None]:
+        if self._batch is None:
+            batch = _Batch()
+            batch.timer = self.reactor.callLater(self.settings.coalesce, self._batch_due, batch)
+            self._batch = batch
+        waiter: Deferred[None] = Deferred()
+        self._batch.messages.append(message)
+        self._batch.waiters.append(waiter)
+        return waiter
+
+    def _batch_due(self, batch: _Batch) -> None:
+        batch.timer = None
+        batch.due = True
+        if not self._batch_running:
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: _Batch) -> None:
+        if self._batch is batch:
+            self._batch = None
+        self._batch_running = True
+        messages = list(batch.messages)
+        newest = messages[-1]
+        try:
+            argv = self._argv(newest)
+            env = self._env(newest, len(messages))
+        except TemplateError as e:
+            self._settle_batch(batch, Failure(DeadLetter(f"can not build the command: {e.reason}")))
+            return
+        except DeadLetter as e:
+            self._settle_batch(batch, Failure(e))
+            return
+        stdin = None
+        if self.settings.stdin:
+            stdin = "".join(dump_line(m) for m in messages).encode("utf-8")
+        try:
+            d = self._spawn(argv, env, stdin, messages)
+        except Retry as e:
+            self._settle_batch(batch, Failure(e))
+            return
+        d.addCallback(self._verdict, messages)
+        d.addBoth(lambda outcome: self._settle_batch(batch, outcome))
+
+    def _settle_batch(self, batch: _Batch, outcome: object) -> None:
+        self._batch_running = False
+        for waiter in batch.waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(None)
+        # Failures were handed to every waiter; do not log them again here.
+        if self._batch is not None and self._batch.due and not self._stopping:
+            self._run_batch(self._batch)
+
+
+# --- the plugin ---------------------------------------------------------------
+
+
+@implementer(IPlugin, IConsumerPlugin)
+class ExecPlugin:
+    """
+    The plugin that builds L{ExecHandler}s.
+    """
+
+    name = "exec"
+    description = "Run a command (an argument list, no shell) for each message or burst of messages."
+    options: Mapping[str, Option] = {
+        "command": Option(
+            list,
+            help="program and arguments; {topic}, {id}, {body[key]}, {headers[name]} are "
+            "filled from the message",
+            check=_check_command,
+            items=str,
+        ),
+        "stdin": Option(bool, True, "write the serialized message to standard input"),
+        "env": Option(dict, {}, "extra environment variables (strings)", check=_check_env),
+        "pass_env": Option(
+            list,
+            list(DEFAULT_PASS_ENV),
+            "variables taken from the hub's environment",
+            check=_check_names,
+            items=str,
+        ),
+        "cwd": Option(str, None, "working directory (absolute); default the hub's",
+                      check=_check_cwd),
+        "timeout": Option(float, 300.0, "seconds before the run is killed", _check_positive),
+        "kill_grace": Option(float, 5.0, "seconds between SIGTERM and SIGKILL", _check_positive),
+        "max_running": Option(int, 1, "runs at once across messages", _check_positive),
+        "max_output": Option(int, 64 * 1024, "bytes of stdout and of stderr kept",
+                             _check_output),
+        "retry_codes": Option(list, [EX_TEMPFAIL], "exit statuses that mean retry later",
+                              check=_check_codes, items=int),
+        "coalesce": Option(float, 0.0, "seconds a batch of messages waits for its one run; "
+                           "0 runs once per message", _check_not_negative),
+    }
+
+    def build(self, context: PluginContext) -> ExecHandler:
+        """
+        Build a handler; no process is started before a message comes.
+        """
+        topics: tuple[str, ...] = ("#",)
+        if context.component is not None and context.component.topics:
+            topics = tuple(context.component.topics)
+        return ExecHandler(
+            context.name, topics, context.reactor, ExecSettings.from_options(context.options)
+        )

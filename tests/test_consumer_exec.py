@@ -1,0 +1,492 @@
+"""
+Tests for the C{exec} consumer: argument templates, option checks, and runs
+of real (tiny Python) commands on the real reactor: exit statuses mapped to
+verdicts, standard input, environment, timeouts that kill the process group,
+the bound on runs at once, coalescing and stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from fedhub.consumers.exec import (
+    ExecHandler,
+    ExecPlugin,
+    TemplateError,
+    TemplateField,
+    parse_template,
+    render_template,
+)
+from fedhub.errors import ConfigError
+from fedhub.interfaces import IConsumerPlugin, IMessageHandler
+from fedhub.message import Message, dump_line, loads
+from fedhub.testing import ConsumerHarness, Settled
+
+PY = sys.executable
+TOPIC = "org.example.dev.pkg.update"
+
+
+def script(code: str) -> list[str]:
+    """
+    A command running C{code} with this interpreter.
+    """
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+def sample(**body: Any) -> Message:
+    """
+    A message with a nested body to template from.
+    """
+    return Message.create(
+        TOPIC,
+        body or {"pkg": {"name": "kernel", "builds": [1, 2]}, "n": 3, "ok": True},
+        headers={"fedora_messaging_rpm_kernel": True},
+    )
+
+
+class TemplateTests(SynchronousTestCase):
+    """
+    The argument template language.
+    """
+
+    def test_fields_and_literals(self) -> None:
+        """A template splits into literal text and fields with their keys."""
+        self.assertEqual(
+            parse_template("a-{topic}/{body[pkg][name]}{{x}}"),
+            ("a-", TemplateField("topic"), "/", TemplateField("body", ("pkg", "name")), "{x}"),
+        )
+
+    def test_render(self) -> None:
+        """Strings go in as they are, other values as compact JSON."""
+        message = sample()
+        render = lambda text: render_template(parse_template(text), message)  # noqa: E731
+        self.assertEqual(render("{topic}"), TOPIC)
+        self.assertEqual(render("{id}"), message.id)
+        self.assertEqual(render("{body[pkg][name]}"), "kernel")
+        self.assertEqual(render("{body[pkg][builds][1]}"), "2")
+        self.assertEqual(render("{body[pkg][builds]}"), "[1,2]")
+        self.assertEqual(render("{body[ok]}"), "true")
+        self.assertEqual(render("{headers[fedora_messaging_rpm_kernel]}"), "true")
+        self.assertEqual(render("{severity}-{priority}-{schema}"), "20-0-base.message")
+        self.assertEqual(render("}}{{"), "}{")
+
+    def test_no_attribute_access(self) -> None:
+        """Format-string tricks (attributes, format specs, positions) are refused."""
+        for text in ("{topic.__class__}", "{body!r}", "{topic:>10}", "{0}", "{}", "{message}"):
+            self.assertRaises(TemplateError, parse_template, text)
+
+    def test_malformed(self) -> None:
+        """Unbalanced braces, empty keys and keys on scalar fields are refused."""
+        for text in ("{topic", "topic}", "{body[}", "{body[]}", "{topic[a]}", "{body[a]x}"):
+            self.assertRaises(TemplateError, parse_template, text)
+
+    def test_missing_key(self) -> None:
+        """A key the message lacks is a TemplateError naming it."""
+        message = sample()
+        with self.assertRaises(TemplateError) as caught:
+            render_template(parse_template("{body[pkg][version]}"), message)
+        self.assertIn("'version'", caught.exception.reason)
+        self.assertRaises(TemplateError, render_template, parse_template("{body[pkg][builds][5]}"),
+                          message)
+        self.assertRaises(TemplateError, render_template, parse_template("{body[n][x]}"), message)
+
+    def test_nul_refused(self) -> None:
+        """A value holding NUL can not become an argument."""
+        message = Message.create(TOPIC, {"x": "a\x00b"})
+        self.assertRaises(TemplateError, render_template, parse_template("{body[x]}"), message)
+
+
+class OptionTests(SynchronousTestCase):
+    """
+    The plugin's options, checked as a configuration would check them.
+    """
+
+    def test_provides(self) -> None:
+        """The plugin and its handler provide their interfaces."""
+        plugin = ExecPlugin()
+        verifyObject(IConsumerPlugin, plugin)
+        harness = ConsumerHarness(plugin, {"command": ["/bin/true"]})
+        verifyObject(IMessageHandler, harness.handler)
+
+    def test_bad_commands(self) -> None:
+        """An empty command, a templated program or a bad template is a ConfigError."""
+        for command in ([], [""], ["{body[prog]}"], ["/bin/echo", "{nope}"], ["/bin/echo", "{"]):
+            with self.assertRaises(ConfigError, msg=repr(command)) as caught:
+                ConsumerHarness(ExecPlugin(), {"command": command})
+            self.assertIn("options.command", str(caught.exception))
+
+    def test_bad_numbers(self) -> None:
+        """Timeouts must be positive, coalesce not negative, exit statuses 1..255."""
+        for options in (
+            {"timeout": 0},
+            {"kill_grace": -1},
+            {"max_running": 0},
+            {"coalesce": -1},
+            {"retry_codes": [0]},
+            {"retry_codes": [256]},
+            {"max_output": 10},
+            {"cwd": "relative/dir"},
+            {"env": {"A=B": "x"}},
+        ):
+            self.assertRaises(ConfigError, ConsumerHarness, ExecPlugin(),
+                              {"command": ["/bin/true"], **options})
+
+    def test_missing_program(self) -> None:
+        """start() refuses a program that is not found, so nothing is consumed."""
+        for program in ("/nonexistent/fedhub-test-program", "fedhub-test-no-such-program"):
+            harness = ConsumerHarness(ExecPlugin(), {"command": [program]})
+            self.assertRaises(ConfigError, harness.handler.start)
+
+    def test_program_on_path(self) -> None:
+        """A bare program name is looked up on the PATH the command will get."""
+        harness = ConsumerHarness(ExecPlugin(), {"command": [os.path.basename(PY)],
+                                                 "env": {"PATH": os.path.dirname(PY)}})
+        harness.handler.start()
+
+
+class RunTests(TestCase):
+    """
+    Real runs on the real reactor.
+    """
+
+    timeout = 60
+
+    def harness(self, options: Mapping[str, Any], **kwargs: Any) -> ConsumerHarness:
+        """
+        A started harness on the real reactor, stopped after the test.
+        """
+        harness = ConsumerHarness(ExecPlugin(), options, reactor=reactor, **kwargs)
+        harness.start()
+        self.addCleanup(harness.stop)
+        return harness
+
+    def out(self, name: str = "out") -> Path:
+        """
+        A file path for a command to write to.
+        """
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_name(name)
+
+    @inlineCallbacks
+    def wait_for(self, condition: Callable[[], bool], limit: float = 20.0) -> Any:
+        """
+        Wait until C{condition()} holds, polling the real reactor.
+        """
+        waited = 0.0
+        while not condition():
+            if waited > limit:
+                self.fail("condition never held")
+            yield deferLater(reactor, 0.02, lambda: None)
+            waited += 0.02
+
+    @inlineCallbacks
+    def test_exit_zero_acks_with_stdin(self) -> Any:
+        """Exit 0 acknowledges; standard input is the serialized message."""
+        out = self.out()
+        harness = self.harness({"command": script(
+            "import sys, shutil; shutil.copyfileobj(sys.stdin, open(sys.argv[1], 'w'))"
+        ) + [str(out)]})
+        message = sample()
+        settled: Settled = yield harness.deliver(message)
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual(out.read_text(), dump_line(message.evolve(queue="fedhub.test")))
+        self.assertEqual(loads(out.read_text())[0].id, message.id)
+
+    @inlineCallbacks
+    def test_no_stdin(self) -> Any:
+        """With stdin = false the command reads end-of-file at once."""
+        out = self.out()
+        harness = self.harness({"stdin": False, "command": script(
+            "import sys; open(sys.argv[1], 'w').write(repr(sys.stdin.read()))"
+        ) + [str(out)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual(out.read_text(), "''")
+
+    @inlineCallbacks
+    def test_tempfail_retries(self) -> Any:
+        """Exit status 75 (EX_TEMPFAIL) is a retry."""
+        harness = self.harness({"command": script("import sys; sys.exit(75)")})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "retried")
+        self.assertIn("exit status 75", settled.reason or "")
+
+    @inlineCallbacks
+    def test_configured_retry_codes(self) -> Any:
+        """retry_codes replaces the statuses that mean retry."""
+        harness = self.harness({"command": script("import sys; sys.exit(75)"),
+                                "retry_codes": [9]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+
+    @inlineCallbacks
+    def test_failure_dead_letters_with_stderr(self) -> Any:
+        """Another status dead-letters, the reason holding the status and the last stderr lines."""
+        harness = self.harness({"command": script("""
+            import sys
+            for n in range(30):
+                print('line', n, file=sys.stderr)
+            print('the real problem\\x1b[31m', file=sys.stderr)
+            sys.exit(3)
+        """)})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        reason = settled.reason or ""
+        self.assertIn("exit status 3", reason)
+        self.assertIn("the real problem\\x1b[31m", reason)
+        self.assertIn("line 29", reason)
+        self.assertNotIn("line 5\\n", reason)
+        self.assertNotIn("\x1b", reason)
+
+    @inlineCallbacks
+    def test_large_output_is_bounded(self) -> Any:
+        """Megabytes of output neither block the command nor are kept whole."""
+        harness = self.harness({"max_output": 4096, "command": script("""
+            import sys
+            sys.stdout.write('x' * 3000000)
+            sys.stderr.write('y' * 3000000 + '\\nlast words\\n')
+            sys.exit(1)
+        """)})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("last words", settled.reason or "")
+        self.assertLess(len(settled.reason or ""), 1000)
+
+    @inlineCallbacks
+    def test_exec_failure(self) -> Any:
+        """A program the launcher can not execute dead-letters with status 126 and the error."""
+        target = self.out("garbage")
+        target.write_bytes(b"\x00\x01\x02 not a program")
+        target.chmod(0o755)
+        harness = self.harness({"command": [str(target)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("exit status 126", settled.reason or "")
+        self.assertIn("can not run", settled.reason or "")
+
+    @inlineCallbacks
+    def test_templated_arguments(self) -> Any:
+        """Arguments are filled from the message, one argument per element, no shell."""
+        out = self.out()
+        harness = self.harness({"command": script(
+            "import sys, json; json.dump(sys.argv[2:], open(sys.argv[1], 'w'))"
+        ) + [str(out), "{topic}", "--", "{body[pkg][name]}", "id={id}", "{body[pkg][builds]}",
+             "$(touch x) {{literal}}"]})
+        message = sample()
+        settled: Settled = yield harness.deliver(message)
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual(
+            json.loads(out.read_text()),
+            [TOPIC, "--", "kernel", f"id={message.id}", "[1,2]", "$(touch x) {literal}"],
+        )
+
+    @inlineCallbacks
+    def test_missing_key_dead_letters_without_running(self) -> Any:
+        """A message lacking a templated key is dead-lettered and nothing runs."""
+        harness = self.harness({"command": ["/bin/true", "{body[missing]}"]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("'missing'", settled.reason or "")
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        self.assertEqual(handler.runs, 0)
+
+    @inlineCallbacks
+    def test_environment(self) -> Any:
+        """The command sees FEDHUB_* variables, env and pass_env, and nothing else."""
+        out = self.out()
+        os.environ["FEDHUB_TEST_SECRET"] = "do-not-leak"
+        self.addCleanup(os.environ.pop, "FEDHUB_TEST_SECRET", None)
+        harness = self.harness({"env": {"EXTRA": "yes"}, "command": script(
+            "import os, sys, json; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+        ) + [str(out)]}, name="envcheck")
+        message = sample()
+        settled: Settled = yield harness.deliver(message)
+        self.assertEqual(settled.outcome, "acked")
+        env = json.loads(out.read_text())
+        self.assertEqual(env["FEDHUB_TOPIC"], TOPIC)
+        self.assertEqual(env["FEDHUB_MSG_ID"], message.id)
+        self.assertEqual(env["FEDHUB_CONSUMER"], "envcheck")
+        self.assertEqual(env["FEDHUB_MESSAGE_COUNT"], "1")
+        self.assertEqual(env["EXTRA"], "yes")
+        self.assertNotIn("FEDHUB_TEST_SECRET", env)
+        allowed = {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "EXTRA", "FEDHUB_TOPIC",
+                   "FEDHUB_MSG_ID", "FEDHUB_CONSUMER", "FEDHUB_MESSAGE_COUNT", "LC_CTYPE"}
+        # LC_CTYPE may be set by the interpreter itself (PEP 538 coercion).
+        self.assertEqual(set(env) - allowed, set())
+
+    @inlineCallbacks
+    def test_timeout_kills_process_group(self) -> Any:
+        """A run past its timeout gets its whole process group killed and is dead-lettered."""
+        pids = self.out("pids")
+        harness = self.harness({"timeout": 0.5, "kill_grace": 0.5, "command": script("""
+            import os, subprocess, sys, time
+            child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+            open(sys.argv[1], 'w').write('%d %d' % (os.getpid(), child.pid))
+            time.sleep(60)
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("timed out", settled.reason or "")
+        self.assertIn(f"signal {signal.SIGTERM.value}", settled.reason or "")
+        _, child = (int(p) for p in pids.read_text().split())
+        yield self.wait_for(lambda: not alive(child))
+
+    @inlineCallbacks
+    def test_timeout_escalates_to_sigkill(self) -> Any:
+        """A command that ignores SIGTERM is killed with SIGKILL after the grace period."""
+        ready = self.out("ready")
+        harness = self.harness({"timeout": 0.3, "kill_grace": 0.3, "command": script("""
+            import signal, sys, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open(sys.argv[1], 'w').write('ready')
+            time.sleep(60)
+        """) + [str(ready)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn(f"signal {signal.SIGKILL.value}", settled.reason or "")
+
+    @inlineCallbacks
+    def test_max_running(self) -> Any:
+        """At most max_running commands run at once; the others wait their turn."""
+        log = self.out("log")
+        release = self.out("release")
+        harness = self.harness({"max_running": 2, "command": script("""
+            import os, sys, time
+            log, release = sys.argv[1:3]
+            def note(word):
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, (word + '\\n').encode()); os.close(fd)
+            note('start')
+            for _ in range(2000):
+                if os.path.exists(release):
+                    break
+                time.sleep(0.01)
+            note('end')
+        """) + [str(log), str(release)]}, concurrency=5)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        results = gatherResults([harness.deliver(sample()) for _ in range(5)])
+        yield self.wait_for(lambda: log.exists() and log.read_text().count("start") == 2)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(handler.runs, 2)
+        self.assertEqual(log.read_text().count("start"), 2)
+        release.write_text("go")
+        settled = yield results
+        self.assertEqual([s.outcome for s in settled], ["acked"] * 5)
+        self.assertEqual(handler.runs, 5)
+        running = peak = 0
+        for word in log.read_text().split():
+            running += 1 if word == "start" else -1
+            peak = max(peak, running)
+        self.assertEqual(peak, 2)
+
+    @inlineCallbacks
+    def test_coalesce_one_run_per_burst(self) -> Any:
+        """A burst shares one run: stdin has every message in order; all are acked after it."""
+        out = self.out("runs")
+        harness = self.harness({"coalesce": 0.3, "command": script("""
+            import os, sys
+            data = sys.stdin.read()
+            fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, (os.environ['FEDHUB_MESSAGE_COUNT'] + ' ' + os.environ['FEDHUB_MSG_ID']
+                          + '\\n' + data + '--\\n').encode())
+            os.close(fd)
+        """) + [str(out)]}, concurrency=10)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        burst = [sample() for _ in range(5)]
+        settled = yield gatherResults([harness.deliver(m) for m in burst])
+        self.assertEqual([s.outcome for s in settled], ["acked"] * 5)
+        self.assertEqual(handler.runs, 1)
+        (run,) = out.read_text().split("--\n")[:-1]
+        head, _, lines = run.partition("\n")
+        self.assertEqual(head, f"5 {burst[-1].id}")
+        self.assertEqual([m.id for m in loads(lines)], [m.id for m in burst])
+        later: Settled = yield harness.deliver(sample())
+        self.assertEqual(later.outcome, "acked")
+        self.assertEqual(handler.runs, 2)
+
+    @inlineCallbacks
+    def test_coalesce_waits_for_previous_run(self) -> Any:
+        """Messages arriving while a coalesced run is going form the next batch; runs never overlap."""
+        log = self.out("log")
+        release = self.out("release")
+        harness = self.harness({"coalesce": 0.05, "command": script("""
+            import os, sys, time
+            log, release = sys.argv[1:3]
+            def note(word):
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, (word + '\\n').encode()); os.close(fd)
+            note('start ' + os.environ['FEDHUB_MESSAGE_COUNT'])
+            while not os.path.exists(release):
+                time.sleep(0.01)
+            note('end')
+        """) + [str(log), str(release)]}, concurrency=10)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        first = harness.deliver(sample())
+        yield self.wait_for(lambda: log.exists())
+        rest = gatherResults([harness.deliver(sample()) for _ in range(3)])
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(handler.runs, 1)
+        release.write_text("go")
+        settled = yield gatherResults([first, rest])
+        self.assertEqual(settled[0].outcome, "acked")
+        self.assertEqual([s.outcome for s in settled[1]], ["acked"] * 3)
+        self.assertEqual(log.read_text().split("\n"), ["start 1", "end", "start 3", "end", ""])
+
+    @inlineCallbacks
+    def test_coalesce_failure_settles_every_message(self) -> Any:
+        """Every message of a batch gets the verdict of the run it shared."""
+        harness = self.harness({"coalesce": 0.1, "command": script("import sys; sys.exit(75)")},
+                               concurrency=10)
+        settled = yield gatherResults([harness.deliver(sample()) for _ in range(3)])
+        self.assertEqual([s.outcome for s in settled], ["retried"] * 3)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        self.assertEqual(handler.runs, 1)
+
+    @inlineCallbacks
+    def test_stop_terminates_runs(self) -> Any:
+        """Stopping terminates a run still going, and does not dead-letter its message."""
+        pids = self.out("pids")
+        harness = ConsumerHarness(ExecPlugin(), {"kill_grace": 0.5, "command": script("""
+            import os, sys, time
+            open(sys.argv[1], 'w').write(str(os.getpid()))
+            time.sleep(60)
+        """) + [str(pids)]}, reactor=reactor)
+        harness.start()
+        harness.service.drain_timeout = 0.2
+        harness.deliver(sample())
+        yield self.wait_for(lambda: pids.exists() and pids.read_text() != "")
+        pid = int(pids.read_text())
+        yield harness.stop()
+        self.assertFalse(alive(pid))
+        self.assertEqual([s.outcome for s in harness.settled], [])
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether a process exists and is not a zombie.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
