@@ -28,6 +28,7 @@ import xmlrpc.client
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
+from typing import Protocol as _TypedProtocol
 
 from defusedxml.xmlrpc import DefusedExpatParser
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -191,6 +192,20 @@ class IXMLRPCCaller(Interface):
 
         @return: a Deferred firing when the connections are closed.
         """
+
+
+class XMLRPCCaller(_TypedProtocol):
+    """
+    The typed face of L{IXMLRPCCaller}, for annotations.
+    """
+
+    url: str
+
+    def call(self, method: str, *params: Any) -> Deferred[Any]: ...
+
+    def multicall(self, calls: Sequence[Call], batch_size: int = ...) -> Deferred[list[Any]]: ...
+
+    def close(self) -> Deferred[None]: ...
 
 
 def unwrap(result: Any) -> Any:

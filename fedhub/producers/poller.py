@@ -540,6 +540,77 @@ class PollingService(Service):
         }
 
 
+# --- plugin glue shared by the XML-RPC pollers --------------------------
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be at least 0 and less than 1"
+
+
+def poller_options(interval: float) -> dict[str, Any]:
+    """
+    The configuration keys every XML-RPC poller plugin has: its schedule and
+    the limits of its client.
+
+    @param interval: The default poll interval of this kind of poller.
+    """
+    from fedhub.config import Option
+    from fedhub.xmlrpc import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT
+
+    return {
+        "interval": Option(float, interval, "Seconds between polls when nothing is pending.",
+                           check=_positive),
+        "jitter": Option(float, 0.1, "Spread of the interval, as a fraction of it.",
+                         check=_fraction),
+        "max_backoff": Option(float, 600.0, "Longest wait after failed polls, in seconds.",
+                              check=_positive),
+        "timeout": Option(float, DEFAULT_TIMEOUT,
+                          "Seconds one XML-RPC request may take, connecting to last byte.",
+                          check=_positive),
+        "max_response_bytes": Option(int, DEFAULT_MAX_RESPONSE_BYTES,
+                                     "Largest XML-RPC response accepted, in bytes.",
+                                     check=_positive),
+        "ca_file": Option(str, None, "PEM bundle of the CAs that verify the HTTPS server "
+                          "(default: the system's trust store).", path=True),
+    }
+
+
+def client_settings(options: Any) -> dict[str, Any]:
+    """
+    The L{fedhub.xmlrpc.XMLRPCClient} keyword arguments of a poller's options.
+    """
+    return {
+        "timeout": float(options.get("timeout", 60.0)),
+        "max_response_bytes": int(options.get("max_response_bytes", 32 * 1024 * 1024)),
+        "ca_file": options.get("ca_file"),
+    }
+
+
+def polling_service(context: Any, source: IPollSource) -> PollingService:
+    """
+    The service that polls C{source} for a plugin's C{build}, scheduled by
+    the options of L{poller_options}, its cursor in the component's state
+    directory.
+
+    @param context: a L{fedhub.plugins.PluginContext}.
+    """
+    options = context.options
+    return PollingService(
+        context.name,
+        source,
+        context.publisher,
+        context.reactor,
+        context.state_dir,
+        interval=float(options.get("interval", 60.0)),
+        jitter=float(options.get("jitter", 0.1)),
+        max_backoff=float(options.get("max_backoff", 600.0)),
+    )
+
+
 def _summary(cursor: Any, limit: int = 200) -> str:
     """
     A short rendering of a cursor for logs.

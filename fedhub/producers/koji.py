@@ -1,0 +1,778 @@
+"""
+The Koji producer: polls a Koji hub over XML-RPC and publishes what Fedora's
+Koji message plugin would have, for hubs that do not run it.
+
+Topics and bodies follow C{koji-fedoramessaging} so existing consumers and
+the C{koji-fedoramessaging-messages} schemas work unchanged:
+
+  - C{buildsys.tag} / C{buildsys.untag}: from C{queryHistory} of the
+    C{tag_listing} table, by Koji event id (Koji's monotonic clock);
+  - C{buildsys.build.state.change}: from C{listBuilds} with C{createdAfter}
+    and C{completeAfter} (builds are not versioned: no events);
+  - C{buildsys.task.state.change}: from C{listTasks} (created, started,
+    completed), by default only for scratch builds' parent tasks as in Fedora;
+  - C{buildsys.repo.init} / C{buildsys.repo.done}: by looking at new repo
+    ids (they are allocated in sequence) and at repos still being made.
+
+One poll is one C{getLastEvent} call when nothing changed, plus one
+C{multiCall} for the queries and at most one more for details (build owners,
+build tasks).  History is read in windows of C{event_step} events, so a hub
+far ahead (a long outage, C{backfill_from_event}) is caught up in bounded
+steps, polling again at once while behind.
+
+What can go wrong in Koji itself is handled by overlap: a transaction that
+commits after a later event was already visible, or a build that completes
+with a time just before the last poll.  Each poll reads a little history
+(C{event_overlap} events) and time (C{time_overlap} seconds) again, and
+drops what it already published, remembered in the cursor.
+
+Message ids are derived from the hub URL and the event (UUID5), so the
+duplicates a crash may cause carry the same ids as the originals.
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from fedhub.config import REQUIRED, Option
+from fedhub.errors import FedhubError
+from fedhub.interfaces import IProducerPlugin
+from fedhub.message import DEBUG, INFO, Message
+from fedhub.producers.poller import (
+    IPollSource,
+    PollingService,
+    PollResult,
+    client_settings,
+    poller_options,
+    polling_service,
+)
+from fedhub.text import SUMMARY_HEADER, escape_control
+from fedhub.xmlrpc import Call, XMLRPCCaller, XMLRPCClient, unwrap
+
+BUILD_STATES = ("BUILDING", "COMPLETE", "DELETED", "FAILED", "CANCELED")
+TASK_STATES = ("FREE", "OPEN", "CLOSED", "CANCELED", "ASSIGNED", "FAILED")
+BUILDING = 0
+FINAL_BUILD_STATES = frozenset({1, 2, 3, 4})
+FINAL_TASK_STATES = frozenset({2, 3, 5})
+TASK_CLOSED = 2
+REPO_INIT, REPO_READY = 0, 1
+
+#: The schema names (entry points of C{koji-fedoramessaging-messages}) by topic suffix.
+SCHEMAS: Mapping[str, str] = {
+    "buildsys.build.state.change": "koji_fedoramessaging.build.BuildStateChangeV1",
+    "buildsys.tag": "koji_fedoramessaging.tag.TagV1",
+    "buildsys.untag": "koji_fedoramessaging.tag.UntagV1",
+    "buildsys.task.state.change": "koji_fedoramessaging.task.TaskStateChangeV1",
+    "buildsys.repo.init": "koji_fedoramessaging.repo.InitV1",
+    "buildsys.repo.done": "koji_fedoramessaging.repo.DoneV1",
+}
+
+#: Which parent tasks get C{task.state.change} messages.
+TASK_MODES = ("scratch", "parents", "all", "none")
+
+_NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
+# How many entries the cursor keeps of builds and tasks not finished yet.
+_MAX_OPEN = 20000
+
+
+class KojiError(FedhubError):
+    """
+    The hub answered something the poller can not use.
+
+    @ivar reason: What was wrong.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def kwargs(**values: Any) -> dict[str, Any]:
+    """
+    Koji's keyword arguments: one trailing struct marked C{__starstar}; keys
+    whose value is C{None} are left out.
+    """
+    params = {k: v for k, v in values.items() if v is not None}
+    params["__starstar"] = True
+    return params
+
+
+def iso_time(ts: float | None) -> str | None:
+    """
+    An epoch time as koji-fedoramessaging writes it: ISO 8601, UTC offset.
+    """
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(float(ts), timezone.utc).isoformat()
+
+
+@dataclass(frozen=True)
+class KojiSettings:
+    """
+    What a Koji poller polls and how.
+
+    @ivar hub_url: The hub's XML-RPC endpoint.
+    @ivar web_url: koji-web's base URL, for the C{url} fields.
+    @ivar base_url: The hub's site, for the C{base_url} fields.
+    @ivar files_base_url: Where task results are served (C{.../work}).
+    @ivar instance: The C{instance} field (C{primary} or a secondary hub).
+    @ivar tags: Publish tag and untag events.
+    @ivar builds: Publish build state changes.
+    @ivar tasks: Which parent tasks' state changes to publish: C{scratch}
+        (as Fedora does), C{parents}, C{all} (children too) or C{none}.
+    @ivar repos: Publish repo init and done events.
+    @ivar backfill_from_event: On first start, begin after this event instead
+        of the hub's current one.
+    @ivar event_step: At most this many events of history per poll.
+    @ivar event_overlap: Events read again each poll (late commits).
+    @ivar time_overlap: Seconds of builds and tasks read again each poll.
+    @ivar page_size: At most this many rows per query.
+    @ivar batch_size: At most this many calls per multiCall request.
+    @ivar repo_probe: How many repo ids past the newest known one to look at.
+    """
+
+    hub_url: str
+    web_url: str
+    base_url: str
+    files_base_url: str
+    instance: str = "primary"
+    tags: bool = True
+    builds: bool = True
+    tasks: str = "scratch"
+    repos: bool = True
+    backfill_from_event: int | None = None
+    event_step: int = 1000
+    event_overlap: int = 20
+    time_overlap: float = 120.0
+    page_size: int = 500
+    batch_size: int = 100
+    repo_probe: int = 10
+
+    @classmethod
+    def for_hub(cls, hub_url: str, **values: Any) -> KojiSettings:
+        """
+        Settings for C{hub_url}, the URLs not given derived from it the way a
+        default Koji install lays them out (C{/kojihub}, C{/koji},
+        C{/kojifiles/work}).
+        """
+        parts = urlsplit(hub_url)
+        site = f"{parts.scheme}://{parts.netloc}"
+        path = parts.path.rstrip("/")
+        web = site + (path[: -len("hub")] if path.endswith("/kojihub") else "/koji")
+        values = {k: v for k, v in values.items() if v is not None or k == "backfill_from_event"}
+        values.setdefault("web_url", web)
+        values.setdefault("base_url", site)
+        values.setdefault("files_base_url", site + "/kojifiles/work")
+        return cls(hub_url=hub_url, **values)
+
+
+class _SeenWindow:
+    """
+    Keys of what was published, each with its position (an event id or a
+    time), kept while the position is within the overlap that is read again.
+    """
+
+    def __init__(self, entries: Mapping[str, float] | None) -> None:
+        self.entries: dict[str, float] = dict(entries or {})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def add(self, key: str, position: float) -> None:
+        self.entries[key] = position
+
+    def prune(self, below: float) -> dict[str, float]:
+        return {k: v for k, v in self.entries.items() if v >= below}
+
+
+def _cap(mapping: dict[str, Any], limit: int = _MAX_OPEN) -> dict[str, Any]:
+    """
+    Keep the C{limit} highest numeric keys of C{mapping}.
+    """
+    if len(mapping) <= limit:
+        return mapping
+    keep = sorted(mapping, key=lambda k: int(k))[-limit:]
+    return {k: mapping[k] for k in keep}
+
+
+def _result(task: Mapping[str, Any]) -> Any:
+    """
+    A task result as koji-fedoramessaging's schema takes it: C{null}, an
+    object or a string.  (C{listTasks(decode=True)} wraps a result like
+    XML-RPC parameters: C{[result]}.)
+    """
+    result = task.get("result")
+    if isinstance(result, list) and len(result) == 1:
+        result = result[0]
+    if result is None or isinstance(result, (dict, str)):
+        return result
+    import json
+
+    return json.dumps(result, default=str)
+
+
+@implementer(IPollSource)
+class KojiSource:
+    """
+    Turns a Koji hub's history into bus messages; see the module docstring.
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str, client: XMLRPCCaller, settings: KojiSettings,
+                 topic: Callable[[str], str]) -> None:
+        if settings.tasks not in TASK_MODES:
+            raise ValueError(f"tasks must be one of {TASK_MODES}")
+        self.name = name
+        self.client = client
+        self.settings = settings
+        self.topic = topic
+        self.description = f"Koji hub {settings.hub_url}"
+
+    def close(self) -> Deferred[None]:
+        closed: Deferred[None] = self.client.close()
+        return closed
+
+    def _multicall(self, calls: list[Call]) -> Deferred[list[Any]]:
+        d: Deferred[list[Any]] = self.client.multicall(calls, self.settings.batch_size)
+        return d
+
+    # --- first start --------------------------------------------------------
+
+    @inlineCallbacks
+    def initial_cursor(self) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """
+        The hub's current event (or C{backfill_from_event}), the time of that
+        event for builds and tasks, and the newest repo id.
+        """
+        if self.settings.backfill_from_event is None:
+            event = yield self.client.call("getLastEvent")
+        else:
+            event = yield self.client.call("getEvent", self.settings.backfill_from_event)
+        event_id, event_ts = self._event(event)
+        repo_next, pending = 1, []
+        if self.settings.repos:
+            repo_next, pending = yield self._seed_repos()
+        return {
+            "event": event_id,
+            "event_ts": event_ts,
+            "history_seen": {},
+            "builds": {"created": event_ts, "completed": event_ts, "paging": [], "seen": {},
+                       "open": {}},
+            "tasks": {"created": event_ts, "started": event_ts, "completed": event_ts,
+                      "paging": [], "seen": {}, "open": {}},
+            "repos": {"next": repo_next, "pending": pending},
+        }
+
+    @inlineCallbacks
+    def _seed_repos(self) -> Generator[Deferred[Any], Any, tuple[int, list[int]]]:
+        # The newest finished newRepo task names a recent repo; the ones made
+        # since are found by looking at the ids after it.
+        tasks = yield self.client.call(
+            "listTasks",
+            {"method": "newRepo", "state": [TASK_CLOSED], "decode": True},
+            {"order": "-id", "limit": 1},
+        )
+        start = 1
+        if isinstance(tasks, list) and tasks:
+            result = tasks[0].get("result")
+            if isinstance(result, list) and len(result) == 1 and isinstance(result[0], list):
+                result = result[0]
+            if isinstance(result, list) and result and isinstance(result[0], int):
+                start = result[0] + 1
+        pending: list[int] = []
+        for _ in range(20):
+            ids = list(range(start, start + 50))
+            found = yield self._multicall([Call("repoInfo", (i, kwargs(strict=False)))
+                                           for i in ids])
+            repos = [unwrap(r) for r in found]
+            present = [r for r in repos if isinstance(r, dict)]
+            pending += [int(r["id"]) for r in present if r.get("state") == REPO_INIT]
+            if not present:
+                break
+            start = max(int(r["id"]) for r in present) + 1
+        return start, pending
+
+    @staticmethod
+    def _event(event: Any) -> tuple[int, float]:
+        if not isinstance(event, dict) or not isinstance(event.get("id"), int):
+            raise KojiError(f"the hub answered {type(event).__name__} for an event")
+        return int(event["id"]), float(event.get("ts") or 0.0)
+
+    # --- one poll -----------------------------------------------------------
+
+    @inlineCallbacks
+    def poll(self, cursor: Any) -> Generator[Deferred[Any], Any, PollResult]:
+        """
+        Read what happened after C{cursor}; see the module docstring.
+        """
+        s = self.settings
+        c = copy.deepcopy(cursor)
+        last_id, last_ts = self._event((yield self.client.call("getLastEvent")))
+        start = int(c["event"])
+        if last_id < start:
+            self.log.warn("The hub's last event {last} is before the cursor's {cursor}: "
+                          "was its database restored? Waiting for it to catch up",
+                          producer=self.name, last=last_id, cursor=start)
+            last_id, last_ts = start, float(c.get("event_ts") or last_ts)
+        end, end_ts = min(last_id, start + s.event_step), last_ts
+        catching_up = end < last_id
+        if catching_up:
+            event = yield self.client.call("getEvent", end, kwargs(strict=False))
+            if event is None:
+                # A hole in the event sequence: take the whole rest at once.
+                end, catching_up = last_id, False
+            else:
+                end_ts = self._event(event)[1]
+        before = end_ts if catching_up else None
+
+        calls: list[Call] = []
+        slots: dict[str, int] = {}
+
+        def add(slot: str, call: Call) -> None:
+            slots[slot] = len(calls)
+            calls.append(call)
+
+        if s.tags and end > start:
+            add("history", Call("queryHistory", (kwargs(
+                tables=["tag_listing"], afterEvent=max(0, start - s.event_overlap),
+                beforeEvent=end + 1),)))
+        build_streams = {"created": ("createdAfter", "createdBefore", "creation_ts"),
+                         "completed": ("completeAfter", "completeBefore", "completion_ts")}
+        if s.builds:
+            for stream, (after_key, before_key, order) in build_streams.items():
+                after = self._after(c["builds"], stream)
+                add(f"builds.{stream}", Call("listBuilds", (kwargs(
+                    **{after_key: after, before_key: before},
+                    queryOpts={"order": order, "limit": s.page_size}),)))
+        task_streams = {"created": ("createdAfter", "createdBefore", "create_ts"),
+                        "started": ("startedAfter", "startedBefore", "start_ts"),
+                        "completed": ("completeAfter", "completeBefore", "completion_ts")}
+        if s.tasks != "none":
+            for stream, (after_key, before_key, order) in task_streams.items():
+                opts: dict[str, Any] = {"decode": True, after_key: self._after(c["tasks"], stream)}
+                if before is not None:
+                    opts[before_key] = before
+                if s.tasks != "all":
+                    opts["parent"] = None
+                add(f"tasks.{stream}", Call("listTasks", (opts, {"order": order,
+                                                                 "limit": s.page_size})))
+        repo_ids: list[int] = []
+        if s.repos:
+            repos = c["repos"]
+            repo_ids = [*range(int(repos["next"]), int(repos["next"]) + s.repo_probe),
+                        *[int(i) for i in repos["pending"]]]
+            for repo_id in repo_ids:
+                add(f"repo.{repo_id}", Call("repoInfo", (repo_id, kwargs(strict=False))))
+
+        answers = [unwrap(a) for a in (yield self._multicall(calls))]
+
+        def answer(slot: str) -> Any:
+            return answers[slots[slot]] if slot in slots else None
+
+        events: list[tuple[float, int, str, Any]] = []  # (position, order, kind, data)
+        more = catching_up
+
+        # -- tags ---------------------------------------------------------------
+        history_seen = _SeenWindow(c.get("history_seen"))
+        if s.tags and "history" in slots:
+            history = answer("history")
+            if not isinstance(history, dict):
+                raise KojiError(f"queryHistory answered {type(history).__name__}, not a struct")
+            for row in self._rows(history.get("tag_listing", []), "queryHistory"):
+                created, revoked = row.get("create_event"), row.get("revoke_event")
+                low = max(0, start - s.event_overlap)
+                for op, event_id, ts in (("tag", created, row.get("create_ts")),
+                                         ("untag", revoked, row.get("revoke_ts"))):
+                    if not isinstance(event_id, int) or not low < event_id <= end:
+                        continue
+                    key = f"tag_listing:{op}:{row.get('tag_id')}:{row.get('build_id')}:{event_id}"
+                    if key in history_seen:
+                        continue
+                    history_seen.add(key, event_id)
+                    events.append((float(ts or 0.0), event_id, op, row))
+        c["history_seen"] = history_seen.prune(end - s.event_overlap)
+        c["event"], c["event_ts"] = end, end_ts
+
+        # -- builds -------------------------------------------------------------
+        if s.builds:
+            state = c["builds"]
+            seen = _SeenWindow(state.get("seen"))
+            paging = set(state.get("paging", []))
+            current: dict[int, dict[str, Any]] = {}
+            for stream, (_, _, order) in build_streams.items():
+                rows = self._rows(answer(f"builds.{stream}"), "listBuilds")
+                full = len(rows) >= s.page_size
+                more = more or full
+                self._advance(state, paging, stream, rows, order, full)
+                for row in rows:
+                    if isinstance(row.get("build_id"), int):
+                        current[row["build_id"]] = row
+            known: dict[str, int] = dict(state.get("open", {}))
+            for build_id, row in sorted(current.items()):
+                new = row.get("state")
+                if not isinstance(new, int):
+                    continue
+                position = float(row.get("completion_ts") or row.get("creation_ts") or 0.0)
+                key = f"{build_id}:{new}"
+                if key in seen:
+                    continue
+                seen.add(key, position)
+                old = known.pop(str(build_id), None)
+                if new not in FINAL_BUILD_STATES:
+                    known[str(build_id)] = new
+                events.append((position, 0, "build", (row, old)))
+            state["open"] = _cap(known)
+            state["paging"] = sorted(paging)
+            state["seen"] = seen.prune(self._low_water(state, build_streams))
+
+        # -- tasks --------------------------------------------------------------
+        if s.tasks != "none":
+            state = c["tasks"]
+            seen = _SeenWindow(state.get("seen"))
+            paging = set(state.get("paging", []))
+            tasks: dict[int, dict[str, Any]] = {}
+            for stream, (_, _, order) in task_streams.items():
+                rows = self._rows(answer(f"tasks.{stream}"), "listTasks")
+                full = len(rows) >= s.page_size
+                more = more or full
+                self._advance(state, paging, stream, rows, order, full)
+                for row in rows:
+                    if isinstance(row.get("id"), int):
+                        tasks[row["id"]] = row
+            known = dict(state.get("open", {}))
+            for task_id, row in sorted(tasks.items()):
+                new = row.get("state")
+                if not isinstance(new, int) or not self._wanted(row):
+                    continue
+                position = float(row.get("completion_ts") or row.get("start_ts")
+                                 or row.get("create_ts") or 0.0)
+                key = f"{task_id}:{new}"
+                if key in seen:
+                    continue
+                seen.add(key, position)
+                old = known.pop(str(task_id), None)
+                if new not in FINAL_TASK_STATES:
+                    known[str(task_id)] = new
+                events.append((position, 1, "task", (row, old)))
+            state["open"] = _cap(known)
+            state["paging"] = sorted(paging)
+            state["seen"] = seen.prune(self._low_water(state, task_streams))
+
+        # -- repos --------------------------------------------------------------
+        if s.repos:
+            repos = c["repos"]
+            pending = {int(i) for i in repos["pending"]}
+            probe_end = int(repos["next"]) + s.repo_probe
+            highest = int(repos["next"]) - 1
+            for repo_id in repo_ids:
+                info = answer(f"repo.{repo_id}")
+                is_new = repo_id >= int(repos["next"])
+                if not isinstance(info, dict):
+                    pending.discard(repo_id)
+                    continue
+                created = float(info.get("create_ts") or last_ts)
+                if is_new:
+                    highest = max(highest, repo_id)
+                    events.append((created, 2, "repo.init", info))
+                    if info.get("state") == REPO_INIT:
+                        pending.add(repo_id)
+                if info.get("state") == REPO_READY and (is_new or repo_id in pending):
+                    events.append((max(created, last_ts), 3, "repo.done", info))
+                if info.get("state") != REPO_INIT:
+                    pending.discard(repo_id)
+            if highest == probe_end - 1:
+                more = True
+            repos["next"] = highest + 1
+            repos["pending"] = sorted(pending)
+
+        events.sort(key=lambda e: (e[0], e[1]))
+        messages = yield self._messages(events)
+        lag = max(0.0, last_ts - end_ts) if catching_up else 0.0
+        return PollResult(messages, c, more=more, lag=lag)
+
+    def _after(self, state: Mapping[str, Any], stream: str) -> float:
+        since = float(state[stream])
+        if stream in state.get("paging", []):
+            return since
+        return since - self.settings.time_overlap
+
+    @staticmethod
+    def _advance(state: dict[str, Any], paging: set[str], stream: str,
+                 rows: list[dict[str, Any]], order: str, full: bool) -> None:
+        """
+        Move a time stream's position to the newest row it returned.  After a
+        full page, the next query starts exactly there (no overlap) so paging
+        always makes progress.
+        """
+        times = [float(r[order]) for r in rows if isinstance(r.get(order), (int, float))]
+        if times:
+            state[stream] = max(float(state[stream]), max(times))
+        if full:
+            paging.add(stream)
+        else:
+            paging.discard(stream)
+
+    def _low_water(self, state: Mapping[str, Any], streams: Mapping[str, Any]) -> float:
+        return min(float(state[s]) for s in streams) - self.settings.time_overlap
+
+    def _wanted(self, task: Mapping[str, Any]) -> bool:
+        mode = self.settings.tasks
+        if mode == "all":
+            return True
+        if task.get("parent") is not None:
+            return False
+        if mode == "parents":
+            return True
+        request = task.get("request")
+        return (isinstance(request, list) and bool(request) and isinstance(request[-1], dict)
+                and request[-1].get("scratch") is True)
+
+    @staticmethod
+    def _rows(value: Any, method: str) -> list[dict[str, Any]]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise KojiError(f"{method} answered {type(value).__name__}, not a list")
+        return [row for row in value if isinstance(row, dict)]
+
+    # --- details and messages -----------------------------------------------
+
+    @inlineCallbacks
+    def _messages(self, events: list[tuple[float, int, str, Any]]
+                  ) -> Generator[Deferred[Any], Any, list[Message]]:
+        build_ids = sorted({row["build_id"] for _, _, kind, row in events
+                            if kind in ("tag", "untag") and isinstance(row.get("build_id"), int)})
+        task_ids = sorted({data[0]["task_id"] for _, _, kind, data in events
+                           if kind == "build" and isinstance(data[0].get("task_id"), int)})
+        calls = [Call("getBuild", (i,)) for i in build_ids]
+        calls += [Call("getTaskInfo", (i, kwargs(request=True))) for i in task_ids]
+        answers = [unwrap(a) for a in (yield self._multicall(calls))] if calls else []
+        owners = {i: (a or {}).get("owner_name") for i, a in zip(build_ids, answers)}
+        task_infos = dict(zip(task_ids, answers[len(build_ids):]))
+        messages = []
+        for _, event_id, kind, data in events:
+            if kind in ("tag", "untag"):
+                messages.append(self._tag_message(kind, event_id, data,
+                                                  owners.get(data.get("build_id"))))
+            elif kind == "build":
+                row, old = data
+                messages.append(self._build_message(row, old, task_infos.get(row.get("task_id"))))
+            elif kind == "task":
+                row, old = data
+                messages.append(self._task_message(row, old))
+            else:
+                messages.append(self._repo_message(kind, data))
+        return messages
+
+    def _message(self, suffix: str, body: dict[str, Any], key: str, summary: str, *,
+                 severity: int = INFO, priority: int = 0, users: tuple[Any, ...] = (),
+                 packages: tuple[Any, ...] = ()) -> Message:
+        headers: dict[str, Any] = {SUMMARY_HEADER: escape_control(summary, 500)}
+        for user in users:
+            if isinstance(user, str) and user:
+                headers[f"fedora_messaging_user_{user}"] = True
+        for package in packages:
+            if isinstance(package, str) and package:
+                headers[f"fedora_messaging_rpm_{package}"] = True
+        return Message.create(
+            self.topic(suffix), body, headers=headers, severity=severity, priority=priority,
+            schema=SCHEMAS[suffix],
+            id=str(uuid.uuid5(_NAMESPACE, f"{self.settings.hub_url}|{key}")),
+        )
+
+    def _common(self) -> dict[str, Any]:
+        return {"instance": self.settings.instance, "base_url": self.settings.base_url}
+
+    def _tag_message(self, op: str, event_id: int, row: Mapping[str, Any],
+                     owner: Any) -> Message:
+        user = row.get("creator_name") if op == "tag" else row.get("revoker_name")
+        body: dict[str, Any] = {
+            "tag": row.get("tag.name"), "tag_id": row.get("tag_id"), "name": row.get("name"),
+            "version": row.get("version"), "release": row.get("release"),
+            "build_id": row.get("build_id"), **self._common(),
+        }
+        if isinstance(user, str):
+            body["user"] = user
+        if isinstance(owner, str):
+            body["owner"] = owner
+        tag = str(row.get("tag.name") or "")
+        nvr = f"{row.get('name')}-{row.get('version')}-{row.get('release')}"
+        action = "tagged into" if op == "tag" else "untagged from"
+        if tag.startswith("f") and tag.endswith("-rebuild") and tag[1:-8].isdigit():
+            priority = 0
+        elif tag == "eln" or tag.startswith("eln-"):
+            priority = 1
+        else:
+            priority = 2
+        return self._message(
+            f"buildsys.{op}", body, f"{op}:{row.get('tag_id')}:{row.get('build_id')}:{event_id}",
+            f"{nvr} was {action} {tag} by {user}", severity=DEBUG, priority=priority,
+            users=(user, owner), packages=(row.get("name"),),
+        )
+
+    def _task_info(self, task: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        A Koji task dict the way koji-fedoramessaging puts it in messages:
+        times as epoch numbers, URL added, bookkeeping dropped.
+        """
+        info = {k: v for k, v in task.items()
+                if k not in ("weight", "create_ts", "start_ts", "completion_ts", "owner_type",
+                             "owner_name")}
+        info["create_time"] = float(task.get("create_ts") or 0.0)
+        info["start_time"] = task.get("start_ts")
+        info["completion_time"] = task.get("completion_ts")
+        if isinstance(task.get("owner_name"), str):
+            info["owner"] = task["owner_name"]
+        info.setdefault("host_id", None)
+        info.setdefault("arch", "noarch")
+        info["result"] = _result(task)
+        if not isinstance(info.get("request"), list):
+            info.pop("request", None)
+        info["url"] = f"{self.settings.web_url}/taskinfo?taskID={task.get('id')}"
+        return info
+
+    def _build_message(self, row: Mapping[str, Any], old: int | None,
+                       task: Mapping[str, Any] | None) -> Message:
+        build_id = row.get("build_id")
+        new = int(row["state"])
+        info = self._task_info(task) if isinstance(task, dict) else None
+        body: dict[str, Any] = {
+            "name": row.get("name"), "version": row.get("version"),
+            "release": row.get("release"), "epoch": row.get("epoch"), "attribute": "state",
+            "old": old, "new": new, "build_id": build_id, "task_id": row.get("task_id"),
+            "owner": row.get("owner_name"), "url": f"{self.settings.web_url}/buildinfo?buildID={build_id}",
+            "files_base_url": self.settings.files_base_url,
+            "task": info, "request": info.get("request") if info else None,
+            "creation_time": iso_time(row.get("creation_ts")) or "",
+            "completion_time": iso_time(row.get("completion_ts")), **self._common(),
+        }
+        state = BUILD_STATES[new] if 0 <= new < len(BUILD_STATES) else str(new)
+        return self._message(
+            "buildsys.build.state.change", body, f"build:{build_id}:{new}",
+            f"Build {state}: {row.get('owner_name')}'s {row.get('nvr')}",
+            users=(row.get("owner_name"),), packages=(row.get("name"),),
+        )
+
+    def _task_message(self, row: Mapping[str, Any], old: int | None) -> Message:
+        new = int(row["state"])
+        request = row.get("request")
+        srpm = ""
+        if isinstance(request, list) and request and isinstance(request[0], str):
+            srpm = posixpath.basename(request[0])
+        owner = row.get("owner_name")
+        body: dict[str, Any] = {
+            "info": self._task_info(row), "id": row.get("id"), "method": row.get("method"),
+            "attribute": "state", "old": _state_name(TASK_STATES, old),
+            "new": _state_name(TASK_STATES, new), "srpm": srpm,
+            "owner": owner if isinstance(owner, str) else None,
+            "files_base_url": self.settings.files_base_url, **self._common(),
+        }
+        return self._message(
+            "buildsys.task.state.change", body, f"task:{row.get('id')}:{new}",
+            f"Task {body['new']} -- {row.get('method')} ({srpm} {row.get('arch')})",
+            users=(body["owner"],),
+        )
+
+    def _repo_message(self, kind: str, info: Mapping[str, Any]) -> Message:
+        body = {"tag": info.get("tag_name"), "tag_id": info.get("tag_id"),
+                "repo_id": info.get("id"), **self._common()}
+        what = "initialized" if kind == "repo.init" else "done"
+        return self._message(
+            f"buildsys.{kind}", body, f"{kind}:{info.get('id')}",
+            f"Repo {info.get('id')} for {info.get('tag_name')} {what}", severity=DEBUG,
+        )
+
+
+def _state_name(names: tuple[str, ...], state: int | None) -> str | None:
+    if state is None:
+        return None
+    return names[state] if 0 <= state < len(names) else str(state)
+
+
+# --- the plugin ---------------------------------------------------------
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _http_url(value: str) -> str | None:
+    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _task_mode(value: str) -> str | None:
+    return None if value in TASK_MODES else f"must be one of {', '.join(TASK_MODES)}"
+
+
+@implementer(IPlugin, IProducerPlugin)
+class KojiPlugin:
+    """
+    The C{koji} producer plugin.
+    """
+
+    name = "koji"
+    description = "Poll a Koji hub over XML-RPC and publish buildsys.* messages."
+    options: Mapping[str, Option] = {
+        "hub_url": Option(str, REQUIRED, "The hub's XML-RPC URL, e.g. https://koji.example/kojihub.",
+                          check=_http_url),
+        "web_url": Option(str, None, "koji-web's base URL for links (default: from hub_url).",
+                          check=_http_url),
+        "base_url": Option(str, None, "The base_url field (default: the hub's site).",
+                           check=_http_url),
+        "files_base_url": Option(str, None, "Where task files are served "
+                                 "(default: <site>/kojifiles/work).", check=_http_url),
+        "instance": Option(str, "primary", "The instance field of every message."),
+        "tags": Option(bool, True, "Publish buildsys.tag and buildsys.untag."),
+        "builds": Option(bool, True, "Publish buildsys.build.state.change."),
+        "tasks": Option(str, "scratch", "Task state changes of: scratch, parents, all or none.",
+                        check=_task_mode),
+        "repos": Option(bool, True, "Publish buildsys.repo.init and buildsys.repo.done."),
+        "backfill_from_event": Option(int, None, "On first start, publish from after this "
+                                      "event instead of from now.", check=_not_negative),
+        "event_step": Option(int, 1000, "At most this many events of history per poll.",
+                             check=_at_least_one),
+        "event_overlap": Option(int, 20, "Events of history read again each poll.",
+                                check=_not_negative),
+        "time_overlap": Option(float, 120.0, "Seconds of builds and tasks read again each poll.",
+                               check=_not_negative),
+        "page_size": Option(int, 500, "At most this many rows per query.", check=_at_least_one),
+        "batch_size": Option(int, 100, "At most this many calls per multiCall.",
+                             check=_at_least_one),
+        "repo_probe": Option(int, 10, "Repo ids looked at past the newest known one.",
+                             check=_at_least_one),
+        **poller_options(30.0),
+    }
+
+    def build(self, context: Any) -> PollingService:
+        """
+        A polling service for the configured hub.  No I/O happens here.
+        """
+        options = context.options
+        names = ("web_url", "base_url", "files_base_url", "instance", "tags", "builds", "tasks",
+                 "repos", "backfill_from_event", "event_step", "event_overlap", "time_overlap",
+                 "page_size", "batch_size", "repo_probe")
+        settings = KojiSettings.for_hub(options["hub_url"],
+                                        **{n: options[n] for n in names if n in options})
+        client = XMLRPCClient(settings.hub_url, context.reactor, multicall_method="multiCall",
+                              **client_settings(options))
+        source = KojiSource(context.name, client, settings, context.topic)
+        return polling_service(context, source)

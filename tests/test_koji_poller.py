@@ -1,0 +1,557 @@
+"""
+Tests for L{fedhub.producers.koji}: what the Koji poller publishes for the
+changes of a fake hub, that every body validates against
+C{koji-fedoramessaging-messages}, and how it behaves across restarts,
+catch-up, late commits and a misbehaving hub.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from fedhub.config import HubSettings
+from fedhub.interfaces import IProducerPlugin
+from fedhub.message import DEBUG, INFO, Message
+from fedhub.plugins import PluginContext
+from fedhub.producers.koji import (
+    SCHEMAS,
+    KojiPlugin,
+    KojiSettings,
+    KojiSource,
+    kwargs,
+)
+from fedhub.producers.poller import IPollSource, PollingService, PollResult, run_inline
+from fedhub.text import SUMMARY_HEADER
+from fedhub.xmlrpc import XMLRPCClient, XMLRPCFault
+from tests.fakes_xmlrpc import (
+    BUILDING,
+    CLOSED,
+    COMPLETE,
+    FAILED,
+    OPEN,
+    REPO_INIT,
+    REPO_PROBLEM,
+    REPO_READY,
+    DirectCaller,
+    FakeKoji,
+    check_with_schema_package,
+    koji_bodies,
+    listen,
+    schema_names,
+)
+from tests.test_poller import FakePublisher
+
+reactor: Any = _reactor
+HUB = "https://koji.example.org/kojihub"
+PREFIX = "org.fedoraproject.test."
+
+
+def topic(suffix: str) -> str:
+    return PREFIX + suffix
+
+
+def suffixes(messages: list[Message]) -> list[str]:
+    return [m.topic[len(PREFIX):] for m in messages]
+
+
+class SourceTestBase(SynchronousTestCase):
+    """
+    A fake hub, called in-process, and a source over it.
+    """
+
+    def setUp(self) -> None:
+        self.koji = FakeKoji()
+        self.caller = DirectCaller(self.koji.server, HUB, multicall_method="multiCall")
+
+    def source(self, **settings: Any) -> KojiSource:
+        return KojiSource("koji", self.caller, KojiSettings.for_hub(HUB, **settings), topic)
+
+    def start(self, source: KojiSource) -> Any:
+        return self.successResultOf(source.initial_cursor())
+
+    def poll(self, source: KojiSource, cursor: Any) -> PollResult:
+        result: PollResult = self.successResultOf(source.poll(cursor))
+        for message in result.messages:
+            check_with_schema_package(message)
+        return result
+
+    def drain(self, source: KojiSource, cursor: Any, limit: int = 100) -> tuple[list[Message], Any]:
+        """
+        Poll until the source has nothing more right now.
+        """
+        messages: list[Message] = []
+        for _ in range(limit):
+            result = self.poll(source, cursor)
+            messages += result.messages
+            cursor = result.cursor
+            if not result.more:
+                return messages, cursor
+        self.fail("the source never caught up")
+
+
+class SettingsTests(SynchronousTestCase):
+    """
+    L{KojiSettings.for_hub}.
+    """
+
+    def test_derived_urls(self) -> None:
+        """Web, site and files URLs are derived from a /kojihub URL."""
+        s = KojiSettings.for_hub("https://koji.fedoraproject.org/kojihub")
+        self.assertEqual(s.web_url, "https://koji.fedoraproject.org/koji")
+        self.assertEqual(s.base_url, "https://koji.fedoraproject.org")
+        self.assertEqual(s.files_base_url, "https://koji.fedoraproject.org/kojifiles/work")
+
+    def test_given_urls_win(self) -> None:
+        """Configured URLs are used as given; None means derive."""
+        s = KojiSettings.for_hub(HUB, web_url="https://web.example/koji", files_base_url=None)
+        self.assertEqual(s.web_url, "https://web.example/koji")
+        self.assertEqual(s.files_base_url, "https://koji.example.org/kojifiles/work")
+
+    def test_kwargs(self) -> None:
+        """Keyword arguments travel as one __starstar struct without None values."""
+        self.assertEqual(kwargs(a=1, b=None), {"a": 1, "__starstar": True})
+
+    def test_bad_task_mode(self) -> None:
+        """An unknown task mode is refused."""
+        self.assertRaises(ValueError, KojiSource, "k", None, KojiSettings.for_hub(HUB, tasks="x"),
+                          topic)
+
+
+class SourceTests(SourceTestBase):
+    """
+    L{KojiSource} against the fake hub.
+    """
+
+    def test_interface(self) -> None:
+        """KojiSource provides IPollSource."""
+        self.assertTrue(verifyObject(IPollSource, self.source()))
+
+    def test_first_start_at_current_event(self) -> None:
+        """The first cursor is the hub's last event; older history is not published."""
+        source = self.source()
+        cursor = self.start(source)
+        self.assertEqual(cursor["event"], self.koji.last_event)
+        self.assertEqual(cursor["repos"]["next"], 2581)
+        result = self.poll(source, cursor)
+        self.assertEqual(result.messages, [])
+        self.assertFalse(result.more)
+
+    def test_idle_poll_cost(self) -> None:
+        """A poll with nothing new is two requests: getLastEvent and one multiCall."""
+        source = self.source()
+        cursor = self.start(source)
+        before = self.caller.requests
+        self.poll(source, cursor)
+        self.assertEqual(self.caller.requests - before, 2)
+        self.assertNotIn("queryHistory", self.koji.server.calls)
+
+    def test_tag_and_untag(self) -> None:
+        """Tagging and untagging publish buildsys.tag and buildsys.untag in event order."""
+        source = self.source(builds=False, tasks="none", repos=False)
+        cursor = self.start(source)
+        build = 574
+        self.koji.tag_build(build, "f31-updates-pending", user=3)
+        self.koji.untag_build(build, "f31-updates-pending", user=3)
+        self.koji.tag_build(build, "f24", user=2)
+        result = self.poll(source, cursor)
+        self.assertEqual(suffixes(list(result.messages)),
+                         ["buildsys.tag", "buildsys.untag", "buildsys.tag"])
+        tag, untag, retag = result.messages
+        self.assertEqual(dict(tag.body), {
+            "tag": "f31-updates-pending", "tag_id": 6446, "name": "fake", "version": "1.1",
+            "release": "35MYDISTTAG", "build_id": 574, "user": "bodhi", "owner": "mikem",
+            "instance": "primary", "base_url": "https://koji.example.org",
+        })
+        self.assertEqual(untag.body["user"], "bodhi")
+        self.assertEqual(retag.body["user"], "kojiadmin")
+        self.assertEqual(tag.schema, "koji_fedoramessaging.tag.TagV1")
+        self.assertEqual(untag.schema, "koji_fedoramessaging.tag.UntagV1")
+        self.assertEqual((tag.severity, tag.priority), (DEBUG, 2))
+        self.assertEqual(tag.headers[SUMMARY_HEADER],
+                         "fake-1.1-35MYDISTTAG was tagged into f31-updates-pending by bodhi")
+        self.assertTrue(tag.headers["fedora_messaging_user_mikem"])
+        self.assertTrue(tag.headers["fedora_messaging_rpm_fake"])
+        self.assertEqual(self.poll(source, result.cursor).messages, [])
+
+    def test_build_lifecycle(self) -> None:
+        """A build publishes None->BUILDING, then BUILDING->COMPLETE with its task."""
+        source = self.source(tasks="none", repos=False)
+        cursor = self.start(source)
+        build, task = self.koji.start_build("python-requests", "2.32.3", "1.fc42")
+        first = self.poll(source, cursor)
+        self.koji.finish_build(build)
+        second = self.poll(source, first.cursor)
+        self.assertEqual([(m.body["old"], m.body["new"]) for m in first.messages], [(None, BUILDING)])
+        self.assertEqual([(m.body["old"], m.body["new"]) for m in second.messages],
+                         [(BUILDING, COMPLETE)])
+        body = second.messages[0].body
+        self.assertEqual(body["build_id"], build)
+        self.assertEqual(body["task_id"], task)
+        self.assertEqual(body["owner"], "mikem")
+        self.assertEqual(body["url"], f"https://koji.example.org/koji/buildinfo?buildID={build}")
+        self.assertEqual(body["task"]["id"], task)
+        self.assertEqual(body["task"]["url"],
+                         f"https://koji.example.org/koji/taskinfo?taskID={task}")
+        self.assertIsInstance(body["task"]["create_time"], float)
+        self.assertEqual(body["request"][1], "f24")
+        self.assertTrue(body["creation_time"].endswith("+00:00"))
+        self.assertIsNotNone(body["completion_time"])
+        self.assertEqual(second.messages[0].headers[SUMMARY_HEADER],
+                         "Build COMPLETE: mikem's python-requests-2.32.3-1.fc42")
+        self.assertEqual(second.messages[0].severity, INFO)
+        self.assertEqual(second.cursor["builds"]["open"], {})
+
+    def test_failed_and_imported_builds(self) -> None:
+        """A failed build and an imported one (no task) are published with their states."""
+        source = self.source(tasks="none", repos=False)
+        cursor = self.start(source)
+        failing, _ = self.koji.start_build("broken", "1", "1")
+        self.koji.finish_build(failing, FAILED)
+        imported = self.koji.import_build("chromium", "80.0.3987.132", "1.fc33", owner=4)
+        messages, _ = self.drain(source, cursor)
+        states = {m.body["build_id"]: (m.body["old"], m.body["new"], m.body["task"])
+                  for m in messages}
+        self.assertEqual(states[failing][:2], (None, FAILED))
+        self.assertEqual(states[imported], (None, COMPLETE, None))
+
+    def test_scratch_task_states(self) -> None:
+        """Scratch builds' parent tasks publish state names; normal builds' tasks do not."""
+        source = self.source(builds=False, repos=False)
+        cursor = self.start(source)
+        self.koji.start_build("normal", "1", "1")
+        task = self.koji.scratch_build("tasks/1/libfreehand-0.1.2-6.fc32.src.rpm")
+        first = self.poll(source, cursor)
+        self.koji.set_task_state(task, OPEN)
+        second = self.poll(source, first.cursor)
+        self.koji.set_task_state(task, CLOSED, result=None)
+        third = self.poll(source, second.cursor)
+        changes = [(m.body["id"], m.body["old"], m.body["new"])
+                   for m in [*first.messages, *second.messages, *third.messages]]
+        self.assertEqual(changes, [(task, None, "FREE"), (task, "FREE", "OPEN"),
+                                   (task, "OPEN", "CLOSED")])
+        body = third.messages[0].body
+        self.assertEqual(body["srpm"], "libfreehand-0.1.2-6.fc32.src.rpm")
+        self.assertEqual(body["owner"], "koschei")
+        self.assertEqual(body["method"], "build")
+        self.assertEqual(body["files_base_url"], "https://koji.example.org/kojifiles/work")
+        self.assertIsNone(body["info"]["result"])
+        self.assertEqual(third.cursor["tasks"]["open"], {})
+
+    def test_all_parent_tasks(self) -> None:
+        """With tasks = parents, every top-level task is published."""
+        source = self.source(builds=False, repos=False, tasks="parents")
+        cursor = self.start(source)
+        _, task = self.koji.start_build("normal", "1", "1")
+        result = self.poll(source, cursor)
+        self.assertEqual([m.body["id"] for m in result.messages], [task])
+
+    def test_repos(self) -> None:
+        """A new repo publishes repo.init, and repo.done once it is ready; a failed one no done."""
+        source = self.source(builds=False, tasks="none")
+        cursor = self.start(source)
+        ready = self.koji.new_repo("f24")
+        broken = self.koji.new_repo("f33-build")
+        first = self.poll(source, cursor)
+        self.koji.repo_state(ready, REPO_READY)
+        self.koji.repo_state(broken, REPO_PROBLEM)
+        second = self.poll(source, first.cursor)
+        third = self.poll(source, second.cursor)
+        self.assertEqual([(suffixes([m])[0], m.body["repo_id"]) for m in first.messages],
+                         [("buildsys.repo.init", ready), ("buildsys.repo.init", broken)])
+        self.assertEqual([(suffixes([m])[0], m.body["repo_id"]) for m in second.messages],
+                         [("buildsys.repo.done", ready)])
+        self.assertEqual(dict(second.messages[0].body), {
+            "tag": "f24", "tag_id": 2, "repo_id": ready, "instance": "primary",
+            "base_url": "https://koji.example.org"})
+        self.assertEqual(third.messages, [])
+        self.assertEqual(third.cursor["repos"], {"next": broken + 1, "pending": []})
+
+    def test_repos_seen_pending_at_first_start(self) -> None:
+        """A repo still being made at first start gets its repo.done later, not its init."""
+        repo = self.koji.new_repo("f24")
+        source = self.source(builds=False, tasks="none")
+        cursor = self.start(source)
+        self.assertEqual(cursor["repos"], {"next": repo + 1, "pending": [repo]})
+        self.koji.repo_state(repo, REPO_READY)
+        result = self.poll(source, cursor)
+        self.assertEqual(suffixes(list(result.messages)), ["buildsys.repo.done"])
+
+    def test_everything_in_time_order(self) -> None:
+        """Messages of one poll come in the order things happened, across kinds."""
+        source = self.source(tasks="parents")
+        cursor = self.start(source)
+        build, _ = self.koji.start_build("a", "1", "1")
+        self.koji.tag_build(574, "f24")
+        self.koji.new_repo("f24")
+        self.koji.finish_build(build)
+        result = self.poll(source, cursor)
+        # The poll sees each thing as it is now: the build complete, its task
+        # closed, the newRepo task open.
+        self.assertEqual(
+            [(suffixes([m])[0], m.body.get("method"), m.body.get("new")) for m in result.messages],
+            [("buildsys.tag", None, None),
+             ("buildsys.task.state.change", "newRepo", "OPEN"),
+             ("buildsys.repo.init", None, None),
+             ("buildsys.build.state.change", None, COMPLETE),
+             ("buildsys.task.state.change", "build", "CLOSED")],
+        )
+
+    def test_backfill_and_catch_up(self) -> None:
+        """backfill_from_event starts in the past; catching up goes in bounded steps, in order."""
+        tags = []
+        for _ in range(25):
+            tags.append(self.koji.tag_build(574, "f24"))
+            self.koji.untag_build(574, "f24")
+        source = self.source(builds=False, tasks="none", repos=False,
+                             backfill_from_event=tags[0] - 1, event_step=7)
+        cursor = self.start(source)
+        self.assertEqual(cursor["event"], tags[0] - 1)
+        first = self.poll(source, cursor)
+        self.assertTrue(first.more)
+        self.assertGreater(first.lag or 0.0, 0.0)
+        self.assertEqual(len(first.messages), 7)
+        messages, cursor = self.drain(source, first.cursor)
+        messages = list(first.messages) + messages
+        self.assertEqual(suffixes(messages), ["buildsys.tag", "buildsys.untag"] * 25)
+        self.assertEqual(len({m.id for m in messages}), 50)
+        self.assertEqual(cursor["event"], self.koji.last_event)
+
+    def test_backfill_includes_recorded_history(self) -> None:
+        """Backfilling over the recorded sample history publishes its tag and untag."""
+        source = self.source(builds=False, tasks="none", repos=False, backfill_from_event=584)
+        self.koji.events.insert(0, (584, 1613744950.0))
+        cursor = self.start(source)
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual([(suffixes([m])[0], m.body["build_id"]) for m in messages][:2],
+                         [("buildsys.tag", 6), ("buildsys.untag", 5)])
+
+    def test_late_commit_within_overlap(self) -> None:
+        """A tag committed after a later event was seen is still published, once."""
+        source = self.source(builds=False, tasks="none", repos=False, event_overlap=5)
+        cursor = self.start(source)
+        self.koji.tag_build(574, "f24")
+        late_event = self.koji.event()
+        self.koji.tag_build(574, "f31-updates-pending")
+        row = self.koji.tag_listing.pop()  # not committed yet when the poll runs
+        late_row = dict(row, create_event=late_event, **{"tag.name": "f33-build", "tag_id": 18677})
+        first = self.poll(source, cursor)
+        self.koji.tag_listing.append(row)
+        self.koji.tag_listing.append(late_row)
+        self.koji.event()  # the hub moves on
+        second = self.poll(source, first.cursor)
+        third = self.poll(source, second.cursor)
+        self.assertEqual([m.body["tag"] for m in first.messages], ["f24"])
+        self.assertEqual(sorted(m.body["tag"] for m in second.messages),
+                         ["f31-updates-pending", "f33-build"])
+        self.assertEqual(third.messages, [])
+
+    def test_build_paging(self) -> None:
+        """More builds than a page are fetched over several polls, each once."""
+        source = self.source(tasks="none", repos=False, page_size=3)
+        cursor = self.start(source)
+        builds = [self.koji.start_build(f"p{i}", "1", "1")[0] for i in range(10)]
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual([m.body["build_id"] for m in messages], builds)
+
+    def test_same_ids_for_same_events(self) -> None:
+        """Polling the same window twice gives the same message ids (duplicates are identifiable)."""
+        source = self.source()
+        cursor = self.start(source)
+        build, _ = self.koji.start_build("a", "1", "1")
+        self.koji.tag_build(build, "f24")
+        first = self.poll(source, cursor)
+        again = self.poll(self.source(), cursor)
+        self.assertEqual([m.id for m in first.messages], [m.id for m in again.messages])
+        self.assertNotEqual(first.messages[0].id, first.messages[1].id)
+
+    def test_poll_leaves_cursor_alone(self) -> None:
+        """poll() never changes the cursor it was given."""
+        source = self.source()
+        cursor = self.start(source)
+        import copy
+        frozen = copy.deepcopy(cursor)
+        self.koji.start_build("a", "1", "1")
+        self.koji.tag_build(574, "f24")
+        self.poll(source, cursor)
+        self.assertEqual(cursor, frozen)
+
+    def test_fault_fails_poll(self) -> None:
+        """A fault of any query fails the poll (so the cursor stays)."""
+        source = self.source()
+        cursor = self.start(source)
+        self.koji.fail_methods["listBuilds"] = 1
+        failure = self.failureResultOf(source.poll(cursor), XMLRPCFault)
+        self.assertEqual(failure.value.method, "listBuilds")
+
+    def test_hub_going_backwards(self) -> None:
+        """A hub whose last event is before the cursor publishes nothing and keeps the cursor."""
+        source = self.source()
+        cursor = self.start(source)
+        cursor = dict(cursor, event=cursor["event"] + 100)
+        result = self.poll(source, cursor)
+        self.assertEqual(result.messages, [])
+        self.assertEqual(result.cursor["event"], cursor["event"])
+
+
+class SchemaTests(SynchronousTestCase):
+    """
+    The schema names and the validation used by these tests.
+    """
+
+    def test_schema_names_installed(self) -> None:
+        """Every schema name the poller uses is an installed fedora.messages entry point."""
+        self.assertLessEqual(set(SCHEMAS.values()), schema_names())
+
+    def test_validation_catches_bad_bodies(self) -> None:
+        """The validation used here rejects a body that breaks the schema."""
+        import jsonschema
+
+        message = Message.create(topic("buildsys.tag"), {"tag_id": "six"},
+                                 schema=SCHEMAS["buildsys.tag"])
+        self.assertRaises(jsonschema.ValidationError, check_with_schema_package, message)
+
+    def test_fedora_bodies_validate(self) -> None:
+        """The real Fedora bodies of the samples validate (the checker is not too strict)."""
+        for sample in koji_bodies():
+            if sample["topic"] in SCHEMAS:
+                check_with_schema_package(Message.create(
+                    topic(sample["topic"]), sample["body"], schema=SCHEMAS[sample["topic"]]))
+
+    def test_same_keys_as_fedora(self) -> None:
+        """Published bodies have every key Fedora's plugin sends for the same event kind."""
+        koji = FakeKoji()
+        caller = DirectCaller(koji.server, HUB, multicall_method="multiCall")
+        source = KojiSource("koji", caller, KojiSettings.for_hub(HUB, tasks="all"), topic)
+        cursor = self.successResultOf(source.initial_cursor())
+        build, _ = koji.start_build("a", "1", "1")
+        koji.finish_build(build)
+        koji.tag_build(build, "f24")
+        koji.untag_build(build, "f24")
+        task = koji.scratch_build("x.src.rpm")
+        koji.set_task_state(task, OPEN)
+        koji.repo_state(koji.new_repo("f24"), REPO_READY)
+        result: PollResult = self.successResultOf(source.poll(cursor))
+        published = {m.topic[len(PREFIX):]: set(m.body) for m in result.messages}
+        for sample in koji_bodies():
+            if sample["topic"] in published and sample["topic"] != "buildsys.package.list.change":
+                missing = set(sample["body"]) - published[sample["topic"]]
+                self.assertEqual(missing, set(), sample["topic"])
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    The C{koji} plugin.
+    """
+
+    def test_plugin(self) -> None:
+        """The plugin provides IProducerPlugin and builds a polling service without I/O."""
+        plugin = KojiPlugin()
+        self.assertTrue(verifyObject(IProducerPlugin, plugin))
+        options = {name: option.default for name, option in plugin.options.items()}
+        options["hub_url"] = HUB
+        context = PluginContext("koji", "infra", options, FakePublisher(), Clock(),
+                                HubSettings(state_dir=self.mktemp(), environment="test"))
+        service = plugin.build(context)
+        self.assertIsInstance(service, PollingService)
+        self.assertEqual(service.interval, 30.0)
+        self.assertEqual(service.store.path, os.path.join(context.state_dir, "cursor.json"))
+        source = service.source
+        assert isinstance(source, KojiSource)
+        self.assertEqual(source.topic("buildsys.tag"), "org.fedoraproject.test.buildsys.tag")
+        assert isinstance(source.client, XMLRPCClient)
+        self.assertEqual(source.client.multicall_method, "multiCall")
+        self.assertFalse(os.path.exists(context.state_dir))
+
+
+class EndToEndTests(TestCase):
+    """
+    The whole poller over a real loopback socket: crash recovery and a hub
+    that misbehaves.
+    """
+
+    def setUp(self) -> None:
+        self.koji = FakeKoji()
+        port, self.url = listen(self.koji.server, reactor)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.koji.server.release_hanging)
+        self.state_dir = self.mktemp()
+
+    def service(self, publisher: FakePublisher, **client: Any) -> PollingService:
+        client.setdefault("timeout", 5.0)
+        source = KojiSource("koji", XMLRPCClient(self.url, reactor, multicall_method="multiCall",
+                                                 **client),
+                            KojiSettings.for_hub(self.url), topic)
+        service = PollingService("koji", source, publisher, reactor, self.state_dir,
+                                 interval=0.05, backoff=0.01, max_backoff=0.05, jitter=0.0,
+                                 run_in_thread=run_inline)
+        return service
+
+    @inlineCallbacks
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> Any:
+        for _ in range(1000):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    @inlineCallbacks
+    def test_crash_between_poll_and_publish(self) -> Any:
+        """
+        A poller that dies before its messages are handed over is replaced
+        by one that publishes them again, with the same ids, and then the
+        rest: no gap, one poll's duplicates.
+        """
+        hung = FakePublisher(auto=False)
+        first = self.service(hung)
+        first.startService()
+        yield self.wait_for(lambda: first.cursor is not None, "the first cursor")
+        build, _ = self.koji.start_build("a", "1", "1")
+        self.koji.tag_build(build, "f24")
+        yield self.wait_for(lambda: len(hung.messages) == 2, "the first messages")
+        # Crash: the first poller is abandoned with its hand-overs pending.
+        first.running = False
+        yield first.source.close()
+        self.koji.tag_build(build, "f31-updates-pending")
+        publisher = FakePublisher()
+        second = self.service(publisher)
+        second.startService()
+        self.addCleanup(second.stopService)
+        yield self.wait_for(lambda: len(publisher.messages) == 3, "the second messages")
+        self.assertEqual([m.id for m in publisher.messages[:2]], [m.id for m in hung.messages])
+        self.assertEqual(publisher.messages[2].body["tag"], "f31-updates-pending")
+        for message in publisher.messages:
+            check_with_schema_package(message)
+
+    @inlineCallbacks
+    def test_misbehaving_hub(self) -> Any:
+        """
+        Faults, HTTP errors, broken XML, a huge answer and a hub that never
+        answers are counted as errors, and polling goes on to publish what
+        happened meanwhile.
+        """
+        publisher = FakePublisher()
+        service = self.service(publisher, timeout=0.5, max_response_bytes=256 * 1024)
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield self.wait_for(lambda: service.polls >= 1, "a first poll")
+        self.koji.server.misbehave = ["fault", "http500", "truncated", "billion_laughs",
+                                      "huge", "hang", "not_xml"]
+        self.koji.tag_build(574, "f24")
+        yield self.wait_for(lambda: len(publisher.messages) == 1, "the tag message")
+        self.assertEqual(service.errors, 7)
+        self.assertEqual(service.consecutive_errors, 0)
+        self.assertLess(self.koji.server.flood_sent, 32 * 1024 * 1024)
+        self.assertEqual(suffixes(publisher.messages), ["buildsys.tag"])
+        self.flushLoggedErrors()
+
+
