@@ -555,9 +555,17 @@ class LayoutTests(SynchronousTestCase):
         assert comment is not None
         self.assertTrue(comment.text.startswith("Created attachment 777"))
 
-    def test_mozilla_comment_header_and_field_names(self) -> None:
-        """bugzilla.mozilla.org's timestamped comment header and Changed-Field-Names header are read."""
+    def test_mozilla_layout(self) -> None:
+        """
+        bugzilla.mozilla.org's layout is read: the preamble above the link, the
+        timestamped comment header, Changed-Field-Names, and a footer whose
+        signature line lost its trailing space.
+        """
         body = "--- Comment #12 from Byron Jones [:glob] <glob@example.org> 2012-02-06 22:10:22 PST ---\nLooks good.\n"
+        footer = (
+            "\n--\nConfigure bugmail: https://bz.example.org/userprefs.cgi?tab=email\n"
+            "------- You are receiving this mail because: -------\nYou are watching the component for the bug.\n"
+        )
         raw = _mail(
             body,
             who="glob@example.org",
@@ -565,7 +573,9 @@ class LayoutTests(SynchronousTestCase):
                 ("X-Bugzilla-Changed-Fields", "CC Flags Comment Created"),
                 ("X-Bugzilla-Changed-Field-Names", "cc flagtypes.name comment"),
             ),
-        )
+            footer=footer,
+        ).replace(b"\n\nhttps://bz.example.org/show_bug", b"\n\nDo not reply to this email. You can add comments to this bug at\nhttps://bz.example.org/show_bug")
+        self.assertIn(b"Do not reply", raw)
         event = parse_bugmail(raw)
         self.assertEqual(event.comments, (Comment(12, "glob@example.org", "Looks good.", "Byron Jones [:glob]"),))
         self.assertEqual(event.changed_fields, ("cc", "flagtypes.name", "comment"))
@@ -747,6 +757,12 @@ class RejectionTests(SynchronousTestCase):
         """An X-Bugzilla-Who that is not a login is refused."""
         error = _error(_mail(who="alice example.org"))
         self.assertEqual(error.code, "bad_who")
+
+    def test_empty_who_taken_from_body(self) -> None:
+        """An empty X-Bugzilla-Who falls back to the changer named in the body."""
+        body = "Bob (bob@example.org) changed:\n\n" + TABLE_HEAD + "           Priority|P3                          |P1\n"
+        event = parse_bugmail(_mail(body, who=""))
+        self.assertEqual((event.who, event.who_name), ("bob@example.org", "Bob"))
 
     def test_no_who_anywhere(self) -> None:
         """Without X-Bugzilla-Who and without a changer in the body the mail is refused."""

@@ -1461,7 +1461,7 @@ def _parse(raw: bytes) -> BugEvent:
 
     table = dict(body.new_table)
     who = headers.get("X-Bugzilla-Who")
-    if who is not None:
+    if who:
         if not _valid_login(who):
             raise MalformedBugmail(f"X-Bugzilla-Who is not a login: {_excerpt(who)}", code="bad_who")
     else:
