@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -76,6 +76,7 @@ __all__ = [
     "IBugmailIntake",
     "Quarantine",
     "Refusal",
+    "SeenSet",
     "build_body",
     "build_message",
     "classify_failure",
@@ -314,6 +315,22 @@ class EventPublisher:
 
 
 # --- de-duplication -----------------------------------------------------------
+
+
+class SeenSet(Protocol):
+    """
+    What L{BugmailIntake} remembers handed-over events in.
+    """
+
+    def seen(self, key: str) -> bool:
+        """
+        Whether C{key} was added recently.
+        """
+
+    def add(self, key: str) -> None:
+        """
+        Remember C{key}.
+        """
 
 
 class Deduplicator:
@@ -555,6 +572,10 @@ class BugmailIntake:
     otherwise (the sender retries both).
 
     @ivar on_event: The L{EventCallback}.
+    @ivar dedup: Where handed-over fingerprints are remembered: a
+        L{Deduplicator} built from C{dedup_window} and C{dedup_max_entries}
+        unless another L{SeenSet} is given (C{fedhub inject-mail} passes one
+        kept in a file, as each of its runs is a new process).
     """
 
     log = Logger()
@@ -569,9 +590,12 @@ class BugmailIntake:
         quarantine: Quarantine | None = None,
         producer: str = "bugzilla-smtp",
         parse: Callable[[bytes], BugEvent] = parse_bugmail,
+        dedup: SeenSet | None = None,
     ) -> None:
         self.on_event = on_event
-        self.dedup = Deduplicator(dedup_window, dedup_max_entries, clock)
+        self.dedup: SeenSet = (
+            dedup if dedup is not None else Deduplicator(dedup_window, dedup_max_entries, clock)
+        )
         self.quarantine = quarantine
         self.producer = producer
         self._parse = parse

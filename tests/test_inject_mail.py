@@ -1,0 +1,289 @@
+"""
+Tests for L{fedhub.cli.inject_mail}: one mail in, a message to a (fake)
+publisher out, and the exit status procmail or Postfix act on (0 accepted,
+75 retry later, 65 never), with a one-line reason on standard error.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.cli import inject_mail
+from fedhub.cli.inject_mail import (
+    EX_DATAERR,
+    EX_OK,
+    EX_TEMPFAIL,
+    SeenFile,
+    add_arguments,
+    run,
+)
+from fedhub.config import Config
+from fedhub.errors import TemporarilyUnavailable
+from fedhub.interfaces import IPublisher
+from tests.test_smtp_server import CHANGED, NEW, NOT_BUGMAIL, FakePublisher, copy_for, sample
+
+#: The seam as shipped, before any test replaces it.
+UNWIRED_OPEN_PUBLISHER = inject_mail.open_publisher
+
+PRODUCER = """
+[[producers]]
+name = "{name}"
+plugin = "bugzilla-smtp"
+domain = "community"
+recipients = ["bugs@example.org"]
+max_message_size = 65536
+{extra}
+"""
+
+
+class InjectTestCase(SynchronousTestCase):
+    """
+    Writes a configuration, swaps in a fake publisher and captures stderr.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).absolute()
+        self.directory.mkdir(parents=True)
+        self.publisher = FakePublisher()
+        self.opened: list[tuple[Config, str]] = []
+
+        def fake_open(config: Config, producer_name: str) -> IPublisher:
+            self.opened.append((config, producer_name))
+            return self.publisher
+
+        self.patch(inject_mail, "open_publisher", fake_open)
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.config = self.write_config()
+
+    def write_config(self, producers: str | None = None) -> str:
+        if producers is None:
+            producers = PRODUCER.format(name="bugzilla-mail", extra="")
+        text = (
+            f'[hub]\ntopic_prefix = "org.example"\nenvironment = "prod"\n'
+            f'state_dir = "{self.directory / "state"}"\n\n'
+            '[domains.community]\nbroker = "memory"\n' + producers
+        )
+        path = self.directory / "hub.toml"
+        path.write_text(text)
+        return str(path)
+
+    def mail(self, raw: bytes, name: str = "mail.eml") -> str:
+        path = self.directory / name
+        path.write_bytes(raw)
+        return str(path)
+
+    def inject(self, raw: bytes | None, *extra: str) -> int:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        argv = ["--config", self.config, *extra]
+        if raw is not None:
+            argv += ["--input", self.mail(raw)]
+        return run(parser.parse_args(argv))
+
+    def error_lines(self) -> list[str]:
+        return self.stderr.getvalue().splitlines()
+
+
+class ExitStatusTests(InjectTestCase):
+    """
+    What each kind of mail and failure exits with.
+    """
+
+    def test_bugmail_accepted(self) -> None:
+        """A bugmail exits 0 and is published once on the configured hub's topic, silently."""
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        [message] = self.publisher.published
+        self.assertEqual(message.topic, "org.example.prod.bugzilla.bug.update")
+        self.assertEqual(message.body["bug_id"], 218297)
+        self.assertEqual(self.opened[0][1], "bugzilla-mail")
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_lf_and_mbox_from_line(self) -> None:
+        """A mail with LF line ends and procmail's leading "From " line is accepted."""
+        raw = b"From bugzilla-daemon@example.org Thu Feb  1 04:36:30 2024\n" + (
+            sample(NEW).replace(b"\r\n", b"\n")
+        )
+        self.assertEqual(self.inject(raw), EX_OK)
+        self.assertEqual(self.publisher.published[0].topic, "org.example.prod.bugzilla.bug.new")
+
+    def test_copies_across_runs_published_once(self) -> None:
+        """Copies of one event injected by separate runs are published once; all exit 0."""
+        raw = sample(CHANGED)
+        for n in range(3):
+            self.assertEqual(self.inject(copy_for(raw, f"u{n}@example.net", f"id-{n}@x")), EX_OK)
+        self.assertEqual(len(self.publisher.published), 1)
+        seen = self.directory / "state" / "components" / "bugzilla-mail" / "inject-mail.seen"
+        self.assertEqual(len(seen.read_text().splitlines()), 1)
+
+    def test_no_dedup_with_zero_window(self) -> None:
+        """With dedup_window = 0 every run publishes (with the same message id)."""
+        self.config = self.write_config(PRODUCER.format(name="bugzilla-mail", extra="dedup_window = 0"))
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        first, second = self.publisher.published
+        self.assertEqual(first.id, second.id)
+
+    def test_not_bugmail_65(self) -> None:
+        """Mail that is not Bugzilla's exits 65 with the reason on one line."""
+        self.assertEqual(self.inject(sample(NOT_BUGMAIL)), EX_DATAERR)
+        [line] = self.error_lines()
+        self.assertTrue(line.startswith("fedhub inject-mail: Launchpad bug mail"), line)
+        self.assertEqual(self.publisher.published, [])
+
+    def test_malformed_65(self) -> None:
+        """Bugzilla mail that can not be understood exits 65."""
+        raw = b"X-Bugzilla-Type: changed\nX-Bugzilla-URL: https://b.example/\nSubject: hi\n\nbody\n"
+        self.assertEqual(self.inject(raw), EX_DATAERR)
+        self.assertEqual(len(self.error_lines()), 1)
+
+    def test_too_large_65(self) -> None:
+        """A mail larger than the producer's max_message_size exits 65 without being parsed."""
+        self.assertEqual(self.inject(sample(CHANGED) + b"x" * 65536), EX_DATAERR)
+        self.assertEqual(self.error_lines(), ["fedhub inject-mail: the mail is larger than 65536 bytes"])
+
+    def test_empty_65(self) -> None:
+        """An empty input exits 65."""
+        self.assertEqual(self.inject(b"\n"), EX_DATAERR)
+
+    def test_temporarily_unavailable_75(self) -> None:
+        """A publisher failing with TemporarilyUnavailable exits 75 with its reason, and the event is not remembered."""
+        self.publisher.failure = TemporarilyUnavailable("the outbox of domain community is full")
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(self.error_lines(), ["fedhub inject-mail: the outbox of domain community is full"])
+        self.publisher.failure = None
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        self.assertEqual(len(self.publisher.published), 1)
+
+    def test_open_failure_75(self) -> None:
+        """When no publisher can be opened the run exits 75."""
+        def refuse(config: Config, name: str) -> IPublisher:
+            raise TemporarilyUnavailable("the hub is stopped")
+
+        self.patch(inject_mail, "open_publisher", refuse)
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(self.error_lines(), ["fedhub inject-mail: the hub is stopped"])
+
+    def test_unwired_seam_75(self) -> None:
+        """The default open_publisher (not yet connected to the outbox) makes a run exit 75: the mail stays queued."""
+        self.patch(inject_mail, "open_publisher", UNWIRED_OPEN_PUBLISHER)
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(self.error_lines(), ["fedhub inject-mail: inject-mail is not connected to the hub's outbox yet"])
+
+    def test_unexpected_error_75(self) -> None:
+        """An unexpected exception exits 75 so the mail is retried."""
+        self.publisher.failure = RuntimeError("surprise")
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertIn("RuntimeError", self.error_lines()[0])
+
+    def test_control_characters_escaped(self) -> None:
+        """A reason holding control characters is printed as one escaped line."""
+        self.publisher.failure = TemporarilyUnavailable("full\n\x1b[2Jforged line")
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(len(self.error_lines()), 1)
+        self.assertNotIn("\x1b", self.stderr.getvalue())
+
+    def test_publisher_closed(self) -> None:
+        """A publisher with a close() method is closed after the hand-over."""
+        closed: list[bool] = []
+
+        class Closing(FakePublisher):
+            def close(self) -> Deferred[None]:
+                closed.append(True)
+                return succeed(None)
+
+        self.publisher = Closing()
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        self.assertEqual(closed, [True])
+
+    def test_stdin(self) -> None:
+        """Without --input the mail is read from standard input."""
+        stdin: Any = io.TextIOWrapper(io.BytesIO(sample(CHANGED)))
+        self.patch(sys, "stdin", stdin)
+        self.assertEqual(self.inject(None), EX_OK)
+        self.assertEqual(len(self.publisher.published), 1)
+
+
+class ConfigurationTests(InjectTestCase):
+    """
+    Configuration problems are temporary: the mail waits until they are fixed.
+    """
+
+    def test_missing_file(self) -> None:
+        """An unreadable configuration exits 75."""
+        self.config = str(self.directory / "absent.toml")
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(len(self.error_lines()), 1)
+
+    def test_invalid_file(self) -> None:
+        """An invalid configuration exits 75 naming the problem."""
+        self.config = self.write_config(PRODUCER.format(name="bugzilla-mail", extra="max_recipients = 0"))
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertIn("max_recipients", self.error_lines()[0])
+
+    def test_no_producer(self) -> None:
+        """A configuration without a bugzilla-smtp producer exits 75."""
+        self.config = self.write_config("")
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertIn("found: none", self.error_lines()[0])
+
+    def test_choose_producer(self) -> None:
+        """With two producers, --producer picks one; without it the run exits 75."""
+        self.config = self.write_config(
+            PRODUCER.format(name="one", extra="") + PRODUCER.format(name="two", extra="")
+        )
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(self.inject(sample(CHANGED), "--producer", "two"), EX_OK)
+        self.assertEqual(self.opened[-1][1], "two")
+        self.assertEqual(self.inject(sample(NEW), "--producer", "three"), EX_TEMPFAIL)
+
+
+class SeenFileTests(SynchronousTestCase):
+    """
+    L{SeenFile}.
+    """
+
+    def test_window_and_bound(self) -> None:
+        """Keys expire after the window and at most max_entries are kept."""
+        now = [1000.0]
+        path = os.path.join(self.mktemp(), "sub", "seen")
+        seen = SeenFile(path, 10.0, 2, now=lambda: now[0])
+        self.assertFalse(seen.seen("a"))
+        seen.add("a")
+        seen.add("b")
+        self.assertTrue(seen.seen("a"))
+        seen.add("c")
+        self.assertFalse(seen.seen("a"))
+        now[0] += 11
+        self.assertFalse(seen.seen("c"))
+        self.assertEqual(Path(path).read_text(), "1000.000 b\n1000.000 c\n")
+
+    def test_unusable_path(self) -> None:
+        """When the file can not be created, nothing is remembered and a warning is given."""
+        blocker = self.mktemp()
+        Path(blocker).write_text("file")
+        warnings: list[str] = []
+        seen = SeenFile(os.path.join(blocker, "seen"), 10.0, 5, warn=warnings.append)
+        seen.add("a")
+        self.assertFalse(seen.seen("a"))
+        self.assertEqual(len(warnings), 2)
+
+    def test_garbage_lines_ignored(self) -> None:
+        """Lines that are not <time> <key> are ignored."""
+        path = self.mktemp()
+        Path(path).write_text("nonsense\n\n99999999999 \n")
+        seen = SeenFile(path, 10.0, 5, now=lambda: 50.0)
+        self.assertFalse(seen.seen("nonsense"))
+        seen.add("k")
+        self.assertEqual(Path(path).read_text(), "50.000 k\n")
+
