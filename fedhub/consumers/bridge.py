@@ -1,0 +1,230 @@
+"""
+The C{bridge} consumer: forward messages from its own domain to another one,
+the only way a message crosses between security domains.
+
+A bridge consumes in its domain like any consumer and republishes through
+the publisher (the outbox) of the domain named C{to_domain}.  Its plugin sets
+C{crosses_domains = True}, so the hub hands it the other domains'
+publishers; no other plugin gets them.
+
+What is forwarded: only messages whose topic matches one of the C{allow}
+patterns (AMQP C{*}/C{#} syntax); the consumer's C{topics} decide what
+reaches its queue, C{allow} decides what may leave, so a broad binding can
+not widen what crosses.  Everything else is dropped (acknowledged, logged).
+
+The forwarded message keeps its id, topic, body, schema, severity, priority,
+send time and headers, with two changes: the loop header
+C{fedhub_bridged_from} gets this domain's name appended (a list of the
+domains the message left, oldest first), and the broker's dead-lettering
+bookkeeping of this domain (C{x-death}, C{x-first-death-*},
+C{x-last-death-*}) and a dead-letter reason are removed, since they describe
+queues of the domain it left and would count as retries in the other.
+
+Loop protection: a message whose C{fedhub_bridged_from} already names the
+target domain or this one has been there, and is dropped.  So two bridges
+in opposite directions (A to B, B to A) carry each message once.
+
+Verdicts: not allowed or a loop is L{Drop}; the target's publisher saying
+L{TemporarilyUnavailable} (outbox full, broker gone) is L{Retry}; a
+message the target can never take (L{MessageError}, L{PublishError}) is
+L{DeadLetter}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fedhub.config import Option, check_topic_pattern
+from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER
+from fedhub.errors import (
+    ConfigError,
+    ConfigProblem,
+    DeadLetter,
+    Drop,
+    MessageError,
+    PublishError,
+    Retry,
+    TemporarilyUnavailable,
+)
+from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
+from fedhub.message import Message
+from fedhub.plugins import PluginContext
+from fedhub.text import escape_control
+from fedhub.topology import topic_matches
+
+__all__ = ["BridgePlugin", "BridgeHandler", "BRIDGED_FROM_HEADER", "bridged_from"]
+
+#: The loop header: the domains a message was forwarded from, oldest first.
+BRIDGED_FROM_HEADER = "fedhub_bridged_from"
+
+#: Headers about the queues of the domain a message leaves.
+_LOCAL_HEADERS = ("x-death", DEAD_LETTER_REASON_HEADER)
+_LOCAL_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+def bridged_from(message: Message) -> tuple[str, ...]:
+    """
+    The domains a message was forwarded from, by its loop header.  A header
+    that is a single string counts as one domain; anything not a string is
+    ignored.
+    """
+    value = message.headers.get(BRIDGED_FROM_HEADER)
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(item for item in value if isinstance(item, str))
+    return ()
+
+
+@implementer(IMessageHandler)
+class BridgeHandler:
+    """
+    Forwards allowed messages to another domain's publisher.
+
+    @ivar forwarded: How many messages were handed to the target.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        domain: str,
+        topics: tuple[str, ...],
+        allow: tuple[str, ...],
+        to_domain: str,
+        target: IPublisher,
+    ) -> None:
+        self.name = name
+        self.domain = domain
+        self.topics = topics
+        self.allow = allow
+        self.to_domain = to_domain
+        self.target = target
+        self.forwarded = 0
+
+    def start(self) -> None:
+        """
+        Nothing to prepare: the target's publisher is the hub's.
+        """
+
+    def stop(self) -> None:
+        """
+        Nothing to release.
+        """
+
+    def forwarded_copy(self, message: Message) -> Message:
+        """
+        The message as it goes to the target domain: this domain added to its
+        loop header, this domain's queue bookkeeping removed.
+        """
+        headers = {
+            name: value
+            for name, value in message.headers.items()
+            if name not in _LOCAL_HEADERS and not name.startswith(_LOCAL_PREFIXES)
+        }
+        headers[BRIDGED_FROM_HEADER] = [*bridged_from(message), self.domain]
+        return message.evolve(headers=headers, queue=None, redelivered=False)
+
+    def handle(self, message: Message) -> Deferred[None]:
+        """
+        Forward C{message}, or decide why not.
+        """
+        passed = bridged_from(message)
+        if self.to_domain in passed or self.domain in passed:
+            raise Drop(
+                f"loop: already passed {', '.join(escape_control(d) for d in passed)}; "
+                f"not forwarding from {self.domain} to {self.to_domain} again"
+            )
+        if not any(topic_matches(pattern, message.topic) for pattern in self.allow):
+            raise Drop(f"topic {escape_control(message.topic)} is not allowed to {self.to_domain}")
+        try:
+            copy = self.forwarded_copy(message)
+        except MessageError as e:
+            raise DeadLetter(f"can not forward to {self.to_domain}: {e}") from None
+        d = self.target.publish(copy)
+        d.addCallbacks(self._sent, self._refused, callbackArgs=(message,), errbackArgs=(message,))
+        return d
+
+    def _sent(self, _: object, message: Message) -> None:
+        self.forwarded += 1
+        self.log.info(
+            "Consumer {consumer} forwarded {msg_id} ({topic}) from {domain} to {to_domain}",
+            consumer=self.name,
+            msg_id=message.id,
+            topic=message.topic,
+            domain=self.domain,
+            to_domain=self.to_domain,
+        )
+
+    def _refused(self, failure: Failure, message: Message) -> Any:
+        error = failure.value
+        if isinstance(error, TemporarilyUnavailable):
+            raise Retry(f"{self.to_domain} can not take it now: {error}")
+        if isinstance(error, (MessageError, PublishError)):
+            raise DeadLetter(f"{self.to_domain} refused it: {error}")
+        return failure
+
+
+def _check_allow(value: list[str]) -> str | None:
+    if not value:
+        return "needs at least one topic pattern"
+    for pattern in value:
+        problem = check_topic_pattern(pattern)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_domain(value: str) -> str | None:
+    return None if value else "can not be empty"
+
+
+@implementer(IPlugin, IConsumerPlugin)
+class BridgePlugin:
+    """
+    The plugin that builds L{BridgeHandler}s.  It crosses domains: the hub
+    gives it the publishers of the other domains.
+    """
+
+    name = "bridge"
+    description = "Forward messages whose topics are allowed to another domain, once."
+    crosses_domains = True
+    options: Mapping[str, Option] = {
+        "to_domain": Option(str, help="the domain messages are forwarded to", check=_check_domain),
+        "allow": Option(list, help="topic patterns that may be forwarded", check=_check_allow,
+                        items=str),
+    }
+
+    def build(self, context: PluginContext) -> BridgeHandler:
+        """
+        Build a handler bound to the target domain's publisher.
+
+        @raise ConfigError: when C{to_domain} is this domain or no known
+            domain.
+        """
+        to_domain = str(context.options["to_domain"])
+        where = f"{context.component.path}.to_domain" if context.component else "to_domain"
+        if to_domain == context.domain:
+            raise ConfigError(
+                [ConfigProblem(where, f"{to_domain!r} is the bridge's own domain")]
+            )
+        target = context.peer_publishers.get(to_domain)
+        if target is None:
+            known = ", ".join(sorted(context.peer_publishers)) or "none"
+            raise ConfigError(
+                [ConfigProblem(where, f"unknown domain {to_domain!r} (other domains: {known})")]
+            )
+        topics = tuple(context.options["allow"])
+        if context.component is not None and context.component.topics:
+            topics = tuple(context.component.topics)
+        return BridgeHandler(
+            context.name, context.domain, topics, tuple(context.options["allow"]), to_domain, target
+        )

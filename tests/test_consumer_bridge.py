@@ -1,0 +1,247 @@
+"""
+Tests for the C{bridge} consumer: the allow-list, the loop header, what the
+forwarded copy keeps and drops, the verdicts for a target that refuses, and
+the checks at build time.
+
+C{ConsumerHarness} builds plugins with no peer publishers, so these tests
+run the bridge through L{WithPeers}, a plugin that hands the real bridge
+plugin a context with the peers added: the harness, the runner and the
+in-process bus are used unchanged.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from fedhub.config import Option
+from fedhub.consumers.bridge import BRIDGED_FROM_HEADER, BridgeHandler, BridgePlugin
+from fedhub.errors import ConfigError, MessageReturned, TemporarilyUnavailable
+from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
+from fedhub.message import ERROR, Message
+from fedhub.plugins import PluginContext
+from fedhub.testing import ConsumerHarness, RecordingPublisher
+
+ALLOWED = "org.example.prod.buildsys.build.state.change"
+
+
+@implementer(IConsumerPlugin)
+class WithPeers:
+    """
+    Builds another plugin with C{peer_publishers} set, as the hub does for
+    plugins that cross domains.
+    """
+
+    def __init__(self, plugin: Any, peers: Mapping[str, IPublisher]) -> None:
+        self.plugin = plugin
+        self.peers = peers
+        self.name = plugin.name
+        self.description = plugin.description
+        self.options: Mapping[str, Option] = plugin.options
+
+    def build(self, context: PluginContext) -> IMessageHandler:
+        handler: IMessageHandler = self.plugin.build(
+            dataclasses.replace(context, peer_publishers=self.peers)
+        )
+        return handler
+
+
+class BridgeTests(SynchronousTestCase):
+    """
+    A bridge from domain C{infra} to domain C{community}.
+    """
+
+    def setUp(self) -> None:
+        self.target = RecordingPublisher("community")
+        self.harness = self.bridge({"to_domain": "community",
+                                    "allow": ["org.example.prod.buildsys.#", "*.*.*.git.push"]})
+
+    def bridge(self, options: Mapping[str, Any], **kwargs: Any) -> ConsumerHarness:
+        """
+        A started harness running a bridge in domain C{infra}.
+        """
+        harness = ConsumerHarness(
+            WithPeers(BridgePlugin(), {"community": self.target, "fas": RecordingPublisher("fas")}),
+            options,
+            domain="infra",
+            **kwargs,
+        )
+        harness.start()
+        return harness
+
+    def test_provides(self) -> None:
+        """The plugin and its handler provide their interfaces; the plugin crosses domains."""
+        verifyObject(IConsumerPlugin, BridgePlugin())
+        verifyObject(IMessageHandler, self.harness.handler)
+        self.assertIs(BridgePlugin.crosses_domains, True)
+
+    def test_forwards_allowed(self) -> None:
+        """An allowed message goes to the target with id, topic, body and headers kept."""
+        message = Message.create(
+            ALLOWED, {"build": 42, "owner": "jdoe"},
+            headers={"fedora_messaging_user_jdoe": True, "custom": [1, "two"]},
+            severity=ERROR, priority=3,
+        )
+        settled = self.successResultOf(self.harness.deliver(message))
+        self.assertEqual(settled.outcome, "acked")
+        (forwarded,) = self.target.published
+        self.assertEqual(forwarded.id, message.id)
+        self.assertEqual(forwarded.topic, message.topic)
+        self.assertEqual(forwarded.body, message.body)
+        self.assertEqual(forwarded.severity, ERROR)
+        self.assertEqual(forwarded.priority, 3)
+        self.assertEqual(forwarded.sent_at, message.sent_at)
+        self.assertEqual(forwarded.schema, message.schema)
+        self.assertEqual(forwarded.headers["fedora_messaging_user_jdoe"], True)
+        self.assertEqual(forwarded.headers["custom"], [1, "two"])
+        self.assertEqual(forwarded.headers[BRIDGED_FROM_HEADER], ["infra"])
+        self.assertIsNone(forwarded.queue)
+        handler = self.harness.handler
+        assert isinstance(handler, BridgeHandler)
+        self.assertEqual(handler.forwarded, 1)
+
+    def test_second_pattern(self) -> None:
+        """Any pattern of the allow-list lets a topic through; * stands for one word."""
+        self.successResultOf(self.harness.deliver("org.example.prod.git.push", {}))
+        self.assertEqual(len(self.target.published), 1)
+        settled = self.successResultOf(self.harness.deliver("org.example.prod.sub.git.push", {}))
+        self.assertEqual(settled.outcome, "dropped")
+        self.assertEqual(len(self.target.published), 1)
+
+    def test_not_allowed_dropped(self) -> None:
+        """A topic outside the allow-list is dropped, not forwarded."""
+        settled = self.successResultOf(self.harness.deliver("org.example.prod.fas.user.new", {}))
+        self.assertEqual(settled.outcome, "dropped")
+        self.assertIn("not allowed", settled.reason or "")
+        self.assertEqual(self.target.published, [])
+
+    def test_loop_through_target_dropped(self) -> None:
+        """A message that already left the target domain is not sent back there."""
+        message = Message.create(ALLOWED, {}, headers={BRIDGED_FROM_HEADER: ["community"]})
+        settled = self.successResultOf(self.harness.deliver(message))
+        self.assertEqual(settled.outcome, "dropped")
+        self.assertIn("loop", settled.reason or "")
+        self.assertEqual(self.target.published, [])
+
+    def test_loop_through_own_domain_dropped(self) -> None:
+        """A message that already left this domain once is not forwarded again."""
+        message = Message.create(ALLOWED, {}, headers={BRIDGED_FROM_HEADER: ["fas", "infra"]})
+        settled = self.successResultOf(self.harness.deliver(message))
+        self.assertEqual(settled.outcome, "dropped")
+        self.assertEqual(self.target.published, [])
+
+    def test_chain_appends(self) -> None:
+        """A message bridged before from elsewhere gets this domain appended."""
+        message = Message.create(ALLOWED, {}, headers={BRIDGED_FROM_HEADER: ["fas"]})
+        self.assertEqual(self.successResultOf(self.harness.deliver(message)).outcome, "acked")
+        self.assertEqual(self.target.published[0].headers[BRIDGED_FROM_HEADER], ["fas", "infra"])
+
+    def test_malformed_loop_header(self) -> None:
+        """A loop header that is one string counts; non-string elements are ignored."""
+        single = Message.create(ALLOWED, {}, headers={BRIDGED_FROM_HEADER: "community"})
+        self.assertEqual(self.successResultOf(self.harness.deliver(single)).outcome, "dropped")
+        odd = Message.create(ALLOWED, {}, headers={BRIDGED_FROM_HEADER: [1, {"x": 2}, "fas"]})
+        self.assertEqual(self.successResultOf(self.harness.deliver(odd)).outcome, "acked")
+        self.assertEqual(self.target.published[0].headers[BRIDGED_FROM_HEADER], ["fas", "infra"])
+
+    def test_two_bridges_carry_once(self) -> None:
+        """Bridges A to B and B to A together deliver a message to B once and never back."""
+        to_fas = RecordingPublisher("fas")
+        back = ConsumerHarness(WithPeers(BridgePlugin(), {"infra": to_fas}),
+                               {"to_domain": "infra", "allow": ["#"]}, domain="community")
+        back.start()
+        self.successResultOf(self.harness.deliver(Message.create(ALLOWED, {"n": 1})))
+        (crossed,) = self.target.published
+        settled = self.successResultOf(back.deliver(crossed))
+        self.assertEqual(settled.outcome, "dropped")
+        self.assertEqual(to_fas.published, [])
+
+    def test_local_bookkeeping_removed(self) -> None:
+        """x-death and dead-letter headers of this domain's queues do not cross."""
+        message = Message.create(ALLOWED, {}, headers={
+            "x-death": [{"queue": "fedhub.test.retry.1", "count": 1, "reason": "expired"}],
+            "x-first-death-queue": "fedhub.test.retry.1",
+            "x-last-death-reason": "expired",
+            "fedhub_dead_letter_reason": "old",
+            "keep-me": "yes",
+        })
+        self.successResultOf(self.harness.deliver(message))
+        headers = dict(self.target.published[0].headers)
+        self.assertEqual(headers, {"keep-me": "yes", BRIDGED_FROM_HEADER: ["infra"]})
+
+    def test_retried_message_forwarded_clean(self) -> None:
+        """A message retried in this domain (x-death set by the bus) crosses without x-death."""
+        self.target.refuse_with = TemporarilyUnavailable("outbox full")
+        message = Message.create(ALLOWED, {"n": 1})
+        self.assertEqual(self.successResultOf(self.harness.deliver(message)).outcome, "retried")
+        self.target.refuse_with = None
+        self.harness.advance(10.0)
+        self.assertEqual([s.outcome for s in self.harness.settled], ["retried", "acked"])
+        (forwarded,) = self.target.published
+        self.assertEqual(forwarded.id, message.id)
+        self.assertNotIn("x-death", forwarded.headers)
+
+    def test_temporarily_unavailable_retries(self) -> None:
+        """A target that can not take the message now makes it a retry."""
+        self.target.refuse_with = TemporarilyUnavailable("broker gone")
+        settled = self.successResultOf(self.harness.deliver(ALLOWED, {}))
+        self.assertEqual(settled.outcome, "retried")
+        self.assertIn("broker gone", settled.reason or "")
+
+    def test_permanent_refusal_dead_letters(self) -> None:
+        """A target that will never take the message dead-letters it."""
+        self.target.refuse_with = MessageReturned("no route")
+        settled = self.successResultOf(self.harness.deliver(ALLOWED, {}))
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("no route", settled.reason or "")
+
+    def test_slow_target_holds_the_message(self) -> None:
+        """The message is acknowledged only once the target took it."""
+        self.target.hold = True
+        settled = self.harness.deliver(ALLOWED, {})
+        self.assertNoResult(settled)
+        (_, taken) = self.target.waiting[0]
+        taken.callback(None)
+        self.assertEqual(self.successResultOf(settled).outcome, "acked")
+
+    def test_binds_allow_list_by_default(self) -> None:
+        """Without topics, the consumer's queue is bound for the allow-list only."""
+        harness = ConsumerHarness(WithPeers(BridgePlugin(), {"community": self.target}),
+                                  {"to_domain": "community", "allow": ["a.b.#"]},
+                                  domain="infra", topics=())
+        self.assertEqual(harness.handler.topics, ("a.b.#",))
+
+    def test_unknown_domain(self) -> None:
+        """An unknown to_domain is a ConfigError naming the key and the known domains."""
+        with self.assertRaises(ConfigError) as caught:
+            ConsumerHarness(WithPeers(BridgePlugin(), {"community": self.target}),
+                            {"to_domain": "nowhere", "allow": ["#"]}, domain="infra")
+        (problem,) = caught.exception.problems
+        self.assertEqual(problem.path, "consumers[0].to_domain")
+        self.assertIn("nowhere", problem.message)
+        self.assertIn("community", problem.message)
+
+    def test_without_peers(self) -> None:
+        """Built without peer publishers (a hub that does not trust it), the bridge refuses."""
+        self.assertRaises(ConfigError, ConsumerHarness, BridgePlugin(),
+                          {"to_domain": "community", "allow": ["#"]})
+
+    def test_own_domain(self) -> None:
+        """Bridging a domain to itself is a ConfigError."""
+        self.assertRaises(ConfigError, ConsumerHarness,
+                          WithPeers(BridgePlugin(), {"community": self.target}),
+                          {"to_domain": "infra", "allow": ["#"]}, domain="infra")
+
+    def test_bad_allow_list(self) -> None:
+        """An empty allow-list or a malformed pattern is refused."""
+        for allow in ([], ["a..b"], ["a.b*"], [""]):
+            self.assertRaises(ConfigError, ConsumerHarness,
+                              WithPeers(BridgePlugin(), {"community": self.target}),
+                              {"to_domain": "community", "allow": allow})
