@@ -1,0 +1,1534 @@
+"""
+The AMQP transport: L{AMQPBus}, an L{IBus} on one RabbitMQ connection.
+
+One bus serves one security domain and keeps one connection to its broker.
+
+Connecting
+==========
+
+A L{Reconnector} keeps the connection: connect, prepare, and after a failure
+or a loss wait with capped exponential backoff and jitter before the next
+attempt.  Preparing a connection logs in, opens the publish channel in confirm
+mode, declares every remembered topology again and resumes every
+subscription.  A connection whose preparation fails (or takes longer than
+C{setup_timeout}) is dropped by the reconnector itself, and from then on
+nothing that connection does (in particular closing late) reaches the
+current one: Twisted's C{ClientService} leaves such a connection open, and its
+late close knocks a healthy session back to reconnecting.
+
+Publishing
+==========
+
+Every message is published persistently with C{mandatory} set and waits for
+its publisher confirm: the Deferred from L{AMQPBus.publish} fires on
+C{basic.ack}, fails with L{MessageNacked} on C{basic.nack}, with
+L{MessageReturned} when the broker returned the message as unroutable (the
+return arrives before the ack of the same message and is matched by message
+id) and with L{NotConnected} when the connection is lost first, or when it
+is dropped because a confirm took longer than C{confirm_timeout}: the outbox
+then sends the message again.  Publishing to an exchange that does not exist
+fails with L{NotFound}: each exchange is checked once per connection with a
+passive declare before the first message goes to it, so a typo never costs
+the publish channel and the messages in flight on it.
+
+Publishes wait (their Deferreds stay unfired, nothing is buffered in the
+transport) while the broker has blocked the connection (a resource alarm),
+while the transport's write buffer is full, and while C{max_in_flight}
+messages wait for their confirms: that is how the bus pushes back.
+
+Consuming
+=========
+
+Each subscription has its own channel with C{basic.qos} prefetch.  A message
+whose body or headers can not be decoded into a L{Message} never reaches the
+subscriber: it is rejected without requeue (so it is dead-lettered when its
+queue has a dead-letter exchange, dropped otherwise), logged with the reason
+and counted in L{AMQPBusStats.undecodable}.  When the broker cancels a
+consumer (its queue was deleted, a node went down) or closes its channel,
+the subscription consumes again, at once the first time and then with
+backoff, so a queue that is gone for good does not cause a hot loop.
+
+Channel errors (403, 404, 406) surface as L{AccessRefused}, L{NotFound} and
+L{PreconditionFailed}; a topology or subscription that fails the first time
+is forgotten, so it does not fail every reconnect.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    fail,
+    succeed,
+)
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from fedhub.amqp.codec import FieldTableError
+from fedhub.amqp.protocol import (
+    AMQPClient,
+    ClientFactory,
+    Credentials,
+    IConnectionEvents,
+    map_error,
+)
+from fedhub.amqp.spec import load_spec
+from fedhub.amqp.tls import client_tls_options
+from fedhub.amqp.url import AMQPSettings, endpoint_description, parse_url
+from fedhub.errors import (
+    ChannelError,
+    DecodeError,
+    MessageError,
+    MessageNacked,
+    MessageReturned,
+    NotConnected,
+)
+from fedhub.interfaces import IBus, IDelivery, ISubscription
+from fedhub.message import Message, from_amqp
+from fedhub.text import escape_control
+from fedhub.topology import Topology
+
+_T = TypeVar("_T")
+
+MAX_NAME_BYTES = 255
+"""Exchange and queue names and routing keys are AMQP short strings."""
+
+
+def backoff(
+    initial: float = 1.0,
+    maximum: float = 60.0,
+    factor: float = 2.0,
+    rand: Callable[[], float] = random.random,
+) -> Callable[[int], float]:
+    """
+    A retry policy: capped exponential backoff with "equal jitter".
+
+    @return: a function of the attempt number (1 for the first retry) giving
+        a delay between half and all of C{min(maximum, initial * factor **
+        (attempt - 1))}, so that many hubs that lost the same broker do not
+        all come back in the same second.
+    """
+
+    def delay(attempt: int) -> float:
+        try:
+            base = min(maximum, initial * factor ** max(0, attempt - 1))
+        except OverflowError:
+            base = maximum
+        return base * (0.5 + 0.5 * rand())
+
+    return delay
+
+
+class _Latch:
+    """
+    Something that happens once; any number of parties may wait for it.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._waiters: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        if self.fired:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def fire(self) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+# --- keeping a connection ---------------------------------------------------
+
+
+class Connection(Protocol):
+    """
+    What the L{Reconnector} needs of a connection (L{AMQPClient} has it).
+    """
+
+    def when_lost(self) -> Deferred[BaseException]:
+        """A Deferred firing with the reason once the connection is gone."""
+
+    def abort(self, why: str) -> None:
+        """Drop the connection now."""
+
+    def close_connection(self, timeout: float = 5.0) -> Deferred[None]:
+        """Close cleanly; fire once the connection is gone."""
+
+
+_C = TypeVar("_C", bound=Connection)
+
+
+class Reconnector:
+    """
+    Keeps one prepared connection, reconnecting with backoff.
+
+    States: C{idle} (never started), C{connecting} (connecting or
+    preparing), C{connected}, C{waiting} (for the next attempt), C{stopping}
+    and C{stopped}.  Every connection it made is watched until it is gone;
+    only the current one's loss moves the state, so a connection abandoned
+    after a failed preparation may close whenever it likes.
+
+    @ivar state: The current state's name.
+    @ivar failures: Failed attempts since the last successful one.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        connect: Callable[[], Deferred[Any]],
+        prepare: Callable[[Any], Deferred[Any]],
+        on_ready: Callable[[Any, Any], None],
+        on_lost: Callable[[Any, BaseException], None],
+        retry_delay: Callable[[int], float],
+        clock: IReactorTime,
+        setup_timeout: float = 30.0,
+        close_timeout: float = 5.0,
+        describe: str = "the broker",
+    ) -> None:
+        """
+        @param connect: Makes a new connection; a Deferred firing with it once
+            the transport is connected.
+        @param prepare: Makes a new connection usable; a failure (or taking
+            longer than C{setup_timeout}) rejects it.
+        @param on_ready: Called with the connection and C{prepare}'s result
+            once it is usable.
+        @param on_lost: Called with the connection and the reason when a
+            connection that was reported ready is gone.
+        @param retry_delay: Seconds to wait before retry number C{n} (1-based).
+        """
+        self._connect = connect
+        self._prepare = prepare
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+        self._retry_delay = retry_delay
+        self._clock = clock
+        self._setup_timeout = setup_timeout
+        self._close_timeout = close_timeout
+        self._describe = describe
+        self.state = "idle"
+        self.failures = 0
+        self.current: Any = None
+        self._attempt: Deferred[None] | None = None
+        self._retry: IDelayedCall | None = None
+        self._live: set[Any] = set()
+        self._stopped = _Latch()
+
+    def start(self) -> None:
+        """
+        Start connecting (again, after a stop).
+        """
+        if self.state not in ("idle", "stopped"):
+            return
+        self._stopped = _Latch()
+        self.failures = 0
+        self._begin()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop connecting and close the current connection.
+
+        @return: a Deferred firing once every connection this reconnector
+            made is gone.
+        """
+        if self.state in ("idle", "stopped"):
+            self.state = "stopped"
+            return succeed(None)
+        waited = self._stopped.wait()
+        if self.state == "stopping":
+            return waited
+        previous, self.state = self.state, "stopping"
+        if previous == "waiting" and self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        elif previous == "connecting" and self._attempt is not None:
+            self._attempt.cancel()
+        elif previous == "connected" and self.current is not None:
+            self.current.close_connection(self._close_timeout).addErrback(
+                lambda f: self.log.failure("Closing the broker connection failed", f)
+            )
+        self._maybe_stopped()
+        return waited
+
+    def _maybe_stopped(self) -> None:
+        if self.state == "stopping" and self._attempt is None and not self._live:
+            self.state = "stopped"
+            self._stopped.fire()
+
+    def _begin(self) -> None:
+        self._retry = None
+        self.state = "connecting"
+        attempt = Deferred.fromCoroutine(self._connect_and_prepare())
+        self._attempt = attempt
+        attempt.addErrback(self._attempt_failed)
+
+    async def _connect_and_prepare(self) -> None:
+        connection = await self._connect()
+        self._live.add(connection)
+        connection.when_lost().addCallback(self._connection_lost, connection)
+        preparing = self._prepare(connection)
+        preparing.addTimeout(self._setup_timeout, self._clock)
+        try:
+            result = await preparing
+        except BaseException:
+            # Close it here: nobody else will, and it must not linger.
+            connection.abort("setting the connection up failed")
+            raise
+        self._attempt = None
+        if connection not in self._live:
+            raise NotConnected("the connection was lost while it was set up")
+        if self.state != "connecting":
+            connection.abort("stopping")
+            self._maybe_stopped()
+            return
+        self.state = "connected"
+        self.current = connection
+        self.failures = 0
+        try:
+            self._on_ready(connection, result)
+        except Exception:
+            self.log.failure("Starting to use the broker connection failed")
+            connection.abort("internal error")
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self._attempt = None
+        if self.state == "stopping":
+            self._maybe_stopped()
+            return
+        self.failures += 1
+        delay = self._retry_delay(self.failures)
+        error = failure.value
+        if isinstance(error, CancelledError):
+            text = "took too long"
+        else:
+            text = escape_control(str(map_error(failure)) or type(error).__name__, 300)
+        self.log.warn(
+            "Connecting to {broker} failed ({error}); attempt {attempt}, next in {delay:.1f} s",
+            broker=self._describe,
+            error=text,
+            attempt=self.failures,
+            delay=delay,
+        )
+        self.state = "waiting"
+        self._retry = self._clock.callLater(delay, self._begin)
+
+    def _connection_lost(self, reason: BaseException, connection: Any) -> None:
+        self._live.discard(connection)
+        if connection is not self.current:
+            # Abandoned while set up, or already replaced: a late close of a
+            # connection that is not current must not touch the current one.
+            self._maybe_stopped()
+            return
+        self.current = None
+        try:
+            self._on_lost(connection, reason)
+        except Exception:
+            self.log.failure("Handling the loss of the broker connection failed")
+        if self.state == "connected":
+            self.failures = 1
+            delay = self._retry_delay(1)
+            self.log.warn(
+                "Lost the connection to {broker}; reconnecting in {delay:.1f} s",
+                broker=self._describe,
+                delay=delay,
+            )
+            self.state = "waiting"
+            self._retry = self._clock.callLater(delay, self._begin)
+        self._maybe_stopped()
+
+
+# --- publishing -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Pending:
+    """
+    One published message, waiting to be sent or for its confirm.
+    """
+
+    message: Message
+    exchange: str
+    routing_key: str
+    deferred: Deferred[None]
+    seq: int = 0
+    deadline: float = 0.0
+    returned: tuple[int, str] | None = None
+
+
+@dataclass
+class AMQPBusStats:
+    """
+    Counters of one bus, for metrics and the status page.
+
+    @ivar published: Messages written to the broker.
+    @ivar confirmed: Messages the broker confirmed (returned ones included).
+    @ivar returned: Messages returned as unroutable.
+    @ivar nacked: Messages the broker refused.
+    @ivar delivered: Deliveries handed to subscribers.
+    @ivar acked: Deliveries acknowledged.
+    @ivar rejected: Deliveries rejected (undecodable ones included).
+    @ivar undecodable: Deliveries rejected because they were not valid messages.
+    @ivar connections: Connections that became usable.
+    @ivar connection_losses: Usable connections that were lost.
+    @ivar confirm_timeouts: Connections dropped because a confirm took too long.
+    """
+
+    published: int = 0
+    confirmed: int = 0
+    returned: int = 0
+    nacked: int = 0
+    delivered: int = 0
+    acked: int = 0
+    rejected: int = 0
+    undecodable: int = 0
+    connections: int = 0
+    connection_losses: int = 0
+    confirm_timeouts: int = 0
+
+
+# --- consuming ------------------------------------------------------------------
+
+
+@implementer(IDelivery)
+class AMQPDelivery:
+    """
+    One message delivered by the broker, waiting for its verdict.
+
+    @ivar message: The decoded message, its C{queue} set.
+    @ivar redelivered: Whether the broker delivered it before.
+    @ivar queue: The queue it came from.
+    @ivar delivery_tag: The broker's tag for it on its channel.
+    """
+
+    __slots__ = ("message", "redelivered", "queue", "delivery_tag", "_consumer", "_settled")
+
+    def __init__(
+        self,
+        message: Message,
+        redelivered: bool,
+        queue: str,
+        consumer: _Consumer,
+        delivery_tag: int,
+    ) -> None:
+        self.message = message
+        self.redelivered = redelivered
+        self.queue = queue
+        self.delivery_tag = delivery_tag
+        self._consumer = consumer
+        self._settled = False
+
+    def ack(self) -> None:
+        """
+        The message is handled: remove it from its queue.  Later calls (and
+        calls after the channel closed, when the broker has put the message
+        back already) do nothing.
+        """
+        if not self._settled:
+            self._settled = True
+            self._consumer.settle(self.delivery_tag, True, False)
+
+    def reject(self, requeue: bool) -> None:
+        """
+        The message is not handled: requeue it, or dead-letter (or drop) it.
+        """
+        if not self._settled:
+            self._settled = True
+            self._consumer.settle(self.delivery_tag, False, bool(requeue))
+
+
+class _Consumer:
+    """
+    A subscription's consumer on one connection: its channel and tag.
+    """
+
+    def __init__(self, session: _Session, subscription: AMQPSubscription, tag: str) -> None:
+        self.session = session
+        self.subscription = subscription
+        self.tag = tag
+        self.channel: Any = None
+        self.active = False
+
+    def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> None:
+        session = self.session
+        if self.channel is None or not session.alive:
+            return
+        client = session.client
+        stats = session.bus.stats
+        if ack:
+            sent = client.send_method(self.channel.id, "basic.ack", delivery_tag, False)
+            stats.acked += sent
+        else:
+            sent = client.send_method(self.channel.id, "basic.reject", delivery_tag, requeue)
+            stats.rejected += sent
+
+
+@implementer(ISubscription)
+class AMQPSubscription:
+    """
+    A subscription of a handler to a queue; it consumes again after every
+    reconnect until cancelled.
+
+    @ivar queue: The queue consumed from.
+    @ivar prefetch: Deliveries unacknowledged at once, at most.
+    @ivar started: Whether it ever consumed.
+    @ivar cancelled: Whether L{cancel} was called.
+    """
+
+    def __init__(
+        self, bus: AMQPBus, queue: str, on_delivery: Callable[[IDelivery], object], prefetch: int
+    ) -> None:
+        self.queue = queue
+        self.prefetch = prefetch
+        self.on_delivery = on_delivery
+        self.started = False
+        self.cancelled = False
+        self.consumer: _Consumer | None = None
+        self.retries = 0
+        self.retry_call: IDelayedCall | None = None
+        self.waiters: list[Deferred[ISubscription]] = []
+        self.starting = False
+        self._bus = bus
+        self._gone = _Latch()
+
+    def cancel(self) -> Deferred[None]:
+        """
+        Stop consuming.  The channel is closed, so the broker puts every
+        unacknowledged delivery back in the queue.
+
+        @return: a Deferred firing when no more deliveries will come.
+        """
+        if not self.cancelled:
+            self.cancelled = True
+            self._bus._cancel(self).addBoth(lambda _: self._gone.fire())
+        return self._gone.wait()
+
+
+@dataclass(eq=False)
+class _Declared:
+    """
+    A topology the bus declares again after every reconnect.
+    """
+
+    topology: Topology
+    confirmed: bool = False
+    waiters: list[Deferred[None]] = field(default_factory=list)
+    session: _Session | None = None
+
+
+# --- one connection ---------------------------------------------------------
+
+
+@implementer(IConnectionEvents)
+class _Session:
+    """
+    The state of the bus on one connection: the publish channel and its
+    confirms, consumers, and the channel declarations run on.
+    """
+
+    log = Logger()
+
+    def __init__(self, bus: AMQPBus, client: AMQPClient) -> None:
+        self.bus = bus
+        self.client = client
+        self.clock = bus._reactor
+        self.alive = True
+        self.publish_channel: Any = None
+        self.next_seq = 1
+        self.unconfirmed: OrderedDict[int, _Pending] = OrderedDict()
+        self.by_id: dict[str, deque[int]] = {}
+        self.waiting: deque[_Pending] = deque()
+        self.consumers: dict[str, _Consumer] = {}
+        self.declare_channel: Any = None
+        self.declare_lock = DeferredLock()
+        self.known_exchanges: set[str] = {""}
+        self.checking: str | None = None
+        self.confirm_call: IDelayedCall | None = None
+        self.reopening = False
+        self.drained = _Latch()
+        self.drained.fire()
+
+    # -- channels ---------------------------------------------------------
+
+    async def open_publish_channel(self) -> None:
+        channel = await self.client.open_channel()
+        try:
+            await channel.confirm_select(nowait=False)
+        except Exception as e:
+            raise map_error(e) from None
+        self.publish_channel = channel
+        self.next_seq = 1
+
+    async def _declaring_channel(self) -> Any:
+        channel = self.declare_channel
+        if channel is None or channel.closed:
+            channel = self.declare_channel = await self.client.open_channel()
+        return channel
+
+    async def run_declaring(self, action: Callable[[Any], Deferred[_T]]) -> _T:
+        """
+        Run C{action} with the declaration channel, one action at a time; the
+        channel is opened again after the broker closed it for an error.
+        """
+        await self.declare_lock.acquire()
+        try:
+            if not self.alive:
+                raise NotConnected("the connection is gone")
+            channel = await self._declaring_channel()
+            try:
+                return await action(channel)
+            except Exception as e:
+                raise map_error(e) from None
+        finally:
+            self.declare_lock.release()
+
+    async def declare(self, topology: Topology, passive: bool) -> None:
+        """
+        Declare (or with C{passive}, check) the exchanges and queues of a
+        topology, then bind (bindings are skipped when passive).
+        """
+
+        async def run(channel: Any) -> None:
+            for exchange in topology.exchanges:
+                if exchange.name == "":
+                    continue
+                await channel.exchange_declare(
+                    exchange=exchange.name,
+                    type=exchange.type,
+                    passive=passive,
+                    durable=exchange.durable,
+                    auto_delete=False,
+                    internal=False,
+                    no_wait=False,
+                    arguments={},
+                )
+                self.known_exchanges.add(exchange.name)
+            for queue in topology.queues:
+                await channel.queue_declare(
+                    queue=queue.name,
+                    passive=passive,
+                    durable=queue.durable,
+                    exclusive=queue.exclusive,
+                    auto_delete=queue.auto_delete,
+                    no_wait=False,
+                    arguments=dict(queue.arguments),
+                )
+            if passive:
+                return
+            for binding in topology.bindings:
+                await channel.queue_bind(
+                    queue=binding.queue,
+                    exchange=binding.exchange,
+                    routing_key=binding.routing_key,
+                    no_wait=False,
+                    arguments={},
+                )
+
+        await self.run_declaring(lambda channel: Deferred.fromCoroutine(run(channel)))
+
+    # -- publishing -------------------------------------------------------
+
+    def can_send(self) -> bool:
+        client = self.client
+        return (
+            self.alive
+            and self.publish_channel is not None
+            and not self.publish_channel.closed
+            and not client.blocked
+            and client.writable
+            and len(self.unconfirmed) < self.bus.max_in_flight
+        )
+
+    def enqueue(self, pending: _Pending) -> None:
+        self.waiting.append(pending)
+        self.pump()
+
+    def pump(self) -> None:
+        """
+        Send waiting messages while the broker, the transport and the confirm
+        window allow.
+        """
+        waiting = self.waiting
+        while waiting and self.can_send():
+            pending = waiting[0]
+            if pending.exchange not in self.known_exchanges:
+                self._check_exchange(pending.exchange)
+                return
+            waiting.popleft()
+            self._send(pending)
+
+    def _send(self, pending: _Pending) -> None:
+        message = pending.message
+        seq = self.next_seq
+        try:
+            written = self.client.basic_publish(
+                self.publish_channel.id,
+                pending.exchange,
+                pending.routing_key,
+                message.body_bytes,
+                message.amqp_properties(),
+                mandatory=True,
+            )
+        except (FieldTableError, KeyError, TypeError, ValueError) as e:
+            pending.deferred.errback(
+                MessageError(f"message {message.id} can not be encoded for AMQP: {e}")
+            )
+            return
+        if not written:
+            self.waiting.appendleft(pending)
+            return
+        self.next_seq += 1
+        pending.seq = seq
+        pending.deadline = self.clock.seconds() + self.bus.confirm_timeout
+        if not self.unconfirmed:
+            self.drained = _Latch()
+        self.unconfirmed[seq] = pending
+        self.by_id.setdefault(message.id, deque()).append(seq)
+        self.bus.stats.published += 1
+        self._schedule_confirm_check()
+
+    def _check_exchange(self, name: str) -> None:
+        if self.checking is not None:
+            return
+        self.checking = name
+
+        async def check() -> None:
+            try:
+                await self.run_declaring(
+                    lambda channel: channel.exchange_declare(
+                        exchange=name,
+                        type="topic",
+                        passive=True,
+                        durable=False,
+                        auto_delete=False,
+                        internal=False,
+                        no_wait=False,
+                        arguments={},
+                    )
+                )
+            except ChannelError as e:
+                self.log.warn(
+                    "Exchange {exchange} of domain {domain} can not be published to: {error}",
+                    exchange=escape_control(name),
+                    domain=self.bus.domain,
+                    error=escape_control(str(e)),
+                )
+                refused = [p for p in self.waiting if p.exchange == name]
+                self.waiting = deque(p for p in self.waiting if p.exchange != name)
+                for pending in refused:
+                    pending.deferred.errback(type(e)(e.reply_code, e.reply_text))
+            except Exception:
+                # The connection went away: teardown fails what waits.
+                return
+            else:
+                self.known_exchanges.add(name)
+            finally:
+                self.checking = None
+            self.pump()
+
+        Deferred.fromCoroutine(check())
+
+    def _schedule_confirm_check(self) -> None:
+        if self.confirm_call is not None or not self.unconfirmed or self.client.blocked:
+            return
+        oldest = next(iter(self.unconfirmed.values()))
+        delay = max(0.0, oldest.deadline - self.clock.seconds())
+        self.confirm_call = self.clock.callLater(delay, self._confirm_check)
+
+    def _confirm_check(self) -> None:
+        self.confirm_call = None
+        if not self.alive or not self.unconfirmed or self.client.blocked:
+            return
+        oldest = next(iter(self.unconfirmed.values()))
+        if self.clock.seconds() >= oldest.deadline:
+            self.bus.stats.confirm_timeouts += 1
+            self.log.error(
+                "No publisher confirm for message {msg_id} within {timeout} s on domain"
+                " {domain}; dropping the connection so unconfirmed messages are sent again",
+                msg_id=oldest.message.id,
+                timeout=self.bus.confirm_timeout,
+                domain=self.bus.domain,
+            )
+            self.client.abort("publisher confirm timed out")
+            return
+        self._schedule_confirm_check()
+
+    def _settle(self, seq: int, error: Exception | None) -> None:
+        pending = self.unconfirmed.pop(seq)
+        seqs = self.by_id.get(pending.message.id)
+        if seqs is not None:
+            if seqs and seqs[0] == seq:
+                seqs.popleft()
+            elif seq in seqs:
+                seqs.remove(seq)
+            if not seqs:
+                del self.by_id[pending.message.id]
+        stats = self.bus.stats
+        if error is None and pending.returned is not None:
+            code, text = pending.returned
+            error = MessageReturned(
+                f"no queue is bound for {pending.routing_key!r} on exchange"
+                f" {pending.exchange!r}: {code} {text}",
+                pending.message.id,
+                code,
+            )
+        if error is None:
+            stats.confirmed += 1
+            pending.deferred.callback(None)
+        else:
+            if isinstance(error, MessageReturned):
+                stats.confirmed += 1
+            pending.deferred.errback(error)
+
+    def _confirmed(self, delivery_tag: int, multiple: bool, error: Callable[[_Pending], Exception] | None) -> None:
+        if multiple:
+            while self.unconfirmed:
+                seq = next(iter(self.unconfirmed))
+                if seq > delivery_tag:
+                    break
+                pending = self.unconfirmed[seq]
+                self._settle(seq, error(pending) if error else None)
+        elif delivery_tag in self.unconfirmed:
+            pending = self.unconfirmed[delivery_tag]
+            self._settle(delivery_tag, error(pending) if error else None)
+        else:
+            self.log.debug("Confirm for unknown delivery tag {tag}", tag=delivery_tag)
+        if not self.unconfirmed:
+            if self.confirm_call is not None and self.confirm_call.active():
+                self.confirm_call.cancel()
+            self.confirm_call = None
+            self.drained.fire()
+        self.pump()
+
+    # -- IConnectionEvents ----------------------------------------------------
+
+    def basic_ack(self, channel_id: int, delivery_tag: int, multiple: bool) -> None:
+        """The broker took responsibility for published messages."""
+        if self.publish_channel is not None and channel_id == self.publish_channel.id:
+            self._confirmed(delivery_tag, multiple, None)
+
+    def basic_nack(self, channel_id: int, delivery_tag: int, multiple: bool) -> None:
+        """The broker refused published messages."""
+        if self.publish_channel is None or channel_id != self.publish_channel.id:
+            return
+
+        def nacked(pending: _Pending) -> Exception:
+            self.bus.stats.nacked += 1
+            self.log.warn(
+                "The broker refused message {msg_id} ({topic}) on domain {domain}",
+                msg_id=pending.message.id,
+                topic=pending.routing_key,
+                domain=self.bus.domain,
+            )
+            return MessageNacked("the broker refused the message (basic.nack)", pending.message.id)
+
+        self._confirmed(delivery_tag, multiple, nacked)
+
+    def basic_return(
+        self,
+        channel_id: int,
+        reply_code: int,
+        reply_text: str,
+        exchange: str,
+        routing_key: str,
+        properties: Mapping[str, Any],
+        body: bytes,
+    ) -> None:
+        """A message came back unroutable; its ack follows."""
+        self.bus.stats.returned += 1
+        message_id = properties.get("message_id")
+        for seq in self.by_id.get(message_id, ()) if isinstance(message_id, str) else ():
+            pending = self.unconfirmed.get(seq)
+            if pending is not None and pending.returned is None:
+                pending.returned = (reply_code, reply_text)
+                self.log.info(
+                    "Message {msg_id} ({topic}) on domain {domain} was returned: no queue"
+                    " is bound for it",
+                    msg_id=message_id,
+                    topic=escape_control(routing_key),
+                    domain=self.bus.domain,
+                )
+                return
+        self.log.warn(
+            "A returned message matches nothing published: {msg_id}",
+            msg_id=escape_control(str(message_id)),
+        )
+
+    def basic_deliver(
+        self,
+        channel_id: int,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        properties: Mapping[str, Any],
+        body: bytes,
+    ) -> None:
+        """A message for a subscriber: decode it and hand it over."""
+        consumer = self.consumers.get(consumer_tag)
+        if consumer is None or not consumer.active:
+            # A cancelled consumer: its channel is closing, and the broker
+            # puts the message back.
+            return
+        subscription = consumer.subscription
+        stats = self.bus.stats
+        try:
+            message = from_amqp(routing_key, properties, body, queue=subscription.queue)
+        except DecodeError as e:
+            stats.undecodable += 1
+            stats.rejected += self.client.send_method(
+                channel_id, "basic.reject", delivery_tag, False
+            )
+            self.log.warn(
+                "Rejected an undecodable message {msg_id} from queue {queue} of domain"
+                " {domain}: {reason}",
+                msg_id=escape_control(str(properties.get("message_id")), 100),
+                queue=escape_control(subscription.queue),
+                domain=self.bus.domain,
+                reason=escape_control(e.reason, 300),
+            )
+            return
+        stats.delivered += 1
+        delivery = AMQPDelivery(message, redelivered, subscription.queue, consumer, delivery_tag)
+        try:
+            subscription.on_delivery(delivery)
+        except Exception:
+            self.log.failure(
+                "A subscriber of queue {queue} raised on message {msg_id}",
+                queue=escape_control(subscription.queue),
+                msg_id=message.id,
+            )
+
+    def consumer_cancelled(self, channel_id: int, consumer_tag: str) -> None:
+        """The broker cancelled a consumer: consume again."""
+        consumer = self.consumers.pop(consumer_tag, None)
+        if consumer is None:
+            return
+        consumer.active = False
+        subscription = consumer.subscription
+        self.log.warn(
+            "The broker cancelled the consumer of queue {queue} on domain {domain}",
+            queue=escape_control(subscription.queue),
+            domain=self.bus.domain,
+        )
+        if subscription.consumer is consumer:
+            subscription.consumer = None
+        self.bus._resume(subscription, consumer.channel)
+
+    def channel_closed(self, channel_id: int, error: ChannelError) -> None:
+        """The broker closed a channel: recover whatever used it."""
+        if self.declare_channel is not None and self.declare_channel.id == channel_id:
+            self.declare_channel = None
+            return
+        if self.publish_channel is not None and self.publish_channel.id == channel_id:
+            self.log.error(
+                "The broker closed the publish channel of domain {domain}: {error}",
+                domain=self.bus.domain,
+                error=escape_control(str(error)),
+            )
+            self.publish_channel = None
+            self._fail_unconfirmed(
+                lambda p: NotConnected(f"the publish channel closed: {error}", p.message.id)
+            )
+            self._reopen_publish_channel()
+            return
+        for tag, consumer in list(self.consumers.items()):
+            if consumer.channel is not None and consumer.channel.id == channel_id:
+                del self.consumers[tag]
+                consumer.active = False
+                subscription = consumer.subscription
+                if subscription.consumer is consumer:
+                    subscription.consumer = None
+                self.bus._resume(subscription, None)
+
+    def connection_blocked(self, reason: str) -> None:
+        """Publishes wait; confirms may be late for as long, so stop timing them."""
+        if self.confirm_call is not None and self.confirm_call.active():
+            self.confirm_call.cancel()
+        self.confirm_call = None
+
+    def connection_unblocked(self) -> None:
+        """Publishes flow again; confirms are timed afresh."""
+        deadline = self.clock.seconds() + self.bus.confirm_timeout
+        for pending in self.unconfirmed.values():
+            pending.deadline = deadline
+        self._schedule_confirm_check()
+        self.pump()
+
+    def writable_changed(self, writable: bool) -> None:
+        """The transport's buffer drained (or filled)."""
+        if writable:
+            self.pump()
+
+    # -- recovery and teardown ------------------------------------------------
+
+    def _reopen_publish_channel(self) -> None:
+        if self.reopening or not self.alive:
+            return
+        self.reopening = True
+
+        async def reopen() -> None:
+            try:
+                await self.open_publish_channel()
+            except Exception as e:
+                if self.alive:
+                    self.log.error(
+                        "Reopening the publish channel failed ({error}); reconnecting",
+                        error=escape_control(str(e)),
+                    )
+                    self.client.abort("no publish channel")
+                return
+            finally:
+                self.reopening = False
+            self.by_id.clear()
+            self.pump()
+
+        Deferred.fromCoroutine(reopen())
+
+    def _fail_unconfirmed(self, error: Callable[[_Pending], Exception]) -> None:
+        if self.confirm_call is not None and self.confirm_call.active():
+            self.confirm_call.cancel()
+        self.confirm_call = None
+        unconfirmed = list(self.unconfirmed.values())
+        self.unconfirmed.clear()
+        self.by_id.clear()
+        for pending in unconfirmed:
+            pending.deferred.errback(error(pending))
+        self.drained.fire()
+
+    def fail_waiting(self, why: str) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        for pending in waiting:
+            pending.deferred.errback(NotConnected(why, pending.message.id))
+
+    def teardown(self, why: str) -> None:
+        """
+        The connection is gone: fail every message not confirmed and every one
+        waiting, and forget the consumers.
+        """
+        if not self.alive:
+            return
+        self.alive = False
+        self._fail_unconfirmed(lambda p: NotConnected(why, p.message.id))
+        self.fail_waiting(why)
+        for consumer in self.consumers.values():
+            consumer.active = False
+            if consumer.subscription.consumer is consumer:
+                consumer.subscription.consumer = None
+        self.consumers.clear()
+
+
+# --- the bus -----------------------------------------------------------------------
+
+
+@implementer(IBus)
+class AMQPBus(Service):
+    """
+    An L{IBus} on one RabbitMQ connection, for one security domain.
+
+    @ivar domain: The domain's name.
+    @ivar exchange: The default exchange for publishing.
+    @ivar settings: Where and how to connect.
+    @ivar stats: Counters for metrics.
+    @ivar confirm_timeout: Seconds a publisher confirm may take before the
+        connection is dropped.
+    @ivar max_in_flight: Messages waiting for confirms at once, at most.
+    @ivar passive_declares: Only check that exchanges and queues exist, and
+        leave bindings to the broker's administrator.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        domain: str,
+        settings: AMQPSettings,
+        *,
+        reactor: Any,
+        exchange: str = "amq.topic",
+        confirm_timeout: float = 30.0,
+        max_in_flight: int = 1000,
+        passive_declares: bool = False,
+        reconnect_initial: float = 1.0,
+        reconnect_max: float = 60.0,
+        setup_timeout: float = 30.0,
+        close_timeout: float = 5.0,
+        endpoint: IStreamClientEndpoint | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        """
+        @param reactor: The reactor (for time and, unless C{endpoint} is given,
+            for connecting).
+        @param endpoint: Connect with this instead of the settings' address
+            (tests, proxies).
+        @param rand: The source of jitter for reconnect delays.
+        """
+        if confirm_timeout <= 0:
+            raise ValueError("confirm_timeout must be positive")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.domain = domain
+        self.exchange = exchange
+        self.settings = settings
+        self.confirm_timeout = confirm_timeout
+        self.max_in_flight = max_in_flight
+        self.passive_declares = passive_declares
+        self.setup_timeout = setup_timeout
+        self.close_timeout = close_timeout
+        self.stats = AMQPBusStats()
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self._retry_delay = backoff(reconnect_initial, reconnect_max, rand=rand)
+        self._reconnector: Reconnector | None = None
+        self._session: _Session | None = None
+        self._declared: list[_Declared] = []
+        self._subscriptions: list[AMQPSubscription] = []
+        self._tags = 0
+        self._stopping = False
+        self._connected_waiters: list[Deferred[None]] = []
+
+    @classmethod
+    def from_domain(cls, domain: Any, reactor: Any, **options: Any) -> AMQPBus:
+        """
+        Build the bus of a configured domain (a L{fedhub.config.DomainConfig}:
+        C{name}, C{broker} (the URL), C{exchange}, C{ca}, C{cert}, C{key},
+        C{server_hostname}, C{auth_mechanism}, C{heartbeat},
+        C{connection_name}, C{connection_timeout}, C{confirm_window},
+        C{passive_declares}).  Does no I/O.
+
+        @param options: More keyword arguments for the constructor.
+        @raise fedhub.errors.ConfigError: when the settings are not usable.
+        """
+        name = domain.name
+        settings = parse_url(domain.broker, key=f"domains.{name}.broker")
+        changes: dict[str, Any] = {}
+        for attribute, setting in (
+            ("ca", "ca"),
+            ("cert", "cert"),
+            ("key", "key"),
+            ("server_hostname", "server_hostname"),
+            ("connection_name", "connection_name"),
+            ("auth_mechanism", "mechanism"),
+            ("heartbeat", "heartbeat"),
+            ("connection_timeout", "connection_timeout"),
+        ):
+            value = getattr(domain, attribute, None)
+            if value is not None:
+                changes[setting] = value
+        if not changes.get("connection_name") and not settings.connection_name:
+            changes["connection_name"] = f"fedhub {name}"
+        settings = settings.with_changes(**changes)
+        window = getattr(domain, "confirm_window", None)
+        if window is not None:
+            options.setdefault("max_in_flight", window)
+        options.setdefault("passive_declares", bool(getattr(domain, "passive_declares", False)))
+        return cls(
+            name,
+            settings,
+            reactor=reactor,
+            exchange=getattr(domain, "exchange", None) or "amq.topic",
+            **options,
+        )
+
+    # -- IBus ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether a broker connection is set up and takes messages (not while
+        the bus stops).
+        """
+        return not self._stopping and self._session is not None and self._session.alive
+
+    def when_connected(self) -> Deferred[None]:
+        """
+        A Deferred firing once the bus is connected (at once if it is).
+        """
+        if self.connected:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._connected_waiters.append(d)
+        return d
+
+    def publish(
+        self, message: Message, exchange: str | None = None, routing_key: str | None = None
+    ) -> Deferred[None]:
+        """
+        Publish one message persistently with C{mandatory} set; see the module
+        docstring for what the Deferred does.
+        """
+        exchange = self.exchange if exchange is None else exchange
+        routing_key = message.topic if routing_key is None else routing_key
+        for what, value in (("exchange", exchange), ("routing key", routing_key)):
+            if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+                return fail(MessageError(f"the {what} must be a string of at most 255 bytes"))
+        session = self._session
+        if session is None or not session.alive or self._stopping:
+            why = "the bus is stopping" if self._stopping else "not connected to the broker"
+            return fail(NotConnected(why, message.id))
+        pending = _Pending(message, exchange, routing_key, Deferred())
+        session.enqueue(pending)
+        return pending.deferred
+
+    def declare(self, topology: Topology) -> Deferred[None]:
+        """
+        Declare a topology now if connected (else on connecting), and again
+        after every reconnect.  A topology the broker refuses the first time
+        (403, 404, 406) fails the Deferred and is forgotten.
+        """
+        if self._stopping or not self.running:
+            return fail(NotConnected("the bus is not running"))
+        entry = _Declared(topology)
+        waiter: Deferred[None] = Deferred()
+        entry.waiters.append(waiter)
+        self._declared.append(entry)
+        session = self._session
+        if session is not None and session.alive:
+            Deferred.fromCoroutine(self._declare(session, entry))
+        return waiter
+
+    def subscribe(
+        self, queue: str, on_delivery: Callable[[IDelivery], object], prefetch: int
+    ) -> Deferred[ISubscription]:
+        """
+        Consume from a queue, now if connected (else on connecting), and again
+        after every reconnect.  The Deferred fires once consuming started; it
+        fails (and the subscription is forgotten) when the broker refuses it
+        the first time, e.g. with L{NotFound} for a missing queue.
+        """
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 < prefetch < 65536:
+            return fail(ValueError(f"prefetch must be within 1..65535, not {prefetch!r}"))
+        if not isinstance(queue, str) or len(queue.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+            return fail(ValueError("the queue name must be a string of at most 255 bytes"))
+        if self._stopping or not self.running:
+            return fail(NotConnected("the bus is not running"))
+        subscription = AMQPSubscription(self, queue, on_delivery, prefetch)
+        waiter: Deferred[ISubscription] = Deferred()
+        subscription.waiters.append(waiter)
+        self._subscriptions.append(subscription)
+        session = self._session
+        if session is not None and session.alive:
+            Deferred.fromCoroutine(self._consume(session, subscription))
+        return waiter
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Start connecting.  Reads the TLS files.
+
+        @raise fedhub.errors.ConfigError: when TLS is configured unusably.
+        """
+        endpoint = self._endpoint
+        if endpoint is None:
+            endpoint = clientFromString(  # type: ignore[no-untyped-call]
+                self._reactor, endpoint_description(self.settings)
+            )
+            if self.settings.tls:
+                options = client_tls_options(
+                    self.settings.verify_hostname,
+                    self.settings.ca,
+                    self.settings.cert,
+                    self.settings.key,
+                )
+                endpoint = wrapClientTLS(options, endpoint)
+        settings = self.settings
+        if not settings.tls and settings.host not in ("localhost", "127.0.0.1", "::1"):
+            self.log.warn(
+                "Domain {domain} talks to {broker} without TLS: neither the broker nor the"
+                " messages are protected",
+                domain=self.domain,
+                broker=settings.safe_url(),
+            )
+        factory = ClientFactory(
+            load_spec(),
+            clock=self._reactor,
+            vhost=settings.vhost,
+            credentials=Credentials(settings.auth_mechanism, settings.username, settings.password),
+            heartbeat=settings.heartbeat,
+            connection_name=settings.connection_name,
+        )
+        connecting = endpoint
+
+        def connect() -> Deferred[Any]:
+            return connecting.connect(factory)
+
+        self._stopping = False
+        self._reconnector = Reconnector(
+            connect,
+            lambda client: Deferred.fromCoroutine(self._prepare(client)),
+            self._ready,
+            self._lost,
+            self._retry_delay,
+            self._reactor,
+            setup_timeout=self.setup_timeout,
+            close_timeout=self.close_timeout,
+            describe=f"{settings.safe_url()} (domain {self.domain})",
+        )
+        super().startService()  # type: ignore[no-untyped-call]
+        self._reconnector.start()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop: refuse new publishes, fail those not yet sent, wait (at most
+        C{confirm_timeout}) for the confirms of those sent, close the
+        connection.
+        """
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        session = self._session
+        if session is not None and session.alive:
+            session.fail_waiting("the bus is stopping")
+            drained = session.drained.wait()
+            drained.addTimeout(self.confirm_timeout, self._reactor)
+            try:
+                await drained
+            except Exception:
+                pass
+        for subscription in self._subscriptions:
+            if subscription.retry_call is not None and subscription.retry_call.active():
+                subscription.retry_call.cancel()
+            subscription.retry_call = None
+        why = NotConnected("the bus stopped")
+        for entry in self._declared:
+            self._fail_waiters(entry.waiters, why)
+        for subscription in self._subscriptions:
+            self._fail_waiters(subscription.waiters, why)
+        waiters, self._connected_waiters = self._connected_waiters, []
+        self._fail_waiters(waiters, why)
+        if self._reconnector is not None:
+            await self._reconnector.stop()
+
+    @staticmethod
+    def _fail_waiters(waiters: list[Deferred[Any]], error: Exception) -> None:
+        pending, waiters[:] = list(waiters), []
+        for d in pending:
+            d.errback(error)
+
+    # -- connection lifecycle -------------------------------------------------
+
+    async def _prepare(self, client: AMQPClient) -> _Session:
+        await client.open()
+        session = _Session(self, client)
+        client.events = session
+        try:
+            await session.open_publish_channel()
+            for entry in list(self._declared):
+                await self._declare(session, entry, preparing=True)
+            for subscription in list(self._subscriptions):
+                if not subscription.cancelled:
+                    await self._consume(session, subscription, preparing=True)
+        except BaseException:
+            session.teardown("the connection could not be set up")
+            raise
+        return session
+
+    def _ready(self, client: AMQPClient, session: _Session) -> None:
+        self._session = session
+        self.stats.connections += 1
+        self.log.info(
+            "Connected to {broker} for domain {domain} (heartbeat {heartbeat} s)",
+            broker=self.settings.safe_url(),
+            domain=self.domain,
+            heartbeat=client.heartbeat_interval,
+        )
+        # Declarations and subscriptions that arrived while it was set up.
+        for entry in list(self._declared):
+            if entry.session is not session:
+                Deferred.fromCoroutine(self._declare(session, entry))
+        for subscription in list(self._subscriptions):
+            if (
+                not subscription.cancelled
+                and subscription.consumer is None
+                and not subscription.starting
+                and subscription.retry_call is None
+            ):
+                Deferred.fromCoroutine(self._consume(session, subscription))
+        waiters, self._connected_waiters = self._connected_waiters, []
+        for d in waiters:
+            d.callback(None)
+        session.pump()
+
+    def _lost(self, client: AMQPClient, reason: BaseException) -> None:
+        session, self._session = self._session, None
+        self.stats.connection_losses += 1
+        why = f"the connection to the broker was lost ({escape_control(str(reason), 200)})"
+        if session is not None:
+            session.teardown(why)
+
+    # -- declaring --------------------------------------------------------------
+
+    async def _declare(self, session: _Session, entry: _Declared, preparing: bool = False) -> None:
+        entry.session = session
+        try:
+            await session.declare(entry.topology, self.passive_declares)
+        except ChannelError as e:
+            if not entry.confirmed:
+                if entry in self._declared:
+                    self._declared.remove(entry)
+                self._fail_waiters(entry.waiters, e)
+            else:
+                self.log.error(
+                    "Declaring the topology of domain {domain} again failed: {error}",
+                    domain=self.domain,
+                    error=escape_control(str(e)),
+                )
+            return
+        except Exception as e:
+            if preparing:
+                raise
+            # The connection went away: the next connection declares it.
+            self.log.debug("Declaring postponed: {error}", error=str(e))
+            return
+        if entry in self._declared and any(
+            other.confirmed and other.topology == entry.topology
+            for other in self._declared
+            if other is not entry
+        ):
+            # Declared the same way before: remembering it once is enough.
+            self._declared.remove(entry)
+        entry.confirmed = True
+        waiters, entry.waiters = entry.waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- consuming ----------------------------------------------------------------
+
+    def _next_tag(self) -> str:
+        self._tags += 1
+        return f"fedhub.{self.domain}.{self._tags}"
+
+    async def _consume(
+        self,
+        session: _Session,
+        subscription: AMQPSubscription,
+        channel: Any = None,
+        preparing: bool = False,
+    ) -> None:
+        if subscription.starting or subscription.cancelled:
+            return
+        subscription.starting = True
+        client = session.client
+        consumer = _Consumer(session, subscription, self._next_tag())
+        try:
+            if channel is None or channel.closed:
+                channel = await client.open_channel()
+                consumer.channel = channel
+                await channel.basic_qos(
+                    prefetch_size=0, prefetch_count=subscription.prefetch, global_=False
+                )
+            consumer.channel = channel
+            consumer.active = True
+            session.consumers[consumer.tag] = consumer
+            await channel.basic_consume(
+                queue=subscription.queue,
+                consumer_tag=consumer.tag,
+                no_local=False,
+                no_ack=False,
+                exclusive=False,
+                no_wait=False,
+                arguments={},
+            )
+        except Exception as raw:
+            error = map_error(raw)
+            consumer.active = False
+            session.consumers.pop(consumer.tag, None)
+            if consumer.channel is not None and not consumer.channel.closed:
+                client.close_channel(consumer.channel).addErrback(lambda _: None)
+            subscription.starting = False
+            if not isinstance(error, ChannelError):
+                if preparing:
+                    raise error from None
+                return  # the connection went away; the next one consumes
+            if not subscription.started:
+                if subscription in self._subscriptions:
+                    self._subscriptions.remove(subscription)
+                subscription.cancelled = True
+                self._fail_waiters(subscription.waiters, error)
+                return
+            self.log.error(
+                "Consuming from queue {queue} of domain {domain} failed: {error}",
+                queue=escape_control(subscription.queue),
+                domain=self.domain,
+                error=escape_control(str(error)),
+            )
+            self._schedule_resume(subscription)
+            return
+        subscription.starting = False
+        if subscription.cancelled or not session.alive:
+            consumer.active = False
+            session.consumers.pop(consumer.tag, None)
+            if session.alive:
+                await client.close_channel(channel)
+            return
+        subscription.consumer = consumer
+        subscription.started = True
+        subscription.retries = 0
+        waiters, subscription.waiters = subscription.waiters, []
+        for d in waiters:
+            d.callback(subscription)
+
+    def _resume(self, subscription: AMQPSubscription, channel: Any) -> None:
+        """
+        Consume again after the broker cancelled a consumer or closed its
+        channel: at once the first time, then with backoff.
+        """
+        if subscription.cancelled or subscription.retry_call is not None:
+            return
+        session = self._session
+        if subscription.retries == 0 and session is not None and session.alive:
+            subscription.retries = 1
+            Deferred.fromCoroutine(self._consume(session, subscription, channel))
+        else:
+            self._schedule_resume(subscription)
+
+    def _schedule_resume(self, subscription: AMQPSubscription) -> None:
+        if subscription.cancelled or subscription.retry_call is not None:
+            return
+        subscription.retries += 1
+        delay = self._retry_delay(subscription.retries)
+
+        def retry() -> None:
+            subscription.retry_call = None
+            session = self._session
+            if session is not None and session.alive and subscription.consumer is None:
+                Deferred.fromCoroutine(self._consume(session, subscription))
+
+        subscription.retry_call = self._reactor.callLater(delay, retry)
+
+    def _cancel(self, subscription: AMQPSubscription) -> Deferred[None]:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+        if subscription.retry_call is not None and subscription.retry_call.active():
+            subscription.retry_call.cancel()
+        subscription.retry_call = None
+        self._fail_waiters(subscription.waiters, NotConnected("the subscription was cancelled"))
+        consumer, subscription.consumer = subscription.consumer, None
+        if consumer is None or not consumer.session.alive:
+            return succeed(None)
+        consumer.active = False
+        consumer.session.consumers.pop(consumer.tag, None)
+        closing = consumer.session.client.close_channel(consumer.channel)
+        closing.addErrback(lambda _: None)
+        return closing
