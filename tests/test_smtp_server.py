@@ -9,7 +9,9 @@ the shared secret, connection limits and the listener service.
 
 from __future__ import annotations
 
+import io
 import re
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -965,3 +967,36 @@ class ListenerServiceTests(SynchronousTestCase):
     def test_parser_sample_sanity(self) -> None:
         """The sample the tests use parses as the changed bug 218297."""
         self.assertEqual(parse_bugmail(sample(CHANGED)).bug_id, 218297)
+
+
+class EmbedExampleTests(SynchronousTestCase):
+    """
+    C{examples/bugzilla-mail/embed.py} works as documented.
+    """
+
+    def load(self) -> Any:
+        import importlib.util
+
+        path = Path(__file__).parent.parent / "examples" / "bugzilla-mail" / "embed.py"
+        spec = importlib.util.spec_from_file_location("fedhub_embed_example", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def test_callback_gets_events(self) -> None:
+        """The example's listener calls its callback once per event and answers 250, or 451 when its board is full."""
+        example = self.load()
+        reactor = MemoryReactorClock()
+        board = example.BugBoard(capacity=1)
+        listener = example.make_listener("tcp:0:interface=127.0.0.1", board, reactor)
+        self.patch(sys, "stdout", io.StringIO())
+        listener.startService()
+        client = Client(listener.factory, "127.0.0.1", 1)
+        client.send(envelope(("bugs@localhost",)) + dot_stuffed(sample(CHANGED)))
+        self.assertEqual(client.codes()[-1], 250)
+        self.assertEqual(list(board.summaries), [218297])
+        client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@localhost>\r\nDATA\r\n" + dot_stuffed(sample(NEW)))
+        self.assertEqual(client.codes()[-1], 451)
+        client.close()
+        self.successResultOf(listener.stopService())
