@@ -998,6 +998,7 @@ class ConsumeTests(BusCase):
         self.assertEqual(delivery.message.id, message.id)
         self.assertEqual(delivery.message.queue, "hub.q")
         self.assertEqual((delivery.queue, delivery.redelivered), ("hub.q", True))
+        self.assertIs(delivery.message.redelivered, True)
         delivery.ack()
         delivery.ack()
         delivery.reject(True)

@@ -891,7 +891,9 @@ class _Session:
         subscription = consumer.subscription
         stats = self.bus.stats
         try:
-            message = from_amqp(routing_key, properties, body, queue=subscription.queue)
+            message = from_amqp(
+                routing_key, properties, body, queue=subscription.queue, redelivered=redelivered
+            )
         except DecodeError as e:
             stats.undecodable += 1
             stats.rejected += self.client.send_method(
