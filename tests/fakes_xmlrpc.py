@@ -743,6 +743,7 @@ class FakeBugzilla:
         self.search_calls: list[dict[str, Any]] = []
         self.server = FakeXMLRPCServer({
             "Bugzilla.version": lambda *a: {"version": "5.0.4.rh100"},
+            "Bugzilla.time": self.time,
             "Bug.search": self.search,
             "Bug.history": self.get_history,
             "Bug.comments": self.get_comments,
@@ -824,6 +825,11 @@ class FakeBugzilla:
         now = self.tick()
         self._comment(bug_id, who, text, private, now)
         self.bugs[bug_id]["last_change_time"] = bz_time(now)
+
+    def time(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._auth(params or {})
+        return {"db_time": bz_time(self.now), "web_time": bz_time(self.now), "tz_name": "UTC",
+                "tz_offset": "+0000"}
 
     def search(self, params: dict[str, Any]) -> dict[str, Any]:
         self._auth(params)

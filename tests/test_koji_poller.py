@@ -146,6 +146,22 @@ class SourceTests(SourceTestBase):
         self.assertEqual(result.messages, [])
         self.assertFalse(result.more)
 
+    def test_nothing_from_before_first_start(self) -> None:
+        """Tags, builds and tasks just before the first start (within the overlaps) are not published."""
+        build, _ = self.koji.start_build("early", "1", "1")
+        self.koji.scratch_build("early.src.rpm")
+        # The hub's clock is its last event: the start is judged by it.
+        self.koji.tag_build(574, "f24")
+        source = self.source(tasks="all")
+        cursor = self.start(source)
+        self.koji.finish_build(build)
+        self.koji.event()
+        result = self.poll(source, cursor)
+        self.assertEqual(
+            [(suffixes([m])[0], m.body.get("old"), m.body.get("new")) for m in result.messages],
+            [("buildsys.build.state.change", None, COMPLETE),
+             ("buildsys.task.state.change", None, "CLOSED")])
+
     def test_idle_poll_cost(self) -> None:
         """A poll with nothing new is two requests: getLastEvent and one multiCall."""
         source = self.source()

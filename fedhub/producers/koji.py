@@ -265,9 +265,13 @@ class KojiSource:
         repo_next, pending = 1, []
         if self.settings.repos:
             repo_next, pending = yield self._seed_repos()
+        # The floors: nothing at or before the start is published, even though
+        # the first polls read the overlap before it.
         return {
             "event": event_id,
             "event_ts": event_ts,
+            "floor_event": event_id,
+            "floor_ts": event_ts,
             "history_seen": {},
             "builds": {"created": event_ts, "completed": event_ts, "paging": [], "seen": {},
                        "open": {}},
@@ -383,6 +387,7 @@ class KojiSource:
             return answers[slots[slot]] if slot in slots else None
 
         events: list[tuple[float, int, str, Any]] = []  # (position, order, kind, data)
+        floor_ts = float(c.get("floor_ts", 0.0))
         more = catching_up
 
         # -- tags ---------------------------------------------------------------
@@ -393,7 +398,7 @@ class KojiSource:
                 raise KojiError(f"queryHistory answered {type(history).__name__}, not a struct")
             for row in self._rows(history.get("tag_listing", []), "queryHistory"):
                 created, revoked = row.get("create_event"), row.get("revoke_event")
-                low = max(0, start - s.event_overlap)
+                low = max(0, start - s.event_overlap, int(c.get("floor_event", 0)))
                 for op, event_id, ts in (("tag", created, row.get("create_ts")),
                                          ("untag", revoked, row.get("revoke_ts"))):
                     if not isinstance(event_id, int) or not low < event_id <= end:
@@ -427,7 +432,7 @@ class KojiSource:
                     continue
                 position = float(row.get("completion_ts") or row.get("creation_ts") or 0.0)
                 key = f"{build_id}:{new}"
-                if key in seen:
+                if key in seen or position <= floor_ts:
                     continue
                 seen.add(key, position)
                 old = known.pop(str(build_id), None)
@@ -460,7 +465,7 @@ class KojiSource:
                 position = float(row.get("completion_ts") or row.get("start_ts")
                                  or row.get("create_ts") or 0.0)
                 key = f"{task_id}:{new}"
-                if key in seen:
+                if key in seen or position <= floor_ts:
                     continue
                 seen.add(key, position)
                 old = known.pop(str(task_id), None)

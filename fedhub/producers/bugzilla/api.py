@@ -1,0 +1,251 @@
+"""
+A client of Bugzilla's XML-RPC web service (Bugzilla 4.4/5.0 and Red Hat's
+Bugzilla), for the calls fedhub needs: bugs changed since a time
+(C{Bug.search}), bugs by id (C{Bug.get}), their change history
+(C{Bug.history}) and comments (C{Bug.comments}), and the server's clock
+(C{Bugzilla.time}).
+
+It stands alone so that the Bugzilla poller and the bugmail producer's
+enrichment can both use it.  Results are plain JSON-ready values: every
+C{dateTime} (Bugzilla sends UTC without an offset) becomes a number of
+seconds since the epoch, in place, so they can go into message bodies as
+they are.
+
+An API key, when needed, is read from a file (never from the
+configuration itself) and sent as C{Bugzilla_api_key} with every call; it
+never appears in logs or errors.
+"""
+
+from __future__ import annotations
+
+import xmlrpc.client
+from collections.abc import Generator, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from fedhub.errors import FedhubError
+from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient
+
+#: The fields of a bug fedhub's messages use; C{Bug.search} returns only these.
+BUG_FIELDS = (
+    "id", "alias", "assigned_to", "assigned_to_detail", "classification", "component",
+    "creation_time", "creator", "creator_detail", "flags", "groups", "keywords",
+    "last_change_time", "op_sys", "platform", "priority", "product", "qa_contact",
+    "qa_contact_detail", "resolution", "severity", "status", "summary", "url", "version",
+    "whiteboard", "sub_components", "is_open",
+)
+
+
+class BugzillaError(FedhubError):
+    """
+    Bugzilla answered something that is not what its web service promises.
+
+    @ivar method: The method called.
+    @ivar reason: What was wrong.
+    """
+
+    def __init__(self, method: str, reason: str) -> None:
+        self.method = method
+        self.reason = reason
+        super().__init__(f"{method}: {reason}")
+
+
+def to_epoch(value: Any) -> float | None:
+    """
+    Seconds since the epoch of a Bugzilla time: a C{datetime} (naive ones
+    are UTC), an XML-RPC C{DateTime}, or a number; C{None} stays C{None}.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return float(value.timestamp())
+    if isinstance(value, xmlrpc.client.DateTime):
+        return to_epoch(datetime.strptime(value.value, "%Y%m%dT%H:%M:%S"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise BugzillaError("-", f"not a time: {type(value).__name__}")
+
+
+def from_epoch(seconds: float) -> datetime:
+    """
+    A time to send to Bugzilla: naive UTC, whole seconds (C{dateTime.iso8601}
+    has no fractions; rounding down keeps an "after" query inclusive).
+    """
+    return datetime.fromtimestamp(int(seconds), timezone.utc).replace(tzinfo=None)
+
+
+def jsonable(value: Any) -> Any:
+    """
+    C{value} with every time turned into epoch seconds and every tuple into
+    a list, so it serializes as JSON.
+    """
+    if isinstance(value, (datetime, xmlrpc.client.DateTime)):
+        return to_epoch(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _batches(ids: Sequence[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+class BugzillaAPI:
+    """
+    The Bugzilla web service calls fedhub makes.
+
+    @ivar caller: The XML-RPC endpoint (C{.../xmlrpc.cgi}).
+    """
+
+    def __init__(self, caller: XMLRPCCaller, *, api_key: str | None = None,
+                 api_key_file: str | None = None, batch_size: int = 100) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.caller = caller
+        self.batch_size = batch_size
+        self._api_key = api_key
+        self._api_key_file = api_key_file
+
+    @classmethod
+    def connect(cls, url: str, reactor: Any, *, api_key_file: str | None = None,
+                batch_size: int = 100, **client: Any) -> BugzillaAPI:
+        """
+        An API over a new L{XMLRPCClient} for C{url}; C{client} holds its
+        keyword arguments (C{timeout}, C{max_response_bytes}, C{ca_file}).
+        """
+        return cls(XMLRPCClient(url, reactor, **client), api_key_file=api_key_file,
+                   batch_size=batch_size)
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the connections.
+        """
+        closed: Deferred[None] = self.caller.close()
+        return closed
+
+    def _key(self) -> str | None:
+        if self._api_key is None and self._api_key_file is not None:
+            # A few bytes, read once on first use rather than in the constructor.
+            try:
+                with open(self._api_key_file, encoding="utf-8") as f:
+                    self._api_key = f.read().strip()
+            except OSError as e:
+                raise BugzillaError("-", f"can not read the API key file "
+                                         f"{self._api_key_file}: {e.strerror}") from None
+        return self._api_key or None
+
+    def _call(self, method: str, params: dict[str, Any]) -> Deferred[Any]:
+        key = self._key()
+        if key is not None:
+            params = {**params, "Bugzilla_api_key": key}
+        d: Deferred[Any] = self.caller.call(method, params)
+        return d
+
+    @inlineCallbacks
+    def server_time(self) -> Generator[Deferred[Any], Any, float]:
+        """
+        The database server's clock (C{Bugzilla.time}), in epoch seconds.
+        """
+        answer = yield self._call("Bugzilla.time", {})
+        if not isinstance(answer, dict) or "db_time" not in answer:
+            raise BugzillaError("Bugzilla.time", "the answer has no db_time")
+        when = to_epoch(answer["db_time"])
+        assert when is not None
+        return when
+
+    @inlineCallbacks
+    def search_changed(
+        self, since: float, *, products: Sequence[str] = (), components: Sequence[str] = (),
+        limit: int = 200, offset: int = 0, fields: Sequence[str] = BUG_FIELDS,
+    ) -> Generator[Deferred[Any], Any, list[dict[str, Any]]]:
+        """
+        Bugs changed at or after C{since} (epoch seconds), by bug id, one
+        page of at most C{limit} from C{offset}.
+        """
+        params: dict[str, Any] = {
+            "last_change_time": from_epoch(since), "limit": limit, "offset": offset,
+            "include_fields": list(fields),
+        }
+        if products:
+            params["product"] = list(products)
+        if components:
+            params["component"] = list(components)
+        answer = yield self._call("Bug.search", params)
+        return self._bugs("Bug.search", answer)
+
+    @inlineCallbacks
+    def get(self, ids: Sequence[int], fields: Sequence[str] = BUG_FIELDS
+            ) -> Generator[Deferred[Any], Any, list[dict[str, Any]]]:
+        """
+        Bugs by id (ones that do not exist or may not be seen are left out).
+        """
+        bugs: list[dict[str, Any]] = []
+        for batch in _batches(ids, self.batch_size):
+            answer = yield self._call("Bug.get", {"ids": batch, "include_fields": list(fields),
+                                                  "permissive": True})
+            bugs += self._bugs("Bug.get", answer)
+        return bugs
+
+    @inlineCallbacks
+    def history(self, ids: Sequence[int], new_since: float | None = None
+                ) -> Generator[Deferred[Any], Any, dict[int, list[dict[str, Any]]]]:
+        """
+        The change history of bugs: for each bug id, its entries
+        (C{when}, C{who}, C{changes} of C{field_name}/C{removed}/C{added}
+        and maybe C{attachment_id}), oldest first, only those after
+        C{new_since} when given.
+        """
+        result: dict[int, list[dict[str, Any]]] = {}
+        for batch in _batches(ids, self.batch_size):
+            params: dict[str, Any] = {"ids": batch}
+            if new_since is not None:
+                params["new_since"] = from_epoch(new_since)
+            answer = yield self._call("Bug.history", params)
+            if not isinstance(answer, dict) or not isinstance(answer.get("bugs"), list):
+                raise BugzillaError("Bug.history", "the answer has no list of bugs")
+            for bug in answer["bugs"]:
+                if isinstance(bug, dict) and isinstance(bug.get("id"), int):
+                    entries = bug.get("history") or []
+                    result[bug["id"]] = [jsonable(e) for e in entries if isinstance(e, dict)]
+        return result
+
+    @inlineCallbacks
+    def comments(self, ids: Sequence[int], new_since: float | None = None
+                 ) -> Generator[Deferred[Any], Any, dict[int, list[dict[str, Any]]]]:
+        """
+        The comments of bugs: for each bug id, its comments (C{id},
+        C{count}, C{text}, C{creator}, C{creation_time}, C{is_private}, ...),
+        oldest first, only those after C{new_since} when given.
+        """
+        result: dict[int, list[dict[str, Any]]] = {}
+        for batch in _batches(ids, self.batch_size):
+            params: dict[str, Any] = {"ids": batch}
+            if new_since is not None:
+                params["new_since"] = from_epoch(new_since)
+            answer = yield self._call("Bug.comments", params)
+            if not isinstance(answer, dict) or not isinstance(answer.get("bugs"), dict):
+                raise BugzillaError("Bug.comments", "the answer has no table of bugs")
+            for key, bug in answer["bugs"].items():
+                try:
+                    bug_id = int(key)
+                except (TypeError, ValueError):
+                    continue
+                comments = bug.get("comments") if isinstance(bug, dict) else None
+                result[bug_id] = [jsonable(c) for c in comments or [] if isinstance(c, dict)]
+        return result
+
+    @staticmethod
+    def _bugs(method: str, answer: Any) -> list[dict[str, Any]]:
+        if not isinstance(answer, dict) or not isinstance(answer.get("bugs"), list):
+            raise BugzillaError(method, "the answer has no list of bugs")
+        return [jsonable(b) for b in answer["bugs"]
+                if isinstance(b, dict) and isinstance(b.get("id"), int)]

@@ -1,0 +1,365 @@
+"""
+The Bugzilla poller: asks a Bugzilla's XML-RPC web service for bugs changed
+since the last poll and publishes one message per event, in the format of
+C{bugzilla2fedmsg} (schema C{bugzilla2fedmsg.messageV1}), for Bugzillas that
+do not send bus messages themselves:
+
+  - a bug filed: C{bugzilla.bug.new} (action C{create}, target C{bug});
+  - a change of fields (one C{Bug.history} entry): C{bugzilla.bug.update}
+    (action C{modify}, target C{bug}, or C{attachment} when the change is to
+    an attachment), with its C{changes};
+  - a comment: C{bugzilla.bug.update} (action C{create}, target C{comment})
+    with the comment.
+
+The C{bug} object of every message is the bug as it is when polled, not as it
+was at the time of the event (the web service has no "as of").
+
+Bugzilla's times have whole seconds and a change may commit after a later one
+was visible, so each poll reads C{overlap} seconds again and skips what the
+cursor says was already published.  Private bugs and private comments are not
+published unless C{publish_private} is set: the bus is usually more widely
+readable than the Bugzilla groups that hide them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import uuid
+from functools import partial
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from fedhub.config import REQUIRED, Option
+from fedhub.interfaces import IProducerPlugin
+from fedhub.message import Message
+from fedhub.producers.bugzilla.api import BugzillaAPI, to_epoch
+from fedhub.producers.poller import (
+    IPollSource,
+    PollingService,
+    PollResult,
+    client_settings,
+    poller_options,
+    polling_service,
+)
+from fedhub.text import SUMMARY_HEADER, escape_control
+
+#: The schema of every message (an entry point of C{bugzilla2fedmsg-schema}).
+SCHEMA = "bugzilla2fedmsg.messageV1"
+
+_NAMESPACE = uuid.UUID("0b5d3c61-7f0e-5a0d-8d64-2d1f8ab4c2e9")
+# Kinds of event, in the order they sort within one second of one bug.
+_ORDER = {"new": 0, "change": 1, "comment": 2}
+
+
+def _user(login: Any, detail: Any = None) -> dict[str, Any]:
+    user: dict[str, Any] = {"login": login if isinstance(login, str) else ""}
+    if isinstance(detail, dict):
+        if isinstance(detail.get("real_name"), str):
+            user["real_name"] = detail["real_name"]
+        if isinstance(detail.get("id"), int):
+            user["id"] = detail["id"]
+    return user
+
+
+def _first(value: Any) -> str:
+    """
+    Red Hat's Bugzilla has lists where upstream has one string (component, version).
+    """
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return value if isinstance(value, str) else ""
+
+
+def bug_object(bug: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The C{bug} object of a C{bugzilla2fedmsg} message, from a bug as the web
+    service returns it (times already in epoch seconds).
+    """
+    qa = bug.get("qa_contact")
+    return {
+        "id": bug.get("id"),
+        "alias": list(bug.get("alias") or []) if isinstance(bug.get("alias"), list)
+        else ([bug["alias"]] if bug.get("alias") else []),
+        "assigned_to": _user(bug.get("assigned_to"), bug.get("assigned_to_detail")),
+        "classification": bug.get("classification") or "",
+        "component": {"name": _first(bug.get("component"))},
+        "creation_time": bug.get("creation_time"),
+        "flags": list(bug.get("flags") or []),
+        "is_private": bool(bug.get("groups")),
+        "keywords": list(bug.get("keywords") or []),
+        "last_change_time": bug.get("last_change_time"),
+        "operating_system": bug.get("op_sys") or "",
+        "platform": bug.get("platform") or "",
+        "priority": bug.get("priority") or "",
+        "product": {"name": _first(bug.get("product"))},
+        "qa_contact": _user(qa, bug.get("qa_contact_detail")) if qa else None,
+        "reporter": _user(bug.get("creator"), bug.get("creator_detail")),
+        "resolution": bug.get("resolution") or "",
+        "severity": bug.get("severity") or "",
+        "status": {"name": bug.get("status") or ""},
+        "summary": bug.get("summary") or "",
+        "url": bug.get("url") or "",
+        "version": {"name": _first(bug.get("version"))},
+        "whiteboard": bug.get("whiteboard") or "",
+    }
+
+
+@implementer(IPollSource)
+class BugzillaSource:
+    """
+    Turns a Bugzilla's changes into bus messages; see the module docstring.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        api: BugzillaAPI,
+        topic: Callable[[str], str],
+        *,
+        url: str,
+        products: Sequence[str] = (),
+        components: Sequence[str] = (),
+        overlap: float = 300.0,
+        page_size: int = 200,
+        max_pages: int = 10,
+        backfill_seconds: float = 0.0,
+        publish_private: bool = False,
+    ) -> None:
+        if overlap < 1:
+            raise ValueError("overlap must be at least one second (Bugzilla's resolution)")
+        self.name = name
+        self.api = api
+        self.topic = topic
+        self.url = url
+        self.products = tuple(products)
+        self.components = tuple(components)
+        self.overlap = overlap
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self.backfill_seconds = backfill_seconds
+        self.publish_private = publish_private
+        what = ", ".join([*self.products, *self.components]) or "all products"
+        self.description = f"Bugzilla {url} ({what})"
+        self.show_bug = url.rsplit("/", 1)[0] + "/show_bug.cgi?id="
+
+    def close(self) -> Deferred[None]:
+        return self.api.close()
+
+    @inlineCallbacks
+    def initial_cursor(self) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """
+        The Bugzilla's own clock now (less C{backfill_seconds}).
+        """
+        now = yield self.api.server_time()
+        start = now - self.backfill_seconds
+        # "floor": nothing at or before the start is published, even though
+        # the first polls read the overlap before it.
+        return {"since": start, "seen": {}, "offset": 0, "high": start, "floor": start}
+
+    @inlineCallbacks
+    def poll(self, cursor: Any) -> Generator[Deferred[Any], Any, PollResult]:
+        """
+        The events after the cursor; see the module docstring.
+        """
+        c = copy.deepcopy(cursor)
+        since = float(c["since"])
+        query = since - self.overlap
+        floor = max(query, float(c.get("floor", query)))
+        bugs: list[dict[str, Any]] = []
+        offset = int(c.get("offset", 0))
+        truncated = False
+        for page in range(self.max_pages):
+            found = yield self.api.search_changed(
+                query, products=self.products, components=self.components,
+                limit=self.page_size, offset=offset)
+            bugs += found
+            offset += len(found)
+            if len(found) < self.page_size:
+                break
+            truncated = page == self.max_pages - 1
+        if not self.publish_private:
+            bugs = [b for b in bugs if not b.get("groups")]
+        by_id = {b["id"]: b for b in bugs}
+        ids = sorted(by_id)
+        history: dict[int, list[dict[str, Any]]] = {}
+        comments: dict[int, list[dict[str, Any]]] = {}
+        if ids:
+            history = yield self.api.history(ids, query)
+            comments = yield self.api.comments(ids, query)
+
+        seen: dict[str, float] = dict(c.get("seen", {}))
+        events: list[tuple[float, int, int, str, Message]] = []
+        high = float(c.get("high", since))
+
+        def add(key: str, when: float, kind: str, bug_id: int, make: Callable[[], Message]) -> None:
+            nonlocal high
+            if key in seen or when <= floor:
+                return
+            seen[key] = when
+            high = max(high, when)
+            events.append((when, bug_id, _ORDER[kind], key, make()))
+
+        for bug_id in ids:
+            bug = by_id[bug_id]
+            created = to_epoch(bug.get("creation_time")) or 0.0
+            add(f"{bug_id}:new", created, "new", bug_id, partial(self._new, bug, created))
+            for entry in history.get(bug_id, []):
+                when = to_epoch(entry.get("when")) or 0.0
+                changes = [ch for ch in entry.get("changes") or [] if isinstance(ch, dict)]
+                digest = hashlib.sha256(json.dumps(changes, sort_keys=True, default=str)
+                                        .encode()).hexdigest()[:16]
+                key = f"{bug_id}:change:{int(when)}:{entry.get('who')}:{digest}"
+                add(key, when, "change", bug_id,
+                    partial(self._change, bug, entry, changes, when, key))
+            for comment in comments.get(bug_id, []):
+                if not isinstance(comment.get("id"), int) or comment.get("count") == 0:
+                    continue  # comment 0 is the description, part of the new bug
+                if comment.get("is_private") and not self.publish_private:
+                    continue
+                when = to_epoch(comment.get("creation_time") or comment.get("time")) or 0.0
+                add(f"{bug_id}:comment:{comment['id']}", when, "comment", bug_id,
+                    partial(self._comment, bug, comment, when))
+
+        events.sort(key=lambda e: e[:3])
+        if truncated:
+            c["offset"] = offset
+        else:
+            c["offset"] = 0
+            since = max(since, high)
+        c["since"], c["high"] = since, high
+        c["seen"] = {k: v for k, v in seen.items() if v > since - self.overlap - 1}
+        return PollResult([e[4] for e in events], c, more=truncated)
+
+    # --- messages -------------------------------------------------------------
+
+    def _message(self, suffix: str, body: dict[str, Any], key: str, summary: str) -> Message:
+        headers: dict[str, Any] = {SUMMARY_HEADER: escape_control(summary, 500)}
+        component = body["bug"]["component"]["name"]
+        if component:
+            headers[f"fedora_messaging_rpm_{component}"] = True
+        return Message.create(self.topic(suffix), body, headers=headers, schema=SCHEMA,
+                              id=str(uuid.uuid5(_NAMESPACE, f"{self.url}|{key}")))
+
+    def _event(self, bug: Mapping[str, Any], action: str, target: str, when: float,
+               user: dict[str, Any], change_set: str,
+               changes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "action": action, "bug_id": bug["id"], "target": target, "time": when,
+            "user": user, "change_set": change_set, "routing_key": f"{target}.{action}",
+        }
+        if changes is not None:
+            event["changes"] = changes
+        return event
+
+    def _new(self, bug: Mapping[str, Any], created: float) -> Message:
+        body = {"bug": bug_object(bug),
+                "event": self._event(bug, "create", "bug", created,
+                                     _user(bug.get("creator"), bug.get("creator_detail")),
+                                     f"{bug['id']}.{int(created)}", [])}
+        title = escape_control(str(bug.get("summary") or ""), 80)
+        return self._message("bugzilla.bug.new", body, f"{bug['id']}:new",
+                             f"{bug.get('creator')} filed a new bug #{bug['id']} '{title}'")
+
+    def _change(self, bug: Mapping[str, Any], entry: Mapping[str, Any],
+                changes: list[dict[str, Any]], when: float, key: str) -> Message:
+        fields = [{"field": ch.get("field_name"), "removed": ch.get("removed"),
+                   "added": ch.get("added"),
+                   **({"attachment_id": ch["attachment_id"]}
+                      if ch.get("attachment_id") is not None else {})}
+                  for ch in changes]
+        target = "attachment" if any("attachment_id" in f for f in fields) else "bug"
+        who = entry.get("who")
+        body = {"bug": bug_object(bug),
+                "event": self._event(bug, "modify", target, when, _user(who),
+                                     f"{bug['id']}.{int(when)}", fields)}
+        names = ", ".join(str(f["field"]) for f in fields)
+        return self._message("bugzilla.bug.update", body, key,
+                             f"{who} updated {names} on #{bug['id']}")
+
+    def _comment(self, bug: Mapping[str, Any], comment: Mapping[str, Any],
+                 when: float) -> Message:
+        who = comment.get("creator") or comment.get("author")
+        body = {
+            "bug": bug_object(bug),
+            "event": self._event(bug, "create", "comment", when, _user(who),
+                                 f"{bug['id']}.{int(when)}"),
+            "comment": {"body": comment.get("text") or "", "creation_time": when,
+                        "id": comment["id"], "is_private": bool(comment.get("is_private")),
+                        "number": comment.get("count")},
+        }
+        return self._message("bugzilla.bug.update", body, f"{bug['id']}:comment:{comment['id']}",
+                             f"{who} commented on #{bug['id']}")
+
+
+# --- the plugin ---------------------------------------------------------
+
+
+def _at_least(minimum: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum:g}"
+
+    return check
+
+
+def _http_url(value: str) -> str | None:
+    if not (value.startswith("http://") or value.startswith("https://")):
+        return "must be an http:// or https:// URL"
+    return None
+
+
+@implementer(IPlugin, IProducerPlugin)
+class BugzillaPollPlugin:
+    """
+    The C{bugzilla} producer plugin.
+    """
+
+    name = "bugzilla"
+    description = "Poll a Bugzilla's XML-RPC web service and publish bugzilla.bug.* messages."
+    options: Mapping[str, Option] = {
+        "url": Option(str, REQUIRED, "The XML-RPC endpoint, e.g. "
+                      "https://bugzilla.example.org/xmlrpc.cgi.", check=_http_url),
+        "products": Option(list, [], "Only bugs of these products (default: all).", items=str),
+        "components": Option(list, [], "Only bugs of these components (default: all).",
+                             items=str),
+        "api_key_file": Option(str, None, "A file holding the API key to log in with.",
+                               path=True),
+        "publish_private": Option(bool, False, "Also publish private bugs and comments."),
+        "overlap": Option(float, 300.0, "Seconds of history read again each poll.",
+                          check=_at_least(1)),
+        "page_size": Option(int, 200, "Bugs per Bug.search page.", check=_at_least(1)),
+        "max_pages": Option(int, 10, "Bug.search pages per poll.", check=_at_least(1)),
+        "batch_size": Option(int, 100, "Bugs per Bug.history and Bug.comments call.",
+                             check=_at_least(1)),
+        "backfill_seconds": Option(float, 0.0, "On first start, begin this long before now.",
+                                   check=_at_least(0)),
+        **poller_options(120.0),
+    }
+
+    def build(self, context: Any) -> PollingService:
+        """
+        A polling service for the configured Bugzilla.  No I/O happens here.
+        """
+        options = context.options
+        api = BugzillaAPI.connect(options["url"], context.reactor,
+                                  api_key_file=options.get("api_key_file"),
+                                  batch_size=int(options.get("batch_size", 100)),
+                                  **client_settings(options))
+        source = BugzillaSource(
+            context.name, api, context.topic, url=options["url"],
+            products=options.get("products") or (), components=options.get("components") or (),
+            overlap=float(options.get("overlap", 300.0)),
+            page_size=int(options.get("page_size", 200)),
+            max_pages=int(options.get("max_pages", 10)),
+            backfill_seconds=float(options.get("backfill_seconds", 0.0)),
+            publish_private=bool(options.get("publish_private", False)),
+        )
+        return polling_service(context, source)
