@@ -488,6 +488,30 @@ class SessionTests(SynchronousTestCase):
                 self.assertNotIn(comment[:40], formatEvent(event))
 
 
+class CounterTests(SynchronousTestCase):
+    """
+    The factory's event counters, for metrics.
+    """
+
+    def test_counts(self) -> None:
+        """Published, duplicate, refused mails, refused recipients and refused connections are counted."""
+        harness = Harness(ListenerSettings(recipients=frozenset({RECIPIENT}), max_connections_per_peer=1))
+        client = harness.connect()
+        client.send(envelope() + dot_stuffed(sample(CHANGED)))
+        client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.org>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n"
+                    + dot_stuffed(sample(CHANGED)))
+        client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n" + dot_stuffed(sample(NOT_BUGMAIL)))
+        harness.publisher.failure = TemporarilyUnavailable("later")
+        client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n" + dot_stuffed(sample(NEW)))
+        harness.connect()
+        self.assertEqual(
+            dict(harness.factory.counters),
+            {"connections": 1, "mails_published": 1, "mails_duplicate": 1, "recipients_refused": 1,
+             "mails_refused_content": 1, "mails_refused_unavailable": 1, "connections_refused_peer_limit": 1},
+        )
+        harness.close_all()
+
+
 class RecipientTests(SynchronousTestCase):
     """
     Only configured recipients are accepted; the listener never relays.
@@ -842,6 +866,7 @@ class SettingsTests(SynchronousTestCase):
         self.assertRaises(ValueError, ListenerSettings, recipients=frozenset({RECIPIENT}), max_connections=0)
         self.assertRaises(ValueError, ListenerSettings, recipients=frozenset({RECIPIENT}), tls_required=True)
         self.assertRaises(ValueError, ListenerSettings, recipients=frozenset({RECIPIENT}), secret_header="A:B")
+        self.assertRaises(ValueError, ListenerSettings, recipients=frozenset({RECIPIENT}), hostname="a b")
 
     def test_from_options(self) -> None:
         """Plugin options become settings; absent optional ones keep the defaults."""

@@ -199,6 +199,12 @@ class ListenerSettings:
             raise ValueError("tls_key needs tls_certificate")
         if (self.tls_client_ca or self.tls_required) and self.tls_certificate is None:
             raise ValueError("tls_client_ca and tls_required need tls_certificate")
+        try:
+            self.hostname.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{self.hostname!r} is not a host name") from None
+        if not self.hostname or any(c.isspace() for c in self.hostname):
+            raise ValueError(f"{self.hostname!r} is not a host name")
         if not re.fullmatch(r"[!-9;-~]{1,64}", self.secret_header):
             raise ValueError(f"{self.secret_header!r} is not a header name")
 
@@ -561,6 +567,7 @@ class BugmailSMTP(ESMTP):
 
     def _idle_timed_out(self) -> None:
         self._idle_call = None
+        self.factory.counters["idle_timeouts"] += 1
         self.log.info("SMTP client {peer} idle too long; closing", peer=self.peer,
                       producer=self.factory.producer)
         self._lines = []
@@ -568,6 +575,7 @@ class BugmailSMTP(ESMTP):
 
     def _data_timed_out(self) -> None:
         self._data_call = None
+        self.factory.counters["data_timeouts"] += 1
         self.log.info("SMTP client {peer} took too long to send a mail; closing", peer=self.peer,
                       producer=self.factory.producer)
         self._lines = []
@@ -677,6 +685,7 @@ class BugmailSMTP(ESMTP):
         if self._errors >= self.settings.max_errors:
             self.log.info("SMTP client {peer} made {count} errors; closing", peer=self.peer,
                           count=self._errors, producer=self.factory.producer)
+            self.factory.counters["error_limit_closes"] += 1
             self._close(421, b"4.7.0 Too many errors, closing connection")
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
@@ -818,6 +827,7 @@ class BugmailSMTP(ESMTP):
         if address in self.settings.recipients:
             return address
         domain = address.rpartition("@")[2]
+        self.factory.counters["recipients_refused"] += 1
         self.log.info(
             "Refused recipient {recipient} from {peer}",
             recipient=escape_control(address, 200),
@@ -886,6 +896,7 @@ class BugmailSMTP(ESMTP):
         if self._data_error is not None:
             code, text, reason = self._data_error
             self._data_error = None
+            self.factory.counters["mails_refused_limit"] += 1
             self.log.info("Refused a mail from {peer}: {reason}", peer=self.peer, reason=reason,
                           producer=self.factory.producer)
             self.sendCode(code, text)
@@ -900,6 +911,7 @@ class BugmailSMTP(ESMTP):
             except SecretMismatch as e:
                 self.log.warn("Refused a mail from {peer}: {reason}", peer=self.peer,
                               reason=str(e), producer=self.factory.producer)
+                self.factory.counters["mails_refused_secret"] += 1
                 self.sendCode(550, b"5.7.1 Not authorized to send mail here")
                 return
         self._deliver(raw, envelope)
@@ -919,6 +931,7 @@ class BugmailSMTP(ESMTP):
         self._delivery_call = None
         if self._waiting is not d:
             return
+        self.factory.counters["delivery_timeouts"] += 1
         self._waiting = None
         self.log.warn(
             "Handing over a mail from {peer} takes longer than {timeout}s; answered 451",
@@ -946,7 +959,10 @@ class BugmailSMTP(ESMTP):
         log_fields = {"peer": envelope.peer, "producer": self.factory.producer,
                       "recipients": ", ".join(envelope.recipients), "tls": envelope.tls,
                       "late": late}
+        counters = self.factory.counters
         if isinstance(result, Accepted):
+            if not late:
+                counters[f"mails_{result.outcome}"] += 1
             event = result.event
             self.log.info(
                 "Accepted a mail from {peer}: {outcome}{bug}{detail}{after}",
@@ -965,6 +981,8 @@ class BugmailSMTP(ESMTP):
             return 250, text
         if isinstance(result, Failure) and result.value is not None:
             refusal = classify_failure(result.value)
+            if not late:
+                counters[f"mails_refused_{refusal.kind}"] += 1
             if refusal.kind == "internal":
                 self.log.failure("Handing over a mail from {peer} failed", result, **log_fields)
             else:
@@ -1041,6 +1059,14 @@ class BugmailSMTPFactory(ServerFactory):
         self.secret = secret
         self.producer: str = getattr(intake, "producer", "bugzilla-smtp")
         self.sessions: set[BugmailSMTP] = set()
+        #: Events by name, for metrics: C{connections},
+        #: C{connections_refused_network}/C{_limit}/C{_peer_limit},
+        #: C{mails_published}/C{_duplicate}/C{_quarantined},
+        #: C{mails_refused_<kind>} (storage, unavailable, content, rejected,
+        #: internal, limit, secret), C{recipients_refused},
+        #: C{idle_timeouts}, C{data_timeouts}, C{delivery_timeouts},
+        #: C{error_limit_closes}.
+        self.counters: Counter[str] = Counter()
         self._per_peer: Counter[str] = Counter()
         self._pending: set[Deferred[Any]] = set()
 
@@ -1060,18 +1086,22 @@ class BugmailSMTPFactory(ServerFactory):
         assert addr is not None
         host = _peer_host(addr)
         if not self._allowed(host):
+            self.counters["connections_refused_network"] += 1
             self.log.warn("Refused an SMTP connection from {peer}: network not allowed",
                           peer=_peer_label(addr), producer=self.producer)
             return _Refusal(b"554 5.7.1 Access denied")
         if len(self.sessions) >= self.settings.max_connections:
+            self.counters["connections_refused_limit"] += 1
             self.log.warn("Refused an SMTP connection from {peer}: {count} connections open",
                           peer=_peer_label(addr), count=len(self.sessions), producer=self.producer)
             return _Refusal(b"421 4.7.0 Too many connections, try again later")
         if self._per_peer[host] >= self.settings.max_connections_per_peer:
+            self.counters["connections_refused_peer_limit"] += 1
             self.log.warn("Refused an SMTP connection from {peer}: {count} connections from it",
                           peer=_peer_label(addr), count=self._per_peer[host], producer=self.producer)
             return _Refusal(b"421 4.7.0 Too many connections from your address, try again later")
         session = BugmailSMTP(self, addr)
+        self.counters["connections"] += 1
         self.sessions.add(session)
         self._per_peer[host] += 1
         return session
@@ -1278,6 +1308,14 @@ class BugmailListener(Service):
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(failure)
+
+    @property
+    def counters(self) -> Mapping[str, int]:
+        """
+        The listener's event counters (see L{BugmailSMTPFactory.counters});
+        empty before it starts.
+        """
+        return self.factory.counters if self.factory is not None else {}
 
     def when_listening(self) -> Deferred[IListeningPort]:
         """
