@@ -552,6 +552,46 @@ class ConnectTests(BusCase):
         self.successResultOf(waiting)
         self.assertEqual(endpoint.attempts, 2)
 
+    def test_rejected_setup_closes_late_harmlessly(self) -> None:
+        """
+        When setting a connection up fails, the bus drops that connection
+        itself and tries again; when the dropped connection's close arrives
+        late, after a healthy connection took over, the bus stays connected
+        and does not reconnect.
+        """
+        endpoint = FakeEndpoint()
+        endpoint.configure = lambda broker: broker.failures.update(
+            {("confirm.select", ""): (406, "PRECONDITION_FAILED - no confirms")}
+        )
+        bus = self.make_bus(endpoint)
+        first = endpoint.broker
+        self.assertTrue(first.transport.aborted)
+        self.assertFalse(bus.connected)
+        endpoint.configure = lambda broker: None
+        self.reconnect()
+        self.assertTrue(bus.connected)
+        first.client.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(bus.connected)
+        # Long past any reconnect delay (and short of a heartbeat timeout).
+        self.clock.advance(10.0)
+        self.assertEqual(len(endpoint.brokers), 2)
+        self.assertFalse(self.broker.transport.aborted)
+        _, d = self.publish()
+        self.broker.ack(1)
+        self.successResultOf(d)
+
+    def test_stop_while_unreachable(self) -> None:
+        """
+        Stopping a bus that never reached its broker stops retrying at once,
+        and fails what waited for a connection.
+        """
+        endpoint = RefusingEndpoint()
+        bus = self.make_bus(endpoint)
+        waiting = bus.declare(Topology(queues=(QueueSpec("q"),)))
+        self.successResultOf(bus.stopService())
+        self.failureResultOf(waiting, NotConnected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_from_domain(self) -> None:
         """
         from_domain reads a domain configuration's fields.
