@@ -301,6 +301,7 @@ class Outbox(Service):
         self._load_call: _DelayedCall | None = None
         self._paused = False
         self._probing = False
+        self._probe_sent = False
         self._retry_call: _DelayedCall | None = None
         self._attempt = 0
         self._generation = 0
@@ -804,12 +805,18 @@ class Outbox(Service):
     def _send_some(self) -> None:
         if not self._opened or self._paused or self._stop_d is not None:
             return
-        limit = 1 if self._probing else self._window
+        window = self._window
         resend = self._resend
         ready = self._ready
         inflight = self._inflight
         bus = self._bus
-        while len(inflight) < limit and (resend or ready):
+        while len(inflight) < window and (resend or ready):
+            if self._probing:
+                # After a pause one message goes first; the window opens
+                # again with its confirm.
+                if self._probe_sent:
+                    return
+                self._probe_sent = True
             if not bus.connected:
                 self._pause("the bus is not connected")
                 return
@@ -933,8 +940,8 @@ class Outbox(Service):
         if self._stop_d is not None:
             return
         self._paused = False
-        # One message first: the window opens again with its confirm.
         self._probing = True
+        self._probe_sent = False
         self._pump()
 
     def _backoff(self, attempt: int) -> float:

@@ -1,0 +1,1011 @@
+"""
+Tests for L{fedhub.outbox.outbox.Outbox}: the durable publisher.
+
+The bus is a hand-written fake whose publishes are Deferreds the tests fire;
+the store's executor is either synchronous or driven by hand, so group commit
+can be watched transaction by transaction.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure as TwistedFailure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from fedhub.errors import (
+    MessageError,
+    MessageNacked,
+    MessageReturned,
+    NotConnected,
+    PublishError,
+    TemporarilyUnavailable,
+)
+from fedhub.interfaces import IBus, IDelivery, IPublisher, ISubscription
+from fedhub.message import Message
+from fedhub.outbox import (
+    NACKED,
+    REJECTED,
+    RETURNED,
+    UNREADABLE,
+    CommitResult,
+    FailedRecord,
+    Outbox,
+    Store,
+    SynchronousExecutor,
+)
+from fedhub.outbox.store import encode
+
+
+@implementer(ISubscription)
+class FakeSubscription:
+    """
+    A subscription that delivers nothing.
+    """
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+    def cancel(self) -> Deferred[None]:
+        return succeed(None)
+
+
+@implementer(IBus)
+class FakeBus:
+    """
+    A bus whose every publish is a Deferred the test fires by hand, like a
+    broker connection whose confirms arrive when the test says so.
+
+    @ivar published: Every message published, resends included, in order.
+    @ivar outstanding: The publishes not yet confirmed or failed, oldest first.
+    @ivar refuse: When set, every publish fails at once with it.
+    @ivar auto_ack: Confirm every publish at once.
+    """
+
+    def __init__(self, domain: str = "test") -> None:
+        self.domain = domain
+        self.exchange = "amq.topic"
+        self.connected = True
+        self.published: list[Message] = []
+        self.outstanding: deque[tuple[Message, Deferred[None]]] = deque()
+        self.refuse: Exception | None = None
+        self.auto_ack = False
+        self.declared: list[object] = []
+
+    def declare(self, topology: object) -> Deferred[None]:
+        self.declared.append(topology)
+        return succeed(None)
+
+    def publish(
+        self, message: Message, exchange: str | None = None, routing_key: str | None = None
+    ) -> Deferred[None]:
+        if not self.connected:
+            return fail(NotConnected("no connection", message.id))
+        self.published.append(message)
+        if self.refuse is not None:
+            return fail(self.refuse)
+        if self.auto_ack:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.outstanding.append((message, d))
+        return d
+
+    def subscribe(
+        self, queue: str, on_delivery: Callable[[IDelivery], object], prefetch: int
+    ) -> Deferred[ISubscription]:
+        return succeed(FakeSubscription(queue))
+
+    def ack(self, count: int = 1) -> list[Message]:
+        """
+        Confirm the C{count} oldest outstanding publishes.
+        """
+        done = []
+        for _ in range(count):
+            message, d = self.outstanding.popleft()
+            done.append(message)
+            d.callback(None)
+        return done
+
+    def ack_all(self) -> list[Message]:
+        """
+        Confirm every outstanding publish.
+        """
+        return self.ack(len(self.outstanding))
+
+    def fail_next(self, error: Exception) -> Message:
+        """
+        Fail the oldest outstanding publish with C{error}.
+        """
+        message, d = self.outstanding.popleft()
+        d.errback(error)
+        return message
+
+    def drop(self) -> None:
+        """
+        Lose the connection: every outstanding publish fails with NotConnected.
+        """
+        self.connected = False
+        while self.outstanding:
+            message, d = self.outstanding.popleft()
+            d.errback(NotConnected("connection lost", message.id))
+
+
+class ManualExecutor:
+    """
+    An executor that runs the store's calls only when the test says so, in
+    the test's thread.
+    """
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = deque()
+        self.started = 0
+        self.stopped = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((fn, args, d))
+        return d
+
+    def run_one(self) -> None:
+        fn, args, d = self.queue.popleft()
+        try:
+            result = fn(*args)
+        except BaseException:
+            d.errback(TwistedFailure())
+        else:
+            d.callback(result)
+
+    def run_all(self) -> int:
+        """
+        Run calls until none is queued (including those queued meanwhile).
+        """
+        count = 0
+        while self.queue:
+            self.run_one()
+            count += 1
+        return count
+
+
+def make_message(n: int) -> Message:
+    return Message.create(
+        f"org.example.dev.test.n{n % 7}",
+        {"n": n},
+        id=f"00000000-0000-4000-8000-{n:012d}",
+        sent_at=datetime(2026, 11, 28, 6, 0, n % 60, tzinfo=timezone.utc),
+    )
+
+
+class OutboxTestCase(SynchronousTestCase):
+    """
+    Builds outboxes on temporary directories with a fake bus and a clock, and
+    checks after each test that no timer is left behind.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.directory = os.path.join(self.mktemp(), "outbox", "test")
+
+    def make(
+        self,
+        bus: FakeBus | None = None,
+        executor: Any = None,
+        *,
+        start: bool = True,
+        directory: str | None = None,
+        **options: Any,
+    ) -> tuple[Outbox, FakeBus]:
+        bus = bus or FakeBus()
+        options.setdefault("retry_initial", 0.2)
+        options.setdefault("retry_max", 10.0)
+        outbox = Outbox(
+            "test",
+            directory or self.directory,
+            bus,
+            self.clock,
+            executor=executor or SynchronousExecutor(),
+            **options,
+        )
+        if start:
+            outbox.startService()
+        self.addCleanup(self.stop, outbox, executor)
+        return outbox, bus
+
+    def stop(self, outbox: Outbox, executor: Any) -> None:
+        if outbox.running:
+            d = outbox.stopService()
+            for _ in range(3):
+                if isinstance(executor, ManualExecutor):
+                    executor.run_all()
+                self.clock.advance(3600)
+            self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def publish_all(self, outbox: Outbox, messages: list[Message]) -> list[Deferred[None]]:
+        return [outbox.publish(m) for m in messages]
+
+    def pending_ids(self, directory: str | None = None) -> list[str]:
+        """
+        The ids of the pending messages in a (closed) outbox directory.
+        """
+        store = Store(directory or self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        try:
+            return [row.message().id for row in self.successResultOf(store.load(0, 1_000_000))]
+        finally:
+            self.successResultOf(store.close())
+
+
+class InterfaceTests(OutboxTestCase):
+    """
+    The outbox and the fake bus provide their interfaces.
+    """
+
+    def test_interfaces(self) -> None:
+        """
+        The outbox is an IPublisher for its domain; the fake bus an IBus.
+        """
+        outbox, bus = self.make()
+        self.assertTrue(verifyObject(IPublisher, outbox))
+        self.assertTrue(verifyObject(IBus, bus))
+        self.assertEqual(outbox.domain, "test")
+
+    def test_no_io_before_start(self) -> None:
+        """
+        Building an outbox creates nothing on disk.
+        """
+        self.make(start=False)
+        self.assertFalse(os.path.exists(self.directory))
+
+
+class HandOverTests(OutboxTestCase):
+    """
+    Handing messages over.
+    """
+
+    def test_fires_after_commit(self) -> None:
+        """
+        A hand-over fires only once its transaction is committed.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=10)
+        executor.run_all()  # open
+        d = outbox.publish(make_message(1))
+        self.assertNoResult(d)
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertEqual(bus.published, [])
+        executor.run_one()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(outbox.store.pending_count, 1)
+        self.assertEqual(bus.published, [make_message(1)])
+
+    def test_group_commit(self) -> None:
+        """
+        Hand-overs arriving while a transaction runs share the next one.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=1000)
+        executor.run_all()
+        commits: list[CommitResult] = []
+        outbox.store.commit_hook = commits.append
+        messages = [make_message(n) for n in range(200)]
+        handovers = self.publish_all(outbox, messages[:1])
+        handovers += self.publish_all(outbox, messages[1:])
+        self.assertEqual(len(executor.queue), 1)
+        executor.run_all()
+        self.assertEqual([c.inserted for c in commits], [1, 199])
+        for d in handovers:
+            self.successResultOf(d)
+        self.assertEqual(bus.published, messages)
+
+    def test_deletes_batched(self) -> None:
+        """
+        Confirms that arrive while a transaction runs are deleted together in the next one.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=1000)
+        executor.run_all()
+        self.publish_all(outbox, [make_message(n) for n in range(100)])
+        executor.run_all()
+        commits: list[CommitResult] = []
+        outbox.store.commit_hook = commits.append
+        bus.ack(1)
+        bus.ack_all()
+        executor.run_all()
+        self.assertEqual([c.deleted for c in commits], [1, 99])
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_invalid_message(self) -> None:
+        """
+        A message that can not be stored fails with MessageError; so does a non-message.
+        """
+        outbox, bus = self.make()
+        bad = Message.create("org.example.t", {}, headers={"x": {1, 2}})
+        self.failureResultOf(outbox.publish(bad), MessageError)
+        self.failureResultOf(outbox.publish("hello"), MessageError)  # type: ignore[arg-type]
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertEqual(bus.published, [])
+
+    def test_not_running(self) -> None:
+        """
+        Before start and after stop, hand-overs fail with TemporarilyUnavailable.
+        """
+        outbox, bus = self.make(start=False)
+        failure = self.failureResultOf(outbox.publish(make_message(1)), TemporarilyUnavailable)
+        self.assertIn("not running", failure.value.reason)
+        outbox.startService()
+        self.successResultOf(outbox.stopService())
+        self.failureResultOf(outbox.publish(make_message(2)), TemporarilyUnavailable)
+
+    def test_before_open(self) -> None:
+        """
+        Hand-overs made while the store opens are written once it is open.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor)
+        d = outbox.publish(make_message(1))
+        self.assertNoResult(d)
+        executor.run_all()
+        self.successResultOf(d)
+        self.assertEqual(bus.published, [make_message(1)])
+
+
+class WindowTests(OutboxTestCase):
+    """
+    Publishing through the bus.
+    """
+
+    def test_window(self) -> None:
+        """
+        At most the window is unconfirmed at once; each confirm lets the next one go, in order.
+        """
+        outbox, bus = self.make(window=3)
+        messages = [make_message(n) for n in range(10)]
+        self.publish_all(outbox, messages)
+        self.assertEqual(bus.published, messages[:3])
+        self.assertEqual(outbox.stats().in_flight, 3)
+        bus.ack()
+        self.assertEqual(bus.published, messages[:4])
+        bus.ack(2)
+        self.assertEqual(bus.published, messages[:6])
+        while bus.outstanding:
+            self.assertLessEqual(len(bus.outstanding), 3)
+            bus.ack()
+        self.assertEqual(bus.published, messages)
+        stats = outbox.stats()
+        self.assertEqual((stats.accepted, stats.published, stats.confirmed, stats.depth), (10, 10, 10, 0))
+
+    def test_delete_after_confirm(self) -> None:
+        """
+        A message stays on disk until its confirm arrives.
+        """
+        outbox, bus = self.make(window=10)
+        self.publish_all(outbox, [make_message(1), make_message(2)])
+        self.assertEqual(outbox.store.pending_count, 2)
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 1)
+        self.assertEqual(outbox.stats().depth, 1)
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_observer(self) -> None:
+        """
+        Observers hear of confirms, returns and nacks; one that raises is logged and does not stop the others.
+        """
+        outbox, bus = self.make(window=10)
+        events: list[tuple[str, str]] = []
+
+        def broken(event: str, message_id: str) -> None:
+            raise RuntimeError("observer bug")
+
+        outbox.add_observer(broken)
+        outbox.add_observer(lambda event, message_id: events.append((event, message_id)))
+        a, b, c = make_message(1), make_message(2), make_message(3)
+        self.publish_all(outbox, [a, b, c])
+        bus.ack()
+        bus.fail_next(MessageReturned("NO_ROUTE", b.id))
+        bus.fail_next(MessageNacked("refused", c.id))
+        self.assertEqual(events, [("confirmed", a.id), (RETURNED, b.id), (NACKED, c.id)])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
+        outbox.remove_observer(broken)
+
+    def test_stats_oldest_age(self) -> None:
+        """
+        The oldest age is the time since the oldest unconfirmed message was handed over.
+        """
+        outbox, bus = self.make(window=1)
+        self.assertIsNone(outbox.stats().oldest_age)
+        outbox.publish(make_message(1))
+        self.clock.advance(5)
+        outbox.publish(make_message(2))
+        self.clock.advance(2)
+        self.assertEqual(outbox.stats().oldest_age, 7.0)
+        bus.ack()
+        self.assertEqual(outbox.stats().oldest_age, 2.0)
+        bus.ack()
+        self.assertIsNone(outbox.stats().oldest_age)
+
+
+class FailedAreaTests(OutboxTestCase):
+    """
+    Messages the broker returns or refuses.
+    """
+
+    def check_moved(self, error: Exception, kind: str, counter: str) -> FailedRecord:
+        outbox, bus = self.make(window=10)
+        a, b = make_message(1), make_message(2)
+        self.publish_all(outbox, [a, b])
+        bus.fail_next(error)
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertEqual(outbox.store.failed_count, 1)
+        [record] = self.successResultOf(outbox.failed())
+        self.assertEqual((record.message_id, record.kind, record.attempts), (a.id, kind, 1))
+        self.assertEqual(record.message(), a)
+        self.assertEqual(record.failed_at, self.clock.seconds())
+        stats = outbox.stats()
+        self.assertEqual(getattr(stats, counter), 1)
+        self.assertEqual(stats.confirmed, 1)
+        self.assertFalse(stats.paused)
+        # Never retried by itself.
+        self.clock.advance(3600)
+        self.assertEqual(bus.published, [a, b])
+        self.assertEqual(outbox.store.failed_count, 1)
+        return record
+
+    def test_returned(self) -> None:
+        """
+        A returned message goes to the failed area with the reason, counted, and is not sent again.
+        """
+        record = self.check_moved(MessageReturned("NO_ROUTE", None, 312), RETURNED, "returned")
+        self.assertIn("NO_ROUTE", record.reason)
+        self.assertIn("312", record.reason)
+
+    def test_nacked(self) -> None:
+        """
+        A nacked message goes to the failed area, counted, and is not sent again.
+        """
+        self.check_moved(MessageNacked("refused by the broker"), NACKED, "nacked")
+
+    def test_rejected(self) -> None:
+        """
+        A message the bus refuses as invalid goes to the failed area instead of blocking the queue.
+        """
+        self.check_moved(MessageError("header can not be encoded"), REJECTED, "rejected")
+
+    def test_retry_and_drop(self) -> None:
+        """
+        Failed messages can be listed, queued again at the end, and dropped.
+        """
+        outbox, bus = self.make(window=10)
+        messages = [make_message(n) for n in range(4)]
+        self.publish_all(outbox, messages)
+        bus.fail_next(MessageReturned("NO_ROUTE"))
+        bus.fail_next(MessageReturned("NO_ROUTE"))
+        bus.ack_all()
+        records = self.successResultOf(outbox.failed())
+        self.assertEqual([r.message_id for r in records], [messages[0].id, messages[1].id])
+        later = make_message(9)
+        outbox.publish(later)
+        self.assertEqual(self.successResultOf(outbox.retry_failed([records[0].seq])), 1)
+        self.assertEqual(bus.published[-2:], [later, messages[0]])
+        bus.ack_all()
+        self.assertEqual(self.successResultOf(outbox.drop_failed()), 1)
+        self.assertEqual(self.successResultOf(outbox.failed()), [])
+        self.assertEqual(outbox.store.failed_count, 0)
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_not_open(self) -> None:
+        """
+        The failed area can not be used before the store is open.
+        """
+        outbox, bus = self.make(start=False)
+        self.failureResultOf(outbox.failed(), TemporarilyUnavailable)
+        self.failureResultOf(outbox.retry_failed(), TemporarilyUnavailable)
+        self.failureResultOf(outbox.drop_failed(), TemporarilyUnavailable)
+
+
+class BackoffTests(OutboxTestCase):
+    """
+    What happens when the bus can not take messages.
+    """
+
+    def test_connection_loss_resends_in_order(self) -> None:
+        """
+        Messages in flight at a connection loss are sent again, in order, with their ids.
+        """
+        outbox, bus = self.make(window=3)
+        messages = [make_message(n) for n in range(5)]
+        self.publish_all(outbox, messages)
+        bus.ack()
+        bus.drop()
+        self.assertTrue(outbox.stats().paused)
+        self.assertEqual(outbox.store.pending_count, 4)
+        bus.connected = True
+        self.clock.advance(10)
+        # One probe first, then the window opens.
+        self.assertEqual(bus.published[4:], [messages[1]])
+        bus.ack()
+        while bus.outstanding:
+            bus.ack()
+        self.assertEqual(bus.published[:4], messages[:4])
+        self.assertEqual(bus.published[4:], messages[1:])
+        self.assertEqual([m.id for m in bus.published[4:]], [m.id for m in messages[1:]])
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertFalse(outbox.stats().paused)
+
+    def test_no_hot_loop(self) -> None:
+        """
+        A bus that fails every publish is tried with growing delays, one message at a time.
+        """
+        outbox, bus = self.make(window=50, retry_initial=0.1, retry_max=10.0)
+        bus.refuse = NotConnected("flapping")
+        messages = [make_message(n) for n in range(20)]
+        self.publish_all(outbox, messages)
+        self.assertEqual(len(bus.published), 1)
+        for _ in range(1200):
+            self.clock.advance(0.05)
+        attempts = len(bus.published)
+        # 60 s: doublings from 0.1 s to the 10 s cap, jittered: far fewer than one per tick.
+        self.assertGreater(attempts, 5)
+        self.assertLess(attempts, 30)
+        self.assertEqual({m.id for m in bus.published}, {messages[0].id})
+        self.assertEqual(outbox.store.pending_count, 20)
+        # The bus recovers: everything goes, in order.
+        bus.refuse = None
+        self.clock.advance(10)
+        bus.ack()
+        bus.ack_all()
+        self.assertEqual(bus.published[attempts:], messages)
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_disconnected_bus_not_called(self) -> None:
+        """
+        While the bus says it is not connected, nothing is published; when it is back, everything is.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        outbox, _ = self.make(bus, window=10)
+        messages = [make_message(n) for n in range(3)]
+        for d in self.publish_all(outbox, messages):
+            self.successResultOf(d)
+        self.clock.advance(60)
+        self.assertEqual(bus.published, [])
+        self.assertTrue(outbox.stats().paused)
+        bus.connected = True
+        self.clock.advance(10)
+        bus.ack()
+        self.assertEqual(bus.published, messages)
+
+    def test_unexpected_error(self) -> None:
+        """
+        A bus that raises something unexpected is logged and retried later like a lost connection.
+        """
+        outbox, bus = self.make(window=10)
+        bus.refuse = ZeroDivisionError("bug in the bus")
+        outbox.publish(make_message(1))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertTrue(outbox.stats().paused)
+        self.assertEqual(outbox.store.pending_count, 1)
+        bus.refuse = None
+        self.clock.advance(10)
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_late_failure_of_old_connection(self) -> None:
+        """
+        A failure from before a pause puts its message back without pausing the resumed sending.
+        """
+        outbox, bus = self.make(window=3)
+        messages = [make_message(n) for n in range(3)]
+        self.publish_all(outbox, messages)
+        # The first fails; the others are still outstanding on the old connection.
+        bus.fail_next(NotConnected("lost"))
+        self.clock.advance(10)
+        self.assertEqual(bus.published[-1], messages[0])
+        bus.fail_next(NotConnected("lost"))  # message 1, from the old connection
+        bus.fail_next(NotConnected("lost"))  # message 2, likewise
+        self.assertFalse(outbox.stats().paused)
+        bus.ack()  # the probe
+        bus.ack_all()
+        self.assertEqual(bus.published[3:], messages)
+        self.assertEqual(outbox.store.pending_count, 0)
+
+
+class LimitTests(OutboxTestCase):
+    """
+    Limits on what the outbox takes.
+    """
+
+    def test_max_messages(self) -> None:
+        """
+        Past max_messages hand-overs fail temporarily; after draining they are taken again.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        outbox, _ = self.make(bus, max_messages=3, window=10)
+        messages = [make_message(n) for n in range(3)]
+        for d in self.publish_all(outbox, messages):
+            self.successResultOf(d)
+        failure = self.failureResultOf(outbox.publish(make_message(3)), TemporarilyUnavailable)
+        self.assertIn("full", failure.value.reason)
+        self.assertIn("3 messages", failure.value.reason)
+        self.assertEqual(outbox.store.pending_count, 3)
+        bus.connected = True
+        self.clock.advance(10)
+        bus.ack()
+        bus.ack_all()
+        self.assertEqual(bus.published, messages)
+        self.successResultOf(outbox.publish(make_message(4)))
+
+    def test_max_bytes(self) -> None:
+        """
+        Past max_bytes hand-overs fail temporarily; failed messages count too.
+        """
+        size = len(encode(make_message(1)))
+        outbox, bus = self.make(max_bytes=size * 2 + 10, window=10)
+        self.successResultOf(outbox.publish(make_message(1)))
+        self.successResultOf(outbox.publish(make_message(2)))
+        failure = self.failureResultOf(outbox.publish(make_message(3)), TemporarilyUnavailable)
+        self.assertIn("bytes", failure.value.reason)
+        bus.fail_next(MessageReturned("NO_ROUTE"))
+        bus.ack()
+        # One byte budget is still taken by the failed message.
+        self.successResultOf(outbox.publish(make_message(3)))
+        self.failureResultOf(outbox.publish(make_message(4)), TemporarilyUnavailable)
+        self.successResultOf(outbox.drop_failed())
+        self.successResultOf(outbox.publish(make_message(4)))
+
+    def test_too_large(self) -> None:
+        """
+        A message larger than the whole outbox fails for good, not temporarily.
+        """
+        outbox, bus = self.make(max_bytes=100)
+        failure = self.failureResultOf(outbox.publish(make_message(1)), PublishError)
+        self.assertNotIsInstance(failure.value, TemporarilyUnavailable)
+
+    def test_max_waiting(self) -> None:
+        """
+        Too many hand-overs waiting for the disk fail temporarily.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, max_waiting=2)
+        executor.run_all()
+        a = outbox.publish(make_message(1))
+        b = outbox.publish(make_message(2))
+        failure = self.failureResultOf(outbox.publish(make_message(3)), TemporarilyUnavailable)
+        self.assertIn("wait for the disk", failure.value.reason)
+        executor.run_all()
+        self.successResultOf(a)
+        self.successResultOf(b)
+        self.assertEqual(outbox.stats().waiting_for_disk, 0)
+
+    def test_disk_full(self) -> None:
+        """
+        A full disk fails hand-overs temporarily, loses nothing taken, and taking resumes once confirms free space.
+        """
+        outbox, bus = self.make(window=1000)
+        conn = outbox.store._db.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 6}")
+        accepted = []
+        failure = None
+        for n in range(1000):
+            d = outbox.publish(make_message(n))
+            if d.called and isinstance(d.result, TwistedFailure):
+                failure = self.failureResultOf(d, TemporarilyUnavailable)
+                break
+            self.successResultOf(d)
+            accepted.append(n)
+        assert failure is not None
+        self.assertIn("disk", failure.value.reason)
+        self.assertIn("full", failure.value.reason)
+        self.assertGreater(len(accepted), 5)
+        # While the disk is full, hand-overs fail at once.
+        self.failureResultOf(outbox.publish(make_message(5000)), TemporarilyUnavailable)
+        # Nothing taken is lost: everything is published and confirmed.
+        self.assertEqual([m.body["n"] for m in bus.published], accepted)
+        self.assertEqual(outbox.store.pending_count, len(accepted))
+        bus.ack_all()
+        self.clock.advance(10)
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.successResultOf(outbox.publish(make_message(6000)))
+        self.assertEqual(bus.published[-1].body["n"], 6000)
+
+    def test_store_locked_then_free(self) -> None:
+        """
+        An outbox whose store is held elsewhere refuses hand-overs, and opens once it is free.
+        """
+        holder = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        store = Store(self.directory, SynchronousExecutor(), lock_timeout=0.01)
+        outbox, bus = self.make(store=store)
+        failure = self.failureResultOf(outbox.publish(make_message(1)), TemporarilyUnavailable)
+        self.assertIn("in use", failure.value.reason)
+        self.successResultOf(holder.close())
+        self.clock.advance(10)
+        self.successResultOf(outbox.publish(make_message(1)))
+
+
+class RecoveryTests(OutboxTestCase):
+    """
+    Starting again after a crash or a stop.
+    """
+
+    def abandon(self, outbox: Outbox) -> None:
+        """
+        Simulate the death of the process: no stopService; the database
+        connection goes away as the kernel would close it.
+        """
+        conn = outbox.store._db.conn
+        assert conn is not None
+        conn.close()
+        outbox.store._db.conn = None
+        outbox.running = False
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def test_crash_republishes(self) -> None:
+        """
+        After a crash every unconfirmed message is published again, in order, with its id and sent-at.
+        """
+        first, bus = self.make(window=4)
+        messages = [make_message(n) for n in range(10)]
+        self.publish_all(first, messages)
+        bus.ack(3)
+        self.abandon(first)
+        second, bus2 = self.make(FakeBus(), window=100)
+        self.assertEqual(bus2.published, messages[3:])
+        self.assertEqual([m.sent_at for m in bus2.published], [m.sent_at for m in messages[3:]])
+        bus2.ack_all()
+        self.assertEqual(second.store.pending_count, 0)
+
+    def test_uncommitted_not_accepted(self) -> None:
+        """
+        A hand-over whose transaction never completed was never acknowledged and is not published after a crash.
+        """
+        executor = ManualExecutor()
+        first, bus = self.make(executor=executor, window=10)
+        executor.run_all()
+        done = first.publish(make_message(1))
+        executor.run_all()
+        lost = first.publish(make_message(2))
+        self.assertNoResult(lost)
+        executor.queue.clear()
+        self.successResultOf(done)
+        self.abandon(first)
+        second, bus2 = self.make(FakeBus(), window=10)
+        self.assertEqual(bus2.published, [make_message(1)])
+        bus2.ack_all()
+
+    def test_order_with_backlog(self) -> None:
+        """
+        A backlog larger than memory is read back in batches and published in order.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        first, _ = self.make(bus, window=5, read_batch=8)
+        messages = [make_message(n) for n in range(60)]
+        self.publish_all(first, messages)
+        self.assertLessEqual(first.held(), 5 + 8)
+        self.abandon(first)
+        second, bus2 = self.make(FakeBus(), window=5, read_batch=8)
+        while bus2.outstanding:
+            self.assertLessEqual(second.held(), 5 + 8)
+            bus2.ack()
+        self.assertEqual(bus2.published, messages)
+        self.assertEqual(second.store.pending_count, 0)
+
+    def test_live_backlog_order(self) -> None:
+        """
+        Hand-overs while a backlog is on disk are published after it, in order.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        outbox, _ = self.make(bus, window=3, read_batch=4)
+        messages = [make_message(n) for n in range(30)]
+        self.publish_all(outbox, messages[:20])
+        bus.connected = True
+        self.clock.advance(20)
+        bus.ack()
+        self.publish_all(outbox, messages[20:25])
+        bus.ack(2)
+        self.publish_all(outbox, messages[25:])
+        while bus.outstanding:
+            bus.ack()
+        self.assertEqual(bus.published, messages)
+
+    def test_handover_behind_backlog(self) -> None:
+        """
+        A hand-over committed while older messages wait on disk is published after them, even when memory has room.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        outbox, _ = self.make(bus, window=1, read_batch=4)
+        messages = [make_message(n) for n in range(11)]
+        self.publish_all(outbox, messages[:10])
+        bus.connected = True
+        self.clock.advance(10)
+        self.assertEqual(bus.published, messages[:1])
+        outbox.publish(messages[10])
+        while bus.outstanding:
+            bus.ack()
+        self.assertEqual(bus.published, messages)
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_unreadable_row(self) -> None:
+        """
+        A stored row that does not decode goes to the failed area and the rest is published.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        good = make_message(1)
+        self.successResultOf(store.commit([("bad", 1.0, b'{"topic": 5}\n'), (good.id, 1.0, encode(good))]))
+        self.successResultOf(store.close())
+        outbox, bus = self.make()
+        self.assertEqual(bus.published, [good])
+        [record] = self.successResultOf(outbox.failed())
+        self.assertEqual((record.message_id, record.kind), ("bad", UNREADABLE))
+        bus.ack_all()
+
+    def test_memory_bound(self) -> None:
+        """
+        With 100,000 messages on disk the outbox holds at most the window plus a read batch, reading in order.
+        """
+        template = make_message(0)
+        data = encode(template)
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        ids = [f"{n:036d}" for n in range(100_000)]
+        old = template.id.encode()
+        self.successResultOf(store.commit([(i, 1.0, data.replace(old, i.encode())) for i in ids]))
+        self.successResultOf(store.close())
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=500, read_batch=1000)
+        held = []
+        seen: list[str] = []
+        # Draining all of it only repeats these rounds; a few read batches show the bound.
+        while len(seen) < 5000:
+            executor.run_all()
+            held.append(outbox.held())
+            seen.extend(m.id for m in bus.ack_all())
+        executor.run_all()
+        self.assertEqual(seen, ids[: len(seen)])
+        self.assertLessEqual(max(held), 500 + 1000)
+        self.assertGreaterEqual(max(held), 500)
+        self.assertEqual(outbox.store.pending_count, 100_000 - len(seen))
+
+    def test_memory_bound_during_outage(self) -> None:
+        """
+        Hand-overs piling up while the bus is away stay on disk, not in memory.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        executor = ManualExecutor()
+        outbox, _ = self.make(bus, executor=executor, window=100, read_batch=200)
+        executor.run_all()
+        messages = [make_message(n) for n in range(10_000)]
+        for start in range(0, len(messages), 1000):
+            handovers = self.publish_all(outbox, messages[start : start + 1000])
+            executor.run_all()
+            for d in handovers:
+                self.successResultOf(d)
+            self.assertLessEqual(outbox.held(), 200)
+        self.assertEqual(outbox.store.pending_count, 10_000)
+        bus.connected = True
+        self.clock.advance(10)
+        while bus.outstanding or executor.queue:
+            executor.run_all()
+            self.assertLessEqual(outbox.held(), 100 + 200)
+            bus.ack_all()
+        self.assertEqual(bus.published, messages)
+        self.assertEqual(outbox.store.pending_count, 0)
+
+
+class StopTests(OutboxTestCase):
+    """
+    Stopping the service.
+    """
+
+    def test_waits_for_commit(self) -> None:
+        """
+        Stopping waits until every hand-over taken is on disk, then closes the store.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor)
+        executor.run_all()
+        d = outbox.publish(make_message(1))
+        stopped = outbox.stopService()
+        self.assertNoResult(stopped)
+        self.failureResultOf(outbox.publish(make_message(2)), TemporarilyUnavailable)
+        executor.run_all()
+        self.successResultOf(d)
+        self.successResultOf(stopped)
+        self.assertFalse(outbox.store.is_open)
+        self.assertEqual(executor.stopped, 1)
+        self.assertEqual(self.pending_ids(), [make_message(1).id])
+
+    def test_waits_for_confirms(self) -> None:
+        """
+        Stopping waits for confirms in flight and records them before closing.
+        """
+        outbox, bus = self.make(window=10)
+        self.publish_all(outbox, [make_message(1), make_message(2)])
+        stopped = outbox.stopService()
+        self.assertNoResult(stopped)
+        bus.ack()
+        self.assertNoResult(stopped)
+        bus.ack()
+        self.successResultOf(stopped)
+        self.assertEqual(self.pending_ids(), [])
+
+    def test_confirm_timeout(self) -> None:
+        """
+        Confirms that do not arrive within the stop timeout leave their messages pending for the next start.
+        """
+        outbox, bus = self.make(window=10, stop_timeout=5)
+        self.publish_all(outbox, [make_message(1), make_message(2)])
+        bus.ack()
+        stopped = outbox.stopService()
+        self.clock.advance(4)
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.pending_ids(), [make_message(2).id])
+        # A late confirm after closing is ignored.
+        bus.ack()
+
+    def test_no_sending_while_stopping(self) -> None:
+        """
+        Nothing new is published once stopping has begun.
+        """
+        outbox, bus = self.make(window=1)
+        self.publish_all(outbox, [make_message(1), make_message(2)])
+        stopped = outbox.stopService()
+        bus.ack()
+        self.successResultOf(stopped)
+        self.assertEqual(bus.published, [make_message(1)])
+        self.assertEqual(self.pending_ids(), [make_message(2).id])
+
+    def test_restart(self) -> None:
+        """
+        A stopped outbox can be started again and publishes what it kept.
+        """
+        outbox, bus = self.make(window=1)
+        self.publish_all(outbox, [make_message(1), make_message(2)])
+        stopped = outbox.stopService()
+        bus.ack()
+        self.successResultOf(stopped)
+        outbox.startService()
+        self.assertEqual(bus.published, [make_message(1), make_message(2)])
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_stop_paused(self) -> None:
+        """
+        Stopping while paused cancels the retry timer and keeps the messages.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        outbox, _ = self.make(bus, window=1)
+        self.publish_all(outbox, [make_message(1)])
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.successResultOf(outbox.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.pending_ids(), [make_message(1).id])

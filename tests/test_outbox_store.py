@@ -1,0 +1,496 @@
+"""
+Tests for L{fedhub.outbox.store}: the SQLite store behind the outbox.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+from typing import Any, cast
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from fedhub.errors import DecodeError, MessageError
+from fedhub.message import Message
+from fedhub.outbox.store import (
+    DATABASE_NAME,
+    NACKED,
+    RETURNED,
+    CommitResult,
+    Failure,
+    Store,
+    StoreError,
+    SynchronousExecutor,
+    ThreadExecutor,
+    _is_disk_full,
+    decode,
+    encode,
+)
+
+
+def make_message(n: int) -> Message:
+    """
+    A distinct message with a fixed sent-at time and an extra header.
+    """
+    return Message.create(
+        "org.example.dev.test.event",
+        {"n": n, "text": "h\u00e9llo", "list": [1, 2, {"x": None}]},
+        headers={"fedora_messaging_user_jdoe": True},
+        sent_at=datetime(2026, 11, 28, 6, 0, 0, tzinfo=timezone.utc),
+    )
+
+
+def row(message: Message, created: float = 100.0) -> tuple[str, float, bytes]:
+    """
+    An insert tuple for L{Store.commit}.
+    """
+    return (message.id, created, encode(message))
+
+
+class StoreTestsMixin:
+    """
+    Helpers for tests on a store with a synchronous executor.
+    """
+
+    def open_store(self, directory: str | None = None) -> Store:
+        case: SynchronousTestCase = self  # type: ignore[assignment]
+        if directory is None:
+            directory = os.path.join(case.mktemp(), "outbox", "test")
+        store = Store(directory, SynchronousExecutor(), lock_timeout=0.05)
+        case.successResultOf(store.open())
+        case.addCleanup(store.close)
+        return store
+
+
+class EncodingTests(SynchronousTestCase):
+    """
+    The stored form of a message.
+    """
+
+    def test_round_trip(self) -> None:
+        """
+        A stored message decodes to an equal message, id, sent-at and headers included.
+        """
+        message = make_message(1)
+        decoded = decode(encode(message))
+        self.assertEqual(decoded, message)
+        self.assertEqual(decoded.id, message.id)
+        self.assertEqual(decoded.sent_at, message.sent_at)
+        self.assertEqual(decoded.headers, {"fedora_messaging_user_jdoe": True})
+
+    def test_round_trip_without_sent_at(self) -> None:
+        """
+        A message without a sent-at time stays without one.
+        """
+        message = Message("org.example.t", {"a": 1}, sent_at=None)
+        self.assertIsNone(decode(encode(message)).sent_at)
+
+    def test_unstorable_header(self) -> None:
+        """
+        A header value that has no serialized form is a MessageError.
+        """
+        message = Message.create("org.example.t", {}, headers={"x": object()})
+        self.assertRaises(MessageError, encode, message)
+
+    def test_garbage(self) -> None:
+        """
+        Bytes that are not a stored message raise DecodeError.
+        """
+        self.assertRaises(DecodeError, decode, b"{not json")
+        self.assertRaises(DecodeError, decode, b"")
+
+
+class StoreTests(StoreTestsMixin, SynchronousTestCase):
+    """
+    L{Store} with a synchronous executor.
+    """
+
+    def test_open_creates(self) -> None:
+        """
+        Opening creates the directory and an empty WAL-mode database with full sync.
+        """
+        directory = os.path.join(self.mktemp(), "a", "b")
+        store = self.open_store(directory)
+        self.assertTrue(os.path.isfile(os.path.join(directory, DATABASE_NAME)))
+        self.assertEqual((store.pending_count, store.pending_bytes), (0, 0))
+        self.assertEqual((store.failed_count, store.failed_bytes), (0, 0))
+        conn = store._db.conn
+        assert conn is not None
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        # FULL is 2.
+        self.assertEqual(conn.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_commit_orders(self) -> None:
+        """
+        Inserted rows get consecutive sequence numbers in order and load back in order.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(5)]
+        first = self.successResultOf(store.commit([row(m) for m in messages[:2]]))
+        second = self.successResultOf(store.commit([row(m) for m in messages[2:]]))
+        self.assertEqual((first.inserted, second.inserted), (2, 3))
+        self.assertEqual(second.first_seq, first.first_seq + 2)
+        rows = self.successResultOf(store.load(0, 100))
+        self.assertEqual([r.seq for r in rows], list(range(first.first_seq, first.first_seq + 5)))
+        self.assertEqual([r.message() for r in rows], messages)
+        self.assertEqual(store.pending_count, 5)
+        self.assertEqual(store.pending_bytes, sum(len(encode(m)) for m in messages))
+
+    def test_load_pages(self) -> None:
+        """
+        Loading honours the after-sequence and the limit.
+        """
+        store = self.open_store()
+        result = self.successResultOf(store.commit([row(make_message(n)) for n in range(10)]))
+        page = self.successResultOf(store.load(result.first_seq + 2, 3))
+        self.assertEqual([r.seq for r in page], [result.first_seq + i for i in (3, 4, 5)])
+
+    def test_delete(self) -> None:
+        """
+        Deleting rows lowers the count and the byte size.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(3)]
+        result = self.successResultOf(store.commit([row(m) for m in messages]))
+        size = len(encode(messages[0]))
+        done = self.successResultOf(store.commit([], [(result.first_seq, size)]))
+        self.assertEqual(done.deleted, 1)
+        self.assertEqual(store.pending_count, 2)
+        self.assertEqual(store.pending_bytes, sum(len(encode(m)) for m in messages[1:]))
+        self.assertEqual([r.message() for r in self.successResultOf(store.load(0, 10))], messages[1:])
+
+    def test_delete_unknown_recounts(self) -> None:
+        """
+        Deleting a row that is not there leaves the counters exact.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(2)]
+        result = self.successResultOf(store.commit([row(m) for m in messages]))
+        self.successResultOf(store.commit([], [(result.first_seq, len(encode(messages[0]))), (9999, 50)]))
+        self.assertEqual(store.pending_count, 1)
+        self.assertEqual(store.pending_bytes, len(encode(messages[1])))
+
+    def test_insert_delete_one_transaction(self) -> None:
+        """
+        Inserts, deletes and moves in one commit are one transaction.
+        """
+        store = self.open_store()
+        hook: list[CommitResult] = []
+        store.commit_hook = hook.append
+        a, b, c = (make_message(n) for n in range(3))
+        first = self.successResultOf(store.commit([row(a), row(b)]))
+        result = self.successResultOf(
+            store.commit(
+                [row(c)],
+                [(first.first_seq, len(encode(a)))],
+                [Failure(first.first_seq + 1, RETURNED, "NO_ROUTE", 5.0)],
+            )
+        )
+        self.assertEqual((result.inserted, result.deleted, result.moved), (1, 1, 1))
+        self.assertEqual(store.transactions, 2)
+        self.assertEqual(hook, [first, result])
+        self.assertEqual(store.pending_count, 1)
+        self.assertEqual(store.failed_count, 1)
+        self.assertEqual(store.failed_bytes, len(encode(b)))
+        self.assertEqual(store.pending_bytes, len(encode(c)))
+
+    def test_failed_commit_writes_nothing(self) -> None:
+        """
+        A commit that fails half-way is rolled back entirely and reported as StoreError.
+        """
+        store = self.open_store()
+        good = row(make_message(1))
+        bad = ("id", 1.0, object())
+        failure = self.failureResultOf(store.commit([good, bad]), StoreError)  # type: ignore[list-item]
+        self.assertFalse(failure.value.disk_full)
+        self.assertEqual(store.pending_count, 0)
+        self.assertEqual(self.successResultOf(store.load(0, 10)), [])
+        # The store still works afterwards.
+        self.successResultOf(store.commit([good]))
+        self.assertEqual(store.pending_count, 1)
+
+    def test_disk_full(self) -> None:
+        """
+        SQLite's "database or disk is full" is a StoreError with disk_full set, and nothing of it is written.
+        """
+        store = self.open_store()
+        conn = store._db.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+        big = [row(make_message(n)) for n in range(100)]
+        failure = self.failureResultOf(store.commit(big), StoreError)
+        self.assertTrue(failure.value.disk_full)
+        self.assertEqual(store.pending_count, 0)
+        self.assertEqual(self.successResultOf(store.load(0, 1000)), [])
+
+    def test_disk_full_classification(self) -> None:
+        """
+        SQLITE_FULL and ENOSPC count as a full disk; other errors do not.
+        """
+        self.assertTrue(_is_disk_full(sqlite3.OperationalError("database or disk is full")))
+        self.assertTrue(_is_disk_full(OSError(errno.ENOSPC, "No space left on device")))
+        self.assertFalse(_is_disk_full(sqlite3.OperationalError("disk I/O error")))
+        self.assertFalse(_is_disk_full(OSError(errno.EACCES, "Permission denied")))
+
+    def test_move_to_failed(self) -> None:
+        """
+        A failure moves the row to the failed area with kind, reason, time and attempts.
+        """
+        store = self.open_store()
+        message = make_message(7)
+        result = self.successResultOf(store.commit([row(message, created=10.0)]))
+        self.successResultOf(store.commit([], [], [Failure(result.first_seq, NACKED, "refused", 20.0)]))
+        self.assertEqual(self.successResultOf(store.load(0, 10)), [])
+        [record] = self.successResultOf(store.failed())
+        self.assertEqual(
+            (record.seq, record.message_id, record.created, record.failed_at, record.kind, record.reason),
+            (result.first_seq, message.id, 10.0, 20.0, NACKED, "refused"),
+        )
+        self.assertEqual(record.attempts, 1)
+        self.assertEqual(record.message(), message)
+
+    def test_move_unknown_ignored(self) -> None:
+        """
+        Moving a row that is not pending changes nothing.
+        """
+        store = self.open_store()
+        result = self.successResultOf(store.commit([], [], [Failure(42, NACKED, "x", 1.0)]))
+        self.assertEqual(result.moved, 0)
+        self.assertEqual(store.failed_count, 0)
+        self.assertEqual(self.successResultOf(store.failed()), [])
+
+    def test_failed_pages(self) -> None:
+        """
+        The failed area lists in sequence order, a page at a time.
+        """
+        store = self.open_store()
+        result = self.successResultOf(store.commit([row(make_message(n)) for n in range(5)]))
+        seqs = [result.first_seq + i for i in range(5)]
+        self.successResultOf(store.commit([], [], [Failure(s, RETURNED, "r", 1.0) for s in reversed(seqs)]))
+        page = self.successResultOf(store.failed(limit=2))
+        self.assertEqual([r.seq for r in page], seqs[:2])
+        page = self.successResultOf(store.failed(after_seq=page[-1].seq, limit=10))
+        self.assertEqual([r.seq for r in page], seqs[2:])
+
+    def test_retry_moves_to_end(self) -> None:
+        """
+        Retrying puts failed messages after every pending one, in their order, keeping attempts.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(4)]
+        result = self.successResultOf(store.commit([row(m) for m in messages]))
+        first = result.first_seq
+        self.successResultOf(
+            store.commit([], [], [Failure(first, RETURNED, "r", 1.0), Failure(first + 1, NACKED, "n", 1.0)])
+        )
+        later = make_message(9)
+        self.successResultOf(store.commit([row(later)]))
+        self.assertEqual(self.successResultOf(store.retry_failed(now=50.0)), 2)
+        rows = self.successResultOf(store.load(0, 10))
+        self.assertEqual([r.message() for r in rows], [messages[2], messages[3], later, messages[0], messages[1]])
+        self.assertEqual([r.created for r in rows[-2:]], [50.0, 50.0])
+        self.assertEqual((store.failed_count, store.failed_bytes), (0, 0))
+        self.assertEqual(store.pending_count, 5)
+        self.assertEqual(store.pending_bytes, sum(len(encode(m)) for m in messages + [later]))
+        # Failing again counts a second attempt.
+        self.successResultOf(store.commit([], [], [Failure(rows[-1].seq, NACKED, "again", 60.0)]))
+        [record] = self.successResultOf(store.failed())
+        self.assertEqual((record.message_id, record.attempts), (messages[1].id, 2))
+
+    def test_retry_some(self) -> None:
+        """
+        Retrying named records moves only those; unknown names are ignored.
+        """
+        store = self.open_store()
+        result = self.successResultOf(store.commit([row(make_message(n)) for n in range(3)]))
+        seqs = [result.first_seq + i for i in range(3)]
+        self.successResultOf(store.commit([], [], [Failure(s, RETURNED, "r", 1.0) for s in seqs]))
+        self.assertEqual(self.successResultOf(store.retry_failed([seqs[1], 12345])), 1)
+        self.assertEqual([r.seq for r in self.successResultOf(store.failed())], [seqs[0], seqs[2]])
+        self.assertEqual(store.pending_count, 1)
+        self.assertEqual(store.failed_count, 2)
+
+    def test_drop(self) -> None:
+        """
+        Dropping deletes failed records for good, named ones or all.
+        """
+        store = self.open_store()
+        result = self.successResultOf(store.commit([row(make_message(n)) for n in range(3)]))
+        seqs = [result.first_seq + i for i in range(3)]
+        self.successResultOf(store.commit([], [], [Failure(s, RETURNED, "r", 1.0) for s in seqs]))
+        self.assertEqual(self.successResultOf(store.drop_failed([seqs[0]])), 1)
+        self.assertEqual(store.failed_count, 2)
+        self.assertEqual(self.successResultOf(store.drop_failed()), 2)
+        self.assertEqual((store.failed_count, store.failed_bytes), (0, 0))
+        self.assertEqual(self.successResultOf(store.failed()), [])
+        self.assertEqual(store.pending_count, 0)
+
+    def test_reopen_counts(self) -> None:
+        """
+        A reopened store counts what is on disk and names the oldest pending hand-over time.
+        """
+        directory = os.path.join(self.mktemp(), "o")
+        store = self.open_store(directory)
+        messages = [make_message(n) for n in range(4)]
+        result = self.successResultOf(store.commit([row(m, created=float(n)) for n, m in enumerate(messages)]))
+        self.successResultOf(store.commit([], [(result.first_seq, len(encode(messages[0])))]))
+        self.successResultOf(store.commit([], [], [Failure(result.first_seq + 1, RETURNED, "r", 1.0)]))
+        self.successResultOf(store.close())
+        again = Store(directory, SynchronousExecutor())
+        summary = self.successResultOf(again.open())
+        self.addCleanup(again.close)
+        self.assertEqual((summary.pending, summary.failed), (2, 1))
+        self.assertEqual(summary.oldest_created, 2.0)
+        self.assertEqual(again.pending_count, 2)
+        self.assertEqual(again.pending_bytes, sum(len(encode(m)) for m in messages[2:]))
+        self.assertEqual(again.failed_bytes, len(encode(messages[1])))
+        # Sequence numbers are never reused.
+        later = self.successResultOf(again.commit([row(make_message(5))]))
+        self.assertGreater(later.first_seq, result.first_seq + 3)
+
+    def test_locked(self) -> None:
+        """
+        A second store can not open an outbox that is open, and can once it is closed.
+        """
+        directory = os.path.join(self.mktemp(), "o")
+        store = self.open_store(directory)
+        second = Store(directory, SynchronousExecutor(), lock_timeout=0.05)
+        failure = self.failureResultOf(second.open(), StoreError)
+        self.assertTrue(failure.value.locked)
+        self.successResultOf(store.close())
+        self.successResultOf(second.open())
+        self.successResultOf(second.close())
+
+    def test_unknown_layout(self) -> None:
+        """
+        A database written by another layout version is refused.
+        """
+        directory = os.path.join(self.mktemp(), "o")
+        store = self.open_store(directory)
+        conn = store._db.conn
+        assert conn is not None
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+        self.successResultOf(store.close())
+        failure = self.failureResultOf(Store(directory, SynchronousExecutor()).open(), StoreError)
+        self.assertIn("99", failure.value.reason)
+
+    def test_not_a_directory(self) -> None:
+        """
+        A directory that can not be created is a StoreError from open.
+        """
+        path = self.mktemp()
+        with open(path, "w"):
+            pass
+        failure = self.failureResultOf(Store(os.path.join(path, "sub"), SynchronousExecutor()).open(), StoreError)
+        self.assertFalse(failure.value.disk_full)
+
+    def test_closed(self) -> None:
+        """
+        A closed store refuses work with a StoreError.
+        """
+        store = self.open_store()
+        self.successResultOf(store.close())
+        self.failureResultOf(store.commit([row(make_message(1))]), StoreError)
+        self.failureResultOf(store.load(0, 1), StoreError)
+
+
+_KILL_CHILD = r"""
+import os, sys, time
+from fedhub.message import Message
+from fedhub.outbox.store import Store, SynchronousExecutor, encode
+store = Store(sys.argv[1], SynchronousExecutor())
+store.open()
+ids = []
+for batch in range(5):
+    messages = [Message.create("org.example.kill", {"b": batch, "i": i}) for i in range(20)]
+    d = store.commit([(m.id, 1.0, encode(m)) for m in messages])
+    d.addErrback(lambda f: (print("ERR", f.getErrorMessage(), flush=True), os._exit(3)))
+    ids.extend(m.id for m in messages)
+print(" ".join(ids), flush=True)
+time.sleep(60)
+"""
+
+
+class KillTests(SynchronousTestCase):
+    """
+    What a commit wrote survives the death of the process by SIGKILL.
+    """
+
+    def test_sigkill(self) -> None:
+        """
+        Every committed message is found by a new store after the writer was killed with SIGKILL.
+        """
+        directory = os.path.join(self.mktemp(), "o")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", _KILL_CHILD, directory],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline().decode()
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+        ids = line.split()
+        self.assertEqual(len(ids), 100, line)
+        self.assertEqual(child.returncode, -signal.SIGKILL)
+        store = Store(directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        rows = self.successResultOf(store.load(0, 1000))
+        self.assertEqual([r.message().id for r in rows], ids)
+
+
+class ThreadExecutorTests(TestCase):
+    """
+    L{ThreadExecutor} with the real reactor.
+    """
+
+    def test_runs_off_the_reactor_thread(self) -> Deferred[None]:
+        """
+        Store calls run in order on one thread that is not the reactor's, and close stops it.
+        """
+        return Deferred.fromCoroutine(self._run_off_the_reactor_thread())
+
+    async def _run_off_the_reactor_thread(self) -> None:
+        executor = ThreadExecutor(cast(Any, global_reactor))
+        store = Store(os.path.join(self.mktemp(), "o"), executor)
+        await store.open()
+        threads: list[int] = []
+        order: list[int] = []
+
+        def note(n: int) -> int:
+            threads.append(threading.get_ident())
+            order.append(n)
+            return n
+
+        results = [await d for d in [executor.submit(note, n) for n in range(20)]]
+        self.assertEqual(results, list(range(20)))
+        self.assertEqual(order, list(range(20)))
+        self.assertEqual(len(set(threads)), 1)
+        self.assertNotEqual(threads[0], threading.get_ident())
+        result = await store.commit([row(make_message(1))])
+        self.assertEqual(result.inserted, 1)
+        await store.close()
+        self.assertIsNone(executor._pool)
+        await self.assertFailure(executor.submit(note, 1), StoreError)
+
+
