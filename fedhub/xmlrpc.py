@@ -27,6 +27,7 @@ from __future__ import annotations
 import xmlrpc.client
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, cast
 from typing import Protocol as _TypedProtocol
 
@@ -217,6 +218,33 @@ def unwrap(result: Any) -> Any:
     if isinstance(result, XMLRPCFault):
         raise result
     return result
+
+
+# --- values -------------------------------------------------------------
+
+
+def jsonable(value: Any, times: str = "epoch") -> Any:
+    """
+    An XML-RPC value made JSON-ready: times (C{dateTime.iso8601} carries no
+    zone; it is taken as UTC) become epoch seconds, or ISO 8601 text with a
+    C{+00:00} offset when C{times} is C{"iso"}; tuples become lists and
+    C{base64} data text.
+    """
+    if isinstance(value, xmlrpc.client.DateTime):
+        value = datetime.strptime(value.value, "%Y%m%dT%H:%M:%S")
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        if times == "iso":
+            return value.astimezone(timezone.utc).isoformat()
+        return float(value.timestamp())
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, times) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, times) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return value
 
 
 # --- encoding -----------------------------------------------------------

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from fedhub.errors import FedhubError
 from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient
+from fedhub.xmlrpc import jsonable as xmlrpc_jsonable
 
 #: The fields of a bug fedhub's messages use; C{Bug.search} returns only these.
 BUG_FIELDS = (
@@ -83,15 +84,7 @@ def jsonable(value: Any) -> Any:
     C{value} with every time turned into epoch seconds and every tuple into
     a list, so it serializes as JSON.
     """
-    if isinstance(value, (datetime, xmlrpc.client.DateTime)):
-        return to_epoch(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
+    return xmlrpc_jsonable(value, "epoch")
 
 
 def _batches(ids: Sequence[int], size: int) -> Iterable[list[int]]:

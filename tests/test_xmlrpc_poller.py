@@ -1,0 +1,349 @@
+"""
+Tests for L{fedhub.producers.xmlrpc_poll}: templates, the cursor rules of the
+generic XML-RPC poller, and the worked example of C{examples/pollers.toml}
+run against a fake package database.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from fedhub.config import HubSettings, load_config
+from fedhub.errors import ConfigError
+from fedhub.interfaces import IProducerPlugin
+from fedhub.message import WARNING
+from fedhub.plugins import PluginContext
+from fedhub.producers.poller import IPollSource, PollingService, PollResult, run_inline
+from fedhub.producers.xmlrpc_poll import (
+    AnswerError,
+    ItemError,
+    XMLRPCPollPlugin,
+    XMLRPCSource,
+    lookup,
+    render,
+    topic_word,
+)
+from fedhub.xmlrpc import XMLRPCClient, XMLRPCFault
+from tests.fakes_xmlrpc import DirectCaller, FakeXMLRPCServer, listen
+from tests.test_poller import FakePublisher
+
+reactor: Any = _reactor
+URL = "https://pkgdb.example.org/xmlrpc"
+PREFIX = "org.fedoraproject.test."
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "examples", "pollers.toml")
+
+
+def topic(suffix: str) -> str:
+    return PREFIX + suffix
+
+
+class FakePackageDB:
+    """
+    The package database of the worked example: C{updates.since(time, limit)}
+    lists updates changed at or after C{time}, oldest first;
+    C{updates.latest()} gives the newest change.
+    """
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 1, 12, 0, 0)
+        self.updates: list[dict[str, Any]] = []
+        self.next_id = 8800
+        self.since_args: list[Any] = []
+        self.server = FakeXMLRPCServer({"updates.since": self.since,
+                                        "updates.latest": self.latest})
+
+    def update(self, package: str, action: str, user: str = "jdoe",
+               branch: str = "rawhide", step: int = 60) -> int:
+        self.now += timedelta(seconds=step)
+        self.next_id += 1
+        self.updates.append({"id": self.next_id, "package": package, "branch": branch,
+                             "action": action, "user": {"name": user}, "changed": self.now})
+        return self.next_id
+
+    def since(self, when: datetime, limit: int) -> dict[str, Any]:
+        self.since_args.append(when)
+        # Updates are kept oldest first; broken ones (for tests) always come along.
+        found = [u for u in self.updates
+                 if not isinstance(u.get("changed"), datetime) or u["changed"] >= when]
+        return {"updates": found[:limit]}
+
+    def latest(self) -> dict[str, Any]:
+        return {"changed": max((u["changed"] for u in self.updates), default=self.now)}
+
+
+def example_options() -> dict[str, Any]:
+    """
+    The options of the C{pkgdb} producer of C{examples/pollers.toml}.
+    """
+    config = load_config(EXAMPLE)
+    (pkgdb,) = [p for p in config.producers if p.name == "pkgdb"]
+    return dict(pkgdb.options)
+
+
+def example_source(caller: Any, **changes: Any) -> XMLRPCSource:
+    o = {**example_options(), **changes}
+    return XMLRPCSource(
+        "pkgdb", caller, topic, method=o["method"], params=o["params"], items=o["items"],
+        id_field=o["id_field"], cursor_field=o["cursor_field"], topic_template=o["topic"],
+        body=o["body"], schema=o["schema"], severity=o["severity"],
+        initial_cursor=o["initial_cursor"], initial_method=o["initial_method"],
+        initial_params=o["initial_params"], initial_path=o["initial_path"],
+        page_size=o["page_size"])
+
+
+class TemplateTests(SynchronousTestCase):
+    """
+    L{render}, L{lookup} and L{topic_word}.
+    """
+
+    item = {"id": 7, "user": {"name": "jdoe", "groups": ["packager", "qa"]},
+            "package": "python-requests", "tags": []}
+
+    def test_whole_placeholder_keeps_type(self) -> None:
+        """A placeholder alone is the value itself: number, table, list."""
+        self.assertEqual(render("{id}", self.item), 7)
+        self.assertEqual(render("{user}", self.item), self.item["user"])
+        self.assertEqual(render("{user.groups.1}", self.item), "qa")
+        self.assertEqual(render("{}", self.item), self.item)
+
+    def test_text(self) -> None:
+        """Placeholders inside text are filled with text; doubled braces are literal."""
+        self.assertEqual(render("{user.name} owns {package} ({id}) {{x}}", self.item),
+                         "jdoe owns python-requests (7) {x}")
+
+    def test_nested(self) -> None:
+        """Tables and lists are rendered element by element; other values kept."""
+        self.assertEqual(render({"a": ["{id}", 3, True], "b": {"c": "{package}"}}, self.item),
+                         {"a": [7, 3, True], "b": {"c": "python-requests"}})
+
+    def test_missing(self) -> None:
+        """A placeholder naming nothing is an ItemError."""
+        self.assertRaises(ItemError, render, "{user.email}", self.item)
+        self.assertRaises(ItemError, render, "x{tags.0}", self.item)
+
+    def test_cursor(self) -> None:
+        """{cursor} is the cursor, typed alone and as text inside a string."""
+        when = datetime(2025, 1, 1)
+        self.assertEqual(render(["{cursor}", "after {cursor}", 5], {}, cursor=when),
+                         [when, "after 2025-01-01T00:00:00", 5])
+
+    def test_topic_words(self) -> None:
+        """Values in topics can not add words, spaces or wildcards."""
+        self.assertEqual(render("pkgdb.{p}", {"p": "a.b #*\n"}, clean=topic_word),
+                         "pkgdb.a_b____")
+        self.assertEqual(topic_word(""), "_")
+
+    def test_lookup(self) -> None:
+        """Dotted paths go through tables and lists; the empty path is the value."""
+        self.assertEqual(lookup({"a": [{"b": 1}]}, "a.0.b"), 1)
+        self.assertEqual(lookup([1], ""), [1])
+        self.assertRaises(KeyError, lookup, {"a": 1}, "a.b")
+
+
+class SourceTests(SynchronousTestCase):
+    """
+    L{XMLRPCSource} with the example's configuration, in-process.
+    """
+
+    def setUp(self) -> None:
+        self.db = FakePackageDB()
+        self.db.update("old-package", "retire")
+        self.caller = DirectCaller(self.db.server, URL)
+        self.source = example_source(self.caller)
+
+    def poll(self, cursor: Any, source: XMLRPCSource | None = None) -> PollResult:
+        result: PollResult = self.successResultOf((source or self.source).poll(cursor))
+        return result
+
+    def test_interface(self) -> None:
+        """XMLRPCSource provides IPollSource."""
+        self.assertTrue(verifyObject(IPollSource, self.source))
+
+    def test_first_start_at_latest(self) -> None:
+        """The first cursor is the service's latest change; it is not published again."""
+        cursor = self.successResultOf(self.source.initial_cursor())
+        self.assertEqual(cursor, {"value": "2025-03-01T12:01:00", "time": True, "seen": [],
+                                  "after": True})
+        self.assertEqual(self.poll(cursor).messages, [])
+        self.assertEqual(self.db.since_args[-1], datetime(2025, 3, 1, 12, 1, 0))
+
+    def test_worked_example(self) -> None:
+        """New updates become messages with the example's topic and body, once, in order."""
+        cursor = self.successResultOf(self.source.initial_cursor())
+        first = self.db.update("python-requests", "orphan", user="jdoe")
+        second = self.db.update("python-urllib3", "unretire", user="asmith", branch="f42")
+        result = self.poll(cursor)
+        self.assertEqual([m.topic for m in result.messages],
+                         [topic("pkgdb.package.orphan"), topic("pkgdb.package.unretire")])
+        body = dict(result.messages[0].body)
+        self.assertEqual(body["summary"], "jdoe set python-requests (rawhide) to orphan")
+        self.assertEqual(body["agent"], "jdoe")
+        self.assertEqual(body["update"]["id"], first)
+        self.assertEqual(body["update"]["changed"], "2025-03-01T12:02:00+00:00")
+        self.assertEqual(result.messages[1].body["update"]["id"], second)
+        self.assertEqual(result.cursor["value"], "2025-03-01T12:03:00")
+        self.assertEqual(result.cursor["seen"], [str(second)])
+        again = self.poll(result.cursor)
+        self.assertEqual(again.messages, [])
+
+    def test_same_position_later(self) -> None:
+        """An item that arrives later at the cursor's very position is still published."""
+        cursor = self.successResultOf(self.source.initial_cursor())
+        self.db.update("a", "orphan")
+        one = self.poll(cursor)
+        late = self.db.update("b", "orphan", step=0)
+        two = self.poll(one.cursor)
+        self.assertEqual([m.body["update"]["id"] for m in two.messages], [late])
+        self.assertEqual(len(two.cursor["seen"]), 2)
+        self.assertEqual(self.poll(two.cursor).messages, [])
+
+    def test_numeric_cursor(self) -> None:
+        """Numeric positions work with an initial_cursor and a whole-item body."""
+        server = FakeXMLRPCServer({"changes": lambda after: [
+            {"serial": n, "what": f"change {n}"} for n in range(max(after, 0), 5)]})
+        source = XMLRPCSource("n", DirectCaller(server, URL), topic, method="changes",
+                              params=["{cursor}"], items="", id_field="serial",
+                              cursor_field="serial", topic_template="numbers.change",
+                              initial_cursor=2, severity=WARNING)
+        cursor = self.successResultOf(source.initial_cursor())
+        result = self.poll(cursor, source)
+        self.assertEqual([dict(m.body) for m in result.messages],
+                         [{"serial": 3, "what": "change 3"}, {"serial": 4, "what": "change 4"}])
+        self.assertEqual(result.messages[0].severity, WARNING)
+        self.assertEqual(result.cursor["value"], 4)
+
+    def test_bad_items_skipped(self) -> None:
+        """Items without an id or with a position of another kind are skipped, the rest published."""
+        cursor = self.successResultOf(self.source.initial_cursor())
+        good = self.db.update("good", "orphan")
+        self.db.updates.append({"package": "no-id", "changed": self.db.now})
+        self.db.updates.append({"id": 1, "package": "bad-time", "changed": 12})
+        self.db.updates.append({"id": 2, "package": "no-action", "user": {"name": "x"},
+                                "branch": "b", "changed": self.db.now})
+        result = self.poll(cursor)
+        self.assertEqual([m.body["update"]["id"] for m in result.messages], [good])
+        self.assertEqual(self.source.skipped, 3)
+        self.flushLoggedErrors()
+
+    def test_answer_without_items(self) -> None:
+        """An answer without the configured list fails the poll."""
+        cursor = self.successResultOf(self.source.initial_cursor())
+        self.db.server.handlers["updates.since"] = lambda when, limit: {"other": []}
+        self.failureResultOf(self.source.poll(cursor), AnswerError)
+        self.db.server.handlers["updates.since"] = lambda when, limit: {"updates": "none"}
+        self.failureResultOf(self.source.poll(cursor), AnswerError)
+
+    def test_fault(self) -> None:
+        """A fault fails the poll with XMLRPCFault."""
+        cursor = self.successResultOf(self.source.initial_cursor())
+        del self.db.server.handlers["updates.since"]
+        self.failureResultOf(self.source.poll(cursor), XMLRPCFault)
+
+    def test_full_page_means_more(self) -> None:
+        """A full answer asks for another poll at once."""
+        source = example_source(self.caller, params=["{cursor}", 2], page_size=2)
+        cursor = self.successResultOf(source.initial_cursor())
+        for i in range(5):
+            self.db.update(f"p{i}", "orphan")
+        seen: list[str] = []
+        polls = 0
+        while True:
+            result = self.poll(cursor, source)
+            polls += 1
+            seen += [m.body["package"] for m in result.messages]
+            cursor = result.cursor
+            if not result.more:
+                break
+        self.assertEqual(seen, [f"p{i}" for i in range(5)])
+        # "At or after" answers repeat the item at the cursor: one new item per page of two.
+        self.assertEqual(polls, 6)
+
+    def test_needs_a_start(self) -> None:
+        """Without initial_cursor or initial_method the source is refused."""
+        self.assertRaises(ConfigError, example_source, self.caller, initial_method=None)
+
+    def test_bad_initial_answer(self) -> None:
+        """An initial_method answer without a usable position fails the first start."""
+        source = example_source(self.caller, initial_path="nothing")
+        self.failureResultOf(source.initial_cursor(), AnswerError)
+        self.db.server.handlers["updates.latest"] = lambda: {"changed": [1]}
+        self.failureResultOf(self.source.initial_cursor(), AnswerError)
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    The C{xmlrpc} plugin and the example configuration.
+    """
+
+    def test_example_is_valid(self) -> None:
+        """examples/pollers.toml passes validation with all three pollers."""
+        config = load_config(EXAMPLE)
+        self.assertEqual([(p.name, p.plugin) for p in config.producers],
+                         [("koji", "koji"), ("bugzilla", "bugzilla"), ("pkgdb", "xmlrpc")])
+
+    def test_plugin(self) -> None:
+        """The plugin provides IProducerPlugin and builds a polling service without I/O."""
+        plugin = XMLRPCPollPlugin()
+        self.assertTrue(verifyObject(IProducerPlugin, plugin))
+        context = PluginContext("pkgdb", "infra", example_options(), FakePublisher(), Clock(),
+                                HubSettings(state_dir=self.mktemp()))
+        service = plugin.build(context)
+        self.assertIsInstance(service, PollingService)
+        assert isinstance(service.source, XMLRPCSource)
+        assert isinstance(service.source.client, XMLRPCClient)
+        self.assertEqual(service.source.client.url, "https://pkgdb.example.org/xmlrpc")
+        self.assertFalse(os.path.exists(context.state_dir))
+
+
+class EndToEndTests(TestCase):
+    """
+    The worked example over a real socket, through a restart.
+    """
+
+    @inlineCallbacks
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> Any:
+        for _ in range(1000):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    @inlineCallbacks
+    def test_example_over_http_with_restart(self) -> Any:
+        """The example publishes over HTTP, and a restarted poller goes on from its cursor."""
+        db = FakePackageDB()
+        port, url = listen(db.server, reactor)
+        self.addCleanup(port.stopListening)
+        state_dir = self.mktemp()
+        publisher = FakePublisher()
+
+        def service() -> PollingService:
+            source = example_source(XMLRPCClient(url, reactor, timeout=5.0))
+            return PollingService("pkgdb", source, publisher, reactor, state_dir,
+                                  interval=0.05, jitter=0.0, run_in_thread=run_inline)
+
+        first = service()
+        first.startService()
+        yield self.wait_for(lambda: first.polls >= 1, "a first poll")
+        db.update("python-requests", "orphan")
+        yield self.wait_for(lambda: len(publisher.messages) == 1, "the first update")
+        yield first.stopService()
+        db.update("python-urllib3", "retire")
+        second = service()
+        second.startService()
+        self.addCleanup(second.stopService)
+        yield self.wait_for(lambda: len(publisher.messages) == 2, "the second update")
+        self.assertEqual([m.body["package"] for m in publisher.messages],
+                         ["python-requests", "python-urllib3"])
