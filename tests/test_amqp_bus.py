@@ -33,7 +33,6 @@ from zope.interface.verify import verifyObject
 
 from fedhub.amqp.codec import body_frame, content_header_frame, pack_frame, unpack_frame
 from fedhub.amqp.protocol import HEARTBEAT_FRAME, PROTOCOL_HEADER, AMQPClient
-from fedhub.amqp.spec import load_spec
 from fedhub.amqp.transport import AMQPBus, AMQPSubscription, Reconnector, backoff
 from fedhub.amqp.url import AMQPSettings, parse_url
 from fedhub.errors import (

@@ -173,9 +173,6 @@ class Connection(Protocol):
         """Close cleanly; fire once the connection is gone."""
 
 
-_C = TypeVar("_C", bound=Connection)
-
-
 class Reconnector:
     """
     Keeps one prepared connection, reconnecting with backoff.
