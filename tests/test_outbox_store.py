@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fedhub.errors import DecodeError, MessageError
-from fedhub.message import Message
+from fedhub.message import Message, from_amqp
 from fedhub.outbox.store import (
     DATABASE_NAME,
     NACKED,
@@ -95,11 +95,21 @@ class EncodingTests(SynchronousTestCase):
         message = Message("org.example.t", {"a": 1}, sent_at=None)
         self.assertIsNone(decode(encode(message)).sent_at)
 
+    def test_round_trip_raw_body(self) -> None:
+        """
+        A received message whose body bytes are laid out oddly (spaces, newlines, a BOM) is stored faithfully.
+        """
+        for raw in (b'  {"a": [1, 2]}', b'{\n  "a": "x\\ny"\n}\n', b'\xef\xbb\xbf{"a": 1}'):
+            message = from_amqp("org.example.t", {"message_id": "m1", "headers": {"x": 1}}, raw)
+            self.assertEqual(decode(encode(message)), message)
+
     def test_unstorable_header(self) -> None:
         """
         A header value that has no serialized form is a MessageError.
         """
         message = Message.create("org.example.t", {}, headers={"x": object()})
+        self.assertRaises(MessageError, encode, message)
+        message = Message.create("org.example.t", {}, headers={"x": "\udc80"})
         self.assertRaises(MessageError, encode, message)
 
     def test_garbage(self) -> None:
@@ -407,7 +417,7 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
 
 _KILL_CHILD = r"""
 import os, sys, time
-from fedhub.message import Message
+from fedhub.message import Message, from_amqp
 from fedhub.outbox.store import Store, SynchronousExecutor, encode
 store = Store(sys.argv[1], SynchronousExecutor())
 store.open()
