@@ -32,6 +32,7 @@ from fedhub.errors import (
     PublishError,
     SchemaValidationError,
     TemporarilyUnavailable,
+    UnknownPlugin,
 )
 from fedhub.interfaces import IProducerPlugin
 from fedhub.plugins import PluginContext, producer_plugins
@@ -87,6 +88,16 @@ def minimal(**changes: Any) -> BugEvent:
     )
     fields.update(changes)
     return BugEvent(**fields)
+
+
+def only_this_plugin(kind: str, name: str) -> Any:
+    """
+    A plugin lookup that knows only the C{bugzilla-smtp} producer, so these
+    tests do not depend on every installed plugin module importing.
+    """
+    if (kind, name) != ("producer", "bugzilla-smtp"):
+        raise UnknownPlugin(kind, name, ["bugzilla-smtp"])
+    return BugzillaSMTPPlugin()
 
 
 class SchemaTests(SynchronousTestCase):
@@ -547,7 +558,7 @@ class PluginTests(SynchronousTestCase):
 
     def test_config_defaults(self) -> None:
         """A configuration naming only recipients gets every default, listening on 127.0.0.1:8025."""
-        config = parse_config(self.config('recipients = ["bugs@example.org"]\n'))
+        config = parse_config(self.config('recipients = ["bugs@example.org"]\n'), find_plugin=only_this_plugin)
         options = config.producers[0].options
         self.assertEqual(options["listen"], "tcp:8025:interface=127.0.0.1")
         self.assertEqual(options["max_line_length"], 10_000)
@@ -555,10 +566,10 @@ class PluginTests(SynchronousTestCase):
 
     def test_config_problems(self) -> None:
         """Missing recipients, a bad address, a bad network and a tiny line limit are configuration problems."""
-        self.assertRaises(ConfigError, parse_config, self.config(""))
+        self.assertRaises(ConfigError, parse_config, self.config(""), find_plugin=only_this_plugin)
         for bad in ('recipients = ["nobody"]', 'recipients = ["a@b.example"]\nallowed_networks = ["10.0.0.300/8"]',
                     'recipients = ["a@b.example"]\nmax_line_length = 10',
                     'recipients = ["a@b.example"]\nsecret_header = "Bad: Header"'):
-            error = self.assertRaises(ConfigError, parse_config, self.config(bad + "\n"))
+            error = self.assertRaises(ConfigError, parse_config, self.config(bad + "\n"), find_plugin=only_this_plugin)
             self.assertIn("producers[0]", str(error))
 
