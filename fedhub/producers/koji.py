@@ -83,6 +83,8 @@ SCHEMAS: Mapping[str, str] = {
 TASK_MODES = ("scratch", "parents", "all", "none")
 
 _NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
+# The states the "created" and "started" task queries ask for.
+_UNFINISHED = {"created": [0, 1, 4], "started": [1]}
 # How many entries the cursor keeps of builds and tasks not finished yet.
 _MAX_OPEN = 20000
 
@@ -371,6 +373,10 @@ class KojiSource:
                     opts[before_key] = before
                 if s.tasks != "all":
                     opts["parent"] = None
+                if stream in _UNFINISHED:
+                    # Finished tasks come from the "completed" stream: asking
+                    # again for them here would only double the download.
+                    opts["state"] = _UNFINISHED[stream]
                 add(f"tasks.{stream}", Call("listTasks", (opts, {"order": order,
                                                                  "limit": s.page_size})))
         repo_ids: list[int] = []
@@ -387,6 +393,9 @@ class KojiSource:
             return answers[slots[slot]] if slot in slots else None
 
         events: list[tuple[float, int, str, Any]] = []  # (position, order, kind, data)
+        # What this poll's rows already say, so details are not fetched twice.
+        owners: dict[int, Any] = {}
+        task_rows: dict[int, dict[str, Any]] = {}
         floor_ts = float(c.get("floor_ts", 0.0))
         more = catching_up
 
@@ -425,6 +434,8 @@ class KojiSource:
                 for row in rows:
                     if isinstance(row.get("build_id"), int):
                         current[row["build_id"]] = row
+                        if isinstance(row.get("owner_name"), str):
+                            owners[row["build_id"]] = row["owner_name"]
             known: dict[str, int] = dict(state.get("open", {}))
             for build_id, row in sorted(current.items()):
                 new = row.get("state")
@@ -457,6 +468,7 @@ class KojiSource:
                 for row in rows:
                     if isinstance(row.get("id"), int):
                         tasks[row["id"]] = row
+                        task_rows[row["id"]] = row
             known = dict(state.get("open", {}))
             for task_id, row in sorted(tasks.items()):
                 new = row.get("state")
@@ -504,7 +516,7 @@ class KojiSource:
             repos["pending"] = sorted(pending)
 
         events.sort(key=lambda e: (e[0], e[1]))
-        messages = yield self._messages(events)
+        messages = yield self._messages(events, owners, task_rows)
         lag = max(0.0, last_ts - end_ts) if catching_up else 0.0
         return PollResult(messages, c, more=more, lag=lag)
 
@@ -556,17 +568,21 @@ class KojiSource:
     # --- details and messages -----------------------------------------------
 
     @inlineCallbacks
-    def _messages(self, events: list[tuple[float, int, str, Any]]
+    def _messages(self, events: list[tuple[float, int, str, Any]], owners: dict[int, Any],
+                  task_rows: dict[int, dict[str, Any]]
                   ) -> Generator[Deferred[Any], Any, list[Message]]:
         build_ids = sorted({row["build_id"] for _, _, kind, row in events
-                            if kind in ("tag", "untag") and isinstance(row.get("build_id"), int)})
+                            if kind in ("tag", "untag") and isinstance(row.get("build_id"), int)
+                            and row["build_id"] not in owners})
         task_ids = sorted({data[0]["task_id"] for _, _, kind, data in events
-                           if kind == "build" and isinstance(data[0].get("task_id"), int)})
+                           if kind == "build" and isinstance(data[0].get("task_id"), int)
+                           and data[0]["task_id"] not in task_rows})
         calls = [Call("getBuild", (i,)) for i in build_ids]
         calls += [Call("getTaskInfo", (i, kwargs(request=True))) for i in task_ids]
         answers = [unwrap(a) for a in (yield self._multicall(calls))] if calls else []
-        owners = {i: (a or {}).get("owner_name") for i, a in zip(build_ids, answers)}
-        task_infos = dict(zip(task_ids, answers[len(build_ids):]))
+        owners = {**owners, **{i: (a or {}).get("owner_name")
+                               for i, a in zip(build_ids, answers)}}
+        task_infos: dict[Any, Any] = {**task_rows, **dict(zip(task_ids, answers[len(build_ids):]))}
         messages = []
         for _, event_id, kind, data in events:
             if kind in ("tag", "untag"):
