@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def build_hub(events: int, step: float) -> Any:
+def build_hub(events: int, step: float) -> tuple[Any, int]:
     """
     A fake hub with C{events} events after its recorded starting point, its
     clock moving C{step} seconds per change.
@@ -49,25 +49,26 @@ def build_hub(events: int, step: float) -> Any:
         if i % 7 == 0:
             koji.set_task_state(koji.scratch_build(f"tasks/{i}/pkg-1.0-{i}.src.rpm"), 2)
         i += 1
-    koji.first_event = first
-    return koji
+    return koji, first
 
 
 def serve(events: int, step: float) -> None:
     """
     The child: serve a fake hub and print its URL and first event.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
 
     from tests.fakes_xmlrpc import listen
 
-    koji = build_hub(events, step)
+    reactor: Any = _reactor
+
+    koji, first = build_hub(events, step)
     _, url = listen(koji.server, reactor)
-    print(json.dumps({"url": url, "first_event": koji.first_event,
+    print(json.dumps({"url": url, "first_event": first,
                       "last_event": koji.last_event, "builds": len(koji.builds),
                       "tag_rows": len(koji.tag_listing), "repos": len(koji.repos),
                       "span": koji.now - koji.events[0][1]}), flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 def cpu() -> float:
@@ -88,13 +89,16 @@ def run(events: int, idle_polls: int, step: float) -> None:
 
 
 def bench(hub: dict[str, Any], idle_polls: int) -> None:
-    from twisted.internet import defer, reactor, task
+    from twisted.internet import defer, task
+    from twisted.internet import reactor as _reactor
     from zope.interface import implementer
 
     from fedhub.interfaces import IPublisher
     from fedhub.producers.koji import KojiSettings, KojiSource
     from fedhub.producers.poller import PollingService
     from fedhub.xmlrpc import XMLRPCClient
+
+    reactor: Any = _reactor
 
     @implementer(IPublisher)
     class Counter:
@@ -122,10 +126,12 @@ def bench(hub: dict[str, Any], idle_polls: int) -> None:
     polls: list[Any] = []
     original = source.poll
 
+    def record(result: Any) -> Any:
+        polls.append(result)
+        return result
+
     def counting_poll(cursor: Any) -> Any:
-        d = original(cursor)
-        d.addCallback(lambda result: polls.append(result) or result)
-        return d
+        return original(cursor).addCallback(record)
 
     source.poll = counting_poll  # type: ignore[method-assign]
 
@@ -143,28 +149,28 @@ def bench(hub: dict[str, Any], idle_polls: int) -> None:
         cursor = service.cursor
         yield service.stopService()
         # Idle polls: the hub has nothing new.
-        idle = KojiSource("bench", XMLRPCClient(hub["url"], reactor, multicall_method="multiCall"),
-                          settings, lambda s: "org.example.bench." + s)
+        idle_client = XMLRPCClient(hub["url"], reactor, multicall_method="multiCall")
+        idle = KojiSource("bench", idle_client, settings, lambda s: "org.example.bench." + s)
         yield idle.poll(cursor)  # warm the connection
-        calls, read = idle.client.calls, idle.client.bytes_received  # type: ignore[attr-defined]
+        calls, read = idle_client.calls, idle_client.bytes_received
         wall, used = time.perf_counter(), cpu()
         for _ in range(idle_polls):
             result = yield idle.poll(cursor)
             assert not result.messages
         wall, used = time.perf_counter() - wall, cpu() - used
         n = idle_polls
-        print(f"idle poll: {(idle.client.calls - calls) / n:.1f} HTTP requests, "  # type: ignore[attr-defined]
-              f"{(idle.client.bytes_received - read) / n / 1e3:.1f} kB read, "  # type: ignore[attr-defined]
+        print(f"idle poll: {(idle_client.calls - calls) / n:.1f} HTTP requests, "
+              f"{(idle_client.bytes_received - read) / n / 1e3:.1f} kB read, "
               f"wall {1e3 * wall / n:.2f} ms, poller CPU {1e3 * used / n:.2f} ms")
         yield idle.close()
 
     def done(result: Any) -> None:
         if hasattr(result, "printTraceback"):
             result.printTraceback()
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
-    reactor.callWhenRunning(lambda: main().addBoth(done))  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: main().addBoth(done))
+    reactor.run()
 
 
 def parse() -> argparse.Namespace:
