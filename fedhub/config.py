@@ -1400,6 +1400,13 @@ DEFAULT_CONFIG_TEXT: Final = """\
 [domains.default]
 broker = "memory"
 
+[[producers]]
+name = "bugzilla-mail"
+plugin = "bugzilla-smtp"
+domain = "default"
+listen = "tcp:8025:interface=127.0.0.1"
+recipients = ["bugzilla@localhost"]
+
 [[consumers]]
 name = "log"
 plugin = "log"
@@ -1419,8 +1426,9 @@ def default_state_dir() -> str:
 
 def default_config(*, find_plugin: PluginLookup | None = None) -> Config:
     """
-    The built-in configuration: one in-process domain C{default} and one
-    consumer C{log} that logs every message; state in a per-user temporary
+    The built-in configuration: one in-process domain C{default}, an SMTP
+    listener for Bugzilla mail to C{bugzilla@localhost} on
+    C{127.0.0.1:8025}, and one consumer C{log} that logs every message; state in a per-user temporary
     directory (L{default_state_dir}).
 
     @raise ConfigError: when the C{log} plugin is not installed.

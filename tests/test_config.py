@@ -343,13 +343,19 @@ class DefaultConfigTests(SynchronousTestCase):
 
     def test_default(self) -> None:
         """
-        One memory domain "default", one consumer "log" of every topic, no
-        producers, state in a per-user temporary directory.
+        One memory domain "default", the Bugzilla mail listener on
+        127.0.0.1:8025, one consumer "log" of every topic, state in a per-user
+        temporary directory.
         """
-        config = default_config(find_plugin=fake_lookup)
+        from fedhub.plugins import find_plugin
+
+        config = default_config(find_plugin=find_plugin)
         self.assertEqual(list(config.domains), ["default"])
         self.assertTrue(config.domains["default"].is_memory)
-        self.assertEqual(config.producers, ())
+        [mail] = config.producers
+        self.assertEqual((mail.name, mail.plugin, mail.domain), ("bugzilla-mail", "bugzilla-smtp", "default"))
+        self.assertEqual(mail.options["listen"], "tcp:8025:interface=127.0.0.1")
+        self.assertEqual(list(mail.options["recipients"]), ["bugzilla@localhost"])
         [log] = config.consumers
         self.assertEqual((log.name, log.plugin, log.domain, log.topics),
                          ("log", "log", "default", ("#",)))
@@ -366,14 +372,19 @@ class DefaultConfigTests(SynchronousTestCase):
 
         error = self.assertRaises(ConfigError, default_config, find_plugin=nothing)
         self.assertEqual([str(p) for p in error.problems],
-                         ['consumers[0].plugin: unknown consumer plugin "log" (installed: none) '
-                          "(line 6)"])
+                         ['producers[0].plugin: unknown producer plugin "bugzilla-smtp" '
+                          "(installed: none) (line 6)",
+                          'consumers[0].plugin: unknown consumer plugin "log" (installed: none) '
+                          "(line 13)"])
 
     def test_default_text(self) -> None:
         """
         The default's text is itself a valid configuration.
         """
-        self.assertEqual(parse(DEFAULT_CONFIG_TEXT).consumers[0].name, "log")
+        from fedhub.plugins import find_plugin
+
+        config = parse_config(DEFAULT_CONFIG_TEXT, find_plugin=find_plugin)
+        self.assertEqual(config.consumers[0].name, "log")
 
     def test_hub_topic(self) -> None:
         """

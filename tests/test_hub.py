@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -295,6 +296,7 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(list(service.domains), ["default"])
         self.assertTrue(service.domains["default"].config.is_memory)
         self.assertEqual(list(service.consumers), ["log"])
+        self.assertEqual(list(service.producers), ["bugzilla-mail"])
 
     def test_bad_config_refused(self) -> None:
         """A configuration with problems is a usage error naming every problem; nothing is built."""
@@ -315,7 +317,7 @@ class TwistdTests(SynchronousTestCase):
     """
 
     def test_runs_until_signalled(self) -> None:
-        """The default hub starts, says messages stay in process, and exits 0 on SIGTERM."""
+        """The default hub starts, logs a mailed bugmail as one line, and exits 0 on SIGTERM."""
         twistd = Path(sys.executable).parent / "twistd"
         state = Path(self.mktemp()).resolve()
         state.mkdir(parents=True)
@@ -329,18 +331,28 @@ class TwistdTests(SynchronousTestCase):
             text=True,
         )
         output: list[str] = []
-        try:
+
+        def read_until(marker: str) -> bool:
             assert process.stdout is not None
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 line = process.stdout.readline()
                 if not line:
-                    break
+                    return False
                 output.append(line)
-                if "SIGTERM or SIGINT stops it" in line:
-                    break
+                if marker in line:
+                    return True
+            return False
+
+        try:
+            self.assertTrue(read_until("SIGTERM or SIGINT stops it"), "".join(output))
             self.assertTrue(any("do not leave this process" in line for line in output), "".join(output))
-            self.assertTrue(any("Consumer log consumes" in line for line in output), "".join(output))
+            mail = (ROOT / "tests" / "data" / "bugzilla" / "04_changed_status_resolution_with_comment.eml").read_bytes()
+            with smtplib.SMTP("127.0.0.1", 8025, timeout=30) as client:
+                client.sendmail("bugzilla-daemon@kernel.org", ["bugzilla@localhost"], mail)
+            self.assertTrue(read_until("bug 218297"), "".join(output))
+            logged = [line for line in output if "bugzilla.bug.update" in line]
+            self.assertEqual(len(logged), 1, "".join(output))
             process.send_signal(signal.SIGTERM)
             rest, _ = process.communicate(timeout=60)
         finally:

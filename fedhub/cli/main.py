@@ -13,11 +13,12 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from fedhub import __version__
-from fedhub.cli import check_config
+from fedhub.cli import check_config, inject_mail
 
 #: Sub-command name → module with add_arguments/run and a docstring.
 COMMANDS: dict[str, ModuleType] = {
     "check-config": check_config,
+    "inject-mail": inject_mail,
 }
 
 
