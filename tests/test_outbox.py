@@ -849,6 +849,28 @@ class RecoveryTests(OutboxTestCase):
         self.assertEqual(bus.published, messages)
         self.assertEqual(outbox.store.pending_count, 0)
 
+    def test_oldest_age_after_restart(self) -> None:
+        """
+        Right after a restart the oldest age comes from the store, before anything is read back.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        message = make_message(1)
+        self.successResultOf(store.commit([(message.id, 100.0, encode(message))]))
+        self.successResultOf(store.close())
+        self.clock.advance(130)
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor)
+        executor.run_one()
+        self.assertEqual(outbox.stats().depth, 1)
+        self.assertEqual(outbox.stats().oldest_age, 30.0)
+        executor.run_all()
+        self.assertEqual(bus.published, [message])
+        self.assertEqual(outbox.stats().oldest_age, 30.0)
+        bus.ack()
+        executor.run_all()
+        self.assertIsNone(outbox.stats().oldest_age)
+
     def test_unreadable_row(self) -> None:
         """
         A stored row that does not decode goes to the failed area and the rest is published.

@@ -44,6 +44,7 @@ from fedhub.errors import (
 )
 from fedhub.interfaces import IBus, IPublisher
 from fedhub.message import Message
+from fedhub.text import escape_control
 from fedhub.outbox.store import (
     NACKED,
     REJECTED,
@@ -68,6 +69,9 @@ OBSERVED_EVENTS = (CONFIRMED, RETURNED, NACKED, REJECTED)
 
 #: An observer: called with an event name and a message id.
 Observer = Callable[[str, str], object]
+
+#: Reasons recorded in the failed area are cut to this many characters.
+_MAX_REASON = 1000
 
 
 class _DelayedCall(Protocol):
@@ -342,6 +346,16 @@ class Outbox(Service):
             )
         if self._trouble is not None:
             return fail(TemporarilyUnavailable(self._trouble, message.id))
+        store = self.store
+        count = store.pending_count + self._waiting_count
+        if count >= self._max_messages:
+            return fail(
+                TemporarilyUnavailable(
+                    f"the outbox of domain {self.domain} is full: {count} messages waiting "
+                    f"(limit {self._max_messages})",
+                    message.id,
+                )
+            )
         try:
             data = encode(message)
         except MessageError as e:
@@ -352,16 +366,6 @@ class Outbox(Service):
                 PublishError(
                     f"the message takes {size} bytes, more than the whole outbox of domain "
                     f"{self.domain} may hold ({self._max_bytes})",
-                    message.id,
-                )
-            )
-        store = self.store
-        count = store.pending_count + self._waiting_count
-        if count >= self._max_messages:
-            return fail(
-                TemporarilyUnavailable(
-                    f"the outbox of domain {self.domain} is full: {count} messages waiting "
-                    f"(limit {self._max_messages})",
                     message.id,
                 )
             )
@@ -888,12 +892,13 @@ class Outbox(Service):
         # The broker answered, so the connection works.
         self._probing = False
         self._attempt = 0
+        reason = reason[:_MAX_REASON]
         self.log.warn(
             "Message {msg_id} ({topic}) for domain {domain} moved to the failed area: {reason}",
-            msg_id=entry.message.id,
-            topic=entry.message.topic,
+            msg_id=escape_control(entry.message.id, 100),
+            topic=escape_control(entry.message.topic),
             domain=self.domain,
-            reason=reason,
+            reason=escape_control(reason),
         )
         self._failures.append(Failure(entry.seq, kind, reason, self._reactor.seconds()))
         if self._observers:
@@ -923,14 +928,14 @@ class Outbox(Service):
                 self.log.warn(
                     "Publishing to domain {domain} paused ({reason}); retrying in {delay:.1f}s",
                     domain=self.domain,
-                    reason=reason,
+                    reason=escape_control(reason),
                     delay=delay,
                 )
         else:
             self.log.debug(
                 "Publishing to domain {domain} still paused ({reason}); retrying in {delay:.1f}s",
                 domain=self.domain,
-                reason=reason,
+                reason=escape_control(reason),
                 delay=delay,
             )
         self._retry_call = self._reactor.callLater(delay, self._resume)
@@ -980,13 +985,16 @@ class Outbox(Service):
                     "the failed area",
                     seq=row.seq,
                     domain=self.domain,
-                    reason=str(e),
+                    reason=escape_control(str(e)),
                 )
-                self._failures.append(Failure(row.seq, UNREADABLE, str(e), self._reactor.seconds()))
+                reason = str(e)[:_MAX_REASON]
+                self._failures.append(Failure(row.seq, UNREADABLE, reason, self._reactor.seconds()))
                 continue
             ready.append(_Entry(row.seq, message, len(row.data), row.created))
         if rows:
             self._loaded_upto = rows[-1].seq
+            # From now on the oldest waiting message is always in memory.
+            self._oldest_hint = None
         if len(rows) < limit:
             self._backlog = False
         if self._failures:
