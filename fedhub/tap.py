@@ -60,6 +60,7 @@ class GracefulStop(Service):
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        self.stopping = False
 
     def startService(self) -> None:
         super().startService()
@@ -73,10 +74,12 @@ class GracefulStop(Service):
         self.log.info("Hub running; SIGTERM or SIGINT stops it")
 
     def _received(self, signum: int, frame: object) -> None:
-        self.log.info(
-            "Received {signal}: stopping (draining in-flight work)",
-            signal=signal.Signals(signum).name,
-        )
+        name = signal.Signals(signum).name
+        if self.stopping:
+            self.log.info("Received {signal} again: already stopping", signal=name)
+            return
+        self.stopping = True
+        self.log.info("Received {signal}: stopping (draining in-flight work)", signal=name)
         self.reactor.callFromThread(self.reactor.stop)
 
 

@@ -1041,6 +1041,9 @@ class BugmailSMTPFactory(ServerFactory):
     @ivar secret: The shared secret mail must carry, or C{None}.
     """
 
+    # The listener logs its own start and stop with the endpoint.
+    noisy = False
+
     log = Logger()
 
     def __init__(
