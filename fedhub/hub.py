@@ -5,7 +5,8 @@ For every security domain the hub builds a bus (the in-process bus or an AMQP
 connection) and an outbox that publishes through it.  Consumers and producers
 are built by their plugins and get their own domain's publisher only.
 
-Services start in order (buses, outboxes, consumers, producers) and stop in
+Services start in order (buses, outboxes, spool importers, consumers,
+producers) and stop in
 the reverse order, one after the other, so producers stop taking work first
 and outboxes are flushed before their connection goes.
 """
@@ -25,6 +26,7 @@ from fedhub.config import ComponentConfig, Config, DomainConfig
 from fedhub.consumers.runner import ConsumerService
 from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
 from fedhub.outbox import Outbox
+from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
 
 
@@ -121,6 +123,12 @@ class Hub(SequentialMultiService):
             self.domains[name] = DomainRuntime(domain, bus, outbox)
         for outbox in outboxes:
             outbox.setServiceParent(self)
+        for name, runtime in self.domains.items():
+            importer = SpoolImporter(
+                name, spool_directory(config.hub.state_dir, name), runtime.publisher, reactor
+            )
+            importer.setName(f"spool:{name}")
+            importer.setServiceParent(self)
         for component in config.consumers:
             self._add_consumer(component)
         for component in config.producers:

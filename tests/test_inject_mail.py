@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli import inject_mail
@@ -30,10 +31,14 @@ from fedhub.cli.inject_mail import (
 from fedhub.config import Config
 from fedhub.errors import TemporarilyUnavailable
 from fedhub.interfaces import IPublisher
+from fedhub.message import loads
+from fedhub.outbox import spool
+from fedhub.outbox.spool import SpoolImporter
+from fedhub.testing import RecordingPublisher
 from tests.test_smtp_server import CHANGED, NEW, NOT_BUGMAIL, FakePublisher, copy_for, sample
 
 #: The seam as shipped, before any test replaces it.
-UNWIRED_OPEN_PUBLISHER = inject_mail.open_publisher
+REAL_OPEN_PUBLISHER = inject_mail.open_publisher
 
 PRODUCER = """
 [[producers]]
@@ -174,11 +179,29 @@ class ExitStatusTests(InjectTestCase):
         self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
         self.assertEqual(self.error_lines(), ["fedhub inject-mail: the hub is stopped"])
 
-    def test_unwired_seam_75(self) -> None:
-        """The default open_publisher (not yet connected to the outbox) makes a run exit 75: the mail stays queued."""
-        self.patch(inject_mail, "open_publisher", UNWIRED_OPEN_PUBLISHER)
-        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
-        self.assertEqual(self.error_lines(), ["fedhub inject-mail: inject-mail is not connected to the hub's outbox yet"])
+    def test_spooled_for_the_hub(self) -> None:
+        """The real publisher writes the message durably into the domain's spool, which a hub imports."""
+        self.patch(inject_mail, "open_publisher", REAL_OPEN_PUBLISHER)
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        directory = self.directory / "state" / "spool" / "community"
+        [path] = [p for p in directory.iterdir() if p.name.endswith(".msg")]
+        [message] = loads(path.read_bytes())
+        self.assertEqual(message.topic, "org.example.prod.bugzilla.bug.update")
+        publisher = RecordingPublisher("community")
+        importer = SpoolImporter("community", str(directory), publisher, Clock())
+        importer._in_thread = lambda fn, *a: maybeDeferred(fn, *a)  # type: ignore[method-assign]
+        importer.running = True
+        self.successResultOf(importer._import())
+        self.assertEqual(publisher.published, [message])
+        self.assertEqual([p for p in directory.iterdir() if p.name.endswith(".msg")], [])
+
+    def test_full_spool_75(self) -> None:
+        """When the spool is full (the hub is not taking mail), the run exits 75: the mail stays queued."""
+        self.patch(inject_mail, "open_publisher", REAL_OPEN_PUBLISHER)
+        self.patch(inject_mail, "write_spool", lambda d, m: spool.write_spool(d, m, max_files=1))
+        self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
+        self.assertEqual(self.inject(sample(NEW)), EX_TEMPFAIL)
+        self.assertIn("is the hub running?", self.error_lines()[0])
 
     def test_unexpected_error_75(self) -> None:
         """An unexpected exception exits 75 so the mail is retried."""

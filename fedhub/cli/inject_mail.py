@@ -29,10 +29,13 @@ from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from fedhub.config import ComponentConfig, Config, load_config
 from fedhub.errors import ConfigError, FedhubError, TemporarilyUnavailable
 from fedhub.interfaces import IPublisher
+from fedhub.message import Message
+from fedhub.outbox.spool import spool_directory, write_spool
 from fedhub.producers.bugzilla.producer import (
     DEFAULT_PACKAGE_PRODUCTS,
     Accepted,
@@ -73,20 +76,33 @@ class InjectProblem(FedhubError):
         super().__init__(reason)
 
 
+@implementer(IPublisher)
+class SpoolPublisher:
+    """
+    Hands messages to a hub's outbox through the domain's spool directory
+    (see L{fedhub.outbox.spool}): a hand-over is done once the message is
+    durable on disk, whether or not the hub runs right now.
+    """
+
+    def __init__(self, domain: str, directory: str) -> None:
+        self.domain = domain
+        self.directory = directory
+
+    def publish(self, message: Message) -> Deferred[None]:
+        # A short-lived command: writing and fsyncing here, in the only
+        # thread, blocks nothing else.
+        return maybeDeferred(write_spool, self.directory, message).addCallback(lambda _: None)
+
+
 def open_publisher(config: Config, producer_name: str) -> IPublisher:
     """
-    The publisher C{inject-mail} hands its message to: the durable outbox of
-    the producer's domain.
-
-    This is the seam the hub's outbox is connected through.  Until it is,
-    every hand-over fails temporarily, so a mail transfer agent keeps the
-    mail queued instead of losing it.  A publisher that also has a
-    C{close()} method (returning a Deferred or C{None}) is closed after the
-    hand-over.
-
-    @raise TemporarilyUnavailable: when no publisher can be opened now.
+    The publisher C{inject-mail} hands its message to: the spool that feeds
+    the durable outbox of the producer's domain.
     """
-    raise TemporarilyUnavailable("inject-mail is not connected to the hub's outbox yet")
+    producer = next(p for p in config.producers if p.name == producer_name)
+    return SpoolPublisher(
+        producer.domain, spool_directory(config.hub.state_dir, producer.domain)
+    )
 
 
 class SeenFile:

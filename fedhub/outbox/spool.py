@@ -1,0 +1,255 @@
+"""
+The spool: how other processes hand messages to a running hub's outbox.
+
+A command such as C{fedhub inject-mail}, run by a mail transfer agent for one
+mail, can not share the hub's process.  It writes the message as one file into
+the domain's spool directory (C{<state_dir>/spool/<domain>/}): written to a
+temporary name, fsync'd, renamed, and the directory fsync'd, so once
+L{write_spool} returns the message survives a crash of either process.  The
+hub's L{SpoolImporter} picks the files up in name order (which is hand-over
+order), hands each to the domain's outbox, and deletes the file only after the
+outbox made the message durable.  When the hub is not running the files wait;
+they are imported when it starts.
+
+The spool is bounded: L{write_spool} refuses with L{TemporarilyUnavailable}
+when it holds C{max_files} messages already, so a stopped hub makes the mail
+system keep mail queued instead of filling the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Generator
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from fedhub.errors import DecodeError, MessageError, TemporarilyUnavailable
+from fedhub.interfaces import IPublisher
+from fedhub.message import Message, dump_line, iter_loads
+
+#: Spool files end in this; anything else in the directory is ignored.
+SUFFIX = ".msg"
+
+#: The spool holds at most this many messages by default.
+DEFAULT_MAX_FILES = 10_000
+
+_sequence = 0
+
+
+def spool_directory(state_dir: str, domain: str) -> str:
+    """
+    The spool directory of a domain.
+    """
+    return os.path.join(state_dir, "spool", domain)
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_FILES) -> str:
+    """
+    Write one message durably into a spool directory.  This blocks on disk
+    I/O: it is for short-lived commands, never for the reactor thread.
+
+    @return: The path of the spool file.
+    @raise TemporarilyUnavailable: when the spool is full or the disk is
+        (the caller should try again later).
+    """
+    global _sequence
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        waiting = sum(1 for name in os.listdir(directory) if name.endswith(SUFFIX))
+    except OSError as e:
+        raise TemporarilyUnavailable(f"spool {directory} can not be used: {e.strerror}") from None
+    if waiting >= max_files:
+        raise TemporarilyUnavailable(
+            f"spool {directory} holds {waiting} messages already (limit {max_files}); "
+            "is the hub running?",
+            message.id,
+        )
+    _sequence += 1
+    # Names sort in hand-over order: time in nanoseconds, then pid and a counter.
+    name = f"{time.time_ns():020d}-{os.getpid()}-{_sequence}"
+    temporary = os.path.join(directory, f".{name}.tmp")
+    final = os.path.join(directory, name + SUFFIX)
+    data = dump_line(message).encode("utf-8")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
+        _fsync_directory(directory)
+    except OSError as e:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        error = TemporarilyUnavailable(
+            f"spool {directory}: {'disk full' if full else e.strerror}", message.id
+        )
+        raise error from None
+    return final
+
+
+def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes]]:
+    """
+    Up to C{limit} spool files, oldest first, with their contents.
+    """
+    try:
+        names = sorted(name for name in os.listdir(directory) if name.endswith(SUFFIX))
+    except FileNotFoundError:
+        return []
+    batch = []
+    for name in names[:limit]:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                batch.append((path, f.read(16 * 1024 * 1024)))
+        except FileNotFoundError:
+            continue
+    return batch
+
+
+def _remove(paths: list[str], directory: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    if paths:
+        _fsync_directory(directory)
+
+
+def _quarantine(path: str) -> str:
+    bad = path + ".bad"
+    os.rename(path, bad)
+    return bad
+
+
+class SpoolImporter(Service):
+    """
+    Moves messages from a domain's spool directory into its outbox.
+
+    @ivar imported: Messages handed over so far.
+    @ivar rejected: Spool files that held no valid message (renamed to
+        C{*.bad} and kept for inspection).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        domain: str,
+        directory: str,
+        publisher: IPublisher,
+        reactor: Any,
+        *,
+        interval: float = 1.0,
+        batch: int = 500,
+    ) -> None:
+        self.domain = domain
+        self.directory = directory
+        self.publisher = publisher
+        self.reactor = reactor
+        self.interval = interval
+        self.batch = batch
+        self.imported = 0
+        self.rejected = 0
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name=f"fedhub-spool-{domain}")
+        self._loop: LoopingCall | None = None
+        self._running: Deferred[Any] | None = None
+
+    def _in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+        self._loop = LoopingCall(self._scan)
+        self._loop.clock = self.reactor
+        self._running = self._loop.start(self.interval, now=True)
+
+    def _scan(self) -> Deferred[None]:
+        # Contained: a failed scan is logged and the next one runs anyway
+        # (a LoopingCall stops for good after one failure).
+        d = self._import()
+        d.addErrback(
+            lambda f: self.log.failure("Importing spool of {domain} failed", f, domain=self.domain)
+        )
+        return d
+
+    @inlineCallbacks
+    def _import(self) -> Generator[Deferred[Any], Any, None]:
+        while self.running:
+            batch = yield self._in_thread(_read_batch, self.directory, self.batch)
+            if not batch:
+                return
+            done: list[str] = []
+            try:
+                for path, data in batch:
+                    try:
+                        (message,) = list(iter_loads([data]))
+                    except (DecodeError, ValueError) as e:
+                        reason = e.reason if isinstance(e, DecodeError) else "not one message"
+                        bad = yield self._in_thread(_quarantine, path)
+                        self.rejected += 1
+                        self.log.error(
+                            "Spool file {path} of {domain} holds no valid message ({reason}); "
+                            "kept as {bad}",
+                            path=path, domain=self.domain, reason=reason, bad=bad,
+                        )
+                        continue
+                    try:
+                        yield self.publisher.publish(message)
+                    except TemporarilyUnavailable as e:
+                        self.log.warn(
+                            "Outbox of {domain} takes no more for now ({reason}); spool waits",
+                            domain=self.domain, reason=e.reason,
+                        )
+                        return
+                    except MessageError as e:
+                        bad = yield self._in_thread(_quarantine, path)
+                        self.rejected += 1
+                        self.log.error(
+                            "Spooled message {msg_id} of {domain} refused ({reason}); kept as {bad}",
+                            msg_id=message.id, domain=self.domain, reason=str(e), bad=bad,
+                        )
+                        continue
+                    done.append(path)
+                    self.imported += 1
+            finally:
+                if done:
+                    yield self._in_thread(_remove, done, self.directory)
+            if len(batch) < self.batch:
+                return
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._running is not None:
+            running, self._running = self._running, None
+            yield running
+        if self._pool.started:
+            self._pool.stop()

@@ -1,0 +1,150 @@
+"""
+Tests for L{fedhub.outbox.spool}: the durable hand-over from other processes
+to a running hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from fedhub.errors import TemporarilyUnavailable
+from fedhub.message import Message
+from fedhub.outbox.spool import SUFFIX, SpoolImporter, spool_directory, write_spool
+from fedhub.testing import RecordingPublisher
+
+
+def waiting(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+
+
+class WriteTests(SynchronousTestCase):
+    """
+    L{write_spool}.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).absolute() / "spool" / "d"
+
+    def test_durable_file(self) -> None:
+        """A message becomes one private file holding its serialized form; no temporary file stays."""
+        message = Message.create("a.b", {"x": 1})
+        path = Path(write_spool(str(self.directory), message))
+        self.assertEqual(waiting(self.directory), [path])
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(self.directory).st_mode & 0o777, 0o700)
+        self.assertEqual([p.name for p in self.directory.iterdir() if p.name.startswith(".")], [])
+
+    def test_names_keep_order(self) -> None:
+        """Files sort in hand-over order."""
+        ids = [write_spool(str(self.directory), Message.create("a", {"n": n})) for n in range(20)]
+        self.assertEqual([str(p) for p in waiting(self.directory)], ids)
+
+    def test_bounded(self) -> None:
+        """Past max_files the hand-over fails temporarily and writes nothing."""
+        write_spool(str(self.directory), Message.create("a", {}), max_files=2)
+        write_spool(str(self.directory), Message.create("a", {}), max_files=2)
+        error = self.assertRaises(
+            TemporarilyUnavailable, write_spool, str(self.directory), Message.create("a", {}), 2
+        )
+        self.assertIn("limit 2", error.reason)
+        self.assertEqual(len(waiting(self.directory)), 2)
+
+    def test_unusable_directory(self) -> None:
+        """A spool path that can not be a directory fails temporarily."""
+        blocker = Path(self.mktemp()).absolute()
+        blocker.write_text("a file, not a directory")
+        self.assertRaises(TemporarilyUnavailable, write_spool, str(blocker / "d"), Message.create("a", {}))
+
+    def test_directory_layout(self) -> None:
+        """Each domain has its own spool under the state directory."""
+        self.assertEqual(spool_directory("/s", "infra"), "/s/spool/infra")
+
+
+class ImportTests(SynchronousTestCase):
+    """
+    L{SpoolImporter} run synchronously.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).absolute()
+        self.publisher = RecordingPublisher("d")
+        self.importer = SpoolImporter("d", str(self.directory), self.publisher, Clock(), batch=3)
+        self.importer._in_thread = lambda fn, *a: maybeDeferred(fn, *a)  # type: ignore[method-assign]
+        self.importer.running = True
+
+    def test_imports_in_order_and_deletes(self) -> None:
+        """Every spooled message is handed over in order, in batches, and its file deleted."""
+        messages = [Message.create("a", {"n": n}) for n in range(7)]
+        for message in messages:
+            write_spool(str(self.directory), message)
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, messages)
+        self.assertEqual(waiting(self.directory), [])
+        self.assertEqual(self.importer.imported, 7)
+
+    def test_file_kept_until_durable(self) -> None:
+        """A file is deleted only after the outbox's hand-over fired."""
+        write_spool(str(self.directory), Message.create("a", {}))
+        self.publisher.hold = True
+        d = self.importer._import()
+        self.assertNoResult(d)
+        self.assertEqual(len(waiting(self.directory)), 1)
+        self.publisher.waiting[0][1].callback(None)
+        self.successResultOf(d)
+        self.assertEqual(waiting(self.directory), [])
+
+    def test_outbox_full_keeps_files(self) -> None:
+        """When the outbox takes no more, the files stay for the next scan."""
+        for n in range(2):
+            write_spool(str(self.directory), Message.create("a", {"n": n}))
+        self.publisher.refuse_with = TemporarilyUnavailable("outbox full")
+        self.successResultOf(self.importer._import())
+        self.assertEqual(len(waiting(self.directory)), 2)
+        self.publisher.refuse_with = None
+        self.successResultOf(self.importer._import())
+        self.assertEqual(len(self.publisher.published), 2)
+
+    def test_bad_file_quarantined(self) -> None:
+        """A file that holds no valid message is renamed *.bad and the rest still imported."""
+        (self.directory).mkdir(parents=True)
+        (self.directory / f"0000-bad{SUFFIX}").write_bytes(b'{"topic": "a", "body": [1]}\n')
+        write_spool(str(self.directory), Message.create("a", {}))
+        self.successResultOf(self.importer._import())
+        self.assertEqual(len(self.publisher.published), 1)
+        self.assertEqual(self.importer.rejected, 1)
+        self.assertTrue((self.directory / f"0000-bad{SUFFIX}.bad").exists())
+        self.assertEqual(waiting(self.directory), [])
+
+    def test_missing_directory(self) -> None:
+        """A spool that does not exist yet is simply empty."""
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, [])
+
+
+class ServiceTests(TestCase):
+    """
+    L{SpoolImporter} as a service with its thread and the real reactor.
+    """
+
+    @inlineCallbacks
+    def test_picks_up_new_files(self) -> None:
+        """Files written while the hub runs are imported at the next scan; stopping is clean (twice too)."""
+        directory = Path(self.mktemp()).absolute()
+        publisher = RecordingPublisher("d")
+        importer = SpoolImporter("d", str(directory), publisher, reactor, interval=0.05)
+        importer.startService()
+        message = Message.create("a", {})
+        write_spool(str(directory), message)
+        for _ in range(100):
+            if publisher.published:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(publisher.published, [message])
+        yield importer.stopService()
+        yield importer.stopService()
