@@ -274,6 +274,10 @@ class SourceTests(SynchronousTestCase):
         """Without initial_cursor or initial_method the source is refused."""
         self.assertRaises(ConfigError, example_source, self.caller, initial_method=None)
 
+    def test_params_only_know_the_cursor(self) -> None:
+        """A parameter placeholder other than {cursor} is refused when the source is built."""
+        self.assertRaises(ConfigError, example_source, self.caller, params=["{since}"])
+
     def test_bad_initial_answer(self) -> None:
         """An initial_method answer without a usable position fails the first start."""
         source = example_source(self.caller, initial_path="nothing")

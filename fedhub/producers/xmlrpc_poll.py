@@ -210,6 +210,12 @@ class XMLRPCSource:
         if initial_cursor is None and initial_method is None:
             raise ConfigError([ConfigProblem(f"producers.{name}",
                                              "set initial_cursor or initial_method")])
+        try:
+            render(params, {}, cursor=None)
+        except ItemError:
+            raise ConfigError([ConfigProblem(f"producers.{name}.params",
+                                             'the only placeholder allowed is "{cursor}"')]
+                              ) from None
         self.name = name
         self.client = client
         self.topic = topic
