@@ -169,6 +169,20 @@ class Hub(SequentialMultiService):
         service.setServiceParent(self)
         self.producers[component.name] = service
 
+    def reopen_files(self) -> None:
+        """
+        Reopen the files components write (after log rotation): every
+        consumer handler and producer with a C{reopen()} method.
+        """
+        targets = [c.handler for c in self.consumers.values()] + list(self.producers.values())
+        for target in targets:
+            reopen = getattr(target, "reopen", None)
+            if callable(reopen):
+                try:
+                    reopen()
+                except Exception:
+                    self.log.failure("Reopening files of {component} failed", component=target)
+
     def startService(self) -> None:
         for name, runtime in self.domains.items():
             if runtime.config.is_memory:

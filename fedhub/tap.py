@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, Service
@@ -53,13 +54,15 @@ class GracefulStop(Service):
     """
     Makes SIGTERM and SIGINT stop the reactor like twistd does, draining
     every service, but without twistd's re-raising of the signal afterwards:
-    a hub that stopped cleanly exits with status 0.
+    a hub that stopped cleanly exits with status 0.  SIGHUP calls
+    C{on_hangup} (reopening files after log rotation).
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, on_hangup: Callable[[], object] | None = None) -> None:
         self.reactor = reactor
+        self.on_hangup = on_hangup
         self.stopping = False
 
     def startService(self) -> None:
@@ -71,7 +74,14 @@ class GracefulStop(Service):
     def _install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._received)
+        if self.on_hangup is not None:
+            signal.signal(signal.SIGHUP, self._hangup)
         self.log.info("Hub running; SIGTERM or SIGINT stops it")
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        self.log.info("Received SIGHUP: reopening files")
+        if self.on_hangup is not None:
+            self.reactor.callFromThread(self.on_hangup)
 
     def _received(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -90,8 +100,10 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     from twisted.internet import reactor
 
     from fedhub.hub import Hub
+    from fedhub.systemd import NotifyService
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
     hub = Hub(config, reactor)
-    GracefulStop(reactor).setServiceParent(hub)
+    GracefulStop(reactor, on_hangup=hub.reopen_files).setServiceParent(hub)
+    NotifyService(reactor).setServiceParent(hub)
     return hub

@@ -67,6 +67,9 @@ class RecordingHandler:
     def stop(self) -> None:
         self.stopped = True
 
+    def reopen(self) -> None:
+        self.reopened = getattr(self, "reopened", 0) + 1
+
 
 @implementer(IConsumerPlugin)
 class RecordingPlugin:
@@ -191,6 +194,11 @@ class HubTests(TestCase):
         stats = self.hub.consumers["c"].stats
         self.assertEqual((stats["dropped"], stats["dead_lettered"]), (1, 1))
         self.assertEqual(self.hub.domains["two"].bus.queue_depth("fedhub.c.dead"), 1)  # type: ignore[attr-defined]
+
+    def test_reopen_files(self) -> None:
+        """reopen_files() (SIGHUP) calls reopen() on every handler that has one."""
+        self.hub.reopen_files()
+        self.assertEqual([getattr(h, "reopened", 0) for h in self.plugin.handlers.values()], [1, 1, 1])
 
     def test_memory_warning(self) -> None:
         """Starting a memory domain logs that its messages do not leave the process."""

@@ -1,0 +1,86 @@
+"""
+Log output for operators: one JSON object per line.
+
+C{twistd --logger fedhub.logs.json_logger fedhub ...} writes every log event
+to standard output as a JSON object with stable keys, for journald, Loki or
+Elasticsearch::
+
+    {"time": "2026-11-28T06:00:00.123456+00:00", "level": "info",
+     "namespace": "fedhub.consumers.runner.ConsumerService",
+     "text": "Consumer log consumes fedhub.log for #",
+     "consumer": "log", "queue": "fedhub.log"}
+
+The keys C{msg_id}, C{topic}, C{domain}, C{producer}, C{consumer}, C{queue},
+C{peer}, C{reason} and C{error} are copied from the event when present; a
+failure adds C{traceback}.  Text is escaped so no event can forge a line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, formatEvent
+from zope.interface import implementer
+
+from fedhub.text import escape_control
+
+#: Event fields copied into every JSON line that has them.
+FIELDS = ("msg_id", "topic", "domain", "producer", "consumer", "queue", "peer", "reason", "error")
+
+
+def event_record(event: dict[str, Any]) -> dict[str, Any]:
+    """
+    The JSON-ready record of one log event.
+    """
+    when = event.get("log_time")
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": (
+            datetime.fromtimestamp(when, timezone.utc).isoformat()
+            if isinstance(when, (int, float))
+            else None
+        ),
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", "-"),
+        "text": escape_control(formatEvent(event) or ""),
+    }
+    for key in FIELDS:
+        value = event.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float, bool)):
+            record[key] = value
+        else:
+            record[key] = escape_control(str(value))
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)
+    return record
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """
+    Writes each event as one JSON line to a text stream.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event_record(event), ensure_ascii=False, default=str)
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def json_logger() -> ILogObserver:
+    """
+    The observer factory for C{twistd --logger fedhub.logs.json_logger}.
+    """
+    return JSONLinesObserver(sys.stdout)

@@ -1,0 +1,170 @@
+"""
+Tests for what operators run the hub with: JSON logs and systemd's
+notification protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.logs import JSONLinesObserver, event_record
+from fedhub.systemd import Notifier, NotifyService
+
+
+class JSONLogTests(SynchronousTestCase):
+    """
+    L{fedhub.logs}.
+    """
+
+    def event(self, **fields: Any) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "log_format": "Consumer {consumer} got {topic}",
+            "log_level": LogLevel.info,
+            "log_namespace": "fedhub.test",
+            "log_time": 1_790_000_000.25,
+        }
+        event.update(fields)
+        return event
+
+    def test_record(self) -> None:
+        """A record has time, level, namespace, text and the stable fields present."""
+        record = event_record(self.event(consumer="log", topic="a.b", msg_id="m1", other="x"))
+        self.assertEqual(record["level"], "info")
+        self.assertEqual(record["namespace"], "fedhub.test")
+        self.assertEqual(record["text"], "Consumer log got a.b")
+        self.assertTrue(record["time"].endswith("+00:00"))
+        self.assertEqual((record["consumer"], record["topic"], record["msg_id"]), ("log", "a.b", "m1"))
+        self.assertNotIn("other", record)
+
+    def test_control_characters(self) -> None:
+        """Hostile field values can not forge lines or drive terminals."""
+        record = event_record(self.event(consumer="x", topic="a\nb\x1b[2J"))
+        self.assertNotIn("\n", record["text"])
+        self.assertNotIn("\x1b", record["topic"])
+
+    def test_failure(self) -> None:
+        """A logged failure adds its traceback."""
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        record = event_record(self.event(log_failure=failure, consumer="c", topic="t"))
+        self.assertIn("ZeroDivisionError", record["traceback"])
+
+    def test_one_line_each(self) -> None:
+        """The observer writes one parseable JSON line per event."""
+        stream = io.StringIO()
+        observer = JSONLinesObserver(stream)
+        observer(self.event(consumer="a", topic="t"))
+        observer(self.event(consumer="b", topic="t"))
+        lines = stream.getvalue().splitlines()
+        self.assertEqual([json.loads(line)["consumer"] for line in lines], ["a", "b"])
+
+    def test_twistd_json_logs(self) -> None:
+        """twistd --logger fedhub.logs.json_logger makes every output line a JSON object."""
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        config = state / "hub.toml"
+        config.write_text(
+            f'[hub]\nstate_dir = "{state}"\n[domains.d]\nbroker = "memory"\n'
+            '[[consumers]]\nname = "log"\nplugin = "log"\ndomain = "d"\ntopics = ["#"]\n'
+        )
+        twistd = Path(sys.executable).parent / "twistd"
+        process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "--logger", "fedhub.logs.json_logger",
+             "fedhub", "--config", str(config)],
+            cwd=str(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        lines: list[str] = []
+        try:
+            assert process.stdout is not None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = process.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+                if "SIGTERM or SIGINT stops it" in line:
+                    break
+            process.send_signal(signal.SIGHUP)
+            while time.monotonic() < deadline:
+                line = process.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+                if "SIGHUP" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            rest, errors = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        lines += rest.splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        self.assertTrue(any(r.get("consumer") == "log" for r in records), lines)
+        self.assertTrue(any("Server Shut Down" in r["text"] for r in records), lines)
+        self.assertTrue(any("SIGHUP: reopening files" in r["text"] for r in records), lines)
+        self.assertEqual(process.returncode, 0, errors)
+
+
+class NotifyTests(SynchronousTestCase):
+    """
+    L{fedhub.systemd}.
+    """
+
+    def listen(self) -> socket.socket:
+        path = os.path.abspath(self.mktemp())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(5)
+        self.addCleanup(sock.close)
+        self.path = path
+        return sock
+
+    def test_silent_without_systemd(self) -> None:
+        """Without NOTIFY_SOCKET nothing is sent."""
+        self.assertFalse(Notifier({}).notify("READY=1"))
+
+    def test_ready_watchdog_stopping(self) -> None:
+        """READY=1 once the reactor runs, WATCHDOG=1 every half interval, STOPPING=1 on stop."""
+        sock = self.listen()
+        notifier = Notifier({"NOTIFY_SOCKET": self.path, "WATCHDOG_USEC": "10000000"})
+        self.assertEqual(notifier.watchdog_interval, 5.0)
+        clock = Clock()
+        running: list[Any] = []
+        clock.callWhenRunning = lambda f, *a: running.append((f, a))  # type: ignore[attr-defined]
+        service = NotifyService(clock, notifier)
+        service.startService()
+        for f, a in running:
+            f(*a)
+        self.assertEqual(sock.recv(1000), b"READY=1\nSTATUS=fedhub running")
+        self.assertEqual(sock.recv(1000), b"WATCHDOG=1")
+        clock.advance(5)
+        self.assertEqual(sock.recv(1000), b"WATCHDOG=1")
+        service.stopService()
+        self.assertEqual(sock.recv(1000), b"STOPPING=1\nSTATUS=fedhub draining")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_watchdog_for_another_pid(self) -> None:
+        """A watchdog meant for another process is ignored."""
+        notifier = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+        self.assertIsNone(notifier.watchdog_interval)
+
+    def test_send_failure_logged(self) -> None:
+        """A socket that is gone makes notify return False, not raise."""
+        self.assertFalse(Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).notify("READY=1"))
