@@ -10,10 +10,13 @@ their own file (C{tests/data/...}), never relative to the working directory.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,3 +31,40 @@ def scratch_directory() -> Iterator[str]:
             yield scratch
         finally:
             os.chdir(previous)
+
+
+#: What must never appear in a log line: private key material, and URLs with
+#: a password in them (fedhub logs broker URLs with the password masked).
+SECRET_PATTERNS = (
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:(?!\*\*\*@)[^/\s@]+@", re.IGNORECASE),
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[list[str]]:
+    """
+    Watch every log event of the whole run; fail the run if any carries key
+    material or a password.
+    """
+    leaks: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        try:
+            text = formatEvent(event)
+            fields = " ".join(repr(v) for k, v in event.items() if not k.startswith("log_"))
+        except Exception:
+            return
+        for pattern in SECRET_PATTERNS:
+            for candidate in (text, fields):
+                match = pattern.search(candidate)
+                if match:
+                    leaks.append(f"{event.get('log_namespace')}: ...{candidate[max(0, match.start() - 40):match.end() + 10]}...")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield leaks
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    if leaks:
+        pytest.fail("secrets in logs:\n" + "\n".join(leaks[:10]), pytrace=False)
