@@ -829,10 +829,10 @@ class ExecHandler:
             argv = self._argv(newest)
             env = self._env(newest, len(messages))
         except TemplateError as e:
-            self._settle_batch(batch, Failure(DeadLetter(f"can not build the command: {e.reason}")))
+            self._settle_batch(batch, DeadLetter(f"can not build the command: {e.reason}"))
             return
         except DeadLetter as e:
-            self._settle_batch(batch, Failure(e))
+            self._settle_batch(batch, e)
             return
         stdin = None
         if self.settings.stdin:
@@ -840,7 +840,7 @@ class ExecHandler:
         try:
             d = self._spawn(argv, env, stdin, messages)
         except Retry as e:
-            self._settle_batch(batch, Failure(e))
+            self._settle_batch(batch, e)
             return
         d.addCallback(self._verdict, messages)
         d.addBoth(lambda outcome: self._settle_batch(batch, outcome))
@@ -848,7 +848,7 @@ class ExecHandler:
     def _settle_batch(self, batch: _Batch, outcome: object) -> None:
         self._batch_running = False
         for waiter in batch.waiters:
-            if isinstance(outcome, Failure):
+            if isinstance(outcome, (Failure, BaseException)):
                 waiter.errback(outcome)
             else:
                 waiter.callback(None)
