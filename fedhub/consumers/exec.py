@@ -648,7 +648,6 @@ class ExecHandler:
         self._batch: _Batch | None = None
         self._batch_running = False
         self._stopping = False
-        self._started = False
 
     # lifecycle
 
@@ -676,7 +675,6 @@ class ExecHandler:
             raise ConfigError(
                 [ConfigProblem(f"{self.name}.cwd", f"{self.settings.cwd!r} is not a directory")]
             )
-        self._started = True
 
     def stop(self) -> Deferred[None]:
         """
