@@ -23,8 +23,8 @@ every acknowledged message durable even across a power loss; without fsync,
 an acknowledged message survives a crash of the hub but not of the machine.
 Keep the file on a local disk: on a network file system a write can block.
 
-Log rotation: L{RecordHandler.reopen} closes and reopens the file (what a
-C{SIGHUP} handler would call).  Besides, before each write the handler
+Log rotation: L{RecordHandler.reopen} closes and reopens the file; the hub
+calls it on C{SIGHUP} (L{fedhub.hub.Hub.reopen_files}).  Besides, before each write the handler
 checks whether the path still names the file it has open (C{stat} against
 C{fstat}), so a file renamed or removed by C{logrotate} is followed by a new
 one at the path without any signal.  The file is meant to have one writer.
