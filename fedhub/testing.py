@@ -82,6 +82,7 @@ class ConsumerHarness:
         C{reactor}) use; a L{Clock} unless a reactor was given.
     @ivar bus: The L{MemoryBus} of the consumer's domain.
     @ivar publisher: The plugin's publisher, a L{RecordingPublisher}.
+    @ivar peers: The publishers of the other domains, by name.
     @ivar handler: What the plugin built.
     @ivar service: The consumer runner.
     @ivar settled: Every L{Settled} so far, in order.
@@ -101,6 +102,7 @@ class ConsumerHarness:
         retry_delay: float = 10.0,
         max_retries: int = 5,
         on_error: str = "retry",
+        peer_domains: tuple[str, ...] = (),
     ) -> None:
         """
         Build the plugin's handler and its consumer.
@@ -109,10 +111,14 @@ class ConsumerHarness:
             C{options} (a L{fedhub.errors.ConfigError} names what is wrong).
         @param reactor: A real reactor for plugins that do real I/O; by
             default a L{Clock}, advanced by L{deliver} and L{advance}.
+        @param peer_domains: Other domains; a plugin that sets
+            C{crosses_domains = True} (a bridge) gets a L{RecordingPublisher}
+            for each, found in L{peers}.
         """
         self.clock = reactor if reactor is not None else Clock()
         self.bus = MemoryBus(domain, clock=self.clock)
         self.publisher = RecordingPublisher(domain)
+        self.peers = {name: RecordingPublisher(name) for name in peer_domains}
         checked = check_options(plugin.options, options or {})
         if hub is None:
             hub = HubSettings(state_dir=tempfile.mkdtemp(prefix="fedhub-harness-"))
@@ -138,6 +144,9 @@ class ConsumerHarness:
             reactor=self.clock,
             hub=hub,
             component=component,
+            peer_publishers=(
+                dict(self.peers) if getattr(plugin, "crosses_domains", False) is True else {}
+            ),
         )
         self.handler: IMessageHandler = plugin.build(context)
         self.service = ConsumerService(component, self.handler, self.bus, self.clock)

@@ -147,3 +147,23 @@ class RecordingPublisherTests(SynchronousTestCase):
     def test_rejects_non_messages(self) -> None:
         """Handing over something that is not a Message fails."""
         self.failureResultOf(RecordingPublisher().publish({"topic": "a"}), TypeError)  # type: ignore[arg-type]
+
+
+class PeerTests(SynchronousTestCase):
+    """
+    Only plugins that cross domains get the other domains' publishers.
+    """
+
+    def test_bridge_gets_peers(self) -> None:
+        """The bridge plugin forwards into the peer publisher; the echo plugin sees no peers."""
+        from fedhub.consumers.bridge import BridgePlugin
+
+        harness = ConsumerHarness(
+            BridgePlugin(), {"to_domain": "other", "allow": ["a.#"]}, peer_domains=("other",)
+        )
+        harness.start()
+        settled = self.successResultOf(harness.deliver("a.b", {"x": 1}))
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual([m.id for m in harness.peers["other"].published], [settled.message.id])
+        echo = ConsumerHarness(EchoPlugin(), peer_domains=("other",))
+        self.assertEqual(dict(echo.handler.context.peer_publishers), {})  # type: ignore[attr-defined]
