@@ -544,11 +544,24 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             except Exception:
                 pass
         if not self.lost and self.transport is not None:
-            self.transport.loseConnection()
+            self.lose_transport()
         watchdog = self.clock.callLater(timeout, self.abort, "close timed out")
         await lost
         if watchdog.active():
             watchdog.cancel()
+
+    def lose_transport(self) -> None:
+        """
+        Close the transport cleanly.  The write gate is unregistered first: a
+        TLS transport sends no close_notify, and so never closes, while a
+        producer is registered on it.
+        """
+        transport = self.transport
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            pass
+        transport.loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """
@@ -1012,7 +1025,7 @@ class _Delegate(TwistedDelegate):  # type: ignore[misc]
         client.closed = True
         client.started.fail_if_not_fired(Closed(reason))
         if not client.lost and client.transport is not None:
-            client.transport.loseConnection()
+            client.lose_transport()
 
     def channel_close(self, channel: Any, message: Any) -> None:
         channel.channel_close_ok().addErrback(lambda _: None)
