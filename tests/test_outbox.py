@@ -313,6 +313,54 @@ class HandOverTests(OutboxTestCase):
             self.successResultOf(d)
         self.assertEqual(bus.published, messages)
 
+    def test_group_commit_chained(self) -> None:
+        """
+        Hand-overs made from the callbacks of committed ones share the next transaction.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=1000)
+        commits: list[CommitResult] = []
+        outbox.store.commit_hook = commits.append
+        follow_ups: list[Deferred[None]] = []
+        # Handed over while the store opens: they go in the first transaction.
+
+        def follow_up(result: None, n: int) -> None:
+            follow_ups.append(outbox.publish(make_message(10 + n)))
+
+        for n in range(3):
+            outbox.publish(make_message(n)).addCallback(follow_up, n)
+        executor.run_all()
+        self.assertEqual([c.inserted for c in commits], [3, 3])
+        for d in follow_ups:
+            self.successResultOf(d)
+
+    def test_large_batch_bounded(self) -> None:
+        """
+        A transaction larger than memory may hold leaves its newest messages on disk, and order holds.
+        """
+        bus = FakeBus()
+        bus.connected = False
+        executor = ManualExecutor()
+        outbox, _ = self.make(bus, executor=executor, window=2, read_batch=4, max_waiting=10)
+        executor.run_all()
+        messages = [make_message(n) for n in range(10)]
+        self.publish_all(outbox, messages)
+        executor.run_all()
+        self.assertLessEqual(outbox.held(), 2 + 4 + 10)
+        more = [make_message(n) for n in range(10, 20)]
+        self.publish_all(outbox, more)
+        self.assertLessEqual(outbox.held(), 2 + 4 + 10)
+        executor.run_all()
+        self.assertLessEqual(outbox.held(), 2 + 4 + 10)
+        bus.connected = True
+        self.clock.advance(10)
+        while bus.outstanding or executor.queue:
+            executor.run_all()
+            self.assertLessEqual(outbox.held(), 2 + 4 + 10)
+            if bus.outstanding:
+                bus.ack()
+        self.assertEqual(bus.published, messages + more)
+
     def test_deletes_batched(self) -> None:
         """
         Confirms that arrive while a transaction runs are deleted together in the next one.
@@ -728,6 +776,28 @@ class LimitTests(OutboxTestCase):
         self.successResultOf(outbox.publish(make_message(6000)))
         self.assertEqual(bus.published[-1].body["n"], 6000)
 
+    def test_retry_from_errback_refused(self) -> None:
+        """
+        A producer that hands over again from the errback of a disk-full failure is refused without a new transaction.
+        """
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor)
+        executor.run_all()
+        conn = outbox.store._db.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        again: list[Deferred[None]] = []
+        big = Message.create("org.example.t", {"x": "y" * 20000})
+        first = outbox.publish(big)
+        first.addErrback(lambda f: again.append(outbox.publish(big)))
+        executor.run_all()
+        self.assertEqual(len(again), 1)
+        failure = self.failureResultOf(again[0], TemporarilyUnavailable)
+        self.assertIn("full", failure.value.reason)
+        self.assertEqual(len(executor.queue), 0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
     def test_store_locked_then_free(self) -> None:
         """
         An outbox whose store is held elsewhere refuses hand-overs, and opens once it is free.
@@ -800,10 +870,10 @@ class RecoveryTests(OutboxTestCase):
         """
         bus = FakeBus()
         bus.connected = False
-        first, _ = self.make(bus, window=5, read_batch=8)
+        first, _ = self.make(bus, window=5, read_batch=8, max_waiting=4)
         messages = [make_message(n) for n in range(60)]
         self.publish_all(first, messages)
-        self.assertLessEqual(first.held(), 5 + 8)
+        self.assertLessEqual(first.held(), 5 + 8 + 4)
         self.abandon(first)
         second, bus2 = self.make(FakeBus(), window=5, read_batch=8)
         while bus2.outstanding:
@@ -920,21 +990,22 @@ class RecoveryTests(OutboxTestCase):
         bus = FakeBus()
         bus.connected = False
         executor = ManualExecutor()
-        outbox, _ = self.make(bus, executor=executor, window=100, read_batch=200)
+        outbox, _ = self.make(bus, executor=executor, window=100, read_batch=200, max_waiting=1000)
         executor.run_all()
         messages = [make_message(n) for n in range(10_000)]
         for start in range(0, len(messages), 1000):
             handovers = self.publish_all(outbox, messages[start : start + 1000])
+            self.assertLessEqual(outbox.held(), 100 + 200 + 1000)
             executor.run_all()
             for d in handovers:
                 self.successResultOf(d)
-            self.assertLessEqual(outbox.held(), 200)
+            self.assertLessEqual(outbox.held(), 200 + 1000)
         self.assertEqual(outbox.store.pending_count, 10_000)
         bus.connected = True
         self.clock.advance(10)
         while bus.outstanding or executor.queue:
             executor.run_all()
-            self.assertLessEqual(outbox.held(), 100 + 200)
+            self.assertLessEqual(outbox.held(), 100 + 200 + 1000)
             bus.ack_all()
         self.assertEqual(bus.published, messages)
         self.assertEqual(outbox.store.pending_count, 0)

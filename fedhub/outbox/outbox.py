@@ -390,6 +390,8 @@ class Outbox(Service):
         self._inserts.append(_Handover(message, data, self._reactor.seconds(), d))
         self._waiting_count += 1
         self._waiting_bytes += size
+        if len(self._ready) > self._read_batch:
+            self._trim()
         self._flush()
         return d
 
@@ -637,7 +639,7 @@ class Outbox(Service):
             self.log.failure("The outbox store of domain {domain} did not open", failure, domain=self.domain)
             self._check_stop()
             return
-        self._set_trouble(failure)
+        self._set_trouble(failure, [])
 
     def _trouble_reason(self, error: BaseException) -> str:
         if isinstance(error, StoreError):
@@ -648,9 +650,12 @@ class Outbox(Service):
             return f"the outbox of domain {self.domain} can not write: {error.reason}"
         return f"the outbox of domain {self.domain} can not write: {error!r}"
 
-    def _set_trouble(self, failure: TwistedFailure) -> None:
+    def _set_trouble(self, failure: TwistedFailure, failed: list[_Handover]) -> None:
         """
         The store failed: refuse hand-overs for a while, then try again.
+
+        @param failed: Hand-overs of the failed transaction; they fail, and
+            so do those queued for the next one.
         """
         reason = self._trouble_reason(_error(failure))
         delay = self._backoff(self._trouble_attempt)
@@ -667,10 +672,14 @@ class Outbox(Service):
                 self.log.failure("{reason}", failure, reason=reason, domain=self.domain)
         else:
             self.log.info("{reason}; trying again in {delay:.1f}s", reason=reason, delay=delay, domain=self.domain)
+        # Set before failing anyone: a producer retrying at once from its
+        # errback must be refused, not start another transaction.
         self._trouble = reason
-        inserts, self._inserts = self._inserts, []
-        self._fail_handovers(inserts, reason)
+        if self._trouble_call is not None and self._trouble_call.active():
+            self._trouble_call.cancel()
         self._trouble_call = self._reactor.callLater(delay, self._trouble_over)
+        queued, self._inserts = self._inserts, []
+        self._fail_handovers(failed + queued, reason)
 
     def _trouble_over(self) -> None:
         self._trouble_call = None
@@ -726,7 +735,6 @@ class Outbox(Service):
             self._flushing = False
 
     def _committed(self, result: CommitResult, inserts: list[_Handover]) -> None:
-        self._committing = False
         self._trouble_attempt = 0
         count = len(inserts)
         if count:
@@ -734,25 +742,42 @@ class Outbox(Service):
                 self._waiting_bytes -= len(handover.data)
             self._waiting_count -= count
             self._accepted += count
-            first = result.first_seq
-            take = 0
             if not self._backlog and not self._loading:
-                # Keep what fits in memory so it need not be read back.
-                room = self._read_batch - len(self._ready) - len(self._resend)
-                take = max(0, min(room, count))
+                # Keep them in memory (they were held as hand-overs already)
+                # so they need not be read back.
+                first = result.first_seq
                 ready = self._ready
-                for i in range(take):
-                    handover = inserts[i]
+                for i, handover in enumerate(inserts):
                     ready.append(_Entry(first + i, handover.message, len(handover.data), handover.created))
-                if take:
-                    self._loaded_upto = first + take - 1
-            if take < count:
+                self._loaded_upto = first + count - 1
+                self._trim()
+            else:
                 self._backlog = True
+            # Still marked as committing: hand-overs made from these
+            # callbacks queue up for the next transaction together.
             for handover in inserts:
                 handover.deferred.callback(None)
+        self._committing = False
         self._flush()
         self._pump()
         self._check_stop()
+
+    def _trim(self) -> None:
+        """
+        Keep the messages held in memory within C{window + read_batch +
+        max_waiting}: past that, forget the newest committed messages not yet
+        sent; they are read back from disk in their turn.
+        """
+        ready = self._ready
+        excess = len(ready) + self._waiting_count - self._read_batch - self._max_waiting
+        if excess <= 0 or len(ready) <= self._read_batch:
+            return
+        seq = 0
+        while excess > 0 and len(ready) > self._read_batch:
+            seq = ready.pop().seq
+            excess -= 1
+        self._loaded_upto = seq - 1
+        self._backlog = True
 
     def _commit_failed(
         self,
@@ -761,7 +786,6 @@ class Outbox(Service):
         deletes: list[tuple[int, int]],
         failures: list[Failure],
     ) -> None:
-        self._committing = False
         if self._stop_d is not None:
             reason = self._trouble_reason(_error(failure))
             if deletes or failures:
@@ -776,13 +800,14 @@ class Outbox(Service):
             self._deletes = []
             self._failures = []
             self._fail_handovers(inserts + queued, reason)
+            self._committing = False
             self._check_stop()
             return
         # Keep the bookkeeping for the next attempt; refuse the hand-overs.
         self._deletes[:0] = deletes
         self._failures[:0] = failures
-        self._fail_handovers(inserts, self._trouble_reason(_error(failure)))
-        self._set_trouble(failure)
+        self._set_trouble(failure, inserts)
+        self._committing = False
 
     # --- sending ---------------------------------------------------------
 
