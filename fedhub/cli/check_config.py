@@ -7,8 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedhub.config import load_config
-from fedhub.errors import ConfigError
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from fedhub.config import ComponentConfig, Config, load_config
+from fedhub.errors import ConfigError, ConfigProblem, TemporarilyUnavailable
+from fedhub.interfaces import IPublisher
+from fedhub.message import Message
+from fedhub.plugins import PluginContext, find_plugin
+from fedhub.text import escape_control
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +26,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="the TOML configuration file")
 
 
+@implementer(IPublisher)
+class _NoPublisher:
+    """
+    What plugins get while they are only built to be checked: it takes nothing.
+    """
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+    def publish(self, message: Message) -> Deferred[None]:
+        return fail(TemporarilyUnavailable("check-config publishes nothing", message.id))
+
+
+def build_problems(config: Config) -> list[ConfigProblem]:
+    """
+    Build every component the way the hub would (plugins do no I/O when
+    built), and collect what their plugins refuse: problems only a plugin
+    can see, such as a bridge naming an unknown domain.
+    """
+    problems: list[ConfigProblem] = []
+    publishers = {name: _NoPublisher(name) for name in config.domains}
+    for component in config.components:
+        plugin = find_plugin(component.kind, component.plugin)
+        peers = {}
+        if getattr(plugin, "crosses_domains", False) is True:
+            peers = {n: p for n, p in publishers.items() if n != component.domain}
+        context = PluginContext(
+            name=component.name,
+            domain=component.domain,
+            options=component.options,
+            publisher=publishers[component.domain],
+            reactor=Clock(),
+            hub=config.hub,
+            component=component,
+            peer_publishers=peers,
+        )
+        try:
+            plugin.build(context)
+        except ConfigError as e:
+            problems.extend(e.problems)
+        except Exception as e:
+            problems.append(_refused(component, e))
+    return problems
+
+
+def _refused(component: ComponentConfig, error: Exception) -> ConfigProblem:
+    text = escape_control(f"{type(error).__name__}: {error}", 300)
+    return ConfigProblem(component.path, f"plugin {component.plugin!r} refused it: {text}")
+
+
 def run(args: argparse.Namespace) -> int:
     """
     Exit 0 and summarize when the file is valid; print one line per problem
@@ -25,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         config = load_config(args.file)
+        problems = build_problems(config)
     except ConfigError as e:
-        print(f"{args.file}: {len(e.problems)} problem(s)", file=sys.stderr)
-        for problem in e.problems:
+        problems = e.problems
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     print(

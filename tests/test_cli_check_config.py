@@ -1,0 +1,102 @@
+"""
+Tests for C{fedhub check-config} and the example configurations it checks.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class CheckConfigTests(SynchronousTestCase):
+    """
+    The command's exit status and output.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).absolute()
+        self.directory.mkdir(parents=True)
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", self.out)
+        self.patch(sys, "stderr", self.err)
+
+    def check(self, text: str) -> int:
+        path = self.directory / "hub.toml"
+        path.write_text(f'[hub]\nstate_dir = "{self.directory}"\n' + text)
+        return main(["check-config", str(path)])
+
+    def test_valid(self) -> None:
+        """A valid file exits 0 with a one-line summary."""
+        code = self.check('[domains.a]\nbroker = "memory"\n[[consumers]]\nname = "l"\nplugin = "log"\n'
+                          'domain = "a"\ntopics = ["#"]\n')
+        self.assertEqual(code, 0)
+        self.assertIn("OK (1 domain(s), 0 producer(s), 1 consumer(s))", self.out.getvalue())
+
+    def test_every_problem(self) -> None:
+        """Every problem gets its own line with key path and line; exit status 1."""
+        code = self.check('bogus = 1\n[domains.a]\nbroker = "memory"\n[[consumers]]\nname = "l"\n'
+                          'plugin = "log"\ndomain = "fas"\n')
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertTrue(lines[0].endswith(": 2 problem(s)"), lines)
+        self.assertEqual(lines[1:], ["hub.bogus: unknown key (line 3)",
+                                     'consumers[0].domain: unknown domain "fas" (line 9)'])
+
+    def test_plugin_refusals_reported(self) -> None:
+        """Problems only a plugin sees when built (a bridge to an unknown domain) are reported too."""
+        code = self.check('[domains.a]\nbroker = "memory"\n[[consumers]]\nname = "b"\nplugin = "bridge"\n'
+                          'domain = "a"\ntopics = ["#"]\nto_domain = "nowhere"\nallow = ["#"]\n')
+        self.assertEqual(code, 1)
+        self.assertIn("consumers[0].to_domain", self.err.getvalue())
+
+    def test_missing_file(self) -> None:
+        """A file that can not be read is a problem, not a traceback."""
+        self.assertEqual(main(["check-config", str(self.directory / "none.toml")]), 1)
+        self.assertIn("problem", self.err.getvalue())
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    """
+    The configurations in examples/ are valid once the files they name exist.
+    """
+
+    def materialize(self, name: str) -> Path:
+        """Copy an example, pointing every absolute path it names at readable files in a temp dir."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        text = (ROOT / "examples" / name).read_text()
+
+        def replace(match: re.Match[str]) -> str:
+            target = directory / match.group(1).lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.suffix in (".pem", ".key", ".secret", ".token", ".txt"):
+                target.write_text("placeholder\n")
+            return f'"{target}"'
+
+        text = re.sub(r'"(/(?:etc|var|srv|opt)/[^"]+)"', replace, text)
+        path = directory / name
+        path.write_text(text)
+        return path
+
+    def test_hub_example(self) -> None:
+        """examples/hub.toml (three domains) passes check-config."""
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        self.assertEqual(main(["check-config", str(self.materialize("hub.toml"))]), 0, err.getvalue())
+        self.assertIn("OK (3 domain(s), 2 producer(s), 2 consumer(s))", out.getvalue())
+
+    def test_pollers_example(self) -> None:
+        """examples/pollers.toml passes check-config."""
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        self.assertEqual(main(["check-config", str(self.materialize("pollers.toml"))]), 0, err.getvalue())
