@@ -58,6 +58,28 @@ from zope.interface import Interface, implementer
 
 from fedhub import __version__
 from fedhub.amqp.codec import FieldTableFrameMixin, FrameError
+from fedhub.amqp.frames import (
+    ACK,
+    BASIC,
+    DELIVER,
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    NACK,
+    RETURN,
+    Content,
+    ContentDecoder,
+    Deliver,
+    PublishEncoder,
+    decode_deliver,
+    decode_return,
+    decode_tag_bits,
+    encode_ack,
+    encode_nack,
+    encode_reject,
+)
 from fedhub.errors import (
     AccessRefused,
     ChannelError,
@@ -79,6 +101,15 @@ FRAME_HEADER_SIZE = 7
 
 FRAME_OVERHEAD = 8
 """Header plus the frame-end octet."""
+
+_FRAME_HEAD = struct.Struct("!BHI")
+_CLASS_METHOD = struct.Struct("!HH")
+
+_ACK_ENCODERS: dict[str, Any] = {
+    "basic.ack": encode_ack,
+    "basic.reject": encode_reject,
+    "basic.nack": encode_nack,
+}
 
 DEFAULT_FRAME_MAX = 131072
 """The frame size fedhub asks for (RabbitMQ's default)."""
@@ -167,7 +198,7 @@ def map_error(error: BaseException | Failure) -> BaseException:
 
       - a channel closed by the broker: the typed L{ChannelError} of its reply;
       - a connection closed by the broker: L{AccessRefused} for a refused
-        login (403), else L{NotConnected} naming the reply;
+        login (403) or vhost (530), else L{NotConnected} naming the reply;
       - a connection lost or closed by us: L{NotConnected}.
 
     Anything else is returned unchanged.
@@ -193,6 +224,10 @@ def map_error(error: BaseException | Failure) -> BaseException:
                 return error_for_reply(code, text)
             if code == 403:
                 return error_for_reply(code, text)
+            if code == 530:
+                # NOT_ALLOWED on connection.open: the vhost is refused to
+                # this user (or missing, or at its connection limit).
+                return AccessRefused(code, _text(text))
             return NotConnected(f"the broker closed the connection: {code} {text}")
         return NotConnected(f"the connection is closed ({reason!r})")
     if isinstance(error, QueueClosed):
@@ -439,13 +474,20 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self.lost = False
         self.opened = False
         self.lost_reason: Failure | None = None
-        self._buffer = bytearray()
         # Until tuning, frames are small; AMQP's minimum frame size bounds them.
         self._frame_limit = DEFAULT_FRAME_MAX
         self._heartbeat_call: IDelayedCall | None = None
         self._last_received = 0.0
         self._last_sent = 0.0
         self._lost_waiters: list[Deferred[BaseException]] = []
+        # A frame split across reads: its pieces, their size, and how many
+        # bytes the next step needs (a frame header, or the whole frame).
+        self._partial: list[bytes] = []
+        self._partial_size = 0
+        self._partial_need = 0
+        self.fast_frames = True
+        self._publisher = PublishEncoder(spec, DEFAULT_FRAME_MAX)
+        self._contents = ContentDecoder(spec)
         self._next_channel = 0
         self._closing_channels: set[int] = set()
         self._gate = _WriteGate(self)
@@ -641,36 +683,166 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
     def dataReceived(self, data: bytes) -> None:
         """
         Split the byte stream into frames and handle each one.
+
+        A frame split across reads is kept in pieces and joined once it is
+        complete, so a large frame arriving in many reads is copied once.
         """
         self._last_received = self.clock.seconds()
         if self.lost:
             return
-        buffer = self._buffer
-        buffer += data
-        offset = 0
-        size = len(buffer)
-        limit = self._frame_limit
+        if self._partial:
+            self._partial.append(data)
+            self._partial_size += len(data)
+            if self._partial_size < self._partial_need:
+                return
+            data = b"".join(self._partial)
+            self._partial = []
+            self._partial_size = 0
         try:
-            while size - offset >= FRAME_HEADER_SIZE:
-                (length,) = struct.unpack_from("!I", buffer, offset + 3)
-                if length + FRAME_OVERHEAD > limit:
-                    raise FrameError(
-                        "bad-length", None, f"frame of {length} bytes exceeds frame-max {limit}"
-                    )
-                end = offset + FRAME_OVERHEAD + length
-                if end > size:
-                    break
-                frame = self._unpack_frame(bytes(buffer[offset:end]))
-                offset = end
-                self.frame_received(frame)
-                if self.lost or getattr(self.transport, "disconnecting", False):
-                    break
+            offset = self._handle_frames(data)
         except FrameError as e:
             self.log.error("Bad frame from the broker: {error}", error=str(e))
-            del buffer[:]
+            self._contents.clear()
             self.abort("protocol error")
             return
-        del buffer[:offset]
+        if offset < len(data):
+            rest = data[offset:]
+            self._partial = [rest]
+            self._partial_size = len(rest)
+            if len(rest) < FRAME_HEADER_SIZE:
+                self._partial_need = FRAME_HEADER_SIZE
+            else:
+                self._partial_need = FRAME_OVERHEAD + _FRAME_HEAD.unpack_from(rest)[2]
+
+    def _handle_frames(self, data: bytes) -> int:
+        """
+        Handle the complete frames at the start of C{data}.
+
+        Frames of the hot paths (C{basic.deliver} and C{basic.return} with
+        their content, C{basic.ack}, C{basic.nack}, heartbeats) are decoded
+        here directly (L{fedhub.amqp.frames}); every other frame goes through
+        txamqp's generic decoder and channel queues.
+
+        @return: How many bytes were used (the rest is an incomplete frame,
+            or follows a frame after which the connection was closed).
+        @raise FrameError: A frame is malformed or too large.
+        """
+        size = len(data)
+        offset = 0
+        limit = self._frame_limit
+        fast = self.fast_frames
+        contents = self._contents
+        while size - offset >= FRAME_HEADER_SIZE:
+            frame_type, channel_id, length = _FRAME_HEAD.unpack_from(data, offset)
+            if length + FRAME_OVERHEAD > limit:
+                raise FrameError(
+                    "bad-length", None, f"frame of {length} bytes exceeds frame-max {limit}"
+                )
+            end = offset + FRAME_OVERHEAD + length
+            if end > size:
+                break
+            handled = False
+            if fast:
+                start = offset + FRAME_HEADER_SIZE
+                stop = end - 1
+                if data[stop] != FRAME_END:
+                    raise FrameError(
+                        "bad-frame-end", channel_id, f"expected {FRAME_END}, got {data[stop]}"
+                    )
+                if frame_type == FRAME_METHOD:
+                    if channel_id in contents.pending:
+                        raise FrameError(
+                            "unexpected-frame", channel_id, "a method in the middle of a message"
+                        )
+                    if channel_id and length >= 4:
+                        class_id, method_id = _CLASS_METHOD.unpack_from(data, start)
+                        if class_id == BASIC:
+                            handled = self._basic_method(data, start + 4, stop, channel_id, method_id)
+                elif frame_type == FRAME_HEADER or frame_type == FRAME_BODY:
+                    if channel_id in contents.pending:
+                        handled = True
+                        if frame_type == FRAME_HEADER:
+                            content = contents.header(data, start, stop, channel_id)
+                        else:
+                            content = contents.body(data, start, stop, channel_id)
+                        if content is not None:
+                            self._content_received(content)
+                elif frame_type == FRAME_HEARTBEAT:
+                    handled = True
+            if not handled:
+                frame = self._unpack_frame(data[offset:end])
+                offset = end
+                self.frame_received(frame)
+            else:
+                offset = end
+            if self.lost or getattr(self.transport, "disconnecting", False):
+                break
+        return offset
+
+    def _open_channel_for(self, channel_id: int) -> Any:
+        """
+        The open channel a frame is for, or C{None} when it is unknown or
+        closed (its frames are dropped, as L{frame_received} does).
+        """
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.closed:
+            return None
+        return channel
+
+    def _basic_method(self, data: bytes, pos: int, end: int, channel_id: int, method_id: int) -> bool:
+        """
+        Handle a C{basic} method of the hot paths.
+
+        @return: whether it was one (else the generic path handles it).
+        """
+        if method_id == DELIVER:
+            deliver = decode_deliver(data, pos, end, channel_id)
+            self._contents.method(channel_id, deliver, self._open_channel_for(channel_id))
+        elif method_id == ACK or method_id == NACK:
+            tag, bits = decode_tag_bits(data, pos, end, channel_id)
+            if self._open_channel_for(channel_id) is not None:
+                event = "basic_ack" if method_id == ACK else "basic_nack"
+                self._notify(event, channel_id, tag, bool(bits & 1))
+        elif method_id == RETURN:
+            returned = decode_return(data, pos, end, channel_id)
+            self._contents.method(channel_id, returned, self._open_channel_for(channel_id))
+        else:
+            return False
+        return True
+
+    def _content_received(self, content: Content) -> None:
+        """
+        A delivered or returned message is complete: tell the listener, unless
+        its channel is gone or closed meanwhile.
+        """
+        target = content.target
+        channel_id = content.channel
+        if target is None or target.closed or self.channels.get(channel_id) is not target:
+            return
+        method = content.method
+        if isinstance(method, Deliver):
+            self._notify(
+                "basic_deliver",
+                channel_id,
+                _text(method.consumer_tag),
+                method.delivery_tag,
+                method.redelivered,
+                _text(method.exchange),
+                _text(method.routing_key),
+                content.properties,
+                content.body,
+            )
+        else:
+            self._notify(
+                "basic_return",
+                channel_id,
+                method.reply_code,
+                _text(method.reply_text),
+                _text(method.exchange),
+                _text(method.routing_key),
+                content.properties,
+                content.body,
+            )
 
     def frame_received(self, frame: Any) -> None:
         """
@@ -778,6 +950,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         """
         if not self.channel_is_open(channel_id):
             return False
+        encode = _ACK_ENCODERS.get(name) if self.fast_frames else None
+        if encode is not None:
+            return self.write_bytes(encode(channel_id, *args))
         frame = Frame(channel_id, Method(self._method(name), *args))
         return self.write_bytes(self._pack_frame(frame))
 
@@ -803,6 +978,13 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         """
         if not self.channel_is_open(channel_id):
             return False
+        if self.fast_frames:
+            publisher = self._publisher
+            publisher.frame_max = self.MAX_LENGTH
+            data = publisher.publish(
+                channel_id, exchange, routing_key, body, properties, mandatory
+            )
+            return self.write_bytes(data)
         wire = {self._wire_property[name]: value for name, value in properties.items()}
         frames = [
             Frame(
@@ -910,6 +1092,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
     def _forget_channel(self, channel: Any) -> None:
         if self.channels.get(channel.id) is channel:
             del self.channels[channel.id]
+            self._contents.forget(channel.id)
 
     def channel_failed(self, channel: Any, reason: Any) -> None:
         """

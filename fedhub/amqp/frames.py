@@ -1,0 +1,637 @@
+"""
+Fast AMQP 0-9-1 frames for the hot paths: publishing, acknowledging, and the
+messages and confirms the broker sends.
+
+txamqp encodes and decodes every frame through a generic, field-by-field
+codec and hands each incoming frame through a queue of Deferreds: about half
+of the CPU a publish costs, and most of what a delivery costs.  This module
+does the few frames that come once or more per message directly with
+C{struct}:
+
+  - L{PublishEncoder}: a C{basic.publish} method frame, its content header
+    and its body frames as one C{bytes}, ready for a single write.  The
+    method frame's constant prefix and short strings that repeat (exchange,
+    content type) are encoded once and kept; the properties are encoded once
+    per message, the C{headers} table with fedhub's field-table codec;
+  - L{encode_ack}, L{encode_reject}, L{encode_nack}: the acknowledgements;
+  - L{ContentDecoder}: C{basic.deliver}, C{basic.return}, C{basic.ack} and
+    C{basic.nack} straight from the received bytes, with the content header
+    and body frames that follow a delivery or return assembled into one
+    L{Content}.
+
+The results are exactly those of the generic path: the frames
+L{PublishEncoder} writes are byte for byte what L{fedhub.amqp.codec.pack_frame}
+produces for the same method and properties (except where txamqp's encoder
+is wrong: it writes the length of a non-ASCII short string in characters, not
+bytes; here it is in bytes), and the values L{ContentDecoder} gives are those
+of L{fedhub.amqp.codec.unpack_frame} and txamqp's content reader (short
+strings are C{str} when they are valid UTF-8, else C{bytes}).  The tests in
+C{tests/test_amqp_frames.py} pin both.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from fedhub.amqp.codec import FieldTableDecodeError, FrameError, decode_table, encode_table
+from fedhub.errors import FedhubError
+
+FRAME_METHOD: Final = 1
+"""The frame type of a method."""
+FRAME_HEADER: Final = 2
+"""The frame type of a content header."""
+FRAME_BODY: Final = 3
+"""The frame type of a content body."""
+FRAME_HEARTBEAT: Final = 8
+"""The frame type of a heartbeat."""
+FRAME_END: Final = 0xCE
+"""The octet that ends every frame."""
+
+BASIC: Final = 60
+"""The class id of C{basic}."""
+PUBLISH: Final = 40
+"""C{basic.publish}."""
+RETURN: Final = 50
+"""C{basic.return}."""
+DELIVER: Final = 60
+"""C{basic.deliver}."""
+ACK: Final = 80
+"""C{basic.ack}."""
+REJECT: Final = 90
+"""C{basic.reject}."""
+NACK: Final = 120
+"""C{basic.nack}."""
+
+FRAME_OVERHEAD: Final = 8
+"""Type, channel, size and the end octet around every payload."""
+
+_HEAD = struct.Struct("!BHI")
+_CLASS_METHOD = struct.Struct("!HH")
+_HEADER_FIXED = struct.Struct("!HHQ")
+_SHORT = struct.Struct("!H")
+_LONG = struct.Struct("!I")
+_LONGLONG = struct.Struct("!Q")
+_OCTET = struct.Struct("!B")
+# A whole basic.ack / basic.reject / basic.nack frame: header, class, method,
+# delivery tag, bits, end.
+_TAG_FRAME = struct.Struct("!BHIHHQBB")
+_TAG_PAYLOAD_SIZE = 13
+_DELIVER_TAIL = struct.Struct("!QB")
+_RETURN_CODE = struct.Struct("!H")
+
+
+class FrameEncodeError(FedhubError, ValueError):
+    """
+    A value can not be put in a frame (for example a short string longer
+    than 255 bytes, or a property of the wrong type).
+
+    @ivar field: The method field or property concerned.
+    @ivar detail: What is wrong with it.
+    """
+
+    def __init__(self, field: str, detail: str) -> None:
+        self.field = field
+        self.detail = detail
+        super().__init__(f"{field}: {detail}")
+
+
+# --- encoding ---------------------------------------------------------------------
+
+
+def encode_shortstr(value: str | bytes, what: str = "short string") -> bytes:
+    """
+    A short string with its length octet; C{str} is sent as UTF-8.
+
+    @raise FrameEncodeError: It is longer than 255 bytes or not a string.
+    """
+    if isinstance(value, str):
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FrameEncodeError(what, "not encodable as UTF-8") from None
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+    else:
+        raise FrameEncodeError(what, f"a short string, not {type(value).__name__}")
+    if len(raw) > 255:
+        raise FrameEncodeError(what, f"{len(raw)} bytes; a short string holds at most 255")
+    return _OCTET.pack(len(raw)) + raw
+
+
+def _fixed(packer: struct.Struct, what: str) -> Callable[[Any], bytes]:
+    def encode(value: Any) -> bytes:
+        try:
+            return packer.pack(value)
+        except struct.error as e:
+            raise FrameEncodeError(what, str(e)) from None
+
+    return encode
+
+
+def _property_encoder(domain: str, what: str) -> Callable[[Any], bytes]:
+    if domain == "shortstr":
+        return lambda value: encode_shortstr(value, what)
+    if domain == "table":
+        return encode_table
+    if domain == "octet":
+        return _fixed(_OCTET, what)
+    if domain == "short":
+        return _fixed(_SHORT, what)
+    if domain == "long":
+        return _fixed(_LONG, what)
+    if domain in ("longlong", "timestamp"):
+        return _fixed(_LONGLONG, what)
+    if domain == "longstr":
+
+        def longstr(value: Any) -> bytes:
+            raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            return _LONG.pack(len(raw)) + raw
+
+        return longstr
+    raise ValueError(f"no encoder for property type {domain!r}")
+
+
+def python_name(name: str) -> str:
+    """A spec name as Python spells it: C{content-type} is C{content_type}."""
+    return name.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Property:
+    """
+    One content property of a class, in the order of the specification.
+
+    @ivar name: The Python name (C{content_type}).
+    @ivar wire: The spec name (C{content-type}).
+    @ivar domain: Its type (C{shortstr}, C{octet}, C{table}, C{timestamp}, ...).
+    @ivar index: Its position, which decides its flag bit.
+    """
+
+    name: str
+    wire: str
+    domain: str
+    index: int
+
+
+def basic_properties(spec: Any) -> tuple[Property, ...]:
+    """
+    The properties of the C{basic} class as the specification lists them.
+    """
+    klass = spec.classes.byname["basic"]
+    return tuple(
+        Property(python_name(f.name), f.name, f.type, index) for index, f in enumerate(klass.fields)
+    )
+
+
+def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    return _HEAD.pack(frame_type, channel, len(payload)) + payload + b"\xce"
+
+
+class PublishEncoder:
+    """
+    Encodes whole C{basic.publish} messages for one connection.
+
+    @ivar frame_max: The negotiated largest frame, header and end included;
+        bodies are split into frames of at most C{frame_max - 8} bytes.
+    """
+
+    CACHE_SIZE: Final = 1024
+    """Pre-encoded method frames kept, at most."""
+
+    REPEATING: Final = frozenset(
+        ("content_type", "content_encoding", "type", "user_id", "app_id", "reply_to")
+    )
+    """Short-string properties whose encodings are kept (their values repeat)."""
+
+    def __init__(self, spec: Any, frame_max: int) -> None:
+        self.frame_max = frame_max
+        self._properties = basic_properties(spec)
+        self._encoders: dict[str, Callable[[Any], bytes]] = {}
+        self._bits: dict[str, int] = {}
+        for prop in self._properties:
+            encoder = _property_encoder(prop.domain, prop.name)
+            if prop.name in self.REPEATING:
+                encoder = self._cached_shortstr(encoder)
+            self._encoders[prop.name] = encoder
+        self._order = [(p.name, p.index) for p in self._properties]
+        self._methods: dict[tuple[int, str, str, bool, bool], bytes] = {}
+
+    def _cached_shortstr(self, encoder: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+        """
+        Remember the encodings of a property whose values repeat (a few
+        dozen at most; the cache is emptied when it grows past that).
+        """
+        cache: dict[Any, bytes] = {}
+
+        def encode(value: Any) -> bytes:
+            try:
+                return cache[value]
+            except KeyError:
+                pass
+            except TypeError:
+                return encoder(value)
+            raw = encoder(value)
+            if len(cache) >= 64:
+                cache.clear()
+            cache[value] = raw
+            return raw
+
+        return encode
+
+    def method_frame(
+        self, channel: int, exchange: str, routing_key: str, mandatory: bool, immediate: bool = False
+    ) -> bytes:
+        """
+        The C{basic.publish} method frame (kept for the next message to the
+        same place).
+
+        @raise FrameEncodeError: The exchange or routing key is longer than
+            255 bytes.
+        """
+        key = (channel, exchange, routing_key, bool(mandatory), bool(immediate))
+        frame = self._methods.get(key)
+        if frame is None:
+            payload = b"".join(
+                (
+                    _CLASS_METHOD.pack(BASIC, PUBLISH),
+                    b"\0\0",  # reserved-1 (ticket)
+                    encode_shortstr(exchange, "exchange"),
+                    encode_shortstr(routing_key, "routing_key"),
+                    _OCTET.pack((1 if mandatory else 0) | (2 if immediate else 0)),
+                )
+            )
+            frame = _frame(FRAME_METHOD, channel, payload)
+            if len(self._methods) >= self.CACHE_SIZE:
+                self._methods.clear()
+            self._methods[key] = frame
+        return frame
+
+    def properties(self, properties: Mapping[str, Any]) -> tuple[int, bytes]:
+        """
+        The property flags and the encoded property list.
+
+        C{None} values count as absent.
+
+        @param properties: Values by Python name (C{content_type}, ...).
+        @raise KeyError: A name is not a property of C{basic}.
+        @raise FrameEncodeError: A value does not fit its property's type.
+        @raise fedhub.amqp.codec.FieldTableEncodeError: The C{headers} table
+            can not be encoded.
+        """
+        flags = 0
+        parts: list[bytes] = []
+        known = 0
+        encoders = self._encoders
+        for name, index in self._order:
+            if name not in properties:
+                continue
+            known += 1
+            value = properties[name]
+            if value is None:
+                continue
+            flags |= 1 << (15 - index)
+            parts.append(encoders[name](value))
+        if known != len(properties):
+            for name in properties:
+                if name not in encoders:
+                    raise KeyError(name)
+        return flags, b"".join(parts)
+
+    def publish(
+        self,
+        channel: int,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Mapping[str, Any],
+        mandatory: bool = False,
+        immediate: bool = False,
+    ) -> bytes:
+        """
+        One message as wire bytes: the method frame, the content header and
+        as many body frames as the body needs (none for an empty body).
+
+        @raise KeyError: A property name is unknown.
+        @raise FrameEncodeError: A name or property value can not be encoded.
+        @raise fedhub.amqp.codec.FieldTableEncodeError: The headers can not be
+            encoded.
+        """
+        flags, encoded = self.properties(properties)
+        if len(self._properties) > 15:  # pragma: no cover - not so in 0-9-1
+            raise FrameEncodeError("properties", "more than one flag word")
+        size = len(body)
+        header_payload = _HEADER_FIXED.pack(BASIC, 0, size) + _SHORT.pack(flags) + encoded
+        parts: list[bytes | memoryview] = [
+            self.method_frame(channel, exchange, routing_key, mandatory, immediate),
+            _HEAD.pack(FRAME_HEADER, channel, len(header_payload)),
+            header_payload,
+            b"\xce",
+        ]
+        chunk = self.frame_max - FRAME_OVERHEAD
+        if size <= chunk:
+            if size:
+                parts += (_HEAD.pack(FRAME_BODY, channel, size), body, b"\xce")
+        else:
+            view = memoryview(body)
+            for start in range(0, size, chunk):
+                piece = view[start : start + chunk]
+                parts += (_HEAD.pack(FRAME_BODY, channel, len(piece)), piece, b"\xce")
+        return b"".join(parts)
+
+
+def encode_ack(channel: int, delivery_tag: int, multiple: bool = False) -> bytes:
+    """A C{basic.ack} frame."""
+    return _TAG_FRAME.pack(
+        FRAME_METHOD, channel, _TAG_PAYLOAD_SIZE, BASIC, ACK, delivery_tag, 1 if multiple else 0, FRAME_END
+    )
+
+
+def encode_reject(channel: int, delivery_tag: int, requeue: bool) -> bytes:
+    """A C{basic.reject} frame."""
+    return _TAG_FRAME.pack(
+        FRAME_METHOD, channel, _TAG_PAYLOAD_SIZE, BASIC, REJECT, delivery_tag, 1 if requeue else 0, FRAME_END
+    )
+
+
+def encode_nack(channel: int, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> bytes:
+    """A C{basic.nack} frame."""
+    bits = (1 if multiple else 0) | (2 if requeue else 0)
+    return _TAG_FRAME.pack(
+        FRAME_METHOD, channel, _TAG_PAYLOAD_SIZE, BASIC, NACK, delivery_tag, bits, FRAME_END
+    )
+
+
+# --- decoding ---------------------------------------------------------------------
+
+
+def _shortstr_at(data: bytes, pos: int, end: int, channel: int) -> tuple[str | bytes, int]:
+    """
+    A short string at C{pos}: C{str} when it is valid UTF-8, else C{bytes}
+    (as txamqp decodes it).
+    """
+    if pos >= end:
+        raise FrameError("truncated", channel, "short string length missing")
+    size = data[pos]
+    stop = pos + 1 + size
+    if stop > end:
+        raise FrameError("truncated", channel, "short string runs past the frame")
+    raw = data[pos + 1 : stop]
+    try:
+        return raw.decode("utf-8"), stop
+    except UnicodeDecodeError:
+        return raw, stop
+
+
+def _check_end(pos: int, end: int, channel: int) -> None:
+    if pos != end:
+        raise FrameError("bad-length", channel, f"{end - pos} bytes left after the last field")
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """
+    The fields of a C{basic.deliver} method.
+    """
+
+    consumer_tag: str | bytes
+    delivery_tag: int
+    redelivered: bool
+    exchange: str | bytes
+    routing_key: str | bytes
+
+
+@dataclass(frozen=True)
+class Return:
+    """
+    The fields of a C{basic.return} method.
+    """
+
+    reply_code: int
+    reply_text: str | bytes
+    exchange: str | bytes
+    routing_key: str | bytes
+
+
+def decode_deliver(data: bytes, pos: int, end: int, channel: int) -> Deliver:
+    """
+    The arguments of a C{basic.deliver} whose arguments run from C{pos} (after
+    the class and method ids) to C{end} (before the frame end).
+
+    @raise FrameError: They are truncated or followed by stray bytes.
+    """
+    consumer_tag, pos = _shortstr_at(data, pos, end, channel)
+    if pos + 9 > end:
+        raise FrameError("truncated", channel, "basic.deliver ends early")
+    delivery_tag, bits = _DELIVER_TAIL.unpack_from(data, pos)
+    exchange, pos = _shortstr_at(data, pos + 9, end, channel)
+    routing_key, pos = _shortstr_at(data, pos, end, channel)
+    _check_end(pos, end, channel)
+    return Deliver(consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key)
+
+
+def decode_return(data: bytes, pos: int, end: int, channel: int) -> Return:
+    """
+    The arguments of a C{basic.return}.
+
+    @raise FrameError: They are truncated or followed by stray bytes.
+    """
+    if pos + 2 > end:
+        raise FrameError("truncated", channel, "basic.return ends early")
+    (reply_code,) = _RETURN_CODE.unpack_from(data, pos)
+    reply_text, pos = _shortstr_at(data, pos + 2, end, channel)
+    exchange, pos = _shortstr_at(data, pos, end, channel)
+    routing_key, pos = _shortstr_at(data, pos, end, channel)
+    _check_end(pos, end, channel)
+    return Return(reply_code, reply_text, exchange, routing_key)
+
+
+def decode_tag_bits(data: bytes, pos: int, end: int, channel: int) -> tuple[int, int]:
+    """
+    The delivery tag and the bits octet of a C{basic.ack} or C{basic.nack}.
+
+    @raise FrameError: They are truncated or followed by stray bytes.
+    """
+    if pos + 9 > end:
+        raise FrameError("truncated", channel, "acknowledgement ends early")
+    _check_end(pos + 9, end, channel)
+    tag, bits = _DELIVER_TAIL.unpack_from(data, pos)
+    return tag, bits
+
+
+class HeaderDecoder:
+    """
+    Decodes C{basic} content headers to properties by Python name.
+    """
+
+    def __init__(self, spec: Any) -> None:
+        self._properties = basic_properties(spec)
+
+    def decode(self, data: bytes, pos: int, end: int, channel: int) -> tuple[int, dict[str, Any]]:
+        """
+        The body size and the properties of a content header payload
+        running from C{pos} to C{end}.
+
+        @raise FrameError: The header is not C{basic}'s, has content
+            children, or is truncated or malformed.
+        """
+        if pos + 14 > end:
+            raise FrameError("truncated", channel, "content header ends early")
+        class_id, weight, size = _HEADER_FIXED.unpack_from(data, pos)
+        if class_id != BASIC:
+            raise FrameError("unknown-class", channel, f"content class {class_id}")
+        if weight != 0:
+            raise FrameError("bad-length", channel, f"content weight {weight}")
+        pos += 12
+        present: list[bool] = []
+        while True:
+            if pos + 2 > end:
+                raise FrameError("truncated", channel, "property flags end early")
+            (word,) = _SHORT.unpack_from(data, pos)
+            pos += 2
+            present.extend(bool(word & (1 << bit)) for bit in range(15, 0, -1))
+            if not word & 1:
+                break
+        properties: dict[str, Any] = {}
+        for prop, flag in zip(self._properties, present):
+            if not flag:
+                continue
+            domain = prop.domain
+            if domain == "shortstr":
+                properties[prop.name], pos = _shortstr_at(data, pos, end, channel)
+            elif domain == "octet":
+                if pos + 1 > end:
+                    raise FrameError("truncated", channel, f"{prop.name} missing")
+                properties[prop.name] = data[pos]
+                pos += 1
+            elif domain == "table":
+                if pos + 4 > end:
+                    raise FrameError("truncated", channel, "headers table length missing")
+                (table_size,) = _LONG.unpack_from(data, pos)
+                stop = pos + 4 + table_size
+                if stop > end:
+                    raise FrameError("truncated", channel, "headers table runs past the frame")
+                try:
+                    properties[prop.name], _ = decode_table(data[pos:stop])
+                except FieldTableDecodeError as exc:
+                    raise FrameError("bad-table", channel, str(exc)) from exc
+                pos = stop
+            elif domain in ("timestamp", "longlong"):
+                if pos + 8 > end:
+                    raise FrameError("truncated", channel, f"{prop.name} missing")
+                (properties[prop.name],) = _LONGLONG.unpack_from(data, pos)
+                pos += 8
+            else:  # pragma: no cover - basic has no other property types
+                raise FrameError("unknown-class", channel, f"property type {domain}")
+        _check_end(pos, end, channel)
+        return size, properties
+
+
+@dataclass(eq=False)
+class Content:
+    """
+    A message arriving in frames: the method that announced it, then its
+    header, then its body.
+
+    @ivar channel: The channel it arrives on.
+    @ivar method: L{Deliver} or L{Return}.
+    @ivar target: The channel object it is for, or C{None} to drop it.
+    @ivar size: The body size the header announced (C{-1} before the header).
+    @ivar properties: The properties by Python name, once the header came.
+    @ivar chunks: The body frames so far.
+    @ivar received: Their total size.
+    """
+
+    channel: int
+    method: Deliver | Return
+    target: Any
+    size: int = -1
+    properties: dict[str, Any] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+    received: int = 0
+
+    @property
+    def body(self) -> bytes:
+        """The body, all frames joined."""
+        if len(self.chunks) == 1:
+            return self.chunks[0]
+        return b"".join(self.chunks)
+
+
+class ContentDecoder:
+    """
+    Assembles C{basic.deliver} and C{basic.return} messages from their
+    method, header and body frames, one per channel at a time.
+
+    The caller feeds it whole frames (L{method}, L{header}, L{body}); a
+    message is complete when L{header} or L{body} returns it.
+    """
+
+    def __init__(self, spec: Any) -> None:
+        self._headers = HeaderDecoder(spec)
+        self.pending: dict[int, Content] = {}
+
+    def method(self, channel: int, method: Deliver | Return, target: Any) -> None:
+        """
+        A content-bearing method arrived: its header and body follow.
+
+        @param target: Whatever the message is for (given back with it), or
+            C{None} to drop it once complete.
+        @raise FrameError: The channel is still in the middle of a message.
+        """
+        if channel in self.pending:
+            raise FrameError("unexpected-frame", channel, "a method in the middle of a message")
+        self.pending[channel] = Content(channel, method, target)
+
+    def expects(self, channel: int) -> bool:
+        """Whether a message on C{channel} waits for its header or body."""
+        return channel in self.pending
+
+    def header(self, data: bytes, pos: int, end: int, channel: int) -> Content | None:
+        """
+        The content header of the message on C{channel}.
+
+        @return: The message when its body is empty, else C{None}.
+        @raise FrameError: No header was expected, or it is malformed.
+        """
+        content = self.pending[channel]
+        if content.size != -1:
+            raise FrameError("unexpected-frame", channel, "a second content header")
+        content.size, content.properties = self._headers.decode(data, pos, end, channel)
+        if content.size == 0:
+            del self.pending[channel]
+            content.chunks.append(b"")
+            return content
+        return None
+
+    def body(self, data: bytes, pos: int, end: int, channel: int) -> Content | None:
+        """
+        A body frame of the message on C{channel}.
+
+        @return: The message when this was its last body frame, else C{None}.
+        @raise FrameError: No body was expected, or it runs past the size the
+            header announced.
+        """
+        content = self.pending[channel]
+        if content.size == -1:
+            raise FrameError("unexpected-frame", channel, "a body frame before the content header")
+        content.received += end - pos
+        if content.received > content.size:
+            raise FrameError(
+                "bad-length", channel, f"body of {content.received} bytes, {content.size} announced"
+            )
+        content.chunks.append(data[pos:end])
+        if content.received == content.size:
+            del self.pending[channel]
+            return content
+        return None
+
+    def forget(self, channel: int) -> None:
+        """Drop a half-received message (its channel is gone)."""
+        self.pending.pop(channel, None)
+
+    def clear(self) -> None:
+        """Drop every half-received message."""
+        self.pending.clear()
