@@ -1,0 +1,917 @@
+"""
+The AMQP benchmark: fedhub's transport against pika and aio-pika, in one run,
+on the same broker.
+
+Every measurement runs in its own worker process (this file, started again
+with C{worker ...}), so the resident memory it reports is that client's own.
+The parent declares a fresh durable queue per run (bound to C{amq.topic}),
+checks the queue depth a publish run left behind, feeds it to a consume run,
+and deletes every queue and exchange it made at the end, even after a
+failure.
+
+Workloads (C{--count} messages of about 300 bytes of JSON, persistent):
+
+  - C{publish}: pika and aio-pika without publisher confirms (the end is the
+    broker's answer to a passive declare sent after the last message, so the
+    broker has routed them all); pika and aio-pika with confirms, pipelined
+    with a window of C{--window}; fedhub's L{AMQPBus}, which always
+    publishes with confirms and C{mandatory}, with C{max_in_flight} set to
+    the same window;
+  - C{consume}: manual acknowledgement of every message, one by one, at
+    prefetch 100 and 1000, from a queue filled with C{--count} messages;
+  - C{latency}: one message every 5 ms (200 msg/s) for
+    C{--latency-seconds}, published and consumed in the same process on one
+    connection; the time from the publish call to the consumer callback;
+  - the hub's paths: durable publishing through the L{Outbox} (hand-over,
+    fsync'd SQLite, publish, confirm, delete; C{--outbox-concurrency}
+    producers each waiting for their hand-over like SMTP sessions) and
+    consuming through L{ConsumerService} with a plugin that does nothing.
+
+Usage, from the checkout, with the shared broker at 127.0.0.1:5672::
+
+    /work/venv/bin/python bench/amqp_bench.py [--count 50000] [--repeat 1]
+        [--only fedhub,pika,aio-pika] [--latency-seconds 10] [--json out.json]
+
+It prints a table of rates, CPU per message, memory and ratios against
+pika.  It is run by hand and is no test: nothing fails when a target is not
+met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT]
+
+from common import (  # noqa: E402
+    BROKER_HOST,
+    BROKER_PORT,
+    BROKER_URL,
+    EXCHANGE,
+    Meter,
+    body_bytes,
+    body_dict,
+    emit,
+    latency_summary,
+    memory,
+    plain_messages,
+    wire_headers,
+)
+
+WORKER_TIMEOUT = 600.0
+"""Seconds a worker may take before the parent gives up on it."""
+
+LATENCY_INTERVAL = 0.005
+"""One message every 5 ms: 200 msg/s."""
+
+LATENCY_WARMUP = 100
+"""Latency samples left out at the start."""
+
+
+# --- fedhub ----------------------------------------------------------------------
+
+
+def fedhub_worker(args: argparse.Namespace) -> None:
+    """
+    Run one workload through fedhub's AMQPBus on Twisted's default reactor.
+    """
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    from fedhub.amqp.transport import AMQPBus
+    from fedhub.amqp.url import parse_url
+    from fedhub.message import Message
+
+    def messages(count: int) -> list[Message]:
+        return [
+            Message.create(args.topic, body_dict(seq), headers={"fedora_messaging_user_jdoe": True})
+            for seq in range(count)
+        ]
+
+    def new_bus() -> AMQPBus:
+        return AMQPBus(
+            "bench",
+            parse_url(BROKER_URL),
+            reactor=reactor,
+            exchange=EXCHANGE,
+            max_in_flight=args.window,
+        )
+
+    class Countdown:
+        def __init__(self, count: int) -> None:
+            self.left = count
+            self.done: Deferred[None] = Deferred()
+            self.errors = 0
+
+        def one(self, _: object = None) -> None:
+            self.left -= 1
+            if self.left == 0:
+                self.done.callback(None)
+
+        def failed(self, failure: Any) -> None:
+            self.errors += 1
+            if self.errors == 1:
+                print(f"error: {failure.getErrorMessage()}", file=sys.stderr)
+            self.one()
+
+    async def publish(bus: AMQPBus, meter: Meter) -> dict[str, Any]:
+        batch = messages(args.count)
+        countdown = Countdown(len(batch))
+        await bus.when_connected()
+        meter.start()
+        for message in batch:
+            bus.publish(message).addCallbacks(countdown.one, countdown.failed)
+        await countdown.done
+        return meter.stop(args.count, errors=countdown.errors, confirms=True)
+
+    async def consume(bus: AMQPBus, meter: Meter) -> dict[str, Any]:
+        countdown = Countdown(args.count)
+
+        def on_delivery(delivery: Any) -> None:
+            delivery.ack()
+            countdown.one()
+
+        await bus.when_connected()
+        meter.start()
+        subscription = await bus.subscribe(args.queue, on_delivery, args.prefetch)
+        await countdown.done
+        result = meter.stop(args.count, prefetch=args.prefetch)
+        await subscription.cancel()
+        return result
+
+    async def latency(bus: AMQPBus, meter: Meter) -> dict[str, Any]:
+        latencies: list[float] = []
+        total = int(args.latency_seconds / LATENCY_INTERVAL)
+        countdown = Countdown(total)
+
+        def on_delivery(delivery: Any) -> None:
+            latencies.append(time.perf_counter() - delivery.message.body["sent"])
+            delivery.ack()
+            countdown.one()
+
+        await bus.when_connected()
+        await bus.subscribe(args.queue, on_delivery, 100)
+        meter.start()
+        start = time.perf_counter()
+        for seq in range(total):
+            delay = start + seq * LATENCY_INTERVAL - time.perf_counter()
+            if delay > 0:
+                await task.deferLater(reactor, delay, lambda: None)
+            message = Message.create(
+                args.topic,
+                body_dict(seq, time.perf_counter()),
+                headers={"fedora_messaging_user_jdoe": True},
+            )
+            bus.publish(message).addErrback(countdown.failed)
+        await countdown.done
+        return meter.stop(total, **latency_summary(latencies, LATENCY_WARMUP))
+
+    async def outbox(bus: AMQPBus, meter: Meter) -> dict[str, Any]:
+        from fedhub.outbox import Outbox
+
+        directory = tempfile.mkdtemp(prefix="fedhub-bench-outbox-")
+        box = Outbox(
+            "bench",
+            directory,
+            bus,
+            reactor,
+            window=args.window,
+            max_messages=args.count + 1,
+            max_waiting=max(10_000, args.outbox_concurrency),
+        )
+        confirmed = Countdown(args.count)
+        box.add_observer(lambda event, message_id: confirmed.one() if event == "confirmed" else None)
+        batch = iter(messages(args.count))
+        handover: list[float] = []
+        box.startService()
+        await bus.when_connected()
+        while not box.store.is_open:
+            await task.deferLater(reactor, 0.001, lambda: None)
+
+        def next_one() -> None:
+            message = next(batch, None)
+            if message is None:
+                return
+            began = time.perf_counter()
+
+            def done(_: object) -> None:
+                handover.append(time.perf_counter() - began)
+                next_one()
+
+            def failed(failure: Any) -> None:
+                print(f"hand-over failed: {failure.getErrorMessage()}", file=sys.stderr)
+                next_one()
+
+            box.publish(message).addCallbacks(done, failed)
+
+        meter.start()
+        for _ in range(min(args.outbox_concurrency, args.count)):
+            next_one()
+        await confirmed.done
+        while box.store.pending_count:
+            await task.deferLater(reactor, 0.001, lambda: None)
+        result = meter.stop(
+            args.count,
+            concurrency=args.outbox_concurrency,
+            handover_p50_ms=1000 * statistics.median(handover),
+            handover_p99_ms=1000 * sorted(handover)[int(len(handover) * 0.99)],
+        )
+        await box.stopService()
+        return result
+
+    async def runner(bus: AMQPBus, meter: Meter) -> dict[str, Any]:
+        from zope.interface import implementer
+
+        from fedhub.config import ComponentConfig
+        from fedhub.consumers.runner import ConsumerService
+        from fedhub.interfaces import IMessageHandler
+
+        @implementer(IMessageHandler)
+        class Nothing:
+            topics = (args.topic,)
+
+            def handle(self, message: Message) -> None:
+                return None
+
+            def start(self) -> None:
+                return None
+
+            def stop(self) -> None:
+                return None
+
+        component = ComponentConfig(
+            kind="consumer",
+            index=0,
+            name="bench",
+            plugin="bench",
+            domain="bench",
+            options={},
+            topics=(args.topic,),
+            queue=args.queue,
+            concurrency=args.prefetch,
+            max_retries=1,
+        )
+        service = ConsumerService(component, Nothing(), bus, reactor)
+        acked = Countdown(args.count)
+        service.add_observer(lambda settled: acked.one() if settled.outcome == "acked" else None)
+        await bus.when_connected()
+        meter.start()
+        service.startService()
+        await acked.done
+        result = meter.stop(args.count, prefetch=args.prefetch)
+        await service.stopService()
+        return result
+
+    workloads: dict[str, Callable[[AMQPBus, Meter], Any]] = {
+        "publish-confirm": publish,
+        "consume": consume,
+        "latency": latency,
+        "outbox": outbox,
+        "runner": runner,
+    }
+
+    async def main(_: Any) -> None:
+        bus = new_bus()
+        meter = Meter()
+        bus.startService()
+        try:
+            result = await workloads[args.workload](bus, meter)
+        finally:
+            await bus.stopService()
+        result["client"] = "fedhub"
+        emit(result)
+
+    task.react(lambda r: ensureDeferred(main(r)))
+
+
+# --- pika --------------------------------------------------------------------------
+
+
+def pika_worker(args: argparse.Namespace) -> None:
+    """
+    Run one workload through pika's SelectConnection.
+    """
+    import pika
+
+    parameters = pika.ConnectionParameters(
+        BROKER_HOST, BROKER_PORT, credentials=pika.PlainCredentials("guest", "guest")
+    )
+    meter = Meter()
+    state: dict[str, Any] = {}
+
+    def properties(message_id: str, headers: dict[str, Any]) -> Any:
+        return pika.BasicProperties(
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            message_id=message_id,
+            priority=0,
+            headers=headers,
+        )
+
+    def publish(connection: Any, channel: Any) -> None:
+        confirm = args.workload == "publish-confirm"
+        batch = list(plain_messages(args.count))
+        position = 0
+        unconfirmed: list[int] = []  # a queue of delivery tags, oldest first
+        head = 0
+        single_acks: set[int] = set()
+        published = 0
+
+        def send_more() -> None:
+            nonlocal position, published
+            if confirm:
+                room = args.window - (len(unconfirmed) - head)
+            else:
+                room = 1000
+            end = min(len(batch), position + room)
+            for item in batch[position:end]:
+                channel.basic_publish(
+                    EXCHANGE, args.topic, item.body, properties(item.message_id, item.headers)
+                )
+                published += 1
+                if confirm:
+                    unconfirmed.append(published)
+            position = end
+            if not confirm:
+                if position < len(batch):
+                    connection.ioloop.call_later(0, send_more)
+                else:
+                    channel.queue_declare(args.queue, passive=True, callback=finished)
+
+        def on_confirm(frame: Any) -> None:
+            nonlocal head
+            method = frame.method
+            tag = method.delivery_tag
+            if method.multiple:
+                while head < len(unconfirmed) and unconfirmed[head] <= tag:
+                    head += 1
+            else:
+                single_acks.add(tag)
+            while head < len(unconfirmed) and unconfirmed[head] in single_acks:
+                single_acks.discard(unconfirmed[head])
+                head += 1
+            if head == len(batch):
+                finished(None)
+            elif position < len(batch):
+                send_more()
+
+        def finished(_: Any) -> None:
+            state["result"] = meter.stop(args.count, confirms=confirm)
+            connection.close()
+
+        def go(_: Any = None) -> None:
+            meter.start()
+            send_more()
+
+        if confirm:
+            channel.confirm_delivery(on_confirm, callback=go)
+        else:
+            go()
+
+    def consume(connection: Any, channel: Any) -> None:
+        count = 0
+
+        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            nonlocal count
+            ch.basic_ack(delivery_tag=method.delivery_tag)
+            count += 1
+            if count == args.count:
+                state["result"] = meter.stop(count, prefetch=args.prefetch)
+                connection.close()
+
+        def qos_ok(_: Any) -> None:
+            channel.basic_consume(args.queue, on_message, auto_ack=False)
+
+        meter.start()
+        channel.basic_qos(prefetch_count=args.prefetch, callback=qos_ok)
+
+    def latency(connection: Any, channel: Any) -> None:
+        total = int(args.latency_seconds / LATENCY_INTERVAL)
+        latencies: list[float] = []
+        count = 0
+        seq = 0
+        start = 0.0
+
+        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            nonlocal count
+            latencies.append(time.perf_counter() - json.loads(body)["sent"])
+            ch.basic_ack(delivery_tag=method.delivery_tag)
+            count += 1
+            if count == total:
+                state["result"] = meter.stop(total, **latency_summary(latencies, LATENCY_WARMUP))
+                connection.close()
+
+        def tick() -> None:
+            nonlocal seq
+            body = body_bytes(body_dict(seq, time.perf_counter()))
+            state["publish_channel"].basic_publish(
+                EXCHANGE, args.topic, body, properties(str(uuid.uuid4()), wire_headers())
+            )
+            seq += 1
+            if seq < total:
+                delay = start + seq * LATENCY_INTERVAL - time.perf_counter()
+                connection.ioloop.call_later(max(0.0, delay), tick)
+
+        def begin(_: Any = None) -> None:
+            nonlocal start
+            meter.start()
+            start = time.perf_counter()
+            tick()
+
+        def publish_channel_open(publish_channel: Any) -> None:
+            state["publish_channel"] = publish_channel
+            # Confirms on, as fedhub always has them; their answers are ignored.
+            publish_channel.confirm_delivery(lambda frame: None, callback=begin)
+
+        def consuming(_: Any) -> None:
+            connection.channel(on_open_callback=publish_channel_open)
+
+        def qos_ok(_: Any) -> None:
+            channel.basic_consume(args.queue, on_message, auto_ack=False, callback=consuming)
+
+        channel.basic_qos(prefetch_count=100, callback=qos_ok)
+
+    workloads: dict[str, Callable[[Any, Any], None]] = {
+        "publish": publish,
+        "publish-confirm": publish,
+        "consume": consume,
+        "latency": latency,
+    }
+
+    def on_open(connection: Any) -> None:
+        connection.channel(on_open_callback=lambda channel: workloads[args.workload](connection, channel))
+
+    def on_error(connection: Any, error: Any) -> None:
+        print(f"connection failed: {error}", file=sys.stderr)
+        connection.ioloop.stop()
+
+    connection = pika.SelectConnection(
+        parameters,
+        on_open_callback=on_open,
+        on_open_error_callback=on_error,
+        on_close_callback=lambda connection, reason: connection.ioloop.stop(),
+    )
+    connection.ioloop.start()
+    result = state.get("result")
+    if result is None:
+        raise SystemExit("the pika worker did not finish")
+    result["client"] = "pika"
+    emit(result)
+
+
+# --- aio-pika ------------------------------------------------------------------------
+
+
+def aiopika_worker(args: argparse.Namespace) -> None:
+    """
+    Run one workload through aio-pika on asyncio.
+    """
+    import asyncio
+
+    import aio_pika
+
+    def message(message_id: str, body: bytes, headers: dict[str, Any]) -> Any:
+        return aio_pika.Message(
+            body,
+            headers=headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            priority=0,
+        )
+
+    async def publish(connection: Any, meter: Meter) -> dict[str, Any]:
+        confirm = args.workload == "publish-confirm"
+        batch = [message(p.message_id, p.body, p.headers) for p in plain_messages(args.count)]
+        channel = await connection.channel(publisher_confirms=confirm)
+        exchange = await channel.get_exchange(EXCHANGE)
+        meter.start()
+        if not confirm:
+            for item in batch:
+                await exchange.publish(item, routing_key=args.topic)
+            await channel.declare_queue(args.queue, passive=True)
+        else:
+            window = asyncio.Semaphore(args.window)
+            tasks: set[asyncio.Task[Any]] = set()
+
+            def done(finished: asyncio.Task[Any]) -> None:
+                tasks.discard(finished)
+                window.release()
+
+            for item in batch:
+                await window.acquire()
+                publishing = asyncio.ensure_future(exchange.publish(item, routing_key=args.topic))
+                tasks.add(publishing)
+                publishing.add_done_callback(done)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+        return meter.stop(args.count, confirms=confirm)
+
+    async def consume(connection: Any, meter: Meter) -> dict[str, Any]:
+        finished = asyncio.get_running_loop().create_future()
+        count = 0
+
+        async def on_message(incoming: Any) -> None:
+            nonlocal count
+            await incoming.ack()
+            count += 1
+            if count == args.count and not finished.done():
+                finished.set_result(None)
+
+        meter.start()
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=args.prefetch)
+        queue = await channel.declare_queue(args.queue, passive=True)
+        await queue.consume(on_message, no_ack=False)
+        await finished
+        return meter.stop(args.count, prefetch=args.prefetch)
+
+    async def latency(connection: Any, meter: Meter) -> dict[str, Any]:
+        total = int(args.latency_seconds / LATENCY_INTERVAL)
+        finished = asyncio.get_running_loop().create_future()
+        latencies: list[float] = []
+
+        async def on_message(incoming: Any) -> None:
+            latencies.append(time.perf_counter() - json.loads(incoming.body)["sent"])
+            await incoming.ack()
+            if len(latencies) == total and not finished.done():
+                finished.set_result(None)
+
+        consuming = await connection.channel()
+        await consuming.set_qos(prefetch_count=100)
+        queue = await consuming.declare_queue(args.queue, passive=True)
+        await queue.consume(on_message, no_ack=False)
+        publishing = await connection.channel(publisher_confirms=True)
+        exchange = await publishing.get_exchange(EXCHANGE)
+        tasks: set[asyncio.Task[Any]] = set()
+        meter.start()
+        start = time.perf_counter()
+        for seq in range(total):
+            delay = start + seq * LATENCY_INTERVAL - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = body_bytes(body_dict(seq, time.perf_counter()))
+            sending = asyncio.ensure_future(
+                exchange.publish(message(str(uuid.uuid4()), body, wire_headers()), routing_key=args.topic)
+            )
+            tasks.add(sending)
+            sending.add_done_callback(tasks.discard)
+        await finished
+        return meter.stop(total, **latency_summary(latencies, LATENCY_WARMUP))
+
+    workloads = {
+        "publish": publish,
+        "publish-confirm": publish,
+        "consume": consume,
+        "latency": latency,
+    }
+
+    async def main() -> None:
+        connection = await aio_pika.connect(BROKER_URL)
+        meter = Meter()
+        try:
+            result = await workloads[args.workload](connection, meter)
+        finally:
+            await connection.close()
+        result["client"] = "aio-pika"
+        emit(result)
+
+    asyncio.run(main())
+
+
+WORKERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "fedhub": fedhub_worker,
+    "pika": pika_worker,
+    "aio-pika": aiopika_worker,
+}
+
+
+# --- the parent ----------------------------------------------------------------------
+
+
+class Broker:
+    """
+    The parent's administrative connection: fresh queues, their depth, and
+    deleting everything made.
+    """
+
+    def __init__(self) -> None:
+        import pika
+
+        self._pika = pika
+        self.connection = pika.BlockingConnection(
+            pika.ConnectionParameters(
+                BROKER_HOST, BROKER_PORT, credentials=pika.PlainCredentials("guest", "guest")
+            )
+        )
+        self.channel = self.connection.channel()
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+        self.prefix = f"fedhub.bench.{uuid.uuid4().hex[:10]}"
+        self.made = 0
+
+    def fresh(self) -> tuple[str, str]:
+        """
+        A new durable queue bound to C{amq.topic} with a topic of its own.
+
+        It carries the dead-letter argument that fedhub's consumer runner
+        declares its queues with, so the runner can use any of them.
+
+        @return: the queue's name and its topic.
+        """
+        self.made += 1
+        queue = f"{self.prefix}.{self.made}"
+        topic = f"org.fedoraproject.bench.{self.prefix.rsplit('.', 1)[1]}.q{self.made}"
+        self.queues.append(queue)
+        self.channel.queue_declare(
+            queue, durable=True, arguments={"x-dead-letter-exchange": f"{queue}.dead"}
+        )
+        self.channel.queue_bind(queue, EXCHANGE, topic)
+        # What a consumer runner on this queue declares besides (max_retries=1).
+        self.queues += [f"{queue}.dead", f"{queue}.retry.1"]
+        self.exchanges += [f"{queue}.dead", f"{queue}.return", f"{queue}.retry.1"]
+        return queue, topic
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in a queue."""
+        return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+
+    def wait_depth(self, queue: str, expected: int, timeout: float = 30.0) -> int:
+        """
+        Wait until a queue holds C{expected} messages (or the timeout passed);
+        return what it holds.
+        """
+        deadline = time.monotonic() + timeout
+        depth = self.depth(queue)
+        while depth != expected and time.monotonic() < deadline:
+            self.connection.sleep(0.2)
+            depth = self.depth(queue)
+        return depth
+
+    def cleanup(self) -> None:
+        """Delete every queue and exchange made (those that exist)."""
+        for kind, names in (("queue", self.queues), ("exchange", self.exchanges)):
+            for name in names:
+                try:
+                    if self.channel.is_closed:
+                        self.channel = self.connection.channel()
+                    if kind == "queue":
+                        self.channel.queue_delete(name)
+                    else:
+                        self.channel.exchange_delete(name)
+                except Exception as e:  # pragma: no cover - best effort
+                    print(f"could not delete {kind} {name}: {e}", file=sys.stderr)
+        self.connection.close()
+
+
+def run_worker(client: str, workload: str, queue: str, topic: str, args: argparse.Namespace,
+               prefetch: int = 100) -> dict[str, Any]:
+    """
+    Run one worker process and return its result (or an C{error}).
+    """
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "worker",
+        client,
+        workload,
+        "--queue",
+        queue,
+        "--topic",
+        topic,
+        "--count",
+        str(args.count),
+        "--prefetch",
+        str(prefetch),
+        "--window",
+        str(args.window),
+        "--latency-seconds",
+        str(args.latency_seconds),
+        "--outbox-concurrency",
+        str(args.outbox_concurrency),
+    ]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=WORKER_TIMEOUT, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        return {"client": client, "error": "timed out"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RESULT "):])
+            return result
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    return {"client": client, "error": " / ".join(tail) or f"exit {done.returncode}"}
+
+
+def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """
+    Run every workload once and return the results by row name.
+    """
+    clients = [c for c in ("fedhub", "pika", "aio-pika") if c in args.only]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    broker = Broker()
+
+    def add(row: str, result: dict[str, Any]) -> None:
+        rows.setdefault(row, []).append(result)
+        if "error" in result:
+            print(f"  {row:<34} {result['client']:<9} ERROR {result['error']}", flush=True)
+        else:
+            extra = ""
+            if "p50_ms" in result:
+                extra = f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
+            print(
+                f"  {row:<34} {result['client']:<9} {result['rate']:>9.0f} msg/s"
+                f"  {result['cpu_us_per_msg']:>6.1f} us/msg  peak {result['peak_kib'] / 1024:.0f} MiB"
+                + extra,
+                flush=True,
+            )
+
+    def publish_then_consume(client: str, publish: str, row: str, prefetch: int,
+                             consumer: str, consume_row: str) -> None:
+        queue, topic = broker.fresh()
+        result = run_worker(client, publish, queue, topic, args)
+        depth = broker.wait_depth(queue, args.count)
+        if "error" not in result and depth != args.count:
+            result["error"] = f"the queue holds {depth} messages, not {args.count}"
+        add(row, result)
+        if depth != args.count:
+            return
+        add(consume_row, run_worker(consumer, "consume" if consumer != "runner" else "runner",
+                                    queue, topic, args, prefetch))
+
+    try:
+        for client in clients:
+            if client != "fedhub":
+                publish_then_consume(client, "publish", "publish, no confirms", 100,
+                                     client, "consume+ack, prefetch 100")
+            publish_then_consume(client, "publish-confirm", "publish, confirms, persistent", 1000,
+                                 client, "consume+ack, prefetch 1000")
+            if client == "fedhub":
+                queue, topic = broker.fresh()
+                result = run_worker("fedhub", "outbox", queue, topic, args)
+                depth = broker.wait_depth(queue, args.count)
+                if "error" not in result and depth != args.count:
+                    result["error"] = f"the queue holds {depth} messages, not {args.count}"
+                add("durable publish (outbox)", result)
+                if depth == args.count:
+                    add("consume+ack, prefetch 100", run_worker("fedhub", "consume", queue, topic, args, 100))
+                for prefetch in (100, 1000):
+                    queue, topic = broker.fresh()
+                    filled = run_worker("pika", "publish-confirm", queue, topic, args)
+                    if broker.wait_depth(queue, args.count) != args.count or "error" in filled:
+                        add(f"consume via ConsumerService, {prefetch}",
+                            {"client": "fedhub", "error": "could not fill the queue"})
+                        continue
+                    add(f"consume via ConsumerService, {prefetch}",
+                        run_worker("fedhub", "runner", queue, topic, args, prefetch))
+            queue, topic = broker.fresh()
+            add("latency at 200 msg/s", run_worker(client, "latency", queue, topic, args))
+    finally:
+        broker.cleanup()
+    return rows
+
+
+ORDER = [
+    "publish, no confirms",
+    "publish, confirms, persistent",
+    "durable publish (outbox)",
+    "consume+ack, prefetch 100",
+    "consume+ack, prefetch 1000",
+    "consume via ConsumerService, 100",
+    "consume via ConsumerService, 1000",
+    "latency at 200 msg/s",
+]
+
+COMPARE_WITH = {
+    # The fair pika row for each fedhub row.
+    "durable publish (outbox)": "publish, confirms, persistent",
+    "consume via ConsumerService, 100": "consume+ack, prefetch 100",
+    "consume via ConsumerService, 1000": "consume+ack, prefetch 1000",
+}
+
+
+def summarize(runs: list[dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """
+    The median of each measure over the repetitions, by row and client.
+    """
+    table: list[dict[str, Any]] = []
+    for row in ORDER:
+        for client in ("fedhub", "pika", "aio-pika"):
+            results = [
+                r for run in runs for r in run.get(row, []) if r.get("client") == client and "error" not in r
+            ]
+            errors = [
+                r["error"] for run in runs for r in run.get(row, []) if r.get("client") == client and "error" in r
+            ]
+            if not results and not errors:
+                continue
+            entry: dict[str, Any] = {"row": row, "client": client, "runs": len(results), "errors": errors}
+            for key in ("rate", "cpu_us_per_msg", "peak_kib", "rss_before_kib", "p50_ms", "p99_ms",
+                        "max_ms", "handover_p50_ms", "handover_p99_ms"):
+                values = [r[key] for r in results if key in r]
+                if values:
+                    entry[key] = statistics.median(values)
+            table.append(entry)
+    return table
+
+
+def render(table: list[dict[str, Any]]) -> str:
+    """
+    The summary as a text table with ratios against pika.
+    """
+    pika_rates = {e["row"]: e["rate"] for e in table if e["client"] == "pika" and "rate" in e}
+    pika_latency = {e["row"]: e["p99_ms"] for e in table if e["client"] == "pika" and "p99_ms" in e}
+    lines = [
+        f"{'workload':<34} {'client':<9} {'msg/s':>8} {'vs pika':>8} {'CPU us/msg':>10}"
+        f" {'peak RSS':>9} {'p50 ms':>7} {'p99 ms':>7}",
+        "-" * 100,
+    ]
+    for e in table:
+        if "rate" not in e:
+            lines.append(f"{e['row']:<34} {e['client']:<9} ERROR {'; '.join(e['errors'])}")
+            continue
+        compare = COMPARE_WITH.get(e["row"], e["row"])
+        ratio = ""
+        if e["row"] == "latency at 200 msg/s":
+            if compare in pika_latency and e.get("p99_ms"):
+                ratio = f"{pika_latency[compare] / e['p99_ms']:.2f}x"
+        elif compare in pika_rates:
+            ratio = f"{e['rate'] / pika_rates[compare]:.2f}x"
+        p50 = f"{e['p50_ms']:.2f}" if "p50_ms" in e else ""
+        p99 = f"{e['p99_ms']:.2f}" if "p99_ms" in e else ""
+        if "handover_p50_ms" in e:
+            p50 = f"{e['handover_p50_ms']:.2f}"
+            p99 = f"{e['handover_p99_ms']:.2f}"
+        lines.append(
+            f"{e['row']:<34} {e['client']:<9} {e['rate']:>8.0f} {ratio:>8} {e['cpu_us_per_msg']:>10.1f}"
+            f" {e['peak_kib'] / 1024:>7.0f}Mi {p50:>7} {p99:>7}"
+        )
+    lines.append("")
+    lines.append(
+        "Ratios: fedhub and aio-pika against pika on the same row; the outbox against pika's"
+        " confirmed publishing, ConsumerService against pika's consume+ack at the same prefetch;"
+        " for latency, pika's p99 over the client's p99 (above 1 is better than pika)."
+    )
+    lines.append(
+        "fedhub publishes only with confirms, persistent and mandatory; compare it with the"
+        " 'publish, confirms, persistent' rows.  p50/p99 of the outbox row are hand-over times"
+        " (until the message is fsync'd)."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """
+    Parse the command line; run the parent or a worker.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=50_000)
+    parser.add_argument("--window", type=int, default=1000, help="unconfirmed messages at once")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--outbox-concurrency", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--only", default="fedhub,pika,aio-pika")
+    parser.add_argument("--json", help="also write the results here")
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        parser.add_argument("worker")
+        parser.add_argument("client", choices=sorted(WORKERS))
+        parser.add_argument("workload")
+        parser.add_argument("--queue", required=True)
+        parser.add_argument("--topic", required=True)
+        parser.add_argument("--prefetch", type=int, default=100)
+        args = parser.parse_args()
+        WORKERS[args.client](args)
+        return
+    args = parser.parse_args()
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    print(f"AMQP benchmark: {args.count} messages, window {args.window}, {os.cpu_count()} CPUs,"
+          f" parent {memory()['rss_kib'] // 1024} MiB", flush=True)
+    runs = []
+    for number in range(args.repeat):
+        print(f"run {number + 1} of {args.repeat}", flush=True)
+        runs.append(measure(args))
+    table = summarize(runs)
+    print()
+    print(render(table))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "table": table, "runs": runs}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""
+What every client of the AMQP benchmark shares: the workload's messages, the
+measurements of a worker process and the summary statistics.
+
+Nothing here imports an AMQP client, so a worker process pays only for the
+client it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+BROKER_HOST = "127.0.0.1"
+"""The shared broker; the benchmark talks to nothing else."""
+
+BROKER_PORT = 5672
+"""Its AMQP port."""
+
+BROKER_URL = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/%2F"
+"""The same broker as an C{amqp://} URL."""
+
+EXCHANGE = "amq.topic"
+"""Every client publishes to fedhub's default exchange."""
+
+SENT_AT = "2026-11-28T06:00:00+00:00"
+"""The C{sent-at} header of every benchmark message."""
+
+USER_HEADER = "fedora_messaging_user_jdoe"
+"""The one extra header every benchmark message carries."""
+
+
+def body_dict(seq: int, sent: float | None = None) -> dict[str, Any]:
+    """
+    A message body shaped like a Bugzilla update, about 300 bytes of JSON.
+
+    @param seq: A number that makes the body unique.
+    @param sent: A send time (C{time.perf_counter}) for latency runs.
+    """
+    body: dict[str, Any] = {
+        "bug": {
+            "id": 1_000_000 + seq,
+            "summary": "kernel panics on resume from suspend",
+            "product": "Fedora",
+            "component": "kernel",
+            "status": "NEW",
+            "assigned_to": "kernel-maint@example.org",
+        },
+        "event": {
+            "who": "jdoe@example.org",
+            "when": SENT_AT,
+            "changes": [{"field": "status", "added": "ASSIGNED", "removed": "NEW"}],
+        },
+        "seq": seq,
+    }
+    if sent is not None:
+        body["sent"] = sent
+    return body
+
+
+def body_bytes(body: dict[str, Any]) -> bytes:
+    """
+    A body as fedhub puts it on the wire: compact UTF-8 JSON.
+    """
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def wire_headers() -> dict[str, Any]:
+    """
+    The AMQP headers fedhub gives every benchmark message (the same ones the
+    other clients send).
+    """
+    return {
+        USER_HEADER: True,
+        "fedora_messaging_schema": "base.message",
+        "fedora_messaging_severity": 20,
+        "sent-at": SENT_AT,
+        "priority": 0,
+    }
+
+
+@dataclass
+class Plain:
+    """
+    One benchmark message as plain data, for the clients that are not fedhub.
+    """
+
+    message_id: str
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=wire_headers)
+
+
+def plain_messages(count: int) -> Iterator[Plain]:
+    """
+    The workload's messages, one by one.
+    """
+    for seq in range(count):
+        yield Plain(str(uuid.uuid4()), body_bytes(body_dict(seq)))
+
+
+def memory() -> dict[str, int]:
+    """
+    This process's resident memory now and at its peak, in KiB.
+    """
+    values: dict[str, int] = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                values[name] = int(rest.split()[0])
+    peak = max(values.get("VmHWM", 0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return {"rss_kib": values.get("VmRSS", 0), "peak_kib": peak}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """
+    The nearest-rank percentile of C{values} (C{fraction} in 0..1).
+    """
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(fraction * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+class Meter:
+    """
+    Times one measured phase of a worker: wall clock, CPU and memory.
+    """
+
+    def __init__(self) -> None:
+        self.baseline = memory()
+        self.started = 0.0
+        self.cpu_started = 0.0
+        self.result: dict[str, Any] = {}
+
+    def start(self) -> None:
+        """The measured phase begins."""
+        self.baseline = memory()
+        self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
+
+    def stop(self, count: int, **extra: Any) -> dict[str, Any]:
+        """
+        The measured phase ended after C{count} messages; the result, with
+        anything in C{extra}.
+        """
+        seconds = time.perf_counter() - self.started
+        cpu = time.process_time() - self.cpu_started
+        now = memory()
+        self.result = {
+            "count": count,
+            "seconds": seconds,
+            "rate": count / seconds if seconds > 0 else 0.0,
+            "cpu_us_per_msg": 1e6 * cpu / count if count else 0.0,
+            "cpu_share": cpu / seconds if seconds > 0 else 0.0,
+            "rss_before_kib": self.baseline["rss_kib"],
+            "rss_kib": now["rss_kib"],
+            "peak_kib": now["peak_kib"],
+            **extra,
+        }
+        return self.result
+
+
+def latency_summary(latencies: list[float], warmup: int) -> dict[str, float]:
+    """
+    p50, p99 and max of publish-to-consume latencies (seconds in, ms out),
+    leaving out the first C{warmup} samples.
+    """
+    kept = latencies[warmup:] or latencies
+    return {
+        "p50_ms": 1000 * percentile(kept, 0.50),
+        "p99_ms": 1000 * percentile(kept, 0.99),
+        "max_ms": 1000 * max(kept) if kept else float("nan"),
+        "samples": len(kept),
+    }
+
+
+def emit(result: dict[str, Any]) -> None:
+    """
+    Print a worker's result as the last line of its output, for the parent.
+    """
+    print("RESULT " + json.dumps(result), flush=True)
