@@ -1,0 +1,543 @@
+"""
+Publishing from Python programs that are not the hub: confirmed publishes to
+a configured domain's broker.
+
+For Twisted programs::
+
+    from fedhub import api
+    from fedhub.message import Message
+
+    d = api.publish(Message.create("org.example.prod.scm.push", {"repo": "x"}))
+    # ... fires with None once the broker confirmed the message
+    d = api.close()          # at the end: disconnect
+
+For everything else (an SCM hook, a cron script, a WSGI application)::
+
+    api.publish_sync(Message.create("org.example.prod.scm.push", {"repo": "x"}))
+
+L{publish} opens one connection per domain on first use (through
+L{fedhub.amqp.transport.AMQPBus}) and keeps it for later publishes until
+L{close}.  Every message is published persistently, with C{mandatory} set, and
+the Deferred fires only on the broker's confirm: it fails with
+L{fedhub.errors.MessageReturned} when no queue is bound for the topic, with
+L{fedhub.errors.MessageNacked} when the broker refuses it, with a
+L{fedhub.errors.ChannelError} (403, 404) when the exchange may not be used,
+and with L{fedhub.errors.NotConnected} when no connection could be made in
+time (its C{reason} says why).  There is no outbox here: a caller that must
+not lose a message keeps it until the Deferred fires, and may publish it
+again with the same id on a temporary failure (consumers recognize copies by
+id).
+
+L{publish_sync} runs the same code in a reactor that it starts in a daemon
+thread on first use.  Twisted's reactor can run only once per process, so:
+
+  - do not call L{publish_sync} in a process that runs (or ran) the reactor
+    in its main thread; use L{publish} there;
+  - after L{publish_sync} started it, the reactor keeps running in its thread
+    until the process exits (its connections are closed at exit).
+
+Domains with C{broker = "memory"} live inside the hub process; nothing outside
+it can reach them, so they are refused with L{DomainError}.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from fedhub.config import Config, DomainConfig, default_config, load_config
+from fedhub.errors import AccessRefused, FedhubError, NotConnected, TemporarilyUnavailable
+from fedhub.message import Message
+from fedhub.text import escape_control
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Client",
+    "DomainError",
+    "choose_domain",
+    "close",
+    "close_sync",
+    "connect_bus",
+    "load",
+    "publish",
+    "publish_sync",
+    "with_timeout",
+]
+
+_T = TypeVar("_T")
+
+#: The configuration read when none is named, if it exists; otherwise the
+#: built-in default (L{fedhub.config.default_config}) is used.
+DEFAULT_CONFIG_PATH = "/etc/fedhub/hub.toml"
+
+#: Seconds to wait, by default, for a connection and for a confirm.
+DEFAULT_TIMEOUT = 30.0
+
+
+class DomainError(FedhubError):
+    """
+    A domain of the configuration can not be used as asked: it does not
+    exist, none was named where several exist, or it has no broker that
+    another process could reach.
+
+    @ivar domain: The domain asked for, or C{None}.
+    @ivar reason: Why, one line.
+    @ivar known: The domains the configuration has.
+    """
+
+    def __init__(self, domain: str | None, reason: str, known: list[str]) -> None:
+        self.domain = domain
+        self.reason = reason
+        self.known = sorted(known)
+        super().__init__(reason)
+
+
+def load(path: str | None = None) -> Config:
+    """
+    Read a configuration: the file at C{path}, or without one
+    L{DEFAULT_CONFIG_PATH} when it exists, else the built-in default.
+
+    @raise fedhub.errors.ConfigError: when it can not be read or is invalid.
+    """
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG_PATH):
+            return default_config()
+        path = DEFAULT_CONFIG_PATH
+    return load_config(path)
+
+
+def choose_domain(config: Config, name: str | None, *, need_broker: bool = True) -> DomainConfig:
+    """
+    The domain called C{name}, or the only one when C{name} is C{None}.
+
+    @param need_broker: Refuse a domain on the in-process bus (C{broker =
+        "memory"}), which only the hub's own process can reach.
+    @raise DomainError: when there is no such domain, several and no name,
+        or (with C{need_broker}) an in-process one.
+    """
+    known = list(config.domains)
+    shown = ", ".join(sorted(known)) or "none"
+    if name is None:
+        if len(known) != 1:
+            raise DomainError(None, f"name a domain with --domain (the configuration has: {shown})", known)
+        name = known[0]
+    domain = config.domains.get(name)
+    if domain is None:
+        raise DomainError(
+            name, f"the configuration has no domain {escape_control(name)!r} (it has: {shown})", known
+        )
+    if need_broker and domain.is_memory:
+        raise DomainError(
+            name,
+            f'domain {name!r} uses the in-process bus (broker = "memory"): its messages never '
+            "leave the hub's process, so no other process can publish to it or follow it; "
+            "configure an amqp:// or amqps:// broker for it",
+            known,
+        )
+    return domain
+
+
+def with_timeout(
+    d: Deferred[_T], timeout: float, clock: IReactorTime, error: Callable[[], Exception]
+) -> Deferred[_T]:
+    """
+    A Deferred with C{d}'s result, or failing with C{error()} when C{d} has
+    not fired within C{timeout} seconds.
+
+    Unlike C{Deferred.addTimeout}, C{d} itself is never cancelled: the bus
+    fires its Deferreds later (a confirm that arrives late), and a cancelled
+    one would then be fired twice.
+    """
+    result: Deferred[_T] = Deferred()
+    call: IDelayedCall | None = None
+
+    def expire() -> None:
+        nonlocal call
+        call = None
+        if not result.called:
+            result.errback(error())
+
+    def done(outcome: _T | Failure) -> None:
+        if call is not None and call.active():
+            call.cancel()
+        if not result.called:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+    if timeout > 0:
+        call = clock.callLater(timeout, expire)
+    d.addBoth(done)
+    return result
+
+
+def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+async def connect_bus(bus: Any, clock: IReactorTime, timeout: float) -> None:
+    """
+    Start an L{fedhub.amqp.transport.AMQPBus} (unless it runs already) and
+    wait until it is connected.
+
+    @raise AccessRefused: at once when the broker refuses the login or the
+        virtual host.
+    @raise NotConnected: when no connection was made within C{timeout}
+        seconds; its C{reason} names the broker and the last error.
+    """
+    if not bus.running:
+        bus.startService()
+    if bus.connected:
+        return
+    connected: Deferred[None] = bus.when_connected()
+    # Fails with NotConnected if the bus stops first; nobody else waits on it.
+    connected.addErrback(lambda _: None)
+    deadline = clock.seconds() + timeout
+    while not bus.connected:
+        error = bus.last_error
+        if isinstance(error, AccessRefused):
+            raise AccessRefused(error.reply_code, error.reply_text)
+        left = deadline - clock.seconds()
+        if left <= 0:
+            why = "no answer"
+            if error is not None:
+                why = escape_control(str(error) or type(error).__name__, 200)
+            raise NotConnected(
+                f"could not connect to {bus.settings.safe_url()} (domain {bus.domain}) "
+                f"within {timeout:g} s: {why}"
+            )
+        await _sleep(clock, min(0.05, left))
+
+
+class Client:
+    """
+    Confirmed publishing to the brokers of one configuration: one connection
+    per domain, opened on first use and kept until L{close}.
+
+    @ivar config: The configuration.
+    @ivar timeout: Seconds to wait for a connection, and for each confirm.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        bus_options: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        @param reactor: Connects and keeps time.
+        @param bus_options: More keyword arguments for each
+            L{fedhub.amqp.transport.AMQPBus}.
+        """
+        self.config = config
+        self.timeout = timeout
+        self._reactor = reactor
+        self._bus_options = dict(bus_options or {})
+        self._buses: dict[str, Any] = {}
+        self._closing: Deferred[None] | None = None
+
+    def bus(self, domain: str | None = None) -> Deferred[Any]:
+        """
+        The connected bus of a domain (L{choose_domain} picks it).
+
+        @return: a Deferred firing with the bus once it is connected, or
+            failing with L{DomainError}, L{fedhub.errors.ConfigError} (unusable
+            TLS settings), L{AccessRefused} or L{NotConnected}.
+        """
+        if self._closing is not None:
+            return fail(NotConnected("the client is closed"))
+        try:
+            chosen = choose_domain(self.config, domain)
+        except DomainError as e:
+            return fail(e)
+        bus = self._buses.get(chosen.name)
+        if bus is None:
+            from fedhub.amqp.transport import AMQPBus
+
+            options = {
+                "confirm_timeout": self.timeout,
+                "reconnect_initial": 0.25,
+                "reconnect_max": 5.0,
+                "setup_timeout": self.timeout,
+            }
+            options.update(self._bus_options)
+            try:
+                bus = AMQPBus.from_domain(chosen, self._reactor, **options)
+                bus.startService()
+            except Exception as e:
+                return fail(e)
+            self._buses[chosen.name] = bus
+        connected = Deferred.fromCoroutine(connect_bus(bus, self._reactor, self.timeout))
+        return connected.addCallback(lambda _: bus)
+
+    def publish(self, message: Message, domain: str | None = None) -> Deferred[None]:
+        """
+        Publish one message and wait for the broker's confirm (see the module
+        docstring for the failures).
+        """
+        if not isinstance(message, Message):
+            return fail(TypeError(f"expected a Message, not {type(message).__name__}"))
+        return self.bus(domain).addCallback(lambda bus: bus.publish(message))
+
+    def close(self) -> Deferred[None]:
+        """
+        Close every connection, after the confirms in flight (each bus waits
+        at most its confirm timeout).
+        """
+        if self._closing is None:
+            buses, self._buses = list(self._buses.values()), {}
+            self._closing = Deferred.fromCoroutine(self._close(buses))
+        waiter: Deferred[None] = Deferred()
+
+        def closed(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        self._closing.addBoth(closed)
+        return waiter
+
+    @staticmethod
+    async def _close(buses: list[Any]) -> None:
+        for bus in buses:
+            try:
+                await bus.stopService()
+            except Exception:
+                pass
+
+
+# --- module-level functions ------------------------------------------------
+
+#: Clients made by L{publish}: one per (configuration, reactor).
+_clients: list[tuple[Config, Any, Client]] = []
+#: Configurations read by L{publish} and L{publish_sync}, by path (C{None}:
+#: the default one).
+_configs: dict[str | None, Config] = {}
+
+
+def _config(path: str | None) -> Config:
+    config = _configs.get(path)
+    if config is None:
+        config = _configs[path] = load(path)
+    return config
+
+
+def _client(config: Config, reactor: Any, timeout: float) -> Client:
+    for known, known_reactor, client in _clients:
+        if known is config and known_reactor is reactor:
+            client.timeout = timeout
+            return client
+    client = Client(config, reactor, timeout=timeout)
+    _clients.append((config, reactor, client))
+    return client
+
+
+def publish(
+    message: Message,
+    domain: str | None = None,
+    *,
+    config: Config | None = None,
+    reactor: Any = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Deferred[None]:
+    """
+    Publish one message to a domain's broker and wait for its confirm.
+
+    The connection is opened on first use and kept for later calls with the
+    same configuration and reactor, until L{close}.
+
+    @param domain: The domain; C{None} for the only one of the configuration.
+    @param config: The configuration; C{None} reads L{DEFAULT_CONFIG_PATH}
+        (or uses the built-in default when it does not exist) once.
+    @param reactor: The reactor; C{None} for the global one.
+    @param timeout: Seconds to wait for the connection, and for the confirm.
+    @return: a Deferred firing with C{None} on the confirm; see the module
+        docstring for its failures.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    if config is None:
+        try:
+            config = _config(None)
+        except FedhubError as e:
+            return fail(e)
+    return _client(config, reactor, timeout).publish(message, domain)
+
+
+def close() -> Deferred[None]:
+    """
+    Close every connection L{publish} opened.
+    """
+    clients = [client for _, _, client in _clients]
+    del _clients[:]
+
+    async def close_all() -> None:
+        for client in clients:
+            await client.close()
+
+    return Deferred.fromCoroutine(close_all())
+
+
+# --- the blocking wrapper ----------------------------------------------------
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _running_reactor() -> Any:
+    """
+    The global reactor, running in a thread other than the caller's: started
+    in a daemon thread on the first call.
+
+    @raise RuntimeError: when called in the reactor's own thread, or when the
+        reactor ran and stopped before (it can not run twice).
+    """
+    global _thread
+    from twisted.internet import reactor as global_reactor
+    from twisted.python import threadable
+
+    reactor = cast(Any, global_reactor)
+    with _lock:
+        if reactor.running:
+            if threadable.isInIOThread():  # type: ignore[no-untyped-call]
+                raise RuntimeError(
+                    "publish_sync was called in the reactor's thread, where it would wait "
+                    "forever; use fedhub.api.publish there"
+                )
+            return reactor
+        if _thread is not None or getattr(reactor, "_startedBefore", False):
+            raise RuntimeError(
+                "the Twisted reactor of this process has stopped and can not run again"
+            )
+        started = threading.Event()
+        reactor.callWhenRunning(started.set)
+        thread = threading.Thread(
+            target=reactor.run,
+            kwargs={"installSignalHandlers": False},
+            name="fedhub-reactor",
+            daemon=True,
+        )
+        thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the Twisted reactor did not start within 30 s")
+        _thread = thread
+        atexit.register(_shutdown)
+        return reactor
+
+
+def _call(reactor: Any, fn: Callable[[], Deferred[_T]], timeout: float) -> _T:
+    """
+    Run C{fn} in the reactor's thread and wait (at most C{timeout} seconds
+    plus a margin) for its Deferred.
+    """
+    results: queue.Queue[object] = queue.Queue()
+
+    def start() -> None:
+        try:
+            d = fn()
+        except BaseException as e:  # noqa: B036 - handed to the waiting thread
+            results.put(Failure(e))  # type: ignore[no-untyped-call]
+            return
+        d.addBoth(results.put)
+
+    reactor.callFromThread(start)
+    try:
+        outcome = results.get(timeout=timeout + 10.0)
+    except queue.Empty:
+        raise TemporarilyUnavailable(f"no answer from the reactor thread within {timeout:g} s") from None
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    return cast(_T, outcome)
+
+
+def publish_sync(
+    message: Message,
+    domain: str | None = None,
+    *,
+    config_path: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """
+    Publish one message and block until the broker confirmed it, for
+    programs that do not run Twisted.  Safe to call from several threads.
+
+    The first call starts Twisted's reactor in a daemon thread (see the module
+    docstring for what that means for the rest of the process); the
+    connection is kept for later calls and closed when the process exits.
+
+    @param domain: The domain; C{None} for the only one of the configuration.
+    @param config_path: The configuration file; C{None} for
+        L{DEFAULT_CONFIG_PATH} or the built-in default.
+    @param timeout: Seconds the whole call may take: connecting, publishing
+        and the confirm.  When it passes, the message may still arrive; to
+        try again, publish the same message (same id).
+    @raise fedhub.errors.FedhubError: what L{publish} fails with; on the
+        timeout, L{TemporarilyUnavailable}.
+    @raise RuntimeError: when the reactor can not be used from here.
+    """
+    config = _config(config_path)
+    reactor = _running_reactor()
+
+    def run() -> Deferred[None]:
+        d = publish(message, domain, config=config, reactor=reactor, timeout=timeout)
+        return with_timeout(
+            d,
+            timeout,
+            reactor,
+            lambda: TemporarilyUnavailable(
+                f"message {message.id} was not confirmed within {timeout:g} s", message.id
+            ),
+        )
+
+    _call(reactor, run, timeout)
+
+
+def close_sync(timeout: float = 10.0) -> None:
+    """
+    Close the connections L{publish_sync} opened, waiting at most
+    C{timeout} seconds.  Later calls of L{publish_sync} connect again.
+    """
+    if _thread is None:
+        return
+    from twisted.internet import reactor as global_reactor
+
+    reactor = cast(Any, global_reactor)
+    if not reactor.running:
+        return
+    try:
+        _call(
+            reactor,
+            lambda: with_timeout(close(), timeout, reactor, lambda: TemporarilyUnavailable("close")),
+            timeout,
+        )
+    except FedhubError:
+        pass
+
+
+def _shutdown() -> None:
+    """
+    At exit: close the connections, then stop the reactor thread.
+    """
+    from twisted.internet import reactor as global_reactor
+
+    reactor = cast(Any, global_reactor)
+    close_sync(5.0)
+    if reactor.running:
+        reactor.callFromThread(reactor.stop)
+    thread = _thread
+    if thread is not None:
+        thread.join(5.0)
