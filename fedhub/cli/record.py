@@ -1,0 +1,109 @@
+"""
+Follow a domain's bus and append every message to a file in the serialized form.
+
+C{fedhub record FILE} follows like C{fedhub tail} (a temporary exclusive
+queue bound for the C{--topic} patterns, the same filters) and appends each
+message to FILE as one line of fedora-messaging's serialized form, flushed
+after every message; C{fedhub replay FILE} and C{fedhub publish --file FILE}
+read it back.  FILE C{-} writes to standard output.  The command exits 0 after
+C{--count} messages, and on SIGINT (Ctrl-C) or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import IO
+
+from fedhub.cli import runner
+from fedhub.cli.runner import EX_CANTCREAT, EX_IOERR, CommandError, Runtime
+from fedhub.cli.tail import Follower, add_filter_arguments, filter_of, follow
+from fedhub.message import Message, dump_line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """
+    Arguments of C{fedhub record}.
+    """
+    parser.add_argument("file", metavar="FILE", help="append to this file (- for standard output)")
+    add_filter_arguments(parser)
+
+
+def open_output(path: str) -> IO[bytes]:
+    """
+    Open FILE for appending (C{-}: standard output).
+
+    @raise CommandError: with C{EX_CANTCREAT} when it can not be opened.
+    """
+    if path == "-":
+        return sys.stdout.buffer
+    try:
+        return open(path, "ab")
+    except OSError as e:
+        raise CommandError(f"can not open {path} for writing: {e.strerror or e}", EX_CANTCREAT) from None
+
+
+class Appender:
+    """
+    Writes messages to a file, one serialized line each, flushed at once.
+
+    @ivar written: Messages written.
+    """
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self.stream = stream
+        self.name = name
+        self.written = 0
+
+    def __call__(self, message: Message) -> None:
+        """
+        Append one message.
+
+        @raise CommandError: with C{EX_IOERR} when writing fails.
+        @raise BrokenPipeError: when FILE is a pipe whose reader went away.
+        """
+        try:
+            self.stream.write(dump_line(message).encode("utf-8"))
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise CommandError(f"writing to {self.name} failed: {e.strerror or e}", EX_IOERR) from None
+        self.written += 1
+
+    def close(self) -> None:
+        """
+        Flush to disk and close (standard output is only flushed).
+        """
+        try:
+            self.stream.flush()
+            if self.stream is not sys.stdout.buffer:
+                os.fsync(self.stream.fileno())
+                self.stream.close()
+        except (OSError, ValueError):
+            pass
+
+
+def run(args: argparse.Namespace) -> int:
+    """
+    Record until the count is reached or a signal arrives (exit 0).
+    """
+    try:
+        topics, accept = filter_of(args)
+        config = runner.read_config(args.config)
+        domain = runner.domain_of(config, args.domain)
+        appender = Appender(open_output(args.file), args.file)
+    except CommandError as e:
+        return runner.fail("record", e.reason, e.status)
+    follower = Follower(appender, accept, args.count)
+
+    async def work(runtime: Runtime) -> int:
+        return await follow(
+            "record", runtime, domain, topics, follower, timeout=args.timeout, quiet=args.quiet
+        )
+
+    try:
+        return runner.run("record", work, verbose=args.verbose)
+    finally:
+        appender.close()
