@@ -1,0 +1,312 @@
+"""
+List, retry or drop the messages in a domain's outbox failed area (returned or nacked by the broker).
+
+The failed area holds what the broker returned as unroutable or refused
+(see C{docs/outbox.md}); the hub never retries those by itself.
+
+  - C{fedhub outbox list [--json]}: one row per message: sequence number, id,
+    topic, kind, when it failed, attempts and the reason;
+  - C{fedhub outbox retry SEQ|ID ... | --all}: move messages back to the
+    pending queue: the hub publishes them when it starts;
+  - C{fedhub outbox drop SEQ|ID ... | --all}: delete them for good.
+
+Messages are named by their sequence number (the first column of C{list}) or
+their message id.  The outbox lives in C{<state_dir>/outbox/<domain>/}.  The
+hub holds its outbox's database with an exclusive lock for as long as it
+runs (so that two hubs never publish one outbox), so these commands work on a
+stopped hub; while the hub runs they exit with 75 and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import IO, Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from fedhub.cli import runner
+from fedhub.cli.runner import (
+    EX_IOERR,
+    EX_NOTFOUND,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    CommandError,
+)
+from fedhub.config import Config
+from fedhub.errors import DecodeError
+from fedhub.outbox.store import DATABASE_NAME, FailedRecord, Store, StoreError, SynchronousExecutor
+from fedhub.text import escape_control
+
+_T = TypeVar("_T")
+
+#: Records read from the store at a time.
+PAGE = 500
+
+#: How long to wait for the database when another process holds it briefly.
+LOCK_TIMEOUT = 2.0
+
+
+def outbox_directory(config: Config, domain: str) -> str:
+    """
+    Where the hub keeps the outbox of a domain.
+    """
+    return os.path.join(config.hub.state_dir, "outbox", domain)
+
+
+def _now(d: Deferred[_T]) -> _T:
+    """
+    The result of a Deferred that has fired (the store runs synchronously
+    here), raising its failure.
+    """
+    results: list[_T | Failure] = []
+    d.addBoth(results.append)
+    if not results:  # pragma: no cover - a synchronous executor always fires
+        raise RuntimeError("the store did not answer synchronously")
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+class FailedArea:
+    """
+    The failed area of one outbox, opened in this process with a synchronous
+    store (blocking: fine for a command that has nothing else to do).
+    """
+
+    def __init__(self, directory: str, domain: str) -> None:
+        self.directory = directory
+        self.domain = domain
+        self.store = Store(directory, SynchronousExecutor(), lock_timeout=LOCK_TIMEOUT)
+
+    @property
+    def exists(self) -> bool:
+        """
+        Whether the outbox has a database at all (it is made when the hub
+        first starts).
+        """
+        return os.path.exists(os.path.join(self.directory, DATABASE_NAME))
+
+    def open(self) -> None:
+        """
+        Open the database.
+
+        @raise CommandError: C{EX_TEMPFAIL} while the hub holds it, else
+            C{EX_IOERR}.
+        """
+        try:
+            _now(self.store.open())
+        except StoreError as e:
+            if e.locked:
+                raise CommandError(
+                    f"the outbox of domain {self.domain} is in use ({e.path}): it is locked by "
+                    "the running hub; stop the hub, then run this again",
+                    EX_TEMPFAIL,
+                ) from None
+            raise CommandError(f"can not open the outbox of domain {self.domain}: {e}", EX_IOERR) from None
+
+    def close(self) -> None:
+        """
+        Close the database.
+        """
+        try:
+            _now(self.store.close())
+        except StoreError:
+            pass
+
+    def records(self) -> list[FailedRecord]:
+        """
+        Every record, oldest failure first.
+        """
+        found: list[FailedRecord] = []
+        after = 0
+        while True:
+            page = _now(self.store.failed(after, PAGE))
+            found.extend(page)
+            if len(page) < PAGE:
+                return found
+            after = page[-1].seq
+
+    def select(self, names: list[str]) -> tuple[list[int], list[str]]:
+        """
+        The sequence numbers of the records named by sequence number or
+        message id, and the names that match none.
+        """
+        records = self.records()
+        by_seq = {record.seq: record for record in records}
+        seqs: list[int] = []
+        missing: list[str] = []
+        for name in names:
+            matched = [r.seq for r in records if r.message_id == name]
+            if not matched and name.isdigit() and int(name) in by_seq:
+                matched = [int(name)]
+            if matched:
+                seqs.extend(seq for seq in matched if seq not in seqs)
+            else:
+                missing.append(name)
+        return seqs, missing
+
+
+def _time(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _topic(record: FailedRecord) -> str:
+    try:
+        return record.message().topic
+    except DecodeError:
+        return "?"
+
+
+def as_json(record: FailedRecord) -> str:
+    """
+    One record as one JSON object: its fields and, under C{message}, the
+    stored message in the serialized form (C{null} when it does not decode).
+    """
+    try:
+        message: Any = record.message().to_serialized()
+    except DecodeError:
+        message = None
+    return json.dumps(
+        {
+            "seq": record.seq,
+            "id": record.message_id,
+            "topic": _topic(record),
+            "kind": record.kind,
+            "reason": record.reason,
+            "created": _time(record.created),
+            "failed_at": _time(record.failed_at),
+            "attempts": record.attempts,
+            "message": message,
+        },
+        ensure_ascii=True,
+        sort_keys=True,
+        default=str,
+    )
+
+
+def table(records: list[FailedRecord]) -> list[str]:
+    """
+    The records as aligned text lines, a header first; untrusted text
+    escaped.
+    """
+    rows = [("SEQ", "ID", "TOPIC", "KIND", "FAILED AT", "ATTEMPTS", "REASON")]
+    for record in records:
+        rows.append(
+            (
+                str(record.seq),
+                escape_control(record.message_id, 64),
+                escape_control(_topic(record), 100),
+                record.kind,
+                _time(record.failed_at),
+                str(record.attempts),
+                escape_control(record.reason, 200),
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+        for row in rows
+    ]
+
+
+# --- the command -----------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """
+    Arguments of C{fedhub outbox}.
+    """
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    listing = actions.add_parser("list", help="list the failed messages", description="List the failed messages.")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    runner.add_config_arguments(listing)
+    for name, summary in (
+        ("retry", "move failed messages back to the pending queue (published when the hub starts)"),
+        ("drop", "delete failed messages for good"),
+    ):
+        action = actions.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        action.add_argument("ids", nargs="*", metavar="SEQ|ID", help="sequence numbers or message ids")
+        action.add_argument("--all", action="store_true", help="every failed message")
+        runner.add_config_arguments(action)
+
+
+def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """
+    List, retry or drop; exit 1 when some of the named messages were not
+    found (the others are acted on), 75 while the hub holds the outbox.
+    """
+    try:
+        return _run(args, out or sys.stdout)
+    except CommandError as e:
+        return runner.fail("outbox", e.reason, e.status)
+
+
+def _run(args: argparse.Namespace, out: IO[str]) -> int:
+    action: str = args.action
+    if action != "list":
+        if bool(args.ids) == bool(args.all):
+            raise CommandError(f"{action}: name the messages (SEQ or ID ...) or give --all", EX_USAGE)
+    config = runner.read_config(args.config)
+    domain = runner.domain_of(config, args.domain, need_broker=False)
+    area = FailedArea(outbox_directory(config, domain.name), domain.name)
+    if not area.exists:
+        if action == "list":
+            if not args.json:
+                print(f"the outbox of domain {domain.name} has no failed messages", file=out)
+            return EX_OK
+        if args.ids:
+            raise CommandError(f"not found: {', '.join(escape_control(i) for i in args.ids)}", EX_NOTFOUND)
+        print(f"0 message(s) {'moved back to pending' if action == 'retry' else 'dropped'}", file=out)
+        return EX_OK
+    area.open()
+    try:
+        if action == "list":
+            return _list(area, args.json, out)
+        return _act(area, action, None if args.all else list(args.ids), out)
+    finally:
+        area.close()
+
+
+def _list(area: FailedArea, as_lines: bool, out: IO[str]) -> int:
+    records = area.records()
+    if as_lines:
+        for record in records:
+            print(as_json(record), file=out)
+    elif not records:
+        print(f"the outbox of domain {area.domain} has no failed messages", file=out)
+    else:
+        for line in table(records):
+            print(line, file=out)
+    return EX_OK
+
+
+def _act(area: FailedArea, action: str, names: list[str] | None, out: IO[str]) -> int:
+    missing: list[str] = []
+    seqs: list[int] | None = None
+    if names is not None:
+        seqs, missing = area.select(names)
+    count = 0
+    if seqs is None or seqs:
+        try:
+            if action == "retry":
+                count = _now(area.store.retry_failed(seqs, time.time()))
+            else:
+                count = _now(area.store.drop_failed(seqs))
+        except StoreError as e:
+            raise CommandError(f"{action} failed: {e}", EX_IOERR) from None
+    if action == "retry":
+        print(f"{count} message(s) moved back to pending; the hub publishes them when it starts", file=out)
+    else:
+        print(f"{count} message(s) dropped", file=out)
+    if missing:
+        return runner.fail("outbox", f"not found: {', '.join(escape_control(m) for m in missing)}", EX_NOTFOUND)
+    return EX_OK
