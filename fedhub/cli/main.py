@@ -13,12 +13,17 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from fedhub import __version__
-from fedhub.cli import check_config, inject_mail
+from fedhub.cli import check_config, inject_mail, outbox, publish, record, replay, tail
 
 #: Sub-command name → module with add_arguments/run and a docstring.
 COMMANDS: dict[str, ModuleType] = {
     "check-config": check_config,
     "inject-mail": inject_mail,
+    "publish": publish,
+    "tail": tail,
+    "record": record,
+    "replay": replay,
+    "outbox": outbox,
 }
 
 
@@ -58,3 +63,7 @@ def entry() -> None:
     The console script: exit with what L{main} returns.
     """
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
