@@ -129,6 +129,16 @@ class CLIProcess(ProcessProtocol):
         """
         cast(Any, self.transport).signalProcess(signum)
 
+    def kill(self) -> Deferred[int]:
+        """
+        Kill the process unless it ended; fires once it has.
+        """
+        if not self.ended.called:
+            self.signal(signal.SIGKILL)
+        d: Deferred[int] = Deferred()
+        self.ended.addBoth(lambda result: (d.callback(0), result)[1])
+        return d
+
     @property
     def stdout(self) -> str:
         return self.out.decode("utf-8", "replace")
@@ -650,6 +660,7 @@ class LivePublishTests(LiveCase):
         """SIGINT while waiting for the broker: exit 130 at once, not after the timeout."""
         closed = write_config(self.directory / "closed", broker="amqp://guest:guest@127.0.0.1:1/%2F")
         process = spawn("publish", "-c", closed, "--timeout", "60", "--topic", "a.b", "--body", "{}", "-v")
+        self.addCleanup(process.kill)
         await self.wait_for(lambda: b"Connecting to" in process.err, "a connection attempt", 30)
         process.signal(signal.SIGINT)
         self.assertEqual(await process.ended, 130, process.stderr)
