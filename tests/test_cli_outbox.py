@@ -1,0 +1,177 @@
+"""
+Tests for C{fedhub outbox list|retry|drop} (L{fedhub.cli.outbox}).
+
+The state directory is prepared by running a real L{Outbox} with a fake bus
+that returns or refuses messages, so the failed area is exactly what a hub
+leaves behind.  No broker is needed.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.cli.main import build_parser
+from fedhub.errors import MessageNacked, MessageReturned
+from fedhub.message import Message
+from fedhub.outbox import Outbox, Store, SynchronousExecutor
+from tests.test_cli_publish import write_config
+from tests.test_outbox import FakeBus, make_message
+
+
+class OutboxCommandTests(SynchronousTestCase):
+    """
+    The failed area of a stopped hub's outbox, from the command line.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).absolute()
+        self.config = write_config(self.directory)
+        self.outbox_dir = str(self.directory / "state" / "outbox" / "test")
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def prepare(self) -> list[Message]:
+        """
+        Run an outbox whose bus returns the first message, refuses the second
+        and confirms the third; stop it.  Returns the three messages.
+        """
+        clock = Clock()
+        bus = FakeBus()
+        outbox = Outbox("test", self.outbox_dir, bus, clock, executor=SynchronousExecutor())
+        outbox.startService()
+        messages = [make_message(n) for n in (1, 2, 3)]
+        for message in messages:
+            outbox.publish(message)
+        bus.fail_next(MessageReturned("no queue is bound for 'x' on exchange 'amq.topic': 312 NO_ROUTE",
+                                      messages[0].id, 312))
+        bus.fail_next(MessageNacked("the broker refused the message\x1b[31m", messages[1].id))
+        bus.ack()
+        self.successResultOf(outbox.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
+        return messages
+
+    def command(self, *argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        args = build_parser().parse_args(["outbox", *argv])
+        from fedhub.cli import outbox
+
+        status = outbox.run(args, out)
+        return status, out.getvalue()
+
+    def store_state(self) -> tuple[list[str], list[str]]:
+        """
+        The ids pending and failed in the (closed) outbox.
+        """
+        store = Store(self.outbox_dir, SynchronousExecutor())
+        self.successResultOf(store.open())
+        try:
+            pending = [row.message().id for row in self.successResultOf(store.load(0, 1000))]
+            failed = [record.message_id for record in self.successResultOf(store.failed())]
+        finally:
+            self.successResultOf(store.close())
+        return pending, failed
+
+    def test_list_table(self) -> None:
+        """list shows seq, id, topic, kind, time, attempts and reason, control characters escaped."""
+        messages = self.prepare()
+        status, out = self.command("list", "-c", self.config)
+        self.assertEqual(status, 0)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split()[:4], ["SEQ", "ID", "TOPIC", "KIND"])
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(lines[1].split()[:4], ["1", messages[0].id, messages[0].topic, "returned"])
+        self.assertIn("312 NO_ROUTE", lines[1])
+        self.assertEqual(lines[2].split()[:4], ["2", messages[1].id, messages[1].topic, "nacked"])
+        self.assertNotIn("\x1b", out)
+        self.assertIn("\\x1b", lines[2])
+
+    def test_list_json(self) -> None:
+        """list --json gives one object per line, with the stored message."""
+        messages = self.prepare()
+        status, out = self.command("list", "--json", "-c", self.config)
+        self.assertEqual(status, 0)
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([(r["seq"], r["id"], r["kind"], r["attempts"]) for r in records],
+                         [(1, messages[0].id, "returned", 1), (2, messages[1].id, "nacked", 1)])
+        self.assertEqual(records[0]["message"]["id"], messages[0].id)
+        self.assertTrue(records[0]["failed_at"].endswith("+00:00"))
+
+    def test_retry_by_seq_and_id(self) -> None:
+        """retry moves the named messages (by seq or id) back to pending, where the hub picks them up."""
+        messages = self.prepare()
+        status, out = self.command("retry", "1", messages[1].id, "-c", self.config)
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        self.assertIn("2 message(s) moved back to pending", out)
+        self.assertEqual(self.store_state(), ([messages[0].id, messages[1].id], []))
+        # The hub publishes them at its next start.
+        bus = FakeBus()
+        bus.auto_ack = True
+        clock = Clock()
+        outbox = Outbox("test", self.outbox_dir, bus, clock, executor=SynchronousExecutor())
+        outbox.startService()
+        self.successResultOf(outbox.stopService())
+        self.assertEqual([m.id for m in bus.published], [messages[0].id, messages[1].id])
+
+    def test_drop_all(self) -> None:
+        """drop --all empties the failed area."""
+        self.prepare()
+        status, out = self.command("drop", "--all", "-c", self.config)
+        self.assertEqual((status, out.strip()), (0, "2 message(s) dropped"))
+        self.assertEqual(self.store_state(), ([], []))
+
+    def test_not_found(self) -> None:
+        """Names that match nothing: the others are acted on, then exit 1 naming them."""
+        messages = self.prepare()
+        status, out = self.command("drop", "2", "no-such-id", "-c", self.config)
+        self.assertEqual(status, 1)
+        self.assertIn("1 message(s) dropped", out)
+        self.assertIn("not found: no-such-id", self.stderr.getvalue())
+        self.assertEqual(self.store_state(), ([], [messages[0].id]))
+
+    def test_needs_names_or_all(self) -> None:
+        """retry without names or --all (or with both) is a usage error."""
+        self.prepare()
+        self.assertEqual(self.command("retry", "-c", self.config)[0], 64)
+        self.assertEqual(self.command("retry", "1", "--all", "-c", self.config)[0], 64)
+        self.assertEqual(len(self.store_state()[1]), 2)
+
+    def test_hub_running(self) -> None:
+        """While the hub holds the outbox, the command exits 75 and says why; nothing changes."""
+        self.prepare()
+        holder = Store(self.outbox_dir, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        try:
+            status, _ = self.command("drop", "--all", "-c", self.config)
+        finally:
+            self.successResultOf(holder.close())
+        self.assertEqual(status, 75)
+        self.assertIn("locked by the running hub", self.stderr.getvalue())
+        self.assertEqual(len(self.store_state()[1]), 2)
+
+    def test_no_outbox_yet(self) -> None:
+        """A domain whose hub never ran has no failed messages; nothing is created."""
+        status, out = self.command("list", "-c", self.config)
+        self.assertEqual((status, "no failed messages" in out), (0, True))
+        self.assertEqual(self.command("retry", "--all", "-c", self.config)[0], 0)
+        self.assertEqual(self.command("drop", "7", "-c", self.config)[0], 1)
+        self.assertFalse(os.path.exists(self.outbox_dir))
+
+    def test_memory_domain(self) -> None:
+        """An in-process domain has an outbox on disk too: it can be listed."""
+        config = write_config(self.directory / "memory", broker="memory")
+        status, out = self.command("list", "-c", config)
+        self.assertEqual((status, "no failed messages" in out), (0, True), self.stderr.getvalue())
+
+    def test_bad_config(self) -> None:
+        """An unreadable configuration: 78."""
+        status, _ = self.command("list", "-c", str(self.directory / "missing.toml"))
+        self.assertEqual(status, 78)
