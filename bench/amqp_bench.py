@@ -65,7 +65,6 @@ from common import (  # noqa: E402
     body_dict,
     emit,
     latency_summary,
-    memory,
     plain_messages,
     wire_headers,
 )
@@ -703,6 +702,8 @@ def run_worker(client: str, workload: str, queue: str, topic: str, args: argpars
         str(args.latency_seconds),
         "--outbox-concurrency",
         str(args.outbox_concurrency),
+        "--fedhub-path",
+        args.fedhub_path,
     ]
     try:
         done = subprocess.run(
@@ -887,6 +888,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--only", default="fedhub,pika,aio-pika")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--fedhub-path",
+        default=ROOT,
+        help="import fedhub from this directory (to measure another version)",
+    )
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         parser.add_argument("worker")
         parser.add_argument("client", choices=sorted(WORKERS))
@@ -895,12 +901,13 @@ def main() -> None:
         parser.add_argument("--topic", required=True)
         parser.add_argument("--prefetch", type=int, default=100)
         args = parser.parse_args()
+        sys.path.insert(0, os.path.abspath(args.fedhub_path))
         WORKERS[args.client](args)
         return
     args = parser.parse_args()
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
     print(f"AMQP benchmark: {args.count} messages, window {args.window}, {os.cpu_count()} CPUs,"
-          f" parent {memory()['rss_kib'] // 1024} MiB", flush=True)
+          f" fedhub from {os.path.abspath(args.fedhub_path)}", flush=True)
     runs = []
     for number in range(args.repeat):
         print(f"run {number + 1} of {args.repeat}", flush=True)

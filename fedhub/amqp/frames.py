@@ -131,11 +131,78 @@ def _fixed(packer: struct.Struct, what: str) -> Callable[[Any], bytes]:
     return encode
 
 
+_INT32_MIN: Final = -(2**31)
+_INT32_LIMIT: Final = 2**31
+_INT64_MIN: Final = -(2**63)
+_INT64_LIMIT: Final = 2**63
+_SIGNED_LONG = struct.Struct("!i")
+_SIGNED_LONGLONG = struct.Struct("!q")
+_DOUBLE = struct.Struct("!d")
+
+
+def encode_headers(table: Mapping[str, Any]) -> bytes:
+    """
+    A field table, length prefix included, exactly as
+    L{fedhub.amqp.codec.encode_table} writes it.
+
+    Tables of plain values (C{str}, C{bool}, C{int}, C{float}, C{None}) under
+    C{str} keys, which is what message headers nearly always are, are
+    written here in one pass; any other table (nested tables, arrays,
+    L{fedhub.amqp.codec.FieldValue}s, bytes, times, subclasses, odd keys) is
+    handed to L{fedhub.amqp.codec.encode_table}, which also raises its
+    errors.
+
+    @raise fedhub.amqp.codec.FieldTableEncodeError: The table can not be
+        encoded.
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    try:
+        for key, value in table.items():
+            if key.__class__ is not str:
+                return encode_table(table)
+            raw_key = key.encode("utf-8", "surrogateescape")
+            if len(raw_key) > 255:
+                return encode_table(table)
+            append(_OCTET.pack(len(raw_key)))
+            append(raw_key)
+            cls = value.__class__
+            if cls is str:
+                raw = value.encode("utf-8")
+                append(b"S")
+                append(_LONG.pack(len(raw)))
+                append(raw)
+            elif cls is bool:
+                append(b"t\x01" if value else b"t\x00")
+            elif cls is int:
+                if _INT32_MIN <= value < _INT32_LIMIT:
+                    append(b"I")
+                    append(_SIGNED_LONG.pack(value))
+                elif _INT64_MIN <= value < _INT64_LIMIT:
+                    append(b"l")
+                    append(_SIGNED_LONGLONG.pack(value))
+                else:
+                    return encode_table(table)
+            elif value is None:
+                append(b"V")
+            elif cls is float:
+                append(b"d")
+                append(_DOUBLE.pack(value))
+            else:
+                return encode_table(table)
+    except (UnicodeEncodeError, AttributeError):
+        return encode_table(table)
+    body = b"".join(parts)
+    if len(body) > 0xFFFFFFFF:
+        return encode_table(table)
+    return _LONG.pack(len(body)) + body
+
+
 def _property_encoder(domain: str, what: str) -> Callable[[Any], bytes]:
     if domain == "shortstr":
         return lambda value: encode_shortstr(value, what)
     if domain == "table":
-        return encode_table
+        return encode_headers
     if domain == "octet":
         return _fixed(_OCTET, what)
     if domain == "short":
@@ -385,6 +452,90 @@ def _shortstr_at(data: bytes, pos: int, end: int, channel: int) -> tuple[str | b
         return raw, stop
 
 
+_SIMPLE_INTS: Final = {
+    ord("b"): struct.Struct("!b"),
+    ord("B"): struct.Struct("!B"),
+    ord("s"): struct.Struct("!h"),
+    ord("u"): struct.Struct("!H"),
+    ord("I"): struct.Struct("!i"),
+    ord("i"): struct.Struct("!I"),
+    ord("l"): struct.Struct("!q"),
+    ord("L"): struct.Struct("!q"),
+    ord("d"): struct.Struct("!d"),
+    ord("f"): struct.Struct("!f"),
+}
+_S = ord("S")
+_T_BOOL = ord("t")
+_V = ord("V")
+_X = ord("x")
+
+
+def decode_headers(data: bytes, pos: int, end: int) -> dict[str, Any]:
+    """
+    The field table (length prefix included) that runs from C{pos} to exactly
+    C{end} in C{data}, decoded as L{fedhub.amqp.codec.decode_table} decodes
+    it (not in exact mode).
+
+    Tables of numbers, booleans, strings, byte arrays and voids are read here
+    in one pass; anything else (nested tables, arrays, timestamps, decimals,
+    or anything malformed) is handed to L{fedhub.amqp.codec.decode_table},
+    which also raises its errors.
+
+    @raise FieldTableDecodeError: The table is malformed.
+    """
+    result: dict[str, Any] = {}
+    (size,) = _LONG.unpack_from(data, pos)
+    if pos + 4 + size != end:
+        return _generic_table(data, pos, end)
+    i = pos + 4
+    while i < end:
+        length = data[i]
+        start = i + 1
+        i = start + length
+        if i >= end:
+            return _generic_table(data, pos, end)
+        key = data[start:i].decode("utf-8", "surrogateescape")
+        letter = data[i]
+        i += 1
+        if letter == _S or letter == _X:
+            if i + 4 > end:
+                return _generic_table(data, pos, end)
+            (length,) = _LONG.unpack_from(data, i)
+            start = i + 4
+            i = start + length
+            if i > end:
+                return _generic_table(data, pos, end)
+            raw = data[start:i]
+            if letter == _S:
+                try:
+                    result[key] = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    result[key] = raw
+            else:
+                result[key] = raw
+        elif letter == _T_BOOL:
+            if i >= end:
+                return _generic_table(data, pos, end)
+            result[key] = data[i] != 0
+            i += 1
+        elif letter == _V:
+            result[key] = None
+        else:
+            packer = _SIMPLE_INTS.get(letter)
+            if packer is None or i + packer.size > end:
+                return _generic_table(data, pos, end)
+            (result[key],) = packer.unpack_from(data, i)
+            i += packer.size
+    return result
+
+
+def _generic_table(data: bytes, pos: int, end: int) -> dict[str, Any]:
+    table, stop = decode_table(data[pos:end])
+    if stop != end - pos:
+        raise FieldTableDecodeError("bad-length", stop, "bytes left after the table")
+    return table
+
+
 def _check_end(pos: int, end: int, channel: int) -> None:
     if pos != end:
         raise FrameError("bad-length", channel, f"{end - pos} bytes left after the last field")
@@ -485,18 +636,23 @@ class HeaderDecoder:
         if weight != 0:
             raise FrameError("bad-length", channel, f"content weight {weight}")
         pos += 12
-        present: list[bool] = []
+        # Up to 15 property bits per flag word, high bit first; the lowest
+        # bit says another word follows.
+        flags = 0
+        words = 0
         while True:
             if pos + 2 > end:
                 raise FrameError("truncated", channel, "property flags end early")
             (word,) = _SHORT.unpack_from(data, pos)
             pos += 2
-            present.extend(bool(word & (1 << bit)) for bit in range(15, 0, -1))
+            flags = (flags << 15) | (word >> 1)
+            words += 1
             if not word & 1:
                 break
+        top = 15 * words - 1
         properties: dict[str, Any] = {}
-        for prop, flag in zip(self._properties, present):
-            if not flag:
+        for prop in self._properties:
+            if prop.index > top or not flags >> (top - prop.index) & 1:
                 continue
             domain = prop.domain
             if domain == "shortstr":
@@ -514,7 +670,7 @@ class HeaderDecoder:
                 if stop > end:
                     raise FrameError("truncated", channel, "headers table runs past the frame")
                 try:
-                    properties[prop.name], _ = decode_table(data[pos:stop])
+                    properties[prop.name] = decode_headers(data, pos, stop)
                 except FieldTableDecodeError as exc:
                     raise FrameError("bad-table", channel, str(exc)) from exc
                 pos = stop

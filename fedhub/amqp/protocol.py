@@ -485,6 +485,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self._partial: list[bytes] = []
         self._partial_size = 0
         self._partial_need = 0
+        self._broken = False
         self.fast_frames = True
         self._publisher = PublishEncoder(spec, DEFAULT_FRAME_MAX)
         self._contents = ContentDecoder(spec)
@@ -688,7 +689,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         complete, so a large frame arriving in many reads is copied once.
         """
         self._last_received = self.clock.seconds()
-        if self.lost:
+        if self.lost or self._broken:
             return
         if self._partial:
             self._partial.append(data)
@@ -702,6 +703,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             offset = self._handle_frames(data)
         except FrameError as e:
             self.log.error("Bad frame from the broker: {error}", error=str(e))
+            # Nothing after a bad frame can be trusted.
+            self._broken = True
+            self._partial = []
             self._contents.clear()
             self.abort("protocol error")
             return
