@@ -93,8 +93,9 @@ class CLIProcess(ProcessProtocol):
         killed it).
     """
 
-    def __init__(self, stdin: bytes | None = None) -> None:
+    def __init__(self, stdin: bytes | None = None, close_stdin: bool = True) -> None:
         self.stdin = stdin
+        self.close_stdin = close_stdin
         self.out = bytearray()
         self.err = bytearray()
         self.ended: Deferred[int] = Deferred()
@@ -105,7 +106,8 @@ class CLIProcess(ProcessProtocol):
         self.pid = transport.pid
         if self.stdin is not None:
             transport.write(self.stdin)
-        transport.closeStdin()
+        if self.close_stdin:
+            transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
@@ -148,11 +150,11 @@ class CLIProcess(ProcessProtocol):
         return self.err.decode("utf-8", "replace")
 
 
-def spawn(*args: str, stdin: bytes | None = None) -> CLIProcess:
+def spawn(*args: str, stdin: bytes | None = None, close_stdin: bool = True) -> CLIProcess:
     """
     Start C{fedhub ARGS...} in a subprocess (the checkout on its path).
     """
-    process = CLIProcess(stdin)
+    process = CLIProcess(stdin, close_stdin)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cast(Any, _reactor()).spawnProcess(
@@ -356,6 +358,14 @@ class LineReaderTests(SynchronousTestCase):
         self.assertIsInstance(outcome, Failure)
         cast(Failure, outcome).trap(DecodeError)
 
+    def test_stop(self) -> None:
+        """Stopping fails the read that waits, and later ones, with InputStopped."""
+        reader = LineReader(io.BytesIO(b""), FakeThreadReactor())
+        waiting = reader.next_lines()
+        reader.stop()
+        self.failureResultOf(waiting, publish.InputStopped)
+        self.failureResultOf(reader.next_lines(), publish.InputStopped)
+
     def test_reads_ahead_bounded(self) -> None:
         """The thread reads at most `ahead` chunks the reactor side has not taken."""
         reactor = FakeThreadReactor()
@@ -428,6 +438,14 @@ class PublishAllTests(SynchronousTestCase):
         # t=0: 1, t=0.5: 2, t=1.0: 3, t=1.5: 4, t=2.0: 5
         self.assertEqual(sent, [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 5, 5])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_input_stopped(self) -> None:
+        """Input stopped by an interrupt ends publishing as stopped, not as finished."""
+        self.bus.auto_ack = True
+        progress = self.successResultOf(
+            self.run_all(failing_after([make(1)], publish.InputStopped("stopped")))
+        )
+        self.assertEqual((progress.confirmed, progress.stopped, progress.bad_input), (1, True, None))
 
     def test_stop(self) -> None:
         """When asked to stop, no more messages are sent and the result says so."""
@@ -665,6 +683,18 @@ class LivePublishTests(LiveCase):
         process.signal(signal.SIGINT)
         self.assertEqual(await process.ended, 130, process.stderr)
         self.assertIn("interrupted while connecting", process.stderr)
+
+
+    async def test_interrupted_reading(self) -> None:
+        """SIGINT while waiting for lines on standard input: 130 with the count, at once."""
+        collector = await self.consumer()
+        line = dump_line(Message.create(f"{self.prefix}.first", {})).encode()
+        process = spawn("publish", "-c", self.config, "--file", "-", stdin=line, close_stdin=False)
+        self.addCleanup(process.kill)
+        await self.wait_for(lambda: len(collector.deliveries) == 1, "the first line's message", 30)
+        process.signal(signal.SIGINT)
+        self.assertEqual(await process.ended, 130, process.stderr)
+        self.assertIn("interrupted after line 1; 1 of 1 message(s) sent were confirmed", process.stderr)
 
 
 class MainTests(SynchronousTestCase):

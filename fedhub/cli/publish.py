@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from collections import deque
@@ -46,7 +47,7 @@ from fedhub.cli.runner import (
     Runtime,
     positive_int,
 )
-from fedhub.errors import DecodeError, MessageError
+from fedhub.errors import DecodeError, FedhubError, MessageError
 from fedhub.message import (
     BASE_SCHEMA,
     INFO,
@@ -66,6 +67,12 @@ SEVERITY_NAMES = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 # --- reading message files ---------------------------------------------------
 
 
+class InputStopped(FedhubError):
+    """
+    Reading was stopped (the command was interrupted) before the input ended.
+    """
+
+
 class LineReader:
     """
     Reads the lines of a binary stream in a daemon thread and hands them to
@@ -75,8 +82,6 @@ class LineReader:
     so memory stays flat however large the input; a slow pipe on standard
     input never blocks the reactor.  The thread is a daemon: a command that
     stops early leaves it blocked in its read, and the process still exits.
-
-    @ivar lines: Lines handed over so far.
     """
 
     def __init__(
@@ -97,7 +102,7 @@ class LineReader:
         self._waiter: Deferred[list[bytes] | None] | None = None
         self._thread: threading.Thread | None = None
         self._done = False
-        self.lines = 0
+        self._stopped = False
 
     def start(self) -> None:
         """
@@ -112,8 +117,19 @@ class LineReader:
     def _hand_over(self, item: list[bytes] | BaseException | None) -> None:
         self._reactor.callFromThread(self._arrived, item)
 
+    def _reader(self) -> Callable[[int], bytes]:
+        # The file descriptor itself where there is one: a daemon thread
+        # blocked inside a buffered reader's read holds its lock, and the
+        # interpreter aborts when it finds that lock held at exit.
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            read: Callable[[int], bytes] = getattr(self._stream, "read1", self._stream.read)
+            return read
+        return lambda size: os.read(fd, size)
+
     def _read(self) -> None:
-        read = getattr(self._stream, "read1", self._stream.read)
+        read = self._reader()
         partial: list[bytes] = []
         partial_size = 0
         try:
@@ -175,6 +191,18 @@ class LineReader:
             self._done = True
             waiter.errback(item)
 
+    def stop(self) -> None:
+        """
+        Stop reading: a read that waits, and every later one, fails with
+        L{InputStopped}.  (The thread may stay blocked in its read; it is a
+        daemon.)
+        """
+        self._done = True
+        self._stopped = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.errback(InputStopped("reading was stopped"))
+
     def next_lines(self) -> Deferred[list[bytes] | None]:
         """
         The next lines (without their newlines), or C{None} at the end.
@@ -183,6 +211,9 @@ class LineReader:
             than the limit and with the read error (an C{OSError}).
         """
         d: Deferred[list[bytes] | None] = Deferred()
+        if self._stopped:
+            d.errback(InputStopped("reading was stopped"))
+            return d
         if self._done:
             d.callback(None)
             return d
@@ -345,6 +376,8 @@ async def publish_all(
             outstanding += 1
             d = bus.publish(message)
             d.addBoth(settled, line, message)
+    except InputStopped:
+        progress.stopped = True
     except (DecodeError, OSError) as e:
         progress.bad_input = e
     finally:
@@ -503,6 +536,7 @@ def _run(args: argparse.Namespace) -> int:
                 assert stream is not None
                 reader = LineReader(stream, runtime.reactor)
                 reader.start()
+                runtime.when_interrupted().addCallback(lambda _: reader.stop())
                 source = file_messages(reader, _fill_sent_at)
             progress = await publish_all(
                 bus, source, runtime.reactor, window=window, stop=lambda: runtime.interrupted

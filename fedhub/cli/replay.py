@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         async def replay(bus: Any) -> int:
             reader = LineReader(stream, runtime.reactor)
             reader.start()
+            runtime.when_interrupted().addCallback(lambda _: reader.stop())
             progress = await publish_all(
                 bus,
                 file_messages(reader, new_id if args.new_ids else None),

@@ -191,7 +191,9 @@ def status_of(error: BaseException) -> tuple[int, str]:
         return error.status, error.reason
     if isinstance(error, DecodeError):
         return EX_DATAERR, str(error)
-    if isinstance(error, (MessageReturned, MessageNacked)):
+    if isinstance(error, MessageReturned):
+        return EX_UNAVAILABLE, f"returned by the broker: {error.reason}"
+    if isinstance(error, MessageNacked):
         return EX_UNAVAILABLE, error.reason
     if isinstance(error, AccessRefused):
         return EX_NOPERM, f"the broker refused access: {error}"
