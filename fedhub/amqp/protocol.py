@@ -606,6 +606,19 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             pass
         transport.loseConnection()
 
+    def do_close(self, reason: Any) -> None:
+        """
+        Close every channel and queue, then tell the delegate.  Unlike
+        txamqp's, it iterates over copies: closing a channel fails what waits
+        on it, and a channel being opened or closed then forgets itself, which
+        made txamqp's loop raise half way, so the loss was never reported.
+        """
+        for channel in list(self.channels.values()):
+            channel.close(reason)
+        for queue in list(self.queues.values()):
+            queue.close()
+        self.delegate.close(reason)
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         """
         The connection is gone: stop the heartbeat, fail everything waiting on
