@@ -69,10 +69,16 @@
     return tr;
   }
 
-  function addRecent(entries) {
+  function addRecent(batch) {
     var body = document.getElementById("recent-rows");
+    if (batch.epoch !== body.dataset.epoch) {
+      // The hub restarted: its numbers start again, and so does the list.
+      body.replaceChildren();
+      body.dataset.epoch = batch.epoch;
+      body.dataset.last = "0";
+    }
     var last = Number(body.dataset.last || "0");
-    entries.forEach(function (entry) {
+    batch.entries.forEach(function (entry) {
       if (entry.id <= last) {
         return;
       }
@@ -98,8 +104,11 @@
     if (!window.EventSource) {
       return;
     }
-    var last = document.getElementById("recent-rows").dataset.last || "0";
-    var source = new EventSource("events?after=" + encodeURIComponent(last));
+    var body = document.getElementById("recent-rows");
+    var source = new EventSource(
+      "events?after=" + encodeURIComponent(body.dataset.last || "0") +
+      "&epoch=" + encodeURIComponent(body.dataset.epoch || "")
+    );
     source.addEventListener("open", function () { setFeed(true); });
     source.addEventListener("error", function () { setFeed(false); });
     source.addEventListener("status", function (event) {

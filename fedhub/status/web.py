@@ -30,13 +30,14 @@ from __future__ import annotations
 import html
 import json
 import re
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -47,7 +48,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from fedhub.consumers.runner import ConsumerService
@@ -142,7 +143,9 @@ class RecentMessages:
     """
     A bounded list of what recently happened to messages, newest last, each
     entry numbered so a reader can ask for what came after the last one it
-    saw.  It listens to a L{HubMonitor}.
+    saw.  Numbers start again in every process; L{epoch}, random per list,
+    tells a reader (a page left open over a restart) that its numbers no
+    longer apply.  It listens to a L{HubMonitor}.
 
     Entries are JSON-ready dictionaries with C{id} (the number), C{time}
     (ISO 8601), C{domain}, C{source} (C{"outbox"} or the consumer),
@@ -157,6 +160,7 @@ class RecentMessages:
         if size < 1:
             raise ValueError(f"size must be at least 1, not {size}")
         self.size = size
+        self.epoch = secrets.token_hex(6)
         self._entries: deque[dict[str, Any]] = deque(maxlen=size)
         self._last = 0
         self._listeners: list[Callable[[dict[str, Any]], object]] = []
@@ -461,10 +465,13 @@ def _recent_html(entry: Mapping[str, Any]) -> str:
     )
 
 
-def render_page(template: str, view: Mapping[str, Any], recent: Iterable[Mapping[str, Any]]) -> bytes:
+def render_page(
+    template: str, view: Mapping[str, Any], recent: Iterable[Mapping[str, Any]], epoch: str = ""
+) -> bytes:
     """
     Fill the page template with C{view} (see L{status_view}) and the recent
-    entries (oldest first; the page shows the newest first).  Every text is
+    entries (oldest first; the page shows the newest first) of the list of
+    that C{epoch} (see L{RecentMessages.epoch}).  Every text is
     HTML-escaped; placeholders are replaced in one pass, so text taken from
     the hub can never be taken for a placeholder.
     """
@@ -477,6 +484,7 @@ def render_page(template: str, view: Mapping[str, Any], recent: Iterable[Mapping
         "recent": "".join(_recent_html(e) for e in reversed(entries)),
         "recent_hidden": " hidden" if entries else "",
         "last_id": str(int(entries[-1]["id"]) if entries else 0),
+        "epoch": _e(epoch),
     }
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template).encode("utf-8")
 
@@ -484,7 +492,31 @@ def render_page(template: str, view: Mapping[str, Any], recent: Iterable[Mapping
 # --- resources -----------------------------------------------------------------------
 
 
-def _headers(request: Request, content_type: str) -> None:
+class _Request(Protocol):
+    """
+    The parts of a C{twisted.web} request the resources use, typed.
+    """
+
+    args: dict[bytes, list[bytes]] | None
+
+    def getHeader(self, key: bytes) -> bytes | None: ...
+
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+
+    def setResponseCode(self, code: int) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def notifyFinish(self) -> Deferred[None]: ...
+
+
+def _headers(request: _Request, content_type: str) -> None:
     request.setHeader(b"Content-Type", content_type.encode("ascii"))
     request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY.encode("ascii"))
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
@@ -493,7 +525,12 @@ def _headers(request: Request, content_type: str) -> None:
     request.setHeader(b"Cache-Control", b"no-store")
 
 
-def _query_int(request: Request, name: bytes) -> int:
+def _query_text(request: _Request, name: bytes) -> str:
+    values = (request.args or {}).get(name) or []
+    return values[0].decode("latin-1") if values else ""
+
+
+def _query_int(request: _Request, name: bytes) -> int:
     values = (request.args or {}).get(name) or []
     try:
         return max(0, int(values[0])) if values else 0
@@ -505,22 +542,22 @@ class _Leaf(Resource):
     # Twisted answers HEAD with render_GET and drops the body.
     isLeaf = True
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         raise NotImplementedError()
 
 
 class _Live(_Leaf):
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         _headers(request, "text/plain; charset=utf-8")
         return b"ok\n"
 
 
 class _Ready(_Leaf):
     def __init__(self, hub: HubView) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._hub = hub
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         check = readiness(self._hub)
         request.setResponseCode(200 if check.ready else 503)
         _headers(request, "application/json")
@@ -529,10 +566,10 @@ class _Ready(_Leaf):
 
 class _Metrics(_Leaf):
     def __init__(self, monitor: HubMonitor) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._monitor = monitor
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         accept = request.getHeader(b"accept")
         body, content_type = self._monitor.render(accept.decode("latin-1") if accept else None)
         _headers(request, content_type)
@@ -541,26 +578,27 @@ class _Metrics(_Leaf):
 
 class _Page(Resource):
     def __init__(self, state: _State) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._state = state
 
-    def getChild(self, path: bytes, request: Request) -> IResource:
+    def getChild(self, path: bytes, request: _Request) -> IResource:
         if path == b"":
             return self
         return notFound()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         state = self._state
         _headers(request, "text/html; charset=utf-8")
-        return render_page(state.assets.page, state.view(), state.recent.entries())
+        recent = state.recent
+        return render_page(state.assets.page, state.view(), recent.entries(), recent.epoch)
 
 
 class _StatusJSON(_Leaf):
     def __init__(self, state: _State) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._state = state
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         state = self._state
         _headers(request, "application/json")
         return dumps_json(
@@ -574,22 +612,23 @@ class _StatusJSON(_Leaf):
 
 class _RecentJSON(_Leaf):
     def __init__(self, recent: RecentMessages) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._recent = recent
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         _headers(request, "application/json")
-        after = _query_int(request, b"after")
-        return dumps_json({"last": self._recent.last_id, "entries": self._recent.entries(after)})
+        recent = self._recent
+        after = _query_int(request, b"after") if _query_text(request, b"epoch") == recent.epoch else 0
+        return dumps_json({"epoch": recent.epoch, "last": recent.last_id, "entries": recent.entries(after)})
 
 
 class _File(_Leaf):
     def __init__(self, body: bytes, content_type: str) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._body = body
         self._type = content_type
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: _Request) -> bytes:
         _headers(request, self._type)
         # The files do not change while the process runs.
         request.setHeader(b"Cache-Control", b"no-cache")
@@ -600,21 +639,21 @@ class _Events(Resource):
     isLeaf = True
 
     def __init__(self, feed: LiveFeed) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._feed = feed
 
-    def render_HEAD(self, request: Request) -> bytes:
+    def render_HEAD(self, request: _Request) -> bytes:
         _headers(request, "text/event-stream; charset=utf-8")
         return b""
 
-    def render_GET(self, request: Request) -> bytes | int:
-        after = _query_int(request, b"after")
+    def render_GET(self, request: _Request) -> bytes | int:
+        # Numbers from another process (another epoch) mean nothing here.
+        epoch = self._feed.recent.epoch
+        after = _query_int(request, b"after") if _query_text(request, b"epoch") == epoch else 0
         last = request.getHeader(b"last-event-id")
         if last is not None:
-            try:
-                after = max(0, int(last))
-            except ValueError:
-                pass
+            seen_epoch, _, number = last.decode("latin-1").partition("-")
+            after = int(number) if seen_epoch == epoch and number.isdigit() else 0
         if not self._feed.connect(request, after):
             request.setResponseCode(503)
             _headers(request, "text/plain; charset=utf-8")
@@ -634,7 +673,7 @@ class _Stream:
     what it missed that is still in the list.
     """
 
-    def __init__(self, feed: LiveFeed, request: Request, after: int) -> None:
+    def __init__(self, feed: LiveFeed, request: _Request, after: int) -> None:
         self.feed = feed
         self.request = request
         self.sent = after
@@ -657,7 +696,7 @@ class _Stream:
         self.closed = True
 
 
-def _event(kind: str, data: object, event_id: int | None = None) -> bytes:
+def _event(kind: str, data: object, event_id: str | None = None) -> bytes:
     head = f"id: {event_id}\n".encode("ascii") if event_id is not None else b""
     return head + f"event: {kind}\n".encode("ascii") + b"data: " + dumps_json(data) + b"\n\n"
 
@@ -694,7 +733,7 @@ class LiveFeed:
         self._open = True
         recent.subscribe(self._added)
 
-    def connect(self, request: Request, after: int) -> bool:
+    def connect(self, request: _Request, after: int) -> bool:
         """
         Open a stream on C{request} that starts after entry C{after}.
 
@@ -747,7 +786,8 @@ class LiveFeed:
         entries = self.recent.entries(stream.sent)
         if entries:
             stream.sent = entries[-1]["id"]
-            stream.write(_event("recent", entries, stream.sent))
+            epoch = self.recent.epoch
+            stream.write(_event("recent", {"epoch": epoch, "entries": entries}, f"{epoch}-{stream.sent}"))
 
     def _gone(self, result: object, stream: _Stream) -> None:
         stream.closed = True
@@ -857,13 +897,13 @@ def build_resource(
     if feed is None:
         feed = LiveFeed(recent, state.view, clock)
     root = _Page(state)
-    root.putChild(b"live", _Live())
+    root.putChild(b"live", _Live())  # type: ignore[no-untyped-call]
     root.putChild(b"ready", _Ready(hub))
     root.putChild(b"metrics", _Metrics(monitor))
     root.putChild(b"status.json", _StatusJSON(state))
     root.putChild(b"recent.json", _RecentJSON(recent))
     root.putChild(b"events", _Events(feed))
-    static = Resource()
+    static = Resource()  # type: ignore[no-untyped-call]
     for name, (body, content_type) in assets.files.items():
         static.putChild(name.encode("ascii"), _File(body, content_type))
     root.putChild(b"static", static)
@@ -879,7 +919,7 @@ class _Connections(WrappingFactory):
     noisy = False
 
     def __init__(self, site: Site, limit: int) -> None:
-        super().__init__(site)
+        super().__init__(site)  # type: ignore[no-untyped-call]
         self.limit = limit
         self._waiters: list[Deferred[None]] = []
 
@@ -889,7 +929,7 @@ class _Connections(WrappingFactory):
         return super().buildProtocol(addr)
 
     def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
         if not self.protocols:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -972,7 +1012,7 @@ class StatusService(Service):
             self.recent, state.view, self.reactor, max_streams=self._max_streams, interval=self._interval
         )
         root = build_resource(self.hub, self.monitor, self.recent, self.reactor, self._assets, self._feed)
-        site = Site(root)
+        site = Site(root)  # type: ignore[no-untyped-call]
         site.noisy = False
         site.displayTracebacks = False
         self._connections = _Connections(site, self._max_connections)
