@@ -273,11 +273,15 @@ class FakeStreamRequest:
     the producer it is given.
     """
 
-    def __init__(self, last_event_id: str | None = None, after: str | None = None) -> None:
+    def __init__(
+        self, last_event_id: str | None = None, after: str | None = None, epoch: str | None = None
+    ) -> None:
         self.method = b"GET"
         self.headers: dict[bytes, bytes] = {}
         self.request_headers = {b"last-event-id": last_event_id.encode()} if last_event_id else {}
         self.args = {b"after": [after.encode()]} if after is not None else {}
+        if epoch is not None:
+            self.args[b"epoch"] = [epoch.encode()]
         self.code = 200
         self.written: list[bytes] = []
         self.producer: Any = None
@@ -686,10 +690,14 @@ class RecentTests(SynchronousTestCase):
         )
         self.assertEqual(entries[1]["summary"], "fine")
         self.assertEqual(entries[3]["reason"], "told to dead-letter")
-        response, body = world.get("/recent.json?after=2")
+        epoch = world.recent.epoch
+        response, body = world.get(f"/recent.json?after=2&epoch={epoch}")
         data = json.loads(body)
-        self.assertEqual(data["last"], 4)
+        self.assertEqual((data["epoch"], data["last"]), (epoch, 4))
         self.assertEqual([e["id"] for e in data["entries"]], [3, 4])
+        # Numbers of another process's list start over.
+        data = json.loads(world.get("/recent.json?after=2&epoch=other")[1])
+        self.assertEqual([e["id"] for e in data["entries"]], [1, 2, 3, 4])
 
 
 class PageTests(SynchronousTestCase):
@@ -720,7 +728,7 @@ class PageTests(SynchronousTestCase):
         for text in ("Ready", "memory (in-process)", "connected", "consuming", "koji",
                      "https://koji.example/kojihub", "connection refused", "SMTP listener",
                      "refused 4 (content 3, limit 1)", "org.example.dev.build.done", "build 1 done",
-                     'data-last="2"'):
+                     'data-last="2"', f'data-epoch="{world.recent.epoch}"'):
             self.assertIn(text, page)
 
     def test_not_ready_headline(self) -> None:
@@ -826,7 +834,7 @@ class EventsTests(SynchronousTestCase):
         """A stream gets the status at once, then new entries in batches, then status ticks."""
         world = World(self)
         world.start()
-        request = FakeStreamRequest(after="0")
+        request = FakeStreamRequest(after="0", epoch=world.recent.epoch)
         self.open(world, request)
         self.assertEqual(request.headers[b"content-type"], b"text/event-stream; charset=utf-8")
         self.assertEqual(request.headers[b"content-security-policy"], CONTENT_SECURITY_POLICY.encode())
@@ -837,8 +845,12 @@ class EventsTests(SynchronousTestCase):
         self.assertEqual(len(request.events()), 1)
         world.clock.advance(0.2)
         event_id, kind, data = request.events()[-1]
-        self.assertEqual((event_id, kind), ("4", "recent"))
-        self.assertEqual([e["topic"] for e in data], [None, "org.example.dev.first", None, "org.example.dev.second"])
+        self.assertEqual((event_id, kind), (f"{world.recent.epoch}-4", "recent"))
+        self.assertEqual(data["epoch"], world.recent.epoch)
+        self.assertEqual(
+            [e["topic"] for e in data["entries"]],
+            [None, "org.example.dev.first", None, "org.example.dev.second"],
+        )
         world.clock.advance(2)
         self.assertEqual(request.events()[-1][1], "status")
         self.assertEqual(request.events()[-1][2]["ready"], True)
@@ -849,11 +861,24 @@ class EventsTests(SynchronousTestCase):
         world.start()
         world.publish("org.example.dev.first")
         world.publish("org.example.dev.second")
-        request = FakeStreamRequest(last_event_id="3", after="0")
+        request = FakeStreamRequest(last_event_id=f"{world.recent.epoch}-3", after="0")
         self.open(world, request)
         recent = [data for _, kind, data in request.events() if kind == "recent"]
-        self.assertEqual([[e["id"] for e in batch] for batch in recent], [[4]])
+        self.assertEqual([[e["id"] for e in batch["entries"]] for batch in recent], [[4]])
         request.lose()
+
+    def test_other_epoch(self) -> None:
+        """A client whose numbers come from before a restart gets the whole list."""
+        world = World(self)
+        world.start()
+        world.publish("org.example.dev.first")
+        for request in (FakeStreamRequest(last_event_id="0123abcd-3"),
+                        FakeStreamRequest(after="3", epoch="0123abcd"),
+                        FakeStreamRequest(last_event_id="garbage")):
+            self.open(world, request)
+            recent = [data for _, kind, data in request.events() if kind == "recent"]
+            self.assertEqual([[e["id"] for e in batch["entries"]] for batch in recent], [[1, 2]])
+            request.lose()
 
     def test_paused_client(self) -> None:
         """Nothing is written to a client that can not take it; it catches up on resuming."""
@@ -868,7 +893,7 @@ class EventsTests(SynchronousTestCase):
         self.assertEqual(len(request.written), before)
         request.producer.resumeProducing()
         recent = [data for _, kind, data in request.events() if kind == "recent"]
-        self.assertEqual([e["id"] for e in recent[-1]], [1, 2])
+        self.assertEqual([e["id"] for e in recent[-1]["entries"]], [1, 2])
         request.lose()
 
     def test_limit(self) -> None:

@@ -215,3 +215,18 @@ class BrowserTests(TestCase):
         keep = os.environ.get("FEDHUB_STATUS_SCREENSHOT")
         if keep:
             shutil.copyfile(screenshot, keep)
+
+        # A new status server on the same port (as after a restart): the
+        # open page reconnects, and as the numbering starts again, so does
+        # its list.
+        number = port.getHost().port
+        yield status.disownServiceParent()
+        restarted = StatusService(hub, f"tcp:{number}:interface=127.0.0.1", reactor, update_interval=0.5)
+        restarted.setServiceParent(hub)
+        yield restarted.when_listening()
+        yield publisher.publish(Message.create("org.fedoraproject.dev.after.restart", {"summary": "again"}))
+        yield deferToThread(
+            wait_for, driver, lambda d: recent_topics(d) == ["org.fedoraproject.dev.after.restart", "–"]
+        )
+        marker = yield deferToThread(driver.execute_script, "return window.fedhubMarker;")
+        self.assertEqual(marker, "same page")
