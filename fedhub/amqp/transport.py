@@ -29,7 +29,12 @@ is dropped because a confirm took longer than C{confirm_timeout}: the outbox
 then sends the message again.  Publishing to an exchange that does not exist
 fails with L{NotFound}: each exchange is checked once per connection with a
 passive declare before the first message goes to it, so a typo never costs
-the publish channel and the messages in flight on it.
+the publish channel and the messages in flight on it.  A publish the broker's
+permissions forbid (C{403}: no write permission on the exchange, or a topic
+permission) closes the publish channel: the messages it names fail with
+L{PublishRefused}, which is final, later ones like them fail at once for the
+rest of the connection instead of closing the channel again, and the other
+messages in flight fail with L{NotConnected} to be sent again.
 
 Publishes wait (their Deferreds stay unfired, nothing is buffered in the
 transport) while the broker has blocked the connection (a resource alarm),
@@ -93,6 +98,7 @@ from fedhub.errors import (
     MessageNacked,
     MessageReturned,
     NotConnected,
+    PublishError,
 )
 from fedhub.interfaces import IBus, IDelivery, ISubscription
 from fedhub.message import Message, from_amqp
@@ -103,6 +109,57 @@ _T = TypeVar("_T")
 
 MAX_NAME_BYTES = 255
 """Exchange and queue names and routing keys are AMQP short strings."""
+
+ACCESS_REFUSED = 403
+"""The reply code of a publish the broker's permissions forbid."""
+
+
+class PublishRefused(PublishError):
+    """
+    The broker's permissions forbid this publish (C{403 ACCESS_REFUSED}:
+    no write permission on the exchange, or a topic permission refuses the
+    routing key).  Sending it again changes nothing until an operator
+    changes the permissions.
+
+    @ivar exchange: The exchange published to.
+    @ivar routing_key: The routing key published with.
+    @ivar reply_code: The broker's reply code (403).
+    @ivar reply_text: The broker's explanation.
+    """
+
+    def __init__(
+        self,
+        exchange: str,
+        routing_key: str,
+        reply_code: int,
+        reply_text: str,
+        message_id: str | None = None,
+    ) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+        super().__init__(
+            f"the broker refused publishing to exchange {exchange!r}: {reply_code} {reply_text}",
+            message_id,
+        )
+
+
+def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
+    """
+    Whether a 403 that closed the publish channel names this exchange (and,
+    for a topic permission, this routing key).  RabbitMQ says e.g. C{write
+    access to exchange 'x' in vhost 'v' refused for user 'u'} or C{write
+    access to topic 'k' in exchange 'x' in vhost 'v' refused ...}.
+    """
+    if error.reply_code != ACCESS_REFUSED:
+        return False
+    text = error.reply_text
+    if f"exchange '{exchange}' in vhost" not in text:
+        return False
+    if "access to topic '" in text:
+        return f"topic '{routing_key}' in exchange '{exchange}'" in text
+    return True
 
 
 def backoff(
@@ -185,6 +242,9 @@ class Reconnector:
 
     @ivar state: The current state's name.
     @ivar failures: Failed attempts since the last successful one.
+    @ivar last_error: Why the last attempt failed (fedhub's typed error where
+        there is one, e.g. L{fedhub.errors.AccessRefused}), or C{None} since
+        the last successful one.
     """
 
     log = Logger()
@@ -223,6 +283,7 @@ class Reconnector:
         self._describe = describe
         self.state = "idle"
         self.failures = 0
+        self.last_error: BaseException | None = None
         self.current: Any = None
         self._attempt: Deferred[None] | None = None
         self._retry: IDelayedCall | None = None
@@ -299,6 +360,7 @@ class Reconnector:
         self.state = "connected"
         self.current = connection
         self.failures = 0
+        self.last_error = None
         try:
             self._on_ready(connection, result)
         except Exception:
@@ -315,8 +377,10 @@ class Reconnector:
         error = failure.value
         if isinstance(error, CancelledError):
             text = "took too long"
+            self.last_error = error
         else:
-            text = escape_control(str(map_error(failure)) or type(error).__name__, 300)
+            self.last_error = map_error(failure)
+            text = escape_control(str(self.last_error) or type(error).__name__, 300)
         self.log.warn(
             "Connecting to {broker} failed ({error}); attempt {attempt}, next in {delay:.1f} s",
             broker=self._describe,
@@ -558,6 +622,7 @@ class _Session:
         self.known_exchanges: set[str] = {""}
         self.checking: str | None = None
         self.confirm_call: IDelayedCall | None = None
+        self.refusals: list[ChannelError] = []
         self.reopening = False
         self.drained = _Latch()
         self.drained.fire()
@@ -669,7 +734,28 @@ class _Session:
                 self._check_exchange(pending.exchange)
                 return
             waiting.popleft()
+            refusal = self._refusal(pending) if self.refusals else None
+            if refusal is not None:
+                pending.deferred.errback(refusal)
+                continue
             self._send(pending)
+
+    def _refusal(self, pending: _Pending) -> PublishRefused | None:
+        """
+        The error for a message the broker refused on this connection
+        already (same exchange, or same exchange and routing key), if any:
+        it is not sent again, as that would only close the channel again.
+        """
+        for error in self.refusals:
+            if _refuses(error, pending.exchange, pending.routing_key):
+                return PublishRefused(
+                    pending.exchange,
+                    pending.routing_key,
+                    error.reply_code,
+                    error.reply_text,
+                    pending.message.id,
+                )
+        return None
 
     def _send(self, pending: _Pending) -> None:
         message = pending.message
@@ -944,9 +1030,20 @@ class _Session:
                 error=escape_control(str(error)),
             )
             self.publish_channel = None
-            self._fail_unconfirmed(
-                lambda p: NotConnected(f"the publish channel closed: {error}", p.message.id)
-            )
+            if error.reply_code == ACCESS_REFUSED:
+                # A publish the permissions forbid: the messages it names
+                # fail for good (and so do later ones like them on this
+                # connection); the others were discarded with the channel
+                # and are sent again.
+                self.refusals.append(error)
+
+            def failure(pending: _Pending) -> Exception:
+                refusal = self._refusal(pending) if self.refusals else None
+                if refusal is not None:
+                    return refusal
+                return NotConnected(f"the publish channel closed: {error}", pending.message.id)
+
+            self._fail_unconfirmed(failure)
             self._reopen_publish_channel()
             return
         for tag, consumer in list(self.consumers.items()):
@@ -1146,6 +1243,24 @@ class AMQPBus(Service):
             exchange=getattr(domain, "exchange", None) or "amq.topic",
             **options,
         )
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """
+        Why the last connection attempt failed (typed where fedhub has a type
+        for it: L{fedhub.errors.AccessRefused} for a refused login or vhost),
+        or C{None} when the bus is connected or has not failed yet.
+        """
+        return self._reconnector.last_error if self._reconnector is not None else None
+
+    @property
+    def blocked(self) -> bool:
+        """
+        Whether the broker has blocked publishing on the current connection
+        (a resource alarm): publishes wait until it unblocks.
+        """
+        session = self._session
+        return session is not None and session.alive and session.client.blocked
 
     # -- IBus ---------------------------------------------------------------------
 
