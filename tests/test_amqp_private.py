@@ -1,0 +1,380 @@
+"""
+Integration tests of L{fedhub.amqp.transport.AMQPBus} against a private
+RabbitMQ node (L{tests.broker}) with TLS, two vhosts and certificate-only
+users: certificate login per domain, refused TLS setups, refused vhosts,
+a frozen broker, forced closes and a broker restart.
+
+The node is started once for the module's test class.  Without RabbitMQ
+installed the tests are skipped, except in CI (C{CI=true}).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime
+from typing import Any
+
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import provider
+
+from fedhub.amqp.transport import AMQPBus
+from fedhub.config import DomainConfig, parse_config
+from fedhub.errors import AccessRefused
+from fedhub.message import Message
+from fedhub.topology import BindingSpec, QueueSpec, Topology
+from tests.broker import PrivateBrokerCase, User, reactor, sleep, wait_until
+
+INFRA = "/infra"
+COMMUNITY = "/community"
+ALL = (".*", ".*", ".*")
+
+
+class Collector:
+    """
+    An on_delivery that keeps and acknowledges every delivery.
+    """
+
+    def __init__(self) -> None:
+        self.deliveries: list[Any] = []
+
+    def __call__(self, delivery: Any) -> None:
+        self.deliveries.append(delivery)
+        delivery.ack()
+
+    @property
+    def ids(self) -> list[str]:
+        return [d.message.id for d in self.deliveries]
+
+
+class ReconnectLog:
+    """
+    Records the reconnector's "Connecting ... failed" events of one domain.
+    """
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.failures: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if (
+                "next in" in event.get("log_format", "")
+                and f"(domain {domain})" in str(event.get("broker", ""))
+            ):
+                self.failures.append(event)
+
+        self.observer = observe
+
+    @property
+    def errors(self) -> list[str]:
+        return [str(e.get("error")) for e in self.failures]
+
+
+class PrivateTLSTests(PrivateBrokerCase):
+    """
+    The bus over TLS with certificate login, on a private node.
+    """
+
+    timeout = 90
+    vhosts = (INFRA, COMMUNITY)
+    users = (
+        User("infra-hub", permissions={INFRA: ALL}),
+        User("community-hub", permissions={COMMUNITY: ALL}),
+        User("operator", "operator-secret", permissions={INFRA: ALL, COMMUNITY: ALL}),
+    )
+
+    def domain(self, name: str, user: str, vhost: str, **changes: Any) -> DomainConfig:
+        """
+        The configuration of a domain that logs in to C{vhost} with the
+        client certificate of C{user}.
+        """
+        broker = self.broker
+        assert broker.pki is not None
+        identity = broker.pki.clients[user]
+        values: dict[str, Any] = dict(
+            name=name,
+            broker=broker.tls_url(vhost),
+            ca=broker.pki.ca,
+            cert=identity.cert,
+            key=identity.key,
+            heartbeat=10,
+            connection_name=f"fedhub-test-{name}-{uuid.uuid4().hex[:8]}",
+            connection_timeout=5.0,
+        )
+        values.update(changes)
+        return DomainConfig(**values)
+
+    def start_bus(self, domain: DomainConfig, **options: Any) -> AMQPBus:
+        """
+        Start the bus of a domain; it is stopped after the test.
+        """
+        options.setdefault("reconnect_initial", 0.2)
+        options.setdefault("reconnect_max", 1.0)
+        options.setdefault("setup_timeout", 10.0)
+        bus = AMQPBus.from_domain(domain, reactor(), **options)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        return bus
+
+    async def connected(self, bus: AMQPBus, timeout: float = 20.0) -> None:
+        waiting = bus.when_connected()
+        waiting.addTimeout(timeout, reactor())
+        await waiting
+
+    def watch_reconnects(self, domain: str) -> ReconnectLog:
+        record = ReconnectLog(domain)
+        globalLogPublisher.addObserver(record.observer)
+        self.addCleanup(globalLogPublisher.removeObserver, record.observer)
+        return record
+
+    async def queue(self, bus: AMQPBus, pattern: str, **arguments: Any) -> str:
+        name = f"fedhub.test.private.{uuid.uuid4().hex}"
+        await bus.declare(
+            Topology(
+                queues=(QueueSpec(name, arguments=arguments),),
+                bindings=(BindingSpec(name, "amq.topic", pattern),) if pattern else (),
+            )
+        )
+        return name
+
+    async def round_trip(self, bus: AMQPBus, collector: Collector, topic: str) -> Message:
+        """
+        Publish one message on C{topic} and wait until C{collector} got it.
+        """
+        message = Message.create(topic, {"n": uuid.uuid4().hex})
+        sent = bus.publish(message)
+        sent.addTimeout(20, reactor())
+        await sent
+        await wait_until(lambda: message.id in collector.ids, 20, f"delivery of {topic}")
+        return message
+
+    async def refused(self, bus: AMQPBus, log: ReconnectLog) -> str:
+        """
+        Wait until the bus failed to connect twice; it must never have been
+        connected.  Returns the first error logged.
+        """
+        await wait_until(lambda: len(log.failures) >= 2 or bus.connected, 20, "a refusal")
+        self.assertFalse(bus.connected)
+        self.assertEqual(bus.stats.connections, 0)
+        return log.errors[0]
+
+    # -- certificate login ----------------------------------------------------
+
+    async def test_external_login_per_domain(self) -> None:
+        """
+        Each domain logs in with its own certificate (EXTERNAL) to its own
+        vhost, built from a parsed configuration, and a message makes the
+        round trip through the broker on both.
+        """
+        broker = self.broker
+        assert broker.pki is not None
+        pki = broker.pki
+        text = f"""
+[hub]
+state_dir = "{os.path.abspath(self.mktemp())}"
+
+[domains.infra]
+broker = "{broker.tls_url(INFRA)}"
+ca = "{pki.ca}"
+cert = "{pki.clients['infra-hub'].cert}"
+key = "{pki.clients['infra-hub'].key}"
+auth_mechanism = "EXTERNAL"
+heartbeat = 10
+
+[domains.community]
+broker = "{broker.tls_url(COMMUNITY)}"
+ca = "{pki.ca}"
+cert = "{pki.clients['community-hub'].cert}"
+key = "{pki.clients['community-hub'].key}"
+"""
+        config = parse_config(text)
+        for name in ("infra", "community"):
+            bus = self.start_bus(config.domains[name])
+            self.assertEqual(bus.settings.auth_mechanism, "EXTERNAL")
+            await self.connected(bus)
+            run = uuid.uuid4().hex
+            queue = await self.queue(bus, f"fedhubtest.{run}.#")
+            collector = Collector()
+            await bus.subscribe(queue, collector, 10)
+            message = await self.round_trip(bus, collector, f"fedhubtest.{run}.{name}")
+            received = collector.deliveries[0].message
+            self.assertEqual(received, message.evolve(queue=queue))
+        listing = await broker.ctl("list_connections", "user", "vhost", "ssl", "auth_mechanism")
+        rows = {tuple(line.split(b"\t")) for line in listing.splitlines()[1:]}
+        self.assertEqual(
+            rows,
+            {
+                (b"infra-hub", INFRA.encode(), b"true", b"EXTERNAL"),
+                (b"community-hub", COMMUNITY.encode(), b"true", b"EXTERNAL"),
+            },
+        )
+
+    # -- refused TLS -------------------------------------------------------------
+
+    async def test_wrong_server_name_refused(self) -> None:
+        """
+        A broker certificate that does not carry the expected name is refused:
+        the bus never connects and logs why.
+        """
+        log = self.watch_reconnects("wrong-name")
+        bus = self.start_bus(
+            self.domain("wrong-name", "infra-hub", INFRA, server_hostname="wrong.example")
+        )
+        error = await self.refused(bus, log)
+        self.assertIn("wrong.example", error)
+
+    async def test_untrusted_ca_refused(self) -> None:
+        """
+        A client that trusts only another CA can not verify the broker and
+        never connects.
+        """
+        log = self.watch_reconnects("rogue-trust")
+        assert self.broker.pki is not None
+        bus = self.start_bus(
+            self.domain("rogue-trust", "infra-hub", INFRA, ca=self.broker.pki.rogue_ca)
+        )
+        error = await self.refused(bus, log)
+        self.assertIn("certificate verify failed", error)
+
+    async def test_missing_client_certificate_refused(self) -> None:
+        """
+        The broker requires a client certificate: a client without one (even
+        with a valid password) never connects.
+        """
+        log = self.watch_reconnects("no-cert")
+        domain = self.domain(
+            "no-cert",
+            "operator",
+            INFRA,
+            broker=self.broker.tls_url(INFRA).replace("amqps://", "amqps://operator:operator-secret@"),
+            cert=None,
+            key=None,
+        )
+        bus = self.start_bus(domain)
+        self.assertEqual(bus.settings.auth_mechanism, "PLAIN")
+        error = await self.refused(bus, log)
+        self.assertIn("certificate required", error)
+
+    async def test_rogue_client_certificate_refused(self) -> None:
+        """
+        A client certificate for a known user but signed by a CA the broker
+        does not trust is refused.
+        """
+        log = self.watch_reconnects("rogue-cert")
+        assert self.broker.pki is not None
+        rogue = self.broker.pki.rogue_clients["infra-hub"]
+        bus = self.start_bus(
+            self.domain("rogue-cert", "infra-hub", INFRA, cert=rogue.cert, key=rogue.key)
+        )
+        error = await self.refused(bus, log)
+        self.assertIn("unknown ca", error)
+
+    # -- refused vhost ---------------------------------------------------------------
+
+    async def test_other_domains_vhost_refused_with_backoff(self) -> None:
+        """
+        The community certificate can not open the infra vhost: the error is
+        typed (AccessRefused) and the bus retries with growing delays, not
+        in a hot loop.
+        """
+        log = self.watch_reconnects("intruder")
+        bus = self.start_bus(
+            self.domain("intruder", "community-hub", INFRA),
+            reconnect_initial=0.25,
+            reconnect_max=2.0,
+            rand=lambda: 1.0,
+        )
+        await sleep(4.5)
+        self.assertFalse(bus.connected)
+        self.assertIsInstance(bus.last_error, AccessRefused)
+        assert isinstance(bus.last_error, AccessRefused)
+        self.assertIn("community-hub", bus.last_error.reply_text)
+        # Delays 0.25, 0.5, 1, 2 (capped), 2: at most 5 attempts in 4.5 s.
+        delays = [float(e["delay"]) for e in log.failures]
+        self.assertGreaterEqual(len(delays), 3)
+        self.assertLessEqual(len(delays), 5)
+        self.assertEqual(delays, [0.25, 0.5, 1.0, 2.0, 2.0][: len(delays)])
+        self.assertTrue(all("access to vhost" in error for error in log.errors), log.errors)
+
+    # -- a frozen broker, closes and restarts ------------------------------------------
+
+    async def test_frozen_broker_detected_and_recovered(self) -> None:
+        """
+        A frozen broker (SIGSTOP) is noticed by heartbeats within three
+        intervals; once it runs again the bus reconnects and works.
+        """
+        heartbeat = 1
+        bus = self.start_bus(self.domain("frozen", "infra-hub", INFRA, heartbeat=heartbeat))
+        await self.connected(bus)
+        run = uuid.uuid4().hex
+        queue = await self.queue(bus, f"fedhubtest.{run}.#")
+        collector = Collector()
+        await bus.subscribe(queue, collector, 10)
+        self.broker.sigstop()
+        frozen_at = reactor().seconds()
+        try:
+            await wait_until(lambda: not bus.connected, 3 * heartbeat + 2, "the loss")
+            noticed = reactor().seconds() - frozen_at
+        finally:
+            self.broker.sigcont()
+        self.assertLessEqual(noticed, 3 * heartbeat + 2)
+        self.assertEqual(bus.stats.connection_losses, 1)
+        await self.connected(bus, timeout=30)
+        await self.round_trip(bus, collector, f"fedhubtest.{run}.thawed")
+
+    async def test_forced_close_and_restart(self) -> None:
+        """
+        After the broker closes every connection, and after a broker restart,
+        the bus reconnects, declares its queue again and publishing and
+        consuming resume by themselves.
+        """
+        bus = self.start_bus(self.domain("restart", "infra-hub", INFRA))
+        await self.connected(bus)
+        run = uuid.uuid4().hex
+        queue = await self.queue(bus, f"fedhubtest.{run}.#")
+        collector = Collector()
+        await bus.subscribe(queue, collector, 10)
+        await self.round_trip(bus, collector, f"fedhubtest.{run}.before")
+
+        await self.broker.ctl("close_all_connections", "--global", "fedhub test: forced close")
+        await wait_until(lambda: bus.stats.connection_losses == 1, 20, "the forced close")
+        await self.connected(bus)
+        await self.round_trip(bus, collector, f"fedhubtest.{run}.after-close")
+
+        await self.broker.restart()
+        await wait_until(lambda: bus.stats.connection_losses == 2, 20, "the loss by restart")
+        await self.connected(bus, timeout=30)
+        await self.round_trip(bus, collector, f"fedhubtest.{run}.after-restart")
+        self.assertEqual(bus.stats.connections, 3)
+        self.assertEqual(len(collector.deliveries), 3)
+
+    async def test_dead_letter_over_tls(self) -> None:
+        """
+        A rejected message is dead-lettered; its x-death header is decoded
+        from a TLS connection too.
+        """
+        bus = self.start_bus(self.domain("dlx", "community-hub", COMMUNITY))
+        await self.connected(bus)
+        dead = await self.queue(bus, "")
+        work = await self.queue(
+            bus, "", **{"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead}
+        )
+        rejected: list[Any] = []
+
+        def reject(delivery: Any) -> None:
+            rejected.append(delivery)
+            delivery.reject(requeue=False)
+
+        await bus.subscribe(work, reject, 5)
+        message = Message.create("fedhubtest.dl", {"n": 1})
+        await bus.publish(message, exchange="", routing_key=work)
+        dead_letters = Collector()
+        await bus.subscribe(dead, dead_letters, 5)
+        await wait_until(lambda: dead_letters.deliveries != [], 20, "the dead letter")
+        received = dead_letters.deliveries[0].message
+        self.assertEqual(received.id, message.id)
+        (death,) = received.headers["x-death"]
+        self.assertEqual((death["queue"], death["reason"], death["count"]), (work, "rejected", 1))
+        self.assertIsInstance(death["time"], datetime)
+
