@@ -113,8 +113,16 @@ def _age(seconds: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    """
+    A short human duration for handling times: C{"85 µs"}, C{"2.5 ms"},
+    C{"120 ms"}, C{"1.50 s"}.
+    """
+    if seconds < 0.001:
+        return f"{seconds * 1_000_000:.0f} µs"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
     if seconds < 1:
-        return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+        return f"{seconds * 1000:.0f} ms"
     return f"{seconds:.2f} s"
 
 
