@@ -369,6 +369,10 @@ class TableTests(SynchronousTestCase):
     The fast table encoder and decoder agree with the table codec.
     """
 
+    def setUp(self) -> None:
+        # Shared by the examples of test_encode_with_cache on purpose.
+        self.cache: dict[Any, bytes] = {}
+
     @settings(max_examples=200, deadline=None)
     @given(any_tables)
     def test_encode_matches_codec(self, table: dict[str, Any]) -> None:
@@ -380,6 +384,20 @@ class TableTests(SynchronousTestCase):
     def test_encode_simple(self, table: dict[str, Any]) -> None:
         """Tables of plain values encode to the codec's bytes."""
         self.assertEqual(encode_headers(table), encode_table(table))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(any_tables, min_size=1, max_size=4))
+    def test_encode_with_cache(self, tables: list[dict[str, Any]]) -> None:
+        """Entries reused from the cache give the codec's bytes, table after table."""
+        for table in tables:
+            self.assertEqual(encode_headers(table, self.cache), encode_table(table))
+
+    def test_cache_keeps_equal_values_apart(self) -> None:
+        """True and 1, 0.0 and -0.0, equal as Python values, keep their own encodings."""
+        cache: dict[Any, bytes] = {}
+        for table in ({"a": 1}, {"a": True}, {"a": 1}, {"a": 0.0}, {"a": -0.0}, {"a": False},
+                      {"a": 0}, {"a": None}, {"a": ""}):
+            self.assertEqual(encode_headers(table, cache), encode_table(table), table)
 
     def test_encode_edges(self) -> None:
         """Integer limits, odd keys and subclasses encode as the codec does."""
@@ -533,6 +551,35 @@ class HeaderDecoderTests(SynchronousTestCase):
         decoded = HeaderDecoder(SPEC).decode(frame, 7, len(frame) - 1, 1)
         self.assertEqual(decoded, self.generic(frame))
         self.assertEqual(decoded, (3, {"content_type": "a/b", "app_id": "x"}))
+
+    def test_kept_tables_are_fresh_copies(self) -> None:
+        """A header table decoded again from the cache is a new dictionary; changing one changes no other."""
+        decoder = HeaderDecoder(SPEC)
+        data = self.encode(1, {"headers": {"a": "x", "b": 2}})
+        first = decoder.decode(data, 7, len(data) - 1, 1)[1]["headers"]
+        first["a"] = "changed"
+        second = decoder.decode(data, 7, len(data) - 1, 1)[1]["headers"]
+        self.assertEqual(second, {"a": "x", "b": 2})
+        self.assertIsNot(first, second)
+
+    def test_nested_tables_not_shared(self) -> None:
+        """Tables holding tables or lists are decoded every time, never shared."""
+        decoder = HeaderDecoder(SPEC)
+        data = self.encode(1, {"headers": {"x-death": [{"count": 1}]}})
+        first = decoder.decode(data, 7, len(data) - 1, 1)[1]["headers"]
+        first["x-death"][0]["count"] = 99
+        second = decoder.decode(data, 7, len(data) - 1, 1)[1]["headers"]
+        self.assertEqual(second, {"x-death": [{"count": 1}]})
+
+    def test_many_flag_words_and_tables(self) -> None:
+        """More distinct headers and flag words than the caches hold still decode right."""
+        decoder = HeaderDecoder(SPEC)
+        names = sorted(EVERY_PROPERTY)
+        for n in range(HeaderDecoder.TABLES + 40):
+            props = {name: EVERY_PROPERTY[name] for i, name in enumerate(names) if n >> i & 1}
+            props["headers"] = {"n": n}
+            data = self.encode(n, props)
+            self.assertEqual(decoder.decode(data, 7, len(data) - 1, 1), (n, props))
 
     def test_errors(self) -> None:
         """Truncated headers, bad tables, foreign classes and stray bytes are FrameErrors."""

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
 
 from fedhub.amqp.codec import FieldTableDecodeError, FrameError, decode_table, encode_table
 from fedhub.errors import FedhubError
@@ -135,12 +135,13 @@ _INT32_MIN: Final = -(2**31)
 _INT32_LIMIT: Final = 2**31
 _INT64_MIN: Final = -(2**63)
 _INT64_LIMIT: Final = 2**63
+_CACHEABLE: Final = frozenset((str, bool, int, type(None)))
 _SIGNED_LONG = struct.Struct("!i")
 _SIGNED_LONGLONG = struct.Struct("!q")
 _DOUBLE = struct.Struct("!d")
 
 
-def encode_headers(table: Mapping[str, Any]) -> bytes:
+def encode_headers(table: Mapping[str, Any], cache: dict[Any, bytes] | None = None) -> bytes:
     """
     A field table, length prefix included, exactly as
     L{fedhub.amqp.codec.encode_table} writes it.
@@ -152,6 +153,9 @@ def encode_headers(table: Mapping[str, Any]) -> bytes:
     handed to L{fedhub.amqp.codec.encode_table}, which also raises its
     errors.
 
+    @param cache: Encoded entries to reuse and to add to (the caller bounds
+        its size); entries whose value is a C{str}, C{bool}, C{int} or
+        C{None} are kept.
     @raise fedhub.amqp.codec.FieldTableEncodeError: The table can not be
         encoded.
     """
@@ -161,35 +165,40 @@ def encode_headers(table: Mapping[str, Any]) -> bytes:
         for key, value in table.items():
             if key.__class__ is not str:
                 return encode_table(table)
+            cls = value.__class__
+            cacheable = cache is not None and cls in _CACHEABLE
+            if cacheable:
+                assert cache is not None
+                # The class is part of the key: True == 1, yet they encode apart.
+                entry = cache.get((key, cls, value))
+                if entry is not None:
+                    append(entry)
+                    continue
             raw_key = key.encode("utf-8", "surrogateescape")
             if len(raw_key) > 255:
                 return encode_table(table)
-            append(_OCTET.pack(len(raw_key)))
-            append(raw_key)
-            cls = value.__class__
             if cls is str:
                 raw = value.encode("utf-8")
-                append(b"S")
-                append(_LONG.pack(len(raw)))
-                append(raw)
+                entry = b"".join((_OCTET.pack(len(raw_key)), raw_key, b"S", _LONG.pack(len(raw)), raw))
             elif cls is bool:
-                append(b"t\x01" if value else b"t\x00")
+                entry = _OCTET.pack(len(raw_key)) + raw_key + (b"t\x01" if value else b"t\x00")
             elif cls is int:
                 if _INT32_MIN <= value < _INT32_LIMIT:
-                    append(b"I")
-                    append(_SIGNED_LONG.pack(value))
+                    entry = _OCTET.pack(len(raw_key)) + raw_key + b"I" + _SIGNED_LONG.pack(value)
                 elif _INT64_MIN <= value < _INT64_LIMIT:
-                    append(b"l")
-                    append(_SIGNED_LONGLONG.pack(value))
+                    entry = _OCTET.pack(len(raw_key)) + raw_key + b"l" + _SIGNED_LONGLONG.pack(value)
                 else:
                     return encode_table(table)
             elif value is None:
-                append(b"V")
+                entry = _OCTET.pack(len(raw_key)) + raw_key + b"V"
             elif cls is float:
-                append(b"d")
-                append(_DOUBLE.pack(value))
+                entry = _OCTET.pack(len(raw_key)) + raw_key + b"d" + _DOUBLE.pack(value)
             else:
                 return encode_table(table)
+            if cacheable:
+                assert cache is not None
+                cache[(key, cls, value)] = entry
+            append(entry)
     except (UnicodeEncodeError, AttributeError):
         return encode_table(table)
     body = b"".join(parts)
@@ -266,7 +275,7 @@ class PublishEncoder:
     """
 
     CACHE_SIZE: Final = 1024
-    """Pre-encoded method frames kept, at most."""
+    """Pre-encoded method frames, and header entries, kept at most."""
 
     REPEATING: Final = frozenset(
         ("content_type", "content_encoding", "type", "user_id", "app_id", "reply_to")
@@ -278,13 +287,24 @@ class PublishEncoder:
         self._properties = basic_properties(spec)
         self._encoders: dict[str, Callable[[Any], bytes]] = {}
         self._bits: dict[str, int] = {}
+        self._entries: dict[Any, bytes] = {}
         for prop in self._properties:
             encoder = _property_encoder(prop.domain, prop.name)
             if prop.name in self.REPEATING:
                 encoder = self._cached_shortstr(encoder)
+            elif prop.domain == "table":
+                encoder = self._headers
             self._encoders[prop.name] = encoder
         self._order = [(p.name, p.index) for p in self._properties]
         self._methods: dict[tuple[int, str, str, bool, bool], bytes] = {}
+
+    def _headers(self, table: Mapping[str, Any]) -> bytes:
+        """
+        Encode a headers table, reusing the encodings of entries seen before.
+        """
+        if len(self._entries) >= self.CACHE_SIZE:
+            self._entries.clear()
+        return encode_headers(table, self._entries)
 
     def _cached_shortstr(self, encoder: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
         """
@@ -464,6 +484,7 @@ _SIMPLE_INTS: Final = {
     ord("d"): struct.Struct("!d"),
     ord("f"): struct.Struct("!f"),
 }
+_IMMUTABLE: Final = frozenset((str, bytes, int, bool, float))
 _S = ord("S")
 _T_BOOL = ord("t")
 _V = ord("V")
@@ -541,8 +562,7 @@ def _check_end(pos: int, end: int, channel: int) -> None:
         raise FrameError("bad-length", channel, f"{end - pos} bytes left after the last field")
 
 
-@dataclass(frozen=True)
-class Deliver:
+class Deliver(NamedTuple):
     """
     The fields of a C{basic.deliver} method.
     """
@@ -554,8 +574,7 @@ class Deliver:
     routing_key: str | bytes
 
 
-@dataclass(frozen=True)
-class Return:
+class Return(NamedTuple):
     """
     The fields of a C{basic.return} method.
     """
@@ -612,13 +631,72 @@ def decode_tag_bits(data: bytes, pos: int, end: int, channel: int) -> tuple[int,
     return tag, bits
 
 
+_SHORTSTR, _OCTET_KIND, _TABLE, _LONGLONG_KIND = range(4)
+_KINDS: Final = {
+    "shortstr": _SHORTSTR,
+    "octet": _OCTET_KIND,
+    "table": _TABLE,
+    "timestamp": _LONGLONG_KIND,
+    "longlong": _LONGLONG_KIND,
+}
+
+
 class HeaderDecoder:
     """
     Decodes C{basic} content headers to properties by Python name.
+
+    Which properties a header carries is decided by its flag word; the
+    list of (name, type) to read for a flag word is worked out once and
+    kept.  Header tables seen recently are kept decoded, keyed by their
+    bytes (a publisher's headers repeat from message to message).
     """
+
+    PLANS: Final = 256
+    """Flag words whose reading plan is kept, at most."""
+
+    TABLES: Final = 256
+    """Decoded header tables kept, at most."""
 
     def __init__(self, spec: Any) -> None:
         self._properties = basic_properties(spec)
+        for prop in self._properties:
+            if prop.domain not in _KINDS:  # pragma: no cover - not so in 0-9-1
+                raise ValueError(f"no decoder for property type {prop.domain!r}")
+        self._plans: dict[tuple[int, int], tuple[tuple[str, int], ...]] = {}
+        self._tables: dict[bytes, dict[str, Any]] = {}
+
+    def _plan(self, flags: int, words: int) -> tuple[tuple[str, int], ...]:
+        key = (flags, words)
+        plan = self._plans.get(key)
+        if plan is None:
+            top = 15 * words - 1
+            plan = tuple(
+                (prop.name, _KINDS[prop.domain])
+                for prop in self._properties
+                if prop.index <= top and flags >> (top - prop.index) & 1
+            )
+            if len(self._plans) >= self.PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _table(self, data: bytes, pos: int, end: int, channel: int) -> dict[str, Any]:
+        raw = data[pos:end]
+        known = self._tables.get(raw)
+        if known is not None:
+            return dict(known)
+        try:
+            table = decode_headers(data, pos, end)
+        except FieldTableDecodeError as exc:
+            raise FrameError("bad-table", channel, str(exc)) from exc
+        # Only tables of immutable values are kept, so a copy of the
+        # outer dictionary is a fresh, independent table.
+        if all(value is None or value.__class__ in _IMMUTABLE for value in table.values()):
+            if len(self._tables) >= self.TABLES:
+                self._tables.clear()
+            self._tables[raw] = table
+            return dict(table)
+        return table
 
     def decode(self, data: bytes, pos: int, end: int, channel: int) -> tuple[int, dict[str, Any]]:
         """
@@ -649,43 +727,33 @@ class HeaderDecoder:
             words += 1
             if not word & 1:
                 break
-        top = 15 * words - 1
         properties: dict[str, Any] = {}
-        for prop in self._properties:
-            if prop.index > top or not flags >> (top - prop.index) & 1:
-                continue
-            domain = prop.domain
-            if domain == "shortstr":
-                properties[prop.name], pos = _shortstr_at(data, pos, end, channel)
-            elif domain == "octet":
-                if pos + 1 > end:
-                    raise FrameError("truncated", channel, f"{prop.name} missing")
-                properties[prop.name] = data[pos]
-                pos += 1
-            elif domain == "table":
+        for name, kind in self._plan(flags, words):
+            if kind == _SHORTSTR:
+                properties[name], pos = _shortstr_at(data, pos, end, channel)
+            elif kind == _TABLE:
                 if pos + 4 > end:
                     raise FrameError("truncated", channel, "headers table length missing")
                 (table_size,) = _LONG.unpack_from(data, pos)
                 stop = pos + 4 + table_size
                 if stop > end:
                     raise FrameError("truncated", channel, "headers table runs past the frame")
-                try:
-                    properties[prop.name] = decode_headers(data, pos, stop)
-                except FieldTableDecodeError as exc:
-                    raise FrameError("bad-table", channel, str(exc)) from exc
+                properties[name] = self._table(data, pos, stop, channel)
                 pos = stop
-            elif domain in ("timestamp", "longlong"):
+            elif kind == _OCTET_KIND:
+                if pos + 1 > end:
+                    raise FrameError("truncated", channel, f"{name} missing")
+                properties[name] = data[pos]
+                pos += 1
+            else:
                 if pos + 8 > end:
-                    raise FrameError("truncated", channel, f"{prop.name} missing")
-                (properties[prop.name],) = _LONGLONG.unpack_from(data, pos)
+                    raise FrameError("truncated", channel, f"{name} missing")
+                (properties[name],) = _LONGLONG.unpack_from(data, pos)
                 pos += 8
-            else:  # pragma: no cover - basic has no other property types
-                raise FrameError("unknown-class", channel, f"property type {domain}")
         _check_end(pos, end, channel)
         return size, properties
 
 
-@dataclass(eq=False)
 class Content:
     """
     A message arriving in frames: the method that announced it, then its
@@ -700,13 +768,16 @@ class Content:
     @ivar received: Their total size.
     """
 
-    channel: int
-    method: Deliver | Return
-    target: Any
-    size: int = -1
-    properties: dict[str, Any] = field(default_factory=dict)
-    chunks: list[bytes] = field(default_factory=list)
-    received: int = 0
+    __slots__ = ("channel", "method", "target", "size", "properties", "chunks", "received")
+
+    def __init__(self, channel: int, method: Deliver | Return, target: Any) -> None:
+        self.channel = channel
+        self.method = method
+        self.target = target
+        self.size = -1
+        self.properties: dict[str, Any] = {}
+        self.chunks: list[bytes] = []
+        self.received = 0
 
     @property
     def body(self) -> bytes:
