@@ -278,7 +278,7 @@ class FakeStreamRequest:
     ) -> None:
         self.method = b"GET"
         self.headers: dict[bytes, bytes] = {}
-        self.request_headers = {b"last-event-id": last_event_id.encode()} if last_event_id else {}
+        self.request_headers = {b"last-event-id": last_event_id.encode("latin-1")} if last_event_id else {}
         self.args = {b"after": [after.encode()]} if after is not None else {}
         if epoch is not None:
             self.args[b"epoch"] = [epoch.encode()]
@@ -874,7 +874,9 @@ class EventsTests(SynchronousTestCase):
         world.publish("org.example.dev.first")
         for request in (FakeStreamRequest(last_event_id="0123abcd-3"),
                         FakeStreamRequest(after="3", epoch="0123abcd"),
-                        FakeStreamRequest(last_event_id="garbage")):
+                        FakeStreamRequest(last_event_id="garbage"),
+                        FakeStreamRequest(last_event_id=f"{world.recent.epoch}-\u00b2"),
+                        FakeStreamRequest(after="9" * 5000, epoch=world.recent.epoch)):
             self.open(world, request)
             recent = [data for _, kind, data in request.events() if kind == "recent"]
             self.assertEqual([[e["id"] for e in batch["entries"]] for batch in recent], [[1, 2]])

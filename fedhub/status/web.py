@@ -538,12 +538,20 @@ def _query_text(request: _Request, name: bytes) -> str:
     return values[0].decode("latin-1") if values else ""
 
 
+def _number(text: str | bytes) -> int:
+    """
+    A non-negative decimal number from a client, or 0 for anything else.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        return 0
+    return int(text)
+
+
 def _query_int(request: _Request, name: bytes) -> int:
     values = (request.args or {}).get(name) or []
-    try:
-        return max(0, int(values[0])) if values else 0
-    except ValueError:
-        return 0
+    return _number(values[0]) if values else 0
 
 
 class _Leaf(Resource):
@@ -661,7 +669,7 @@ class _Events(Resource):
         last = request.getHeader(b"last-event-id")
         if last is not None:
             seen_epoch, _, number = last.decode("latin-1").partition("-")
-            after = int(number) if seen_epoch == epoch and number.isdigit() else 0
+            after = _number(number) if seen_epoch == epoch else 0
         if not self._feed.connect(request, after):
             request.setResponseCode(503)
             _headers(request, "text/plain; charset=utf-8")
