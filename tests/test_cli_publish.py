@@ -138,7 +138,12 @@ class CLIProcess(ProcessProtocol):
         if not self.ended.called:
             self.signal(signal.SIGKILL)
         d: Deferred[int] = Deferred()
-        self.ended.addBoth(lambda result: (d.callback(0), result)[1])
+
+        def ended(result: object) -> object:
+            d.callback(0)
+            return result
+
+        self.ended.addBoth(ended)
         return d
 
     @property
@@ -320,7 +325,7 @@ class CountingStream(io.BytesIO):
 
     reads = 0
 
-    def read1(self, size: int = -1) -> bytes:
+    def read1(self, size: int | None = -1) -> bytes:
         self.reads += 1
         return super().read1(size)
 
@@ -342,7 +347,7 @@ class LineReaderTests(SynchronousTestCase):
             result: list[Any] = []
             d.addBoth(result.append)
             if isinstance(result[0], Failure):
-                return cast(Failure, result[0])
+                return result[0]
             if result[0] is None:
                 return lines
             lines.extend(result[0])
@@ -377,6 +382,7 @@ class LineReaderTests(SynchronousTestCase):
         threading.Event().wait(0.2)
         self.assertEqual(stream.reads, 2)
         lines = self.successResultOf(reader.next_lines())
+        assert lines is not None
         self.assertEqual(lines[0], b"0")
         reactor.run_calls()
         self.assertEqual(stream.reads, 3)
@@ -591,8 +597,8 @@ class LivePublishTests(LiveCase):
         super().setUp()
         self.directory = Path(self.mktemp()).absolute()
         self.config = write_config(self.directory)
-        self.run = uuid.uuid4().hex
-        self.prefix = f"fedhubtest.cli.{self.run}"
+        self.tag = uuid.uuid4().hex
+        self.prefix = f"fedhubtest.cli.{self.tag}"
 
     async def consumer(self) -> Collector:
         bus = await self.start_bus()
@@ -660,7 +666,7 @@ class LivePublishTests(LiveCase):
 
     async def test_missing_exchange(self) -> None:
         """A domain whose exchange does not exist: exit 69 with the broker's 404."""
-        config = write_config(self.directory / "x", exchange=f"fedhubtest.missing.{self.run}")
+        config = write_config(self.directory / "x", exchange=f"fedhubtest.missing.{self.tag}")
         result = await run_cli("publish", "-c", config, "--topic", f"{self.prefix}.a", "--body", "{}")
         self.assertEqual(await result.ended, 69, result.stderr)
         self.assertIn("404", result.stderr)
