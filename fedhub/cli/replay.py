@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from typing import Any
 
 from fedhub.cli import runner
 from fedhub.cli.publish import LineReader, file_messages, open_input, publish_all, report
