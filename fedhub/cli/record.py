@@ -18,7 +18,7 @@ from typing import IO
 
 from fedhub.cli import runner
 from fedhub.cli.runner import EX_CANTCREAT, EX_IOERR, CommandError, Runtime
-from fedhub.cli.tail import Follower, add_filter_arguments, filter_of, follow
+from fedhub.cli.tail import Follower, add_filter_arguments, filter_of, follow, silence_stdout
 from fedhub.message import Message, dump_line
 
 
@@ -106,4 +106,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return runner.run("record", work, verbose=args.verbose)
     finally:
-        appender.close()
+        if follower.pipe_closed:
+            silence_stdout()
+        else:
+            appender.close()

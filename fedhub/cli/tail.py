@@ -306,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_filter_arguments(parser)
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """
     After the reader of standard output went away: send what Python still
     flushes at exit nowhere, instead of failing again.
@@ -347,4 +347,4 @@ def run(args: argparse.Namespace) -> int:
         return runner.run("tail", work, verbose=args.verbose)
     finally:
         if follower.pipe_closed:
-            _silence_stdout()
+            silence_stdout()
