@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -787,6 +788,17 @@ def sleep(seconds: float) -> Deferred[None]:
     A Deferred firing after C{seconds} on the global reactor.
     """
     return deferLater(_reactor(), seconds, lambda: None)
+
+
+def report(what: str, value: object) -> None:
+    """
+    Show a measured value (a duration, a count) when C{FEDHUB_TEST_TIMINGS}
+    is set.  The tests bound such values generously; they are not
+    benchmarks, but the numbers are worth seeing now and then.
+    """
+    if os.environ.get("FEDHUB_TEST_TIMINGS"):
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"\n[measured] {what}: {shown}", file=sys.stderr)
 
 
 async def wait_until(

@@ -23,7 +23,7 @@ from fedhub.config import DomainConfig, parse_config
 from fedhub.errors import AccessRefused
 from fedhub.message import Message
 from fedhub.topology import BindingSpec, QueueSpec, Topology
-from tests.broker import PrivateBrokerCase, User, reactor, sleep, wait_until
+from tests.broker import PrivateBrokerCase, User, reactor, report, wait_until
 
 INFRA = "/infra"
 COMMUNITY = "/community"
@@ -285,17 +285,22 @@ key = "{pki.clients['community-hub'].key}"
             reconnect_max=2.0,
             rand=lambda: 1.0,
         )
-        await sleep(4.5)
+        await wait_until(lambda: len(log.failures) >= 4 or bus.connected, 30, "four refusals")
         self.assertFalse(bus.connected)
         self.assertIsInstance(bus.last_error, AccessRefused)
         assert isinstance(bus.last_error, AccessRefused)
+        self.assertEqual(bus.last_error.reply_code, 530)
         self.assertIn("community-hub", bus.last_error.reply_text)
-        # Delays 0.25, 0.5, 1, 2 (capped), 2: at most 5 attempts in 4.5 s.
-        delays = [float(e["delay"]) for e in log.failures]
-        self.assertGreaterEqual(len(delays), 3)
-        self.assertLessEqual(len(delays), 5)
-        self.assertEqual(delays, [0.25, 0.5, 1.0, 2.0, 2.0][: len(delays)])
         self.assertTrue(all("access to vhost" in error for error in log.errors), log.errors)
+        # Each retry waits longer (no jitter here), up to the cap...
+        first = log.failures[:4]
+        self.assertEqual([float(e["delay"]) for e in first], [0.25, 0.5, 1.0, 2.0])
+        self.assertEqual([int(e["attempt"]) for e in first], [1, 2, 3, 4])
+        # ...and really waits: the fourth refusal came 1.75 s or more after
+        # the first, where a hot loop would have made dozens of attempts.
+        spent = float(first[3]["log_time"]) - float(first[0]["log_time"])
+        self.assertGreaterEqual(spent, 0.25 + 0.5 + 1.0)
+        report("four refused attempts spread over (s)", spent)
 
     # -- a frozen broker, closes and restarts ------------------------------------------
 
@@ -304,7 +309,7 @@ key = "{pki.clients['community-hub'].key}"
         A frozen broker (SIGSTOP) is noticed by heartbeats within three
         intervals; once it runs again the bus reconnects and works.
         """
-        heartbeat = 1
+        heartbeat = 2
         bus = self.start_bus(self.domain("frozen", "infra-hub", INFRA, heartbeat=heartbeat))
         await self.connected(bus)
         run = uuid.uuid4().hex
@@ -319,6 +324,7 @@ key = "{pki.clients['community-hub'].key}"
         finally:
             self.broker.sigcont()
         self.assertLessEqual(noticed, 3 * heartbeat + 2)
+        report("frozen broker noticed after (s)", noticed)
         self.assertEqual(bus.stats.connection_losses, 1)
         await self.connected(bus, timeout=30)
         await self.round_trip(bus, collector, f"fedhubtest.{run}.thawed")
