@@ -1397,6 +1397,9 @@ def load_config(path: str, *, find_plugin: PluginLookup | None = None) -> Config
 #: The configuration used when none is given: an in-process bus and a
 #: consumer that logs every message.
 DEFAULT_CONFIG_TEXT: Final = """\
+[hub]
+status = "tcp:8070:interface=127.0.0.1"
+
 [domains.default]
 broker = "memory"
 
@@ -1428,7 +1431,8 @@ def default_config(*, find_plugin: PluginLookup | None = None) -> Config:
     """
     The built-in configuration: one in-process domain C{default}, an SMTP
     listener for Bugzilla mail to C{bugzilla@localhost} on
-    C{127.0.0.1:8025}, and one consumer C{log} that logs every message; state in a per-user temporary
+    C{127.0.0.1:8025}, one consumer C{log} that logs every message, and the
+    status page on C{127.0.0.1:8070}; state in a per-user temporary
     directory (L{default_state_dir}).
 
     @raise ConfigError: when the C{log} plugin is not installed.

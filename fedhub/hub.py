@@ -6,7 +6,7 @@ connection) and an outbox that publishes through it.  Consumers and producers
 are built by their plugins and get their own domain's publisher only.
 
 Services start in order (buses, outboxes, spool importers, consumers,
-producers) and stop in
+producers, the status server) and stop in
 the reverse order, one after the other, so producers stop taking work first
 and outboxes are flushed before their connection goes.
 """
@@ -133,6 +133,14 @@ class Hub(SequentialMultiService):
             self._add_consumer(component)
         for component in config.producers:
             self._add_producer(component)
+        self.status: IService | None = None
+        if config.hub.status:
+            # Imported here: the status package reads the hub's structure.
+            from fedhub.status import StatusService
+
+            self.status = StatusService(self, config.hub.status, reactor)
+            self.status.setName("status")
+            self.status.setServiceParent(self)
 
     def _context(self, component: ComponentConfig, plugin: object) -> PluginContext:
         peers: dict[str, IPublisher] = {}

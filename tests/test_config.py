@@ -356,6 +356,7 @@ class DefaultConfigTests(SynchronousTestCase):
         self.assertEqual((mail.name, mail.plugin, mail.domain), ("bugzilla-mail", "bugzilla-smtp", "default"))
         self.assertEqual(mail.options["listen"], "tcp:8025:interface=127.0.0.1")
         self.assertEqual(list(mail.options["recipients"]), ["bugzilla@localhost"])
+        self.assertEqual(config.hub.status, "tcp:8070:interface=127.0.0.1")
         [log] = config.consumers
         self.assertEqual((log.name, log.plugin, log.domain, log.topics),
                          ("log", "log", "default", ("#",)))
@@ -373,9 +374,9 @@ class DefaultConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, default_config, find_plugin=nothing)
         self.assertEqual([str(p) for p in error.problems],
                          ['producers[0].plugin: unknown producer plugin "bugzilla-smtp" '
-                          "(installed: none) (line 6)",
+                          "(installed: none) (line 9)",
                           'consumers[0].plugin: unknown consumer plugin "log" (installed: none) '
-                          "(line 13)"])
+                          "(line 16)"])
 
     def test_default_text(self) -> None:
         """

@@ -6,8 +6,10 @@ in-process bus.
 from __future__ import annotations
 
 import os
+import json
 import signal
 import smtplib
+import urllib.request
 import subprocess
 import sys
 import time
@@ -359,6 +361,8 @@ class TwistdTests(SynchronousTestCase):
             with smtplib.SMTP("127.0.0.1", 8025, timeout=30) as client:
                 client.sendmail("bugzilla-daemon@kernel.org", ["bugzilla@localhost"], mail)
             self.assertTrue(read_until("bug 218297"), "".join(output))
+            with urllib.request.urlopen("http://127.0.0.1:8070/ready", timeout=30) as answer:
+                self.assertEqual(json.loads(answer.read())["ready"], True)
             logged = [line for line in output if "bugzilla.bug.update" in line]
             self.assertEqual(len(logged), 1, "".join(output))
             process.send_signal(signal.SIGTERM)
