@@ -485,14 +485,18 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(self.stderr.getvalue(), "")
 
     def test_refusals(self) -> None:
-        """Returned, nacked and 404 are 69; 403 is 77; a lost connection is 75."""
+        """Returned, nacked and 404 are 69; 403 (at login or on publishing) is 77; a lost connection is 75."""
         self.assertEqual(self.failed(MessageReturned("no queue is bound", None)), 69)
         self.assertEqual(self.failed(MessageNacked("refused")), 69)
         self.assertEqual(self.failed(NotFound(404, "NOT_FOUND - no exchange")), 69)
         self.assertEqual(self.failed(AccessRefused(403, "ACCESS_REFUSED")), 77)
         self.assertEqual(self.failed(NotConnected("the connection was lost")), 75)
+        from fedhub.amqp.transport import PublishRefused
+
+        self.assertEqual(self.failed(PublishRefused("amq.topic", "a.b", 403, "ACCESS_REFUSED - write")), 77)
         lines = self.stderr.getvalue().splitlines()
-        self.assertEqual(len(lines), 5)
+        self.assertEqual(len(lines), 6)
+        self.assertIn("the broker refused publishing to exchange 'amq.topic': 403", lines[5])
         self.assertTrue(lines[0].startswith(f"fedhub publish: line 2: message {make(2).id}"), lines[0])
         self.assertIn("1 of 2 message(s) sent were confirmed", lines[0])
 

@@ -19,7 +19,8 @@ Exit statuses follow C{<sysexits.h>}:
     created or written;
   - C{75} (C{EX_TEMPFAIL}): try again later: the broker is unreachable or
     the connection was lost, the outbox is in use;
-  - C{77} (C{EX_NOPERM}): the broker refused the login or the action (403);
+  - C{77} (C{EX_NOPERM}): the broker refused the login, or its
+    permissions forbid the publish (403);
   - C{78} (C{EX_CONFIG}): the configuration can not be read or is invalid,
     or names no usable domain;
   - C{130}/C{143}: a command that publishes was interrupted (SIGINT/SIGTERM).
@@ -64,6 +65,7 @@ from fedhub.errors import (
     MessageError,
     MessageNacked,
     MessageReturned,
+    PublishError,
     TemporarilyUnavailable,
 )
 from fedhub.text import escape_control
@@ -201,6 +203,12 @@ def status_of(error: BaseException) -> tuple[int, str]:
         return EX_UNAVAILABLE, f"the broker refused: {error}"
     if isinstance(error, TemporarilyUnavailable):
         return EX_TEMPFAIL, error.reason
+    if isinstance(error, PublishError):
+        # For example the transport's PublishRefused: the broker's
+        # permissions forbid the exchange or the topic (403).
+        if getattr(error, "reply_code", None) == 403:
+            return EX_NOPERM, error.reason
+        return EX_UNAVAILABLE, error.reason
     if isinstance(error, MessageError):
         return EX_DATAERR, str(error)
     if isinstance(error, ConfigError):
