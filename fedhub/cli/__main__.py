@@ -1,0 +1,7 @@
+"""
+C{python -m fedhub.cli}: the same as the C{fedhub} command.
+"""
+
+from fedhub.cli.main import entry
+
+entry()
