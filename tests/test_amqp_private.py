@@ -5,7 +5,8 @@ users: certificate login per domain, refused TLS setups, refused vhosts,
 a frozen broker, forced closes and a broker restart.
 
 The node is started once for the module's test class.  Without RabbitMQ
-installed the tests are skipped, except in CI (C{CI=true}).
+installed the tests are skipped, except in CI (C{CI=true}).  The last class
+needs no broker: it pins how a failed TLS handshake is recognised.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity.exceptions import DNSMismatch, VerificationError
+from service_identity.hazmat import DNS_ID
+from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
-from fedhub.amqp.transport import AMQPBus
+from fedhub.amqp.transport import AMQPBus, TLSFailed, _tls_failure
 from fedhub.config import DomainConfig, parse_config
-from fedhub.errors import AccessRefused
+from fedhub.errors import AccessRefused, NotConnected
 from fedhub.message import Message
 from fedhub.topology import BindingSpec, QueueSpec, Topology
 from tests.broker import PrivateBrokerCase, User, reactor, report, wait_until
@@ -152,12 +159,17 @@ class PrivateTLSTests(PrivateBrokerCase):
     async def refused(self, bus: AMQPBus, log: ReconnectLog) -> str:
         """
         Wait until the bus failed to connect twice; it must never have been
-        connected.  Returns the first error logged.
+        connected, and the failure is a typed TLS one, logged.  Returns what
+        OpenSSL or service-identity said.
         """
         await wait_until(lambda: len(log.failures) >= 2 or bus.connected, 20, "a refusal")
         self.assertFalse(bus.connected)
         self.assertEqual(bus.stats.connections, 0)
-        return log.errors[0]
+        error = bus.last_error
+        self.assertIsInstance(error, TLSFailed)
+        assert isinstance(error, TLSFailed)
+        self.assertIn(error.details, log.errors[0])
+        return error.details
 
     # -- certificate login ----------------------------------------------------
 
@@ -384,3 +396,48 @@ key = "{pki.clients['community-hub'].key}"
         self.assertEqual((death["queue"], death["reason"], death["count"]), (work, "rejected", 1))
         self.assertIsInstance(death["time"], datetime)
 
+
+
+class TLSFailureTests(SynchronousTestCase):
+    """
+    How a failed TLS handshake is recognised inside what a connection
+    attempt raised; needs no broker.
+    """
+
+    def raised_over(self, cause: BaseException) -> BaseException:
+        """
+        The error the protocol raises "from None" while C{cause} is handled.
+        """
+        try:
+            try:
+                raise cause
+            except BaseException:
+                raise NotConnected("the connection is closed") from None
+        except NotConnected as e:
+            return e
+
+    def test_openssl_error(self) -> None:
+        """
+        An OpenSSL error, even wrapped, becomes TLSFailed with its reasons.
+        """
+        error = self.raised_over(SSL.Error([("SSL routines", "", "certificate verify failed")]))
+        found = _tls_failure(Failure(error))
+        assert found is not None
+        self.assertIsInstance(found, NotConnected)
+        self.assertEqual(found.details, "certificate verify failed")
+
+    def test_name_mismatch(self) -> None:
+        """
+        A service-identity mismatch becomes TLSFailed naming the name.
+        """
+        mismatch = DNSMismatch(mismatched_id=DNS_ID("wrong.example"))
+        found = _tls_failure(VerificationError(errors=[mismatch]))
+        assert found is not None
+        self.assertIn("wrong.example", found.details)
+
+    def test_other_errors(self) -> None:
+        """
+        Errors that are not about TLS are left alone.
+        """
+        self.assertIsNone(_tls_failure(self.raised_over(ConnectionRefusedError())))
+        self.assertIsNone(_tls_failure(NotConnected("the connection is closed")))

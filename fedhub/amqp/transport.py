@@ -66,6 +66,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
@@ -143,6 +145,49 @@ class PublishRefused(PublishError):
             f"the broker refused publishing to exchange {exchange!r}: {reply_code} {reply_text}",
             message_id,
         )
+
+
+class TLSFailed(NotConnected):
+    """
+    The TLS handshake with the broker failed, before any AMQP: the broker's
+    certificate was not accepted (a CA not trusted, a name not matching) or
+    the broker refused the client's (missing, or signed by a CA it does not
+    trust).  Retrying only helps once a certificate or the configuration is
+    fixed.
+
+    @ivar details: What OpenSSL or service-identity said.
+    """
+
+    def __init__(self, details: str) -> None:
+        self.details = details
+        super().__init__(f"the TLS handshake with the broker failed: {details}")
+
+
+def _tls_failure(error: object, depth: int = 0) -> TLSFailed | None:
+    """
+    The TLS failure inside what a failed connection attempt raised, if
+    there is one (txamqp wraps the transport's reason in its own errors).
+    """
+    if depth > 6 or error is None:
+        return None
+    if isinstance(error, Failure):
+        return _tls_failure(error.value, depth + 1)
+    if isinstance(error, VerificationError):
+        return TLSFailed(f"the broker's certificate is not for the expected name ({error})")
+    if isinstance(error, SSL.Error):
+        reasons = []
+        if error.args and isinstance(error.args[0], list):
+            reasons = [str(item[-1]) for item in error.args[0] if isinstance(item, tuple) and item]
+        return TLSFailed(", ".join(r for r in reasons if r) or str(error) or "SSL error")
+    if isinstance(error, BaseException):
+        for arg in error.args:
+            found = _tls_failure(arg, depth + 1)
+            if found is not None:
+                return found
+        # The protocol raises its own error "from None": the original is
+        # still the context.
+        return _tls_failure(error.__cause__ or error.__context__, depth + 1)
+    return None
 
 
 def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
@@ -242,9 +287,9 @@ class Reconnector:
 
     @ivar state: The current state's name.
     @ivar failures: Failed attempts since the last successful one.
-    @ivar last_error: Why the last attempt failed (fedhub's typed error where
-        there is one, e.g. L{fedhub.errors.AccessRefused}), or C{None} since
-        the last successful one.
+    @ivar last_error: Why the last attempt failed (typed where fedhub has a
+        type for it: L{fedhub.errors.AccessRefused}, L{TLSFailed}), or
+        C{None} since the last successful one.
     """
 
     log = Logger()
@@ -379,7 +424,7 @@ class Reconnector:
             text = "took too long"
             self.last_error = error
         else:
-            self.last_error = map_error(failure)
+            self.last_error = _tls_failure(error) or map_error(failure)
             text = escape_control(str(self.last_error) or type(error).__name__, 300)
         self.log.warn(
             "Connecting to {broker} failed ({error}); attempt {attempt}, next in {delay:.1f} s",
@@ -1248,8 +1293,9 @@ class AMQPBus(Service):
     def last_error(self) -> BaseException | None:
         """
         Why the last connection attempt failed (typed where fedhub has a type
-        for it: L{fedhub.errors.AccessRefused} for a refused login or vhost),
-        or C{None} when the bus is connected or has not failed yet.
+        for it: L{fedhub.errors.AccessRefused} for a refused login or vhost,
+        L{TLSFailed} for a failed TLS handshake), or C{None} when the bus is
+        connected or has not failed yet.
         """
         return self._reconnector.last_error if self._reconnector is not None else None
 
