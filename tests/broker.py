@@ -423,7 +423,6 @@ class PrivateBroker:
         self.pid_file = os.path.join(self.directory, "node.pid")
         self.log_file = os.path.join(self.directory, "server.out")
         self._process: subprocess.Popen[bytes] | None = None
-        self._stopped_by_signal = False
 
     # -- setup ------------------------------------------------------------------
 
@@ -836,6 +835,16 @@ class PrivateBrokerCase(TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
+        """
+        Start the class's node (pytest calls this; the node is stopped by
+        the class cleanup).
+        """
+        broker = cls._start_node()
+        cls.addClassCleanup(broker.cleanup)
+        cls.addClassCleanup(broker.stop)
+
+    @classmethod
+    def _start_node(cls) -> PrivateBroker:
         require_broker()
         broker = PrivateBroker(
             cls.users,
@@ -844,16 +853,23 @@ class PrivateBrokerCase(TestCase):
             tls=cls.tls,
             extra_config=cls.extra_config,
         )
-        cls.addClassCleanup(broker.cleanup)
-        cls.addClassCleanup(broker.stop)
-        broker.start()
+        try:
+            broker.start()
+        except BaseException:
+            broker.cleanup()
+            raise
         cls.broker = broker
+        return broker
 
     def setUp(self) -> Deferred[None] | None:  # type: ignore[override]
         """
         Make sure the node runs and is not frozen: a test that failed half
-        way may have left it stopped or killed.
+        way may have left it stopped or killed.  (Trial's runner does not
+        call C{setUpClass}: under it the node starts here, once, and stops
+        when the process exits.)
         """
+        if "broker" not in type(self).__dict__:
+            type(self)._start_node()
         broker = self.broker
         if broker.running:
             broker.sigcont()
