@@ -193,9 +193,9 @@ def _tls_failure(error: object, depth: int = 0) -> TLSFailed | None:
 def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
     """
     Whether a 403 that closed the publish channel names this exchange (and,
-    for a topic permission, this routing key).  RabbitMQ says e.g. C{write
-    access to exchange 'x' in vhost 'v' refused for user 'u'} or C{write
-    access to topic 'k' in exchange 'x' in vhost 'v' refused ...}.
+    for a topic permission, this routing key).  RabbitMQ says e.g. C{access
+    to exchange 'x' in vhost 'v' refused for user 'u'} or C{write access to
+    topic 'k' in exchange 'x' in vhost 'v' refused ...}.
     """
     if error.reply_code != ACCESS_REFUSED:
         return False
