@@ -230,9 +230,11 @@ class World:
         self.turn()
         return message
 
-    def get(self, path: str, headers: dict[bytes, list[bytes]] | None = None) -> tuple[Any, bytes]:
+    def get(
+        self, path: str, headers: dict[bytes, list[bytes]] | None = None, host: str = "localhost"
+    ) -> tuple[Any, bytes]:
         response = self.case.successResultOf(
-            self.http.get(f"http://status.test{path}", headers=Headers(headers or {}))
+            self.http.get(f"http://{host}{path}", headers=Headers(headers or {}))
         )
         body = self.case.successResultOf(response.content())
         return response, body
@@ -358,17 +360,27 @@ class LiveTests(SynchronousTestCase):
         self.assertEqual((response.code, body), (200, b"ok\n"))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
 
+    def test_other_host_names_refused(self) -> None:
+        """A request naming another host (a DNS-rebinding page) gets 421 and no status."""
+        world = World(self)
+        for path in ("/live", "/ready", "/", "/status.json", "/static/status.js"):
+            response, body = world.get(path, host="attacker.example")
+            self.assertEqual(response.code, 421, path)
+            self.assertNotIn(b"fedhub", body)
+        response, _ = world.get("/ready", host="127.0.0.1:8070")
+        self.assertIn(response.code, (200, 503))
+
     def test_head(self) -> None:
         """HEAD is answered like GET, without a body."""
         world = World(self)
-        response = self.successResultOf(world.http.head("http://status.test/live"))
+        response = self.successResultOf(world.http.head("http://localhost/live"))
         self.assertEqual(response.code, 200)
         self.assertEqual(self.successResultOf(response.content()), b"")
 
     def test_post_refused(self) -> None:
         """Other methods are refused with 405."""
         world = World(self)
-        response = self.successResultOf(world.http.post("http://status.test/ready", data=b"x"))
+        response = self.successResultOf(world.http.post("http://localhost/ready", data=b"x"))
         self.assertEqual(response.code, 405)
 
     def test_unknown_path(self) -> None:
@@ -823,7 +835,8 @@ class EventsTests(SynchronousTestCase):
     """
 
     def open(self, world: World, request: FakeStreamRequest) -> None:
-        events = world.resource.getChildWithDefault(b"events", request)  # type: ignore[arg-type]
+        # Past the host check, which the fake request does not go through.
+        events = world.resource.root.getChildWithDefault(b"events", request)  # type: ignore[attr-defined]
         from twisted.web.server import NOT_DONE_YET
 
         result = events.render(request)  # type: ignore[arg-type]
@@ -1016,3 +1029,21 @@ class ServiceTests(TestCase):
         self.assertIsNone(status.port)
         self.assertTrue(self.flushLoggedErrors())
         yield status.stopService()
+
+
+class HostCheckTests(SynchronousTestCase):
+    """
+    The status server answers only to requests that name it (no DNS rebinding).
+    """
+
+    def test_allowed_hosts(self) -> None:
+        """IP literals, localhost and the machine's names pass; other names do not."""
+        from fedhub.status.web import host_allowed
+
+        names = frozenset({"hub1", "hub1.example.org"})
+        for host in (b"127.0.0.1:8070", b"127.0.0.1", b"[::1]:8070", b"localhost:8070",
+                     b"LOCALHOST", b"hub1:8070", b"hub1.example.org", b"10.1.2.3:80"):
+            self.assertTrue(host_allowed(host, names), host)
+        for host in (None, b"", b"attacker.example:8070", b"hub1.attacker.example",
+                     b"127.0.0.1.nip.io", b"[evil]:80"):
+            self.assertFalse(host_allowed(host, names), host)

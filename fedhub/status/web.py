@@ -28,9 +28,11 @@ authenticates.
 from __future__ import annotations
 
 import html
+import ipaddress
 import json
 import re
 import secrets
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -506,6 +508,8 @@ class _Request(Protocol):
     """
 
     args: dict[bytes, list[bytes]] | None
+    prepath: list[bytes]
+    postpath: list[bytes]
 
     def getHeader(self, key: bytes) -> bytes | None: ...
 
@@ -897,6 +901,69 @@ class _State:
         return status_view(self.hub, self.monitor, self.clock.seconds())
 
 
+def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
+    """
+    Whether a request's C{Host} header names this server: an IP address,
+    C{localhost}, or one of C{names} (the machine's own names).  A page
+    reached through any other name is refused, so a web page whose name an
+    attacker resolves to 127.0.0.1 (DNS rebinding) can not read it.
+    """
+    if not host:
+        return False
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.partition("]")[0].lstrip("[") != "" and _is_ip(text.partition("]")[0][1:])
+    name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    if _is_ip(name):
+        return True
+    return name == "localhost" or name.endswith(".localhost") or name in names
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def machine_names() -> frozenset[str]:
+    """
+    The names this machine answers to by its own account.
+    """
+    names = {socket.gethostname().lower()}
+    try:
+        names.add(socket.getfqdn().lower())
+    except OSError:
+        pass
+    return frozenset(n for n in names if n)
+
+
+class _HostCheck(Resource):
+    """
+    Serves the status resources only to requests naming this server.
+    """
+
+    def __init__(self, root: Resource, names: frozenset[str]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.root = root
+        self._names = names
+
+    def getChildWithDefault(self, path: bytes, request: _Request) -> IResource:  # type: ignore[override]
+        if not host_allowed(request.getHeader(b"host"), self._names):
+            return _Misdirected()
+        request.prepath.pop()
+        request.postpath.insert(0, path)
+        return self.root
+
+
+class _Misdirected(_Leaf):
+    def render_GET(self, request: _Request) -> bytes:
+        request.setResponseCode(421)
+        _headers(request, "text/plain; charset=utf-8")
+        return b"this server answers only to its own names\n"
+
+
 def build_resource(
     hub: HubView,
     monitor: HubMonitor,
@@ -923,7 +990,7 @@ def build_resource(
     for name, (body, content_type) in assets.files.items():
         static.putChild(name.encode("ascii"), _File(body, content_type))
     root.putChild(b"static", static)
-    return root
+    return _HostCheck(root, machine_names())
 
 
 class _Connections(WrappingFactory):
