@@ -38,6 +38,7 @@ from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
 from fedhub.errors import ConfigError, ConfigProblem, UnknownPlugin
+from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 
 __all__ = [
     "REQUIRED",
@@ -292,6 +293,7 @@ class DomainConfig:
     outbox_max_messages: int = 100_000
     outbox_max_bytes: int = 1024 * 1024 * 1024
     passive_declares: bool = False
+    topology: Topology = field(default_factory=Topology)
 
     @property
     def is_memory(self) -> bool:
@@ -400,6 +402,7 @@ class ComponentConfig:
     max_retry_delay: float = 3600.0
     max_retries: int = 5
     drain_timeout: float = 30.0
+    queue_arguments: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def path(self) -> str:
@@ -553,6 +556,33 @@ _DOMAIN_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "outbox_max_messages": Option(int, 100_000, "outbox limit in messages", _positive),
         "outbox_max_bytes": Option(int, 1024 * 1024 * 1024, "outbox limit in bytes", _positive),
         "passive_declares": Option(bool, False, "only check that queues and exchanges exist"),
+        "topology": Option(dict, None, "exchanges, queues and bindings declared at start"),
+    }
+)
+
+_EXCHANGE_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        "name": Option(str, REQUIRED, "exchange name", _short_string),
+        "type": Option(str, "topic", "topic, direct, fanout or headers",
+                       lambda v: None if v in ("topic", "direct", "fanout", "headers")
+                       else "must be topic, direct, fanout or headers"),
+        "durable": Option(bool, True, "survives a broker restart"),
+    }
+)
+
+_QUEUE_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        "name": Option(str, REQUIRED, "queue name", _short_string),
+        "durable": Option(bool, True, "survives a broker restart"),
+        "arguments": Option(dict, None, 'broker arguments, such as "x-queue-type"'),
+    }
+)
+
+_BINDING_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
+    {
+        "queue": Option(str, REQUIRED, "queue name", _short_string),
+        "exchange": Option(str, REQUIRED, "exchange name", _short_string),
+        "routing_key": Option(str, "#", "routing pattern"),
     }
 )
 
@@ -577,6 +607,8 @@ _CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "max_retries": Option(int, 5, "retries before a message is dead-lettered", _retries),
         "drain_timeout": Option(float, 30.0, "seconds stopping waits for messages in hand",
                                 _positive),
+        "queue_arguments": Option(dict, None, 'broker arguments of its queues, such as '
+                                  '"x-queue-type"'),
     }
 )
 
@@ -1038,7 +1070,75 @@ class _Validator:
         if scheme == MEMORY_BROKER and "auth_mechanism" in table:
             self.report(path + ("auth_mechanism",), "not used with the memory broker")
             ok = False
+        topology = self.topology(values.pop("topology", None), path + ("topology",))
+        if topology is None:
+            ok = False
+        else:
+            values["topology"] = topology
         return DomainConfig(name=name, **values) if ok else None
+
+    def arguments(self, value: object, path: _Path) -> dict[str, Any]:
+        """
+        Broker arguments of a queue: names starting with C{x-}, scalar values.
+        """
+        if value is None:
+            return {}
+        result: dict[str, Any] = {}
+        for key, item in cast(Mapping[str, Any], value).items():
+            if not key.startswith("x-"):
+                self.report(path + (key,), 'broker arguments start with "x-"')
+            elif isinstance(item, (dict, list)):
+                self.report(path + (key,), f"expected a string, number or boolean, not {_describe(item)}")
+            else:
+                result[key] = item
+        return result
+
+    def topology(self, value: object, path: _Path) -> Topology | None:
+        """
+        A domain's C{topology} table: arrays of C{exchanges}, C{queues} and
+        C{bindings} tables.
+        """
+        if value is None:
+            return Topology()
+        table = cast(Mapping[str, Any], value)
+        kinds = {"exchanges": _EXCHANGE_OPTIONS, "queues": _QUEUE_OPTIONS, "bindings": _BINDING_OPTIONS}
+        self.unknown_keys(table, path, kinds)
+        ok = True
+        built: dict[str, list[Any]] = {kind: [] for kind in kinds}
+        for kind, schema in kinds.items():
+            entries = table.get(kind, [])
+            if not isinstance(entries, list):
+                self.report(path + (kind,), f"expected an array of tables, not {_describe(entries)}")
+                ok = False
+                continue
+            for index, entry in enumerate(entries):
+                where = path + (kind, index)
+                entry_table = self.table(entry, where)
+                if entry_table is None:
+                    ok = False
+                    continue
+                values, valid = self.values(entry_table, where, schema)
+                self.unknown_keys(entry_table, where, schema)
+                if not valid:
+                    ok = False
+                    continue
+                if kind == "exchanges":
+                    built[kind].append(ExchangeSpec(values["name"], values["type"], values["durable"]))
+                elif kind == "queues":
+                    arguments = self.arguments(values.get("arguments"), where + ("arguments",))
+                    built[kind].append(QueueSpec(values["name"], values["durable"], arguments=arguments))
+                else:
+                    error = check_topic_pattern(values["routing_key"]) if values["routing_key"] else None
+                    if error is not None:
+                        self.report(where + ("routing_key",), error)
+                        ok = False
+                        continue
+                    built[kind].append(
+                        BindingSpec(values["queue"], values["exchange"], values["routing_key"])
+                    )
+        if not ok:
+            return None
+        return Topology(tuple(built["exchanges"]), tuple(built["queues"]), tuple(built["bindings"]))
 
     def broker(self, url: str, path: _Path) -> str | None:
         """
@@ -1191,6 +1291,9 @@ class _Validator:
                 "max_retry_delay": float(values["max_retry_delay"]),
                 "max_retries": values["max_retries"],
                 "drain_timeout": float(values["drain_timeout"]),
+                "queue_arguments": MappingProxyType(
+                    self.arguments(values.get("queue_arguments"), path + ("queue_arguments",))
+                ),
             }
         return ComponentConfig(
             kind=kind,

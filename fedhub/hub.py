@@ -28,6 +28,7 @@ from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
 from fedhub.outbox import Outbox
 from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
+from fedhub.topology import Topology
 
 
 class SequentialMultiService(MultiService):
@@ -46,6 +47,27 @@ class SequentialMultiService(MultiService):
                 yield maybeDeferred(service.stopService)
             except Exception:
                 self.log.failure("Stopping {service} failed", service=service.name)
+
+
+class TopologyService(Service):
+    """
+    Declares a domain's configured topology when the hub starts (the bus
+    declares it again after every reconnect).
+    """
+
+    log = Logger()
+
+    def __init__(self, bus: IBus, topology: Topology) -> None:
+        self.bus = bus
+        self.topology = topology
+
+    def startService(self) -> None:
+        super().startService()
+        self.bus.declare(self.topology).addErrback(
+            lambda f: self.log.failure(
+                "Declaring the topology of domain {domain} failed", f, domain=self.bus.domain
+            )
+        )
 
 
 @dataclass
@@ -121,6 +143,11 @@ class Hub(SequentialMultiService):
             outbox.setName(f"outbox:{name}")
             outboxes.append(outbox)
             self.domains[name] = DomainRuntime(domain, bus, outbox)
+        for name, runtime in self.domains.items():
+            if runtime.config.topology != Topology():
+                declarer = TopologyService(runtime.bus, runtime.config.topology)
+                declarer.setName(f"topology:{name}")
+                declarer.setServiceParent(self)
         for outbox in outboxes:
             outbox.setServiceParent(self)
         for name, runtime in self.domains.items():

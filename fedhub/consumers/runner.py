@@ -198,10 +198,13 @@ class ConsumerService(Service):
         The exchanges, queues and bindings this consumer needs.
         """
         dead = self.dead_letter_queue
+        # The configured arguments (a queue type, say) apply to every queue
+        # of the consumer; the ones the retry design needs come on top.
+        extra = dict(self.component.queue_arguments)
         exchanges = [ExchangeSpec(dead, "fanout"), ExchangeSpec(self.return_exchange, "fanout")]
         queues = [
-            QueueSpec(dead),
-            QueueSpec(self.queue, arguments={DEAD_LETTER_EXCHANGE: dead}),
+            QueueSpec(dead, arguments=extra),
+            QueueSpec(self.queue, arguments={**extra, DEAD_LETTER_EXCHANGE: dead}),
         ]
         bindings = [BindingSpec(dead, dead, ""), BindingSpec(self.queue, self.return_exchange, "")]
         for level, delay in enumerate(self.retry_delays, 1):
@@ -211,6 +214,7 @@ class ConsumerService(Service):
                 QueueSpec(
                     name,
                     arguments={
+                        **extra,
                         MESSAGE_TTL: int(delay * 1000),
                         DEAD_LETTER_EXCHANGE: self.return_exchange,
                     },
