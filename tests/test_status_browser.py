@@ -101,15 +101,28 @@ def recent_topics(driver: Any) -> list[str]:
     """
     The topics in the page's recent-messages list, newest first.
     """
-    from selenium.webdriver.common.by import By
+    return texts(driver, "#recent-rows td.topic")
 
-    return [cell.text for cell in driver.find_elements(By.CSS_SELECTOR, "#recent-rows td.topic")]
+
+def texts(driver: Any, selector: str) -> list[str]:
+    """
+    The rendered text of every element matching C{selector}, read in one
+    step in the page: the live list is redrawn while the test reads it, so
+    element handles taken one by one can go stale.
+    """
+    result: list[str] = driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText);", selector
+    )
+    return result
 
 
 def wait_for(driver: Any, condition: Any, timeout: float = 20.0) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition)
 
 
 class BrowserTests(TestCase):
@@ -188,9 +201,7 @@ class BrowserTests(TestCase):
         )
 
         # Hostile summaries are shown as text and ran nothing.
-        summaries = yield deferToThread(
-            lambda: [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#recent-rows td.summary")]
-        )
+        summaries = yield deferToThread(texts, driver, "#recent-rows td.summary")
         self.assertIn(f"live update 2 {HOSTILE}", summaries)
         injected = yield deferToThread(
             lambda: driver.find_elements(By.CSS_SELECTOR, "#recent-rows img, #recent-rows script")
