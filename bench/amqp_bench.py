@@ -839,8 +839,8 @@ def render(table: list[dict[str, Any]]) -> str:
     pika_latency = {e["row"]: e["p99_ms"] for e in table if e["client"] == "pika" and "p99_ms" in e}
     lines = [
         f"{'workload':<34} {'client':<9} {'msg/s':>8} {'vs pika':>8} {'CPU us/msg':>10}"
-        f" {'peak RSS':>9} {'p50 ms':>7} {'p99 ms':>7}",
-        "-" * 100,
+        f" {'peak RSS':>9} {'base RSS':>9} {'p50 ms':>7} {'p99 ms':>7}",
+        "-" * 110,
     ]
     for e in table:
         if "rate" not in e:
@@ -860,7 +860,7 @@ def render(table: list[dict[str, Any]]) -> str:
             p99 = f"{e['handover_p99_ms']:.2f}"
         lines.append(
             f"{e['row']:<34} {e['client']:<9} {e['rate']:>8.0f} {ratio:>8} {e['cpu_us_per_msg']:>10.1f}"
-            f" {e['peak_kib'] / 1024:>7.0f}Mi {p50:>7} {p99:>7}"
+            f" {e['peak_kib'] / 1024:>7.0f}Mi {e['rss_before_kib'] / 1024:>7.0f}Mi {p50:>7} {p99:>7}"
         )
     lines.append("")
     lines.append(
@@ -871,7 +871,8 @@ def render(table: list[dict[str, Any]]) -> str:
     lines.append(
         "fedhub publishes only with confirms, persistent and mandatory; compare it with the"
         " 'publish, confirms, persistent' rows.  p50/p99 of the outbox row are hand-over times"
-        " (until the message is fsync'd)."
+        " (until the message is fsync'd).  Base RSS: the worker before the measured phase, with"
+        " the publish rows' messages already built; peak RSS: its high-water mark."
     )
     return "\n".join(lines)
 
