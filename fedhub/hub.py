@@ -152,7 +152,11 @@ class Hub(SequentialMultiService):
             outbox.setServiceParent(self)
         for name, runtime in self.domains.items():
             importer = SpoolImporter(
-                name, spool_directory(config.hub.state_dir, name), runtime.publisher, reactor
+                name,
+                spool_directory(config.hub.state_dir, name),
+                runtime.publisher,
+                reactor,
+                failed_area=runtime.publisher,
             )
             importer.setName(f"spool:{name}")
             importer.setServiceParent(self)

@@ -16,13 +16,20 @@ import os
 import sys
 from pathlib import Path
 
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fedhub.cli.main import build_parser
 from fedhub.errors import MessageNacked, MessageReturned
 from fedhub.message import Message
 from fedhub.outbox import Outbox, Store, SynchronousExecutor
+from fedhub.outbox.spool import SpoolImporter
 from tests.test_cli_publish import write_config
 from tests.test_outbox import FakeBus, make_message
 
@@ -144,8 +151,12 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertEqual(self.command("retry", "1", "--all", "-c", self.config)[0], 64)
         self.assertEqual(len(self.store_state()[1]), 2)
 
-    def test_hub_running(self) -> None:
-        """While the hub holds the outbox, the command exits 75 and says why; nothing changes."""
+    def test_hub_not_answering(self) -> None:
+        """While a process holds the outbox and no hub answers the request, exit 75 and say why; nothing changes."""
+        from fedhub.cli import outbox
+
+        self.patch(outbox, "REQUEST_TIMEOUT", 0.3)
+        self.patch(outbox.HubFailedArea.__init__, "__defaults__", (0.3,))
         self.prepare()
         holder = Store(self.outbox_dir, SynchronousExecutor())
         self.successResultOf(holder.open())
@@ -154,7 +165,7 @@ class OutboxCommandTests(SynchronousTestCase):
         finally:
             self.successResultOf(holder.close())
         self.assertEqual(status, 75)
-        self.assertIn("locked by the running hub", self.stderr.getvalue())
+        self.assertIn("did not answer within 0.3 s", self.stderr.getvalue())
         self.assertEqual(len(self.store_state()[1]), 2)
 
     def test_no_outbox_yet(self) -> None:
@@ -175,3 +186,48 @@ class OutboxCommandTests(SynchronousTestCase):
         """An unreadable configuration: 78."""
         status, _ = self.command("list", "-c", str(self.directory / "missing.toml"))
         self.assertEqual(status, 78)
+
+
+class RunningHubTests(TestCase):
+    """
+    The failed area of the outbox a running hub holds: the command's request
+    goes through the spool and the hub's importer carries it out.
+    """
+
+    @inlineCallbacks
+    def test_list_retry_drop_through_the_hub(self) -> Generator[Deferred[Any], Any, None]:
+        """list, retry and drop work while the hub runs; retried messages are published at once."""
+        helper = OutboxCommandTests("test_list_table")
+        helper.directory = Path(self.mktemp()).absolute()
+        helper.config = write_config(helper.directory)
+        helper.outbox_dir = str(helper.directory / "state" / "outbox" / "test")
+        helper.stderr = io.StringIO()
+        self.patch(sys, "stderr", helper.stderr)
+        messages = helper.prepare()
+        bus = FakeBus()
+        bus.auto_ack = True
+        outbox = Outbox("test", helper.outbox_dir, bus, reactor)
+        outbox.startService()
+        self.addCleanup(outbox.stopService)
+        spool = str(helper.directory / "state" / "spool" / "test")
+        importer = SpoolImporter("test", spool, outbox, reactor, interval=0.05, failed_area=outbox)
+        importer.startService()
+        self.addCleanup(importer.stopService)
+
+        status, out = yield deferToThread(helper.command, "list", "--json", "-c", helper.config)
+        self.assertEqual(status, 0, helper.stderr.getvalue())
+        self.assertEqual([json.loads(line)["id"] for line in out.splitlines()], [messages[0].id, messages[1].id])
+
+        status, out = yield deferToThread(helper.command, "retry", messages[0].id, "-c", helper.config)
+        self.assertEqual(status, 0, helper.stderr.getvalue())
+        self.assertIn("1 message(s) moved back to pending; the hub publishes them now", out)
+        for _ in range(100):
+            if messages[0].id in [m.id for m in bus.published]:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(messages[0].id, [m.id for m in bus.published])
+
+        status, out = yield deferToThread(helper.command, "drop", "--all", "-c", helper.config)
+        self.assertEqual((status, out.strip()), (0, "1 message(s) dropped"))
+        stats = outbox.stats()
+        self.assertEqual(stats.failed, 0)

@@ -7,14 +7,16 @@ The failed area holds what the broker returned as unroutable or refused
   - C{fedhub outbox list [--json]}: one row per message: sequence number, id,
     topic, kind, when it failed, attempts and the reason;
   - C{fedhub outbox retry SEQ|ID ... | --all}: move messages back to the
-    pending queue: the hub publishes them when it starts;
+    pending queue, which the hub publishes;
   - C{fedhub outbox drop SEQ|ID ... | --all}: delete them for good.
 
 Messages are named by their sequence number (the first column of C{list}) or
 their message id.  The outbox lives in C{<state_dir>/outbox/<domain>/}.  The
 hub holds its outbox's database with an exclusive lock for as long as it
-runs (so that two hubs never publish one outbox), so these commands work on a
-stopped hub; while the hub runs they exit with 75 and say so.
+runs (so that two hubs never publish one outbox): on a stopped hub these
+commands open the database themselves; while the hub runs they send their
+request through the domain's spool and the hub carries it out (exit 75 when
+it does not answer within 10 s; the request then stays queued).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedhub.cli.runner import (
 )
 from fedhub.config import Config
 from fedhub.errors import DecodeError
+from fedhub.outbox.spool import spool_directory, write_request
 from fedhub.outbox.store import DATABASE_NAME, FailedRecord, Store, StoreError, SynchronousExecutor
 from fedhub.text import escape_control
 
@@ -48,6 +51,9 @@ _T = TypeVar("_T")
 
 #: Records read from the store at a time.
 PAGE = 500
+
+#: How long to wait for the running hub to answer a request.
+REQUEST_TIMEOUT = 10.0
 
 #: How long to wait for the database when another process holds it briefly.
 LOCK_TIMEOUT = 2.0
@@ -133,6 +139,24 @@ class FailedArea:
             if len(page) < PAGE:
                 return found
             after = page[-1].seq
+
+    def retry(self, seqs: list[int] | None) -> int:
+        """
+        Move failed messages back to pending; return how many.
+        """
+        try:
+            return _now(self.store.retry_failed(seqs, time.time()))
+        except StoreError as e:
+            raise CommandError(f"retry failed: {e}", EX_IOERR) from None
+
+    def drop(self, seqs: list[int] | None) -> int:
+        """
+        Delete failed messages; return how many.
+        """
+        try:
+            return _now(self.store.drop_failed(seqs))
+        except StoreError as e:
+            raise CommandError(f"drop failed: {e}", EX_IOERR) from None
 
     def select(self, names: list[str]) -> tuple[list[int], list[str]]:
         """
@@ -267,7 +291,13 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
             raise CommandError(f"not found: {', '.join(escape_control(i) for i in args.ids)}", EX_NOTFOUND)
         print(f"0 message(s) {'moved back to pending' if action == 'retry' else 'dropped'}", file=out)
         return EX_OK
-    area.open()
+    try:
+        area.open()
+    except CommandError as e:
+        if e.status != EX_TEMPFAIL:
+            raise
+        # The running hub holds the outbox: ask it through the spool.
+        area = HubFailedArea(spool_directory(config.hub.state_dir, domain.name), domain.name)
     try:
         if action == "list":
             return _list(area, args.json, out)
@@ -296,17 +326,74 @@ def _act(area: FailedArea, action: str, names: list[str] | None, out: IO[str]) -
         seqs, missing = area.select(names)
     count = 0
     if seqs is None or seqs:
-        try:
-            if action == "retry":
-                count = _now(area.store.retry_failed(seqs, time.time()))
-            else:
-                count = _now(area.store.drop_failed(seqs))
-        except StoreError as e:
-            raise CommandError(f"{action} failed: {e}", EX_IOERR) from None
+        count = area.retry(seqs) if action == "retry" else area.drop(seqs)
     if action == "retry":
-        print(f"{count} message(s) moved back to pending; the hub publishes them when it starts", file=out)
+        when = "now" if isinstance(area, HubFailedArea) else "when it starts"
+        print(f"{count} message(s) moved back to pending; the hub publishes them {when}", file=out)
     else:
         print(f"{count} message(s) dropped", file=out)
     if missing:
         return runner.fail("outbox", f"not found: {', '.join(escape_control(m) for m in missing)}", EX_NOTFOUND)
     return EX_OK
+
+
+class HubFailedArea(FailedArea):
+    """
+    The failed area of an outbox the running hub holds, reached through
+    requests in the domain's spool that the hub carries out (see
+    L{fedhub.outbox.spool}).
+    """
+
+    def __init__(self, spool: str, domain: str, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.spool = spool
+        self.domain = domain
+        self.timeout = timeout
+
+    def open(self) -> None:
+        """
+        Nothing to open: the hub has it.
+        """
+
+    def close(self) -> None:
+        """
+        Nothing to close.
+        """
+
+    def _ask(self, action: str, seqs: list[int] | None) -> dict[str, Any]:
+        try:
+            reply = write_request(self.spool, action, seqs)
+        except OSError as e:
+            raise CommandError(f"can not ask the hub: {e}", EX_IOERR) from None
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(reply, "rb") as f:
+                    answer: dict[str, Any] = json.loads(f.read())
+            except FileNotFoundError:
+                time.sleep(0.1)
+                continue
+            os.unlink(reply)
+            if "error" in answer:
+                raise CommandError(f"the hub refused: {answer['error']}", EX_TEMPFAIL)
+            return answer
+        raise CommandError(
+            f"the hub holds the outbox of domain {self.domain} but did not answer within "
+            f"{self.timeout:g} s; the request stays queued",
+            EX_TEMPFAIL,
+        )
+
+    def records(self) -> list[FailedRecord]:
+        return [
+            FailedRecord(
+                seq=r["seq"], message_id=r["message_id"], created=r["created"],
+                failed_at=r["failed_at"], kind=r["kind"], reason=r["reason"],
+                attempts=r["attempts"], data=r["data"].encode("utf-8"),
+            )
+            for r in self._ask("list", None)["records"]
+        ]
+
+    def retry(self, seqs: list[int] | None) -> int:
+        return int(self._ask("retry", seqs)["count"])
+
+    def drop(self, seqs: list[int] | None) -> int:
+        return int(self._ask("drop", seqs)["count"])

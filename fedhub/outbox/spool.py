@@ -11,6 +11,12 @@ order), hands each to the domain's outbox, and deletes the file only after the
 outbox made the message durable.  When the hub is not running the files wait;
 they are imported when it starts.
 
+The spool also carries requests about the outbox's failed area from
+C{fedhub outbox} while the hub holds the outbox: a request file
+(C{*.ctl}: C{{"action": "list"|"retry"|"drop", "seqs": [...] or null,
+"reply": NAME}}) is carried out by the importer, which writes the answer to
+C{replies/NAME.json} in the spool directory.
+
 The spool is bounded: L{write_spool} refuses with L{TemporarilyUnavailable}
 when it holds C{max_files} messages already, so a stopped hub makes the mail
 system keep mail queued instead of filling the disk.
@@ -19,6 +25,7 @@ system keep mail queued instead of filling the disk.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from collections.abc import Generator
@@ -34,9 +41,16 @@ from twisted.python.threadpool import ThreadPool
 from fedhub.errors import DecodeError, MessageError, TemporarilyUnavailable
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message, dump_line, iter_loads
+from fedhub.text import escape_control
 
 #: Spool files end in this; anything else in the directory is ignored.
 SUFFIX = ".msg"
+
+#: Requests about the failed area end in this.
+CONTROL_SUFFIX = ".ctl"
+
+#: Answers to requests go in this subdirectory.
+REPLIES = "replies"
 
 #: The spool holds at most this many messages by default.
 DEFAULT_MAX_FILES = 10_000
@@ -111,6 +125,57 @@ def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_F
     return final
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temporary, path)
+
+
+def write_request(directory: str, action: str, seqs: list[int] | None) -> str:
+    """
+    Ask the running hub to act on the failed area (blocking; for commands).
+
+    @return: The path its answer will be written to.
+    """
+    global _sequence
+    _sequence += 1
+    name = f"{time.time_ns():020d}-{os.getpid()}-{_sequence}"
+    os.makedirs(os.path.join(directory, REPLIES), mode=0o700, exist_ok=True)
+    request = {"action": action, "seqs": seqs, "reply": name}
+    _write_atomically(
+        os.path.join(directory, name + CONTROL_SUFFIX), json.dumps(request).encode("utf-8")
+    )
+    return os.path.join(directory, REPLIES, name + ".json")
+
+
+def _read_requests(directory: str) -> list[tuple[str, bytes]]:
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(CONTROL_SUFFIX))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names[:20]:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                found.append((path, f.read(64 * 1024)))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _answer(directory: str, request_path: str, reply: str, answer: dict[str, Any]) -> None:
+    if reply and all(c.isalnum() or c in "-_" for c in reply):
+        os.makedirs(os.path.join(directory, REPLIES), mode=0o700, exist_ok=True)
+        _write_atomically(
+            os.path.join(directory, REPLIES, reply + ".json"), json.dumps(answer).encode("utf-8")
+        )
+    os.unlink(request_path)
+
+
 def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes]]:
     """
     Up to C{limit} spool files, oldest first, with their contents.
@@ -166,7 +231,14 @@ class SpoolImporter(Service):
         *,
         interval: float = 1.0,
         batch: int = 500,
+        failed_area: Any = None,
     ) -> None:
+        """
+        @param failed_area: The outbox whose failed area requests act on
+            (its C{failed}, C{retry_failed} and C{drop_failed}); without it,
+            requests are answered with an error.
+        """
+        self.failed_area = failed_area
         self.domain = domain
         self.directory = directory
         self.publisher = publisher
@@ -200,6 +272,7 @@ class SpoolImporter(Service):
 
     @inlineCallbacks
     def _import(self) -> Generator[Deferred[Any], Any, None]:
+        yield self._requests()
         while self.running:
             batch = yield self._in_thread(_read_batch, self.directory, self.batch)
             if not batch:
@@ -242,6 +315,65 @@ class SpoolImporter(Service):
                     yield self._in_thread(_remove, done, self.directory)
             if len(batch) < self.batch:
                 return
+
+    @inlineCallbacks
+    def _requests(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Carry out the failed-area requests waiting in the spool.
+        """
+        requests = yield self._in_thread(_read_requests, self.directory)
+        for path, data in requests:
+            reply = ""
+            try:
+                request = json.loads(data)
+                reply = str(request.get("reply", ""))
+                answer = yield self._carry_out(request)
+            except Exception as e:
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            self.log.info(
+                "Failed area of {domain}: {action} requested by a command",
+                domain=self.domain, action=escape_control(str(answer.get("action", "?"))),
+            )
+            yield self._in_thread(_answer, self.directory, path, reply, answer)
+
+    @inlineCallbacks
+    def _carry_out(self, request: dict[str, Any]) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        area = self.failed_area
+        action = request.get("action")
+        seqs = request.get("seqs")
+        if area is None:
+            return {"action": action, "error": "this hub has no outbox for the domain"}
+        if seqs is not None and not (
+            isinstance(seqs, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in seqs)
+        ):
+            return {"action": action, "error": "seqs must be a list of integers"}
+        if action == "list":
+            records: list[Any] = []
+            after = 0
+            while True:
+                page = yield area.failed(after, 500)
+                records.extend(page)
+                if len(page) < 500:
+                    break
+                after = page[-1].seq
+            return {
+                "action": action,
+                "records": [
+                    {
+                        "seq": r.seq, "message_id": r.message_id, "created": r.created,
+                        "failed_at": r.failed_at, "kind": r.kind, "reason": r.reason,
+                        "attempts": r.attempts, "data": r.data.decode("utf-8", "replace"),
+                    }
+                    for r in records
+                ],
+            }
+        if action == "retry":
+            count = yield area.retry_failed(seqs)
+            return {"action": action, "count": count}
+        if action == "drop":
+            count = yield area.drop_failed(seqs)
+            return {"action": action, "count": count}
+        return {"action": action, "error": f"unknown action {action!r}"}
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
