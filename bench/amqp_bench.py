@@ -742,44 +742,48 @@ def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 flush=True,
             )
 
-    def publish_then_consume(client: str, publish: str, row: str, prefetch: int,
-                             consumer: str, consume_row: str) -> None:
+    def publish(client: str, workload: str, row: str) -> tuple[str, str] | None:
+        """Publish into a fresh queue; the queue when it holds every message."""
         queue, topic = broker.fresh()
-        result = run_worker(client, publish, queue, topic, args)
+        result = run_worker(client, workload, queue, topic, args)
         depth = broker.wait_depth(queue, args.count)
         if "error" not in result and depth != args.count:
             result["error"] = f"the queue holds {depth} messages, not {args.count}"
-        add(row, result)
-        if depth != args.count:
-            return
-        add(consume_row, run_worker(consumer, "consume" if consumer != "runner" else "runner",
-                                    queue, topic, args, prefetch))
+        if row:
+            add(row, result)
+        return (queue, topic) if depth == args.count else None
 
+    # Workload by workload, every client in turn, so that the rows compared
+    # are measured minutes apart at most.
     try:
+        filled: dict[str, tuple[str, str] | None] = {}
         for client in clients:
-            if client != "fedhub":
-                publish_then_consume(client, "publish", "publish, no confirms", 100,
-                                     client, "consume+ack, prefetch 100")
-            publish_then_consume(client, "publish-confirm", "publish, confirms, persistent", 1000,
-                                 client, "consume+ack, prefetch 1000")
+            filled[client] = publish(client, "publish-confirm", "publish, confirms, persistent")
+        for client in clients:
+            target = filled[client]
+            if target is not None:
+                queue, topic = target
+                add("consume+ack, prefetch 1000", run_worker(client, "consume", queue, topic, args, 1000))
+        for client in clients:
             if client == "fedhub":
-                queue, topic = broker.fresh()
-                result = run_worker("fedhub", "outbox", queue, topic, args)
-                depth = broker.wait_depth(queue, args.count)
-                if "error" not in result and depth != args.count:
-                    result["error"] = f"the queue holds {depth} messages, not {args.count}"
-                add("durable publish (outbox)", result)
-                if depth == args.count:
-                    add("consume+ack, prefetch 100", run_worker("fedhub", "consume", queue, topic, args, 100))
-                for prefetch in (100, 1000):
-                    queue, topic = broker.fresh()
-                    filled = run_worker("pika", "publish-confirm", queue, topic, args)
-                    if broker.wait_depth(queue, args.count) != args.count or "error" in filled:
-                        add(f"consume via ConsumerService, {prefetch}",
-                            {"client": "fedhub", "error": "could not fill the queue"})
-                        continue
-                    add(f"consume via ConsumerService, {prefetch}",
-                        run_worker("fedhub", "runner", queue, topic, args, prefetch))
+                filled[client] = publish(client, "outbox", "durable publish (outbox)")
+            else:
+                filled[client] = publish(client, "publish", "publish, no confirms")
+        for client in clients:
+            target = filled[client]
+            if target is not None:
+                queue, topic = target
+                add("consume+ack, prefetch 100", run_worker(client, "consume", queue, topic, args, 100))
+        if "fedhub" in clients:
+            for prefetch in (100, 1000):
+                row = f"consume via ConsumerService, {prefetch}"
+                pre = publish("pika", "publish-confirm", "")
+                if pre is None:
+                    add(row, {"client": "fedhub", "error": "could not fill the queue"})
+                    continue
+                queue, topic = pre
+                add(row, run_worker("fedhub", "runner", queue, topic, args, prefetch))
+        for client in clients:
             queue, topic = broker.fresh()
             add("latency at 200 msg/s", run_worker(client, "latency", queue, topic, args))
     finally:
