@@ -24,13 +24,17 @@ adds it:
     L{IConnectionEvents} provider, and contained so that a failing listener
     never tears the connection down.
 
-Frames become bytes in exactly two places: L{AMQPClient.dataReceived} splits
-the byte stream and hands each frame to C{_unpack_frame}, and every outgoing
-frame goes through C{_pack_frame} and L{AMQPClient.write_bytes}.  Publishing
-(L{AMQPClient.basic_publish}) and acknowledging (L{AMQPClient.send_method})
-skip txamqp's per-frame queue and write one buffer per message, so a faster
-encoder or a direct C{basic.deliver} path can later replace those few
-methods without touching the transport above.
+Frames become bytes in two places: L{AMQPClient.dataReceived} splits the
+byte stream, and every outgoing frame goes through L{AMQPClient.write_bytes}.
+The frames that come once or more per message are encoded and decoded
+directly by L{fedhub.amqp.frames}: publishing (L{AMQPClient.basic_publish},
+one buffer and one write per message), acknowledging
+(L{AMQPClient.send_method}), and C{basic.deliver}, C{basic.return},
+C{basic.ack} and C{basic.nack} from the broker, which reach the events
+listener without txamqp's frame objects, channel queues or Deferreds.  Every
+other frame goes through C{_pack_frame}/C{_unpack_frame} (the field-table
+codec) and txamqp's channels.  Both paths give the same results; the tests
+compare them byte for byte and event for event.
 """
 
 from __future__ import annotations
@@ -431,6 +435,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
     @ivar blocked: Whether the broker has blocked publishing.
     @ivar writable: Whether the transport takes more data now.
     @ivar lost: Whether the connection is gone.
+    @ivar fast_frames: Whether the hot paths use L{fedhub.amqp.frames} (the
+        default); when C{False}, every frame goes through txamqp's generic
+        path, which is what the fast one is tested against.
     """
 
     log = Logger()
