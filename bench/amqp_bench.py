@@ -32,6 +32,10 @@ Usage, from the checkout, with the shared broker at 127.0.0.1:5672::
     /work/venv/bin/python bench/amqp_bench.py [--count 50000] [--repeat 1]
         [--only fedhub,pika,aio-pika] [--latency-seconds 10] [--json out.json]
 
+and without a broker, what fedhub's protocol alone costs per message::
+
+    /work/venv/bin/python bench/amqp_bench.py protocol [--fedhub-path DIR]
+
 It prints a table of rates, CPU per message, memory and ratios against
 pika.  It is run by hand and is no test: nothing fails when a target is not
 met.
@@ -592,6 +596,104 @@ def aiopika_worker(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+# --- protocol only, no broker ------------------------------------------------------
+
+
+def protocol_bench(args: argparse.Namespace) -> None:
+    """
+    What the AMQP protocol alone costs per message, without a broker: an
+    C{AMQPClient} fed a stream of deliveries and writing publishes and acks
+    to a C{StringTransport}.  The best of seven runs, in CPU time, so it
+    holds still on a busy machine.
+    """
+    sys.path.insert(0, os.path.abspath(args.fedhub_path))
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from txamqp.connection import Frame, Method
+
+    from fedhub.amqp.codec import body_frame, content_header_frame, pack_frame
+    from fedhub.amqp.protocol import AMQPClient, NullConnectionEvents
+    from fedhub.amqp.spec import load_spec
+    from fedhub.message import Message, from_amqp
+
+    spec = load_spec()
+    count: int = min(int(args.count), 5000)
+
+    def frame(channel: int, name: str, *fields: Any) -> bytes:
+        return pack_frame(spec, Frame(channel, Method(spec.parse_method(name), *fields)))  # type: ignore[no-any-return]
+
+    wire = {f.name.replace("-", "_"): f.name for f in spec.classes.byname["basic"].fields}
+
+    class Counter(NullConnectionEvents):
+        delivered = 0
+
+        def basic_deliver(self, *delivery: Any) -> None:  # type: ignore[override]
+            self.delivered += 1
+
+    client = AMQPClient(spec, clock=Clock())
+    events = Counter()
+    client.events = events
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(
+        frame(0, "connection.start", 0, 9, {"product": "RabbitMQ"}, b"PLAIN", b"en_US")
+        + frame(0, "connection.tune", 2047, 131072, 60)
+    )
+    client.open()
+    client.dataReceived(frame(0, "connection.open-ok", ""))
+    client.open_channel()
+    client.dataReceived(frame(1, "channel.open-ok", b""))
+    messages = [
+        Message.create("org.fedoraproject.bench.x", body_dict(seq), headers={"fedora_messaging_user_jdoe": True})
+        for seq in range(count)
+    ]
+    properties = [m.amqp_properties() for m in messages]
+    stream = b"".join(
+        frame(1, "basic.deliver", "ctag", seq + 1, False, EXCHANGE, m.topic)
+        + pack_frame(spec, content_header_frame(spec, 1, len(m.body_bytes), {wire[k]: v for k, v in p.items()}))
+        + pack_frame(spec, body_frame(1, m.body_bytes))
+        for seq, (m, p) in enumerate(zip(messages, properties))
+    )
+    reads = [stream[i : i + 65536] for i in range(0, len(stream), 65536)]
+
+    def best(action: Callable[[], object]) -> float:
+        fastest = float("inf")
+        for _ in range(7):
+            began = time.process_time()
+            action()
+            fastest = min(fastest, time.process_time() - began)
+        return 1e6 * fastest / count
+
+    def deliver() -> None:
+        for data in reads:
+            client.dataReceived(data)
+
+    def publish() -> None:
+        transport.clear()
+        for message, props in zip(messages, properties):
+            client.basic_publish(1, EXCHANGE, message.topic, message.body_bytes, props, True)
+
+    def ack() -> None:
+        transport.clear()
+        for seq in range(count):
+            client.send_method(1, "basic.ack", seq + 1, False)
+
+    results = {
+        "receive a delivery": best(deliver),
+        "encode and write a publish": best(publish),
+        "write an ack": best(ack),
+        "for scale: Message.amqp_properties()": best(lambda: [m.amqp_properties() for m in messages]),
+        "for scale: from_amqp()": best(
+            lambda: [from_amqp(m.topic, p, m.body_bytes, queue="q") for m, p in zip(messages, properties)]
+        ),
+    }
+    if events.delivered != 7 * count:
+        raise SystemExit(f"{events.delivered} deliveries reported, {7 * count} expected")
+    print(f"protocol only, {count} messages, best of 7, CPU time; fedhub from {os.path.abspath(args.fedhub_path)}")
+    for name, micros in results.items():
+        print(f"  {name:<40} {micros:7.1f} us/msg")
+
+
 WORKERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "fedhub": fedhub_worker,
     "pika": pika_worker,
@@ -898,6 +1000,10 @@ def main() -> None:
         default=ROOT,
         help="import fedhub from this directory (to measure another version)",
     )
+    if len(sys.argv) > 1 and sys.argv[1] == "protocol":
+        parser.add_argument("protocol")
+        protocol_bench(parser.parse_args())
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         parser.add_argument("worker")
         parser.add_argument("client", choices=sorted(WORKERS))
