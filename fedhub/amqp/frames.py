@@ -36,7 +36,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from fedhub.amqp.codec import FieldTableDecodeError, FrameError, decode_table, encode_table
+from fedhub.amqp.codec import (
+    BAD_LENGTH,
+    FieldTableDecodeError,
+    FrameError,
+    decode_table,
+    encode_table,
+)
 from fedhub.errors import FedhubError
 
 FRAME_METHOD: Final = 1
@@ -553,7 +559,7 @@ def decode_headers(data: bytes, pos: int, end: int) -> dict[str, Any]:
 def _generic_table(data: bytes, pos: int, end: int) -> dict[str, Any]:
     table, stop = decode_table(data[pos:end])
     if stop != end - pos:
-        raise FieldTableDecodeError("bad-length", stop, "bytes left after the table")
+        raise FieldTableDecodeError(BAD_LENGTH, stop, "bytes left after the table")
     return table
 
 
