@@ -7,14 +7,11 @@ The certificates are made in the test run with C{cryptography}.
 
 from __future__ import annotations
 
-import ipaddress
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
 from twisted.internet.task import Clock
@@ -30,47 +27,16 @@ from fedhub.amqp.tls import (
     parse_certificates,
 )
 from fedhub.errors import ConfigError
+from tests.broker import Authority, Key
 
-Key = ec.EllipticCurvePrivateKey
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def make_ca(common_name: str) -> tuple[Key, x509.Certificate]:
     """
-    A self-signed CA.
+    A self-signed CA (the test PKI of L{tests.broker}).
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    authority = Authority.create(common_name)
+    return authority.key, authority.certificate
 
 
 def make_leaf(
@@ -84,32 +50,9 @@ def make_leaf(
     A server (or client) certificate signed by C{ca}.
     """
     ca_key, ca_cert = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
+    return Authority(common_name, ca_key, ca_cert).issue(
+        common_name, server=not client, dns=dns, ips=ips
     )
-    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
-    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
