@@ -9,17 +9,13 @@ connection, TLS verification, and the option checks.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
 from twisted.internet.defer import inlineCallbacks
@@ -42,6 +38,7 @@ from fedhub.consumers.webhook import (
 from fedhub.errors import ConfigError, DeadLetter, Retry
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
 from fedhub.message import Message, loads
+from tests.broker import Authority
 from fedhub.testing import ConsumerHarness, Settled
 
 TOPIC = "org.example.dev.hook.test"
@@ -126,55 +123,19 @@ class Tracking(WrappingFactory):
 # --- certificates ------------------------------------------------------------
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def make_ca(common: str) -> tuple[Any, x509.Certificate]:
     """
-    A self-signed CA: its key and certificate.
+    A self-signed CA (the test PKI of L{tests.broker}): its key and certificate.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common)).issuer_name(_name(common))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    authority = Authority.create(common)
+    return authority.key, authority.certificate
 
 
 def make_server_pem(ca_key: Any, ca_cert: x509.Certificate) -> bytes:
     """
     A certificate for 127.0.0.1 signed by the CA, with its key, as PEM.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1")).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    key, cert = Authority("ca", ca_key, ca_cert).issue("127.0.0.1", server=True, ips=["127.0.0.1"])
     return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
