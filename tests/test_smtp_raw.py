@@ -9,16 +9,11 @@ pipelining, TLS switches and connection limits behave as on the wire.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 from collections.abc import Callable, Generator
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -30,6 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from fedhub.errors import TemporarilyUnavailable
 from fedhub.producers.bugzilla.smtp import BugmailListener, ListenerSettings
+from tests.broker import Authority
 from tests.test_smtp_server import (
     CHANGED,
     RECIPIENT,
@@ -105,17 +101,13 @@ class RawClient(Protocol):
         self.transport.write(data)
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 def make_pki(directory: str) -> dict[str, str]:
     """
     A test CA, a server certificate for localhost/127.0.0.1 and a client
-    certificate, written as PEM files; returns their paths.
+    certificate (the test PKI of L{tests.broker}), written as PEM files;
+    returns their paths.
     """
     os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
     paths: dict[str, str] = {}
 
     def write(name: str, data: bytes) -> str:
@@ -125,66 +117,20 @@ def make_pki(directory: str) -> dict[str, str]:
         paths[name] = path
         return path
 
-    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
+    def key_pem(key: Any) -> bytes:
+        return bytes(key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        )
+        ))
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("fedhub test CA"))
-        .issuer_name(_name("fedhub test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    write("ca.pem", ca.public_bytes(serialization.Encoding.PEM))
-
-    def leaf(common_name: str, server: bool) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            ).add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        else:
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-            )
-        certificate = builder.sign(ca_key, hashes.SHA256())
-        return certificate.public_bytes(serialization.Encoding.PEM), key_pem(key)
-
-    server_cert, server_key = leaf("localhost", True)
-    write("server.pem", server_cert)
-    write("server.key", server_key)
-    client_cert, client_key = leaf("bugzilla-relay", False)
-    write("client.pem", client_cert + client_key)
+    ca = Authority.create("fedhub test CA")
+    write("ca.pem", ca.certificate.public_bytes(serialization.Encoding.PEM))
+    key, cert = ca.issue("localhost", server=True, dns=["localhost"], ips=["127.0.0.1"])
+    write("server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    write("server.key", key_pem(key))
+    key, cert = ca.issue("bugzilla-relay")
+    write("client.pem", cert.public_bytes(serialization.Encoding.PEM) + key_pem(key))
     return paths
 
 
