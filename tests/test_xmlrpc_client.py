@@ -8,15 +8,11 @@ that answer well and badly (faults, HTTP errors, truncated and hostile XML, a
 
 from __future__ import annotations
 
-import datetime
 import os
 import xmlrpc.client
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.ssl import PrivateCertificate
@@ -40,6 +36,7 @@ from fedhub.xmlrpc import (
     tls_policy,
     unwrap,
 )
+from tests.broker import Authority
 from tests.fakes_xmlrpc import FakeKoji, FakeXMLRPCServer, listen
 
 reactor: Any = _reactor
@@ -301,45 +298,17 @@ def deferLater(delay: float) -> Deferred[None]:
 # --- HTTPS --------------------------------------------------------------
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def make_pki(directory: str) -> dict[str, str]:
     """
     A test CA, an unrelated CA, and a server certificate for 127.0.0.1 signed
-    by the first; PEM files in C{directory}.
+    by the first (the test PKI of L{tests.broker}); PEM files in C{directory}.
     """
-    import ipaddress
-
     os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
     paths: dict[str, str] = {}
-
-    def ca(common: str) -> tuple[Any, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder().subject_name(_name(common)).issuer_name(_name(common))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        return key, cert
-
-    ca_key, ca_cert = ca("fedhub test CA")
-    _, other_cert = ca("some other CA")
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    authority = Authority.create("fedhub test CA")
+    ca_cert = authority.certificate
+    other_cert = Authority.create("some other CA").certificate
+    server_key, server_cert = authority.issue("127.0.0.1", server=True, ips=["127.0.0.1"])
     pem = serialization.Encoding.PEM
 
     def write(name: str, data: bytes) -> None:
