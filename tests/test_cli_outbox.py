@@ -156,7 +156,6 @@ class OutboxCommandTests(SynchronousTestCase):
         from fedhub.cli import outbox
 
         self.patch(outbox, "REQUEST_TIMEOUT", 0.3)
-        self.patch(outbox.HubFailedArea.__init__, "__defaults__", (0.3,))
         self.prepare()
         holder = Store(self.outbox_dir, SynchronousExecutor())
         self.successResultOf(holder.open())

@@ -297,7 +297,9 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         if e.status != EX_TEMPFAIL:
             raise
         # The running hub holds the outbox: ask it through the spool.
-        area = HubFailedArea(spool_directory(config.hub.state_dir, domain.name), domain.name)
+        area = HubFailedArea(
+            spool_directory(config.hub.state_dir, domain.name), domain.name, REQUEST_TIMEOUT
+        )
     try:
         if action == "list":
             return _list(area, args.json, out)
