@@ -530,20 +530,26 @@ class EndToEndTests(TestCase):
         hung = FakePublisher(auto=False)
         first = self.service(hung)
         first.startService()
+        self.addCleanup(first.source.close)
         yield self.wait_for(lambda: first.cursor is not None, "the first cursor")
         build, _ = self.koji.start_build("a", "1", "1")
         self.koji.tag_build(build, "f24")
-        yield self.wait_for(lambda: len(hung.messages) == 2, "the first messages")
+        # A poll in flight while the build is made may see only the build;
+        # either way the first poller then hangs on that poll's hand-over.
+        yield self.wait_for(lambda: len(hung.messages) >= 1, "the first messages")
         # Crash: the first poller is abandoned with its hand-overs pending.
         first.running = False
         yield first.source.close()
+        pending = [m.id for m in hung.messages]
         self.koji.tag_build(build, "f31-updates-pending")
         publisher = FakePublisher()
         second = self.service(publisher)
         second.startService()
         self.addCleanup(second.stopService)
         yield self.wait_for(lambda: len(publisher.messages) == 3, "the second messages")
-        self.assertEqual([m.id for m in publisher.messages[:2]], [m.id for m in hung.messages])
+        self.assertEqual([m.id for m in publisher.messages[:len(pending)]], pending)
+        self.assertEqual(suffixes(publisher.messages),
+                         ["buildsys.build.state.change", "buildsys.tag", "buildsys.tag"])
         self.assertEqual(publisher.messages[2].body["tag"], "f31-updates-pending")
         for message in publisher.messages:
             check_with_schema_package(message)
