@@ -17,12 +17,13 @@ Every decoding function raises L{DecodeError} for bad input, never anything else
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from fedhub.errors import DecodeError, MessageError
 
@@ -100,23 +101,47 @@ class FrozenList(list):  # type: ignore[type-arg]
         return (FrozenList, (list(self),))
 
 
-def _freeze(value: Any) -> Any:
+def _frozen_list(items: list[Any]) -> FrozenList:
     """
-    Return C{value} with every list replaced by a L{FrozenList}; dictionaries
-    are expected to be L{FrozenDict} already (made by the JSON object hook).
+    C{items} as a L{FrozenList}, lists inside it frozen too; objects inside
+    it are L{FrozenDict} already (the JSON object hook made them).
     """
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, (list, dict)):
-                dict.__setitem__(value, key, _freeze(item))
-        return value
-    if isinstance(value, list):
-        return FrozenList(_freeze(item) if isinstance(item, (list, dict)) else item for item in value)
-    return value
+    return FrozenList([_frozen_list(i) if i.__class__ is list else i for i in items])
+
+
+def _frozen_object(items: dict[str, Any]) -> FrozenDict:
+    """
+    The JSON object hook: a decoded object as a L{FrozenDict}, with the lists
+    among its values frozen.  Objects are decoded inside out, so everything
+    below is frozen already, except lists directly inside lists, which
+    L{_frozen_list} handles.
+    """
+    for key, value in items.items():
+        if value.__class__ is list:
+            items[key] = _frozen_list(value)
+    return FrozenDict(items)
 
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every message: json.loads() with hooks builds a new
+# decoder and scanner on each call, which costs as much as decoding a small
+# body.  The C scanner it wraps keeps no state between calls.
+_decode = json.JSONDecoder(object_hook=_frozen_object, parse_constant=_reject_constant).decode
+
+
+def _json_text(data: bytes | str) -> str:
+    """
+    JSON bytes as text, in the Unicode encoding they are in (RFC 8259 allows
+    UTF-8, 16 or 32; a message body is UTF-8 and starts with C{"{"}).
+    """
+    if isinstance(data, str):
+        return data
+    if data[:1] == b"{":
+        return data.decode("utf-8")
+    return data.decode(json.detect_encoding(data))
 
 
 def _json_object(data: bytes | str) -> FrozenDict:
@@ -126,18 +151,20 @@ def _json_object(data: bytes | str) -> FrozenDict:
     is caught here too.
     """
     try:
-        value = json.loads(data, object_hook=FrozenDict, parse_constant=_reject_constant)
+        value = _decode(_json_text(data))
     except UnicodeDecodeError as e:
         raise DecodeError(f"body is not valid UTF-8: {e.reason} at byte {e.start}") from None
     except RecursionError:
         raise DecodeError("body is nested too deeply") from None
     except ValueError as e:
         raise DecodeError(f"body is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
+    if value.__class__ is not FrozenDict:
         raise DecodeError(f"body is a JSON {type(value).__name__}, not an object")
-    if ("[" in data) if isinstance(data, str) else (b"[" in data):
-        _freeze(value)
-    return cast(FrozenDict, value)  # the object hook made every object a FrozenDict
+    return value
+
+
+# One encoder for every message, for the decoder's reason.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def _encode_json(value: Mapping[str, Any]) -> bytes:
@@ -145,9 +172,7 @@ def _encode_json(value: Mapping[str, Any]) -> bytes:
     Encode a message body as compact UTF-8 JSON, or raise L{MessageError}.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
-            "utf-8"
-        )
+        return _encode(value).encode("utf-8")
     except RecursionError:
         raise MessageError("body is nested too deeply") from None
     except (TypeError, ValueError) as e:
@@ -187,6 +212,10 @@ def parse_sent_at(text: str) -> datetime:
     return when
 
 
+#: What a topic must not contain.
+_BAD_TOPIC_CHARACTER = re.compile("[\x00\r\n\t ]")
+
+
 def _check_topic(topic: object) -> str:
     if not isinstance(topic, str) or not topic:
         raise MessageError(f"topic must be a non-empty string, not {topic!r}")
@@ -196,7 +225,7 @@ def _check_topic(topic: object) -> str:
         raise MessageError("topic is not valid Unicode") from None
     if size > MAX_TOPIC_BYTES:
         raise MessageError(f"topic is {size} bytes long; at most {MAX_TOPIC_BYTES} are allowed")
-    if any(c in topic for c in "\x00\r\n\t "):
+    if _BAD_TOPIC_CHARACTER.search(topic):
         raise MessageError(f"topic {topic!r} contains whitespace or control characters")
     return topic
 
@@ -247,9 +276,9 @@ class Message:
 
     def __post_init__(self) -> None:
         _check_topic(self.topic)
-        if not isinstance(self.body, Mapping):
+        if self.body.__class__ is not FrozenDict and not isinstance(self.body, Mapping):
             raise MessageError(f"body must be a JSON object, not {type(self.body).__name__}")
-        if not isinstance(self.headers, Mapping):
+        if self.headers.__class__ is not FrozenDict and not isinstance(self.headers, Mapping):
             raise MessageError(f"headers must be a mapping, not {type(self.headers).__name__}")
         if not isinstance(self.id, str) or not self.id:
             raise MessageError(f"id must be a non-empty string, not {self.id!r}")
@@ -386,8 +415,12 @@ def _freeze_headers(headers: Mapping[str, Any]) -> FrozenDict:
     return frozen
 
 
+#: Header value types that are immutable already.
+_SCALARS = frozenset({str, bool, int, float, bytes, type(None), datetime, Decimal})
+
+
 def _deep_freeze(value: Any) -> Any:
-    if isinstance(value, FrozenDict | FrozenList):
+    if value.__class__ in _SCALARS or isinstance(value, FrozenDict | FrozenList):
         return value
     if isinstance(value, Mapping):
         frozen = FrozenDict()
@@ -477,21 +510,38 @@ def from_amqp(
         # Some publishers set no id; give the message one so it can be traced.
         message_id = str(uuid.uuid4())
     try:
-        return Message(
-            topic=routing_key,
-            body=decoded,
-            headers=extra,
-            id=message_id,
-            severity=severity,
-            priority=priority,
-            sent_at=sent_at,
-            schema=schema,
-            queue=queue,
-            redelivered=redelivered,
-            _body_bytes=body_bytes or b"",
-        )
+        _check_topic(routing_key)
     except MessageError as e:
         raise DecodeError(str(e)) from None
+    if not 0 <= priority <= 255:
+        raise DecodeError(f"priority must be within 0..255, not {priority}")
+    if queue is not None and not isinstance(queue, str):
+        raise DecodeError(f"queue must be a string or None, not {queue!r}")
+    if sent_at is not None and sent_at.microsecond:
+        sent_at = sent_at.replace(microsecond=0)
+    if body_bytes is None:
+        try:
+            body_bytes = _encode_json(decoded)
+        except MessageError as e:
+            raise DecodeError(str(e)) from None
+    # Every field is checked above or by _split_headers and _json_object,
+    # so the message is made without running the constructor's checks again:
+    # this is the path of every delivery a consumer gets.
+    message: Message = object.__new__(Message)
+    message.__dict__.update(
+        topic=routing_key,
+        body=decoded,
+        headers=extra,
+        id=message_id,
+        severity=severity,
+        priority=priority,
+        sent_at=sent_at,
+        schema=schema,
+        queue=queue,
+        redelivered=bool(redelivered),
+        _body_bytes=body_bytes,
+    )
+    return message
 
 
 def load_message(record: object, line: int | None = None) -> Message:
@@ -585,7 +635,7 @@ def iter_loads(lines: Iterable[str | bytes]) -> Iterator[Message]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line, object_hook=FrozenDict, parse_constant=_reject_constant)
+            record = _decode(line)
         except RecursionError:
             raise DecodeError("record is nested too deeply", number) from None
         except ValueError as e:

@@ -357,6 +357,43 @@ class SerializedFormTests(SynchronousTestCase):
         """load_message refuses what is not an object."""
         self.assertRaises(DecodeError, load_message, ["topic"])
 
+    def test_decoded_body_deeply_immutable(self) -> None:
+        """Lists in lists, objects in lists and lists in objects of a delivery are all frozen."""
+        body = b'{"a": [[1, [2]], {"b": [3]}], "c": {"d": [[]]}}'
+        for message in (from_amqp("a", {}, body), loads(dumps(from_amqp("a", {}, body)))[0]):
+            with self.subTest(message=message):
+                self.assertEqual(message.body, json.loads(body))
+                for target in (message.body["a"], message.body["a"][0], message.body["a"][0][1],
+                               message.body["a"][1]["b"], message.body["c"]["d"][0]):
+                    self.assertRaises(TypeError, target.append, 9)
+                self.assertRaises(TypeError, message.body["a"][1].update, {"x": 1})
+
+    def test_decoded_message_behaves_like_a_built_one(self) -> None:
+        """A delivered message hashes, compares, evolves and re-encodes like one built locally."""
+        message = sample(sent_at=SENT)
+        back = from_amqp(message.topic, message.amqp_properties(), message.body_bytes, "q", True)
+        self.assertTrue(back.redelivered)
+        self.assertEqual(hash(back), hash(message))
+        self.assertEqual(back.body_bytes, message.body_bytes)
+        self.assertEqual(back.amqp_properties(), message.amqp_properties())
+        self.assertEqual(back.evolve(queue=None), message)
+        self.assertRaises(MessageError, back.evolve, priority=256)
+        with self.assertRaises(AttributeError):
+            back.topic = "x"  # type: ignore[misc]
+
+    def test_delivery_fields_checked(self) -> None:
+        """An out-of-range priority property is a DecodeError; microseconds of sent-at are dropped."""
+        self.assertRaises(DecodeError, from_amqp, "a", {"priority": 256}, b"{}")
+        self.assertRaises(DecodeError, from_amqp, "a b", {}, b"{}")
+        message = from_amqp("a", {"headers": {"sent-at": "2026-11-28T06:00:00.123456+00:00"}}, b"{}")
+        self.assertEqual(message.sent_at, SENT)
+
+    def test_json_text_forms(self) -> None:
+        """Leading whitespace and other Unicode encodings JSON allows decode; lone surrogates do not."""
+        self.assertEqual(from_amqp("a", {}, b' \n{"x": 1}').body, {"x": 1})
+        self.assertEqual(from_amqp("a", {}, '{"x": "\u00fc"}'.encode("utf-16")).body, {"x": "\u00fc"})
+        self.assertRaises(DecodeError, from_amqp, "a", {}, b' {"x": "\xed\xa0\x80"}')
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
