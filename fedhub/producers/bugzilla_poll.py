@@ -40,6 +40,14 @@ from fedhub.config import REQUIRED, Option
 from fedhub.interfaces import IProducerPlugin
 from fedhub.message import Message
 from fedhub.producers.bugzilla.api import BugzillaAPI, to_epoch
+from fedhub.producers.bugzilla.messagev1 import (
+    SCHEMA,
+    bug_object,
+    build_body,
+    comment_object,
+    event_object,
+)
+from fedhub.producers.bugzilla.messagev1 import user_object as _user
 from fedhub.producers.poller import (
     IPollSource,
     PollingService,
@@ -50,65 +58,11 @@ from fedhub.producers.poller import (
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
 
-#: The schema of every message (an entry point of C{bugzilla2fedmsg-schema}).
-SCHEMA = "bugzilla2fedmsg.messageV1"
+__all__ = ["SCHEMA", "BugzillaPollPlugin", "BugzillaSource", "bug_object"]
 
 _NAMESPACE = uuid.UUID("0b5d3c61-7f0e-5a0d-8d64-2d1f8ab4c2e9")
 # Kinds of event, in the order they sort within one second of one bug.
 _ORDER = {"new": 0, "change": 1, "comment": 2}
-
-
-def _user(login: Any, detail: Any = None) -> dict[str, Any]:
-    user: dict[str, Any] = {"login": login if isinstance(login, str) else ""}
-    if isinstance(detail, dict):
-        if isinstance(detail.get("real_name"), str):
-            user["real_name"] = detail["real_name"]
-        if isinstance(detail.get("id"), int):
-            user["id"] = detail["id"]
-    return user
-
-
-def _first(value: Any) -> str:
-    """
-    Red Hat's Bugzilla has lists where upstream has one string (component, version).
-    """
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    return value if isinstance(value, str) else ""
-
-
-def bug_object(bug: Mapping[str, Any]) -> dict[str, Any]:
-    """
-    The C{bug} object of a C{bugzilla2fedmsg} message, from a bug as the web
-    service returns it (times already in epoch seconds).
-    """
-    qa = bug.get("qa_contact")
-    return {
-        "id": bug.get("id"),
-        "alias": list(bug.get("alias") or []) if isinstance(bug.get("alias"), list)
-        else ([bug["alias"]] if bug.get("alias") else []),
-        "assigned_to": _user(bug.get("assigned_to"), bug.get("assigned_to_detail")),
-        "classification": bug.get("classification") or "",
-        "component": {"name": _first(bug.get("component"))},
-        "creation_time": bug.get("creation_time"),
-        "flags": list(bug.get("flags") or []),
-        "is_private": bool(bug.get("groups")),
-        "keywords": list(bug.get("keywords") or []),
-        "last_change_time": bug.get("last_change_time"),
-        "operating_system": bug.get("op_sys") or "",
-        "platform": bug.get("platform") or "",
-        "priority": bug.get("priority") or "",
-        "product": {"name": _first(bug.get("product"))},
-        "qa_contact": _user(qa, bug.get("qa_contact_detail")) if qa else None,
-        "reporter": _user(bug.get("creator"), bug.get("creator_detail")),
-        "resolution": bug.get("resolution") or "",
-        "severity": bug.get("severity") or "",
-        "status": {"name": bug.get("status") or ""},
-        "summary": bug.get("summary") or "",
-        "url": bug.get("url") or "",
-        "version": {"name": _first(bug.get("version"))},
-        "whiteboard": bug.get("whiteboard") or "",
-    }
 
 
 @implementer(IPollSource)
@@ -249,22 +203,10 @@ class BugzillaSource:
         return Message.create(self.topic(suffix), body, headers=headers, schema=SCHEMA,
                               id=str(uuid.uuid5(_NAMESPACE, f"{self.url}|{key}")))
 
-    def _event(self, bug: Mapping[str, Any], action: str, target: str, when: float,
-               user: dict[str, Any], change_set: str,
-               changes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "action": action, "bug_id": bug["id"], "target": target, "time": when,
-            "user": user, "change_set": change_set, "routing_key": f"{target}.{action}",
-        }
-        if changes is not None:
-            event["changes"] = changes
-        return event
-
     def _new(self, bug: Mapping[str, Any], created: float) -> Message:
-        body = {"bug": bug_object(bug),
-                "event": self._event(bug, "create", "bug", created,
-                                     _user(bug.get("creator"), bug.get("creator_detail")),
-                                     f"{bug['id']}.{int(created)}", [])}
+        body = build_body(bug, event_object(
+            bug["id"], "create", "bug", created,
+            _user(bug.get("creator"), bug.get("creator_detail")), []))
         title = escape_control(str(bug.get("summary") or ""), 80)
         return self._message("bugzilla.bug.new", body, f"{bug['id']}:new",
                              f"{bug.get('creator')} filed a new bug #{bug['id']} '{title}'")
@@ -278,9 +220,7 @@ class BugzillaSource:
                   for ch in changes]
         target = "attachment" if any("attachment_id" in f for f in fields) else "bug"
         who = entry.get("who")
-        body = {"bug": bug_object(bug),
-                "event": self._event(bug, "modify", target, when, _user(who),
-                                     f"{bug['id']}.{int(when)}", fields)}
+        body = build_body(bug, event_object(bug["id"], "modify", target, when, _user(who), fields))
         names = ", ".join(str(f["field"]) for f in fields)
         return self._message("bugzilla.bug.update", body, key,
                              f"{who} updated {names} on #{bug['id']}")
@@ -288,14 +228,8 @@ class BugzillaSource:
     def _comment(self, bug: Mapping[str, Any], comment: Mapping[str, Any],
                  when: float) -> Message:
         who = comment.get("creator") or comment.get("author")
-        body = {
-            "bug": bug_object(bug),
-            "event": self._event(bug, "create", "comment", when, _user(who),
-                                 f"{bug['id']}.{int(when)}"),
-            "comment": {"body": comment.get("text") or "", "creation_time": when,
-                        "id": comment["id"], "is_private": bool(comment.get("is_private")),
-                        "number": comment.get("count")},
-        }
+        body = build_body(bug, event_object(bug["id"], "create", "comment", when, _user(who)),
+                          comment=comment_object(comment, when))
         return self._message("bugzilla.bug.update", body, f"{bug['id']}:comment:{comment['id']}",
                              f"{who} commented on #{bug['id']}")
 
