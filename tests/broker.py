@@ -395,6 +395,10 @@ class PrivateBroker:
     @ivar directory: Where everything of the node lives.
     @ivar pki: The test certificates (with TLS).
     @ivar users: The users the node knows.
+    @ivar extra_config: More lines for its C{rabbitmq.conf}.
+    @ivar advanced_config: The text of its C{advanced.config} (Erlang terms,
+        for settings C{rabbitmq.conf} has no key for, such as
+        C{rabbit.channel_tick_interval}), or C{None} for none.
     """
 
     def __init__(
@@ -405,6 +409,7 @@ class PrivateBroker:
         exchanges: Sequence[tuple[str, str]] = (),
         tls: bool = True,
         extra_config: Sequence[str] = (),
+        advanced_config: str | None = None,
         directory: str | None = None,
     ) -> None:
         self.directory = directory or tempfile.mkdtemp(prefix="fedhub-broker-")
@@ -415,6 +420,7 @@ class PrivateBroker:
         self.exchanges = list(exchanges)
         self.tls = tls
         self.extra_config = list(extra_config)
+        self.advanced_config = advanced_config
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         # rabbitmqctl takes its own distribution port 10000 above the node's.
@@ -458,6 +464,9 @@ class PrivateBroker:
             f.write("[rabbitmq_auth_mechanism_ssl].\n" if self.tls else "[].\n")
         with open(os.path.join(d, "definitions.json"), "w") as f:
             json.dump(definitions(self.users, self.vhosts, self.exchanges), f)
+        if self.advanced_config is not None:
+            with open(os.path.join(d, "advanced.config"), "w") as f:
+                f.write(self.advanced_config.rstrip() + "\n")
 
     def env(self) -> dict[str, str]:
         """
@@ -820,8 +829,8 @@ class PrivateBrokerCase(TestCase):
     A test case whose class shares one private node, started in
     C{setUpClass} and stopped by the class cleanup, whatever happens.
 
-    Subclasses set L{users}, L{vhosts}, L{exchanges}, L{tls} and
-    L{extra_config}.
+    Subclasses set L{users}, L{vhosts}, L{exchanges}, L{tls},
+    L{extra_config} and L{advanced_config}.
 
     @cvar broker: The running node.
     """
@@ -831,6 +840,7 @@ class PrivateBrokerCase(TestCase):
     exchanges: ClassVar[Sequence[tuple[str, str]]] = ()
     tls: ClassVar[bool] = True
     extra_config: ClassVar[Sequence[str]] = ()
+    advanced_config: ClassVar[str | None] = None
     broker: ClassVar[PrivateBroker]
 
     @classmethod
@@ -852,6 +862,7 @@ class PrivateBrokerCase(TestCase):
             exchanges=cls.exchanges,
             tls=cls.tls,
             extra_config=cls.extra_config,
+            advanced_config=cls.advanced_config,
         )
         try:
             broker.start()
