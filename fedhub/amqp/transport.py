@@ -574,7 +574,12 @@ class _Consumer:
 
     def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> None:
         session = self.session
-        if self.channel is None or not session.alive:
+        channel = self.channel
+        # Delivery tags belong to the channel object, not to its number: once
+        # the broker closed the channel (a consumer timeout, say) it has put
+        # the message back, and a channel opened since may have the same
+        # number, where this tag names another delivery.
+        if channel is None or channel.closed or not session.alive:
             return
         client = session.client
         stats = session.bus.stats
@@ -1096,6 +1101,16 @@ class _Session:
                 del self.consumers[tag]
                 consumer.active = False
                 subscription = consumer.subscription
+                # A 406 here is usually RabbitMQ's consumer timeout: a
+                # delivery was held longer than its consumer_timeout.
+                self.log.warn(
+                    "The broker closed the channel of the consumer of queue {queue} on"
+                    " domain {domain} ({error}); consuming again, and the messages it"
+                    " held come back redelivered",
+                    queue=escape_control(subscription.queue),
+                    domain=self.bus.domain,
+                    error=escape_control(str(error)),
+                )
                 if subscription.consumer is consumer:
                     subscription.consumer = None
                 self.bus._resume(subscription, None)
