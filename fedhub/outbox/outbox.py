@@ -14,7 +14,8 @@ Hand-overs that arrive while a transaction is being written wait for the next
 one, and deletions of confirmed messages ride along: under load, many
 messages share one fsync.  Memory holds at most the window, a batch of
 committed messages ready to send and the hand-overs waiting for the disk; a
-larger backlog stays on disk and is read back a batch at a time.
+larger backlog stays on disk and is read back a batch at a time, in the form
+it is published in, so that reading it back costs little more than the I/O.
 
 See C{docs/outbox.md} for the design and its reasons.
 """
@@ -59,7 +60,7 @@ from fedhub.outbox.store import (
     StoredRow,
     Summary,
     ThreadExecutor,
-    decode,
+    decode_for_publish,
     encode,
 )
 
@@ -235,7 +236,8 @@ class Outbox(Service):
         @param max_waiting: Hand-overs are refused (temporarily) while this
             many wait for the disk.
         @param read_batch: A backlog on disk is read back this many messages
-            at a time; it also bounds the committed messages kept in memory.
+            at a time; it also bounds the committed messages kept in memory
+            besides those in flight.
         @param stop_timeout: C{stopService} waits this long for confirms.
         @param retry_initial: The first delay, in seconds, before sending
             again after the bus failed (or before retrying a failed disk).
@@ -390,8 +392,6 @@ class Outbox(Service):
         self._inserts.append(_Handover(message, data, self._reactor.seconds(), d))
         self._waiting_count += 1
         self._waiting_bytes += size
-        if len(self._ready) > self._read_batch:
-            self._trim()
         self._flush()
         return d
 
@@ -462,8 +462,9 @@ class Outbox(Service):
     def held(self) -> int:
         """
         How many messages the outbox holds in memory now: in flight, ready
-        to send, to be sent again and waiting for the disk.  Bounded by
-        C{window + read_batch + max_waiting}.
+        to send, to be sent again and waiting for the disk.  Committed ones
+        are at most C{window + read_batch}, however large the backlog on
+        disk; the hand-overs waiting for the disk at most C{max_waiting}.
         """
         return len(self._inflight) + len(self._ready) + len(self._resend) + self._waiting_count
 
@@ -744,13 +745,17 @@ class Outbox(Service):
             self._accepted += count
             if not self._backlog and not self._loading:
                 # Keep them in memory (they were held as hand-overs already)
-                # so they need not be read back.
+                # so they need not be read back, as many as the ready queue
+                # takes; the rest is read back from disk in its turn.
                 first = result.first_seq
                 ready = self._ready
-                for i, handover in enumerate(inserts):
+                keep = min(count, self._read_batch - len(ready))
+                for i in range(max(0, keep)):
+                    handover = inserts[i]
                     ready.append(_Entry(first + i, handover.message, len(handover.data), handover.created))
-                self._loaded_upto = first + count - 1
-                self._trim()
+                if keep < count:
+                    self._backlog = True
+                self._loaded_upto = first + max(0, keep) - 1
             else:
                 self._backlog = True
             # Still marked as committing: hand-overs made from these
@@ -761,23 +766,6 @@ class Outbox(Service):
         self._flush()
         self._pump()
         self._check_stop()
-
-    def _trim(self) -> None:
-        """
-        Keep the messages held in memory within C{window + read_batch +
-        max_waiting}: past that, forget the newest committed messages not yet
-        sent; they are read back from disk in their turn.
-        """
-        ready = self._ready
-        excess = len(ready) + self._waiting_count - self._read_batch - self._max_waiting
-        if excess <= 0 or len(ready) <= self._read_batch:
-            return
-        seq = 0
-        while excess > 0 and len(ready) > self._read_batch:
-            seq = ready.pop().seq
-            excess -= 1
-        self._loaded_upto = seq - 1
-        self._backlog = True
 
     def _commit_failed(
         self,
@@ -1003,7 +991,7 @@ class Outbox(Service):
         ready = self._ready
         for row in rows:
             try:
-                message = decode(row.data)
+                message = decode_for_publish(row.data)
             except DecodeError as e:
                 self.log.error(
                     "Stored message {seq} of domain {domain} is unreadable ({reason}); moved to "

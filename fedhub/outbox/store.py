@@ -17,6 +17,12 @@ opened with an exclusive lock: a second process (or a second store in the same
 process) can not open the same outbox while it is in use, so two hubs never
 drain one outbox.
 
+A message is stored in the form it is published in (L{encode}): its topic,
+id and AMQP headers as a small JSON object, then its body bytes as they go on
+the wire.  Reading a backlog back to publish it therefore decodes a few
+hundred bytes of metadata per message and never the body, and validates
+nothing that was valid when it was handed over (L{decode_for_publish}).
+
 The store knows nothing about brokers; L{fedhub.outbox.outbox.Outbox} decides
 what to write.  It writes in batches: L{Store.commit} inserts, deletes and
 moves many rows in one transaction, so they share one fsync.
@@ -28,24 +34,45 @@ import errno
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from fedhub.errors import DecodeError, FedhubError, MessageError
-from fedhub.message import Message, dump_line, iter_loads
+from fedhub.message import (
+    BASE_SCHEMA,
+    INFO,
+    MANAGED_HEADERS,
+    PRIORITY_HEADER,
+    SCHEMA_HEADER,
+    SENT_AT_HEADER,
+    SEVERITY_HEADER,
+    FrozenDict,
+    FrozenList,
+    Message,
+    from_amqp,
+    iter_loads,
+    parse_sent_at,
+)
 
 _T = TypeVar("_T")
 
 #: The file name of the database inside a store's directory.
 DATABASE_NAME = "outbox.sqlite3"
 
-#: The layout version written to the database; a store refuses others.
-SCHEMA_VERSION = 1
+#: The layout version written to the database.  A store of layout 1 (whose
+#: records are the serialized form) is upgraded to it when opened; a store
+#: refuses any other.  Layout 1 code refuses layout 2, whose records it can
+#: not read.
+SCHEMA_VERSION = 2
+
+#: Older layouts a store upgrades in place when it opens.
+UPGRADABLE_VERSIONS = ("1",)
 
 #: Why a message is in the failed area.
 RETURNED = "returned"
@@ -240,7 +267,7 @@ class StoredRow:
     @ivar seq: Its place in the outbox; larger means handed over later.
     @ivar created: When it was handed over (POSIX time).
     @ivar attempts: How often it went to the failed area before.
-    @ivar data: The message in the serialized form (one UTF-8 line).
+    @ivar data: The message in its stored form (see L{encode}).
     """
 
     seq: int
@@ -270,7 +297,7 @@ class FailedRecord:
     @ivar kind: One of L{FAILURE_KINDS}.
     @ivar reason: What the broker (or the decoder) said.
     @ivar attempts: How often it has failed so far.
-    @ivar data: The message in the serialized form.
+    @ivar data: The message in its stored form (see L{encode}).
     """
 
     seq: int
@@ -346,52 +373,259 @@ class Summary:
     oldest_created: float | None
 
 
-#: Encodes the parts of a stored record other than the body; made once,
-#: because building an encoder costs as much as using it.
+# --- the stored form of a message --------------------------------------
+
+
+#: The first byte of a record in the publish form (layout 2).  A record of
+#: layout 1 is one line of fedora-messaging's serialized form and starts
+#: with C{"{"}; stores of layout 1 are upgraded in place and their rows read
+#: as they are.
+PUBLISH_FORM = b"\x02"
+
+#: Encodes the metadata of a stored record; made once, because building an
+#: encoder costs as much as using it.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+#: Decodes it; objects come out frozen, as a message's headers must be.
+_META_DECODER = json.JSONDecoder(object_hook=FrozenDict)
 
 
 def encode(message: Message) -> bytes:
     """
-    The stored form of a message: one record of the serialized form, UTF-8
-    encoded.  It keeps the id, the sent-at time and every header, so a
-    message published again after a restart is the same message.
+    The stored form of a message (the publish form): one byte
+    L{PUBLISH_FORM}, a compact JSON object with the topic, the id, every
+    AMQP header (sent-at and schema included) and the queue, a newline, and
+    the body exactly as it goes on the wire.  Compact JSON escapes every
+    control character, so the first newline ends the metadata.
 
-    The body is spliced in as the message already holds it encoded, rather
-    than encoded again: that is most of the cost of a hand-over.
+    Publishing the message again needs no decoding of its body and no
+    validation: see L{decode_for_publish}.
 
-    @raise fedhub.errors.MessageError: when a header value can not be stored.
+    @raise fedhub.errors.MessageError: when a header value can not be stored
+        (it has no JSON form).
     """
     try:
-        body = message.body_bytes
-        if not body.startswith(b"{"):
-            # Raw bytes from a broker may start with whitespace or a BOM.
-            return dump_line(message).encode("utf-8")
-        rest = _ENCODER.encode(
+        meta = _ENCODER.encode(
             {
-                "headers": message.wire_headers(),
-                "id": message.id,
-                "priority": message.priority,
-                "queue": message.queue,
                 "topic": message.topic,
+                "id": message.id,
+                "headers": message.wire_headers(),
+                "queue": message.queue,
             }
         ).encode("utf-8")
-        return b'{"body":' + body + b"," + rest[1:] + b"\n"
     except RecursionError:
-        raise MessageError("message is nested too deeply to store") from None
+        raise MessageError("message headers are nested too deeply to store") from None
     except (TypeError, ValueError) as e:
         raise MessageError(f"message can not be stored: {e}") from None
+    return PUBLISH_FORM + meta + b"\n" + message.body_bytes
+
+
+def _split(data: bytes) -> tuple[str, str, FrozenDict, str | None, bytes]:
+    """
+    The topic, id, wire headers, queue and body of a record in the publish
+    form, checked for their types only.
+
+    @raise DecodeError: when the record is not one.
+    """
+    end = data.find(b"\n")
+    if end < 0:
+        raise DecodeError("stored record has no end of its metadata")
+    try:
+        meta = _META_DECODER.decode(data[1:end].decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"stored metadata is not valid UTF-8: {e.reason}") from None
+    except RecursionError:
+        raise DecodeError("stored metadata is nested too deeply") from None
+    except ValueError as e:
+        raise DecodeError(f"stored metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise DecodeError("stored metadata is not an object")
+    topic = meta.get("topic")
+    message_id = meta.get("id")
+    headers = meta.get("headers")
+    queue = meta.get("queue")
+    if not isinstance(topic, str) or not isinstance(message_id, str) or not message_id:
+        raise DecodeError("stored metadata has no topic or id")
+    if not isinstance(headers, dict) or not (queue is None or isinstance(queue, str)):
+        raise DecodeError("stored metadata has bad headers or queue")
+    return topic, message_id, cast(FrozenDict, headers), queue, data[end + 1 :]
 
 
 def decode(data: bytes) -> Message:
     """
-    Decode a stored message (see L{encode}).
+    Decode a stored message (see L{encode}) completely: the body is decoded
+    and everything validated, as for a message from the broker.  Records of
+    layout 1 (the serialized form) are read too.
 
     @raise fedhub.errors.DecodeError: when C{data} is not one.
     """
+    if data[:1] == PUBLISH_FORM:
+        topic, message_id, headers, queue, body = _split(data)
+        return from_amqp(topic, {"message_id": message_id, "headers": headers}, body, queue=queue)
     for message in iter_loads((data,)):
         return message
     raise DecodeError("stored record is empty")
+
+
+def _frozen(value: Any) -> Any:
+    """
+    A header value from the stored JSON, with its lists frozen (its objects
+    are frozen by the decoder already).
+    """
+    if isinstance(value, list):
+        return FrozenList(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, list):
+                dict.__setitem__(value, key, _frozen(item))
+    return value
+
+
+class StoredMessage(Message):
+    """
+    A message read back from the store to be published.
+
+    The outbox stored it from a valid L{Message}, so it is not validated
+    again, and its body is decoded from the stored bytes only when something
+    reads C{body} (a bus that publishes needs the bytes alone).  In every
+    other way it is the message that was handed over: equal to it, with the
+    same id, headers, sent-at and body bytes.  Build it with
+    L{decode_for_publish}.
+    """
+
+    @property  # type: ignore[misc]
+    def body(self) -> Mapping[str, Any]:  # type: ignore[override]
+        """
+        The body, decoded on first use.
+
+        @raise fedhub.errors.DecodeError: when the stored bytes are not a
+            JSON object (a store damaged on disk).
+        """
+        values = self.__dict__
+        body = values.get("body")
+        if body is None:
+            body = from_amqp(self.topic, {"message_id": self.id}, self.body_bytes).body
+            values["body"] = body
+        return cast(Mapping[str, Any], body)
+
+    @body.setter
+    def body(self, value: Mapping[str, Any]) -> None:
+        # For the dataclass machinery (dataclasses.replace builds a new one
+        # through __init__, which sets every field).
+        self.__dict__["body"] = value
+
+    def wire_headers(self) -> dict[str, Any]:
+        """
+        Every AMQP header, as stored.
+        """
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            return super().wire_headers()
+        return dict(wire)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _COMPARED)
+
+    __hash__ = Message.__hash__
+
+
+#: The fields of a message that equality compares, and all of its fields.
+_COMPARED = tuple(f.name for f in fields(Message) if f.compare)
+_FIELDS = frozenset(f.name for f in fields(Message))
+
+#: The fields L{decode_for_publish} sets (C{body} is decoded on first use).
+_SET_FIELDS = frozenset(
+    {"topic", "body", "headers", "id", "severity", "priority", "sent_at", "schema", "queue",
+     "redelivered", "_body_bytes"}
+)
+
+
+def _publish_form_message(data: bytes) -> StoredMessage:
+    topic, message_id, headers, queue, body = _split(data)
+    extra = FrozenDict()
+    for name, value in headers.items():
+        if name not in MANAGED_HEADERS:
+            if isinstance(value, (list, dict)):
+                value = _frozen(value)
+                # The same frozen value in the wire headers, which are
+                # published as they are.
+                dict.__setitem__(headers, name, value)
+            dict.__setitem__(extra, name, value)
+    sent_at = headers.get(SENT_AT_HEADER)
+    if not isinstance(sent_at, (str, type(None))):
+        raise DecodeError("stored sent-at header is not a string")
+    severity = headers.get(SEVERITY_HEADER, INFO)
+    priority = headers.get(PRIORITY_HEADER, 0)
+    schema = headers.get(SCHEMA_HEADER, BASE_SCHEMA)
+    if not isinstance(severity, int) or not isinstance(priority, int) or not isinstance(schema, str):
+        raise DecodeError("stored managed headers have the wrong types")
+    message = object.__new__(StoredMessage)
+    message.__dict__.update(
+        topic=topic,
+        headers=extra,
+        id=message_id,
+        severity=severity,
+        priority=priority,
+        sent_at=None if sent_at is None else parse_sent_at(sent_at),
+        schema=schema,
+        queue=queue,
+        redelivered=False,
+        _body_bytes=body,
+        _wire=headers,
+    )
+    return message
+
+
+def _fast_path_works() -> bool:
+    """
+    Whether L{StoredMessage} stands in for L{Message} here: the message
+    model has the fields it sets, and a stored message publishes and
+    compares exactly like its original.  Otherwise (the model changed) the
+    outbox decodes stored messages completely, which is slower but right.
+    """
+    if _FIELDS != _SET_FIELDS:
+        return False
+    try:
+        original = Message(
+            "org.example.outbox.check",
+            {"a": [1, {"b": None}], "c": "\u00e9"},
+            headers={"x_user": True, "x_list": [1, 2]},
+            id="outbox-check",
+            priority=3,
+            sent_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+            schema="outbox.check",
+            queue="q",
+        )
+        stored = _publish_form_message(encode(original))
+        return (
+            stored == original
+            and original == stored
+            and stored.body_bytes == original.body_bytes
+            and stored.amqp_properties() == original.amqp_properties()
+            and stored.to_serialized() == original.to_serialized()
+            and stored.evolve(priority=4) == original.evolve(priority=4)
+            and hash(stored) == hash(original)
+        )
+    except Exception:
+        return False
+
+
+_FAST = _fast_path_works()
+
+
+def decode_for_publish(data: bytes) -> Message:
+    """
+    A stored message, ready to publish: for a record in the publish form a
+    L{StoredMessage}, which costs a small JSON decode of the metadata and no
+    validation; records of layout 1 are decoded completely (L{decode}).
+
+    @raise fedhub.errors.DecodeError: when C{data} is not a stored message.
+    """
+    if _FAST and data[:1] == PUBLISH_FORM:
+        return _publish_form_message(data)
+    return decode(data)
 
 
 # --- the database, used on the store's thread only ----------------------
@@ -494,6 +728,12 @@ class _Database:
             if row is None:
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif row[0] in UPGRADABLE_VERSIONS:
+                # The tables are the same; only new records are written in
+                # the publish form, and records of both forms are read.
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
                 )
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(

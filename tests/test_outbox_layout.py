@@ -1,0 +1,315 @@
+"""
+Tests for the stored form of outbox messages: the publish form that layout 2
+writes (L{fedhub.outbox.store.encode}), the cheap read-back for publishing
+(L{fedhub.outbox.store.decode_for_publish}, L{StoredMessage}), and stores
+written by layout 1, which must still open and drain.
+
+C{tests/data/outbox/layout1.sqlite3} was written by the store of layout 1
+(fedhub at commit 33c46f0) with the messages of L{layout1_messages}: all
+five handed over at times 1000.0 to 1004.0, then the second moved to the
+failed area as returned at 2000.0.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from datetime import datetime, timezone
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.errors import DecodeError
+from fedhub.message import WARNING, Message, from_amqp
+from fedhub.outbox import RETURNED, Store, SynchronousExecutor
+from fedhub.outbox import store as store_module
+from fedhub.outbox.store import (
+    DATABASE_NAME,
+    PUBLISH_FORM,
+    SCHEMA_VERSION,
+    StoredMessage,
+    decode,
+    decode_for_publish,
+    encode,
+)
+from tests.test_outbox import FakeBus, OutboxTestCase
+
+LAYOUT1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "outbox", "layout1.sqlite3")
+
+SENT_AT = datetime(2026, 11, 28, 6, 0, 0, tzinfo=timezone.utc)
+
+
+def layout1_messages() -> list[Message]:
+    """
+    The messages in the layout 1 database, in hand-over order.
+    """
+    return [
+        Message.create(
+            "org.example.dev.layout.one",
+            {"n": 1, "text": "h\u00e9llo", "list": [1, [2, 3], {"x": None}]},
+            headers={"fedora_messaging_user_jdoe": True},
+            id="00000000-0000-4000-8000-000000000001",
+            sent_at=SENT_AT,
+        ),
+        Message(
+            "org.example.dev.layout.two",
+            {"n": 2},
+            id="00000000-0000-4000-8000-000000000002",
+            sent_at=None,
+            severity=WARNING,
+            priority=5,
+            schema="example.schema",
+        ),
+        from_amqp(
+            "org.example.dev.layout.three",
+            {
+                "message_id": "00000000-0000-4000-8000-000000000003",
+                "headers": {"x": 1, "fedora_messaging_severity": 30, "sent-at": "2026-11-28T06:00:00+00:00"},
+            },
+            b'\xef\xbb\xbf{"n": 3}',
+            queue="some.queue",
+        ),
+        Message.create(
+            "org.example.dev.layout.four",
+            {"n": 4},
+            headers={"fedora_messaging_rpm_kernel": True, "tags": ["a", "b"]},
+            id="00000000-0000-4000-8000-000000000004",
+            sent_at=SENT_AT,
+        ),
+        Message.create(
+            "org.example.dev.layout.five",
+            {"n": 5},
+            id="00000000-0000-4000-8000-000000000005",
+            sent_at=SENT_AT,
+        ),
+    ]
+
+
+def varied_messages() -> list[Message]:
+    """
+    Messages that exercise every part of the stored form.
+    """
+    return layout1_messages() + [
+        from_amqp("org.example.t", {"message_id": "m1", "headers": {"x": 1}}, raw)
+        for raw in (b'  {"a": [1, 2]}', b'{\n  "a": "x\\ny"\n}\n', b'\xef\xbb\xbf{"a": 1}')
+    ]
+
+
+class PublishFormTests(SynchronousTestCase):
+    """
+    The stored form is what publishing needs, and reads back unchanged.
+    """
+
+    def test_layout(self) -> None:
+        """
+        A record is the form byte, one line of JSON metadata and the body bytes exactly as published.
+        """
+        message = layout1_messages()[0]
+        data = encode(message)
+        self.assertEqual(data[:1], PUBLISH_FORM)
+        meta, body = data[1:].split(b"\n", 1)
+        self.assertEqual(body, message.body_bytes)
+        self.assertIn(b'"id":"00000000-0000-4000-8000-000000000001"', meta)
+        self.assertIn(b'"sent-at":"2026-11-28T06:00:00+00:00"', meta)
+
+    def test_stored_message_equal(self) -> None:
+        """
+        A message read back for publishing equals the original both ways, and publishes the same bytes and properties.
+        """
+        for message in varied_messages():
+            stored = decode_for_publish(encode(message))
+            self.assertIsInstance(stored, StoredMessage)
+            self.assertEqual(stored, message)
+            self.assertEqual(message, stored)
+            self.assertEqual(hash(stored), hash(message))
+            self.assertEqual(stored.body_bytes, message.body_bytes)
+            self.assertEqual(stored.amqp_properties(), message.amqp_properties())
+            self.assertEqual(stored.wire_headers(), message.wire_headers())
+            self.assertEqual(
+                (stored.topic, stored.id, stored.sent_at, stored.schema, stored.severity, stored.queue),
+                (message.topic, message.id, message.sent_at, message.schema, message.severity, message.queue),
+            )
+            self.assertEqual(stored.to_serialized(), message.to_serialized())
+
+    def test_body_decoded_on_demand(self) -> None:
+        """
+        Reading a message back for publishing leaves its body undecoded until something reads it.
+        """
+        message = layout1_messages()[0]
+        stored = decode_for_publish(encode(message))
+        self.assertNotIn("body", vars(stored))
+        stored.amqp_properties()
+        self.assertNotIn("body", vars(stored))
+        self.assertEqual(stored.body, message.body)
+        self.assertIn("body", vars(stored))
+        self.assertRaises(TypeError, stored.body["list"].append, 4)
+
+    def test_stored_message_immutable(self) -> None:
+        """
+        A message read back is as immutable as any other, headers included.
+        """
+        stored = decode_for_publish(encode(layout1_messages()[3]))
+        self.assertRaises(AttributeError, setattr, stored, "topic", "x")
+        self.assertRaises(TypeError, stored.headers.__setitem__, "x", 1)
+        self.assertRaises(TypeError, stored.headers["tags"].append, "c")
+        self.assertRaises(TypeError, stored.wire_headers()["tags"].append, "c")
+
+    def test_evolve(self) -> None:
+        """
+        Changing a message read back makes a plain, validated message.
+        """
+        stored = decode_for_publish(encode(layout1_messages()[0]))
+        changed = stored.evolve(priority=7, headers={"y": 1})
+        self.assertIs(type(changed), Message)
+        self.assertEqual(changed.amqp_properties()["headers"]["y"], 1)
+        self.assertNotIn("fedora_messaging_user_jdoe", changed.wire_headers())
+        self.assertEqual(changed.body, stored.body)
+
+    def test_full_decode(self) -> None:
+        """
+        decode() of the publish form builds a plain message, body decoded and validated.
+        """
+        for message in varied_messages():
+            decoded = decode(encode(message))
+            self.assertIs(type(decoded), Message)
+            self.assertEqual(decoded, message)
+            self.assertEqual(decoded.body_bytes, message.body_bytes)
+
+    def test_model_fits(self) -> None:
+        """
+        The message model still has the fields the cheap read-back sets, so the outbox uses it.
+        """
+        self.assertTrue(store_module._fast_path_works())
+        self.assertTrue(store_module._FAST)
+
+    def test_fallback(self) -> None:
+        """
+        Where the cheap read-back does not fit the message model, stored messages are decoded completely.
+        """
+        self.patch(store_module, "_FAST", False)
+        message = layout1_messages()[0]
+        stored = decode_for_publish(encode(message))
+        self.assertIs(type(stored), Message)
+        self.assertEqual(stored, message)
+
+    def test_damaged(self) -> None:
+        """
+        A damaged record in the publish form is a DecodeError, for the cheap read-back and the full one.
+        """
+        body = b'{"a":1}'
+        for data in (
+            PUBLISH_FORM,
+            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{}}',
+            PUBLISH_FORM + b"{not json\n" + body,
+            PUBLISH_FORM + b"[1]\n" + body,
+            PUBLISH_FORM + b'{"id":"i","headers":{}}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"","headers":{}}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":[]}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{},"queue":5}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{"sent-at":5}}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{"priority":"high"}}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"\xff","headers":{}}\n' + body,
+            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{"sent-at":"yesterday"}}\n' + body,
+        ):
+            self.assertRaises(DecodeError, decode_for_publish, data)
+            self.assertRaises(DecodeError, decode, data)
+
+    def test_damaged_body(self) -> None:
+        """
+        A stored body that is not JSON is published as stored, and reading it is a DecodeError.
+        """
+        data = PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{}}\n{oops'
+        stored = decode_for_publish(data)
+        self.assertEqual(stored.body_bytes, b"{oops")
+        self.assertRaises(DecodeError, getattr, stored, "body")
+        self.assertRaises(DecodeError, decode, data)
+
+    def test_serialized_form_still_read(self) -> None:
+        """
+        Records of layout 1 (one line of the serialized form) are read by both decoders.
+        """
+        from fedhub.message import dump_line
+
+        for message in varied_messages():
+            data = dump_line(message).encode("utf-8")
+            self.assertEqual(decode(data), message)
+            self.assertEqual(decode_for_publish(data), message)
+
+
+class Layout1Tests(OutboxTestCase):
+    """
+    A store written by layout 1 opens, is upgraded and drains.
+    """
+
+    def copy_layout1(self) -> str:
+        os.makedirs(self.directory)
+        shutil.copy(LAYOUT1, os.path.join(self.directory, DATABASE_NAME))
+        return self.directory
+
+    def test_upgrade(self) -> None:
+        """
+        Opening a layout 1 store marks it as the current layout and reads its records as they are.
+        """
+        directory = self.copy_layout1()
+        before = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
+        try:
+            self.assertEqual(before.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("1",))
+        finally:
+            before.close()
+        store = Store(directory, SynchronousExecutor())
+        summary = self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        messages = layout1_messages()
+        self.assertEqual((summary.pending, summary.failed, summary.oldest_created), (4, 1, 1000.0))
+        rows = self.successResultOf(store.load(0, 100))
+        self.assertEqual([row.message() for row in rows], [messages[0]] + messages[2:])
+        self.assertEqual([decode_for_publish(row.data) for row in rows], [messages[0]] + messages[2:])
+        self.assertEqual([row.created for row in rows], [1000.0, 1002.0, 1003.0, 1004.0])
+        [record] = self.successResultOf(store.failed())
+        self.assertEqual((record.kind, record.attempts, record.failed_at), (RETURNED, 1, 2000.0))
+        self.assertEqual(record.message(), messages[1])
+        conn = store._db.conn
+        assert conn is not None
+        self.assertEqual(
+            conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), (str(SCHEMA_VERSION),)
+        )
+
+    def test_drains(self) -> None:
+        """
+        An outbox on a layout 1 store publishes its messages in order, then those handed over since, and empties it.
+        """
+        self.copy_layout1()
+        messages = layout1_messages()
+        outbox, bus = self.make(FakeBus(), window=2, read_batch=2)
+        later = Message.create("org.example.dev.layout.later", {"n": 6})
+        self.successResultOf(outbox.publish(later))
+        while bus.outstanding:
+            bus.ack()
+        self.assertEqual(bus.published, [messages[0]] + messages[2:] + [later])
+        self.assertEqual(outbox.store.pending_count, 0)
+        # The failed one is still there and retries in the new form.
+        self.assertEqual(self.successResultOf(outbox.retry_failed()), 1)
+        bus.ack_all()
+        self.assertEqual(bus.published[-1], messages[1])
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_mixed_forms(self) -> None:
+        """
+        A store holding records of both forms publishes them all in hand-over order after a restart.
+        """
+        self.copy_layout1()
+        messages = layout1_messages()
+        bus = FakeBus()
+        bus.connected = False
+        first, _ = self.make(bus)
+        more = [Message.create("org.example.dev.layout.more", {"n": n}) for n in range(3)]
+        for message in more:
+            self.successResultOf(first.publish(message))
+        self.successResultOf(first.stopService())
+        second, bus2 = self.make(FakeBus())
+        bus2.ack_all()
+        self.assertEqual(bus2.published, [messages[0]] + messages[2:] + more)
+        self.assertEqual([type(m) for m in bus2.published[4:]], [StoredMessage] * 3)
+        self.assertEqual(second.store.pending_count, 0)
