@@ -37,12 +37,11 @@ from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.outbox.spool import spool_directory, write_spool
 from fedhub.producers.bugzilla.producer import (
-    DEFAULT_PACKAGE_PRODUCTS,
     Accepted,
     BugmailIntake,
     BugzillaSMTPPlugin,
-    EventPublisher,
     classify_failure,
+    event_publisher_from_options,
 )
 from fedhub.text import escape_control
 
@@ -278,17 +277,19 @@ def inject(
 
     @return: what L{BugmailIntake.receive} returns.
     """
-    options = producer.options
-    on_event = EventPublisher(
-        publisher,
-        config.hub.topic,
-        producer=producer.name,
-        package_products=tuple(options.get("package_products") or DEFAULT_PACKAGE_PRODUCTS),
-    )
+    from twisted.internet import reactor
     from twisted.internet.task import Clock
 
+    on_event = event_publisher_from_options(
+        publisher, config.hub.topic, producer.options, reactor, producer=producer.name
+    )
     intake = BugmailIntake(on_event, clock=Clock(), producer=producer.name, dedup=seen)
-    return intake.receive(raw, source)
+    d = intake.receive(raw, source)
+    close = getattr(on_event.enrich, "close", None)
+    if callable(close):
+        # The enrichment's web service connections, once the mail is handed over.
+        d.addBoth(lambda result: maybeDeferred(close).addBoth(lambda _: result))
+    return d
 
 
 def _fail(reason: str, status: int) -> int:

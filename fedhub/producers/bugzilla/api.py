@@ -2,7 +2,8 @@
 A client of Bugzilla's XML-RPC web service (Bugzilla 4.4/5.0 and Red Hat's
 Bugzilla), for the calls fedhub needs: bugs changed since a time
 (C{Bug.search}), bugs by id (C{Bug.get}), their change history
-(C{Bug.history}) and comments (C{Bug.comments}), and the server's clock
+(C{Bug.history}), comments (C{Bug.comments}) and attachments
+(C{Bug.attachments}, without their data), and the server's clock
 (C{Bugzilla.time}).
 
 It stands alone so that the Bugzilla poller and the bugmail producer's
@@ -36,6 +37,12 @@ BUG_FIELDS = (
     "last_change_time", "op_sys", "platform", "priority", "product", "qa_contact",
     "qa_contact_detail", "resolution", "severity", "status", "summary", "url", "version",
     "whiteboard", "sub_components", "is_open",
+)
+
+#: The fields of an attachment fedhub's messages use (C{data} is left out).
+ATTACHMENT_FIELDS = (
+    "id", "bug_id", "content_type", "creation_time", "last_change_time", "file_name",
+    "summary", "description", "flags", "is_obsolete", "is_patch", "is_private", "creator",
 )
 
 
@@ -234,6 +241,28 @@ class BugzillaAPI:
                     continue
                 comments = bug.get("comments") if isinstance(bug, dict) else None
                 result[bug_id] = [jsonable(c) for c in comments or [] if isinstance(c, dict)]
+        return result
+
+    @inlineCallbacks
+    def attachments(self, attachment_ids: Sequence[int], fields: Sequence[str] = ATTACHMENT_FIELDS
+                    ) -> Generator[Deferred[Any], Any, dict[int, dict[str, Any]]]:
+        """
+        Attachments by id: for each one found, its C{fields} (never its data,
+        which may be megabytes).
+        """
+        result: dict[int, dict[str, Any]] = {}
+        for batch in _batches(attachment_ids, self.batch_size):
+            answer = yield self._call("Bug.attachments", {"attachment_ids": batch,
+                                                          "include_fields": list(fields)})
+            if not isinstance(answer, dict) or not isinstance(answer.get("attachments"), dict):
+                raise BugzillaError("Bug.attachments", "the answer has no table of attachments")
+            for key, attachment in answer["attachments"].items():
+                try:
+                    attachment_id = int(key)
+                except (TypeError, ValueError):
+                    continue
+                if isinstance(attachment, dict):
+                    result[attachment_id] = jsonable(attachment)
         return result
 
     @staticmethod

@@ -214,6 +214,15 @@ class Change:
             return _FIELD_NAMES.get("Attachment " + rest)
         return None
 
+    @property
+    def attachment_id(self) -> int | None:
+        """
+        The attachment a per-attachment row (C{"Attachment #12 Flags"}) is
+        about, or C{None} for a row about the bug.
+        """
+        m = _ATTACHMENT_LABEL.fullmatch(self.field)
+        return int(m.group(1)) if m is not None else None
+
     def to_json(self) -> dict[str, Any]:
         """
         Return a JSON-serialisable dict: C{field}, C{name}, C{removed}, C{added}.

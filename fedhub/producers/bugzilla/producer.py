@@ -18,7 +18,9 @@ The pieces, each usable on its own:
   - L{Deduplicator}: a bounded, time-windowed set of fingerprints;
   - L{Quarantine}: a bounded directory for mail that is never acceptable;
   - L{EventPublisher}: the callback that builds a message (optionally
-    enriched) and hands it to an L{IPublisher};
+    enriched: see L{fedhub.producers.bugzilla.enrich}, which turns it into a
+    C{bugzilla2fedmsg.messageV1} body from Bugzilla's web service) and hands
+    it to an L{IPublisher};
   - L{BugmailIntake}: parse, de-duplicate, hand over; what the SMTP listener
     and C{fedhub inject-mail} feed raw mail to;
   - L{classify_failure}: what a failed hand-over means for the sender
@@ -58,6 +60,7 @@ from fedhub.errors import FedhubError, MessageError, PublishError, TemporarilyUn
 from fedhub.interfaces import IProducerPlugin, IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
+from fedhub.producers.bugzilla.enrich import Enriched, enrich_options, enricher_from_options
 from fedhub.producers.bugzilla.parser import BugEvent, BugmailError, parse_bugmail
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.text import SUMMARY_HEADER, escape_control
@@ -71,6 +74,7 @@ __all__ = [
     "BugzillaSMTPPlugin",
     "Deduplicator",
     "Enricher",
+    "Enriched",
     "EventCallback",
     "EventPublisher",
     "IBugmailIntake",
@@ -81,6 +85,7 @@ __all__ = [
     "build_message",
     "classify_failure",
     "event_fingerprint",
+    "event_publisher_from_options",
     "load_mail_schema",
     "message_id_for",
 ]
@@ -123,10 +128,13 @@ _STORAGE_REASON = re.compile(r"\b(full|disk|no space|storage|quota)\b", re.IGNOR
 #: sender retries) or another exception.
 EventCallback = Callable[[BugEvent, bytes], "Deferred[Any]"]
 
+
+
 #: An optional look-up of more data about a bug (e.g. from Bugzilla's
-#: REST or XML-RPC API).  Its dictionary lands in the body's C{enrichment}
-#: key; C{None} or a failure publishes the message without it.
-Enricher = Callable[[BugEvent], "Deferred[dict[str, Any] | None]"]
+#: REST or XML-RPC API).  A dictionary lands in the mail-derived body's
+#: C{enrichment} key; an L{Enriched} replaces the body and its schema;
+#: C{None} or a failure publishes the mail-derived message.
+Enricher = Callable[[BugEvent], "Deferred[dict[str, Any] | Enriched | None]"]
 
 
 # --- the schema -------------------------------------------------------------
@@ -242,6 +250,8 @@ def build_message(
     *,
     enrichment: Mapping[str, Any] | None = None,
     package_products: tuple[str, ...] = DEFAULT_PACKAGE_PRODUCTS,
+    body: Mapping[str, Any] | None = None,
+    schema: str = MAIL_SCHEMA,
 ) -> Message:
     """
     The message for an event.
@@ -250,18 +260,23 @@ def build_message(
         topic, e.g. L{fedhub.config.HubSettings.topic}.
     @param enrichment: Put in the body's C{enrichment} key when given.
     @param package_products: Products whose components are package names.
+    @param body: A body to publish instead of the mail-derived one (an
+        L{Enriched} body), with its C{schema}; the id stays the mail's.
     @raise MessageError: when the message is not valid (e.g. too long a topic).
     """
-    body = build_body(event)
+    mail_body = build_body(event)
     message_id = message_id_for(event_fingerprint(event))
-    if enrichment is not None:
-        body["enrichment"] = dict(enrichment)
+    if body is None:
+        body = mail_body
+        schema = MAIL_SCHEMA
+        if enrichment is not None:
+            mail_body["enrichment"] = dict(enrichment)
     suffix = TOPIC_NEW if event.event_type == "new" else TOPIC_UPDATE
     return Message.create(
         topic(suffix),
         body,
         headers=_headers(event, package_products),
-        schema=MAIL_SCHEMA,
+        schema=schema,
         id=message_id,
     )
 
@@ -298,13 +313,13 @@ class EventPublisher:
         d.addCallback(self._publish)
         return d
 
-    def _enrichment(self, event: BugEvent) -> Deferred[dict[str, Any] | None]:
+    def _enrichment(self, event: BugEvent) -> Deferred[dict[str, Any] | Enriched | None]:
         enrich = self.enrich
         if enrich is None:
             return succeed(None)
 
-        def checked(result: object) -> dict[str, Any] | None:
-            if result is None or isinstance(result, dict):
+        def checked(result: object) -> dict[str, Any] | Enriched | None:
+            if result is None or isinstance(result, (dict, Enriched)):
                 return result
             self.log.warn(
                 "The enricher returned a {kind} for bug {bug_id}, not a dict; publishing without it",
@@ -324,10 +339,23 @@ class EventPublisher:
             return None
 
         d: Deferred[Any] = maybeDeferred(enrich, event)
-        result: Deferred[dict[str, Any] | None] = d.addCallbacks(checked, failed)
+        result: Deferred[dict[str, Any] | Enriched | None] = d.addCallbacks(checked, failed)
         return result
 
-    def _build(self, enrichment: dict[str, Any] | None, event: BugEvent) -> Message:
+    def _build(self, enrichment: dict[str, Any] | Enriched | None, event: BugEvent) -> Message:
+        if isinstance(enrichment, Enriched):
+            try:
+                message = build_message(event, self.topic, package_products=self.package_products,
+                                        body=enrichment.body, schema=enrichment.schema)
+                self.schemas.validate(message)
+                return message
+            except MessageError as e:
+                self.log.error(
+                    "The enriched message for bug {bug_id} is not valid ({error}); publishing "
+                    "the mail-derived message",
+                    bug_id=event.bug_id, error=escape_control(str(e), 300),
+                    producer=self.producer)
+            enrichment = None
         message = build_message(
             event, self.topic, enrichment=enrichment, package_products=self.package_products
         )
@@ -775,6 +803,35 @@ def _header_name(value: str) -> str | None:
     return None
 
 
+def event_publisher_from_options(
+    publisher: IPublisher,
+    topic: Callable[[str], str],
+    options: Mapping[str, Any],
+    reactor: Any,
+    *,
+    producer: str = "bugzilla-smtp",
+) -> EventPublisher:
+    """
+    The L{EventPublisher} of a C{bugzilla-smtp} producer's (validated)
+    options, enriching from Bugzilla's web service when C{enrich_url} is set
+    (see L{fedhub.producers.bugzilla.enrich}); the enricher, when there is
+    one, is its C{enrich} and has a C{close()}.  No I/O happens here.
+
+    @param reactor: Used only by the enricher (HTTP and its timeout).
+    """
+    enrich = enricher_from_options(
+        options, reactor, producer=producer,
+        delivery_timeout=float(options.get("delivery_timeout") or 120.0),
+    )
+    return EventPublisher(
+        publisher,
+        topic,
+        enrich=enrich,
+        producer=producer,
+        package_products=tuple(options.get("package_products") or DEFAULT_PACKAGE_PRODUCTS),
+    )
+
+
 @implementer(IPlugin, IProducerPlugin)
 class BugzillaSMTPPlugin:
     """
@@ -829,6 +886,7 @@ class BugzillaSMTPPlugin:
                                     _at_least_one),
         "package_products": Option(list, list(DEFAULT_PACKAGE_PRODUCTS),
                                    "products whose components are package names", items=str),
+        **enrich_options(),
     }
 
     def build(self, context: PluginContext) -> IService:
@@ -839,11 +897,8 @@ class BugzillaSMTPPlugin:
         from fedhub.producers.bugzilla.smtp import BugmailListener, settings_from_options
 
         options = context.options
-        publisher = EventPublisher(
-            context.publisher,
-            context.hub.topic,
-            producer=context.name,
-            package_products=tuple(options.get("package_products", DEFAULT_PACKAGE_PRODUCTS)),
+        publisher = event_publisher_from_options(
+            context.publisher, context.hub.topic, options, context.reactor, producer=context.name
         )
         quarantine = None
         if options.get("quarantine_dir"):
@@ -868,4 +923,7 @@ class BugzillaSMTPPlugin:
             reactor=context.reactor,
         )
         listener.setName(context.name)  # type: ignore[no-untyped-call]
+        close = getattr(publisher.enrich, "close", None)
+        if callable(close):
+            listener.add_cleanup(close)
         return listener

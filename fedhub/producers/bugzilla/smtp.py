@@ -1201,6 +1201,15 @@ class BugmailListener(Service):
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
         self._waiters: list[Deferred[IListeningPort]] = []
+        self._cleanups: list[Callable[[], object]] = []
+
+    def add_cleanup(self, cleanup: Callable[[], object]) -> None:
+        """
+        Call C{cleanup} (it may return a Deferred) when the service has
+        stopped, after the last mail was handed over: to close what the
+        hand-over uses, such as the enrichment's web service connections.
+        """
+        self._cleanups.append(cleanup)
 
     @classmethod
     def with_callback(
@@ -1348,7 +1357,15 @@ class BugmailListener(Service):
                 return succeed(None)
             return factory.shutdown()
 
+        def cleanups(_: object) -> Deferred[Any]:
+            done = [maybeDeferred(cleanup) for cleanup in self._cleanups]
+            for d in done:
+                d.addErrback(lambda f: self.log.failure("Cleaning up the SMTP listener failed", f))
+            return DeferredList(done)
+
         stopped.addCallback(sessions)
+        stopped.addCallback(cleanups)
+        stopped.addCallback(lambda _: None)
         return stopped
 
 
