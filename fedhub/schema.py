@@ -9,7 +9,8 @@ a consumer must keep working when a publisher is newer than it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jsonschema
@@ -27,13 +28,227 @@ BASE_BODY_SCHEMA: Mapping[str, Any] = {
 }
 
 
+#: A compiled check: C{True} when the value certainly matches its schema.
+Check = Callable[[Any], bool]
+
+# Keywords that say nothing about validity (a schema made only of these and
+# the keywords compile_check understands is compiled).
+_ANNOTATIONS = frozenset({
+    "$schema", "$id", "id", "$comment", "title", "description", "default", "examples",
+    "definitions", "$defs", "format", "readOnly", "writeOnly", "deprecated",
+    "contentMediaType", "contentEncoding",
+})
+_TYPES: dict[str, Check] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: v is True or v is False,
+    # Stricter than drafts 6+, which also take 1.0: a float falls back.
+    "integer": lambda v: type(v) is int,
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compile_check(schema: Any, depth: int = 0) -> Check | None:
+    """
+    Compile a JSON schema (drafts 4 to 2020-12) into a plain Python check,
+    or C{None} when it uses a keyword this compiler does not know (C{$ref},
+    C{patternProperties}, C{if}, ...).
+
+    The check may be stricter than the schema (an integral float for
+    C{integer}, a non-string C{enum} value: it answers C{False}) but never
+    more lenient, so a C{True} is final and a C{False} is settled by
+    C{jsonschema}, which also finds the error to report.  Checking the
+    bugmail body this way takes a few microseconds instead of about half a
+    millisecond.
+    """
+    if depth > 64:
+        return None
+    if schema is True:
+        return _always
+    if schema is False:
+        return _never
+    if not isinstance(schema, Mapping):
+        return None
+    checks: list[Check] = []
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        check = _compile_keyword(schema, key, value, depth)
+        if check is None:
+            return None
+        if check is not _always:
+            checks.append(check)
+    if not checks:
+        return _always
+    if len(checks) == 1:
+        return checks[0]
+    all_checks = tuple(checks)
+    return lambda v: all(check(v) for check in all_checks)
+
+
+def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int) -> Check | None:
+    if key == "type":
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or any(n not in _TYPES for n in names):
+            return None
+        types = tuple(_TYPES[n] for n in names)
+        if len(types) == 1:
+            return types[0]
+        return lambda v: any(t(v) for t in types)
+    if key == "properties":
+        if not isinstance(value, Mapping):
+            return None
+        compiled = []
+        for name, sub in value.items():
+            check = compile_check(sub, depth + 1)
+            if check is None:
+                return None
+            if check is not _always:
+                compiled.append((name, check))
+        props = tuple(compiled)
+
+        def properties(v: Any) -> bool:
+            if not isinstance(v, dict):
+                return True
+            for name, check in props:
+                if name in v and not check(v[name]):
+                    return False
+            return True
+
+        return properties
+    if key == "required":
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            return None
+        names = tuple(value)
+        return lambda v: not isinstance(v, dict) or all(n in v for n in names)
+    if key == "additionalProperties":
+        if "patternProperties" in schema:
+            return None
+        declared = schema.get("properties", {})
+        if not isinstance(declared, Mapping):
+            return None
+        known = frozenset(declared)
+        extra = compile_check(value, depth + 1)
+        if extra is None:
+            return None
+        if extra is _always:
+            return _always
+
+        def additional(v: Any) -> bool:
+            if not isinstance(v, dict):
+                return True
+            return all(extra(item) for name, item in v.items() if name not in known)
+
+        return additional
+    if key == "items":
+        if isinstance(value, list) or "prefixItems" in schema:
+            return None
+        item = compile_check(value, depth + 1)
+        if item is None:
+            return None
+        return lambda v: not isinstance(v, list) or all(item(x) for x in v)
+    if key in ("enum", "const"):
+        allowed = value if key == "enum" else [value]
+        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            return None
+        choices = frozenset(allowed)
+        return lambda v: isinstance(v, str) and v in choices
+    if key in ("minimum", "maximum"):
+        if not _is_number(value):
+            return None
+        bound = value
+        if key == "minimum":
+            return lambda v: not _is_number(v) or v >= bound
+        return lambda v: not _is_number(v) or v <= bound
+    if key in ("minLength", "maxLength", "minItems", "maxItems"):
+        if type(value) is not int or value < 0:
+            return None
+        size = value
+        kind: tuple[type[str] | type[list[Any]], ...] = (str,) if key.endswith("Length") else (list,)
+        if key.startswith("min"):
+            return lambda v: not isinstance(v, kind) or len(v) >= size
+        return lambda v: not isinstance(v, kind) or len(v) <= size
+    if key == "pattern":
+        if not isinstance(value, str):
+            return None
+        try:
+            search = re.compile(value).search
+        except re.error:
+            return None
+        return lambda v: not isinstance(v, str) or search(v) is not None
+    if key in ("anyOf", "allOf", "oneOf"):
+        if not isinstance(value, list) or not value:
+            return None
+        subs = []
+        for sub in value:
+            check = compile_check(sub, depth + 1)
+            if check is None:
+                return None
+            subs.append(check)
+        options = tuple(subs)
+        if key == "anyOf":
+            return lambda v: any(c(v) for c in options)
+        if key == "allOf":
+            return lambda v: all(c(v) for c in options)
+        # oneOf: a branch's False may be its check's strictness, so "exactly
+        # one" can be told only when no value can match two branches: when
+        # their types do not overlap (e.g. an object or null).  Then it is
+        # anyOf.
+        if not _disjoint_types(value):
+            return None
+        return lambda v: any(c(v) for c in options)
+    if key == "not":
+        # The negation of a stricter check would be more lenient.
+        return None
+    return None
+
+
+def _disjoint_types(branches: list[Any]) -> bool:
+    """
+    Whether no value can match two of C{branches}, judged by their C{type}
+    keywords alone (C{integer} and C{number} overlap).
+    """
+    seen: set[str] = set()
+    for branch in branches:
+        names = branch.get("type") if isinstance(branch, Mapping) else None
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not names:
+            return False
+        kinds = {"number" if n == "integer" else n for n in names}
+        if kinds & seen:
+            return False
+        seen |= kinds
+    return True
+
+
 class SchemaRegistry:
     """
     Named JSON schemas for message bodies.
+
+    Each schema is compiled once when registered: a C{jsonschema} validator
+    (for the error of a body that does not match) and, when the schema's
+    keywords allow it, a plain Python check (L{compile_check}) that settles
+    the common case, a matching body, on its own.
     """
 
     def __init__(self) -> None:
         self._validators: dict[str, Any] = {}
+        self._checks: dict[str, Check | None] = {}
         self.register(BASE_SCHEMA, BASE_BODY_SCHEMA)
 
     def register(self, name: str, schema: Mapping[str, Any]) -> None:
@@ -48,6 +263,9 @@ class SchemaRegistry:
         except jsonschema.exceptions.SchemaError as e:
             raise MessageError(f"schema {name!r} is not a valid JSON schema: {e.message}") from None
         self._validators[name] = cls(schema)
+        self._checks[name] = (
+            compile_check(schema) if cls is not jsonschema.Draft3Validator else None
+        )
 
     def known(self, name: str) -> bool:
         """
@@ -69,10 +287,15 @@ class SchemaRegistry:
             is unknown and the base schema was used.
         @raise SchemaValidationError: when the body does not match.
         """
-        validator = self._validators.get(message.schema)
+        name = message.schema
+        validator = self._validators.get(name)
         known = validator is not None
         if validator is None:
-            validator = self._validators[BASE_SCHEMA]
+            name = BASE_SCHEMA
+            validator = self._validators[name]
+        check = self._checks.get(name)
+        if check is not None and check(message.body):
+            return known
         error = jsonschema.exceptions.best_match(validator.iter_errors(message.body))
         if error is not None:
             path = "$" + "".join(
