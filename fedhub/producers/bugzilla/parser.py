@@ -524,11 +524,26 @@ _LINE_TABLE = _control_table(keep_newlines=False)
 _TEXT_TABLE = _control_table(keep_newlines=True)
 
 
+def _table_pattern(table: dict[int, str | None]) -> re.Pattern[str]:
+    """
+    A pattern finding any character C{table} changes (so text without one
+    skips C{str.translate}, which looks up every character in the table).
+    """
+    changed = [code for code, replacement in table.items() if replacement != chr(code)]
+    return re.compile("[" + "".join(re.escape(chr(code)) for code in sorted(changed)) + "]")
+
+
+_LINE_SPECIAL = _table_pattern(_LINE_TABLE)
+_TEXT_SPECIAL = _table_pattern(_TEXT_TABLE)
+
+
 def _clean_line(value: str) -> str:
     """
     Return C{value} as one line: control, bidi-override and line-separator
     characters removed or turned into spaces, outer white space stripped.
     """
+    if _LINE_SPECIAL.search(value) is None:
+        return value.strip()
     return value.translate(_LINE_TABLE).strip()
 
 
@@ -538,6 +553,8 @@ def _clean_text(value: str) -> str:
     controls (vertical tab, form feed, carriage return) turned into spaces and
     every other control character removed.
     """
+    if _TEXT_SPECIAL.search(value) is None:
+        return value
     return value.translate(_TEXT_TABLE)
 
 
