@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -205,12 +205,28 @@ def build_body(event: BugEvent) -> dict[str, Any]:
     The message body for an event: L{BugEvent.to_json} without the parts
     that differ per recipient (L{RECIPIENT_KEYS}, L{RECIPIENT_HEADERS}).
     """
+    return dict(_body_and_fingerprint(event)[0])
+
+
+def _body_and_fingerprint(event: BugEvent) -> tuple[dict[str, Any], str]:
+    """
+    The event's body (not to be changed) and its fingerprint, computed once
+    per event: the intake needs the fingerprint to de-duplicate, the message
+    both.  They are kept in the event's own C{__dict__} (a frozen dataclass
+    compares and hashes its fields only), so they go with the event.
+    """
+    cached = event.__dict__.get("_fedhub_body")
+    if cached is not None:
+        return cast(tuple[dict[str, Any], str], cached)
     body = {key: value for key, value in event.to_json().items() if key not in RECIPIENT_KEYS}
     headers = body.get("headers") or {}
     body["headers"] = {
         name: value for name, value in headers.items() if name.lower() not in RECIPIENT_HEADERS
     }
-    return body
+    blob = json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    fingerprint = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    event.__dict__["_fedhub_body"] = (body, fingerprint)
+    return body, fingerprint
 
 
 def event_fingerprint(event: BugEvent) -> str:
@@ -220,8 +236,7 @@ def event_fingerprint(event: BugEvent) -> str:
     that differ in anything else (the change time included, so setting and
     clearing the same flag twice are separate events).
     """
-    blob = json.dumps(build_body(event), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    return _body_and_fingerprint(event)[1]
 
 
 def message_id_for(fingerprint: str) -> str:
@@ -264,13 +279,13 @@ def build_message(
         L{Enriched} body), with its C{schema}; the id stays the mail's.
     @raise MessageError: when the message is not valid (e.g. too long a topic).
     """
-    mail_body = build_body(event)
-    message_id = message_id_for(event_fingerprint(event))
+    mail_body, fingerprint = _body_and_fingerprint(event)
+    message_id = message_id_for(fingerprint)
     if body is None:
         body = mail_body
         schema = MAIL_SCHEMA
         if enrichment is not None:
-            mail_body["enrichment"] = dict(enrichment)
+            body = {**mail_body, "enrichment": dict(enrichment)}
     suffix = TOPIC_NEW if event.event_type == "new" else TOPIC_UPDATE
     return Message.create(
         topic(suffix),
