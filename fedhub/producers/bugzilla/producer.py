@@ -323,6 +323,13 @@ class EventPublisher:
         self.schemas = schemas
 
     def __call__(self, event: BugEvent, raw: bytes) -> Deferred[Message]:
+        if self.enrich is None:
+            # Without enrichment nothing waits before the hand-over.
+            try:
+                message = self._build(None, event)
+            except Exception:
+                return fail(Failure())  # type: ignore[no-untyped-call]
+            return self._publish(message)
         d: Deferred[Any] = self._enrichment(event)
         d.addCallback(self._build, event)
         d.addCallback(self._publish)
@@ -381,7 +388,8 @@ class EventPublisher:
         d = self.publisher.publish(message)
 
         def published(_: object) -> Message:
-            self.log.info(
+            # The SMTP listener logs each mail it takes, with the message id.
+            self.log.debug(
                 "Published {topic} {msg_id}",
                 topic=message.topic,
                 msg_id=message.id,
