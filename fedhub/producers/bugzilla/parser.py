@@ -700,14 +700,21 @@ def _parse_header_block(data: bytes, start: int) -> tuple[list[tuple[str, bytes]
     first empty line, or at the first line that is neither a field nor a
     continuation.
     """
+    size = len(data)
+    if start >= size:
+        return [], size
+    if data[start] == 0x0A:
+        return [], start + 1
+    # Every line before the first empty one, split in one step.
+    blank = data.find(b"\n\n", start)
     fields: list[tuple[str, list[bytes]]] = []
     pos = start
-    size = len(data)
     lines = 0
-    while pos < size:
-        end = data.find(b"\n", pos)
-        if end < 0:
-            end = size
+    header_name = _HEADER_NAME.fullmatch
+    for line in data[start : blank if blank >= 0 else size].split(b"\n"):
+        if pos >= size:
+            break
+        end = pos + len(line)
         if end - start > MAX_HEADER_BLOCK_BYTES:
             raise MalformedBugmail(
                 f"header block larger than {MAX_HEADER_BLOCK_BYTES} bytes", code="header_too_large"
@@ -717,18 +724,27 @@ def _parse_header_block(data: bytes, start: int) -> tuple[list[tuple[str, bytes]
             raise MalformedBugmail(
                 f"header block has more than {MAX_HEADER_LINES} lines", code="too_many_header_lines"
             )
-        line = data[pos:end]
-        if not line:
-            return [(n, b"\n".join(v)) for n, v in fields], min(end + 1, size)
-        if line[:1] in (b" ", b"\t"):
+        first = line[0]
+        if first == 0x20 or first == 0x09:
             if fields:
                 fields[-1][1].append(line)
         else:
             colon = line.find(b":")
-            if colon <= 0 or not _HEADER_NAME.fullmatch(line, 0, colon):
-                break
+            if colon <= 0 or not header_name(line, 0, colon):
+                return [(n, b"\n".join(v)) for n, v in fields], pos
             fields.append((line[:colon].decode("ascii").lower(), [line[colon + 1 :].lstrip(b" \t")]))
         pos = end + 1
+    if blank >= 0:
+        # The empty line that ends the block, which counts too.
+        if blank + 1 - start > MAX_HEADER_BLOCK_BYTES:
+            raise MalformedBugmail(
+                f"header block larger than {MAX_HEADER_BLOCK_BYTES} bytes", code="header_too_large"
+            )
+        if lines + 1 > MAX_HEADER_LINES:
+            raise MalformedBugmail(
+                f"header block has more than {MAX_HEADER_LINES} lines", code="too_many_header_lines"
+            )
+        return [(n, b"\n".join(v)) for n, v in fields], min(blank + 2, size)
     return [(n, b"\n".join(v)) for n, v in fields], min(pos, size)
 
 
