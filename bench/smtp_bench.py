@@ -721,7 +721,8 @@ def stages(count: int) -> int:
     mails = [bugmail(i) for i in range(count)]
     steps: list[tuple[str, Callable[[Any], Any]]] = [
         ("parse the mail", parse_bugmail),
-        ("fingerprint (de-duplication)", event_fingerprint),
+        ("body and fingerprint (dedup)", event_fingerprint),
+        # Reuses the body and fingerprint the step before kept with the event.
         ("build the message", lambda event: build_message(event, topic)),
         ("check it against its schema", registry.validate),
         ("encode it for the outbox", encode),
