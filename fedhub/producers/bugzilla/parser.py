@@ -768,8 +768,16 @@ def _header_text(value: bytes, name: str) -> str:
     Decode one raw header value: 8-bit bytes as UTF-8, folds removed, RFC 2047
     words decoded, control characters removed.
     """
-    text = _checked_value(value, name).decode("utf-8", "replace").replace("\n", "")
-    return _clean_line(_decode_rfc2047(text))
+    if len(value) > MAX_HEADER_VALUE_BYTES:
+        _checked_value(value, name)  # raises
+    text = value.decode("utf-8", "replace")
+    if "\n" in text:
+        text = text.replace("\n", "")
+    if "=?" in text:
+        text = _decode_rfc2047(text)
+    if _LINE_SPECIAL.search(text) is not None:
+        text = text.translate(_LINE_TABLE)
+    return text.strip()
 
 
 def _parse_content_type(value: bytes | None, default: str) -> tuple[str, dict[str, str]]:
@@ -1439,14 +1447,14 @@ def _parse(raw: bytes) -> BugEvent:
         start = len(data) if newline < 0 else newline + 1
     fields, body_offset = _parse_header_block(data, start)
 
-    if not any(name.startswith("x-bugzilla-") for name, _ in fields):
+    headers = _bugzilla_headers(fields)
+    if not headers and not any(name.startswith("x-bugzilla-") for name, _ in fields):
         if any(name.startswith("x-launchpad-") for name, _ in fields):
             raise NotBugmail(
                 "Launchpad bug mail (X-Launchpad-* headers), not Bugzilla: no X-Bugzilla-* headers",
                 code="launchpad",
             )
         raise NotBugmail("not Bugzilla mail: no X-Bugzilla-* headers", code="not_bugzilla")
-    headers = _bugzilla_headers(fields)
 
     bz_type = headers.get("X-Bugzilla-Type")
     if bz_type is not None:
