@@ -564,3 +564,45 @@ class LoopbackTests(TestCase):
         client = listener._cleanups[0].__self__.api.caller
         self.assertEqual(client.calls, 2)
         self.assertEqual(client._pool._connections, {})
+
+
+class InjectMailTests(TestCase):
+    """
+    C{fedhub inject-mail}, run as the command it is, reads the enrichment
+    keys of its producer.
+    """
+
+    @inlineCallbacks
+    def test_enriched_into_spool(self) -> Generator[Deferred[Any], Any, None]:
+        """With enrich_url set, inject-mail spools a messageV1 message fetched over a real socket."""
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from fedhub.message import loads
+
+        bz = AttachmentBugzilla()
+        seed(bz, event(RHBZ))
+        port, url = listen(bz.server, reactor)
+        self.addCleanup(port.stopListening)
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        (directory / "mail.eml").write_bytes(raw(RHBZ))
+        config = directory / "hub.toml"
+        config.write_text(
+            f'[hub]\ntopic_prefix = "org.example"\nenvironment = "prod"\n'
+            f'state_dir = "{directory / "state"}"\n[domains.community]\nbroker = "memory"\n'
+            '[[producers]]\nname = "bugzilla-mail"\nplugin = "bugzilla-smtp"\n'
+            'domain = "community"\nrecipients = ["bugs@example.org"]\n'
+            f'enrich_url = "{url}"\nenrich_timeout = 5.0\n'
+            'enrich_hosts = ["bugzilla.redhat.com"]\n')
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "fedhub.cli", "inject-mail", "--config", str(config),
+                             "--input", str(directory / "mail.eml")],
+            env=dict(os.environ), path=os.getcwd(), reactor=reactor)
+        self.assertEqual((code, err), (0, b""))
+        self.assertIn("Bug.get", bz.server.calls)
+        spool = directory / "state" / "spool" / "community"
+        [path] = [p for p in spool.iterdir() if p.name.endswith(".msg")]
+        [message] = loads(path.read_bytes())
+        self.assertEqual(message.schema, SCHEMA)
+        self.assertEqual(message.id, message_id_for(event_fingerprint(event(RHBZ))))
+        check_with_schema_package(message)
