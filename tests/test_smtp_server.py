@@ -734,6 +734,7 @@ class AccessTests(SynchronousTestCase):
         """Beyond max_connections_per_peer, one address gets 421 and is closed; others still connect."""
         harness = Harness(ListenerSettings(recipients=frozenset({RECIPIENT}), max_connections_per_peer=2))
         first, second, third = harness.connect(), harness.connect(), harness.connect()
+        self.assertEqual(second.codes(), [220])
         self.assertEqual(third.replies(), [b"421 4.7.0 Too many connections from your address, try again later"])
         self.assertTrue(third.closed)
         self.assertEqual(harness.connect("127.0.0.2").codes(), [220])
