@@ -97,7 +97,14 @@ def compile_check(schema: Any, depth: int = 0) -> Check | None:
     if len(checks) == 1:
         return checks[0]
     all_checks = tuple(checks)
-    return lambda v: all(check(v) for check in all_checks)
+
+    def every(v: Any) -> bool:
+        for check in all_checks:
+            if not check(v):
+                return False
+        return True
+
+    return every
 
 
 def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int) -> Check | None:
@@ -108,6 +115,9 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
         types = tuple(_TYPES[n] for n in names)
         if len(types) == 1:
             return types[0]
+        if len(types) == 2:
+            one, two = types
+            return lambda v: one(v) or two(v)
         return lambda v: any(t(v) for t in types)
     if key == "properties":
         if not isinstance(value, Mapping):
@@ -133,8 +143,8 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
     if key == "required":
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             return None
-        names = tuple(value)
-        return lambda v: not isinstance(v, dict) or all(n in v for n in names)
+        names = frozenset(value)
+        return lambda v: not isinstance(v, dict) or v.keys() >= names
     if key == "additionalProperties":
         if "patternProperties" in schema:
             return None
@@ -149,9 +159,11 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
             return _always
 
         def additional(v: Any) -> bool:
-            if not isinstance(v, dict):
-                return True
-            return all(extra(item) for name, item in v.items() if name not in known)
+            if isinstance(v, dict):
+                for name, item in v.items():
+                    if name not in known and not extra(item):
+                        return False
+            return True
 
         return additional
     if key == "items":
@@ -160,7 +172,15 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
         item = compile_check(value, depth + 1)
         if item is None:
             return None
-        return lambda v: not isinstance(v, list) or all(item(x) for x in v)
+
+        def items(v: Any) -> bool:
+            if isinstance(v, list):
+                for x in v:
+                    if not item(x):
+                        return False
+            return True
+
+        return items
     if key in ("enum", "const"):
         allowed = value if key == "enum" else [value]
         if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
