@@ -20,6 +20,7 @@ Usage::
 
     python bench/outbox_bench.py [--messages 50000] [--concurrency 500]
                                  [--window 1000] [--dir /path/on/the/disk]
+                                 [--runs live,backlog]
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ async def backlog(reactor: Any, args: argparse.Namespace, directory: str) -> Non
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
-    for run in (live, backlog):
+    runs = {"live": live, "backlog": backlog}
+    for name in args.runs.split(","):
+        run = runs[name.strip()]
         directory = tempfile.mkdtemp(prefix="outbox-bench-", dir=args.dir)
         try:
             await run(reactor, args, directory)
@@ -217,6 +220,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--dir", default=None, help="where to put the store (default: the temp dir)")
+    parser.add_argument("--runs", default="live,backlog", help="which runs, comma-separated")
     return parser.parse_args()
 
 

@@ -472,6 +472,29 @@ class WindowTests(OutboxTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
         outbox.remove_observer(broken)
 
+    def test_bug_in_outcome_logged(self) -> None:
+        """
+        An error inside the outbox while it handles a confirm is logged as a bug, and later confirms are handled.
+        """
+        outbox, bus = self.make(window=10)
+        a, b = make_message(1), make_message(2)
+        self.publish_all(outbox, [a, b])
+        calls: list[str] = []
+
+        def broken() -> None:
+            calls.append("flush")
+            raise RuntimeError("outbox bug")
+
+        flush = outbox._flush
+        self.patch(outbox, "_flush", broken)
+        bus.ack()
+        self.assertEqual(calls, ["flush"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.patch(outbox, "_flush", flush)
+        bus.ack()
+        self.assertEqual(outbox.stats().confirmed, 2)
+        self.assertEqual(outbox.store.pending_count, 0)
+
     def test_stats_oldest_age(self) -> None:
         """
         The oldest age is the time since the oldest unconfirmed message was handed over.

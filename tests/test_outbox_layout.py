@@ -14,6 +14,7 @@ failed area as returned at 2000.0.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -104,15 +105,21 @@ class PublishFormTests(SynchronousTestCase):
 
     def test_layout(self) -> None:
         """
-        A record is the form byte, one line of JSON metadata and the body bytes exactly as published.
+        A record is the form byte with the topic, id and queue, a line of headers, and the body bytes exactly as published.
         """
-        message = layout1_messages()[0]
+        message = layout1_messages()[2]
         data = encode(message)
         self.assertEqual(data[:1], PUBLISH_FORM)
-        meta, body = data[1:].split(b"\n", 1)
-        self.assertEqual(body, message.body_bytes)
-        self.assertIn(b'"id":"00000000-0000-4000-8000-000000000001"', meta)
-        self.assertIn(b'"sent-at":"2026-11-28T06:00:00+00:00"', meta)
+        head, headers, body = data[1:].split(b"\n", 2)
+        self.assertEqual(
+            head, b'["org.example.dev.layout.three","00000000-0000-4000-8000-000000000003","some.queue"]'
+        )
+        self.assertEqual(
+            headers,
+            b'{"x":1,"fedora_messaging_schema":"base.message","fedora_messaging_severity":30,'
+            b'"sent-at":"2026-11-28T06:00:00+00:00","priority":0}',
+        )
+        self.assertEqual(body, b'\xef\xbb\xbf{"n": 3}')
 
     def test_stored_message_equal(self) -> None:
         """
@@ -177,6 +184,64 @@ class PublishFormTests(SynchronousTestCase):
             self.assertEqual(decoded, message)
             self.assertEqual(decoded.body_bytes, message.body_bytes)
 
+    def test_sent_at_time_zones(self) -> None:
+        """
+        The same instant in two time zones is stored as each message says it, one after the other.
+        """
+        from datetime import timedelta
+
+        utc = Message.create("org.example.t", {}, sent_at=SENT_AT)
+        shifted = Message.create(
+            "org.example.t", {}, sent_at=SENT_AT.astimezone(timezone(timedelta(hours=2)))
+        )
+        for message in (utc, shifted, utc):
+            stored = decode_for_publish(encode(message))
+            self.assertEqual(stored.wire_headers(), message.wire_headers())
+        self.assertEqual(
+            decode_for_publish(encode(shifted)).wire_headers()["sent-at"], "2026-11-28T08:00:00+02:00"
+        )
+
+    def test_headers_cache(self) -> None:
+        """
+        Messages stored with the same headers share their decoded headers, and the cache of them stays bounded.
+        """
+        a, b = (Message.create("org.example.t", {"n": n}, headers={"u": True}, sent_at=SENT_AT) for n in (1, 2))
+        first, second = (decode_for_publish(encode(m)) for m in (a, b))
+        self.assertIs(first.headers, second.headers)
+        self.assertEqual(first.wire_headers(), a.wire_headers())
+        for n in range(store_module._HEADERS_CACHE_SIZE * 2 + 5):
+            message = Message.create("org.example.t", {}, headers={f"u{n}": True})
+            self.assertEqual(decode_for_publish(encode(message)).headers, {f"u{n}": True})
+            self.assertLessEqual(len(store_module._headers_cache), store_module._HEADERS_CACHE_SIZE)
+
+    def test_headers_json_cache(self) -> None:
+        """
+        Stored headers come out as each message's own, however alike: true is not 1, -0.0 is not 0.0, order counts.
+        """
+        cases = [
+            {"x": True},
+            {"x": 1},
+            {"x": 1, "y": "a"},
+            {"y": "a", "x": 1},
+            {"x": 0.0},
+            {"x": -0.0},
+            {"x": None},
+            {"x": [1]},
+            {"x": {"y": True}},
+            {"x": {"y": 1}},
+        ]
+        for _ in range(2):
+            for headers in cases:
+                message = Message.create("org.example.t", {}, headers=headers, sent_at=SENT_AT)
+                data = encode(message)
+                self.assertEqual(data.split(b"\n")[1], json.dumps(message.wire_headers(), separators=(",", ":")).encode())
+                self.assertEqual(decode_for_publish(data).wire_headers(), message.wire_headers())
+                self.assertEqual(
+                    [type(v) for v in decode(data).wire_headers().values()],
+                    [type(v) for v in message.wire_headers().values()],
+                )
+        self.assertLessEqual(len(store_module._headers_json_cache), store_module._HEADERS_CACHE_SIZE)
+
     def test_model_fits(self) -> None:
         """
         The message model still has the fields the cheap read-back sets, so the outbox uses it.
@@ -198,20 +263,27 @@ class PublishFormTests(SynchronousTestCase):
         """
         A damaged record in the publish form is a DecodeError, for the cheap read-back and the full one.
         """
+        head = b'["t","i",null]'
+        headers = b"{}"
         body = b'{"a":1}'
         for data in (
             PUBLISH_FORM,
-            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{}}',
-            PUBLISH_FORM + b"{not json\n" + body,
-            PUBLISH_FORM + b"[1]\n" + body,
-            PUBLISH_FORM + b'{"id":"i","headers":{}}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"","headers":{}}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":[]}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{},"queue":5}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{"sent-at":5}}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{"priority":"high"}}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"\xff","headers":{}}\n' + body,
-            PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{"sent-at":"yesterday"}}\n' + body,
+            PUBLISH_FORM + head,
+            PUBLISH_FORM + head + b"\n" + headers,
+            PUBLISH_FORM + b"{not json\n" + headers + b"\n" + body,
+            PUBLISH_FORM + b'{"topic":"t"}\n' + headers + b"\n" + body,
+            PUBLISH_FORM + b'["t","i"]\n' + headers + b"\n" + body,
+            PUBLISH_FORM + b'[5,"i",null]\n' + headers + b"\n" + body,
+            PUBLISH_FORM + b'["t","",null]\n' + headers + b"\n" + body,
+            PUBLISH_FORM + b'["t","i",5]\n' + headers + b"\n" + body,
+            PUBLISH_FORM + b'["t","\xff",null]\n' + headers + b"\n" + body,
+            PUBLISH_FORM + head + b"\n[]\n" + body,
+            PUBLISH_FORM + head + b"\n{oops\n" + body,
+            PUBLISH_FORM + head + b'\n{"sent-at":5}\n' + body,
+            PUBLISH_FORM + head + b'\n{"sent-at":"yesterday"}\n' + body,
+            PUBLISH_FORM + head + b'\n{"priority":"high"}\n' + body,
+            PUBLISH_FORM + head + b'\n{"fedora_messaging_severity":true}\n' + body,
+            PUBLISH_FORM + head + b'\n{"fedora_messaging_schema":null}\n' + body,
         ):
             self.assertRaises(DecodeError, decode_for_publish, data)
             self.assertRaises(DecodeError, decode, data)
@@ -220,7 +292,7 @@ class PublishFormTests(SynchronousTestCase):
         """
         A stored body that is not JSON is published as stored, and reading it is a DecodeError.
         """
-        data = PUBLISH_FORM + b'{"topic":"t","id":"i","headers":{}}\n{oops'
+        data = PUBLISH_FORM + b'["t","i",null]\n{}\n{oops'
         stored = decode_for_publish(data)
         self.assertEqual(stored.body_bytes, b"{oops")
         self.assertRaises(DecodeError, getattr, stored, "body")

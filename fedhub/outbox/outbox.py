@@ -212,7 +212,7 @@ class Outbox(Service):
         max_messages: int = 100_000,
         max_bytes: int = 1024 * 1024 * 1024,
         max_waiting: int = 10_000,
-        read_batch: int = 1000,
+        read_batch: int = 2000,
         stop_timeout: float = 10.0,
         retry_initial: float = 0.2,
         retry_max: float = 10.0,
@@ -236,8 +236,9 @@ class Outbox(Service):
         @param max_waiting: Hand-overs are refused (temporarily) while this
             many wait for the disk.
         @param read_batch: A backlog on disk is read back this many messages
-            at a time; it also bounds the committed messages kept in memory
-            besides those in flight.
+            at a time (once half of them are sent, so that the next batch
+            arrives before the window runs dry); it also bounds the committed
+            messages kept in memory besides those in flight.
         @param stop_timeout: C{stopService} waits this long for confirms.
         @param retry_initial: The first delay, in seconds, before sending
             again after the bus failed (or before retrying a failed disk).
@@ -850,13 +851,18 @@ class Outbox(Service):
             d = self._bus.publish(entry.message)
         except Exception:
             d = fail()
-        d.addCallbacks(
-            self._acked,
-            self._publish_failed,
-            callbackArgs=(entry,),
-            errbackArgs=(entry, generation),
-        )
-        d.addErrback(self._bug, "handling a publish outcome")
+        # One callback for both outcomes: a publish is the outbox's most
+        # frequent event, and each callback added costs.
+        d.addBoth(self._outcome, entry, generation)
+
+    def _outcome(self, result: object, entry: _Entry, generation: int) -> None:
+        try:
+            if isinstance(result, TwistedFailure):
+                self._publish_failed(result, entry, generation)
+            else:
+                self._acked(result, entry)
+        except Exception:
+            self._bug(TwistedFailure(), "handling a publish outcome")
 
     def _acked(self, result: object, entry: _Entry) -> None:
         if self._inflight.get(entry.seq) is not entry:

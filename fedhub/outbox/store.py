@@ -55,6 +55,7 @@ from fedhub.message import (
     FrozenDict,
     FrozenList,
     Message,
+    format_sent_at,
     from_amqp,
     iter_loads,
     parse_sent_at,
@@ -386,17 +387,89 @@ PUBLISH_FORM = b"\x02"
 #: encoder costs as much as using it.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
-#: Decodes it; objects come out frozen, as a message's headers must be.
-_META_DECODER = json.JSONDecoder(object_hook=FrozenDict)
+#: A string as JSON, without escaping what is not ASCII (as L{_ENCODER}).
+_json_string = json.encoder.encode_basestring
+
+#: Decodes it (no hooks: the C scanner does all the work).
+_DECODER = json.JSONDecoder()
+
+#: The last sent-at time formatted, with its text: the messages of a burst
+#: share their sent-at second, and formatting a time costs as much as the
+#: rest of the headers.
+_last_sent_at: tuple[datetime | None, str] = (None, "")
+
+
+def _sent_at_text(when: datetime) -> str:
+    global _last_sent_at
+    last, text = _last_sent_at
+    # The same instant in the same time zone object reads the same.
+    if last is not None and when == last and when.tzinfo is last.tzinfo:
+        return text
+    text = format_sent_at(when)
+    _last_sent_at = (when, text)
+    return text
+
+
+def _model_headers(message: Message) -> dict[str, Any]:
+    """
+    L{Message.wire_headers}, with the sent-at text of the previous message
+    reused when it is the same; used once L{_fast_path_works} has found it
+    equal to the model's.
+    """
+    headers = dict(message.headers)
+    headers[SCHEMA_HEADER] = message.schema
+    headers[SEVERITY_HEADER] = message.severity
+    sent_at = message.sent_at
+    if sent_at is not None:
+        headers[SENT_AT_HEADER] = _sent_at_text(sent_at)
+    headers[PRIORITY_HEADER] = message.priority
+    return headers
+
+
+#: Header values whose class and equality tell their JSON form apart (not
+#: floats: 0.0 == -0.0).
+_PLAIN_VALUES = frozenset({str, int, bool, type(None)})
+
+#: The JSON of the wire headers of recent messages, by what makes them:
+#: most messages of a burst have the same headers, down to the sent-at
+#: second.
+_headers_json_cache: dict[tuple[Any, ...], bytes] = {}
+_HEADERS_CACHE_SIZE = 256
+
+
+def _headers_json(message: Message) -> bytes:
+    """
+    The wire headers of a message as compact UTF-8 JSON.
+    """
+    sent_at = message.sent_at
+    key: list[Any] = [
+        message.schema,
+        message.severity,
+        message.priority,
+        None if sent_at is None else _sent_at_text(sent_at),
+    ]
+    for name, value in message.headers.items():
+        if value.__class__ not in _PLAIN_VALUES:
+            return _ENCODER.encode(_model_headers(message)).encode("utf-8")
+        key += (name, value.__class__, value)
+    frozen = tuple(key)
+    text = _headers_json_cache.get(frozen)
+    if text is None:
+        text = _ENCODER.encode(_model_headers(message)).encode("utf-8")
+        if len(_headers_json_cache) >= _HEADERS_CACHE_SIZE:
+            _headers_json_cache.clear()
+        _headers_json_cache[frozen] = text
+    return text
 
 
 def encode(message: Message) -> bytes:
     """
-    The stored form of a message (the publish form): one byte
-    L{PUBLISH_FORM}, a compact JSON object with the topic, the id, every
-    AMQP header (sent-at and schema included) and the queue, a newline, and
-    the body exactly as it goes on the wire.  Compact JSON escapes every
-    control character, so the first newline ends the metadata.
+    The stored form of a message (the publish form), in three parts: the
+    byte L{PUBLISH_FORM} and a compact JSON array of the topic, the id and
+    the queue; a newline and a compact JSON object of every AMQP header
+    (sent-at and schema included); a newline and the body exactly as it goes
+    on the wire.  Compact JSON escapes every control character, so the first
+    two newlines end the first two parts.
 
     Publishing the message again needs no decoding of its body and no
     validation: see L{decode_for_publish}.
@@ -405,50 +478,63 @@ def encode(message: Message) -> bytes:
         (it has no JSON form).
     """
     try:
-        meta = _ENCODER.encode(
-            {
-                "topic": message.topic,
-                "id": message.id,
-                "headers": message.wire_headers(),
-                "queue": message.queue,
-            }
-        ).encode("utf-8")
+        if _FAST and message.__class__ is Message:
+            headers = _headers_json(message)
+        else:
+            headers = _ENCODER.encode(message.wire_headers()).encode("utf-8")
+        queue = message.queue
+        head = "[%s,%s,%s]" % (
+            _json_string(message.topic),
+            _json_string(message.id),
+            "null" if queue is None else _json_string(queue),
+        )
+        return b"".join(
+            (
+                PUBLISH_FORM,
+                head.encode("utf-8"),
+                b"\n",
+                headers,
+                b"\n",
+                message.body_bytes,
+            )
+        )
     except RecursionError:
         raise MessageError("message headers are nested too deeply to store") from None
     except (TypeError, ValueError) as e:
         raise MessageError(f"message can not be stored: {e}") from None
-    return PUBLISH_FORM + meta + b"\n" + message.body_bytes
 
 
-def _split(data: bytes) -> tuple[str, str, FrozenDict, str | None, bytes]:
+def _json(text: bytes, what: str) -> Any:
+    try:
+        return _DECODER.decode(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"stored {what} are not valid UTF-8: {e.reason}") from None
+    except RecursionError:
+        raise DecodeError(f"stored {what} are nested too deeply") from None
+    except ValueError as e:
+        raise DecodeError(f"stored {what} are not valid JSON: {e}") from None
+
+
+def _split(data: bytes) -> tuple[str, str, str | None, bytes, bytes]:
     """
-    The topic, id, wire headers, queue and body of a record in the publish
-    form, checked for their types only.
+    The topic, id, queue, headers (as stored) and body of a record in the
+    publish form.
 
     @raise DecodeError: when the record is not one.
     """
-    end = data.find(b"\n")
-    if end < 0:
-        raise DecodeError("stored record has no end of its metadata")
-    try:
-        meta = _META_DECODER.decode(data[1:end].decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DecodeError(f"stored metadata is not valid UTF-8: {e.reason}") from None
-    except RecursionError:
-        raise DecodeError("stored metadata is nested too deeply") from None
-    except ValueError as e:
-        raise DecodeError(f"stored metadata is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise DecodeError("stored metadata is not an object")
-    topic = meta.get("topic")
-    message_id = meta.get("id")
-    headers = meta.get("headers")
-    queue = meta.get("queue")
-    if not isinstance(topic, str) or not isinstance(message_id, str) or not message_id:
-        raise DecodeError("stored metadata has no topic or id")
-    if not isinstance(headers, dict) or not (queue is None or isinstance(queue, str)):
-        raise DecodeError("stored metadata has bad headers or queue")
-    return topic, message_id, cast(FrozenDict, headers), queue, data[end + 1 :]
+    first = data.find(b"\n")
+    second = data.find(b"\n", first + 1) if first > 0 else -1
+    if second < 0:
+        raise DecodeError("stored record does not have its three parts")
+    head = _json(data[1:first], "names")
+    if head.__class__ is not list or len(head) != 3:
+        raise DecodeError("stored names are not a topic, an id and a queue")
+    topic, message_id, queue = head
+    if topic.__class__ is not str or message_id.__class__ is not str or not message_id:
+        raise DecodeError("stored record has no topic or id")
+    if queue is not None and queue.__class__ is not str:
+        raise DecodeError("stored queue is not a string")
+    return topic, message_id, queue, data[first + 1 : second], data[second + 1 :]
 
 
 def decode(data: bytes) -> Message:
@@ -460,8 +546,10 @@ def decode(data: bytes) -> Message:
     @raise fedhub.errors.DecodeError: when C{data} is not one.
     """
     if data[:1] == PUBLISH_FORM:
-        topic, message_id, headers, queue, body = _split(data)
-        return from_amqp(topic, {"message_id": message_id, "headers": headers}, body, queue=queue)
+        topic, message_id, queue, headers, body = _split(data)
+        return from_amqp(
+            topic, {"message_id": message_id, "headers": _json(headers, "headers")}, body, queue=queue
+        )
     for message in iter_loads((data,)):
         return message
     raise DecodeError("stored record is empty")
@@ -469,16 +557,67 @@ def decode(data: bytes) -> Message:
 
 def _frozen(value: Any) -> Any:
     """
-    A header value from the stored JSON, with its lists frozen (its objects
-    are frozen by the decoder already).
+    A header value from the stored JSON, frozen like a message's headers.
     """
-    if isinstance(value, list):
+    if value.__class__ is list:
         return FrozenList(_frozen(item) for item in value)
-    if isinstance(value, dict):
+    if value.__class__ is dict:
+        frozen = FrozenDict()
         for key, item in value.items():
-            if isinstance(item, list):
-                dict.__setitem__(value, key, _frozen(item))
+            dict.__setitem__(frozen, key, _frozen(item))
+        return frozen
     return value
+
+
+class _Headers:
+    """
+    Stored headers decoded: the wire headers as stored, the extra headers
+    and the fields the message model keeps apart.  Immutable, so messages
+    with the same stored headers share one.
+    """
+
+    __slots__ = ("wire", "extra", "schema", "severity", "priority", "sent_at")
+
+    def __init__(self, text: bytes) -> None:
+        raw = _json(text, "headers")
+        if raw.__class__ is not dict:
+            raise DecodeError("stored headers are not an object")
+        wire = FrozenDict()
+        extra = FrozenDict()
+        for name, value in raw.items():
+            value = _frozen(value)
+            dict.__setitem__(wire, name, value)
+            if name not in MANAGED_HEADERS:
+                dict.__setitem__(extra, name, value)
+        sent_at = raw.get(SENT_AT_HEADER)
+        severity = raw.get(SEVERITY_HEADER, INFO)
+        priority = raw.get(PRIORITY_HEADER, 0)
+        schema = raw.get(SCHEMA_HEADER, BASE_SCHEMA)
+        if sent_at is not None and sent_at.__class__ is not str:
+            raise DecodeError("stored sent-at header is not a string")
+        if severity.__class__ is not int or priority.__class__ is not int or schema.__class__ is not str:
+            raise DecodeError("stored headers have managed values of the wrong types")
+        self.wire = wire
+        self.extra = extra
+        self.schema = schema
+        self.severity = severity
+        self.priority = priority
+        self.sent_at = None if sent_at is None else parse_sent_at(sent_at)
+
+
+#: Stored headers decoded lately, by their stored bytes: most messages of a
+#: burst have the same headers, down to the sent-at second.
+_headers_cache: dict[bytes, _Headers] = {}
+
+
+def _headers(text: bytes) -> _Headers:
+    headers = _headers_cache.get(text)
+    if headers is None:
+        headers = _Headers(text)
+        if len(_headers_cache) >= _HEADERS_CACHE_SIZE:
+            _headers_cache.clear()
+        _headers_cache[text] = headers
+    return headers
 
 
 class StoredMessage(Message):
@@ -543,82 +682,80 @@ _SET_FIELDS = frozenset(
 
 
 def _publish_form_message(data: bytes) -> StoredMessage:
-    topic, message_id, headers, queue, body = _split(data)
-    extra = FrozenDict()
-    for name, value in headers.items():
-        if name not in MANAGED_HEADERS:
-            if isinstance(value, (list, dict)):
-                value = _frozen(value)
-                # The same frozen value in the wire headers, which are
-                # published as they are.
-                dict.__setitem__(headers, name, value)
-            dict.__setitem__(extra, name, value)
-    sent_at = headers.get(SENT_AT_HEADER)
-    if not isinstance(sent_at, (str, type(None))):
-        raise DecodeError("stored sent-at header is not a string")
-    severity = headers.get(SEVERITY_HEADER, INFO)
-    priority = headers.get(PRIORITY_HEADER, 0)
-    schema = headers.get(SCHEMA_HEADER, BASE_SCHEMA)
-    if not isinstance(severity, int) or not isinstance(priority, int) or not isinstance(schema, str):
-        raise DecodeError("stored managed headers have the wrong types")
+    topic, message_id, queue, text, body = _split(data)
+    headers = _headers(text)
     message = object.__new__(StoredMessage)
     message.__dict__.update(
         topic=topic,
-        headers=extra,
+        headers=headers.extra,
         id=message_id,
-        severity=severity,
-        priority=priority,
-        sent_at=None if sent_at is None else parse_sent_at(sent_at),
-        schema=schema,
+        severity=headers.severity,
+        priority=headers.priority,
+        sent_at=headers.sent_at,
+        schema=headers.schema,
         queue=queue,
         redelivered=False,
         _body_bytes=body,
-        _wire=headers,
+        _wire=headers.wire,
     )
     return message
 
 
 def _fast_path_works() -> bool:
     """
-    Whether L{StoredMessage} stands in for L{Message} here: the message
-    model has the fields it sets, and a stored message publishes and
-    compares exactly like its original.  Otherwise (the model changed) the
-    outbox decodes stored messages completely, which is slower but right.
+    Whether the shortcuts around the message model fit it: it has the
+    fields L{StoredMessage} sets, L{_model_headers} makes its wire headers,
+    and a stored message publishes and compares exactly like its original.
+    Otherwise (the model changed) messages are stored with the model's own
+    headers and decoded completely, which is slower but right.
     """
     if _FIELDS != _SET_FIELDS:
         return False
     try:
-        original = Message(
-            "org.example.outbox.check",
-            {"a": [1, {"b": None}], "c": "\u00e9"},
-            headers={"x_user": True, "x_list": [1, 2]},
-            id="outbox-check",
-            priority=3,
-            sent_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
-            schema="outbox.check",
-            queue="q",
-        )
-        stored = _publish_form_message(encode(original))
-        return (
-            stored == original
-            and original == stored
-            and stored.body_bytes == original.body_bytes
-            and stored.amqp_properties() == original.amqp_properties()
-            and stored.to_serialized() == original.to_serialized()
-            and stored.evolve(priority=4) == original.evolve(priority=4)
-            and hash(stored) == hash(original)
-        )
+        samples = [
+            Message(
+                "org.example.outbox.check",
+                {"a": [1, {"b": None}], "c": "\u00e9"},
+                headers={"x_user": True, "x_list": [1, {"y": [2]}]},
+                id="outbox-check",
+                priority=3,
+                sent_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+                schema="outbox.check",
+                queue="q",
+            ),
+            Message("org.example.outbox.check", {}, id="outbox-check-2", sent_at=None),
+        ]
+        for original in samples:
+            if list(_model_headers(original).items()) != list(original.wire_headers().items()):
+                return False
+            stored = _publish_form_message(encode(original))
+            if not (
+                stored == original
+                and original == stored
+                and stored.body_bytes == original.body_bytes
+                and stored.amqp_properties() == original.amqp_properties()
+                and stored.to_serialized() == original.to_serialized()
+                and stored.evolve(priority=4) == original.evolve(priority=4)
+                and hash(stored) == hash(original)
+            ):
+                return False
+        return True
     except Exception:
         return False
+    finally:
+        _headers_cache.clear()
+        _headers_json_cache.clear()
 
 
+_FAST = False
 _FAST = _fast_path_works()
 
 
 def decode_for_publish(data: bytes) -> Message:
     """
     A stored message, ready to publish: for a record in the publish form a
-    L{StoredMessage}, which costs a small JSON decode of the metadata and no
+    L{StoredMessage}, which costs a small JSON decode of the topic and id
+    (and of the headers, unless the previous messages had the same) and no
     validation; records of layout 1 are decoded completely (L{decode}).
 
     @raise fedhub.errors.DecodeError: when C{data} is not a stored message.
@@ -651,6 +788,48 @@ def _is_locked(error: BaseException) -> bool:
     return False
 
 
+#: Rows inserted by one statement at most: 3 parameters each stay within
+#: SQLite's oldest limit of 999 parameters per statement.
+_INSERT_CHUNK = 300
+
+
+def _insert_pending(conn: sqlite3.Connection, rows: Sequence[tuple[str, float, bytes]]) -> None:
+    """
+    Insert pending rows in order, many per statement.
+
+    Each statement executed gives up Python's global lock while SQLite
+    works and must take it back afterwards, which waits for the reactor
+    thread when it is busy: a transaction of a few statements is written
+    much sooner than one of a statement per row.
+    """
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        chunk = rows[start : start + _INSERT_CHUNK]
+        sql = "INSERT INTO pending (message_id, created, data) VALUES " + ",".join(
+            ["(?, ?, ?)"] * len(chunk)
+        )
+        conn.execute(sql, [value for row in chunk for value in row])
+
+
+def _ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """
+    Sequence numbers as runs of consecutive ones, C{(first, last)} each, so
+    that confirmed messages, which mostly come in order, are deleted a run
+    per statement (see L{_insert_pending} for why that matters).
+    """
+    ranges: list[tuple[int, int]] = []
+    first = last = None
+    for seq in sorted(set(seqs)):
+        if last is not None and seq == last + 1:
+            last = seq
+            continue
+        if first is not None and last is not None:
+            ranges.append((first, last))
+        first = last = seq
+    if first is not None and last is not None:
+        ranges.append((first, last))
+    return ranges
+
+
 class _Database:
     """
     The SQLite connection and the blocking operations on it.  Every method
@@ -662,6 +841,8 @@ class _Database:
         self.path = os.path.join(directory, DATABASE_NAME)
         self.lock_timeout = lock_timeout
         self.conn: sqlite3.Connection | None = None
+        # Whether the connection commits with fsync (it opens so).
+        self.durable = True
 
     def _error(self, error: BaseException) -> StoreError:
         if _is_locked(error):
@@ -683,13 +864,20 @@ class _Database:
             except sqlite3.Error:
                 pass
 
-    def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _write(self, work: Callable[[sqlite3.Connection], _T], durable: bool = True) -> _T:
         """
-        Run C{work} in one write transaction and commit it (the commit waits
-        for fsync).
+        Run C{work} in one write transaction and commit it.
+
+        @param durable: Whether the commit waits for fsync (C{synchronous}
+            C{FULL}).  Otherwise (C{NORMAL}) it is in the log, which survives
+            the death of the process but not a power loss, until the next
+            durable commit or checkpoint fsyncs the log with it.
         """
         conn = self._connection()
         try:
+            if durable != self.durable:
+                conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self.durable = durable
             conn.execute("BEGIN IMMEDIATE")
             result = work(conn)
             conn.execute("COMMIT")
@@ -751,6 +939,7 @@ class _Database:
                 raise self._error(e) from e
             raise
         self.conn = conn
+        self.durable = True
         return summary
 
     def _summary(self, conn: sqlite3.Connection) -> Summary:
@@ -783,11 +972,9 @@ class _Database:
         def work(conn: sqlite3.Connection) -> tuple[CommitResult, int, int | None]:
             first = 0
             if inserts:
-                conn.executemany(
-                    "INSERT INTO pending (message_id, created, data) VALUES (?, ?, ?)", inserts
-                )
+                _insert_pending(conn, inserts)
                 # One writer holds the database, so the rows of one
-                # executemany get consecutive numbers.
+                # transaction get consecutive numbers.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - len(inserts) + 1
             moved = 0
@@ -811,7 +998,7 @@ class _Database:
             recount: int | None = None
             if deletes:
                 cursor = conn.executemany(
-                    "DELETE FROM pending WHERE seq = ?", [(seq,) for seq in deletes]
+                    "DELETE FROM pending WHERE seq BETWEEN ? AND ?", _ranges(deletes)
                 )
                 deleted = cursor.rowcount
                 if deleted != len(deletes):
@@ -820,7 +1007,9 @@ class _Database:
                     ).fetchone()[0]
             return CommitResult(first, len(inserts), deleted, moved), moved_bytes, recount
 
-        return self._write(work)
+        # Deleting confirmed messages need not wait for the disk: should the
+        # deletion be lost with power, the messages are published again.
+        return self._write(work, durable=bool(inserts or failures))
 
     def load(self, after_seq: int, limit: int) -> list[StoredRow]:
         conn = self._connection()
