@@ -214,6 +214,56 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(store.failed_bytes, len(encode(b)))
         self.assertEqual(store.pending_bytes, len(encode(c)))
 
+    def test_large_commit(self) -> None:
+        """
+        A commit of more rows than one statement takes numbers them consecutively; scattered deletes remove exactly those.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(701)]
+        result = self.successResultOf(store.commit([row(m) for m in messages]))
+        self.assertEqual(result.inserted, 701)
+        rows = self.successResultOf(store.load(0, 1000))
+        self.assertEqual([r.seq for r in rows], list(range(result.first_seq, result.first_seq + 701)))
+        self.assertEqual([r.message().id for r in rows], [m.id for m in messages])
+        size = len(encode(messages[0]))
+        gone = [0, 1, 2, 5, 299, 300, 301, 700, 3, 2]
+        done = self.successResultOf(store.commit([], [(result.first_seq + i, size) for i in gone]))
+        self.assertEqual(done.deleted, 9)
+        left = self.successResultOf(store.load(0, 1000))
+        self.assertEqual(
+            [r.seq - result.first_seq for r in left], [i for i in range(701) if i not in set(gone)]
+        )
+        self.assertEqual(store.pending_count, 701 - 9)
+        self.assertEqual(store.pending_bytes, sum(len(encode(messages[i])) for i in range(701) if i not in gone))
+
+    def test_sync_per_transaction(self) -> None:
+        """
+        Hand-overs and moves to the failed area are committed with fsync; deleting confirmed messages alone is not.
+        """
+        store = self.open_store()
+        conn = store._db.conn
+        assert conn is not None
+
+        def synchronous() -> int:
+            value: int = conn.execute("PRAGMA synchronous").fetchone()[0]
+            return value
+
+        result = self.successResultOf(store.commit([row(make_message(n)) for n in range(4)]))
+        size = len(encode(make_message(0)))
+        # FULL is 2, NORMAL 1.
+        self.assertEqual(synchronous(), 2)
+        self.successResultOf(store.commit([], [(result.first_seq, size)]))
+        self.assertEqual(synchronous(), 1)
+        self.successResultOf(store.commit([], [], [Failure(result.first_seq + 1, RETURNED, "r", 1.0)]))
+        self.assertEqual(synchronous(), 2)
+        self.successResultOf(store.commit([], [(result.first_seq + 2, size)]))
+        self.assertEqual(synchronous(), 1)
+        self.successResultOf(store.commit([row(make_message(9))], [(result.first_seq + 3, size)]))
+        self.assertEqual(synchronous(), 2)
+        self.assertEqual(self.successResultOf(store.retry_failed()), 1)
+        self.assertEqual(synchronous(), 2)
+        self.assertEqual(store.pending_count, 2)
+
     def test_failed_commit_writes_nothing(self) -> None:
         """
         A commit that fails half-way is rolled back entirely and reported as StoreError.
