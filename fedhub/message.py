@@ -439,18 +439,18 @@ def _split_headers(raw: object) -> tuple[str, int, int, datetime | None, FrozenD
     """
     if raw is None:
         raw = {}
-    if not isinstance(raw, Mapping):
+    if raw.__class__ is not dict and not isinstance(raw, Mapping):
         raise DecodeError(f"headers must be a table, not {type(raw).__name__}")
     schema = raw.get(SCHEMA_HEADER, BASE_SCHEMA)
     if not isinstance(schema, str) or not schema:
         raise DecodeError(f"header {SCHEMA_HEADER} must be a non-empty string, not {schema!r}")
     severity = raw.get(SEVERITY_HEADER, INFO)
-    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+    if severity.__class__ is not int or severity not in SEVERITIES:
         raise DecodeError(f"header {SEVERITY_HEADER} must be one of {SEVERITIES}, not {severity!r}")
     priority = raw.get(PRIORITY_HEADER, 0)
     if priority is None:
         priority = 0
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
+    if priority.__class__ is not int or not 0 <= priority <= 255:
         raise DecodeError(f"header {PRIORITY_HEADER} must be an integer 0..255, not {priority!r}")
     sent_at_text = raw.get(SENT_AT_HEADER)
     sent_at: datetime | None = None
@@ -462,7 +462,7 @@ def _split_headers(raw: object) -> tuple[str, int, int, datetime | None, FrozenD
         sent_at = parse_sent_at(sent_at_text)
     extra = FrozenDict()
     for name, value in raw.items():
-        if not isinstance(name, str):
+        if name.__class__ is not str and not isinstance(name, str):
             raise DecodeError(f"header name {name!r} is not a string")
         if name not in MANAGED_HEADERS:
             dict.__setitem__(extra, name, _deep_freeze(value))

@@ -279,7 +279,20 @@ class ConsumerService(Service):
             self.stats["invalid"] += 1
             self._settle(self._dead_letter(delivery, str(e)), delivery, "dead_lettered", str(e))
             return
-        d = call_handler(self.handler, message)
+        # Most handlers answer at once: their verdict is acted on without
+        # the two Deferreds a handler that returns later needs.
+        try:
+            result = self.handler.handle(message)
+        except BaseException:
+            self._settle_now(self._failed, Failure(), delivery)
+            return
+        if inspect.iscoroutine(result):
+            d: Deferred[Any] = ensureDeferred(result)
+        elif isinstance(result, Deferred):
+            d = result
+        else:
+            self._settle_now(self._succeeded, result, delivery)
+            return
         d.addCallbacks(
             self._succeeded, self._failed, callbackArgs=(delivery,), errbackArgs=(delivery,)
         )
@@ -289,6 +302,14 @@ class ConsumerService(Service):
         if not d.called:
             self._in_flight.add(d)
             d.addBoth(self._forget, d)
+
+    def _settle_now(
+        self, settle: Callable[[Any, IDelivery], None], outcome: Any, delivery: IDelivery
+    ) -> None:
+        try:
+            settle(outcome, delivery)
+        except Exception:
+            self.log.failure("Settling {msg_id} failed", msg_id=delivery.message.id)
 
     def _forget(self, result: object, d: Deferred[None]) -> object:
         self._in_flight.discard(d)
