@@ -68,6 +68,7 @@ from common import (  # noqa: E402
     body_bytes,
     body_dict,
     emit,
+    keep_out_of_collection,
     latency_summary,
     plain_messages,
     wire_headers,
@@ -131,6 +132,7 @@ def fedhub_worker(args: argparse.Namespace) -> None:
 
     async def publish(bus: AMQPBus, meter: Meter) -> dict[str, Any]:
         batch = messages(args.count)
+        keep_out_of_collection()
         countdown = Countdown(len(batch))
         await bus.when_connected()
         meter.start()
@@ -197,6 +199,7 @@ def fedhub_worker(args: argparse.Namespace) -> None:
         confirmed = Countdown(args.count)
         box.add_observer(lambda event, message_id: confirmed.one() if event == "confirmed" else None)
         batch = iter(messages(args.count))
+        keep_out_of_collection()
         handover: list[float] = []
         box.startService()
         await bus.when_connected()
@@ -327,6 +330,7 @@ def pika_worker(args: argparse.Namespace) -> None:
     def publish(connection: Any, channel: Any) -> None:
         confirm = args.workload == "publish-confirm"
         batch = list(plain_messages(args.count))
+        keep_out_of_collection()
         position = 0
         unconfirmed: list[int] = []  # a queue of delivery tags, oldest first
         head = 0
@@ -500,6 +504,7 @@ def aiopika_worker(args: argparse.Namespace) -> None:
     async def publish(connection: Any, meter: Meter) -> dict[str, Any]:
         confirm = args.workload == "publish-confirm"
         batch = [message(p.message_id, p.body, p.headers) for p in plain_messages(args.count)]
+        keep_out_of_collection()
         channel = await connection.channel(publisher_confirms=confirm)
         exchange = await channel.get_exchange(EXCHANGE)
         meter.start()
