@@ -129,7 +129,11 @@ def _reject_constant(name: str) -> NoReturn:
 # One decoder for every message: json.loads() with hooks builds a new
 # decoder and scanner on each call, which costs as much as decoding a small
 # body.  The C scanner it wraps keeps no state between calls.
+# A body without arrays (no "[" anywhere, not even in a string) needs no
+# list freezing: its objects are made by FrozenDict itself, with no Python
+# call per object.
 _decode = json.JSONDecoder(object_hook=_frozen_object, parse_constant=_reject_constant).decode
+_decode_without_arrays = json.JSONDecoder(object_hook=FrozenDict, parse_constant=_reject_constant).decode
 
 
 def _json_text(data: bytes | str) -> str:
@@ -151,7 +155,8 @@ def _json_object(data: bytes | str) -> FrozenDict:
     is caught here too.
     """
     try:
-        value = _decode(_json_text(data))
+        text = _json_text(data)
+        value = (_decode if "[" in text else _decode_without_arrays)(text)
     except UnicodeDecodeError as e:
         raise DecodeError(f"body is not valid UTF-8: {e.reason} at byte {e.start}") from None
     except RecursionError:

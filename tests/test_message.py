@@ -367,6 +367,9 @@ class SerializedFormTests(SynchronousTestCase):
                                message.body["a"][1]["b"], message.body["c"]["d"][0]):
                     self.assertRaises(TypeError, target.append, 9)
                 self.assertRaises(TypeError, message.body["a"][1].update, {"x": 1})
+        without_arrays = from_amqp("a", {}, b'{"a": {"b": {"c": 1}}}')
+        self.assertRaises(TypeError, without_arrays.body["a"]["b"].update, {"x": 1})
+        self.assertEqual(without_arrays.body, {"a": {"b": {"c": 1}}})
 
     def test_decoded_message_behaves_like_a_built_one(self) -> None:
         """A delivered message hashes, compares, evolves and re-encodes like one built locally."""
