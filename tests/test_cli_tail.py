@@ -168,10 +168,13 @@ class FollowerTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(follower.done, CommandError).value.status, 74)
 
     def test_topology(self) -> None:
-        """The queue is temporary (exclusive, auto-delete, not durable) and bound for each pattern."""
+        """The queue is temporary (exclusive, auto-delete, not durable), bounded and bound for each pattern."""
         topology = tail_topology("fedhub.tail.x", "amq.topic", ("a.#", "b.*"))
-        self.assertEqual(topology.queues, (QueueSpec("fedhub.tail.x", durable=False, exclusive=True,
-                                                     auto_delete=True),))
+        self.assertEqual(topology.queues, (QueueSpec(
+            "fedhub.tail.x", durable=False, exclusive=True, auto_delete=True,
+            arguments={"x-max-length": 100_000, "x-overflow": "drop-head"}),))
+        small = tail_topology("fedhub.tail.x", "amq.topic", ("#",), max_backlog=5)
+        self.assertEqual(small.queues[0].arguments["x-max-length"], 5)
         self.assertEqual(topology.bindings, (BindingSpec("fedhub.tail.x", "amq.topic", "a.#"),
                                              BindingSpec("fedhub.tail.x", "amq.topic", "b.*")))
 
@@ -278,6 +281,22 @@ class LiveTailTests(LiveCase):
         await self.publish(*unwanted, wanted[0], wanted[1])
         self.assertEqual(await process.ended, 0, process.stderr)
         self.assertEqual([m.id for m in iter_loads(process.stdout.splitlines())], [m.id for m in wanted])
+
+    async def test_backlog_bounded(self) -> None:
+        """A tail that falls behind keeps only the newest --max-backlog messages beyond its prefetch."""
+        process = await self.start_tail("--topic", f"{self.prefix}.#", "--max-backlog", "2",
+                                        "--count", "102", "--format", "json")
+        # Stopped, the tail takes its prefetch (100) into its socket; the
+        # rest waits in its queue, which keeps the newest two.
+        process.signal(signal.SIGSTOP)
+        try:
+            messages = [Message.create(f"{self.prefix}.n", {"n": n}) for n in range(150)]
+            await self.publish(*messages)
+        finally:
+            process.signal(signal.SIGCONT)
+        self.assertEqual(await process.ended, 0, process.stderr)
+        shown = [m.body["n"] for m in iter_loads(process.stdout.splitlines())]
+        self.assertEqual(shown, list(range(100)) + [148, 149])
 
     async def test_sigint(self) -> None:
         """Ctrl-C (SIGINT) ends the tail with 0, and its temporary queue is gone."""

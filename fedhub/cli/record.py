@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def work(runtime: Runtime) -> int:
         return await follow(
-            "record", runtime, domain, topics, follower, timeout=args.timeout, quiet=args.quiet
+            "record", runtime, domain, topics, follower, timeout=args.timeout, quiet=args.quiet,
+            max_backlog=args.max_backlog,
         )
 
     try:

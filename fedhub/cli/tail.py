@@ -4,7 +4,10 @@ Follow a domain's bus and print the messages on it.
 C{fedhub tail} declares a temporary queue of its own (C{fedhub.tail.<uuid>}:
 exclusive, auto-delete, not durable: the broker deletes it when the command
 ends), binds it to the domain's exchange for each C{--topic} pattern (default
-C{#}: everything) and prints each message as it arrives:
+C{#}: everything) and prints each message as it arrives.  The queue holds at
+most C{--max-backlog} messages (default 100,000): when the reader falls that
+far behind, the broker drops the oldest rather than letting a forgotten
+terminal grow the broker's memory.  Formats:
 
   - C{terse} (default): one line per message: send time, topic, summary;
   - C{pretty}: the topic, id, managed headers, extra headers and the body,
@@ -49,6 +52,9 @@ PACKAGE_HEADER = "fedora_messaging_rpm_"
 
 #: Deliveries the broker sends ahead of the one being printed.
 PREFETCH = 100
+
+#: Messages the temporary queue holds, at most, unless --max-backlog says.
+MAX_BACKLOG = 100_000
 
 FORMATS = ("terse", "pretty", "json")
 
@@ -156,12 +162,17 @@ def check_patterns(option: str, patterns: list[str]) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-def tail_topology(queue: str, exchange: str, topics: tuple[str, ...]) -> Topology:
+def tail_topology(
+    queue: str, exchange: str, topics: tuple[str, ...], max_backlog: int = MAX_BACKLOG
+) -> Topology:
     """
-    The temporary queue of a tail and its bindings.
+    The temporary queue of a tail and its bindings; the queue drops its
+    oldest messages beyond C{max_backlog}.
     """
+    arguments = {"x-max-length": max_backlog, "x-overflow": "drop-head"}
     return Topology(
-        queues=(QueueSpec(queue, durable=False, exclusive=True, auto_delete=True),),
+        queues=(QueueSpec(queue, durable=False, exclusive=True, auto_delete=True,
+                          arguments=arguments),),
         bindings=tuple(BindingSpec(queue, exchange, topic) for topic in topics),
     )
 
@@ -218,6 +229,7 @@ async def follow(
     *,
     timeout: float,
     quiet: bool,
+    max_backlog: int = MAX_BACKLOG,
     notice: IO[str] | None = None,
 ) -> int:
     """
@@ -226,7 +238,7 @@ async def follow(
     queue = f"fedhub.{command}.{uuid.uuid4()}"
 
     async def consume(bus: Any) -> int:
-        await bus.declare(tail_topology(queue, domain.exchange, topics))
+        await bus.declare(tail_topology(queue, domain.exchange, topics, max_backlog))
         await bus.subscribe(queue, follower, PREFETCH)
         if not quiet:
             print(
@@ -275,6 +287,11 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-n", "--count", type=positive_int, default=None, metavar="N",
         help="exit after N messages",
+    )
+    parser.add_argument(
+        "--max-backlog", type=positive_int, default=MAX_BACKLOG, metavar="N",
+        help="messages the broker keeps for this command while it falls behind; "
+        f"beyond, the oldest are dropped (default {MAX_BACKLOG})",
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true",
@@ -340,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def work(runtime: Runtime) -> int:
         return await follow(
-            "tail", runtime, domain, topics, follower, timeout=args.timeout, quiet=args.quiet
+            "tail", runtime, domain, topics, follower, timeout=args.timeout, quiet=args.quiet,
+            max_backlog=args.max_backlog,
         )
 
     try:
