@@ -685,6 +685,23 @@ class EventTests(SynchronousTestCase):
         self.assertIsInstance(self.successResultOf(lost), ConnectionDone)
         self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionDone)
 
+    def test_loss_while_channels_open_and_opening(self) -> None:
+        """
+        Losing the connection while one channel is open and another is being
+        opened fails both, forgets both and still reports the loss (closing
+        the opening channel removes it from the table being walked).
+        """
+        b = self.broker
+        lost = b.client.when_lost()
+        opening = b.client.open_channel()
+        self.assertEqual(sorted(b.client.channels), [0, 1, 2])
+        waiting = self.channel.queue_declare(queue="q")
+        b.client.connectionLost(Failure(ConnectionLost()))
+        self.assertIsInstance(map_error(self.failureResultOf(waiting)), NotConnected)
+        self.assertIsInstance(map_error(self.failureResultOf(opening)), NotConnected)
+        self.assertNotIn(2, b.client.channels)
+        self.assertIsInstance(self.successResultOf(lost), ConnectionLost)
+
     def test_bad_frame_end(self) -> None:
         """
         A frame with a wrong end octet is a protocol error: logged, connection dropped.
