@@ -1022,6 +1022,7 @@ class RecoveryTests(OutboxTestCase):
         outbox, _ = self.make(bus, executor=executor, window=100, read_batch=200, max_waiting=1000)
         executor.run_all()
         messages = [make_message(n) for n in range(10_000)]
+        held_at_pause = None
         for start in range(0, len(messages), 1000):
             handovers = self.publish_all(outbox, messages[start : start + 1000])
             self.assertLessEqual(self.committed_held(outbox), 200)
@@ -1031,6 +1032,11 @@ class RecoveryTests(OutboxTestCase):
                 self.successResultOf(d)
             self.assertEqual(outbox.stats().waiting_for_disk, 0)
             self.assertLessEqual(outbox.held(), 200)
+            self.assertTrue(outbox.stats().paused)
+            # Once paused, nothing more is kept in memory nor read back.
+            if held_at_pause is None:
+                held_at_pause = outbox.held()
+            self.assertEqual(outbox.held(), held_at_pause)
         self.assertEqual(outbox.store.pending_count, 10_000)
         bus.connected = True
         self.clock.advance(10)

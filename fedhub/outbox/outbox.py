@@ -744,10 +744,12 @@ class Outbox(Service):
                 self._waiting_bytes -= len(handover.data)
             self._waiting_count -= count
             self._accepted += count
-            if not self._backlog and not self._loading:
+            if not self._backlog and not self._loading and not self._paused:
                 # Keep them in memory (they were held as hand-overs already)
                 # so they need not be read back, as many as the ready queue
-                # takes; the rest is read back from disk in its turn.
+                # takes; the rest is read back from disk in its turn.  Not
+                # while sending is paused: an outage may last, and then the
+                # backlog is best on disk only.
                 first = result.first_seq
                 ready = self._ready
                 keep = min(count, self._read_batch - len(ready))
@@ -980,6 +982,9 @@ class Outbox(Service):
 
     def _maybe_load(self) -> None:
         if not self._backlog or self._loading or not self._opened or self._stop_d is not None:
+            return
+        if self._paused:
+            # Nothing is sent until the pause is over; read then.
             return
         if self._load_call is not None:
             return
