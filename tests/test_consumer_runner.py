@@ -14,7 +14,7 @@ from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
 from fedhub.config import ComponentConfig
-from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, attempts_from
+from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
 from fedhub.errors import DeadLetter, Drop, Halt, Retry
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
@@ -114,6 +114,29 @@ class RunnerTests(SynchronousTestCase):
         self.flush()
         self.assertEqual(self.bus.unacked("fedhub.c"), 0)
         self.assertEqual(service.stats["acked"], 1)
+
+    def test_handling_time_and_in_flight(self) -> None:
+        """Settled reports how long the handler took (None when it was not called); in_flight counts calls."""
+        pending: Deferred[None] = Deferred()
+        schemas = SchemaRegistry()
+        schemas.register("test.numbered", {"type": "object", "properties": {"n": {"type": "integer"}}})
+        service = self.start(ScriptedHandler(pending, DeadLetter("no"), RuntimeError("x")),
+                             on_error="drop", schemas=schemas)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        self.publish()
+        self.assertEqual(service.in_flight, 1)
+        self.clock.advance(2.5)
+        pending.callback(None)
+        self.flush()
+        self.assertEqual(service.in_flight, 0)
+        self.publish()
+        self.publish()
+        self.publish({"n": "not a number"}, schema="test.numbered")
+        self.assertEqual([(s.outcome, s.handling) for s in settled],
+                         [("acked", 2.5), ("dead_lettered", 0.0), ("dropped", 0.0),
+                          ("dead_lettered", None)])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_coroutine_handler(self) -> None:
         """An `async def` handler is awaited."""

@@ -26,7 +26,6 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from fedhub.bus.memory import MemoryBus
 from fedhub.config import ComponentConfig, DomainConfig, parse_config
@@ -39,7 +38,7 @@ from fedhub.message import Message
 from fedhub.outbox import Outbox
 from fedhub.outbox.store import SynchronousExecutor
 from fedhub.status import CONTENT_SECURITY_POLICY, HubMonitor, RecentMessages, StatusService, readiness
-from fedhub.status.metrics import Activity, TimedHandler
+from fedhub.status.metrics import Activity
 from fedhub.status.web import Assets, LiveFeed, build_resource, dumps_json
 
 HOSTILE_TOPIC = "org.example.dev.<img/src=x/onerror=alert(1)>.\"'&\x1b[31m"
@@ -599,24 +598,13 @@ class MonitorTests(SynchronousTestCase):
     Attaching to and detaching from a hub.
     """
 
-    def test_attach_wraps_and_detach_restores(self) -> None:
-        """Attaching times the handler; detaching puts the original back."""
+    def test_handler_not_wrapped(self) -> None:
+        """Attaching leaves the consumer's handler as it is: timing comes from its Settled reports."""
         world = World(self)
         world.monitor.attach()
-        wrapped = world.consumer.handler
-        self.assertIsInstance(wrapped, TimedHandler)
-        verifyObject(IMessageHandler, wrapped)
-        self.assertEqual(wrapped.topics, ("#",))
+        self.assertIs(world.consumer.handler, world.handler)
         world.monitor.detach()
         self.assertIs(world.consumer.handler, world.handler)
-
-    def test_wrapper_forwards_other_attributes(self) -> None:
-        """The hub's log reopening still reaches the handler behind the wrapper."""
-        world = World(self)
-        world.monitor.attach()
-        world.consumer.handler.reopen()  # type: ignore[attr-defined]
-        self.assertEqual(world.handler.reopened, 1)
-        world.monitor.detach()
 
     def test_attach_twice(self) -> None:
         """Attaching again, or after detaching, never reports a message twice."""

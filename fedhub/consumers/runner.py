@@ -43,10 +43,8 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     ensureDeferred,
-    fail,
     inlineCallbacks,
     maybeDeferred,
-    succeed,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -107,27 +105,15 @@ class Settled:
         C{"requeued"} (a L{Halt}) or C{"rejected"} (the replacing copy could
         not be published; the broker dead-letters the original).
     @ivar reason: Why, for every outcome but C{"acked"}.
+    @ivar handling: Seconds from the call of the handler until its result
+        was known, or C{None} when the handler was not called (an invalid
+        message, or one requeued because the consumer was stopping).
     """
 
     message: Message
     outcome: str
     reason: str | None = None
-
-
-def call_handler(handler: IMessageHandler, message: Message) -> Deferred[Any]:
-    """
-    Call a plugin's C{handle} and return a Deferred of its result, whether it
-    returned a value, a Deferred or a coroutine, or raised.
-    """
-    try:
-        result = handler.handle(message)
-    except BaseException:
-        return fail()
-    if inspect.iscoroutine(result):
-        return ensureDeferred(result)
-    if isinstance(result, Deferred):
-        return result
-    return succeed(result)
+    handling: float | None = None
 
 
 class ConsumerService(Service):
@@ -138,6 +124,7 @@ class ConsumerService(Service):
     @ivar stats: Counters by outcome (C{consumed}, C{acked}, C{dropped},
         C{dead_lettered}, C{invalid}, C{failed}, C{requeued}).
     @ivar halted: Whether a L{Halt} verdict stopped it.
+    @ivar in_flight: Handler calls started and not finished.
     """
 
     log = Logger()
@@ -183,6 +170,7 @@ class ConsumerService(Service):
         self.topics = tuple(component.topics) or tuple(handler.topics)
         self.halted = False
         self.consuming = False
+        self.in_flight = 0
         self.stats = dict.fromkeys(
             ("consumed", "acked", "dropped", "dead_lettered", "retried", "invalid", "failed",
              "requeued"),
@@ -231,8 +219,10 @@ class ConsumerService(Service):
         """
         self._observers.append(observer)
 
-    def _tell(self, message: Message, outcome: str, reason: str | None = None) -> None:
-        event = Settled(message, outcome, reason)
+    def _tell(
+        self, message: Message, outcome: str, reason: str | None = None, handling: float | None = None
+    ) -> None:
+        event = Settled(message, outcome, reason, handling)
         for observer in list(self._observers):
             try:
                 observer(event)
@@ -280,22 +270,29 @@ class ConsumerService(Service):
             self._settle(self._dead_letter(delivery, str(e)), delivery, "dead_lettered", str(e))
             return
         # Most handlers answer at once: their verdict is acted on without
-        # the two Deferreds a handler that returns later needs.
+        # the Deferreds a handler that returns later needs.
+        started = self.clock.seconds()
+        self.in_flight += 1
         try:
             result = self.handler.handle(message)
         except BaseException:
-            self._settle_now(self._failed, Failure(), delivery)
+            self._settle_now(self._failed, Failure(), delivery, self._took(started))
             return
         if inspect.iscoroutine(result):
             d: Deferred[Any] = ensureDeferred(result)
         elif isinstance(result, Deferred):
             d = result
         else:
-            self._settle_now(self._succeeded, result, delivery)
+            self._settle_now(self._succeeded, result, delivery, self._took(started))
             return
-        d.addCallbacks(
-            self._succeeded, self._failed, callbackArgs=(delivery,), errbackArgs=(delivery,)
-        )
+
+        def succeeded(result: object) -> None:
+            self._succeeded(result, delivery, self._took(started))
+
+        def failed(failure: Failure) -> None:
+            self._failed(failure, delivery, self._took(started))
+
+        d.addCallbacks(succeeded, failed)
         d.addErrback(
             lambda f: self.log.failure("Settling {msg_id} failed", f, msg_id=message.id)
         )
@@ -303,11 +300,23 @@ class ConsumerService(Service):
             self._in_flight.add(d)
             d.addBoth(self._forget, d)
 
+    def _took(self, started: float) -> float:
+        """
+        A handler call that began at C{started} has its result: the seconds it took.
+        """
+        self.in_flight -= 1
+        took: float = self.clock.seconds() - started
+        return max(0.0, took)
+
     def _settle_now(
-        self, settle: Callable[[Any, IDelivery], None], outcome: Any, delivery: IDelivery
+        self,
+        settle: Callable[[Any, IDelivery, float], None],
+        outcome: Any,
+        delivery: IDelivery,
+        handling: float,
     ) -> None:
         try:
-            settle(outcome, delivery)
+            settle(outcome, delivery, handling)
         except Exception:
             self.log.failure("Settling {msg_id} failed", msg_id=delivery.message.id)
 
@@ -315,12 +324,12 @@ class ConsumerService(Service):
         self._in_flight.discard(d)
         return result
 
-    def _succeeded(self, result: object, delivery: IDelivery) -> None:
+    def _succeeded(self, result: object, delivery: IDelivery, handling: float) -> None:
         delivery.ack()
         self.stats["acked"] += 1
-        self._tell(delivery.message, "acked")
+        self._tell(delivery.message, "acked", None, handling)
 
-    def _failed(self, failure: Failure, delivery: IDelivery) -> None:
+    def _failed(self, failure: Failure, delivery: IDelivery, handling: float) -> None:
         message = delivery.message
         verdict = failure.value
         if not isinstance(verdict, (Drop, Halt, DeadLetter, Retry)):
@@ -349,7 +358,7 @@ class ConsumerService(Service):
             )
             delivery.ack()
             self.stats["dropped"] += 1
-            self._tell(message, "dropped", verdict.reason)
+            self._tell(message, "dropped", verdict.reason, handling)
         elif isinstance(verdict, Halt):
             self.log.error(
                 "Consumer {consumer} halts on {msg_id}: {reason}",
@@ -359,15 +368,21 @@ class ConsumerService(Service):
             )
             delivery.reject(True)
             self.stats["requeued"] += 1
-            self._tell(message, "requeued", verdict.reason)
+            self._tell(message, "requeued", verdict.reason, handling)
             self._halt()
         elif isinstance(verdict, Retry):
             attempts = attempts_from(message, self.retry_prefix)
             outcome = "retried" if attempts < len(self.retry_delays) else "dead_lettered"
-            self._settle(self._retry(delivery, verdict), delivery, outcome, verdict.reason)
+            self._settle(
+                self._retry(delivery, verdict), delivery, outcome, verdict.reason, handling
+            )
         else:
             self._settle(
-                self._dead_letter(delivery, verdict.reason), delivery, "dead_lettered", verdict.reason
+                self._dead_letter(delivery, verdict.reason),
+                delivery,
+                "dead_lettered",
+                verdict.reason,
+                handling,
             )
 
     def _retry(self, delivery: IDelivery, verdict: Retry) -> Deferred[None]:
@@ -419,7 +434,12 @@ class ConsumerService(Service):
         return self.bus.publish(copy, exchange=self.dead_letter_queue, routing_key=message.topic)
 
     def _settle(
-        self, replaced: Deferred[None], delivery: IDelivery, outcome: str, reason: str
+        self,
+        replaced: Deferred[None],
+        delivery: IDelivery,
+        outcome: str,
+        reason: str,
+        handling: float | None = None,
     ) -> None:
         """
         Acknowledge a delivery once the copy replacing it is confirmed; if the
@@ -428,7 +448,7 @@ class ConsumerService(Service):
 
         def confirmed(_: object) -> None:
             delivery.ack()
-            self._tell(delivery.message, outcome, reason)
+            self._tell(delivery.message, outcome, reason, handling)
 
         def refused(failure: Failure) -> None:
             self.log.failure(
@@ -438,7 +458,7 @@ class ConsumerService(Service):
                 msg_id=delivery.message.id,
             )
             delivery.reject(False)
-            self._tell(delivery.message, "rejected", reason)
+            self._tell(delivery.message, "rejected", reason, handling)
 
         replaced.addCallbacks(confirmed, refused)
         if not replaced.called:

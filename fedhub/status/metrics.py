@@ -7,9 +7,9 @@ L{stats<fedhub.outbox.outbox.Outbox.stats>}, the buses' counters, the
 consumers' C{stats}, the pollers' C{status()}, the SMTP listeners'
 C{counters}), so a scrape always shows the state of that moment and nothing
 is counted twice.  What the components do not keep, the monitor gathers
-while attached: how long handlers take (a histogram per consumer), how many
-messages each handler holds, when a domain last saw a message, and the last
-trouble of each consumer.  It also tells listeners about every outcome it
+while attached, from the consumers' L{Settled} reports: how long handlers
+take (a histogram per consumer), when a domain last saw a message, and the
+last trouble of each consumer.  It also tells listeners about every outcome it
 observes, which feeds the status page's list of recent messages.
 
 Every metric is prefixed C{fedhub_}; labels are C{domain}, C{consumer},
@@ -29,14 +29,11 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from fedhub.consumers.runner import ConsumerService, Settled, call_handler
+from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.hub import DomainRuntime
-from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
 from fedhub.outbox.outbox import OutboxStats
 from fedhub.text import escape_control
@@ -48,7 +45,6 @@ __all__ = [
     "HubMonitor",
     "HubView",
     "Readiness",
-    "TimedHandler",
     "readiness",
 ]
 
@@ -183,8 +179,7 @@ class ConsumerNotes:
     """
     What the monitor remembers about one consumer.
 
-    @ivar in_flight: Handler calls started and not finished.
-    @ivar handled: Handler calls finished.
+    @ivar handled: Handler calls finished (and their deliveries settled).
     @ivar total_time: Seconds those calls took, added up.
     @ivar last_message: When a delivery was last settled, or C{None}.
     @ivar last_trouble: When, what and why of the last delivery that was not
@@ -192,79 +187,10 @@ class ConsumerNotes:
     """
 
     def __init__(self) -> None:
-        self.in_flight = 0
         self.handled = 0
         self.total_time = 0.0
         self.last_message: float | None = None
         self.last_trouble: tuple[float, str, str] | None = None
-
-
-@implementer(IMessageHandler)
-class TimedHandler:
-    """
-    A consumer's handler wrapped to time each call.  Everything else
-    (C{topics}, C{start}, C{stop}, and any extra attribute such as C{reopen})
-    is the wrapped handler's.
-
-    @ivar inner: The wrapped handler.
-    """
-
-    def __init__(
-        self,
-        inner: IMessageHandler,
-        clock: IReactorTime,
-        notes: ConsumerNotes,
-        observe: Callable[[float], object],
-    ) -> None:
-        self.inner = inner
-        self._clock = clock
-        self._notes = notes
-        self._observe = observe
-
-    @property
-    def topics(self) -> tuple[str, ...]:
-        """
-        The wrapped handler's topic patterns.
-        """
-        return tuple(self.inner.topics)
-
-    def handle(self, message: Message) -> Deferred[Any]:
-        """
-        Call the wrapped handler, timing it until its result is known.
-        """
-        started = self._clock.seconds()
-        notes = self._notes
-        notes.in_flight += 1
-        d = call_handler(self.inner, message)
-
-        def finished(result: object) -> object:
-            took = max(0.0, self._clock.seconds() - started)
-            notes.in_flight -= 1
-            notes.handled += 1
-            notes.total_time += took
-            self._observe(took)
-            return result
-
-        d.addBoth(finished)
-        return d
-
-    def start(self) -> Any:
-        """
-        Start the wrapped handler.
-        """
-        return self.inner.start()
-
-    def stop(self) -> Any:
-        """
-        Stop the wrapped handler.
-        """
-        return self.inner.stop()
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for attributes this class lacks.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 class _Observable(Protocol):
@@ -315,7 +241,6 @@ class HubMonitor:
         # Consumer services keep their observers for good: remember which
         # already have ours, so attaching again does not double them.
         self._observing: set[int] = set()
-        self._wrapped: dict[str, tuple[ConsumerService, TimedHandler]] = {}
         self._outbox_observers: list[tuple[_Observable, Callable[[str, str], object]]] = []
 
     # --- wiring ------------------------------------------------------------
@@ -329,8 +254,8 @@ class HubMonitor:
 
     def attach(self) -> None:
         """
-        Start watching: observe every outbox and consumer, and time every
-        consumer's handler.  Calling it again does nothing.
+        Start watching: observe every outbox and consumer.  Calling it again
+        does nothing.
         """
         if self._attached:
             return
@@ -343,22 +268,16 @@ class HubMonitor:
                 observable.add_observer(observer)
                 self._outbox_observers.append((observable, observer))
         for name, service in self.hub.consumers.items():
-            notes = self.consumers.setdefault(name, ConsumerNotes())
+            self.consumers.setdefault(name, ConsumerNotes())
             if id(service) not in self._observing:
                 self._observing.add(id(service))
                 service.add_observer(self._consumer_observer(name, service))
-            if not isinstance(service.handler, TimedHandler):
-                timed = TimedHandler(
-                    service.handler, self.clock, notes, self._handling.labels(consumer=name).observe
-                )
-                service.handler = timed
-                self._wrapped[name] = (service, timed)
 
     def detach(self) -> None:
         """
-        Stop watching: remove the outbox observers and unwrap the handlers.
-        Consumer services can not drop an observer; ours ignore what they
-        hear until L{attach} is called again.
+        Stop watching: remove the outbox observers.  Consumer services can
+        not drop an observer; ours ignore what they hear until L{attach} is
+        called again.
         """
         if not self._attached:
             return
@@ -369,10 +288,6 @@ class HubMonitor:
             except ValueError:
                 pass
         self._outbox_observers = []
-        for service, timed in self._wrapped.values():
-            if service.handler is timed:
-                service.handler = timed.inner
-        self._wrapped = {}
 
     def add_listener(self, listener: Callable[[Activity], object]) -> None:
         """
@@ -402,12 +317,17 @@ class HubMonitor:
 
     def _consumer_observer(self, name: str, service: ConsumerService) -> Callable[[Settled], None]:
         domain = service.component.domain
+        observe_handling = self._handling.labels(consumer=name).observe
 
         def observed(settled: Settled) -> None:
             if not self._attached:
                 return
             now = self.clock.seconds()
             notes = self.consumers.setdefault(name, ConsumerNotes())
+            if settled.handling is not None:
+                notes.handled += 1
+                notes.total_time += settled.handling
+                observe_handling(settled.handling)
             notes.last_message = now
             self.last_consumed[domain] = now
             if settled.outcome in TROUBLE:
@@ -594,10 +514,9 @@ class _HubCollector:
                 continue
             doc = _CONSUMER_COUNTERS.get(key, f"Deliveries counted as {key}")
             families.counter(f"fedhub_consumer_{key}", doc, label_names).add_metric(labels, float(value))
-        notes = self._monitor.consumers.get(name)
         families.gauge(
             "fedhub_consumer_in_flight", "Deliveries the handler is working on", label_names
-        ).add_metric(labels, float(notes.in_flight if notes is not None else 0))
+        ).add_metric(labels, float(service.in_flight))
         families.gauge(
             "fedhub_consumer_consuming", "1 while the consumer consumes from its queue", label_names
         ).add_metric(labels, 1.0 if service.consuming else 0.0)

@@ -287,7 +287,7 @@ def _consumer_row(name: str, service: ConsumerService, monitor: HubMonitor, now:
         state = _cell("stopped", "bad")
     stats = service.stats
     notes = monitor.consumers.get(name)
-    in_flight = notes.in_flight if notes is not None else 0
+    in_flight = service.in_flight
     handling = "–"
     if notes is not None and notes.handled:
         handling = _duration(notes.total_time / notes.handled)
