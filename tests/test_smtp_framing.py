@@ -94,6 +94,22 @@ class FramingTests(SynchronousTestCase):
             self.assertEqual(expected(mail)[0], code)
             harness.close_all()
 
+    def test_long_line_ending_a_read(self) -> None:
+        """A too-long line whose CRLF ends a read does not swallow the line after it (the end of the mail)."""
+        intake = RecordingIntake()
+        harness = Harness(ListenerSettings(recipients=frozenset({RECIPIENT}),
+                                           max_line_length=LINE_LIMIT), intake=intake)
+        client = harness.connect()
+        client.send(envelope())
+        client.send(b"ok\r\n" + b"L" * LINE_LIMIT + b"\r\n")
+        client.send(b".\r\n")
+        self.assertEqual(client.codes()[-1], 500)
+        client.send(b"NOOP " + b"x" * 3000 + b"\r\n")
+        client.send(b"NOOP\r\n")
+        self.assertEqual(client.codes(), [500, 250])
+        self.assertEqual(intake.received, [])
+        harness.close_all()
+
     def test_byte_at_a_time(self) -> None:
         """A mail fed one byte at a time, dot-stuffed lines and all, arrives whole."""
         intake = RecordingIntake()

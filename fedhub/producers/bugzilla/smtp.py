@@ -626,7 +626,7 @@ class BugmailSMTP(ESMTP):
             return False
         if end > limit - 2:
             del buffer[: end + 2]
-            self._line_too_long(limit)
+            self._line_too_long(limit, complete=True)
             return True
         line = bytes(buffer[:end])
         del buffer[: end + 2]
@@ -665,8 +665,15 @@ class BugmailSMTP(ESMTP):
         self._start_idle()
         return True
 
-    def _line_too_long(self, limit: int) -> None:
-        if self._input.find(b"\r\n") < 0:
+    def _line_too_long(self, limit: int, complete: bool = False) -> None:
+        """
+        Refuse a line longer than C{limit}: the mail it is part of, or the
+        command.  When its end has not arrived (C{complete} false), what is
+        in the buffer is dropped and so is the rest of the line, up to its
+        CRLF, when it comes; a complete line was already dropped, and the
+        next line is kept.
+        """
+        if not complete:
             keep = self._input.endswith(b"\r")
             del self._input[: len(self._input) - 1 if keep else len(self._input)]
             self._skipping = True
