@@ -517,7 +517,6 @@ class LoopbackTests(TestCase):
         self.assertLess(self.bz.server.flood_sent, 1024 * 1024)
 
         self.bz.server.mode = "hang"
-        requests = self.bz.server.requests
         message = yield self.publish(RHBZ)
         self.assertEqual(message.schema, MAIL_SCHEMA)
         self.assertEqual(self.enricher.counters, {"enriched": 1, "failed": 3, "skipped": 0,
@@ -525,9 +524,12 @@ class LoopbackTests(TestCase):
         self.bz.server.release_hanging()
         self.bz.server.mode = None
         # The hang looked like an outage: the next mail is not held up.
+        yield deferLater(reactor, 0.05, lambda: None)
+        requests = self.bz.server.requests
         message = yield self.publish(RHBZ)
         self.assertEqual(message.schema, MAIL_SCHEMA)
-        self.assertEqual(self.bz.server.requests, requests + 2)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.bz.server.requests, requests)
         self.assertEqual(self.enricher.counters["skipped"], 1)
 
     @inlineCallbacks
@@ -606,3 +608,28 @@ class InjectMailTests(TestCase):
         self.assertEqual(message.schema, SCHEMA)
         self.assertEqual(message.id, message_id_for(event_fingerprint(event(RHBZ))))
         check_with_schema_package(message)
+
+
+class SiblingTests(SynchronousTestCase):
+    """
+    One failed call ends the look-up.
+    """
+
+    def test_failure_cancels_the_other_calls(self) -> None:
+        """When Bug.get fails, the Bug.comments call still waiting is cancelled."""
+        caller = HangingCaller()
+        api = BugzillaAPI(caller)
+        failing: Deferred[Any] = Deferred()
+        api.get = lambda ids, fields=(): failing  # type: ignore[method-assign]
+        enricher = BugzillaEnricher(api, Clock(), url=URL, hosts=HOSTS)
+        d = enricher(event(RHBZ))
+        self.assertEqual(caller.calls, ["Bug.comments"])
+        failing.errback(xmlrpc_fault())
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(caller.cancelled, 1)
+
+
+def xmlrpc_fault() -> Exception:
+    from fedhub.xmlrpc import XMLRPCFault
+
+    return XMLRPCFault(URL, "Bug.get", 1000, "GenericError")

@@ -350,6 +350,10 @@ class BugzillaEnricher:
             return Enriched(messagev1_body(event, bug, comments, attached), SCHEMA)
 
         def first_error(failure: Failure) -> Failure:
+            # The other calls are of no use any more.
+            for call in calls:
+                if not call.called:
+                    call.cancel()
             # gatherResults wraps the first failure in a FirstError.
             inner = getattr(failure.value, "subFailure", None)
             return inner if isinstance(inner, Failure) else failure
