@@ -1,0 +1,191 @@
+"""
+A polling producer in a real hub process killed with SIGKILL in the middle
+of its work: the hub started again on the same state directory publishes
+every event with no gap, and no more duplicates than one poll's messages
+plus the confirm window.
+
+The Koji hub is L{tests.fakes_xmlrpc.FakeKoji} served on this test's reactor
+over a loopback socket; the fedhub hub is a C{twistd -n fedhub} process
+publishing to the shared RabbitMQ, into a queue of this test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.fakes_xmlrpc import FakeKoji, listen
+from tests.test_smtp_faults import BROKER_HOST, BROKER_PORT, Broker
+
+#: Unconfirmed messages the hub may have when it is killed.
+CONFIRM_WINDOW = 10
+
+#: At most this many events (so tag messages) per poll.
+EVENT_STEP = 5
+
+#: Seconds between two tag events of the fake Koji hub.
+TAG_EVERY = 0.02
+
+#: Seconds any one wait may take before the test fails.
+GUARD = 60.0
+
+
+class HubProcess:
+    """
+    A C{twistd -n fedhub} process with its output in a file.
+    """
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        self._output = open(log, "ab")
+        twistd = Path(sys.executable).parent / "twistd"
+        self.process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "fedhub", "--config", str(config)],
+            cwd=str(config.parent),
+            env=dict(os.environ, TMPDIR=str(config.parent)),
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text("utf-8", "replace")
+
+    def kill(self) -> int:
+        """
+        SIGKILL it (unless it ended) and reap it; its exit status.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        status = self.process.wait(GUARD)
+        self._output.close()
+        return status
+
+
+class KilledPollerTests(TestCase):
+    """
+    The Koji poller of a hub killed with SIGKILL while events keep coming.
+    """
+
+    timeout = 240
+
+    async def wait_for(self, condition: Callable[[], bool], what: str,
+                       hub: HubProcess | None = None) -> None:
+        for _ in range(int(GUARD / 0.05)):
+            if hub is not None and hub.process.poll() is not None:
+                self.fail(f"the hub exited ({hub.process.returncode}):\n{hub.output()[-5000:]}")
+            if condition():
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    def write_config(self, path: Path, state: Path, environment: str, hub_url: str) -> None:
+        path.write_text(
+            f"""\
+[hub]
+topic_prefix = "org.example"
+environment = "{environment}"
+state_dir = "{state}"
+
+[domains.builds]
+broker = "amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/%2F"
+confirm_window = {CONFIRM_WINDOW}
+
+[[producers]]
+name = "koji"
+plugin = "koji"
+domain = "builds"
+hub_url = "{hub_url}"
+interval = 0.05
+jitter = 0.0
+builds = false
+tasks = "none"
+repos = false
+event_step = {EVENT_STEP}
+timeout = 10.0
+""",
+            "utf-8",
+        )
+
+    async def test_sigkill_while_polling_leaves_no_gap(self) -> None:
+        """Killed mid-poll and started again, the hub publishes every tag event, duplicates bounded."""
+        broker = Broker()
+        self.addCleanup(broker.close)
+        environment = f"pollkill{uuid.uuid4().hex[:10]}"
+        queue = f"fedhub.test.poller-kill.{environment}"
+        broker.channel.queue_declare(queue, durable=True)
+        self.addCleanup(lambda: broker.channel.queue_delete(queue) if broker.connection.is_open else None)
+        broker.channel.queue_bind(queue, "amq.topic", f"org.example.{environment}.buildsys.#")
+
+        koji = FakeKoji(step=0.001)
+        port, url = listen(koji.server, reactor)
+        self.addCleanup(port.stopListening)
+        builds = [koji.import_build("pkg", "1.0", str(n)) for n in range(2000)]
+        tags = ("f24", "f31-updates-pending")
+        tagged: list[tuple[int, str]] = []
+
+        def tag_one() -> None:
+            build = builds[len(tagged) // len(tags)]
+            tag = tags[len(tagged) % len(tags)]
+            koji.tag_build(build, tag)
+            tagged.append((build, tag))
+
+        directory = Path(self.mktemp()).resolve()
+        state = directory / "state"
+        state.mkdir(parents=True)
+        config = directory / "hub.toml"
+        self.write_config(config, state, environment, url)
+
+        first = HubProcess(config, directory / "first.log")
+        self.addCleanup(first.kill)
+        # The poller starts at the hub's current event: events come once it has its cursor.
+        cursor = state / "components" / "koji" / "cursor.json"
+        await self.wait_for(cursor.exists, "the first cursor", first)
+        ticker = LoopingCall(tag_one)
+        ticker.start(TAG_EVERY)
+        self.addCleanup(lambda: ticker.stop() if ticker.running else None)
+
+        await self.wait_for(lambda: broker.depth(queue) >= 40, "40 published tags", first)
+        # Killed wherever it is: polling, handing over, publishing or idle.
+        self.assertEqual(first.kill(), -signal.SIGKILL)
+        killed_at = len(tagged)
+        await deferLater(reactor, 0.5, lambda: None)
+
+        second = HubProcess(config, directory / "second.log")
+        self.addCleanup(second.kill)
+        await self.wait_for(lambda: len(tagged) >= killed_at + 60, "more tag events", second)
+        ticker.stop()
+        total = len(tagged)
+        await self.wait_for(lambda: broker.depth(queue) >= total, f"{total} messages", second)
+        second.process.send_signal(signal.SIGTERM)
+        self.assertEqual(second.process.wait(GUARD), 0, second.output()[-5000:])
+
+        published: list[tuple[int, str]] = []
+        ids: Counter[str] = Counter()
+        for method, properties, body in broker.channel.consume(queue, auto_ack=True, inactivity_timeout=2.0):
+            if method is None:
+                break
+            message = json.loads(body)
+            published.append((message["build_id"], message["tag"]))
+            ids[properties.message_id] += 1
+        broker.channel.cancel()
+
+        missing = set(tagged) - set(published)
+        self.assertEqual(missing, set(), f"{len(missing)} tag events never published")
+        self.assertEqual(set(published) - set(tagged), set())
+        duplicates = len(published) - len(set(published))
+        # A message published twice keeps its id; the copies are the poll in
+        # progress at the kill and the unconfirmed ones.
+        self.assertEqual(len(published) - sum(1 for _ in ids), duplicates)
+        self.assertLessEqual(duplicates, CONFIRM_WINDOW + EVENT_STEP)
