@@ -234,12 +234,15 @@ class HubSettings:
     @ivar state_dir: Where the outbox, poller cursors and plugin state live.
     @ivar status: The endpoint string of the HTTP status server, or C{None}
         for none.
+    @ivar log_level: The least important log events written: C{debug},
+        C{info}, C{warn}, C{error} or C{critical}.
     """
 
     topic_prefix: str = "org.fedoraproject"
     environment: str = "dev"
     state_dir: str = DEFAULT_STATE_DIR
     status: str | None = None
+    log_level: str = "info"
 
     def topic(self, suffix: str) -> str:
         """
@@ -491,6 +494,14 @@ def _not_empty(value: str) -> str | None:
     return None if value else "must not be empty"
 
 
+def _log_level(value: str) -> str | None:
+    from fedhub.logs import LEVELS
+
+    if value in LEVELS:
+        return None
+    return f"must be one of {', '.join(LEVELS)} (not {_quote(value)})"
+
+
 def _short_string(value: str) -> str | None:
     if not value:
         return "must not be empty"
@@ -535,6 +546,7 @@ _HUB_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "state_dir": Option(str, DEFAULT_STATE_DIR, "outbox, cursors and plugin state",
                             _not_empty),
         "status": Option(str, None, "endpoint string of the HTTP status server", _not_empty),
+        "log_level": Option(str, "info", "least important log events written", _log_level),
     }
 )
 

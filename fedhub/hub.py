@@ -20,11 +20,11 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.logger import Logger
 
 from fedhub.config import ComponentConfig, Config, DomainConfig
 from fedhub.consumers.runner import ConsumerService
 from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
+from fedhub.logs import HubLogger
 from fedhub.outbox import Outbox
 from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
@@ -37,7 +37,7 @@ class SequentialMultiService(MultiService):
     first, waiting for each before stopping the next.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
@@ -55,7 +55,7 @@ class TopologyService(Service):
     declares it again after every reconnect).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, bus: IBus, topology: Topology) -> None:
         self.bus = bus
@@ -108,7 +108,7 @@ class Hub(SequentialMultiService):
     @ivar producers: The producer services, by component name.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -1,5 +1,12 @@
 """
-Log output for operators: one JSON object per line.
+Log output for operators: the hub's log level, and one JSON object per line.
+
+Every fedhub component logs through a L{HubLogger}, which drops events below
+the hub's log level (C{[hub] log_level}, C{info} unless configured) where
+they are made: C{twistd} itself writes events of every level, and the
+debug ones (each SMTP connection, each message published) would otherwise
+be formatted and written too.
+
 
 C{twistd --logger fedhub.logs.json_logger fedhub ...} writes every log event
 to standard output as a JSON object with stable keys, for journald, Loki or
@@ -22,10 +29,55 @@ import sys
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
 from fedhub.text import escape_control
+
+#: The levels by name, least important first.
+LEVELS: dict[str, LogLevel] = {level.name: level for level in
+                               (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,
+                                LogLevel.critical)}
+
+_RANK = {level: rank for rank, level in enumerate(LEVELS.values())}
+
+# The least important level emitted, by rank; a list so it can change in place.
+_threshold = [_RANK[LogLevel.info]]
+
+
+def set_log_level(level: LogLevel) -> None:
+    """
+    Emit events of C{level} and above from now on.
+    """
+    _threshold[0] = _RANK[level]
+
+
+def allow_level(level: LogLevel) -> None:
+    """
+    Emit events of C{level} from now on, unless they are already: the log
+    level only goes down.
+    """
+    _threshold[0] = min(_threshold[0], _RANK[level])
+
+
+def log_level() -> LogLevel:
+    """
+    The least important level emitted.
+    """
+    return list(LEVELS.values())[_threshold[0]]
+
+
+class HubLogger(Logger):
+    """
+    A L{Logger} that drops events below the hub's log level before any
+    observer sees them.
+    """
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if _RANK.get(level, len(_RANK)) < _threshold[0]:
+            return
+        Logger.emit(self, level, format, **kwargs)
+
 
 #: Event fields copied into every JSON line that has them.
 FIELDS = ("msg_id", "topic", "domain", "producer", "consumer", "queue", "peer", "reason", "error")

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
-from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
 from fedhub.config import ComponentConfig, HubSettings, is_valid_name
 from fedhub.errors import UnknownPlugin
 from fedhub.interfaces import IConsumerPlugin, IProducerPlugin, IPublisher
+from fedhub.logs import HubLogger
 
 __all__ = [
     "PluginContext",
@@ -95,7 +95,7 @@ class PluginContext:
 
 
 #: Plugin discovery logs here (there is no object to hang it on).
-log = Logger()
+log = HubLogger()
 
 
 def _origin(plugin: object, package: str) -> str:

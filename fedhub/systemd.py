@@ -18,7 +18,8 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+
+from fedhub.logs import HubLogger
 
 
 class Notifier:
@@ -29,7 +30,7 @@ class Notifier:
         with C{@}), or C{None} when not run by systemd.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ

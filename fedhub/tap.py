@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, Service
-from twisted.logger import Logger
 from twisted.python import usage
 
 from fedhub import __version__
 from fedhub.config import Config, default_config, load_config
 from fedhub.errors import ConfigError
+from fedhub.logs import HubLogger
 
 
 class Options(usage.Options):
@@ -58,7 +58,7 @@ class GracefulStop(Service):
     C{on_hangup} (reopening files after log rotation).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, reactor: Any, on_hangup: Callable[[], object] | None = None) -> None:
         self.reactor = reactor
@@ -100,9 +100,11 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     from twisted.internet import reactor
 
     from fedhub.hub import Hub
+    from fedhub.logs import LEVELS, set_log_level
     from fedhub.systemd import NotifyService
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
+    set_log_level(LEVELS[config.hub.log_level])
     hub = Hub(config, reactor)
     GracefulStop(reactor, on_hangup=hub.reopen_files).setServiceParent(hub)
     NotifyService(reactor).setServiceParent(hub)

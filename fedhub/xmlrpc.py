@@ -36,7 +36,6 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -51,6 +50,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from fedhub import __version__
 from fedhub.errors import FedhubError
+from fedhub.logs import HubLogger
 from fedhub.text import escape_control
 
 #: The default cap on one response: 32 MiB.
@@ -531,7 +531,7 @@ class XMLRPCClient:
     @ivar bytes_received: Response bytes read so far (capped ones included).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -307,6 +307,17 @@ class ValidConfigTests(SynchronousTestCase):
         config = parse('[hub]\nstatus = "unix:/run/fedhub/status.sock"\n' + MEMORY_DOMAIN)
         self.assertEqual(config.hub.status, "unix:/run/fedhub/status.sock")
 
+    def test_log_level(self) -> None:
+        """
+        log_level defaults to info, takes the five level names and refuses others with its key path.
+        """
+        self.assertEqual(parse(MEMORY_DOMAIN).hub.log_level, "info")
+        self.assertEqual(parse('[hub]\nlog_level = "debug"\n' + MEMORY_DOMAIN).hub.log_level, "debug")
+        error = self.assertRaises(ConfigError, parse, '[hub]\nlog_level = "verbose"\n' + MEMORY_DOMAIN)
+        ((key, text, line),) = [(p.path, p.message, p.line) for p in error.problems]
+        self.assertEqual((key, line), ("hub.log_level", 2))
+        self.assertIn("debug, info, warn, error, critical", text)
+
     def test_amqp_with_password(self) -> None:
         """
         A plain amqp URL with user and password is accepted (for development);

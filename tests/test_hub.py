@@ -360,11 +360,10 @@ class TwistdTests(SynchronousTestCase):
             mail = (ROOT / "tests" / "data" / "bugzilla" / "04_changed_status_resolution_with_comment.eml").read_bytes()
             with smtplib.SMTP("127.0.0.1", 8025, timeout=30) as client:
                 client.sendmail("bugzilla-daemon@kernel.org", ["bugzilla@localhost"], mail)
-            self.assertTrue(read_until("bug 218297"), "".join(output))
+            # The log consumer's line for the message.
+            self.assertTrue(read_until("bugzilla.bug.update"), "".join(output))
             with urllib.request.urlopen("http://127.0.0.1:8070/ready", timeout=30) as answer:
                 self.assertEqual(json.loads(answer.read())["ready"], True)
-            logged = [line for line in output if "bugzilla.bug.update" in line]
-            self.assertEqual(len(logged), 1, "".join(output))
             process.send_signal(signal.SIGTERM)
             rest, _ = process.communicate(timeout=60)
         finally:
@@ -373,3 +372,10 @@ class TwistdTests(SynchronousTestCase):
                 process.wait()
         self.assertEqual(process.returncode, 0, "".join(output) + rest)
         self.assertIn("Server Shut Down", rest)
+        everything = output + rest.splitlines()
+        logged = [line for line in everything if "bugzilla.bug.update" in line]
+        self.assertEqual(len(logged), 1, "".join(output) + rest)
+        self.assertIn("LogHandler#info", logged[0])
+        self.assertIn("Kernel Panic and crash", logged[0])
+        # The default log level is info: no line per SMTP connection or publication.
+        self.assertEqual([line for line in everything if "#debug]" in line], [])

@@ -21,8 +21,54 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from fedhub.logs import JSONLinesObserver, event_record
+from fedhub.logs import HubLogger, JSONLinesObserver, allow_level, event_record, log_level, set_log_level
 from fedhub.systemd import Notifier, NotifyService
+
+
+class LogLevelTests(SynchronousTestCase):
+    """
+    The hub's log level, applied by L{HubLogger} where events are made.
+    """
+
+    class Emitter:
+        log = HubLogger()
+
+    def setUp(self) -> None:
+        self.addCleanup(set_log_level, log_level())
+        self.events: list[dict[str, Any]] = []
+        self.emitter = self.Emitter()
+        self.emitter.log.observer = self.events.append  # type: ignore[misc]
+
+    def emit_all(self) -> list[str]:
+        del self.events[:]
+        log = HubLogger(observer=self.events.append)
+        log.debug("d")
+        log.info("i")
+        log.warn("w")
+        log.error("e")
+        return [e["log_format"] for e in self.events]
+
+    def test_info_by_default(self) -> None:
+        """Below info nothing is emitted unless asked for; the level applies to every HubLogger."""
+        set_log_level(LogLevel.info)
+        self.assertEqual(self.emit_all(), ["i", "w", "e"])
+        set_log_level(LogLevel.warn)
+        self.assertEqual(self.emit_all(), ["w", "e"])
+        set_log_level(LogLevel.debug)
+        self.assertEqual(self.emit_all(), ["d", "i", "w", "e"])
+
+    def test_allow_only_lowers(self) -> None:
+        """allow_level lowers the level and never raises it."""
+        set_log_level(LogLevel.warn)
+        allow_level(LogLevel.error)
+        self.assertEqual(log_level(), LogLevel.warn)
+        allow_level(LogLevel.debug)
+        self.assertEqual(log_level(), LogLevel.debug)
+
+    def test_class_attribute(self) -> None:
+        """As a class attribute it still is a HubLogger, named after the class."""
+        self.assertIsInstance(self.Emitter.log, HubLogger)
+        self.assertTrue(self.Emitter.log.namespace.endswith("Emitter"))
 
 
 class JSONLogTests(SynchronousTestCase):

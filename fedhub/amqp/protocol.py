@@ -50,7 +50,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed, TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Method
@@ -93,6 +92,7 @@ from fedhub.errors import (
     NotFound,
     PreconditionFailed,
 )
+from fedhub.logs import HubLogger
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 """What a client sends first to speak AMQP 0-9-1."""
@@ -440,7 +440,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         path, which is what the fast one is tested against.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
@@ -1192,7 +1192,7 @@ class _Delegate(TwistedDelegate):  # type: ignore[misc]
     """
 
     client: AMQPClient
-    log = Logger()
+    log = HubLogger()
 
     def dispatch(self, channel: Any, message: Any) -> None:
         method = message.method

@@ -78,7 +78,6 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -103,6 +102,7 @@ from fedhub.errors import (
     PublishError,
 )
 from fedhub.interfaces import IBus, IDelivery, ISubscription
+from fedhub.logs import HubLogger
 from fedhub.message import Message, from_amqp
 from fedhub.text import escape_control
 from fedhub.topology import Topology
@@ -292,7 +292,7 @@ class Reconnector:
         C{None} since the last successful one.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
@@ -654,7 +654,7 @@ class _Session:
     confirms, consumers, and the channel declarations run on.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, bus: AMQPBus, client: AMQPClient) -> None:
         self.bus = bus
@@ -1211,7 +1211,7 @@ class AMQPBus(Service):
         leave bindings to the broker's administrator.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ from typing import Any, cast
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -58,6 +58,7 @@ from fedhub.errors import (
     TemporarilyUnavailable,
 )
 from fedhub.interfaces import IBus, IDelivery, ISubscription
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.topology import (
     DEAD_LETTER_EXCHANGE,
@@ -324,7 +325,7 @@ class MemoryBus(Service):
     @ivar exchange: The exchange L{publish} uses by default.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fedhub.config import ComponentConfig, Config, load_config
-from fedhub.errors import ConfigError, FedhubError, TemporarilyUnavailable
+from fedhub.errors import ConfigError, FedhubError
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.outbox.spool import spool_directory, write_spool

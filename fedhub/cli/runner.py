@@ -68,6 +68,7 @@ from fedhub.errors import (
     PublishError,
     TemporarilyUnavailable,
 )
+from fedhub.logs import allow_level
 from fedhub.text import escape_control
 
 EX_OK = 0
@@ -235,6 +236,7 @@ class LogToStderr:
     """
 
     def __init__(self, level: LogLevel) -> None:
+        self.level = level
         self.observer: ILogObserver = FilteringLogObserver(
             textFileLogObserver(sys.stderr),
             [LogLevelFilterPredicate(defaultLogLevel=level)],
@@ -246,6 +248,7 @@ class LogToStderr:
         Start showing events.
         """
         if not self.installed:
+            allow_level(self.level)
             globalLogPublisher.addObserver(self.observer)
             self.installed = True
 

@@ -36,7 +36,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -54,6 +53,7 @@ from fedhub.errors import (
     TemporarilyUnavailable,
 )
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control
@@ -91,7 +91,7 @@ class BridgeHandler:
     @ivar forwarded: How many messages were handed to the target.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -46,7 +46,6 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -54,6 +53,7 @@ from zope.interface import implementer
 from fedhub.config import Option
 from fedhub.errors import ConfigError, ConfigProblem, DeadLetter, FedhubError, Retry
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
+from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control
@@ -632,7 +632,7 @@ class ExecHandler:
     @ivar runs: How many runs were started.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self, name: str, topics: tuple[str, ...], reactor: Any, settings: ExecSettings

@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import Option
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control, summarize
@@ -32,7 +32,7 @@ class LogHandler:
     Logs every message it gets as one line at info level.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, name: str, topics: tuple[str, ...] = ("#",), limit: int = 160) -> None:
         self.name = name

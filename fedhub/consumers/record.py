@@ -40,13 +40,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import Option
 from fedhub.errors import ConfigError, ConfigProblem, Retry
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
+from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
 
@@ -97,7 +97,7 @@ class RecordHandler:
     @ivar fsync: The function that syncs the file descriptor (C{os.fsync}).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self, name: str, topics: tuple[str, ...], reactor: Any, settings: RecordSettings

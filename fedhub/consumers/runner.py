@@ -46,12 +46,12 @@ from twisted.internet.defer import (
     inlineCallbacks,
     maybeDeferred,
 )
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig
 from fedhub.errors import DeadLetter, Drop, Halt, Retry, SchemaValidationError
 from fedhub.interfaces import IBus, IDelivery, IMessageHandler, ISubscription
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.topology import (
@@ -127,7 +127,7 @@ class ConsumerService(Service):
     @ivar in_flight: Handler calls started and not finished.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
@@ -53,6 +52,7 @@ import fedhub
 from fedhub.config import Option
 from fedhub.errors import ConfigError, ConfigProblem, DeadLetter, Retry
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
+from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control
@@ -198,7 +198,7 @@ class WebhookHandler:
     @ivar posted: How many requests got an answer.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -32,12 +32,12 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import REQUIRED, Option
 from fedhub.interfaces import IProducerPlugin
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.producers.bugzilla.api import BugzillaAPI, to_epoch
 from fedhub.producers.bugzilla.messagev1 import (
@@ -71,7 +71,7 @@ class BugzillaSource:
     Turns a Bugzilla's changes into bus messages; see the module docstring.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -42,13 +42,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import REQUIRED, Option
 from fedhub.errors import FedhubError
 from fedhub.interfaces import IProducerPlugin
+from fedhub.logs import HubLogger
 from fedhub.message import DEBUG, INFO, Message
 from fedhub.producers.poller import (
     IPollSource,
@@ -231,7 +231,7 @@ class KojiSource:
     Turns a Koji hub's history into bus messages; see the module docstring.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, name: str, client: XMLRPCCaller, settings: KojiSettings,
                  topic: Callable[[str], str]) -> None:

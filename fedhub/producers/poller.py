@@ -47,12 +47,12 @@ from typing import Any, TypeVar
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from fedhub.errors import FedhubError, MessageError, PublishError, TemporarilyUnavailable
 from fedhub.interfaces import IPublisher
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.text import escape_control
 
@@ -245,7 +245,7 @@ class PollingService(Service):
     @ivar dropped: Messages the publisher refused for good.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -37,13 +37,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import REQUIRED, Option
 from fedhub.errors import ConfigError, ConfigProblem, FedhubError
 from fedhub.interfaces import IProducerPlugin
+from fedhub.logs import HubLogger
 from fedhub.message import BASE_SCHEMA, INFO, SEVERITIES, Message
 from fedhub.producers.poller import (
     IPollSource,
@@ -184,7 +184,7 @@ class XMLRPCSource:
     Polls one XML-RPC method as configured; see the module docstring.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -30,10 +30,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.hub import DomainRuntime
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.outbox.outbox import OutboxStats
 from fedhub.text import escape_control
@@ -213,7 +213,7 @@ class HubMonitor:
     @ivar last_confirmed: By domain, when the broker last confirmed a message.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
@@ -403,7 +403,7 @@ class _HubCollector:
     report is logged and left out; the scrape goes on.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, monitor: HubMonitor) -> None:
         self._monitor = monitor

@@ -45,7 +45,6 @@ from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, IReactorTime
-from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.pages import notFound
@@ -55,6 +54,7 @@ from zope.interface import implementer
 
 from fedhub.consumers.runner import ConsumerService
 from fedhub.hub import DomainRuntime
+from fedhub.logs import HubLogger
 from fedhub.outbox.outbox import OutboxStats
 from fedhub.status.metrics import Activity, HubMonitor, HubView, readiness
 from fedhub.text import escape_control, summarize
@@ -164,7 +164,7 @@ class RecentMessages:
     to a bounded length.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, size: int = 100) -> None:
         if size < 1:
@@ -729,7 +729,7 @@ class LiveFeed:
     Timers run only while a stream is open.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
@@ -1047,7 +1047,7 @@ class StatusService(Service):
     @ivar port: The listening port once listening, else C{None}.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -39,11 +39,11 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fedhub.config import Option
 from fedhub.errors import FedhubError
+from fedhub.logs import HubLogger
 from fedhub.producers.bugzilla.api import BugzillaAPI, to_epoch
 from fedhub.producers.bugzilla.messagev1 import (
     SCHEMA,
@@ -265,7 +265,7 @@ class BugzillaEnricher:
         changes).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -50,7 +50,6 @@ from typing import Any, Literal, Protocol, cast
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -58,6 +57,7 @@ from zope.interface import Attribute, Interface, implementer
 from fedhub.config import Option
 from fedhub.errors import FedhubError, MessageError, PublishError, TemporarilyUnavailable
 from fedhub.interfaces import IProducerPlugin, IPublisher
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 from fedhub.producers.bugzilla.enrich import Enriched, enrich_options, enricher_from_options
@@ -303,7 +303,7 @@ class EventPublisher:
     hands it to a publisher.  It fires with the published L{Message}.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
@@ -483,7 +483,7 @@ class Quarantine:
     the constructor.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, directory: str, max_files: int, max_bytes: int, clock: IReactorTime) -> None:
         self.directory = directory
@@ -666,7 +666,7 @@ class BugmailIntake:
         kept in a file, as each of its runs is a new process).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

@@ -52,12 +52,12 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
 from twisted.mail.smtp import COMMAND, DATA, ESMTP, SMTPBadRcpt, User
 from twisted.python.failure import Failure
 
 from fedhub.errors import FedhubError
 from fedhub.interfaces import IPublisher
+from fedhub.logs import HubLogger
 from fedhub.producers.bugzilla.producer import (
     DEFAULT_PACKAGE_PRODUCTS,
     Accepted,
@@ -474,7 +474,7 @@ class BugmailSMTP(ESMTP):
     changes in C{twisted.mail.smtp.ESMTP}.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(self, factory: BugmailSMTPFactory, address: IAddress) -> None:
         ESMTP.__init__(self, chal={}, contextFactory=factory.tls_options)  # type: ignore[no-untyped-call]
@@ -1086,7 +1086,7 @@ class BugmailSMTPFactory(ServerFactory):
     # The listener logs its own start and stop with the endpoint.
     noisy = False
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
@@ -1225,7 +1225,7 @@ class BugmailListener(Service):
     @ivar port: The listening port once listening, else C{None}.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
