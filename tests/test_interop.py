@@ -17,7 +17,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
 
 from fedhub.amqp.transport import AMQPBus
 from fedhub.amqp.url import parse_url

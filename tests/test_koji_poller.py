@@ -39,7 +39,6 @@ from tests.fakes_xmlrpc import (
     COMPLETE,
     FAILED,
     OPEN,
-    REPO_INIT,
     REPO_PROBLEM,
     REPO_READY,
     DirectCaller,

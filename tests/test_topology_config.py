@@ -18,7 +18,7 @@ from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import ConfigError
 from fedhub.hub import Hub
 from fedhub.message import Message
-from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec
+from fedhub.topology import BindingSpec, ExchangeSpec
 
 LOOKUP = {"log": LogPlugin()}
 
