@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -245,6 +246,7 @@ def fedhub_worker(args: argparse.Namespace) -> None:
             handover_p99_ms=1000 * sorted(handover)[int(len(handover) * 0.99)],
         )
         await box.stopService()
+        shutil.rmtree(directory, ignore_errors=True)
         return result
 
     def consumer_service(

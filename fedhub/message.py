@@ -355,15 +355,21 @@ class Message:
 
     def wire_headers(self) -> dict[str, Any]:
         """
-        Every AMQP header of this message: the extra headers plus the managed ones.
+        Every AMQP header of this message: the extra headers plus the managed
+        ones.  Worked out once (the message is immutable); each call returns
+        a new dictionary.
         """
-        headers = dict(self.headers)
-        headers[SCHEMA_HEADER] = self.schema
-        headers[SEVERITY_HEADER] = self.severity
-        if self.sent_at is not None:
-            headers[SENT_AT_HEADER] = format_sent_at(self.sent_at)
-        headers[PRIORITY_HEADER] = self.priority
-        return headers
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = dict(self.headers)
+            wire[SCHEMA_HEADER] = self.schema
+            wire[SEVERITY_HEADER] = self.severity
+            if self.sent_at is not None:
+                # Without microseconds already: the constructor drops them.
+                wire[SENT_AT_HEADER] = self.sent_at.isoformat()
+            wire[PRIORITY_HEADER] = self.priority
+            self.__dict__["_wire"] = wire
+        return dict(wire)
 
     def amqp_properties(self) -> dict[str, Any]:
         """

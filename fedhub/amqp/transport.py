@@ -664,7 +664,9 @@ class _Session:
         self.publish_channel: Any = None
         self.next_seq = 1
         self.unconfirmed: OrderedDict[int, _Pending] = OrderedDict()
-        self.by_id: dict[str, deque[int]] = {}
+        # The sequence numbers of unconfirmed messages by message id (to
+        # match a basic.return): one number, or a list for an id sent twice.
+        self.by_id: dict[str, int | list[int]] = {}
         self.waiting: deque[_Pending] = deque()
         self.consumers: dict[str, _Consumer] = {}
         self.declare_channel: Any = None
@@ -833,7 +835,13 @@ class _Session:
         if not self.unconfirmed:
             self.drained = _Latch()
         self.unconfirmed[seq] = pending
-        self.by_id.setdefault(message.id, deque()).append(seq)
+        sent = self.by_id.get(message.id)
+        if sent is None:
+            self.by_id[message.id] = seq
+        elif isinstance(sent, int):
+            self.by_id[message.id] = [sent, seq]
+        else:
+            sent.append(seq)
         self.bus.stats.published += 1
         self._schedule_confirm_check()
 
@@ -905,13 +913,13 @@ class _Session:
 
     def _settle(self, seq: int, error: Exception | None) -> None:
         pending = self.unconfirmed.pop(seq)
-        seqs = self.by_id.get(pending.message.id)
-        if seqs is not None:
-            if seqs and seqs[0] == seq:
-                seqs.popleft()
-            elif seq in seqs:
-                seqs.remove(seq)
-            if not seqs:
+        sent = self.by_id.get(pending.message.id)
+        if sent == seq:
+            del self.by_id[pending.message.id]
+        elif isinstance(sent, list):
+            if seq in sent:
+                sent.remove(seq)
+            if not sent:
                 del self.by_id[pending.message.id]
         stats = self.bus.stats
         if error is None and pending.returned is not None:
@@ -987,7 +995,8 @@ class _Session:
         """A message came back unroutable; its ack follows."""
         self.bus.stats.returned += 1
         message_id = properties.get("message_id")
-        for seq in self.by_id.get(message_id, ()) if isinstance(message_id, str) else ():
+        sent = self.by_id.get(message_id) if isinstance(message_id, str) else None
+        for seq in (sent,) if isinstance(sent, int) else sent or ():
             pending = self.unconfirmed.get(seq)
             if pending is not None and pending.returned is None:
                 pending.returned = (reply_code, reply_text)
