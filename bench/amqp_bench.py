@@ -27,8 +27,8 @@ Workloads (C{--count} messages of about 300 bytes of JSON, persistent):
     producers each waiting for their hand-over like SMTP sessions) and
     consuming through L{ConsumerService} with a plugin that does nothing,
     and the latency workload with the messages going to a
-    L{ConsumerService} plugin (concurrency 1, the default) instead of a
-    bare callback.
+    L{ConsumerService} plugin (at concurrency 1, the default, and 100)
+    instead of a bare callback.
 
 Usage, from the checkout, with the shared broker at 127.0.0.1:5672::
 
@@ -309,8 +309,9 @@ def fedhub_worker(args: argparse.Namespace) -> None:
             latencies.append(time.perf_counter() - message.body["sent"])
             countdown.one()
 
-        # The default concurrency of a consumer: one message at a time.
-        service = consumer_service(bus, handle, 1)
+        # Concurrency (so prefetch) from --prefetch: 1 is a consumer's
+        # default, 100 what the bare latency workloads use.
+        service = consumer_service(bus, handle, args.prefetch)
         await bus.when_connected()
         service.startService()
         while not service.consuming:
@@ -318,7 +319,8 @@ def fedhub_worker(args: argparse.Namespace) -> None:
         meter.start()
         await paced_publish(bus, total, countdown)
         await countdown.done
-        result = meter.stop(total, **latency_summary(latencies, LATENCY_WARMUP))
+        result = meter.stop(total, concurrency=args.prefetch,
+                            **latency_summary(latencies, LATENCY_WARMUP))
         await service.stopService()
         return result
 
@@ -937,8 +939,10 @@ def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             queue, topic = broker.fresh()
             add("latency at 200 msg/s", run_worker(client, "latency", queue, topic, args))
         if "fedhub" in clients:
-            queue, topic = broker.fresh()
-            add("latency to a ConsumerService plugin", run_worker("fedhub", "runner-latency", queue, topic, args))
+            for concurrency in (1, 100):
+                queue, topic = broker.fresh()
+                add(f"latency to a ConsumerService plugin, {concurrency}",
+                    run_worker("fedhub", "runner-latency", queue, topic, args, concurrency))
     finally:
         broker.cleanup()
     return rows
@@ -953,7 +957,8 @@ ORDER = [
     "consume via ConsumerService, 100",
     "consume via ConsumerService, 1000",
     "latency at 200 msg/s",
-    "latency to a ConsumerService plugin",
+    "latency to a ConsumerService plugin, 1",
+    "latency to a ConsumerService plugin, 100",
 ]
 
 COMPARE_WITH = {
@@ -961,7 +966,8 @@ COMPARE_WITH = {
     "durable publish (outbox)": "publish, confirms, persistent",
     "consume via ConsumerService, 100": "consume+ack, prefetch 100",
     "consume via ConsumerService, 1000": "consume+ack, prefetch 1000",
-    "latency to a ConsumerService plugin": "latency at 200 msg/s",
+    "latency to a ConsumerService plugin, 1": "latency at 200 msg/s",
+    "latency to a ConsumerService plugin, 100": "latency at 200 msg/s",
 }
 
 
@@ -997,13 +1003,13 @@ def render(table: list[dict[str, Any]]) -> str:
     pika_rates = {e["row"]: e["rate"] for e in table if e["client"] == "pika" and "rate" in e}
     pika_latency = {e["row"]: e["p99_ms"] for e in table if e["client"] == "pika" and "p99_ms" in e}
     lines = [
-        f"{'workload':<34} {'client':<9} {'msg/s':>8} {'vs pika':>8} {'CPU us/msg':>10}"
+        f"{'workload':<42} {'client':<9} {'msg/s':>8} {'vs pika':>8} {'CPU us/msg':>10}"
         f" {'peak RSS':>9} {'base RSS':>9} {'p50 ms':>7} {'p99 ms':>7}",
-        "-" * 110,
+        "-" * 118,
     ]
     for e in table:
         if "rate" not in e:
-            lines.append(f"{e['row']:<34} {e['client']:<9} ERROR {'; '.join(e['errors'])}")
+            lines.append(f"{e['row']:<42} {e['client']:<9} ERROR {'; '.join(e['errors'])}")
             continue
         compare = COMPARE_WITH.get(e["row"], e["row"])
         ratio = ""
@@ -1018,7 +1024,7 @@ def render(table: list[dict[str, Any]]) -> str:
             p50 = f"{e['handover_p50_ms']:.2f}"
             p99 = f"{e['handover_p99_ms']:.2f}"
         lines.append(
-            f"{e['row']:<34} {e['client']:<9} {e['rate']:>8.0f} {ratio:>8} {e['cpu_us_per_msg']:>10.1f}"
+            f"{e['row']:<42} {e['client']:<9} {e['rate']:>8.0f} {ratio:>8} {e['cpu_us_per_msg']:>10.1f}"
             f" {e['peak_kib'] / 1024:>7.0f}Mi {e['rss_before_kib'] / 1024:>7.0f}Mi {p50:>7} {p99:>7}"
         )
     lines.append("")
@@ -1026,8 +1032,9 @@ def render(table: list[dict[str, Any]]) -> str:
         "Ratios: fedhub and aio-pika against pika on the same row; the outbox against pika's"
         " confirmed publishing, ConsumerService against pika's consume+ack at the same prefetch;"
         " for latency, pika's p99 over the client's p99 (above 1 is better than pika); the"
-        " ConsumerService latency (publish call to the plugin's handle, concurrency 1) against"
-        " pika's publish-to-callback latency."
+        " ConsumerService latency (publish call to the plugin's handle, at concurrency 1, a"
+        " consumer's default, and 100, the bare workloads' prefetch) against pika's"
+        " publish-to-callback latency."
     )
     lines.append(
         "fedhub publishes only with confirms, persistent and mandatory; compare it with the"
