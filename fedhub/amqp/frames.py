@@ -303,6 +303,9 @@ class PublishEncoder:
             self._encoders[prop.name] = encoder
         self._order = [(p.name, p.index) for p in self._properties]
         self._methods: dict[tuple[int, str, str, bool, bool], bytes] = {}
+        # For each set of property names given (a publisher gives the same
+        # one every time): (name, flag bit, encoder) in the protocol's order.
+        self._plans: dict[tuple[str, ...], tuple[tuple[str, int, Callable[[Any], bytes]], ...]] = {}
 
     def _headers(self, table: Mapping[str, Any]) -> bytes:
         """
@@ -374,24 +377,39 @@ class PublishEncoder:
         @raise fedhub.amqp.codec.FieldTableEncodeError: The C{headers} table
             can not be encoded.
         """
+        names = tuple(properties)
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plan(names)
         flags = 0
         parts: list[bytes] = []
-        known = 0
-        encoders = self._encoders
-        for name, index in self._order:
-            if name not in properties:
-                continue
-            known += 1
+        for name, bit, encode in plan:
             value = properties[name]
             if value is None:
                 continue
-            flags |= 1 << (15 - index)
-            parts.append(encoders[name](value))
-        if known != len(properties):
-            for name in properties:
-                if name not in encoders:
-                    raise KeyError(name)
+            flags |= bit
+            parts.append(encode(value))
         return flags, b"".join(parts)
+
+    def _plan(self, names: tuple[str, ...]) -> tuple[tuple[str, int, Callable[[Any], bytes]], ...]:
+        """
+        What L{properties} does for properties given under C{names}: kept.
+
+        @raise KeyError: A name is not a property of C{basic}.
+        """
+        for name in names:
+            if name not in self._encoders:
+                raise KeyError(name)
+        given = set(names)
+        plan = tuple(
+            (name, 1 << (15 - index), self._encoders[name])
+            for name, index in self._order
+            if name in given
+        )
+        if len(self._plans) >= self.CACHE_SIZE:
+            self._plans.clear()
+        self._plans[names] = plan
+        return plan
 
     def publish(
         self,
