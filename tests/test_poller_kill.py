@@ -6,16 +6,15 @@ plus the confirm window.
 
 The Koji hub is L{tests.fakes_xmlrpc.FakeKoji} served on this test's reactor
 over a loopback socket; the fedhub hub is a C{twistd -n fedhub} process
-publishing to the shared RabbitMQ, into a queue of this test's own.
+(L{tests.test_smtp_faults.Hub}) publishing to the shared RabbitMQ, into a
+queue of this test's own.  Waiting is done on the reactor, never blocking
+it, so the fake Koji hub keeps answering.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.fakes_xmlrpc import FakeKoji, listen
-from tests.test_smtp_faults import BROKER_HOST, BROKER_PORT, Broker
+from tests.test_smtp_faults import BROKER_HOST, BROKER_PORT, Broker, Hub
 
 #: Unconfirmed messages the hub may have when it is killed.
 CONFIRM_WINDOW = 10
@@ -41,38 +40,6 @@ TAG_EVERY = 0.02
 GUARD = 60.0
 
 
-class HubProcess:
-    """
-    A C{twistd -n fedhub} process with its output in a file.
-    """
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        self._output = open(log, "ab")
-        twistd = Path(sys.executable).parent / "twistd"
-        self.process = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "fedhub", "--config", str(config)],
-            cwd=str(config.parent),
-            env=dict(os.environ, TMPDIR=str(config.parent)),
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text("utf-8", "replace")
-
-    def kill(self) -> int:
-        """
-        SIGKILL it (unless it ended) and reap it; its exit status.
-        """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        status = self.process.wait(GUARD)
-        self._output.close()
-        return status
-
-
 class KilledPollerTests(TestCase):
     """
     The Koji poller of a hub killed with SIGKILL while events keep coming.
@@ -81,7 +48,7 @@ class KilledPollerTests(TestCase):
     timeout = 240
 
     async def wait_for(self, condition: Callable[[], bool], what: str,
-                       hub: HubProcess | None = None) -> None:
+                       hub: Hub | None = None) -> None:
         for _ in range(int(GUARD / 0.05)):
             if hub is not None and hub.process.poll() is not None:
                 self.fail(f"the hub exited ({hub.process.returncode}):\n{hub.output()[-5000:]}")
@@ -147,7 +114,7 @@ timeout = 10.0
         config = directory / "hub.toml"
         self.write_config(config, state, environment, url)
 
-        first = HubProcess(config, directory / "first.log")
+        first = Hub(config, directory / "first.log")
         self.addCleanup(first.kill)
         # The poller starts at the hub's current event: events come once it has its cursor.
         cursor = state / "components" / "koji" / "cursor.json"
@@ -158,11 +125,12 @@ timeout = 10.0
 
         await self.wait_for(lambda: broker.depth(queue) >= 40, "40 published tags", first)
         # Killed wherever it is: polling, handing over, publishing or idle.
-        self.assertEqual(first.kill(), -signal.SIGKILL)
+        first.kill()
+        self.assertEqual(first.process.returncode, -signal.SIGKILL)
         killed_at = len(tagged)
         await deferLater(reactor, 0.5, lambda: None)
 
-        second = HubProcess(config, directory / "second.log")
+        second = Hub(config, directory / "second.log")
         self.addCleanup(second.kill)
         await self.wait_for(lambda: len(tagged) >= killed_at + 60, "more tag events", second)
         ticker.stop()
