@@ -28,6 +28,7 @@ from fedhub.producers.poller import (
     IPollSource,
     PollingService,
     PollResult,
+    http_url,
     run_inline,
 )
 
@@ -457,6 +458,19 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         """Nonsensical intervals, jitter and windows are refused."""
         for kwargs in ({"interval": 0}, {"jitter": 1.0}, {"publish_window": 0}):
             self.assertRaises(ValueError, self.service, FakeSource(), FakePublisher(), **kwargs)
+
+
+class HTTPURLTests(SynchronousTestCase):
+    """
+    The URL check the poller plugins share.
+    """
+
+    def test_http_and_https_with_a_host(self) -> None:
+        """http:// and https:// URLs with a host pass; other schemes and host-less URLs do not."""
+        for good in ("http://127.0.0.1:8080/RPC2", "https://koji.example/kojihub"):
+            self.assertIsNone(http_url(good))
+        for bad in ("ftp://koji.example/", "koji.example/kojihub", "https://", "http:///RPC2", ""):
+            self.assertEqual(http_url(bad), "must be an http:// or https:// URL", bad)
 
 
 class CursorStoreTests(SynchronousTestCase):

@@ -53,6 +53,7 @@ from fedhub.producers.poller import (
     PollingService,
     PollResult,
     client_settings,
+    http_url,
     poller_options,
     polling_service,
 )
@@ -244,12 +245,6 @@ def _at_least(minimum: float) -> Callable[[float], str | None]:
     return check
 
 
-def _http_url(value: str) -> str | None:
-    if not (value.startswith("http://") or value.startswith("https://")):
-        return "must be an http:// or https:// URL"
-    return None
-
-
 @implementer(IPlugin, IProducerPlugin)
 class BugzillaPollPlugin:
     """
@@ -260,7 +255,7 @@ class BugzillaPollPlugin:
     description = "Poll a Bugzilla's XML-RPC web service and publish bugzilla.bug.* messages."
     options: Mapping[str, Option] = {
         "url": Option(str, REQUIRED, "The XML-RPC endpoint, e.g. "
-                      "https://bugzilla.example.org/xmlrpc.cgi.", check=_http_url),
+                      "https://bugzilla.example.org/xmlrpc.cgi.", check=http_url),
         "products": Option(list, [], "Only bugs of these products (default: all).", items=str),
         "components": Option(list, [], "Only bugs of these components (default: all).",
                              items=str),

@@ -55,6 +55,7 @@ from fedhub.producers.poller import (
     PollingService,
     PollResult,
     client_settings,
+    http_url,
     poller_options,
     polling_service,
 )
@@ -734,12 +735,6 @@ def _at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
 
 
-def _http_url(value: str) -> str | None:
-    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
-        return "must be an http:// or https:// URL"
-    return None
-
-
 def _task_mode(value: str) -> str | None:
     return None if value in TASK_MODES else f"must be one of {', '.join(TASK_MODES)}"
 
@@ -754,13 +749,13 @@ class KojiPlugin:
     description = "Poll a Koji hub over XML-RPC and publish buildsys.* messages."
     options: Mapping[str, Option] = {
         "hub_url": Option(str, REQUIRED, "The hub's XML-RPC URL, e.g. https://koji.example/kojihub.",
-                          check=_http_url),
+                          check=http_url),
         "web_url": Option(str, None, "koji-web's base URL for links (default: from hub_url).",
-                          check=_http_url),
+                          check=http_url),
         "base_url": Option(str, None, "The base_url field (default: the hub's site).",
-                           check=_http_url),
+                           check=http_url),
         "files_base_url": Option(str, None, "Where task files are served "
-                                 "(default: <site>/kojifiles/work).", check=_http_url),
+                                 "(default: <site>/kojifiles/work).", check=http_url),
         "instance": Option(str, "primary", "The instance field of every message."),
         "tags": Option(bool, True, "Publish buildsys.tag and buildsys.untag."),
         "builds": Option(bool, True, "Publish buildsys.build.state.change."),

@@ -43,6 +43,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
@@ -545,6 +546,16 @@ class PollingService(Service):
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be positive"
+
+
+def http_url(value: str) -> str | None:
+    """
+    The check of a poller's URL option: an http:// or https:// URL with a host.
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an http:// or https:// URL"
+    return None
 
 
 def _fraction(value: float) -> str | None:

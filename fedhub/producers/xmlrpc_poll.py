@@ -50,6 +50,7 @@ from fedhub.producers.poller import (
     PollingService,
     PollResult,
     client_settings,
+    http_url,
     poller_options,
     polling_service,
 )
@@ -339,12 +340,6 @@ class XMLRPCSource:
 # --- the plugin ---------------------------------------------------------
 
 
-def _http_url(value: str) -> str | None:
-    if not (value.startswith("http://") or value.startswith("https://")):
-        return "must be an http:// or https:// URL"
-    return None
-
-
 def _severity(value: int) -> str | None:
     return None if value in SEVERITIES else f"must be one of {', '.join(map(str, SEVERITIES))}"
 
@@ -372,7 +367,7 @@ class XMLRPCPollPlugin:
     name = "xmlrpc"
     description = "Poll any XML-RPC method for new items and publish one message per item."
     options: Mapping[str, Option] = {
-        "url": Option(str, REQUIRED, "The XML-RPC endpoint.", check=_http_url),
+        "url": Option(str, REQUIRED, "The XML-RPC endpoint.", check=http_url),
         "method": Option(str, REQUIRED, "The method that lists items after a cursor."),
         "params": Option(list, [CURSOR], 'Its parameters; "{cursor}" stands for the cursor.'),
         "items": Option(str, "", "Dotted path to the list of items in the answer "
