@@ -56,6 +56,9 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from common import percentile  # noqa: E402
 
 HOST = "127.0.0.1"
 RECIPIENT = "bugzilla-bus@hub.example"
@@ -144,17 +147,6 @@ def data_phase(mail: bytes) -> bytes:
         lines.pop()
     stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
     return b"\r\n".join(stuffed) + b"\r\n.\r\n"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """
-    The nearest-rank percentile of C{values} (C{fraction} in 0..1).
-    """
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(fraction * len(ordered) + 0.5)) - 1))
-    return ordered[rank]
 
 
 def process_cpu(pid: int) -> float:
