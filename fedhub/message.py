@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 from fedhub.errors import DecodeError, MessageError
 
@@ -317,6 +317,21 @@ class Message:
         return hash(self.id)
 
     @classmethod
+    def _from_checked(cls, **fields: Any) -> Self:
+        """
+        A message made of fields that are known to be valid (decoded and
+        checked by the caller), without the constructor's checks: for the
+        paths every message takes, a delivery and a message read back from
+        the outbox.  Every field the class keeps in its instance must be
+        given (a subclass may compute one, as the outbox's decodes C{body}
+        on first use); C{_wire} may be given too: the wire headers
+        L{wire_headers} would otherwise work out.
+        """
+        message = object.__new__(cls)
+        message.__dict__.update(fields)
+        return message
+
+    @classmethod
     def create(
         cls,
         topic: str,
@@ -538,8 +553,7 @@ def from_amqp(
     # Every field is checked above or by _split_headers and _json_object,
     # so the message is made without running the constructor's checks again:
     # this is the path of every delivery a consumer gets.
-    message: Message = object.__new__(Message)
-    message.__dict__.update(
+    return Message._from_checked(
         topic=routing_key,
         body=decoded,
         headers=extra,
@@ -552,7 +566,6 @@ def from_amqp(
         redelivered=bool(redelivered),
         _body_bytes=body_bytes,
     )
-    return message
 
 
 def load_message(record: object, line: int | None = None) -> Message:

@@ -653,15 +653,6 @@ class StoredMessage(Message):
         # through __init__, which sets every field).
         self.__dict__["body"] = value
 
-    def wire_headers(self) -> dict[str, Any]:
-        """
-        Every AMQP header, as stored.
-        """
-        wire = self.__dict__.get("_wire")
-        if wire is None:
-            return super().wire_headers()
-        return dict(wire)
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented
@@ -684,8 +675,7 @@ _SET_FIELDS = frozenset(
 def _publish_form_message(data: bytes) -> StoredMessage:
     topic, message_id, queue, text, body = _split(data)
     headers = _headers(text)
-    message = object.__new__(StoredMessage)
-    message.__dict__.update(
+    return StoredMessage._from_checked(
         topic=topic,
         headers=headers.extra,
         id=message_id,
@@ -698,7 +688,6 @@ def _publish_form_message(data: bytes) -> StoredMessage:
         _body_bytes=body,
         _wire=headers.wire,
     )
-    return message
 
 
 def _fast_path_works() -> bool:
