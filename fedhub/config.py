@@ -38,6 +38,7 @@ from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
 from fedhub.errors import ConfigError, ConfigProblem, UnknownPlugin
+from fedhub.logs import LEVELS
 from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 
 __all__ = [
@@ -495,8 +496,6 @@ def _not_empty(value: str) -> str | None:
 
 
 def _log_level(value: str) -> str | None:
-    from fedhub.logs import LEVELS
-
     if value in LEVELS:
         return None
     return f"must be one of {', '.join(LEVELS)} (not {_quote(value)})"
