@@ -172,6 +172,56 @@ def _json_object(data: bytes | str) -> FrozenDict:
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
+#: The scalar classes a JSON round trip gives back as they are: equal, of
+#: the same class.
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+class _NotPlain(Exception):
+    """
+    A value holds something a JSON round trip would change (a key that is
+    not a string, a tuple, a subclass of a JSON type...).
+    """
+
+
+def _frozen_plain(value: Any) -> Any:
+    """
+    A frozen copy of plain JSON data (C{dict}s with string keys, C{list}s,
+    strings, numbers, booleans and C{None}): what decoding its JSON would
+    give, without encoding and decoding it.
+
+    @raise _NotPlain: when C{value} holds anything else.
+    """
+    cls = value.__class__
+    if cls is dict or cls is FrozenDict:
+        items = {}
+        for key, item in value.items():
+            if key.__class__ is not str:
+                raise _NotPlain()
+            items[key] = item if item.__class__ in _JSON_SCALARS else _frozen_plain(item)
+        return FrozenDict(items)
+    if cls is list or cls is FrozenList:
+        return FrozenList(
+            [item if item.__class__ in _JSON_SCALARS else _frozen_plain(item) for item in value]
+        )
+    if cls in _JSON_SCALARS:
+        return value
+    raise _NotPlain()
+
+
+def _frozen_body(body: Mapping[str, Any], encoded: bytes) -> FrozenDict:
+    """
+    The frozen form of a body whose JSON is C{encoded}: the same as decoding
+    C{encoded} (L{_json_object}), made without decoding when the body is
+    plain JSON data.
+    """
+    try:
+        frozen: FrozenDict = _frozen_plain(body)
+        return frozen
+    except (_NotPlain, RecursionError):
+        return _json_object(encoded)
+
+
 def _encode_json(value: Mapping[str, Any]) -> bytes:
     """
     Encode a message body as compact UTF-8 JSON, or raise L{MessageError}.
@@ -309,7 +359,7 @@ class Message:
             encoded = _encode_json(self.body)
             object.__setattr__(self, "_body_bytes", encoded)
             if not isinstance(self.body, FrozenDict):
-                object.__setattr__(self, "body", _json_object(encoded))
+                object.__setattr__(self, "body", _frozen_body(self.body, encoded))
         if not isinstance(self.headers, FrozenDict):
             object.__setattr__(self, "headers", _freeze_headers(self.headers))
 
@@ -403,6 +453,8 @@ class Message:
         """
         A copy with some fields changed (validated like a new message).
         """
+        if changes.keys() <= _DELIVERY_CHANGES and self._body_bytes:
+            return self._delivered_copy(changes)
         fields: dict[str, Any] = {
             "topic": self.topic,
             "body": self.body,
@@ -420,6 +472,37 @@ class Message:
             fields["_body_bytes"] = self._body_bytes
         return Message(**fields)
 
+    def _delivered_copy(self, changes: Mapping[str, Any]) -> Message:
+        """
+        L{evolve} for what a transport changes on every delivery (the
+        queue, the redelivered flag, the topic): only the changed fields are
+        checked, the others are this message's, which were checked when it
+        was made.  The wire headers, which none of them is part of, are
+        kept when worked out already.
+        """
+        if "topic" in changes:
+            _check_topic(changes["topic"])
+        queue = changes.get("queue", self.queue)
+        if queue is not None and not isinstance(queue, str):
+            raise MessageError(f"queue must be a string or None, not {queue!r}")
+        fields: dict[str, Any] = {
+            "topic": changes.get("topic", self.topic),
+            "body": self.body,
+            "headers": self.headers,
+            "id": self.id,
+            "severity": self.severity,
+            "priority": self.priority,
+            "sent_at": self.sent_at,
+            "schema": self.schema,
+            "queue": queue,
+            "redelivered": changes.get("redelivered", self.redelivered),
+            "_body_bytes": self._body_bytes,
+        }
+        wire = self.__dict__.get("_wire")
+        if wire is not None:
+            fields["_wire"] = wire
+        return Message._from_checked(**fields)
+
     def to_serialized(self) -> dict[str, Any]:
         """
         This message as one serialized record (a JSON-ready dictionary).
@@ -432,6 +515,10 @@ class Message:
             "queue": self.queue,
             "priority": self.priority,
         }
+
+
+#: The fields L{Message.evolve} changes without checking the others again.
+_DELIVERY_CHANGES = frozenset({"queue", "redelivered", "topic"})
 
 
 def _freeze_headers(headers: Mapping[str, Any]) -> FrozenDict:

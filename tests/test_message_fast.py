@@ -1,0 +1,182 @@
+"""
+The short cuts of L{fedhub.message} give what the long ways give: a body
+frozen without a JSON round trip, and a delivery's copy of a message made
+without checking its unchanged fields again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.errors import MessageError
+from fedhub.message import (
+    FrozenDict,
+    FrozenList,
+    Message,
+    _encode_json,
+    _frozen_body,
+    _json_object,
+)
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=40,
+)
+_bodies = st.dictionaries(st.text(max_size=8), _json, max_size=8)
+
+
+def _shape(value: Any) -> Any:
+    """
+    A value with the class of every container and scalar spelled out, so
+    two values compare equal only when their classes match too.
+    """
+    if isinstance(value, dict):
+        return (type(value), [(k, _shape(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return (type(value), [_shape(v) for v in value])
+    return (type(value), value)
+
+
+class FrozenBodyTests(SynchronousTestCase):
+    """
+    L{_frozen_body} equals decoding the body's JSON.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(_bodies)
+    def test_same_as_round_trip(self, body: dict[str, Any]) -> None:
+        """Plain JSON data freezes to exactly what its JSON decodes to: values, order, classes."""
+        encoded = _encode_json(body)
+        self.assertEqual(_shape(_frozen_body(body, encoded)), _shape(_json_object(encoded)))
+
+    def test_not_plain(self) -> None:
+        """Tuples, keys that are not strings, subclasses and mappings of other classes come out as their JSON decodes."""
+
+        class Text(str):
+            pass
+
+        class Number(int):
+            pass
+
+        bodies: list[dict[Any, Any]] = [
+            {"a": (1, 2, [3, (4,)])},
+            {"a": {1: "one", None: "none", 2.5: "x"}},
+            {"a": {True: "yes"}},
+            {"a": [Text("t"), Number(3)]},
+            {"a": OrderedDict([("b", 1)])},
+            {"a": [{"b": FrozenDict({"c": FrozenList([1])})}]},
+        ]
+        for body in bodies:
+            encoded = _encode_json(body)
+            self.assertEqual(_shape(_frozen_body(body, encoded)), _shape(_json_object(encoded)))
+
+    def test_deep(self) -> None:
+        """A deeply nested body freezes as its JSON decodes."""
+        body: dict[str, Any] = {}
+        inner = body
+        for _ in range(200):
+            inner["a"] = {}
+            inner = inner["a"]
+        encoded = _encode_json(body)
+        self.assertEqual(_shape(Message("a.b", body).body), _shape(_json_object(encoded)))
+
+    def test_not_shared(self) -> None:
+        """The message's body shares no container with the dict it was built from."""
+        body = {"a": [1, {"b": [2]}], "c": {"d": []}}
+        message = Message("a.b", body)
+        body["a"][1]["b"].append(3)  # type: ignore[index]
+        body["c"]["d"].append(4)  # type: ignore[index]
+        self.assertEqual(message.body, {"a": [1, {"b": [2]}], "c": {"d": []}})
+        self.assertRaises(TypeError, message.body["a"].append, 5)
+        self.assertRaises(TypeError, message.body["a"][1].__setitem__, "x", 1)
+
+    def test_invalid(self) -> None:
+        """What can not be encoded is still refused."""
+        self.assertRaises(MessageError, Message, "a.b", {"a": float("nan")})
+        self.assertRaises(MessageError, Message, "a.b", {"a": "\ud800"})
+        self.assertRaises(MessageError, Message, "a.b", {"a": object()})
+
+
+def _slow_evolve(message: Message, **changes: Any) -> Message:
+    """
+    A copy made through the constructor with every field, checked again.
+    """
+    fields = {
+        "topic": message.topic,
+        "body": message.body,
+        "headers": message.headers,
+        "id": message.id,
+        "severity": message.severity,
+        "priority": message.priority,
+        "sent_at": message.sent_at,
+        "schema": message.schema,
+        "queue": message.queue,
+        "redelivered": message.redelivered,
+        "_body_bytes": message.body_bytes,
+    }
+    fields.update(changes)
+    return Message(**fields)
+
+
+class DeliveredCopyTests(SynchronousTestCase):
+    """
+    L{Message.evolve} of the queue, redelivered flag and topic gives what the
+    constructor gives.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.sampled_from([None, "q", "a.queue"]),
+        st.booleans(),
+        st.sampled_from([None, "org.example.other", "x", "bad topic", ""]),
+        st.booleans(),
+    )
+    def test_same_as_constructor(self, queue: str | None, redelivered: bool, topic: str | None,
+                                 wire_first: bool) -> None:
+        """Same fields, same equality, same wire headers and body bytes; the same refusals."""
+        message = Message(
+            "org.example.topic",
+            {"a": [1, 2]},
+            headers={"fedora_messaging_user_jdoe": True},
+            id="id-1",
+            sent_at=datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc),
+            schema="s.v1",
+        )
+        if wire_first:
+            message.wire_headers()
+        changes: dict[str, Any] = {"queue": queue, "redelivered": redelivered}
+        if topic is not None:
+            changes["topic"] = topic
+        try:
+            expected = _slow_evolve(message, **changes)
+        except MessageError as e:
+            with self.assertRaises(MessageError) as caught:
+                message.evolve(**changes)
+            self.assertEqual(str(caught.exception), str(e))
+            return
+        copy = message.evolve(**changes)
+        self.assertIs(type(copy), Message)
+        self.assertEqual(copy, expected)
+        for name in ("topic", "queue", "redelivered", "body_bytes", "headers", "sent_at", "schema"):
+            self.assertEqual(getattr(copy, name), getattr(expected, name))
+        self.assertEqual(copy.wire_headers(), expected.wire_headers())
+        self.assertEqual(copy.amqp_properties(), expected.amqp_properties())
+
+    def test_bad_queue(self) -> None:
+        """A queue that is not a string is refused as the constructor refuses it."""
+        message = Message("a.b", {})
+        self.assertRaises(MessageError, message.evolve, queue=3)
