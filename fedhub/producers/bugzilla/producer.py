@@ -223,10 +223,16 @@ def _body_and_fingerprint(event: BugEvent) -> tuple[dict[str, Any], str]:
     body["headers"] = {
         name: value for name, value in headers.items() if name.lower() not in RECIPIENT_HEADERS
     }
-    blob = json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    blob = _fingerprint_json(body)
     fingerprint = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
     event.__dict__["_fedhub_body"] = (body, fingerprint)
     return body, fingerprint
+
+
+#: The JSON a fingerprint hashes: json.dumps(body, ensure_ascii=False,
+#: sort_keys=True, separators=(",", ":")), with the encoder made once
+#: (json.dumps builds one on every call with these options).
+_fingerprint_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode
 
 
 def event_fingerprint(event: BugEvent) -> str:
