@@ -10,8 +10,12 @@ rule, rejection reason and resource limit behaves as documented.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.errors import FedhubError
@@ -923,3 +927,119 @@ class MimeTests(SynchronousTestCase):
         comment = parse_bugmail(raw).comment
         assert comment is not None
         self.assertEqual(comment.text, "Hi.")
+
+
+def _outcome_of(function: Any, *args: Any) -> Any:
+    """
+    What C{function} returns, or the class and code of the L{BugmailError}
+    it raises.
+    """
+    try:
+        return function(*args)
+    except BugmailError as e:
+        return (type(e), e.code)
+
+
+def _headers_one_by_one(fields: list[tuple[str, bytes]]) -> dict[str, str]:
+    """
+    The X-Bugzilla-* headers collected field by field, each value decoded on
+    its own: what L{parser._bugzilla_headers} must give.
+    """
+    found: dict[str, str] = {}
+    for lower, raw in fields:
+        if not lower.startswith("x-bugzilla-"):
+            continue
+        name = parser._canonical_name(lower)
+        if name is None:
+            continue
+        value = parser._header_text(raw, name)
+        if name in found:
+            if found[name] != value:
+                raise MalformedBugmail(f"conflicting {name} headers", code="conflicting_headers")
+            continue
+        if len(found) >= parser.MAX_BUGZILLA_HEADERS:
+            raise MalformedBugmail("too many", code="too_many_headers")
+        found[name] = value
+    return found
+
+
+_NAMES = st.sampled_from(
+    [b"X-Bugzilla-Product", b"x-bugzilla-who", b"X-Bugzilla-Flags", b"X-Bugzilla-New-Thing", b"Subject",
+     b"To", b"X-Bugzilla-", b"X-Bugzilla-Bad_Name", b"x" * 128, b"y" * 129, b"Bad Name", b"", b"N\xc3\xa9"]
+)
+_VALUES = st.lists(
+    st.sampled_from([b"", b" ", b"\t", b"value", b"a b", b"=?utf-8?q?caf=C3=A9?=", b"caf\xc3\xa9", b"\xff",
+                     b"\x01", b"\x7f", b":", b"x" * 300]),
+    max_size=4,
+).map(b"".join)
+_LINES = st.one_of(
+    st.tuples(_NAMES, st.sampled_from([b":", b": ", b":\t ", b" :"]), _VALUES).map(b"".join),
+    st.tuples(st.sampled_from([b" ", b"\t", b"  "]), _VALUES).map(b"".join),
+    _VALUES,
+)
+
+
+class HeaderFastPathTests(SynchronousTestCase):
+    """
+    The header block read with a pattern, and X-Bugzilla-* values decoded
+    all at once, give what reading line by line and value by value gives.
+    """
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(_LINES, max_size=12), st.booleans(), st.sampled_from([b"", b"From x\n"]))
+    def test_block_same_as_line_by_line(self, lines: list[bytes], ended: bool, prefix: bytes) -> None:
+        """Fields, folds, lines that end the block, odd names and values: same fields, same body offset."""
+        data = prefix + b"\n".join(lines) + (b"\n\nbody\n" if ended else b"")
+        start = len(prefix)
+        self.assertEqual(
+            _outcome_of(parser._parse_header_block, data, start),
+            _outcome_of(parser._parse_header_block_by_line, data, start),
+        )
+
+    def test_block_limits(self) -> None:
+        """Blocks at and just past the line and byte limits are read or refused alike."""
+        for count in (MAX_HEADER_LINES - 2, MAX_HEADER_LINES - 1, MAX_HEADER_LINES):
+            data = b"X-A: b\n" * count + b"\nbody"
+            self.assertEqual(
+                _outcome_of(parser._parse_header_block, data, 0),
+                _outcome_of(parser._parse_header_block_by_line, data, 0),
+            )
+        line = b"X-A: " + b"v" * 1000 + b"\n"
+        whole = parser.MAX_HEADER_BLOCK_BYTES // len(line)
+        for extra in (-2, -1, 0, 1, 2):
+            data = line * whole + b"X-B: " + b"w" * (parser.MAX_HEADER_BLOCK_BYTES % len(line) + extra - 6)
+            data += b"\n\nbody"
+            self.assertEqual(
+                _outcome_of(parser._parse_header_block, data, 0),
+                _outcome_of(parser._parse_header_block_by_line, data, 0),
+            )
+
+    def test_block_hostile_white_space(self) -> None:
+        """Many fields with long white space and a line that ends the block read in linear time."""
+        data = (b"X-A:" + b" \t" * 40 + b"v" + b" " * 40 + b"\n" + b" \t" * 40 + b"\n") * 900
+        data += b"not a field\n\nbody"
+        began = time.process_time()
+        fields, offset = parser._parse_header_block(data, 0)
+        self.assertLess(time.process_time() - began, 2.0)
+        self.assertEqual((fields, offset), parser._parse_header_block_by_line(data, 0))
+        self.assertEqual(len(fields), 900)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.tuples(_NAMES, _VALUES), max_size=10))
+    def test_bugzilla_headers_same_as_one_by_one(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Values decoded together or one by one, conflicts and errors included, come out the same."""
+        fields = [(name.decode("latin-1").lower(), value) for name, value in pairs]
+        self.assertEqual(
+            _outcome_of(parser._bugzilla_headers, fields), _outcome_of(_headers_one_by_one, fields)
+        )
+
+    def test_bugzilla_headers_long(self) -> None:
+        """A value past the length limit is refused as before, whether or not another conflicts first."""
+        for fields in (
+            [("x-bugzilla-who", b"a" * 9000)],
+            [("x-bugzilla-who", b"a"), ("x-bugzilla-who", b"b"), ("x-bugzilla-url", b"u" * 9000)],
+            [("x-bugzilla-url", b"u" * 5000), ("x-bugzilla-who", b"w" * 5000)],
+        ):
+            self.assertEqual(
+                _outcome_of(parser._bugzilla_headers, fields), _outcome_of(_headers_one_by_one, fields)
+            )

@@ -689,9 +689,36 @@ def _decode_rfc2047(value: str) -> str:
 # --- header blocks and MIME ---------------------------------------------
 
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,128}")
+# One field of a header block: its name, and its value with the white space
+# after the colon dropped and its continuation lines kept, LF-terminated.
+# Every quantifier is possessive: there is one way to read a field, and a
+# hostile block fails to match in linear time, without backtracking.
+_HEADER_FIELD = rb"([\x21-\x39\x3b-\x7e]{1,128}+):[ \t]*+([^\n]*+(?:\n[ \t][^\n]*+)*+)\n"
+_FIELDS_ONLY = re.compile(rb"(?:%s)++" % _HEADER_FIELD)
+_FIELD_PARTS = re.compile(_HEADER_FIELD).findall
 
 
-def _parse_header_block(data: bytes, start: int) -> tuple[list[tuple[str, bytes]], int]:
+class _Fields(list[tuple[str, bytes]]):
+    """
+    The fields of a header block, in order, as (lower-case name, raw value);
+    L{first} finds the first value of a name without a scan.
+    """
+
+    __slots__ = ("_index",)
+
+    def first(self, name: str) -> bytes | None:
+        """
+        The value of the first field called C{name}, or C{None}.
+        """
+        try:
+            index = self._index
+        except AttributeError:
+            # Reversed, so the first of fields with the same name wins.
+            index = self._index = dict(reversed(self))
+        return index.get(name)
+
+
+def _parse_header_block(data: bytes, start: int) -> tuple[_Fields, int]:
     """
     Read the header block that starts at C{start} of LF-normalised C{data}.
 
@@ -700,11 +727,35 @@ def _parse_header_block(data: bytes, start: int) -> tuple[list[tuple[str, bytes]
     first empty line, or at the first line that is neither a field nor a
     continuation.
     """
+    blank = data.find(b"\n\n", start)
+    if (
+        blank > start
+        and blank + 1 - start <= MAX_HEADER_BLOCK_BYTES
+        and data.count(b"\n", start, blank + 1) < MAX_HEADER_LINES
+        and _FIELDS_ONLY.fullmatch(data, start, blank + 1) is not None
+    ):
+        # The common case: a block within the limits, made of fields only
+        # and ended by an empty line, read with two scans of a pattern; it
+        # gives what the line-by-line reading gives.
+        return (
+            _Fields([(name.decode("ascii").lower(), value) for name, value in _FIELD_PARTS(data, start, blank + 1)]),
+            min(blank + 2, len(data)),
+        )
+    return _parse_header_block_by_line(data, start)
+
+
+def _parse_header_block_by_line(data: bytes, start: int) -> tuple[_Fields, int]:
+    """
+    L{_parse_header_block} line by line, for every block (limits, lines that
+    end the block early, no empty line).
+    """
+
+
     size = len(data)
     if start >= size:
-        return [], size
+        return _Fields(), size
     if data[start] == 0x0A:
-        return [], start + 1
+        return _Fields(), start + 1
     # Every line before the first empty one, split in one step.
     blank = data.find(b"\n\n", start)
     fields: list[tuple[str, list[bytes]]] = []
@@ -731,7 +782,7 @@ def _parse_header_block(data: bytes, start: int) -> tuple[list[tuple[str, bytes]
         else:
             colon = line.find(b":")
             if colon <= 0 or not header_name(line, 0, colon):
-                return [(n, b"\n".join(v)) for n, v in fields], pos
+                return _Fields([(n, b"\n".join(v)) for n, v in fields]), pos
             fields.append((line[:colon].decode("ascii").lower(), [line[colon + 1 :].lstrip(b" \t")]))
         pos = end + 1
     if blank >= 0:
@@ -744,11 +795,13 @@ def _parse_header_block(data: bytes, start: int) -> tuple[list[tuple[str, bytes]
             raise MalformedBugmail(
                 f"header block has more than {MAX_HEADER_LINES} lines", code="too_many_header_lines"
             )
-        return [(n, b"\n".join(v)) for n, v in fields], min(blank + 2, size)
-    return [(n, b"\n".join(v)) for n, v in fields], min(pos, size)
+        return _Fields([(n, b"\n".join(v)) for n, v in fields]), min(blank + 2, size)
+    return _Fields([(n, b"\n".join(v)) for n, v in fields]), min(pos, size)
 
 
 def _first(fields: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+    if isinstance(fields, _Fields):
+        return fields.first(name)
     for field_name, value in fields:
         if field_name == name:
             return value
@@ -1359,6 +1412,10 @@ _KNOWN_BUGZILLA_HEADERS = (
 _CANONICAL: Mapping[str, str] = MappingProxyType(
     {"x-bugzilla-" + name.lower(): "X-Bugzilla-" + name for name in _KNOWN_BUGZILLA_HEADERS}
 )
+# The same, as a dict: a mappingproxy's get is slower, and this one is private.
+_CANONICAL_NAMES = dict(_CANONICAL)
+# What _LINE_SPECIAL finds in text that is ASCII, as bytes.
+_ASCII_LINE_SPECIAL = re.compile(rb"[\x00-\x1f\x7f]")
 _BUGZILLA_SUFFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
 _BUG_EVENT_TYPES = ("new", "changed", "dep_changed", "newchanged")
 
@@ -1378,14 +1435,29 @@ def _bugzilla_headers(fields: Sequence[tuple[str, bytes]]) -> dict[str, str]:
     Collect the C{X-Bugzilla-*} headers, decoded, under canonical names.
     The same header twice with different values is refused.
     """
-    found: dict[str, str] = {}
+    named: list[tuple[str, bytes]] = []
     for lower, raw in fields:
-        if not lower.startswith("x-bugzilla-"):
-            continue
-        name = _canonical_name(lower)
-        if name is None:
-            continue
-        value = _header_text(raw, name)
+        if lower.startswith("x-bugzilla-"):
+            name = _CANONICAL_NAMES.get(lower) or _canonical_name(lower)
+            if name is not None:
+                named.append((name, raw))
+    raws = [raw for _, raw in named]
+    joined = b"".join(raws)
+    if (
+        len(joined) <= MAX_HEADER_VALUE_BYTES
+        and joined.isascii()
+        and _ASCII_LINE_SPECIAL.search(joined) is None
+        and b"=?" not in joined
+    ):
+        # The common case: short printable ASCII values, unfolded and without
+        # encoded words, where decoding them one by one (L{_header_text})
+        # comes down to this.
+        values = [raw.decode("ascii").strip() for raw in raws]
+    else:
+        values = [None] * len(raws)
+    found: dict[str, str] = {}
+    for (name, raw), known in zip(named, values):
+        value = known if known is not None else _header_text(raw, name)
         if name in found:
             if found[name] != value:
                 raise MalformedBugmail(f"conflicting {name} headers", code="conflicting_headers")
