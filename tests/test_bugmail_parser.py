@@ -10,6 +10,7 @@ rule, rejection reason and resource limit behaves as documented.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -1043,3 +1044,12 @@ class HeaderFastPathTests(SynchronousTestCase):
             self.assertEqual(
                 _outcome_of(parser._bugzilla_headers, fields), _outcome_of(_headers_one_by_one, fields)
             )
+
+    def test_space_is_isspace(self) -> None:
+        """The white-space search finds exactly the characters str.isspace() accepts."""
+        space = parser._SPACE
+        differ = [
+            hex(code) for code in range(sys.maxunicode + 1)
+            if (space(chr(code)) is not None) != chr(code).isspace()
+        ]
+        self.assertEqual(differ, [])

@@ -1044,6 +1044,11 @@ _TRIPLE_WIDTHS = (18, 27)
 _DOUBLE_WIDTH = 54
 
 
+#: Finds a character for which str.isspace() is true (re's \s for text
+#: patterns is exactly that set), without a Python step per character.
+_SPACE = re.compile(r"\s").search
+
+
 def _bug_id(digits: str, what: str) -> int:
     if not digits.isascii() or not digits.isdigit() or len(digits) > 10:
         raise MalformedBugmail(f"{what} is not a bug id: {_excerpt(digits)}", code="bad_bug_id")
@@ -1064,7 +1069,7 @@ def _split_identity(identity: str) -> tuple[str | None, str | None]:
     if m is not None:
         login = m.group(2) or m.group(3)
         return (m.group(1) or None), login
-    if identity and not any(ch.isspace() for ch in identity):
+    if identity and _SPACE(identity) is None:
         return None, identity
     return None, None
 
@@ -1085,7 +1090,7 @@ def _join_pieces(pieces: Sequence[str], width: int) -> str:
             continue
         if previous is None:
             out = piece
-        elif len(previous) >= width and not any(ch.isspace() for ch in previous):
+        elif len(previous) >= width and _SPACE(previous) is None:
             out += piece
         else:
             out += " " + piece
@@ -1478,7 +1483,7 @@ def _optional_header(fields: Sequence[tuple[str, bytes]], lower: str, name: str)
 
 
 def _valid_login(value: str) -> bool:
-    return 0 < len(value) <= MAX_LOGIN_CHARS and not any(ch.isspace() for ch in value)
+    return 0 < len(value) <= MAX_LOGIN_CHARS and _SPACE(value) is None
 
 
 # --- the parser ---------------------------------------------------------
