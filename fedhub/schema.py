@@ -18,7 +18,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 
 from fedhub.errors import MessageError, SchemaValidationError
-from fedhub.message import BASE_SCHEMA, Message
+from fedhub.message import BASE_SCHEMA, FrozenDict, FrozenList, Message
 
 #: The base schema: any JSON object.
 BASE_BODY_SCHEMA: Mapping[str, Any] = {
@@ -48,6 +48,41 @@ _TYPES: dict[str, Check] = {
     "array": lambda v: isinstance(v, list),
     "object": lambda v: isinstance(v, dict),
 }
+
+
+# The classes of the values a JSON type takes, for a check by class alone:
+# stricter than the checks above (no subclasses but the frozen containers of
+# a message body), never more lenient.
+_TYPE_CLASSES: dict[str, frozenset[type]] = {
+    "null": frozenset({type(None)}),
+    "boolean": frozenset({bool}),
+    "integer": frozenset({int}),
+    "number": frozenset({int, float}),
+    "string": frozenset({str}),
+    "array": frozenset({list, FrozenList}),
+    "object": frozenset({dict, FrozenDict}),
+}
+
+
+def _type_only(schema: Any) -> frozenset[type] | None:
+    """
+    The classes a schema that says nothing but C{type} allows (annotations
+    aside), for a check without a function call; C{None} for any other
+    schema.
+    """
+    if not isinstance(schema, Mapping):
+        return None
+    classes: frozenset[type] | None = None
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        if key != "type":
+            return None
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or any(n not in _TYPE_CLASSES for n in names):
+            return None
+        classes = frozenset().union(*(_TYPE_CLASSES[n] for n in names))
+    return classes
 
 
 def _always(value: Any) -> bool:
@@ -123,17 +158,27 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
         if not isinstance(value, Mapping):
             return None
         compiled = []
+        typed = []
         for name, sub in value.items():
             check = compile_check(sub, depth + 1)
             if check is None:
                 return None
-            if check is not _always:
+            classes = _type_only(sub)
+            if classes is not None:
+                typed.append((name, classes))
+            elif check is not _always:
                 compiled.append((name, check))
         props = tuple(compiled)
+        typed_props = tuple(typed)
 
         def properties(v: Any) -> bool:
             if not isinstance(v, dict):
                 return True
+            # Properties whose schema is a type alone, checked by class in
+            # place; then the others, each by its check.
+            for name, classes in typed_props:
+                if name in v and v[name].__class__ not in classes:
+                    return False
             for name, check in props:
                 if name in v and not check(v[name]):
                     return False
@@ -172,6 +217,17 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
         item = compile_check(value, depth + 1)
         if item is None:
             return None
+        item_classes = _type_only(value)
+        if item_classes is not None:
+
+            def typed_items(v: Any) -> bool:
+                if isinstance(v, list):
+                    for x in v:
+                        if x.__class__ not in item_classes:
+                            return False
+                return True
+
+            return typed_items
 
         def items(v: Any) -> bool:
             if isinstance(v, list):

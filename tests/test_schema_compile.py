@@ -122,3 +122,66 @@ class RegistryTests(SynchronousTestCase):
         self.assertTrue(schemas.validate(Message.create("t.x", {"n": 1.0}, schema="n")))
         self.assertRaises(SchemaValidationError, schemas.validate,
                           Message.create("t.x", {"n": 1.5}, schema="n"))
+
+
+#: Schemas whose properties and items are a type alone (checked by class).
+TYPED_SCHEMAS: list[dict[str, Any]] = [
+    {"type": "object", "properties": {
+        "a": {"type": "string"}, "b": {"type": ["integer", "null"], "description": "b"},
+        "x": {"type": "array", "items": {"type": "number"}}, "type": {"type": "object"},
+        "who": {"type": "boolean"}, "bug_id": {"type": ["array", "string", "null"]}}},
+    {"type": "array", "items": {"type": ["string", "null"]}},
+    {"type": "object", "additionalProperties": {"type": "integer"}, "properties": {"a": {"type": "array"}}},
+]
+
+
+def _by_checks(schema: Any) -> Any:
+    """
+    The same schema with every type-only part given a keyword that changes
+    nothing (C{minLength: 0}), so it is compiled into a call to its check
+    rather than a check by class.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    copy = dict(schema)
+    if "properties" in copy:
+        copy["properties"] = {name: _by_checks(sub) for name, sub in copy["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if key in copy:
+            copy[key] = _by_checks(copy[key])
+    if "type" in copy:
+        copy["minLength"] = 0
+    return copy
+
+
+class TypedPartsTests(SynchronousTestCase):
+    """
+    Properties and items that are a type alone, checked by class, answer as
+    their checks do.
+    """
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.sampled_from(TYPED_SCHEMAS), json_values)
+    def test_same_as_checks(self, schema: dict[str, Any], value: Any) -> None:
+        """Plain and frozen values (as a message body holds them) get the same answer."""
+        check = compile_check(schema)
+        by_checks = compile_check(_by_checks(schema))
+        assert check is not None and by_checks is not None
+        self.assertEqual(check(value), by_checks(value), value)
+        frozen = Message("t.x", {"v": value}).body["v"]
+        self.assertEqual(check(frozen), by_checks(frozen), value)
+        if check(value):
+            cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+            self.assertTrue(cls(schema).is_valid(value), (schema, value))
+
+    def test_subclasses_left_to_jsonschema(self) -> None:
+        """A subclass of str or int is not taken by class: the check says no and jsonschema decides."""
+
+        class Text(str):
+            pass
+
+        check = compile_check({"type": "object", "properties": {"a": {"type": "string"}}})
+        assert check is not None
+        self.assertTrue(check({"a": "x"}))
+        self.assertFalse(check({"a": Text("x")}))
+        self.assertFalse(check({"a": 1}))
