@@ -676,6 +676,46 @@ class PublishTests(BusCase):
         self.broker.ack(3)
         self.successResultOf(ds[2])
 
+    def test_after_confirms(self) -> None:
+        """
+        While one confirm settles the messages it covers, the bus says it is
+        confirming; the callbacks given to call_after_confirms run once per
+        confirm frame, after all of them.
+        """
+        events: list[tuple[str, int, bool]] = []
+        ds = [self.publish()[1] for _ in range(3)]
+        def settled(result: object, n: int) -> object:
+            events.append(("settled", n, self.bus.confirming))
+            return result
+
+        for n, d in enumerate(ds):
+            d.addBoth(settled, n)
+        self.bus.call_after_confirms(lambda: events.append(("after", 0, self.bus.confirming)))
+        self.broker.ack(2, multiple=True)
+        self.assertEqual(events, [("settled", 0, True), ("settled", 1, True), ("after", 0, False)])
+        self.broker.nack(3)
+        self.assertEqual(events[3:], [("settled", 2, True), ("after", 0, False)])
+        self.failureResultOf(ds[2], MessageNacked)
+        self.assertFalse(self.bus.confirming)
+
+    def test_after_confirms_failure(self) -> None:
+        """
+        A callback that raises is logged; the others still run, and so does
+        sending what waits.
+        """
+        called: list[int] = []
+
+        def broken() -> None:
+            raise RuntimeError("broken callback")
+
+        self.bus.call_after_confirms(broken)
+        self.bus.call_after_confirms(lambda: called.append(1))
+        d = self.publish()[1]
+        self.broker.ack(1)
+        self.successResultOf(d)
+        self.assertEqual(called, [1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_nack(self) -> None:
         """
         A nack fails the message with MessageNacked naming it.

@@ -140,6 +140,34 @@ class FakeBus:
             d.errback(NotConnected("connection lost", message.id))
 
 
+class BatchingBus(FakeBus):
+    """
+    A fake bus that, like L{fedhub.amqp.transport.AMQPBus}, settles a
+    confirm covering many messages in one go and then calls back.
+    """
+
+    def __init__(self, domain: str = "test") -> None:
+        super().__init__(domain)
+        self.confirming = False
+        self.after: list[Callable[[], object]] = []
+
+    def call_after_confirms(self, callback: Callable[[], object]) -> None:
+        self.after.append(callback)
+
+    def ack(self, count: int = 1) -> list[Message]:
+        """
+        Confirm the C{count} oldest outstanding publishes with one confirm.
+        """
+        self.confirming = True
+        try:
+            done = super().ack(count)
+        finally:
+            self.confirming = False
+        for callback in self.after:
+            callback()
+        return done
+
+
 class ManualExecutor:
     """
     An executor that runs the store's calls only when the test says so, in
@@ -377,6 +405,52 @@ class HandOverTests(OutboxTestCase):
         executor.run_all()
         self.assertEqual([c.deleted for c in commits], [1, 99])
         self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_deletes_of_one_confirm_together(self) -> None:
+        """
+        On a bus that settles a confirm covering many messages in one go,
+        their deletions go into one transaction and the window refills once,
+        after all of them, in order.
+        """
+        executor = ManualExecutor()
+        bus = BatchingBus()
+        outbox, _ = self.make(bus, executor=executor, window=10)
+        executor.run_all()
+        messages = [make_message(n) for n in range(30)]
+        self.publish_all(outbox, messages)
+        executor.run_all()
+        self.assertEqual(bus.published, messages[:10])
+        commits: list[CommitResult] = []
+        outbox.store.commit_hook = commits.append
+        sent_during: list[int] = []
+        bus.after.insert(0, lambda: sent_during.append(len(bus.published)))
+        bus.ack(6)
+        # Nothing was sent while the confirm settled its messages.
+        self.assertEqual(sent_during, [10])
+        self.assertEqual(bus.published, messages[:16])
+        executor.run_all()
+        self.assertEqual([c.deleted for c in commits], [6])
+        while bus.outstanding:
+            bus.ack_all()
+            executor.run_all()
+        self.assertEqual(bus.published, messages)
+        self.assertEqual([c.deleted for c in commits], [6, 10, 10, 4])
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertEqual(outbox.stats().confirmed, 30)
+
+    def test_confirm_batches_while_stopping(self) -> None:
+        """
+        A stop waiting for confirms ends once the last confirm covering many
+        messages has settled them.
+        """
+        bus = BatchingBus()
+        outbox, _ = self.make(bus, window=10)
+        self.publish_all(outbox, [make_message(n) for n in range(5)])
+        d = outbox.stopService()
+        self.assertNoResult(d)
+        bus.ack(5)
+        self.successResultOf(d)
+        self.assertEqual(self.pending_ids(), [])
 
     def test_invalid_message(self) -> None:
         """

@@ -939,23 +939,33 @@ class _Session:
             pending.deferred.errback(error)
 
     def _confirmed(self, delivery_tag: int, multiple: bool, error: Callable[[_Pending], Exception] | None) -> None:
-        if multiple:
-            while self.unconfirmed:
-                seq = next(iter(self.unconfirmed))
-                if seq > delivery_tag:
-                    break
-                pending = self.unconfirmed[seq]
-                self._settle(seq, error(pending) if error else None)
-        elif delivery_tag in self.unconfirmed:
-            pending = self.unconfirmed[delivery_tag]
-            self._settle(delivery_tag, error(pending) if error else None)
-        else:
-            self.log.debug("Confirm for unknown delivery tag {tag}", tag=delivery_tag)
+        bus = self.bus
+        bus.confirming = True
+        try:
+            if multiple:
+                unconfirmed = self.unconfirmed
+                while unconfirmed:
+                    seq = next(iter(unconfirmed))
+                    if seq > delivery_tag:
+                        break
+                    self._settle(seq, error(unconfirmed[seq]) if error else None)
+            elif delivery_tag in self.unconfirmed:
+                pending = self.unconfirmed[delivery_tag]
+                self._settle(delivery_tag, error(pending) if error else None)
+            else:
+                self.log.debug("Confirm for unknown delivery tag {tag}", tag=delivery_tag)
+        finally:
+            bus.confirming = False
         if not self.unconfirmed:
             if self.confirm_call is not None and self.confirm_call.active():
                 self.confirm_call.cancel()
             self.confirm_call = None
             self.drained.fire()
+        for callback in bus._after_confirms:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("A callback after confirms failed on domain {domain}", domain=bus.domain)
         self.pump()
 
     # -- IConnectionEvents ----------------------------------------------------
@@ -1216,6 +1226,8 @@ class AMQPBus(Service):
     @ivar confirm_timeout: Seconds a publisher confirm may take before the
         connection is dropped.
     @ivar max_in_flight: Messages waiting for confirms at once, at most.
+    @ivar confirming: Whether a publisher confirm is settling the messages
+        it covers right now (see L{call_after_confirms}).
     @ivar passive_declares: Only check that exchanges and queues exist, and
         leave bindings to the broker's administrator.
     """
@@ -1269,6 +1281,8 @@ class AMQPBus(Service):
         self._tags = 0
         self._stopping = False
         self._connected_waiters: list[Deferred[None]] = []
+        self.confirming = False
+        self._after_confirms: list[Callable[[], object]] = []
 
     @classmethod
     def from_domain(cls, domain: Any, reactor: Any, **options: Any) -> AMQPBus:
@@ -1371,6 +1385,19 @@ class AMQPBus(Service):
         pending = _Pending(message, exchange, routing_key, Deferred())
         session.enqueue(pending)
         return pending.deferred
+
+    def call_after_confirms(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} after every publisher confirm (C{basic.ack} or
+        C{basic.nack}) has settled the messages it covers.
+
+        One confirm may cover many messages (C{multiple}), and their Deferreds
+        fire one by one while L{confirming} is true.  A publisher that does
+        the same follow-up work after each of them (writing down what was
+        confirmed, sending the next messages) can leave that work to
+        C{callback} while L{confirming} is true, and do it once per confirm.
+        """
+        self._after_confirms.append(callback)
 
     def declare(self, topology: Topology) -> Deferred[None]:
         """

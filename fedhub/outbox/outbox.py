@@ -103,6 +103,8 @@ class _Bus(Protocol):
     """
 
     connected: bool
+    #: Only read when the bus has C{call_after_confirms} (L{AMQPBus}).
+    confirming: bool
 
     def publish(self, message: Message) -> Deferred[None]:
         """Publish one message; fires on its confirm."""
@@ -277,6 +279,13 @@ class Outbox(Service):
             store = Store(directory, executor)
         self.store = store
         self._observers: list[Observer] = []
+        # A bus that settles a confirm covering many messages in one go
+        # (AMQPBus) says so: the bookkeeping after each of them then waits
+        # for the end, and runs once.
+        after_confirms = getattr(bus, "call_after_confirms", None)
+        self._batching = callable(after_confirms)
+        if after_confirms is not None and self._batching:
+            after_confirms(self._confirms_settled)
         self._reset()
 
     def _reset(self) -> None:
@@ -312,6 +321,7 @@ class Outbox(Service):
         self._retry_call: _DelayedCall | None = None
         self._attempt = 0
         self._generation = 0
+        self._settled_later = False
         self._pumping = False
         self._pump_again = False
         self._oldest_hint: float | None = None
@@ -876,9 +886,23 @@ class Outbox(Service):
         self._deletes.append((entry.seq, entry.size))
         if self._observers:
             self._notify(CONFIRMED, entry.message.id)
+        if self._batching and self._bus.confirming:
+            self._settled_later = True
+            return
         self._flush()
         self._pump()
         self._check_stop()
+
+    def _confirms_settled(self) -> None:
+        """
+        The bus settled every message a confirm covers: write the deletions
+        down and send the next messages, once for all of them.
+        """
+        if self._settled_later:
+            self._settled_later = False
+            self._flush()
+            self._pump()
+            self._check_stop()
 
     def _publish_failed(self, failure: TwistedFailure, entry: _Entry, generation: int) -> None:
         if self._inflight.get(entry.seq) is not entry:
