@@ -38,21 +38,11 @@ _ANNOTATIONS = frozenset({
     "definitions", "$defs", "format", "readOnly", "writeOnly", "deprecated",
     "contentMediaType", "contentEncoding",
 })
-_TYPES: dict[str, Check] = {
-    "null": lambda v: v is None,
-    "boolean": lambda v: v is True or v is False,
-    # Stricter than drafts 6+, which also take 1.0: a float falls back.
-    "integer": lambda v: type(v) is int,
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-}
-
-
-# The classes of the values a JSON type takes, for a check by class alone:
-# stricter than the checks above (no subclasses but the frozen containers of
-# a message body), never more lenient.
+# The classes of the values each JSON type takes: a type is checked by the
+# value's class alone.  That is stricter than the drafts (no subclasses but
+# the frozen containers of a message body; no integral float for an
+# integer, which drafts 6+ take: such a value falls back to jsonschema),
+# never more lenient.
 _TYPE_CLASSES: dict[str, frozenset[type]] = {
     "null": frozenset({type(None)}),
     "boolean": frozenset({bool}),
@@ -78,11 +68,19 @@ def _type_only(schema: Any) -> frozenset[type] | None:
             continue
         if key != "type":
             return None
-        names = [value] if isinstance(value, str) else value
-        if not isinstance(names, list) or not names or any(n not in _TYPE_CLASSES for n in names):
-            return None
-        classes = frozenset().union(*(_TYPE_CLASSES[n] for n in names))
+        classes = _type_classes(value)
     return classes
+
+
+def _type_classes(value: Any) -> frozenset[type] | None:
+    """
+    The classes the value of a C{type} keyword allows, or C{None} when it
+    is not a type name or a list of them.
+    """
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or any(n not in _TYPE_CLASSES for n in names):
+        return None
+    return frozenset().union(*(_TYPE_CLASSES[n] for n in names))
 
 
 def _always(value: Any) -> bool:
@@ -119,19 +117,47 @@ def compile_check(schema: Any, depth: int = 0) -> Check | None:
     if not isinstance(schema, Mapping):
         return None
     checks: list[Check] = []
+    classes: frozenset[type] | None = None
     for key, value in schema.items():
         if key in _ANNOTATIONS:
+            continue
+        if key == "type":
+            # By the value's class, which every other check then can take
+            # for granted: stricter than the drafts for subclasses (but
+            # those of a message body's frozen containers) and for
+            # integral floats, never more lenient.
+            classes = _type_classes(value)
+            if classes is None:
+                return None
             continue
         check = _compile_keyword(schema, key, value, depth)
         if check is None:
             return None
         if check is not _always:
             checks.append(check)
-    if not checks:
-        return _always
-    if len(checks) == 1:
-        return checks[0]
     all_checks = tuple(checks)
+    if classes is not None:
+        allowed = classes
+        if not all_checks:
+
+            def of_type(v: Any) -> bool:
+                return v.__class__ in allowed
+
+            return of_type
+
+        def typed_every(v: Any) -> bool:
+            if v.__class__ not in allowed:
+                return False
+            for check in all_checks:
+                if not check(v):
+                    return False
+            return True
+
+        return typed_every
+    if not all_checks:
+        return _always
+    if len(all_checks) == 1:
+        return all_checks[0]
 
     def every(v: Any) -> bool:
         for check in all_checks:
@@ -143,17 +169,6 @@ def compile_check(schema: Any, depth: int = 0) -> Check | None:
 
 
 def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int) -> Check | None:
-    if key == "type":
-        names = [value] if isinstance(value, str) else value
-        if not isinstance(names, list) or not names or any(n not in _TYPES for n in names):
-            return None
-        types = tuple(_TYPES[n] for n in names)
-        if len(types) == 1:
-            return types[0]
-        if len(types) == 2:
-            one, two = types
-            return lambda v: one(v) or two(v)
-        return lambda v: any(t(v) for t in types)
     if key == "properties":
         if not isinstance(value, Mapping):
             return None
@@ -276,17 +291,31 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
                 return None
             subs.append(check)
         options = tuple(subs)
+
+        def any_of(v: Any) -> bool:
+            for option in options:
+                if option(v):
+                    return True
+            return False
+
         if key == "anyOf":
-            return lambda v: any(c(v) for c in options)
+            return any_of
         if key == "allOf":
-            return lambda v: all(c(v) for c in options)
+
+            def all_of(v: Any) -> bool:
+                for option in options:
+                    if not option(v):
+                        return False
+                return True
+
+            return all_of
         # oneOf: a branch's False may be its check's strictness, so "exactly
         # one" can be told only when no value can match two branches: when
         # their types do not overlap (e.g. an object or null).  Then it is
         # anyOf.
         if not _disjoint_types(value):
             return None
-        return lambda v: any(c(v) for c in options)
+        return any_of
     if key == "not":
         # The negation of a stricter check would be more lenient.
         return None

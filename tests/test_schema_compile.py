@@ -185,3 +185,26 @@ class TypedPartsTests(SynchronousTestCase):
         self.assertTrue(check({"a": "x"}))
         self.assertFalse(check({"a": Text("x")}))
         self.assertFalse(check({"a": 1}))
+
+    @settings(max_examples=300, deadline=None)
+    @given(json_values)
+    def test_types_by_class(self, value: Any) -> None:
+        """For JSON values, plain or frozen, a type checked by class answers as the type's definition."""
+        definitions = {
+            "null": lambda v: v is None,
+            "boolean": lambda v: v is True or v is False,
+            "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "string": lambda v: isinstance(v, str),
+            "array": lambda v: isinstance(v, list),
+            "object": lambda v: isinstance(v, dict),
+        }
+        frozen = Message("t.x", {"v": value}).body["v"]
+        for name, definition in definitions.items():
+            check = compile_check({"type": name})
+            assert check is not None
+            self.assertEqual(check(value), definition(value), (name, value))
+            self.assertEqual(check(frozen), definition(frozen), (name, value))
+        check = compile_check({"type": ["string", "null", "array"]})
+        assert check is not None
+        self.assertEqual(check(value), value is None or isinstance(value, (str, list)))
