@@ -39,6 +39,7 @@ from fedhub.amqp.codec import (
     FieldTableError,
     FieldTableFrameMixin,
     FieldValue,
+    FrameEncodeError,
     FrameError,
     body_frame,
     content_header_frame,
@@ -889,6 +890,35 @@ class FrameTests(SynchronousTestCase):
         self.assertEqual(back.channel, 3)
         self.assertEqual(back.payload.method, self.spec.parse_method("queue.declare"))
         self.assertEqual(back.payload.args, (0, "q", False, True, False, False, False, arguments))
+
+    def test_non_ascii_names(self) -> None:
+        """
+        Short and long strings are written with their length in bytes, so
+        non-ASCII names (queue, routing key, consumer tag) survive a packed
+        and unpacked frame, and so does what follows them.
+        """
+        frame = method_frame(
+            self.spec, 2, "queue.bind", 0, "fil\u00e9-\u2603", "amq.topic", "org.\u00e9.#", False, {"k": 1}
+        )
+        raw = pack_frame(self.spec, frame)
+        self.assertIn(b"\x09fil\xc3\xa9-\xe2\x98\x83\x09amq.topic\x08org.\xc3\xa9.#", raw)
+        back = unpack_frame(self.spec, raw, exact=False)
+        self.assertEqual(back.payload.args, (0, "fil\u00e9-\u2603", "amq.topic", "org.\u00e9.#", False, {"k": 1}))
+        reason = method_frame(self.spec, 0, "connection.close", 320, "arr\u00eat", 0, 0)
+        self.assertEqual(unpack_frame(self.spec, pack_frame(self.spec, reason)).payload.args[1], "arr\u00eat")
+
+    def test_short_string_too_long_in_bytes(self) -> None:
+        """
+        A short string of at most 255 characters but more than 255 bytes is
+        refused with FrameEncodeError (a ValueError), not written wrong.
+        """
+        frame = method_frame(self.spec, 1, "queue.declare", 0, "\u00e9" * 200, False, True, False, False, False, {})
+        with self.assertRaises(FrameEncodeError) as caught:
+            pack_frame(self.spec, frame)
+        self.assertIsInstance(caught.exception, ValueError)
+        self.assertIn("400 bytes", str(caught.exception))
+        ok = method_frame(self.spec, 1, "queue.declare", 0, "\u00e9" * 127, False, True, False, False, False, {})
+        self.assertEqual(unpack_frame(self.spec, pack_frame(self.spec, ok)).payload.args[1], "\u00e9" * 127)
 
     def test_header_with_headers(self) -> None:
         """

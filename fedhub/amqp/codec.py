@@ -139,6 +139,21 @@ class FieldTableEncodeError(FieldTableError):
         super().__init__(reason, offset, f"{path or '<table>'}: {detail}")
 
 
+class FrameEncodeError(FedhubError, ValueError):
+    """
+    A value can not be put in a frame (for example a short string longer
+    than 255 bytes, or a property of the wrong type).
+
+    @ivar field: The method field or property concerned.
+    @ivar detail: What is wrong with it.
+    """
+
+    def __init__(self, field: str, detail: str) -> None:
+        self.field = field
+        self.detail = detail
+        super().__init__(f"{field}: {detail}")
+
+
 class FrameError(FedhubError):
     """
     An AMQP frame could not be decoded.
@@ -574,6 +589,25 @@ class FieldTableCodec(_TxCodec):  # type: ignore[misc]
         if len(data) < n:
             raise _TxEOF(f"wanted {n} bytes, {len(data)} left")
         return data
+
+    def enc_str(self, fmt: str, s: str | bytes) -> None:
+        """
+        Write a short (C{fmt} C{"!B"}) or long (C{"!L"}) string: its length
+        in bytes, then its UTF-8 bytes.  txamqp's wrote the length in
+        characters, so a name with a non-ASCII character put the rest of
+        the frame out of step.
+
+        @raise FrameEncodeError: The string is too long for its length field.
+        """
+        data = s if isinstance(s, bytes) else s.encode("utf-8")
+        limit = 0xFF if fmt == "!B" else 0xFFFFFFFF
+        if len(data) > limit:
+            kind = "short" if fmt == "!B" else "long"
+            raise FrameEncodeError(
+                f"{kind} string", f"{len(data)} bytes in UTF-8, more than the {limit} it may hold"
+            )
+        self.pack(fmt, len(data))
+        self.write(data)
 
     def encode_table(self, tbl: Mapping[str, Any]) -> None:
         """

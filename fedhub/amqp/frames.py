@@ -39,11 +39,11 @@ from typing import Any, Final, NamedTuple
 from fedhub.amqp.codec import (
     BAD_LENGTH,
     FieldTableDecodeError,
+    FrameEncodeError,
     FrameError,
     decode_table,
     encode_table,
 )
-from fedhub.errors import FedhubError
 
 FRAME_METHOD: Final = 1
 """The frame type of a method."""
@@ -87,21 +87,6 @@ _TAG_FRAME = struct.Struct("!BHIHHQBB")
 _TAG_PAYLOAD_SIZE = 13
 _DELIVER_TAIL = struct.Struct("!QB")
 _RETURN_CODE = struct.Struct("!H")
-
-
-class FrameEncodeError(FedhubError, ValueError):
-    """
-    A value can not be put in a frame (for example a short string longer
-    than 255 bytes, or a property of the wrong type).
-
-    @ivar field: The method field or property concerned.
-    @ivar detail: What is wrong with it.
-    """
-
-    def __init__(self, field: str, detail: str) -> None:
-        self.field = field
-        self.detail = detail
-        super().__init__(f"{field}: {detail}")
 
 
 # --- encoding ---------------------------------------------------------------------
