@@ -31,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, cast
 
 from fedhub.errors import FedhubError
 
@@ -698,6 +698,23 @@ _FIELDS_ONLY = re.compile(rb"(?:%s)++" % _HEADER_FIELD)
 _FIELD_PARTS = re.compile(_HEADER_FIELD).findall
 
 
+# Field names as they appear, lower-cased as text: most mails have the same
+# few dozen.  Bounded, as names come from the mail.
+_LOWER_NAMES: dict[bytes, str] = {}
+
+
+def _lower_name(name: bytes) -> str:
+    """
+    A field name (ASCII, as the pattern allows only that) in lower case,
+    remembered.
+    """
+    text = name.decode("ascii").lower()
+    if len(_LOWER_NAMES) >= 4096:
+        _LOWER_NAMES.clear()
+    _LOWER_NAMES[name] = text
+    return text
+
+
 class _Fields(list[tuple[str, bytes]]):
     """
     The fields of a header block, in order, as (lower-case name, raw value);
@@ -705,6 +722,7 @@ class _Fields(list[tuple[str, bytes]]):
     """
 
     __slots__ = ("_index",)
+    _index: dict[str, bytes]
 
     def first(self, name: str) -> bytes | None:
         """
@@ -738,7 +756,10 @@ def _parse_header_block(data: bytes, start: int) -> tuple[_Fields, int]:
         # and ended by an empty line, read with two scans of a pattern; it
         # gives what the line-by-line reading gives.
         return (
-            _Fields([(name.decode("ascii").lower(), value) for name, value in _FIELD_PARTS(data, start, blank + 1)]),
+            _Fields([
+                (_LOWER_NAMES.get(name) or _lower_name(name), value)
+                for name, value in _FIELD_PARTS(data, start, blank + 1)
+            ]),
             min(blank + 2, len(data)),
         )
     return _parse_header_block_by_line(data, start)
@@ -1440,29 +1461,30 @@ def _bugzilla_headers(fields: Sequence[tuple[str, bytes]]) -> dict[str, str]:
     Collect the C{X-Bugzilla-*} headers, decoded, under canonical names.
     The same header twice with different values is refused.
     """
-    named: list[tuple[str, bytes]] = []
-    for lower, raw in fields:
-        if lower.startswith("x-bugzilla-"):
-            name = _CANONICAL_NAMES.get(lower) or _canonical_name(lower)
-            if name is not None:
-                named.append((name, raw))
-    raws = [raw for _, raw in named]
-    joined = b"".join(raws)
-    if (
+    named = [
+        (_CANONICAL_NAMES.get(lower) or _canonical_name(lower), raw)
+        for lower, raw in fields
+        if lower.startswith("x-bugzilla-")
+    ]
+    names = {name for name, _ in named}
+    joined = b"".join([raw for _, raw in named])
+    plain = (
         len(joined) <= MAX_HEADER_VALUE_BYTES
         and joined.isascii()
         and _ASCII_LINE_SPECIAL.search(joined) is None
         and b"=?" not in joined
-    ):
-        # The common case: short printable ASCII values, unfolded and without
-        # encoded words, where decoding them one by one (L{_header_text})
-        # comes down to this.
-        values = [raw.decode("ascii").strip() for raw in raws]
-    else:
-        values = [None] * len(raws)
+    )
+    if plain and len(names) == len(named) <= MAX_BUGZILLA_HEADERS and None not in names:
+        # The common case: each header once, with a short printable ASCII
+        # value, unfolded and without encoded words, where decoding the
+        # values one by one (L{_header_text}) comes down to this, and no
+        # header can conflict with another or pass the limit.
+        return {cast(str, name): raw.decode("ascii").strip() for name, raw in named}
     found: dict[str, str] = {}
-    for (name, raw), known in zip(named, values):
-        value = known if known is not None else _header_text(raw, name)
+    for name, raw in named:
+        if name is None:
+            continue
+        value = raw.decode("ascii").strip() if plain else _header_text(raw, name)
         if name in found:
             if found[name] != value:
                 raise MalformedBugmail(f"conflicting {name} headers", code="conflicting_headers")
