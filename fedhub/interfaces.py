@@ -59,25 +59,33 @@ class IDelivery(Interface):
     One message delivered to a subscriber, waiting for its verdict.
 
     Exactly one of L{ack} and L{reject} is called for each delivery; later
-    calls are ignored.
+    calls are ignored.  Both say whether their verdict reached the queue:
+    once the delivery's channel or subscription is gone, the broker has put
+    the message back and delivers it again, and the verdict is dropped.
     """
 
     message = Attribute("Message: the decoded message (its C{queue} set)")
     redelivered = Attribute("bool: the broker delivered it before")
     queue = Attribute("str: the queue it came from")
 
-    def ack() -> None:
+    def ack() -> bool:
         """
         The message is handled: remove it from its queue.
+
+        @return: C{True} when the acknowledgement went to the queue;
+            C{False} when it was dropped (a verdict was given already, or
+            the channel or subscription is gone, so the message is
+            delivered again).
         """
 
-    def reject(requeue: bool) -> None:
+    def reject(requeue: bool) -> bool:
         """
         The message is not handled.
 
         @param requeue: C{True} puts it back in its queue for another
             delivery; C{False} dead-letters it when the queue has a
             dead-letter exchange, and drops it otherwise.
+        @return: Like L{ack}'s.
         """
 
 

@@ -369,11 +369,12 @@ class StaleAckTests(BusCase):
         self.broker.deliver(consume["consumer_tag"], 1, b"{}", redelivered=True)
         new = recorder.deliveries[1]
         self.assertTrue(new.redelivered)
-        old.ack()
-        old.reject(True)
+        self.assertIs(old.ack(), False)
+        self.assertIs(old.reject(True), False)
         self.broker.pump()
         self.assertEqual(self.broker.methods("basic.ack", "basic.reject"), [])
-        new.ack()
+        self.assertIs(new.ack(), True)
+        self.assertIs(new.ack(), False)
         self.broker.pump()
         self.assertEqual(
             self.broker.methods("basic.ack"),
@@ -389,7 +390,7 @@ class StaleAckTests(BusCase):
         self.broker.deliver(tag, 1, b"{}")
         self.time_out(channel)
         self.assertEqual(self.broker.methods("basic.consume")[-1][0], channel)
-        recorder.deliveries[0].reject(False)
+        self.assertIs(recorder.deliveries[0].reject(False), False)
         self.broker.pump()
         self.assertEqual(self.broker.methods("basic.ack", "basic.reject"), [])
         self.assertEqual(self.bus.stats.rejected, 0)

@@ -221,7 +221,12 @@ class RecordTests(SynchronousTestCase):
             self.assertRaises(ConfigError, ConsumerHarness, RecordPlugin(), options)
 
     def test_stop_writes_pending_and_closes(self) -> None:
-        """Stopping writes the lines still waiting, syncs when asked to, and closes the file."""
+        """
+        Stopping writes the lines still waiting, syncs when asked to, and
+        closes the file.  Lines that waited past the drain timeout are
+        written only after the subscription is gone, so their messages were
+        put back in the queue: requeued, not acked.
+        """
         harness = self.harness({"flush_interval": 60.0, "fsync_interval": 60.0}, concurrency=5)
         handler = self.handler(harness)
         calls: list[int] = []
@@ -230,8 +235,9 @@ class RecordTests(SynchronousTestCase):
         stopped = harness.stop()
         harness.advance(60.0)
         self.successResultOf(stopped)
-        self.assertEqual([self.successResultOf(d).outcome for d in settled], ["acked"] * 2)
+        self.assertEqual([self.successResultOf(d).outcome for d in settled], ["requeued"] * 2)
         self.assertEqual(len(loads(self.path.read_text())), 2)
+        self.assertEqual(harness.bus.queue_depth(harness.service.queue), 2)
         self.assertFalse(handler.is_open)
         self.assertEqual(len(calls), 1)
         self.assertEqual(harness.clock.getDelayedCalls(), [])

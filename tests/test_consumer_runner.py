@@ -115,6 +115,29 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(self.bus.unacked("fedhub.c"), 0)
         self.assertEqual(service.stats["acked"], 1)
 
+    def test_verdict_after_the_subscription_is_gone(self) -> None:
+        """
+        A handler that finishes after its delivery's subscription went away
+        (as a channel closed by the broker's consumer timeout) is not counted
+        as acked: the bus dropped the ack, the message is back in its queue,
+        and observers hear it was requeued.
+        """
+        pending: Deferred[None] = Deferred()
+        service = self.start(ScriptedHandler(pending))
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        message = self.publish()
+        subscription = service._subscription
+        assert subscription is not None
+        self.successResultOf(subscription.cancel())
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 1)
+        pending.callback(None)
+        self.flush()
+        self.assertEqual((service.stats["acked"], service.stats["unsettled"]), (0, 1))
+        self.assertEqual([(s.message.id, s.outcome) for s in settled], [(message.id, "requeued")])
+        self.assertIn("channel closed", settled[0].reason or "")
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 1)
+
     def test_handling_time_and_in_flight(self) -> None:
         """Settled reports how long the handler took (None when it was not called); in_flight counts calls."""
         pending: Deferred[None] = Deferred()

@@ -441,7 +441,8 @@ class DeliveryTests(MemoryBusTestsMixin):
 
     def test_verdicts_after_the_first_are_ignored(self) -> None:
         """
-        A second verdict on a delivery, or one after its subscription was cancelled, changes nothing.
+        A second verdict on a delivery, or one after its subscription was cancelled, changes nothing
+        and says so (False).
         """
         bus, clock = self.bus()
         self.queue(bus, "q", "#")
@@ -451,14 +452,14 @@ class DeliveryTests(MemoryBusTestsMixin):
             bus.publish(_message(n))
         clock.advance(0)
         first, second = recorder.deliveries
-        first.ack()
-        first.reject(requeue=True)
-        first.reject(requeue=False)
+        self.assertIs(first.ack(), True)
+        self.assertIs(first.reject(requeue=True), False)
+        self.assertIs(first.reject(requeue=False), False)
         self.assertEqual((bus.queue_depth("q"), bus.unacked("q")), (0, 1))
         self.successResultOf(subscription.cancel())
         self.successResultOf(subscription.cancel())
-        second.ack()
-        second.reject(requeue=False)
+        self.assertIs(second.ack(), False)
+        self.assertIs(second.reject(requeue=False), False)
         self.assertEqual((bus.queue_depth("q"), bus.unacked("q")), (1, 0))
         clock.advance(0)
         self.assertEqual(len(recorder.deliveries), 2)

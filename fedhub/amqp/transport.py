@@ -541,23 +541,29 @@ class AMQPDelivery:
         self._consumer = consumer
         self._settled = False
 
-    def ack(self) -> None:
+    def ack(self) -> bool:
         """
         The message is handled: remove it from its queue.  Later calls (and
         calls after the channel closed, when the broker has put the message
-        back already) do nothing.
-        """
-        if not self._settled:
-            self._settled = True
-            self._consumer.settle(self.delivery_tag, True, False)
+        back already) do nothing and return C{False}.
 
-    def reject(self, requeue: bool) -> None:
+        @return: whether the acknowledgement was written.
+        """
+        if self._settled:
+            return False
+        self._settled = True
+        return self._consumer.settle(self.delivery_tag, True, False)
+
+    def reject(self, requeue: bool) -> bool:
         """
         The message is not handled: requeue it, or dead-letter (or drop) it.
+
+        @return: whether the rejection was written (see L{ack}).
         """
-        if not self._settled:
-            self._settled = True
-            self._consumer.settle(self.delivery_tag, False, bool(requeue))
+        if self._settled:
+            return False
+        self._settled = True
+        return self._consumer.settle(self.delivery_tag, False, bool(requeue))
 
 
 class _Consumer:
@@ -572,7 +578,10 @@ class _Consumer:
         self.channel: Any = None
         self.active = False
 
-    def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> None:
+    def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> bool:
+        """
+        Write an acknowledgement or rejection; whether it was written.
+        """
         session = self.session
         channel = self.channel
         # Delivery tags belong to the channel object, not to its number: once
@@ -580,7 +589,7 @@ class _Consumer:
         # the message back, and a channel opened since may have the same
         # number, where this tag names another delivery.
         if channel is None or channel.closed or not session.alive:
-            return
+            return False
         client = session.client
         stats = session.bus.stats
         if ack:
@@ -589,6 +598,7 @@ class _Consumer:
         else:
             sent = client.send_method(self.channel.id, "basic.reject", delivery_tag, requeue)
             stats.rejected += sent
+        return sent
 
 
 @implementer(ISubscription)

@@ -250,20 +250,20 @@ class MemoryDelivery:
         self._tag = tag
         self._entry = entry
 
-    def ack(self) -> None:
+    def ack(self) -> bool:
         """
         Remove the message from its queue.  Ignored after a first verdict or
-        once its subscription is cancelled.
+        once its subscription is cancelled (then it returns C{False}).
         """
-        self._bus._settle(self._subscription, self._tag, None)
+        return self._bus._settle(self._subscription, self._tag, None)
 
-    def reject(self, requeue: bool) -> None:
+    def reject(self, requeue: bool) -> bool:
         """
         Put the message back at the head of its queue (C{requeue}) or
         dead-letter it.  Ignored after a first verdict or once its
-        subscription is cancelled.
+        subscription is cancelled (then it returns C{False}).
         """
-        self._bus._settle(self._subscription, self._tag, bool(requeue))
+        return self._bus._settle(self._subscription, self._tag, bool(requeue))
 
 
 @implementer(ISubscription)
@@ -828,10 +828,10 @@ class MemoryBus(Service):
 
             result.addErrback(logged)
 
-    def _settle(self, subscription: MemorySubscription, tag: int, verdict: _Verdict) -> None:
+    def _settle(self, subscription: MemorySubscription, tag: int, verdict: _Verdict) -> bool:
         delivery = subscription.unacked.pop(tag, None)
         if delivery is None:
-            return
+            return False
         queue = self._queues[subscription.queue]
         queue.unacked -= 1
         entry = delivery._entry
@@ -844,6 +844,7 @@ class MemoryBus(Service):
                 self._dead_letter(queue, entry, REJECTED)
             self._admit(queue)
         self._schedule_dispatch(queue)
+        return True
 
     def _cancel(self, subscription: MemorySubscription) -> None:
         if not subscription.active:

@@ -122,7 +122,9 @@ class ConsumerService(Service):
     its handler and settles the delivery by the outcome.
 
     @ivar stats: Counters by outcome (C{consumed}, C{acked}, C{dropped},
-        C{dead_lettered}, C{invalid}, C{failed}, C{requeued}).
+        C{dead_lettered}, C{invalid}, C{failed}, C{requeued}), and
+        C{unsettled}: verdicts the bus dropped because the delivery's
+        channel was gone (the broker delivers those messages again).
     @ivar halted: Whether a L{Halt} verdict stopped it.
     @ivar in_flight: Handler calls started and not finished.
     """
@@ -173,7 +175,7 @@ class ConsumerService(Service):
         self.in_flight = 0
         self.stats = dict.fromkeys(
             ("consumed", "acked", "dropped", "dead_lettered", "retried", "invalid", "failed",
-             "requeued"),
+             "requeued", "unsettled"),
             0,
         )
         self._in_flight: set[Deferred[None]] = set()
@@ -325,9 +327,27 @@ class ConsumerService(Service):
         return result
 
     def _succeeded(self, result: object, delivery: IDelivery, handling: float) -> None:
-        delivery.ack()
+        if delivery.ack() is False:
+            self._unsettled(delivery, "acked", handling)
+            return
         self.stats["acked"] += 1
         self._tell(delivery.message, "acked", None, handling)
+
+    def _unsettled(self, delivery: IDelivery, outcome: str, handling: float | None) -> None:
+        """
+        The bus dropped the verdict on a delivery: its channel closed first
+        (the broker's consumer timeout, a lost connection), and the broker
+        delivers the message again.
+        """
+        self.stats["unsettled"] += 1
+        reason = f"{outcome}, but its channel closed before the verdict; the broker delivers it again"
+        self.log.warn(
+            "Consumer {consumer}: {msg_id} was {reason}",
+            consumer=self.component.name,
+            msg_id=delivery.message.id,
+            reason=reason,
+        )
+        self._tell(delivery.message, "requeued", reason, handling)
 
     def _failed(self, failure: Failure, delivery: IDelivery, handling: float) -> None:
         message = delivery.message
@@ -356,7 +376,9 @@ class ConsumerService(Service):
                 msg_id=message.id,
                 reason=verdict.reason,
             )
-            delivery.ack()
+            if delivery.ack() is False:
+                self._unsettled(delivery, "dropped", handling)
+                return
             self.stats["dropped"] += 1
             self._tell(message, "dropped", verdict.reason, handling)
         elif isinstance(verdict, Halt):
@@ -447,7 +469,10 @@ class ConsumerService(Service):
         """
 
         def confirmed(_: object) -> None:
-            delivery.ack()
+            if delivery.ack() is False:
+                # The copy is out; the original comes again as well.
+                self._unsettled(delivery, outcome, handling)
+                return
             self._tell(delivery.message, outcome, reason, handling)
 
         def refused(failure: Failure) -> None:
@@ -457,7 +482,9 @@ class ConsumerService(Service):
                 consumer=self.component.name,
                 msg_id=delivery.message.id,
             )
-            delivery.reject(False)
+            if delivery.reject(False) is False:
+                self._unsettled(delivery, "rejected", handling)
+                return
             self._tell(delivery.message, "rejected", reason, handling)
 
         replaced.addCallbacks(confirmed, refused)

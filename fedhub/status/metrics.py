@@ -66,6 +66,7 @@ _CONSUMER_COUNTERS = {
     "invalid": "Deliveries whose body failed its schema",
     "failed": "Handler calls that raised something other than a verdict",
     "requeued": "Deliveries returned to the queue (halt, stop)",
+    "unsettled": "Verdicts dropped because the delivery's channel had closed (delivered again)",
 }
 
 _SMTP_ACCEPTED = ("published", "duplicate", "quarantined")
