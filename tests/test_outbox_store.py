@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from fedhub.errors import DecodeError, MessageError
 from fedhub.message import Message, from_amqp
 from fedhub.outbox.store import (
+    CHECKPOINT_PAGES,
     DATABASE_NAME,
     NACKED,
     RETURNED,
@@ -139,6 +140,30 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         # FULL is 2.
         self.assertEqual(conn.execute("PRAGMA synchronous").fetchone()[0], 2)
+        # FAST is 2: deleted rows zeroed in place, whole freed pages not written.
+        self.assertEqual(conn.execute("PRAGMA secure_delete").fetchone()[0], 2)
+        self.assertEqual(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0], CHECKPOINT_PAGES)
+
+    def test_deleted_rows_leave_the_pages_still_in_use(self) -> None:
+        """
+        A deleted message's bytes do not stay readable on a page that still
+        holds other messages.
+        """
+        directory = self.mktemp()
+        store = self.open_store(directory)
+        secret = "secret-\u00e9-marker-0123456789"
+        kept = [make_message(n) for n in range(3)]
+        gone = Message.create("org.example.test", {"text": secret})
+        first = self.successResultOf(store.commit([row(kept[0]), row(gone), row(kept[1]), row(kept[2])]))
+        stored = [r for r in self.successResultOf(store.load(0, 10)) if r.seq == first.first_seq + 1]
+        self.successResultOf(store.commit([], [(stored[0].seq, len(stored[0].data))]))
+        conn = store._db.conn
+        assert conn is not None
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.successResultOf(store.close())
+        marker = secret.encode("utf-8")
+        with open(os.path.join(directory, DATABASE_NAME), "rb") as database:
+            self.assertNotIn(marker, database.read())
 
     def test_commit_orders(self) -> None:
         """
