@@ -390,6 +390,8 @@ class ComponentConfig:
     @ivar max_retry_delay: The longest wait between retries.
     @ivar max_retries: Retries before a message is dead-lettered.
     @ivar drain_timeout: How long stopping waits for messages in hand.
+    @ivar max_deliveries: Deliveries of one message, without a verdict that
+        reached the broker, after which it is dead-lettered (0: no limit).
     """
 
     kind: str
@@ -406,6 +408,7 @@ class ComponentConfig:
     max_retry_delay: float = 3600.0
     max_retries: int = 5
     drain_timeout: float = 30.0
+    max_deliveries: int = 10
     queue_arguments: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
@@ -528,6 +531,10 @@ def _retries(value: int) -> str | None:
     return None if 1 <= value <= 50 else "must be between 1 and 50"
 
 
+def _deliveries(value: int) -> str | None:
+    return None if 0 <= value <= 1000 else "must be between 0 (no limit) and 1000"
+
+
 def _component_name(value: str) -> str | None:
     if is_valid_name(value):
         return None
@@ -618,6 +625,8 @@ _CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "max_retries": Option(int, 5, "retries before a message is dead-lettered", _retries),
         "drain_timeout": Option(float, 30.0, "seconds stopping waits for messages in hand",
                                 _positive),
+        "max_deliveries": Option(int, 10, "deliveries of one message without a verdict before it "
+                                 "is dead-lettered (0: no limit)", _deliveries),
         "queue_arguments": Option(dict, None, 'broker arguments of its queues, such as '
                                   '"x-queue-type"'),
     }
@@ -1302,6 +1311,7 @@ class _Validator:
                 "max_retry_delay": float(values["max_retry_delay"]),
                 "max_retries": values["max_retries"],
                 "drain_timeout": float(values["drain_timeout"]),
+                "max_deliveries": values["max_deliveries"],
                 "queue_arguments": MappingProxyType(
                     self.arguments(values.get("queue_arguments"), path + ("queue_arguments",))
                 ),

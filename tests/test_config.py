@@ -513,6 +513,21 @@ class KeyAndTypeTests(SynchronousTestCase, ProblemsMixin):
             ("consumers[0].topics", "expected an array, not a string"),
         ])
 
+    def test_max_deliveries(self) -> None:
+        """
+        A consumer's max_deliveries is 10 by default, 0 (no limit) to 1000 when given.
+        """
+        consumer = '[[consumers]]\nname = "c"\nplugin = "log"\ndomain = "d"\n'
+        self.assertEqual(parse(MEMORY_DOMAIN + consumer).consumers[0].max_deliveries, 10)
+        for value in (0, 1, 1000):
+            config = parse(MEMORY_DOMAIN + consumer + f"max_deliveries = {value}\n")
+            self.assertEqual(config.consumers[0].max_deliveries, value)
+        for value in (-1, 1001):
+            self.assertEqual(
+                self.messages(MEMORY_DOMAIN + consumer + f"max_deliveries = {value}\n"),
+                [("consumers[0].max_deliveries", "must be between 0 (no limit) and 1000")],
+            )
+
     def test_section_types(self) -> None:
         """
         Sections of the wrong shape are reported, [consumers] included.

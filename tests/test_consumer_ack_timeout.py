@@ -163,10 +163,12 @@ class AckTimeoutHubTests(PrivateBrokerCase):
     )
     advanced_config = f"[{{rabbit, [{{channel_tick_interval, {TICK_MS}}}]}}]."
 
-    async def start_hub(self) -> tuple[Hub, HoldingPlugin, list[dict[str, Any]]]:
+    async def start_hub(self, slow_keys: str = "") -> tuple[Hub, HoldingPlugin, list[dict[str, Any]]]:
         """
         Start a hub with consumers C{slow} and C{fast} on one domain; return
         it, its plugin and the log events it emits.
+
+        @param slow_keys: More configuration lines for consumer C{slow}.
         """
         events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, events.append)
@@ -176,8 +178,11 @@ class AckTimeoutHubTests(PrivateBrokerCase):
         verifyObject(IConsumerPlugin, plugin)
         state = os.path.abspath(self.mktemp())
         url = self.broker.url(user="hub", password="hub-secret")
+        text = CONFIG.format(state=state, url=url)
+        slow_topics = 'topics = ["fedhub.acktimeout.slow.#"]\n'
+        text = text.replace(slow_topics, slow_topics + slow_keys)
         config = parse_config(
-            CONFIG.format(state=state, url=url),
+            text,
             "test",
             find_plugin=lambda kind, name: plugin if name == "holding" else None,
         )
@@ -404,3 +409,29 @@ class StaleAckTests(BusCase):
             self.assertEqual(len(consumes), count)
             channel = consumes[-1][0]
         self.assertTrue(self.bus.connected)
+
+    async def test_always_too_slow(self) -> None:
+        """A handler always slower than consumer_timeout: after max_deliveries deliveries without a verdict, the next one is dead-lettered with the reason and the queue is empty."""
+        hub, plugin, events = await self.start_hub("max_deliveries = 2\n")
+        settled = self.settled_log(hub)
+        slow = plugin.handlers["slow"]
+        held = await self.publish(hub, "slow.stuck", {"hold": True})
+        await wait_until(
+            lambda: any(s.outcome == "dead_lettered" for s in settled["slow"]),
+            30,
+            "the message to be dead-lettered after its deliveries",
+        )
+        self.assertEqual(slow.calls, [(held.id, False), (held.id, True)])
+        (dead,) = [s for s in settled["slow"] if s.outcome == "dead_lettered"]
+        self.assertEqual(dead.message.id, held.id)
+        self.assertIn("delivered 3 times without a verdict", dead.reason or "")
+        counts = await self.queue_counts()
+        self.assertEqual(counts["fedhub.slow"], (0, 0))
+        self.assertEqual(counts["fedhub.slow.dead"], (1, 0))
+        # The handler's late results change nothing: their acks are dropped.
+        for waiting in slow.held[held.id]:
+            waiting.callback(None)
+        self.assertEqual(hub.consumers["slow"].stats["unsettled"], 2)
+        self.assertEqual(hub.consumers["slow"].stats["acked"], 0)
+        self.assertEqual((await self.queue_counts())["fedhub.slow.dead"], (1, 0))
+        self.assertTrue(cast(AMQPBus, hub.domains["bus"].bus).connected)

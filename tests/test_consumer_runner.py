@@ -16,7 +16,7 @@ from fedhub.bus.memory import MemoryBus
 from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
 from fedhub.errors import DeadLetter, Drop, Halt, Retry
-from fedhub.interfaces import IMessageHandler
+from fedhub.interfaces import IDelivery, IMessageHandler
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry
 
@@ -47,6 +47,27 @@ class ScriptedHandler:
 
     def stop(self) -> None:
         self.stopped = True
+
+
+@implementer(IDelivery)
+class FakeDelivery:
+    """
+    A delivery handed to the runner by hand; it records its verdicts.
+    """
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.redelivered = message.redelivered
+        self.queue = message.queue
+        self.verdicts: list[str] = []
+
+    def ack(self) -> bool:
+        self.verdicts.append("ack")
+        return True
+
+    def reject(self, requeue: bool) -> bool:
+        self.verdicts.append("requeue" if requeue else "reject")
+        return True
 
 
 def component(name: str = "c", **changes: Any) -> ComponentConfig:
@@ -137,6 +158,68 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual([(s.message.id, s.outcome) for s in settled], [(message.id, "requeued")])
         self.assertIn("channel closed", settled[0].reason or "")
         self.assertEqual(self.bus.queue_depth("fedhub.c"), 1)
+
+    def redeliver(self, service: ConsumerService, message: Message) -> "FakeDelivery":
+        """
+        Hand the consumer a redelivery of C{message}, as after a channel the
+        broker closed before the verdict.
+        """
+        delivery = FakeDelivery(message.evolve(redelivered=True, queue=service.queue))
+        service._on_delivery(delivery)
+        self.flush()
+        return delivery
+
+    def test_max_deliveries(self) -> None:
+        """
+        A message delivered more than max_deliveries times without a verdict
+        reaching the broker is dead-lettered with the reason instead of
+        handled again; one that gets a verdict starts counting afresh.
+        """
+        handler = ScriptedHandler(Deferred())
+        service = self.start(handler, max_deliveries=3)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        message = self.publish()
+        deliveries = [self.redeliver(service, message) for _ in range(2)]
+        self.assertEqual(len(handler.seen), 3)
+        self.assertEqual([d.verdicts for d in deliveries], [[], []])
+        fourth = self.redeliver(service, message)
+        self.assertEqual(len(handler.seen), 3)
+        self.assertEqual(fourth.verdicts, ["ack"])
+        dead_letters: list[Message] = []
+        self.successResultOf(
+            self.bus.subscribe("fedhub.c.dead", lambda d: (dead_letters.append(d.message), d.ack()), 10)
+        )
+        self.flush()
+        (dead,) = dead_letters
+        self.assertEqual(dead.id, message.id)
+        reason = dead.headers[DEAD_LETTER_REASON_HEADER]
+        self.assertIn("delivered 4 times without a verdict", reason)
+        self.assertIn("max_deliveries is 3", reason)
+        self.assertEqual([s.outcome for s in settled], ["dead_lettered"])
+        self.assertEqual(service.stats["dead_lettered"], 1)
+        # Counted afresh after that verdict: two more deliveries are handled.
+        for _ in range(2):
+            self.redeliver(service, message)
+        self.assertEqual(len(handler.seen), 5)
+
+    def test_max_deliveries_off(self) -> None:
+        """
+        With max_deliveries 0 a redelivered message is always handled; a
+        verdict that reaches the broker clears a message's count.
+        """
+        handler = ScriptedHandler(Deferred())
+        service = self.start(handler, max_deliveries=0)
+        message = self.publish()
+        for _ in range(20):
+            self.redeliver(service, message)
+        self.assertEqual(len(handler.seen), 21)
+        counted = self.start(ScriptedHandler(None), max_deliveries=2)
+        for _ in range(5):
+            delivery = self.redeliver(counted, message)
+            self.assertEqual(delivery.verdicts, ["ack"])
+        self.assertEqual(counted.stats["acked"], 5)
+        self.assertEqual(counted._deliveries, {})
 
     def test_handling_time_and_in_flight(self) -> None:
         """Settled reports how long the handler took (None when it was not called); in_flight counts calls."""

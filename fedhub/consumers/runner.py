@@ -24,6 +24,10 @@ the broker.  What happens otherwise:
     goes to C{Q.dead};
   - L{Halt}: returned to the queue, and this consumer stops consuming;
   - a body that fails its schema: dead-lettered with the reason;
+  - a message delivered more than C{max_deliveries} times without a verdict
+    reaching the broker (its channel closed first: the broker's consumer
+    timeout, lost connections): dead-lettered with the reason instead of
+    handled again;
   - any other exception: the consumer's C{on_error} policy, by default
     C{"retry"} (retry with backoff, then dead-letter).
 
@@ -34,6 +38,7 @@ another consumer.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +100,10 @@ def attempts_from(message: Message, retry_prefix: str) -> int:
     return total
 
 
+#: Redelivered messages a consumer counts the deliveries of, at most.
+_TRACKED = 10_000
+
+
 @dataclass(frozen=True)
 class Settled:
     """
@@ -144,6 +153,7 @@ class ConsumerService(Service):
         max_retry_delay: float | None = None,
         max_retries: int | None = None,
         on_error: str | None = None,
+        max_deliveries: int | None = None,
     ) -> None:
         """
         The failure-policy settings default to the component's configuration.
@@ -169,6 +179,10 @@ class ConsumerService(Service):
             min(max_retry_delay, retry_delay * 2**level) for level in range(max_retries)
         )
         self.on_error = on_error
+        self.max_deliveries = component.max_deliveries if max_deliveries is None else max_deliveries
+        # Deliveries seen of messages that came back redelivered, by id,
+        # until a verdict on them reaches the broker.
+        self._deliveries: OrderedDict[str, int] = OrderedDict()
         self.topics = tuple(component.topics) or tuple(handler.topics)
         self.halted = False
         self.consuming = False
@@ -224,6 +238,8 @@ class ConsumerService(Service):
     def _tell(
         self, message: Message, outcome: str, reason: str | None = None, handling: float | None = None
     ) -> None:
+        if self._deliveries and outcome != "requeued":
+            self._deliveries.pop(message.id, None)
         event = Settled(message, outcome, reason, handling)
         for observer in list(self._observers):
             try:
@@ -265,6 +281,16 @@ class ConsumerService(Service):
             return
         message = delivery.message
         self.stats["consumed"] += 1
+        if message.redelivered and self.max_deliveries:
+            count = self._count_delivery(message.id)
+            if count > self.max_deliveries:
+                reason = (
+                    f"delivered {count} times without a verdict reaching the broker (a handler "
+                    f"slower than the broker's consumer_timeout, or lost connections); "
+                    f"max_deliveries is {self.max_deliveries}"
+                )
+                self._settle(self._dead_letter(delivery, reason), delivery, "dead_lettered", reason)
+                return
         try:
             self.schemas.validate(message)
         except SchemaValidationError as e:
@@ -301,6 +327,20 @@ class ConsumerService(Service):
         if not d.called:
             self._in_flight.add(d)
             d.addBoth(self._forget, d)
+
+    def _count_delivery(self, message_id: str) -> int:
+        """
+        Count one more delivery of a redelivered message; how many this is.
+        At most L{_TRACKED} messages are counted at once, the least recently
+        delivered forgotten first.
+        """
+        counts = self._deliveries
+        # The first delivery was seen here or by an earlier process.
+        count = counts.pop(message_id, 1) + 1
+        counts[message_id] = count
+        if len(counts) > _TRACKED:
+            counts.popitem(last=False)
+        return count
 
     def _took(self, started: float) -> float:
         """
