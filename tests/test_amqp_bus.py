@@ -1,5 +1,5 @@
 """
-Tests for L{fedhub.amqp.transport}: the reconnector and L{AMQPBus}.
+Tests for L{fedhub.amqp.transport}: L{AMQPBus}.
 
 The first part needs no broker: a scripted broker (L{ScriptedBroker})
 answers the client frame by frame over a C{StringTransport}, on a fake
@@ -33,7 +33,7 @@ from zope.interface.verify import verifyObject
 
 from fedhub.amqp.codec import body_frame, content_header_frame, pack_frame, unpack_frame
 from fedhub.amqp.protocol import HEARTBEAT_FRAME, PROTOCOL_HEADER, AMQPClient
-from fedhub.amqp.transport import AMQPBus, AMQPSubscription, Reconnector, backoff
+from fedhub.amqp.transport import AMQPBus, AMQPSubscription
 from fedhub.amqp.url import AMQPSettings, parse_url
 from fedhub.errors import (
     ConfigError,
@@ -326,187 +326,6 @@ class BusCase(SynchronousTestCase):
         """
         self.clock.advance(1.0)
         self.broker.pump()
-
-
-# --- the reconnector -----------------------------------------------------------
-
-
-class FakeConnection:
-    """
-    A connection for the reconnector: lost on demand.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.aborted = False
-        self.closed = False
-        self.lost = False
-        self._waiters: list[Deferred[BaseException]] = []
-
-    def when_lost(self) -> Deferred[BaseException]:
-        d: Deferred[BaseException] = Deferred()
-        self._waiters.append(d)
-        return d
-
-    def abort(self, why: str) -> None:
-        self.aborted = True
-
-    def close_connection(self, timeout: float = 5.0) -> Deferred[None]:
-        self.closed = True
-        self.lose()
-        return succeed(None)
-
-    def lose(self) -> None:
-        if not self.lost:
-            self.lost = True
-            for d in self._waiters:
-                d.callback(ConnectionLost())
-
-
-class ReconnectorTests(SynchronousTestCase):
-    """
-    L{Reconnector} keeps one prepared connection.
-    """
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.connections: list[FakeConnection] = []
-        self.preparing: list[Deferred[Any]] = []
-        self.events: list[tuple[str, str]] = []
-        self.connect_results: list[Deferred[Any]] = []
-        self.reconnector = Reconnector(
-            self.connect,
-            self.prepare,
-            lambda c, r: self.events.append(("ready", c.name)),
-            lambda c, r: self.events.append(("lost", c.name)),
-            backoff(1.0, 8.0, rand=lambda: 1.0),
-            self.clock,
-            setup_timeout=30.0,
-        )
-
-    def connect(self) -> Deferred[Any]:
-        if self.connect_results:
-            return self.connect_results.pop(0)
-        connection = FakeConnection(f"c{len(self.connections) + 1}")
-        self.connections.append(connection)
-        return succeed(connection)
-
-    def prepare(self, connection: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.preparing.append(d)
-        return d
-
-    def test_late_close_of_rejected_connection(self) -> None:
-        """
-        A connection whose preparation failed is aborted by the reconnector;
-        when it closes late, after a healthy connection took over, the healthy
-        one stays current and nothing reconnects.
-        """
-        self.reconnector.start()
-        self.preparing[0].errback(RuntimeError("declare failed"))
-        first = self.connections[0]
-        self.assertTrue(first.aborted)
-        self.assertEqual(self.reconnector.state, "waiting")
-        self.clock.advance(1.0)
-        self.preparing[1].callback(None)
-        second = self.connections[1]
-        self.assertEqual(self.reconnector.state, "connected")
-        first.lose()
-        self.assertEqual(self.reconnector.state, "connected")
-        self.assertIs(self.reconnector.current, second)
-        self.assertEqual(self.events, [("ready", "c2")])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        second.lose()
-        self.assertEqual(self.events, [("ready", "c2"), ("lost", "c2")])
-        self.assertEqual(self.reconnector.state, "waiting")
-
-    def test_backoff_grows_and_resets(self) -> None:
-        """
-        Failed attempts wait 1, 2, 4, 8, 8 seconds; a success resets the count.
-        """
-        failure: Deferred[Any] = Deferred()
-        failure.errback(ConnectionRefusedError())
-        self.connect_results = []
-        delays = []
-        self.reconnector.start()
-        for _ in range(5):
-            self.preparing[-1].errback(RuntimeError("no"))
-            (call,) = self.clock.getDelayedCalls()
-            delays.append(call.getTime() - self.clock.seconds())
-            self.clock.advance(delays[-1])
-        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 8.0])
-        self.preparing[-1].callback(None)
-        self.assertEqual(self.reconnector.failures, 0)
-        failure.addErrback(lambda _: None)
-
-    def test_setup_timeout(self) -> None:
-        """
-        A preparation that takes longer than setup_timeout rejects the
-        connection, which is aborted.
-        """
-        self.reconnector.start()
-        self.clock.advance(30.0)
-        self.assertTrue(self.connections[0].aborted)
-        self.assertEqual(self.reconnector.state, "waiting")
-
-    def test_stop_while_connected(self) -> None:
-        """
-        stop() closes the current connection and fires once it is gone, with
-        no reconnect.
-        """
-        self.reconnector.start()
-        self.preparing[0].callback(None)
-        stopped = self.reconnector.stop()
-        self.assertTrue(self.connections[0].closed)
-        self.successResultOf(stopped)
-        self.assertEqual(self.reconnector.state, "stopped")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_stop_while_preparing(self) -> None:
-        """
-        stop() while a connection is set up aborts it and waits until it is gone.
-        """
-        self.reconnector.start()
-        stopped = self.reconnector.stop()
-        self.assertTrue(self.connections[0].aborted)
-        self.assertNoResult(stopped)
-        self.connections[0].lose()
-        self.successResultOf(stopped)
-        self.assertEqual(self.events, [])
-
-    def test_stop_while_waiting(self) -> None:
-        """
-        stop() between attempts cancels the next attempt.
-        """
-        self.reconnector.start()
-        self.preparing[0].errback(RuntimeError("no"))
-        self.connections[0].lose()
-        self.successResultOf(self.reconnector.stop())
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.reconnector.start()
-        self.assertEqual(len(self.connections), 2)
-
-    def test_lost_while_preparing(self) -> None:
-        """
-        A connection lost while it is set up is not reported ready even if
-        the preparation then succeeds.
-        """
-        self.reconnector.start()
-        self.connections[0].lose()
-        self.preparing[0].callback(None)
-        self.assertEqual(self.events, [])
-        self.assertEqual(self.reconnector.state, "waiting")
-
-    def test_backoff_jitter_and_cap(self) -> None:
-        """
-        The delay is between half and all of the capped exponential value.
-        """
-        low = backoff(1.0, 60.0, rand=lambda: 0.0)
-        high = backoff(1.0, 60.0, rand=lambda: 1.0)
-        self.assertEqual((low(1), high(1)), (0.5, 1.0))
-        self.assertEqual((low(3), high(3)), (2.0, 4.0))
-        self.assertEqual(high(100), 60.0)
-        self.assertEqual(high(10**6), 60.0)
 
 
 # --- the bus on a scripted broker ------------------------------------------------

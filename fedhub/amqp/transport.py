@@ -6,15 +6,15 @@ One bus serves one security domain and keeps one connection to its broker.
 Connecting
 ==========
 
-A L{Reconnector} keeps the connection: connect, prepare, and after a failure
-or a loss wait with capped exponential backoff and jitter before the next
-attempt.  Preparing a connection logs in, opens the publish channel in confirm
-mode, declares every remembered topology again and resumes every
-subscription.  A connection whose preparation fails (or takes longer than
-C{setup_timeout}) is dropped by the reconnector itself, and from then on
-nothing that connection does (in particular closing late) reaches the
-current one: Twisted's C{ClientService} leaves such a connection open, and its
-late close knocks a healthy session back to reconnecting.
+A L{Reconnector} (the state machine in L{fedhub.amqp.reconnect}) keeps the
+connection: connect, prepare, and after a failure or a loss wait with capped
+exponential backoff and jitter before the next attempt.  Preparing a
+connection logs in, opens the publish channel in confirm mode, declares every
+remembered topology again and resumes every subscription.  A connection whose
+preparation fails (or takes longer than C{setup_timeout}) is dropped by the
+reconnector itself, and a late close of it never reaches the current one.  A
+failed attempt is named L{TLSFailed} or L{fedhub.errors.AccessRefused} where
+fedhub has a name for it (L{AMQPBus.last_error}).
 
 Publishing
 ==========
@@ -64,20 +64,19 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.application.service import Service
 from twisted.internet.defer import (
-    CancelledError,
     Deferred,
     DeferredLock,
     fail,
     succeed,
 )
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -89,6 +88,7 @@ from fedhub.amqp.protocol import (
     IConnectionEvents,
     map_error,
 )
+from fedhub.amqp.reconnect import Reconnector, backoff
 from fedhub.amqp.spec import load_spec
 from fedhub.amqp.tls import client_tls_options
 from fedhub.amqp.url import AMQPSettings, endpoint_description, parse_url
@@ -190,6 +190,15 @@ def _tls_failure(error: object, depth: int = 0) -> TLSFailed | None:
     return None
 
 
+def _attempt_error(failure: Failure) -> BaseException:
+    """
+    Why a connection attempt failed, as fedhub names it: L{TLSFailed} for a
+    failed TLS handshake, else what L{map_error} makes of it (for example
+    L{fedhub.errors.AccessRefused} for a refused login or vhost).
+    """
+    return _tls_failure(failure.value) or map_error(failure)
+
+
 def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
     """
     Whether a 403 that closed the publish channel names this exchange (and,
@@ -205,31 +214,6 @@ def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
     if "access to topic '" in text:
         return f"topic '{routing_key}' in exchange '{exchange}'" in text
     return True
-
-
-def backoff(
-    initial: float = 1.0,
-    maximum: float = 60.0,
-    factor: float = 2.0,
-    rand: Callable[[], float] = random.random,
-) -> Callable[[int], float]:
-    """
-    A retry policy: capped exponential backoff with "equal jitter".
-
-    @return: a function of the attempt number (1 for the first retry) giving
-        a delay between half and all of C{min(maximum, initial * factor **
-        (attempt - 1))}, so that many hubs that lost the same broker do not
-        all come back in the same second.
-    """
-
-    def delay(attempt: int) -> float:
-        try:
-            base = min(maximum, initial * factor ** max(0, attempt - 1))
-        except OverflowError:
-            base = maximum
-        return base * (0.5 + 0.5 * rand())
-
-    return delay
 
 
 class _Latch:
@@ -255,210 +239,6 @@ class _Latch:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
-
-
-# --- keeping a connection ---------------------------------------------------
-
-
-class Connection(Protocol):
-    """
-    What the L{Reconnector} needs of a connection (L{AMQPClient} has it).
-    """
-
-    def when_lost(self) -> Deferred[BaseException]:
-        """A Deferred firing with the reason once the connection is gone."""
-
-    def abort(self, why: str) -> None:
-        """Drop the connection now."""
-
-    def close_connection(self, timeout: float = 5.0) -> Deferred[None]:
-        """Close cleanly; fire once the connection is gone."""
-
-
-class Reconnector:
-    """
-    Keeps one prepared connection, reconnecting with backoff.
-
-    States: C{idle} (never started), C{connecting} (connecting or
-    preparing), C{connected}, C{waiting} (for the next attempt), C{stopping}
-    and C{stopped}.  Every connection it made is watched until it is gone;
-    only the current one's loss moves the state, so a connection abandoned
-    after a failed preparation may close whenever it likes.
-
-    @ivar state: The current state's name.
-    @ivar failures: Failed attempts since the last successful one.
-    @ivar last_error: Why the last attempt failed (typed where fedhub has a
-        type for it: L{fedhub.errors.AccessRefused}, L{TLSFailed}), or
-        C{None} since the last successful one.
-    """
-
-    log = HubLogger()
-
-    def __init__(
-        self,
-        connect: Callable[[], Deferred[Any]],
-        prepare: Callable[[Any], Deferred[Any]],
-        on_ready: Callable[[Any, Any], None],
-        on_lost: Callable[[Any, BaseException], None],
-        retry_delay: Callable[[int], float],
-        clock: IReactorTime,
-        setup_timeout: float = 30.0,
-        close_timeout: float = 5.0,
-        describe: str = "the broker",
-    ) -> None:
-        """
-        @param connect: Makes a new connection; a Deferred firing with it once
-            the transport is connected.
-        @param prepare: Makes a new connection usable; a failure (or taking
-            longer than C{setup_timeout}) rejects it.
-        @param on_ready: Called with the connection and C{prepare}'s result
-            once it is usable.
-        @param on_lost: Called with the connection and the reason when a
-            connection that was reported ready is gone.
-        @param retry_delay: Seconds to wait before retry number C{n} (1-based).
-        """
-        self._connect = connect
-        self._prepare = prepare
-        self._on_ready = on_ready
-        self._on_lost = on_lost
-        self._retry_delay = retry_delay
-        self._clock = clock
-        self._setup_timeout = setup_timeout
-        self._close_timeout = close_timeout
-        self._describe = describe
-        self.state = "idle"
-        self.failures = 0
-        self.last_error: BaseException | None = None
-        self.current: Any = None
-        self._attempt: Deferred[None] | None = None
-        self._retry: IDelayedCall | None = None
-        self._live: set[Any] = set()
-        self._stopped = _Latch()
-
-    def start(self) -> None:
-        """
-        Start connecting (again, after a stop).
-        """
-        if self.state not in ("idle", "stopped"):
-            return
-        self._stopped = _Latch()
-        self.failures = 0
-        self._begin()
-
-    def stop(self) -> Deferred[None]:
-        """
-        Stop connecting and close the current connection.
-
-        @return: a Deferred firing once every connection this reconnector
-            made is gone.
-        """
-        if self.state in ("idle", "stopped"):
-            self.state = "stopped"
-            return succeed(None)
-        waited = self._stopped.wait()
-        if self.state == "stopping":
-            return waited
-        previous, self.state = self.state, "stopping"
-        if previous == "waiting" and self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        elif previous == "connecting" and self._attempt is not None:
-            self._attempt.cancel()
-        elif previous == "connected" and self.current is not None:
-            self.current.close_connection(self._close_timeout).addErrback(
-                lambda f: self.log.failure("Closing the broker connection failed", f)
-            )
-        self._maybe_stopped()
-        return waited
-
-    def _maybe_stopped(self) -> None:
-        if self.state == "stopping" and self._attempt is None and not self._live:
-            self.state = "stopped"
-            self._stopped.fire()
-
-    def _begin(self) -> None:
-        self._retry = None
-        self.state = "connecting"
-        attempt = Deferred.fromCoroutine(self._connect_and_prepare())
-        self._attempt = attempt
-        attempt.addErrback(self._attempt_failed)
-
-    async def _connect_and_prepare(self) -> None:
-        connection = await self._connect()
-        self._live.add(connection)
-        connection.when_lost().addCallback(self._connection_lost, connection)
-        preparing = self._prepare(connection)
-        preparing.addTimeout(self._setup_timeout, self._clock)
-        try:
-            result = await preparing
-        except BaseException:
-            # Close it here: nobody else will, and it must not linger.
-            connection.abort("setting the connection up failed")
-            raise
-        self._attempt = None
-        if connection not in self._live:
-            raise NotConnected("the connection was lost while it was set up")
-        if self.state != "connecting":
-            connection.abort("stopping")
-            self._maybe_stopped()
-            return
-        self.state = "connected"
-        self.current = connection
-        self.failures = 0
-        self.last_error = None
-        try:
-            self._on_ready(connection, result)
-        except Exception:
-            self.log.failure("Starting to use the broker connection failed")
-            connection.abort("internal error")
-
-    def _attempt_failed(self, failure: Failure) -> None:
-        self._attempt = None
-        if self.state == "stopping":
-            self._maybe_stopped()
-            return
-        self.failures += 1
-        delay = self._retry_delay(self.failures)
-        error = failure.value
-        if isinstance(error, CancelledError):
-            text = "took too long"
-            self.last_error = error
-        else:
-            self.last_error = _tls_failure(error) or map_error(failure)
-            text = escape_control(str(self.last_error) or type(error).__name__, 300)
-        self.log.warn(
-            "Connecting to {broker} failed ({error}); attempt {attempt}, next in {delay:.1f} s",
-            broker=self._describe,
-            error=text,
-            attempt=self.failures,
-            delay=delay,
-        )
-        self.state = "waiting"
-        self._retry = self._clock.callLater(delay, self._begin)
-
-    def _connection_lost(self, reason: BaseException, connection: Any) -> None:
-        self._live.discard(connection)
-        if connection is not self.current:
-            # Abandoned while set up, or already replaced: a late close of a
-            # connection that is not current must not touch the current one.
-            self._maybe_stopped()
-            return
-        self.current = None
-        try:
-            self._on_lost(connection, reason)
-        except Exception:
-            self.log.failure("Handling the loss of the broker connection failed")
-        if self.state == "connected":
-            self.failures = 1
-            delay = self._retry_delay(1)
-            self.log.warn(
-                "Lost the connection to {broker}; reconnecting in {delay:.1f} s",
-                broker=self._describe,
-                delay=delay,
-            )
-            self.state = "waiting"
-            self._retry = self._clock.callLater(delay, self._begin)
-        self._maybe_stopped()
 
 
 # --- publishing -----------------------------------------------------------------
@@ -1503,6 +1283,7 @@ class AMQPBus(Service):
             setup_timeout=self.setup_timeout,
             close_timeout=self.close_timeout,
             describe=f"{settings.safe_url()} (domain {self.domain})",
+            explain=_attempt_error,
         )
         super().startService()  # type: ignore[no-untyped-call]
         self._reconnector.start()
