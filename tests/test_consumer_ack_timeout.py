@@ -328,6 +328,33 @@ class AckTimeoutHubTests(PrivateBrokerCase):
         report("seconds from delivery to redelivery", slow.called_at[1] - slow.called_at[0])
 
 
+    async def test_always_too_slow(self) -> None:
+        """A handler always slower than consumer_timeout: after max_deliveries deliveries without a verdict, the next one is dead-lettered with the reason and the queue is empty."""
+        hub, plugin, events = await self.start_hub("max_deliveries = 2\n")
+        settled = self.settled_log(hub)
+        slow = plugin.handlers["slow"]
+        held = await self.publish(hub, "slow.stuck", {"hold": True})
+        await wait_until(
+            lambda: any(s.outcome == "dead_lettered" for s in settled["slow"]),
+            30,
+            "the message to be dead-lettered after its deliveries",
+        )
+        self.assertEqual(slow.calls, [(held.id, False), (held.id, True)])
+        (dead,) = [s for s in settled["slow"] if s.outcome == "dead_lettered"]
+        self.assertEqual(dead.message.id, held.id)
+        self.assertIn("delivered 3 times without a verdict", dead.reason or "")
+        counts = await self.queue_counts()
+        self.assertEqual(counts["fedhub.slow"], (0, 0))
+        self.assertEqual(counts["fedhub.slow.dead"], (1, 0))
+        # The handler's late results change nothing: their acks are dropped.
+        for waiting in slow.held[held.id]:
+            waiting.callback(None)
+        self.assertEqual(hub.consumers["slow"].stats["unsettled"], 2)
+        self.assertEqual(hub.consumers["slow"].stats["acked"], 0)
+        self.assertEqual((await self.queue_counts())["fedhub.slow.dead"], (1, 0))
+        self.assertTrue(cast(AMQPBus, hub.domains["bus"].bus).connected)
+
+
 class StaleAckTests(BusCase):
     """
     Acknowledging a delivery whose channel the broker closed, on a scripted
@@ -409,29 +436,3 @@ class StaleAckTests(BusCase):
             self.assertEqual(len(consumes), count)
             channel = consumes[-1][0]
         self.assertTrue(self.bus.connected)
-
-    async def test_always_too_slow(self) -> None:
-        """A handler always slower than consumer_timeout: after max_deliveries deliveries without a verdict, the next one is dead-lettered with the reason and the queue is empty."""
-        hub, plugin, events = await self.start_hub("max_deliveries = 2\n")
-        settled = self.settled_log(hub)
-        slow = plugin.handlers["slow"]
-        held = await self.publish(hub, "slow.stuck", {"hold": True})
-        await wait_until(
-            lambda: any(s.outcome == "dead_lettered" for s in settled["slow"]),
-            30,
-            "the message to be dead-lettered after its deliveries",
-        )
-        self.assertEqual(slow.calls, [(held.id, False), (held.id, True)])
-        (dead,) = [s for s in settled["slow"] if s.outcome == "dead_lettered"]
-        self.assertEqual(dead.message.id, held.id)
-        self.assertIn("delivered 3 times without a verdict", dead.reason or "")
-        counts = await self.queue_counts()
-        self.assertEqual(counts["fedhub.slow"], (0, 0))
-        self.assertEqual(counts["fedhub.slow.dead"], (1, 0))
-        # The handler's late results change nothing: their acks are dropped.
-        for waiting in slow.held[held.id]:
-            waiting.callback(None)
-        self.assertEqual(hub.consumers["slow"].stats["unsettled"], 2)
-        self.assertEqual(hub.consumers["slow"].stats["acked"], 0)
-        self.assertEqual((await self.queue_counts())["fedhub.slow.dead"], (1, 0))
-        self.assertTrue(cast(AMQPBus, hub.domains["bus"].bus).connected)
