@@ -9,6 +9,7 @@ their own file (C{tests/data/...}), never relative to the working directory.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import tempfile
@@ -68,3 +69,28 @@ def no_secrets_in_logs() -> Iterator[list[str]]:
         globalLogPublisher.removeObserver(observe)
     if leaks:
         pytest.fail("secrets in logs:\n" + "\n".join(leaks[:10]), pytrace=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """
+    Refuse an C{async def} test on a C{SynchronousTestCase}: trial's
+    synchronous case calls it and drops the coroutine, so it would pass
+    without running a line.  Such a test belongs on a C{TestCase}.
+    """
+    from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+    wrong = []
+    for item in items:
+        cls = getattr(item, "cls", None)
+        function = getattr(item, "function", None)
+        if (
+            cls is not None
+            and issubclass(cls, SynchronousTestCase)
+            and not issubclass(cls, TestCase)
+            and inspect.iscoroutinefunction(function)
+        ):
+            wrong.append(item.nodeid)
+    if wrong:
+        raise pytest.UsageError(
+            "async tests on a SynchronousTestCase never run: " + ", ".join(wrong)
+        )
