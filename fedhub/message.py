@@ -243,6 +243,26 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+#: The last sent-at time formatted by L{_sent_at_text} and its text: the
+#: messages of a burst are mostly made within the same second.
+_last_sent_at: tuple[datetime, str] = (datetime(1970, 1, 1, tzinfo=timezone.utc), "1970-01-01T00:00:00+00:00")
+
+
+def _sent_at_text(when: datetime) -> str:
+    """
+    C{when.isoformat()} for a message's sent-at (aware, without microseconds
+    already: the constructor drops them), remembering the last one.
+    """
+    global _last_sent_at
+    last, text = _last_sent_at
+    # The same instant in the same time zone object is the same text.
+    if when == last and when.tzinfo is last.tzinfo:
+        return text
+    text = when.isoformat()
+    _last_sent_at = (when, text)
+    return text
+
+
 def format_sent_at(when: datetime) -> str:
     """
     Format a time for the C{sent-at} header: ISO 8601 with a UTC offset, no microseconds.
@@ -430,8 +450,7 @@ class Message:
             wire[SCHEMA_HEADER] = self.schema
             wire[SEVERITY_HEADER] = self.severity
             if self.sent_at is not None:
-                # Without microseconds already: the constructor drops them.
-                wire[SENT_AT_HEADER] = self.sent_at.isoformat()
+                wire[SENT_AT_HEADER] = _sent_at_text(self.sent_at)
             wire[PRIORITY_HEADER] = self.priority
             self.__dict__["_wire"] = wire
         return dict(wire)

@@ -7,7 +7,7 @@ without checking its unchanged fields again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import given, settings
@@ -180,3 +180,46 @@ class DeliveredCopyTests(SynchronousTestCase):
         """A queue that is not a string is refused as the constructor refuses it."""
         message = Message("a.b", {})
         self.assertRaises(MessageError, message.evolve, queue=3)
+
+
+class SentAtTextTests(SynchronousTestCase):
+    """
+    The sent-at header is the time's ISO 8601 text, however the last one
+    formatted is remembered.
+    """
+
+    def test_same_instant_other_zone(self) -> None:
+        """
+        The same instant in another time zone keeps its own offset in the header.
+        """
+        utc = datetime(2026, 11, 28, 10, 0, 0, tzinfo=timezone.utc)
+        plus_one = utc.astimezone(timezone(timedelta(hours=1)))
+        self.assertEqual(utc, plus_one)
+        first = Message.create("a.b", {}, sent_at=utc)
+        second = Message.create("a.b", {}, sent_at=plus_one)
+        self.assertEqual(first.wire_headers()["sent-at"], "2026-11-28T10:00:00+00:00")
+        self.assertEqual(second.wire_headers()["sent-at"], "2026-11-28T11:00:00+01:00")
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.datetimes(
+                    min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 30),
+                ),
+                st.sampled_from([0, 0, 60, -330, 14 * 60]),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def test_any_sequence(self, times: list[tuple[datetime, int]]) -> None:
+        """
+        For any sequence of times (repeats included), the header is isoformat().
+        """
+        for naive, minutes in times:
+            zone = timezone.utc if minutes == 0 else timezone(timedelta(minutes=minutes))
+            when = naive.replace(microsecond=0, tzinfo=zone)
+            for _ in range(2):
+                message = Message.create("a.b", {}, sent_at=when)
+                self.assertEqual(message.wire_headers()["sent-at"], when.isoformat())
