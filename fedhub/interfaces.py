@@ -159,6 +159,13 @@ class IBus(Interface):
 class IMessageHandler(Interface):
     """
     The code of a consumer: what a consumer plugin builds.
+
+    A handler that holds messages back to work on them together (batches
+    written or run after a delay) may also have a C{drain()} method, which
+    the consumer calls when it begins to stop, before it waits up to its
+    C{drain_timeout} for the messages in hand: the handler should finish
+    them now, so that their verdicts reach the broker before the
+    subscription ends.  Its result is ignored; it must not raise.
     """
 
     topics = Attribute("tuple[str, ...]: the topic patterns (AMQP C{*}/C{#}) it wants")

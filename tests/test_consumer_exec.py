@@ -424,6 +424,32 @@ class RunTests(TestCase):
         self.assertEqual(handler.runs, 2)
 
     @inlineCallbacks
+    def test_coalesced_batch_runs_when_stopping(self) -> Any:
+        """A batch still collecting when the consumer stops runs at once, not after coalesce; its messages are acked."""
+        out = self.out("runs")
+        harness = ConsumerHarness(
+            ExecPlugin(),
+            {"coalesce": 3600, "command": script("""
+                import sys
+                open(sys.argv[1], "a").write(sys.stdin.read())
+            """) + [str(out)]},
+            reactor=reactor,
+            concurrency=10,
+        )
+        harness.start()
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        burst = [sample() for _ in range(3)]
+        waiting = [harness.deliver(m) for m in burst]
+        yield self.wait_for(lambda: harness.service.in_flight == 3)
+        self.assertEqual(handler.runs, 0)
+        yield harness.stop()
+        settled = yield gatherResults(waiting)
+        self.assertEqual([s.outcome for s in settled], ["acked"] * 3)
+        self.assertEqual(handler.runs, 1)
+        self.assertEqual([m.id for m in loads(out.read_text())], [m.id for m in burst])
+
+    @inlineCallbacks
     def test_coalesce_waits_for_previous_run(self) -> Any:
         """Messages arriving while a coalesced run is going form the next batch; runs never overlap."""
         log = self.out("log")

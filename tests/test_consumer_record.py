@@ -222,10 +222,10 @@ class RecordTests(SynchronousTestCase):
 
     def test_stop_writes_pending_and_closes(self) -> None:
         """
-        Stopping writes the lines still waiting, syncs when asked to, and
-        closes the file.  Lines that waited past the drain timeout are
-        written only after the subscription is gone, so their messages were
-        put back in the queue: requeued, not acked.
+        Stopping writes the lines still waiting at once (not after the
+        flush interval, which is longer than the drain timeout), so their
+        messages are acknowledged; then it syncs when asked to and closes
+        the file.
         """
         harness = self.harness({"flush_interval": 60.0, "fsync_interval": 60.0}, concurrency=5)
         handler = self.handler(harness)
@@ -233,11 +233,10 @@ class RecordTests(SynchronousTestCase):
         handler.fsync = calls.append
         settled = [harness.deliver(Message.create(TOPIC, {"n": n})) for n in range(2)]
         stopped = harness.stop()
-        harness.advance(60.0)
-        self.successResultOf(stopped)
-        self.assertEqual([self.successResultOf(d).outcome for d in settled], ["requeued"] * 2)
+        self.assertEqual([self.successResultOf(d).outcome for d in settled], ["acked"] * 2)
         self.assertEqual(len(loads(self.path.read_text())), 2)
-        self.assertEqual(harness.bus.queue_depth(harness.service.queue), 2)
+        self.successResultOf(stopped)
+        self.assertEqual(harness.bus.queue_depth(harness.service.queue), 0)
         self.assertFalse(handler.is_open)
         self.assertEqual(len(calls), 1)
         self.assertEqual(harness.clock.getDelayedCalls(), [])

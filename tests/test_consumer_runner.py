@@ -221,6 +221,44 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(counted.stats["acked"], 5)
         self.assertEqual(counted._deliveries, {})
 
+    def test_drain_when_stopping(self) -> None:
+        """
+        Stopping with messages in hand calls the handler's drain() first, so
+        a batching handler can finish them before the drain timeout; a
+        drain() that raises is logged and the stop goes on.
+        """
+        pending: Deferred[None] = Deferred()
+        handler = ScriptedHandler(pending)
+        calls: list[str] = []
+
+        def drain() -> None:
+            calls.append("drain")
+            pending.callback(None)
+
+        handler.drain = drain  # type: ignore[attr-defined]
+        service = self.start(handler)
+        self.publish()
+        stopped = service.stopService()
+        self.assertEqual(calls, ["drain"])
+        self.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(service.stats["acked"], 1)
+        self.assertTrue(handler.stopped)
+
+        broken = ScriptedHandler(Deferred())
+
+        def fails() -> None:
+            raise RuntimeError("drain broke")
+
+        broken.drain = fails  # type: ignore[attr-defined]
+        other = self.start(broken, drain_timeout=5)
+        self.publish()
+        stopping = other.stopService()
+        self.flush(5)
+        self.successResultOf(stopping)
+        self.assertTrue(broken.stopped)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_handling_time_and_in_flight(self) -> None:
         """Settled reports how long the handler took (None when it was not called); in_flight counts calls."""
         pending: Deferred[None] = Deferred()

@@ -676,6 +676,16 @@ class ExecHandler:
                 [ConfigProblem(f"{self.name}.cwd", f"{self.settings.cwd!r} is not a directory")]
             )
 
+    def drain(self) -> None:
+        """
+        The consumer is stopping: a batch still collecting messages runs now
+        (once the run going, if any, ends) rather than after C{coalesce}.
+        """
+        batch = self._batch
+        if batch is not None and batch.timer is not None and batch.timer.active():
+            batch.timer.cancel()
+            self._batch_due(batch)
+
     def stop(self) -> Deferred[None]:
         """
         Terminate the runs still going (C{SIGTERM}, then C{SIGKILL}) and wait

@@ -133,6 +133,15 @@ class RecordHandler:
         """
         self._open()
 
+    def drain(self) -> None:
+        """
+        The consumer is stopping: write the lines that wait now, without
+        waiting for C{flush_interval}, so their messages are acknowledged
+        before the subscription ends.
+        """
+        self._cancel_flush()
+        self._flush()
+
     def stop(self) -> None:
         """
         Write what waits, sync when any fsync is configured, close the file.

@@ -547,6 +547,14 @@ class ConsumerService(Service):
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         self.consuming = False
+        drain = getattr(self.handler, "drain", None)
+        if self._in_flight and callable(drain):
+            # A handler batching messages finishes them now rather than at
+            # the end of its delay, which may be past the drain timeout.
+            try:
+                drain()
+            except Exception:
+                self.log.failure("Draining consumer {consumer} failed", consumer=self.component.name)
         if self._in_flight:
             # Wait for the plugin's work, but not forever; what is still in
             # hand afterwards goes back to the queue when the channel closes.
