@@ -474,6 +474,13 @@ class Message:
         """
         if changes.keys() <= _DELIVERY_CHANGES and self._body_bytes:
             return self._delivered_copy(changes)
+        return Message(**self._fields_with(changes))
+
+    def _fields_with(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        This message's fields with C{changes} applied, as the constructor
+        takes them; the body's JSON bytes are kept unless the body changes.
+        """
         fields: dict[str, Any] = {
             "topic": self.topic,
             "body": self.body,
@@ -489,7 +496,7 @@ class Message:
         fields.update(changes)
         if "body" not in changes:
             fields["_body_bytes"] = self._body_bytes
-        return Message(**fields)
+        return fields
 
     def _delivered_copy(self, changes: Mapping[str, Any]) -> Message:
         """
@@ -504,19 +511,7 @@ class Message:
         queue = changes.get("queue", self.queue)
         if queue is not None and not isinstance(queue, str):
             raise MessageError(f"queue must be a string or None, not {queue!r}")
-        fields: dict[str, Any] = {
-            "topic": changes.get("topic", self.topic),
-            "body": self.body,
-            "headers": self.headers,
-            "id": self.id,
-            "severity": self.severity,
-            "priority": self.priority,
-            "sent_at": self.sent_at,
-            "schema": self.schema,
-            "queue": queue,
-            "redelivered": changes.get("redelivered", self.redelivered),
-            "_body_bytes": self._body_bytes,
-        }
+        fields = self._fields_with(changes)
         wire = self.__dict__.get("_wire")
         if wire is not None:
             fields["_wire"] = wire
