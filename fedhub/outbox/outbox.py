@@ -776,9 +776,7 @@ class Outbox(Service):
             for handover in inserts:
                 handover.deferred.callback(None)
         self._committing = False
-        self._flush()
-        self._pump()
-        self._check_stop()
+        self._next_steps()
 
     def _commit_failed(
         self,
@@ -889,9 +887,7 @@ class Outbox(Service):
         if self._batching and self._bus.confirming:
             self._settled_later = True
             return
-        self._flush()
-        self._pump()
-        self._check_stop()
+        self._next_steps()
 
     def _confirms_settled(self) -> None:
         """
@@ -900,9 +896,17 @@ class Outbox(Service):
         """
         if self._settled_later:
             self._settled_later = False
-            self._flush()
-            self._pump()
-            self._check_stop()
+            self._next_steps()
+
+    def _next_steps(self) -> None:
+        """
+        After a commit or a publish outcome: start the next transaction with
+        what is queued, send what the window allows, and finish a stop that
+        waited for this.
+        """
+        self._flush()
+        self._pump()
+        self._check_stop()
 
     def _publish_failed(self, failure: TwistedFailure, entry: _Entry, generation: int) -> None:
         if self._inflight.get(entry.seq) is not entry:
@@ -948,9 +952,7 @@ class Outbox(Service):
         self._failures.append(Failure(entry.seq, kind, reason, self._reactor.seconds()))
         if self._observers:
             self._notify(kind, entry.message.id)
-        self._flush()
-        self._pump()
-        self._check_stop()
+        self._next_steps()
 
     def _pause(self, reason: str, failure: TwistedFailure | None = None) -> None:
         """
