@@ -156,11 +156,19 @@ def compile_check(schema: Any, depth: int = 0) -> Check | None:
         return typed_every
     if not all_checks:
         return _always
-    if len(all_checks) == 1:
-        return all_checks[0]
+    return _all_of(all_checks)
+
+
+def _all_of(checks: tuple[Check, ...]) -> Check:
+    """
+    A check that passes when every one of C{checks} does, trying them in
+    order and stopping at the first that fails.
+    """
+    if len(checks) == 1:
+        return checks[0]
 
     def every(v: Any) -> bool:
-        for check in all_checks:
+        for check in checks:
             if not check(v):
                 return False
         return True
@@ -301,14 +309,7 @@ def _compile_keyword(schema: Mapping[str, Any], key: str, value: Any, depth: int
         if key == "anyOf":
             return any_of
         if key == "allOf":
-
-            def all_of(v: Any) -> bool:
-                for option in options:
-                    if not option(v):
-                        return False
-                return True
-
-            return all_of
+            return _all_of(options)
         # oneOf: a branch's False may be its check's strictness, so "exactly
         # one" can be told only when no value can match two branches: when
         # their types do not overlap (e.g. an object or null).  Then it is
