@@ -175,6 +175,59 @@ _COMPLETE_SUFFIXES = frozenset(
 )
 
 
+# --- reading values back from JSON ----------------------------------------
+
+
+def _json_object(data: object, where: str, keys: frozenset[str]) -> Mapping[str, Any]:
+    """
+    C{data} when it is a JSON object with exactly C{keys}, else a ValueError
+    naming C{where}.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, not {type(data).__name__}")
+    if data.keys() != keys:
+        missing = sorted(keys - data.keys())
+        extra = sorted(str(k) for k in data.keys() - keys)
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(missing))
+        if extra:
+            parts.append("unknown " + ", ".join(_excerpt(k, 40) for k in extra[:5]))
+        raise ValueError(f"{where}: {'; '.join(parts)}")
+    return data
+
+
+def _json_str(data: Mapping[str, Any], key: str, where: str, *, nullable: bool = False) -> Any:
+    value = data[key]
+    if type(value) is str or (nullable and value is None):
+        return value
+    expected = "a string or null" if nullable else "a string"
+    raise ValueError(f"{where}.{key} must be {expected}, not {type(value).__name__}")
+
+
+def _json_int(data: Mapping[str, Any], key: str, where: str, *, nullable: bool = False) -> Any:
+    # bool is an int to Python but not to JSON: true is no bug id.
+    value = data[key]
+    if type(value) is int or (nullable and value is None):
+        return value
+    expected = "an integer or null" if nullable else "an integer"
+    raise ValueError(f"{where}.{key} must be {expected}, not {type(value).__name__}")
+
+
+def _json_strings(data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = data[key]
+    if type(value) is not list or any(type(item) is not str for item in value):
+        raise ValueError(f"{where}.{key} must be a list of strings")
+    return tuple(value)
+
+
+def _json_list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = data[key]
+    if type(value) is not list:
+        raise ValueError(f"{where}.{key} must be a list, not {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class Change:
     """
@@ -229,6 +282,24 @@ class Change:
         """
         return {"field": self.field, "name": self.name, "removed": self.removed, "added": self.added}
 
+    @classmethod
+    def from_json(cls, data: object, where: str = "change") -> Change:
+        """
+        The change L{to_json} described.
+
+        @raise ValueError: C{data} is not what L{to_json} returns (its
+            C{name} included, which must be the one of C{field}).
+        """
+        data = _json_object(data, where, _CHANGE_KEYS)
+        change = cls(
+            _json_str(data, "field", where),
+            _json_str(data, "removed", where),
+            _json_str(data, "added", where),
+        )
+        if _json_str(data, "name", where, nullable=True) != change.name:
+            raise ValueError(f"{where}.name does not match its field")
+        return change
+
 
 @dataclass(frozen=True)
 class Comment:
@@ -261,6 +332,21 @@ class Comment:
             "text": self.text,
         }
 
+    @classmethod
+    def from_json(cls, data: object, where: str = "comment") -> Comment:
+        """
+        The comment L{to_json} described.
+
+        @raise ValueError: C{data} is not what L{to_json} returns.
+        """
+        data = _json_object(data, where, _COMMENT_KEYS)
+        return cls(
+            _json_int(data, "number", where, nullable=True),
+            _json_str(data, "author", where),
+            _json_str(data, "text", where),
+            _json_str(data, "author_name", where, nullable=True),
+        )
+
 
 @dataclass(frozen=True)
 class Attachment:
@@ -280,6 +366,16 @@ class Attachment:
         """
         return {"id": self.id, "description": self.description}
 
+    @classmethod
+    def from_json(cls, data: object, where: str = "attachment") -> Attachment:
+        """
+        The attachment L{to_json} described.
+
+        @raise ValueError: C{data} is not what L{to_json} returns.
+        """
+        data = _json_object(data, where, _ATTACHMENT_KEYS)
+        return cls(_json_int(data, "id", where), _json_str(data, "description", where))
+
 
 @dataclass(frozen=True)
 class Blocker:
@@ -298,6 +394,16 @@ class Blocker:
         Return a JSON-serialisable dict: C{bug_id}, C{summary}.
         """
         return {"bug_id": self.bug_id, "summary": self.summary}
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "blocker") -> Blocker:
+        """
+        The blocker L{to_json} described.
+
+        @raise ValueError: C{data} is not what L{to_json} returns.
+        """
+        data = _json_object(data, where, _BLOCKER_KEYS)
+        return cls(_json_int(data, "bug_id", where), _json_str(data, "summary", where))
 
 
 def _empty_headers() -> Mapping[str, str]:
@@ -495,6 +601,97 @@ class BugEvent:
             "watch_reason": self.watch_reason,
             "headers": dict(self.headers),
         }
+
+    @classmethod
+    def from_json(cls, data: object) -> BugEvent:
+        """
+        The event L{to_json} described: C{BugEvent.from_json(e.to_json())}
+        equals C{e}, headers included.
+
+        The input is checked as untrusted (it may come from another
+        process): exactly the keys L{to_json} writes, with their JSON types,
+        C{comment} and C{attachment} equal to the first entries of
+        C{comments} and C{attachments}, and each change's C{name} the one
+        of its C{field}.
+
+        @raise ValueError: C{data} is not what L{to_json} returns; the
+            message names the offending key.
+        """
+        where = "event"
+        data = _json_object(data, where, _EVENT_KEYS)
+        event_type = data["event_type"]
+        if type(event_type) is not str or event_type not in _EVENT_TYPES:
+            raise ValueError(f"{where}.event_type is not one of {', '.join(sorted(_EVENT_TYPES))}")
+        changes = tuple(
+            Change.from_json(item, f"{where}.changes[{i}]")
+            for i, item in enumerate(_json_list(data, "changes", where))
+        )
+        comments = tuple(
+            Comment.from_json(item, f"{where}.comments[{i}]")
+            for i, item in enumerate(_json_list(data, "comments", where))
+        )
+        attachments = tuple(
+            Attachment.from_json(item, f"{where}.attachments[{i}]")
+            for i, item in enumerate(_json_list(data, "attachments", where))
+        )
+        first_comment = comments[0].to_json() if comments else None
+        if data["comment"] != first_comment or type(data["comment"]) is not type(first_comment):
+            raise ValueError(f"{where}.comment is not the first of {where}.comments")
+        first_attachment = attachments[0].to_json() if attachments else None
+        if data["attachment"] != first_attachment or (
+            type(data["attachment"]) is not type(first_attachment)
+        ):
+            raise ValueError(f"{where}.attachment is not the first of {where}.attachments")
+        # Compared as JSON values above: make sure no bool passed for an int.
+        if comments:
+            Comment.from_json(data["comment"], f"{where}.comment")
+        if attachments:
+            Attachment.from_json(data["attachment"], f"{where}.attachment")
+        blocker = data["blocker"]
+        headers = data["headers"]
+        if type(headers) is not dict or any(
+            type(name) is not str or type(value) is not str for name, value in headers.items()
+        ):
+            raise ValueError(f"{where}.headers must be an object of strings")
+        return cls(
+            bug_id=_json_int(data, "bug_id", where),
+            summary=_json_str(data, "summary", where),
+            product=_json_str(data, "product", where),
+            component=_json_str(data, "component", where),
+            who=_json_str(data, "who", where),
+            event_type=cast(EventType, event_type),
+            url=_json_str(data, "url", where),
+            who_name=_json_str(data, "who_name", where, nullable=True),
+            source=_json_str(data, "source", where, nullable=True),
+            classification=_json_str(data, "classification", where, nullable=True),
+            version=_json_str(data, "version", where, nullable=True),
+            status=_json_str(data, "status", where, nullable=True),
+            resolution=_json_str(data, "resolution", where, nullable=True),
+            priority=_json_str(data, "priority", where, nullable=True),
+            severity=_json_str(data, "severity", where, nullable=True),
+            assignee=_json_str(data, "assignee", where, nullable=True),
+            target_milestone=_json_str(data, "target_milestone", where, nullable=True),
+            keywords=_json_strings(data, "keywords", where),
+            flags=_json_strings(data, "flags", where),
+            changed_fields=_json_strings(data, "changed_fields", where),
+            changes=changes,
+            comments=comments,
+            attachments=attachments,
+            blocker=None if blocker is None else Blocker.from_json(blocker, f"{where}.blocker"),
+            message_id=_json_str(data, "message_id", where, nullable=True),
+            date=_json_str(data, "date", where, nullable=True),
+            reasons=_json_strings(data, "reasons", where),
+            watch_reason=_json_str(data, "watch_reason", where, nullable=True),
+            headers=MappingProxyType(dict(headers)),
+        )
+
+
+_CHANGE_KEYS = frozenset({"field", "name", "removed", "added"})
+_COMMENT_KEYS = frozenset({"number", "author", "author_name", "text"})
+_ATTACHMENT_KEYS = frozenset({"id", "description"})
+_BLOCKER_KEYS = frozenset({"bug_id", "summary"})
+_EVENT_KEYS = frozenset(BugEvent(0, "", "", "", "", "new", "").to_json())
+_EVENT_TYPES = frozenset({"new", "changed", "dep_changed", "comment", "attachment"})
 
 
 # --- text hygiene -------------------------------------------------------
