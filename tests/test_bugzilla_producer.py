@@ -522,7 +522,9 @@ class PluginTests(SynchronousTestCase):
         from tests.test_smtp_server import Client, dot_stuffed, envelope
 
         reactor = MemoryReactorClock()
-        context = self.context(reactor, max_recipients=1)
+        # Parsed in this process: a memory reactor spawns no parse workers
+        # (tests/test_bugzilla_workers.py runs them).
+        context = self.context(reactor, max_recipients=1, parse_workers=0)
         service: Any = BugzillaSMTPPlugin().build(context)
         service.startService()
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
@@ -541,7 +543,8 @@ class PluginTests(SynchronousTestCase):
 
         reactor = MemoryReactorClock()
         directory = self.mktemp()
-        service: Any = BugzillaSMTPPlugin().build(self.context(reactor, quarantine_dir=directory))
+        service: Any = BugzillaSMTPPlugin().build(
+            self.context(reactor, quarantine_dir=directory, parse_workers=0))
         service.startService()
         client = Client(service.factory, "127.0.0.1", 5)
         client.send(envelope(("bugs@example.org",)) + dot_stuffed(sample(NOT_BUGMAIL)))

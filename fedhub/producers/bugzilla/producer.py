@@ -55,18 +55,33 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from fedhub.config import Option
-from fedhub.errors import FedhubError, MessageError, PublishError, TemporarilyUnavailable
+from fedhub.errors import (
+    ConfigError,
+    ConfigProblem,
+    FedhubError,
+    MessageError,
+    PublishError,
+    TemporarilyUnavailable,
+)
 from fedhub.interfaces import IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 from fedhub.producers.bugzilla.enrich import Enriched, enrich_options, enricher_from_options
+from fedhub.producers.bugzilla.fingerprint import (
+    RECIPIENT_HEADERS,
+    RECIPIENT_KEYS,
+    body_of,
+    fingerprint_of,
+)
 from fedhub.producers.bugzilla.parser import BugEvent, BugmailError, parse_bugmail
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.text import SUMMARY_HEADER, escape_control
 
 __all__ = [
     "MAIL_SCHEMA",
+    "RECIPIENT_HEADERS",
+    "RECIPIENT_KEYS",
     "TOPIC_NEW",
     "TOPIC_UPDATE",
     "Accepted",
@@ -88,6 +103,7 @@ __all__ = [
     "event_publisher_from_options",
     "load_mail_schema",
     "message_id_for",
+    "seed_fingerprint",
 ]
 
 #: The schema name of message bodies built from bugmail.
@@ -97,12 +113,6 @@ MAIL_SCHEMA = "fedhub.bugzilla.mail.v1"
 TOPIC_NEW = "bugzilla.bug.new"
 #: Topic suffix of every other bug event.
 TOPIC_UPDATE = "bugzilla.bug.update"
-
-#: Keys of L{BugEvent.to_json} that differ between the copies Bugzilla sends
-#: to each recipient of one event; the message body leaves them out.
-RECIPIENT_KEYS = frozenset({"message_id", "reasons", "watch_reason"})
-#: Headers that differ per recipient (compared case-insensitively).
-RECIPIENT_HEADERS = frozenset({"x-bugzilla-reason", "x-bugzilla-watch-reason"})
 
 #: Products whose components are package names: their messages get a
 #: C{fedora_messaging_rpm_<component>} header.
@@ -219,21 +229,29 @@ def _body_and_fingerprint(event: BugEvent) -> tuple[dict[str, Any], str]:
     cached = event.__dict__.get("_fedhub_body")
     if cached is not None:
         return cast(tuple[dict[str, Any], str], cached)
-    body = {key: value for key, value in event.to_json().items() if key not in RECIPIENT_KEYS}
-    headers = body.get("headers") or {}
-    body["headers"] = {
-        name: value for name, value in headers.items() if name.lower() not in RECIPIENT_HEADERS
-    }
-    blob = _fingerprint_json(body)
-    fingerprint = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    body = body_of(event.to_json())
+    fingerprint = fingerprint_of(body)
     event.__dict__["_fedhub_body"] = (body, fingerprint)
     return body, fingerprint
 
 
-#: The JSON a fingerprint hashes: json.dumps(body, ensure_ascii=False,
-#: sort_keys=True, separators=(",", ":")), with the encoder made once
-#: (json.dumps builds one on every call with these options).
-_fingerprint_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode
+def seed_fingerprint(
+    event: BugEvent, fingerprint: str, data: Mapping[str, Any] | None = None
+) -> None:
+    """
+    Give C{event} a fingerprint computed elsewhere (by a parse worker, see
+    L{fedhub.producers.bugzilla.workers}), so L{event_fingerprint} and
+    L{build_message} do not compute it again: the body is made from the
+    event (or from C{data}, its L{BugEvent.to_json}, when the caller has
+    it) but not encoded nor hashed.
+
+    @param fingerprint: What L{event_fingerprint} would return for C{event};
+        the caller vouches for it.
+    @param data: C{event.to_json()}, or something equal to it; the body
+        shares its lists and objects, so it must not be changed afterwards.
+    """
+    body = body_of(event.to_json() if data is None else data)
+    event.__dict__["_fedhub_body"] = (body, fingerprint)
 
 
 def event_fingerprint(event: BugEvent) -> str:
@@ -690,7 +708,7 @@ class BugmailIntake:
         dedup_max_entries: int = 10_000,
         quarantine: Quarantine | None = None,
         producer: str = "bugzilla-smtp",
-        parse: Callable[[bytes], BugEvent] = parse_bugmail,
+        parse: Callable[[bytes], BugEvent | Deferred[BugEvent]] = parse_bugmail,
         dedup: SeenSet | None = None,
     ) -> None:
         self.on_event = on_event
@@ -707,11 +725,26 @@ class BugmailIntake:
         Take one mail; see L{IBugmailIntake.receive}.
         """
         try:
-            event = self._parse(raw)
+            parsed = self._parse(raw)
         except BugmailError as e:
             return self._never(raw, e, source)
         except Exception:
             return fail(Failure())  # type: ignore[no-untyped-call]
+        if isinstance(parsed, Deferred):
+            # Parsed elsewhere (a parse worker): the same paths, later.
+            d: Deferred[Accepted] = parsed.addCallbacks(
+                self._parsed, self._parse_failed, callbackArgs=(raw, source), errbackArgs=(raw, source)
+            )
+            return d
+        return self._parsed(parsed, raw, source)
+
+    def _parse_failed(self, failure: Failure, raw: bytes, source: str) -> Deferred[Accepted] | Failure:
+        error = failure.value
+        if isinstance(error, BugmailError):
+            return self._never(raw, error, source)
+        return failure
+
+    def _parsed(self, event: BugEvent, raw: bytes, source: str) -> Deferred[Accepted]:
         key = event_fingerprint(event)
         if self.dedup.seen(key):
             self.log.info(
@@ -804,6 +837,10 @@ def _at_least_one(value: int) -> str | None:
 
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
+
+
+def _parse_workers(value: int) -> str | None:
+    return None if 0 <= value <= 64 else "must be between 0 and 64 (0: parse in the hub process)"
 
 
 def _line_length(value: int) -> str | None:
@@ -922,13 +959,20 @@ class BugzillaSMTPPlugin:
                                     _at_least_one),
         "package_products": Option(list, list(DEFAULT_PACKAGE_PRODUCTS),
                                    "products whose components are package names", items=str),
+        "parse_workers": Option(int, 1, "worker processes that parse mail (0: parse in the hub "
+                                "process, on its reactor thread)", _parse_workers),
+        "parse_timeout": Option(float, 30.0, "seconds a mail may wait for a parse worker, and a "
+                                "worker may take to parse it, before answering 451", _positive),
         **enrich_options(),
     }
 
     def build(self, context: PluginContext) -> IService:
         """
         Build the listener for C{context}; it starts listening in
-        C{startService}.
+        C{startService}.  With C{parse_workers} above 0 it is a
+        L{fedhub.producers.bugzilla.workers.PooledBugmailListener}, which
+        starts its worker processes before it listens and stops them after
+        its last session.
         """
         from fedhub.producers.bugzilla.smtp import BugmailListener, settings_from_options
 
@@ -944,6 +988,23 @@ class BugzillaSMTPPlugin:
                 int(options.get("quarantine_max_bytes", 100 * 1024 * 1024)),
                 context.reactor,
             )
+        workers = int(options.get("parse_workers", 1))
+        problem = _parse_workers(workers)
+        if problem is not None:
+            where = context.component.path if context.component is not None else context.name
+            raise ConfigError([ConfigProblem(f"{where}.parse_workers", problem)])
+        pool = None
+        parse: Callable[[bytes], BugEvent | Deferred[BugEvent]] = parse_bugmail
+        if workers > 0:
+            from fedhub.producers.bugzilla.workers import ParserPool
+
+            pool = ParserPool(
+                workers,
+                reactor=context.reactor,
+                timeout=float(options.get("parse_timeout", 30.0)),
+                producer=context.name,
+            )
+            parse = pool.parse
         intake = BugmailIntake(
             publisher,
             clock=context.reactor,
@@ -951,13 +1012,20 @@ class BugzillaSMTPPlugin:
             dedup_max_entries=int(options.get("dedup_max_entries", 10_000)),
             quarantine=quarantine,
             producer=context.name,
+            parse=parse,
         )
-        listener = BugmailListener(
-            str(options.get("listen", "tcp:8025:interface=127.0.0.1")),
-            settings_from_options(options),
-            intake,
-            reactor=context.reactor,
-        )
+        endpoint = str(options.get("listen", "tcp:8025:interface=127.0.0.1"))
+        listener: BugmailListener
+        if pool is None:
+            listener = BugmailListener(
+                endpoint, settings_from_options(options), intake, reactor=context.reactor
+            )
+        else:
+            from fedhub.producers.bugzilla.workers import PooledBugmailListener
+
+            listener = PooledBugmailListener(
+                endpoint, settings_from_options(options), intake, pool, reactor=context.reactor
+            )
         listener.setName(context.name)  # type: ignore[no-untyped-call]
         close = getattr(publisher.enrich, "close", None)
         if callable(close):

@@ -1,0 +1,887 @@
+"""
+Tests for parsing bugmail in worker processes: L{BugEvent.from_json}, the
+fingerprint a worker sends along (L{seed_fingerprint}), the worker's side
+of the protocol (L{fedhub.producers.bugzilla.parse_worker}), the
+L{ParserPool} with real child processes on the real reactor, the SMTP
+listener in front of it, and the C{parse_workers}/C{parse_timeout} keys of
+the C{bugzilla-smtp} plugin.
+
+Tests that need a misbehaving worker run C{tests/parse_worker_fake.py}.
+"""
+
+# twisted.trial's assertion methods carry no annotations.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Generator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from fedhub.config import HubSettings, check_options
+from fedhub.errors import ConfigError, TemporarilyUnavailable
+from fedhub.plugins import PluginContext
+from fedhub.producers.bugzilla import parse_worker
+from fedhub.producers.bugzilla.parser import (
+    MAX_MAIL_BYTES,
+    Attachment,
+    Blocker,
+    BugEvent,
+    BugmailError,
+    Comment,
+    MalformedBugmail,
+    NotBugmail,
+    parse_bugmail,
+)
+from fedhub.producers.bugzilla.producer import (
+    BugmailIntake,
+    BugzillaSMTPPlugin,
+    build_body,
+    build_message,
+    classify_failure,
+    event_fingerprint,
+    seed_fingerprint,
+)
+from fedhub.producers.bugzilla.smtp import BugmailListener, ListenerSettings
+from fedhub.producers.bugzilla.workers import (
+    ParserPool,
+    ParseUnavailable,
+    PooledBugmailListener,
+    worker_environment,
+)
+from tests.test_bugmail_fuzz import _mutate, mutation
+from tests.test_poller import FakePublisher
+from tests.test_smtp_raw import RawClient
+from tests.test_smtp_server import dot_stuffed, envelope
+
+reactor: Any = _reactor
+
+DATA = Path(__file__).parent / "data" / "bugzilla"
+SAMPLES = {p.name: p.read_bytes() for p in sorted(DATA.glob("*.eml"))}
+CHANGED = SAMPLES["04_changed_status_resolution_with_comment.eml"]
+NOT_BUGMAIL = SAMPLES["14_not_bugzilla_launchpad_bug_mail.eml"]
+FAKE_WORKER = [sys.executable, str(Path(__file__).parent / "parse_worker_fake.py")]
+RECIPIENT = "bugs@example.org"
+
+#: The longest any single wait of these tests may take before the test
+#: fails: a guard against hanging, not a measurement.
+GUARD = 30.0
+
+
+def events() -> dict[str, BugEvent]:
+    """
+    The sample mails that are bugmail, parsed in this process.
+    """
+    parsed = {}
+    for name, raw in SAMPLES.items():
+        try:
+            parsed[name] = parse_bugmail(raw)
+        except BugmailError:
+            pass
+    return parsed
+
+
+def malformed_mail() -> bytes:
+    """
+    Bugzilla mail the parser refuses as malformed: two different
+    X-Bugzilla-Product headers.
+    """
+    return CHANGED.replace(b"X-Bugzilla-Product:", b"X-Bugzilla-Product: Other\r\nX-Bugzilla-Product:", 1)
+
+
+# --- BugEvent.from_json -----------------------------------------------------------
+
+
+class FromJSONTests(SynchronousTestCase):
+    """
+    L{BugEvent.from_json} is the exact inverse of L{BugEvent.to_json} and
+    refuses anything else.
+    """
+
+    def assertRoundTrip(self, event: BugEvent) -> None:
+        data = event.to_json()
+        again = BugEvent.from_json(json.loads(json.dumps(data)))
+        self.assertEqual(again, event)
+        self.assertEqual(dict(again.headers), dict(event.headers))
+        self.assertEqual(list(again.headers), list(event.headers))
+        self.assertEqual(again.to_json(), data)
+
+    def test_samples(self) -> None:
+        """Every sample bugmail's event survives to_json, JSON text and from_json unchanged."""
+        parsed = events()
+        self.assertGreaterEqual(len(parsed), 9)
+        for event in parsed.values():
+            self.assertRoundTrip(event)
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(st.sampled_from(sorted(SAMPLES)), st.lists(mutation, min_size=1, max_size=8))
+    def test_mutated_samples(self, name: str, ops: list[tuple[str, int, int, bytes]]) -> None:
+        """Whatever event a mutated sample mail parses to survives the round trip."""
+        try:
+            event = parse_bugmail(_mutate(SAMPLES[name], ops))
+        except BugmailError:
+            return
+        self.assertRoundTrip(event)
+
+    def test_nested_values(self) -> None:
+        """Blockers, several comments and attachments, and None-valued fields come back as they were."""
+        base = events()["06_attachment_added_to_existing_bug.eml"]
+        event = replace(
+            base,
+            event_type="dep_changed",
+            blocker=Blocker(42, "the other bug"),
+            comments=(Comment(None, "who", "text\nmore"), Comment(3, "a@b", "", "A B")),
+            attachments=(Attachment(1, "one"), Attachment(2, "")),
+            who_name=None,
+            keywords=("a", "b"),
+        )
+        self.assertRoundTrip(event)
+
+    def bad(self, change: Callable[[dict[str, Any]], object], *words: str) -> None:
+        data = copy.deepcopy(events()["04_changed_status_resolution_with_comment.eml"].to_json())
+        change(data)
+        with self.assertRaises(ValueError) as caught:
+            BugEvent.from_json(data)
+        for word in words:
+            self.assertIn(word, str(caught.exception))
+
+    def test_refuses_malformed_input(self) -> None:
+        """Wrong types, missing or unknown keys and inconsistent copies fail with a ValueError naming the key."""
+        self.bad(lambda d: d.pop("summary"), "missing summary")
+        self.bad(lambda d: d.update(extra=1), "unknown 'extra'")
+        self.bad(lambda d: d.update(bug_id=True), "event.bug_id", "integer")
+        self.bad(lambda d: d.update(bug_id="7"), "event.bug_id")
+        self.bad(lambda d: d.update(summary=None), "event.summary", "string")
+        self.bad(lambda d: d.update(status=3), "event.status")
+        self.bad(lambda d: d.update(event_type="exploded"), "event.event_type")
+        self.bad(lambda d: d.update(event_type=["new"]), "event.event_type")
+        self.bad(lambda d: d.update(keywords="a,b"), "event.keywords")
+        self.bad(lambda d: d.update(flags=[1]), "event.flags")
+        self.bad(lambda d: d.update(changes={}), "event.changes", "list")
+        self.bad(lambda d: d["changes"][0].update(name="bogus"), "event.changes[0].name")
+        self.bad(lambda d: d["changes"][0].pop("added"), "event.changes[0]", "missing added")
+        self.bad(lambda d: d["comments"][0].update(number=1.0), "event.comments[0].number")
+        self.bad(lambda d: d["comment"].update(text="other"), "event.comment")
+        self.bad(lambda d: d.update(comment=None), "event.comment")
+        self.bad(lambda d: d.update(attachment={"id": 1, "description": ""}), "event.attachment")
+        self.bad(lambda d: d.update(blocker=[1, "x"]), "event.blocker", "object")
+        self.bad(lambda d: d.update(blocker={"bug_id": True, "summary": ""}), "event.blocker.bug_id")
+        self.bad(lambda d: d.update(headers=[]), "event.headers")
+        self.bad(lambda d: d["headers"].update({"X-Bugzilla-Foo": 1}), "event.headers")
+        for value in (None, [], "{}", 3):
+            with self.assertRaises(ValueError):
+                BugEvent.from_json(value)
+
+    def test_bool_in_comment_copy(self) -> None:
+        """A comment whose number is true (equal to 1 in Python) is refused in the first-comment copy too."""
+        event = BugEvent(7, "s", "p", "c", "w", "comment", "u", comments=(Comment(1, "a", "t"),))
+        data = event.to_json()
+        data["comment"]["number"] = True
+        with self.assertRaises(ValueError):
+            BugEvent.from_json(data)
+
+
+# --- fingerprints made elsewhere ----------------------------------------------------
+
+
+class SeedFingerprintTests(SynchronousTestCase):
+    """
+    L{seed_fingerprint} gives an event the body and fingerprint the hub
+    would compute, without computing the fingerprint.
+    """
+
+    def test_seeded_equals_computed(self) -> None:
+        """With and without the to_json data, the seeded body and fingerprint equal the computed ones."""
+        for name, raw in SAMPLES.items():
+            try:
+                computed = parse_bugmail(raw)
+            except BugmailError:
+                continue
+            fingerprint = event_fingerprint(computed)
+            for data in (None, json.loads(json.dumps(computed.to_json()))):
+                seeded = parse_bugmail(raw)
+                seed_fingerprint(seeded, fingerprint, data)
+                self.assertEqual(build_body(seeded), build_body(computed), name)
+                self.assertEqual(event_fingerprint(seeded), fingerprint)
+                topic = "org.example.{}".format
+                self.assertEqual(build_message(seeded, topic).body, build_message(computed, topic).body)
+                self.assertEqual(build_message(seeded, topic).id, build_message(computed, topic).id)
+
+    def test_seeded_is_used(self) -> None:
+        """event_fingerprint returns the seeded value: nothing computes it again."""
+        event = parse_bugmail(CHANGED)
+        seed_fingerprint(event, "0" * 64)
+        self.assertEqual(event_fingerprint(event), "0" * 64)
+
+    def test_worker_fingerprint(self) -> None:
+        """The worker's fingerprint is event_fingerprint's, for every sample."""
+        for name, event in events().items():
+            response = parse_worker.handle(SAMPLES[name])
+            self.assertEqual(response["fingerprint"], event_fingerprint(event), name)
+            self.assertEqual(BugEvent.from_json(response["event"]), event)
+
+
+# --- the worker's side ---------------------------------------------------------------
+
+
+def frames(data: bytes) -> list[dict[str, Any]]:
+    """
+    The JSON payloads of the frames in C{data}.
+    """
+    out = []
+    while data:
+        (size,) = parse_worker.FRAME_HEADER.unpack(data[:4])
+        out.append(json.loads(data[4:4 + size]))
+        data = data[4 + size:]
+    return out
+
+
+def framed(*payloads: bytes) -> bytes:
+    return b"".join(parse_worker.FRAME_HEADER.pack(len(p)) + p for p in payloads)
+
+
+class WorkerSideTests(SynchronousTestCase):
+    """
+    L{parse_worker.serve} and L{parse_worker.handle}: the frames a worker
+    reads and writes.
+    """
+
+    def serve(self, data: bytes, handler: Any = parse_worker.handle) -> tuple[int, list[dict[str, Any]]]:
+        out = io.BytesIO()
+        status = parse_worker.serve(io.BytesIO(data), out, handler)
+        return status, frames(out.getvalue())
+
+    def test_answers(self) -> None:
+        """A ready frame first, then one answer per request: events, refusals with class, reason and code."""
+        status, answers = self.serve(framed(CHANGED, NOT_BUGMAIL, malformed_mail()))
+        self.assertEqual(status, 0)
+        self.assertEqual(answers[0], {"ready": 1, "pid": os.getpid()})
+        self.assertEqual(BugEvent.from_json(answers[1]["event"]), parse_bugmail(CHANGED))
+        self.assertEqual(answers[2], {"error": {"class": "NotBugmail", "reason": (
+            "Launchpad bug mail (X-Launchpad-* headers), not Bugzilla: no X-Bugzilla-* headers"),
+            "code": "launchpad"}})
+        self.assertEqual(answers[3]["error"]["class"], "MalformedBugmail")
+        self.assertEqual(answers[3]["error"]["code"], "conflicting_headers")
+        self.assertEqual(len(answers), 4)
+
+    def test_unexpected_error(self) -> None:
+        """An exception other than a BugmailError is reported with its type, and the worker goes on."""
+
+        def handler(raw: bytes) -> dict[str, Any]:
+            if raw == b"boom":
+                raise KeyError("oops")
+            return parse_worker.handle(raw)
+
+        status, answers = self.serve(framed(b"boom", CHANGED), handler)
+        self.assertEqual(status, 0)
+        self.assertEqual(answers[1]["unexpected"]["type"], "KeyError")
+        self.assertIn("oops", answers[1]["unexpected"]["detail"])
+        self.assertIn("event", answers[2])
+
+    def test_broken_frames(self) -> None:
+        """A cut frame or one larger than a mail may be ends the worker with status 2."""
+        self.assertEqual(self.serve(b"\x00\x00")[0], 2)
+        self.assertEqual(self.serve(framed(CHANGED)[:-1])[0], 2)
+        too_big = parse_worker.FRAME_HEADER.pack(parse_worker.MAX_REQUEST_BYTES + 1)
+        self.assertEqual(self.serve(too_big + b"x" * 10)[0], 2)
+
+    def test_answer_too_large(self) -> None:
+        """An answer larger than MAX_RESPONSE_BYTES becomes a MalformedBugmail refusal."""
+        self.patch(parse_worker, "MAX_RESPONSE_BYTES", 100)
+        answer = json.loads(parse_worker.encode_response(parse_worker.handle(CHANGED)))
+        self.assertEqual(answer["error"]["class"], "MalformedBugmail")
+        self.assertEqual(answer["error"]["code"], "too_large")
+
+    def test_surrogates(self) -> None:
+        """Lone surrogates in an event survive the ASCII JSON of an answer."""
+        payload = parse_worker.encode_response({"event": {"summary": "a\udcff"}, "fingerprint": "x"})
+        self.assertEqual(json.loads(payload.decode("utf-8"))["event"]["summary"], "a\udcff")
+
+    def test_environment(self) -> None:
+        """The worker's PYTHONPATH starts with the directory this fedhub was imported from."""
+        env = worker_environment({"PYTHONPATH": "/elsewhere", "HOME": "/h"})
+        root = str(Path(parse_worker.__file__).resolve().parents[3])
+        self.assertEqual(env["PYTHONPATH"].split(os.pathsep), [root, "/elsewhere"])
+        self.assertEqual(env["HOME"], "/h")
+
+
+# --- the pool, with real processes ------------------------------------------------------
+
+
+def assert_temporary(test: Any, error: BaseException, kind: str) -> None:
+    """
+    C{error} is a L{ParseUnavailable} of C{kind} that the SMTP listener
+    answers with 451: temporary, and not about storage (452).
+    """
+    test.assertIsInstance(error, ParseUnavailable)
+    test.assertIsInstance(error, TemporarilyUnavailable)
+    assert isinstance(error, ParseUnavailable)
+    test.assertEqual(error.kind, kind)
+    refusal = classify_failure(error)
+    test.assertTrue(refusal.temporary)
+    test.assertEqual(refusal.kind, "unavailable")
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether a process (zombies included) with this id exists.
+    """
+    return os.path.exists(f"/proc/{pid}")
+
+
+def failure_of(d: Deferred[Any]) -> Deferred[BaseException]:
+    """
+    A Deferred firing with the exception C{d} fails with, or failing when
+    C{d} succeeds.
+    """
+
+    def succeeded(result: object) -> BaseException:
+        raise AssertionError(f"expected a failure, not {result!r}")
+
+    def failed(failure: Failure) -> BaseException:
+        assert failure.value is not None
+        return failure.value
+
+    out: Deferred[BaseException] = d.addCallbacks(succeeded, failed)
+    return out
+
+
+class PoolTestCase(TestCase):
+    """
+    Helpers for tests with a L{ParserPool} on the real reactor.
+    """
+
+    timeout = 120
+
+    def pool(self, workers: int = 1, **kwargs: Any) -> ParserPool:
+        pool = ParserPool(workers, reactor=reactor, **kwargs)
+        self.addCleanup(self.stop, pool)
+        return pool
+
+    @inlineCallbacks
+    def stop(self, pool: ParserPool) -> Generator[Deferred[Any], Any, None]:
+        pids = pool.pids
+        yield pool.stopService()
+        for pid in pids:
+            self.assertFalse(alive(pid), f"worker {pid} is left after stopService")
+
+    @inlineCallbacks
+    def until(self, predicate: Callable[[], bool], clock: Clock | None = None) -> Generator[Deferred[Any], Any, None]:
+        """
+        Wait until C{predicate()} holds (running C{clock}'s due calls as it
+        goes); fail after L{GUARD} seconds.
+        """
+        waited = 0.0
+        while not predicate():
+            if clock is not None:
+                clock.advance(0)
+            if waited > GUARD:
+                self.fail("timed out waiting")
+            yield deferLater(reactor, 0.01, lambda: None)
+            waited += 0.01
+
+    @inlineCallbacks
+    def started(self, pool: ParserPool, clock: Clock | None = None) -> Generator[Deferred[Any], Any, None]:
+        pool.startService()
+        yield self.until(lambda: pool.ready_workers == pool.workers, clock)
+
+    @inlineCallbacks
+    def send(self, listener: BugmailListener, raw: bytes, before: Callable[[], Any] | None = None
+             ) -> Generator[Deferred[Any], Any, list[int]]:
+        """
+        Send one mail to C{listener} (calling C{before} once it is sent);
+        every reply code of the session.
+        """
+        port = yield listener.when_listening()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client: RawClient = yield connectProtocol(endpoint, RawClient())
+        client.send(envelope() + dot_stuffed(raw))
+        if before is not None:
+            yield before()
+        yield client.replies(6)
+        client.send(b"QUIT\r\n")
+        yield client.until(lambda: client.lost)
+        return client.codes()
+
+    def busy_pid(self, pool: ParserPool) -> int:
+        [worker] = [w for w in pool._slots if w is not None and w.state == "busy"]
+        assert worker.pid is not None
+        return worker.pid
+
+
+class PoolTests(PoolTestCase):
+    """
+    L{ParserPool} parses in child processes exactly as the hub would, and
+    turns every failure of a worker into a temporary one.
+    """
+
+    @inlineCallbacks
+    def test_samples(self) -> Generator[Deferred[Any], Any, None]:
+        """Every sample bugmail parses to the in-process event, headers and fingerprint included, with the fingerprint already known."""
+        pool = self.pool(2)
+        yield self.started(pool)
+        self.assertEqual(len(pool.pids), 2)
+        self.assertNotIn(os.getpid(), pool.pids)
+        for name, expected in events().items():
+            event = yield pool.parse(SAMPLES[name])
+            self.assertIn("_fedhub_body", event.__dict__)
+            self.assertEqual(event, expected)
+            self.assertEqual(dict(event.headers), dict(expected.headers))
+            self.assertEqual(event_fingerprint(event), event_fingerprint(parse_bugmail(SAMPLES[name])))
+            self.assertEqual(build_body(event), build_body(expected))
+        self.assertEqual(pool.counters["parsed"], len(events()))
+
+    @inlineCallbacks
+    def test_refusals(self) -> Generator[Deferred[Any], Any, None]:
+        """NotBugmail and MalformedBugmail come back as the same class with the same reason and code."""
+        pool = self.pool()
+        yield self.started(pool)
+        for raw, cls in ((NOT_BUGMAIL, NotBugmail), (malformed_mail(), MalformedBugmail)):
+            with self.assertRaises(cls) as caught:
+                parse_bugmail(raw)
+            error = yield failure_of(pool.parse(raw))
+            self.assertIs(type(error), cls)
+            self.assertEqual(error.reason, caught.exception.reason)
+            self.assertEqual(error.code, caught.exception.code)
+        self.assertEqual(pool.counters["refused"], 2)
+
+    @inlineCallbacks
+    def test_too_large(self) -> Generator[Deferred[Any], Any, None]:
+        """A mail larger than the parser takes is refused as the parser refuses it, without a worker."""
+        pool = self.pool()
+        yield self.started(pool)
+        error = yield failure_of(pool.parse(b"x" * (MAX_MAIL_BYTES + 1)))
+        self.assertIs(type(error), MalformedBugmail)
+        self.assertEqual(error.code, "too_large")
+        self.assertEqual(pool.counters["parsed"] + pool.counters["refused"], 0)
+
+    @inlineCallbacks
+    def test_killed_mid_parse(self) -> Generator[Deferred[Any], Any, None]:
+        """SIGKILL of a worker during a parse fails that mail temporarily; the next one is parsed by a new worker."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        d = pool.parse(b"SLEEP 600\n" + CHANGED)
+        pid = self.busy_pid(pool)
+        os.kill(pid, signal.SIGKILL)
+        error = yield failure_of(d)
+        assert_temporary(self, error, "crashed")
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+        self.assertNotIn(pid, pool.pids)
+        self.assertFalse(alive(pid))
+        self.assertEqual(pool.counters["crashes"], 1)
+
+    @inlineCallbacks
+    def test_timeout(self) -> Generator[Deferred[Any], Any, None]:
+        """A parse that takes longer than the timeout fails temporarily, and its worker is killed and replaced."""
+        clock = Clock()
+        pool = self.pool(command=FAKE_WORKER, clock=clock, timeout=30.0)
+        yield self.started(pool, clock)
+        d = pool.parse(b"SLEEP 600\n" + CHANGED)
+        pid = self.busy_pid(pool)
+        clock.advance(29.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        assert_temporary(self, self.failureResultOf(d).value, "timeout")
+        yield self.until(lambda: not alive(pid) and pool.ready_workers == 1, clock)
+        self.assertNotIn(pid, pool.pids)
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+
+    @inlineCallbacks
+    def test_queue(self) -> Generator[Deferred[Any], Any, None]:
+        """Mails wait for a busy worker up to max_queue; one more fails at once; a waiting one fails after the timeout."""
+        clock = Clock()
+        pool = self.pool(command=FAKE_WORKER, clock=clock, timeout=30.0, max_queue=2)
+        yield self.started(pool, clock)
+        first = pool.parse(b"SLEEP 600\n" + CHANGED)
+        waiting = [pool.parse(CHANGED), pool.parse(NOT_BUGMAIL)]
+        self.assertEqual(pool.queued, 2)
+        assert_temporary(self, self.failureResultOf(pool.parse(CHANGED)).value, "busy")
+        self.assertEqual(pool.counters["busy"], 1)
+        for d in waiting:
+            self.assertNoResult(d)
+        # A waiting mail fails after the timeout; the busy worker is killed
+        # at the same moment, as it took just as long.
+        clock.advance(30)
+        assert_temporary(self, self.failureResultOf(first).value, "timeout")
+        for d in waiting:
+            assert_temporary(self, self.failureResultOf(d).value, "timeout")
+        self.assertEqual(pool.queued, 0)
+
+    @inlineCallbacks
+    def test_queue_moves_on(self) -> Generator[Deferred[Any], Any, None]:
+        """Waiting mails go to the worker as it becomes free, in order."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        results: list[Any] = []
+        ds = [pool.parse(b"SLEEP 0.2\n" + CHANGED), pool.parse(NOT_BUGMAIL), pool.parse(CHANGED)]
+        for i, d in enumerate(ds):
+            d.addBoth(lambda r, i=i: results.append((i, r)))
+        self.assertEqual(pool.queued, 2)
+        yield self.until(lambda: len(results) == 3)
+        self.assertEqual([i for i, _ in results], [0, 1, 2])
+        self.assertIsInstance(results[1][1].value, NotBugmail)
+        self.assertEqual(results[2][1], parse_bugmail(CHANGED))
+
+    @inlineCallbacks
+    def test_cancel_waiting(self) -> Generator[Deferred[Any], Any, None]:
+        """Cancelling a waiting mail takes it out of the queue."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        first = pool.parse(b"SLEEP 0.2\n" + CHANGED)
+        second = pool.parse(CHANGED)
+        self.assertEqual(pool.queued, 1)
+        second.cancel()
+        self.failureResultOf(second)
+        self.assertEqual(pool.queued, 0)
+        event = yield first
+        self.assertEqual(event.bug_id, parse_bugmail(CHANGED).bug_id)
+
+    @inlineCallbacks
+    def test_unexpected_error(self) -> Generator[Deferred[Any], Any, None]:
+        """An unexpected error in a worker fails the mail temporarily, and the worker goes on."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        pid = pool.pids[0]
+        error = yield failure_of(pool.parse(b"RAISE\n"))
+        assert_temporary(self, error, "error")
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+        self.assertEqual(pool.pids, [pid])
+
+    @inlineCallbacks
+    def test_odd_answer(self) -> Generator[Deferred[Any], Any, None]:
+        """An answer of no known kind fails the mail temporarily."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        error = yield failure_of(pool.parse(b"ODD\n"))
+        assert_temporary(self, error, "protocol")
+
+    @inlineCallbacks
+    def test_huge_frame(self) -> Generator[Deferred[Any], Any, None]:
+        """A worker announcing an answer beyond the limit is killed; its mail fails temporarily; a new worker takes over."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        pid = pool.pids[0]
+        error = yield failure_of(pool.parse(b"HUGE\n"))
+        assert_temporary(self, error, "protocol")
+        yield self.until(lambda: not alive(pid) and pool.ready_workers == 1)
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+
+    @inlineCallbacks
+    def test_dies_at_once(self) -> Generator[Deferred[Any], Any, None]:
+        """A worker that exits on a mail fails it temporarily and is replaced."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        error = yield failure_of(pool.parse(b"EXIT\n"))
+        assert_temporary(self, error, "crashed")
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+
+    @inlineCallbacks
+    def test_stderr_logged(self) -> Generator[Deferred[Any], Any, None]:
+        """What a worker writes on standard error is logged, line by line."""
+        from twisted.logger import globalLogPublisher
+
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("line") is not None and event.get("log_namespace", "").endswith("ParserPool"):
+                lines.append(event["line"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        event = yield pool.parse(b"NOISE\n" + CHANGED)
+        self.assertEqual(event.bug_id, parse_bugmail(CHANGED).bug_id)
+        yield self.until(lambda: len(lines) >= 2)
+        self.assertEqual(lines[:2], ["first noisy line", "second noisy line"])
+
+    @inlineCallbacks
+    def test_cannot_start(self) -> Generator[Deferred[Any], Any, None]:
+        """A worker that can not start is retried with a doubling delay, never in a loop; mails fail after the timeout."""
+        clock = Clock()
+        pool = self.pool(command=FAKE_WORKER + ["--exit", "3"], clock=clock, timeout=30.0,
+                         restart_delay=1.0, max_restart_delay=4.0)
+        pool.startService()
+        d = pool.parse(CHANGED)
+        self.assertEqual(pool.queued, 1)
+        delays = []
+        for _ in range(4):
+            [pid] = pool.pids
+            yield self.until(lambda: not pool.pids)
+            self.assertFalse(alive(pid))
+            # The next start waits for the clock: nothing is spawned meanwhile.
+            [call] = pool._restarts.values()
+            delays.append(call.getTime() - clock.seconds())
+            yield deferLater(reactor, 0.05, lambda: None)
+            self.assertEqual(pool.pids, [])
+            clock.advance(delays[-1])
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 4.0])
+        self.assertNoResult(d)
+        clock.advance(30 - sum(delays))
+        assert_temporary(self, self.failureResultOf(d).value, "timeout")
+
+    @inlineCallbacks
+    def test_silent_start(self) -> Generator[Deferred[Any], Any, None]:
+        """A worker that does not say it is ready within the timeout is killed and started again later."""
+        clock = Clock()
+        pool = self.pool(command=FAKE_WORKER + ["--silent"], clock=clock, timeout=30.0,
+                         restart_delay=1.0)
+        pool.startService()
+        [pid] = pool.pids
+        clock.advance(30)
+        yield self.until(lambda: not alive(pid) and pool._restarts)
+        self.assertEqual(pool.pids, [])
+        self.assertEqual(pool.ready_workers, 0)
+
+    @inlineCallbacks
+    def test_stop(self) -> Generator[Deferred[Any], Any, None]:
+        """stopService fails waiting mails, refuses new ones, and fires only once every worker has ended."""
+        pool = self.pool(2, command=FAKE_WORKER)
+        yield self.started(pool)
+        pids = pool.pids
+        busy = [pool.parse(b"SLEEP 0.3\n" + CHANGED), pool.parse(b"SLEEP 0.3\n" + CHANGED)]
+        waiting = pool.parse(CHANGED)
+        stopped = pool.stopService()
+        assert_temporary(self, self.failureResultOf(waiting).value, "stopped")
+        assert_temporary(self, self.failureResultOf(pool.parse(CHANGED)).value, "stopped")
+        ended: list[bool] = []
+        stopped.addCallback(lambda _: ended.extend(alive(pid) for pid in pids))
+        yield stopped
+        self.assertEqual(ended, [False, False])
+        self.assertEqual(pool.pids, [])
+        # The mails being parsed were answered: the workers finished them
+        # before they read the end of their input.
+        for d in busy:
+            self.assertEqual(self.successResultOf(d), parse_bugmail(CHANGED))
+
+    @inlineCallbacks
+    def test_restart(self) -> Generator[Deferred[Any], Any, None]:
+        """A stopped pool can be started again, with new workers."""
+        pool = self.pool()
+        yield self.started(pool)
+        pids = pool.pids
+        yield pool.stopService()
+        yield self.started(pool)
+        self.assertNotEqual(pool.pids, pids)
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+
+    @inlineCallbacks
+    def test_stop_kills_stuck_workers(self) -> Generator[Deferred[Any], Any, None]:
+        """A worker still busy stop_timeout seconds after stopService is killed; its mail fails temporarily."""
+        pool = self.pool(command=FAKE_WORKER, stop_timeout=0.2, timeout=GUARD * 4)
+        yield self.started(pool)
+        [pid] = pool.pids
+        d = pool.parse(b"SLEEP 600\n" + CHANGED)
+        yield pool.stopService()
+        self.assertFalse(alive(pid))
+        assert_temporary(self, self.failureResultOf(d).value, "stopped")
+
+    @inlineCallbacks
+    def test_reactor_not_blocked(self) -> Generator[Deferred[Any], Any, None]:
+        """The reactor runs other work while a worker parses: a call scheduled after the mail fires before its event arrives."""
+        pool = self.pool(command=FAKE_WORKER)
+        yield self.started(pool)
+        order: list[str] = []
+        d = pool.parse(b"SLEEP 0.2\n" + CHANGED)
+        d.addCallback(lambda event: order.append("parsed"))
+        reactor.callLater(0, order.append, "other work")
+        yield d
+        self.assertEqual(order, ["other work", "parsed"])
+
+    @inlineCallbacks
+    def test_parent_dies(self) -> Generator[Deferred[Any], Any, None]:
+        """Workers of a hub killed with SIGKILL, one of them busy, do not outlive it."""
+        script = (
+            "import sys, os\n"
+            "from twisted.internet import reactor\n"
+            "from fedhub.producers.bugzilla.workers import ParserPool\n"
+            f"pool = ParserPool(2, reactor=reactor, command={FAKE_WORKER!r})\n"
+            "def ready():\n"
+            "    if pool.ready_workers < 2:\n"
+            "        reactor.callLater(0.01, ready); return\n"
+            "    pool.parse(b'SLEEP 600\\n')\n"
+            "    print(' '.join(map(str, pool.pids)), flush=True)\n"
+            "reactor.callWhenRunning(pool.startService)\n"
+            "reactor.callWhenRunning(ready)\n"
+            "reactor.run()\n"
+        )
+        hub = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               env=worker_environment())
+        self.addCleanup(lambda: hub.poll() is None and hub.kill())
+        assert hub.stdout is not None
+        line = yield deferToThread(hub.stdout.readline)
+        pids = [int(p) for p in line.split()]
+        self.assertEqual(len(pids), 2)
+        self.assertTrue(all(alive(pid) for pid in pids))
+        hub.kill()
+        hub.wait()
+        yield self.until(lambda: not any(alive(pid) for pid in pids))
+
+
+# --- the listener in front of a pool -------------------------------------------------------
+
+
+class ListenerTests(PoolTestCase):
+    """
+    The SMTP listener with a L{ParserPool}: parse failures take the same
+    paths as in the hub process, and worker failures answer 451.
+    """
+
+    def listener(self, pool: ParserPool, publisher: FakePublisher) -> PooledBugmailListener:
+        intake = BugmailIntake(
+            lambda event, raw: publisher.publish(build_message(event, "org.example.test.{}".format)),
+            clock=reactor, parse=pool.parse,
+        )
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}))
+        listener = PooledBugmailListener("tcp:0:interface=127.0.0.1", settings, intake, pool,
+                                         reactor=reactor)
+        return listener
+
+    @inlineCallbacks
+    def test_answers(self) -> Generator[Deferred[Any], Any, None]:
+        """250 for bugmail (published once), 550 for mail that is not bugmail, 451 when the worker is killed mid-parse."""
+        pool = ParserPool(1, reactor=reactor, command=FAKE_WORKER)
+        publisher = FakePublisher()
+        listener = self.listener(pool, publisher)
+        listener.startService()
+        self.assertTrue(pool.running)
+        yield self.until(lambda: pool.ready_workers == 1)
+        codes = yield self.send(listener, CHANGED)
+        self.assertEqual(codes[-2], 250)
+        [message] = publisher.messages
+        self.assertEqual(message.body, build_body(parse_bugmail(CHANGED)))
+        codes = yield self.send(listener, NOT_BUGMAIL)
+        self.assertEqual(codes[-2], 550)
+
+        @inlineCallbacks
+        def kill() -> Generator[Deferred[Any], Any, None]:
+            yield self.until(lambda: any(w is not None and w.state == "busy" for w in pool._slots))
+            os.kill(self.busy_pid(pool), signal.SIGKILL)
+
+        codes = yield self.send(listener, b"SLEEP 600\n" + CHANGED, kill)
+        self.assertEqual(codes[-2], 451)
+        self.assertEqual(len(publisher.messages), 1)
+        pids = pool.pids
+        yield listener.stopService()
+        self.assertFalse(pool.running)
+        self.assertFalse(any(alive(pid) for pid in pids))
+
+    @inlineCallbacks
+    def test_stop_order(self) -> Generator[Deferred[Any], Any, None]:
+        """Stopping the listener lets a mail being parsed finish with 250 before the pool stops."""
+        pool = ParserPool(1, reactor=reactor, command=FAKE_WORKER)
+        publisher = FakePublisher()
+        listener = self.listener(pool, publisher)
+        listener.startService()
+        yield self.until(lambda: pool.ready_workers == 1)
+        port = yield listener.when_listening()
+        client: RawClient = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), RawClient())
+        client.send(envelope() + dot_stuffed(b"SLEEP 0.3\n" + CHANGED))
+        yield self.until(lambda: any(w is not None and w.state == "busy" for w in pool._slots))
+        pids = pool.pids
+        yield listener.stopService()
+        self.assertIn(250, client.codes())
+        self.assertEqual(len(publisher.messages), 1)
+        self.assertFalse(any(alive(pid) for pid in pids))
+
+
+# --- the plugin ---------------------------------------------------------------------
+
+
+class PluginTests(PoolTestCase):
+    """
+    The C{parse_workers} and C{parse_timeout} keys of C{bugzilla-smtp}.
+    """
+
+    def options(self, **extra: Any) -> Any:
+        return check_options(BugzillaSMTPPlugin.options, {"recipients": [RECIPIENT], **extra})
+
+    def context(self, **options: Any) -> PluginContext:
+        values = dict(self.options(listen="tcp:0:interface=127.0.0.1"))
+        values.update(options)
+        return PluginContext(
+            name="bugmail", domain="community", options=values, publisher=FakePublisher(),
+            reactor=reactor,
+            hub=HubSettings(topic_prefix="org.example", environment="test", state_dir=self.mktemp()),
+        )
+
+    def test_defaults(self) -> None:
+        """One worker and a 30 s timeout by default."""
+        options = self.options()
+        self.assertEqual(options["parse_workers"], 1)
+        self.assertEqual(options["parse_timeout"], 30.0)
+
+    def test_bad_values(self) -> None:
+        """parse_workers outside 0..64 or not an integer, and a parse_timeout not above 0, are refused naming the key."""
+        for value in (-1, 65, 1000, "2", True, 1.5):
+            with self.assertRaises(ConfigError) as caught:
+                self.options(parse_workers=value)
+            self.assertIn("parse_workers", str(caught.exception))
+        self.assertIn("between 0 and 64", str(self.assertRaises(ConfigError, self.options, parse_workers=65)))
+        for value in (0, -1.0, "30"):
+            with self.assertRaises(ConfigError) as caught:
+                self.options(parse_timeout=value)
+            self.assertIn("parse_timeout", str(caught.exception))
+        for value in (0, 64):
+            self.assertEqual(self.options(parse_workers=value)["parse_workers"], value)
+
+    def test_build_refuses(self) -> None:
+        """build() refuses a parse_workers value that bypassed the configuration check."""
+        with self.assertRaises(ConfigError) as caught:
+            BugzillaSMTPPlugin().build(self.context(parse_workers=65))
+        self.assertIn("parse_workers", str(caught.exception))
+
+    def test_build(self) -> None:
+        """With workers the plugin builds a pooled listener that has started nothing; with 0 a plain one that parses in process."""
+        service: Any = BugzillaSMTPPlugin().build(self.context(parse_workers=3, parse_timeout=7))
+        self.assertIsInstance(service, PooledBugmailListener)
+        self.assertEqual((service.pool.workers, service.pool.timeout), (3, 7.0))
+        self.assertEqual(service.pool.pids, [])
+        self.assertEqual(service.intake._parse, service.pool.parse)
+        plain: Any = BugzillaSMTPPlugin().build(self.context(parse_workers=0))
+        self.assertNotIsInstance(plain, PooledBugmailListener)
+        self.assertIs(plain.intake._parse, parse_bugmail)
+
+    @inlineCallbacks
+    def test_built_service(self) -> Generator[Deferred[Any], Any, None]:
+        """The built service starts its workers, answers 250 and 550 through them, and stops them."""
+        context = self.context()
+        service: Any = BugzillaSMTPPlugin().build(context)
+        service.startService()
+        pool = service.pool
+        yield self.until(lambda: pool.ready_workers == 1)
+        codes = yield self.send(service, CHANGED)
+        self.assertEqual(codes[-2], 250)
+        codes = yield self.send(service, NOT_BUGMAIL)
+        self.assertEqual(codes[-2], 550)
+        [message] = context.publisher.messages  # type: ignore[attr-defined]
+        self.assertEqual(message.topic, "org.example.test.bugzilla.bug.update")
+        self.assertEqual(pool.counters["parsed"], 1)
+        pids = pool.pids
+        yield service.stopService()
+        self.assertFalse(any(alive(pid) for pid in pids))
