@@ -18,7 +18,9 @@ The servers, in one run:
     schema and written to a real L{Outbox} (SQLite, fsync, group commit) on
     a memory bus with a consumer that acks, logging to a file as
     C{twistd --logfile} does.  C{250} comes only once the message is on
-    disk.
+    disk.  Mail is parsed in C{--parse-workers} worker processes, as the
+    C{bugzilla-smtp} plugin does (its default unless given; 0 parses on
+    the reactor thread); their CPU counts as the server's.
 
 Then C{fedhub} once more at a steady C{--rate} (20 mails/s) for the latency
 of C{250}: from the client's end-of-data line to the reply.
@@ -27,7 +29,7 @@ Usage, from the checkout::
 
     /work/venv/bin/python bench/smtp_bench.py [--mails 5000] [--connections 8]
         [--repeat 3] [--rate 20] [--latency-seconds 20] [--dir DIR]
-        [--no-log] [--profile FILE]
+        [--no-log] [--profile FILE] [--parse-workers N]
 
 C{bench/smtp_bench.py stages [--mails 2000]} prints the CPU time of each
 step of the hand-over (parse, fingerprint, build, schema check, encode)
@@ -151,12 +153,24 @@ def data_phase(mail: bytes) -> bytes:
 
 def process_cpu(pid: int) -> float:
     """
-    CPU seconds (user + system, all threads) a process has used so far.
+    CPU seconds (user + system, all threads) a process and its living
+    descendants (the parse workers) have used so far.
     """
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    seconds = (int(fields[11]) + int(fields[12])) / ticks
+    children: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children.update(int(child) for child in f.read().split())
+    except OSError:
+        pass
+    return seconds + sum(process_cpu(child) for child in children)
 
 
 # --- the client ---------------------------------------------------------------
@@ -398,12 +412,16 @@ def serve_aiosmtpd() -> None:
     asyncio.run(main())
 
 
-def serve_fedhub(directory: str, log_path: str | None, profile: str | None, handover: bool = True) -> None:
+def serve_fedhub(
+    directory: str, log_path: str | None, profile: str | None, handover: bool = True,
+    parse_workers: int = 0,
+) -> None:
     """
-    The listener with the hub's hand-over: parse, de-duplicate, build,
-    validate, and a durable outbox on a memory bus whose consumer acks.
-    Without C{handover}, the listener alone: every mail is answered C{250}
-    at once, unread (what SMTP itself costs).
+    The listener with the hub's hand-over: parse (in C{parse_workers}
+    worker processes, or on the reactor thread with 0), de-duplicate,
+    build, validate, and a durable outbox on a memory bus whose consumer
+    acks.  Without C{handover}, the listener alone: every mail is answered
+    C{250} at once, unread (what SMTP itself costs).
     """
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor
@@ -415,7 +433,9 @@ def serve_fedhub(directory: str, log_path: str | None, profile: str | None, hand
     from fedhub.interfaces import IDelivery
     from fedhub.outbox import Outbox
     from fedhub.producers.bugzilla.producer import Accepted, BugmailIntake, EventPublisher, IBugmailIntake
+    from fedhub.producers.bugzilla.parser import parse_bugmail
     from fedhub.producers.bugzilla.smtp import BugmailListener, ListenerSettings
+    from fedhub.producers.bugzilla.workers import ParserPool, PooledBugmailListener
     from fedhub.topology import BindingSpec, QueueSpec, Topology
     from zope.interface import implementer
 
@@ -451,14 +471,21 @@ def serve_fedhub(directory: str, log_path: str | None, profile: str | None, hand
             return succeed(Accepted("published"))
 
     intake: IBugmailIntake = Counting()
+    pool = ParserPool(parse_workers, reactor=reactor) if handover and parse_workers > 0 else None
     if handover:
         # Built as the bugzilla-smtp plugin builds it for the hub.
         intake = BugmailIntake(
             EventPublisher(outbox, lambda suffix: f"{TOPIC_PREFIX}.{suffix}"),
             clock=reactor,
             dedup_max_entries=1_000_000,
+            parse=pool.parse if pool is not None else parse_bugmail,
         )
-    listener = BugmailListener(f"tcp:0:interface={HOST}", settings, intake, reactor=reactor)
+    listener: BugmailListener
+    if pool is not None:
+        listener = PooledBugmailListener(f"tcp:0:interface={HOST}", settings, intake, pool,
+                                         reactor=reactor)
+    else:
+        listener = BugmailListener(f"tcp:0:interface={HOST}", settings, intake, reactor=reactor)
     profiler: Any = None
     if profile is not None:
         import cProfile
@@ -474,6 +501,10 @@ def serve_fedhub(directory: str, log_path: str | None, profile: str | None, hand
         )
         await bus.subscribe("bench", on_delivery, 1000)
         port = await listener.when_listening()
+        # The workers start in parallel with the listener; the client comes
+        # once they are ready, so their start is not measured.
+        while pool is not None and pool.ready_workers < pool.workers:
+            await deferLater(reactor, 0.01, lambda: None)
         print(f"PORT {port.getHost().port}", flush=True)  # type: ignore[attr-defined]
         if profiler is not None:
             profiler.enable()
@@ -598,7 +629,7 @@ def fedhub_extra(args: argparse.Namespace, scratch: str, run: str, profile: str 
     The arguments of a fedhub server with its own outbox directory.
     """
     directory = tempfile.mkdtemp(prefix=f"{run}-", dir=scratch)
-    extra = ["--dir", os.path.join(directory, "outbox")]
+    extra = ["--dir", os.path.join(directory, "outbox"), "--parse-workers", str(args.parse_workers)]
     if not args.no_log:
         extra += ["--log", os.path.join(directory, "hub.log")]
     if profile is not None:
@@ -621,6 +652,9 @@ def _report(args: argparse.Namespace, scratch: str) -> int:
     print(f"{args.mails} mails of ~2 KB over {args.connections} connections, "
           f"{args.repeat} round(s); scratch {scratch}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs", flush=True)
+    print(f"fedhub parses mail in {args.parse_workers} worker process(es)"
+          + (" (0: on the reactor thread)" if args.parse_workers == 0 else
+             "; their CPU counts as the server's"), flush=True)
     kinds = ["trivial", "aiosmtpd", "listener", "fedhub"]
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for round_ in range(args.repeat):
@@ -746,6 +780,7 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--dir")
     serve.add_argument("--log")
     serve.add_argument("--profile")
+    serve.add_argument("--parse-workers", type=int, default=0)
     steps = sub.add_parser("stages")
     steps.add_argument("--mails", type=int, default=2000)
     worker = sub.add_parser("client")
@@ -762,14 +797,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dir", default=None, help="scratch directory (its disk holds the outboxes)")
     parser.add_argument("--no-log", action="store_true", help="fedhub logs nowhere")
     parser.add_argument("--profile", default=None, help="profile the first fedhub run into FILE")
+    parser.add_argument("--parse-workers", type=int, default=None,
+                        help="parse worker processes of the fedhub server (default: the "
+                        "bugzilla-smtp plugin's; 0 parses on the reactor thread)")
     args = parser.parse_args(argv)
+    if args.command is None and args.parse_workers is None:
+        sys.path.insert(0, ROOT)
+        from fedhub.producers.bugzilla.producer import BugzillaSMTPPlugin
+
+        args.parse_workers = int(BugzillaSMTPPlugin.options["parse_workers"].default)
     if args.command == "serve":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         runners: dict[str, Callable[[], None]] = {
             "trivial": serve_trivial,
             "aiosmtpd": serve_aiosmtpd,
             "listener": lambda: serve_fedhub(args.dir, args.log, args.profile, handover=False),
-            "fedhub": lambda: serve_fedhub(args.dir, args.log, args.profile),
+            "fedhub": lambda: serve_fedhub(args.dir, args.log, args.profile,
+                                           parse_workers=args.parse_workers),
         }
         runners[args.kind]()
         return 0
