@@ -52,11 +52,13 @@ from fedhub.producers.bugzilla.parser import (
     parse_bugmail,
 )
 from fedhub.producers.bugzilla.producer import (
+    Accepted,
     BugmailIntake,
     BugzillaSMTPPlugin,
     build_body,
     build_message,
     classify_failure,
+    Quarantine,
     event_fingerprint,
     seed_fingerprint,
 )
@@ -462,6 +464,39 @@ class PoolTests(PoolTestCase):
             self.assertEqual(error.reason, caught.exception.reason)
             self.assertEqual(error.code, caught.exception.code)
         self.assertEqual(pool.counters["refused"], 2)
+
+    @inlineCallbacks
+    def test_intake_paths(self) -> Generator[Deferred[Any], Any, None]:
+        """An intake parsing through the pool ends every mail as one parsing in process does: published, quarantined or refused alike."""
+        pool = self.pool()
+        yield self.started(pool)
+        mails = [*SAMPLES.values(), malformed_mail(), b"", b"\xff" * 100]
+        for quarantined in (False, True):
+            outcomes = []
+            for parse in (parse_bugmail, pool.parse):
+                publisher = FakePublisher()
+                quarantine = Quarantine(self.mktemp(), 100, 10**8, reactor) if quarantined else None
+                intake = BugmailIntake(
+                    lambda event, raw, publisher=publisher: publisher.publish(
+                        build_message(event, "org.example.test.{}".format)),
+                    clock=reactor, parse=parse, quarantine=quarantine,
+                )
+                results = []
+                for raw in mails:
+                    result = yield intake.receive(raw).addErrback(lambda f: f.value)
+                    if isinstance(result, Accepted):
+                        results.append((result.outcome, result.fingerprint, result.message_id))
+                    else:
+                        results.append((type(result), str(result), classify_failure(result)))
+                outcomes.append((results, [m.body for m in publisher.messages]))
+            self.assertEqual(outcomes[0], outcomes[1])
+            kinds = [r[0] for r in outcomes[0][0]]
+            if quarantined:
+                self.assertEqual(kinds.count("quarantined"), 4)
+            else:
+                self.assertEqual(kinds.count(NotBugmail), 3)
+                self.assertEqual(kinds.count(MalformedBugmail), 1)
+            self.assertEqual(kinds.count("published"), len(events()))
 
     @inlineCallbacks
     def test_too_large(self) -> Generator[Deferred[Any], Any, None]:
