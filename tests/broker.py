@@ -59,6 +59,34 @@ SHARED_PORTS = frozenset({5672, 5671, 4369, 25672, 15672})
 """Ports of the shared node and epmd: never handed out to a private node."""
 
 
+def delete_declared(queues: Iterable[str], exchanges: Iterable[str], port: int = 5672) -> None:
+    """
+    Delete queues and exchanges a test declared on a broker at
+    127.0.0.1 (guest/guest), those that are gone already included; blocking,
+    so tests on the reactor run it in a thread.
+    """
+    import pika
+
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            host="127.0.0.1",
+            port=port,
+            credentials=pika.PlainCredentials("guest", "guest"),
+            connection_attempts=2,
+        )
+    )
+    try:
+        # Deleting what does not exist is no error in RabbitMQ 3.x.
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_delete(queue)
+        for exchange in exchanges:
+            if exchange and not exchange.startswith("amq."):
+                channel.exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
 class BrokerError(Exception):
     """
     The private node could not be started, reached or controlled.

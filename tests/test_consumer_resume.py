@@ -25,6 +25,7 @@ from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
+from tests.broker import delete_declared
 from tests.test_amqp_bus import LiveCase
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -143,6 +144,16 @@ class ResumeTests(LiveCase):
         handler = Recorder()
         service = ConsumerService(component(name, topic, concurrency), handler, bus, reactor)
         service.add_observer(handler.settled)
+        topology = service.topology()
+        # Cleanups run last first: the service stops, then what it declared
+        # goes (the retry and dead-letter queues and exchanges do not
+        # expire by themselves).
+        self.addCleanup(
+            deferToThread,
+            delete_declared,
+            [queue.name for queue in topology.queues],
+            [exchange.name for exchange in topology.exchanges],
+        )
         service.startService()
         self.addCleanup(service.stopService)
         for _ in range(150):
