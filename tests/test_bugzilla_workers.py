@@ -866,10 +866,11 @@ class PluginTests(PoolTestCase):
         )
 
     def test_defaults(self) -> None:
-        """One worker and a 30 s timeout by default."""
+        """One worker, a 30 s timeout and mails up to 64 KiB parsed in process by default."""
         options = self.options()
         self.assertEqual(options["parse_workers"], 1)
         self.assertEqual(options["parse_timeout"], 30.0)
+        self.assertEqual(options["parse_inline_max"], 65536)
 
     def test_bad_values(self) -> None:
         """parse_workers outside 0..64 or not an integer, and a parse_timeout not above 0, are refused naming the key."""
@@ -884,6 +885,11 @@ class PluginTests(PoolTestCase):
             self.assertIn("parse_timeout", str(caught.exception))
         for value in (0, 64):
             self.assertEqual(self.options(parse_workers=value)["parse_workers"], value)
+        for value in (-1, "1", 1.5):
+            with self.assertRaises(ConfigError) as caught:
+                self.options(parse_inline_max=value)
+            self.assertIn("parse_inline_max", str(caught.exception))
+        self.assertEqual(self.options(parse_inline_max=0)["parse_inline_max"], 0)
 
     def test_build_refuses(self) -> None:
         """build() refuses a parse_workers value that bypassed the configuration check."""
@@ -897,7 +903,6 @@ class PluginTests(PoolTestCase):
         self.assertIsInstance(service, PooledBugmailListener)
         self.assertEqual((service.pool.workers, service.pool.timeout), (3, 7.0))
         self.assertEqual(service.pool.pids, [])
-        self.assertEqual(service.intake._parse, service.pool.parse)
         plain: Any = BugzillaSMTPPlugin().build(self.context(parse_workers=0))
         self.assertNotIsInstance(plain, PooledBugmailListener)
         self.assertIs(plain.intake._parse, parse_bugmail)
@@ -905,7 +910,7 @@ class PluginTests(PoolTestCase):
     @inlineCallbacks
     def test_built_service(self) -> Generator[Deferred[Any], Any, None]:
         """The built service starts its workers, answers 250 and 550 through them, and stops them."""
-        context = self.context()
+        context = self.context(parse_inline_max=0)
         service: Any = BugzillaSMTPPlugin().build(context)
         service.startService()
         pool = service.pool
@@ -917,6 +922,44 @@ class PluginTests(PoolTestCase):
         [message] = context.publisher.messages  # type: ignore[attr-defined]
         self.assertEqual(message.topic, "org.example.test.bugzilla.bug.update")
         self.assertEqual(pool.counters["parsed"], 1)
+        pids = pool.pids
+        yield service.stopService()
+        self.assertFalse(any(alive(pid) for pid in pids))
+
+    def test_build_routes_by_size(self) -> None:
+        """The plugin's intake parses up to parse_inline_max bytes in process and hands larger mails to its pool."""
+        asked: list[bytes] = []
+        service: Any = BugzillaSMTPPlugin().build(self.context(parse_inline_max=len(CHANGED)))
+        service.pool.parse = lambda raw: asked.append(raw) or Deferred()
+        event = service.intake._parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+        self.assertEqual(asked, [])
+        larger = CHANGED + b"\n"
+        pending = service.intake._parse(larger)
+        self.assertIsInstance(pending, Deferred)
+        self.assertEqual(asked, [larger])
+
+    @inlineCallbacks
+    def test_large_mail_through_the_pool(self) -> Generator[Deferred[Any], Any, None]:
+        """Through the built service, a sample mail is parsed in process and the same event in a mail over the limit by a worker, both published once."""
+        context = self.context(parse_inline_max=6000)
+        service: Any = BugzillaSMTPPlugin().build(context)
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        pool = service.pool
+        yield self.until(lambda: pool.ready_workers == 1)
+        self.assertLessEqual(len(CHANGED), 6000)
+        codes = yield self.send(service, CHANGED)
+        self.assertEqual(codes[-2], 250)
+        self.assertEqual(pool.counters["parsed"], 0)
+        # The same event once more, in a mail too large to parse in process:
+        # the worker parses it, and it is a copy of the first.
+        padded = CHANGED.replace(b"\nSubject:", b"\nX-Padding: " + b"p" * 2000 + b"\nSubject:", 1)
+        self.assertGreater(len(padded), 6000)
+        codes = yield self.send(service, padded)
+        self.assertEqual(codes[-2], 250)
+        self.assertEqual(pool.counters["parsed"], 1)
+        self.assertEqual(len(context.publisher.messages), 1)  # type: ignore[attr-defined]
         pids = pool.pids
         yield service.stopService()
         self.assertFalse(any(alive(pid) for pid in pids))

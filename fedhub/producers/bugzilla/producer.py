@@ -839,6 +839,14 @@ def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+#: Mails of at most this many bytes are parsed in the hub process even with
+#: parse workers: the parser's worst case is about half a second of CPU per
+#: MiB, so such a mail holds the reactor for a few tens of milliseconds at
+#: most, and typical bugmail (a few KiB, well under a millisecond) is
+#: cheaper to parse than to pass to a worker and back.
+DEFAULT_INLINE_MAX = 64 * 1024
+
+
 def _parse_workers(value: int) -> str | None:
     return None if 0 <= value <= 64 else "must be between 0 and 64 (0: parse in the hub process)"
 
@@ -963,6 +971,9 @@ class BugzillaSMTPPlugin:
                                 "process, on its reactor thread)", _parse_workers),
         "parse_timeout": Option(float, 30.0, "seconds a mail may wait for a parse worker, and a "
                                 "worker may take to parse it, before answering 451", _positive),
+        "parse_inline_max": Option(int, DEFAULT_INLINE_MAX, "mails of at most this many bytes are parsed "
+                                   "in the hub process even with parse workers (0: none)",
+                                   _not_negative),
         **enrich_options(),
     }
 
@@ -996,7 +1007,7 @@ class BugzillaSMTPPlugin:
         pool = None
         parse: Callable[[bytes], BugEvent | Deferred[BugEvent]] = parse_bugmail
         if workers > 0:
-            from fedhub.producers.bugzilla.workers import ParserPool
+            from fedhub.producers.bugzilla.workers import ParserPool, parse_by_size
 
             pool = ParserPool(
                 workers,
@@ -1004,7 +1015,7 @@ class BugzillaSMTPPlugin:
                 timeout=float(options.get("parse_timeout", 30.0)),
                 producer=context.name,
             )
-            parse = pool.parse
+            parse = parse_by_size(pool, int(options.get("parse_inline_max", DEFAULT_INLINE_MAX)))
         intake = BugmailIntake(
             publisher,
             clock=context.reactor,

@@ -48,7 +48,7 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -73,7 +73,11 @@ from fedhub.producers.bugzilla.parser import (
     NotBugmail,
     parse_bugmail,
 )
-from fedhub.producers.bugzilla.producer import IBugmailIntake, seed_fingerprint
+from fedhub.producers.bugzilla.producer import (
+    DEFAULT_INLINE_MAX,
+    IBugmailIntake,
+    seed_fingerprint,
+)
 from fedhub.producers.bugzilla.smtp import BugmailListener, ListenerSettings
 from fedhub.text import escape_control
 
@@ -82,6 +86,7 @@ __all__ = [
     "ParseUnavailable",
     "ParserPool",
     "PooledBugmailListener",
+    "parse_by_size",
     "worker_command",
     "worker_environment",
 ]
@@ -728,6 +733,23 @@ class ParserPool(Service):
                 )
                 self._restart_later(worker.slot, delay)
         self._check_stopped()
+
+
+def parse_by_size(
+    pool: ParserPool, inline_max: int = DEFAULT_INLINE_MAX
+) -> Callable[[bytes], BugEvent | Deferred[BugEvent]]:
+    """
+    A C{parse} for L{fedhub.producers.bugzilla.producer.BugmailIntake} that
+    parses a mail of at most C{inline_max} bytes at once, in this process,
+    and a larger one in one of C{pool}'s workers (0: every mail).
+    """
+
+    def parse(raw: bytes) -> BugEvent | Deferred[BugEvent]:
+        if len(raw) <= inline_max:
+            return parse_bugmail(raw)
+        return pool.parse(raw)
+
+    return parse
 
 
 class PooledBugmailListener(BugmailListener):
