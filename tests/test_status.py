@@ -121,6 +121,29 @@ class FakeListener(Service):
         }
 
 
+class FakePool:
+    """
+    The parse workers of an SMTP listener, as the metrics read them.
+    """
+
+    workers = 2
+    ready_workers = 1
+    queued = 3
+
+    def __init__(self) -> None:
+        self.counters = {"parsed": 40, "refused": 2, "busy": 0, "timeouts": 1, "crashes": 1, "restarts": 1}
+
+
+class PooledListener(FakeListener):
+    """
+    An SMTP listener with parse workers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = FakePool()
+
+
 class BrokenProducer(Service):
     """
     A producer whose status can not be read.
@@ -552,6 +575,20 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             m["fedhub_smtp_events_total"][labels(producer="mail", event="recipients_refused")], 4
         )
+
+    def test_parse_workers(self) -> None:
+        """An SMTP listener's parse workers report how many run, the mails waiting and their events; a listener without them reports none."""
+        world = World(self, producers={"mail": PooledListener(), "plain": FakeListener()})
+        world.start()
+        m = world.metrics()
+        mail = labels(producer="mail")
+        self.assertEqual(m["fedhub_smtp_parse_workers"][mail], 2)
+        self.assertEqual(m["fedhub_smtp_parse_workers_ready"][mail], 1)
+        self.assertEqual(m["fedhub_smtp_parse_queued"][mail], 3)
+        self.assertEqual(m["fedhub_smtp_parse_events_total"][labels(producer="mail", event="parsed")], 40)
+        self.assertEqual(m["fedhub_smtp_parse_events_total"][labels(producer="mail", event="crashes")], 1)
+        self.assertNotIn(labels(producer="plain"), m["fedhub_smtp_parse_workers"])
+        self.assertEqual(m["fedhub_smtp_mails_accepted_total"][labels(producer="plain", outcome="published")], 5)
 
     def test_reconnects(self) -> None:
         """Reconnects are the bus's connections after its first."""

@@ -536,6 +536,31 @@ class _HubCollector:
         counters = getattr(producer, "counters", None)
         if isinstance(counters, Mapping):
             self._smtp(families, name, counters)
+        pool = getattr(producer, "pool", None)
+        if pool is not None and isinstance(getattr(pool, "counters", None), Mapping):
+            self._parse_pool(families, name, pool)
+
+    @staticmethod
+    def _parse_pool(families: _Families, name: str, pool: Any) -> None:
+        """
+        The parse workers of an SMTP listener (a
+        L{fedhub.producers.bugzilla.workers.ParserPool}).
+        """
+        labels = [name]
+        for metric, doc, value in (
+            ("fedhub_smtp_parse_workers", "Parse worker processes configured", pool.workers),
+            ("fedhub_smtp_parse_workers_ready", "Parse workers running and ready", pool.ready_workers),
+            ("fedhub_smtp_parse_queued", "Mails waiting for a parse worker", pool.queued),
+        ):
+            families.gauge(metric, doc, ["producer"]).add_metric(labels, float(value))
+        events = families.counter(
+            "fedhub_smtp_parse_events",
+            "Parse worker events: mails parsed and refused, busy refusals, timeouts, crashes, restarts",
+            ["producer", "event"],
+        )
+        for key, value in sorted(pool.counters.items()):
+            if isinstance(key, str) and _NAME.match(key):
+                events.add_metric([name, key], float(value))
 
     @staticmethod
     def _poller(
