@@ -26,11 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from automat import NoTransition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -67,6 +69,9 @@ from fedhub.producers.bugzilla.workers import (
     ParserPool,
     ParseUnavailable,
     PooledBugmailListener,
+    _Request,
+    _Worker,
+    _WorkerPool,
     worker_environment,
 )
 from tests.test_bugmail_fuzz import _mutate, mutation
@@ -323,6 +328,398 @@ class WorkerSideTests(SynchronousTestCase):
         root = str(Path(parse_worker.__file__).resolve().parents[3])
         self.assertEqual(env["PYTHONPATH"].split(os.pathsep), [root, "/elsewhere"])
         self.assertEqual(env["HOME"], "/h")
+
+
+# --- a worker's machine, without processes ---------------------------------------------
+
+
+class FakeProcessTransport:
+    """
+    The transport of a worker with no process: records what is written,
+    signalled and closed.
+
+    @ivar exited: Whether signals fail as they do once the process exited.
+    """
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.signals: list[str] = []
+        self.stdin_closed = 0
+        self.exited = False
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.written.append(b"".join(data))
+
+    def signalProcess(self, signal: str) -> None:
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(signal)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed += 1
+
+
+class FakeWorkerPool:
+    """
+    A pool for a lone L{_Worker}: records every call (with the worker's
+    state at the time) and does nothing else, unless told to dispatch the
+    mails in L{waiting} when a worker takes mail.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.waiting: list[_Request] = []
+
+    def record(self, name: str, worker: _Worker, *args: Any) -> None:
+        self.calls.append((name, worker.state, *args))
+
+    def give_next(self, worker: _Worker) -> None:
+        if self.waiting and worker.takes_mail:
+            worker.dispatched(self.waiting.pop(0))
+
+    def worker_ready(self, worker: _Worker) -> None:
+        self.record("ready", worker)
+        self.give_next(worker)
+
+    def worker_answered(self, worker: _Worker, request: _Request, response: dict[str, Any]) -> None:
+        self.record("answered", worker, request, response)
+        self.give_next(worker)
+
+    def worker_broken(self, worker: _Worker, what: str, request: _Request | None) -> None:
+        self.record("broken", worker, what, request)
+
+    def worker_took_too_long(self, worker: _Worker, request: _Request) -> None:
+        self.record("took too long", worker, request)
+
+    def worker_start_timeout(self, worker: _Worker) -> None:
+        self.record("start timeout", worker)
+
+    def worker_ended(self, worker: _Worker, reason: Failure, request: _Request | None,
+                     told_to_exit: bool) -> None:
+        self.record("ended", worker, reason.value, request, told_to_exit)
+
+    def worker_stderr(self, worker: _Worker, line: str) -> None:
+        self.record("stderr", worker, line)
+
+    def worker_stderr_cut(self, worker: _Worker, limit: int) -> None:
+        self.record("stderr cut", worker, limit)
+
+
+READY = {"ready": 1, "pid": 4242}
+ANSWER = {"error": {"class": "NotBugmail", "reason": "r", "code": "c"}}
+
+#: Every state of the machine, by how a test gets there, and the name the
+#: worker's state gives it.
+STATES = {
+    "starting": "starting",
+    "idle": "idle",
+    "busy": "busy",
+    "closing starting": "closing",
+    "closing idle": "closing",
+    "closing busy": "closing",
+    "ending busy": "ending",
+    "ending": "ending",
+    "ended": "ended",
+}
+BUSY = ("busy", "closing busy", "ending busy")
+CLOSING = ("closing starting", "closing idle", "closing busy")
+NOT_KILLED = ("starting", "idle", "busy", *CLOSING)
+
+
+class WorkerMachineTests(SynchronousTestCase):
+    """
+    The machine of a L{_Worker}: every state against the inputs that matter
+    there, with a fake pool, a fake transport and a fake clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pool = FakeWorkerPool()
+        self.transport = FakeProcessTransport()
+        self.worker = _Worker(self.pool, 3, self.clock, 30.0)
+        self.worker.makeConnection(self.transport)
+        self.worker.started()
+        self.mail = _Request(b"the mail")
+
+    def frame(self, response: Any) -> None:
+        self.worker.childDataReceived(1, framed(json.dumps(response).encode()))
+
+    def end(self, reason: BaseException | None = None) -> None:
+        self.worker.processEnded(Failure(reason or ProcessDone(0)))
+
+    def reach(self, state: str) -> None:
+        """Drive the worker to C{state} (a key of L{STATES}), then forget the calls."""
+        if state in ("idle", "busy", "closing idle", "closing busy", "ending busy"):
+            self.frame(READY)
+        if state in BUSY:
+            self.worker.dispatched(self.mail)
+        if state in CLOSING or state == "ending busy":
+            self.worker.close_input()
+        if state == "ending busy":
+            self.worker.kill("stopping")
+        if state == "ending":
+            self.worker.kill("stopping")
+        if state == "ended":
+            self.end()
+        self.assertEqual(self.worker.state, STATES[state])
+        self.pool.calls.clear()
+        self.transport.signals.clear()
+        self.transport.stdin_closed = 0
+
+    # -- starting --
+
+    def test_started_then_ready(self) -> None:
+        """started() gives it the timeout to say it is ready; a ready frame stops the timer and tells the pool."""
+        [timer] = self.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 30.0)
+        self.assertEqual((self.worker.state, self.worker.takes_mail), ("starting", False))
+        self.frame(READY)
+        self.assertEqual(self.pool.calls, [("ready", "idle")])
+        self.assertEqual((self.worker.state, self.worker.takes_mail), ("idle", True))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTakesMail(True)
+
+    def test_start_timeout(self) -> None:
+        """Not ready within the timeout, while starting (input closed or not): reported, then killed."""
+        for state in ("starting", "closing starting"):
+            self.setUp()
+            self.reach(state)
+            self.clock.advance(29.9)
+            self.assertEqual(self.pool.calls, [])
+            self.clock.advance(0.1)
+            self.assertEqual(self.pool.calls, [("start timeout", STATES[state])])
+            self.assertEqual((self.worker.state, self.worker.killed), ("ending", "start timeout"))
+            self.assertEqual(self.transport.signals, ["KILL"])
+
+    def test_ready_after_close(self) -> None:
+        """A ready frame after the input was closed stops the timer, but the pool hears nothing: it takes no mail."""
+        self.reach("closing starting")
+        self.frame(READY)
+        self.assertEqual(self.pool.calls, [])
+        self.assertEqual((self.worker.state, self.worker.takes_mail), ("closing", False))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTakesMail(False)
+        self.frame(ANSWER)
+        self.assertEqual(self.pool.calls, [("broken", "ending", "answered a mail it was not given", None)])
+
+    def test_not_ready_first(self) -> None:
+        """Any other frame first is a protocol error: killed, and its start timer stopped."""
+        for state in ("starting", "closing starting"):
+            self.setUp()
+            self.reach(state)
+            self.frame(ANSWER)
+            self.assertEqual(self.pool.calls, [("broken", "ending", "did not start with a ready frame", None)])
+            self.assertEqual((self.worker.killed, self.transport.signals), ("protocol", ["KILL"]))
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    # -- mail --
+
+    def test_dispatched(self) -> None:
+        """An idle worker given a mail writes it as one frame and is busy with it."""
+        self.reach("idle")
+        self.worker.dispatched(self.mail)
+        self.assertEqual(self.transport.written, [framed(b"the mail")])
+        self.assertEqual((self.worker.state, self.worker.request), ("busy", self.mail))
+        self.assertFalse(self.worker.takes_mail)
+
+    def assertTakesMail(self, takes: bool) -> None:
+        """The worker takes another mail (and answers it), or can not be given one."""
+        second = _Request(b"the second mail")
+        if not takes:
+            self.assertRaises(NoTransition, self.worker.dispatched, second)
+            return
+        self.worker.dispatched(second)
+        self.assertEqual(self.transport.written[-1], framed(b"the second mail"))
+        self.frame(ANSWER)
+        self.assertEqual(self.pool.calls[-1], ("answered", "idle", second, ANSWER))
+
+    def test_answered(self) -> None:
+        """An answer of a busy worker reaches the pool once the worker is idle (or closing) again."""
+        for state, after in (("busy", "idle"), ("closing busy", "closing")):
+            for response in (ANSWER, READY):
+                # A frame from a busy worker that looks like a ready frame is
+                # its answer (the pool finds it of no known kind).
+                self.setUp()
+                self.reach(state)
+                self.frame(response)
+                self.assertEqual(self.pool.calls, [("answered", after, self.mail, response)])
+                self.assertEqual((self.worker.state, self.worker.request, self.worker.answered),
+                                 (after, None, 1))
+                self.assertEqual(self.transport.signals, [])
+                self.assertTakesMail(after == "idle")
+
+    def test_unasked_answer(self) -> None:
+        """Any frame from an idle worker (input closed or not) is a protocol error: killed."""
+        for state in ("idle", "closing idle"):
+            for response in (ANSWER, READY):
+                self.setUp()
+                self.reach(state)
+                self.frame(response)
+                self.assertEqual(self.pool.calls,
+                                 [("broken", "ending", "answered a mail it was not given", None)])
+                self.assertEqual((self.worker.killed, self.transport.signals), ("protocol", ["KILL"]))
+
+    def test_bad_frames(self) -> None:
+        """A frame that is not a JSON object, or one announced too large, kills a worker in any state; its mail goes to the pool to fail."""
+        for state in NOT_KILLED:
+            for data, what in (
+                (framed(b"[1, 2]"), "sent a frame that is not a JSON object"),
+                (framed(b"{"), "sent a frame that is not a JSON object"),
+                (parse_worker.FRAME_HEADER.pack(parse_worker.MAX_RESPONSE_BYTES + 1),
+                 f"announced a frame of {parse_worker.MAX_RESPONSE_BYTES + 1} bytes"),
+            ):
+                self.setUp()
+                self.reach(state)
+                self.worker.childDataReceived(1, data)
+                mail = self.mail if state in BUSY else None
+                self.assertEqual(self.pool.calls, [("broken", "ending", what, mail)], state)
+                self.assertEqual((self.worker.request, self.worker.killed), (None, "protocol"))
+                self.assertEqual(self.transport.signals, ["KILL"])
+
+    def test_frames_in_one_read(self) -> None:
+        """Frames that arrive together are taken in order: a ready frame, an answer, and the next frame is an error."""
+        self.pool.waiting.append(self.mail)
+        self.worker.childDataReceived(1, framed(json.dumps(READY).encode(), json.dumps(ANSWER).encode(),
+                                                json.dumps(ANSWER).encode()))
+        self.assertEqual([c[:2] for c in self.pool.calls],
+                         [("ready", "idle"), ("answered", "idle"), ("broken", "ending")])
+
+    def test_frames_ignored_once_killed(self) -> None:
+        """Whatever a killed worker still writes is ignored."""
+        for state in ("ending busy", "ending"):
+            self.setUp()
+            self.reach(state)
+            self.frame(ANSWER)
+            self.frame(READY)
+            self.worker.childDataReceived(1, framed(b"nonsense"))
+            self.assertEqual(self.pool.calls, [])
+            self.assertEqual(self.worker.state, "ending")
+
+    def test_took_too_long(self) -> None:
+        """A busy worker (input closed, or killed, or not) whose mail takes too long is killed; the mail goes to the pool to fail."""
+        for state, killed in (("busy", "timeout"), ("closing busy", "timeout"), ("ending busy", "stopping")):
+            self.setUp()
+            self.reach(state)
+            self.worker.took_too_long()
+            self.assertEqual(self.pool.calls, [("took too long", "ending", self.mail)])
+            self.assertEqual((self.worker.request, self.worker.killed), (None, killed))
+            self.assertEqual(self.transport.signals, ["KILL"])
+            # At its end, the pool hears of no mail.
+            self.end()
+            self.assertEqual(self.pool.calls[-1][3], None)
+
+    def test_next_mail_before_answer_goes_on(self) -> None:
+        """A pool that dispatches from worker_ready and worker_answered: the worker writes the next mail before the pool's answer call returns."""
+        second = _Request(b"the second mail")
+        self.pool.waiting = [self.mail, second]
+        self.frame(READY)
+        self.assertEqual((self.worker.state, self.worker.request), ("busy", self.mail))
+        self.frame(ANSWER)
+        self.assertEqual((self.worker.state, self.worker.request), ("busy", second))
+        self.assertEqual(self.transport.written, [framed(b"the mail"), framed(b"the second mail")])
+
+    # -- closing and killing --
+
+    def test_close_input(self) -> None:
+        """Closing the input of a live worker closes its stdin once; a worker not killed is closing from then on."""
+        for state in ("starting", "idle", "busy"):
+            self.setUp()
+            self.reach(state)
+            self.worker.close_input()
+            self.worker.close_input()
+            self.assertEqual((self.worker.state, self.transport.stdin_closed), ("closing", 1))
+            self.assertEqual(self.worker.request, self.mail if state == "busy" else None)
+            self.assertEqual(self.pool.calls, [])
+
+    def test_close_input_killed(self) -> None:
+        """Closing the input of a killed worker closes its stdin and changes nothing else."""
+        for state in ("ending busy", "ending"):
+            self.setUp()
+            self.reach(state)
+            self.worker.close_input()
+            self.assertEqual((self.worker.state, self.transport.stdin_closed), ("ending", 1))
+
+    def test_kill(self) -> None:
+        """kill() signals the process; a worker with a mail keeps it until its end, for the pool to fail."""
+        for state in NOT_KILLED:
+            self.setUp()
+            self.reach(state)
+            self.worker.kill("stopping")
+            self.assertEqual((self.worker.state, self.worker.killed), ("ending", "stopping"))
+            self.assertEqual(self.transport.signals, ["KILL"])
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+            mail = self.mail if state in BUSY else None
+            self.assertIs(self.worker.request, mail)
+            self.end(ProcessTerminated(signal=9))
+            [(name, _, _, request, _)] = self.pool.calls
+            self.assertEqual((name, request), ("ended", mail))
+
+    def test_kill_again(self) -> None:
+        """Killing a killed worker signals it again and keeps the first reason; a process already gone is no error."""
+        self.reach("ending")
+        self.worker.kill("timeout")
+        self.transport.exited = True
+        self.worker.kill("again")
+        self.assertEqual((self.worker.killed, self.transport.signals), ("stopping", ["KILL"]))
+        self.assertEqual(self.pool.calls, [])
+
+    # -- the end --
+
+    def test_ended(self) -> None:
+        """The end of the process reaches the pool with the mail it had, and whether it was told to exit."""
+        for state in STATES:
+            if state == "ended":
+                continue
+            self.setUp()
+            self.reach(state)
+            reason = ProcessDone(0)
+            self.end(reason)
+            mail = self.mail if state in BUSY else None
+            self.assertEqual(self.pool.calls, [("ended", "ended", reason, mail, state in CLOSING)], state)
+            self.assertEqual((self.worker.state, self.worker.request), ("ended", None))
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stderr_flushed_at_end(self) -> None:
+        """A last line without a newline on standard error reaches the pool before the end does."""
+        self.worker.childDataReceived(2, b"one\ntwo")
+        self.end()
+        self.assertEqual([c[0] for c in self.pool.calls], ["stderr", "stderr", "ended"])
+        self.assertEqual([c[2] for c in self.pool.calls[:2]], ["one", "two"])
+
+    # -- what can not happen --
+
+    def test_impossible(self) -> None:
+        """Inputs a state can not take raise NoTransition and change nothing."""
+        impossible: list[tuple[str, Callable[[_Worker], object]]] = [
+            ("starting", lambda w: w.dispatched(_Request(b"x"))),
+            ("starting", lambda w: w.took_too_long()),
+            ("idle", lambda w: w.took_too_long()),
+            ("closing starting", lambda w: w.dispatched(_Request(b"x"))),
+            ("idle", lambda w: w.started()),
+            ("busy", lambda w: w.dispatched(_Request(b"x"))),
+            ("closing idle", lambda w: w.dispatched(_Request(b"x"))),
+            ("closing idle", lambda w: w.took_too_long()),
+            ("ending", lambda w: w.dispatched(_Request(b"x"))),
+            ("ending", lambda w: w.took_too_long()),
+            ("ended", lambda w: w.kill("late")),
+            ("ended", lambda w: w.close_input()),
+            ("ended", lambda w: w.dispatched(_Request(b"x"))),
+            ("ended", lambda w: w.processEnded(Failure(ProcessDone(0)))),
+        ]
+        for state, call in impossible:
+            self.setUp()
+            self.reach(state)
+            self.assertRaises(NoTransition, call, self.worker)
+            self.assertEqual(self.worker.state, STATES[state])
+            self.assertEqual((self.pool.calls, self.transport.signals), ([], []))
+
+    def test_fake_is_a_worker_pool(self) -> None:
+        """The fake pool has what the _WorkerPool protocol asks for, and so has ParserPool."""
+        fake: _WorkerPool = FakeWorkerPool()
+        real: _WorkerPool = ParserPool(1)
+        self.assertTrue(callable(fake.worker_ended) and callable(real.worker_ended))
 
 
 # --- the pool, with real processes ------------------------------------------------------

@@ -49,11 +49,13 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from automat import TypeMachineBuilder
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -185,30 +187,388 @@ class _Request:
             self.deferred.callback(result)
 
 
+class _WorkerPool(Protocol):
+    """
+    What a L{_Worker} needs of its pool (L{ParserPool} has it): where it
+    reports what its process did.
+    """
+
+    def worker_ready(self, worker: _Worker) -> None:
+        """C{worker} said it is ready and takes mail: give it the next waiting one."""
+
+    def worker_answered(self, worker: _Worker, request: _Request, response: dict[str, Any]) -> None:
+        """C{worker} answered C{request}: settle it (after giving C{worker} its next mail)."""
+
+    def worker_broken(self, worker: _Worker, what: str, request: _Request | None) -> None:
+        """C{worker} broke the protocol (C{what} it did) and is killed; C{request} fails."""
+
+    def worker_took_too_long(self, worker: _Worker, request: _Request) -> None:
+        """C{worker} took too long on C{request} and is killed; C{request} fails."""
+
+    def worker_start_timeout(self, worker: _Worker) -> None:
+        """C{worker} did not say it is ready in time; it is killed next."""
+
+    def worker_ended(
+        self, worker: _Worker, reason: Failure, request: _Request | None, told_to_exit: bool
+    ) -> None:
+        """
+        C{worker}'s process ended, for C{reason}, while parsing C{request}
+        (or none); C{told_to_exit} when its input was closed (and it was
+        not killed).
+        """
+
+    def worker_stderr(self, worker: _Worker, line: str) -> None:
+        """C{worker} wrote C{line} on its standard error."""
+
+    def worker_stderr_cut(self, worker: _Worker, limit: int) -> None:
+        """C{worker} wrote more than C{limit} bytes on its standard error; the rest is dropped."""
+
+
+# --- a worker's machine ------------------------------------------------------------
+
+
+class _WorkerInputs(Protocol):
+    """
+    The inputs of a worker's machine: from the pool (L{started},
+    L{dispatched}, L{took_too_long}, L{kill}, L{close_input}), from its
+    process (the frames it writes, its end) and from its start timer.
+    """
+
+    def started(self) -> None:
+        """The process was spawned: it has the pool's timeout to say it is ready."""
+
+    def dispatched(self, request: _Request) -> None:
+        """The pool gives it a mail to parse."""
+
+    def took_too_long(self) -> None:
+        """The mail it parses took longer than the pool's timeout."""
+
+    def kill(self, why: str) -> None:
+        """SIGKILL it, for C{why}; its end follows."""
+
+    def close_input(self) -> None:
+        """Close its standard input: it exits once it has answered."""
+
+    def _ready_frame(self, response: dict[str, Any]) -> None:
+        """It sent a frame that says it is ready."""
+
+    def _answer_frame(self, response: dict[str, Any]) -> None:
+        """It sent any other JSON object."""
+
+    def _bad_frame(self, what: str) -> None:
+        """It sent something that is no frame of the protocol (C{what})."""
+
+    def _start_timeout(self) -> None:
+        """The start timer fired."""
+
+    def _ended(self, reason: Failure) -> None:
+        """Its process ended."""
+
+
+@dataclass
+class _WorkerCore:
+    """
+    What a worker's states share.
+    """
+
+    worker: _Worker
+    pool: _WorkerPool
+    clock: IReactorTime
+    start_timeout: float
+
+    state: str = "starting"
+    request: _Request | None = None
+    answered: int = 0
+    killed: str | None = None
+    start_timer: IDelayedCall | None = None
+    #: An answer the machine took, for the pool once the machine has moved.
+    answer: tuple[_Request, dict[str, Any]] | None = None
+
+    def stop_start_timer(self) -> None:
+        if self.start_timer is not None and self.start_timer.active():
+            self.start_timer.cancel()
+        self.start_timer = None
+
+    def take_request(self) -> _Request | None:
+        request, self.request = self.request, None
+        return request
+
+    def close_stdin(self) -> None:
+        try:
+            self.worker.transport.closeStdin()  # type: ignore[union-attr]
+        except Exception:
+            pass
+
+    def signal_kill(self) -> None:
+        try:
+            self.worker.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            pass  # processEnded follows
+
+    def kill(self, why: str) -> None:
+        """Kill the process for C{why} (the first reason given stays)."""
+        if self.killed is None:
+            self.killed = why
+        self.state = "ending"
+        self.stop_start_timer()
+        self.signal_kill()
+
+
+def _build_worker() -> Callable[[_WorkerCore], _WorkerInputs]:
+    builder = TypeMachineBuilder(_WorkerInputs, _WorkerCore)
+    starting = builder.state("starting")
+    idle = builder.state("idle")
+    busy = builder.state("busy")
+    # Input closed: it takes no more mail, but answers the one it has.
+    closing_starting = builder.state("closing: starting")
+    closing_idle = builder.state("closing: idle")
+    closing_busy = builder.state("closing: busy")
+    # Killed: its frames are ignored; a mail it still has fails at its end.
+    ending_busy = builder.state("ending: busy")
+    ending = builder.state("ending")
+    ended = builder.state("ended")
+    not_killed = (starting, idle, busy, closing_starting, closing_idle, closing_busy)
+
+    # -- starting --
+
+    @starting.upon(_WorkerInputs.started).loop()
+    def start_timer(inputs: _WorkerInputs, core: _WorkerCore) -> None:
+        core.start_timer = core.clock.callLater(core.start_timeout, inputs._start_timeout)
+
+    @starting.upon(_WorkerInputs._ready_frame).to(idle)
+    def ready(inputs: _WorkerInputs, core: _WorkerCore, response: dict[str, Any]) -> None:
+        core.stop_start_timer()
+        core.state = "idle"
+        core.pool.worker_ready(core.worker)
+
+    @closing_starting.upon(_WorkerInputs._ready_frame).to(closing_idle)
+    def ready_to_exit(inputs: _WorkerInputs, core: _WorkerCore, response: dict[str, Any]) -> None:
+        core.stop_start_timer()
+
+    @starting.upon(_WorkerInputs._start_timeout).to(ending)
+    @closing_starting.upon(_WorkerInputs._start_timeout).to(ending)
+    def start_too_long(inputs: _WorkerInputs, core: _WorkerCore) -> None:
+        core.start_timer = None
+        core.pool.worker_start_timeout(core.worker)
+        core.kill("start timeout")
+
+    # -- mail --
+
+    @idle.upon(_WorkerInputs.dispatched).to(busy)
+    def send(inputs: _WorkerInputs, core: _WorkerCore, request: _Request) -> None:
+        core.request = request
+        core.state = "busy"
+        raw = request.raw
+        core.worker.transport.writeSequence([FRAME_HEADER.pack(len(raw)), raw])  # type: ignore[union-attr]
+
+    def take_answer(core: _WorkerCore, response: dict[str, Any]) -> None:
+        request = core.take_request()
+        assert request is not None
+        core.answered += 1
+        core.answer = (request, response)
+
+    # Any JSON object from a busy worker is its answer, even one that looks
+    # like a ready frame (the pool finds it of no known kind).
+    @busy.upon(_WorkerInputs._answer_frame).to(idle)
+    @busy.upon(_WorkerInputs._ready_frame).to(idle)
+    def answered(inputs: _WorkerInputs, core: _WorkerCore, response: dict[str, Any]) -> None:
+        core.state = "idle"
+        take_answer(core, response)
+
+    @closing_busy.upon(_WorkerInputs._answer_frame).to(closing_idle)
+    @closing_busy.upon(_WorkerInputs._ready_frame).to(closing_idle)
+    def answered_last(inputs: _WorkerInputs, core: _WorkerCore, response: dict[str, Any]) -> None:
+        take_answer(core, response)
+
+    @busy.upon(_WorkerInputs.took_too_long).to(ending)
+    @closing_busy.upon(_WorkerInputs.took_too_long).to(ending)
+    @ending_busy.upon(_WorkerInputs.took_too_long).to(ending)
+    def too_long(inputs: _WorkerInputs, core: _WorkerCore) -> None:
+        request = core.take_request()
+        assert request is not None
+        core.kill("timeout")
+        core.pool.worker_took_too_long(core.worker, request)
+
+    # -- protocol errors: killed, and the mail it has fails --
+
+    def broken(core: _WorkerCore, what: str) -> None:
+        request = core.take_request()
+        core.kill("protocol")
+        core.pool.worker_broken(core.worker, what, request)
+
+    @starting.upon(_WorkerInputs._answer_frame).to(ending)
+    @closing_starting.upon(_WorkerInputs._answer_frame).to(ending)
+    def not_ready(inputs: _WorkerInputs, core: _WorkerCore, response: dict[str, Any]) -> None:
+        broken(core, "did not start with a ready frame")
+
+    @idle.upon(_WorkerInputs._answer_frame).to(ending)
+    @idle.upon(_WorkerInputs._ready_frame).to(ending)
+    @closing_idle.upon(_WorkerInputs._answer_frame).to(ending)
+    @closing_idle.upon(_WorkerInputs._ready_frame).to(ending)
+    def unasked(inputs: _WorkerInputs, core: _WorkerCore, response: dict[str, Any]) -> None:
+        broken(core, "answered a mail it was not given")
+
+    def bad_frame(inputs: _WorkerInputs, core: _WorkerCore, what: str) -> None:
+        broken(core, what)
+
+    for state in not_killed:
+        state.upon(_WorkerInputs._bad_frame).to(ending)(bad_frame)
+
+    # -- closing and killing --
+
+    def close(inputs: _WorkerInputs, core: _WorkerCore) -> None:
+        core.state = "closing"
+        core.close_stdin()
+
+    starting.upon(_WorkerInputs.close_input).to(closing_starting)(close)
+    idle.upon(_WorkerInputs.close_input).to(closing_idle)(close)
+    busy.upon(_WorkerInputs.close_input).to(closing_busy)(close)
+    for state in (closing_starting, closing_idle, closing_busy):
+        state.upon(_WorkerInputs.close_input).loop().returns(None)
+
+    @ending_busy.upon(_WorkerInputs.close_input).loop()
+    @ending.upon(_WorkerInputs.close_input).loop()
+    def close_killed(inputs: _WorkerInputs, core: _WorkerCore) -> None:
+        core.close_stdin()
+
+    def kill(inputs: _WorkerInputs, core: _WorkerCore, why: str) -> None:
+        core.kill(why)
+
+    for state in (starting, idle, closing_starting, closing_idle):
+        state.upon(_WorkerInputs.kill).to(ending)(kill)
+    for state in (busy, closing_busy):
+        state.upon(_WorkerInputs.kill).to(ending_busy)(kill)
+
+    @ending_busy.upon(_WorkerInputs.kill).loop()
+    @ending.upon(_WorkerInputs.kill).loop()
+    def kill_again(inputs: _WorkerInputs, core: _WorkerCore, why: str) -> None:
+        core.signal_kill()
+
+    for state in (ending_busy, ending):
+        state.upon(_WorkerInputs._ready_frame).loop().returns(None)
+        state.upon(_WorkerInputs._answer_frame).loop().returns(None)
+        state.upon(_WorkerInputs._bad_frame).loop().returns(None)
+
+    # -- the end --
+
+    def end(core: _WorkerCore, reason: Failure, told_to_exit: bool) -> None:
+        core.stop_start_timer()
+        core.state = "ended"
+        core.pool.worker_ended(core.worker, reason, core.take_request(), told_to_exit)
+
+    def process_ended(inputs: _WorkerInputs, core: _WorkerCore, reason: Failure) -> None:
+        end(core, reason, False)
+
+    def process_exited(inputs: _WorkerInputs, core: _WorkerCore, reason: Failure) -> None:
+        end(core, reason, True)
+
+    for state in (starting, idle, busy, ending_busy, ending):
+        state.upon(_WorkerInputs._ended).to(ended)(process_ended)
+    for state in (closing_starting, closing_idle, closing_busy):
+        state.upon(_WorkerInputs._ended).to(ended)(process_exited)
+
+    return builder.build()
+
+
+_WorkerMachine = _build_worker()
+
+
 class _Worker(ProcessProtocol):
     """
     One worker process, from its start to its end.
 
-    Its C{state}: C{"starting"} until it said it is ready, then C{"idle"}
-    or C{"busy"} with one request, and C{"ending"} once killed (its frames
-    are ignored from then on); C{closing} once its input is closed (it
-    takes no more mails but answers the one it has).  L{ParserPool} moves
-    it between them.
+    Its lifecycle is a typed automat machine; its L{state} names where it
+    is::
+
+        starting ──ready frame──▶ idle ──dispatched──▶ busy
+                                   ▲                    │
+                                   └──────answer────────┘
+
+        close_input: starting, idle, busy ──▶ closing (no more mail; the
+            one it has is still answered)
+        kill (or a protocol error, or taking too long): ──▶ ending (its
+            frames are ignored; a mail it still has fails at its end)
+        its process ends: ──▶ ended
+
+    An answer frame where none is due (while starting, or idle) is a
+    protocol error: the worker is killed.  What happens reaches the pool
+    through L{_WorkerPool}.  An answer reaches it only once the machine is
+    idle again, not from an output: automat runs an input that an output
+    causes after all the outputs, and the worker must have its next mail
+    (an input) before the answered mail's event goes on.
     """
 
-    def __init__(self, pool: ParserPool, slot: int) -> None:
+    def __init__(self, pool: _WorkerPool, slot: int, clock: IReactorTime, start_timeout: float) -> None:
+        """
+        @param pool: Hears what the worker does.
+        @param slot: The worker's place in the pool.
+        @param clock: Runs its start timer.
+        @param start_timeout: Seconds it may take to say it is ready.
+        """
         self.pool = pool
         self.slot = slot
-        self.state = "starting"
         self.pid: int | None = None
-        self.request: _Request | None = None
-        self.answered = 0
-        self.killed: str | None = None
-        self.closing = False
-        self.start_timer: IDelayedCall | None = None
+        self._core = _WorkerCore(self, pool, clock, start_timeout)
+        self._machine = _WorkerMachine(self._core)
         self._buffer = bytearray()
         self._stderr = bytearray()
         self._stderr_logged = 0
+
+    # --- what the pool sees and asks ----------------------------------------
+
+    @property
+    def state(self) -> str:
+        """
+        C{"starting"}, C{"idle"}, C{"busy"}, C{"closing"} (its input is
+        closed), C{"ending"} (killed) or C{"ended"}.
+        """
+        return self._core.state
+
+    @property
+    def takes_mail(self) -> bool:
+        """Whether it waits for a mail (and its input is open)."""
+        return self._core.state == "idle"
+
+    @property
+    def request(self) -> _Request | None:
+        """The mail it parses, or C{None}."""
+        return self._core.request
+
+    @property
+    def answered(self) -> int:
+        """How many mails it answered."""
+        return self._core.answered
+
+    @property
+    def killed(self) -> str | None:
+        """Why it was killed (the first reason), or C{None}."""
+        return self._core.killed
+
+    def started(self) -> None:
+        """Its process was spawned: start the start timer."""
+        self._machine.started()
+
+    def dispatched(self, request: _Request) -> None:
+        """Send it C{request} (it must be idle)."""
+        self._machine.dispatched(request)
+
+    def took_too_long(self) -> None:
+        """Its mail took too long: kill it; the mail fails."""
+        self._machine.took_too_long()
+
+    def kill(self, why: str) -> None:
+        """
+        SIGKILL the process, for C{why}; its end comes through L{processEnded}.
+        """
+        self._machine.kill(why)
+
+    def close_input(self) -> None:
+        """
+        Close its standard input: it exits once it has answered.
+        """
+        self._machine.close_input()
+
+    # --- its process ----------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.pid = getattr(self.transport, "pid", None)
@@ -222,17 +582,34 @@ class _Worker(ProcessProtocol):
     def _frames(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        while len(buffer) >= FRAME_HEADER.size and self.killed is None:
+        # Once it is killed, what it still wrote is not even decoded.
+        while len(buffer) >= FRAME_HEADER.size and self._core.killed is None:
             (size,) = FRAME_HEADER.unpack_from(buffer)
             if size > MAX_RESPONSE_BYTES:
-                self.pool._broken(self, f"announced a frame of {size} bytes")
+                self._machine._bad_frame(f"announced a frame of {size} bytes")
                 return
             end = FRAME_HEADER.size + size
             if len(buffer) < end:
                 return
             payload = bytes(buffer[FRAME_HEADER.size:end])
             del buffer[:end]
-            self.pool._frame(self, payload)
+            self._frame(payload)
+
+    def _frame(self, payload: bytes) -> None:
+        try:
+            response = json.loads(payload)
+        except Exception:  # ValueError, or RecursionError for deep nesting
+            response = None
+        if not isinstance(response, dict):
+            self._machine._bad_frame("sent a frame that is not a JSON object")
+            return
+        if response.get("ready") == 1:
+            self._machine._ready_frame(response)
+        else:
+            self._machine._answer_frame(response)
+        answer, self._core.answer = self._core.answer, None
+        if answer is not None:
+            self.pool.worker_answered(self, *answer)
 
     def _stderr_data(self, data: bytes) -> None:
         if self._stderr_logged >= _STDERR_LIMIT:
@@ -246,48 +623,21 @@ class _Worker(ProcessProtocol):
             self._log_stderr(line)
             if self._stderr_logged >= _STDERR_LIMIT:
                 self._stderr = bytearray()
-                self.pool.log.warn(
-                    "Parse worker {pid} wrote more than {limit} bytes on standard error; "
-                    "the rest is dropped",
-                    pid=self.pid, limit=_STDERR_LIMIT, producer=self.pool.producer,
-                )
+                self.pool.worker_stderr_cut(self, _STDERR_LIMIT)
                 return
 
     def _log_stderr(self, line: bytes) -> None:
         self._stderr_logged += len(line) + 1
         text = escape_control(line.decode("utf-8", "replace").rstrip(), 500)
         if text:
-            self.pool.log.warn("Parse worker {pid}: {line}", pid=self.pid, line=text,
-                               producer=self.pool.producer)
+            self.pool.worker_stderr(self, text)
 
     def processEnded(self, reason: Failure) -> None:
         if self._stderr and self._stderr_logged < _STDERR_LIMIT:
             self._log_stderr(bytes(self._stderr))
         self._stderr = bytearray()
         self._buffer = bytearray()
-        self.pool._ended(self, reason)
-
-    def kill(self, why: str) -> None:
-        """
-        SIGKILL the process, for C{why}; its end comes through L{processEnded}.
-        """
-        if self.killed is None:
-            self.killed = why
-        self.state = "ending"
-        try:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
-        except Exception:
-            pass  # it has exited already; processEnded follows
-
-    def close_input(self) -> None:
-        """
-        Close its standard input: it exits once it has answered.
-        """
-        self.closing = True
-        try:
-            self.transport.closeStdin()  # type: ignore[union-attr]
-        except Exception:
-            pass
+        self._machine._ended(reason)
 
 
 class ParserPool(Service):
@@ -375,7 +725,7 @@ class ParserPool(Service):
         """
         return sum(
             1 for w in self._slots
-            if w is not None and w.state in ("idle", "busy") and not w.closing
+            if w is not None and w.state in ("idle", "busy")
         )
 
     @property
@@ -507,7 +857,7 @@ class ParserPool(Service):
         self._restarts.pop(slot, None)
         if self._stopping is not None:
             return
-        worker = _Worker(self, slot)
+        worker = _Worker(self, slot, self.clock, self.timeout)
         command = self._command if self._command is not None else worker_command()
         env = self._env if self._env is not None else worker_environment()
         try:
@@ -522,7 +872,7 @@ class ParserPool(Service):
         worker.pid = getattr(process, "pid", None)
         self._slots[slot] = worker
         self._live.add(worker)
-        worker.start_timer = self.clock.callLater(self.timeout, self._start_too_long, worker)
+        worker.started()
         self.log.debug("Started parse worker {pid}", pid=worker.pid, producer=self.producer)
 
     def _backoff(self, slot: int) -> float:
@@ -535,37 +885,23 @@ class ParserPool(Service):
         self.counters["restarts"] += 1
         self._restarts[slot] = self.clock.callLater(delay, self._spawn, slot)
 
-    def _start_too_long(self, worker: _Worker) -> None:
-        worker.start_timer = None
-        if worker.state != "starting":
-            return
-        self.log.error(
-            "Parse worker {pid} did not start within {timeout}s; killing it",
-            pid=worker.pid, timeout=self.timeout, producer=self.producer,
-        )
-        worker.kill("start timeout")
-
     def _idle_worker(self) -> _Worker | None:
         for worker in self._slots:
-            if worker is not None and worker.state == "idle" and not worker.closing:
+            if worker is not None and worker.takes_mail:
                 return worker
         return None
 
     def _dispatch(self, worker: _Worker, request: _Request) -> None:
         request.stop_timer()
         request.worker = worker
-        worker.request = request
-        worker.state = "busy"
         request.timer = self.clock.callLater(self.timeout, self._took_too_long, worker, request)
-        raw = request.raw
-        transport: Any = worker.transport
-        transport.writeSequence([FRAME_HEADER.pack(len(raw)), raw])
+        worker.dispatched(request)
 
     def _next(self, worker: _Worker) -> None:
         """
-        C{worker} is idle: give it the next waiting mail.
+        C{worker} may be idle: give it the next waiting mail.
         """
-        if worker.state != "idle" or worker.closing or not self._queue:
+        if not worker.takes_mail or not self._queue:
             return
         self._dispatch(worker, self._queue.popleft())
 
@@ -588,57 +924,50 @@ class ParserPool(Service):
 
     def _took_too_long(self, worker: _Worker, request: _Request) -> None:
         request.timer = None
-        if worker.request is not request:
-            return
-        worker.request = None
+        if worker.request is request:
+            worker.took_too_long()
+
+    # --- what the workers report (a _WorkerPool) -------------------------------
+
+    def worker_ready(self, worker: _Worker) -> None:
+        self._next(worker)
+
+    def worker_start_timeout(self, worker: _Worker) -> None:
+        self.log.error(
+            "Parse worker {pid} did not start within {timeout}s; killing it",
+            pid=worker.pid, timeout=self.timeout, producer=self.producer,
+        )
+
+    def worker_took_too_long(self, worker: _Worker, request: _Request) -> None:
         self.counters["timeouts"] += 1
         self.log.warn(
             "Parse worker {pid} took longer than {timeout}s on a mail of {size} bytes; "
             "killing it and answering try again later",
             pid=worker.pid, timeout=self.timeout, size=len(request.raw), producer=self.producer,
         )
-        worker.kill("timeout")
         request.settle(Failure(ParseUnavailable(
             f"parsing the mail took longer than {self.timeout:g}s", "timeout")))
 
-    def _broken(self, worker: _Worker, what: str) -> None:
-        """
-        C{worker} broke the protocol: kill it; its mail fails.
-        """
+    def worker_broken(self, worker: _Worker, what: str, request: _Request | None) -> None:
         self.counters["errors"] += 1
         self.log.error("Parse worker {pid} {what}; killing it", pid=worker.pid, what=what,
                        producer=self.producer)
-        request, worker.request = worker.request, None
-        worker.kill("protocol")
         if request is not None:
             request.settle(Failure(ParseUnavailable(
                 "the parse worker gave an answer that could not be understood", "protocol")))
 
-    def _frame(self, worker: _Worker, payload: bytes) -> None:
-        try:
-            response = json.loads(payload)
-        except Exception:  # ValueError, or RecursionError for deep nesting
-            response = None
-        if not isinstance(response, dict):
-            self._broken(worker, "sent a frame that is not a JSON object")
-            return
-        if worker.state == "starting":
-            if response.get("ready") != 1:
-                self._broken(worker, "did not start with a ready frame")
-                return
-            if worker.start_timer is not None and worker.start_timer.active():
-                worker.start_timer.cancel()
-            worker.start_timer = None
-            worker.state = "idle"
-            self._next(worker)
-            return
-        request = worker.request
-        if worker.state != "busy" or request is None:
-            self._broken(worker, "answered a mail it was not given")
-            return
-        worker.request = None
-        worker.state = "idle"
-        worker.answered += 1
+    def worker_stderr(self, worker: _Worker, line: str) -> None:
+        self.log.warn("Parse worker {pid}: {line}", pid=worker.pid, line=line,
+                      producer=self.producer)
+
+    def worker_stderr_cut(self, worker: _Worker, limit: int) -> None:
+        self.log.warn(
+            "Parse worker {pid} wrote more than {limit} bytes on standard error; "
+            "the rest is dropped",
+            pid=worker.pid, limit=limit, producer=self.producer,
+        )
+
+    def worker_answered(self, worker: _Worker, request: _Request, response: dict[str, Any]) -> None:
         self._failures[worker.slot] = 0
         result = self._result(worker, response)
         # The worker gets its next mail before this one's event goes on, so
@@ -691,12 +1020,10 @@ class ParserPool(Service):
         return Failure(ParseUnavailable(
             "the parse worker gave an answer that could not be understood", "protocol"))
 
-    def _ended(self, worker: _Worker, reason: Failure) -> None:
+    def worker_ended(
+        self, worker: _Worker, reason: Failure, request: _Request | None, told_to_exit: bool
+    ) -> None:
         self._live.discard(worker)
-        if worker.start_timer is not None and worker.start_timer.active():
-            worker.start_timer.cancel()
-        worker.start_timer = None
-        request, worker.request = worker.request, None
         was_busy = request is not None
         status = escape_control(str(reason.value), 200)
         if request is not None and worker.killed == "stopping":
@@ -712,13 +1039,12 @@ class ParserPool(Service):
                 "the parse worker ended while parsing the mail", "crashed")))
         elif worker.killed is not None:
             pass  # killed on purpose, and logged why
-        elif worker.closing and isinstance(reason.value, ProcessDone):
+        elif told_to_exit and isinstance(reason.value, ProcessDone):
             pass  # told to go, and gone
         else:
             self.counters["crashes"] += 1
             self.log.error("Parse worker {pid} ended: {status}", pid=worker.pid, status=status,
                            producer=self.producer)
-        worker.state = "ending"
         if self._slots[worker.slot] is worker:
             self._slots[worker.slot] = None
             if self._stopping is None:
