@@ -35,6 +35,13 @@ Usage, from the checkout, with the shared broker at 127.0.0.1:5672::
     /work/venv/bin/python bench/amqp_bench.py [--count 50000] [--repeat 1]
         [--only fedhub,pika,aio-pika] [--latency-seconds 10] [--json out.json]
 
+a few workloads alone, round after round in alternating order (a queue a
+workload reads is filled by pika with confirms first, for every client)::
+
+    /work/venv/bin/python bench/amqp_bench.py alternate [--rounds 5] [--count 50000]
+        [--latency-seconds 10] fedhub:outbox pika:publish-confirm
+        fedhub:runner:1000 pika:consume:1000 fedhub:runner-latency:1 pika:latency
+
 and without a broker, what fedhub's protocol alone costs per message::
 
     /work/venv/bin/python bench/amqp_bench.py protocol [--fedhub-path DIR]
@@ -1045,6 +1052,56 @@ def render(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: The workloads that read a queue: C{alternate} fills it first.
+_READERS = ("consume", "runner")
+
+#: The workloads that fill their queue: C{alternate} waits until it holds them all.
+_WRITERS = ("publish", "publish-confirm", "outbox")
+
+
+def alternate(args: argparse.Namespace) -> None:
+    """
+    Run single workloads round after round, the order reversed every other
+    round, and print each result and the medians: a closer comparison of a
+    few rows than the whole benchmark gives, as every round measures them
+    minutes apart at most.  A workload that reads a queue gets one filled by
+    pika with confirms first, whatever client reads it, so both read queues
+    made the same way.
+    """
+    broker = Broker()
+    results: dict[str, list[dict[str, Any]]] = {spec: [] for spec in args.specs}
+    try:
+        for number in range(args.rounds):
+            order = args.specs if number % 2 == 0 else args.specs[::-1]
+            for spec in order:
+                client, workload, *rest = spec.split(":")
+                prefetch = int(rest[0]) if rest else 100
+                queue, topic = broker.fresh()
+                if workload in _READERS:
+                    run_worker("pika", "publish-confirm", queue, topic, args)
+                    broker.wait_depth(queue, args.count)
+                result = run_worker(client, workload, queue, topic, args, prefetch)
+                if workload in _WRITERS:
+                    broker.wait_depth(queue, args.count)
+                results[spec].append(result)
+                latency = (f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
+                           if "p99_ms" in result else "")
+                print(f"  round {number + 1} {spec:<28} {result.get('rate', 0):>9.0f} msg/s"
+                      f"  {result.get('cpu_us_per_msg', 0):>6.1f} us/msg{latency}"
+                      f"  {result.get('error', '')}", flush=True)
+    finally:
+        broker.cleanup()
+    print()
+    for spec, runs in results.items():
+        rates = [r.get("rate", 0.0) for r in runs]
+        line = f"{spec:<28} median {statistics.median(rates):>9.0f} msg/s"
+        if runs and all("p99_ms" in r for r in runs):
+            tails = ", ".join(f"{r['p99_ms']:.2f}" for r in runs)
+            line += (f"  p50 {statistics.median(r['p50_ms'] for r in runs):.2f} ms"
+                     f"  p99 {statistics.median(r['p99_ms'] for r in runs):.2f} ms (per round {tails})")
+        print(line)
+
+
 def main() -> None:
     """
     Parse the command line; run the parent or a worker.
@@ -1065,6 +1122,18 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "protocol":
         parser.add_argument("protocol")
         protocol_bench(parser.parse_args())
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "alternate":
+        parser.add_argument("alternate")
+        parser.add_argument("--rounds", type=int, default=5)
+        parser.add_argument("specs", nargs="+", metavar="CLIENT:WORKLOAD[:PREFETCH]")
+        args = parser.parse_args()
+        for spec in args.specs:
+            client, _, workload = spec.partition(":")
+            if client not in WORKERS or not workload:
+                parser.error(f"{spec!r}: expected CLIENT:WORKLOAD[:PREFETCH], CLIENT one of "
+                             f"{', '.join(sorted(WORKERS))}")
+        alternate(args)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         parser.add_argument("worker")
