@@ -1,6 +1,6 @@
 """
 A parse worker: the child process a L{fedhub.producers.bugzilla.workers.ParserPool}
-runs, which parses bugmail so the hub's reactor thread never does.
+runs, which parses bugmail so the hub's reactor thread does not have to.
 
 Started as C{python -m fedhub.producers.bugzilla.parse_worker [--parent PID]}.
 It talks over its standard input and output in frames: a 4-byte big-endian

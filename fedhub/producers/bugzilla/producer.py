@@ -967,8 +967,8 @@ class BugzillaSMTPPlugin:
                                     _at_least_one),
         "package_products": Option(list, list(DEFAULT_PACKAGE_PRODUCTS),
                                    "products whose components are package names", items=str),
-        "parse_workers": Option(int, 1, "worker processes that parse mail (0: parse in the hub "
-                                "process, on its reactor thread)", _parse_workers),
+        "parse_workers": Option(int, 1, "worker processes that parse mail over parse_inline_max "
+                                "(0: parse every mail in the hub process)", _parse_workers),
         "parse_timeout": Option(float, 30.0, "seconds a mail may wait for a parse worker, and a "
                                 "worker may take to parse it, before answering 451", _positive),
         "parse_inline_max": Option(int, DEFAULT_INLINE_MAX, "mails of at most this many bytes are parsed "

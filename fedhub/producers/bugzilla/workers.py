@@ -1,15 +1,18 @@
 """
-Parse bugmail in child processes, so the reactor thread never does.
+Parse bugmail in child processes, so the reactor thread need not.
 
-Parsing a mail costs up to about a second of CPU per megabyte for hostile
-input, and the fingerprint of its event a JSON encoding and a hash: done on
-the reactor thread, one large mail would stall every other SMTP session,
-the AMQP heartbeats and the consumers.  A L{ParserPool} keeps a few worker
-processes (L{fedhub.producers.bugzilla.parse_worker}) and hands each mail to
-one of them; L{ParserPool.parse} has the signature of
+Parsing a mail costs up to about half a second of CPU per megabyte for
+hostile input, and the fingerprint of its event a JSON encoding and a hash:
+done on the reactor thread, one large mail would stall every other SMTP
+session, the AMQP heartbeats and the consumers.  A L{ParserPool} keeps a few
+worker processes (L{fedhub.producers.bugzilla.parse_worker}) and hands each
+mail to one of them; L{ParserPool.parse} has the signature of
 L{fedhub.producers.bugzilla.parser.parse_bugmail} but returns a Deferred, so
 it is what L{fedhub.producers.bugzilla.producer.BugmailIntake} takes as its
-C{parse}.
+C{parse}.  L{parse_by_size} sends it only the mails over a size (64 KiB by
+default, L{fedhub.producers.bugzilla.producer.DEFAULT_INLINE_MAX}) and
+parses the smaller ones, nearly all bugmail, in process: cheaper than a
+round trip to a worker, and short enough not to stall the hub.
 
 The rules:
 
