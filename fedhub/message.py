@@ -17,8 +17,9 @@ Every decoding function raises L{DecodeError} for bad input, never anything else
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -236,11 +237,35 @@ def _encode_json(value: Mapping[str, Any]) -> bytes:
         raise MessageError(f"body holds a string that is not valid Unicode: {e.reason}") from None
 
 
+#: The second L{utc_now} last gave, and its datetime: the messages of a
+#: burst are made within the same second, and a datetime is immutable.
+_last_now: tuple[int, datetime] = (0, datetime(1970, 1, 1, tzinfo=timezone.utc))
+
+
 def utc_now() -> datetime:
     """
     The current time in UTC without microseconds, as the C{sent-at} header has it.
     """
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    global _last_now
+    second = int(time.time())
+    last = _last_now
+    if last[0] == second:
+        return last[1]
+    now = datetime.fromtimestamp(second, timezone.utc)
+    _last_now = (second, now)
+    return now
+
+
+def new_message_id() -> str:
+    """
+    A fresh random message id: the text of a version 4 UUID, as
+    C{str(uuid.uuid4())} gives it, made without the C{UUID} object.
+    """
+    data = bytearray(os.urandom(16))
+    data[6] = (data[6] & 0x0F) | 0x40  # version 4
+    data[8] = (data[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    text = data.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 #: The last sent-at time formatted by L{_sent_at_text} and its text: the
@@ -340,7 +365,7 @@ class Message:
     topic: str
     body: Mapping[str, Any]
     headers: Mapping[str, Any] = field(default_factory=FrozenDict)
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_message_id)
     severity: int = INFO
     priority: int = 0
     sent_at: datetime | None = field(default_factory=utc_now)
@@ -424,7 +449,7 @@ class Message:
             topic=topic,
             body=body,
             headers=FrozenDict() if headers is None else headers,
-            id=id or str(uuid.uuid4()),
+            id=id or new_message_id(),
             severity=severity,
             priority=priority,
             sent_at=sent_at or utc_now(),
@@ -635,7 +660,7 @@ def from_amqp(
         message_id = message_id.decode("utf-8", "replace")
     if not isinstance(message_id, str) or not message_id:
         # Some publishers set no id; give the message one so it can be traced.
-        message_id = str(uuid.uuid4())
+        message_id = new_message_id()
     try:
         _check_topic(routing_key)
     except MessageError as e:
@@ -692,7 +717,7 @@ def load_message(record: object, line: int | None = None) -> Message:
         raise DecodeError(e.reason, line) from None
     if record.get("priority") is not None:
         priority = record["priority"]
-    message_id = record.get("id") or str(uuid.uuid4())
+    message_id = record.get("id") or new_message_id()
     queue = record.get("queue")
     try:
         return Message(

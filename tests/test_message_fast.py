@@ -6,8 +6,11 @@ without checking its unchanged fields again.
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
+from unittest import mock
 from typing import Any
 
 from hypothesis import given, settings
@@ -22,6 +25,8 @@ from fedhub.message import (
     _encode_json,
     _frozen_body,
     _json_object,
+    new_message_id,
+    utc_now,
 )
 
 _scalars = (
@@ -223,3 +228,64 @@ class SentAtTextTests(SynchronousTestCase):
             for _ in range(2):
                 message = Message.create("a.b", {}, sent_at=when)
                 self.assertEqual(message.wire_headers()["sent-at"], when.isoformat())
+
+
+class NewIdTests(SynchronousTestCase):
+    """
+    A fresh message id is what str(uuid.uuid4()) would give.
+    """
+
+    def test_version_4_text(self) -> None:
+        """Every id is the canonical text of a random (version 4, RFC 4122) UUID."""
+        for _ in range(2000):
+            text = new_message_id()
+            parsed = uuid.UUID(text)
+            self.assertEqual(str(parsed), text)
+            self.assertEqual(parsed.version, 4)
+            self.assertEqual(parsed.variant, uuid.RFC_4122)
+            self.assertRegex(text, r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
+
+    def test_random(self) -> None:
+        """Ids do not repeat, and every random digit takes every value."""
+        ids = [new_message_id() for _ in range(5000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        # The 30 digits that are not version or variant bits.
+        digits = [re.sub("-", "", i) for i in ids]
+        for position in (0, 7, 13, 20, 31):
+            self.assertEqual({d[position] for d in digits}, set("0123456789abcdef"))
+
+    def test_messages_use_it(self) -> None:
+        """Message.create and the constructor give each message such an id of its own."""
+        first = Message.create("a.b", {})
+        second = Message("a.b", {})
+        self.assertNotEqual(first.id, second.id)
+        for message in (first, second):
+            self.assertEqual(uuid.UUID(message.id).version, 4)
+
+
+class UtcNowTests(SynchronousTestCase):
+    """
+    utc_now is the current second in UTC, however the last one is remembered.
+    """
+
+    def test_now(self) -> None:
+        """It is the present second, in UTC, without microseconds."""
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        now = utc_now()
+        after = datetime.now(timezone.utc).replace(microsecond=0)
+        self.assertTrue(before <= now <= after)
+        self.assertIs(now.tzinfo, timezone.utc)
+        self.assertEqual(now.microsecond, 0)
+
+    def test_follows_the_clock(self) -> None:
+        """Within a second it is the same; the next second it is the next one, and going back too."""
+        with mock.patch("fedhub.message.time.time", return_value=1_800_000_000.25):
+            first = utc_now()
+            self.assertIs(utc_now(), first)
+        with mock.patch("fedhub.message.time.time", return_value=1_800_000_000.99):
+            self.assertEqual(utc_now(), first)
+        with mock.patch("fedhub.message.time.time", return_value=1_800_000_001.0):
+            self.assertEqual(utc_now(), datetime(2027, 1, 15, 8, 0, 1, tzinfo=timezone.utc))
+        with mock.patch("fedhub.message.time.time", return_value=1_799_999_999.5):
+            self.assertEqual(utc_now(), datetime(2027, 1, 15, 7, 59, 59, tzinfo=timezone.utc))
+        self.assertEqual(first, datetime(2027, 1, 15, 8, 0, 0, tzinfo=timezone.utc))
