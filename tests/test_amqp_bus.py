@@ -642,6 +642,29 @@ class PublishTests(BusCase):
         self.clock.advance(0.1)
         self.assertTrue(self.broker.transport.aborted)
 
+    def test_confirm_timer_not_per_message(self) -> None:
+        """
+        Messages confirmed one at a time share one confirm timer instead of
+        making one each; a message published after the others were
+        confirmed is still timed from its own publish.
+        """
+        self.make_bus(confirm_timeout=10.0)
+        for seq in range(1, 101):
+            self.publish()
+            self.broker.ack(seq)
+            self.clock.advance(0.005)
+        timers = [c for c in self.clock.getDelayedCalls() if c.func == self.bus._session._confirm_check]
+        self.assertEqual(len(timers), 1)
+        self.clock.advance(9.0)
+        _, d = self.publish()
+        # The shared timer runs out, finds the new message not yet due, and
+        # times it from its publish.
+        self.clock.advance(9.9)
+        self.assertFalse(self.broker.transport.aborted)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertTrue(self.broker.transport.aborted)
+
     def test_blocked_waits(self) -> None:
         """
         While the broker blocks the connection, publishes are not written and

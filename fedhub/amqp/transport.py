@@ -747,9 +747,10 @@ class _Session:
         finally:
             bus.confirming = False
         if not self.unconfirmed:
-            if self.confirm_call is not None and self.confirm_call.active():
-                self.confirm_call.cancel()
-            self.confirm_call = None
+            # The confirm timer is left to run out: it finds nothing to time
+            # then, or times the messages published meanwhile.  Cancelling
+            # it here would make a timer per message where they go one at
+            # a time.
             self.drained.fire()
         for callback in bus._after_confirms:
             try:
