@@ -256,16 +256,26 @@ def utc_now() -> datetime:
     return now
 
 
+def uuid_text(data: bytes, version: int) -> str:
+    """
+    The text of the RFC 4122 UUID of the given C{version} made of the first
+    16 bytes of C{data} (random bytes for version 4, the name's SHA-1 digest
+    for version 5), as C{str(uuid.UUID(bytes=..., version=...))} gives it,
+    without the C{UUID} object.
+    """
+    raw = bytearray(data[:16])
+    raw[6] = (raw[6] & 0x0F) | (version << 4)
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
 def new_message_id() -> str:
     """
     A fresh random message id: the text of a version 4 UUID, as
-    C{str(uuid.uuid4())} gives it, made without the C{UUID} object.
+    C{str(uuid.uuid4())} gives it.
     """
-    data = bytearray(os.urandom(16))
-    data[6] = (data[6] & 0x0F) | 0x40  # version 4
-    data[8] = (data[8] & 0x3F) | 0x80  # the RFC 4122 variant
-    text = data.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return uuid_text(os.urandom(16), 4)
 
 
 #: The last sent-at time formatted by L{_sent_at_text} and its text: the

@@ -65,7 +65,7 @@ from fedhub.errors import (
 )
 from fedhub.interfaces import IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
-from fedhub.message import Message
+from fedhub.message import Message, uuid_text
 from fedhub.plugins import PluginContext
 from fedhub.producers.bugzilla.enrich import Enriched, enrich_options, enricher_from_options
 from fedhub.producers.bugzilla.fingerprint import (
@@ -269,13 +269,8 @@ def message_id_for(fingerprint: str) -> str:
     The message id of the event with this fingerprint: a name-based UUID,
     so every copy of one event is published with the same id.
     """
-    # uuid.uuid5(_ID_NAMESPACE, fingerprint), spelled out: the same bytes
-    # and bits, without building a UUID object for its text alone.
-    digest = bytearray(hashlib.sha1(_ID_NAMESPACE_BYTES + fingerprint.encode("utf-8")).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
-    text = digest.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    # uuid.uuid5(_ID_NAMESPACE, fingerprint), without the UUID object.
+    return uuid_text(hashlib.sha1(_ID_NAMESPACE_BYTES + fingerprint.encode("utf-8")).digest(), 5)
 
 
 def _headers(event: BugEvent, package_products: tuple[str, ...]) -> dict[str, Any]:
