@@ -34,7 +34,7 @@ import signal
 import struct
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from fedhub.producers.bugzilla.fingerprint import body_of, fingerprint_of
@@ -50,6 +50,7 @@ __all__ = [
     "FRAME_HEADER",
     "MAX_REQUEST_BYTES",
     "MAX_RESPONSE_BYTES",
+    "REFUSALS",
     "encode_response",
     "handle",
     "main",
@@ -73,12 +74,17 @@ _DETAIL_CHARS = 2000
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
+#: The parser's refusals by the name a worker reports them under, the most
+#: specific first: the hub raises the same class again.
+REFUSALS: Mapping[str, type[BugmailError]] = {
+    "NotBugmail": NotBugmail,
+    "MalformedBugmail": MalformedBugmail,
+    "BugmailError": BugmailError,
+}
+
+
 def _error_class(error: BugmailError) -> str:
-    if isinstance(error, NotBugmail):
-        return "NotBugmail"
-    if isinstance(error, MalformedBugmail):
-        return "MalformedBugmail"
-    return "BugmailError"
+    return next(name for name, cls in REFUSALS.items() if isinstance(error, cls))
 
 
 def handle(raw: bytes) -> dict[str, Any]:

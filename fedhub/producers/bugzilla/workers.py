@@ -70,14 +70,9 @@ from fedhub.producers.bugzilla.parse_worker import (
     FRAME_HEADER,
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
+    REFUSALS,
 )
-from fedhub.producers.bugzilla.parser import (
-    BugEvent,
-    BugmailError,
-    MalformedBugmail,
-    NotBugmail,
-    parse_bugmail,
-)
+from fedhub.producers.bugzilla.parser import BugEvent, parse_bugmail
 from fedhub.producers.bugzilla.producer import (
     DEFAULT_INLINE_MAX,
     IBugmailIntake,
@@ -99,13 +94,6 @@ __all__ = [
 #: Seconds a mail may wait for a worker, and a worker may take to parse it.
 DEFAULT_TIMEOUT = 30.0
 
-#: The parser's refusals, by the name a worker reports them under.
-_REFUSALS: Mapping[str, type[BugmailError]] = {
-    "NotBugmail": NotBugmail,
-    "MalformedBugmail": MalformedBugmail,
-    "BugmailError": BugmailError,
-}
-
 #: Bytes of a worker's standard error logged at most, over its life.
 _STDERR_LIMIT = 16 * 1024
 
@@ -124,6 +112,14 @@ class ParseUnavailable(TemporarilyUnavailable):
     def __init__(self, reason: str, kind: str) -> None:
         self.kind = kind
         super().__init__(reason)
+
+
+def _not_understood() -> Failure:
+    """
+    The failure of a mail whose worker's answer could not be understood.
+    """
+    return Failure(ParseUnavailable(
+        "the parse worker gave an answer that could not be understood", "protocol"))
 
 
 def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -956,8 +952,7 @@ class ParserPool(Service):
         self.log.error("Parse worker {pid} {what}; killing it", pid=worker.pid, what=what,
                        producer=self.producer)
         if request is not None:
-            request.settle(Failure(ParseUnavailable(
-                "the parse worker gave an answer that could not be understood", "protocol")))
+            request.settle(_not_understood())
 
     def worker_stderr(self, worker: _Worker, line: str) -> None:
         self.log.warn("Parse worker {pid}: {line}", pid=worker.pid, line=line,
@@ -993,14 +988,13 @@ class ParserPool(Service):
                     "Parse worker {pid} sent an event that could not be read back: {error}",
                     pid=worker.pid, error=escape_control(str(e), 300), producer=self.producer,
                 )
-                return Failure(ParseUnavailable(
-                    "the parse worker gave an answer that could not be understood", "protocol"))
+                return _not_understood()
             seed_fingerprint(event, fingerprint, data)
             self.counters["parsed"] += 1
             return event
         error = response.get("error")
         if isinstance(error, dict):
-            cls = _REFUSALS.get(error.get("class"))  # type: ignore[arg-type]
+            cls = REFUSALS.get(error.get("class"))  # type: ignore[arg-type]
             reason, code = error.get("reason"), error.get("code")
             if cls is not None and isinstance(reason, str) and isinstance(code, str):
                 self.counters["refused"] += 1
@@ -1020,8 +1014,7 @@ class ParserPool(Service):
         self.counters["errors"] += 1
         self.log.error("Parse worker {pid} sent an answer of an unknown kind", pid=worker.pid,
                        producer=self.producer)
-        return Failure(ParseUnavailable(
-            "the parse worker gave an answer that could not be understood", "protocol"))
+        return _not_understood()
 
     def worker_ended(
         self, worker: _Worker, reason: Failure, request: _Request | None, told_to_exit: bool
