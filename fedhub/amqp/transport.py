@@ -102,6 +102,7 @@ from fedhub.errors import (
     PublishError,
 )
 from fedhub.interfaces import IBus, IDelivery, ISubscription
+from fedhub.latch import Latch
 from fedhub.logs import HubLogger
 from fedhub.message import Message, from_amqp
 from fedhub.text import escape_control
@@ -214,31 +215,6 @@ def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
     if "access to topic '" in text:
         return f"topic '{routing_key}' in exchange '{exchange}'" in text
     return True
-
-
-class _Latch:
-    """
-    Something that happens once; any number of parties may wait for it.
-    """
-
-    def __init__(self) -> None:
-        self.fired = False
-        self._waiters: list[Deferred[None]] = []
-
-    def wait(self) -> Deferred[None]:
-        if self.fired:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
-        return d
-
-    def fire(self) -> None:
-        if self.fired:
-            return
-        self.fired = True
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
 
 
 # --- publishing -----------------------------------------------------------------
@@ -407,7 +383,7 @@ class AMQPSubscription:
         self.waiters: list[Deferred[ISubscription]] = []
         self.starting = False
         self._bus = bus
-        self._gone = _Latch()
+        self._gone = Latch()
 
     def cancel(self) -> Deferred[None]:
         """
@@ -466,7 +442,7 @@ class _Session:
         self.confirm_call: IDelayedCall | None = None
         self.refusals: list[ChannelError] = []
         self.reopening = False
-        self.drained = _Latch()
+        self.drained = Latch()
         self.drained.fire()
 
     # -- channels ---------------------------------------------------------
@@ -623,7 +599,7 @@ class _Session:
         pending.seq = seq
         pending.deadline = self.clock.seconds() + self.bus.confirm_timeout
         if not self.unconfirmed:
-            self.drained = _Latch()
+            self.drained = Latch()
         self.unconfirmed[seq] = pending
         sent = self.by_id.get(message.id)
         if sent is None:

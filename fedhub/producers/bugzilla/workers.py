@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 
 import fedhub
 from fedhub.errors import TemporarilyUnavailable
+from fedhub.latch import Latch
 from fedhub.logs import HubLogger
 from fedhub.producers.bugzilla.parse_worker import (
     FRAME_HEADER,
@@ -702,8 +703,8 @@ class ParserPool(Service):
         self._failures = [0] * workers
         self._live: set[_Worker] = set()
         self._queue: deque[_Request] = deque()
-        self._stopping: Deferred[None] | None = None
-        self._stopped_waiters: list[Deferred[None]] = []
+        # Set from stopService on; fired once every worker process ended.
+        self._stopping: Latch | None = None
         self._kill_timer: IDelayedCall | None = None
         self.counters = {"parsed": 0, "refused": 0, "busy": 0, "timeouts": 0, "crashes": 0,
                          "errors": 0, "restarts": 0}
@@ -793,7 +794,7 @@ class ParserPool(Service):
         Start every worker.
         """
         if self._stopping is not None:
-            if not self._stopping.called:
+            if not self._stopping.fired:
                 raise RuntimeError("the ParserPool is still stopping")
             self._stopping = None
             self._failures = [0] * self.workers
@@ -809,7 +810,7 @@ class ParserPool(Service):
         """
         Service.stopService(self)  # type: ignore[no-untyped-call]
         if self._stopping is None:
-            self._stopping = Deferred()
+            self._stopping = Latch()
             for call in self._restarts.values():
                 if call.active():
                     call.cancel()
@@ -822,12 +823,7 @@ class ParserPool(Service):
             if self._live:
                 self._kill_timer = self.clock.callLater(self.stop_timeout, self._kill_the_rest)
             self._check_stopped()
-        d: Deferred[None] = Deferred()
-        if self._stopping.called:
-            d.callback(None)
-        else:
-            self._stopped_waiters.append(d)
-        return d
+        return self._stopping.wait()
 
     def _kill_the_rest(self) -> None:
         self._kill_timer = None
@@ -840,15 +836,12 @@ class ParserPool(Service):
 
     def _check_stopped(self) -> None:
         stopping = self._stopping
-        if stopping is None or self._live or stopping.called:
+        if stopping is None or self._live or stopping.fired:
             return
         if self._kill_timer is not None and self._kill_timer.active():
             self._kill_timer.cancel()
         self._kill_timer = None
-        stopping.callback(None)
-        waiters, self._stopped_waiters = self._stopped_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        stopping.fire()
 
     # --- workers ------------------------------------------------------------
 
