@@ -52,7 +52,8 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.mail.smtp import COMMAND, DATA, ESMTP, SMTPBadRcpt, User
+from twisted.mail.smtp import COMMAND, DATA, ESMTP, Address, AddressError, SMTPBadRcpt, User
+from twisted.python.compat import networkString
 from twisted.python.failure import Failure
 
 from fedhub.errors import FedhubError
@@ -724,7 +725,11 @@ class BugmailSMTP(ESMTP):
             return
         self._last_code = 0
         try:
-            self.state_COMMAND(line)  # type: ignore[no-untyped-call]
+            # What ESMTP.state_COMMAND does with the line, on the words
+            # split above: the verb's method, given the rest without the
+            # white space around it.
+            method = self.lookupMethod(words[0]) or self.do_UNKNOWN  # type: ignore[no-untyped-call]
+            method(words[1].rstrip() if len(words) == 2 else b"")
         except Exception:
             self.log.failure("SMTP command from {peer} failed", peer=self.peer,
                              producer=self.factory.producer)
@@ -844,7 +849,24 @@ class BugmailSMTP(ESMTP):
         if problem is not None:
             self.sendCode(*problem)
             return
-        ESMTP.do_MAIL(self, rest)  # type: ignore[no-untyped-call]
+        # ESMTP.do_MAIL from here, with the regular expression matched once
+        # and the sender validated without a Deferred when the validation
+        # answers at once (it always does here).
+        self._to = []
+        try:
+            address = Address(match.group("path"), self.host)
+        except AddressError as e:
+            self.sendCode(553, networkString(str(e)))
+            return
+        try:
+            validated = self.validateFrom(self._helo, address)
+        except Exception:
+            self._ebFromValidate(Failure())  # type: ignore[no-untyped-call]
+            return
+        if isinstance(validated, Deferred):
+            validated.addCallbacks(self._cbFromValidate, self._ebFromValidate)
+            return
+        self._cbFromValidate(validated)  # type: ignore[no-untyped-call]
 
     def _mail_parameters(self, options: bytes) -> tuple[int, bytes] | None:
         for token in options.split():
@@ -872,7 +894,26 @@ class BugmailSMTP(ESMTP):
         if len(self._to) >= self.settings.max_recipients:
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
-        ESMTP.do_RCPT(self, rest)  # type: ignore[no-untyped-call]
+        # ESMTP.do_RCPT, with the recipient validated without a Deferred
+        # when the validation answers at once (it always does here).
+        match = self.rcpt_re.match(rest)
+        if match is None:
+            self.sendCode(501, b"Syntax error")
+            return
+        try:
+            user = User(match.group("path"), self._helo, self, self._from)
+        except AddressError as e:
+            self.sendCode(553, networkString(str(e)))
+            return
+        try:
+            validated = self.validateTo(user)
+        except Exception:
+            self._ebToValidate(Failure())  # type: ignore[no-untyped-call]
+            return
+        if isinstance(validated, Deferred):
+            validated.addCallbacks(self._cbToValidate, self._ebToValidate, callbackArgs=(user,))
+            return
+        self._cbToValidate(validated, user)  # type: ignore[no-untyped-call]
 
     def validateTo(self, user: User) -> str:
         address = (user.dest.local + b"@" + user.dest.domain).decode("utf-8", "replace").lower()

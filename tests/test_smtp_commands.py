@@ -1,0 +1,161 @@
+"""
+The listener's own handling of C{MAIL} and C{RCPT} (the address parsed and
+validated without a Deferred) and of the command dispatch answers every
+command line as C{twisted.mail}'s C{ESMTP} did.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.mail.smtp import Address, SMTPBadSender, User
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.producers.bugzilla.smtp import BugmailSMTP
+from tests.test_smtp_server import RECIPIENT, CHANGED, Harness, RecordingIntake, dot_stuffed, sample
+
+#: Command lines sent one at a time in a fresh session, and the reply lines
+#: to each, as the listener gave them when C{ESMTP.state_COMMAND},
+#: C{ESMTP.do_MAIL} and C{ESMTP.do_RCPT} handled them.
+SESSIONS: list[tuple[list[bytes], list[list[bytes]]]] = [
+    (
+        [b'MAIL FROM:<bugzilla@redhat.com>', b'RCPT TO:<bugs@example.org>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'mail from:<bugzilla@redhat.com>  ', b'rcpt to:<BUGS@EXAMPLE.ORG>   '],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'  MAIL   FROM:<a@b.example>', b'RCPT  TO:<bugs@example.org>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'MAIL FROM:<>', b'RCPT TO:<bugs@example.org>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'MAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME', b'RCPT TO:<someone@example.org>', b'RCPT TO:<x@elsewhere.example>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'550 5.1.1 No such recipient here'], [b'550 5.7.1 Relaying denied']],
+    ),
+    (
+        [b'MAIL FROM:a@b.example', b'RCPT TO:bugs@example.org'],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'MAIL FROM:<@relay.example:a@b.example>', b'RCPT TO:<@relay.example:bugs@example.org>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'MAIL FROM:<a@b@c.example>'],
+        [[b'553 5.0.0 Too many @']],
+    ),
+    (
+        [b'MAIL FROM:<a@b.example', b'MAIL FROM:<"quoted local"@b.example>', b'RCPT TO:<"bugs"@example.org>'],
+        [[b'501 5.5.4 Syntax: MAIL FROM:<address>'], [b'250 2.0.0 Sender address accepted'], [b'550 5.1.1 No such recipient here']],
+    ),
+    (
+        [b'MAIL FROM:<a(b)@c.example>'],
+        [[b'501 5.5.4 Syntax: MAIL FROM:<address>']],
+    ),
+    (
+        [b'MAIL FROM:<a@b.example>', b'RCPT TO:<bu@gs@example.org>', b'RCPT TO:<@x>', b'RCPT TO:<bugs>', b'RCPT TO:<>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'553 5.0.0 Too many @'], [b'553 5.0.0 Malformed source route'], [b'550 5.7.1 Relaying denied'], [b'501 5.0.0 Syntax error']],
+    ),
+    (
+        [b'MAIL FROM:<a@b.example>', b'MAIL FROM:<c@d.example>', b'RCPT TO:bugs@example.org extra'],
+        [[b'250 2.0.0 Sender address accepted'], [b'503 5.5.1 Sender already given'], [b'250 2.0.0 Recipient address accepted']],
+    ),
+    (
+        [b'RCPT TO:<bugs@example.org>', b'MAIL', b'MAIL FROM:', b'MAIL TO:<a@b.example>'],
+        [[b'503 5.5.1 MAIL first'], [b'501 5.5.4 Syntax: MAIL FROM:<address>'], [b'501 5.5.4 Syntax: MAIL FROM:<address>'], [b'501 5.5.4 Syntax: MAIL FROM:<address>']],
+    ),
+    (
+        [b'NOOP', b'noop   ', b'RSET x', b'VRFY a', b'EXPN b', b'HELP', b'FOO bar', b'AUTH PLAIN', b'STARTTLS', b'HELO', b'HELO   ', b'EHLO  x.example  '],
+        [[b'250 2.0.0 OK'], [b'250 2.0.0 OK'], [b'250 2.0.0 OK'], [b'502 5.5.1 VRFY is not supported'], [b'502 5.5.1 VRFY is not supported'], [b'500 5.0.0 Command not implemented'], [b'500 5.0.0 Command not implemented'], [b'502 5.5.1 AUTH is not supported'], [b'454 4.7.0 TLS not available'], [b'501 5.5.4 HELO needs a domain or address'], [b'501 5.5.4 HELO needs a domain or address'], [b'250-localhost', b'250-SIZE 1048576', b'250-8BITMIME', b'250-PIPELINING', b'250 ENHANCEDSTATUSCODES']],
+    ),
+    (
+        [b'MAIL FROM:<a@b.example>', b'RCPT TO:<bugs@example.org>', b'RSET', b'RCPT TO:<bugs@example.org>'],
+        [[b'250 2.0.0 Sender address accepted'], [b'250 2.0.0 Recipient address accepted'], [b'250 2.0.0 OK'], [b'503 5.5.1 MAIL first']],
+    ),
+]
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    C{MAIL}, C{RCPT} and the command dispatch.
+    """
+
+    def run_session(self, lines: list[bytes], harness: Harness | None = None) -> list[list[bytes]]:
+        client = (harness or Harness()).connect()
+        client.replies()
+        replies = []
+        for line in lines:
+            client.send(line + b"\r\n")
+            replies.append(client.replies())
+        client.close()
+        return replies
+
+    def test_replies(self) -> None:
+        """Every command line of the table gets the replies ESMTP's own handling gave."""
+        for lines, expected in SESSIONS:
+            self.assertEqual(self.run_session(lines), expected, lines)
+
+    def test_envelope(self) -> None:
+        """Accepted recipients and the sender reach the envelope as ESMTP's handling left them."""
+        intake = RecordingIntake()
+        harness = Harness(intake=intake)
+        client = harness.connect()
+        client.send(b"EHLO client.example\r\nMAIL FROM:<bugzilla@example.com>\r\n")
+        client.send(b"RCPT TO:<" + RECIPIENT.upper().encode() + b">\r\n")
+        protocol = client.protocol
+        self.assertIsInstance(protocol._from, Address)
+        self.assertEqual(str(protocol._from), "bugzilla@example.com")
+        self.assertEqual(len(protocol._to), 1)
+        user, address = protocol._to[0]
+        self.assertIsInstance(user, User)
+        self.assertEqual(str(user), RECIPIENT.upper())
+        self.assertEqual(address, RECIPIENT)
+        client.replies()
+        client.send(b"DATA\r\n" + dot_stuffed(sample(CHANGED)))
+        self.assertEqual(client.codes(), [354, 250])
+        self.assertEqual(intake.received, [sample(CHANGED)])
+
+    def test_deferred_validation(self) -> None:
+        """A validation that answers with a Deferred is still waited for."""
+        sender: Deferred[object] = Deferred()
+        recipient: Deferred[object] = Deferred()
+        self.patch(BugmailSMTP, "validateFrom", lambda self, helo, origin: sender)
+        self.patch(BugmailSMTP, "validateTo", lambda self, user: recipient)
+        client = Harness().connect()
+        client.replies()
+        client.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(client.replies(), [])
+        sender.callback(Address(b"a@example.com"))
+        self.assertEqual(client.replies(), [b"250 2.0.0 Sender address accepted"])
+        client.send(b"RCPT TO:<" + RECIPIENT.encode() + b">\r\n")
+        self.assertEqual(client.replies(), [])
+        recipient.callback(RECIPIENT)
+        self.assertEqual(client.replies(), [b"250 2.0.0 Recipient address accepted"])
+        self.assertEqual(client.protocol._to[0][1], RECIPIENT)
+
+    def test_failed_validation(self) -> None:
+        """A refused sender gets its code, and a validation that fails unexpectedly gets 451 and is logged."""
+        def refuse(self: BugmailSMTP, helo: object, origin: Address) -> object:
+            raise SMTPBadSender(origin, 550, "not you")
+
+        def broken(self: BugmailSMTP, user: User) -> object:
+            raise RuntimeError("broken")
+
+        self.patch(BugmailSMTP, "validateFrom", refuse)
+        self.patch(BugmailSMTP, "validateTo", broken)
+        self.assertEqual(
+            self.run_session([b"MAIL FROM:<a@example.com>"]),
+            [[b"550 5.0.0 Cannot receive from specified address <a@example.com>: not you"]],
+        )
+        self.patch(BugmailSMTP, "validateFrom", lambda self, helo, origin: succeed(origin))
+        self.assertEqual(
+            self.run_session([b"MAIL FROM:<a@example.com>", b"RCPT TO:<" + RECIPIENT.encode() + b">"]),
+            [[b"250 2.0.0 Sender address accepted"],
+             [b"451 4.0.0 Requested action aborted: local error in processing"]],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
