@@ -503,6 +503,22 @@ class Message:
             "headers": self.wire_headers(),
         }
 
+    def encoded_properties(self) -> bytes:
+        """
+        L{amqp_properties} encoded as an AMQP content header carries them
+        (L{fedhub.amqp.frames.encode_properties}).  Worked out once; the
+        outbox stores them, so a message is encoded once however often it
+        is published.
+
+        @raise MessageError: when they can not be encoded (an id longer
+            than 255 bytes, a header value out of AMQP's range).
+        """
+        encoded = self.__dict__.get("_properties")
+        if encoded is None:
+            encoded = _encode_properties(self)
+            self.__dict__["_properties"] = encoded
+        return encoded
+
     def evolve(self, **changes: Any) -> Message:
         """
         A copy with some fields changed (validated like a new message).
@@ -538,8 +554,8 @@ class Message:
         L{evolve} for what a transport changes on every delivery (the
         queue, the redelivered flag, the topic): only the changed fields are
         checked, the others are this message's, which were checked when it
-        was made.  The wire headers, which none of them is part of, are
-        kept when worked out already.
+        was made.  The wire headers and the encoded properties, which none
+        of them is part of, are kept when worked out already.
         """
         if "topic" in changes:
             _check_topic(changes["topic"])
@@ -547,9 +563,11 @@ class Message:
         if queue is not None and not isinstance(queue, str):
             raise MessageError(f"queue must be a string or None, not {queue!r}")
         fields = self._fields_with(changes)
-        wire = self.__dict__.get("_wire")
-        if wire is not None:
-            fields["_wire"] = wire
+        known = self.__dict__
+        if "_wire" in known:
+            fields["_wire"] = known["_wire"]
+            if "_properties" in known:
+                fields["_properties"] = known["_properties"]
         return Message._from_checked(**fields)
 
     def to_serialized(self) -> dict[str, Any]:
@@ -568,6 +586,85 @@ class Message:
 
 #: The fields L{Message.evolve} changes without checking the others again.
 _DELIVERY_CHANGES = frozenset({"queue", "redelivered", "topic"})
+
+#: Header values whose class and equality tell their encodings apart (not
+#: floats: 0.0 == -0.0).
+_PLAIN_HEADER_VALUES = frozenset({str, int, bool, type(None)})
+
+#: The encoded properties of recent messages up to their id, by what makes
+#: them (see L{_properties_key}): most messages of a burst have the same
+#: headers, down to the sent-at second, and differ in their id alone, which
+#: is the last property set.
+_properties_cache: dict[tuple[Any, ...], bytes] = {}
+_PROPERTIES_CACHE_SIZE = 256
+
+
+def _properties_key(message: Message) -> tuple[Any, ...] | None:
+    """
+    What makes the encoded properties of a message but for its id: its
+    schema, severity, priority, sent-at text and extra headers (their
+    names, values and the values' classes, as C{True == 1}), which make
+    its wire headers; or C{None} when one is not of a plain class.
+    """
+    severity = message.severity
+    priority = message.priority
+    schema = message.schema
+    if severity.__class__ is not int or priority.__class__ is not int or schema.__class__ is not str:
+        return None
+    sent_at = message.sent_at
+    key: list[Any] = [schema, severity, priority, None if sent_at is None else _sent_at_text(sent_at)]
+    for name, value in message.headers.items():
+        if value.__class__ not in _PLAIN_HEADER_VALUES:
+            return None
+        key += (name, value.__class__, value)
+    return tuple(key)
+
+
+_amqp_encoding: tuple[Any, Any] | None = None
+
+
+def _amqp() -> tuple[Any, Any]:
+    """
+    The AMQP encoders and their error, imported on first use: the AMQP
+    modules bring txamqp and Twisted, which a process that only makes or
+    reads messages does without.
+    """
+    global _amqp_encoding
+    if _amqp_encoding is None:
+        from fedhub.amqp.codec import FieldTableError
+        from fedhub.amqp.frames import encode_properties
+
+        _amqp_encoding = (FieldTableError, encode_properties)
+    return _amqp_encoding
+
+
+def _encode_properties(message: Message) -> bytes:
+    table_error, encode_properties = _amqp_encoding or _amqp()
+    message_id = message.id
+    try:
+        raw_id = message_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MessageError(f"message id {message_id!r} is not encodable as UTF-8") from None
+    if len(raw_id) > 255:
+        raise MessageError(
+            f"message {message_id[:40]}... can not be encoded for AMQP: its id is"
+            f" {len(raw_id)} bytes; AMQP's message-id holds at most 255"
+        )
+    tail = bytes((len(raw_id),)) + raw_id
+    key = _properties_key(message)
+    if key is not None:
+        prefix = _properties_cache.get(key)
+        if prefix is not None:
+            return prefix + tail
+    try:
+        encoded: bytes = encode_properties(message.amqp_properties())
+    except (table_error, KeyError, TypeError, ValueError) as e:
+        raise MessageError(f"message {message_id} can not be encoded for AMQP: {e}") from None
+    if key is not None and encoded.endswith(tail):
+        if len(_properties_cache) >= _PROPERTIES_CACHE_SIZE:
+            _properties_cache.clear()
+        _properties_cache[key] = encoded[: len(encoded) - len(tail)]
+    return encoded
 
 
 def _freeze_headers(headers: Mapping[str, Any]) -> FrozenDict:

@@ -44,11 +44,13 @@ from fedhub.amqp.frames import (
     basic_properties,
     decode_deliver,
     decode_headers,
+    decode_properties,
     decode_return,
     decode_tag_bits,
     encode_ack,
     encode_headers,
     encode_nack,
+    encode_properties,
     encode_reject,
     encode_shortstr,
 )
@@ -906,6 +908,23 @@ class ClientTests(SynchronousTestCase):
             self.assertEqual(connection.transport.writes, connection.writes + 1)
         self.assertEqual(fast.transport.value(), generic.transport.value())
         self.assertEqual(len(split_frames(fast.transport.value())), 5)
+
+    def test_publish_encoded_properties(self) -> None:
+        """Properties given encoded publish the bytes they publish given by name, on both paths."""
+        by_name = Connection(True)
+        by_name.client.basic_publish(2, "amq.topic", "a.b", b"{}", EVERY_PROPERTY)
+        encoded = encode_properties(EVERY_PROPERTY)
+        self.assertEqual(decode_properties(encoded), EVERY_PROPERTY)
+        for fast in (True, False):
+            connection = Connection(fast)
+            self.assertTrue(connection.client.basic_publish(2, "amq.topic", "a.b", b"{}", encoded))
+            self.assertEqual(connection.transport.value(), by_name.transport.value())
+
+    def test_decode_properties_damaged(self) -> None:
+        """Encoded properties cut short or running on are a FrameError."""
+        encoded = encode_properties(EVERY_PROPERTY)
+        for damaged in (b"", encoded[:1], encoded[:-1], encoded + b"x", encoded[:2] + b"\xff" + encoded[3:]):
+            self.assertRaises(FrameError, decode_properties, damaged)
 
     def test_publish_refused_writes_nothing(self) -> None:
         """An unencodable publish raises before anything is written."""

@@ -162,7 +162,7 @@ class DeliveredCopyTests(SynchronousTestCase):
             schema="s.v1",
         )
         if wire_first:
-            message.wire_headers()
+            message.encoded_properties()
         changes: dict[str, Any] = {"queue": queue, "redelivered": redelivered}
         if topic is not None:
             changes["topic"] = topic
@@ -180,11 +180,92 @@ class DeliveredCopyTests(SynchronousTestCase):
             self.assertEqual(getattr(copy, name), getattr(expected, name))
         self.assertEqual(copy.wire_headers(), expected.wire_headers())
         self.assertEqual(copy.amqp_properties(), expected.amqp_properties())
+        self.assertEqual(copy.encoded_properties(), expected.encoded_properties())
 
     def test_bad_queue(self) -> None:
         """A queue that is not a string is refused as the constructor refuses it."""
         message = Message("a.b", {})
         self.assertRaises(MessageError, message.evolve, queue=3)
+
+
+def _fresh_properties(message: Message) -> bytes:
+    """The encoded properties from an encoder that has seen no other message."""
+    from fedhub.amqp.frames import PublishEncoder
+    from fedhub.amqp.spec import load_spec
+
+    return PublishEncoder(load_spec(), 4096).property_bytes(message.amqp_properties())
+
+
+_header_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=("Cs",)), max_size=8)
+    | st.lists(st.integers(min_value=-5, max_value=5) | st.booleans(), max_size=3)
+)
+
+
+class EncodedPropertiesTests(SynchronousTestCase):
+    """
+    L{Message.encoded_properties}, which keeps the encodings of properties
+    that messages share, gives what an encoder without caches gives.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.dictionaries(st.sampled_from(["a", "b", "x_user"]), _header_values, max_size=3),
+                st.sampled_from([0, 3, 255]),
+                st.sampled_from(["id-1", "\u00e9t\u00e9-2", "x" * 255]),
+                st.sampled_from([None, datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc)]),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    def test_same_as_uncached(self, made: list[tuple[dict[str, Any], int, str, datetime | None]]) -> None:
+        """Messages made one after another, alike or not, each encode as they would alone."""
+        for headers, priority, message_id, sent_at in made:
+            message = Message("a.b", {}, headers=headers, priority=priority, id=message_id, sent_at=sent_at)
+            self.assertEqual(message.encoded_properties(), _fresh_properties(message))
+            self.assertIs(message.encoded_properties(), message.encoded_properties())
+
+    def test_alike_values(self) -> None:
+        """True and 1, 0.0 and -0.0, and headers in another order encode apart."""
+        seen = set()
+        for headers in ({"x": True}, {"x": 1}, {"x": 0.0}, {"x": -0.0}, {"x": 1, "y": 2}, {"y": 2, "x": 1}):
+            for _ in range(2):
+                message = Message("a.b", {}, headers=headers, id="same")
+                self.assertEqual(message.encoded_properties(), _fresh_properties(message))
+            seen.add(message.encoded_properties())
+        self.assertEqual(len(seen), 6)
+
+    def test_changed_copy(self) -> None:
+        """A copy with another priority or other headers encodes its own properties."""
+        message = Message("a.b", {}, id="m", sent_at=None)
+        message.encoded_properties()
+        for copy in (message.evolve(priority=9), message.evolve(headers={"z": 1}), message.evolve(id="n")):
+            self.assertEqual(copy.encoded_properties(), _fresh_properties(copy))
+            self.assertNotEqual(copy.encoded_properties(), message.encoded_properties())
+
+    def test_cache_bounded(self) -> None:
+        """The cache of shared encodings stays bounded."""
+        import fedhub.message as module
+
+        for n in range(module._PROPERTIES_CACHE_SIZE * 2 + 3):
+            Message("a.b", {}, headers={f"h{n}": n}).encoded_properties()
+            self.assertLessEqual(len(module._properties_cache), module._PROPERTIES_CACHE_SIZE)
+
+    def test_not_encodable(self) -> None:
+        """An id longer than a short string, or a header AMQP can not carry, is a MessageError that names the message."""
+        too_long = Message("a.b", {}, id="x" * 256)
+        huge = Message("a.b", {}, id="huge", headers={"n": 2**64})
+        for message in (too_long, huge, too_long):
+            with self.assertRaises(MessageError) as caught:
+                message.encoded_properties()
+            self.assertIn(message.id[:20], str(caught.exception))
 
 
 class SentAtTextTests(SynchronousTestCase):

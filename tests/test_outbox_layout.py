@@ -1,8 +1,8 @@
 """
-Tests for the stored form of outbox messages: the publish form that layout 2
+Tests for the stored form of outbox messages: the AMQP form that layout 3
 writes (L{fedhub.outbox.store.encode}), the cheap read-back for publishing
 (L{fedhub.outbox.store.decode_for_publish}, L{StoredMessage}), and stores
-written by layout 1, which must still open and drain.
+written by layouts 1 and 2, which must still open and drain.
 
 C{tests/data/outbox/layout1.sqlite3} was written by the store of layout 1
 (fedhub at commit 33c46f0) with the messages of L{layout1_messages}: all
@@ -18,15 +18,19 @@ import json
 import os
 import shutil
 import sqlite3
+import struct
 from datetime import datetime, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from fedhub.amqp.frames import PublishEncoder
+from fedhub.amqp.spec import load_spec
 from fedhub.errors import DecodeError
 from fedhub.message import WARNING, Message, from_amqp
 from fedhub.outbox import RETURNED, Store, SynchronousExecutor
 from fedhub.outbox import store as store_module
 from fedhub.outbox.store import (
+    AMQP_FORM,
     DATABASE_NAME,
     PUBLISH_FORM,
     SCHEMA_VERSION,
@@ -105,21 +109,38 @@ class PublishFormTests(SynchronousTestCase):
 
     def test_layout(self) -> None:
         """
-        A record is the form byte with the topic, id and queue, a line of headers, and the body bytes exactly as published.
+        A record is the form byte, four lengths, the topic, id and queue, the properties as published, and the body bytes as published.
         """
         message = layout1_messages()[2]
         data = encode(message)
-        self.assertEqual(data[:1], PUBLISH_FORM)
-        head, headers, body = data[1:].split(b"\n", 2)
-        self.assertEqual(
-            head, b'["org.example.dev.layout.three","00000000-0000-4000-8000-000000000003","some.queue"]'
-        )
-        self.assertEqual(
-            headers,
-            b'{"x":1,"fedora_messaging_schema":"base.message","fedora_messaging_severity":30,'
-            b'"sent-at":"2026-11-28T06:00:00+00:00","priority":0}',
-        )
-        self.assertEqual(body, b'\xef\xbb\xbf{"n": 3}')
+        self.assertEqual(data[:1], AMQP_FORM)
+        sizes = struct.unpack_from("!HHHI", data, 1)
+        topic = b"org.example.dev.layout.three"
+        message_id = b"00000000-0000-4000-8000-000000000003"
+        properties = fresh_properties(message)
+        self.assertEqual(sizes, (len(topic), len(message_id), len(b"some.queue"), len(properties)))
+        self.assertEqual(data[11:], topic + message_id + b"some.queue" + properties + b'\xef\xbb\xbf{"n": 3}')
+        # No queue: its length is 0xFFFF and it takes no bytes.
+        plain = layout1_messages()[4]
+        data = encode(plain)
+        self.assertEqual(struct.unpack_from("!HHHI", data, 1)[2], 0xFFFF)
+        self.assertTrue(data.endswith(fresh_properties(plain) + plain.body_bytes))
+        self.assertIsNone(decode(data).queue)
+        self.assertIsNone(decode_for_publish(data).queue)
+        # An empty queue name is not none.
+        empty = plain.evolve(queue="")
+        self.assertEqual(decode(encode(empty)).queue, "")
+        self.assertEqual(decode_for_publish(encode(empty)).queue, "")
+
+    def test_properties_published_as_stored(self) -> None:
+        """
+        A message read back carries the stored properties, which are what an encoder without caches makes of it.
+        """
+        for message in varied_messages():
+            data = encode(message)
+            stored = decode_for_publish(data)
+            self.assertEqual(stored.encoded_properties(), fresh_properties(message))
+            self.assertIn(stored.encoded_properties(), data)
 
     def test_stored_message_equal(self) -> None:
         """
@@ -214,7 +235,7 @@ class PublishFormTests(SynchronousTestCase):
             self.assertEqual(decode_for_publish(encode(message)).headers, {f"u{n}": True})
             self.assertLessEqual(len(store_module._headers_cache), store_module._HEADERS_CACHE_SIZE)
 
-    def test_headers_json_cache(self) -> None:
+    def test_headers_alike(self) -> None:
         """
         Stored headers come out as each message's own, however alike: true is not 1, -0.0 is not 0.0, order counts.
         """
@@ -234,13 +255,13 @@ class PublishFormTests(SynchronousTestCase):
             for headers in cases:
                 message = Message.create("org.example.t", {}, headers=headers, sent_at=SENT_AT)
                 data = encode(message)
-                self.assertEqual(data.split(b"\n")[1], json.dumps(message.wire_headers(), separators=(",", ":")).encode())
-                self.assertEqual(decode_for_publish(data).wire_headers(), message.wire_headers())
-                self.assertEqual(
-                    [type(v) for v in decode(data).wire_headers().values()],
-                    [type(v) for v in message.wire_headers().values()],
-                )
-        self.assertLessEqual(len(store_module._headers_json_cache), store_module._HEADERS_CACHE_SIZE)
+                self.assertTrue(data.endswith(fresh_properties(message) + b"{}"))
+                for decoded in (decode_for_publish(data), decode(data)):
+                    self.assertEqual(decoded.wire_headers(), message.wire_headers())
+                    self.assertEqual(
+                        [(k, type(v), repr(v)) for k, v in decoded.wire_headers().items()],
+                        [(k, type(v), repr(v)) for k, v in message.wire_headers().items()],
+                    )
 
     def test_model_fits(self) -> None:
         """
@@ -258,6 +279,101 @@ class PublishFormTests(SynchronousTestCase):
         stored = decode_for_publish(encode(message))
         self.assertIs(type(stored), Message)
         self.assertEqual(stored, message)
+
+    def test_damaged(self) -> None:
+        """
+        A damaged record in the AMQP form is a DecodeError, for the cheap read-back and the full one.
+        """
+        message = Message.create("org.example.t", {"a": 1}, id="i", sent_at=SENT_AT)
+        good = encode(message)
+        properties = fresh_properties(message)
+
+        def record(topic: bytes, message_id: bytes, queue: bytes | None, props: bytes) -> bytes:
+            sizes = struct.pack("!HHHI", len(topic), len(message_id), 0xFFFF if queue is None else len(queue), len(props))
+            return AMQP_FORM + sizes + topic + message_id + (queue or b"") + props + b'{"a":1}'
+
+        self.assertEqual(record(b"org.example.t", b"i", None, properties), good)
+        for data in (
+            AMQP_FORM,
+            good[:8],
+            good[:40],
+            record(b"org.example.t", b"", None, properties),
+            record(b"org.example.\xff", b"i", None, properties),
+            record(b"org.example.t", b"i", b"\xff", properties),
+            record(b"org.example.t", b"j", None, properties),
+            record(b"org.example.t", b"i", None, properties[:-2] + b"\x02ii"),
+            record(b"org.example.t", b"i", None, b"\xff\xff" + properties[2:]),
+            record(b"org.example.t", b"i", None, properties[:2] + b"\x00\x00\x00\x00" + properties[2:]),
+        ):
+            store_module._headers_cache.clear()
+            self.assertRaises(DecodeError, decode_for_publish, data)
+            self.assertRaises(DecodeError, decode, data)
+
+    def test_damaged_body(self) -> None:
+        """
+        A stored body that is not JSON is published as stored, and reading it is a DecodeError.
+        """
+        message = Message.create("org.example.t", {"a": 1}, id="i", sent_at=SENT_AT)
+        good = encode(message)
+        data = good[: -len(message.body_bytes)] + b"{oops"
+        stored = decode_for_publish(data)
+        self.assertEqual(stored.body_bytes, b"{oops")
+        self.assertRaises(DecodeError, getattr, stored, "body")
+        self.assertRaises(DecodeError, decode, data)
+
+    def test_serialized_form_still_read(self) -> None:
+        """
+        Records of layout 1 (one line of the serialized form) are read by both decoders.
+        """
+        from fedhub.message import dump_line
+
+        for message in varied_messages():
+            data = dump_line(message).encode("utf-8")
+            self.assertEqual(decode(data), message)
+            self.assertEqual(decode_for_publish(data), message)
+
+
+def layout2_record(message: Message) -> bytes:
+    """
+    A record as layout 2 wrote it: the publish form.
+    """
+    head = json.dumps([message.topic, message.id, message.queue], ensure_ascii=False, separators=(",", ":"))
+    headers = json.dumps(message.wire_headers(), ensure_ascii=False, separators=(",", ":"))
+    return PUBLISH_FORM + head.encode() + b"\n" + headers.encode() + b"\n" + message.body_bytes
+
+
+def fresh_properties(message: Message) -> bytes:
+    """
+    The encoded properties of a message, from an encoder that has seen no other.
+    """
+    return PublishEncoder(load_spec(), 4096).property_bytes(message.amqp_properties())
+
+
+class Layout2FormTests(SynchronousTestCase):
+    """
+    Records of layout 2 (the publish form) are still read, cheaply and completely.
+    """
+
+    def test_read(self) -> None:
+        """
+        Both decoders read a record of the publish form as the message it was.
+        """
+        for message in varied_messages():
+            data = layout2_record(message)
+            stored = decode_for_publish(data)
+            self.assertIsInstance(stored, StoredMessage)
+            for decoded in (stored, decode(data)):
+                self.assertEqual(decoded, message)
+                self.assertEqual(decoded.body_bytes, message.body_bytes)
+                self.assertEqual(decoded.encoded_properties(), fresh_properties(message))
+
+    def test_headers_cache(self) -> None:
+        """
+        Records with the same headers share their decoded headers.
+        """
+        a, b = (Message.create("org.example.t", {"n": n}, headers={"u": True}, sent_at=SENT_AT) for n in (1, 2))
+        first, second = (decode_for_publish(layout2_record(m)) for m in (a, b))
+        self.assertIs(first.headers, second.headers)
 
     def test_damaged(self) -> None:
         """
@@ -298,16 +414,41 @@ class PublishFormTests(SynchronousTestCase):
         self.assertRaises(DecodeError, getattr, stored, "body")
         self.assertRaises(DecodeError, decode, data)
 
-    def test_serialized_form_still_read(self) -> None:
-        """
-        Records of layout 1 (one line of the serialized form) are read by both decoders.
-        """
-        from fedhub.message import dump_line
 
-        for message in varied_messages():
-            data = dump_line(message).encode("utf-8")
-            self.assertEqual(decode(data), message)
-            self.assertEqual(decode_for_publish(data), message)
+class Layout2StoreTests(OutboxTestCase):
+    """
+    A store written by layout 2 opens, is upgraded and drains.
+    """
+
+    def test_upgrade_and_drain(self) -> None:
+        """
+        A layout 2 store becomes the current layout and publishes its records, then new ones, in order.
+        """
+        old = [Message.create("org.example.dev.layout.old", {"n": n}, sent_at=SENT_AT) for n in range(3)]
+        os.makedirs(self.directory)
+        conn = sqlite3.connect(os.path.join(self.directory, DATABASE_NAME))
+        try:
+            for statement in store_module._SCHEMA:
+                conn.execute(statement)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '2')")
+            for n, message in enumerate(old):
+                conn.execute(
+                    "INSERT INTO pending (message_id, created, data) VALUES (?, ?, ?)",
+                    (message.id, 1000.0 + n, layout2_record(message)),
+                )
+            conn.commit()
+        finally:
+            conn.close()
+        outbox, bus = self.make(FakeBus())
+        later = Message.create("org.example.dev.layout.later", {"n": 9})
+        self.successResultOf(outbox.publish(later))
+        bus.ack_all()
+        self.assertEqual(bus.published, old + [later])
+        self.assertEqual([p.encoded_properties() for p in bus.published], [fresh_properties(m) for m in old + [later]])
+        self.assertEqual(outbox.store.pending_count, 0)
+        conn = outbox.store._db.conn
+        assert conn is not None
+        self.assertEqual(conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("3",))
 
 
 class Layout1Tests(OutboxTestCase):

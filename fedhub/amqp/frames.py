@@ -34,6 +34,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
 from fedhub.amqp.codec import (
@@ -44,6 +45,7 @@ from fedhub.amqp.codec import (
     decode_table,
     encode_table,
 )
+from fedhub.amqp.spec import load_spec
 
 FRAME_METHOD: Final = 1
 """The frame type of a method."""
@@ -396,13 +398,30 @@ class PublishEncoder:
         self._plans[names] = plan
         return plan
 
+    def property_bytes(self, properties: Mapping[str, Any]) -> bytes:
+        """
+        The properties as a content header carries them after its body
+        size: the flag word, then the property list.  L{publish} takes
+        them in this form too, so a message published more than once (or
+        kept on disk) is encoded once.
+
+        @raise KeyError: A name is not a property of C{basic}.
+        @raise FrameEncodeError: A value does not fit its property's type.
+        @raise fedhub.amqp.codec.FieldTableEncodeError: The C{headers} table
+            can not be encoded.
+        """
+        if len(self._properties) > 15:  # pragma: no cover - not so in 0-9-1
+            raise FrameEncodeError("properties", "more than one flag word")
+        flags, encoded = self.properties(properties)
+        return _SHORT.pack(flags) + encoded
+
     def publish(
         self,
         channel: int,
         exchange: str,
         routing_key: str,
         body: bytes,
-        properties: Mapping[str, Any],
+        properties: Mapping[str, Any] | bytes,
         mandatory: bool = False,
         immediate: bool = False,
     ) -> bytes:
@@ -410,16 +429,17 @@ class PublishEncoder:
         One message as wire bytes: the method frame, the content header and
         as many body frames as the body needs (none for an empty body).
 
+        @param properties: Values by Python name, or already encoded (what
+            L{property_bytes} returns).
         @raise KeyError: A property name is unknown.
         @raise FrameEncodeError: A name or property value can not be encoded.
         @raise fedhub.amqp.codec.FieldTableEncodeError: The headers can not be
             encoded.
         """
-        flags, encoded = self.properties(properties)
-        if len(self._properties) > 15:  # pragma: no cover - not so in 0-9-1
-            raise FrameEncodeError("properties", "more than one flag word")
+        if not isinstance(properties, bytes):
+            properties = self.property_bytes(properties)
         size = len(body)
-        header_payload = _HEADER_FIXED.pack(BASIC, 0, size) + _SHORT.pack(flags) + encoded
+        header_payload = _HEADER_FIXED.pack(BASIC, 0, size) + properties
         parts: list[bytes | memoryview] = [
             self.method_frame(channel, exchange, routing_key, mandatory, immediate),
             _HEAD.pack(FRAME_HEADER, channel, len(header_payload)),
@@ -722,7 +742,16 @@ class HeaderDecoder:
             raise FrameError("unknown-class", channel, f"content class {class_id}")
         if weight != 0:
             raise FrameError("bad-length", channel, f"content weight {weight}")
-        pos += 12
+        return size, self.properties(data, pos + 12, end, channel)
+
+    def properties(self, data: bytes, pos: int, end: int, channel: int = 0) -> dict[str, Any]:
+        """
+        The properties of a content header: its flag words and property
+        list, running from C{pos} to C{end} (what
+        L{PublishEncoder.property_bytes} writes).
+
+        @raise FrameError: They are truncated or malformed.
+        """
         # Up to 15 property bits per flag word, high bit first; the lowest
         # bit says another word follows.
         flags = 0
@@ -760,7 +789,38 @@ class HeaderDecoder:
                 (properties[name],) = _LONGLONG.unpack_from(data, pos)
                 pos += 8
         _check_end(pos, end, channel)
-        return size, properties
+        return properties
+
+
+@lru_cache(maxsize=1)
+def _basic() -> tuple[PublishEncoder, HeaderDecoder]:
+    spec = load_spec()
+    return PublishEncoder(spec, 4096), HeaderDecoder(spec)
+
+
+def encode_properties(properties: Mapping[str, Any]) -> bytes:
+    """
+    C{basic} properties encoded as a content header carries them (see
+    L{PublishEncoder.property_bytes}), outside any connection: every
+    connection speaks the same AMQP 0-9-1.
+
+    @param properties: Values by Python name; C{None} counts as absent.
+    @raise KeyError: A name is not a property of C{basic}.
+    @raise FrameEncodeError: A value does not fit its property's type.
+    @raise fedhub.amqp.codec.FieldTableEncodeError: The C{headers} table
+        can not be encoded.
+    """
+    return _basic()[0].property_bytes(properties)
+
+
+def decode_properties(data: bytes) -> dict[str, Any]:
+    """
+    C{basic} properties by Python name from what L{encode_properties}
+    wrote.
+
+    @raise FrameError: C{data} is truncated or malformed.
+    """
+    return _basic()[1].properties(data, 0, len(data))
 
 
 class Content:

@@ -77,6 +77,7 @@ from fedhub.amqp.frames import (
     Deliver,
     PublishEncoder,
     decode_deliver,
+    decode_properties,
     decode_return,
     decode_tag_bits,
     encode_ack,
@@ -986,7 +987,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         exchange: str,
         routing_key: str,
         body: bytes,
-        properties: Mapping[str, Any],
+        properties: Mapping[str, Any] | bytes,
         mandatory: bool = True,
     ) -> bool:
         """
@@ -994,7 +995,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         before anything is written and written as one buffer.
 
         @param properties: Basic properties by Python name (C{content_type},
-            C{delivery_mode}, C{message_id}, C{headers}, ...).
+            C{delivery_mode}, C{message_id}, C{headers}, ...), or encoded
+            already (L{fedhub.amqp.frames.encode_properties}).
         @return: whether it was written (not on a closed channel).
         @raise fedhub.amqp.codec.FieldTableEncodeError: when the headers can
             not be encoded; nothing is written then.
@@ -1009,6 +1011,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
                 channel_id, exchange, routing_key, body, properties, mandatory
             )
             return self.write_bytes(data)
+        if isinstance(properties, bytes):
+            properties = decode_properties(properties)
         wire = {self._wire_property[name]: value for name, value in properties.items()}
         frames = [
             Frame(

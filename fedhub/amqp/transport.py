@@ -80,7 +80,6 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from fedhub.amqp.codec import FieldTableError
 from fedhub.amqp.protocol import (
     AMQPClient,
     ClientFactory,
@@ -584,13 +583,11 @@ class _Session:
                 pending.exchange,
                 pending.routing_key,
                 message.body_bytes,
-                message.amqp_properties(),
+                message.encoded_properties(),
                 mandatory=True,
             )
-        except (FieldTableError, KeyError, TypeError, ValueError) as e:
-            pending.deferred.errback(
-                MessageError(f"message {message.id} can not be encoded for AMQP: {e}")
-            )
+        except MessageError as e:
+            pending.deferred.errback(e)
             return
         if not written:
             self.waiting.appendleft(pending)

@@ -18,10 +18,11 @@ process) can not open the same outbox while it is in use, so two hubs never
 drain one outbox.
 
 A message is stored in the form it is published in (L{encode}): its topic,
-id and AMQP headers as a small JSON object, then its body bytes as they go on
-the wire.  Reading a backlog back to publish it therefore decodes a few
-hundred bytes of metadata per message and never the body, and validates
-nothing that was valid when it was handed over (L{decode_for_publish}).
+id and queue, its AMQP properties encoded as they go on the wire (headers
+included), then its body bytes as they go on the wire.  Reading a backlog
+back to publish it therefore slices each record and decodes neither the body
+nor (mostly) the headers, and validates nothing that was valid when it was
+handed over (L{decode_for_publish}); publishing it encodes nothing again.
 
 The store knows nothing about brokers; L{fedhub.outbox.outbox.Outbox} decides
 what to write.  It writes in batches: L{Store.commit} inserts, deletes and
@@ -34,6 +35,7 @@ import errno
 import json
 import os
 import sqlite3
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -43,6 +45,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from fedhub.amqp.codec import FrameError
+from fedhub.amqp.frames import decode_properties
 from fedhub.errors import DecodeError, FedhubError, MessageError
 from fedhub.message import (
     BASE_SCHEMA,
@@ -66,10 +70,10 @@ _T = TypeVar("_T")
 DATABASE_NAME = "outbox.sqlite3"
 
 #: The layout version written to the database.  A store of layout 1 (whose
-#: records are the serialized form) is upgraded to it when opened; a store
-#: refuses any other.  Layout 1 code refuses layout 2, whose records it can
-#: not read.
-SCHEMA_VERSION = 2
+#: records are the serialized form) or 2 (the publish form) is upgraded to it
+#: when opened; a store refuses any other.  Older code refuses a newer
+#: layout, whose records it can not read.
+SCHEMA_VERSION = 3
 
 #: Pages of write-ahead log after which a commit copies the log into the
 #: database (SQLite's default is 1000): most pages an outbox writes hold
@@ -78,7 +82,7 @@ SCHEMA_VERSION = 2
 CHECKPOINT_PAGES = 8000
 
 #: Older layouts a store upgrades in place when it opens.
-UPGRADABLE_VERSIONS = ("1",)
+UPGRADABLE_VERSIONS = ("1", "2")
 
 #: Why a message is in the failed area.
 RETURNED = "returned"
@@ -382,93 +386,90 @@ class Summary:
 # --- the stored form of a message --------------------------------------
 
 
-#: The first byte of a record in the publish form (layout 2).  A record of
-#: layout 1 is one line of fedora-messaging's serialized form and starts
-#: with C{"{"}; stores of layout 1 are upgraded in place and their rows read
-#: as they are.
+#: The first byte of a record in the AMQP form (layout 3, see L{encode}).
+AMQP_FORM = b"\x03"
+
+#: The first byte of a record in the publish form of layout 2: the topic,
+#: id and queue as a JSON array, the wire headers as a JSON object, the
+#: body, separated by newlines.  A record of layout 1 is one line of
+#: fedora-messaging's serialized form and starts with C{"{"}.  Stores of
+#: both layouts are upgraded in place; their rows are read as they are.
 PUBLISH_FORM = b"\x02"
 
-#: Encodes the metadata of a stored record; made once, because building an
-#: encoder costs as much as using it.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+#: The lengths that follow L{AMQP_FORM}: of the topic, the id and the queue
+#: (L{_NO_QUEUE} for none) in UTF-8, and of the encoded properties.
+_LENGTHS = struct.Struct("!HHHI")
+_NO_QUEUE = 0xFFFF
 
-#: A string as JSON, without escaping what is not ASCII (as L{_ENCODER}).
-_json_string = json.encoder.encode_basestring
-
-#: Decodes it (no hooks: the C scanner does all the work).
+#: Decodes the metadata of a record of layout 2 (no hooks: the C scanner
+#: does all the work).
 _DECODER = json.JSONDecoder()
-
-#: Header values whose class and equality tell their JSON form apart (not
-#: floats: 0.0 == -0.0).
-_PLAIN_VALUES = frozenset({str, int, bool, type(None)})
-
-#: The JSON of the wire headers of recent messages, by what makes them:
-#: most messages of a burst have the same headers, down to the sent-at
-#: second.
-_headers_json_cache: dict[tuple[Any, ...], bytes] = {}
-_HEADERS_CACHE_SIZE = 256
-
-
-def _headers_json(message: Message) -> bytes:
-    """
-    The wire headers of a message as compact UTF-8 JSON.
-    """
-    wire = message.wire_headers()
-    key: list[Any] = []
-    for name, value in wire.items():
-        if value.__class__ not in _PLAIN_VALUES:
-            return _ENCODER.encode(wire).encode("utf-8")
-        key += (name, value.__class__, value)
-    frozen = tuple(key)
-    text = _headers_json_cache.get(frozen)
-    if text is None:
-        text = _ENCODER.encode(wire).encode("utf-8")
-        if len(_headers_json_cache) >= _HEADERS_CACHE_SIZE:
-            _headers_json_cache.clear()
-        _headers_json_cache[frozen] = text
-    return text
 
 
 def encode(message: Message) -> bytes:
     """
-    The stored form of a message (the publish form), in three parts: the
-    byte L{PUBLISH_FORM} and a compact JSON array of the topic, the id and
-    the queue; a newline and a compact JSON object of every AMQP header
-    (sent-at and schema included); a newline and the body exactly as it goes
-    on the wire.  Compact JSON escapes every control character, so the first
-    two newlines end the first two parts.
+    The stored form of a message (the AMQP form): the byte L{AMQP_FORM};
+    the lengths of the next four parts (L{_LENGTHS}); the topic, the id and
+    the queue in UTF-8; the AMQP properties exactly as published
+    (L{Message.encoded_properties}: the property flags, then content type
+    and encoding, the headers table, delivery mode, priority and message
+    id); the body exactly as it goes on the wire.
 
-    Publishing the message again needs no decoding of its body and no
-    validation: see L{decode_for_publish}.
+    Publishing the message again needs no encoding and no decoding of its
+    body or its headers, and no validation: see L{decode_for_publish}.
 
-    @raise fedhub.errors.MessageError: when a header value can not be stored
-        (it has no JSON form).
+    @raise fedhub.errors.MessageError: when the message can not be encoded
+        for AMQP (so it could never be published).
+    """
+    properties = message.encoded_properties()
+    queue = message.queue
+    try:
+        topic = message.topic.encode("utf-8")
+        message_id = message.id.encode("utf-8")
+        name = b"" if queue is None else queue.encode("utf-8")
+        head = _LENGTHS.pack(
+            len(topic), len(message_id), _NO_QUEUE if queue is None else len(name), len(properties)
+        )
+    except (UnicodeEncodeError, struct.error) as e:
+        raise MessageError(f"message {message.id} can not be stored: {e}") from None
+    return b"".join((AMQP_FORM, head, topic, message_id, name, properties, message.body_bytes))
+
+
+def _parts(data: bytes) -> tuple[str, str, str | None, bytes, bytes]:
+    """
+    The topic, id, queue, encoded properties and body of a record in the
+    AMQP form.
+
+    @raise DecodeError: when the record is not one.
     """
     try:
-        if _FAST and message.__class__ is Message:
-            headers = _headers_json(message)
-        else:
-            headers = _ENCODER.encode(message.wire_headers()).encode("utf-8")
-        queue = message.queue
-        head = "[%s,%s,%s]" % (
-            _json_string(message.topic),
-            _json_string(message.id),
-            "null" if queue is None else _json_string(queue),
-        )
-        return b"".join(
-            (
-                PUBLISH_FORM,
-                head.encode("utf-8"),
-                b"\n",
-                headers,
-                b"\n",
-                message.body_bytes,
-            )
-        )
-    except RecursionError:
-        raise MessageError("message headers are nested too deeply to store") from None
-    except (TypeError, ValueError) as e:
-        raise MessageError(f"message can not be stored: {e}") from None
+        topic_size, id_size, queue_size, properties_size = _LENGTHS.unpack_from(data, 1)
+    except struct.error:
+        raise DecodeError("stored record is cut short") from None
+    pos = 1 + _LENGTHS.size
+    queue_end = pos + topic_size + id_size + (0 if queue_size == _NO_QUEUE else queue_size)
+    end = queue_end + properties_size
+    if end > len(data) or not id_size:
+        raise DecodeError("stored record is cut short" if id_size else "stored record has no id")
+    try:
+        topic = data[pos : pos + topic_size].decode("utf-8")
+        pos += topic_size
+        message_id = data[pos : pos + id_size].decode("utf-8")
+        queue = None if queue_size == _NO_QUEUE else data[pos + id_size : queue_end].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"stored names are not valid UTF-8: {e.reason}") from None
+    properties = data[queue_end:end]
+    # The id is the last property, as encode_properties wrote it.
+    if not properties.endswith(bytes((id_size,)) + data[pos : pos + id_size]):
+        raise DecodeError("stored properties do not end with the message's id")
+    return topic, message_id, queue, properties, data[end:]
+
+
+def _decoded_properties(encoded: bytes) -> dict[str, Any]:
+    try:
+        return decode_properties(encoded)
+    except FrameError as e:
+        raise DecodeError(f"stored properties are damaged: {e}") from None
 
 
 def _json(text: bytes, what: str) -> Any:
@@ -508,11 +509,15 @@ def decode(data: bytes) -> Message:
     """
     Decode a stored message (see L{encode}) completely: the body is decoded
     and everything validated, as for a message from the broker.  Records of
-    layout 1 (the serialized form) are read too.
+    layouts 1 and 2 are read too.
 
     @raise fedhub.errors.DecodeError: when C{data} is not one.
     """
-    if data[:1] == PUBLISH_FORM:
+    form = data[:1]
+    if form == AMQP_FORM:
+        topic, message_id, queue, properties, body = _parts(data)
+        return from_amqp(topic, _decoded_properties(properties), body, queue=queue)
+    if form == PUBLISH_FORM:
         topic, message_id, queue, headers, body = _split(data)
         return from_amqp(
             topic, {"message_id": message_id, "headers": _json(headers, "headers")}, body, queue=queue
@@ -538,17 +543,17 @@ def _frozen(value: Any) -> Any:
 
 class _Headers:
     """
-    Stored headers decoded: the wire headers as stored, the extra headers
-    and the fields the message model keeps apart.  Immutable, so messages
-    with the same stored headers share one.
+    Stored wire headers decoded: the wire headers, the extra headers and
+    the fields the message model keeps apart.  Immutable, so messages with
+    the same stored headers share one.
     """
 
     __slots__ = ("wire", "extra", "schema", "severity", "priority", "sent_at")
 
-    def __init__(self, text: bytes) -> None:
-        raw = _json(text, "headers")
+    def __init__(self, raw: object) -> None:
         if raw.__class__ is not dict:
             raise DecodeError("stored headers are not an object")
+        assert isinstance(raw, dict)
         wire = FrozenDict()
         extra = FrozenDict()
         for name, value in raw.items():
@@ -572,18 +577,20 @@ class _Headers:
         self.sent_at = None if sent_at is None else parse_sent_at(sent_at)
 
 
-#: Stored headers decoded lately, by their stored bytes: most messages of a
-#: burst have the same headers, down to the sent-at second.
+#: Stored headers decoded lately, by their stored bytes (the JSON text of a
+#: record of layout 2, the properties up to the id of one of layout 3): most
+#: messages of a burst have the same headers, down to the sent-at second.
 _headers_cache: dict[bytes, _Headers] = {}
+_HEADERS_CACHE_SIZE = 256
 
 
-def _headers(text: bytes) -> _Headers:
-    headers = _headers_cache.get(text)
+def _cached_headers(key: bytes, decode: Callable[[], object]) -> _Headers:
+    headers = _headers_cache.get(key)
     if headers is None:
-        headers = _Headers(text)
+        headers = _Headers(decode())
         if len(_headers_cache) >= _HEADERS_CACHE_SIZE:
             _headers_cache.clear()
-        _headers_cache[text] = headers
+        _headers_cache[key] = headers
     return headers
 
 
@@ -639,9 +646,9 @@ _SET_FIELDS = frozenset(
 )
 
 
-def _publish_form_message(data: bytes) -> StoredMessage:
-    topic, message_id, queue, text, body = _split(data)
-    headers = _headers(text)
+def _stored_message(
+    topic: str, message_id: str, queue: str | None, headers: _Headers, body: bytes, **known: Any
+) -> StoredMessage:
     return StoredMessage._from_checked(
         topic=topic,
         headers=headers.extra,
@@ -654,7 +661,25 @@ def _publish_form_message(data: bytes) -> StoredMessage:
         redelivered=False,
         _body_bytes=body,
         _wire=headers.wire,
+        **known,
     )
+
+
+def _amqp_form_message(data: bytes) -> StoredMessage:
+    topic, message_id, queue, properties, body = _parts(data)
+    # The properties but for the id (the last, see _parts) are what the
+    # messages of a burst share.
+    headers = _cached_headers(
+        properties[: len(properties) - 1 - len(message_id.encode("utf-8"))],
+        lambda: _decoded_properties(properties).get("headers"),
+    )
+    return _stored_message(topic, message_id, queue, headers, body, _properties=properties)
+
+
+def _publish_form_message(data: bytes) -> StoredMessage:
+    topic, message_id, queue, text, body = _split(data)
+    headers = _cached_headers(text, lambda: _json(text, "headers"))
+    return _stored_message(topic, message_id, queue, headers, body)
 
 
 def _fast_path_works() -> bool:
@@ -662,8 +687,8 @@ def _fast_path_works() -> bool:
     Whether the shortcuts around the message model fit it: it has the
     fields L{StoredMessage} sets, and a stored message publishes and
     compares exactly like its original.
-    Otherwise (the model changed) messages are stored with the model's own
-    headers and decoded completely, which is slower but right.
+    Otherwise (the model changed) stored messages are decoded completely,
+    which is slower but right.
     """
     if _FIELDS != _SET_FIELDS:
         return False
@@ -682,12 +707,13 @@ def _fast_path_works() -> bool:
             Message("org.example.outbox.check", {}, id="outbox-check-2", sent_at=None),
         ]
         for original in samples:
-            stored = _publish_form_message(encode(original))
+            stored = _amqp_form_message(encode(original))
             if not (
                 stored == original
                 and original == stored
                 and stored.body_bytes == original.body_bytes
                 and stored.amqp_properties() == original.amqp_properties()
+                and stored.encoded_properties() == original.encoded_properties()
                 and stored.to_serialized() == original.to_serialized()
                 and stored.evolve(priority=4) == original.evolve(priority=4)
                 and hash(stored) == hash(original)
@@ -698,7 +724,6 @@ def _fast_path_works() -> bool:
         return False
     finally:
         _headers_cache.clear()
-        _headers_json_cache.clear()
 
 
 _FAST = False
@@ -707,15 +732,20 @@ _FAST = _fast_path_works()
 
 def decode_for_publish(data: bytes) -> Message:
     """
-    A stored message, ready to publish: for a record in the publish form a
-    L{StoredMessage}, which costs a small JSON decode of the topic and id
-    (and of the headers, unless the previous messages had the same) and no
-    validation; records of layout 1 are decoded completely (L{decode}).
+    A stored message, ready to publish: for a record in the AMQP form (or
+    the publish form of layout 2) a L{StoredMessage}, which costs slicing
+    the record (and decoding the headers, unless the previous messages had
+    the same) and no validation; records of layout 1 are decoded completely
+    (L{decode}).
 
     @raise fedhub.errors.DecodeError: when C{data} is not a stored message.
     """
-    if _FAST and data[:1] == PUBLISH_FORM:
-        return _publish_form_message(data)
+    if _FAST:
+        form = data[:1]
+        if form == AMQP_FORM:
+            return _amqp_form_message(data)
+        if form == PUBLISH_FORM:
+            return _publish_form_message(data)
     return decode(data)
 
 
