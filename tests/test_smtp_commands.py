@@ -6,11 +6,13 @@ command line as C{twisted.mail}'s C{ESMTP} did.
 
 from __future__ import annotations
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
-from twisted.mail.smtp import Address, SMTPBadSender, User
+from twisted.mail.smtp import Address, AddressError, SMTPBadSender, User
 from twisted.trial.unittest import SynchronousTestCase
 
-from fedhub.producers.bugzilla.smtp import BugmailSMTP
+from fedhub.producers.bugzilla.smtp import BugmailSMTP, _parse_address
 from tests.test_smtp_server import RECIPIENT, CHANGED, Harness, RecordingIntake, dot_stuffed, sample
 
 #: Command lines sent one at a time in a fresh session, and the reply lines
@@ -159,3 +161,49 @@ class CommandTests(SynchronousTestCase):
              [b"451 4.0.0 Requested action aborted: local error in processing"]],
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+def _address_or_error(make: object, path: bytes) -> object:
+    try:
+        address = make(path, b"default.example")  # type: ignore[operator]
+    except AddressError as e:
+        return ("error", str(e))
+    return (type(address), vars(address), str(address), bytes(address))
+
+
+class ParseAddressTests(SynchronousTestCase):
+    """
+    L{_parse_address}, the short cut for plain paths, against
+    C{twisted.mail}'s C{Address}.
+    """
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=40) | st.text(alphabet="ab.-+_=@<>\"' :,%!()[]", max_size=30).map(str.encode))
+    @example(b"<bugs@example.org>")
+    @example(b"bugs@example.org")
+    @example(b"<.a..b.@x.>")
+    @example(b"<a@b")
+    @example(b"a@b>")
+    @example(b"<a@b@c>")
+    @example(b"<@relay:a@b>")
+    @example(b"<a>")
+    @example(b"<>")
+    @example(b'<"a b"@c>')
+    def test_same_as_address(self, path: bytes) -> None:
+        """Any path gives the address (or the error) Address gives."""
+        self.assertEqual(_address_or_error(_parse_address, path), _address_or_error(Address, path))
+
+    def test_plain_path_is_short_cut(self) -> None:
+        """A plain path does not go through Address's tokenizer."""
+        calls: list[bytes] = []
+        original = Address.__init__
+
+        def counting(self: Address, addr: object, defaultDomain: object = None) -> None:
+            calls.append(addr)  # type: ignore[arg-type]
+            original(self, addr, defaultDomain)
+
+        self.patch(Address, "__init__", counting)
+        self.assertEqual(str(_parse_address(b"<bugs@example.org>", b"x")), "bugs@example.org")
+        self.assertEqual(calls, [])
+        self.assertEqual(str(_parse_address(b'<"bugs"@example.org>', b"x")), '"bugs"@example.org')
+        self.assertEqual(calls, [b'<"bugs"@example.org>'])

@@ -93,6 +93,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _VERB = re.compile(rb"[A-Za-z]{1,16}")
 _UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
+# A path of the plain form almost every client sends, <local@domain> or
+# local@domain, both parts made of atom characters and dots only: what
+# twisted.mail's Address makes of it is known without its tokenizer.
+_ATOMS = rb"[-A-Za-z0-9!#$%&'*+/=?^_`{|}~.]++"
+_PLAIN_PATH = re.compile(rb"<(%s)@(%s)>|(%s)@(%s)" % (_ATOMS, _ATOMS, _ATOMS, _ATOMS))
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
@@ -450,6 +455,24 @@ def _reply_text(text: str) -> bytes:
     if _UNPRINTABLE.search(clean) is None:
         return clean
     return _UNPRINTABLE.sub(b"?", clean)
+
+
+def _parse_address(path: bytes, default_domain: bytes) -> Address:
+    """
+    C{Address(path, default_domain)}: for a plain path, the address it
+    gives made without parsing the path again.
+
+    @raise AddressError: as C{Address} does.
+    """
+    plain = _PLAIN_PATH.fullmatch(path)
+    if plain is None:
+        return Address(path, default_domain)  # type: ignore[no-untyped-call]
+    local, domain = plain.group(1, 2) if plain.group(1) is not None else plain.group(3, 4)
+    address: Address = Address.__new__(Address)
+    address.addrstr = path
+    address.local = local
+    address.domain = domain
+    return address
 
 
 def _peer_host(address: IAddress) -> str:
@@ -854,7 +877,7 @@ class BugmailSMTP(ESMTP):
         # answers at once (it always does here).
         self._to = []
         try:
-            address = Address(match.group("path"), self.host)
+            address = _parse_address(match.group("path"), self.host)
         except AddressError as e:
             self.sendCode(553, networkString(str(e)))
             return
@@ -901,7 +924,8 @@ class BugmailSMTP(ESMTP):
             self.sendCode(501, b"Syntax error")
             return
         try:
-            user = User(match.group("path"), self._helo, self, self._from)
+            user = User(_parse_address(match.group("path"), self.host), self._helo, self,
+                        self._from)
         except AddressError as e:
             self.sendCode(553, networkString(str(e)))
             return
