@@ -460,6 +460,11 @@ class HandOverTests(OutboxTestCase):
         bad = Message.create("org.example.t", {}, headers={"x": {1, 2}})
         self.failureResultOf(outbox.publish(bad), MessageError)
         self.failureResultOf(outbox.publish("hello"), MessageError)  # type: ignore[arg-type]
+        # Properties AMQP can not carry are refused at the hand-over, not at the broker.
+        long_id = Message.create("org.example.t", {}, id="i" * 256)
+        self.assertIn("255", str(self.failureResultOf(outbox.publish(long_id), MessageError).value))
+        huge = Message.create("org.example.t", {}, headers={"n": 2**64})
+        self.assertIn(huge.id, str(self.failureResultOf(outbox.publish(huge), MessageError).value))
         self.assertEqual(outbox.store.pending_count, 0)
         self.assertEqual(bus.published, [])
 
