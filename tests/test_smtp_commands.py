@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.mail.smtp import Address, AddressError, SMTPBadSender, User
 from twisted.trial.unittest import SynchronousTestCase
 
+from fedhub.producers.bugzilla import smtp
 from fedhub.producers.bugzilla.smtp import BugmailSMTP, _parse_address
 from tests.test_smtp_server import RECIPIENT, CHANGED, Harness, RecordingIntake, dot_stuffed, sample
 
@@ -207,3 +208,25 @@ class ParseAddressTests(SynchronousTestCase):
         self.assertEqual(calls, [])
         self.assertEqual(str(_parse_address(b'<"bugs"@example.org>', b"x")), '"bugs"@example.org')
         self.assertEqual(calls, [b'<"bugs"@example.org>'])
+
+
+class FrequentReplyTests(SynchronousTestCase):
+    """
+    The reply lines made once.
+    """
+
+    def sent(self, replies: list[tuple[int, bytes]]) -> list[bytes]:
+        client = Harness().connect()
+        client.replies()
+        for code, text in replies:
+            client.protocol.sendCode(code, text)
+        return client.replies()
+
+    def test_same_as_made_each_time(self) -> None:
+        """Each reply made once is the line sendCode writes when it makes it."""
+        replies = list(smtp._FREQUENT_REPLIES)
+        self.assertTrue(replies)
+        once = self.sent(replies)
+        self.patch(smtp, "_FREQUENT_REPLIES", {})
+        self.assertEqual(once, self.sent(replies))
+        self.assertEqual(len(once), len(replies))

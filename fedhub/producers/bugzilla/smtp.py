@@ -495,6 +495,29 @@ def _peer_label(address: IAddress) -> str:
     return _peer_host(address)
 
 
+def _enhanced(code: int, message: bytes) -> bytes:
+    """
+    A reply text with an enhanced status code: its own, or a generic one for
+    the replies that need one.
+    """
+    if (code >= 400 or code in (250, 251, 252, 221)) and not _ENHANCED.match(message):
+        return b"%d.0.0 %s" % (code // 100, message)
+    return message
+
+
+#: The reply lines every mail gets, by code and text as C{sendCode} is
+#: given them, made once (single-line texts without CR or LF).
+_FREQUENT_REPLIES: dict[tuple[int, bytes], bytes] = {
+    (code, text): b"%3.3d " % (code,) + _enhanced(code, text)
+    for code, text in (
+        (250, b"Sender address accepted"),
+        (250, b"Recipient address accepted"),
+        (354, b"End data with <CR><LF>.<CR><LF>"),
+        (250, b"2.0.0 OK"),
+    )
+}
+
+
 class BugmailSMTP(ESMTP):
     """
     One SMTP session of the listener.  See the module docstring for what it
@@ -727,16 +750,18 @@ class BugmailSMTP(ESMTP):
         (those C{twisted.mail} writes itself) get a generic one.
         """
         self._last_code = code
-        if b"\n" in message:
-            ESMTP.sendCode(self, code, message)  # type: ignore[no-untyped-call]
-            return
-        if (code >= 400 or code in (250, 251, 252, 221)) and not _ENHANCED.match(message):
-            message = b"%d.0.0 %s" % (code // 100, message)
-        if b"\r" in message:
-            ESMTP.sendCode(self, code, message)  # type: ignore[no-untyped-call]
-            return
-        # One line: what ESMTP.sendCode writes for it, without splitting.
-        self.sendLine(b"%3.3d " % (code,) + message)  # type: ignore[no-untyped-call]
+        line = _FREQUENT_REPLIES.get((code, message))
+        if line is None:
+            if b"\n" in message:
+                ESMTP.sendCode(self, code, message)  # type: ignore[no-untyped-call]
+                return
+            message = _enhanced(code, message)
+            if b"\r" in message:
+                ESMTP.sendCode(self, code, message)  # type: ignore[no-untyped-call]
+                return
+            # One line: what ESMTP.sendCode writes for it, without splitting.
+            line = b"%3.3d " % (code,) + message
+        self.sendLine(line)  # type: ignore[no-untyped-call]
 
     # -- commands ----------------------------------------------------------------
 
