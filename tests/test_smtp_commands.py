@@ -169,7 +169,7 @@ def _address_or_error(make: object, path: bytes) -> object:
         address = make(path, b"default.example")  # type: ignore[operator]
     except AddressError as e:
         return ("error", str(e))
-    return (type(address), vars(address), str(address), bytes(address))
+    return (type(address), vars(address), bytes(address))
 
 
 class ParseAddressTests(SynchronousTestCase):
