@@ -52,6 +52,7 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.tcp import Server as _TCPServer
 from twisted.mail.smtp import COMMAND, DATA, ESMTP, Address, AddressError, SMTPBadRcpt, User
 from twisted.python.compat import networkString
 from twisted.python.failure import Failure
@@ -495,6 +496,40 @@ def _peer_label(address: IAddress) -> str:
     return _peer_host(address)
 
 
+def _write(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)}, but sent at once when the transport is a
+    plain TCP connection with nothing waiting to be sent.
+
+    A reply written the usual way waits in the transport's buffer for the
+    next round of the reactor, which registers the socket for writing, is
+    told it is writable, sends, and unregisters it again: for one short
+    reply to a client that waits for it, several times the cost of sending
+    it.  Nothing is ever sent ahead of what is waiting, so replies keep
+    their order; what the socket does not take (a full send buffer, an
+    error) goes the usual way, where Twisted buffers it, retries and
+    notices errors as it always does.  TLS connections and other
+    transports always go the usual way.
+    """
+    if (
+        transport.__class__ is _TCPServer
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent >= len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 def _enhanced(code: int, message: bytes) -> bytes:
     """
     A reply text with an enhanced status code: its own, or a generic one for
@@ -762,6 +797,12 @@ class BugmailSMTP(ESMTP):
             # One line: what ESMTP.sendCode writes for it, without splitting.
             line = b"%3.3d " % (code,) + message
         self.sendLine(line)  # type: ignore[no-untyped-call]
+
+    def sendLine(self, line: bytes) -> None:
+        """
+        Write one reply line: see L{_write}.
+        """
+        _write(self.transport, line + b"\r\n")
 
     # -- commands ----------------------------------------------------------------
 
