@@ -13,8 +13,10 @@ from collections.abc import Generator
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.tcp import Server as _TCPServer
+from twisted.trial.unittest import SynchronousTestCase
 
-from fedhub.producers.bugzilla.smtp import BugmailSMTP
+from fedhub.producers.bugzilla.smtp import BugmailSMTP, _write
 from tests.test_smtp_raw import RawClient, RawSMTPTestCase
 from tests.test_smtp_server import CHANGED, dot_stuffed, envelope, sample
 
@@ -117,3 +119,22 @@ class ReplyWriteTests(RawSMTPTestCase):
         received, written = yield self.conversation(lambda real: ChoppingSocket(real, 1 << 16, refusals=1))
         self.assertEqual(received, expected)
         self.assertTrue(written)
+
+
+class UnknownTransportStateTests(SynchronousTestCase):
+    """
+    A TCP transport without the state the shortcut reads (another Twisted
+    release) gets its replies the usual way.
+    """
+
+    def test_missing_state_goes_the_usual_way(self) -> None:
+        """A reply to a transport lacking the private buffers is written through its write."""
+        transport: Any = object.__new__(_TCPServer)
+        transport.connected = 1
+        written: list[bytes] = []
+        transport.write = written.append
+        sent: list[bytes] = []
+        transport.socket = type("S", (), {"send": lambda self, data: sent.append(data) or len(data)})()
+        self.assertFalse(hasattr(transport, "_tempDataBuffer"))
+        _write(transport, b"250 ok\r\n")
+        self.assertEqual((written, sent), ([b"250 ok\r\n"], []))
