@@ -755,6 +755,21 @@ class PublishTests(BusCase):
         self.failureResultOf(self.bus.publish(message, routing_key="x" * 256), MessageError)
         self.failureResultOf(self.bus.publish(message, exchange="x" * 256), MessageError)
 
+    def test_unencodable_names_and_properties(self) -> None:
+        """
+        A routing key that is not UTF-8, or a message whose properties AMQP can not carry, fails that publish alone.
+        """
+        message = Message.create("a.b", {})
+        bad_key = self.bus.publish(message, routing_key="a.\udc80")
+        huge = self.bus.publish(Message.create("a.b", {}, headers={"n": 2**64}))
+        self.broker.pump()
+        self.assertIn("can not be encoded", str(self.failureResultOf(bad_key, MessageError).value))
+        self.assertIn("can not be encoded", str(self.failureResultOf(huge, MessageError).value))
+        self.assertEqual(self.broker.published, [])
+        _, d = self.publish()
+        self.broker.ack(1)
+        self.successResultOf(d)
+
     def test_stop_waits_for_confirms(self) -> None:
         """
         stopService refuses new messages, waits for outstanding confirms, then

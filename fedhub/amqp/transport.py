@@ -80,6 +80,7 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from fedhub.amqp.codec import FieldTableError
 from fedhub.amqp.protocol import (
     AMQPClient,
     ClientFactory,
@@ -588,6 +589,11 @@ class _Session:
             )
         except MessageError as e:
             pending.deferred.errback(e)
+            return
+        except (FieldTableError, KeyError, TypeError, ValueError) as e:
+            pending.deferred.errback(
+                MessageError(f"message {message.id} can not be encoded for AMQP: {e}")
+            )
             return
         if not written:
             self.waiting.appendleft(pending)
