@@ -215,7 +215,11 @@ class RunningHubTests(TestCase):
 
         status, out = yield deferToThread(helper.command, "list", "--json", "-c", helper.config)
         self.assertEqual(status, 0, helper.stderr.getvalue())
-        self.assertEqual([json.loads(line)["id"] for line in out.splitlines()], [messages[0].id, messages[1].id])
+        listed = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([r["id"] for r in listed], [messages[0].id, messages[1].id])
+        # The stored records come through whole: topic and message decode.
+        self.assertEqual([r["topic"] for r in listed], [messages[0].topic, messages[1].topic])
+        self.assertEqual([r["message"] for r in listed], [m.to_serialized() for m in messages[:2]])
 
         status, out = yield deferToThread(helper.command, "retry", messages[0].id, "-c", helper.config)
         self.assertEqual(status, 0, helper.stderr.getvalue())

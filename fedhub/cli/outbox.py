@@ -22,6 +22,8 @@ it does not answer within 10 s; the request then stays queued).
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import os
 import sys
@@ -339,6 +341,20 @@ def _act(area: FailedArea, action: str, names: list[str] | None, out: IO[str]) -
     return EX_OK
 
 
+def _record_data(answer: dict[str, Any]) -> bytes:
+    """
+    The stored record in the hub's answer: base64, or text from a hub of a
+    layout whose records were text (what it could not say as text is
+    lost, so that message shows as not decodable).
+    """
+    if "data_base64" in answer:
+        try:
+            return base64.b64decode(answer["data_base64"], validate=True)
+        except (binascii.Error, TypeError):
+            return b""
+    return str(answer.get("data", "")).encode("utf-8")
+
+
 class HubFailedArea(FailedArea):
     """
     The failed area of an outbox the running hub holds, reached through
@@ -389,7 +405,7 @@ class HubFailedArea(FailedArea):
             FailedRecord(
                 seq=r["seq"], message_id=r["message_id"], created=r["created"],
                 failed_at=r["failed_at"], kind=r["kind"], reason=r["reason"],
-                attempts=r["attempts"], data=r["data"].encode("utf-8"),
+                attempts=r["attempts"], data=_record_data(r),
             )
             for r in self._ask("list", None)["records"]
         ]

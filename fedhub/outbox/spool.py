@@ -24,6 +24,7 @@ system keep mail queued instead of filling the disk.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -362,7 +363,9 @@ class SpoolImporter(Service):
                     {
                         "seq": r.seq, "message_id": r.message_id, "created": r.created,
                         "failed_at": r.failed_at, "kind": r.kind, "reason": r.reason,
-                        "attempts": r.attempts, "data": r.data.decode("utf-8", "replace"),
+                        "attempts": r.attempts,
+                        # The stored record is binary (see fedhub.outbox.store.encode).
+                        "data_base64": base64.b64encode(r.data).decode("ascii"),
                     }
                     for r in records
                 ],
