@@ -597,6 +597,9 @@ _PLAIN_HEADER_VALUES = frozenset({str, int, bool, type(None)})
 #: is the last property set.
 _properties_cache: dict[tuple[Any, ...], bytes] = {}
 _PROPERTIES_CACHE_SIZE = 256
+#: Encodings longer than this are not kept, so the cache stays small
+#: whatever size of headers messages carry.
+_PROPERTIES_CACHED_BYTES = 4096
 
 
 def _properties_key(message: Message) -> tuple[Any, ...] | None:
@@ -660,7 +663,7 @@ def _encode_properties(message: Message) -> bytes:
         encoded: bytes = encode_properties(message.amqp_properties())
     except (table_error, KeyError, TypeError, ValueError) as e:
         raise MessageError(f"message {message_id} can not be encoded for AMQP: {e}") from None
-    if key is not None and encoded.endswith(tail):
+    if key is not None and len(encoded) <= _PROPERTIES_CACHED_BYTES and encoded.endswith(tail):
         if len(_properties_cache) >= _PROPERTIES_CACHE_SIZE:
             _properties_cache.clear()
         _properties_cache[key] = encoded[: len(encoded) - len(tail)]

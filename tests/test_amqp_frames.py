@@ -394,6 +394,14 @@ class TableTests(SynchronousTestCase):
         for table in tables:
             self.assertEqual(encode_headers(table, self.cache), encode_table(table))
 
+    def test_large_entries_not_kept(self) -> None:
+        """A large header value encodes right and is not kept; a small one is."""
+        cache: dict[Any, bytes] = {}
+        for _ in range(2):
+            table = {"big": "x" * 5000, "small": "y"}
+            self.assertEqual(encode_headers(table, cache), encode_table(table))
+        self.assertEqual(list(cache), [("small", str, "y")])
+
     def test_cache_keeps_equal_values_apart(self) -> None:
         """True and 1, 0.0 and -0.0, equal as Python values, keep their own encodings."""
         cache: dict[Any, bytes] = {}
@@ -563,6 +571,14 @@ class HeaderDecoderTests(SynchronousTestCase):
         second = decoder.decode(data, 7, len(data) - 1, 1)[1]["headers"]
         self.assertEqual(second, {"a": "x", "b": 2})
         self.assertIsNot(first, second)
+
+    def test_large_tables_not_kept(self) -> None:
+        """A large header table decodes right every time and is not kept."""
+        decoder = HeaderDecoder(SPEC)
+        data = self.encode(1, {"headers": {"big": "x" * 5000}})
+        for _ in range(2):
+            self.assertEqual(decoder.decode(data, 7, len(data) - 1, 1), self.generic(data))
+        self.assertEqual(decoder._tables, {})
 
     def test_nested_tables_not_shared(self) -> None:
         """Tables holding tables or lists are decoded every time, never shared."""

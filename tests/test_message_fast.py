@@ -258,6 +258,19 @@ class EncodedPropertiesTests(SynchronousTestCase):
             Message("a.b", {}, headers={f"h{n}": n}).encoded_properties()
             self.assertLessEqual(len(module._properties_cache), module._PROPERTIES_CACHE_SIZE)
 
+    def test_large_headers_not_kept(self) -> None:
+        """Messages with large headers are encoded right without their encodings being kept."""
+        import fedhub.message as module
+
+        module._properties_cache.clear()
+        for n in range(3):
+            message = Message("a.b", {}, headers={"big": "x" * 5000}, id=f"m{n}")
+            self.assertEqual(message.encoded_properties(), _fresh_properties(message))
+        self.assertEqual(module._properties_cache, {})
+        small = Message("a.b", {}, headers={"small": "x"})
+        small.encoded_properties()
+        self.assertEqual(len(module._properties_cache), 1)
+
     def test_not_encodable(self) -> None:
         """An id longer than a short string, or a header AMQP can not carry, is a MessageError that names the message."""
         too_long = Message("a.b", {}, id="x" * 256)

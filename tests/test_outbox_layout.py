@@ -263,6 +263,16 @@ class PublishFormTests(SynchronousTestCase):
                         [(k, type(v), repr(v)) for k, v in message.wire_headers().items()],
                     )
 
+    def test_large_headers_not_kept(self) -> None:
+        """Records with large headers read back right without their decoded headers being kept."""
+        store_module._headers_cache.clear()
+        for n in range(3):
+            message = Message.create("org.example.t", {"n": n}, headers={"big": "x" * 5000}, sent_at=SENT_AT)
+            stored = decode_for_publish(encode(message))
+            self.assertEqual(stored, message)
+            self.assertEqual(stored.encoded_properties(), fresh_properties(message))
+        self.assertEqual(store_module._headers_cache, {})
+
     def test_model_fits(self) -> None:
         """
         The message model still has the fields the cheap read-back sets, so the outbox uses it.

@@ -129,6 +129,10 @@ _INT32_LIMIT: Final = 2**31
 _INT64_MIN: Final = -(2**63)
 _INT64_LIMIT: Final = 2**63
 _CACHEABLE: Final = frozenset((str, bool, int, type(None)))
+#: Header entries (and decoded tables) longer than this are not kept, so the
+#: caches stay small whatever size of headers messages carry.
+_CACHED_ENTRY_BYTES: Final = 1024
+_CACHED_TABLE_BYTES: Final = 4096
 _SIGNED_LONG = struct.Struct("!i")
 _SIGNED_LONGLONG = struct.Struct("!q")
 _DOUBLE = struct.Struct("!d")
@@ -188,7 +192,7 @@ def encode_headers(table: Mapping[str, Any], cache: dict[Any, bytes] | None = No
                 entry = _OCTET.pack(len(raw_key)) + raw_key + b"d" + _DOUBLE.pack(value)
             else:
                 return encode_table(table)
-            if cacheable:
+            if cacheable and len(entry) <= _CACHED_ENTRY_BYTES:
                 assert cache is not None
                 cache[(key, cls, value)] = entry
             append(entry)
@@ -720,7 +724,9 @@ class HeaderDecoder:
             raise FrameError("bad-table", channel, str(exc)) from exc
         # Only tables of immutable values are kept, so a copy of the
         # outer dictionary is a fresh, independent table.
-        if all(value is None or value.__class__ in _IMMUTABLE for value in table.values()):
+        if len(raw) <= _CACHED_TABLE_BYTES and all(
+            value is None or value.__class__ in _IMMUTABLE for value in table.values()
+        ):
             if len(self._tables) >= self.TABLES:
                 self._tables.clear()
             self._tables[raw] = table

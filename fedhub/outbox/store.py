@@ -584,13 +584,19 @@ _headers_cache: dict[bytes, _Headers] = {}
 _HEADERS_CACHE_SIZE = 256
 
 
+#: Stored headers longer than this are decoded every time, so the cache
+#: stays small whatever size of headers messages carry.
+_HEADERS_CACHED_BYTES = 4096
+
+
 def _cached_headers(key: bytes, decode: Callable[[], object]) -> _Headers:
     headers = _headers_cache.get(key)
     if headers is None:
         headers = _Headers(decode())
-        if len(_headers_cache) >= _HEADERS_CACHE_SIZE:
-            _headers_cache.clear()
-        _headers_cache[key] = headers
+        if len(key) <= _HEADERS_CACHED_BYTES:
+            if len(_headers_cache) >= _HEADERS_CACHE_SIZE:
+                _headers_cache.clear()
+            _headers_cache[key] = headers
     return headers
 
 
