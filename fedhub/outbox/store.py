@@ -529,7 +529,8 @@ def decode(data: bytes) -> Message:
 
 def _frozen(value: Any) -> Any:
     """
-    A header value from the stored JSON, frozen like a message's headers.
+    A stored header value (decoded from the JSON of a layout 2 record or
+    the AMQP table of a layout 3 one), frozen like a message's headers.
     """
     if value.__class__ is list:
         return FrozenList(_frozen(item) for item in value)
