@@ -770,6 +770,51 @@ class PublishTests(BusCase):
         self.broker.ack(1)
         self.successResultOf(d)
 
+    def test_publish_to_reports_outcomes(self) -> None:
+        """
+        C{publish_to} reports to the object given instead of a Deferred:
+        confirms, nacks, returns and a lost connection, one report per
+        message, and refusals before anything is sent at once.
+        """
+
+        class Outcomes:
+            def __init__(self) -> None:
+                self.reports: list[object] = []
+
+            def callback(self, result: None) -> None:
+                self.reports.append(("confirmed", result))
+
+            def errback(self, error: BaseException) -> None:
+                self.reports.append(error)
+
+        outcomes = [Outcomes() for _ in range(5)]
+        messages = [Message.create("a.b", {"n": n}) for n in range(4)]
+        for message, outcome in zip(messages, outcomes):
+            self.bus.publish_to(message, outcome)
+        self.broker.pump()
+        self.assertEqual(len(self.broker.published), 4)
+        self.assertEqual([o.reports for o in outcomes[:4]], [[], [], [], []])
+        self.broker.return_(messages[1].id)
+        self.broker.ack(2, multiple=True)
+        self.broker.nack(3)
+        self.assertEqual(outcomes[0].reports, [("confirmed", None)])
+        (returned,) = outcomes[1].reports
+        self.assertIsInstance(returned, MessageReturned)
+        self.assertEqual(cast(MessageReturned, returned).message_id, messages[1].id)
+        (nacked,) = outcomes[2].reports
+        self.assertIsInstance(nacked, MessageNacked)
+        self.lose()
+        (lost,) = outcomes[3].reports
+        self.assertIsInstance(lost, NotConnected)
+        self.assertEqual(cast(NotConnected, lost).message_id, messages[3].id)
+        # Not connected, and a bad routing key: reported before returning.
+        self.bus.publish_to(messages[0], outcomes[4])
+        self.bus.publish_to(messages[0], outcomes[4], routing_key="x" * 256)
+        not_connected, bad_key = outcomes[4].reports
+        self.assertIsInstance(not_connected, NotConnected)
+        self.assertIsInstance(bad_key, MessageError)
+        self.assertEqual([len(o.reports) for o in outcomes[:4]], [1, 1, 1, 1])
+
     def test_stop_waits_for_confirms(self) -> None:
         """
         stopService refuses new messages, waits for outstanding confirms, then

@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python import log
 from twisted.python.failure import Failure as TwistedFailure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -164,8 +165,31 @@ class BatchingBus(FakeBus):
         finally:
             self.confirming = False
         for callback in self.after:
-            callback()
+            # As AMQPBus does: a failing callback is logged, the others run.
+            try:
+                callback()
+            except Exception:
+                log.err(None, "a callback after confirms failed")
         return done
+
+
+class ReportingBus(BatchingBus):
+    """
+    A batching bus that, like L{fedhub.amqp.transport.AMQPBus}, also has
+    C{publish_to}: the outbox then has each publish's outcome reported to
+    its entry rather than to a Deferred.
+    """
+
+    def __init__(self, domain: str = "test") -> None:
+        super().__init__(domain)
+        self.reported = 0
+
+    def publish_to(self, message: Message, outcome: Any) -> None:
+        def report(failure: TwistedFailure) -> None:
+            outcome.errback(failure.value)
+
+        self.reported += 1
+        self.publish(message).addCallbacks(outcome.callback, report)
 
 
 class ManualExecutor:
@@ -225,6 +249,9 @@ class OutboxTestCase(SynchronousTestCase):
     checks after each test that no timer is left behind.
     """
 
+    #: The bus L{make} gives an outbox unless told.
+    bus_class: type[FakeBus] = FakeBus
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.directory = os.path.join(self.mktemp(), "outbox", "test")
@@ -238,7 +265,7 @@ class OutboxTestCase(SynchronousTestCase):
         directory: str | None = None,
         **options: Any,
     ) -> tuple[Outbox, FakeBus]:
-        bus = bus or FakeBus()
+        bus = bus or self.bus_class()
         options.setdefault("retry_initial", 0.2)
         options.setdefault("retry_max", 10.0)
         outbox = Outbox(
@@ -1239,3 +1266,39 @@ class StopTests(OutboxTestCase):
         self.successResultOf(outbox.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.pending_ids(), [make_message(1).id])
+
+
+# --- the same, with a bus that reports outcomes through publish_to ---------------
+
+
+class ReportingHandOverTests(HandOverTests):
+    bus_class = ReportingBus
+
+
+class ReportingWindowTests(WindowTests):
+    bus_class = ReportingBus
+
+    def test_outcomes_reported_to_entries(self) -> None:
+        """
+        With a bus that has C{publish_to}, the outbox publishes through it
+        alone.
+        """
+        outbox, bus = self.make(window=10)
+        self.publish_all(outbox, [make_message(n) for n in range(5)])
+        bus.ack_all()
+        assert isinstance(bus, ReportingBus)
+        self.assertEqual(bus.reported, 5)
+        self.assertEqual(outbox.stats().confirmed, 5)
+        self.assertEqual(outbox.store.pending_count, 0)
+
+
+class ReportingFailedAreaTests(FailedAreaTests):
+    bus_class = ReportingBus
+
+
+class ReportingBackoffTests(BackoffTests):
+    bus_class = ReportingBus
+
+
+class ReportingStopTests(StopTests):
+    bus_class = ReportingBus

@@ -64,7 +64,7 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -220,6 +220,19 @@ def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
 # --- publishing -----------------------------------------------------------------
 
 
+class PublishOutcome(Protocol):
+    """
+    What L{AMQPBus.publish_to} reports a message's outcome to; a
+    L{Deferred} is one.
+    """
+
+    def callback(self, result: None) -> object:
+        """The broker confirmed the message."""
+
+    def errback(self, fail: BaseException) -> object:
+        """The message failed: the error L{AMQPBus.publish}'s Deferred fails with."""
+
+
 @dataclass(eq=False)
 class _Pending:
     """
@@ -229,7 +242,7 @@ class _Pending:
     message: Message
     exchange: str
     routing_key: str
-    deferred: Deferred[None]
+    outcome: PublishOutcome
     seq: int = 0
     deadline: float = 0.0
     returned: tuple[int, str] | None = None
@@ -554,7 +567,7 @@ class _Session:
             waiting.popleft()
             refusal = self._refusal(pending) if self.refusals else None
             if refusal is not None:
-                pending.deferred.errback(refusal)
+                pending.outcome.errback(refusal)
                 continue
             self._send(pending)
 
@@ -588,10 +601,10 @@ class _Session:
                 mandatory=True,
             )
         except MessageError as e:
-            pending.deferred.errback(e)
+            pending.outcome.errback(e)
             return
         except (FieldTableError, KeyError, TypeError, ValueError) as e:
-            pending.deferred.errback(
+            pending.outcome.errback(
                 MessageError(f"message {message.id} can not be encoded for AMQP: {e}")
             )
             return
@@ -643,7 +656,7 @@ class _Session:
                 refused = [p for p in self.waiting if p.exchange == name]
                 self.waiting = deque(p for p in self.waiting if p.exchange != name)
                 for pending in refused:
-                    pending.deferred.errback(type(e)(e.reply_code, e.reply_text))
+                    pending.outcome.errback(type(e)(e.reply_code, e.reply_text))
             except Exception:
                 # The connection went away: teardown fails what waits.
                 return
@@ -701,11 +714,11 @@ class _Session:
             )
         if error is None:
             stats.confirmed += 1
-            pending.deferred.callback(None)
+            pending.outcome.callback(None)
         else:
             if isinstance(error, MessageReturned):
                 stats.confirmed += 1
-            pending.deferred.errback(error)
+            pending.outcome.errback(error)
 
     def _confirmed(self, delivery_tag: int, multiple: bool, error: Callable[[_Pending], Exception] | None) -> None:
         bus = self.bus
@@ -956,13 +969,13 @@ class _Session:
         self.unconfirmed.clear()
         self.by_id.clear()
         for pending in unconfirmed:
-            pending.deferred.errback(error(pending))
+            pending.outcome.errback(error(pending))
         self.drained.fire()
 
     def fail_waiting(self, why: str) -> None:
         waiting, self.waiting = self.waiting, deque()
         for pending in waiting:
-            pending.deferred.errback(NotConnected(why, pending.message.id))
+            pending.outcome.errback(NotConnected(why, pending.message.id))
 
     def teardown(self, why: str) -> None:
         """
@@ -1143,18 +1156,39 @@ class AMQPBus(Service):
         Publish one message persistently with C{mandatory} set; see the module
         docstring for what the Deferred does.
         """
+        d: Deferred[None] = Deferred()
+        self.publish_to(message, d, exchange, routing_key)
+        return d
+
+    def publish_to(
+        self,
+        message: Message,
+        outcome: PublishOutcome,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+    ) -> None:
+        """
+        Publish like L{publish}, reporting to C{outcome} instead of a new
+        Deferred: C{outcome.callback(None)} when the broker confirmed the
+        message, C{outcome.errback(error)} with the error L{publish}'s
+        Deferred would fail with, possibly before this returns.
+
+        For a publisher of many messages (the outbox), which then makes no
+        Deferred per message.  C{outcome} must not raise: the bus reports
+        the outcomes of a confirm covering many messages one after another.
+        """
         exchange = self.exchange if exchange is None else exchange
         routing_key = message.topic if routing_key is None else routing_key
         for what, value in (("exchange", exchange), ("routing key", routing_key)):
             if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-                return fail(MessageError(f"the {what} must be a string of at most 255 bytes"))
+                outcome.errback(MessageError(f"the {what} must be a string of at most 255 bytes"))
+                return
         session = self._session
         if session is None or not session.alive or self._stopping:
             why = "the bus is stopping" if self._stopping else "not connected to the broker"
-            return fail(NotConnected(why, message.id))
-        pending = _Pending(message, exchange, routing_key, Deferred())
-        session.enqueue(pending)
-        return pending.deferred
+            outcome.errback(NotConnected(why, message.id))
+            return
+        session.enqueue(_Pending(message, exchange, routing_key, outcome))
 
     def call_after_confirms(self, callback: Callable[[], object]) -> None:
         """

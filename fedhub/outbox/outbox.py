@@ -121,15 +121,28 @@ class _Entry:
     """
     A committed message the outbox holds in memory: ready to send, waiting
     to be sent again, or waiting for its confirm.
+
+    While it is sent, it is what a bus with C{publish_to} (L{AMQPBus})
+    reports the publish's outcome to, in place of a Deferred per message.
     """
 
-    __slots__ = ("seq", "message", "size", "created")
+    __slots__ = ("seq", "message", "size", "created", "outbox", "generation")
 
-    def __init__(self, seq: int, message: Message, size: int, created: float) -> None:
+    def __init__(self, outbox: Outbox, seq: int, message: Message, size: int, created: float) -> None:
+        self.outbox = outbox
         self.seq = seq
         self.message = message
         self.size = size
         self.created = created
+        self.generation = 0
+
+    def callback(self, result: None) -> None:
+        """The bus reports the message confirmed."""
+        self.outbox._outcome(result, self, self.generation)
+
+    def errback(self, error: BaseException) -> None:
+        """The bus reports the message failed."""
+        self.outbox._outcome(TwistedFailure(error), self, self.generation)
 
 
 class _Handover:
@@ -283,6 +296,10 @@ class Outbox(Service):
         # (AMQPBus) says so: the bookkeeping after each of them then waits
         # for the end, and runs once.
         after_confirms = getattr(bus, "call_after_confirms", None)
+        publish_to = getattr(bus, "publish_to", None)
+        self._publish_to: Callable[[Message, _Entry], None] | None = (
+            publish_to if callable(publish_to) else None
+        )
         self._batching = callable(after_confirms)
         if after_confirms is not None and self._batching:
             after_confirms(self._confirms_settled)
@@ -765,7 +782,9 @@ class Outbox(Service):
                 keep = min(count, self._read_batch - len(ready))
                 for i in range(max(0, keep)):
                     handover = inserts[i]
-                    ready.append(_Entry(first + i, handover.message, len(handover.data), handover.created))
+                    ready.append(
+                        _Entry(self, first + i, handover.message, len(handover.data), handover.created)
+                    )
                 if keep < count:
                     self._backlog = True
                 self._loaded_upto = first + max(0, keep) - 1
@@ -854,9 +873,17 @@ class Outbox(Service):
                 return
 
     def _send(self, entry: _Entry) -> None:
-        generation = self._generation
+        generation = entry.generation = self._generation
         self._inflight[entry.seq] = entry
         self._published += 1
+        publish_to = self._publish_to
+        if publish_to is not None:
+            # The bus reports to the entry: no Deferred per message.
+            try:
+                publish_to(entry.message, entry)
+            except Exception:
+                self._outcome(TwistedFailure(), entry, generation)
+            return
         try:
             d = self._bus.publish(entry.message)
         except Exception:
@@ -1040,7 +1067,7 @@ class Outbox(Service):
                 reason = str(e)[:_MAX_REASON]
                 self._failures.append(Failure(row.seq, UNREADABLE, reason, self._reactor.seconds()))
                 continue
-            ready.append(_Entry(row.seq, message, len(row.data), row.created))
+            ready.append(_Entry(self, row.seq, message, len(row.data), row.created))
         if rows:
             self._loaded_upto = rows[-1].seq
             # From now on the oldest waiting message is always in memory.
