@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, NoReturn, Self
+from typing import Any, ClassVar, NoReturn, Self
 
 from fedhub.errors import DecodeError, MessageError
 
@@ -384,6 +384,13 @@ class Message:
     redelivered: bool = field(default=False, compare=False)
     _body_bytes: bytes = field(default=b"", repr=False, compare=False)
 
+    #: Worked out on first use (L{wire_headers}, L{encoded_properties}) and
+    #: then set on the instance; class attributes, not fields, so that a new
+    #: message does not carry them and setting them keeps the instance's
+    #: attributes in their compact form.
+    _wire: ClassVar[dict[str, Any] | None] = None
+    _properties: ClassVar[bytes | None] = None
+
     def __post_init__(self) -> None:
         _check_topic(self.topic)
         if self.body.__class__ is not FrozenDict and not isinstance(self.body, Mapping):
@@ -479,7 +486,7 @@ class Message:
         ones.  Worked out once (the message is immutable); each call returns
         a new dictionary.
         """
-        wire = self.__dict__.get("_wire")
+        wire = self._wire
         if wire is None:
             wire = dict(self.headers)
             wire[SCHEMA_HEADER] = self.schema
@@ -487,7 +494,7 @@ class Message:
             if self.sent_at is not None:
                 wire[SENT_AT_HEADER] = _sent_at_text(self.sent_at)
             wire[PRIORITY_HEADER] = self.priority
-            self.__dict__["_wire"] = wire
+            object.__setattr__(self, "_wire", wire)
         return dict(wire)
 
     def amqp_properties(self) -> dict[str, Any]:
@@ -513,10 +520,10 @@ class Message:
         @raise MessageError: when they can not be encoded (an id longer
             than 255 bytes, a header value out of AMQP's range).
         """
-        encoded = self.__dict__.get("_properties")
+        encoded = self._properties
         if encoded is None:
             encoded = _encode_properties(self)
-            self.__dict__["_properties"] = encoded
+            object.__setattr__(self, "_properties", encoded)
         return encoded
 
     def evolve(self, **changes: Any) -> Message:
@@ -563,11 +570,10 @@ class Message:
         if queue is not None and not isinstance(queue, str):
             raise MessageError(f"queue must be a string or None, not {queue!r}")
         fields = self._fields_with(changes)
-        known = self.__dict__
-        if "_wire" in known:
-            fields["_wire"] = known["_wire"]
-            if "_properties" in known:
-                fields["_properties"] = known["_properties"]
+        if self._wire is not None:
+            fields["_wire"] = self._wire
+            if self._properties is not None:
+                fields["_properties"] = self._properties
         return Message._from_checked(**fields)
 
     def to_serialized(self) -> dict[str, Any]:

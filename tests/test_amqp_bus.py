@@ -755,6 +755,22 @@ class PublishTests(BusCase):
         self.failureResultOf(self.bus.publish(message, routing_key="x" * 256), MessageError)
         self.failureResultOf(self.bus.publish(message, exchange="x" * 256), MessageError)
 
+    def test_checked_names_remembered_boundedly(self) -> None:
+        """
+        Names found good are not measured again, and no more of them are
+        kept than the bound; a long name is refused however often it comes.
+        """
+        from fedhub.amqp import transport
+
+        for n in range(transport._GOOD_NAMES + 10):
+            self.bus.publish(Message.create(f"a.b{n}", {}))
+        self.assertLessEqual(len(self.bus._good_names), transport._GOOD_NAMES)
+        self.assertIn("amq.topic", self.bus._good_names)
+        message = Message.create("a.b", {})
+        for _ in range(2):
+            self.failureResultOf(self.bus.publish(message, routing_key="x" * 256), MessageError)
+        self.assertNotIn("x" * 256, self.bus._good_names)
+
     def test_unencodable_names_and_properties(self) -> None:
         """
         A routing key that is not UTF-8, or a message whose properties AMQP can not carry, fails that publish alone.

@@ -220,6 +220,10 @@ def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
 # --- publishing -----------------------------------------------------------------
 
 
+#: How many exchange names and routing keys a bus remembers as checked.
+_GOOD_NAMES = 1024
+
+
 class PublishOutcome(Protocol):
     """
     What L{AMQPBus.publish_to} reports a message's outcome to; a
@@ -1066,6 +1070,9 @@ class AMQPBus(Service):
         self._connected_waiters: list[Deferred[None]] = []
         self.confirming = False
         self._after_confirms: list[Callable[[], object]] = []
+        # Exchange names and routing keys found short enough already: most
+        # messages go to a few topics.
+        self._good_names: set[str] = set()
 
     @classmethod
     def from_domain(cls, domain: Any, reactor: Any, **options: Any) -> AMQPBus:
@@ -1179,10 +1186,20 @@ class AMQPBus(Service):
         """
         exchange = self.exchange if exchange is None else exchange
         routing_key = message.topic if routing_key is None else routing_key
-        for what, value in (("exchange", exchange), ("routing key", routing_key)):
-            if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-                outcome.errback(MessageError(f"the {what} must be a string of at most 255 bytes"))
-                return
+        good = self._good_names
+        if (
+            routing_key.__class__ is not str
+            or exchange.__class__ is not str
+            or routing_key not in good
+            or exchange not in good
+        ):
+            for what, value in (("exchange", exchange), ("routing key", routing_key)):
+                if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+                    outcome.errback(MessageError(f"the {what} must be a string of at most 255 bytes"))
+                    return
+            if len(good) >= _GOOD_NAMES:
+                good.clear()
+            good.update((exchange, routing_key))
         session = self._session
         if session is None or not session.alive or self._stopping:
             why = "the bus is stopping" if self._stopping else "not connected to the broker"
