@@ -1268,6 +1268,8 @@ class PluginTests(PoolTestCase):
         self.assertEqual(options["parse_workers"], 1)
         self.assertEqual(options["parse_timeout"], 30.0)
         self.assertEqual(options["parse_inline_max"], 65536)
+        self.assertEqual(options["parse_queue_max"], 100)
+        self.assertEqual(options["parse_stop_timeout"], 5.0)
 
     def test_bad_values(self) -> None:
         """parse_workers outside 0..64 or not an integer, and a parse_timeout not above 0, are refused naming the key."""
@@ -1287,6 +1289,12 @@ class PluginTests(PoolTestCase):
                 self.options(parse_inline_max=value)
             self.assertIn("parse_inline_max", str(caught.exception))
         self.assertEqual(self.options(parse_inline_max=0)["parse_inline_max"], 0)
+        for key, value in (("parse_queue_max", -1), ("parse_queue_max", 1.5), ("parse_stop_timeout", 0),
+                           ("parse_stop_timeout", "5")):
+            with self.assertRaises(ConfigError) as caught:
+                self.options(**{key: value})
+            self.assertIn(key, str(caught.exception))
+        self.assertEqual(self.options(parse_queue_max=0)["parse_queue_max"], 0)
 
     def test_build_refuses(self) -> None:
         """build() refuses a parse_workers value that bypassed the configuration check."""
@@ -1296,9 +1304,12 @@ class PluginTests(PoolTestCase):
 
     def test_build(self) -> None:
         """With workers the plugin builds a pooled listener that has started nothing; with 0 a plain one that parses in process."""
-        service: Any = BugzillaSMTPPlugin().build(self.context(parse_workers=3, parse_timeout=7))
+        service: Any = BugzillaSMTPPlugin().build(
+            self.context(parse_workers=3, parse_timeout=7, parse_queue_max=12, parse_stop_timeout=2.5)
+        )
         self.assertIsInstance(service, PooledBugmailListener)
-        self.assertEqual((service.pool.workers, service.pool.timeout), (3, 7.0))
+        pool = service.pool
+        self.assertEqual((pool.workers, pool.timeout, pool.max_queue, pool.stop_timeout), (3, 7.0, 12, 2.5))
         self.assertEqual(service.pool.pids, [])
         plain: Any = BugzillaSMTPPlugin().build(self.context(parse_workers=0))
         self.assertNotIsInstance(plain, PooledBugmailListener)

@@ -969,6 +969,10 @@ class BugzillaSMTPPlugin:
         "parse_inline_max": Option(int, DEFAULT_INLINE_MAX, "mails of at most this many bytes are parsed "
                                    "in the hub process even with parse workers (0: none)",
                                    _not_negative),
+        "parse_queue_max": Option(int, 100, "mails that may wait for a free parse worker; more are "
+                                  "answered 451 at once (0: none waits)", _not_negative),
+        "parse_stop_timeout": Option(float, 5.0, "seconds the parse workers get to exit when the hub "
+                                     "stops, before they are killed", _positive),
         **enrich_options(),
     }
 
@@ -1008,6 +1012,8 @@ class BugzillaSMTPPlugin:
                 workers,
                 reactor=context.reactor,
                 timeout=float(options.get("parse_timeout", 30.0)),
+                max_queue=int(options.get("parse_queue_max", 100)),
+                stop_timeout=float(options.get("parse_stop_timeout", 5.0)),
                 producer=context.name,
             )
             parse = parse_by_size(pool, int(options.get("parse_inline_max", DEFAULT_INLINE_MAX)))
