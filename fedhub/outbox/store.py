@@ -435,10 +435,11 @@ def encode(message: Message) -> bytes:
     return b"".join((AMQP_FORM, head, topic, message_id, name, properties, message.body_bytes))
 
 
-def _parts(data: bytes) -> tuple[str, str, str | None, bytes, bytes]:
+def _parts(data: bytes) -> tuple[str, str, str | None, bytes, bytes, int]:
     """
     The topic, id, queue, encoded properties and body of a record in the
-    AMQP form.
+    AMQP form, and how many bytes of the properties come before the id
+    (the last property): what the messages of a burst share.
 
     @raise DecodeError: when the record is not one.
     """
@@ -462,7 +463,7 @@ def _parts(data: bytes) -> tuple[str, str, str | None, bytes, bytes]:
     # The id is the last property, as encode_properties wrote it.
     if not properties.endswith(bytes((id_size,)) + data[pos : pos + id_size]):
         raise DecodeError("stored properties do not end with the message's id")
-    return topic, message_id, queue, properties, data[end:]
+    return topic, message_id, queue, properties, data[end:], properties_size - 1 - id_size
 
 
 def _decoded_properties(encoded: bytes) -> dict[str, Any]:
@@ -515,7 +516,7 @@ def decode(data: bytes) -> Message:
     """
     form = data[:1]
     if form == AMQP_FORM:
-        topic, message_id, queue, properties, body = _parts(data)
+        topic, message_id, queue, properties, body, _ = _parts(data)
         return from_amqp(topic, _decoded_properties(properties), body, queue=queue)
     if form == PUBLISH_FORM:
         topic, message_id, queue, headers, body = _split(data)
@@ -600,10 +601,14 @@ _HEADERS_CACHE_SIZE = 256
 _HEADERS_CACHED_BYTES = 4096
 
 
-def _cached_headers(key: bytes, decode: Callable[[], object]) -> _Headers:
+def _cached_headers(key: bytes, decode: Callable[[bytes], object], stored: bytes) -> _Headers:
+    """
+    The decoded headers of a stored record whose shared part is C{key}:
+    kept from an earlier record, or C{decode(stored)}.
+    """
     headers = _headers_cache.get(key)
     if headers is None:
-        headers = _Headers(decode())
+        headers = _Headers(decode(stored))
         if len(key) <= _HEADERS_CACHED_BYTES:
             if len(_headers_cache) >= _HEADERS_CACHE_SIZE:
                 _headers_cache.clear()
@@ -685,14 +690,17 @@ def _stored_message(
 _new = object.__new__
 
 
+def _properties_headers(properties: bytes) -> object:
+    return _decoded_properties(properties).get("headers")
+
+
+def _stored_headers(text: bytes) -> object:
+    return _json(text, "headers")
+
+
 def _amqp_form_message(data: bytes) -> StoredMessage:
-    topic, message_id, queue, properties, body = _parts(data)
-    # The properties but for the id (the last, see _parts) are what the
-    # messages of a burst share.
-    key = properties[: len(properties) - 1 - len(message_id.encode("utf-8"))]
-    headers = _headers_cache.get(key)
-    if headers is None:
-        headers = _cached_headers(key, lambda: _decoded_properties(properties).get("headers"))
+    topic, message_id, queue, properties, body, shared = _parts(data)
+    headers = _cached_headers(properties[:shared], _properties_headers, properties)
     message = _stored_message(topic, message_id, queue, headers, body)
     message.__dict__["_properties"] = properties
     return message
@@ -700,7 +708,7 @@ def _amqp_form_message(data: bytes) -> StoredMessage:
 
 def _publish_form_message(data: bytes) -> StoredMessage:
     topic, message_id, queue, text, body = _split(data)
-    headers = _cached_headers(text, lambda: _json(text, "headers"))
+    headers = _cached_headers(text, _stored_headers, text)
     return _stored_message(topic, message_id, queue, headers, body)
 
 
