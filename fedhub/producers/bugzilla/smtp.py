@@ -956,15 +956,32 @@ class BugmailSMTP(ESMTP):
         except AddressError as e:
             self.sendCode(553, networkString(str(e)))
             return
+        self._validate(
+            self.validateFrom, (self._helo, address), self._cbFromValidate, self._ebFromValidate
+        )
+
+    @staticmethod
+    def _validate(
+        validate: Callable[..., Any],
+        args: tuple[Any, ...],
+        callback: Callable[..., object],
+        errback: Callable[[Failure], object],
+        *extra: Any,
+    ) -> None:
+        """
+        C{validate(*args)}, then C{callback(result, *extra)} or
+        C{errback(failure)}: at once when the validation answers at once (it
+        always does here), through its Deferred when it returns one.
+        """
         try:
-            validated = self.validateFrom(self._helo, address)
+            validated = validate(*args)
         except Exception:
-            self._ebFromValidate(Failure())  # type: ignore[no-untyped-call]
+            errback(Failure())
             return
         if isinstance(validated, Deferred):
-            validated.addCallbacks(self._cbFromValidate, self._ebFromValidate)
+            validated.addCallbacks(callback, errback, callbackArgs=extra)
             return
-        self._cbFromValidate(validated)  # type: ignore[no-untyped-call]
+        callback(validated, *extra)
 
     def _mail_parameters(self, options: bytes) -> tuple[int, bytes] | None:
         for token in options.split():
@@ -1004,15 +1021,7 @@ class BugmailSMTP(ESMTP):
         except AddressError as e:
             self.sendCode(553, networkString(str(e)))
             return
-        try:
-            validated = self.validateTo(user)
-        except Exception:
-            self._ebToValidate(Failure())  # type: ignore[no-untyped-call]
-            return
-        if isinstance(validated, Deferred):
-            validated.addCallbacks(self._cbToValidate, self._ebToValidate, callbackArgs=(user,))
-            return
-        self._cbToValidate(validated, user)  # type: ignore[no-untyped-call]
+        self._validate(self.validateTo, (user,), self._cbToValidate, self._ebToValidate, user)
 
     def validateTo(self, user: User) -> str:
         address = (user.dest.local + b"@" + user.dest.domain).decode("utf-8", "replace").lower()
