@@ -221,7 +221,7 @@ class ResumeTests(LiveCase):
             await bus.publish(message)
             await handled
             quick.append(fast.arrivals[message.id] - started)
-            await deferLater(reactor, 0.15, lambda: None)
+            await deferLater(reactor, 0.05, lambda: None)
         # All ten were handled while the slow plugin still slept.
         self.assertLess(max(quick), 2.0)
         await slept
