@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -33,6 +33,7 @@ from zope.interface.verify import verifyObject
 
 from fedhub.amqp.codec import body_frame, content_header_frame, pack_frame, unpack_frame
 from fedhub.amqp.protocol import HEARTBEAT_FRAME, PROTOCOL_HEADER, AMQPClient
+from fedhub.amqp import transport
 from fedhub.amqp.transport import AMQPBus, AMQPSubscription
 from fedhub.amqp.url import AMQPSettings, parse_url
 from fedhub.errors import (
@@ -216,8 +217,11 @@ class ScriptedBroker:
             pack_frame(self.spec, body_frame(channel, b"{}")),
         )
 
-    def deliver(self, tag: str, delivery_tag: int, body: bytes, routing_key: str = "a.b",
-                redelivered: bool = False, properties: dict[str, Any] | None = None) -> None:
+    def delivery(self, tag: str, delivery_tag: int, body: bytes, routing_key: str = "a.b",
+                 redelivered: bool = False, properties: dict[str, Any] | None = None) -> bytes:
+        """
+        The frames of one delivery to consumer C{tag}.
+        """
         channel = self.consumers[tag]
         header = content_header_frame(self.spec, channel, len(body), properties or {})
         data = self.frame(channel, "basic.deliver", consumer_tag=tag, delivery_tag=delivery_tag,
@@ -225,7 +229,17 @@ class ScriptedBroker:
         data += pack_frame(self.spec, header)
         if body:
             data += pack_frame(self.spec, body_frame(channel, body))
-        self.send(data)
+        return data
+
+    def deliver(self, tag: str, delivery_tag: int, body: bytes, routing_key: str = "a.b",
+                redelivered: bool = False, properties: dict[str, Any] | None = None) -> None:
+        self.send(self.delivery(tag, delivery_tag, body, routing_key, redelivered, properties))
+
+    def deliver_together(self, tag: str, delivery_tags: Iterable[int]) -> None:
+        """
+        Deliver C{b"{}"} under each of C{delivery_tags} in one read.
+        """
+        self.send(*(self.delivery(tag, n, b"{}") for n in delivery_tags))
 
 
 class FakeEndpoint:
@@ -1016,6 +1030,171 @@ class ConsumeTests(BusCase):
         self.assertEqual([m[2]["requeue"] for m in self.broker.methods("basic.reject")],
                          [True, False])
 
+    def verdicts(self) -> list[tuple[str, dict[str, Any]]]:
+        """
+        The acknowledgements and rejections the client sent, in order.
+        """
+        self.broker.pump()
+        return [(m[1], m[2]) for m in self.broker.methods("basic.ack", "basic.reject")]
+
+    def subscribe_with(self, on_delivery: Callable[[Any], object]) -> str:
+        """
+        Subscribe C{on_delivery} to C{hub.q}; the consumer tag.
+        """
+        d = self.bus.subscribe("hub.q", on_delivery, 100)
+        self.broker.pump()
+        self.successResultOf(d)
+        return str(self.broker.methods("basic.consume")[-1][2]["consumer_tag"])
+
+    def test_acks_of_one_read_coalesced(self) -> None:
+        """
+        Deliveries of one read acknowledged as they come are acknowledged
+        with one basic.ack with multiple once the read is handled; a single
+        one without multiple.
+        """
+        answers: list[bool] = []
+        tag = self.subscribe_with(lambda delivery: answers.append(delivery.ack()))
+        self.broker.deliver_together(tag, [1, 2, 3, 4, 5])
+        self.broker.deliver(tag, 6, b"{}")
+        self.assertEqual(answers, [True] * 6)
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.ack", {"delivery_tag": 5, "multiple": True}),
+             ("basic.ack", {"delivery_tag": 6, "multiple": False})],
+        )
+        self.assertEqual(self.bus.stats.acked, 6)
+
+    def test_coalesced_ack_never_covers_an_unsettled_delivery(self) -> None:
+        """
+        A delivery still being handled ends the run a multiple
+        acknowledgement covers: those behind it are acknowledged one by
+        one, and once it is settled the next run starts after it.
+        """
+        waiting: list[Any] = []
+
+        def handle(delivery: Any) -> None:
+            if delivery.delivery_tag == 2:
+                waiting.append(delivery)
+            else:
+                delivery.ack()
+
+        tag = self.subscribe_with(handle)
+        self.broker.deliver_together(tag, [1, 2, 3, 4])
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.ack", {"delivery_tag": n, "multiple": False}) for n in (1, 3, 4)],
+        )
+        # Settled later, outside a read: written at once.
+        waiting[0].ack()
+        self.assertEqual(self.verdicts()[-1], ("basic.ack", {"delivery_tag": 2, "multiple": False}))
+        self.broker.deliver_together(tag, [5, 6, 7])
+        self.assertEqual(self.verdicts()[-1], ("basic.ack", {"delivery_tag": 7, "multiple": True}))
+        self.assertEqual(len(self.verdicts()), 5)
+
+    def test_rejection_inside_a_coalesced_run(self) -> None:
+        """
+        A rejection is written at once; the acknowledgements around it are
+        still coalesced (a multiple acknowledgement leaves out what was
+        rejected already).
+        """
+
+        def handle(delivery: Any) -> None:
+            if delivery.delivery_tag == 2:
+                delivery.reject(requeue=False)
+            else:
+                delivery.ack()
+
+        tag = self.subscribe_with(handle)
+        self.broker.deliver_together(tag, [1, 2, 3, 4])
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.reject", {"delivery_tag": 2, "requeue": False}),
+             ("basic.ack", {"delivery_tag": 4, "multiple": True})],
+        )
+        self.assertEqual((self.bus.stats.acked, self.bus.stats.rejected), (3, 1))
+
+    def test_cancel_writes_held_acks_first(self) -> None:
+        """
+        A subscription cancelled while its acknowledgements are held back
+        writes them before it closes its channel.
+        """
+        subscriptions: list[Any] = []
+
+        def handle(delivery: Any) -> None:
+            delivery.ack()
+            if delivery.delivery_tag == 3:
+                subscriptions[0].cancel()
+
+        d = self.bus.subscribe("hub.q", handle, 100)
+        self.broker.pump()
+        subscriptions.append(self.successResultOf(d))
+        tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        self.broker.deliver_together(tag, [1, 2, 3])
+        methods = [(m[1], m[2]) for m in self.broker.methods("basic.ack", "channel.close")]
+        self.assertEqual(methods[0], ("basic.ack", {"delivery_tag": 3, "multiple": True}))
+        self.assertEqual([m[0] for m in methods[1:]], ["channel.close"])
+
+    def test_held_acks_dropped_with_a_closed_channel(self) -> None:
+        """
+        Acknowledgements held back when the broker closes the channel in the
+        same read are neither written (the broker has put the messages back)
+        nor counted.
+        """
+        tag = self.subscribe_with(lambda delivery: delivery.ack())
+        channel = self.broker.consumers[tag]
+        close = self.broker.frame(channel, "channel.close", reply_code=406,
+                                  reply_text="PRECONDITION_FAILED - delivery acknowledgement"
+                                  " timed out", class_id=0, method_id=0)
+        self.broker.send(self.broker.delivery(tag, 1, b"{}"), self.broker.delivery(tag, 2, b"{}"),
+                         close)
+        self.assertEqual(self.verdicts(), [])
+        self.assertEqual(self.bus.stats.acked, 0)
+
+    def test_consumer_on_a_reused_channel_acks_one_by_one(self) -> None:
+        """
+        After the broker cancels a consumer, the bus consumes again on the
+        same channel, where older deliveries may still be unsettled: that
+        consumer's acknowledgements are never coalesced.
+        """
+        old: list[Any] = []
+        tag = self.subscribe_with(old.append)
+        channel = self.broker.consumers[tag]
+        self.broker.deliver(tag, 1, b"{}")
+        self.broker.send(self.broker.frame(channel, "basic.cancel", consumer_tag=tag))
+        new_tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        self.assertNotEqual(new_tag, tag)
+        self.assertEqual(self.broker.consumers[new_tag], channel)
+        # Its handler acknowledges at once from now on.
+        self.bus._subscriptions[0].on_delivery = lambda delivery: delivery.ack()
+        self.broker.deliver_together(new_tag, [2, 3, 4])
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.ack", {"delivery_tag": n, "multiple": False}) for n in (2, 3, 4)],
+        )
+        old[0].ack()
+        self.assertEqual(self.verdicts()[-1], ("basic.ack", {"delivery_tag": 1, "multiple": False}))
+
+    def test_coalescing_stops_behind_a_delivery_never_settled(self) -> None:
+        """
+        A consumer remembers a bounded number of deliveries settled behind
+        one that is not; past that it stops coalescing rather than grow.
+        """
+        self.patch(transport, "_SETTLED_BEHIND_MAX", 3)
+        tag = self.subscribe_with(
+            lambda delivery: None if delivery.delivery_tag == 1 else delivery.ack()
+        )
+        self.broker.deliver_together(tag, [1, 2, 3])
+        self.broker.deliver_together(tag, [4, 5])
+        self.broker.deliver_together(tag, [6, 7])
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.ack", {"delivery_tag": n, "multiple": False}) for n in range(2, 8)],
+        )
+        consumer = self.bus._subscriptions[0].consumer
+        assert consumer is not None
+        self.assertFalse(consumer.coalesce)
+        self.assertEqual((len(consumer.unsettled), len(consumer.written)), (0, 0))
+
     def test_undecodable_rejected(self) -> None:
         """
         A message that is not a valid fedhub message is rejected without
@@ -1430,6 +1609,66 @@ class LiveBusTests(LiveCase):
         self.assertEqual(collector.deliveries, [])
         # The dead-letter queue's subscriber rejects it once more (no DLX there).
         await self.wait_for(lambda: bus.stats.undecodable == 2, "the dead letter")
+
+    async def test_coalesced_acks_settle_exactly_what_was_acked(self) -> None:
+        """
+        With a queue full of messages, acknowledgements are coalesced (fewer
+        basic.ack frames than messages), yet a multiple acknowledgement
+        never covers a delivery the handler kept: after cancelling, exactly
+        the kept ones come back.
+        """
+        bus = await self.start_bus()
+        queue = await self.queue(bus)
+        messages = [Message.create("fedhubtest.coalesce", {"n": n}) for n in range(300)]
+        for message in messages:
+            bus.publish(message, exchange="", routing_key=queue)
+        await bus.publish(Message.create("fedhubtest.coalesce", {"n": "last"}), exchange="",
+                          routing_key=queue)
+        assert bus._session is not None
+        client = bus._session.client
+        frames: list[bool] = []
+        send_method = client.send_method
+
+        def counting(channel_id: int, name: str, *args: Any) -> bool:
+            if name == "basic.ack":
+                frames.append(bool(args[1]))
+            return bool(send_method(channel_id, name, *args))
+
+        client.send_method = counting
+        # Every 30th message is acknowledged five deliveries late; 295 and
+        # 296 never are.
+        late: dict[int, Any] = {}
+        kept: list[Any] = []
+        acked: list[str] = []
+
+        def handle(delivery: Any) -> None:
+            n = delivery.message.body["n"]
+            if n in (295, 296):
+                kept.append(delivery)
+                return
+            if n in range(15, 300, 30):
+                late[n] = delivery
+                return
+            if isinstance(n, int) and n - 5 in late:
+                earlier = late.pop(n - 5)
+                acked.append(earlier.message.id)
+                earlier.ack()
+            acked.append(delivery.message.id)
+            delivery.ack()
+
+        subscription = await bus.subscribe(queue, handle, 100)
+        await self.wait_for(lambda: len(kept) + len(acked) == 301, "every delivery")
+        await subscription.cancel()
+        self.assertEqual((len(kept), late), (2, {}))
+        self.assertLess(len(frames), len(acked))
+        self.assertIn(True, frames)
+
+        again = Collector()
+        await bus.subscribe(queue, again, 100)
+        await self.wait_for(lambda: len(again.deliveries) >= 2, "the kept messages again")
+        await deferLater(_reactor(), 0.3, lambda: None)
+        self.assertEqual(sorted(again.ids), sorted(d.message.id for d in kept))
+        self.assertTrue(all(d.redelivered for d in again.deliveries))
 
     async def test_reconnect_after_forced_close(self) -> None:
         """

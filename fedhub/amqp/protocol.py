@@ -306,6 +306,14 @@ class IConnectionEvents(Interface):
         The transport's write buffer filled up (C{False}) or drained (C{True}).
         """
 
+    def frames_handled():  # type: ignore[no-untyped-def]
+        """
+        Every complete frame of one read from the broker was handled (while
+        they were, L{AMQPClient.receiving} was true): frames the listener
+        held back meanwhile, such as acknowledgements it coalesces, are to
+        be written now.
+        """
+
 
 @implementer(IConnectionEvents)
 class NullConnectionEvents:
@@ -358,6 +366,9 @@ class NullConnectionEvents:
 
     def writable_changed(self, writable: bool) -> None:
         """Ignore flow control."""
+
+    def frames_handled(self) -> None:
+        """Nothing is held back."""
 
 
 # --- the protocol ---------------------------------------------------------
@@ -435,6 +446,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
     @ivar server_properties: What the broker said about itself.
     @ivar blocked: Whether the broker has blocked publishing.
     @ivar writable: Whether the transport takes more data now.
+    @ivar receiving: Whether the frames of a read are being handled now;
+        once they are, L{IConnectionEvents.frames_handled} is called.
     @ivar lost: Whether the connection is gone.
     @ivar fast_frames: Whether the hot paths use L{fedhub.amqp.frames} (the
         default); when C{False}, every frame goes through txamqp's generic
@@ -479,6 +492,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self.server_properties: dict[str, Any] = {}
         self.blocked = False
         self.writable = True
+        self.receiving = False
         self.lost = False
         self.opened = False
         self.lost_reason: Failure | None = None
@@ -720,6 +734,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             data = b"".join(self._partial)
             self._partial = []
             self._partial_size = 0
+        self.receiving = True
         try:
             offset = self._handle_frames(data)
         except FrameError as e:
@@ -730,6 +745,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             self._contents.clear()
             self.abort("protocol error")
             return
+        finally:
+            self.receiving = False
         if offset < len(data):
             rest = data[offset:]
             self._partial = [rest]
@@ -738,6 +755,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
                 self._partial_need = FRAME_HEADER_SIZE
             else:
                 self._partial_need = FRAME_OVERHEAD + _FRAME_HEAD.unpack_from(rest)[2]
+        self._notify("frames_handled")
 
     def _handle_frames(self, data: bytes) -> int:
         """

@@ -339,21 +339,53 @@ class AMQPDelivery:
         return self._consumer.settle(self.delivery_tag, False, bool(requeue))
 
 
+#: How many deliveries a coalescing consumer remembers as settled behind
+#: one that is not (a handler still at work on it) before it stops
+#: coalescing: a delivery never settled must not make it remember forever.
+_SETTLED_BEHIND_MAX = 10_000
+
+
 class _Consumer:
     """
     A subscription's consumer on one connection: its channel and tag.
+
+    Acknowledgements decided while the connection handles the frames of a
+    read (a handler that answers at once) are held back until every frame
+    of the read is handled, then written as one C{basic.ack} with
+    C{multiple} for the run of held-back deliveries at the head of the
+    channel's unsettled ones, and one C{basic.ack} each for the rest.  The
+    broker then handles one acknowledgement for a read's worth of messages.
+    Everything else (rejections, acknowledgements decided later) is written
+    at once.
+
+    Only a consumer on a channel it opened coalesces: on a channel it
+    consumes from again (after the broker cancelled its consumer there),
+    older deliveries of the channel could be under a C{multiple}.
+
+    @ivar unsettled: A coalescing consumer's delivery tags, in delivery
+        order, from the first not yet acknowledged or rejected on the wire.
+    @ivar written: Tags in L{unsettled} behind its head whose
+        acknowledgement or rejection was written.
+    @ivar held: Tags whose acknowledgement is held back.
     """
 
-    def __init__(self, session: _Session, subscription: AMQPSubscription, tag: str) -> None:
+    def __init__(
+        self, session: _Session, subscription: AMQPSubscription, tag: str, coalesce: bool = False
+    ) -> None:
         self.session = session
         self.subscription = subscription
         self.tag = tag
         self.channel: Any = None
         self.active = False
+        self.coalesce = coalesce
+        self.unsettled: deque[int] = deque()
+        self.written: set[int] = set()
+        self.held: set[int] = set()
 
     def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> bool:
         """
-        Write an acknowledgement or rejection; whether it was written.
+        Write an acknowledgement or rejection, or hold an acknowledgement
+        back (see the class); whether it was written or held.
         """
         session = self.session
         channel = self.channel
@@ -366,12 +398,61 @@ class _Consumer:
         client = session.client
         stats = session.bus.stats
         if ack:
-            sent = client.send_method(self.channel.id, "basic.ack", delivery_tag, False)
+            if self.coalesce and client.receiving:
+                if not self.held:
+                    session.holding.append(self)
+                self.held.add(delivery_tag)
+                stats.acked += 1
+                return True
+            sent = client.send_method(channel.id, "basic.ack", delivery_tag, False)
             stats.acked += sent
         else:
-            sent = client.send_method(self.channel.id, "basic.reject", delivery_tag, requeue)
+            sent = client.send_method(channel.id, "basic.reject", delivery_tag, requeue)
             stats.rejected += sent
+        if sent and self.coalesce:
+            self.written.add(delivery_tag)
         return sent
+
+    def flush(self) -> None:
+        """
+        Write the acknowledgements held back.
+        """
+        held = self.held
+        if not held:
+            return
+        self.held = set()
+        session = self.session
+        channel = self.channel
+        if channel is None or channel.closed or not session.alive:
+            # The broker has put these messages back with the channel.
+            session.bus.stats.acked -= len(held)
+            return
+        unsettled = self.unsettled
+        written = self.written
+        last = 0
+        run = 0
+        while unsettled:
+            tag = unsettled[0]
+            if tag in held:
+                held.discard(tag)
+                last = tag
+                run += 1
+            elif tag in written:
+                written.discard(tag)
+            else:
+                break
+            unsettled.popleft()
+        send = session.client.send_method
+        if run:
+            send(channel.id, "basic.ack", last, run > 1)
+        # Behind a delivery not settled yet: one at a time.
+        for tag in held:
+            send(channel.id, "basic.ack", tag, False)
+        written |= held
+        if len(written) > _SETTLED_BEHIND_MAX:
+            self.coalesce = False
+            unsettled.clear()
+            written.clear()
 
 
 @implementer(ISubscription)
@@ -452,6 +533,9 @@ class _Session:
         self.by_id: dict[str, int | list[int]] = {}
         self.waiting: deque[_Pending] = deque()
         self.consumers: dict[str, _Consumer] = {}
+        # Consumers holding acknowledgements back until the frames of the
+        # current read are handled.
+        self.holding: list[_Consumer] = []
         self.declare_channel: Any = None
         self.declare_lock = DeferredLock()
         self.known_exchanges: set[str] = {""}
@@ -849,6 +933,8 @@ class _Session:
             return
         stats.delivered += 1
         delivery = AMQPDelivery(message, redelivered, subscription.queue, consumer, delivery_tag)
+        if consumer.coalesce:
+            consumer.unsettled.append(delivery_tag)
         try:
             subscription.on_delivery(delivery)
         except Exception:
@@ -939,6 +1025,13 @@ class _Session:
         """The transport's buffer drained (or filled)."""
         if writable:
             self.pump()
+
+    def frames_handled(self) -> None:
+        """The frames of a read are handled: write the acknowledgements held back."""
+        if self.holding:
+            holding, self.holding = self.holding, []
+            for consumer in holding:
+                consumer.flush()
 
     # -- recovery and teardown ------------------------------------------------
 
@@ -1463,7 +1556,10 @@ class AMQPBus(Service):
             return
         subscription.starting = True
         client = session.client
-        consumer = _Consumer(session, subscription, self._next_tag())
+        # Acknowledgements are coalesced on a channel of the consumer's own.
+        consumer = _Consumer(
+            session, subscription, self._next_tag(), coalesce=channel is None or channel.closed
+        )
         try:
             if channel is None or channel.closed:
                 channel = await client.open_channel()
@@ -1562,6 +1658,8 @@ class AMQPBus(Service):
             return succeed(None)
         consumer.active = False
         consumer.session.consumers.pop(consumer.tag, None)
+        # What it acknowledged goes out before the channel closes.
+        consumer.flush()
         closing = consumer.session.client.close_channel(consumer.channel)
         closing.addErrback(lambda _: None)
         return closing
