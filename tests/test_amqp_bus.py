@@ -1174,6 +1174,29 @@ class ConsumeTests(BusCase):
         old[0].ack()
         self.assertEqual(self.verdicts()[-1], ("basic.ack", {"delivery_tag": 1, "multiple": False}))
 
+    def test_acks_decided_later_leave_nothing_remembered(self) -> None:
+        """
+        Verdicts decided outside a read (a handler that answers later) are
+        written at once, in any order, and the consumer remembers none of
+        them afterwards.
+        """
+        kept: list[Any] = []
+        tag = self.subscribe_with(kept.append)
+        self.broker.deliver_together(tag, [1, 2, 3, 4, 5])
+        by_tag = {d.delivery_tag: d for d in kept}
+        for n in (2, 1, 3, 5):
+            by_tag[n].ack()
+        by_tag[4].reject(requeue=True)
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.ack", {"delivery_tag": n, "multiple": False}) for n in (2, 1, 3, 5)]
+            + [("basic.reject", {"delivery_tag": 4, "requeue": True})],
+        )
+        consumer = self.bus._subscriptions[0].consumer
+        assert consumer is not None
+        self.assertTrue(consumer.coalesce)
+        self.assertEqual((list(consumer.unsettled), consumer.written), ([], set()))
+
     def test_coalescing_stops_behind_a_delivery_never_settled(self) -> None:
         """
         A consumer remembers a bounded number of deliveries settled behind

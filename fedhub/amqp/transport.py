@@ -410,8 +410,26 @@ class _Consumer:
             sent = client.send_method(channel.id, "basic.reject", delivery_tag, requeue)
             stats.rejected += sent
         if sent and self.coalesce:
-            self.written.add(delivery_tag)
+            self._written(delivery_tag)
         return sent
+
+    def _written(self, delivery_tag: int) -> None:
+        """
+        Forget a coalescing consumer's delivery whose acknowledgement or
+        rejection was just written, with those after it written before.
+        """
+        unsettled = self.unsettled
+        written = self.written
+        if unsettled and unsettled[0] == delivery_tag:
+            unsettled.popleft()
+            while unsettled and unsettled[0] in written:
+                written.discard(unsettled.popleft())
+            return
+        written.add(delivery_tag)
+        if len(written) > _SETTLED_BEHIND_MAX:
+            self.coalesce = False
+            unsettled.clear()
+            written.clear()
 
     def flush(self) -> None:
         """
@@ -448,11 +466,7 @@ class _Consumer:
         # Behind a delivery not settled yet: one at a time.
         for tag in held:
             send(channel.id, "basic.ack", tag, False)
-        written |= held
-        if len(written) > _SETTLED_BEHIND_MAX:
-            self.coalesce = False
-            unsettled.clear()
-            written.clear()
+            self._written(tag)
 
 
 @implementer(ISubscription)
