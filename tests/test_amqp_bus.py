@@ -1046,6 +1046,21 @@ class ConsumeTests(BusCase):
         self.successResultOf(d)
         return str(self.broker.methods("basic.consume")[-1][2]["consumer_tag"])
 
+    def subscribe_acking_but(self, delivery_tag: int, instead: Callable[[Any], object]) -> str:
+        """
+        Subscribe a handler that acknowledges every delivery at once but
+        the one of C{delivery_tag}, which goes to C{instead}; the consumer
+        tag.
+        """
+
+        def handle(delivery: Any) -> None:
+            if delivery.delivery_tag == delivery_tag:
+                instead(delivery)
+            else:
+                delivery.ack()
+
+        return self.subscribe_with(handle)
+
     def test_acks_of_one_read_coalesced(self) -> None:
         """
         Deliveries of one read acknowledged as they come are acknowledged
@@ -1071,14 +1086,7 @@ class ConsumeTests(BusCase):
         one, and once it is settled the next run starts after it.
         """
         waiting: list[Any] = []
-
-        def handle(delivery: Any) -> None:
-            if delivery.delivery_tag == 2:
-                waiting.append(delivery)
-            else:
-                delivery.ack()
-
-        tag = self.subscribe_with(handle)
+        tag = self.subscribe_acking_but(2, waiting.append)
         self.broker.deliver_together(tag, [1, 2, 3, 4])
         self.assertEqual(
             self.verdicts(),
@@ -1097,14 +1105,7 @@ class ConsumeTests(BusCase):
         still coalesced (a multiple acknowledgement leaves out what was
         rejected already).
         """
-
-        def handle(delivery: Any) -> None:
-            if delivery.delivery_tag == 2:
-                delivery.reject(requeue=False)
-            else:
-                delivery.ack()
-
-        tag = self.subscribe_with(handle)
+        tag = self.subscribe_acking_but(2, lambda delivery: delivery.reject(requeue=False))
         self.broker.deliver_together(tag, [1, 2, 3, 4])
         self.assertEqual(
             self.verdicts(),
@@ -1203,9 +1204,7 @@ class ConsumeTests(BusCase):
         one that is not; past that it stops coalescing rather than grow.
         """
         self.patch(transport, "_SETTLED_BEHIND_MAX", 3)
-        tag = self.subscribe_with(
-            lambda delivery: None if delivery.delivery_tag == 1 else delivery.ack()
-        )
+        tag = self.subscribe_acking_but(1, lambda delivery: None)
         self.broker.deliver_together(tag, [1, 2, 3])
         self.broker.deliver_together(tag, [4, 5])
         self.broker.deliver_together(tag, [6, 7])

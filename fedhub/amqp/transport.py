@@ -409,27 +409,37 @@ class _Consumer:
         else:
             sent = client.send_method(channel.id, "basic.reject", delivery_tag, requeue)
             stats.rejected += sent
-        if sent and self.coalesce:
+        if sent:
             self._written(delivery_tag)
         return sent
+
+    def _pop_head(self) -> int:
+        """
+        Drop the first of L{unsettled}, and the written ones right behind
+        it (so the head is never one already written); return it.
+        """
+        unsettled = self.unsettled
+        written = self.written
+        tag = unsettled.popleft()
+        while unsettled and unsettled[0] in written:
+            written.discard(unsettled.popleft())
+        return tag
 
     def _written(self, delivery_tag: int) -> None:
         """
         Forget a coalescing consumer's delivery whose acknowledgement or
-        rejection was just written, with those after it written before.
+        rejection was just written, or remember it behind the head.
         """
-        unsettled = self.unsettled
-        written = self.written
-        if unsettled and unsettled[0] == delivery_tag:
-            unsettled.popleft()
-            while unsettled and unsettled[0] in written:
-                written.discard(unsettled.popleft())
+        if not self.coalesce:
             return
-        written.add(delivery_tag)
-        if len(written) > _SETTLED_BEHIND_MAX:
+        if self.unsettled and self.unsettled[0] == delivery_tag:
+            self._pop_head()
+            return
+        self.written.add(delivery_tag)
+        if len(self.written) > _SETTLED_BEHIND_MAX:
             self.coalesce = False
-            unsettled.clear()
-            written.clear()
+            self.unsettled.clear()
+            self.written.clear()
 
     def flush(self) -> None:
         """
@@ -446,20 +456,12 @@ class _Consumer:
             session.bus.stats.acked -= len(held)
             return
         unsettled = self.unsettled
-        written = self.written
         last = 0
         run = 0
-        while unsettled:
-            tag = unsettled[0]
-            if tag in held:
-                held.discard(tag)
-                last = tag
-                run += 1
-            elif tag in written:
-                written.discard(tag)
-            else:
-                break
-            unsettled.popleft()
+        while unsettled and unsettled[0] in held:
+            last = self._pop_head()
+            held.discard(last)
+            run += 1
         send = session.client.send_method
         if run:
             send(channel.id, "basic.ack", last, run > 1)
