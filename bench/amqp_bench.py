@@ -67,6 +67,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -319,8 +320,10 @@ def fedhub_worker(args: argparse.Namespace) -> None:
             latencies.append(time.perf_counter() - message.body["sent"])
             countdown.one()
 
-        # Concurrency (so prefetch) from --prefetch: 1 is a consumer's
-        # default, 100 what the bare latency workloads use.
+        # Concurrency from --prefetch: 1 is a consumer's default, 100 what
+        # the bare latency workloads use as prefetch.  The consumer's own
+        # prefetch is what it makes of that (a fedhub without the setting:
+        # the concurrency).
         service = consumer_service(bus, handle, args.prefetch)
         await bus.when_connected()
         service.startService()
@@ -330,6 +333,7 @@ def fedhub_worker(args: argparse.Namespace) -> None:
         await paced_publish(bus, total, countdown)
         await countdown.done
         result = meter.stop(total, concurrency=args.prefetch,
+                            prefetch=getattr(service, "prefetch", args.prefetch),
                             **latency_summary(latencies, LATENCY_WARMUP))
         await service.stopService()
         return result
@@ -1098,6 +1102,58 @@ _READERS = ("consume", "consume-multiple", "runner")
 _WRITERS = ("publish", "publish-confirm", "publish-confirm-mandatory", "outbox")
 
 
+def describe(result: dict[str, Any]) -> str:
+    """
+    One worker's result on one line: rate, CPU, and the latencies if any.
+    """
+    latency = (f"  p50 {result['p50_ms']:.2f} ms  p90 {result['p90_ms']:.2f} ms"
+               f"  p99 {result['p99_ms']:.2f} ms  stalls {result['stalls']}"
+               f" ({100 * result['stalled_share']:.1f} % of messages)"
+               if "p99_ms" in result else "")
+    return (f"{result.get('rate', 0):>9.0f} msg/s  {result.get('cpu_us_per_msg', 0):>6.1f} us/msg"
+            f"{latency}  {result.get('error', '')}")
+
+
+def together(broker: Broker, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """
+    One round of C{--together}: every spec's worker at the same time, each
+    on a queue of its own, so that whatever stalls the machine or the broker
+    in that round stalls all of them.  For the latency workloads, whose 200
+    messages a second leave the machine nearly idle.
+    """
+    places = {spec: broker.fresh() for spec in args.specs}
+    with ThreadPoolExecutor(len(args.specs)) as pool:
+        running = {
+            spec: pool.submit(run_worker, spec.split(":")[0], spec.split(":")[1], queue, topic, args,
+                              int(spec.split(":")[2]) if spec.count(":") > 1 else 100)
+            for spec, (queue, topic) in places.items()
+        }
+        return [(spec, future.result()) for spec, future in running.items()]
+
+
+def paired(results: dict[str, list[dict[str, Any]]]) -> None:
+    """
+    For rounds run together: how often each spec had the lowest p99 of its
+    round, and its p99 over the lowest of the others, round by round.
+    """
+    specs = [spec for spec, runs in results.items() if runs and all("p99_ms" in r for r in runs)]
+    if len(specs) < 2:
+        return
+    rounds = len(results[specs[0]])
+    print("p99 round by round, run together (the same stalls hit every client of a round):")
+    for spec in specs:
+        ratios = []
+        lowest = 0
+        for number in range(rounds):
+            mine = results[spec][number]["p99_ms"]
+            others = min(results[other][number]["p99_ms"] for other in specs if other != spec)
+            ratios.append(mine / others)
+            lowest += mine <= others
+        print(f"  {spec:<28} lowest in {lowest} of {rounds}; p99 / the best other's:"
+              f" median {statistics.median(ratios):.2f} (per round"
+              f" {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def alternate(args: argparse.Namespace) -> None:
     """
     Run single workloads round after round, the order reversed every other
@@ -1111,6 +1167,11 @@ def alternate(args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, Any]]] = {spec: [] for spec in args.specs}
     try:
         for number in range(args.rounds):
+            if args.together:
+                for spec, result in together(broker, args):
+                    results[spec].append(result)
+                    print(f"  round {number + 1} {spec:<28} {describe(result)}", flush=True)
+                continue
             order = args.specs if number % 2 == 0 else args.specs[::-1]
             for spec in order:
                 client, workload, *rest = spec.split(":")
@@ -1123,16 +1184,12 @@ def alternate(args: argparse.Namespace) -> None:
                 if workload in _WRITERS:
                     broker.wait_depth(queue, args.count)
                 results[spec].append(result)
-                latency = (f"  p50 {result['p50_ms']:.2f} ms  p90 {result['p90_ms']:.2f} ms"
-                           f"  p99 {result['p99_ms']:.2f} ms  stalls {result['stalls']}"
-                           f" ({100 * result['stalled_share']:.1f} % of messages)"
-                           if "p99_ms" in result else "")
-                print(f"  round {number + 1} {spec:<28} {result.get('rate', 0):>9.0f} msg/s"
-                      f"  {result.get('cpu_us_per_msg', 0):>6.1f} us/msg{latency}"
-                      f"  {result.get('error', '')}", flush=True)
+                print(f"  round {number + 1} {spec:<28} {describe(result)}", flush=True)
     finally:
         broker.cleanup()
     print()
+    if args.together:
+        paired(results)
     for spec, runs in results.items():
         rates = [r.get("rate", 0.0) for r in runs]
         line = f"{spec:<28} median {statistics.median(rates):>9.0f} msg/s"
@@ -1169,6 +1226,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "alternate":
         parser.add_argument("alternate")
         parser.add_argument("--rounds", type=int, default=5)
+        parser.add_argument("--together", action="store_true",
+                            help="run the specs of a round at the same time (latency workloads)")
         parser.add_argument("specs", nargs="+", metavar="CLIENT:WORKLOAD[:PREFETCH]")
         args = parser.parse_args()
         for spec in args.specs:

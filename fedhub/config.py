@@ -383,6 +383,9 @@ class ComponentConfig:
     @ivar topics: A consumer's topic patterns; empty when the file gives none.
     @ivar queue: A consumer's queue name (default C{fedhub.<name>}).
     @ivar concurrency: How many messages a consumer handles at once.
+    @ivar prefetch: How many messages the broker may hand the consumer
+        unacknowledged, at least C{concurrency}; 0 leaves it to the
+        consumer (see L{fedhub.consumers.runner.ConsumerService}).
     @ivar on_error: What an exception that is no verdict does to a message:
         C{retry}, C{dead-letter}, C{drop} or C{halt}.
     @ivar retry_delay: Seconds before the first retry; each next one waits
@@ -403,6 +406,7 @@ class ComponentConfig:
     topics: tuple[str, ...] = ()
     queue: str | None = None
     concurrency: int = 1
+    prefetch: int = 0
     on_error: str = "retry"
     retry_delay: float = 10.0
     max_retry_delay: float = 3600.0
@@ -531,6 +535,11 @@ def _retries(value: int) -> str | None:
     return None if 1 <= value <= 50 else "must be between 1 and 50"
 
 
+def _prefetch(value: int) -> str | None:
+    # basic.qos carries prefetch-count as a 16-bit number.
+    return None if 0 <= value <= 65535 else "must be between 0 (the consumer's choice) and 65535"
+
+
 def _deliveries(value: int) -> str | None:
     return None if 0 <= value <= 1000 else "must be between 0 (no limit) and 1000"
 
@@ -618,6 +627,8 @@ _CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "topics": Option(list, None, "topic patterns to bind"),
         "queue": Option(str, None, "queue name (default fedhub.<name>)", _queue_name),
         "concurrency": Option(int, 1, "messages handled at once", _positive),
+        "prefetch": Option(int, 0, "messages held unacknowledged, at least concurrency "
+                           "(0: the consumer's choice)", _prefetch),
         "on_error": Option(str, "retry", "what an exception does: retry, dead-letter, drop or halt",
                            _error_policy),
         "retry_delay": Option(float, 10.0, "seconds before the first retry", _positive),
@@ -1298,6 +1309,11 @@ class _Validator:
                 ok = ok and valid
                 self.unknown_keys(rest, path, [*schema, *plugin_schema],
                                   f" for plugin {_quote(values['plugin'])}")
+        prefetch = values.get("prefetch")
+        if prefetch and isinstance(values.get("concurrency"), int) and prefetch < values["concurrency"]:
+            self.report(path + ("prefetch",), f"must be 0 or at least concurrency "
+                        f"({values['concurrency']}): a consumer handles only messages it holds")
+            ok = False
         if not ok:
             return None
         extra: dict[str, Any] = {}
@@ -1306,6 +1322,7 @@ class _Validator:
                 "topics": tuple(topics or ()),
                 "queue": values["queue"] or f"fedhub.{values['name']}",
                 "concurrency": values["concurrency"],
+                "prefetch": values["prefetch"],
                 "on_error": values["on_error"],
                 "retry_delay": float(values["retry_delay"]),
                 "max_retry_delay": float(values["max_retry_delay"]),

@@ -67,6 +67,10 @@ class IDelivery(Interface):
     message = Attribute("Message: the decoded message (its C{queue} set)")
     redelivered = Attribute("bool: the broker delivered it before")
     queue = Attribute("str: the queue it came from")
+    live = Attribute(
+        "bool: a verdict would still reach the queue (none was given, and the "
+        "channel or subscription it came on is still there)"
+    )
 
     def ack() -> bool:
         """
@@ -166,6 +170,11 @@ class IMessageHandler(Interface):
     C{drain_timeout} for the messages in hand: the handler should finish
     them now, so that their verdicts reach the broker before the
     subscription ends.  Its result is ignored; it must not raise.
+
+    A handler whose messages may take long (minutes, like C{exec}'s runs)
+    may also have a true C{long_running} attribute: its consumer then holds
+    only the messages it handles, none waiting behind them (see
+    L{fedhub.consumers.runner.prefetch_for}).
     """
 
     topics = Attribute("tuple[str, ...]: the topic patterns (AMQP C{*}/C{#}) it wants")

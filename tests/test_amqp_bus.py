@@ -1151,6 +1151,24 @@ class ConsumeTests(BusCase):
         self.assertEqual(self.verdicts(), [])
         self.assertEqual(self.bus.stats.acked, 0)
 
+    def test_delivery_live(self) -> None:
+        """
+        A delivery is live until its verdict is given or its channel
+        closes; a verdict on one that is not is dropped.
+        """
+        kept: list[Any] = []
+        tag = self.subscribe_with(kept.append)
+        channel = self.broker.consumers[tag]
+        self.broker.deliver_together(tag, [1, 2, 3])
+        self.assertEqual([d.live for d in kept], [True, True, True])
+        kept[0].ack()
+        self.assertEqual([d.live for d in kept], [False, True, True])
+        self.broker.send(self.broker.frame(channel, "channel.close", reply_code=406,
+                                           reply_text="PRECONDITION_FAILED", class_id=0,
+                                           method_id=0))
+        self.assertEqual([d.live for d in kept], [False, False, False])
+        self.assertFalse(kept[1].ack())
+
     def test_consumer_on_a_reused_channel_acks_one_by_one(self) -> None:
         """
         After the broker cancels a consumer, the bus consumes again on the

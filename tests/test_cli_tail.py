@@ -50,6 +50,7 @@ class FakeDelivery:
         self.redelivered = False
         self.queue = "q"
         self.acked = False
+        self.live = True
 
     def ack(self) -> None:
         self.acked = True

@@ -528,6 +528,28 @@ class KeyAndTypeTests(SynchronousTestCase, ProblemsMixin):
                 [("consumers[0].max_deliveries", "must be between 0 (no limit) and 1000")],
             )
 
+    def test_prefetch(self) -> None:
+        """
+        A consumer's prefetch is 0 (its own choice) by default; given, it is
+        at most 65535 and at least the consumer's concurrency.
+        """
+        consumer = '[[consumers]]\nname = "c"\nplugin = "log"\ndomain = "d"\n'
+        self.assertEqual(parse(MEMORY_DOMAIN + consumer).consumers[0].prefetch, 0)
+        for extra, value in (("prefetch = 1\n", 1), ("prefetch = 65535\n", 65535),
+                             ("concurrency = 4\nprefetch = 4\n", 4),
+                             ("concurrency = 4\nprefetch = 0\n", 0)):
+            self.assertEqual(parse(MEMORY_DOMAIN + consumer + extra).consumers[0].prefetch, value)
+        for value in (-1, 65536):
+            self.assertEqual(
+                self.messages(MEMORY_DOMAIN + consumer + f"prefetch = {value}\n"),
+                [("consumers[0].prefetch", "must be between 0 (the consumer's choice) and 65535")],
+            )
+        self.assertEqual(
+            self.messages(MEMORY_DOMAIN + consumer + "concurrency = 8\nprefetch = 5\n"),
+            [("consumers[0].prefetch",
+              "must be 0 or at least concurrency (8): a consumer handles only messages it holds")],
+        )
+
     def test_section_types(self) -> None:
         """
         Sections of the wrong shape are reported, [consumers] included.

@@ -382,6 +382,8 @@ class RunTests(TestCase):
         """) + [str(log), str(release)]}, concurrency=5)
         handler = harness.handler
         assert isinstance(handler, ExecHandler)
+        # Runs may take long: the consumer holds only what it handles.
+        self.assertEqual(harness.service.prefetch, 5)
         results = gatherResults([harness.deliver(sample()) for _ in range(5)])
         yield self.wait_for(lambda: log.exists() and log.read_text().count("start") == 2)
         yield deferLater(reactor, 0.3, lambda: None)

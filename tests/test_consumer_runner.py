@@ -14,7 +14,14 @@ from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
 from fedhub.config import ComponentConfig
-from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
+from fedhub.consumers.runner import (
+    DEAD_LETTER_REASON_HEADER,
+    DEFAULT_PREFETCH,
+    ConsumerService,
+    Settled,
+    attempts_from,
+    prefetch_for,
+)
 from fedhub.errors import DeadLetter, Drop, Halt, Retry
 from fedhub.interfaces import IDelivery, IMessageHandler
 from fedhub.message import Message
@@ -61,6 +68,10 @@ class FakeDelivery:
         self.queue = message.queue
         self.verdicts: list[str] = []
 
+    @property
+    def live(self) -> bool:
+        return not self.verdicts
+
     def ack(self) -> bool:
         self.verdicts.append("ack")
         return True
@@ -94,8 +105,13 @@ class RunnerTests(SynchronousTestCase):
         self.bus = MemoryBus("d", clock=self.clock)
         self.bus.startService()
 
-    def start(self, handler: ScriptedHandler, **settings: Any) -> ConsumerService:
-        service = ConsumerService(component(), handler, self.bus, self.clock, **settings)
+    def start(
+        self, handler: ScriptedHandler, concurrency: int = 1, prefetch: int = 0, **settings: Any
+    ) -> ConsumerService:
+        service = ConsumerService(
+            component(concurrency=concurrency, prefetch=prefetch), handler, self.bus, self.clock,
+            **settings,
+        )
         service.startService()
         self.flush()
         self.assertTrue(service.consuming)
@@ -176,7 +192,8 @@ class RunnerTests(SynchronousTestCase):
         handled again; one that gets a verdict starts counting afresh.
         """
         handler = ScriptedHandler(Deferred())
-        service = self.start(handler, max_deliveries=3)
+        # Each redelivery is handled while the earlier calls still run.
+        service = self.start(handler, concurrency=10, max_deliveries=3)
         settled: list[Settled] = []
         service.add_observer(settled.append)
         message = self.publish()
@@ -209,7 +226,7 @@ class RunnerTests(SynchronousTestCase):
         verdict that reaches the broker clears a message's count.
         """
         handler = ScriptedHandler(Deferred())
-        service = self.start(handler, max_deliveries=0)
+        service = self.start(handler, concurrency=30, max_deliveries=0)
         message = self.publish()
         for _ in range(20):
             self.redeliver(service, message)
@@ -412,6 +429,172 @@ class RunnerTests(SynchronousTestCase):
         pending[0].callback(None)
         self.flush()
         self.assertEqual(len(handler.seen), 3)
+
+    def test_prefetch_beyond_concurrency(self) -> None:
+        """
+        By default a consumer at concurrency 1 holds DEFAULT_PREFETCH
+        messages: the handler gets one at a time, in order, the others wait
+        unacknowledged in the consumer, and each goes to the handler as the
+        call before it ends.
+        """
+        pending = [Deferred[None]() for _ in range(5)]
+        handler = ScriptedHandler(*pending)
+        service = self.start(handler)
+        self.assertEqual(service.prefetch, DEFAULT_PREFETCH)
+        sent = [self.publish({"n": n}) for n in range(DEFAULT_PREFETCH + 2)]
+        self.assertEqual([m.id for m in handler.seen], [sent[0].id])
+        self.assertEqual(self.bus.unacked("fedhub.c"), DEFAULT_PREFETCH)
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 2)
+        for number in range(4):
+            pending[number].callback(None)
+            self.flush()
+            self.assertEqual([m.id for m in handler.seen], [m.id for m in sent[:number + 2]])
+        handler.outcomes = [None]
+        pending[4].callback(None)
+        self.flush()
+        self.assertEqual([m.id for m in handler.seen], [m.id for m in sent])
+        self.assertEqual(self.bus.unacked("fedhub.c") + self.bus.queue_depth("fedhub.c"), 0)
+        self.assertEqual((service.stats["acked"], service.in_flight), (len(sent), 0))
+
+    def test_waiting_burst_handled_in_a_loop(self) -> None:
+        """
+        A handler that answers at once works through thousands of waiting
+        deliveries without recursing once per message.
+        """
+        handler = ScriptedHandler(None)
+        service = self.start(handler, prefetch=5000)
+        first: Deferred[None] = Deferred()
+        handler.outcomes = [first, None]
+        sent = [Message.create("t.x", {"n": n}) for n in range(3000)]
+        for message in sent:
+            self.successResultOf(self.bus.publish(message))
+        self.flush()
+        self.assertEqual(len(handler.seen), 1)
+        self.assertEqual(len(service._waiting), 2999)
+        first.callback(None)
+        self.flush()
+        self.assertEqual([m.id for m in handler.seen], [m.id for m in sent])
+        self.assertEqual(service.stats["acked"], 3000)
+
+    def test_prefetch_for(self) -> None:
+        """
+        The configured prefetch wins (never below concurrency); otherwise
+        concurrency raised to DEFAULT_PREFETCH, unless the handler is
+        long_running.
+        """
+        quick = ScriptedHandler(None)
+        slow = ScriptedHandler(None)
+        slow.long_running = True  # type: ignore[attr-defined]
+        cases = [
+            (component(), quick, DEFAULT_PREFETCH),
+            (component(concurrency=3), quick, DEFAULT_PREFETCH),
+            (component(concurrency=200), quick, 200),
+            (component(), slow, 1),
+            (component(concurrency=7), slow, 7),
+            (component(concurrency=2, prefetch=50), slow, 50),
+            (component(concurrency=2, prefetch=50), quick, 50),
+            (component(concurrency=8, prefetch=4), quick, 8),
+        ]
+        for config, handler, expected in cases:
+            self.assertEqual(prefetch_for(config, handler), expected, (config, handler))
+        service = self.start(slow)
+        self.assertEqual(service.prefetch, 1)
+        sent = [self.publish({"n": n}) for n in range(3)]
+        self.assertEqual(len(slow.seen), 3)
+        self.assertEqual([m.id for m in slow.seen], [m.id for m in sent])
+
+    def test_halt_gives_back_waiting(self) -> None:
+        """
+        A Halt puts the message in hand and every waiting one back in the
+        queue; the handler never sees the waiting ones.
+        """
+        pending: Deferred[None] = Deferred()
+        handler = ScriptedHandler(pending)
+        service = self.start(handler)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        for n in range(4):
+            self.publish({"n": n})
+        self.assertEqual(len(service._waiting), 3)
+        pending.errback(Halt("stop here"))
+        self.flush()
+        self.assertTrue(service.halted)
+        self.assertEqual(len(handler.seen), 1)
+        self.assertEqual(service._waiting, type(service._waiting)())
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 4)
+        self.assertEqual(self.bus.unacked("fedhub.c"), 0)
+        self.assertEqual([s.outcome for s in settled], ["requeued"] * 4)
+        self.assertEqual(service.stats["requeued"], 4)
+
+    def test_stop_gives_back_waiting(self) -> None:
+        """
+        Stopping puts the waiting deliveries back at once, finishes the one
+        in hand, and never calls the handler again.
+        """
+        pending: Deferred[None] = Deferred()
+        handler = ScriptedHandler(pending)
+        service = self.start(handler)
+        for n in range(3):
+            self.publish({"n": n})
+        stopped = service.stopService()
+        self.assertEqual(len(service._waiting), 0)
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 2)
+        self.assertNoResult(stopped)
+        pending.callback(None)
+        self.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(len(handler.seen), 1)
+        self.assertEqual((service.stats["acked"], service.stats["requeued"]), (1, 2))
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 2)
+
+    def test_waiting_delivery_whose_channel_closed(self) -> None:
+        """
+        A delivery that waited while its channel closed is not handed to the
+        handler (the broker delivers it again): observers hear it was
+        requeued, and the next waiting one is handled.
+        """
+        pending: Deferred[None] = Deferred()
+        handler = ScriptedHandler(pending, None)
+        service = self.start(handler)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        self.publish()
+        gone = FakeDelivery(Message.create("t.x", {"gone": 1}).evolve(queue=service.queue))
+        kept = FakeDelivery(Message.create("t.x", {"kept": 1}).evolve(queue=service.queue))
+        service._on_delivery(gone)
+        service._on_delivery(kept)
+        gone.verdicts.append("channel closed")
+        pending.callback(None)
+        self.flush()
+        self.assertEqual([m.body for m in handler.seen[1:]], [{"kept": 1}])
+        self.assertEqual(kept.verdicts, ["ack"])
+        self.assertEqual(gone.verdicts, ["channel closed"])
+        outcomes = [(s.message.body, s.outcome) for s in settled]
+        self.assertEqual(outcomes[1], ({"gone": 1}, "requeued"))
+        self.assertIn("channel closed while it waited", settled[1].reason or "")
+        self.assertEqual(service.stats["requeued"], 1)
+
+    def test_orphaned_call_leaves_room(self) -> None:
+        """
+        A call whose delivery's channel closed (it hangs past the broker's
+        consumer timeout) no longer counts towards concurrency: the next
+        delivery is handled while it still runs, not left waiting behind it.
+        """
+        hung: Deferred[None] = Deferred()
+        handler = ScriptedHandler(hung, None)
+        service = self.start(handler)
+        first = FakeDelivery(Message.create("t.x", {"n": 1}).evolve(queue=service.queue))
+        service._on_delivery(first)
+        second = FakeDelivery(Message.create("t.x", {"n": 2}).evolve(queue=service.queue))
+        service._on_delivery(second)
+        self.assertEqual((len(handler.seen), len(service._waiting)), (1, 1))
+        # The broker timed the first delivery out and closed its channel.
+        first.verdicts.append("channel closed")
+        third = FakeDelivery(Message.create("t.x", {"n": 3}).evolve(queue=service.queue))
+        service._on_delivery(third)
+        self.assertEqual([m.body["n"] for m in handler.seen], [1, 2, 3])
+        self.assertEqual((second.verdicts, third.verdicts), (["ack"], ["ack"]))
+        self.assertEqual(service.in_flight, 1)
 
     def test_stop_drains(self) -> None:
         """Stopping waits for the message in hand, acks it, then stops the handler."""

@@ -171,6 +171,25 @@ class LifecycleTests(MemoryBusTestsMixin):
         self.assertEqual(warnings[0]["domain"], "test")
         self.assertIn("do not leave this process", formatEvent(warnings[0]))
 
+    def test_delivery_live(self) -> None:
+        """
+        A delivery is live until its verdict is given or its subscription
+        is cancelled.
+        """
+        bus, clock = self.bus()
+        self.queue(bus, "q", "#")
+        recorder = Recorder()
+        subscription = self.subscribe(bus, "q", recorder, prefetch=5)
+        for n in range(3):
+            self.successResultOf(bus.publish(_message(n)))
+        clock.advance(0)
+        first, second, third = recorder.deliveries
+        self.assertEqual([first.live, second.live, third.live], [True, True, True])
+        second.reject(True)
+        self.assertEqual([first.live, second.live, third.live], [True, False, True])
+        self.successResultOf(subscription.cancel())
+        self.assertEqual([first.live, third.live], [False, False])
+
     def test_stop_leaves_no_timers(self) -> None:
         """
         stopService returns a fired Deferred and leaves no delayed call on the clock.

@@ -314,6 +314,14 @@ class AMQPDelivery:
         self._consumer = consumer
         self._settled = False
 
+    @property
+    def live(self) -> bool:
+        """
+        Whether a verdict would still be written: none was given, and the
+        channel it came on is open.
+        """
+        return not self._settled and self._consumer.open
+
     def ack(self) -> bool:
         """
         The message is handled: remove it from its queue.  Later calls (and
@@ -382,19 +390,27 @@ class _Consumer:
         self.written: set[int] = set()
         self.held: set[int] = set()
 
+    @property
+    def open(self) -> bool:
+        """
+        Whether this consumer's channel is open on a live connection.
+        """
+        # Delivery tags belong to the channel object, not to its number: once
+        # the broker closed the channel (a consumer timeout, say) it has put
+        # the message back, and a channel opened since may have the same
+        # number, where a tag of this one names another delivery.
+        channel = self.channel
+        return channel is not None and not channel.closed and self.session.alive
+
     def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> bool:
         """
         Write an acknowledgement or rejection, or hold an acknowledgement
         back (see the class); whether it was written or held.
         """
+        if not self.open:
+            return False
         session = self.session
         channel = self.channel
-        # Delivery tags belong to the channel object, not to its number: once
-        # the broker closed the channel (a consumer timeout, say) it has put
-        # the message back, and a channel opened since may have the same
-        # number, where this tag names another delivery.
-        if channel is None or channel.closed or not session.alive:
-            return False
         client = session.client
         stats = session.bus.stats
         if ack:
@@ -451,7 +467,7 @@ class _Consumer:
         self.held = set()
         session = self.session
         channel = self.channel
-        if channel is None or channel.closed or not session.alive:
+        if not self.open:
             # The broker has put these messages back with the channel.
             session.bus.stats.acked -= len(held)
             return

@@ -250,6 +250,14 @@ class MemoryDelivery:
         self._tag = tag
         self._entry = entry
 
+    @property
+    def live(self) -> bool:
+        """
+        Whether a verdict would still count: none was given and the
+        subscription is not cancelled.
+        """
+        return self._subscription.unacked.get(self._tag) is self
+
     def ack(self) -> bool:
         """
         Remove the message from its queue.  Ignored after a first verdict or

@@ -633,6 +633,10 @@ class ExecHandler:
     """
 
     log = HubLogger()
+    #: Runs may take minutes: its consumer holds no messages beyond those
+    #: it handles, so none waits unacknowledged behind a run (see
+    #: L{fedhub.consumers.runner.prefetch_for}).
+    long_running = True
 
     def __init__(
         self, name: str, topics: tuple[str, ...], reactor: Any, settings: ExecSettings

@@ -38,7 +38,7 @@ another consumer.
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +103,33 @@ def attempts_from(message: Message, retry_prefix: str) -> int:
 #: Redelivered messages a consumer counts the deliveries of, at most.
 _TRACKED = 10_000
 
+#: The prefetch of a consumer whose configuration leaves it open, unless its
+#: handler is C{long_running} or its concurrency is higher: fedora-messaging's
+#: default prefetch count, with which it too handles one message at a time.
+DEFAULT_PREFETCH = 10
+
+
+def prefetch_for(component: ComponentConfig, handler: object) -> int:
+    """
+    How many messages a consumer holds unacknowledged: its configured
+    C{prefetch}; otherwise its C{concurrency}, raised to L{DEFAULT_PREFETCH}
+    unless the handler says its messages may take long (a true
+    C{long_running} attribute, as C{exec}'s).
+
+    Holding a few messages beyond those in hand lets a consumer catch up
+    after a pause (a busy machine, a slow broker) at the speed of its
+    handler rather than at one round trip to the broker per message.  But a
+    message waiting behind one that takes minutes would wait that long
+    unacknowledged, towards the broker's C{consumer_timeout}; so a
+    long-running handler holds only what it handles.
+    """
+    concurrency = max(1, component.concurrency)
+    if component.prefetch:
+        return max(concurrency, component.prefetch)
+    if getattr(handler, "long_running", False):
+        return concurrency
+    return max(concurrency, DEFAULT_PREFETCH)
+
 
 @dataclass(frozen=True)
 class Settled:
@@ -136,6 +163,9 @@ class ConsumerService(Service):
         channel was gone (the broker delivers those messages again).
     @ivar halted: Whether a L{Halt} verdict stopped it.
     @ivar in_flight: Handler calls started and not finished.
+    @ivar concurrency: At most this many handler calls at once.
+    @ivar prefetch: At most this many messages unacknowledged (L{prefetch_for});
+        those beyond C{concurrency} wait in order for a handler call to end.
     """
 
     log = HubLogger()
@@ -187,6 +217,13 @@ class ConsumerService(Service):
         self.halted = False
         self.consuming = False
         self.in_flight = 0
+        # The deliveries of the handler calls in progress.
+        self._handling: set[IDelivery] = set()
+        self.concurrency = max(1, component.concurrency)
+        self.prefetch = prefetch_for(component, handler)
+        # Deliveries waiting for a handler call to end, oldest first.
+        self._waiting: deque[IDelivery] = deque()
+        self._pumping = False
         self.stats = dict.fromkeys(
             ("consumed", "acked", "dropped", "dead_lettered", "retried", "invalid", "failed",
              "requeued", "unsettled"),
@@ -262,9 +299,7 @@ class ConsumerService(Service):
         yield self.bus.declare(self.topology())
         if not self.running:
             return
-        self._subscription = yield self.bus.subscribe(
-            self.queue, self._on_delivery, max(1, self.component.concurrency)
-        )
+        self._subscription = yield self.bus.subscribe(self.queue, self._on_delivery, self.prefetch)
         self.consuming = True
         self.log.info(
             "Consumer {consumer} consumes {queue} for {topics}",
@@ -275,10 +310,63 @@ class ConsumerService(Service):
 
     def _on_delivery(self, delivery: IDelivery) -> None:
         if self.halted or not self.running:
-            delivery.reject(True)
-            self.stats["requeued"] += 1
-            self._tell(delivery.message, "requeued", "consumer stopping or halted")
+            self._give_back(delivery)
             return
+        self._waiting.append(delivery)
+        self._pump()
+
+    def _give_back(self, delivery: IDelivery) -> None:
+        """
+        Put a delivery the consumer will not handle back in its queue.
+        """
+        delivery.reject(True)
+        self.stats["requeued"] += 1
+        self._tell(delivery.message, "requeued", "consumer stopping or halted")
+
+    def _pump(self) -> None:
+        """
+        Hand waiting deliveries to the handler while it has room (in a loop,
+        not by recursion: a handler that answers at once frees its room
+        before the next is taken).  A delivery whose channel closed while it
+        waited is left alone: the broker has put it back and delivers it
+        again.  Once the consumer stops or halts, waiting ones go back.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            waiting = self._waiting
+            while waiting:
+                if self.halted or not self.running:
+                    while waiting:
+                        self._give_back(waiting.popleft())
+                    return
+                if self.in_flight >= self.concurrency and not self._room():
+                    return
+                delivery = waiting.popleft()
+                if not delivery.live:
+                    self.stats["requeued"] += 1
+                    self._tell(delivery.message, "requeued",
+                               "its channel closed while it waited; the broker delivers it again")
+                    continue
+                self._handle(delivery)
+        finally:
+            self._pumping = False
+
+    def _room(self) -> bool:
+        """
+        Whether the handler has room for one more call, not counting calls
+        whose delivery's channel closed (the broker's consumer timeout, a
+        lost connection): their messages are back in the queue, and a call
+        that hangs must not stop the consumer.  Such calls are forgotten
+        here and no longer looked at.
+        """
+        handling = self._handling
+        orphaned = [delivery for delivery in handling if not delivery.live]
+        handling.difference_update(orphaned)
+        return len(handling) < self.concurrency
+
+    def _handle(self, delivery: IDelivery) -> None:
         message = delivery.message
         self.stats["consumed"] += 1
         if message.redelivered and self.max_deliveries:
@@ -301,24 +389,31 @@ class ConsumerService(Service):
         # the Deferreds a handler that returns later needs.
         started = self.clock.seconds()
         self.in_flight += 1
+        self._handling.add(delivery)
         try:
             result = self.handler.handle(message)
         except BaseException:
-            self._settle_now(self._failed, Failure(), delivery, self._took(started))
+            self._settle_now(self._failed, Failure(), delivery, self._took(started, delivery))
             return
         if inspect.iscoroutine(result):
             d: Deferred[Any] = ensureDeferred(result)
         elif isinstance(result, Deferred):
             d = result
         else:
-            self._settle_now(self._succeeded, result, delivery, self._took(started))
+            self._settle_now(self._succeeded, result, delivery, self._took(started, delivery))
             return
 
         def succeeded(result: object) -> None:
-            self._succeeded(result, delivery, self._took(started))
+            try:
+                self._succeeded(result, delivery, self._took(started, delivery))
+            finally:
+                self._pump()
 
         def failed(failure: Failure) -> None:
-            self._failed(failure, delivery, self._took(started))
+            try:
+                self._failed(failure, delivery, self._took(started, delivery))
+            finally:
+                self._pump()
 
         d.addCallbacks(succeeded, failed)
         d.addErrback(
@@ -342,11 +437,12 @@ class ConsumerService(Service):
             counts.popitem(last=False)
         return count
 
-    def _took(self, started: float) -> float:
+    def _took(self, started: float, delivery: IDelivery) -> float:
         """
         A handler call that began at C{started} has its result: the seconds it took.
         """
         self.in_flight -= 1
+        self._handling.discard(delivery)
         took: float = self.clock.seconds() - started
         return max(0.0, took)
 
@@ -537,6 +633,7 @@ class ConsumerService(Service):
             return
         self.halted = True
         self.consuming = False
+        self._pump()
         if self._subscription is not None:
             subscription, self._subscription = self._subscription, None
             subscription.cancel().addErrback(
@@ -547,6 +644,8 @@ class ConsumerService(Service):
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         self.consuming = False
+        # What waits for the handler goes back to the queue now.
+        self._pump()
         drain = getattr(self.handler, "drain", None)
         if self._in_flight and callable(drain):
             # A handler batching messages finishes them now rather than at
