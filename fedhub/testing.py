@@ -99,6 +99,7 @@ class ConsumerHarness:
         hub: HubSettings | None = None,
         reactor: Any = None,
         concurrency: int = 1,
+        prefetch: int = 0,
         retry_delay: float = 10.0,
         max_retries: int = 5,
         on_error: str = "retry",
@@ -111,6 +112,9 @@ class ConsumerHarness:
             C{options} (a L{fedhub.errors.ConfigError} names what is wrong).
         @param reactor: A real reactor for plugins that do real I/O; by
             default a L{Clock}, advanced by L{deliver} and L{advance}.
+        @param concurrency: The consumer's C{concurrency}, and
+            C{prefetch} its C{prefetch} (0: the consumer's choice), as in a
+            configuration.
         @param peer_domains: Other domains; a plugin that sets
             C{crosses_domains = True} (a bridge) gets a L{RecordingPublisher}
             for each, found in L{peers}.
@@ -132,6 +136,7 @@ class ConsumerHarness:
             topics=topics,
             queue=f"fedhub.{name}",
             concurrency=concurrency,
+            prefetch=prefetch,
             on_error=on_error,
             retry_delay=retry_delay,
             max_retries=max_retries,

@@ -72,6 +72,12 @@ class HarnessTests(SynchronousTestCase):
         self.assertEqual(harness.published[0].topic, "org.fedoraproject.dev.echo")
         self.assertEqual(harness.published[0].body, {"of": settled.message.id})
 
+    def test_concurrency_and_prefetch(self) -> None:
+        """The harness's consumer takes concurrency and prefetch as a configuration gives them."""
+        self.assertEqual(ConsumerHarness(EchoPlugin()).service.prefetch, 10)
+        harness = ConsumerHarness(EchoPlugin(), concurrency=3, prefetch=3)
+        self.assertEqual((harness.service.concurrency, harness.service.prefetch), (3, 3))
+
     def test_retry_then_success(self) -> None:
         """Retry goes through the retry queue: after the delay the message comes back and is acked."""
         harness = ConsumerHarness(EchoPlugin(), retry_delay=5)
