@@ -234,6 +234,13 @@ class ConsumerService(Service):
         self._subscription: ISubscription | None = None
         self._starting: Deferred[None] | None = None
 
+    @property
+    def waiting(self) -> int:
+        """
+        Deliveries held for the handler until a call in progress ends.
+        """
+        return len(self._waiting)
+
     def topology(self) -> Topology:
         """
         The exchanges, queues and bindings this consumer needs.

@@ -519,6 +519,11 @@ class _HubCollector:
             "fedhub_consumer_in_flight", "Deliveries the handler is working on", label_names
         ).add_metric(labels, float(service.in_flight))
         families.gauge(
+            "fedhub_consumer_waiting",
+            "Deliveries held for the handler until a call in progress ends",
+            label_names,
+        ).add_metric(labels, float(service.waiting))
+        families.gauge(
             "fedhub_consumer_consuming", "1 while the consumer consumes from its queue", label_names
         ).add_metric(labels, 1.0 if service.consuming else 0.0)
         families.gauge(
