@@ -42,8 +42,13 @@ from fedhub.plugins import PluginContext
 from tests.broker import PrivateBrokerCase, User, reactor, report, wait_until
 from tests.test_amqp_bus import BusCase, Recorder
 
-CONSUMER_TIMEOUT_MS = 1000
-"""The node's C{consumer_timeout}."""
+CONSUMER_TIMEOUT_MS = 3000
+"""
+The node's C{consumer_timeout}: long enough that an acknowledgement the hub
+wrote at once reaches the broker within it on a machine busy with other
+tests (with 1 s, the other consumer's acknowledged delivery once timed out
+together with the held one).
+"""
 
 TICK_MS = 100
 """The node's C{rabbit.channel_tick_interval}: how often the timeout is checked."""
