@@ -596,6 +596,40 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual((second.verdicts, third.verdicts), (["ack"], ["ack"]))
         self.assertEqual(service.in_flight, 1)
 
+    def test_room_looks_at_the_oldest_calls_only(self) -> None:
+        """
+        At its limit, the consumer asks only the oldest calls whether their
+        channel is open, up to the first that is: newer calls came on the
+        same channel or a newer one.
+        """
+        asked: list[int] = []
+
+        class Counted(FakeDelivery):
+            @property
+            def live(self) -> bool:
+                asked.append(self.message.body["n"])
+                return not self.verdicts
+
+        handler = ScriptedHandler(Deferred())
+        service = self.start(handler, concurrency=3, prefetch=10)
+        calls = [Counted(Message.create("t.x", {"n": n}).evolve(queue=service.queue))
+                 for n in range(5)]
+        for delivery in calls:
+            service._on_delivery(delivery)
+        self.assertEqual((len(handler.seen), service.waiting), (3, 2))
+        asked.clear()
+        service._on_delivery(Counted(Message.create("t.x", {"n": 9}).evolve(queue=service.queue)))
+        self.assertEqual(asked, [0])
+        # The two oldest calls' channel closed: they are dropped from the
+        # count, the third stops the look, and two waiting ones are handled.
+        calls[0].verdicts.append("channel closed")
+        calls[1].verdicts.append("channel closed")
+        asked.clear()
+        service._pump()
+        self.assertEqual(asked[:3], [0, 1, 2])
+        self.assertEqual([m.body["n"] for m in handler.seen], [0, 1, 2, 3, 4])
+        self.assertEqual(service.waiting, 1)
+
     def test_stop_drains(self) -> None:
         """Stopping waits for the message in hand, acks it, then stops the handler."""
         pending: Deferred[None] = Deferred()

@@ -217,8 +217,9 @@ class ConsumerService(Service):
         self.halted = False
         self.consuming = False
         self.in_flight = 0
-        # The deliveries of the handler calls in progress.
-        self._handling: set[IDelivery] = set()
+        # The deliveries of the handler calls in progress, oldest first (a
+        # dict for its order).
+        self._handling: dict[IDelivery, None] = {}
         self.concurrency = max(1, component.concurrency)
         self.prefetch = prefetch_for(component, handler)
         # Deliveries waiting for a handler call to end, oldest first.
@@ -367,10 +368,19 @@ class ConsumerService(Service):
         lost connection): their messages are back in the queue, and a call
         that hangs must not stop the consumer.  Such calls are forgotten
         here and no longer looked at.
+
+        Only the oldest calls are looked at: a consumer's deliveries come on
+        one channel at a time, a new one after the last closed, so once the
+        oldest call's channel is open, every newer call's is too.
         """
         handling = self._handling
-        orphaned = [delivery for delivery in handling if not delivery.live]
-        handling.difference_update(orphaned)
+        orphaned = []
+        for delivery in handling:
+            if delivery.live:
+                break
+            orphaned.append(delivery)
+        for delivery in orphaned:
+            del handling[delivery]
         return len(handling) < self.concurrency
 
     def _handle(self, delivery: IDelivery) -> None:
@@ -396,7 +406,7 @@ class ConsumerService(Service):
         # the Deferreds a handler that returns later needs.
         started = self.clock.seconds()
         self.in_flight += 1
-        self._handling.add(delivery)
+        self._handling[delivery] = None
         try:
             result = self.handler.handle(message)
         except BaseException:
@@ -449,7 +459,7 @@ class ConsumerService(Service):
         A handler call that began at C{started} has its result: the seconds it took.
         """
         self.in_flight -= 1
-        self._handling.discard(delivery)
+        self._handling.pop(delivery, None)
         took: float = self.clock.seconds() - started
         return max(0.0, took)
 
