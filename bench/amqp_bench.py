@@ -1102,6 +1102,15 @@ _READERS = ("consume", "consume-multiple", "runner")
 _WRITERS = ("publish", "publish-confirm", "publish-confirm-mandatory", "outbox")
 
 
+def parse_spec(spec: str) -> tuple[str, str, int]:
+    """
+    C{CLIENT:WORKLOAD[:PREFETCH]} as client, workload and prefetch (100
+    when not given).
+    """
+    client, workload, *rest = spec.split(":")
+    return client, workload, int(rest[0]) if rest else 100
+
+
 def describe(result: dict[str, Any]) -> str:
     """
     One worker's result on one line: rate, CPU, and the latencies if any.
@@ -1121,13 +1130,12 @@ def together(broker: Broker, args: argparse.Namespace) -> list[tuple[str, dict[s
     in that round stalls all of them.  For the latency workloads, whose 200
     messages a second leave the machine nearly idle.
     """
-    places = {spec: broker.fresh() for spec in args.specs}
     with ThreadPoolExecutor(len(args.specs)) as pool:
-        running = {
-            spec: pool.submit(run_worker, spec.split(":")[0], spec.split(":")[1], queue, topic, args,
-                              int(spec.split(":")[2]) if spec.count(":") > 1 else 100)
-            for spec, (queue, topic) in places.items()
-        }
+        running = {}
+        for spec in args.specs:
+            client, workload, prefetch = parse_spec(spec)
+            queue, topic = broker.fresh()
+            running[spec] = pool.submit(run_worker, client, workload, queue, topic, args, prefetch)
         return [(spec, future.result()) for spec, future in running.items()]
 
 
@@ -1174,8 +1182,7 @@ def alternate(args: argparse.Namespace) -> None:
                 continue
             order = args.specs if number % 2 == 0 else args.specs[::-1]
             for spec in order:
-                client, workload, *rest = spec.split(":")
-                prefetch = int(rest[0]) if rest else 100
+                client, workload, prefetch = parse_spec(spec)
                 queue, topic = broker.fresh()
                 if workload in _READERS:
                     run_worker("pika", "publish-confirm", queue, topic, args)
