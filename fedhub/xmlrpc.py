@@ -125,14 +125,23 @@ class ResponseTooLarge(XMLRPCError):
 
 class HTTPStatusError(XMLRPCError):
     """
-    The server answered with an HTTP status other than 200.
+    The server answered with an HTTP status other than 200.  Redirects are
+    not followed (a POST must not silently move), but where one points is
+    part of the reason, so the operator can correct the URL.
 
     @ivar status: The HTTP status code.
+    @ivar location: Where a redirect points (control characters escaped), or
+        C{None}.
     """
 
-    def __init__(self, url: str, method: str, status: int, phrase: str) -> None:
+    def __init__(self, url: str, method: str, status: int, phrase: str,
+                 location: str | None = None) -> None:
         self.status = status
-        super().__init__(url, method, f"HTTP {status} {escape_control(phrase, 80)}")
+        self.location = None if location is None else escape_control(location, 300)
+        reason = f"HTTP {status} {escape_control(phrase, 80)}"
+        if self.location is not None:
+            reason += f" to {self.location} (redirects are not followed: configure that URL)"
+        super().__init__(url, method, reason)
 
 
 class BadResponse(XMLRPCError):
@@ -331,19 +340,30 @@ class _Discard(Protocol):
     """
     Takes a response body nobody wants.  A short one (an error page) is read
     and dropped, so the connection can serve the next call; past C{limit}
-    bytes the connection is dropped instead.  C{done} fires once the
-    response is settled, so a call never completes while its connection is
-    still in use.
+    bytes (at once when C{limit} is 0) the connection is dropped instead.
+    C{done} fires once the response is settled, so a call never completes
+    while its connection is still in use; cancelling it (a timeout, a
+    close) drops the connection, so a body that trickles in forever can not
+    keep it open.
     """
 
     def __init__(self, limit: int) -> None:
-        self.done: Deferred[None] = Deferred()
+        self.done: Deferred[None] = Deferred(lambda _: self._drop())
         self._left = limit
+
+    def _drop(self) -> None:
+        if self.transport is not None:
+            cast(Any, self.transport).stopProducing()
+
+    def connectionMade(self) -> None:
+        if self._left <= 0:
+            # Nothing of this body is wanted: do not wait for its first byte.
+            self._drop()
 
     def dataReceived(self, data: bytes) -> None:
         self._left -= len(data)
-        if self._left < 0 and self.transport is not None:
-            cast(Any, self.transport).stopProducing()
+        if self._left < 0:
+            self._drop()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         if not self.done.called:
@@ -644,8 +664,13 @@ class XMLRPCClient:
 
     def _read(self, response: IResponse, method: str) -> Deferred[Any]:
         if response.code != 200:
+            location = None
+            if 300 <= response.code < 400:
+                found = response.headers.getRawHeaders(b"location")
+                location = found[-1].decode("latin-1") if found else None
             return _discard(response, HTTPStatusError(
-                self.url, method, response.code, response.phrase.decode("latin-1", "replace")))
+                self.url, method, response.code, response.phrase.decode("latin-1", "replace"),
+                location))
         encoding = response.headers.getRawHeaders(b"content-encoding", [b"identity"])[-1]
         if encoding.strip().lower() not in (b"identity", b""):
             return _discard(response, BadResponse(

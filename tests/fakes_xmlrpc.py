@@ -23,7 +23,13 @@ in order) or set L{FakeXMLRPCServer.mode} for every request:
   - C{"external_entity"}: an external entity pointing at a local file;
   - C{"huge"}: a well-formed answer of L{FakeXMLRPCServer.huge_size} bytes
     (100 MB by default), produced only as fast as the client reads it;
-  - C{"hang"}: accept the request and never answer.
+  - C{"hang"}: accept the request and never answer;
+  - C{"stalled_error"}: start an HTTP 500 page and never finish it;
+  - C{"stalled_huge"}: announce a C{Content-Length} of
+    L{FakeXMLRPCServer.huge_size} bytes, then send nothing.
+
+Requests left unfinished are in L{FakeXMLRPCServer.hanging}; those whose
+connection the client dropped are also in L{FakeXMLRPCServer.dropped}.
 """
 
 # mypy: disable-error-code="no-untyped-call"
@@ -146,7 +152,8 @@ class FakeXMLRPCServer(Resource):
 
     @ivar calls: Method names called, multicall entries included.
     @ivar requests: HTTP requests received.
-    @ivar hanging: Requests left unanswered in C{"hang"} mode.
+    @ivar hanging: Requests left unanswered (C{"hang"} and the stalled modes).
+    @ivar dropped: Those of them whose connection went away before an answer.
     @ivar flood_sent: Bytes of the last C{"huge"} answer written so far.
     """
 
@@ -165,6 +172,7 @@ class FakeXMLRPCServer(Resource):
         self.calls: list[str] = []
         self.requests = 0
         self.hanging: list[Request] = []
+        self.dropped: list[Request] = []
         self.huge_size = 100 * 1024 * 1024
         self.flood_sent = 0
 
@@ -174,9 +182,17 @@ class FakeXMLRPCServer(Resource):
         body = request.content.read()
         mode = self.misbehave.pop(0) if self.misbehave else self.mode
         request.setHeader(b"content-type", b"text/xml")
-        if mode == "hang":
+        if mode in ("hang", "stalled_error", "stalled_huge"):
             self.hanging.append(request)
-            request.notifyFinish().addErrback(lambda _: None)
+            request.notifyFinish().addErrback(lambda _: self.dropped.append(request))
+            if mode == "stalled_error":
+                request.setResponseCode(500)
+                request.setHeader(b"content-type", b"text/html")
+                request.setHeader(b"content-length", b"100000")
+                request.write(b"<html><body>Internal")
+            elif mode == "stalled_huge":
+                request.setHeader(b"content-length", b"%d" % self.huge_size)
+                request.write(b"")  # the status line and headers only
             return NOT_DONE_YET
         if mode == "http500":
             request.setResponseCode(500)

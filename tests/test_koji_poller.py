@@ -408,6 +408,33 @@ class SourceTests(SourceTestBase):
         failure = self.failureResultOf(source.poll(cursor), XMLRPCFault)
         self.assertEqual(failure.value.method, "listBuilds")
 
+    def test_wrong_types_in_rows(self) -> None:
+        """Rows with wrong types (a string for a time, a string for a build) do not fail the poll."""
+        source = self.source(builds=False, tasks="none", repos=False)
+        cursor = self.start(source)
+        self.koji.tag_build(574, "f24")
+        self.koji.tag_listing[-1]["create_ts"] = "yesterday"
+        self.koji.server.handlers["getBuild"] = lambda *args, **kwargs: "no such build"
+        result = self.poll(source, cursor)
+        self.assertEqual(suffixes(list(result.messages)), ["buildsys.tag"])
+        self.assertNotIn("owner", result.messages[0].body)
+        self.assertGreater(result.cursor["event"], cursor["event"])
+
+    def test_unpublishable_event_skipped(self) -> None:
+        """An event whose message can not be built is skipped with a count; the others go on."""
+        source = self.source(builds=False, repos=False)
+        cursor = self.start(source)
+        bad = self.koji.scratch_build("tasks/1/bad-1-1.src.rpm")
+        # base64 data in a request decodes to bytes, which JSON can not carry.
+        self.koji.tasks[bad]["request"][-1]["blob"] = b"\xff\x00"
+        good = self.koji.scratch_build("tasks/2/good-1-1.src.rpm")
+        result = self.poll(source, cursor)
+        self.assertEqual([m.body["id"] for m in result.messages], [good])
+        self.assertEqual(source.skipped, 1)
+        self.koji.set_task_state(good, OPEN)
+        later = self.poll(source, result.cursor)
+        self.assertEqual([(m.body["id"], m.body["new"]) for m in later.messages], [(good, "OPEN")])
+
     def test_hub_going_backwards(self) -> None:
         """A hub whose last event is before the cursor publishes nothing and keeps the cursor."""
         source = self.source()

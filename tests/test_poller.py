@@ -421,6 +421,31 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.assertEqual(self.saved_cursor(), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_restart_while_handover_in_flight(self) -> None:
+        """A restart while an old poll is still handing over starts no second, overlapping poll."""
+        source = FakeSource(["a", "b"], page=1)
+        publisher = FakePublisher(auto=False)
+        service = self.service(source, publisher, stop_timeout=5.0)
+        service.startService()
+        self.clock.advance(0)
+        stopped = service.stopService()
+        self.clock.advance(5.0)
+        self.successResultOf(stopped)
+        service.startService()
+        self.clock.advance(0)
+        self.assertEqual(source.polled, [0])
+        # The old hand-over lands: polling goes on from its cursor, in one chain.
+        publisher.fire_all()
+        self.assertEqual(self.saved_cursor(), 1)
+        self.clock.advance(0)
+        self.assertEqual(source.polled, [0, 1])
+        publisher.fire_all()
+        self.assertEqual(self.saved_cursor(), 2)
+        self.clock.advance(10)
+        self.assertEqual(source.polled, [0, 1, 2])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.successResultOf(service.stopService())
+
     def test_corrupt_cursor_never_restarts_from_now(self) -> None:
         """An unreadable cursor file is an error, retried; the source's initial cursor is not used."""
         os.makedirs(self.state_dir)

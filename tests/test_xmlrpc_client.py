@@ -203,6 +203,25 @@ class MisbehavingServerTests(ClientTestBase):
         error = yield self.misbehaving("http500", HTTPStatusError)
         self.assertEqual(error.status, 500)
 
+    @inlineCallbacks
+    def test_redirect_names_its_target(self) -> Any:
+        """A redirect is not followed; the error says where it points, control characters escaped."""
+
+        class Moved(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Request) -> bytes:
+                request.setResponseCode(301)
+                request.setHeader(b"location", b"https://xmlrpc.example.org/RPC2\x1b[0m")
+                return b"<html>moved</html>"
+
+        client = self.client(self.serve(Moved()))
+        error = yield self.assertFailure(client.call("echo"), HTTPStatusError)
+        self.assertEqual(error.status, 301)
+        self.assertEqual(error.location, "https://xmlrpc.example.org/RPC2\\x1b[0m")
+        self.assertIn("https://xmlrpc.example.org/RPC2", str(error))
+        self.assertNotIn("\x1b", str(error))
+
     def test_truncated(self) -> Any:
         """A cleanly ended but truncated answer is a BadResponse."""
         return self.misbehaving("truncated", BadResponse)
@@ -254,6 +273,48 @@ class MisbehavingServerTests(ClientTestBase):
         error = yield self.misbehaving("hang", XMLRPCTimeout, timeout=0.3)
         self.assertEqual(error.timeout, 0.3)
         self.assertEqual(len(self.server.hanging), 1)
+
+    @inlineCallbacks
+    def wait_until_dropped(self, count: int = 1) -> Any:
+        """
+        Wait (at most about ten seconds) until the client has dropped
+        C{count} connections of unfinished answers.
+        """
+        for _ in range(1000):
+            if len(self.server.dropped) >= count:
+                return
+            yield deferLater(0.01)
+        self.fail(f"the client kept {len(self.server.hanging) - len(self.server.dropped)} "
+                  "unfinished answers' connections open")
+
+    @inlineCallbacks
+    def test_stalled_error_page_dropped_on_timeout(self) -> Any:
+        """An error page that never ends times out, and its connection is dropped."""
+        error = yield self.misbehaving("stalled_error", XMLRPCTimeout, timeout=0.3)
+        self.assertEqual(error.timeout, 0.3)
+        yield self.wait_until_dropped()
+
+    @inlineCallbacks
+    def test_close_drops_stalled_error_page(self) -> Any:
+        """close() drops the connection of an error page still arriving."""
+        client = XMLRPCClient(self.url, reactor)
+        self.server.mode = "stalled_error"
+        d = client.call("echo")
+        while not self.server.hanging:
+            yield deferLater(0.01)
+        yield deferLater(0.05)
+        yield client.close()
+        yield self.assertFailure(d, CancelledError)
+        yield self.wait_until_dropped()
+
+    @inlineCallbacks
+    def test_announced_length_over_cap_without_body(self) -> Any:
+        """A Content-Length over the cap fails at once even when no body byte follows."""
+        client = self.client(self.url, max_response_bytes=1024 * 1024, timeout=60)
+        self.server.mode = "stalled_huge"
+        error = yield self.assertFailure(client.call("echo"), ResponseTooLarge)
+        self.assertEqual(error.received, self.server.huge_size)
+        yield self.wait_until_dropped()
 
     @inlineCallbacks
     def test_connection_refused(self) -> Any:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -269,6 +269,64 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(seen, [f"p{i}" for i in range(5)])
         # "At or after" answers repeat the item at the cursor: one new item per page of two.
         self.assertEqual(polls, 6)
+
+    def numbers_source(self, answer: list[Any]) -> XMLRPCSource:
+        """
+        A source with numeric positions over a server that always answers C{answer}.
+        """
+        server = FakeXMLRPCServer({"changes": lambda after: answer})
+        return XMLRPCSource("n", DirectCaller(server, URL), topic, method="changes",
+                            params=["{cursor}"], items="", id_field="serial",
+                            cursor_field="serial", topic_template="numbers.change",
+                            initial_cursor=2)
+
+    def test_infinite_position_skipped(self) -> None:
+        """An item at an infinite position is skipped and can not push the cursor out of reach."""
+        answer: list[Any] = [{"serial": float("inf"), "what": "bad"}, {"serial": 3, "what": "ok"}]
+        source = self.numbers_source(answer)
+        cursor = self.successResultOf(source.initial_cursor())
+        result = self.poll(cursor, source)
+        self.assertEqual([m.body["serial"] for m in result.messages], [3])
+        self.assertEqual(result.cursor["value"], 3)
+        self.assertEqual(source.skipped, 1)
+        # Later items are still published.
+        answer[:] = [{"serial": 4, "what": "later"}]
+        self.assertEqual([m.body["serial"] for m in self.poll(result.cursor, source).messages],
+                         [4])
+
+    def test_nan_position_skipped(self) -> None:
+        """An item whose position is NaN (it compares with nothing) is skipped."""
+        source = self.numbers_source([{"serial": 3, "what": "ok"},
+                                      {"serial": float("nan"), "what": "bad"}])
+        cursor = self.successResultOf(source.initial_cursor())
+        result = self.poll(cursor, source)
+        self.assertEqual([m.body["serial"] for m in result.messages], [3])
+        self.assertEqual(result.cursor["value"], 3)
+        self.assertEqual(source.skipped, 1)
+        self.assertEqual(self.poll(result.cursor, source).messages, [])
+
+    def test_deeply_nested_item_skipped(self) -> None:
+        """An item nested too deeply to convert is skipped; the poll and the other items go on."""
+        nested: Any = "x"
+        for _ in range(5000):
+            nested = [nested]
+        items = [{"serial": 3, "what": nested}, {"serial": 4, "what": "ok"}]
+
+        class Direct:
+            url = URL
+
+            def call(self, method: str, *params: Any) -> Any:
+                # The real client builds such values without recursion; the
+                # test server's marshaller could not send them.
+                return succeed(items)
+
+        source = XMLRPCSource("n", Direct(), topic, method="changes", params=["{cursor}"],  # type: ignore[arg-type]
+                              items="", id_field="serial", cursor_field="serial",
+                              topic_template="numbers.change", initial_cursor=2)
+        result = self.poll({"value": 2, "time": False, "seen": [], "after": True}, source)
+        self.assertEqual([m.body["serial"] for m in result.messages], [4])
+        self.assertEqual(result.cursor["value"], 4)
+        self.assertEqual(source.skipped, 1)
 
     def test_needs_a_start(self) -> None:
         """Without initial_cursor or initial_method the source is refused."""

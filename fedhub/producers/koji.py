@@ -33,6 +33,7 @@ duplicates a crash may cause carry the same ids as the originals.
 from __future__ import annotations
 
 import copy
+import math
 import posixpath
 import uuid
 from collections.abc import Callable, Generator, Mapping
@@ -46,7 +47,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import REQUIRED, Option
-from fedhub.errors import FedhubError
+from fedhub.errors import FedhubError, MessageError
 from fedhub.interfaces import IProducerPlugin
 from fedhub.logs import HubLogger
 from fedhub.message import DEBUG, INFO, Message
@@ -110,6 +111,18 @@ def kwargs(**values: Any) -> dict[str, Any]:
     params = {k: v for k, v in values.items() if v is not None}
     params["__starstar"] = True
     return params
+
+
+def _number(value: Any) -> float | None:
+    """
+    A finite number the hub sent, or C{None} for anything else (a missing
+    value, or a broken hub's string where a number belongs).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number):
+            return number
+    return None
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -243,6 +256,8 @@ class KojiSource:
         self.settings = settings
         self.topic = topic
         self.description = f"Koji hub {settings.hub_url}"
+        #: Events skipped because no message could be made of them.
+        self.skipped = 0
 
     def close(self) -> Deferred[None]:
         closed: Deferred[None] = self.client.close()
@@ -417,7 +432,7 @@ class KojiSource:
                     if key in history_seen:
                         continue
                     history_seen.add(key, event_id)
-                    events.append((float(ts or 0.0), event_id, op, row))
+                    events.append((_number(ts) or 0.0, event_id, op, row))
         c["history_seen"] = history_seen.prune(end - s.event_overlap)
         c["event"], c["event_ts"] = end, end_ts
 
@@ -442,7 +457,8 @@ class KojiSource:
                 new = row.get("state")
                 if not isinstance(new, int):
                     continue
-                position = float(row.get("completion_ts") or row.get("creation_ts") or 0.0)
+                position = (_number(row.get("completion_ts")) or _number(row.get("creation_ts"))
+                            or 0.0)
                 key = f"{build_id}:{new}"
                 if key in seen or position <= floor_ts:
                     continue
@@ -475,8 +491,8 @@ class KojiSource:
                 new = row.get("state")
                 if not isinstance(new, int) or not self._wanted(row):
                     continue
-                position = float(row.get("completion_ts") or row.get("start_ts")
-                                 or row.get("create_ts") or 0.0)
+                position = (_number(row.get("completion_ts")) or _number(row.get("start_ts"))
+                            or _number(row.get("create_ts")) or 0.0)
                 key = f"{task_id}:{new}"
                 if key in seen or position <= floor_ts:
                     continue
@@ -501,7 +517,7 @@ class KojiSource:
                 if not isinstance(info, dict):
                     pending.discard(repo_id)
                     continue
-                created = float(info.get("create_ts") or last_ts)
+                created = _number(info.get("create_ts")) or last_ts
                 if is_new:
                     highest = max(highest, repo_id)
                     events.append((created, 2, "repo.init", info))
@@ -581,22 +597,33 @@ class KojiSource:
         calls = [Call("getBuild", (i,)) for i in build_ids]
         calls += [Call("getTaskInfo", (i, kwargs(request=True))) for i in task_ids]
         answers = [unwrap(a) for a in (yield self._multicall(calls))] if calls else []
-        owners = {**owners, **{i: (a or {}).get("owner_name")
+        owners = {**owners, **{i: a.get("owner_name") if isinstance(a, dict) else None
                                for i, a in zip(build_ids, answers)}}
         task_infos: dict[Any, Any] = {**task_rows, **dict(zip(task_ids, answers[len(build_ids):]))}
         messages = []
         for _, event_id, kind, data in events:
-            if kind in ("tag", "untag"):
-                messages.append(self._tag_message(kind, event_id, data,
-                                                  owners.get(data.get("build_id"))))
-            elif kind == "build":
-                row, old = data
-                messages.append(self._build_message(row, old, task_infos.get(row.get("task_id"))))
-            elif kind == "task":
-                row, old = data
-                messages.append(self._task_message(row, old))
-            else:
-                messages.append(self._repo_message(kind, data))
+            try:
+                if kind in ("tag", "untag"):
+                    messages.append(self._tag_message(kind, event_id, data,
+                                                      owners.get(data.get("build_id"))))
+                elif kind == "build":
+                    row, old = data
+                    messages.append(self._build_message(row, old,
+                                                        task_infos.get(row.get("task_id"))))
+                elif kind == "task":
+                    row, old = data
+                    messages.append(self._task_message(row, old))
+                else:
+                    messages.append(self._repo_message(kind, data))
+            except (MessageError, ValueError, TypeError, OverflowError, OSError, KeyError,
+                    RecursionError) as e:
+                # A row no message can be made of (a broken hub's types, data
+                # JSON can not carry) would fail this poll, and every one
+                # after it, for good: skip it and go on.
+                self.skipped += 1
+                self.log.warn("Skipping a {kind} event of {hub}: {error}", producer=self.name,
+                              kind=kind, hub=self.settings.hub_url,
+                              error=escape_control(f"{type(e).__name__}: {e}", 300))
         return messages
 
     def _message(self, suffix: str, body: dict[str, Any], key: str, summary: str, *,
@@ -653,7 +680,7 @@ class KojiSource:
         info = {k: v for k, v in task.items()
                 if k not in ("weight", "create_ts", "start_ts", "completion_ts", "owner_type",
                              "owner_name")}
-        info["create_time"] = float(task.get("create_ts") or 0.0)
+        info["create_time"] = _number(task.get("create_ts")) or 0.0
         info["start_time"] = task.get("start_ts")
         info["completion_time"] = task.get("completion_ts")
         if isinstance(task.get("owner_name"), str):

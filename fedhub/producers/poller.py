@@ -306,7 +306,11 @@ class PollingService(Service):
         Service.startService(self)  # type: ignore[no-untyped-call]
         self.log.info("Polling {source} every {interval:g} s", producer=self.name,
                       source=self.source.description, interval=self.interval)
-        self._schedule(0)
+        if self._cycle_d is None:
+            self._schedule(0)
+        # Otherwise a poll from before a stop that gave up waiting is still
+        # handing over: it schedules the next one when it ends, so polls
+        # never overlap.
 
     def stopService(self) -> Deferred[None]:
         """

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Generator, Mapping
@@ -176,6 +177,10 @@ def _position(value: Any) -> tuple[Any, bool]:
         return value.isoformat(), True
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ItemError(f"a position must be a number, a string or a dateTime, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN compares with nothing and infinity is beyond every later item:
+        # either as the cursor would stop publishing for good.
+        raise ItemError(f"a position must be finite, not {value!r}")
     return value, False
 
 
@@ -293,6 +298,9 @@ class XMLRPCSource:
             except (ItemError, KeyError) as e:
                 self._skip(e)
                 continue
+            except RecursionError:
+                self._skip(ItemError("an item's id is nested too deeply"))
+                continue
             numbers = isinstance(position, (int, float)) and isinstance(current, (int, float))
             if is_time != bool(c.get("time")) or (type(position) is not type(current)
                                                   and not numbers):
@@ -310,6 +318,10 @@ class XMLRPCSource:
                 messages.append(self._message(position, item_id, item))
             except (ItemError, FedhubError) as e:
                 self._skip(e)
+            except RecursionError:
+                # The answer's parser has no depth limit; converting the
+                # item does.  One such item must not fail every later poll.
+                self._skip(ItemError(f"item {item_id}: nested too deeply"))
         if fresh:
             top = fresh[-1][0]
             at_top = {item_id for position, item_id, _ in fresh if position == top}
