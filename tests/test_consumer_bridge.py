@@ -176,6 +176,18 @@ class BridgeTests(SynchronousTestCase):
         headers = dict(self.target.published[0].headers)
         self.assertEqual(headers, {"keep-me": "yes", BRIDGED_FROM_HEADER: ["infra"]})
 
+    def test_routing_headers_removed(self) -> None:
+        """CC and BCC, which would make the target's broker route the copy to topics the allow-list never allowed, do not cross."""
+        message = Message.create(ALLOWED, {}, headers={
+            "CC": ["org.example.prod.accounts.password.reset"],
+            "BCC": ["org.example.prod.accounts.group.add"],
+            "cc": "lower case is no routing header",
+        })
+        self.assertEqual(self.successResultOf(self.harness.deliver(message)).outcome, "acked")
+        headers = dict(self.target.published[0].headers)
+        self.assertEqual(headers, {"cc": "lower case is no routing header",
+                                   BRIDGED_FROM_HEADER: ["infra"]})
+
     def test_retried_message_forwarded_clean(self) -> None:
         """A message retried in this domain (x-death set by the bus) crosses without x-death."""
         self.target.refuse_with = TemporarilyUnavailable("outbox full")

@@ -34,7 +34,7 @@ from fedhub.consumers.exec import (
 )
 from fedhub.errors import ConfigError
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
-from fedhub.message import Message, dump_line, loads
+from fedhub.message import Message, dump_line, from_amqp, loads
 from fedhub.testing import ConsumerHarness, Settled
 
 PY = sys.executable
@@ -508,6 +508,70 @@ class RunTests(TestCase):
         yield harness.stop()
         self.assertFalse(alive(pid))
         self.assertEqual([s.outcome for s in harness.settled], [])
+
+    @inlineCallbacks
+    def test_command_gets_default_sigpipe(self) -> Any:
+        """A command starts with SIGPIPE at its default action, so it dies of it, as from a shell."""
+        harness = self.harness({"command": ["/bin/sh", "-c", "kill -PIPE $$; exit 0"]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn(f"killed by signal {signal.SIGPIPE.value}", settled.reason or "")
+
+    @inlineCallbacks
+    def test_coalesce_header_name_not_utf8(self) -> Any:
+        """A message whose header name is not UTF-8 still runs with its batch; nothing hangs."""
+        out = self.out()
+        harness = self.harness({"coalesce": 0.05, "command": script(
+            "import sys, shutil; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
+        ) + [str(out)]}, concurrency=5)
+        odd = from_amqp(TOPIC, {"headers": {"\udcffname": True}}, b'{"n": 1}')
+        settled = []
+        for message in (odd, sample()):
+            harness.deliver(message).addCallback(settled.append)
+        yield self.wait_for(lambda: len(settled) == 2, limit=10.0)
+        self.assertEqual([s.outcome for s in settled], ["acked"] * 2)
+        first, second = loads(out.read_bytes())
+        self.assertEqual(first.id, odd.id)
+        self.assertIs(first.headers["\udcffname"], True)
+
+    @inlineCallbacks
+    def test_coalesce_unforeseen_error_settles_batch(self) -> Any:
+        """A coalesced run that fails to start in an unforeseen way settles its batch; the next batch runs."""
+        refusing = RefusingReactor(reactor)
+        harness = self.harness({"coalesce": 0.05, "command": ["/bin/true"]}, concurrency=5)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        handler.reactor = refusing
+        settled: list[Settled] = []
+        harness.deliver(sample()).addCallback(settled.append)
+        yield self.wait_for(lambda: len(settled) == 1, limit=10.0)
+        self.assertEqual(settled[0].outcome, "retried")
+        self.assertIn("ValueError", settled[0].reason or "")
+        # The runner logs an error no plugin foresaw.
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        refusing.refuse = False
+        later: Settled = yield harness.deliver(sample())
+        self.assertEqual(later.outcome, "acked")
+        self.assertEqual(handler.runs, 1)
+
+
+class RefusingReactor:
+    """
+    A reactor whose C{spawnProcess} raises C{ValueError} while C{refuse} is
+    true; everything else is the real reactor's.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.refuse = True
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        if self.refuse:
+            raise ValueError("refused by the test")
+        return self.real.spawnProcess(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 def alive(pid: int) -> bool:

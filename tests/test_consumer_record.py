@@ -21,7 +21,7 @@ from fedhub.config import HubSettings
 from fedhub.consumers.record import RecordHandler, RecordPlugin
 from fedhub.errors import ConfigError
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
-from fedhub.message import Message, loads
+from fedhub.message import Message, from_amqp, loads
 from fedhub.testing import ConsumerHarness
 
 TOPIC = "org.example.dev.record.test"
@@ -164,6 +164,30 @@ class RecordTests(SynchronousTestCase):
         self.path.unlink()
         self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 2})))
         self.assertEqual([m.body["n"] for m in loads(self.path.read_text())], [2])
+
+    def test_rotation_syncs_the_old_file(self) -> None:
+        """With fsync set, lines written before a rotation are synced to the old file before it is closed."""
+        harness = self.harness({"fsync_interval": 60.0})
+        handler = self.handler(harness)
+        synced: list[int] = []
+        handler.fsync = lambda fd: synced.append(os.fstat(fd).st_ino)
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 0})))
+        old = self.path.stat().st_ino
+        os.rename(self.path, self.dir / "messages.jsonl.1")
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 1})))
+        self.assertEqual(synced, [old])
+        harness.advance(60.0)
+        self.assertEqual(synced, [old, self.path.stat().st_ino])
+
+    def test_header_name_not_utf8(self) -> None:
+        """A message whose header name was not UTF-8 on the wire is recorded, and reads back."""
+        harness = self.harness()
+        odd = from_amqp(TOPIC, {"headers": {"\udcffname": "x"}}, b'{"n": 1}')
+        settled = self.successResultOf(harness.deliver(odd))
+        self.assertEqual(settled.outcome, "acked")
+        (loaded,) = loads(self.path.read_bytes())
+        self.assertEqual(loaded.id, odd.id)
+        self.assertEqual(loaded.headers["\udcffname"], "x")
 
     def test_failed_write_retries_and_leaves_no_half_line(self) -> None:
         """A write failing half-way is cut back, its messages retried; later lines stay whole."""

@@ -37,7 +37,7 @@ from fedhub.consumers.webhook import (
 )
 from fedhub.errors import ConfigError, DeadLetter, Retry
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
-from fedhub.message import Message, loads
+from fedhub.message import Message, from_amqp, loads
 from tests.broker import Authority
 from fedhub.testing import ConsumerHarness, Settled
 
@@ -172,6 +172,10 @@ class HelperTests(SynchronousTestCase):
         self.assertIsNone(parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"))
         self.assertIsNone(parse_retry_after(b"-5"))
         self.assertIsNone(parse_retry_after(None))
+
+    def test_retry_after_too_many_digits(self) -> None:
+        """A Retry-After of more digits than int() converts is capped, not an error."""
+        self.assertEqual(parse_retry_after(b"9" * 5000), 3600.0)
 
     def test_display_url_hides_query(self) -> None:
         """Logs show the URL without its query (where tokens live)."""
@@ -313,6 +317,25 @@ class PostTests(TestCase):
         (got,) = self.hook.received
         self.assertNotIn(b"X-Injected", got.headers)
         self.assertEqual(got.headers[b"X-Fedhub-Message-Id"], [b"abc\\r\\nX-Injected: 1"])
+
+    @inlineCallbacks
+    def test_header_name_not_utf8(self) -> Any:
+        """A message whose header name was not UTF-8 on the wire is posted, and reads back."""
+        harness = self.harness()
+        odd = from_amqp(TOPIC, {"headers": {"\udcffname": "x"}}, b'{"n": 1}')
+        settled: Settled = yield harness.deliver(odd)
+        self.assertEqual(settled.outcome, "acked")
+        (received,) = loads(self.hook.received[0].body)
+        self.assertEqual(received.headers["\udcffname"], "x")
+
+    @inlineCallbacks
+    def test_huge_retry_after_on_success(self) -> Any:
+        """A 2xx answer acks whatever its Retry-After header holds."""
+        harness = self.harness()
+        self.hook.answer_headers = {b"Retry-After": b"9" * 5000}
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual(len(self.hook.received), 1)
 
     @inlineCallbacks
     def test_authorization_file(self) -> Any:

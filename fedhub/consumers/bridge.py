@@ -18,7 +18,9 @@ C{fedhub_bridged_from} gets this domain's name appended (a list of the
 domains the message left, oldest first), and the broker's dead-lettering
 bookkeeping of this domain (C{x-death}, C{x-first-death-*},
 C{x-last-death-*}) and a dead-letter reason are removed, since they describe
-queues of the domain it left and would count as retries in the other.
+queues of the domain it left and would count as retries in the other; so are
+C{CC} and C{BCC}, with which RabbitMQ routes a message to further topics
+(the allow-list checks the topic only).
 
 Loop protection: a message whose C{fedhub_bridged_from} already names the
 target domain or this one has been there, and is dropped.  So two bridges
@@ -64,8 +66,11 @@ __all__ = ["BridgePlugin", "BridgeHandler", "BRIDGED_FROM_HEADER", "bridged_from
 #: The loop header: the domains a message was forwarded from, oldest first.
 BRIDGED_FROM_HEADER = "fedhub_bridged_from"
 
-#: Headers about the queues of the domain a message leaves.
-_LOCAL_HEADERS = ("x-death", DEAD_LETTER_REASON_HEADER)
+#: Headers about the queues of the domain a message leaves, and RabbitMQ's
+#: sender-selected routing headers: published as they are, C{CC} and
+#: C{BCC} would route the copy in the target domain to the topics they
+#: list as well, past the allow-list.
+_LOCAL_HEADERS = ("x-death", DEAD_LETTER_REASON_HEADER, "CC", "BCC")
 _LOCAL_PREFIXES = ("x-first-death-", "x-last-death-")
 
 

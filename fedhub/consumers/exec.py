@@ -18,10 +18,11 @@ The command is an argument list, never a shell string.  Each run gets:
     C{FEDHUB_MSG_ID}, C{FEDHUB_CONSUMER} and C{FEDHUB_MESSAGE_COUNT}.
 
 Each run is started in its own session (so its own process group) by a tiny
-launcher, C{sys.executable -I -S -c ...}, that calls C{setsid()} and then
-C{execvp()}s the command; Twisted's C{spawnProcess} has no such option.  A
-run that passes C{timeout} gets C{SIGTERM} sent to its whole process group,
-then C{SIGKILL} after C{kill_grace} seconds.
+launcher, C{sys.executable -I -S -c ...}, that calls C{setsid()}, puts
+back the default actions of C{SIGPIPE} and C{SIGXFSZ} (which the interpreter
+ignores) and then C{execvp()}s the command; Twisted's C{spawnProcess} has no
+such option.  A run that passes C{timeout} gets C{SIGTERM} sent to its whole
+process group, then C{SIGKILL} after C{kill_grace} seconds.
 
 Verdicts: exit status 0 acknowledges; a status in C{retry_codes} (default
 75, C{EX_TEMPFAIL}) is a L{Retry}; any other status, a signal, a timeout or
@@ -85,8 +86,13 @@ REASON_LINES = 10
 #: timeout can signal everything it started.  Exit statuses 126 and 127 are
 #: the shell's for "not executable" and "not found".
 LAUNCHER = (
-    "import os, sys\n"
+    "import os, signal, sys\n"
     "os.setsid()\n"
+    # The interpreter ignores these two at start-up, and an ignored signal
+    # stays ignored across exec: give the command the defaults a shell
+    # would, so that a pipeline's writer dies of SIGPIPE.
+    "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
     "try:\n"
     "    os.execvp(sys.argv[1], sys.argv[1:])\n"
     "except OSError as e:\n"
@@ -612,6 +618,17 @@ class _Run:
 # --- the handler --------------------------------------------------------------
 
 
+def _serialized(messages: Sequence[Message]) -> bytes:
+    """
+    The messages as standard input: one serialized line each, in UTF-8.
+
+    A header name that was not valid UTF-8 on the wire is held with lone
+    surrogates, which UTF-8 can not encode; they are written as JSON
+    escapes (C{\\udcff}), which read back to the same name.
+    """
+    return "".join(dump_line(m) for m in messages).encode("utf-8", "backslashreplace")
+
+
 @dataclass
 class _Batch:
     """
@@ -722,7 +739,7 @@ class ExecHandler:
         except TemplateError as e:
             raise DeadLetter(f"can not build the command: {e.reason}") from None
         env = self._env(message, 1)
-        stdin = dump_line(message).encode("utf-8") if self.settings.stdin else None
+        stdin = _serialized([message]) if self.settings.stdin else None
         d: Deferred[RunResult] = self._semaphore.run(self._spawn, argv, env, stdin, [message])
         return d.addCallback(self._verdict, [message])
 
@@ -846,13 +863,14 @@ class ExecHandler:
         except DeadLetter as e:
             self._settle_batch(batch, e)
             return
-        stdin = None
-        if self.settings.stdin:
-            stdin = "".join(dump_line(m) for m in messages).encode("utf-8")
         try:
+            stdin = _serialized(messages) if self.settings.stdin else None
             d = self._spawn(argv, env, stdin, messages)
-        except Retry as e:
-            self._settle_batch(batch, e)
+        except Exception as e:
+            # Called from a timer or another batch's end: an exception left
+            # to escape would leave this batch, and every later one, waiting
+            # for ever.  Its messages get the consumer's on_error policy.
+            self._settle_batch(batch, Failure(e))
             return
         d.addCallback(self._verdict, messages)
         d.addBoth(lambda outcome: self._settle_batch(batch, outcome))

@@ -27,7 +27,8 @@ Log rotation: L{RecordHandler.reopen} closes and reopens the file; the hub
 calls it on C{SIGHUP} (L{fedhub.hub.Hub.reopen_files}).  Besides, before each write the handler
 checks whether the path still names the file it has open (C{stat} against
 C{fstat}), so a file renamed or removed by C{logrotate} is followed by a new
-one at the path without any signal.  The file is meant to have one writer.
+one at the path without any signal.  Either way, with fsync configured, the
+old file is synced before it is closed.  The file is meant to have one writer.
 """
 
 from __future__ import annotations
@@ -200,7 +201,11 @@ class RecordHandler:
         Queue the message's line; the Deferred fires once it is written.
         """
         waiter: Deferred[None] = Deferred()
-        self._pending.append(_Pending(dump_line(message).encode("utf-8"), waiter))
+        # A header name that was not UTF-8 on the wire is held with lone
+        # surrogates: they are written as JSON escapes, which load back to
+        # the same name, instead of failing the line.
+        line = dump_line(message).encode("utf-8", "backslashreplace")
+        self._pending.append(_Pending(line, waiter))
         if len(self._pending) >= self.settings.max_batch:
             self._cancel_flush()
             self._flush()
@@ -244,6 +249,10 @@ class RecordHandler:
                     consumer=self.name,
                     path=self.settings.path,
                 )
+                # Lines acknowledged in the old file get the sync they were
+                # promised before it is let go, as with reopen().
+                if self._unsynced and (self.settings.fsync_every or self.settings.fsync_interval):
+                    self._sync()
                 self._close()
                 self._open()
             self._append(b"".join(item.line for item in batch))

@@ -120,6 +120,10 @@ def parse_retry_after(value: bytes | None) -> float | None:
     text = value.strip()
     if not text.isdigit():
         return None
+    if len(text) > 9:
+        # Past the cap anyway; int() refuses thousands of digits, and the
+        # header is the server's to fill.
+        return MAX_RETRY_AFTER
     return min(float(int(text)), MAX_RETRY_AFTER)
 
 
@@ -306,7 +310,9 @@ class WebhookHandler:
         """
         if self._client is None:
             raise Retry("the webhook consumer is not started")
-        body = dump_line(message).encode("utf-8")
+        # A header name that was not UTF-8 on the wire is held with lone
+        # surrogates: they go as JSON escapes, which read back to the name.
+        body = dump_line(message).encode("utf-8", "backslashreplace")
         headers = self.request_headers(message)
         timed_out: list[bool] = []
 
