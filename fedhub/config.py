@@ -25,6 +25,7 @@ import builtins
 import copy
 import difflib
 import enum
+import math
 import os
 import re
 import tempfile
@@ -878,6 +879,13 @@ def _coerce(value: object, kinds: tuple[type, ...]) -> tuple[object, bool]:
     return value, False
 
 
+def _not_finite(value: object) -> bool:
+    """
+    Whether C{value} is a float that is infinite or not a number.
+    """
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 class _Validator:
     """
     One run of validation over one parsed file; collects problems.
@@ -983,6 +991,12 @@ class _Validator:
         if not fits:
             self.report(path, f"expected {_expected(kinds)}, not {_describe(value)}")
             return REQUIRED
+        if _not_finite(value):
+            # TOML spells inf and nan, and turns a number too large for a
+            # float into inf: as seconds or limits they would only fail (or
+            # wait forever) once the hub runs.
+            self.report(path, f"must be a finite number, not {value}")
+            return REQUIRED
         if option.items is not None and isinstance(value, list):
             items = []
             all_fit = True
@@ -993,6 +1007,9 @@ class _Validator:
                         path + (position,),
                         f"expected {_expected((option.items,))}, not {_describe(item)}",
                     )
+                    all_fit = False
+                elif _not_finite(item):
+                    self.report(path + (position,), f"must be a finite number, not {item}")
                     all_fit = False
                 items.append(item)
             if not all_fit:
@@ -1400,9 +1417,14 @@ def _endpoint_error(description: str) -> str | None:
 
     try:
         # Parsing needs no reactor; endpoints only keep it for later.
-        serverFromString(cast(Any, None), description)  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(cast(Any, None), description)  # type: ignore[no-untyped-call]
     except Exception as e:
         return f"not a valid endpoint string ({type(e).__name__}: {e})"
+    # Parsing takes any integer as a TCP port; an impossible one would only
+    # fail when the hub binds it, after the check said the file was fine.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        return f"not a valid endpoint string (port {port} is not within 0..65535)"
     return None
 
 

@@ -9,9 +9,23 @@ import re
 import sys
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli.main import main
+from tests.broker import Authority, Key
+
+
+def cert_pem(authority: Authority) -> str:
+    """The PEM text of a CA's certificate."""
+    return authority.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def key_pem(key: Key) -> str:
+    """The PEM text of an unencrypted private key."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +71,42 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("consumers[0].to_domain", self.err.getvalue())
 
+    def test_unusable_tls_files(self) -> None:
+        """
+        TLS files that exist but hold no certificate, or a key of another certificate, are
+        problems of their domain's keys (the hub would fail on them at start).
+        """
+        ca = Authority.create("check-config CA")
+        _, leaf = ca.issue("hub")
+        other_key, _ = ca.issue("other")
+        (self.directory / "ca.pem").write_text(cert_pem(ca))
+        (self.directory / "hub.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
+        (self.directory / "other.key").write_text(key_pem(other_key))
+        (self.directory / "notes.txt").write_text("placeholder\n")
+        code = self.check(
+            '[domains.a]\nbroker = "amqps://broker.example/"\nca = "notes.txt"\n'
+            '[domains.b]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\ncert = "hub.pem"\n'
+            'key = "other.key"\n'
+        )
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[1].startswith("domains.a.ca: "), lines)
+        self.assertIn("holds no PEM certificate", lines[1])
+        self.assertTrue(lines[2].startswith("domains.b.key: "), lines)
+        self.assertIn("does not match the certificate", lines[2])
+
+    def test_usable_tls_files(self) -> None:
+        """A domain with a real CA bundle and a matching client certificate and key passes."""
+        ca = Authority.create("check-config CA")
+        key, leaf = ca.issue("hub")
+        (self.directory / "ca.pem").write_text(cert_pem(ca))
+        (self.directory / "hub.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
+        (self.directory / "hub.key").write_text(key_pem(key))
+        code = self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
+                          'cert = "hub.pem"\nkey = "hub.key"\n')
+        self.assertEqual(code, 0, self.err.getvalue())
+
     def test_missing_file(self) -> None:
         """A file that can not be read is a problem, not a traceback."""
         self.assertEqual(main(["check-config", str(self.directory / "none.toml")]), 1)
@@ -69,16 +119,28 @@ class ExampleConfigTests(SynchronousTestCase):
     """
 
     def materialize(self, name: str) -> Path:
-        """Copy an example, pointing every absolute path it names at readable files in a temp dir."""
+        """
+        Copy an example, pointing every absolute path it names at readable files in a temp dir:
+        a CA certificate for C{ca.pem}, a client certificate and its key for other C{.pem} and
+        C{.key} files, placeholder text for the rest.
+        """
         directory = Path(self.mktemp()).absolute()
         directory.mkdir(parents=True)
         text = (ROOT / "examples" / name).read_text()
+        ca = Authority.create("example CA")
+        key, leaf = ca.issue("hub")
+        contents = {
+            "ca.pem": cert_pem(ca),
+            ".pem": leaf.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            ".key": key_pem(key),
+        }
 
         def replace(match: re.Match[str]) -> str:
             target = directory / match.group(1).lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.suffix in (".pem", ".key", ".secret", ".token", ".txt"):
-                target.write_text("placeholder\n")
+                content = contents.get(target.name, contents.get(target.suffix, "placeholder\n"))
+                target.write_text(content)
             return f'"{target}"'
 
         text = re.sub(r'"(/(?:etc|var|srv|opt)/[^"]+)"', replace, text)

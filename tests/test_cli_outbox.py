@@ -167,6 +167,27 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertIn("did not answer within 0.3 s", self.stderr.getvalue())
         self.assertEqual(len(self.store_state()[1]), 2)
 
+    def test_interrupted_waiting_for_hub(self) -> None:
+        """Ctrl-C while waiting for the hub's answer: status 130, one line saying the request stays queued."""
+        from fedhub.cli import outbox
+
+        def interrupt(seconds: float) -> None:
+            raise KeyboardInterrupt()
+
+        self.patch(outbox.time, "sleep", interrupt)
+        self.prepare()
+        holder = Store(self.outbox_dir, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        try:
+            status, _ = self.command("drop", "--all", "-c", self.config)
+        finally:
+            self.successResultOf(holder.close())
+        self.assertEqual(status, 130)
+        lines = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("interrupted", lines[0])
+        self.assertIn("stays queued", lines[0])
+
     def test_no_outbox_yet(self) -> None:
         """A domain whose hub never ran has no failed messages; nothing is created."""
         status, out = self.command("list", "-c", self.config)

@@ -905,6 +905,34 @@ class DomainTests(SynchronousTestCase, ProblemsMixin):
             ("hub.state_dir", "must not be empty"),
         ])
 
+    def test_status_port_range(self) -> None:
+        """
+        A status endpoint whose port is not 0 to 65535 is refused by the check, not at start.
+        """
+        for port in ("80700", "-1"):
+            text = f'[hub]\nstatus = "tcp:{port}:interface=127.0.0.1"\n' + MEMORY_DOMAIN
+            self.assertEqual(self.messages(text), [
+                ("hub.status", f"not a valid endpoint string (port {port} is not within 0..65535)"),
+            ])
+
+    def test_numbers_must_be_finite(self) -> None:
+        """
+        inf and nan (and numbers too large for a float) are refused for every number key,
+        fedhub's own and a plugin's, naming the key.
+        """
+        text = (
+            '[domains.d]\nbroker = "memory"\nconnection_timeout = inf\n'
+            '[[consumers]]\nname = "w"\nplugin = "webhook"\ndomain = "d"\nurl = "https://x/"\n'
+            'retry_delay = 1e400\nmax_retry_delay = +inf\ndrain_timeout = nan\ntimeout = -inf\n'
+        )
+        self.assertEqual(self.problems(text), [
+            ("domains.d.connection_timeout", "must be a finite number, not inf", 3),
+            ("consumers[0].retry_delay", "must be a finite number, not inf", 9),
+            ("consumers[0].max_retry_delay", "must be a finite number, not inf", 10),
+            ("consumers[0].drain_timeout", "must be a finite number, not nan", 11),
+            ("consumers[0].timeout", "must be a finite number, not -inf", 12),
+        ])
+
 
 class TopicTests(SynchronousTestCase, ProblemsMixin):
     """

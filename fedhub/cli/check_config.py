@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedhub.config import ComponentConfig, Config, load_config
+from fedhub.config import ComponentConfig, Config, DomainConfig, format_path, load_config
 from fedhub.errors import ConfigError, ConfigProblem, TemporarilyUnavailable
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
@@ -39,13 +40,45 @@ class _NoPublisher:
         return fail(TemporarilyUnavailable("check-config publishes nothing", message.id))
 
 
+def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
+    """
+    Read a TLS domain's CA bundle, client certificate and key the way the
+    hub does when it starts, and report what it would refuse: a file that
+    holds no certificate, an encrypted key, a key of another certificate.
+    """
+    if not domain.tls:
+        return []
+    # Imported here: only this command needs pyOpenSSL for a check.
+    from fedhub.amqp.tls import client_tls_options
+
+    try:
+        client_tls_options(
+            domain.server_hostname or domain.host or "", domain.ca, domain.cert, domain.key
+        )
+    except ConfigError as e:
+        # The TLS code names bare keys ("ca", "key"); give them their domain.
+        return [
+            replace(
+                problem,
+                path=format_path(("domains", domain.name, "broker" if problem.path == "url"
+                                  else problem.path)),
+                message=escape_control(problem.message, 500),
+            )
+            for problem in e.problems
+        ]
+    return []
+
+
 def build_problems(config: Config) -> list[ConfigProblem]:
     """
-    Build every component the way the hub would (plugins do no I/O when
-    built), and collect what their plugins refuse: problems only a plugin
-    can see, such as a bridge naming an unknown domain.
+    Check each TLS domain's files (see L{tls_problems}), then build every
+    component the way the hub would (plugins do no I/O when built), and
+    collect what their plugins refuse: problems only a plugin can see, such
+    as a bridge naming an unknown domain.
     """
     problems: list[ConfigProblem] = []
+    for domain in config.domains.values():
+        problems.extend(tls_problems(domain))
     publishers = {name: _NoPublisher(name) for name in config.domains}
     for component in config.components:
         plugin = find_plugin(component.kind, component.plugin)

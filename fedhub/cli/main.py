@@ -8,12 +8,13 @@ C{add_arguments(parser)} and C{run(args) -> int} (the exit status).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from fedhub import __version__
-from fedhub.cli import check_config, inject_mail, outbox, publish, record, replay, tail
+from fedhub.cli import check_config, inject_mail, outbox, publish, record, replay, runner, tail
 
 #: Sub-command name → module with add_arguments/run and a docstring.
 COMMANDS: dict[str, ModuleType] = {
@@ -55,7 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:
         parser.print_help(sys.stderr)
         return 2
-    return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the reactor (reading a configuration, waiting for
+        # the running hub, importing plugins): one line, as for any other stop.
+        return runner.fail(args.command, "interrupted", runner.interrupted_status(signal.SIGINT))
 
 
 def entry() -> None:

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -388,7 +389,17 @@ class HubFailedArea(FailedArea):
                 with open(reply, "rb") as f:
                     answer: dict[str, Any] = json.loads(f.read())
             except FileNotFoundError:
-                time.sleep(0.1)
+                try:
+                    time.sleep(0.1)
+                except KeyboardInterrupt:
+                    # The request is in the spool already: the hub may act
+                    # on it at any moment, so say so rather than imply that
+                    # Ctrl-C cancelled it.
+                    raise CommandError(
+                        f"interrupted while waiting for the hub; the {action} request stays "
+                        "queued and the hub carries it out",
+                        runner.interrupted_status(signal.SIGINT),
+                    ) from None
                 continue
             os.unlink(reply)
             if "error" in answer:
