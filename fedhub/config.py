@@ -58,6 +58,7 @@ __all__ = [
     "format_path",
     "is_valid_name",
     "check_topic_pattern",
+    "server_endpoint_problem",
 ]
 
 
@@ -1043,7 +1044,7 @@ class _Validator:
         values, ok = self.values(table, ("hub",), _HUB_OPTIONS)
         self.unknown_keys(table, ("hub",), _HUB_OPTIONS)
         if "status" in values and values["status"] is not None:
-            error = _endpoint_error(values["status"])
+            error = server_endpoint_problem(values["status"])
             if error is not None:
                 self.report(("hub", "status"), error)
                 ok = False
@@ -1409,9 +1410,10 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
-def _endpoint_error(description: str) -> str | None:
+def server_endpoint_problem(description: str) -> str | None:
     """
-    Why C{description} is not a server endpoint string, or C{None}.
+    Why C{description} is not a server endpoint string, or C{None}: the
+    check of every key that names an endpoint to listen on (plugins' too).
     """
     from twisted.internet.endpoints import serverFromString
 

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 
-from fedhub.config import ComponentConfig, Config, DomainConfig
+from fedhub.config import ComponentConfig, Config, DomainConfig, format_path
+from fedhub.errors import ConfigError, ConfigProblem
 from fedhub.consumers.runner import ConsumerService
 from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
 from fedhub.outbox import Outbox
 from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
+from fedhub.text import escape_control
 from fedhub.topology import Topology
 
 
@@ -97,6 +99,37 @@ def make_bus(domain: DomainConfig, reactor: Any) -> IBus:
 
     bus: IBus = AMQPBus.from_domain(domain, reactor)
     return bus
+
+
+def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
+    """
+    Read a TLS domain's CA bundle, client certificate and key the way its
+    bus does when it starts, and report what it would refuse: a file that
+    holds no certificate, an encrypted key, a key of another certificate.
+    C{fedhub check-config} and C{twistd fedhub} ask before anything starts,
+    so such a file is a configuration problem naming the domain's key, not
+    a failure of the running hub.
+    """
+    if not domain.tls:
+        return []
+    from fedhub.amqp.tls import client_tls_options
+
+    try:
+        client_tls_options(
+            domain.server_hostname or domain.host or "", domain.ca, domain.cert, domain.key
+        )
+    except ConfigError as e:
+        # The TLS code names bare keys ("ca", "key"); give them their domain.
+        return [
+            replace(
+                problem,
+                path=format_path(("domains", domain.name, "broker" if problem.path == "url"
+                                  else problem.path)),
+                message=escape_control(problem.message, 500),
+            )
+            for problem in e.problems
+        ]
+    return []
 
 
 class Hub(SequentialMultiService):

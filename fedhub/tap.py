@@ -43,11 +43,20 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
+        # Imported here: the hub's modules are not needed for --help.
+        from fedhub.hub import tls_problems
+
         path = self["config"]
         try:
-            self["loaded"] = load_config(path) if path else default_config()
+            config = load_config(path) if path else default_config()
+            problems = [p for domain in config.domains.values() for p in tls_problems(domain)]
+            if problems:
+                # Files the hub could not use are refused before anything
+                # starts, as check-config refuses them.
+                raise ConfigError(problems, path)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        self["loaded"] = config
 
 
 class GracefulStop(Service):

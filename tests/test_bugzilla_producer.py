@@ -567,6 +567,18 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(options["max_line_length"], 10_000)
         self.assertIsNone(options["quarantine_dir"])
 
+    def test_listen_must_be_an_endpoint(self) -> None:
+        """A listen value that is no server endpoint string, or names an impossible port, is a configuration problem naming the key."""
+        for bad in ("tcp:abc", "bogus:1", "tcp:99999", " "):
+            text = self.config(f'recipients = ["a@b.example"]\nlisten = "{bad}"\n')
+            error = self.assertRaises(ConfigError, parse_config, text, find_plugin=only_this_plugin)
+            self.assertIn("producers[0].listen", str(error))
+        config = parse_config(
+            self.config('recipients = ["a@b.example"]\nlisten = "unix:/run/fedhub/smtp.sock"\n'),
+            find_plugin=only_this_plugin,
+        )
+        self.assertEqual(config.producers[0].options["listen"], "unix:/run/fedhub/smtp.sock")
+
     def test_config_problems(self) -> None:
         """Missing recipients, a bad address, a bad network and a tiny line limit are configuration problems."""
         self.assertRaises(ConfigError, parse_config, self.config(""), find_plugin=only_this_plugin)

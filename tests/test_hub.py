@@ -321,6 +321,20 @@ class TapTests(SynchronousTestCase):
         self.assertIn('unknown domain "nowhere"', str(error))
 
 
+    def test_unusable_tls_file_refused(self) -> None:
+        """A TLS domain whose CA file holds no certificate is a usage error naming the domain's key, not a failure at start."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "ca.pem").write_text("not a certificate\n")
+        path = directory / "hub.toml"
+        path.write_text('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n')
+        from twisted.python.usage import UsageError
+
+        error = self.assertRaises(UsageError, Options().parseOptions, ["--config", str(path)])
+        self.assertIn("domains.a.ca: ", str(error))
+        self.assertIn("holds no PEM certificate", str(error))
+
+
 class TwistdTests(SynchronousTestCase):
     """
     C{twistd -n fedhub} as an operator runs it.

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedhub.config import ComponentConfig, Config, DomainConfig, format_path, load_config
+from fedhub.config import ComponentConfig, Config, load_config
 from fedhub.errors import ConfigError, ConfigProblem, TemporarilyUnavailable
+from fedhub.hub import tls_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -38,35 +38,6 @@ class _NoPublisher:
 
     def publish(self, message: Message) -> Deferred[None]:
         return fail(TemporarilyUnavailable("check-config publishes nothing", message.id))
-
-
-def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
-    """
-    Read a TLS domain's CA bundle, client certificate and key the way the
-    hub does when it starts, and report what it would refuse: a file that
-    holds no certificate, an encrypted key, a key of another certificate.
-    """
-    if not domain.tls:
-        return []
-    # Imported here: only this command needs pyOpenSSL for a check.
-    from fedhub.amqp.tls import client_tls_options
-
-    try:
-        client_tls_options(
-            domain.server_hostname or domain.host or "", domain.ca, domain.cert, domain.key
-        )
-    except ConfigError as e:
-        # The TLS code names bare keys ("ca", "key"); give them their domain.
-        return [
-            replace(
-                problem,
-                path=format_path(("domains", domain.name, "broker" if problem.path == "url"
-                                  else problem.path)),
-                message=escape_control(problem.message, 500),
-            )
-            for problem in e.problems
-        ]
-    return []
 
 
 def build_problems(config: Config) -> list[ConfigProblem]:

@@ -54,7 +54,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from fedhub.config import Option
+from fedhub.config import Option, server_endpoint_problem
 from fedhub.errors import (
     ConfigError,
     ConfigProblem,
@@ -920,7 +920,7 @@ class BugzillaSMTPPlugin:
     description = "Receive Bugzilla notification mail over SMTP and publish bug events."
     options: Mapping[str, Option] = {
         "listen": Option(str, "tcp:8025:interface=127.0.0.1",
-                         "endpoint string the SMTP listener binds", _not_empty),
+                         "endpoint string the SMTP listener binds", server_endpoint_problem),
         "recipients": Option(list, help="addresses (local@domain) mail is accepted for",
                              check=_recipients, items=str),
         "hostname": Option(str, "localhost", "the name the listener greets with", _not_empty),
