@@ -463,6 +463,34 @@ def _positive(value: int | float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+#: The longest a connection attempt may be given, in seconds.  RabbitMQ's
+#: URI spec and pika take this setting in milliseconds; a larger value is
+#: most likely milliseconds meant as seconds.
+MAX_CONNECTION_TIMEOUT: Final = 3600.0
+
+#: The longest a retry may wait, in seconds (7 days).  A retry queue's
+#: message TTL holds the delay in milliseconds, and the broker refuses a
+#: TTL past its own limit only when the queue is declared, after the check
+#: said the file was fine; no retry is worth holding a message longer.
+MAX_RETRY_DELAY: Final = 7 * 24 * 3600.0
+
+
+def _connection_timeout(value: float) -> str | None:
+    if not value > 0:
+        return "must be greater than 0"
+    if value > MAX_CONNECTION_TIMEOUT:
+        return f"is in seconds and at most {MAX_CONNECTION_TIMEOUT:g}"
+    return None
+
+
+def _retry_delay(value: float) -> str | None:
+    if not value > 0:
+        return "must be greater than 0"
+    if value > MAX_RETRY_DELAY:
+        return f"must be at most {MAX_RETRY_DELAY:g} seconds (7 days)"
+    return None
+
+
 def _heartbeat(value: int) -> str | None:
     if value <= 0:
         return (
@@ -580,7 +608,8 @@ _DOMAIN_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "heartbeat": Option(int, 30, "AMQP heartbeat in seconds", _heartbeat),
         "connection_name": Option(str, None, "connection name shown by the broker",
                                   _short_string),
-        "connection_timeout": Option(float, 10.0, "seconds to set up a connection", _positive),
+        "connection_timeout": Option(float, 10.0, "seconds to set up a connection",
+                                     _connection_timeout),
         "confirm_window": Option(int, 1000, "unconfirmed messages at most", _positive),
         "outbox_max_messages": Option(int, 100_000, "outbox limit in messages", _positive),
         "outbox_max_bytes": Option(int, 1024 * 1024 * 1024, "outbox limit in bytes", _positive),
@@ -633,8 +662,8 @@ _CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
                            "(0: the consumer's choice)", _prefetch),
         "on_error": Option(str, "retry", "what an exception does: retry, dead-letter, drop or halt",
                            _error_policy),
-        "retry_delay": Option(float, 10.0, "seconds before the first retry", _positive),
-        "max_retry_delay": Option(float, 3600.0, "longest wait between retries", _positive),
+        "retry_delay": Option(float, 10.0, "seconds before the first retry", _retry_delay),
+        "max_retry_delay": Option(float, 3600.0, "longest wait between retries", _retry_delay),
         "max_retries": Option(int, 5, "retries before a message is dead-lettered", _retries),
         "drain_timeout": Option(float, 30.0, "seconds stopping waits for messages in hand",
                                 _positive),

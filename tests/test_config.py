@@ -934,6 +934,29 @@ class DomainTests(SynchronousTestCase, ProblemsMixin):
         ])
 
 
+    def test_upper_bounds(self) -> None:
+        """
+        A connection timeout over an hour (milliseconds meant as seconds) and a retry delay over
+        a week are refused at check time, not by the broker or the hub once running.
+        """
+        text = (
+            '[domains.d]\nbroker = "memory"\nconnection_timeout = 10000\n'
+            '[[consumers]]\nname = "w"\nplugin = "log"\ndomain = "d"\n'
+            'retry_delay = 604801\nmax_retry_delay = 3e8\n'
+        )
+        self.assertEqual(self.problems(text), [
+            ("domains.d.connection_timeout", "is in seconds and at most 3600", 3),
+            ("consumers[0].retry_delay", "must be at most 604800 seconds (7 days)", 8),
+            ("consumers[0].max_retry_delay", "must be at most 604800 seconds (7 days)", 9),
+        ])
+        config = parse_config(
+            '[domains.d]\nbroker = "memory"\nconnection_timeout = 3600\n'
+            '[[consumers]]\nname = "w"\nplugin = "log"\ndomain = "d"\nmax_retry_delay = 604800\n'
+        )
+        self.assertEqual(config.domains["d"].connection_timeout, 3600.0)
+        self.assertEqual(config.consumers[0].max_retry_delay, 604800.0)
+
+
 class TopicTests(SynchronousTestCase, ProblemsMixin):
     """
     Consumer topic patterns.

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from twisted.internet.endpoints import quoteStringArgument
 
+from fedhub.config import MAX_CONNECTION_TIMEOUT
 from fedhub.errors import ConfigError, ConfigProblem
 
 PLAIN = "PLAIN"
@@ -268,9 +269,12 @@ def parse_url(url: str, key: str = "url") -> AMQPSettings:
         else:
             # RabbitMQ's URI spec and pika give it in milliseconds past 1000;
             # fedhub takes seconds: a huge value is most likely milliseconds.
-            if timeout > 3600:
+            if timeout > MAX_CONNECTION_TIMEOUT:
                 problems.append(
-                    ConfigProblem(key, "connection_timeout is in seconds and at most 3600")
+                    ConfigProblem(
+                        key,
+                        f"connection_timeout is in seconds and at most {MAX_CONNECTION_TIMEOUT:g}",
+                    )
                 )
     mechanism = values.pop("auth_mechanism", None)
     if mechanism is not None:
