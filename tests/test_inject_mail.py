@@ -229,6 +229,23 @@ class ExitStatusTests(InjectTestCase):
         self.assertEqual(self.inject(sample(CHANGED)), EX_OK)
         self.assertEqual(closed, [True])
 
+    def test_no_standard_input_75(self) -> None:
+        """Run with standard input closed, the run exits 75 with one line saying so, not a traceback."""
+        self.patch(sys, "stdin", None)
+        self.assertEqual(self.inject(None), EX_TEMPFAIL)
+        self.assertEqual(self.error_lines(),
+                         ["fedhub inject-mail: can not read the mail: no standard input"])
+
+    def test_unexpected_synchronous_error_75(self) -> None:
+        """An unexpected exception raised before the hand-over exits 75 with one line, so the mail is retried, never bounced."""
+        def broken(*args: object, **kwargs: object) -> Deferred[object]:
+            raise RuntimeError("surprise\nsecond line")
+
+        self.patch(inject_mail, "inject", broken)
+        self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertEqual(self.error_lines(),
+                         ["fedhub inject-mail: unexpected error: RuntimeError: surprise\\nsecond line"])
+
     def test_stdin(self) -> None:
         """Without --input the mail is read from standard input."""
         stdin: Any = io.TextIOWrapper(io.BytesIO(sample(CHANGED)))

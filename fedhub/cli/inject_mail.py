@@ -233,6 +233,9 @@ def find_producer(config: Config, name: str | None) -> ComponentConfig:
 
 def _read_mail(source: str, limit: int) -> bytes:
     if source == "-":
+        if sys.stdin is None:
+            # Started with file descriptor 0 closed.
+            raise OSError("no standard input")
         stream: IO[bytes] = sys.stdin.buffer
         return stream.read(limit + 1)
     with open(source, "rb") as f:
@@ -302,6 +305,15 @@ def run(args: argparse.Namespace) -> int:
     Read one mail and hand it over; the exit status says what the sender
     must do (see the module docstring).
     """
+    try:
+        return _run(args)
+    except Exception as e:
+        # Any other exit status (a traceback exits 1) makes a mail server
+        # bounce the mail: an unforeseen failure must keep it queued.
+        return _fail(f"unexpected error: {type(e).__name__}: {e}", EX_TEMPFAIL)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:

@@ -21,6 +21,8 @@ facing other machines:
     body counted as it arrives, never buffered beyond the limit), recipients
     per mail, line length, connections overall and per peer, client
     networks, idle, C{DATA} and hand-over timeouts, errors per session;
+    no commands are read while replies the client has not read pile up,
+    and a connection that does not close when told to is aborted;
   - access: only configured recipients (it never relays), optional
     mandatory TLS, client certificates checked against a CA, and an optional
     shared-secret header (compared in constant time, stripped before
@@ -48,6 +50,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IListeningPort,
+    IPushProducer,
     IReactorTime,
     ITLSTransport,
 )
@@ -56,6 +59,7 @@ from twisted.internet.tcp import Server as _TCPServer
 from twisted.mail.smtp import COMMAND, DATA, ESMTP, Address, AddressError, SMTPBadRcpt, User
 from twisted.python.compat import networkString
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from fedhub.errors import FedhubError
 from fedhub.interfaces import IPublisher
@@ -562,13 +566,24 @@ _FREQUENT_REPLIES: dict[tuple[int, bytes], bytes] = {
 }
 
 
+@implementer(IPushProducer)
 class BugmailSMTP(ESMTP):
     """
     One SMTP session of the listener.  See the module docstring for what it
     changes in C{twisted.mail.smtp.ESMTP}.
+
+    It is the push producer of its replies: while the transport holds more
+    replies than it wants to buffer (a client that sends commands and does
+    not read the answers), the session reads no further commands.
+
+    @cvar abort_timeout: Seconds a connection the session closed may take to
+        send its last replies and close; then it is aborted, so a client
+        that stops reading can not keep its connection slot for ever.
     """
 
     log = HubLogger()
+
+    abort_timeout: float = 15.0
 
     def __init__(self, factory: BugmailSMTPFactory, address: IAddress) -> None:
         ESMTP.__init__(self, chal={}, contextFactory=factory.tls_options)  # type: ignore[no-untyped-call]
@@ -593,20 +608,26 @@ class BugmailSMTP(ESMTP):
         self._idle_call: IDelayedCall | None = None
         self._data_call: IDelayedCall | None = None
         self._delivery_call: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
         self._lost = False
+        # Whether the transport asked to stop producing replies for now.
+        self._output_paused = False
+        self._registered = False
 
     # -- connection --------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
         self._helo = (None, self.peer_host.encode("utf-8", "replace"))
+        self._tx.registerProducer(self, True)
+        self._registered = True
         self.log.debug("SMTP connection from {peer}", peer=self.peer, producer=self.factory.producer)
         self.sendCode(220, self.host + b" ESMTP ready")
         self._start_idle()
 
     def connectionLost(self, reason: object = None) -> None:
         self._lost = True
-        for name in ("_idle_call", "_data_call", "_delivery_call"):
+        for name in ("_idle_call", "_data_call", "_delivery_call", "_abort_call"):
             call: IDelayedCall | None = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -643,7 +664,56 @@ class BugmailSMTP(ESMTP):
         if not self._open():
             return
         self.sendCode(code, text)
+        self._lose()
+
+    def _lose(self) -> None:
+        """
+        Close the connection once the replies are sent, and abort it when
+        that takes longer than C{abort_timeout}: a client that does not read
+        (or, over TLS, never finishes the handshake or the close) would
+        otherwise keep it open for ever.
+        """
+        if self._registered:
+            # A transport does not close while a producer is registered.
+            self._registered = False
+            self._tx.unregisterProducer()
         self._tx.loseConnection()
+        if not self._lost and self._abort_call is None:
+            self._abort_call = self.clock.callLater(self.abort_timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if self._lost or self._tx is None:
+            return
+        self.log.info("SMTP client {peer} did not take its last replies; connection aborted",
+                      peer=self.peer, producer=self.factory.producer)
+        self._tx.abortConnection()
+
+    # -- flow control of the replies -------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The transport holds too many replies the client has not read: read
+        no further commands until it has sent them.
+        """
+        self._output_paused = True
+        if self._open():
+            self._tx.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The transport sent the replies it held: read and answer commands
+        again, unless a mail is being handed over.
+        """
+        self._output_paused = False
+        if self._waiting is None and self._open():
+            self._tx.resumeProducing()
+            self._process()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is gone; L{connectionLost} cleans up.
+        """
 
     # -- timers ---------------------------------------------------------------------
 
@@ -691,7 +761,7 @@ class BugmailSMTP(ESMTP):
             return
         self._processing = True
         try:
-            while self._waiting is None and self._open():
+            while self._waiting is None and not self._output_paused and self._open():
                 if not self._next_line():
                     break
         finally:
@@ -881,6 +951,10 @@ class BugmailSMTP(ESMTP):
     def do_RSET(self, rest: bytes) -> None:
         self._reset()
         self.sendCode(250, b"2.0.0 OK")
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.sendCode(221, b"See you later")
+        self._lose()
 
     def do_VRFY(self, rest: bytes) -> None:
         self.sendCode(502, b"5.5.1 VRFY is not supported")
@@ -1222,8 +1296,11 @@ class BugmailSMTP(ESMTP):
         if self._closing:
             self._close(421, b"4.3.2 Service shutting down, try again later")
             return
-        self._tx.resumeProducing()
         self._start_idle()
+        if self._output_paused:
+            # Reading resumes when the transport has sent the replies.
+            return
+        self._tx.resumeProducing()
         self._process()
 
 
