@@ -349,6 +349,44 @@ class SourceTests(SourceTestBase):
         self.assertEqual(cursor["offset"], 0)
         self.assertEqual(self.poll(source, cursor).messages, [])
 
+    def test_row_with_a_bad_time_skipped(self) -> None:
+        """A row whose time is not a time is skipped with a count; the others and later polls go on."""
+        source = self.source()
+        cursor = self.start(source)
+        broken = self.bz.new_bug(summary="broken")
+        self.bz.change(broken, "triage@example.org", status="ASSIGNED")
+        self.bz.add_comment(broken, "triage@example.org", "bad time")
+        self.bz.add_comment(broken, "triage@example.org", "no such year")
+        good = self.bz.new_bug(summary="good")
+        self.bz.bugs[broken]["creation_time"] = "yesterday"
+        self.bz.history[broken][0]["when"] = {"not": "a time"}
+        self.bz.comments[broken][1]["creation_time"] = float("inf")
+        self.bz.comments[broken][1]["time"] = float("inf")
+        self.bz.comments[broken][2]["creation_time"] = 1e30
+        result = self.poll(source, cursor)
+        self.assertEqual(kinds(result.messages), [("bugzilla.bug.new", good, "create", "bug")])
+        self.assertEqual(source.skipped, 4)
+        # Each bad row is reported once, not at every poll that reads it again.
+        again = self.poll(source, result.cursor)
+        self.assertEqual(again.messages, [])
+        self.assertEqual(source.skipped, 4)
+        self.bz.add_comment(good, "triage@example.org", "still published")
+        later = self.poll(source, again.cursor)
+        self.assertEqual([m.body["comment"]["body"] for m in later.messages], ["still published"])
+
+    def test_unpublishable_event_skipped(self) -> None:
+        """An event no message can be made of is skipped with a count; the others go on."""
+        source = self.source()
+        cursor = self.start(source)
+        broken = self.bz.new_bug(summary="broken")
+        good = self.bz.new_bug(summary="good")
+        self.bz.bugs[broken]["flags"] = 5  # a list in every Bugzilla
+        result = self.poll(source, cursor)
+        self.assertEqual(kinds(result.messages), [("bugzilla.bug.new", good, "create", "bug")])
+        self.assertEqual(source.skipped, 1)
+        self.assertEqual(self.poll(source, result.cursor).messages, [])
+        self.assertEqual(source.skipped, 1)
+
     def test_same_ids_for_same_events(self) -> None:
         """The same events polled again get the same message ids."""
         source = self.source()

@@ -25,6 +25,7 @@ from fedhub.message import DEBUG, INFO, Message
 from fedhub.plugins import PluginContext
 from fedhub.producers.koji import (
     SCHEMAS,
+    KojiError,
     KojiPlugin,
     KojiSettings,
     KojiSource,
@@ -434,6 +435,78 @@ class SourceTests(SourceTestBase):
         self.koji.set_task_state(good, OPEN)
         later = self.poll(source, result.cursor)
         self.assertEqual([(m.body["id"], m.body["new"]) for m in later.messages], [(good, "OPEN")])
+
+    def test_event_without_a_usable_time(self) -> None:
+        """An event whose time is not a number fails the poll with a KojiError naming it."""
+        source = self.source()
+        cursor = self.start(source)
+        last = self.koji.last_event
+        for ts in ("yesterday", None, [1], float("nan")):
+            self.koji.server.handlers["getLastEvent"] = lambda *a, ts=ts, **k: {"id": last,
+                                                                               "ts": ts}
+            failure = self.failureResultOf(source.poll(cursor), KojiError)
+            self.assertIn(f"event {last}", str(failure.value))
+            self.failureResultOf(source.initial_cursor(), KojiError)
+
+    def test_row_far_in_the_future(self) -> None:
+        """A row with an absurd future time is published but does not move its stream out of reach."""
+        source = self.source(tasks="none", repos=False)
+        cursor = self.start(source)
+        bad, _ = self.koji.start_build("bad", "1", "1")
+        self.koji.builds[bad]["creation_ts"] = 4102444800.0  # 2100-01-01
+        self.koji.event()
+        first = self.poll(source, cursor)
+        self.assertEqual([m.body["build_id"] for m in first.messages], [bad])
+        self.assertLess(first.cursor["builds"]["created"], self.koji.now + 3600)
+        later, _ = self.koji.start_build("later", "1", "1")
+        self.koji.finish_build(later)
+        self.koji.event()
+        second = self.poll(source, first.cursor)
+        self.assertEqual([(m.body["build_id"], m.body["new"]) for m in second.messages],
+                         [(later, COMPLETE)])
+        self.assertEqual(self.poll(source, second.cursor).messages, [])
+
+    def test_position_past_now_pulled_back(self) -> None:
+        """A stream position already far in the future is pulled back to the hub's now."""
+        source = self.source(tasks="none", repos=False)
+        cursor = self.start(source)
+        cursor["builds"]["created"] = 4102444800.0
+        build, _ = self.koji.start_build("a", "1", "1")
+        self.koji.event()
+        first = self.poll(source, cursor)
+        self.assertEqual(first.cursor["builds"]["created"], self.koji.events[-1][1])
+        self.assertEqual([m.body["build_id"] for m in self.poll(source, first.cursor).messages],
+                         [build])
+
+    def test_clock_extends_now(self) -> None:
+        """With a clock, rows up to its time move the streams though the hub had no event since."""
+        clock = Clock()
+        clock.advance(self.koji.now + 7200)
+        source = KojiSource("koji", self.caller, KojiSettings.for_hub(HUB, tasks="none",
+                                                                      repos=False), topic, clock)
+        cursor = self.start(source)
+        build, _ = self.koji.start_build("a", "1", "1")
+        self.koji.builds[build]["creation_ts"] = self.koji.now + 3600
+        result = self.poll(source, cursor)
+        self.assertEqual(result.cursor["builds"]["created"], self.koji.now + 3600)
+        self.assertLess(self.poll(self.source(tasks="none", repos=False), cursor)
+                        .cursor["builds"]["created"], self.koji.now + 3600)
+
+    def test_full_page_beyond_now(self) -> None:
+        """A full page that ends beyond the hub's now does not page on for ever; later rows come."""
+        source = self.source(tasks="none", repos=False, page_size=2)
+        cursor = self.start(source)
+        builds = [self.koji.start_build(f"p{i}", "1", "1")[0] for i in range(4)]
+        for build in builds[2:]:
+            self.koji.builds[build]["creation_ts"] = 1e30
+        self.koji.event()
+        messages, cursor = self.drain(source, cursor)
+        self.assertEqual(sorted(m.body["build_id"] for m in messages), builds[:2])
+        self.assertEqual(source.skipped, 2)  # no time in 1e30 s can be written
+        later, _ = self.koji.start_build("later", "1", "1")
+        self.koji.event()
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual([m.body["build_id"] for m in messages], [later])
 
     def test_hub_going_backwards(self) -> None:
         """A hub whose last event is before the cursor publishes nothing and keeps the cursor."""

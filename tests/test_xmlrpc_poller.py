@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -270,6 +271,65 @@ class SourceTests(SynchronousTestCase):
         # "At or after" answers repeat the item at the cursor: one new item per page of two.
         self.assertEqual(polls, 6)
 
+    def test_full_page_at_one_position_warns_once(self) -> None:
+        """More items at the cursor's position than a page holds is a warning, once per stall."""
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        source = example_source(self.caller, params=["{cursor}", 2], page_size=2)
+        cursor = self.successResultOf(source.initial_cursor())
+        for step in (60, 0, 0):
+            self.db.update("same-time", "orphan", step=step)
+        published = 0
+        for _ in range(4):
+            result = self.poll(cursor, source)
+            published += len(result.messages)
+            cursor = result.cursor
+        self.assertEqual(published, 2)  # the third at that time never fits in an answer
+        self.assertFalse(result.more)
+
+        def stalls() -> list[dict[str, Any]]:
+            return [e for e in events if e.get("log_level") == LogLevel.warn
+                    and "page_size" in formatEvent(e)]
+
+        self.assertEqual(len(stalls()), 1)
+        self.assertIn("2025-03-01T12:02:00", formatEvent(stalls()[0]))
+        # After a poll that moved on, being stuck again is a new occurrence.
+        self.assertEqual(len(self.poll(dict(cursor, value="2025-03-01T12:01:00", seen=["8801"]),
+                                       source).messages), 1)
+        self.poll(cursor, source)
+        self.assertEqual(len(stalls()), 2)
+
+    def test_initial_cursor_date_time(self) -> None:
+        """A TOML date-time initial_cursor is a dateTime cursor: sent as one, compared as one."""
+        start = self.db.now
+        first = self.db.update("a", "orphan")
+        source = example_source(self.caller, initial_method=None,
+                                initial_cursor=start.replace(tzinfo=timezone.utc))
+        cursor = self.successResultOf(source.initial_cursor())
+        self.assertEqual(cursor["value"], "2025-03-01T12:01:00")
+        self.assertTrue(cursor["time"])
+        result = self.poll(cursor, source)
+        self.assertEqual(self.db.since_args[-1], start)
+        self.assertEqual([m.body["update"]["id"] for m in result.messages], [first])
+        self.assertEqual(source.skipped, 0)
+
+    def test_quoted_time_hint(self) -> None:
+        """A text initial_cursor against dateTime items says how to write a date-time cursor."""
+        source = example_source(self.caller, initial_method=None,
+                                initial_cursor="2025-03-01T12:00:00")
+        cursor = self.successResultOf(source.initial_cursor())
+        self.db.server.handlers["updates.since"] = lambda when, limit: {
+            "updates": [u for u in self.db.updates]}
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.poll(cursor, source)
+        self.assertEqual(source.skipped, 1)
+        self.assertIn("without quotes", formatEvent(events[-1]))
+
     def numbers_source(self, answer: list[Any]) -> XMLRPCSource:
         """
         A source with numeric positions over a server that always answers C{answer}.
@@ -354,6 +414,19 @@ class PluginTests(SynchronousTestCase):
         config = load_config(EXAMPLE)
         self.assertEqual([(p.name, p.plugin) for p in config.producers],
                          [("koji", "koji"), ("bugzilla", "bugzilla"), ("pkgdb", "xmlrpc")])
+
+    def test_initial_cursor_date_time_in_config(self) -> None:
+        """initial_cursor takes a TOML date-time in the configuration file."""
+        path = self.mktemp()
+        with open(EXAMPLE) as f:
+            text = f.read()
+        text = text.replace('initial_method = "updates.latest"',
+                            "initial_cursor = 2025-03-01T12:01:00Z")
+        with open(path, "w") as f:
+            f.write(text)
+        (pkgdb,) = [p for p in load_config(path).producers if p.name == "pkgdb"]
+        self.assertEqual(pkgdb.options["initial_cursor"],
+                         datetime(2025, 3, 1, 12, 1, tzinfo=timezone.utc))
 
     def test_plugin(self) -> None:
         """The plugin provides IProducerPlugin and builds a polling service without I/O."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import uuid
 from functools import partial
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -36,10 +37,11 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from fedhub.config import REQUIRED, Option
+from fedhub.errors import MessageError
 from fedhub.interfaces import IProducerPlugin
 from fedhub.logs import HubLogger
 from fedhub.message import Message
-from fedhub.producers.bugzilla.api import BugzillaAPI, to_epoch
+from fedhub.producers.bugzilla.api import BugzillaAPI, BugzillaError, from_epoch, to_epoch
 from fedhub.producers.bugzilla.messagev1 import (
     SCHEMA,
     bug_object,
@@ -105,6 +107,8 @@ class BugzillaSource:
         what = ", ".join([*self.products, *self.components]) or "all products"
         self.description = f"Bugzilla {url} ({what})"
         self.show_bug = url.rsplit("/", 1)[0] + "/show_bug.cgi?id="
+        #: Events skipped because no message could be made of them.
+        self.skipped = 0
 
     def close(self) -> Deferred[None]:
         return self.api.close()
@@ -155,24 +159,64 @@ class BugzillaSource:
         events: list[tuple[float, int, int, str, Message]] = []
         high = float(c.get("high", since))
 
+        def report(kind: str, bug_id: int, error: str) -> None:
+            # A row no message can be made of (a time that is not a time,
+            # data of the wrong shape) would fail this poll, and every one
+            # after it, for good: it is skipped instead.  Its key stays in
+            # C{seen}, so it is reported once, not at every poll that reads
+            # it again.
+            self.skipped += 1
+            self.log.warn("Skipping a {kind} event of bug {bug} of {url}: {error}",
+                          producer=self.name, kind=kind, bug=bug_id, url=self.url,
+                          error=escape_control(error, 300))
+
+        def time_of(value: Any, kind: str, bug_id: int, row: str) -> float | None:
+            try:
+                when = to_epoch(value)
+            except (BugzillaError, ValueError, OverflowError) as e:
+                error = e.reason if isinstance(e, BugzillaError) else str(e)
+            else:
+                if when is None:
+                    return 0.0  # no time at all: before every floor
+                try:
+                    # A time no date can hold would make every later query
+                    # fail once it became the cursor.
+                    if math.isfinite(when) and from_epoch(when):
+                        return when
+                except (ValueError, OverflowError, OSError):
+                    pass
+                error = f"not a time: {when!r}"
+            key = f"{bug_id}:{kind}:{row}:unreadable"
+            if key not in seen:
+                seen[key] = since
+                report(kind, bug_id, error)
+            return None
+
         def add(key: str, when: float, kind: str, bug_id: int, make: Callable[[], Message]) -> None:
             nonlocal high
             if key in seen or when <= floor:
                 return
             seen[key] = when
             high = max(high, when)
-            events.append((when, bug_id, _ORDER[kind], key, make()))
+            try:
+                message = make()
+            except (MessageError, ValueError, TypeError, OverflowError, KeyError,
+                    RecursionError) as e:
+                report(kind, bug_id, f"{type(e).__name__}: {e}")
+                return
+            events.append((when, bug_id, _ORDER[kind], key, message))
 
         for bug_id in ids:
             bug = by_id[bug_id]
-            created = to_epoch(bug.get("creation_time")) or 0.0
-            add(f"{bug_id}:new", created, "new", bug_id, partial(self._new, bug, created))
+            created = time_of(bug.get("creation_time"), "new", bug_id, "")
+            if created is not None:
+                add(f"{bug_id}:new", created, "new", bug_id, partial(self._new, bug, created))
             for entry in history.get(bug_id, []):
-                when = to_epoch(entry.get("when")) or 0.0
+                when = time_of(entry.get("when"), "change", bug_id, _digest(entry))
+                if when is None:
+                    continue
                 changes = [ch for ch in entry.get("changes") or [] if isinstance(ch, dict)]
-                digest = hashlib.sha256(json.dumps(changes, sort_keys=True, default=str)
-                                        .encode()).hexdigest()[:16]
-                key = f"{bug_id}:change:{int(when)}:{entry.get('who')}:{digest}"
+                key = f"{bug_id}:change:{int(when)}:{entry.get('who')}:{_digest(changes)}"
                 add(key, when, "change", bug_id,
                     partial(self._change, bug, entry, changes, when, key))
             for comment in comments.get(bug_id, []):
@@ -180,7 +224,10 @@ class BugzillaSource:
                     continue  # comment 0 is the description, part of the new bug
                 if comment.get("is_private") and not self.publish_private:
                     continue
-                when = to_epoch(comment.get("creation_time") or comment.get("time")) or 0.0
+                when = time_of(comment.get("creation_time") or comment.get("time"), "comment",
+                               bug_id, str(comment["id"]))
+                if when is None:
+                    continue
                 add(f"{bug_id}:comment:{comment['id']}", when, "comment", bug_id,
                     partial(self._comment, bug, comment, when))
 
@@ -233,6 +280,13 @@ class BugzillaSource:
                           comment=comment_object(comment, when))
         return self._message("bugzilla.bug.update", body, f"{bug['id']}:comment:{comment['id']}",
                              f"{who} commented on #{bug['id']}")
+
+
+def _digest(value: Any) -> str:
+    """
+    A short digest of a JSON-ready value, to tell rows apart in keys.
+    """
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- the plugin ---------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -89,6 +90,9 @@ _NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
 _UNFINISHED = {"created": [0, 1, 4], "started": [1]}
 # How many entries the cursor keeps of builds and tasks not finished yet.
 _MAX_OPEN = 20000
+#: Seconds past "now" (the later of the hub's last event and this process's
+#: clock) that a build or task stream's position may reach.
+FUTURE_MARGIN = 600.0
 
 
 class KojiError(FedhubError):
@@ -248,13 +252,16 @@ class KojiSource:
     log = HubLogger()
 
     def __init__(self, name: str, client: XMLRPCCaller, settings: KojiSettings,
-                 topic: Callable[[str], str]) -> None:
+                 topic: Callable[[str], str], clock: IReactorTime | None = None) -> None:
         if settings.tasks not in TASK_MODES:
             raise ValueError(f"tasks must be one of {TASK_MODES}")
         self.name = name
         self.client = client
         self.settings = settings
         self.topic = topic
+        #: This process's clock, or C{None} to judge "now" by the hub's
+        #: last event alone.
+        self.clock = clock
         self.description = f"Koji hub {settings.hub_url}"
         #: Events skipped because no message could be made of them.
         self.skipped = 0
@@ -331,7 +338,13 @@ class KojiSource:
     def _event(event: Any) -> tuple[int, float]:
         if not isinstance(event, dict) or not isinstance(event.get("id"), int):
             raise KojiError(f"the hub answered {type(event).__name__} for an event")
-        return int(event["id"]), float(event.get("ts") or 0.0)
+        ts = _number(event.get("ts"))
+        if ts is None:
+            # The event's time is where builds and tasks are read from: a
+            # guess (such as 0, the epoch) would publish the hub's history.
+            raise KojiError(f"the hub's event {event['id']} has no usable time: "
+                            f"{escape_control(repr(event.get('ts')), 100)}")
+        return int(event["id"]), ts
 
     # --- one poll -----------------------------------------------------------
 
@@ -414,6 +427,11 @@ class KojiSource:
         task_rows: dict[int, dict[str, Any]] = {}
         floor_ts = float(c.get("floor_ts", 0.0))
         more = catching_up
+        # Rows later than this do not move a time stream (see _advance): the
+        # later of the hub's last event and this process's clock, plus a
+        # margin for clocks that disagree a little.
+        now = max(last_ts, self.clock.seconds()) if self.clock is not None else last_ts
+        limit = now + FUTURE_MARGIN
 
         # -- tags ---------------------------------------------------------------
         history_seen = _SeenWindow(c.get("history_seen"))
@@ -444,9 +462,9 @@ class KojiSource:
             current: dict[int, dict[str, Any]] = {}
             for stream, (_, _, order) in build_streams.items():
                 rows = self._rows(answer(f"builds.{stream}"), "listBuilds")
-                full = len(rows) >= s.page_size
+                full = self._advance(state, paging, stream, rows, order,
+                                     len(rows) >= s.page_size, end_ts, limit)
                 more = more or full
-                self._advance(state, paging, stream, rows, order, full)
                 for row in rows:
                     if isinstance(row.get("build_id"), int):
                         current[row["build_id"]] = row
@@ -479,9 +497,9 @@ class KojiSource:
             tasks: dict[int, dict[str, Any]] = {}
             for stream, (_, _, order) in task_streams.items():
                 rows = self._rows(answer(f"tasks.{stream}"), "listTasks")
-                full = len(rows) >= s.page_size
+                full = self._advance(state, paging, stream, rows, order,
+                                     len(rows) >= s.page_size, end_ts, limit)
                 more = more or full
-                self._advance(state, paging, stream, rows, order, full)
                 for row in rows:
                     if isinstance(row.get("id"), int):
                         tasks[row["id"]] = row
@@ -545,19 +563,41 @@ class KojiSource:
 
     @staticmethod
     def _advance(state: dict[str, Any], paging: set[str], stream: str,
-                 rows: list[dict[str, Any]], order: str, full: bool) -> None:
+                 rows: list[dict[str, Any]], order: str, full: bool, hub_now: float,
+                 limit: float) -> bool:
         """
         Move a time stream's position to the newest row it returned.  After a
         full page, the next query starts exactly there (no overlap) so paging
         always makes progress.
+
+        A row later than C{limit} (the hub's "now" and a margin: a broken
+        clock, a corrupt row) is published but does not move the position,
+        which would otherwise pass every row still to come, for good.  Rows
+        sort by time, so a page that holds such a row holds every row before
+        it: there is nothing more to page through.
+
+        @param hub_now: The time of the hub's last event (of the last one
+            read, while catching up).
+        @return: Whether the stream is paging (more rows are waiting).
         """
-        times = [float(r[order]) for r in rows if isinstance(r.get(order), (int, float))]
-        if times:
-            state[stream] = max(float(state[stream]), max(times))
+        times = [t for t in (_number(r.get(order)) for r in rows) if t is not None]
+        sane = [t for t in times if t <= limit]
+        if len(sane) < len(times):
+            full = False
+        position = float(state[stream])
+        if position > limit:
+            # Already past the limit (a cursor saved with no limit kept, a
+            # hub whose clock went back): start again from the hub's now,
+            # reading rows again rather than losing them.
+            position = hub_now
+        if sane:
+            position = max(position, max(sane))
+        state[stream] = position
         if full:
             paging.add(stream)
         else:
             paging.discard(stream)
+        return full
 
     def _low_water(self, state: Mapping[str, Any], streams: Mapping[str, Any]) -> float:
         return min(float(state[s]) for s in streams) - self.settings.time_overlap
@@ -817,5 +857,5 @@ class KojiPlugin:
                                         **{n: options[n] for n in names if n in options})
         client = XMLRPCClient(settings.hub_url, context.reactor, multicall_method="multiCall",
                               **client_settings(options))
-        source = KojiSource(context.name, client, settings, context.topic)
+        source = KojiSource(context.name, client, settings, context.topic, context.reactor)
         return polling_service(context, source)

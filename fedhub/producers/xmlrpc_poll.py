@@ -241,6 +241,8 @@ class XMLRPCSource:
         self.page_size = page_size
         self.description = f"{method} at {client.url}"
         self.skipped = 0
+        # The position a stall was last reported at (see _check_stall).
+        self._stalled_at: Any = _MISSING
 
     def close(self) -> Deferred[None]:
         closed: Deferred[None] = self.client.close()
@@ -304,8 +306,13 @@ class XMLRPCSource:
             numbers = isinstance(position, (int, float)) and isinstance(current, (int, float))
             if is_time != bool(c.get("time")) or (type(position) is not type(current)
                                                   and not numbers):
+                hint = ""
+                if is_time and not c.get("time"):
+                    # The usual cause: a quoted initial_cursor, which is text.
+                    hint = (" (for a dateTime cursor_field, write initial_cursor as a TOML "
+                            "date-time, without quotes, and remove the saved cursor)")
                 self._skip(ItemError(f"item {item_id}: position {position!r} does not compare "
-                                     f"with the cursor {current!r}"))
+                                     f"with the cursor {current!r}{hint}"))
                 continue
             if position < current or (position == current
                                       and (item_id in seen or c.get("after"))):
@@ -330,8 +337,31 @@ class XMLRPCSource:
             c["value"], c["seen"] = top, sorted(at_top)
             if top != current:
                 c.pop("after", None)
-        more = self.page_size is not None and len(found) >= self.page_size and bool(fresh)
-        return PollResult(messages, c, more=more)
+        full = self.page_size is not None and len(found) >= self.page_size
+        self._check_stall(full and not fresh, c)
+        return PollResult(messages, c, more=full and bool(fresh))
+
+    def _check_stall(self, stalled: bool, cursor: Mapping[str, Any]) -> None:
+        """
+        Warn, once per position, when a full answer held nothing new: more
+        items share the cursor's position than one answer holds (with an
+        "at or after" method), and this poller can not get past them.  No
+        position can be skipped to safely: the items at it that did not fit
+        would be lost, and the method's answers say nothing of what lies
+        between this position and the next.
+        """
+        if not stalled:
+            self._stalled_at = _MISSING
+            return
+        if self._stalled_at == cursor["value"]:
+            return
+        self._stalled_at = cursor["value"]
+        self.log.warn("{method} answered a full page ({page_size} items) and nothing new "
+                      "after the cursor {cursor}: polling can get no further.  Usually more "
+                      "items share that position than one answer holds; raise the method's "
+                      "limit (and page_size) above their number.", producer=self.name,
+                      method=self.method, page_size=self.page_size,
+                      cursor=_text(cursor["value"]))
 
     def _skip(self, error: Exception) -> None:
         self.skipped += 1
@@ -392,7 +422,9 @@ class XMLRPCPollPlugin:
         "body": Option(dict, None, "The body: a table of templates (default: the item)."),
         "schema": Option(str, BASE_SCHEMA, "The fedora_messaging_schema of the messages."),
         "severity": Option(int, INFO, "The severity of the messages.", check=_severity),
-        "initial_cursor": Option((int, float, str), None, "The cursor on first start."),
+        "initial_cursor": Option((int, float, str, datetime), None, "The cursor on first "
+                                 "start (a TOML date-time, unquoted, for a dateTime "
+                                 "cursor_field)."),
         "initial_method": Option(str, None, "A method whose answer is the cursor on first "
                                  "start (the service's current position)."),
         "initial_params": Option(list, [], "Parameters of initial_method."),
