@@ -7,16 +7,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from fedhub.errors import TemporarilyUnavailable
+from fedhub.errors import PublishError, TemporarilyUnavailable
 from fedhub.message import Message
+from fedhub.outbox import spool
 from fedhub.outbox.spool import SUFFIX, SpoolImporter, spool_directory, write_spool
 from fedhub.testing import RecordingPublisher
+
+
+class SizeLimitedPublisher(RecordingPublisher):
+    """
+    A publisher that, like the outbox, refuses for good a message larger
+    than everything it may hold.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__("d")
+        self.max_bytes = max_bytes
+
+    def publish(self, message: Message) -> Deferred[None]:
+        if len(message.body_bytes) > self.max_bytes:
+            return fail(PublishError("larger than the whole outbox", message.id))
+        return super().publish(message)
 
 
 def waiting(directory: Path) -> list[Path]:
@@ -121,6 +140,58 @@ class ImportTests(SynchronousTestCase):
         self.assertTrue((self.directory / f"0000-bad{SUFFIX}.bad").exists())
         self.assertEqual(waiting(self.directory), [])
 
+    def test_message_too_large_for_outbox_quarantined(self) -> None:
+        """A spooled message larger than the whole outbox is set aside; the files after it are still imported."""
+        outbox = SizeLimitedPublisher(max_bytes=1000)
+        self.importer.publisher = outbox
+        big = Message.create("a", {"x": "y" * 5000})
+        small = [Message.create("a", {"n": n}) for n in range(4)]
+        write_spool(str(self.directory), small[0])
+        big_path = write_spool(str(self.directory), big)
+        for message in small[1:]:
+            write_spool(str(self.directory), message)
+        self.successResultOf(self.importer._import())
+        self.assertEqual(outbox.published, small)
+        self.assertEqual(self.importer.rejected, 1)
+        self.assertTrue(os.path.exists(big_path + ".bad"))
+        self.assertEqual(waiting(self.directory), [])
+
+    def test_huge_file_quarantined_unread(self) -> None:
+        """A spool file larger than the importer reads is set aside as too large, not misread as broken JSON."""
+        self.patch(spool, "MAX_FILE_BYTES", 4096)
+        big_path = write_spool(str(self.directory), Message.create("a", {"x": "y" * 5000}))
+        small = Message.create("a", {})
+        write_spool(str(self.directory), small)
+        logged: list[dict[str, object]] = []
+        self.importer.log = Logger(observer=logged.append)
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, [small])
+        self.assertEqual(self.importer.rejected, 1)
+        self.assertTrue(os.path.exists(big_path + ".bad"))
+        self.assertIn("larger than 4096 bytes", [str(e.get("reason")) for e in logged])
+
+    def test_batch_bounded_in_bytes(self) -> None:
+        """A batch of large spool files is read a bounded number of bytes at a time, and every file is still imported in order."""
+        self.patch(spool, "BATCH_BYTES", 3000)
+        self.importer.batch = 100
+        messages = [Message.create("a", {"x": "y" * 1000, "n": n}) for n in range(7)]
+        for message in messages:
+            write_spool(str(self.directory), message)
+        read = spool._read_batch
+        sizes: list[int] = []
+
+        def recording(directory: str, limit: int) -> Any:
+            batch = read(directory, limit)
+            sizes.append(sum(len(data or b"") for _, data in batch))
+            return batch
+
+        self.patch(spool, "_read_batch", recording)
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, messages)
+        self.assertEqual(waiting(self.directory), [])
+        self.assertGreater(len(sizes), 2)
+        self.assertLessEqual(max(sizes), 3000)
+
     def test_missing_directory(self) -> None:
         """A spool that does not exist yet is simply empty."""
         self.successResultOf(self.importer._import())
@@ -148,3 +219,22 @@ class ServiceTests(TestCase):
         self.assertEqual(publisher.published, [message])
         yield importer.stopService()
         yield importer.stopService()
+
+    @inlineCallbacks
+    def test_restart(self) -> None:
+        """An importer stopped and started again imports the files written meanwhile."""
+        directory = Path(self.mktemp()).absolute()
+        publisher = RecordingPublisher("d")
+        importer = SpoolImporter("d", str(directory), publisher, reactor, interval=0.05)
+        importer.startService()
+        yield importer.stopService()
+        importer.startService()
+        message = Message.create("a", {})
+        write_spool(str(directory), message)
+        for _ in range(100):
+            if publisher.published:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        yield importer.stopService()
+        self.assertEqual(publisher.published, [message])
+        self.assertEqual(waiting(directory), [])

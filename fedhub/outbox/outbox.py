@@ -332,6 +332,9 @@ class Outbox(Service):
         self._loaded_upto = 0
         self._loading = False
         self._load_call: _DelayedCall | None = None
+        # Failed reads back in a row: its own count, since writes that
+        # succeed meanwhile say nothing about the pages a read needs.
+        self._load_attempt = 0
         self._paused = False
         self._probing = False
         self._probe_sent = False
@@ -656,11 +659,42 @@ class Outbox(Service):
             pending=summary.pending,
             failed=summary.failed,
         )
+        self._refuse_over_limits()
         if self._stop_d is not None:
             self._check_stop()
             return
         self._flush()
         self._pump()
+
+    def _refuse_over_limits(self) -> None:
+        """
+        Hold the hand-overs taken while the store was opening to the limits,
+        now that what the store holds is known: they were checked against
+        counts of nothing.  From the first one that does not fit on, they
+        are refused, so a producer's messages keep their order.
+        """
+        store = self.store
+        count = store.pending_count
+        used = store.pending_bytes + store.failed_bytes
+        for index, handover in enumerate(self._inserts):
+            size = len(handover.data)
+            if count >= self._max_messages:
+                reason = (
+                    f"the outbox of domain {self.domain} is full: {count} messages waiting "
+                    f"(limit {self._max_messages})"
+                )
+            elif used + size > self._max_bytes:
+                reason = (
+                    f"the outbox of domain {self.domain} is full: {used} bytes stored "
+                    f"(limit {self._max_bytes})"
+                )
+            else:
+                count += 1
+                used += size
+                continue
+            refused, self._inserts = self._inserts[index:], self._inserts[:index]
+            self._fail_handovers(refused, reason)
+            return
 
     def _store_open_failed(self, failure: TwistedFailure) -> None:
         self._opening = False
@@ -826,6 +860,9 @@ class Outbox(Service):
         self._failures[:0] = failures
         self._set_trouble(failure, inserts)
         self._committing = False
+        # An errback of those hand-overs may have begun a stop, which waited
+        # for this transaction.
+        self._check_stop()
 
     # --- sending ---------------------------------------------------------
 
@@ -1052,6 +1089,7 @@ class Outbox(Service):
 
     def _loaded(self, rows: list[StoredRow], limit: int) -> None:
         self._loading = False
+        self._load_attempt = 0
         ready = self._ready
         for row in rows:
             try:
@@ -1081,8 +1119,8 @@ class Outbox(Service):
 
     def _load_failed(self, failure: TwistedFailure) -> None:
         self._loading = False
-        delay = self._backoff(self._trouble_attempt)
-        self._trouble_attempt += 1
+        delay = self._backoff(self._load_attempt)
+        self._load_attempt += 1
         self.log.failure(
             "Reading the outbox of domain {domain} failed; trying again in {delay:.1f}s",
             failure,

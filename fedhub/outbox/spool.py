@@ -20,6 +20,12 @@ C{replies/NAME.json} in the spool directory.
 The spool is bounded: L{write_spool} refuses with L{TemporarilyUnavailable}
 when it holds C{max_files} messages already, so a stopped hub makes the mail
 system keep mail queued instead of filling the disk.
+
+A spool file that can never be handed over (not one valid message, larger
+than L{MAX_FILE_BYTES}, or refused by the outbox for good, e.g. larger than
+the whole outbox) is renamed to C{*.bad} and kept for inspection; the files
+after it are imported as usual.  The importer reads files a batch at a time,
+at most L{BATCH_BYTES} of them at once.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from fedhub.errors import DecodeError, MessageError, TemporarilyUnavailable
+from fedhub.errors import DecodeError, MessageError, PublishError, TemporarilyUnavailable
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message, dump_line, iter_loads
 from fedhub.text import escape_control
@@ -55,6 +61,14 @@ REPLIES = "replies"
 
 #: The spool holds at most this many messages by default.
 DEFAULT_MAX_FILES = 10_000
+
+#: A spool file larger than this is never read: the importer sets it aside
+#: as too large.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+#: The importer holds at most this many bytes of spool files at once (and at
+#: least one file), so a burst of large mails does not fill the hub's memory.
+BATCH_BYTES = 16 * 1024 * 1024
 
 _sequence = 0
 
@@ -177,22 +191,36 @@ def _answer(directory: str, request_path: str, reply: str, answer: dict[str, Any
     os.unlink(request_path)
 
 
-def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes]]:
+def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes | None]]:
     """
-    Up to C{limit} spool files, oldest first, with their contents.
+    Up to C{limit} spool files, oldest first, with their contents: as many
+    as fit in L{BATCH_BYTES} (at least one).  A file larger than
+    L{MAX_FILE_BYTES} comes without its contents (C{None}), unread.
     """
     try:
         names = sorted(name for name in os.listdir(directory) if name.endswith(SUFFIX))
     except FileNotFoundError:
         return []
-    batch = []
+    batch: list[tuple[str, bytes | None]] = []
+    total = 0
     for name in names[:limit]:
         path = os.path.join(directory, name)
         try:
             with open(path, "rb") as f:
-                batch.append((path, f.read(16 * 1024 * 1024)))
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_FILE_BYTES:
+                    batch.append((path, None))
+                    continue
+                if batch and total + size > BATCH_BYTES:
+                    break
+                data = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             continue
+        if len(data) > MAX_FILE_BYTES:
+            batch.append((path, None))
+            continue
+        total += len(data)
+        batch.append((path, data))
     return batch
 
 
@@ -248,15 +276,21 @@ class SpoolImporter(Service):
         self.batch = batch
         self.imported = 0
         self.rejected = 0
-        self._pool = ThreadPool(minthreads=0, maxthreads=1, name=f"fedhub-spool-{domain}")
+        self._pool = self._new_pool()
         self._loop: LoopingCall | None = None
         self._running: Deferred[Any] | None = None
+
+    def _new_pool(self) -> ThreadPool:
+        return ThreadPool(minthreads=0, maxthreads=1, name=f"fedhub-spool-{self.domain}")
 
     def _in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, fn, *args)
 
     def startService(self) -> None:
         super().startService()
+        if self._pool.joined:
+            # A thread pool can not be started again once stopped.
+            self._pool = self._new_pool()
         self._pool.start()
         self._loop = LoopingCall(self._scan)
         self._loop.clock = self.reactor
@@ -282,6 +316,8 @@ class SpoolImporter(Service):
             try:
                 for path, data in batch:
                     try:
+                        if data is None:
+                            raise DecodeError(f"larger than {MAX_FILE_BYTES} bytes")
                         (message,) = list(iter_loads([data]))
                     except (DecodeError, ValueError) as e:
                         reason = e.reason if isinstance(e, DecodeError) else "not one message"
@@ -301,7 +337,10 @@ class SpoolImporter(Service):
                             domain=self.domain, reason=e.reason,
                         )
                         return
-                    except MessageError as e:
+                    except (MessageError, PublishError) as e:
+                        # Never acceptable (invalid, or larger than the whole
+                        # outbox): set aside, or it would hold up every file
+                        # after it for good.
                         bad = yield self._in_thread(_quarantine, path)
                         self.rejected += 1
                         self.log.error(
@@ -314,8 +353,8 @@ class SpoolImporter(Service):
             finally:
                 if done:
                     yield self._in_thread(_remove, done, self.directory)
-            if len(batch) < self.batch:
-                return
+            # A batch cut short by its size in bytes leaves files behind;
+            # the next read finds out whether any are left.
 
     @inlineCallbacks
     def _requests(self) -> Generator[Deferred[Any], Any, None]:
