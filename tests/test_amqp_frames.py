@@ -895,8 +895,14 @@ class ClientTests(SynchronousTestCase):
     def test_frames_after_close_kept(self) -> None:
         """Once the connection is closing, the rest of a read is not handled."""
         connection = Connection(True)
-        connection.transport.disconnecting = True
-        connection.feed(frame(1, "basic.ack", 1, False) + frame(1, "basic.ack", 2, False), [])
+        connection.feed(
+            frame(1, "basic.ack", 1, False)
+            + frame(0, "connection.close", 320, "CONNECTION_FORCED", 0, 0)
+            + frame(1, "basic.ack", 2, False),
+            [],
+        )
+        self.assertTrue(connection.transport.disconnecting)
+        connection.feed(frame(1, "basic.ack", 3, False), [])
         self.assertEqual(connection.events.seen, [("ack", 1, 1, False)])
 
     def test_ack_is_one_write(self) -> None:

@@ -76,6 +76,13 @@ NACK: Final = 120
 FRAME_OVERHEAD: Final = 8
 """Type, channel, size and the end octet around every payload."""
 
+MAX_BODY_SIZE: Final = 512 * 1024 * 1024
+"""
+The largest message body a content header may announce: RabbitMQ refuses
+larger messages whatever its C{max_message_size}, so a header announcing
+more comes from a broken peer, and its body is never buffered.
+"""
+
 _HEAD = struct.Struct("!BHI")
 _CLASS_METHOD = struct.Struct("!HH")
 _HEADER_FIXED = struct.Struct("!HHQ")
@@ -896,12 +903,18 @@ class ContentDecoder:
         The content header of the message on C{channel}.
 
         @return: The message when its body is empty, else C{None}.
-        @raise FrameError: No header was expected, or it is malformed.
+        @raise FrameError: No header was expected, it is malformed, or it
+            announces a body larger than L{MAX_BODY_SIZE}.
         """
         content = self.pending[channel]
         if content.size != -1:
             raise FrameError("unexpected-frame", channel, "a second content header")
-        content.size, content.properties = self._headers.decode(data, pos, end, channel)
+        size, properties = self._headers.decode(data, pos, end, channel)
+        if size > MAX_BODY_SIZE:
+            raise FrameError(
+                "bad-length", channel, f"body of {size} bytes announced, at most {MAX_BODY_SIZE} allowed"
+            )
+        content.size, content.properties = size, properties
         if content.size == 0:
             del self.pending[channel]
             content.chunks.append(b"")

@@ -70,6 +70,7 @@ from fedhub.amqp.frames import (
     FRAME_HEADER,
     FRAME_HEARTBEAT,
     FRAME_METHOD,
+    MAX_BODY_SIZE,
     NACK,
     RETURN,
     Content,
@@ -118,6 +119,16 @@ _ACK_ENCODERS: dict[str, Any] = {
 
 DEFAULT_FRAME_MAX = 131072
 """The frame size fedhub asks for (RabbitMQ's default)."""
+
+FRAME_MIN_SIZE = 4096
+"""AMQP's smallest frame_max: a broker offering less is broken."""
+
+_CLOCK_SLACK = 0.001
+"""
+Seconds a heartbeat tick may come early: a tick set for the moment two
+intervals of silence are up can land a hair before it, as timers run on
+floating-point instants.
+"""
 
 DEFAULT_CHANNEL_MAX = 2047
 """The number of channels fedhub asks for (RabbitMQ's default)."""
@@ -511,6 +522,12 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self.fast_frames = True
         self._publisher = PublishEncoder(spec, DEFAULT_FRAME_MAX)
         self._contents = ContentDecoder(spec)
+        # Messages on the generic path (basic.get-ok, and every message when
+        # fast frames are off) by channel: -1 while the content header is
+        # due, then the body bytes still due.  Header and body frames that
+        # no method announced are protocol errors: queued, they would be
+        # read as the answer to the channel's next request, and kept.
+        self._generic_content: dict[int, int] = {}
         self._next_channel = 0
         self._closing_channels: set[int] = set()
         self._gate = _WriteGate(self)
@@ -691,9 +708,10 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
 
     def _heartbeat_tick(self) -> None:
         """
-        Every half interval: drop a connection silent for two intervals
-        (AMQP's rule), and send a heartbeat when nothing else went out for
-        half an interval.  Does nothing once the connection is gone.
+        At least every half interval, and when two intervals of silence
+        would be up: drop a connection silent for two intervals (AMQP's
+        rule), and send a heartbeat when nothing else went out for half an
+        interval.  Does nothing once the connection is gone.
         """
         self._heartbeat_call = None
         if self.lost or self.transport is None:
@@ -701,7 +719,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         interval = self.heartbeat_interval
         now = self.clock.seconds()
         silent = now - self._last_received
-        if silent >= 2 * interval:
+        if silent >= 2 * interval - _CLOCK_SLACK:
             self.log.warn(
                 "No data from the broker for {silent:.1f} s (heartbeat {interval} s);"
                 " it is considered dead",
@@ -712,7 +730,10 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             return
         if now - self._last_sent >= interval / 2:
             self.send_heartbeat()
-        self._heartbeat_call = self.clock.callLater(interval / 2, self._heartbeat_tick)
+        # Ticking only every half interval would notice the silence up to
+        # half an interval late.
+        delay = min(interval / 2, 2 * interval - silent)
+        self._heartbeat_call = self.clock.callLater(delay, self._heartbeat_tick)
 
     # -- bytes in ---------------------------------------------------------
 
@@ -724,7 +745,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         complete, so a large frame arriving in many reads is copied once.
         """
         self._last_received = self.clock.seconds()
-        if self.lost or self._broken:
+        if self.lost or self._broken or getattr(self.transport, "disconnecting", False):
+            # Once closing, nothing more is handled (see _handle_frames),
+            # so nothing more is kept either.
             return
         if self._partial:
             self._partial.append(data)
@@ -743,11 +766,12 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             self._broken = True
             self._partial = []
             self._contents.clear()
+            self._generic_content.clear()
             self.abort("protocol error")
             return
         finally:
             self.receiving = False
-        if offset < len(data):
+        if offset < len(data) and not getattr(self.transport, "disconnecting", False):
             rest = data[offset:]
             self._partial = [rest]
             self._partial_size = len(rest)
@@ -793,7 +817,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
                         "bad-frame-end", channel_id, f"expected {FRAME_END}, got {data[stop]}"
                     )
                 if frame_type == FRAME_METHOD:
-                    if channel_id in contents.pending:
+                    if channel_id in contents.pending or channel_id in self._generic_content:
                         raise FrameError(
                             "unexpected-frame", channel_id, "a method in the middle of a message"
                         )
@@ -891,10 +915,15 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         """
         Hand one frame to its channel.  Heartbeats only count as traffic;
         frames for channels that are closed or unknown are dropped.
+
+        @raise FrameError: A content header or body frame comes where no
+            content-bearing method announced it, or a body runs past the
+            size its header announced.
         """
         payload = frame.payload
         if payload.type == Frame.HEARTBEAT:
             return
+        self._sequence_content(frame.channel, payload)
         channel = self.channels.get(frame.channel)
         if channel is None:
             if frame.channel != 0:
@@ -904,6 +933,56 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         if channel.closed:
             return
         channel.dispatch(frame, self.work)
+
+    def _sequence_content(self, channel_id: int, payload: Any) -> None:
+        """
+        Check one frame of the generic path against the message under way on
+        its channel (see C{_generic_content}), whether the channel is open
+        or not, and move on.
+
+        @raise FrameError: The frame does not belong where it is.
+        """
+        expected = self._generic_content.get(channel_id)
+        kind = payload.type
+        if kind == Frame.METHOD:
+            if expected is not None:
+                raise FrameError("unexpected-frame", channel_id, "a method in the middle of a message")
+            if payload.method.content:
+                self._generic_content[channel_id] = -1
+        elif kind == Frame.HEADER:
+            if expected is None:
+                raise FrameError("unexpected-frame", channel_id, "a content header no method announced")
+            if expected != -1:
+                raise FrameError("unexpected-frame", channel_id, "a second content header")
+            if payload.weight != 0:
+                raise FrameError("bad-length", channel_id, f"content weight {payload.weight}")
+            size = payload.size
+            if size > MAX_BODY_SIZE:
+                raise FrameError(
+                    "bad-length",
+                    channel_id,
+                    f"body of {size} bytes announced, at most {MAX_BODY_SIZE} allowed",
+                )
+            if size:
+                self._generic_content[channel_id] = size
+            else:
+                del self._generic_content[channel_id]
+        elif kind == Frame.BODY:
+            if expected is None or expected == -1:
+                raise FrameError(
+                    "unexpected-frame", channel_id, "a body frame no content header announced"
+                )
+            left = expected - len(payload.content)
+            if left < 0:
+                raise FrameError(
+                    "bad-length",
+                    channel_id,
+                    f"body frame of {len(payload.content)} bytes, {expected} still due",
+                )
+            if left:
+                self._generic_content[channel_id] = left
+            else:
+                del self._generic_content[channel_id]
 
     def dispatch(self, queue: Any) -> Deferred[None]:
         """
@@ -1139,6 +1218,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         if self.channels.get(channel.id) is channel:
             del self.channels[channel.id]
             self._contents.forget(channel.id)
+            self._generic_content.pop(channel.id, None)
 
     def channel_failed(self, channel: Any, reason: Any) -> None:
         """
@@ -1186,6 +1266,17 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         ).addErrback(lambda _: None)
 
     def _on_tune(self, channel: Any, message: Any) -> None:
+        if 0 < message.frame_max < FRAME_MIN_SIZE:
+            # Frames that small can not carry a message: every publish would
+            # fail as unencodable, or never be complete.
+            error = NotConnected(
+                f"the broker offers frame_max {message.frame_max}, below AMQP's minimum"
+                f" of {FRAME_MIN_SIZE}"
+            )
+            self.log.error("Connection refused: {reason}", reason=str(error))
+            self.started.fail_if_not_fired(error)
+            self.abort("frame_max below the minimum")
+            return
         self.channel_max = _negotiate(message.channel_max, self.requested_channel_max)
         frame_max = _negotiate(message.frame_max, self.requested_frame_max)
         heartbeat = _negotiate(message.heartbeat, self.requested_heartbeat)
