@@ -13,12 +13,14 @@ from twisted.mail.smtp import Address, AddressError, SMTPBadSender, User
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.producers.bugzilla import smtp
-from fedhub.producers.bugzilla.smtp import BugmailSMTP, _parse_address
+from fedhub.producers.bugzilla.smtp import BugmailSMTP, ListenerSettings, _parse_address
 from tests.test_smtp_server import RECIPIENT, CHANGED, Harness, RecordingIntake, dot_stuffed, sample
 
 #: Command lines sent one at a time in a fresh session, and the reply lines
 #: to each, as the listener gave them when C{ESMTP.state_COMMAND},
-#: C{ESMTP.do_MAIL} and C{ESMTP.do_RCPT} handled them.
+#: C{ESMTP.do_MAIL} and C{ESMTP.do_RCPT} handled them, except that C{HELP}
+#: is answered (C{ESMTP} knew no such command) and C{RCPT} parameters are
+#: refused (C{ESMTP} ignored them).
 SESSIONS: list[tuple[list[bytes], list[list[bytes]]]] = [
     (
         [b'MAIL FROM:<bugzilla@redhat.com>', b'RCPT TO:<bugs@example.org>'],
@@ -66,7 +68,7 @@ SESSIONS: list[tuple[list[bytes], list[list[bytes]]]] = [
     ),
     (
         [b'MAIL FROM:<a@b.example>', b'MAIL FROM:<c@d.example>', b'RCPT TO:bugs@example.org extra'],
-        [[b'250 2.0.0 Sender address accepted'], [b'503 5.5.1 Sender already given'], [b'250 2.0.0 Recipient address accepted']],
+        [[b'250 2.0.0 Sender address accepted'], [b'503 5.5.1 Sender already given'], [b'555 5.5.4 Unsupported RCPT parameter']],
     ),
     (
         [b'RCPT TO:<bugs@example.org>', b'MAIL', b'MAIL FROM:', b'MAIL TO:<a@b.example>'],
@@ -74,7 +76,7 @@ SESSIONS: list[tuple[list[bytes], list[list[bytes]]]] = [
     ),
     (
         [b'NOOP', b'noop   ', b'RSET x', b'VRFY a', b'EXPN b', b'HELP', b'FOO bar', b'AUTH PLAIN', b'STARTTLS', b'HELO', b'HELO   ', b'EHLO  x.example  '],
-        [[b'250 2.0.0 OK'], [b'250 2.0.0 OK'], [b'250 2.0.0 OK'], [b'502 5.5.1 VRFY is not supported'], [b'502 5.5.1 VRFY is not supported'], [b'500 5.0.0 Command not implemented'], [b'500 5.0.0 Command not implemented'], [b'502 5.5.1 AUTH is not supported'], [b'454 4.7.0 TLS not available'], [b'501 5.5.4 HELO needs a domain or address'], [b'501 5.5.4 HELO needs a domain or address'], [b'250-localhost', b'250-SIZE 1048576', b'250-8BITMIME', b'250-PIPELINING', b'250 ENHANCEDSTATUSCODES']],
+        [[b'250 2.0.0 OK'], [b'250 2.0.0 OK'], [b'250 2.0.0 OK'], [b'502 5.5.1 VRFY is not supported'], [b'502 5.5.1 VRFY is not supported'], [b'214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP'], [b'500 5.0.0 Command not implemented'], [b'502 5.5.1 AUTH is not supported'], [b'454 4.7.0 TLS not available'], [b'501 5.5.4 HELO needs a domain or address'], [b'501 5.5.4 HELO needs a domain or address'], [b'250-localhost', b'250-SIZE 1048576', b'250-8BITMIME', b'250-PIPELINING', b'250 ENHANCEDSTATUSCODES']],
     ),
     (
         [b'MAIL FROM:<a@b.example>', b'RCPT TO:<bugs@example.org>', b'RSET', b'RCPT TO:<bugs@example.org>'],
@@ -122,6 +124,46 @@ class CommandTests(SynchronousTestCase):
         client.send(b"DATA\r\n" + dot_stuffed(sample(CHANGED)))
         self.assertEqual(client.codes(), [354, 250])
         self.assertEqual(intake.received, [sample(CHANGED)])
+
+    def test_rcpt_parameters_refused(self) -> None:
+        """RCPT parameters, none of which the listener advertises, get 555 and the recipient is not taken; without them it is."""
+        harness = Harness()
+        client = harness.connect()
+        client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n")
+        client.replies()
+        for parameters in (b"NOTIFY=NEVER", b"ORCPT=rfc822;bugs@example.org", b"notify=success,failure", b"X"):
+            client.send(b"RCPT TO:<bugs@example.org> " + parameters + b"\r\n")
+            self.assertEqual(client.replies(), [b"555 5.5.4 Unsupported RCPT parameter"], parameters)
+        self.assertEqual(client.protocol._to, [])
+        client.send(b"RCPT TO:<bugs@example.org>  \r\nDATA\r\n" + dot_stuffed(sample(CHANGED)))
+        self.assertEqual(client.codes(), [250, 354, 250])
+        client.close()
+
+    def test_help_answered(self) -> None:
+        """HELP, with or without a topic, gets a 214 reply naming the commands the listener takes."""
+        client = Harness().connect()
+        client.replies()
+        client.send(b"HELP\r\nhelp DATA\r\n")
+        replies = client.replies()
+        self.assertEqual(len(replies), 2)
+        for reply in replies:
+            self.assertTrue(reply.startswith(b"214 2.0.0 "), reply)
+            for command in (b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"):
+                self.assertIn(command, reply)
+        client.close()
+
+    def test_unsupported_commands_are_not_errors(self) -> None:
+        """HELP, VRFY, EXPN and AUTH, known but not offered, do not count toward max_errors; unknown commands do."""
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_errors=3)
+        client = Harness(settings).connect()
+        client.replies()
+        client.send(b"HELP\r\nVRFY a\r\nEXPN b\r\nAUTH PLAIN\r\n" * 3 + b"NOOP\r\n")
+        self.assertEqual(client.codes(), [214, 502, 502, 502] * 3 + [250])
+        self.assertFalse(client.closed)
+        client.send(b"FOO\r\n" * 3)
+        self.assertEqual(client.codes(), [500, 500, 500, 421])
+        self.assertTrue(client.closed)
+        client.close()
 
     def test_deferred_validation(self) -> None:
         """A validation that answers with a Deferred is still waited for."""

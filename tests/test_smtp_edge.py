@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
+from fedhub.errors import TemporarilyUnavailable
 from fedhub.producers.bugzilla.producer import Accepted
 from fedhub.producers.bugzilla.smtp import BugmailSMTP, ListenerSettings
 from tests.test_smtp_raw import GUARD, RawSMTPTestCase, make_pki
@@ -224,3 +225,88 @@ class FlowControlTests(SynchronousTestCase):
         client.close()
         self.assertEqual(harness.clock.getDelayedCalls(), [])
         self.assertFalse(client.transport.disconnected)
+
+
+class SlotDuringHandOverTests(SynchronousTestCase):
+    """
+    A session keeps its connection slot while its mail is handed over, even
+    after its connection is gone, so C{max_connections} bounds the hand-overs
+    running at once.
+    """
+
+    def harness(self) -> tuple[Harness, RecordingIntake, Deferred[Any]]:
+        intake = RecordingIntake()
+        held: Deferred[Any] = Deferred()
+        intake.result = held
+        settings = ListenerSettings(
+            recipients=frozenset({RECIPIENT}), max_connections=1, max_connections_per_peer=1
+        )
+        return Harness(settings, intake=intake), intake, held
+
+    def test_slot_kept_after_disconnect_until_hand_over_ends(self) -> None:
+        """A client that disconnects after its end-of-data line keeps its slot (overall and per peer) until the hand-over ends; the mail is handed over and counted once."""
+        harness, intake, held = self.harness()
+        client = harness.connect()
+        client.send(envelope() + dot_stuffed(sample(CHANGED)))
+        client.close()
+        self.assertEqual(len(harness.factory.sessions), 1)
+        self.assertEqual(harness.factory.connections_from("127.0.0.1"), 1)
+        self.assertEqual(harness.connect("10.0.0.1").replies(),
+                         [b"421 4.7.0 Too many connections, try again later"])
+        held.callback(Accepted("published", None, None, "id-1"))
+        self.assertEqual(harness.factory.sessions, set())
+        self.assertEqual(harness.factory.connections_from("127.0.0.1"), 0)
+        self.assertEqual(len(intake.received), 1)
+        self.assertEqual(harness.factory.counters["mails_published"], 1)
+        self.assertEqual(harness.connect().codes(), [220])
+        harness.close_all()
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_failed_hand_over_frees_slot(self) -> None:
+        """The slot of a gone client is freed when its hand-over fails, too."""
+        harness, intake, held = self.harness()
+        client = harness.connect()
+        client.send(envelope() + dot_stuffed(sample(CHANGED)))
+        client.close()
+        held.errback(TemporarilyUnavailable("later"))
+        self.assertEqual(harness.factory.sessions, set())
+        self.assertEqual(harness.factory.counters["mails_refused_unavailable"], 1)
+        self.assertEqual(harness.connect().codes(), [220])
+        harness.close_all()
+
+    def test_slot_kept_after_delivery_timeout_and_quit(self) -> None:
+        """A client answered 451 for a slow hand-over that then quits keeps its slot until the hand-over ends."""
+        harness, intake, held = self.harness()
+        client = harness.connect()
+        client.send(envelope() + dot_stuffed(sample(CHANGED)))
+        harness.clock.advance(harness.settings.delivery_timeout)
+        self.assertEqual(client.codes()[-1], 451)
+        client.send(b"QUIT\r\n")
+        self.assertEqual(client.codes(), [221])
+        client.close()
+        self.assertEqual(harness.connect().replies(), [b"421 4.7.0 Too many connections, try again later"])
+        held.callback(Accepted("published", None, None, "id-1"))
+        self.assertEqual(harness.factory.sessions, set())
+        self.assertEqual(harness.connect().codes(), [220])
+        harness.close_all()
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_one_hand_over_per_session(self) -> None:
+        """After a 451 for a slow hand-over, the session takes no other mail (451 at DATA) until that hand-over has ended."""
+        harness, intake, held = self.harness()
+        client = harness.connect()
+        client.send(envelope() + dot_stuffed(sample(CHANGED)))
+        harness.clock.advance(harness.settings.delivery_timeout)
+        client.replies()
+        client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n")
+        self.assertEqual(client.replies()[-1],
+                         b"451 4.3.0 The previous mail is still being handed over, try again later")
+        self.assertEqual(len(intake.received), 1)
+        self.assertFalse(client.closed)
+        held.callback(Accepted("published", None, None, "id-1"))
+        intake.result = None
+        client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n"
+                    + dot_stuffed(sample(CHANGED)))
+        self.assertEqual(client.codes(), [250, 250, 354, 250])
+        self.assertEqual(len(intake.received), 2)
+        harness.close_all()

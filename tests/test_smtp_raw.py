@@ -372,3 +372,35 @@ class ConnectionLimitTests(RawSMTPTestCase):
         third = yield self.connect("127.0.0.3")
         yield third.until(lambda: third.lost)
         self.assertEqual(third.lines(), [b"421 4.7.0 Too many connections, try again later"])
+
+    @inlineCallbacks
+    def test_slot_held_until_hand_over_ends(self) -> Generator[Deferred[Any], Any, None]:
+        """A client that leaves after a 451 for a slow hand-over keeps its slot until the hand-over ends, then the slot is free again."""
+        self.start(max_connections=1, delivery_timeout=0.2)
+        self.publisher.hold = True
+
+        def release() -> None:
+            # Whatever the test's outcome, let the listener stop.
+            self.publisher.hold = False
+            for _, held in self.publisher.held:
+                if not held.called:
+                    held.callback(None)
+
+        self.addCleanup(release)
+        first = yield self.connect()
+        first.send(envelope() + dot_stuffed(sample(CHANGED)))
+        yield first.until(lambda: first.codes()[-1:] == [451])
+        first.send(b"QUIT\r\n")
+        yield first.until(lambda: first.lost)
+        self.assertEqual(first.codes()[-1], 221)
+        refused = yield self.connect()
+        self.assertEqual(refused.lines(), [b"421 4.7.0 Too many connections, try again later"])
+        yield refused.until(lambda: refused.lost)
+        self.assertEqual(len(self.publisher.held), 1)
+        release()
+        factory = self.listener.factory
+        assert factory is not None
+        self.assertEqual(factory.sessions, set())
+        again = yield self.connect()
+        self.assertEqual(again.codes(), [220])
+        self.assertEqual(len(self.publisher.published), 1)

@@ -135,7 +135,9 @@ class Client:
     """
 
     def __init__(self, factory: BugmailSMTPFactory, host: str, port: int) -> None:
-        address = IPv4Address("TCP", host, port)
+        address: IPv4Address | IPv6Address = (
+            IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+        )
         protocol = factory.buildProtocol(address)
         assert protocol is not None
         self.protocol = cast(BugmailSMTP, protocol)
@@ -771,6 +773,31 @@ class AccessTests(SynchronousTestCase):
         unix = harness.factory.buildProtocol(UNIXAddress(b"/run/sock"))
         self.assertIsInstance(unix, BugmailSMTP)
         harness.close_all()
+
+    def test_ipv4_mapped_peer_counted_with_plain_ipv4(self) -> None:
+        """A peer connecting as an IPv4-mapped IPv6 address and as plain IPv4 shares one per-peer count."""
+        harness = Harness(ListenerSettings(recipients=frozenset({RECIPIENT}), max_connections_per_peer=1))
+        self.assertEqual(harness.connect("192.0.2.1").codes(), [220])
+        mapped = harness.connect("::ffff:192.0.2.1")
+        self.assertEqual(mapped.replies(), [b"421 4.7.0 Too many connections from your address, try again later"])
+        self.assertEqual(harness.factory.connections_from("192.0.2.1"), 1)
+        self.assertEqual(harness.factory.connections_from("::ffff:192.0.2.1"), 1)
+        harness.close_all()
+        self.assertEqual(harness.factory.connections_from("192.0.2.1"), 0)
+        self.assertEqual(harness.connect("::ffff:192.0.2.1").codes(), [220])
+        self.assertEqual(harness.connect("192.0.2.1").replies(),
+                         [b"421 4.7.0 Too many connections from your address, try again later"])
+        harness.close_all()
+
+    def test_ipv4_mapped_network_matches_both_forms(self) -> None:
+        """An allowed network written in IPv4-mapped form admits the peer in both forms, as its plain IPv4 form does."""
+        for network in ("::ffff:10.1.0.0/112", "10.1.0.0/16"):
+            harness = Harness(ListenerSettings(recipients=frozenset({RECIPIENT}), allowed_networks=(network,)))
+            self.assertEqual(harness.connect("10.1.2.3").codes(), [220], network)
+            self.assertEqual(harness.connect("::ffff:10.1.2.4").codes(), [220], network)
+            self.assertEqual(harness.connect("10.2.0.1").replies(), [b"554 5.7.1 Access denied"], network)
+            self.assertEqual(harness.connect("::ffff:10.2.0.1").replies(), [b"554 5.7.1 Access denied"], network)
+            harness.close_all()
 
     def test_starttls_unavailable(self) -> None:
         """Without a certificate STARTTLS answers 454."""

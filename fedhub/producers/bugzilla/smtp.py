@@ -138,8 +138,11 @@ class ListenerSettings:
     @ivar max_line_length: The longest line of a mail in bytes, CRLF included
         (RFC 5321 asks for at least 1000).
     @ivar max_command_length: The longest command line, CRLF included.
-    @ivar max_connections: Connections at once at most.
-    @ivar max_connections_per_peer: Connections at once from one address.
+    @ivar max_connections: Connections at once at most; a session whose
+        mail is being handed over keeps its place until the hand-over ends,
+        even when its connection is gone.
+    @ivar max_connections_per_peer: Connections at once from one address
+        (an IPv4 address and its IPv4-mapped IPv6 form are one address).
     @ivar max_errors: Refused commands in one session before it is closed.
     @ivar idle_timeout: Seconds a client may stay silent.
     @ivar data_timeout: Seconds a client may take to send one mail.
@@ -480,10 +483,44 @@ def _parse_address(path: bytes, default_domain: bytes) -> Address:
     return address
 
 
+def _normal_host(host: str) -> str:
+    """
+    One form for each peer address: an IPv4-mapped IPv6 address (how a
+    dual-stack listener sees an IPv4 client) becomes the IPv4 address, so
+    per-peer limits and network checks treat both forms alike.
+    """
+    if ":" not in host:
+        return host
+    address, percent, zone = host.partition("%")
+    try:
+        parsed = ipaddress.IPv6Address(address)
+    except ValueError:
+        return host
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(parsed) + percent + zone
+
+
+def _normal_network(network: Network) -> Network:
+    """
+    An IPv4-mapped IPv6 network as the IPv4 network it stands for, to
+    match peers in the form L{_normal_host} gives them.
+    """
+    if (
+        isinstance(network, ipaddress.IPv6Network)
+        and network.prefixlen >= 96
+        and network.network_address.ipv4_mapped is not None
+    ):
+        return ipaddress.IPv4Network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96)
+        )
+    return network
+
+
 def _peer_host(address: IAddress) -> str:
     host = getattr(address, "host", None)
     if isinstance(host, str):
-        return host
+        return _normal_host(host)
     name = getattr(address, "name", None)
     if isinstance(name, bytes):
         return "unix:" + name.decode("utf-8", "replace")
@@ -496,6 +533,7 @@ def _peer_label(address: IAddress) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if isinstance(host, str) and isinstance(port, int):
+        host = _normal_host(host)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return _peer_host(address)
 
@@ -597,6 +635,9 @@ class BugmailSMTP(ESMTP):
         self._skipping = False
         self._processing = False
         self._waiting: Deferred[Any] | None = None
+        # Hand-overs of this session that have not ended, answered or not
+        # (one answered 451 after the delivery timeout still runs).
+        self._hand_overs = 0
         self._closing = False
         # The mail so far: pieces of whole lines, each ending with CRLF.
         self._lines: list[bytes] = []
@@ -635,7 +676,11 @@ class BugmailSMTP(ESMTP):
         self._lines = []
         self._input = bytearray()
         self.mode = COMMAND
-        self.factory.unregister(self)
+        if not self._hand_overs:
+            # Otherwise the slot stays taken until the hand-over ends, so a
+            # client that leaves right after its mail can not start more
+            # hand-overs than max_connections allows.
+            self.factory.unregister(self)
         self.log.debug("SMTP connection from {peer} closed", peer=self.peer,
                        producer=self.factory.producer)
 
@@ -902,7 +947,9 @@ class BugmailSMTP(ESMTP):
             self.log.failure("SMTP command from {peer} failed", peer=self.peer,
                              producer=self.factory.producer)
             self.sendCode(451, b"4.3.0 Local error in processing")
-        if self._last_code >= 500:
+        # 502: a known command the listener does not offer (VRFY, AUTH),
+        # which is no mistake of the client's.
+        if self._last_code >= 500 and self._last_code != 502:
             self._count_error()
 
     def _count_error(self) -> None:
@@ -955,6 +1002,12 @@ class BugmailSMTP(ESMTP):
     def do_QUIT(self, rest: bytes) -> None:
         self.sendCode(221, b"See you later")
         self._lose()
+
+    def do_HELP(self, rest: bytes) -> None:
+        commands = b"EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP"
+        if self.canStartTLS and not self.startedTLS:
+            commands += b" STARTTLS"
+        self.sendCode(214, b"2.0.0 Commands: " + commands)
 
     def do_VRFY(self, rest: bytes) -> None:
         self.sendCode(502, b"5.5.1 VRFY is not supported")
@@ -1089,6 +1142,12 @@ class BugmailSMTP(ESMTP):
         if match is None:
             self.sendCode(501, b"Syntax error")
             return
+        if (match.group("opts") or b"").strip():
+            # No extension the listener offers defines RCPT parameters (DSN's
+            # NOTIFY and ORCPT among them): refuse them, as MAIL does its
+            # unknown ones, rather than accept a request it will not honour.
+            self.sendCode(555, b"5.5.4 Unsupported RCPT parameter")
+            return
         try:
             user = User(_parse_address(match.group("path"), self.host), self._helo, self,
                         self._from)
@@ -1123,6 +1182,13 @@ class BugmailSMTP(ESMTP):
     def do_DATA(self, rest: bytes) -> None:
         if self._from is None or not self._to:
             self.sendCode(503, b"5.5.1 MAIL and RCPT first")
+            return
+        if self._hand_overs:
+            # A mail answered 451 after the delivery timeout is still being
+            # handed over: one hand-over per session at a time, so the
+            # connection limits bound them.  The transaction ends here.
+            self._reset()
+            self.sendCode(451, b"4.3.0 The previous mail is still being handed over, try again later")
             return
         self._envelope = Envelope(
             peer=self.peer,
@@ -1195,6 +1261,7 @@ class BugmailSMTP(ESMTP):
         self._tx.pauseProducing()
         d: Deferred[Any] = maybeDeferred(self.factory.intake.receive, raw, envelope.peer)
         self._waiting = d
+        self._hand_overs += 1
         self._delivery_call = self.clock.callLater(
             self.settings.delivery_timeout, self._delivery_timed_out, d
         )
@@ -1217,17 +1284,24 @@ class BugmailSMTP(ESMTP):
         self._after_reply()
 
     def _delivered(self, result: object, d: Deferred[Any], envelope: Envelope) -> None:
-        if self._delivery_call is not None and self._delivery_call.active():
-            self._delivery_call.cancel()
-        self._delivery_call = None
-        answered = self._waiting is d
-        if answered:
-            self._waiting = None
-        code, text = self._answer(result, envelope, late=not answered)
-        if answered:
-            if self._open():
-                self.sendCode(code, text)
-            self._after_reply()
+        self._hand_overs -= 1
+        try:
+            if self._delivery_call is not None and self._delivery_call.active():
+                self._delivery_call.cancel()
+            self._delivery_call = None
+            answered = self._waiting is d
+            if answered:
+                self._waiting = None
+            code, text = self._answer(result, envelope, late=not answered)
+            if answered:
+                if self._open():
+                    self.sendCode(code, text)
+                self._after_reply()
+        finally:
+            if self._lost and not self._hand_overs:
+                # The connection went away during the hand-over: its slot
+                # is free only now.
+                self.factory.unregister(self)
 
     def _answer(self, result: object, envelope: Envelope, late: bool) -> tuple[int, bytes]:
         log_fields = {"peer": envelope.peer, "producer": self.factory.producer,
@@ -1361,17 +1435,20 @@ class BugmailSMTPFactory(ServerFactory):
         self.counters: Counter[str] = Counter()
         self._per_peer: Counter[str] = Counter()
         self._pending: set[Deferred[Any]] = set()
+        # Peers are matched in the form _normal_host gives them.
+        self._networks = tuple(_normal_network(n) for n in settings.networks)
 
     def _allowed(self, host: str) -> bool:
-        networks = self.settings.networks
+        """
+        Whether C{host} (as L{_peer_host} gives it) is in an allowed network.
+        """
+        networks = self._networks
         if not networks or host.startswith("unix"):
             return True
         try:
             address = ipaddress.ip_address(host.partition("%")[0])
         except ValueError:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         return any(address in network for network in networks)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
@@ -1400,7 +1477,9 @@ class BugmailSMTPFactory(ServerFactory):
 
     def unregister(self, session: BugmailSMTP) -> None:
         """
-        Forget a closed session (called once by its C{connectionLost}).
+        Forget a closed session and free its slot (called by its
+        C{connectionLost}, or when the last hand-over of a session whose
+        connection is gone ends; once is enough).
         """
         if session not in self.sessions:
             return
@@ -1411,9 +1490,10 @@ class BugmailSMTPFactory(ServerFactory):
 
     def connections_from(self, host: str) -> int:
         """
-        How many sessions are open from C{host}.
+        How many sessions hold a slot of C{host} (an IPv4 address and its
+        IPv4-mapped IPv6 form are one peer).
         """
-        return self._per_peer.get(host, 0)
+        return self._per_peer.get(_normal_host(host), 0)
 
     def track(self, d: Deferred[Any]) -> None:
         """
