@@ -384,6 +384,27 @@ class ConnectTests(BusCase):
         self.successResultOf(waiting)
         self.assertEqual(endpoint.attempts, 2)
 
+    def test_broker_close_on_a_peer_that_never_closes(self) -> None:
+        """
+        After the broker's connection.close, a connection whose peer never
+        closes TCP is dropped after the bus's close_timeout, so its loss is
+        noticed and the bus reconnects.
+        """
+        self.make_bus(close_timeout=2.0)
+        broker = self.broker
+        broker.send(broker.frame(0, "connection.close", reply_code=320,
+                                 reply_text="CONNECTION_FORCED"))
+        self.assertTrue(broker.transport.disconnecting)
+        self.clock.advance(1.9)
+        self.assertFalse(broker.transport.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(broker.transport.aborted)
+        self.lose()
+        self.assertFalse(self.bus.connected)
+        self.reconnect()
+        self.assertEqual(len(self.endpoint.brokers), 2)
+        self.assertTrue(self.bus.connected)
+
     def test_rejected_setup_closes_late_harmlessly(self) -> None:
         """
         When setting a connection up fails, the bus drops that connection
@@ -586,6 +607,19 @@ class PublishTests(BusCase):
         self.broker.ack(2, multiple=True)
         self.failureResultOf(d1, MessageReturned)
         self.successResultOf(d2)
+
+    def test_stray_return_not_counted(self) -> None:
+        """
+        Only a return that matches a message in flight counts as returned.
+        """
+        message, d = self.publish()
+        self.broker.return_("never-published")
+        self.broker.return_(message.id)
+        self.broker.return_(message.id)
+        self.broker.ack(1)
+        self.failureResultOf(d, MessageReturned)
+        self.broker.return_(message.id)
+        self.assertEqual(self.bus.stats.returned, 1)
 
     def test_unknown_exchange(self) -> None:
         """

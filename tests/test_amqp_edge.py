@@ -1,7 +1,8 @@
 """
 Tests for L{fedhub.amqp.protocol} against a broken or hostile broker: content
 frames out of sequence, bodies far larger than any broker sends, a tuning
-below the protocol's minimum frame size, and a broker that falls silent.
+below the protocol's minimum frame size, a broker that falls silent, and a
+peer that never closes the connection after the broker closed it.
 Each is driven frame by frame over a C{StringTransport} with a fake clock.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -265,7 +268,7 @@ class DeadBrokerTests(SynchronousTestCase):
 class AfterCloseTests(SynchronousTestCase):
     """
     Once the connection is closing, what the broker still sends is neither
-    handled nor kept.
+    handled nor kept, and a transport that does not close is dropped.
     """
 
     def test_nothing_kept_after_broker_close(self) -> None:
@@ -283,3 +286,50 @@ class AfterCloseTests(SynchronousTestCase):
         self.assertEqual(broker.client._partial, [])
         broker.send(broker.frame(1, "basic.ack", delivery_tag=1))
         self.assertEqual(broker.events.seen, [])
+
+    def test_peer_that_never_closes_is_dropped(self) -> None:
+        """After the broker's connection.close, a peer that keeps TCP open is dropped."""
+        broker = Broker()
+        broker.handshake()
+        broker.send(
+            broker.frame(0, "connection.close", reply_code=320, reply_text="CONNECTION_FORCED")
+        )
+        self.assertTrue(broker.transport.disconnecting)
+        # The peer keeps talking, so heartbeats never find it silent.
+        for _ in range(int(broker.client.close_timeout / 0.25) - 1):
+            broker.clock.advance(0.25)
+            broker.send(HEARTBEAT_FRAME)
+        self.assertFalse(broker.transport.aborted)
+        broker.clock.advance(0.25)
+        self.assertTrue(broker.transport.aborted)
+
+    def test_no_timer_left_after_a_prompt_close(self) -> None:
+        """A connection that closes in time after the broker's close leaves no timer behind."""
+        broker = Broker()
+        broker.handshake()
+        broker.send(
+            broker.frame(0, "connection.close", reply_code=320, reply_text="CONNECTION_FORCED")
+        )
+        broker.client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(broker.clock.getDelayedCalls(), [])
+        broker.clock.advance(3600)
+        self.assertFalse(broker.transport.aborted)
+
+    def test_refused_login_on_a_peer_that_never_closes(self) -> None:
+        """A connection.close before tuning (no heartbeat yet) is still forced shut."""
+        broker = Broker()
+        broker.send(
+            broker.frame(
+                0,
+                "connection.start",
+                version_major=0,
+                version_minor=9,
+                server_properties={},
+                mechanisms=b"PLAIN",
+                locales=b"en_US",
+            ),
+            broker.frame(0, "connection.close", reply_code=403, reply_text="ACCESS_REFUSED"),
+        )
+        self.assertTrue(broker.transport.disconnecting)
+        broker.clock.advance(broker.client.close_timeout)
+        self.assertTrue(broker.transport.aborted)

@@ -460,6 +460,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
     @ivar receiving: Whether the frames of a read are being handled now;
         once they are, L{IConnectionEvents.frames_handled} is called.
     @ivar lost: Whether the connection is gone.
+    @ivar close_timeout: Seconds the transport may take to close after the
+        broker closed the connection before it is dropped.
     @ivar fast_frames: Whether the hot paths use L{fedhub.amqp.frames} (the
         default); when C{False}, every frame goes through txamqp's generic
         path, which is what the fast one is tested against.
@@ -478,6 +480,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         connection_name: str | None = None,
         channel_max: int = DEFAULT_CHANNEL_MAX,
         frame_max: int = DEFAULT_FRAME_MAX,
+        close_timeout: float = 5.0,
     ) -> None:
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
             raise ConfigError(
@@ -497,6 +500,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self.connection_name = connection_name
         self.requested_channel_max = channel_max
         self.requested_frame_max = frame_max
+        self.close_timeout = close_timeout
         self.events: Any = NullConnectionEvents()
         self.heartbeat_interval = 0
         self.channel_max = channel_max
@@ -510,6 +514,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         # Until tuning, frames are small; AMQP's minimum frame size bounds them.
         self._frame_limit = DEFAULT_FRAME_MAX
         self._heartbeat_call: IDelayedCall | None = None
+        self._close_call: IDelayedCall | None = None
         self._last_received = 0.0
         self._last_sent = 0.0
         self._lost_waiters: list[Deferred[BaseException]] = []
@@ -645,6 +650,21 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             pass
         transport.loseConnection()
 
+    def close_transport(self) -> None:
+        """
+        Close the transport cleanly after the broker closed the connection,
+        and drop it if it is still not gone after L{close_timeout} seconds:
+        a peer that never closes its side would leave the connection closing
+        for ever, and nothing waiting for its loss would ever hear of it.
+        """
+        if self.lost or self.transport is None:
+            return
+        self.lose_transport()
+        if self._close_call is None:
+            self._close_call = self.clock.callLater(
+                self.close_timeout, self.abort, "the connection did not close"
+            )
+
     def do_close(self, reason: Any) -> None:
         """
         Close every channel and queue, then tell the delegate.  Unlike
@@ -673,6 +693,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         if self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
         self._heartbeat_call = None
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         if not self.closed:
             self.do_close(reason)
         try:
@@ -1344,8 +1367,7 @@ class _Delegate(TwistedDelegate):  # type: ignore[misc]
         client = self.client
         client.closed = True
         client.started.fail_if_not_fired(Closed(reason))
-        if not client.lost and client.transport is not None:
-            client.lose_transport()
+        client.close_transport()
 
     def channel_close(self, channel: Any, message: Any) -> None:
         channel.channel_close_ok().addErrback(lambda _: None)
@@ -1410,6 +1432,7 @@ class ClientFactory(Factory):
         credentials: Credentials | None = None,
         heartbeat: int = 30,
         connection_name: str | None = None,
+        close_timeout: float = 5.0,
     ) -> None:
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
             raise ConfigError(
@@ -1421,6 +1444,7 @@ class ClientFactory(Factory):
         self.credentials = credentials or Credentials()
         self.heartbeat = heartbeat
         self.connection_name = connection_name
+        self.close_timeout = close_timeout
 
     def buildProtocol(self, addr: Any) -> AMQPClient:
         """
@@ -1433,6 +1457,7 @@ class ClientFactory(Factory):
             credentials=self.credentials,
             heartbeat=self.heartbeat,
             connection_name=self.connection_name,
+            close_timeout=self.close_timeout,
         )
         client.factory = self
         return client

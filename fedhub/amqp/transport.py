@@ -34,6 +34,12 @@ permissions forbid (C{403}: no write permission on the exchange, or a topic
 permission) closes the publish channel: the messages it names fail with
 L{PublishRefused}, which is final, later ones like them fail at once for the
 rest of the connection instead of closing the channel again, and the other
+messages in flight fail with L{NotConnected} to be sent again.  A message
+whose body is larger than the broker takes (RabbitMQ's C{max_message_size})
+closes the publish channel with C{406 PRECONDITION_FAILED} in the same way:
+the bus reads the limit from the broker's reply, every message in flight
+whose body is larger fails with L{MessageTooLarge}, which is final, later
+ones like them fail at once for the rest of the connection, and the other
 messages in flight fail with L{NotConnected} to be sent again.
 
 Publishes wait (their Deferreds stay unfired, nothing is buffered in the
@@ -61,6 +67,7 @@ is forgotten, so it does not fail every reconnect.
 from __future__ import annotations
 
 import random
+import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +123,13 @@ MAX_NAME_BYTES = 255
 ACCESS_REFUSED = 403
 """The reply code of a publish the broker's permissions forbid."""
 
+PRECONDITION_FAILED = 406
+"""The reply code of, among others, a publish larger than the broker takes."""
+
+# RabbitMQ's reply to a body larger than its max_message_size ("configured"
+# unless the limit is its built-in maximum).
+_SIZE_REFUSED = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
+
 
 class PublishRefused(PublishError):
     """
@@ -144,6 +158,31 @@ class PublishRefused(PublishError):
         self.reply_text = reply_text
         super().__init__(
             f"the broker refused publishing to exchange {exchange!r}: {reply_code} {reply_text}",
+            message_id,
+        )
+
+
+class MessageTooLarge(PublishError):
+    """
+    The message's body is larger than the broker takes (RabbitMQ's
+    C{max_message_size}).  Sending it again changes nothing until an
+    operator raises the limit.
+
+    @ivar size: The size of the message's body in bytes.
+    @ivar limit: The largest body the broker takes, in bytes.
+    @ivar reply_text: The broker's explanation (of this message's refusal,
+        or of the one that taught the bus the limit).
+    """
+
+    def __init__(
+        self, size: int, limit: int, reply_text: str, message_id: str | None = None
+    ) -> None:
+        self.size = size
+        self.limit = limit
+        self.reply_text = reply_text
+        super().__init__(
+            f"the message body ({size} bytes) is larger than the broker takes"
+            f" (max_message_size {limit} bytes)",
             message_id,
         )
 
@@ -215,6 +254,17 @@ def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
     if "access to topic '" in text:
         return f"topic '{routing_key}' in exchange '{exchange}'" in text
     return True
+
+
+def _size_limit(error: ChannelError) -> int | None:
+    """
+    The broker's largest message body in bytes, when C{error} (which closed
+    the publish channel) refused a message as larger than that.
+    """
+    if error.reply_code != PRECONDITION_FAILED:
+        return None
+    found = _SIZE_REFUSED.search(error.reply_text)
+    return int(found.group(2)) if found is not None else None
 
 
 # --- publishing -----------------------------------------------------------------
@@ -574,6 +624,12 @@ class _Session:
         self.checking: str | None = None
         self.confirm_call: IDelayedCall | None = None
         self.refusals: list[ChannelError] = []
+        # The largest body the broker takes, once a refusal named it, and
+        # that refusal's text.
+        self.body_limit: int | None = None
+        self.body_limit_text = ""
+        # Whether messages are checked against refusals before they go out.
+        self.refusing = False
         self.reopening = False
         self.drained = Latch()
         self.drained.fire()
@@ -685,18 +741,24 @@ class _Session:
                 self._check_exchange(pending.exchange)
                 return
             waiting.popleft()
-            refusal = self._refusal(pending) if self.refusals else None
+            refusal = self._refusal(pending) if self.refusing else None
             if refusal is not None:
                 pending.outcome.errback(refusal)
                 continue
             self._send(pending)
 
-    def _refusal(self, pending: _Pending) -> PublishRefused | None:
+    def _refusal(self, pending: _Pending) -> PublishError | None:
         """
         The error for a message the broker refused on this connection
-        already (same exchange, or same exchange and routing key), if any:
-        it is not sent again, as that would only close the channel again.
+        already (same exchange, or same exchange and routing key; or a body
+        larger than the limit it named), if any: it is not sent again, as
+        that would only close the channel again.
         """
+        limit = self.body_limit
+        if limit is not None:
+            size = len(pending.message.body_bytes)
+            if size > limit:
+                return MessageTooLarge(size, limit, self.body_limit_text, pending.message.id)
         for error in self.refusals:
             if _refuses(error, pending.exchange, pending.routing_key):
                 return PublishRefused(
@@ -906,13 +968,13 @@ class _Session:
         body: bytes,
     ) -> None:
         """A message came back unroutable; its ack follows."""
-        self.bus.stats.returned += 1
         message_id = properties.get("message_id")
         sent = self.by_id.get(message_id) if isinstance(message_id, str) else None
         for seq in (sent,) if isinstance(sent, int) else sent or ():
             pending = self.unconfirmed.get(seq)
             if pending is not None and pending.returned is None:
                 pending.returned = (reply_code, reply_text)
+                self.bus.stats.returned += 1
                 self.log.info(
                     "Message {msg_id} ({topic}) on domain {domain} was returned: no queue"
                     " is bound for it",
@@ -1010,9 +1072,21 @@ class _Session:
                 # connection); the others were discarded with the channel
                 # and are sent again.
                 self.refusals.append(error)
+                self.refusing = True
+            limit = _size_limit(error)
+            if limit is not None:
+                # A body larger than the broker's max_message_size: that
+                # message, and every other one that large, fails for good
+                # (sending it again would only close the channel again);
+                # the others were discarded with the channel and are sent
+                # again.  The limit holds for this connection: the broker
+                # may be reconfigured before the next one.
+                self.body_limit = limit
+                self.body_limit_text = error.reply_text
+                self.refusing = True
 
             def failure(pending: _Pending) -> Exception:
-                refusal = self._refusal(pending) if self.refusals else None
+                refusal = self._refusal(pending) if self.refusing else None
                 if refusal is not None:
                     return refusal
                 return NotConnected(f"the publish channel closed: {error}", pending.message.id)
@@ -1138,6 +1212,8 @@ class AMQPBus(Service):
     @ivar confirm_timeout: Seconds a publisher confirm may take before the
         connection is dropped.
     @ivar max_in_flight: Messages waiting for confirms at once, at most.
+    @ivar close_timeout: Seconds a connection may take to close (when the
+        bus stops, or after the broker closed it) before it is dropped.
     @ivar confirming: Whether a publisher confirm is settling the messages
         it covers right now (see L{call_after_confirms}).
     @ivar passive_declares: Only check that exchanges and queues exist, and
@@ -1422,6 +1498,7 @@ class AMQPBus(Service):
             credentials=Credentials(settings.auth_mechanism, settings.username, settings.password),
             heartbeat=settings.heartbeat,
             connection_name=settings.connection_name,
+            close_timeout=self.close_timeout,
         )
         connecting = endpoint
 
