@@ -875,14 +875,32 @@ def _header_json(value: object) -> object:
     raise TypeError(f"{type(value).__name__} can not be serialized")
 
 
+#: A lone surrogate: what a header name that was not UTF-8 on the wire holds
+#: (it is decoded with C{surrogateescape}), and what an unpaired C{\\uD800}
+#: escape in a body's JSON decodes to.  UTF-8 can not encode one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def dump_line(message: Message) -> str:
     """
     Serialize one message as one line, newline included.
+
+    Text is written as it is (not as C{\\uXXXX} escapes), except lone
+    surrogates: they are written as escapes, so that the line always encodes
+    as UTF-8, and a header name that held them loads back the same.
     """
-    return (
-        json.dumps(message.to_serialized(), ensure_ascii=False, sort_keys=True, default=_header_json)
-        + "\n"
+    text = json.dumps(
+        message.to_serialized(), ensure_ascii=False, sort_keys=True, default=_header_json
     )
+    if not text.isascii():
+        # Surrogates occur only inside JSON strings, where an escape stands
+        # for the same character.
+        text = _SURROGATE.sub(_surrogate_escape, text)
+    return text + "\n"
 
 
 def iter_loads(lines: Iterable[str | bytes]) -> Iterator[Message]:

@@ -21,6 +21,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -361,6 +362,85 @@ class RunTests(TestCase):
         settled: Settled = yield harness.deliver(sample())
         self.assertEqual(settled.outcome, "dead_lettered")
         self.assertIn(f"signal {signal.SIGKILL.value}", settled.reason or "")
+
+    def reap_later(self, pids: Path) -> None:
+        """
+        After the test, kill whatever process C{pids} names that still
+        lives, so a failing test leaves nothing behind.
+        """
+
+        def kill() -> None:
+            if not pids.exists():
+                return
+            for pid in pids.read_text().split():
+                if alive(int(pid)):
+                    os.kill(int(pid), signal.SIGKILL)
+
+        self.addCleanup(kill)
+
+    @inlineCallbacks
+    def test_leftovers_terminated_after_exit(self) -> Any:
+        """Processes a command leaves in its group get SIGTERM when it exits, with a warning; its status decides."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        harness = self.harness({"kill_grace": 1.0, "command": script("""
+            import subprocess, sys
+            child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+            open(sys.argv[1], 'w').write(str(child.pid))
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn
+                    and "leaving processes" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["program"], PY)
+
+    @inlineCallbacks
+    def test_leftovers_killed_after_grace(self) -> Any:
+        """A leftover that ignores SIGTERM and holds no pipe gets SIGKILL before the run ends."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        harness = self.harness({"kill_grace": 0.5, "command": script("""
+            import os, subprocess, sys, time
+            child = subprocess.Popen(
+                [sys.executable, '-c', 'import signal, sys, time\\n'
+                 'signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n'
+                 'open(sys.argv[1], "w").write("ready")\\n'
+                 'time.sleep(60)', sys.argv[1] + '.ready'],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            open(sys.argv[1], 'w').write(str(child.pid))
+            while not os.path.exists(sys.argv[1] + '.ready'):
+                time.sleep(0.01)
+            sys.exit(3)
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("exit status 3", settled.reason or "")
+        yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
+
+    @inlineCallbacks
+    def test_timeout_after_exit_keeps_exit_status(self) -> Any:
+        """A timeout passing after the command exited 0, while a leftover holds its pipes, does not fail it."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        harness = self.harness({"timeout": 0.3, "kill_grace": 2.0, "command": script("""
+            import os, subprocess, sys, time
+            child = subprocess.Popen(
+                [sys.executable, '-c', 'import signal, sys, time\\n'
+                 'signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n'
+                 'open(sys.argv[1], "w").write("ready")\\n'
+                 'time.sleep(60)', sys.argv[1] + '.ready'])
+            open(sys.argv[1], 'w').write(str(child.pid))
+            while not os.path.exists(sys.argv[1] + '.ready'):
+                time.sleep(0.01)
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
 
     @inlineCallbacks
     def test_max_running(self) -> Any:

@@ -273,3 +273,52 @@ class RecordTests(SynchronousTestCase):
         handler.stop()
         self.assertEqual(len(loads(self.path.read_text())), 1)
         self.assertFalse(handler.is_open)
+
+    def test_stop_closes_when_sync_fails(self) -> None:
+        """A final sync that fails is reported, and the file is closed all the same."""
+        harness = self.harness({"fsync_interval": 60.0})
+        handler = self.handler(harness)
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 1})))
+        self.assertEqual(descriptors_on(self.path), 1)
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        handler.fsync = failing
+        self.assertRaises(OSError, handler.stop)
+        self.assertFalse(handler.is_open)
+        self.assertEqual(descriptors_on(self.path), 0)
+
+    def test_reopen_when_sync_fails(self) -> None:
+        """reopen() whose sync of the old file fails still closes it and opens the path again."""
+        harness = self.harness({"fsync_interval": 60.0, "follow_rotation": False})
+        handler = self.handler(harness)
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 0})))
+        rotated = self.dir / "messages.jsonl.1"
+        os.rename(self.path, rotated)
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        handler.fsync = failing
+        self.assertRaises(OSError, handler.reopen)
+        self.assertEqual(descriptors_on(rotated), 0)
+        handler.fsync = lambda fd: None
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 1})))
+        self.assertEqual([m.body["n"] for m in loads(self.path.read_text())], [1])
+        self.assertEqual([m.body["n"] for m in loads(rotated.read_text())], [0])
+
+
+def descriptors_on(path: Path) -> int:
+    """
+    How many file descriptors of this process are open on C{path}.
+    """
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(path):
+                count += 1
+        except OSError:
+            # The descriptor listdir itself used is gone already.
+            pass
+    return count

@@ -23,6 +23,7 @@ from fedhub.message import (
     SEVERITIES,
     WARNING,
     Message,
+    dump_line,
     dumps,
     from_amqp,
     iter_loads,
@@ -352,6 +353,19 @@ class SerializedFormTests(SynchronousTestCase):
         self.assertEqual(back.headers["x-death"][0]["time"], "2026-11-28T06:00:00+00:00")
         self.assertEqual(back.headers["d"], "1.5")
         self.assertEqual(back.headers["b"], "raw")
+
+    def test_lone_surrogates_escaped(self) -> None:
+        """Lone surrogates (header names not UTF-8 on the wire, unpaired escapes in a body) are written as JSON escapes."""
+        message = from_amqp("a.b", {"headers": {"\udcffname": "v\u00fc"}}, b'{"x": "\u00fc"}')
+        line = dump_line(message)
+        data = line.encode("utf-8")
+        self.assertIn(b'"\\udcffname": "v\xc3\xbc"', data)
+        self.assertEqual(loads(data), [message])
+        self.assertEqual(loads(dumps([message, sample()])), [message, sample()])
+        odd_body = from_amqp("a.b", {}, b'{"x": "\\ud800 and \\udfff", "\\udbff": 1}')
+        self.assertEqual(odd_body.body, {"x": "\ud800 and \udfff", "\udbff": 1})
+        record = json.loads(dump_line(odd_body).encode("utf-8"))
+        self.assertEqual(record["body"], odd_body.body)
 
     def test_load_message_not_mapping(self) -> None:
         """load_message refuses what is not an object."""

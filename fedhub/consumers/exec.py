@@ -22,7 +22,10 @@ launcher, C{sys.executable -I -S -c ...}, that calls C{setsid()}, puts
 back the default actions of C{SIGPIPE} and C{SIGXFSZ} (which the interpreter
 ignores) and then C{execvp()}s the command; Twisted's C{spawnProcess} has no
 such option.  A run that passes C{timeout} gets C{SIGTERM} sent to its whole
-process group, then C{SIGKILL} after C{kill_grace} seconds.
+process group, then C{SIGKILL} after C{kill_grace} seconds.  When the
+command exits, whatever it left in its process group gets the same
+treatment, and the run ends once they are gone; its verdict is the
+command's own exit status.
 
 Verdicts: exit status 0 acknowledges; a status in C{retry_codes} (default
 75, C{EX_TEMPFAIL}) is a L{Retry}; any other status, a signal, a timeout or
@@ -81,6 +84,10 @@ FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 #: How many lines of standard error a dead-letter reason quotes.
 REASON_LINES = 10
+
+#: Seconds between looks at whether the processes a command left behind are
+#: gone, once its output pipes are closed.
+LEFTOVER_POLL = 0.05
 
 #: Runs the command in a new session (its own process group), so that a
 #: timeout can signal everything it started.  Exit statuses 126 and 127 are
@@ -409,6 +416,8 @@ class RunResult:
     @ivar stderr: The last bytes of its standard error.
     @ivar stdout_truncated: Whether earlier output was discarded.
     @ivar stderr_truncated: Likewise for standard error.
+    @ivar left_processes: Whether it exited leaving processes in its process
+        group, which were then terminated.
     """
 
     exit_code: int | None
@@ -418,6 +427,7 @@ class RunResult:
     stderr: bytes
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    left_processes: bool = False
 
     def stderr_lines(self, count: int = REASON_LINES, limit: int = 600) -> str:
         """
@@ -499,6 +509,10 @@ class _Run:
         self.finished = False
         self.pgid: int | None = None
         self.transport: Any = None
+        self.main_exited = False
+        self.left_processes = False
+        self._killed = False
+        self._reason: Failure | None = None
         self._timers: list[IDelayedCall] = []
         self._waiting: list[Deferred[None]] = []
 
@@ -549,7 +563,25 @@ class _Run:
             # It is gone already (ProcessExitedAlready).
             pass
 
+    def _signal_group(self, number: int) -> bool:
+        """
+        Signal the process group alone (never a lone process: the command
+        itself is gone); whether any process was left in it.
+        """
+        if self.finished or self.pgid is None:
+            return False
+        try:
+            os.killpg(self.pgid, number)
+        except OSError:
+            return False
+        return True
+
     def _expire(self) -> None:
+        if self.main_exited:
+            # The command ended in time; its exit status stands.  What it
+            # left behind was signalled when it exited and gets SIGKILL on
+            # that schedule.
+            return
         self.timed_out = True
         self.terminate()
 
@@ -565,25 +597,57 @@ class _Run:
 
     def _kill(self) -> None:
         self._signal(signal.SIGKILL)
-        self._close_pipes()
+        self._killed = True
+        if self._reason is not None:
+            # The pipes are closed already; only leftovers kept the run.
+            self._finish()
+        else:
+            self._close_pipes()
 
     def _close_pipes(self) -> None:
         # A process that left children holding its output pipes would keep
         # the run open; closing our ends lets it end.
-        if not self.finished and self.transport is not None:
+        if not self.finished and self._reason is None and self.transport is not None:
             self.transport.loseConnection()
 
     def exited(self) -> None:
         """
-        The process exited; its output pipes may still be open (held by
-        children it left).  Wait a grace period for them, then close them.
+        The process exited.  Whatever it left in its process group gets
+        C{SIGTERM} now and C{SIGKILL} after the grace period (when its
+        output pipes, which those processes may hold, are closed too), so
+        that nothing a run started outlives it.
         """
-        self._later(self.settings.kill_grace, self._close_pipes)
+        self.main_exited = True
+        if self._signal_group(signal.SIGTERM) and not self.timed_out:
+            self.left_processes = True
+        self._later(self.settings.kill_grace, self._kill)
+
+    def _group_alive(self) -> bool:
+        return self._signal_group(0)
 
     def ended(self, reason: Failure) -> None:
         """
-        The process exited and its pipes are closed: report the result.
+        The process exited and its pipes are closed: report the result once
+        nothing is left of its process group (or all of it got C{SIGKILL}).
         """
+        if self.finished:
+            return
+        self._reason = reason
+        self._await_group()
+
+    def _await_group(self) -> None:
+        if self.finished:
+            return
+        if self._killed or not self._group_alive():
+            self._finish()
+        else:
+            self._later(LEFTOVER_POLL, self._await_group)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        reason = self._reason
+        assert reason is not None
         self.finished = True
         for timer in self._timers:
             if timer.active():
@@ -611,6 +675,7 @@ class _Run:
                 stderr=bytes(err.data),
                 stdout_truncated=out.truncated,
                 stderr_truncated=err.truncated,
+                left_processes=self.left_processes,
             )
         )
 
@@ -803,6 +868,13 @@ class ExecHandler:
             "program": self.settings.program,
             "count": len(messages),
         }
+        if result.left_processes:
+            self.log.warn(
+                "Consumer {consumer}: {program} exited leaving processes in its process "
+                "group; they were terminated (a process meant to outlive a run must start "
+                "its own session)",
+                **fields,
+            )
         if result.exit_code == 0 and result.signal is None and not result.timed_out:
             self.log.info(
                 "Consumer {consumer} ran {program} for {msg_id} ({topic}), {count} "

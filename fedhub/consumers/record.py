@@ -146,6 +146,8 @@ class RecordHandler:
     def stop(self) -> None:
         """
         Write what waits, sync when any fsync is configured, close the file.
+
+        @raise OSError: when the sync fails; the file is closed even then.
         """
         self._cancel_flush()
         if self._pending:
@@ -153,26 +155,38 @@ class RecordHandler:
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
         self._sync_call = None
-        if self._fd is not None and self._unsynced and (
-            self.settings.fsync_every or self.settings.fsync_interval
-        ):
-            self._sync()
-        self._close()
+        try:
+            if self._fd is not None and self._unsynced and (
+                self.settings.fsync_every or self.settings.fsync_interval
+            ):
+                self._sync()
+        finally:
+            # A failed sync is reported to the caller; the file is closed
+            # all the same.
+            self._close()
 
     def reopen(self) -> None:
         """
         Close the file and open the path again: call this after the file was
         renamed for rotation (the C{SIGHUP} convention).
+
+        @raise OSError: when the sync of the old file fails; it is closed and
+            the path opened even then.
+        @raise ConfigError: when the path can not be opened.
         """
         self.log.info(
             "Consumer {consumer} reopens {path}", consumer=self.name, path=self.settings.path
         )
-        if self._fd is not None and self._unsynced and (
-            self.settings.fsync_every or self.settings.fsync_interval
-        ):
-            self._sync()
-        self._close()
-        self._open()
+        try:
+            if self._fd is not None and self._unsynced and (
+                self.settings.fsync_every or self.settings.fsync_interval
+            ):
+                self._sync()
+        finally:
+            # A failed sync is reported to the caller; the rotation happens
+            # all the same, or lines would keep going to the renamed file.
+            self._close()
+            self._open()
 
     def _open(self) -> None:
         path = self.settings.path

@@ -1,0 +1,111 @@
+"""
+Tests for messages holding lone surrogates in the serialized form, as a
+header name that was not valid UTF-8 on the wire does (it is decoded with
+C{surrogateescape}).  The command line's writers (C{fedhub record}, C{fedhub tail --format json}) must
+write them as UTF-8 lines that load back to the same message; first without
+a broker, then through the commands and the shared RabbitMQ.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub.cli.record import Appender, open_output
+from fedhub.cli.tail import format_json
+from fedhub.message import Message, from_amqp, iter_loads, loads
+from tests.test_amqp_bus import LiveCase
+from tests.test_cli_publish import spawn, write_config
+
+
+def odd_message(topic: str = "org.example.dev.odd.headers") -> Message:
+    """
+    A message as received from the wire with a header name that was not
+    UTF-8.
+    """
+    return from_amqp(
+        topic,
+        {"headers": {"\udcffname": "value", "fedora_messaging_user_jdoe": True}},
+        '{"text": "d\u00e9j\u00e0 vu", "n": 1}'.encode("utf-8"),
+    )
+
+
+class WriterTests(SynchronousTestCase):
+    """
+    The command line's writers, without a broker.
+    """
+
+    def test_record_appender(self) -> None:
+        """fedhub record's writer appends such a message as a UTF-8 line that loads back to it."""
+        message = odd_message()
+        path = Path(self.mktemp())
+        appender = Appender(open_output(str(path)), str(path))
+        appender(message)
+        appender.close()
+        data = path.read_bytes()
+        data.decode("utf-8")
+        (loaded,) = loads(data)
+        self.assertEqual(loaded, message)
+        self.assertEqual(appender.written, 1)
+
+    def test_tail_json(self) -> None:
+        """fedhub tail --format json prints such a message as text UTF-8 can encode, loading back to it."""
+        message = odd_message()
+        line = format_json(message)
+        (loaded,) = loads(line.encode("utf-8"))
+        self.assertEqual(loaded, message)
+
+
+class LiveCommandTests(LiveCase):
+    """
+    C{fedhub record} and C{fedhub tail} given such a message by the shared
+    RabbitMQ.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.directory = Path(self.mktemp()).absolute()
+        self.config = write_config(self.directory)
+        self.prefix = f"fedhubtest.surrogates.{uuid.uuid4().hex}"
+
+    async def publish(self, message: Message) -> None:
+        """
+        Publish through a bus of the test's own.
+        """
+        bus = await self.start_bus()
+        await bus.publish(message)
+
+    async def test_record_command(self) -> None:
+        """fedhub record records such a message and exits 0; the file loads back to it."""
+        path = self.directory / "recorded.jsonl"
+        process = spawn("record", "-c", self.config, str(path), "--topic", f"{self.prefix}.#",
+                        "--count", "1")
+        self.addCleanup(process.kill)
+        await self.wait_for(lambda: b"following" in process.err or process.ended.called,
+                            "record to follow", 30)
+        message = odd_message(f"{self.prefix}.a")
+        await self.publish(message)
+        await self.wait_for(lambda: process.ended.called, "the command to end", 30)
+        self.assertEqual(await process.ended, 0, process.stderr)
+        (recorded,) = list(iter_loads(path.read_bytes().split(b"\n")))
+        self.assertEqual(recorded.evolve(queue=None), message)
+
+    async def test_tail_json_command(self) -> None:
+        """fedhub tail --format json prints such a message and exits 0; the line loads back to it."""
+        process = spawn("tail", "-c", self.config, "--topic", f"{self.prefix}.#", "--count", "1",
+                        "--format", "json")
+        self.addCleanup(process.kill)
+        await self.wait_for(lambda: b"following" in process.err or process.ended.called,
+                            "tail to follow", 30)
+        message = odd_message(f"{self.prefix}.a")
+        await self.publish(message)
+        await self.wait_for(lambda: process.ended.called, "the command to end", 30)
+        self.assertEqual(await process.ended, 0, process.stderr)
+        (shown,) = loads(bytes(process.out))
+        self.assertEqual(shown.evolve(queue=None), message)
