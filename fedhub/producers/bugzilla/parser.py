@@ -1337,12 +1337,30 @@ def _triple(line: str) -> tuple[str, str, str] | None:
     return label, removed.rstrip(), added.rstrip()
 
 
-def _label_continues(pieces: list[str], label: str, removed: str, added: str) -> bool:
+def _hard_split(piece: str, width: int) -> bool:
+    """
+    Whether C{piece} fills a column of C{width} without white space: Perl's
+    Text::Wrap split a longer word there, and its rest follows.
+    """
+    return len(piece) >= width and _SPACE(piece) is None
+
+
+def _label_continues(
+    row: tuple[list[str], list[str], list[str]],
+    label: str,
+    removed: str,
+    added: str,
+    changed_fields: frozenset[str] | None,
+) -> bool:
     """
     Decide whether a table line with a non-empty label continues a wrapped
     label (labels wrap at 18 characters, e.g. C{"Attachment #310101 Flags"})
     rather than starting a new row.
+
+    @param changed_fields: The words of the mail's changed-fields header,
+        or C{None} when it has none.
     """
+    pieces = row[0]
     previous = pieces[-1]
     if not previous:
         return False
@@ -1356,15 +1374,44 @@ def _label_continues(pieces: list[str], label: str, removed: str, added: str) ->
         return True
     # Rows carrying values on both lines: only labels known to be incomplete
     # (an attachment or comment number without a complete field description)
-    # are continued; anything else starts a new row.
+    # and custom labels under a value that goes on (below) are continued;
+    # anything else starts a new row.
     joined = " ".join(pieces)
     if joined in ("Attachment", "Comment"):
         return label.startswith("#")
     m = _NUMBERED_LABEL.fullmatch(joined)
-    return m is not None and (m.group(1) or "") not in _COMPLETE_SUFFIXES
+    if m is not None:
+        return (m.group(1) or "") not in _COMPLETE_SUFFIXES
+    if joined in _FIELD_NAMES:
+        return False
+    if _NUMBERED_LABEL.match(label) is not None:
+        return False
+    # A custom field's long label (e.g. "Target Upstream Version") wraps
+    # together with its values.  A value piece above that was split hard
+    # proves the line continues it (its rest must follow); a word that
+    # merely did not fit proves nothing, as a new row (an address under
+    # "CC", say) often starts with a long word.
+    width = _TRIPLE_WIDTHS[1]
+    previous_removed, previous_added = row[1][-1], row[2][-1]
+    if (removed and not previous_removed) or (added and not previous_added):
+        return False
+    if not (removed and _hard_split(previous_removed, width)) and not (
+        added and _hard_split(previous_added, width)
+    ):
+        return False
+    # A value of exactly the column's width ends there as if split hard: a
+    # stock field's row after it ("Status") is taken as one, unless the
+    # mail's changed fields say that field did not change (the tail of
+    # "Target Upstream Version" is no change of "version").
+    name = _FIELD_NAMES.get(label)
+    if name is None:
+        return True
+    return changed_fields is not None and name not in changed_fields and label not in changed_fields
 
 
-def _parse_change_table(lines: list[str], i: int, changes: list[Change]) -> int:
+def _parse_change_table(
+    lines: list[str], i: int, changes: list[Change], changed_fields: frozenset[str] | None = None
+) -> int:
     """
     Parse the rows of one change table starting at line C{i}; return the index
     of the first line after the table.
@@ -1376,7 +1423,9 @@ def _parse_change_table(lines: list[str], i: int, changes: list[Change]) -> int:
         if parsed is None:
             break
         label, removed, added = parsed
-        if rows and (not label or _label_continues(rows[-1][0], label, removed, added)):
+        if rows and (
+            not label or _label_continues(rows[-1], label, removed, added, changed_fields)
+        ):
             row = rows[-1]
             if label:
                 row[0].append(label)
@@ -1519,9 +1568,12 @@ class _Body:
     blocker: Blocker | None
 
 
-def _parse_body(text: str, is_new: bool) -> _Body:
+def _parse_body(text: str, is_new: bool, changed_fields: frozenset[str] | None = None) -> _Body:
     """
     Parse the decoded text part: link line, tables, comments, footer.
+
+    @param changed_fields: The words of the mail's changed-fields header,
+        or C{None} when it has none.
     """
     lines = text.split("\n")
     url_index = -1
@@ -1561,7 +1613,7 @@ def _parse_body(text: str, is_new: bool) -> _Body:
                 break
             if "|" in line:
                 if _TABLE_HEADER.fullmatch(line) and i < end and _TABLE_RULE.fullmatch(lines[i]):
-                    i = _parse_change_table(lines, i + 1, body.changes)
+                    i = _parse_change_table(lines, i + 1, body.changes, changed_fields)
             elif line.endswith(" changed:"):
                 m = _CHANGED_BY.fullmatch(line)
                 if m is not None:
@@ -1579,6 +1631,16 @@ def _parse_body(text: str, is_new: bool) -> _Body:
         line = lines[i]
         i += 1
         header = _comment_header(line) if line.startswith("---") else None
+        if (
+            header is not None
+            and pending is not None
+            and header[0] is not None
+            and pending[0] is not None
+            and header[0] <= pending[0]
+        ):
+            # Bugzilla lists comments in rising order: an older comment's
+            # header is part of a mail pasted into this comment.
+            header = None
         if header is not None:
             if pending is not None:
                 body.comments.append(pending)
@@ -1790,7 +1852,8 @@ def _parse(raw: bytes) -> BugEvent:
         # shows "New:" in the Subject, 2.x also "Changed-Fields: New".
         is_new = has_new_prefix or changed_fields_raw.strip().lower() == "new"
 
-    body = _parse_body(text, is_new)
+    listed = headers.get("X-Bugzilla-Changed-Field-Names", headers.get("X-Bugzilla-Changed-Fields"))
+    body = _parse_body(text, is_new, None if listed is None else frozenset(listed.split()))
     if body.url_bug_id != subject_id:
         raise MalformedBugmail(
             f"the Subject names bug {subject_id} but the link names bug {body.url_bug_id}",
