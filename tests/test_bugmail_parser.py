@@ -676,17 +676,6 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(event.headers["X-Bugzilla-URL"], "https://bz.example.org/")
         self.assertEqual(event.headers["X-Bugzilla-Who"], "alice@example.org")
 
-    def test_dedup_key_ignores_recipient(self) -> None:
-        """Copies of one event for different recipients share a key; another change time does not."""
-        first = parse_bugmail(_mail())
-        second = parse_bugmail(
-            _mail().replace(b"watcher@example.org", b"other@example.org").replace(b"AbCdEfGhIj", b"ZzZzZzZzZz")
-        )
-        later = parse_bugmail(_mail().replace(b"14:05:09", b"14:05:10"))
-        self.assertEqual(first.dedup_key(), second.dedup_key())
-        self.assertNotEqual(first.dedup_key(), later.dedup_key())
-        self.assertNotEqual(first.message_id, second.message_id)
-
     def test_mbox_from_line(self) -> None:
         """An mbox 'From ' separator line before the headers is skipped."""
         event = parse_bugmail(b"From bugzilla-daemon@example.org Tue Jan 23 14:05:09 2024\n" + _mail())

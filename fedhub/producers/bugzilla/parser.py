@@ -26,8 +26,6 @@ footers) follows Bugzilla's own templates; see C{docs/bugmail.md}.
 from __future__ import annotations
 
 import binascii
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -537,28 +535,6 @@ class BugEvent:
         if labels:
             return f"{self.who} updated {', '.join(labels)} on {bug}"
         return f"{self.who} updated {bug}"
-
-    def dedup_key(self) -> str:
-        """
-        Return a key that is the same for every copy of one event.
-
-        Bugzilla mails one copy per recipient, each with its own Message-ID,
-        so the key is built from the installation, the bug, the change time,
-        the changer and the kind of mail; when the mail has no C{Date}, the
-        changes and comments are added so unrelated events do not collide.
-        """
-        material: list[Any] = [
-            self.source,
-            self.bug_id,
-            self.date,
-            self.who,
-            self.headers.get("X-Bugzilla-Type"),
-        ]
-        if not self.date:
-            material.append([c.to_json() for c in self.changes])
-            material.append([c.to_json() for c in self.comments])
-        blob = json.dumps(material, ensure_ascii=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("ascii")).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         """
