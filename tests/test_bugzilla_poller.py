@@ -374,6 +374,37 @@ class SourceTests(SourceTestBase):
         later = self.poll(source, again.cursor)
         self.assertEqual([m.body["comment"]["body"] for m in later.messages], ["still published"])
 
+    def test_change_far_in_the_future(self) -> None:
+        """A change dated years ahead is published once but does not move the cursor past later changes."""
+        clock = Clock()
+        clock.advance(self.bz.now)
+        source = self.source(clock=clock)
+        cursor = self.start(source)
+        bug = self.bz.new_bug(summary="dated ahead")
+        self.bz.add_comment(bug, "triage@example.org", "from the future")
+        self.bz.comments[bug][1]["creation_time"] = datetime(9999, 1, 1)
+        result = self.poll(source, cursor)
+        self.assertEqual([m.body["event"]["action"] for m in result.messages], ["create", "create"])
+        self.assertLess(result.cursor["since"], clock.seconds() + 3600)
+        self.assertEqual(self.poll(source, result.cursor).messages, [])
+        self.bz.add_comment(bug, "triage@example.org", "still published")
+        clock.advance(120)
+        later = self.poll(source, result.cursor)
+        self.assertEqual([m.body["comment"]["body"] for m in later.messages], ["still published"])
+
+    def test_cursor_past_now_pulled_back(self) -> None:
+        """A cursor saved far in the future is brought back to now, so changes after it are asked for."""
+        clock = Clock()
+        clock.advance(self.bz.now)
+        source = self.source(clock=clock)
+        cursor = self.start(source)
+        cursor = {**cursor, "since": 253370764800.0, "high": 253370764800.0}
+        bug = self.bz.new_bug(summary="after the bad cursor")
+        clock.advance(120)
+        result = self.poll(source, cursor)
+        self.assertEqual(kinds(result.messages), [("bugzilla.bug.new", bug, "create", "bug")])
+        self.assertLess(result.cursor["since"], clock.seconds() + 3600)
+
     def test_unpublishable_event_skipped(self) -> None:
         """An event no message can be made of is skipped with a count; the others go on."""
         source = self.source()

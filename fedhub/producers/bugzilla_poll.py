@@ -33,6 +33,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -51,6 +52,7 @@ from fedhub.producers.bugzilla.messagev1 import (
 )
 from fedhub.producers.bugzilla.messagev1 import user_object as _user
 from fedhub.producers.poller import (
+    FUTURE_MARGIN,
     IPollSource,
     PollingService,
     PollResult,
@@ -90,6 +92,7 @@ class BugzillaSource:
         max_pages: int = 10,
         backfill_seconds: float = 0.0,
         publish_private: bool = False,
+        clock: IReactorTime | None = None,
     ) -> None:
         if overlap < 1:
             raise ValueError("overlap must be at least one second (Bugzilla's resolution)")
@@ -104,6 +107,9 @@ class BugzillaSource:
         self.max_pages = max_pages
         self.backfill_seconds = backfill_seconds
         self.publish_private = publish_private
+        #: This process's clock: a change dated more than L{FUTURE_MARGIN}
+        #: past it does not move the cursor.  C{None}: no such limit.
+        self.clock = clock
         what = ", ".join([*self.products, *self.components]) or "all products"
         self.description = f"Bugzilla {url} ({what})"
         self.show_bug = url.rsplit("/", 1)[0] + "/show_bug.cgi?id="
@@ -131,6 +137,12 @@ class BugzillaSource:
         """
         c = copy.deepcopy(cursor)
         since = float(c["since"])
+        limit = None if self.clock is None else self.clock.seconds() + FUTURE_MARGIN
+        if limit is not None and since > limit:
+            # A cursor saved before this limit was kept (or a clock that went
+            # back): come back to now, reading changes again rather than
+            # never asking for them.
+            since = limit - FUTURE_MARGIN
         query = since - self.overlap
         floor = max(query, float(c.get("floor", query)))
         bugs: list[dict[str, Any]] = []
@@ -158,6 +170,8 @@ class BugzillaSource:
         seen: dict[str, float] = dict(c.get("seen", {}))
         events: list[tuple[float, int, int, str, Message]] = []
         high = float(c.get("high", since))
+        if limit is not None and high > limit:
+            high = since
 
         def report(kind: str, bug_id: int, error: str) -> None:
             # A row no message can be made of (a time that is not a time,
@@ -197,7 +211,11 @@ class BugzillaSource:
             if key in seen or when <= floor:
                 return
             seen[key] = when
-            high = max(high, when)
+            if limit is None or when <= limit:
+                # A change dated far ahead is published but does not become
+                # the cursor: every later query would start past the changes
+                # still to come.
+                high = max(high, when)
             try:
                 message = make()
             except (MessageError, ValueError, TypeError, OverflowError, KeyError,
@@ -344,5 +362,6 @@ class BugzillaPollPlugin:
             max_pages=int(options.get("max_pages", 10)),
             backfill_seconds=float(options.get("backfill_seconds", 0.0)),
             publish_private=bool(options.get("publish_private", False)),
+            clock=context.reactor,
         )
         return polling_service(context, source)

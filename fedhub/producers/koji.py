@@ -53,6 +53,7 @@ from fedhub.interfaces import IProducerPlugin
 from fedhub.logs import HubLogger
 from fedhub.message import DEBUG, INFO, Message
 from fedhub.producers.poller import (
+    FUTURE_MARGIN,
     IPollSource,
     PollingService,
     PollResult,
@@ -90,9 +91,6 @@ _NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
 _UNFINISHED = {"created": [0, 1, 4], "started": [1]}
 # How many entries the cursor keeps of builds and tasks not finished yet.
 _MAX_OPEN = 20000
-#: Seconds past "now" (the later of the hub's last event and this process's
-#: clock) that a build or task stream's position may reach.
-FUTURE_MARGIN = 600.0
 
 
 class KojiError(FedhubError):

@@ -63,6 +63,10 @@ _T = TypeVar("_T")
 CURSOR_FILE = "cursor.json"
 #: The version of the cursor file's envelope.
 CURSOR_VERSION = 1
+#: Seconds past "now" that a source's time cursor may reach.  A row dated
+#: further ahead (a broken clock, a corrupt row) is still published, but
+#: does not move the cursor past every row still to come.
+FUTURE_MARGIN = 600.0
 
 
 class CursorError(FedhubError):
