@@ -586,6 +586,32 @@ class BusContractMixin(_Base):
         for delivery in first.deliveries[1:] + second.deliveries[1:]:
             delivery.ack()
 
+    async def test_requeue_keeps_queue_order(self) -> None:
+        """
+        Deliveries rejected with requeue one after the other, in the order
+        they came (as a halted consumer gives back what it holds), return in
+        that order, ahead of the messages that waited behind them.
+        """
+        bus = await self.make_bus()
+        queue = await self._queue(bus)
+        messages = [Message.create("fedhub.test.requeue.order", {"n": n}) for n in range(5)]
+        for message in messages:
+            await bus.publish(message, exchange="", routing_key=queue)
+        recorder = DeliveryRecorder()
+        await self._subscribe(bus, queue, recorder, prefetch=3)
+        held = await recorder.wait(3)
+        for delivery in held:
+            delivery.reject(requeue=True)
+        again = (await recorder.wait(6))[3:]
+        self.assertEqual([d.message.id for d in again], [m.id for m in messages[:3]])
+        self.assertEqual([d.redelivered for d in again], [True, True, True])
+        for delivery in again:
+            delivery.ack()
+        rest = (await recorder.wait(8))[6:]
+        self.assertEqual([d.message.id for d in rest], [m.id for m in messages[3:]])
+        for delivery in rest:
+            delivery.ack()
+
     async def test_cancel_returns_unacked(self) -> None:
         """
         Cancelling stops deliveries; its unacknowledged messages go back to the

@@ -458,6 +458,26 @@ class DeliveryTests(MemoryBusTestsMixin):
         self.assertEqual([d.message.redelivered for d in recorder.deliveries], [False, True])
         self.assertEqual(recorder.deliveries[1].message.queue, "q")
 
+    def test_requeue_restores_original_places(self) -> None:
+        """
+        Messages requeued in any order go back to the places they had, as
+        RabbitMQ puts them, and come before the messages behind them.
+        """
+        bus, clock = self.bus()
+        self.queue(bus, "q", "#")
+        recorder = Recorder()
+        self.subscribe(bus, "q", recorder, prefetch=3)
+        messages = [_message(n) for n in range(5)]
+        for message in messages:
+            bus.publish(message)
+        clock.advance(0)
+        held = list(recorder.deliveries)
+        for index in (2, 0, 1):
+            held[index].reject(requeue=True)
+        self.assertEqual(bus.queue_depth("q"), 5)
+        clock.advance(0)
+        self.assertEqual(recorder.ids[3:], [m.id for m in messages[:3]])
+
     def test_verdicts_after_the_first_are_ignored(self) -> None:
         """
         A second verdict on a delivery, or one after its subscription was cancelled, changes nothing

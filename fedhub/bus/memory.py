@@ -142,12 +142,15 @@ class _Entry:
     @ivar exchange: The exchange it came in through.
     @ivar routing_key: The routing key it came in with.
     @ivar expires_at: When it expires (clock seconds), or C{None}.
+    @ivar seq: Its place in the order messages entered the bus's queues; a
+        requeued message goes back to its place by it.
     """
 
     message: Message
     exchange: str
     routing_key: str
     expires_at: float | None
+    seq: int
     redelivered: bool = False
 
 
@@ -267,9 +270,10 @@ class MemoryDelivery:
 
     def reject(self, requeue: bool) -> bool:
         """
-        Put the message back at the head of its queue (C{requeue}) or
-        dead-letter it.  Ignored after a first verdict or once its
-        subscription is cancelled (then it returns C{False}).
+        Put the message back in its queue at the place it had, ahead of the
+        messages that were behind it (C{requeue}), or dead-letter it.
+        Ignored after a first verdict or once its subscription is cancelled
+        (then it returns C{False}).
         """
         return self._bus._settle(self._subscription, self._tag, bool(requeue))
 
@@ -305,8 +309,8 @@ class MemorySubscription:
 
     def cancel(self) -> Deferred[None]:
         """
-        Stop consuming; unacknowledged deliveries go back to the head of the
-        queue in their order, marked redelivered.
+        Stop consuming; unacknowledged deliveries go back to their places
+        in the queue, marked redelivered.
 
         @return: A Deferred that has fired: no delivery comes after this call.
         """
@@ -366,6 +370,7 @@ class MemoryBus(Service):
         self._queues: dict[str, _Queue] = {}
         self._pending = 0
         self._next_tag = 0
+        self._next_seq = 0
         self._confirms: list[Deferred[None]] = []
         self._confirm_call: IDelayedCall | None = None
 
@@ -656,7 +661,8 @@ class MemoryBus(Service):
         expires_at = None
         if queue.ttl is not None:
             expires_at = self._reactor().seconds() + queue.ttl
-        queue.ready.append(_Entry(message, exchange, routing_key, expires_at))
+        self._next_seq += 1
+        queue.ready.append(_Entry(message, exchange, routing_key, expires_at, self._next_seq))
         if queue.max_length is not None:
             while len(queue.ready) > queue.max_length:
                 self._dead_letter(queue, queue.ready.popleft(), MAXLEN)
@@ -844,8 +850,7 @@ class MemoryBus(Service):
         queue.unacked -= 1
         entry = delivery._entry
         if verdict is True:
-            entry.redelivered = True
-            queue.ready.appendleft(entry)
+            _put_back(queue, entry)
             self._arm_expiry(queue)
         else:
             if verdict is False:
@@ -867,10 +872,28 @@ class MemoryBus(Service):
         subscription.unacked.clear()
         queue.unacked -= len(returned)
         for delivery in reversed(returned):
-            delivery._entry.redelivered = True
-            queue.ready.appendleft(delivery._entry)
+            _put_back(queue, delivery._entry)
         self._arm_expiry(queue)
         self._schedule_dispatch(queue)
+
+
+def _put_back(queue: _Queue, entry: _Entry) -> None:
+    """
+    Return a delivered message to its queue, marked redelivered, at the place
+    it had: like RabbitMQ, several requeued messages come back in their
+    original order, whatever the order of their rejections, ahead of the
+    messages that were behind them.
+    """
+    entry.redelivered = True
+    ready = queue.ready
+    # Requeued messages gather at the head, so the search ends early.
+    index = 0
+    for index, other in enumerate(ready):
+        if other.seq > entry.seq:
+            break
+    else:
+        index = len(ready)
+    ready.insert(index, entry)
 
 
 def _delivered(entry: _Entry, queue: str) -> Message:

@@ -45,7 +45,8 @@ from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, IReactorTime
-from twisted.protocols.policies import WrappingFactory
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -993,17 +994,95 @@ def build_resource(
     return _HostCheck(root, machine_names())
 
 
-class _Connections(WrappingFactory):
+class _StatusSite(Site):
+    """
+    The status server's site: tells each connection when a request of it
+    has arrived in full.
+    """
+
+    def getResourceFor(self, request: Any) -> IResource:
+        connection = getattr(request.channel, "transport", None)
+        if isinstance(connection, _Connection):
+            connection.request_arrived(request)
+        return super().getResourceFor(request)  # type: ignore[no-any-return,no-untyped-call]
+
+
+class _Connection(ProtocolWrapper):
+    """
+    One connection to the status server.  Its client has
+    L{_Connections.request_timeout} seconds, from the moment it connects and
+    from the end of each answer, to send a complete request; otherwise the
+    connection is closed.  Twisted's own idle timeout starts again with every
+    byte received, so without this a client trickling a byte now and then
+    would hold its connection for as long as it likes, and a few such
+    clients would take every connection the server allows.
+    """
+
+    factory: _Connections
+
+    def __init__(self, factory: _Connections, wrapped: Any) -> None:
+        super().__init__(factory, wrapped)  # type: ignore[no-untyped-call]
+        self._deadline: IDelayedCall | None = None
+        self._requests = 0
+        self._lost = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self._arm()
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+    def request_arrived(self, request: Any) -> None:
+        """
+        A request came in full: the deadline waits until it is answered.
+        """
+        self._requests += 1
+        self._disarm()
+        request.notifyFinish().addBoth(self._answered)
+
+    def _answered(self, result: object) -> None:
+        self._requests -= 1
+        if self._requests == 0 and not self._lost:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.factory.clock.callLater(self.factory.request_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is not None:
+            # Abort: a client that does not send may not read either, and
+            # a polite close would wait for it to take what is buffered.
+            getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._disarm()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class _Connections(WrappingFactory["_Connection"]):
     """
     Keeps track of the server's connections, refuses more than C{limit} at
-    once, and closes them all on request.
+    once, closes those whose client is too slow to send a request (see
+    L{_Connection}), and closes them all on request.
     """
 
     noisy = False
+    protocol = _Connection
 
-    def __init__(self, site: Site, limit: int) -> None:
+    def __init__(
+        self, site: Site, limit: int, clock: IReactorTime, request_timeout: float = 20.0
+    ) -> None:
         super().__init__(site)  # type: ignore[no-untyped-call]
         self.limit = limit
+        self.clock = clock
+        self.request_timeout = request_timeout
         self._waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -1059,10 +1138,14 @@ class StatusService(Service):
         max_connections: int = 64,
         max_streams: int = 16,
         update_interval: float = 2.0,
+        request_timeout: float = 20.0,
     ) -> None:
         """
         @param recent_size: How many recent entries the page keeps.
         @param max_connections: Connections beyond this many are refused.
+        @param request_timeout: Seconds a client has to send a complete
+            request, from connecting and from the end of each answer;
+            slower connections are closed.
         @param max_streams: At most this many live views at once.
         @param update_interval: Seconds between status updates of live views.
         """
@@ -1076,6 +1159,7 @@ class StatusService(Service):
         self._max_connections = max_connections
         self._max_streams = max_streams
         self._interval = update_interval
+        self._request_timeout = request_timeout
         self._assets: Assets | None = None
         self._feed: LiveFeed | None = None
         self._connections: _Connections | None = None
@@ -1095,10 +1179,10 @@ class StatusService(Service):
             self.recent, state.view, self.reactor, max_streams=self._max_streams, interval=self._interval
         )
         root = build_resource(self.hub, self.monitor, self.recent, self.reactor, self._assets, self._feed)
-        site = Site(root)  # type: ignore[no-untyped-call]
+        site = _StatusSite(root, reactor=self.reactor)  # type: ignore[no-untyped-call]
         site.noisy = False
         site.displayTracebacks = False
-        self._connections = _Connections(site, self._max_connections)
+        self._connections = _Connections(site, self._max_connections, self.reactor, self._request_timeout)
         d = serverFromString(self.reactor, self.endpoint).listen(self._connections)  # type: ignore[no-untyped-call]
         self._listening = d.addCallbacks(self._listened, self._listen_failed)
 
