@@ -43,6 +43,7 @@ from fedhub.outbox import (
     FailedRecord,
     Outbox,
     Store,
+    StoreError,
     SynchronousExecutor,
 )
 from fedhub.outbox.store import encode
@@ -210,6 +211,9 @@ class ManualExecutor:
         self.stopped += 1
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self.stopped >= self.started:
+            # As ThreadExecutor: nothing runs once its thread is gone.
+            return fail(StoreError("manual", "the store's thread is not running"))
         d: Deferred[Any] = Deferred()
         self.queue.append((fn, args, d))
         return d

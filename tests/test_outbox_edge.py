@@ -1,23 +1,43 @@
 """
 Edge cases of the outbox and its spool importer: limits checked when the
-store opens, stopping from a hand-over's failure, and spool files the outbox
-can never take.
+store opens, stopping from a hand-over's failure, outcomes arriving after a
+stop, starting again while a stop is closing the store, cancelled hand-overs,
+and spool files the outbox can never take.
 """
 
 # mypy: disable-error-code="no-untyped-call"
 
 from __future__ import annotations
 
+from collections import deque
 from random import Random
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.logger import Logger, LogEvent, formatEvent
 from twisted.python.failure import Failure as TwistedFailure
 
-from fedhub.errors import TemporarilyUnavailable
+from fedhub.errors import MessageReturned, TemporarilyUnavailable
 from fedhub.message import Message
 from fedhub.outbox import Store, StoreError, StoredRow, SynchronousExecutor
 from fedhub.outbox.store import encode
-from tests.test_outbox import ManualExecutor, OutboxTestCase, make_message
+from fedhub.outbox.outbox import Outbox
+from tests.test_outbox import ManualExecutor, OutboxTestCase, ReportingBus, make_message
+
+
+def capture_log(outbox: Outbox) -> list[LogEvent]:
+    """
+    Collect what one outbox logs from now on.
+    """
+    events: list[LogEvent] = []
+    outbox.log = Logger(namespace="fedhub.outbox", observer=events.append)  # type: ignore[misc]
+    return events
+
+
+def texts(events: list[LogEvent]) -> list[str]:
+    """
+    The log events as an operator reads them.
+    """
+    return [formatEvent(event) for event in events]
 
 
 class LimitsAtOpenTests(OutboxTestCase):
@@ -131,3 +151,188 @@ class LoadFailureTests(OutboxTestCase):
         self.assertEqual(outbox.store.pending_count, 61)
         self.flushLoggedErrors(StoreError)
 
+
+
+class LateOutcomeTests(OutboxTestCase):
+    """
+    Confirms and returns that arrive after a stop gave up waiting for them
+    can no longer be recorded: they are not reported as if they were.
+    """
+
+    def stopped_with_one_in_flight(self) -> tuple[Outbox, Message, list[tuple[str, str]], list[LogEvent]]:
+        """
+        An outbox stopped by its timeout while one message waited for its
+        confirm, with an observer and its log captured.
+        """
+        outbox, bus = self.make(window=10, stop_timeout=5)
+        self.bus = bus
+        events: list[tuple[str, str]] = []
+        outbox.add_observer(lambda event, message_id: events.append((event, message_id)))
+        message = make_message(1)
+        self.successResultOf(outbox.publish(message))
+        stopped = outbox.stopService()
+        self.clock.advance(5)
+        self.successResultOf(stopped)
+        return outbox, message, events, capture_log(outbox)
+
+    def test_late_confirm_not_reported(self) -> None:
+        """A confirm arriving after the stop completed reaches no observer and is logged as republished at the next start."""
+        outbox, message, events, logged = self.stopped_with_one_in_flight()
+        self.bus.ack()
+        self.assertEqual(events, [])
+        self.assertEqual(outbox.stats().confirmed, 0)
+        self.assertEqual(self.pending_ids(), [message.id])
+        [text] = texts(logged)
+        self.assertIn(message.id, text)
+        self.assertIn("published again at the next start", text)
+
+    def test_late_return_not_reported(self) -> None:
+        """A return arriving after the stop completed is neither reported nor logged as moved to the failed area."""
+        outbox, message, events, logged = self.stopped_with_one_in_flight()
+        self.bus.fail_next(MessageReturned("NO_ROUTE", message.id, 312))
+        self.assertEqual(events, [])
+        self.assertEqual(outbox.stats().returned, 0)
+        [text] = texts(logged)
+        self.assertNotIn("moved to the failed area", text)
+        self.assertIn("NO_ROUTE", text)
+        self.assertIn("published again at the next start", text)
+        self.assertEqual(self.pending_ids(), [message.id])
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        self.addCleanup(lambda: self.successResultOf(store.close()))
+        self.assertEqual(store.failed_count, 0)
+
+
+class ReportingLateOutcomeTests(LateOutcomeTests):
+    bus_class = ReportingBus
+
+
+class StartWhileStoppingTests(OutboxTestCase):
+    """
+    A start that comes while a stop is still closing the store.
+    """
+
+    def test_start_waits_for_close(self) -> None:
+        """Starting again while the store closes opens it once the close is done, and the outbox then works."""
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=10)
+        executor.run_all()
+        first = make_message(1)
+        d = outbox.publish(first)
+        executor.run_all()
+        self.successResultOf(d)
+        stopped = outbox.stopService()
+        bus.ack()
+        executor.run_one()  # the deletion; the close is queued now
+        self.assertNoResult(stopped)
+        outbox.startService()
+        refused = self.failureResultOf(outbox.publish(make_message(2)), TemporarilyUnavailable)
+        self.assertIn("stopping", refused.value.reason)
+        executor.run_all()
+        self.successResultOf(stopped)
+        self.assertTrue(outbox.running)
+        self.assertTrue(outbox.store.is_open)
+        second = make_message(3)
+        d = outbox.publish(second)
+        executor.run_all()
+        self.successResultOf(d)
+        self.assertEqual(bus.published, [first, second])
+        bus.ack()
+        executor.run_all()
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertEqual(outbox.stats().confirmed, 1)
+
+    def test_start_while_waiting_for_confirms(self) -> None:
+        """Starting again while a stop waits for confirms lets that stop finish, then reopens; no timer is left over."""
+        outbox, bus = self.make(window=10, stop_timeout=5)
+        first = make_message(1)
+        self.successResultOf(outbox.publish(first))
+        stopped = outbox.stopService()
+        outbox.startService()
+        self.assertNoResult(stopped)
+        bus.ack()
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(outbox.store.is_open)
+        second = make_message(2)
+        self.successResultOf(outbox.publish(second))
+        self.assertEqual(bus.published, [first, second])
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_start_then_stop_while_closing(self) -> None:
+        """A start and another stop while the store closes leave the outbox stopped, and both stops fire."""
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor)
+        executor.run_all()
+        first = outbox.stopService()
+        outbox.startService()
+        second = outbox.stopService()
+        executor.run_all()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertFalse(outbox.running)
+        self.assertFalse(outbox.store.is_open)
+        self.assertEqual(executor.queue, deque())
+
+
+class CancelTests(OutboxTestCase):
+    """
+    Cancelling the Deferred of a hand-over.
+    """
+
+    def test_cancel_while_queued(self) -> None:
+        """A hand-over cancelled while it waits for the next transaction is never written nor published."""
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=10)
+        executor.run_all()
+        a, b, c = make_message(1), make_message(2), make_message(3)
+        first = outbox.publish(a)
+        second = outbox.publish(b)
+        third = outbox.publish(c)
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        self.assertEqual(outbox.stats().waiting_for_disk, 2)
+        executor.run_all()
+        self.successResultOf(first)
+        self.successResultOf(third)
+        self.assertEqual(bus.published, [a, c])
+        self.assertEqual(outbox.stats().waiting_for_disk, 0)
+        self.assertEqual(outbox.store.pending_count, 2)
+
+    def test_cancel_after_transaction_started(self) -> None:
+        """A hand-over cancelled once its transaction started fails with CancelledError but is still stored and published."""
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor, window=10)
+        executor.run_all()
+        a = make_message(1)
+        d = outbox.publish(a)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        executor.run_all()
+        self.assertEqual(bus.published, [a])
+        self.assertEqual(outbox.stats().accepted, 1)
+        self.assertEqual(outbox.stats().waiting_for_disk, 0)
+
+    def test_cancelled_then_transaction_fails(self) -> None:
+        """A hand-over cancelled during a transaction that then fails is settled once, with no error logged."""
+        executor = ManualExecutor()
+        outbox, bus = self.make(executor=executor)
+        executor.run_all()
+        conn = outbox.store._db.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        d = outbox.publish(Message.create("org.example.t", {"x": "y" * 20000}))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        executor.run_all()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(outbox.stats().waiting_for_disk, 0)
+        self.assertEqual(outbox.store.pending_count, 0)
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        self.clock.advance(60)
+        later = outbox.publish(make_message(1))
+        executor.run_all()
+        self.successResultOf(later)
+        self.assertEqual(bus.published, [make_message(1)])

@@ -37,6 +37,7 @@ from fedhub.outbox.store import (
     decode,
     encode,
 )
+from tests.test_outbox import ManualExecutor
 
 
 def make_message(n: int) -> Message:
@@ -579,3 +580,67 @@ class ThreadExecutorTests(TestCase):
         await self.assertFailure(executor.submit(note, 1), StoreError)
 
 
+
+    def test_open_while_closing(self) -> Deferred[None]:
+        """
+        A store opened again while its close runs waits for the close and then works on a fresh thread.
+        """
+        return Deferred.fromCoroutine(self._open_while_closing())
+
+    async def _open_while_closing(self) -> None:
+        executor = ThreadExecutor(cast(Any, global_reactor))
+        store = Store(os.path.join(self.mktemp(), "o"), executor)
+        await store.open()
+        closed = store.close()
+        opened = store.open()
+        await closed
+        summary = await opened
+        self.assertEqual(summary.pending, 0)
+        self.assertTrue(store.is_open)
+        result = await store.commit([row(make_message(1))])
+        self.assertEqual(result.inserted, 1)
+        await store.close()
+        self.assertIsNone(executor._pool)
+
+
+class CloseOrderTests(SynchronousTestCase):
+    """
+    Opening and closing a store while an earlier close is still running.
+    """
+
+    def test_open_waits_for_close(self) -> None:
+        """An open issued while a close runs starts the executor again only after the close stopped it."""
+        executor = ManualExecutor()
+        store = Store(os.path.join(self.mktemp(), "o"), executor)
+        opened = store.open()
+        executor.run_all()
+        self.successResultOf(opened)
+        closed = store.close()
+        again = store.open()
+        self.assertEqual(len(executor.queue), 1)
+        executor.run_all()
+        self.successResultOf(closed)
+        self.successResultOf(again)
+        self.assertTrue(store.is_open)
+        self.assertEqual((executor.started, executor.stopped), (2, 1))
+        closed = store.close()
+        executor.run_all()
+        self.successResultOf(closed)
+        self.assertEqual((executor.started, executor.stopped), (2, 2))
+
+    def test_close_open_close(self) -> None:
+        """A close, an open and a close issued together run in that order and leave the store closed."""
+        executor = ManualExecutor()
+        store = Store(os.path.join(self.mktemp(), "o"), executor)
+        first = store.open()
+        executor.run_all()
+        self.successResultOf(first)
+        closing = store.close()
+        opening = store.open()
+        closing_again = store.close()
+        executor.run_all()
+        self.successResultOf(closing)
+        self.successResultOf(opening)
+        self.successResultOf(closing_again)
+        self.assertFalse(store.is_open)
+        self.assertEqual((executor.started, executor.stopped), (2, 2))

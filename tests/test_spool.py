@@ -192,6 +192,31 @@ class ImportTests(SynchronousTestCase):
         self.assertGreater(len(sizes), 2)
         self.assertLessEqual(max(sizes), 3000)
 
+    def test_vanished_file_skipped(self) -> None:
+        """A file that disappears before it can be set aside is logged and skipped; the scan goes on."""
+        self.directory.mkdir(parents=True)
+        bad = self.directory / f"0000-bad{SUFFIX}"
+        bad.write_bytes(b"not json\n")
+        good = Message.create("a", {})
+        write_spool(str(self.directory), good)
+        run = self.importer._in_thread
+
+        def vanishing(fn: Any, *args: Any) -> Deferred[Any]:
+            if fn is spool._quarantine:
+                # Someone else took the file in the meantime.
+                os.unlink(args[0])
+            return run(fn, *args)
+
+        self.importer._in_thread = vanishing  # type: ignore[method-assign]
+        logged: list[dict[str, object]] = []
+        self.importer.log = Logger(observer=logged.append)
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, [good])
+        self.assertEqual(waiting(self.directory), [])
+        self.assertFalse((self.directory / f"0000-bad{SUFFIX}.bad").exists())
+        self.assertEqual(self.importer.rejected, 0)
+        self.assertIn(str(bad), [str(e.get("path")) for e in logged])
+
     def test_missing_directory(self) -> None:
         """A spool that does not exist yet is simply empty."""
         self.successResultOf(self.importer._import())

@@ -350,6 +350,7 @@ class Outbox(Service):
         self._stop_call: _DelayedCall | None = None
         self._stop_timed_out = False
         self._closing = False
+        self._start_after_stop = False
         # Counters.
         self._accepted = 0
         self._published = 0
@@ -369,14 +370,18 @@ class Outbox(Service):
             the disk is full or failing, or the outbox is not running (its
             C{reason} says which); with L{MessageError} when the message can
             not be stored; with L{PublishError} when it is larger than the
-            whole outbox.
+            whole outbox.  Cancelling it while the message waits for the next
+            transaction withdraws the message (it is never written); once
+            that transaction has started, the message is stored and
+            published when it commits, even though the Deferred fails with
+            C{CancelledError}.
         """
         if not isinstance(message, Message):
             return fail(MessageError(f"only Message objects can be published, not {type(message).__name__}"))
         if not self.running or self._stop_d is not None:
-            return fail(
-                TemporarilyUnavailable(f"the outbox of domain {self.domain} is not running", message.id)
-            )
+            # Running with a stop under way: started again before it ended.
+            state = "is still stopping" if self.running else "is not running"
+            return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} {state}", message.id))
         if self._trouble is not None:
             return fail(TemporarilyUnavailable(self._trouble, message.id))
         store = self.store
@@ -419,12 +424,29 @@ class Outbox(Service):
                     message.id,
                 )
             )
-        d: Deferred[None] = Deferred()
+        d: Deferred[None] = Deferred(self._cancel_handover)
         self._inserts.append(_Handover(message, data, self._reactor.seconds(), d))
         self._waiting_count += 1
         self._waiting_bytes += size
         self._flush()
         return d
+
+    def _cancel_handover(self, d: Deferred[None]) -> None:
+        """
+        A producer cancelled a hand-over (a timeout, say).  Still queued
+        for the next transaction, it is taken out and never written.  Once
+        its transaction has started nothing can take it back: it is stored
+        and published if the transaction commits, and the Deferred fails
+        with C{CancelledError} either way.
+        """
+        inserts = self._inserts
+        for index in range(len(inserts)):
+            handover = inserts[index]
+            if handover.deferred is d:
+                del inserts[index]
+                self._waiting_count -= 1
+                self._waiting_bytes -= len(handover.data)
+                return
 
     # --- observation -----------------------------------------------------
 
@@ -558,9 +580,19 @@ class Outbox(Service):
     def startService(self) -> None:
         """
         Open the store and publish everything it holds.
+
+        Started again while a stop is still under way, the outbox first
+        lets the stop finish (closing the store and joining its thread) and
+        then opens the store afresh; hand-overs are refused meanwhile.
         """
-        self._reset()
         Service.startService(self)  # type: ignore[no-untyped-call]
+        stop_d = self._stop_d
+        if stop_d is not None and not stop_d.called:
+            # Opening now would race the close: it would stop the thread
+            # the new open runs on and mark the outbox closed after it.
+            self._start_after_stop = True
+            return
+        self._reset()
         self._open()
 
     def stopService(self) -> Deferred[None]:
@@ -635,6 +667,12 @@ class Outbox(Service):
                 )
             self._opened = False
             stop_d.callback(None)
+            if self._start_after_stop:
+                # Started again while this stop ran, and not stopped since.
+                self._start_after_stop = False
+                if self.running:
+                    self._reset()
+                    self._open()
 
         self.store.close().addBoth(closed)
 
@@ -757,7 +795,8 @@ class Outbox(Service):
         for handover in handovers:
             self._waiting_count -= 1
             self._waiting_bytes -= len(handover.data)
-            handover.deferred.errback(TemporarilyUnavailable(reason, handover.message.id))
+            if not handover.deferred.called:
+                handover.deferred.errback(TemporarilyUnavailable(reason, handover.message.id))
 
     def _flush(self) -> None:
         """
@@ -825,9 +864,11 @@ class Outbox(Service):
             else:
                 self._backlog = True
             # Still marked as committing: hand-overs made from these
-            # callbacks queue up for the next transaction together.
+            # callbacks queue up for the next transaction together.  One
+            # cancelled during the transaction has had its answer already.
             for handover in inserts:
-                handover.deferred.callback(None)
+                if not handover.deferred.called:
+                    handover.deferred.callback(None)
         self._committing = False
         self._next_steps()
 
@@ -942,6 +983,17 @@ class Outbox(Service):
         if self._inflight.get(entry.seq) is not entry:
             return
         del self._inflight[entry.seq]
+        if self._closing:
+            # The stop gave up waiting and the store is closing or closed:
+            # the deletion can not be written, so this confirm changes
+            # nothing and is neither counted nor reported.
+            self.log.debug(
+                "Message {msg_id} of domain {domain} was confirmed after the outbox stopped; "
+                "it stays in the outbox and is published again at the next start",
+                msg_id=escape_control(entry.message.id, 100),
+                domain=self.domain,
+            )
+            return
         self._confirmed += 1
         self._probing = False
         self._attempt = 0
@@ -980,21 +1032,40 @@ class Outbox(Service):
         kind: str | None
         if isinstance(error, MessageReturned):
             kind = RETURNED
-            self._returned += 1
             reason = f"returned by the broker ({error.reply_code}): {error.reason}"
         elif isinstance(error, MessageNacked):
             kind = NACKED
-            self._nacked += 1
             reason = f"refused by the broker: {error.reason}"
         elif isinstance(error, MessageError) or (
             isinstance(error, PublishError) and not isinstance(error, TemporarilyUnavailable)
         ):
             kind = REJECTED
-            self._rejected += 1
             reason = f"refused by the bus: {error}"
         else:
             kind = None
             reason = f"{type(error).__name__}: {error}"
+        if self._closing:
+            # The stop gave up waiting and the store is closing or closed:
+            # the move to the failed area can not be written any more.  The
+            # message stays pending, as the stop's warning said; a transient
+            # failure (the bus going away after the outbox) tells nothing new.
+            if kind is not None:
+                self.log.warn(
+                    "The outcome of message {msg_id} ({topic}) for domain {domain} arrived after "
+                    "the outbox stopped and is not recorded ({reason}); the message stays in the "
+                    "outbox and is published again at the next start",
+                    msg_id=escape_control(entry.message.id, 100),
+                    topic=escape_control(entry.message.topic),
+                    domain=self.domain,
+                    reason=escape_control(reason[:_MAX_REASON]),
+                )
+            return
+        if kind == RETURNED:
+            self._returned += 1
+        elif kind == NACKED:
+            self._nacked += 1
+        elif kind == REJECTED:
+            self._rejected += 1
         if kind is None:
             # Transient: the message stays and is sent again, in order.
             heapq.heappush(self._resend, (entry.seq, entry))

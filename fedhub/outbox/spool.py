@@ -24,7 +24,8 @@ system keep mail queued instead of filling the disk.
 A spool file that can never be handed over (not one valid message, larger
 than L{MAX_FILE_BYTES}, or refused by the outbox for good, e.g. larger than
 the whole outbox) is renamed to C{*.bad} and kept for inspection; the files
-after it are imported as usual.  The importer reads files a batch at a time,
+after it are imported as usual.  One that disappears before it can be set
+aside is logged and skipped.  The importer reads files a batch at a time,
 at most L{BATCH_BYTES} of them at once.
 """
 
@@ -234,9 +235,18 @@ def _remove(paths: list[str], directory: str) -> None:
         _fsync_directory(directory)
 
 
-def _quarantine(path: str) -> str:
+def _quarantine(path: str) -> str | None:
+    """
+    Set a spool file aside as C{*.bad}.
+
+    @return: Its new path, or C{None} when it is gone already (removed by
+        someone else since it was read): there is nothing left to keep.
+    """
     bad = path + ".bad"
-    os.rename(path, bad)
+    try:
+        os.rename(path, bad)
+    except FileNotFoundError:
+        return None
     return bad
 
 
@@ -322,6 +332,9 @@ class SpoolImporter(Service):
                     except (DecodeError, ValueError) as e:
                         reason = e.reason if isinstance(e, DecodeError) else "not one message"
                         bad = yield self._in_thread(_quarantine, path)
+                        if bad is None:
+                            self._vanished(path, reason)
+                            continue
                         self.rejected += 1
                         self.log.error(
                             "Spool file {path} of {domain} holds no valid message ({reason}); "
@@ -342,6 +355,9 @@ class SpoolImporter(Service):
                         # outbox): set aside, or it would hold up every file
                         # after it for good.
                         bad = yield self._in_thread(_quarantine, path)
+                        if bad is None:
+                            self._vanished(path, str(e))
+                            continue
                         self.rejected += 1
                         self.log.error(
                             "Spooled message {msg_id} of {domain} refused ({reason}); kept as {bad}",
@@ -355,6 +371,17 @@ class SpoolImporter(Service):
                     yield self._in_thread(_remove, done, self.directory)
             # A batch cut short by its size in bytes leaves files behind;
             # the next read finds out whether any are left.
+
+    def _vanished(self, path: str, reason: str) -> None:
+        """
+        A file to set aside disappeared first: nothing is left to keep, and
+        the files after it are imported as usual.
+        """
+        self.log.warn(
+            "Spool file {path} of {domain} could not be used ({reason}) and disappeared before "
+            "it could be kept; skipped",
+            path=path, domain=self.domain, reason=reason,
+        )
 
     @inlineCallbacks
     def _requests(self) -> Generator[Deferred[Any], Any, None]:

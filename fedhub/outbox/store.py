@@ -1135,6 +1135,8 @@ class Store:
         self.path = self._db.path
         self._executor = executor
         self._started = False
+        # While a close runs: the opens and closes waiting for it to end.
+        self._after_close: list[Callable[[], object]] | None = None
         self.is_open = False
         self.pending_count = 0
         self.pending_bytes = 0
@@ -1149,7 +1151,14 @@ class Store:
 
         @return: a Deferred firing with a L{Summary}, or failing with
             L{StoreError} (C{locked} set when another holder has it).
+            Called while a L{close} is under way, it opens once the close
+            is done (and its executor stopped), then starts the executor
+            again.
         """
+        if self._after_close is not None:
+            waiting: Deferred[Summary] = Deferred()
+            self._after_close.append(lambda: self.open().chainDeferred(waiting))
+            return waiting
         if not self._started:
             self._executor.start()
             self._started = True
@@ -1268,16 +1277,27 @@ class Store:
     def close(self) -> Deferred[None]:
         """
         Close the database after every call submitted before, then stop the
-        executor.
+        executor.  Called while another close is under way, it waits for
+        that one and for an L{open} asked for meanwhile.
         """
+        if self._after_close is not None:
+            # One close at a time: a second one must not stop the executor
+            # of an open queued behind the first.
+            closed: Deferred[None] = Deferred()
+            self._after_close.append(lambda: self.close().chainDeferred(closed))
+            return closed
         if not self._started:
             return succeed(None)
+        self._after_close = []
         d = self._executor.submit(self._db.close)
 
         def stop(result: object) -> object:
             self.is_open = False
             self._started = False
             self._executor.stop()
+            waiting, self._after_close = self._after_close or [], None
+            for call in waiting:
+                call()
             return result
 
         return d.addBoth(stop)
