@@ -22,10 +22,12 @@ the Deferred fires only on the broker's confirm: it fails with
 L{fedhub.errors.MessageReturned} when no queue is bound for the topic, with
 L{fedhub.errors.MessageNacked} when the broker refuses it, with
 L{fedhub.amqp.transport.PublishRefused} when the broker's permissions forbid
-the exchange or topic (403), with L{fedhub.errors.NotFound} when the exchange
-does not exist, with L{fedhub.errors.AccessRefused} when the login is refused,
-and with L{fedhub.errors.NotConnected} when no connection could be made in
-time (its C{reason} says why).  There is no outbox here: a caller that must
+the exchange or topic (403), with L{fedhub.amqp.transport.MessageTooLarge} when
+the body is larger than the broker takes (its C{max_message_size}), with
+L{fedhub.errors.NotFound} when the exchange does not exist, with
+L{fedhub.errors.AccessRefused} when the login is refused, and with
+L{fedhub.errors.NotConnected} when no connection could be made in time (its
+C{reason} says why).  There is no outbox here: a caller that must
 not lose a message keeps it until the Deferred fires, and may publish it
 again with the same id on a temporary failure (consumers recognize copies by
 id).

@@ -836,6 +836,7 @@ def load_message(record: object, line: int | None = None) -> Message:
     message_id = record.get("id") or new_message_id()
     queue = record.get("queue")
     try:
+        body, body_bytes = _loaded_body(body)
         return Message(
             topic=record["topic"],
             body=body,
@@ -846,9 +847,37 @@ def load_message(record: object, line: int | None = None) -> Message:
             sent_at=sent_at,
             schema=schema,
             queue=queue,
+            _body_bytes=body_bytes,
         )
     except MessageError as e:
         raise DecodeError(str(e), line) from None
+
+
+def _loaded_body(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], bytes]:
+    """
+    The frozen body of a serialized record and its wire JSON; the JSON is
+    C{b""} when the message's constructor is to encode it and say why it
+    can not.
+
+    A body with lone surrogates is one a delivery had (an unpaired
+    C{\\uD800} escape in its JSON, which L{from_amqp} accepts), written back
+    as the same escapes by L{dump_line}: it is encoded with those escapes
+    again, so that what C{fedhub record} wrote loads, and publishes as it
+    arrived.
+    """
+    try:
+        text = _encode(body)
+    except (RecursionError, TypeError, ValueError):
+        return body, b""
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Surrogates occur only inside JSON strings, where an escape stands
+        # for the same character.
+        encoded = _SURROGATE.sub(_surrogate_escape, text).encode("utf-8")
+    if body.__class__ is FrozenDict:
+        return body, encoded
+    return _frozen_body(body, encoded), encoded
 
 
 def dumps(messages: Message | Iterable[Message]) -> str:

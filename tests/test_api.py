@@ -24,7 +24,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from fedhub import api
 from fedhub.amqp.url import parse_url
 from fedhub.config import load_config
-from fedhub.errors import AccessRefused, MessageReturned, NotConnected, TemporarilyUnavailable
+from fedhub.errors import (
+    AccessRefused,
+    MessageReturned,
+    NotConnected,
+    PublishError,
+    TemporarilyUnavailable,
+)
 from fedhub.message import Message
 from tests.test_amqp_bus import Collector, LiveCase
 from tests.test_cli_publish import BROKER_URL, ROOT, write_config
@@ -177,6 +183,29 @@ class ClientTests(SynchronousTestCase):
         self.failureResultOf(client.publish(message), api.DomainError)
         self.successResultOf(client.close())
         self.failureResultOf(client.publish(message), NotConnected)
+
+
+class DocumentedErrorsTests(SynchronousTestCase):
+    """
+    The exceptions a publish fails with are all documented.
+    """
+
+    def test_final_refusals_documented(self) -> None:
+        """Every final publish refusal of the AMQP transport is named in the module's docstring and docs/cli.md's table."""
+        from fedhub.amqp import transport
+
+        refusals = sorted(
+            name for name, value in vars(transport).items()
+            if isinstance(value, type) and issubclass(value, PublishError)
+            and not issubclass(value, TemporarilyUnavailable)
+            and value.__module__ == transport.__name__
+        )
+        self.assertIn("MessageTooLarge", refusals)
+        docstring = " ".join((api.__doc__ or "").split())
+        table = (ROOT / "docs" / "cli.md").read_text()
+        for name in refusals:
+            self.assertIn(f"fedhub.amqp.transport.{name}", docstring)
+            self.assertIn(f"| `{name}` (`fedhub.amqp.transport`) |", table)
 
 
 SYNC_SCRIPT = textwrap.dedent(

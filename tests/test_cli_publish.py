@@ -500,6 +500,17 @@ class ReportTests(SynchronousTestCase):
         self.assertTrue(lines[0].startswith(f"fedhub publish: line 2: message {make(2).id}"), lines[0])
         self.assertIn("1 of 2 message(s) sent were confirmed", lines[0])
 
+    def test_too_large(self) -> None:
+        """A body larger than the broker's max_message_size is 69, the line naming both sizes."""
+        from fedhub.amqp.transport import MessageTooLarge
+
+        error = MessageTooLarge(5000, 4096, "PRECONDITION_FAILED - message size 5000 is larger"
+                                " than configured max size 4096", make(2).id)
+        self.assertEqual(self.failed(error), 69)
+        (line,) = self.stderr.getvalue().splitlines()
+        self.assertTrue(line.startswith(f"fedhub publish: line 2: message {make(2).id}"), line)
+        self.assertIn("(5000 bytes) is larger than the broker takes (max_message_size 4096 bytes)", line)
+
     def test_bad_input(self) -> None:
         """A bad line is 65, with its number."""
         self.assertEqual(self.status(Progress(sent=2, confirmed=2, bad_input=DecodeError("bad", 3))), 65)

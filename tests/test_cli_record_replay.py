@@ -16,13 +16,16 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from fedhub.amqp.codec import FieldValue
 from fedhub.cli.main import build_parser
 from fedhub.cli.record import Appender, open_output
 from fedhub.cli.replay import new_id
 from fedhub.cli.runner import CommandError
-from fedhub.message import Message, dumps, iter_loads, loads
+from fedhub.cli.tail import Filter, Follower
+from fedhub.message import Message, dumps, from_amqp, iter_loads, loads
 from tests.test_amqp_bus import Collector, LiveCase
 from tests.test_cli_publish import run_cli, spawn, write_config
+from tests.test_cli_tail import FakeDelivery
 
 
 class FullStream(io.BytesIO):
@@ -61,6 +64,19 @@ class AppenderTests(SynchronousTestCase):
         e = self.assertRaises(CommandError, appender, Message.create("a.b", {}))
         self.assertEqual(e.status, 74)
         self.assertIn("out.jsonl", e.reason)
+
+    def test_unserializable_message(self) -> None:
+        """A message that can not be serialized ends the recording with one line naming it and the file (70), writing nothing."""
+        message = from_amqp("org.example.dev.a", {"headers": {"far": FieldValue("T", 2**62)}}, b"{}")
+        stream = io.BytesIO()
+        appender = Appender(stream, "out.jsonl")
+        follower = Follower(appender, Filter(), count=1)
+        follower(FakeDelivery(message))
+        error = self.failureResultOf(follower.done, CommandError).value
+        self.assertEqual(error.status, 70)
+        self.assertIn("out.jsonl", error.reason)
+        self.assertIn(message.id, error.reason)
+        self.assertEqual((stream.getvalue(), appender.written), (b"", 0))
 
     def test_cannot_open(self) -> None:
         """A file that can not be created: 73."""

@@ -21,13 +21,14 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from fedhub.amqp.codec import FieldValue
 from fedhub.cli import tail
 from fedhub.cli.main import build_parser
 from fedhub.cli.runner import CommandError
 from fedhub.cli.tail import Filter, Follower, format_json, format_pretty, format_terse, tail_topology
 from fedhub.errors import MessageReturned
 from fedhub.interfaces import IDelivery
-from fedhub.message import Message, iter_loads
+from fedhub.message import Message, from_amqp, iter_loads
 from fedhub.topology import BindingSpec, QueueSpec
 from tests.test_amqp_bus import LiveCase
 from tests.test_cli_publish import CLIProcess, spawn, write_config
@@ -127,6 +128,36 @@ class FormatTests(SynchronousTestCase):
                 self.assertNotIn(char, text, formatter.__name__)
         self.assertEqual(format_terse(self.hostile).count("\n"), 1)
 
+    def test_lone_surrogates(self) -> None:
+        """terse and pretty print as UTF-8 a message whose header name was not UTF-8 or whose body holds a lone surrogate."""
+        odd = from_amqp(
+            "org.example.prod.odd",
+            {"headers": {"\udcffname": "v\ud800", "fedora_messaging_user_jdoe": True}},
+            b'{"text": "a\\ud800b", "summary": "s\\udfff"}',
+        )
+        no_summary = from_amqp("org.example.prod.odd", {}, b'{"text": "a\\ud800b"}')
+        for message in (odd, no_summary):
+            for formatter in (format_terse, format_pretty):
+                text = formatter(message)
+                text.encode("utf-8")
+                self.assertIn("\\ud", text, formatter.__name__)
+        pretty = format_pretty(odd)
+        self.assertIn('    \\udcffname: "v\\ud800"\n', pretty)
+        self.assertIn('      "text": "a\\ud800b"\n', pretty)
+        self.assertIn(" s\\udfff\n", format_terse(odd))
+
+    def test_pretty_any_header_value(self) -> None:
+        """pretty shows header values JSON has no form for (bytes, times beyond year 9999) instead of failing."""
+        message = from_amqp(
+            "org.example.prod.odd",
+            {"headers": {"raw": b"\xff\xfe", "far": FieldValue("T", 2**62)}},
+            b"{}",
+        )
+        text = format_pretty(message)
+        text.encode("utf-8")
+        self.assertIn("    far: ", text)
+        self.assertIn("    raw: ", text)
+
 
 class FollowerTests(SynchronousTestCase):
     """
@@ -167,6 +198,35 @@ class FollowerTests(SynchronousTestCase):
         follower = Follower(show, Filter())
         follower(FakeDelivery(make()))
         self.assertEqual(self.failureResultOf(follower.done, CommandError).value.status, 74)
+
+    def test_unexpected_output_error(self) -> None:
+        """Any other error from the output ends the command with one line and 70, instead of leaving it waiting."""
+
+        def show(message: Message) -> None:
+            raise TypeError("FieldValue can not be serialized")
+
+        follower = Follower(show, Filter(), count=1)
+        delivery = FakeDelivery(make())
+        follower(delivery)
+        error = self.failureResultOf(follower.done, CommandError).value
+        self.assertEqual(error.status, 70)
+        self.assertIn(delivery.message.id, error.reason)
+        self.assertIn("TypeError: FieldValue can not be serialized", error.reason)
+        self.assertFalse(delivery.acked)
+
+    def test_json_unserializable_header(self) -> None:
+        """tail --format json given a message it can not serialize ends with one line, not a hang."""
+        message = from_amqp("org.example.prod.odd", {"headers": {"far": FieldValue("T", 2**62)}}, b"{}")
+        out = io.StringIO()
+
+        def show(shown: Message) -> None:
+            out.write(format_json(shown))
+
+        follower = Follower(show, Filter(), count=1)
+        follower(FakeDelivery(message))
+        error = self.failureResultOf(follower.done, CommandError).value
+        self.assertIn(message.id, error.reason)
+        self.assertEqual(out.getvalue(), "")
 
     def test_topology(self) -> None:
         """The queue is temporary (exclusive, auto-delete, not durable), bounded and bound for each pattern."""

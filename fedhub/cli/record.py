@@ -60,11 +60,21 @@ class Appender:
         """
         Append one message.
 
-        @raise CommandError: with C{EX_IOERR} when writing fails.
+        @raise CommandError: with C{EX_IOERR} when writing fails, with the
+            status of L{runner.status_of} when the message can not be
+            serialized.
         @raise BrokenPipeError: when FILE is a pipe whose reader went away.
         """
         try:
-            self.stream.write(dump_line(message).encode("utf-8"))
+            line = dump_line(message).encode("utf-8")
+        except Exception as e:
+            # Nothing of it is written, so the file gets no partial line.
+            status, reason = runner.status_of(e)
+            raise CommandError(
+                f"message {message.id} can not be written to {self.name}: {reason}", status
+            ) from None
+        try:
+            self.stream.write(line)
             self.stream.flush()
         except BrokenPipeError:
             raise

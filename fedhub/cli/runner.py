@@ -12,8 +12,9 @@ Exit statuses follow C{<sysexits.h>}:
     bad line in a file, with its number);
   - C{66} (C{EX_NOINPUT}): an input file can not be opened;
   - C{69} (C{EX_UNAVAILABLE}): the broker refused: a message was returned
-    (no queue is bound for its topic) or nacked, an exchange or queue does
-    not exist (404), an argument is refused (406);
+    (no queue is bound for its topic) or nacked, its body is larger than the
+    broker's C{max_message_size}, an exchange or queue does not exist (404),
+    an argument is refused (406);
   - C{70} (C{EX_SOFTWARE}): an unexpected error (a bug);
   - C{73} (C{EX_CANTCREAT}), C{74} (C{EX_IOERR}): an output file can not be
     created or written;
@@ -206,7 +207,8 @@ def status_of(error: BaseException) -> tuple[int, str]:
         return EX_TEMPFAIL, error.reason
     if isinstance(error, PublishError):
         # For example the transport's PublishRefused: the broker's
-        # permissions forbid the exchange or the topic (403).
+        # permissions forbid the exchange or the topic (403); or its
+        # MessageTooLarge, which the broker refuses whatever the permissions.
         if getattr(error, "reply_code", None) == 403:
             return EX_NOPERM, error.reason
         return EX_UNAVAILABLE, error.reason

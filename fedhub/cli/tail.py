@@ -105,11 +105,27 @@ def format_json(message: Message) -> str:
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", dump_line(message))
 
 
+#: A lone surrogate: a header name that was not UTF-8 on the wire holds
+#: them, and so does a body whose JSON has an unpaired C{\\uD800} escape.
+#: UTF-8 can not encode one, so printing it would fail.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    """
+    C{text} with lone surrogates written as C{\\uXXXX} escapes: inside a
+    JSON string the same value, elsewhere a visible stand-in.
+    """
+    if text.isascii():
+        return text
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def format_terse(message: Message) -> str:
     """
     One line: send time, topic, summary (as the C{log} consumer writes it).
     """
-    return format_line(message) + "\n"
+    return _escape_surrogates(format_line(message)) + "\n"
 
 
 def format_pretty(message: Message) -> str:
@@ -136,7 +152,7 @@ def format_pretty(message: Message) -> str:
     lines.append("  body:")
     body = json.dumps(message.body, ensure_ascii=False, sort_keys=True, indent=2, default=str)
     lines.extend("    " + line for line in body.split("\n"))
-    return "".join(escape_control(line) + "\n" for line in lines) + "\n"
+    return _escape_surrogates("".join(escape_control(line) + "\n" for line in lines) + "\n")
 
 
 FORMATTERS: dict[str, Callable[[Message], str]] = {
@@ -186,7 +202,8 @@ class Follower:
     @ivar pipe_closed: Whether C{show} found its reader gone.
     @ivar done: Fires with the exit status once C{count} messages were
         shown, or C{show} raised (a closed pipe ends it with 0, a
-        L{CommandError} with its status).
+        L{CommandError} with its status, anything else with a
+        L{CommandError} of the status L{runner.status_of} gives).
     """
 
     def __init__(
@@ -213,6 +230,13 @@ class Follower:
                 return
             except CommandError as e:
                 self.done.errback(e)
+                return
+            except Exception as e:
+                # Whatever else the output raises ends the command with one
+                # line: left to the bus, it would only be logged, and the
+                # command would wait on without this message.
+                status, reason = runner.status_of(e)
+                self.done.errback(CommandError(f"message {message.id}: {reason}", status))
                 return
             self.shown += 1
         delivery.ack()
