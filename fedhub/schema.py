@@ -17,6 +17,12 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+# jsonschema's own reference resolution, which it brings along.
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
+from jsonschema_specifications import REGISTRY as _SPECIFICATIONS
+
 from fedhub.errors import MessageError, SchemaValidationError
 from fedhub.message import BASE_SCHEMA, FrozenDict, FrozenList, Message
 
@@ -342,6 +348,37 @@ def _disjoint_types(branches: list[Any]) -> bool:
     return True
 
 
+#: What jsonschema resolves references with: the drafts' meta-schemas only,
+#: never fetching a document (its default fetches over HTTP, synchronously).
+_NO_FETCHING: Any = referencing.Registry()
+
+
+def _unresolvable_ref(cls: Any, schema: Mapping[str, Any]) -> str | None:
+    """
+    The first C{$ref} of C{schema} that does not resolve within the schema
+    itself (or to a draft's meta-schema), or C{None} when they all do.
+
+    References are looked up, not followed, so a recursive schema is
+    walked once; the walk goes through subschemas only, so a property named
+    C{$ref} or an C{enum} value holding one is not taken for a reference.
+    """
+    specification = referencing.jsonschema.specification_with(cls.ID_OF(cls.META_SCHEMA))
+    root = specification.create_resource(schema)
+    pending = [(root, _SPECIFICATIONS.resolver_with_root(root))]
+    while pending:
+        resource, resolver = pending.pop()
+        resolver = resolver.in_subresource(resource)
+        contents = resource.contents
+        ref = contents.get("$ref") if isinstance(contents, Mapping) else None
+        if isinstance(ref, str):
+            try:
+                resolver.lookup(ref)
+            except referencing.exceptions.Unresolvable:
+                return ref
+        pending.extend((sub, resolver) for sub in resource.subresources())
+    return None
+
+
 class SchemaRegistry:
     """
     Named JSON schemas for message bodies.
@@ -361,14 +398,25 @@ class SchemaRegistry:
         """
         Register (or replace) the schema for C{name}.
 
-        @raise MessageError: when C{schema} is not a valid JSON schema.
+        @raise MessageError: when C{schema} is not a valid JSON schema, or
+            when one of its C{$ref}s does not resolve within the schema
+            itself (documents elsewhere are never fetched).
         """
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
         try:
             cls.check_schema(schema)
         except jsonschema.exceptions.SchemaError as e:
             raise MessageError(f"schema {name!r} is not a valid JSON schema: {e.message}") from None
-        self._validators[name] = cls(schema)
+        # A reference that does not resolve would fail every message checked
+        # against the schema; one to another document would be fetched by
+        # jsonschema, blocking the reactor, for each.
+        ref = _unresolvable_ref(cls, schema)
+        if ref is not None:
+            raise MessageError(
+                f"schema {name!r} is not usable: its $ref {ref!r} does not point into the "
+                f"schema itself (other documents are not fetched)"
+            )
+        self._validators[name] = cls(schema, registry=_NO_FETCHING)
         self._checks[name] = (
             compile_check(schema) if cls is not jsonschema.Draft3Validator else None
         )
@@ -402,7 +450,14 @@ class SchemaRegistry:
         check = self._checks.get(name)
         if check is not None and check(message.body):
             return known
-        error = jsonschema.exceptions.best_match(validator.iter_errors(message.body))
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(message.body))
+        except RecursionError:
+            # A recursive schema follows the body down, a few frames per
+            # level: a body can be nested deeper than that can go.
+            raise SchemaValidationError(
+                message.schema, "the body is nested too deeply to be checked"
+            ) from None
         if error is not None:
             path = "$" + "".join(
                 f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
