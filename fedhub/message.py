@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, ClassVar, NoReturn, Self
 
@@ -893,7 +894,14 @@ def _header_json(value: object) -> object:
     """
     The JSON form of header values AMQP has and JSON lacks: timestamps (as
     in RabbitMQ's C{x-death}) become ISO 8601 strings, decimals strings and
-    byte arrays text.
+    byte arrays text.  These forms load back as those strings, not as the
+    AMQP types they came as.
+
+    A value held in a L{fedhub.amqp.codec.FieldValue} (a timestamp past the
+    year 9999, or a value decoded with its exact wire type) is written as
+    its plain value would be; such a timestamp as ISO 8601 text with the
+    year in the standard's expanded form (a sign, then five digits or more:
+    C{+10000-01-01T00:00:00+00:00}).
     """
     if isinstance(value, datetime):
         return value.isoformat()
@@ -901,7 +909,38 @@ def _header_json(value: object) -> object:
         return str(value)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "replace")
+    # A FieldValue exists only once the AMQP codec is loaded; looking it up
+    # here keeps serializing free of the AMQP modules otherwise.
+    codec = sys.modules.get("fedhub.amqp.codec")
+    if codec is not None and isinstance(value, codec.FieldValue):
+        wire = value.value
+        if value.type == "T" and wire.__class__ is int and wire >= 0:
+            return _timestamp_text(wire)
+        if value.type == "t":
+            return bool(wire)
+        return wire
     raise TypeError(f"{type(value).__name__} can not be serialized")
+
+
+#: The Gregorian calendar repeats every 400 years, which are this many days.
+_DAYS_IN_400_YEARS = 146097
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _timestamp_text(seconds: int) -> str:
+    """
+    ISO 8601 text of an AMQP timestamp (whole seconds since the epoch, UTC),
+    years past 9999 included, which C{datetime} can not hold: the date is
+    worked out within one 400-year cycle and the cycles added to its year.
+    """
+    days, second = divmod(seconds, 86400)
+    cycles, days = divmod(days, _DAYS_IN_400_YEARS)
+    day = _EPOCH + timedelta(days=days, seconds=second)
+    year = day.year + 400 * cycles
+    # Within one cycle from 1970 the year has four digits: the rest of the
+    # text follows them.
+    rest = day.isoformat()[4:]
+    return f"{year:04d}{rest}" if year <= 9999 else f"+{year}{rest}"
 
 
 #: A lone surrogate: what a header name that was not UTF-8 on the wire holds

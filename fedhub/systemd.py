@@ -28,6 +28,7 @@ class Notifier:
 
     @ivar address: The socket address (a path, or an abstract name starting
         with C{@}), or C{None} when not run by systemd.
+    @ivar dropped: Notifications dropped because the socket's queue was full.
     """
 
     log = HubLogger()
@@ -38,13 +39,17 @@ class Notifier:
         usec = environ.get("WATCHDOG_USEC", "")
         pid = environ.get("WATCHDOG_PID", "")
         self.watchdog_interval: float | None = None
+        self.dropped = 0
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1_000_000 / 2
 
     def notify(self, *assignments: str) -> bool:
         """
         Send C{KEY=value} lines.  Failures are logged, never raised: the hub
-        must not stop because systemd went away.
+        must not stop because systemd went away.  The send never waits: a
+        datagram the socket's queue has no room for (systemd busy or stuck)
+        is dropped and counted in L{dropped}, since waiting would stop the
+        reactor; the first drop is logged.
 
         @return: Whether the datagram was sent.
         """
@@ -55,7 +60,16 @@ class Notifier:
             target = "\0" + target[1:]
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
                 sock.sendto("\n".join(assignments).encode("utf-8"), target)
+        except BlockingIOError:
+            self.dropped += 1
+            if self.dropped == 1:
+                self.log.warn(
+                    "systemd notification dropped: its socket's queue is full; further "
+                    "drops are counted, not logged"
+                )
+            return False
         except OSError as e:
             self.log.warn("systemd notification failed: {error}", error=str(e))
             return False
@@ -87,6 +101,9 @@ class NotifyService(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        # systemd watches the watchdog only while the unit is running: once
+        # it is stopping (systemctl stop, or the STOPPING=1 below) the drain
+        # is bounded by TimeoutStopSec instead, so the pings can end here.
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self.notifier.notify("STOPPING=1", "STATUS=fedhub draining")

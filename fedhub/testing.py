@@ -16,14 +16,29 @@ what became of each::
             self.assertEqual(settled.outcome, "acked")
             self.assertEqual(harness.published, [])
 
+Each call of L{ConsumerHarness.deliver} is one delivery with its own
+outcome: the same L{Message} delivered twice (to test what a plugin does
+with a duplicate, which at-least-once delivery brings) gives two Deferreds,
+each firing with what became of its own delivery.  A retried copy coming
+back from a retry queue is not a new delivery: its outcome is in
+C{harness.settled}.
+
+Unless given a C{hub} whose C{state_dir} it should use, a harness makes a
+temporary state directory for the plugin (C{harness.state_dir}) and removes
+it when L{ConsumerHarness.stop} has stopped everything; those of harnesses
+never stopped are removed when the process exits.  To look at what a plugin
+left there after it stopped, pass C{hub=HubSettings(state_dir=...)}.
+
 L{RecordingPublisher} is an honest fake L{IPublisher} for producer tests: it
 records what is handed over and can be told to refuse.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -34,11 +49,25 @@ from fedhub.bus.memory import MemoryBus
 from fedhub.config import ComponentConfig, HubSettings, check_options
 from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.errors import FedhubError
-from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
+from fedhub.interfaces import IConsumerPlugin, IDelivery, IMessageHandler, IPublisher, ISubscription
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 
 __all__ = ["ConsumerHarness", "RecordingPublisher", "Settled"]
+
+#: State directories harnesses made and have not removed yet.
+_left_behind: set[str] = set()
+
+
+@atexit.register
+def _remove_left_behind() -> None:
+    """
+    Remove the state directories of harnesses that were never stopped, so
+    that a plugin's test suite leaves no temporary directories behind.
+    """
+    for path in list(_left_behind):
+        shutil.rmtree(path, ignore_errors=True)
+    _left_behind.clear()
 
 
 @implementer(IPublisher)
@@ -74,6 +103,30 @@ class RecordingPublisher:
         return succeed(None)
 
 
+class _WatchedBus(MemoryBus):
+    """
+    The harness's bus: it tells the harness of every delivery before the
+    consumer gets it, so the harness can tell which of its deliveries a
+    settled message was.
+    """
+
+    def __init__(self, domain: str, clock: Any, seen: Callable[[IDelivery], None]) -> None:
+        super().__init__(domain, clock=clock)
+        self._seen = seen
+
+    def subscribe(
+        self,
+        queue: str,
+        on_delivery: Callable[[IDelivery], object],
+        prefetch: int,
+    ) -> Deferred[ISubscription]:
+        def watched(delivery: IDelivery) -> object:
+            self._seen(delivery)
+            return on_delivery(delivery)
+
+        return super().subscribe(queue, watched, prefetch)
+
+
 class ConsumerHarness:
     """
     Runs one consumer plugin on the in-process bus.
@@ -86,6 +139,9 @@ class ConsumerHarness:
     @ivar handler: What the plugin built.
     @ivar service: The consumer runner.
     @ivar settled: Every L{Settled} so far, in order.
+    @ivar state_dir: The hub's state directory the plugin was given: the
+        C{hub}'s, or a temporary one the harness made and removes (see
+        L{stop}).
     """
 
     def __init__(
@@ -110,6 +166,8 @@ class ConsumerHarness:
 
         @param options: The plugin's own keys, checked against its
             C{options} (a L{fedhub.errors.ConfigError} names what is wrong).
+        @param hub: The hub's settings; by default the defaults, with a
+            temporary C{state_dir} the harness removes once stopped.
         @param reactor: A real reactor for plugins that do real I/O; by
             default a L{Clock}, advanced by L{deliver} and L{advance}.
         @param concurrency: The consumer's C{concurrency}, and
@@ -119,13 +177,22 @@ class ConsumerHarness:
             C{crosses_domains = True} (a bridge) gets a L{RecordingPublisher}
             for each, found in L{peers}.
         """
+        # Deliveries asked for and not yet handed to the consumer, in order,
+        # then those handed over, by the identity of the message the
+        # consumer got (which every Settled of that delivery carries).
+        self._undelivered: list[tuple[Message, Deferred[Settled]]] = []
+        self._delivered: dict[int, tuple[Message, Deferred[Settled]]] = {}
         self.clock = reactor if reactor is not None else Clock()
-        self.bus = MemoryBus(domain, clock=self.clock)
+        self.bus: MemoryBus = _WatchedBus(domain, self.clock, self._on_delivery)
         self.publisher = RecordingPublisher(domain)
         self.peers = {name: RecordingPublisher(name) for name in peer_domains}
         checked = check_options(plugin.options, options or {})
+        self._own_state_dir: str | None = None
         if hub is None:
-            hub = HubSettings(state_dir=tempfile.mkdtemp(prefix="fedhub-harness-"))
+            self._own_state_dir = tempfile.mkdtemp(prefix="fedhub-harness-")
+            _left_behind.add(self._own_state_dir)
+            hub = HubSettings(state_dir=self._own_state_dir)
+        self.state_dir = hub.state_dir
         component = ComponentConfig(
             kind="consumer",
             index=0,
@@ -153,10 +220,13 @@ class ConsumerHarness:
                 dict(self.peers) if getattr(plugin, "crosses_domains", False) is True else {}
             ),
         )
-        self.handler: IMessageHandler = plugin.build(context)
+        try:
+            self.handler: IMessageHandler = plugin.build(context)
+        except BaseException:
+            self._remove_state_dir()
+            raise
         self.service = ConsumerService(component, self.handler, self.bus, self.clock)
         self.settled: list[Settled] = []
-        self._waiters: dict[str, list[Deferred[Settled]]] = {}
         self.service.add_observer(self._on_settled)
 
     @property
@@ -166,10 +236,41 @@ class ConsumerHarness:
         """
         return self.publisher.published
 
+    def _on_delivery(self, delivery: IDelivery) -> None:
+        """
+        Pair a delivery with the oldest L{deliver} call it answers.
+
+        A delivery the broker makes again (a requeued one) or a copy that
+        comes back from a retry queue (it carries C{x-death}) answers none:
+        the first outcome of that delivery was reported already.
+        """
+        if delivery.redelivered:
+            return
+        got = delivery.message
+        for index, (sent, waiter) in enumerate(self._undelivered):
+            if (
+                sent.id == got.id
+                and sent.topic == got.topic
+                and sent.headers == got.headers
+                and sent.body == got.body
+            ):
+                del self._undelivered[index]
+                self._delivered[id(got)] = (got, waiter)
+                return
+
     def _on_settled(self, event: Settled) -> None:
         self.settled.append(event)
-        for waiter in self._waiters.pop(event.message.id, []):
-            waiter.callback(event)
+        found = self._delivered.get(id(event.message))
+        if found is not None and found[0] is event.message:
+            del self._delivered[id(event.message)]
+            found[1].callback(event)
+
+    def _remove_state_dir(self) -> None:
+        path = self._own_state_dir
+        if path is not None:
+            self._own_state_dir = None
+            shutil.rmtree(path, ignore_errors=True)
+            _left_behind.discard(path)
 
     def _turn(self) -> None:
         if isinstance(self.clock, Clock):
@@ -186,10 +287,18 @@ class ConsumerHarness:
 
     def stop(self) -> Deferred[None]:
         """
-        Stop the consumer (draining, then the plugin's C{stop}) and the bus.
+        Stop the consumer (draining, then the plugin's C{stop}) and the bus,
+        then remove the temporary state directory the harness made (not one
+        given with C{hub}).
         """
         d: Deferred[Any] = self.service.stopService()
         d.addCallback(lambda _: self.bus.stopService())
+
+        def removed(result: object) -> object:
+            self._remove_state_dir()
+            return result
+
+        d.addBoth(removed)
         self._turn()
         return d
 
@@ -200,15 +309,25 @@ class ConsumerHarness:
         Publish a message to the consumer's queue and return a Deferred that
         fires with its L{Settled} once the consumer decided its fate.
 
+        Every call is one delivery with its own outcome, also when the same
+        message (or one with the same id) is delivered again before or after.
+
         @param message: A L{Message}, or a topic to build one from with
             C{body} and C{fields} (see L{Message.create}).
         """
         if not isinstance(message, Message):
             message = Message.create(message, body or {}, **fields)
         waiter: Deferred[Settled] = Deferred()
-        self._waiters.setdefault(message.id, []).append(waiter)
-        published = self.bus.publish(message)
-        published.addErrback(lambda f: waiter.errback(f) if not waiter.called else None)
+        entry = (message, waiter)
+        self._undelivered.append(entry)
+
+        def refused(failure: Any) -> None:
+            if entry in self._undelivered:
+                self._undelivered.remove(entry)
+            if not waiter.called:
+                waiter.errback(failure)
+
+        self.bus.publish(message).addErrback(refused)
         self._turn()
         return waiter
 

@@ -32,6 +32,7 @@ from fedhub.message import (
 )
 
 SENT = datetime(2026, 11, 28, 6, 0, 0, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def sample(**changes: object) -> Message:
@@ -353,6 +354,35 @@ class SerializedFormTests(SynchronousTestCase):
         self.assertEqual(back.headers["x-death"][0]["time"], "2026-11-28T06:00:00+00:00")
         self.assertEqual(back.headers["d"], "1.5")
         self.assertEqual(back.headers["b"], "raw")
+
+    def test_far_timestamp_header(self) -> None:
+        """A timestamp past year 9999 (a FieldValue off the wire) serializes as ISO 8601 text with an expanded year, which loads and publishes."""
+        from fedhub.amqp.codec import FieldValue, decode_table, encode_table
+
+        year_10000 = int((datetime(9999, 12, 31, tzinfo=timezone.utc) - EPOCH).total_seconds()) + 86400
+        later = year_10000 + 146097 * 86400 + 3661
+        raw = encode_table({
+            "far": FieldValue("T", year_10000),
+            "x-death": [{"count": 1, "time": FieldValue("T", later), "queue": "q"}],
+            "end": FieldValue("T", 2**64 - 1),
+        })
+        headers, _ = decode_table(raw)
+        message = from_amqp("a.b", {"headers": headers}, b"{}")
+        (back,) = loads(dump_line(message))
+        self.assertEqual(back.headers["far"], "+10000-01-01T00:00:00+00:00")
+        self.assertEqual(back.headers["x-death"][0]["time"], "+10400-01-01T01:01:01+00:00")
+        self.assertEqual(back.headers["end"], "+584554051223-11-09T07:00:15+00:00")
+        self.assertTrue(back.encoded_properties)
+
+    def test_typed_header_values(self) -> None:
+        """A header value carrying an explicit AMQP type serializes as its value."""
+        from fedhub.amqp.codec import FieldValue
+
+        message = sample(headers={"n": FieldValue("l", 5), "f": FieldValue("f", 0.5), "s": FieldValue("S", b"\xff")})
+        (back,) = loads(dumps(message))
+        self.assertEqual(
+            (back.headers["n"], back.headers["f"], back.headers["s"]), (5, 0.5, "\ufffd")
+        )
 
     def test_lone_surrogates_escaped(self) -> None:
         """Lone surrogates (header names not UTF-8 on the wire, unpaired escapes in a body) are written as JSON escapes."""

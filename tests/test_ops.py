@@ -14,10 +14,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -214,3 +214,35 @@ class NotifyTests(SynchronousTestCase):
     def test_send_failure_logged(self) -> None:
         """A socket that is gone makes notify return False, not raise."""
         self.assertFalse(Notifier({"NOTIFY_SOCKET": "/nonexistent/socket"}).notify("READY=1"))
+
+    def test_full_queue_drops(self) -> None:
+        """A notification socket whose queue is full makes notify drop the datagram at once, counted and logged once."""
+        receiver = self.listen()
+        # Should sending block, fail the test instead of hanging it.
+        socket.setdefaulttimeout(5)
+        self.addCleanup(socket.setdefaulttimeout, None)
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        sender.setblocking(False)
+        filled = 0
+        while True:
+            try:
+                sender.sendto(b"X" * 512, self.path)
+            except BlockingIOError:
+                break
+            filled += 1
+        self.assertGreater(filled, 0)
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        notifier = Notifier({"NOTIFY_SOCKET": self.path})
+        self.assertFalse(notifier.notify("WATCHDOG=1"))
+        self.assertFalse(notifier.notify("WATCHDOG=1"))
+        self.assertEqual(notifier.dropped, 2)
+        self.assertEqual(
+            len([e for e in events if "dropped" in e.get("log_format", "")]), 1, events
+        )
+        receiver.recv(1000)
+        self.assertTrue(notifier.notify("READY=1"))
+

@@ -4,16 +4,20 @@ Tests for L{fedhub.testing}, the kit plugin authors test with.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from fedhub.config import Option
+from fedhub.config import HubSettings, Option
 from fedhub.consumers.log import LogPlugin
-from fedhub.errors import ConfigError, DeadLetter, Retry, TemporarilyUnavailable
+from fedhub.errors import ConfigError, DeadLetter, Drop, Retry, TemporarilyUnavailable
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
@@ -55,6 +59,52 @@ class EchoPlugin:
 
     def build(self, context: PluginContext) -> Echo:
         return Echo(context)
+
+
+@implementer(IMessageHandler)
+class Once:
+    """
+    Drops a message id seen before, retries a message whose body asks for it
+    until the broker has dead-lettered it once, and holds messages while told.
+    """
+
+    topics = ("#",)
+
+    def __init__(self, context: PluginContext) -> None:
+        self.seen: set[str] = set()
+        self.hold = False
+        self.held: list[Deferred[None]] = []
+
+    def handle(self, message: Message) -> Any:
+        if message.body.get("retry"):
+            if "x-death" not in message.headers:
+                raise Retry("first time")
+            return None
+        duplicate = message.id in self.seen
+        self.seen.add(message.id)
+        if self.hold:
+            d: Deferred[None] = Deferred()
+            self.held.append(d)
+            return d
+        if duplicate:
+            raise Drop("seen before")
+        return None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@implementer(IConsumerPlugin)
+class OncePlugin:
+    name = "once"
+    description = "drops duplicates"
+    options: Mapping[str, Option] = {}
+
+    def build(self, context: PluginContext) -> Once:
+        return Once(context)
 
 
 class HarnessTests(SynchronousTestCase):
@@ -113,6 +163,97 @@ class HarnessTests(SynchronousTestCase):
         harness.start()
         self.successResultOf(harness.stop())
         self.assertFalse(harness.service.running)
+
+
+    def test_same_message_twice(self) -> None:
+        """One Message delivered twice while the first is in hand gives each delivery its own outcome."""
+        harness = ConsumerHarness(OncePlugin())
+        handler: Once = harness.handler  # type: ignore[assignment]
+        harness.start()
+        message = Message.create("a.b", {"x": 1})
+        handler.hold = True
+        first = harness.deliver(message)
+        second = harness.deliver(message)
+        handler.hold = False
+        handler.held[0].callback(None)
+        harness.advance(0)
+        self.assertEqual(
+            (self.successResultOf(first).outcome, self.successResultOf(second).outcome),
+            ("acked", "dropped"),
+        )
+
+    def test_same_id_out_of_order(self) -> None:
+        """Two deliveries of one id that settle in the other order still each get their own outcome."""
+        harness = ConsumerHarness(OncePlugin(), concurrency=2)
+        handler: Once = harness.handler  # type: ignore[assignment]
+        harness.start()
+        message = Message.create("a.b", {"x": 1})
+        handler.hold = True
+        first = harness.deliver(message)
+        handler.hold = False
+        second = harness.deliver(message)
+        self.assertEqual(self.successResultOf(second).outcome, "dropped")
+        self.assertNoResult(first)
+        handler.held[0].errback(DeadLetter("held too long"))
+        harness.advance(0)
+        self.assertEqual(self.successResultOf(first).outcome, "dead_lettered")
+
+    def test_retry_copy_is_not_a_delivery(self) -> None:
+        """A retried copy coming back does not take the outcome meant for a later delivery of the same message."""
+        harness = ConsumerHarness(OncePlugin(), retry_delay=5)
+        handler: Once = harness.handler  # type: ignore[assignment]
+        harness.start()
+        message = Message.create("a.b", {"retry": True})
+        self.assertEqual(self.successResultOf(harness.deliver(message)).outcome, "retried")
+        handler.hold = True
+        gate = harness.deliver("a.b", {"gate": 1})
+        handler.hold = False
+        harness.advance(5)
+        again = harness.deliver(message)
+        handler.held[0].callback(None)
+        harness.advance(0)
+        self.assertEqual(self.successResultOf(gate).outcome, "acked")
+        self.assertEqual(
+            [s.outcome for s in harness.settled if s.message.id == message.id],
+            ["retried", "acked", "retried"],
+        )
+        self.assertEqual(self.successResultOf(again).outcome, "retried")
+
+    def test_state_dir_removed_on_stop(self) -> None:
+        """The state directory the harness made for the plugin is gone once the harness stopped."""
+        harness = ConsumerHarness(EchoPlugin())
+        path = harness.state_dir
+        self.assertTrue(os.path.isdir(path))
+        harness.start()
+        self.successResultOf(harness.stop())
+        self.assertFalse(os.path.exists(path))
+
+    def test_given_state_dir_kept(self) -> None:
+        """A state directory the caller gave is left alone."""
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        harness = ConsumerHarness(EchoPlugin(), hub=HubSettings(state_dir=path))
+        self.assertEqual(harness.state_dir, path)
+        harness.start()
+        self.successResultOf(harness.stop())
+        self.assertTrue(os.path.isdir(path))
+
+    def test_state_dir_removed_at_exit(self) -> None:
+        """A harness never stopped leaves no state directory behind once its process exits."""
+        script = (
+            "from fedhub.consumers.log import LogPlugin\n"
+            "from fedhub.testing import ConsumerHarness\n"
+            "harness = ConsumerHarness(LogPlugin())\n"
+            "harness.start()\n"
+            "print(harness.state_dir)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        path = done.stdout.strip()
+        self.assertTrue(path)
+        self.assertFalse(os.path.exists(path))
 
 
 class RecordingPublisherTests(SynchronousTestCase):
