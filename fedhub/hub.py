@@ -6,9 +6,11 @@ connection) and an outbox that publishes through it.  Consumers and producers
 are built by their plugins and get their own domain's publisher only.
 
 Services start in order (buses, outboxes, spool importers, consumers,
-producers, the status server) and stop in
-the reverse order, one after the other, so producers stop taking work first
-and outboxes are flushed before their connection goes.
+producers, the status server); a service whose start fails is logged and
+the others run.  They stop in the reverse order, one kind after the other
+(the services of one kind together), so producers stop taking work first,
+consumers drain before the outboxes stop, and outboxes are flushed before
+their connection goes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig, Config, DomainConfig, format_path
 from fedhub.errors import ConfigError, ConfigProblem
@@ -35,20 +38,93 @@ from fedhub.topology import Topology
 
 class SequentialMultiService(MultiService):
     """
-    A C{MultiService} that stops its children one at a time, last added
-    first, waiting for each before stopping the next.
+    A C{MultiService} that starts its children in order, containing a child
+    whose start fails, and stops them in stages, last added first.
+
+    Consecutive children whose names share the part before a colon (all the
+    C{consumer:...}, all the C{outbox:...}) form one stage: they stop at the
+    same time, and the stage before them stops only once every one of them
+    has stopped.  A child without such a name is a stage of its own.  So
+    the time a stop takes is the longest drain of each kind, not the sum
+    of every component's.
     """
 
     log = HubLogger()
 
+    def startService(self) -> None:
+        Service.startService(self)
+        for service in self:
+            self._start_child(service)
+
+    def _start_child(self, service: IService) -> None:
+        """
+        Start one child.  A child that raises, or returns a Deferred that
+        fails, is logged by name and the others start all the same: one
+        component's failure never keeps the rest of the hub from running.
+        """
+
+        def failed(failure: Failure | None = None) -> None:
+            self.log.failure(
+                "Starting {service} failed; the hub runs without it", failure,
+                service=service.name, **_component_fields(service.name),
+            )
+
+        try:
+            started = service.startService()
+        except Exception:
+            failed()
+            return
+        if isinstance(started, Deferred):
+            started.addErrback(failed)
+
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         Service.stopService(self)
-        for service in reversed(list(self)):
-            try:
-                yield maybeDeferred(service.stopService)
-            except Exception:
-                self.log.failure("Stopping {service} failed", service=service.name)
+        for stage in reversed(_stages(list(self))):
+            yield DeferredList([self._stop_child(service) for service in reversed(stage)])
+
+    def _stop_child(self, service: IService) -> Deferred[None]:
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "Stopping {service} failed", failure, service=service.name,
+                **_component_fields(service.name),
+            )
+
+        stopped: Deferred[None] = maybeDeferred(service.stopService)
+        return stopped.addErrback(failed)
+
+
+def _stage_key(service: IService) -> str | None:
+    name = service.name
+    if isinstance(name, str) and ":" in name:
+        return name.partition(":")[0]
+    return None
+
+
+def _stages(services: list[IService]) -> list[list[IService]]:
+    """
+    Group consecutive services of one kind (see L{SequentialMultiService}).
+    """
+    stages: list[list[IService]] = []
+    for service in services:
+        key = _stage_key(service)
+        if stages and key is not None and _stage_key(stages[-1][0]) == key:
+            stages[-1].append(service)
+        else:
+            stages.append([service])
+    return stages
+
+
+def _component_fields(name: object) -> dict[str, Any]:
+    """
+    The stable log field (C{consumer} or C{producer}) naming the component
+    behind a service name such as C{producer:mail}.
+    """
+    if isinstance(name, str):
+        kind, _, component = name.partition(":")
+        if kind in ("consumer", "producer") and component:
+            return {kind: component}
+    return {}
 
 
 class TopologyService(Service):

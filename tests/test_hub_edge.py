@@ -1,0 +1,231 @@
+"""
+Edge cases of L{fedhub.hub}: services whose start fails, and the order and
+concurrency of stopping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from fedhub.config import Option, parse_config
+from fedhub.consumers.log import LogPlugin
+from fedhub.hub import Hub, SequentialMultiService
+from fedhub.interfaces import IProducerPlugin
+from fedhub.plugins import PluginContext
+
+
+class Step(Service):
+    """
+    A service that records its starts and stops, and stops only when told.
+    """
+
+    def __init__(self, name: str, order: list[str]) -> None:
+        self.setName(name)
+        self.order = order
+        self.release: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.order.append(f"start {self.name}")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.order.append(f"stop {self.name}")
+        return self.release
+
+
+class RaisingStart(Service):
+    """
+    A service whose C{startService} raises.
+    """
+
+    def startService(self) -> None:
+        super().startService()
+        raise RuntimeError("cannot start")
+
+
+class FailingStart(Service):
+    """
+    A service whose C{startService} returns a failed Deferred.
+    """
+
+    def startService(self) -> Deferred[None]:  # type: ignore[override]
+        super().startService()
+        return fail(RuntimeError("start failed later"))
+
+
+class Recorder:
+    """
+    Collects log events for the duration of a test.
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_failure") is not None]
+
+
+class StartFailureTests(SynchronousTestCase):
+    """
+    A child whose start fails is contained: the others still start.
+    """
+
+    def test_raising_start_contained(self) -> None:
+        """A child whose startService raises is logged by name and the children after it still start."""
+        events = Recorder(self)
+        order: list[str] = []
+        parent = SequentialMultiService()
+        Step("first", order).setServiceParent(parent)
+        RaisingStart().setServiceParent(parent)
+        last = Step("producer:last", order)
+        last.setServiceParent(parent)
+        parent.startService()
+        self.assertEqual(order, ["start first", "start producer:last"])
+        self.assertTrue(last.running)
+        failures = events.failures()
+        self.assertEqual(len(failures), 1)
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failed_start_deferred_logged(self) -> None:
+        """A child whose startService returns a failed Deferred is logged with its component name, not left unhandled."""
+        events = Recorder(self)
+        parent = SequentialMultiService()
+        failing = FailingStart()
+        failing.setName("producer:mail")
+        failing.setServiceParent(parent)
+        parent.startService()
+        failures = events.failures()
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(failures[0]["producer"], "mail")
+        self.assertEqual(failures[0]["service"], "producer:mail")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StagedStopTests(SynchronousTestCase):
+    """
+    Children of one kind stop together; kinds stop one after the other.
+    """
+
+    def test_same_kind_stops_together(self) -> None:
+        """Consumers stop at the same time, and the outbox only once every consumer has stopped."""
+        order: list[str] = []
+        parent = SequentialMultiService()
+        outbox = Step("outbox:one", order)
+        a, b = Step("consumer:a", order), Step("consumer:b", order)
+        for service in (outbox, a, b):
+            service.setServiceParent(parent)
+        parent.startService()
+        del order[:]
+        stopped = parent.stopService()
+        self.assertEqual(order, ["stop consumer:b", "stop consumer:a"])
+        b.release.callback(None)
+        self.assertEqual(order, ["stop consumer:b", "stop consumer:a"])
+        a.release.callback(None)
+        self.assertEqual(order, ["stop consumer:b", "stop consumer:a", "stop outbox:one"])
+        self.assertNoResult(stopped)
+        outbox.release.callback(None)
+        self.successResultOf(stopped)
+
+    def test_failed_stop_does_not_stop_the_stage(self) -> None:
+        """A child whose stop fails is logged and the next kind still stops after its peers."""
+        order: list[str] = []
+        parent = SequentialMultiService()
+        outbox = Step("outbox:one", order)
+        a, b = Step("consumer:a", order), Step("consumer:b", order)
+        for service in (outbox, a, b):
+            service.setServiceParent(parent)
+        parent.startService()
+        del order[:]
+        stopped = parent.stopService()
+        a.release.errback(RuntimeError("stop failed"))
+        self.assertEqual(order, ["stop consumer:b", "stop consumer:a"])
+        b.release.callback(None)
+        self.assertEqual(order[-1], "stop outbox:one")
+        outbox.release.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+@implementer(IProducerPlugin)
+class ServicePlugin:
+    """
+    A producer plugin building a given kind of service.
+    """
+
+    description = "builds a test service"
+    options: Mapping[str, Option] = {}
+
+    def __init__(self, name: str, factory: type[Service]) -> None:
+        self.name = name
+        self.factory = factory
+        self.built: list[Service] = []
+
+    def build(self, context: PluginContext) -> IService:
+        service = self.factory()
+        self.built.append(service)
+        return service
+
+
+CONFIG = """
+[hub]
+state_dir = "{state}"
+
+[domains.one]
+broker = "memory"
+
+[[consumers]]
+name = "log"
+plugin = "log"
+domain = "one"
+topics = ["#"]
+
+[[producers]]
+name = "broken"
+plugin = "raising"
+domain = "one"
+
+[[producers]]
+name = "fine"
+plugin = "plain"
+domain = "one"
+"""
+
+
+class HubStartFailureTests(TestCase):
+    """
+    A hub with a producer whose start raises.
+    """
+
+    def test_hub_runs_without_the_broken_producer(self) -> None:
+        """Starting the hub does not raise; every other service runs, and the failure names the producer."""
+        events = Recorder(self)
+        plain = ServicePlugin("plain", Service)
+        lookup: dict[str, Any] = {
+            "log": LogPlugin(), "raising": ServicePlugin("raising", RaisingStart), "plain": plain,
+        }
+        config = parse_config(
+            CONFIG.format(state=os.path.abspath(self.mktemp())), "test",
+            find_plugin=lambda kind, name: lookup.get(name),
+        )
+        hub = Hub(config, reactor, find_consumer=lambda n: lookup[n], find_producer=lambda n: lookup[n])
+        hub.startService()
+        self.addCleanup(hub.stopService)
+        self.assertTrue(hub.producers["fine"].running)
+        self.assertTrue(hub.consumers["log"].running)
+        self.assertTrue(IService(hub.domains["one"].publisher).running)
+        failures = events.failures()
+        self.assertEqual([f.get("producer") for f in failures], ["broken"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
