@@ -208,6 +208,15 @@ def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
     return []
 
 
+def build_refusal(component: ComponentConfig, error: Exception) -> ConfigProblem:
+    """
+    The configuration problem of a component its plugin refused to build
+    with something other than a L{ConfigError}.
+    """
+    text = escape_control(f"{type(error).__name__}: {error}", 300)
+    return ConfigProblem(component.path, f"plugin {component.plugin!r} refused it: {text}")
+
+
 class Hub(SequentialMultiService):
     """
     The whole hub built from a L{Config}.
@@ -301,9 +310,23 @@ class Hub(SequentialMultiService):
             peer_publishers=peers,
         )
 
+    def _build(self, component: ComponentConfig, plugin: Any) -> Any:
+        """
+        Build a component with its plugin.
+
+        @raise ConfigError: naming the component, when its plugin refuses to
+            build it (with any exception: plugins check their options here).
+        """
+        try:
+            return plugin.build(self._context(component, plugin))
+        except ConfigError as e:
+            raise ConfigError(e.problems, self.config.source) from None
+        except Exception as e:
+            raise ConfigError([build_refusal(component, e)], self.config.source) from e
+
     def _add_consumer(self, component: ComponentConfig) -> None:
         plugin = self._find_consumer(component.plugin)
-        handler = plugin.build(self._context(component, plugin))
+        handler = self._build(component, plugin)
         runtime = self.domains[component.domain]
         service = ConsumerService(component, handler, runtime.bus, self.reactor)
         service.setName(f"consumer:{component.name}")
@@ -312,7 +335,7 @@ class Hub(SequentialMultiService):
 
     def _add_producer(self, component: ComponentConfig) -> None:
         plugin = self._find_producer(component.plugin)
-        service = IService(plugin.build(self._context(component, plugin)))
+        service = IService(self._build(component, plugin))
         service.setName(f"producer:{component.name}")
         service.setServiceParent(self)
         self.producers[component.name] = service

@@ -114,7 +114,13 @@ def makeService(options: Options | dict[str, Any]) -> IService:
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
     set_log_level(LEVELS[config.hub.log_level])
-    hub = Hub(config, reactor)
+    try:
+        hub = Hub(config, reactor)
+    except ConfigError as e:
+        # A plugin refused its component: one message naming it, as for
+        # any other configuration problem, rather than a traceback.
+        sys.stderr.write(f"twistd fedhub: {e}\n")
+        raise SystemExit(1) from None
     GracefulStop(reactor, on_hangup=hub.reopen_files).setServiceParent(hub)
     NotifyService(reactor).setServiceParent(hub)
     return hub

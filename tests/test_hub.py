@@ -5,6 +5,7 @@ in-process bus.
 
 from __future__ import annotations
 
+import io
 import os
 import json
 import signal
@@ -333,6 +334,21 @@ class TapTests(SynchronousTestCase):
         error = self.assertRaises(UsageError, Options().parseOptions, ["--config", str(path)])
         self.assertIn("domains.a.ca: ", str(error))
         self.assertIn("holds no PEM certificate", str(error))
+
+
+    def test_plugin_refusal_names_the_component(self) -> None:
+        """A component its plugin refuses to build stops twistd with one message naming the component's key."""
+        path = Path(self.mktemp())
+        path.write_text('[domains.a]\nbroker = "memory"\n[[consumers]]\nname = "b"\nplugin = "bridge"\n'
+                        'domain = "a"\ntopics = ["#"]\nto_domain = "nowhere"\nallow = ["#"]\n')
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(error.code, 1)
+        self.assertIn("consumers[0].to_domain", stderr.getvalue())
+        self.assertTrue(stderr.getvalue().startswith("twistd fedhub: "), stderr.getvalue())
 
 
 class TwistdTests(SynchronousTestCase):

@@ -11,13 +11,12 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedhub.config import ComponentConfig, Config, load_config
+from fedhub.config import Config, load_config
 from fedhub.errors import ConfigError, ConfigProblem, TemporarilyUnavailable
-from fedhub.hub import tls_problems
+from fedhub.hub import build_refusal, tls_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
-from fedhub.text import escape_control
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,13 +70,8 @@ def build_problems(config: Config) -> list[ConfigProblem]:
         except ConfigError as e:
             problems.extend(e.problems)
         except Exception as e:
-            problems.append(_refused(component, e))
+            problems.append(build_refusal(component, e))
     return problems
-
-
-def _refused(component: ComponentConfig, error: Exception) -> ConfigProblem:
-    text = escape_control(f"{type(error).__name__}: {error}", 300)
-    return ConfigProblem(component.path, f"plugin {component.plugin!r} refused it: {text}")
 
 
 def run(args: argparse.Namespace) -> int:
