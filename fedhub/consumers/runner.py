@@ -38,6 +38,7 @@ another consumer.
 from __future__ import annotations
 
 import inspect
+import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
+    TimeoutError as StopTimedOut,
     ensureDeferred,
     inlineCallbacks,
     maybeDeferred,
@@ -76,6 +78,10 @@ DEAD_LETTER_REASON_HEADER = "fedhub_dead_letter_reason"
 ERROR_POLICIES = ("retry", "dead-letter", "drop", "halt")
 
 
+#: The level at the end of a retry queue's name.
+_LEVEL = re.compile(r"[1-9][0-9]*")
+
+
 def attempts_from(message: Message, retry_prefix: str) -> int:
     """
     How often a message went through retry queues whose names start with
@@ -92,9 +98,15 @@ def attempts_from(message: Message, retry_prefix: str) -> int:
         if (
             isinstance(queue, str)
             and queue.startswith(retry_prefix)
+            # Only this consumer's retry queues (the prefix and a level):
+            # another consumer's queue name may start like them.
+            and _LEVEL.fullmatch(queue, len(retry_prefix)) is not None
             and death.get("reason") == "expired"
             and isinstance(count, int)
             and not isinstance(count, bool)
+            # The header comes with the message: a count below zero is no
+            # death, and must not buy retries.
+            and count > 0
         ):
             total += count
     return total
@@ -307,7 +319,14 @@ class ConsumerService(Service):
         yield self.bus.declare(self.topology())
         if not self.running:
             return
-        self._subscription = yield self.bus.subscribe(self.queue, self._on_delivery, self.prefetch)
+        subscription = yield self.bus.subscribe(self.queue, self._on_delivery, self.prefetch)
+        if not self.running:
+            # Stopping began while the bus was subscribing (its broker was
+            # unreachable until now): nothing would cancel this subscription,
+            # and every delivery on it would only be put back at once.
+            yield subscription.cancel()
+            return
+        self._subscription = subscription
         self.consuming = True
         self.log.info(
             "Consumer {consumer} consumes {queue} for {topics}",
@@ -522,60 +541,82 @@ class ConsumerService(Service):
                 "drop": Drop(reason),
                 "halt": Halt(reason),
             }[self.on_error]
+        # A plugin may give an exception, or anything, as the reason; the
+        # dead-letter header and observers take text.
+        why = verdict.reason if isinstance(verdict.reason, str) else str(verdict.reason)
         if isinstance(verdict, Drop):
             self.log.info(
                 "Consumer {consumer} dropped {msg_id}: {reason}",
                 consumer=self.component.name,
                 msg_id=message.id,
-                reason=verdict.reason,
+                reason=why,
             )
             if delivery.ack() is False:
                 self._unsettled(delivery, "dropped", handling)
                 return
             self.stats["dropped"] += 1
-            self._tell(message, "dropped", verdict.reason, handling)
+            self._tell(message, "dropped", why, handling)
         elif isinstance(verdict, Halt):
             self.log.error(
                 "Consumer {consumer} halts on {msg_id}: {reason}",
                 consumer=self.component.name,
                 msg_id=message.id,
-                reason=verdict.reason,
+                reason=why,
             )
             delivery.reject(True)
             self.stats["requeued"] += 1
-            self._tell(message, "requeued", verdict.reason, handling)
+            self._tell(message, "requeued", why, handling)
             self._halt()
+        elif not delivery.live:
+            # Its channel closed first: the broker has put the message back
+            # and delivers it again, so a copy in a retry or dead-letter
+            # queue would only be a duplicate of it.
+            outcome = "retried" if isinstance(verdict, Retry) else "dead_lettered"
+            self._unsettled(delivery, outcome, handling)
         elif isinstance(verdict, Retry):
             attempts = attempts_from(message, self.retry_prefix)
             outcome = "retried" if attempts < len(self.retry_delays) else "dead_lettered"
             self._settle(
-                self._retry(delivery, verdict), delivery, outcome, verdict.reason, handling
+                self._retry(delivery, why, verdict.delay), delivery, outcome, why, handling
             )
         else:
             self._settle(
-                self._dead_letter(delivery, verdict.reason),
+                self._dead_letter(delivery, why),
                 delivery,
                 "dead_lettered",
-                verdict.reason,
+                why,
                 handling,
             )
 
-    def _retry(self, delivery: IDelivery, verdict: Retry) -> Deferred[None]:
+    def _retry(self, delivery: IDelivery, reason: str, delay: object) -> Deferred[None]:
         """
-        Put a copy in the next retry queue, or dead-letter the message when
-        its retries are used up.
+        Put a copy in the next retry queue (or the first one waiting at
+        least C{delay} seconds), or dead-letter the message when its retries
+        are used up.
         """
         message = delivery.message
         attempts = attempts_from(message, self.retry_prefix)
         if attempts >= len(self.retry_delays):
             return self._dead_letter(
-                delivery, f"gave up after {attempts} retries; last: {verdict.reason}"
+                delivery, f"gave up after {attempts} retries; last: {reason}"
             )
         level = attempts + 1
-        if verdict.delay is not None:
+        if delay is not None and (
+            isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay != delay
+        ):
+            self.log.warn(
+                "Consumer {consumer}: the Retry delay of {msg_id}, {delay!r}, is no number; "
+                "the backoff applies",
+                consumer=self.component.name,
+                msg_id=message.id,
+                delay=delay,
+            )
+            delay = None
+        if isinstance(delay, (int, float)):
             # The first level waiting at least as long as asked, else the last.
+            asked = delay
             level = next(
-                (n for n, delay in enumerate(self.retry_delays, 1) if n >= level and delay >= verdict.delay),
+                (n for n, wait in enumerate(self.retry_delays, 1) if n >= level and wait >= asked),
                 len(self.retry_delays),
             )
         self.log.info(
@@ -584,7 +625,7 @@ class ConsumerService(Service):
             msg_id=message.id,
             delay=self.retry_delays[level - 1],
             attempt=attempts + 1,
-            reason=verdict.reason,
+            reason=reason,
         )
         self.stats["retried"] += 1
         name = f"{self.retry_prefix}{level}"
@@ -696,6 +737,14 @@ class ConsumerService(Service):
             except Exception:
                 self.log.failure("Cancelling {consumer} failed", consumer=self.component.name)
         try:
-            yield maybeDeferred(self.handler.stop)
+            # A plugin's stop() that never finishes must not hold up the
+            # hub, which stops its services one after the other.
+            yield maybeDeferred(self.handler.stop).addTimeout(self.drain_timeout, self.clock)
+        except StopTimedOut:
+            self.log.error(
+                "Consumer {consumer}: its plugin did not stop within {timeout} s; going on",
+                consumer=self.component.name,
+                timeout=self.drain_timeout,
+            )
         except Exception:
             self.log.failure("Stopping consumer {consumer} failed", consumer=self.component.name)

@@ -1,0 +1,356 @@
+"""
+Tests for L{fedhub.consumers.runner} at its edges: malformed C{x-death}
+headers, verdicts that come after the delivery's channel closed, a plugin
+whose C{stop()} hangs, and a subscription that starts after stopping began.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from fedhub.bus.memory import MemoryBus, MemorySubscription
+from fedhub.config import ComponentConfig
+from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
+from fedhub.errors import DeadLetter, Retry
+from fedhub.interfaces import IDelivery, IMessageHandler, ISubscription
+from fedhub.message import Message
+
+
+@implementer(IMessageHandler)
+class Handler:
+    """
+    A handler whose result per call is scripted (the last one repeats); an
+    exception is raised, anything else returned.  Its C{stop()} returns
+    C{stop_result}.
+    """
+
+    topics = ("#",)
+
+    def __init__(self, *outcomes: Any) -> None:
+        self.outcomes = list(outcomes) or [None]
+        self.seen: list[Message] = []
+        self.stop_result: Any = None
+        self.stops = 0
+
+    def handle(self, message: Message) -> Any:
+        self.seen.append(message)
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Any:
+        self.stops += 1
+        return self.stop_result
+
+
+class LateSubscribingBus(MemoryBus):
+    """
+    A memory bus whose subscriptions start only when the test says so, as
+    an AMQP bus's do once its connection is up.
+    """
+
+    def __init__(self, domain: str, clock: Clock) -> None:
+        super().__init__(domain, clock=clock)
+        self.held: list[tuple[Deferred[ISubscription], Deferred[ISubscription]]] = []
+
+    def subscribe(
+        self, queue: str, on_delivery: Callable[[IDelivery], object], prefetch: int
+    ) -> Deferred[ISubscription]:
+        later: Deferred[ISubscription] = Deferred()
+        self.held.append((super().subscribe(queue, on_delivery, prefetch), later))
+        return later
+
+    def connect(self) -> list[ISubscription]:
+        """Let every held subscription start; return them."""
+        started: list[ISubscription] = []
+        for subscribed, later in self.held:
+            subscribed.addCallback(lambda s: (started.append(s), s)[1]).chainDeferred(later)
+        self.held = []
+        return started
+
+
+def component(**changes: Any) -> ComponentConfig:
+    fields: dict[str, Any] = {
+        "kind": "consumer",
+        "index": 0,
+        "name": "c",
+        "plugin": "test",
+        "domain": "d",
+        "options": {},
+        "topics": ("t.#",),
+    }
+    fields.update(changes)
+    return ComponentConfig(**fields)
+
+
+def retried(count: Any, queue: str = "fedhub.c.retry.1", reason: str = "expired") -> dict[str, Any]:
+    """An C{x-death} entry as RabbitMQ writes it for a message that left C{queue}."""
+    return {
+        "count": count,
+        "reason": reason,
+        "queue": queue,
+        "exchange": queue,
+        "routing-keys": ["t.x"],
+    }
+
+
+class EdgeTests(SynchronousTestCase):
+    """
+    A consumer on a memory bus whose time is a L{Clock}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bus = MemoryBus("d", clock=self.clock)
+        self.bus.startService()
+
+    def start(self, handler: Handler, bus: MemoryBus | None = None, **settings: Any) -> ConsumerService:
+        service = ConsumerService(component(), handler, bus or self.bus, self.clock, **settings)
+        service.startService()
+        self.flush()
+        return service
+
+    def flush(self, seconds: float = 0) -> None:
+        """Run what is due now (and after C{seconds})."""
+        self.clock.advance(0)
+        if seconds:
+            self.clock.advance(seconds)
+        for _ in range(5):
+            self.clock.advance(0)
+
+    def publish(self, headers: dict[str, Any] | None = None) -> Message:
+        message = Message.create("t.x", {"n": 1}, headers=headers)
+        self.successResultOf(self.bus.publish(message))
+        self.flush()
+        return message
+
+    def depths(self, *queues: str) -> list[int]:
+        """Ready plus unacknowledged messages of each queue."""
+        return [self.bus.queue_depth(q) + self.bus.unacked(q) for q in queues]
+
+    # -- x-death -------------------------------------------------------------
+
+    def test_negative_death_count_is_no_credit(self) -> None:
+        """
+        An x-death count below zero (a forged or broken header) gives a
+        message no extra retries and does not leave it unsettled: a Retry
+        sends it to the first retry queue and its delivery is acknowledged.
+        """
+        handler = Handler(Retry("later"))
+        service = self.start(handler, max_retries=3)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        message = self.publish({"x-death": [retried(-10), retried(2, "fedhub.c.retry.2")]})
+        self.assertEqual(attempts_from(message, "fedhub.c.retry."), 2)
+        self.assertEqual(
+            self.depths("fedhub.c", "fedhub.c.retry.1", "fedhub.c.retry.2", "fedhub.c.retry.3"),
+            [0, 0, 0, 1],
+        )
+        self.assertEqual([s.outcome for s in settled], ["retried"])
+
+    def test_negative_death_count_alone(self) -> None:
+        """A message whose only x-death count is negative is retried from the first level."""
+        handler = Handler(Retry("later"))
+        service = self.start(handler, max_retries=3)
+        message = self.publish({"x-death": [retried(-1)]})
+        self.assertEqual(attempts_from(message, "fedhub.c.retry."), 0)
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1", "fedhub.c.dead"), [0, 1, 0])
+        self.assertEqual(service.stats["retried"], 1)
+
+    def test_other_queues_deaths_do_not_count(self) -> None:
+        """
+        Only deaths in this consumer's own retry queues count: not those of
+        a queue whose name merely starts like them (another consumer's
+        retry queues), nor rejections from them.
+        """
+        message = Message.create(
+            "t.x",
+            {"n": 1},
+            headers={
+                "x-death": [
+                    retried(4, "fedhub.c.retry.x.retry.1"),
+                    retried(3, "fedhub.c.retry.later"),
+                    retried(2, "fedhub.c.retry.1", reason="rejected"),
+                    retried(5, "fedhub.other.retry.1"),
+                    retried(1, "fedhub.c.retry.2"),
+                ]
+            },
+        )
+        self.assertEqual(attempts_from(message, "fedhub.c.retry."), 1)
+
+    def test_enormous_death_header(self) -> None:
+        """
+        A message whose x-death holds thousands of entries and a huge count
+        is dead-lettered at its first Retry, not handled again.
+        """
+        deaths = [retried(1, f"fedhub.other{n}.retry.1") for n in range(5000)]
+        deaths.append(retried(10**30))
+        handler = Handler(Retry("later"))
+        self.start(handler, max_retries=3)
+        self.publish({"x-death": deaths})
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1", "fedhub.c.dead"), [0, 0, 1])
+
+    # -- late verdicts ---------------------------------------------------------
+
+    def late_verdict(self, verdict: Exception) -> tuple[ConsumerService, list[Settled]]:
+        """
+        A handler's verdict comes after its delivery's channel closed (the
+        subscription was cancelled, as when the broker's consumer timeout
+        closes a channel).
+        """
+        pending: Deferred[None] = Deferred()
+        service = self.start(Handler(pending), max_retries=2)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        self.publish()
+        subscription = service._subscription
+        assert subscription is not None
+        self.successResultOf(subscription.cancel())
+        pending.errback(verdict)
+        self.flush()
+        return service, settled
+
+    def test_late_dead_letter_publishes_no_copy(self) -> None:
+        """
+        A DeadLetter verdict on a delivery whose channel closed publishes no
+        dead-letter copy: the broker has put the message back, and it is
+        handled again.
+        """
+        service, settled = self.late_verdict(DeadLetter("bad"))
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.dead"), [1, 0])
+        self.assertEqual([s.outcome for s in settled], ["requeued"])
+        self.assertEqual((service.stats["dead_lettered"], service.stats["unsettled"]), (0, 1))
+
+    def test_late_retry_publishes_no_copy(self) -> None:
+        """
+        A Retry verdict on a delivery whose channel closed publishes no
+        retry copy, which would be handled besides the message the broker
+        put back.
+        """
+        service, settled = self.late_verdict(Retry("later"))
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1"), [1, 0])
+        self.assertEqual([s.outcome for s in settled], ["requeued"])
+        self.assertEqual((service.stats["retried"], service.stats["unsettled"]), (0, 1))
+
+    def test_verdict_after_drain_timeout(self) -> None:
+        """
+        A handler that finishes with a DeadLetter only after stopping gave
+        up on it leaves the message in its queue alone: no copy is published.
+        """
+        pending: Deferred[None] = Deferred()
+        service = self.start(Handler(pending), drain_timeout=5)
+        self.publish()
+        stopped = service.stopService()
+        self.flush(5)
+        self.successResultOf(stopped)
+        pending.errback(DeadLetter("too late"))
+        self.flush()
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.dead"), [1, 0])
+        self.assertEqual(service.stats["unsettled"], 1)
+
+    # -- stopping ----------------------------------------------------------------
+
+    def test_plugin_stop_hanging(self) -> None:
+        """
+        A plugin whose stop() never finishes delays stopping the consumer by
+        drain_timeout at most; the hang is logged.
+        """
+        handler = Handler(None)
+        never: Deferred[None] = Deferred()
+        handler.stop_result = never
+        service = self.start(handler, drain_timeout=5)
+        stopped = service.stopService()
+        self.flush(4.9)
+        self.assertNoResult(stopped)
+        self.flush(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(handler.stops, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_plugin_stop_after_drain(self) -> None:
+        """
+        The plugin's stop() gets its own drain_timeout after the messages in
+        hand were waited for; a stop() that finishes in time is waited for.
+        """
+        pending: Deferred[None] = Deferred()
+        handler = Handler(pending)
+        slow: Deferred[None] = Deferred()
+        handler.stop_result = slow
+        service = self.start(handler, drain_timeout=5)
+        self.publish()
+        stopped = service.stopService()
+        self.flush(4)
+        pending.callback(None)
+        self.flush(4)
+        self.assertNoResult(stopped)
+        slow.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(service.stats["acked"], 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_subscription_after_stop_began(self) -> None:
+        """
+        A subscription that starts only after stopping began (the broker
+        was unreachable until then) is cancelled at once: the consumer does
+        not consume, and messages stay in the queue untouched.
+        """
+        bus = LateSubscribingBus("d", self.clock)
+        bus.startService()
+        handler = Handler(None)
+        service = self.start(handler, bus=bus)
+        self.assertFalse(service.consuming)
+        self.successResultOf(service.stopService())
+        self.successResultOf(bus.publish(Message.create("t.x", {"n": 1})))
+        (subscription,) = bus.connect()
+        # Before any delivery: one would be put back and delivered again
+        # at once, for as long as the subscription lives.
+        self.assertFalse(service.consuming)
+        self.assertFalse(cast(MemorySubscription, subscription).active)
+        self.flush()
+        self.assertEqual(service.stats["requeued"], 0)
+        self.assertEqual((bus.queue_depth("fedhub.c"), bus.unacked("fedhub.c")), (1, 0))
+        self.assertEqual(handler.seen, [])
+
+    # -- verdicts as plugins write them ----------------------------------------
+
+    def test_verdict_reason_not_a_string(self) -> None:
+        """
+        A verdict given an exception rather than a string as its reason
+        (C{DeadLetter(error)}) still dead-letters the message, with the
+        exception's text as the reason, instead of leaving it unsettled.
+        """
+        handler = Handler(DeadLetter(KeyError("build_id")))  # type: ignore[arg-type]
+        service = self.start(handler)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        self.publish()
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.dead"), [0, 1])
+        dead: list[Message] = []
+        self.successResultOf(
+            self.bus.subscribe("fedhub.c.dead", lambda d: (dead.append(d.message), d.ack()), 10)
+        )
+        self.flush()
+        self.assertEqual(dead[0].headers[DEAD_LETTER_REASON_HEADER], "'build_id'")
+        self.assertEqual([(s.outcome, s.reason) for s in settled], [("dead_lettered", "'build_id'")])
+
+    def test_retry_delay_not_a_number(self) -> None:
+        """
+        A Retry whose delay is no number (a Retry-After header passed on as
+        text) retries with the consumer's backoff instead of leaving the
+        message unsettled.
+        """
+        handler = Handler(Retry("busy", delay="30"))  # type: ignore[arg-type]
+        service = self.start(handler, retry_delay=1.0, max_retries=3)
+        self.publish()
+        self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1"), [0, 1])
+        self.assertEqual(service.stats["retried"], 1)
