@@ -99,6 +99,10 @@ class ISubscription(Interface):
     """
 
     queue = Attribute("str: the queue consumed from")
+    consuming = Attribute(
+        "bool: whether deliveries can come now; false while it waits to consume "
+        "again (after a reconnect, or a cancel by the broker) and once cancelled"
+    )
 
     def cancel() -> Deferred[None]:
         """

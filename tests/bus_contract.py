@@ -635,6 +635,19 @@ class BusContractMixin(_Base):
         for delivery in second.deliveries:
             self.assertIs(delivery.redelivered, delivery.message.id in held, delivery.message.id)
         self.assertEqual(len(first.deliveries), 3)
+        self.assertFalse(subscription.consuming)
+
+    async def test_subscription_consuming(self) -> None:
+        """
+        A subscription says it consumes once subscribed, and no longer once
+        cancelled.
+        """
+        bus = await self.make_bus()
+        queue = await self._queue(bus)
+        subscription = await bus.subscribe(queue, DeliveryRecorder(), 1)
+        self.assertTrue(subscription.consuming)
+        await subscription.cancel()
+        self.assertFalse(subscription.consuming)
 
     async def test_redeclare_with_other_arguments(self) -> None:
         """

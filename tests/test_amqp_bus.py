@@ -1372,6 +1372,34 @@ class ConsumeTests(BusCase):
         self.clock.advance(100.0)
         self.assertEqual(len(self.broker.methods("basic.consume")), consumes)
 
+    def test_consuming_follows_the_consumer(self) -> None:
+        """
+        A subscription says it consumes only while the broker has its
+        consumer: not after a lost connection until consuming again, not
+        while its queue is gone, and not once cancelled.
+        """
+        subscription, _, tag = self.subscribe()
+        self.assertTrue(subscription.consuming)
+        self.lose()
+        self.assertFalse(subscription.consuming)
+        self.reconnect()
+        self.assertTrue(subscription.consuming)
+        tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        self.broker.failures[("basic.consume", "hub.q")] = (404, "NOT_FOUND - no queue")
+        self.broker.send(self.broker.frame(self.broker.consumers[tag], "channel.close",
+                                           reply_code=404, reply_text="NOT_FOUND - queue deleted"))
+        for delay in (2.0, 4.0):
+            self.clock.advance(delay)
+            self.broker.pump()
+        self.assertTrue(self.bus.connected)
+        self.assertFalse(subscription.consuming)
+        del self.broker.failures[("basic.consume", "hub.q")]
+        self.clock.advance(8.0)
+        self.broker.pump()
+        self.assertTrue(subscription.consuming)
+        subscription.cancel()
+        self.assertFalse(subscription.consuming)
+
     def test_cancel(self) -> None:
         """
         cancel() closes the subscription's channel (its unacknowledged

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -17,9 +17,10 @@ from zope.interface import implementer
 from fedhub.bus.memory import MemoryBus, MemorySubscription
 from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
-from fedhub.errors import DeadLetter, Retry
+from fedhub.errors import DeadLetter, Halt, Retry
 from fedhub.interfaces import IDelivery, IMessageHandler, ISubscription
 from fedhub.message import Message
+from fedhub.schema import SchemaRegistry
 
 
 @implementer(IMessageHandler)
@@ -354,3 +355,237 @@ class EdgeTests(SynchronousTestCase):
         self.publish()
         self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1"), [0, 1])
         self.assertEqual(service.stats["retried"], 1)
+
+
+@implementer(IDelivery)
+class RecordingDelivery:
+    """
+    A delivery handed to the runner by hand: it records its verdicts, and
+    its C{ack} raises C{ack_error} when one is set.
+    """
+
+    def __init__(self, message: Message, ack_error: Exception | None = None) -> None:
+        self.message = message
+        self.redelivered = message.redelivered
+        self.queue = message.queue
+        self.ack_error = ack_error
+        self.verdicts: list[str] = []
+
+    @property
+    def live(self) -> bool:
+        return not self.verdicts
+
+    def ack(self) -> bool:
+        if self.ack_error is not None:
+            raise self.ack_error
+        self.verdicts.append("ack")
+        return True
+
+    def reject(self, requeue: bool) -> bool:
+        if self.verdicts:
+            return False
+        self.verdicts.append("requeue" if requeue else "reject")
+        return True
+
+
+class BrokenPublishBus(MemoryBus):
+    """
+    A memory bus whose C{publish} raises at once: a defect below the runner
+    (or in a bus of a plugin's own) that the runner must survive.
+    """
+
+    def publish(self, message: Message, exchange: str | None = None,
+                routing_key: str | None = None) -> Deferred[None]:
+        raise RuntimeError("publishing is broken")
+
+
+class CrashingSchemas(SchemaRegistry):
+    """
+    A schema registry whose check raises something other than a
+    L{SchemaValidationError}, as a schema package's faulty format checker can.
+    """
+
+    def validate(self, message: Message) -> bool:
+        raise ValueError("the checker crashed")
+
+
+class SettlingFailureTests(SynchronousTestCase):
+    """
+    Whatever goes wrong while a delivery is settled, it is settled or given
+    back, never left holding a prefetch slot until its channel closes.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def start(self, handler: Handler, bus: MemoryBus | None = None, **settings: Any) -> ConsumerService:
+        bus = bus or MemoryBus("d", clock=self.clock)
+        bus.startService()
+        service = ConsumerService(component(), handler, bus, self.clock, **settings)
+        service.startService()
+        self.clock.advance(0)
+        self.settled: list[Settled] = []
+        service.add_observer(self.settled.append)
+        return service
+
+    def deliver(self, service: ConsumerService, ack_error: Exception | None = None) -> RecordingDelivery:
+        delivery = RecordingDelivery(
+            Message.create("t.x", {"n": 1}).evolve(queue=service.queue), ack_error
+        )
+        service._on_delivery(delivery)
+        return delivery
+
+    def test_retry_copy_raises(self) -> None:
+        """
+        A bus whose publish raises while a Retry's copy is published leaves
+        the broker to dead-letter the original, as a refused copy does.
+        """
+        service = self.start(Handler(Retry("later")), BrokenPublishBus("d", clock=self.clock))
+        delivery = self.deliver(service)
+        self.assertEqual(delivery.verdicts, ["reject"])
+        self.assertEqual([s.outcome for s in self.settled], ["rejected"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_retry_copy_raises_after_a_deferred(self) -> None:
+        """
+        The same holds for a handler whose verdict comes later, in a Deferred.
+        """
+        later: Deferred[None] = Deferred()
+        service = self.start(Handler(later), BrokenPublishBus("d", clock=self.clock))
+        delivery = self.deliver(service)
+        later.errback(Retry("later"))
+        self.assertEqual(delivery.verdicts, ["reject"])
+        self.assertEqual([s.outcome for s in self.settled], ["rejected"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_ack_raises(self) -> None:
+        """
+        An acknowledgement that raises puts the message back in its queue,
+        logged once with its id, and the consumer goes on with the next one.
+        """
+        service = self.start(Handler(None))
+        broken = self.deliver(service, ack_error=RuntimeError("ack broken"))
+        self.assertEqual(broken.verdicts, ["requeue"])
+        self.assertEqual([s.outcome for s in self.settled], ["requeued"])
+        errors = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(service.in_flight, 0)
+        following = self.deliver(service)
+        self.assertEqual(following.verdicts, ["ack"])
+
+    def test_ack_raises_after_a_deferred(self) -> None:
+        """
+        An acknowledgement that raises after a handler's Deferred succeeded
+        puts the message back too.
+        """
+        later: Deferred[None] = Deferred()
+        service = self.start(Handler(later))
+        broken = self.deliver(service, ack_error=RuntimeError("ack broken"))
+        later.callback(None)
+        self.assertEqual(broken.verdicts, ["requeue"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_ack_after_copy_raises(self) -> None:
+        """
+        An acknowledgement that raises once a dead-letter copy is confirmed
+        puts the original back rather than leaving it unacknowledged.
+        """
+        service = self.start(Handler(DeadLetter("bad")))
+        broken = self.deliver(service, ack_error=RuntimeError("ack broken"))
+        self.clock.advance(0)
+        self.assertEqual(broken.verdicts, ["requeue"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_schema_check_crashes(self) -> None:
+        """
+        A schema check that raises something other than a validation error
+        is a failure like a handler's: the consumer's on_error policy
+        settles the message (here: dead-letter) instead of leaving it
+        unacknowledged.
+        """
+        service = self.start(Handler(None), schemas=CrashingSchemas(), on_error="dead-letter")
+        delivery = self.deliver(service)
+        self.clock.advance(0)
+        self.assertEqual(delivery.verdicts, ["ack"])
+        self.assertEqual([s.outcome for s in self.settled], ["dead_lettered"])
+        self.assertIn("ValueError: the checker crashed", self.settled[0].reason or "")
+        self.flushLoggedErrors(ValueError)
+
+
+@implementer(ISubscription)
+class EagerSubscription:
+    """
+    A subscription whose broker, as RabbitMQ may, delivers a message rejected
+    with requeue again at once on the same channel, for as long as the
+    subscription is not cancelled.
+    """
+
+    queue = "fedhub.c"
+
+    def __init__(self, on_delivery: Callable[[IDelivery], object]) -> None:
+        self.on_delivery = on_delivery
+        self.cancelled = False
+        self.consuming = True
+
+    def cancel(self) -> Deferred[None]:
+        self.cancelled = True
+        self.consuming = False
+        return succeed(None)
+
+    def deliver(self, message: Message) -> RecordingDelivery:
+        delivery = EagerDelivery(message.evolve(queue=self.queue), self)
+        self.on_delivery(delivery)
+        return delivery
+
+
+class EagerDelivery(RecordingDelivery):
+    """
+    A delivery of an L{EagerSubscription}: requeued, it comes again
+    redelivered unless the subscription was cancelled first.
+    """
+
+    def __init__(self, message: Message, subscription: EagerSubscription) -> None:
+        super().__init__(message)
+        self.subscription = subscription
+
+    @property
+    def live(self) -> bool:
+        return not self.verdicts and not self.subscription.cancelled
+
+    def reject(self, requeue: bool) -> bool:
+        if not self.live:
+            return False
+        self.verdicts.append("requeue" if requeue else "reject")
+        if requeue:
+            self.subscription.deliver(self.message.evolve(redelivered=True))
+        return True
+
+
+class HaltTests(SynchronousTestCase):
+    """
+    A L{Halt} verdict on a subscription whose broker redelivers at once.
+    """
+
+    def test_halt_requeues_once(self) -> None:
+        """
+        A Halt stops consuming before the message goes back, so the broker
+        can not hand it to the halting consumer again, and observers hear
+        "requeued" once.
+        """
+        clock = Clock()
+        bus = MemoryBus("d", clock=clock)
+        bus.startService()
+        service = ConsumerService(component(), Handler(Halt("stop")), bus, clock)
+        service.startService()
+        clock.advance(0)
+        assert service._subscription is not None
+        self.successResultOf(service._subscription.cancel())
+        subscription = EagerSubscription(service._on_delivery)
+        service._subscription = subscription
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        subscription.deliver(Message.create("t.x", {"n": 1}))
+        self.assertTrue(service.halted)
+        self.assertTrue(subscription.cancelled)
+        self.assertEqual([s.outcome for s in settled], ["requeued"])
+        self.assertEqual(service.stats["requeued"], 1)

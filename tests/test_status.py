@@ -40,6 +40,7 @@ from fedhub.outbox.store import SynchronousExecutor
 from fedhub.status import CONTENT_SECURITY_POLICY, HubMonitor, RecentMessages, StatusService, readiness
 from fedhub.status.metrics import Activity
 from fedhub.status.web import Assets, LiveFeed, build_resource, dumps_json
+from tests.test_amqp_bus import BusCase
 
 HOSTILE_TOPIC = "org.example.dev.<img/src=x/onerror=alert(1)>.\"'&\x1b[31m"
 HOSTILE_SUMMARY = "</td><script>alert('x')</script>&amp; \"q\" \x07\u2028end"
@@ -456,7 +457,11 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(body["domains"]["one"]["ready"], True)
 
     def test_bus_down_and_back(self) -> None:
-        """A stopped bus turns the answer to 503; started again, to 200."""
+        """
+        A stopped bus turns the answer to 503; started again, its domain is
+        ready, but a memory bus's stop cancelled the consumer's subscription
+        for good, and the answer stays 503 rather than claim it consumes.
+        """
         world = World(self)
         world.start()
         self.assertEqual(self.ready(world)[0], 200)
@@ -464,8 +469,12 @@ class ReadyTests(SynchronousTestCase):
         code, body = self.ready(world)
         self.assertEqual(code, 503)
         self.assertEqual(body["domains"]["one"]["connected"], False)
+        self.assertEqual(body["consumers"]["a"]["consuming"], False)
         world.bus.startService()
-        self.assertEqual(self.ready(world)[0], 200)
+        code, body = self.ready(world)
+        self.assertEqual(body["domains"]["one"]["ready"], True)
+        self.assertEqual(body["consumers"]["a"]["consuming"], False)
+        self.assertEqual(code, 503)
 
     def test_connection_error_shown(self) -> None:
         """A bus's last connection error is in the details, control characters escaped."""
@@ -480,6 +489,72 @@ class ReadyTests(SynchronousTestCase):
     def test_empty_hub_ready(self) -> None:
         """A hub with nothing to wait for is ready."""
         self.assertTrue(readiness(FakeHub()).ready)  # type: ignore[arg-type]
+
+
+class AMQPConsumerReadyTests(BusCase):
+    """
+    C{/ready} follows whether a consumer on an AMQP bus (a scripted broker)
+    consumes, not only whether it subscribed once.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        component = ComponentConfig(
+            kind="consumer", index=0, name="a", plugin="scripted", domain="infra",
+            options={}, topics=("#",),
+        )
+        self.consumer = ConsumerService(component, ScriptedHandler(self.clock), self.bus, self.clock)
+        hub = FakeHub(
+            {"infra": DomainRuntime(DomainConfig(name="infra", broker="amqp://h/"), self.bus, object())},
+            {"a": self.consumer},
+        )
+        monitor = HubMonitor(hub, self.clock)
+        recent = RecentMessages(100)
+        feed = LiveFeed(recent, lambda: {}, self.clock, max_streams=1, interval=2.0, batch_delay=0.2)
+        self.addCleanup(feed.close)
+        resource = build_resource(hub, monitor, recent, self.clock, Assets.load(), feed)  # type: ignore[arg-type]
+        self.http = StubTreq(resource)
+        self.consumer.startService()
+        self.broker.pump()
+
+    def ready(self) -> tuple[int, dict[str, Any]]:
+        response = self.successResultOf(self.http.get("http://localhost/ready"))
+        return response.code, json.loads(self.successResultOf(response.content()))
+
+    def test_not_ready_until_consuming_again(self) -> None:
+        """
+        After a reconnect whose consume fails (its queue is gone) the bus is
+        connected but the consumer does not consume: C{/ready} says 503 until
+        it consumes again, then 200.
+        """
+        self.assertEqual(self.ready()[0], 200)
+        gone = {("basic.consume", "fedhub.a"): (404, "NOT_FOUND - no queue")}
+        self.endpoint.configure = lambda broker: broker.failures.update(gone)
+        self.lose()
+        self.reconnect()
+        code, body = self.ready()
+        self.assertTrue(self.bus.connected)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["consumers"]["a"]["consuming"], False)
+        self.assertEqual(body["consumers"]["a"]["halted"], False)
+        del self.broker.failures[("basic.consume", "fedhub.a")]
+        self.clock.advance(2.0)
+        self.broker.pump()
+        self.assertEqual(self.ready()[0], 200)
+
+    def test_not_ready_after_broker_cancel(self) -> None:
+        """
+        While a consumer the broker cancelled waits to consume again,
+        C{/ready} says 503.
+        """
+        tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        self.broker.failures[("basic.consume", "fedhub.a")] = (404, "NOT_FOUND - no queue")
+        self.broker.send(self.broker.frame(self.broker.consumers[tag], "basic.cancel", consumer_tag=tag))
+        self.assertEqual(self.ready()[0], 503)
+        del self.broker.failures[("basic.consume", "fedhub.a")]
+        self.clock.advance(2.0)
+        self.broker.pump()
+        self.assertEqual(self.ready()[0], 200)
 
 
 class MetricsTests(SynchronousTestCase):

@@ -549,6 +549,19 @@ class AMQPSubscription:
     @ivar cancelled: Whether L{cancel} was called.
     """
 
+    @property
+    def consuming(self) -> bool:
+        """
+        Whether the broker has its consumer now: false from a lost
+        connection, a consumer cancelled or a channel closed by the broker
+        until C{basic.consume} succeeds again (for ever if its queue is
+        gone), and once cancelled.
+        """
+        consumer = self.consumer
+        return (
+            not self.cancelled and consumer is not None and consumer.active and consumer.open
+        )
+
     def __init__(
         self, bus: AMQPBus, queue: str, on_delivery: Callable[[IDelivery], object], prefetch: int
     ) -> None:

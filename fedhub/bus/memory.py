@@ -301,6 +301,13 @@ class MemorySubscription:
         self.unacked: dict[int, MemoryDelivery] = {}
         self._bus = bus
 
+    @property
+    def consuming(self) -> bool:
+        """
+        Whether deliveries can come now: not cancelled, on a running bus.
+        """
+        return self.active and bool(self._bus.running)
+
     def has_capacity(self) -> bool:
         """
         Whether it may take one more delivery now.

@@ -227,7 +227,8 @@ class ConsumerService(Service):
         self._deliveries: OrderedDict[str, int] = OrderedDict()
         self.topics = tuple(component.topics) or tuple(handler.topics)
         self.halted = False
-        self.consuming = False
+        # Subscribed, and neither halted nor stopping: see consuming.
+        self._consuming = False
         self.in_flight = 0
         # The deliveries of the handler calls in progress, oldest first (a
         # dict for its order).
@@ -246,6 +247,20 @@ class ConsumerService(Service):
         self._observers: list[Callable[[Settled], None]] = []
         self._subscription: ISubscription | None = None
         self._starting: Deferred[None] | None = None
+
+    @property
+    def consuming(self) -> bool:
+        """
+        Whether messages can come to this consumer now: it subscribed, is
+        neither halted nor stopping, and its subscription consumes on the
+        bus; not while the subscription waits to consume again after a
+        reconnect or a cancel by the broker.
+        """
+        subscription = self._subscription
+        if not self._consuming or subscription is None:
+            return False
+        # A subscription of a bus that does not tell is taken at its word.
+        return bool(getattr(subscription, "consuming", True))
 
     @property
     def waiting(self) -> int:
@@ -327,7 +342,7 @@ class ConsumerService(Service):
             yield subscription.cancel()
             return
         self._subscription = subscription
-        self.consuming = True
+        self._consuming = True
         self.log.info(
             "Consumer {consumer} consumes {queue} for {topics}",
             consumer=self.component.name,
@@ -376,7 +391,10 @@ class ConsumerService(Service):
                     self._tell(delivery.message, "requeued",
                                "its channel closed while it waited; the broker delivers it again")
                     continue
-                self._handle(delivery)
+                try:
+                    self._handle(delivery)
+                except Exception:
+                    self._settling_failed(delivery, Failure())
         finally:
             self._pumping = False
 
@@ -421,6 +439,11 @@ class ConsumerService(Service):
             self.stats["invalid"] += 1
             self._settle(self._dead_letter(delivery, str(e)), delivery, "dead_lettered", str(e))
             return
+        except Exception:
+            # A schema package's own code failed, not the body: a failure
+            # like a handler's, which the consumer's policy settles.
+            self._settle_now(self._failed, Failure(), delivery, None)
+            return
         # Most handlers answer at once: their verdict is acted on without
         # the Deferreds a handler that returns later needs.
         started = self.clock.seconds()
@@ -441,13 +464,13 @@ class ConsumerService(Service):
 
         def succeeded(result: object) -> None:
             try:
-                self._succeeded(result, delivery, self._took(started, delivery))
+                self._settle_now(self._succeeded, result, delivery, self._took(started, delivery))
             finally:
                 self._pump()
 
         def failed(failure: Failure) -> None:
             try:
-                self._failed(failure, delivery, self._took(started, delivery))
+                self._settle_now(self._failed, failure, delivery, self._took(started, delivery))
             finally:
                 self._pump()
 
@@ -484,21 +507,47 @@ class ConsumerService(Service):
 
     def _settle_now(
         self,
-        settle: Callable[[Any, IDelivery, float], None],
+        settle: Callable[[Any, IDelivery, float | None], None],
         outcome: Any,
         delivery: IDelivery,
-        handling: float,
+        handling: float | None,
     ) -> None:
         try:
             settle(outcome, delivery, handling)
         except Exception:
-            self.log.failure("Settling {msg_id} failed", msg_id=delivery.message.id)
+            self._settling_failed(delivery, Failure())
+
+    def _settling_failed(self, delivery: IDelivery, failure: Failure) -> None:
+        """
+        Settling a delivery raised unexpectedly (a defect in a bus, say): put
+        the message back in its queue rather than leave it unacknowledged,
+        holding one of the consumer's prefetch slots until its channel
+        closes.  Logged once, with the message's id.
+        """
+        message = delivery.message
+        self.log.failure(
+            "Consumer {consumer}: settling {msg_id} failed; putting it back in its queue",
+            failure,
+            consumer=self.component.name,
+            msg_id=message.id,
+        )
+        try:
+            if not delivery.live or delivery.reject(True) is False:
+                # A verdict went out before the failure, or the channel is
+                # gone and the broker delivers the message again anyway.
+                return
+        except Exception:
+            # Nothing more can be done here: the message comes back when
+            # its channel closes.
+            return
+        self.stats["requeued"] += 1
+        self._tell(message, "requeued", f"settling it failed ({type(failure.value).__name__})")
 
     def _forget(self, result: object, d: Deferred[None]) -> object:
         self._in_flight.discard(d)
         return result
 
-    def _succeeded(self, result: object, delivery: IDelivery, handling: float) -> None:
+    def _succeeded(self, result: object, delivery: IDelivery, handling: float | None) -> None:
         if delivery.ack() is False:
             self._unsettled(delivery, "acked", handling)
             return
@@ -521,7 +570,7 @@ class ConsumerService(Service):
         )
         self._tell(delivery.message, "requeued", reason, handling)
 
-    def _failed(self, failure: Failure, delivery: IDelivery, handling: float) -> None:
+    def _failed(self, failure: Failure, delivery: IDelivery, handling: float | None) -> None:
         message = delivery.message
         verdict = failure.value
         if not isinstance(verdict, (Drop, Halt, DeadLetter, Retry)):
@@ -563,10 +612,14 @@ class ConsumerService(Service):
                 msg_id=message.id,
                 reason=why,
             )
+            # Consuming stops first: a message put back while the
+            # subscription lasts may come again on it at once.  Once the
+            # subscription is gone the message is back in its queue, whether
+            # the rejection went out or the channel closing put it back.
+            self._halt()
             delivery.reject(True)
             self.stats["requeued"] += 1
             self._tell(message, "requeued", why, handling)
-            self._halt()
         elif not delivery.live:
             # Its channel closed first: the broker has put the message back
             # and delivers it again, so a copy in a retry or dead-letter
@@ -629,7 +682,10 @@ class ConsumerService(Service):
         )
         self.stats["retried"] += 1
         name = f"{self.retry_prefix}{level}"
-        return self.bus.publish(message.evolve(queue=None), exchange=name, routing_key=message.topic)
+        # maybeDeferred: a bus that raises refuses the copy like one that fails.
+        return maybeDeferred(
+            self.bus.publish, message.evolve(queue=None), exchange=name, routing_key=message.topic
+        )
 
     def _dead_letter(self, delivery: IDelivery, reason: str) -> Deferred[None]:
         """
@@ -647,7 +703,9 @@ class ConsumerService(Service):
         headers = dict(message.headers)
         headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
         copy = message.evolve(queue=None, headers=headers)
-        return self.bus.publish(copy, exchange=self.dead_letter_queue, routing_key=message.topic)
+        return maybeDeferred(
+            self.bus.publish, copy, exchange=self.dead_letter_queue, routing_key=message.topic
+        )
 
     def _settle(
         self,
@@ -682,6 +740,7 @@ class ConsumerService(Service):
             self._tell(delivery.message, "rejected", reason, handling)
 
         replaced.addCallbacks(confirmed, refused)
+        replaced.addErrback(lambda f: self._settling_failed(delivery, f))
         if not replaced.called:
             self._in_flight.add(replaced)
             replaced.addBoth(self._forget, replaced)
@@ -690,18 +749,20 @@ class ConsumerService(Service):
         if self.halted:
             return
         self.halted = True
-        self.consuming = False
-        self._pump()
+        self._consuming = False
+        # Cancelled before the waiting deliveries go back, for the same
+        # reason as the halting one.
         if self._subscription is not None:
             subscription, self._subscription = self._subscription, None
             subscription.cancel().addErrback(
                 lambda f: self.log.failure("Cancelling {consumer} failed", f, consumer=self.component.name)
             )
+        self._pump()
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
-        self.consuming = False
+        self._consuming = False
         # What waits for the handler goes back to the queue now.
         self._pump()
         drain = getattr(self.handler, "drain", None)
