@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
@@ -67,6 +67,8 @@ class ScriptedBroker:
         closing its channel with that reply.
     @ivar exchanges: Exchanges that exist (for passive declares).
     @ivar auto_confirm: Ack every publish at once.
+    @ivar beats: Send heartbeats (on the client's clock) once they are
+        agreed, as RabbitMQ does; clear it to play a broker that froze.
     """
 
     def __init__(self, client: AMQPClient, transport: FakeTCP) -> None:
@@ -81,6 +83,7 @@ class ScriptedBroker:
         self.confirm_seq: dict[int, int] = {}
         self.consumers: dict[str, int] = {}
         self.heartbeat = 60
+        self.beats = True
         self._publishing: dict[int, list[Any]] = {}
         self._started = False
 
@@ -159,6 +162,8 @@ class ScriptedBroker:
         if name == "basic.publish":
             self._publishing[channel] = [payload]
             return []
+        if name == "connection.tune-ok" and fields["heartbeat"]:
+            self._beat_every(fields["heartbeat"] / 2)
         if name == "connection.start-ok":
             self.client_properties = fields["client_properties"]
             return [self.frame(0, "connection.tune", channel_max=2047, frame_max=131072,
@@ -189,6 +194,31 @@ class ScriptedBroker:
         if name in answers:
             return [self.frame(channel, answers[name])]
         return []
+
+    def _beat_every(self, period: float) -> None:
+        """
+        Send the client a heartbeat every C{period} seconds while the
+        connection lasts.  Without them a test that moves the clock on by two
+        heartbeat intervals between pumps plays a broker that died.
+        """
+        clock = self.client.clock
+        calls: list[IDelayedCall] = []
+
+        def beat() -> None:
+            calls.clear()
+            if not self.beats or self.transport.disconnecting or self.client.lost:
+                return
+            self.client.dataReceived(HEARTBEAT_FRAME)
+            calls.append(clock.callLater(period, beat))
+
+        def stop(reason: object) -> None:
+            # A lost connection leaves no beat behind on the clock.
+            for call in calls:
+                call.cancel()
+            calls.clear()
+
+        calls.append(clock.callLater(period, beat))
+        self.client.when_lost().addCallback(stop)
 
     def methods(self, *names: str) -> list[tuple[int, str, dict[str, Any]]]:
         """
@@ -296,13 +326,37 @@ class Recorder:
         self.deliveries.append(delivery)
 
 
+class SteadyClock(Clock):
+    """
+    A L{Clock} that runs each call at its own time, as a reactor does while
+    time passes.  L{Clock.advance} runs every call due within the step at the
+    step's end, so a client measuring how long its broker was silent counts
+    the whole step as silence, however often the broker's heartbeats were
+    due within it.
+    """
+
+    def advance(self, amount: float) -> None:
+        """
+        Move the time on by C{amount}, running each due call at its time.
+        """
+        end = self.rightNow + amount
+        self._sortCalls()
+        while self.calls and self.calls[0].getTime() <= end:
+            call = self.calls.pop(0)
+            self.rightNow = max(self.rightNow, call.getTime())
+            call.called = 1
+            call.func(*call.args, **call.kw)
+            self._sortCalls()
+        self.rightNow = end
+
+
 class BusCase(SynchronousTestCase):
     """
     Base: a started bus on a scripted broker and a fake clock.
     """
 
     def make_bus(self, endpoint: FakeEndpoint | None = None, **options: Any) -> AMQPBus:
-        self.clock = Clock()
+        self.clock = SteadyClock()
         self.endpoint = endpoint or FakeEndpoint()
         options.setdefault("rand", lambda: 1.0)
         options.setdefault("reconnect_initial", 1.0)
@@ -1467,11 +1521,23 @@ class HeartbeatTests(BusCase):
         endpoint.configure = lambda broker: setattr(broker, "heartbeat", 2)
         self.make_bus(endpoint)
         self.assertEqual(self.broker.client.heartbeat_interval, 2)
+        self.broker.beats = False
         self.clock.pump([0.5] * 8)
         self.assertTrue(self.broker.transport.aborted)
         self.lose()
         self.reconnect()
         self.assertEqual(len(self.endpoint.brokers), 2)
+        self.assertTrue(self.bus.connected)
+
+    def test_live_broker_kept_across_clock_jumps(self) -> None:
+        """
+        A scripted broker sends heartbeats as RabbitMQ does, so however far
+        the clock jumps in one step the connection stays up.
+        """
+        for step in (59.0, 60.0, 600.0):
+            self.clock.advance(step)
+            self.assertFalse(self.broker.transport.aborted)
+        self.assertEqual(len(self.endpoint.brokers), 1)
         self.assertTrue(self.bus.connected)
 
 

@@ -537,10 +537,16 @@ class AMQPConsumerReadyTests(BusCase):
         self.assertEqual(code, 503)
         self.assertEqual(body["consumers"]["a"]["consuming"], False)
         self.assertEqual(body["consumers"]["a"]["halted"], False)
+        # Steps that do not match the backoff delays, and one long jump.
+        for _ in range(3):
+            self.clock.advance(10.0)
+            self.broker.pump()
+            self.assertEqual(self.ready()[0], 503)
         del self.broker.failures[("basic.consume", "fedhub.a")]
-        self.clock.advance(2.0)
+        self.clock.advance(60.0)
         self.broker.pump()
         self.assertEqual(self.ready()[0], 200)
+        self.assertEqual(len(self.endpoint.brokers), 2)
 
     def test_not_ready_after_broker_cancel(self) -> None:
         """
