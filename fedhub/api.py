@@ -38,7 +38,10 @@ thread on first use.  Twisted's reactor can run only once per process, so:
   - do not call L{publish_sync} in a process that runs (or ran) the reactor
     in its main thread; use L{publish} there;
   - after L{publish_sync} started it, the reactor keeps running in its thread
-    until the process exits (its connections are closed at exit).
+    until the process exits (its connections are closed at exit);
+  - a child forked after that has no reactor thread: L{publish_sync} there
+    raises C{RuntimeError} at once (a child that runs a new program, or a
+    process that forks before its first call, is not affected).
 
 Domains with C{broker = "memory"} live inside the hub process; nothing outside
 it can reach them, so they are refused with L{DomainError}.
@@ -53,7 +56,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -215,7 +218,11 @@ async def connect_bus(bus: Any, clock: IReactorTime, timeout: float) -> None:
         left = deadline - clock.seconds()
         if left <= 0:
             why = "no answer"
-            if error is not None:
+            if isinstance(error, DeferredTimeout):
+                # The TCP connection was made but the login never completed
+                # (a firewall that swallows the traffic, or not a broker).
+                why = "connected, but the broker did not answer the AMQP handshake"
+            elif error is not None:
                 why = escape_control(str(error) or type(error).__name__, 200)
             raise NotConnected(
                 f"could not connect to {bus.settings.safe_url()} (domain {bus.domain}) "
@@ -271,11 +278,16 @@ class Client:
         if bus is None:
             from fedhub.amqp.transport import AMQPBus
 
+            # The connection outlives this call and serves later ones, which
+            # may wait longer: a short first timeout must not make it drop
+            # slow confirms or handshakes for them.  Each call is bounded by
+            # its own timeout (see publish).
+            deadline = max(self.timeout, DEFAULT_TIMEOUT)
             options = {
-                "confirm_timeout": self.timeout,
+                "confirm_timeout": deadline,
                 "reconnect_initial": 0.25,
                 "reconnect_max": 5.0,
-                "setup_timeout": self.timeout,
+                "setup_timeout": deadline,
             }
             options.update(self._bus_options)
             try:
@@ -294,7 +306,23 @@ class Client:
         """
         if not isinstance(message, Message):
             return fail(TypeError(f"expected a Message, not {type(message).__name__}"))
-        return self.bus(domain).addCallback(lambda bus: bus.publish(message))
+        timeout = self.timeout
+        deadline = self._reactor.seconds() + timeout
+
+        def send(bus: Any) -> Deferred[None]:
+            # Connecting is bounded by connect_bus (its NotConnected says
+            # why); the confirm gets what is left of this call's timeout.
+            left = max(deadline - self._reactor.seconds(), 0.001)
+            return with_timeout(
+                bus.publish(message),
+                left,
+                self._reactor,
+                lambda: TemporarilyUnavailable(
+                    f"message {message.id} was not confirmed within {timeout:g} s", message.id
+                ),
+            )
+
+        return self.bus(domain).addCallback(send)
 
     def close(self) -> Deferred[None]:
         """
@@ -329,13 +357,18 @@ _clients: list[tuple[Config, Any, Client]] = []
 #: Configurations read by L{publish} and L{publish_sync}, by path (C{None}:
 #: the default one).
 _configs: dict[str | None, Config] = {}
+#: Held while reading a configuration: threads calling L{publish_sync} at once
+#: must share one L{Config}, since a client (and its connections) is kept per
+#: configuration object.
+_configs_lock = threading.Lock()
 
 
 def _config(path: str | None) -> Config:
-    config = _configs.get(path)
-    if config is None:
-        config = _configs[path] = load(path)
-    return config
+    with _configs_lock:
+        config = _configs.get(path)
+        if config is None:
+            config = _configs[path] = load(path)
+        return config
 
 
 def _client(config: Config, reactor: Any, timeout: float) -> Client:
@@ -368,8 +401,11 @@ def publish(
     @param reactor: The reactor; C{None} for the global one.
     @param timeout: Seconds to wait for the connection, and for the confirm.
     @return: a Deferred firing with C{None} on the confirm; see the module
-        docstring for its failures.
+        docstring for its failures (and C{ValueError} for a timeout that is
+        not a positive number of seconds).
     """
+    if not timeout > 0:
+        return fail(ValueError(f"timeout must be a positive number of seconds, not {timeout!r}"))
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -400,6 +436,9 @@ def close() -> Deferred[None]:
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+#: The process that started L{_thread}: a child forked later has the reactor's
+#: state and its parent's sockets, but not the thread.
+_thread_pid: int | None = None
 
 
 def _running_reactor() -> Any:
@@ -407,15 +446,23 @@ def _running_reactor() -> Any:
     The global reactor, running in a thread other than the caller's: started
     in a daemon thread on the first call.
 
-    @raise RuntimeError: when called in the reactor's own thread, or when the
-        reactor ran and stopped before (it can not run twice).
+    @raise RuntimeError: when called in the reactor's own thread, when the
+        reactor ran and stopped before (it can not run twice), or in a child
+        forked after the reactor thread started.
     """
-    global _thread
+    global _thread, _thread_pid
     from twisted.internet import reactor as global_reactor
     from twisted.python import threadable
 
     reactor = cast(Any, global_reactor)
     with _lock:
+        if _forked():
+            raise RuntimeError(
+                "publish_sync can not be used in a process forked after it started the "
+                "reactor thread (the thread does not survive a fork, and the connections "
+                "belong to the parent); publish from the parent, fork before the first "
+                "call, or start a new program (exec) in the child"
+            )
         if reactor.running:
             if threadable.isInIOThread():  # type: ignore[no-untyped-call]
                 raise RuntimeError(
@@ -439,8 +486,17 @@ def _running_reactor() -> Any:
         if not started.wait(30):
             raise RuntimeError("the Twisted reactor did not start within 30 s")
         _thread = thread
+        _thread_pid = os.getpid()
         atexit.register(_shutdown)
         return reactor
+
+
+def _forked() -> bool:
+    """
+    Whether this process is a child forked after L{publish_sync} started the
+    reactor thread in its parent.
+    """
+    return _thread_pid is not None and _thread_pid != os.getpid()
 
 
 def _call(reactor: Any, fn: Callable[[], Deferred[_T]], timeout: float) -> _T:
@@ -491,21 +547,18 @@ def publish_sync(
         try again, publish the same message (same id).
     @raise fedhub.errors.FedhubError: what L{publish} fails with; on the
         timeout, L{TemporarilyUnavailable}.
-    @raise RuntimeError: when the reactor can not be used from here.
+    @raise RuntimeError: when the reactor can not be used from here (its own
+        thread, a reactor that stopped, a child forked after the first call).
+    @raise ValueError: when C{timeout} is not a positive number of seconds.
     """
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     config = _config(config_path)
     reactor = _running_reactor()
 
     def run() -> Deferred[None]:
-        d = publish(message, domain, config=config, reactor=reactor, timeout=timeout)
-        return with_timeout(
-            d,
-            timeout,
-            reactor,
-            lambda: TemporarilyUnavailable(
-                f"message {message.id} was not confirmed within {timeout:g} s", message.id
-            ),
-        )
+        # publish bounds the whole call by the timeout.
+        return publish(message, domain, config=config, reactor=reactor, timeout=timeout)
 
     _call(reactor, run, timeout)
 
@@ -515,7 +568,7 @@ def close_sync(timeout: float = 10.0) -> None:
     Close the connections L{publish_sync} opened, waiting at most
     C{timeout} seconds.  Later calls of L{publish_sync} connect again.
     """
-    if _thread is None:
+    if _thread is None or _forked():
         return
     from twisted.internet import reactor as global_reactor
 
@@ -536,6 +589,9 @@ def _shutdown() -> None:
     """
     At exit: close the connections, then stop the reactor thread.
     """
+    if _forked():
+        # Both belong to the parent, which closes them itself.
+        return
     from twisted.internet import reactor as global_reactor
 
     reactor = cast(Any, global_reactor)

@@ -1,0 +1,200 @@
+"""
+Tests for L{fedhub.api} as programs without Twisted use it: several threads
+at once, a forked child, a broker that accepts connections but never speaks
+AMQP.  Nothing here needs a broker.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from fedhub import api
+from fedhub.config import Config, default_config, load_config
+from fedhub.errors import NotConnected, TemporarilyUnavailable
+from fedhub.message import Message
+from tests.test_api import FakeBus
+from tests.test_cli_publish import ROOT, write_config
+
+
+class ConfigCacheTests(SynchronousTestCase):
+    """
+    The configurations L{api.publish_sync} reads, cached by path.
+    """
+
+    def test_one_load_for_concurrent_callers(self) -> None:
+        """Threads asking for the same path at once share one configuration (so one connection)."""
+        path = write_config(Path(self.mktemp()).absolute())
+        self.patch(api, "_configs", {})
+        real_load = api.load
+        loads: list[str | None] = []
+        seen: dict[str, Config] = {}
+        other_done = threading.Event()
+
+        def other() -> None:
+            seen["other"] = api._config(path)
+            other_done.set()
+
+        def slow_load(name: str | None = None) -> Config:
+            loads.append(name)
+            if len(loads) == 1:
+                # A second caller arrives while the first is still reading.
+                second = threading.Thread(target=other)
+                second.start()
+                other_done.wait(0.5)
+                self.addCleanup(second.join)
+            return real_load(name)
+
+        self.patch(api, "load", slow_load)
+        first = api._config(path)
+        other_done.wait(10)
+        self.assertEqual(loads, [path])
+        self.assertIs(seen["other"], first)
+
+
+class HandshakeTimeoutTests(SynchronousTestCase):
+    """
+    A broker that accepts the TCP connection but never answers.
+    """
+
+    def test_reason_names_handshake(self) -> None:
+        """NotConnected says the broker did not answer the AMQP handshake, not a bare timeout tuple."""
+        bus = FakeBus()
+        bus.last_error = DeferredTimeout(1.5, "Deferred")
+        clock = Clock()
+        d = Deferred.fromCoroutine(api.connect_bus(bus, clock, 1.0))
+        clock.pump([0.05] * 25)
+        reason = self.failureResultOf(d, NotConnected).value.reason
+        self.assertIn("did not answer the AMQP handshake", reason)
+        self.assertNotIn("'Deferred'", reason)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from fedhub.api import publish_sync
+    from fedhub.errors import NotConnected
+    from fedhub.message import Message
+
+    path = sys.argv[1]
+    try:
+        # Starts the reactor thread; nothing listens on port 1.
+        publish_sync(Message.create("a.b", {}), config_path=path, timeout=0.2)
+    except NotConnected:
+        pass
+    pid = os.fork()
+    if pid == 0:
+        try:
+            publish_sync(Message.create("a.b", {}), config_path=path, timeout=0.2)
+        except Exception as e:
+            print("child", type(e).__name__, e, flush=True)
+        sys.exit(0)
+    os.waitpid(pid, 0)
+    try:
+        publish_sync(Message.create("a.b", {}), config_path=path, timeout=0.2)
+    except NotConnected:
+        print("parent NotConnected", flush=True)
+    """
+)
+
+
+class ForkTests(SynchronousTestCase):
+    """
+    L{api.publish_sync} in a child forked after it started the reactor thread.
+    """
+
+    def test_child_refused_clearly(self) -> None:
+        """The child gets RuntimeError at once (its reactor thread did not survive the fork); the parent still works."""
+        path = write_config(Path(self.mktemp()).absolute(), broker="amqp://guest:guest@127.0.0.1:1/%2F")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run(
+            [sys.executable, "-c", FORK_SCRIPT, path],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 2, done.stdout)
+        self.assertTrue(lines[0].startswith("child RuntimeError "), lines[0])
+        self.assertIn("fork", lines[0])
+        self.assertEqual(lines[1], "parent NotConnected")
+        self.assertEqual(done.stderr, "")
+
+
+class ConfirmingBus(FakeBus):
+    """
+    A connected bus whose confirms never come.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = True
+        self.connected = True
+        self.published: list[Message] = []
+
+    def publish(self, message: Message) -> Deferred[None]:
+        self.published.append(message)
+        return Deferred()
+
+
+class ClientTimeoutTests(SynchronousTestCase):
+    """
+    The timeout of each publish, whatever the timeout the connection was
+    opened with.
+    """
+
+    def test_confirm_bounded_by_call_timeout(self) -> None:
+        """A publish fails with TemporarilyUnavailable once its own timeout passed without a confirm."""
+        config = load_config(write_config(Path(self.mktemp()).absolute()))
+        clock = Clock()
+        client = api.Client(config, clock, timeout=2)
+        bus = ConfirmingBus()
+        client._buses["test"] = bus
+        message = Message.create("org.example.dev.a", {})
+        d = client.publish(message)
+        self.assertEqual(bus.published, [message])
+        clock.advance(2)
+        failure = self.failureResultOf(d, TemporarilyUnavailable)
+        self.assertEqual(failure.value.message_id, message.id)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_short_first_timeout_not_kept(self) -> None:
+        """A short timeout on the first call does not become the connection's confirm and handshake deadline."""
+        config = load_config(write_config(Path(self.mktemp()).absolute(), broker="amqp://guest:guest@127.0.0.1:1/%2F"))
+        reactor = MemoryReactorClock()
+        client = api.Client(config, reactor, timeout=0.5)
+        d = client.bus()
+        bus = client._buses["test"]
+        self.assertEqual(bus.confirm_timeout, api.DEFAULT_TIMEOUT)
+        self.assertEqual(bus.setup_timeout, api.DEFAULT_TIMEOUT)
+        reactor.advance(0.5)
+        self.failureResultOf(d, NotConnected)
+        self.successResultOf(client.close())
+
+
+class TimeoutValueTests(SynchronousTestCase):
+    """
+    A timeout that is not a positive number of seconds.
+    """
+
+    def test_refused_clearly(self) -> None:
+        """publish and publish_sync refuse a timeout of 0, a negative one or NaN with a ValueError naming it."""
+        message = Message.create("org.example.dev.a", {"n": 1})
+        for bad in (0, -1.0, float("nan")):
+            failure = self.failureResultOf(
+                api.publish(message, config=default_config(), reactor=Clock(), timeout=bad), ValueError
+            )
+            self.assertIn("timeout must be a positive number", str(failure.value))
+            error = self.assertRaises(ValueError, api.publish_sync, message, timeout=bad)
+            self.assertIn(repr(bad), str(error))
