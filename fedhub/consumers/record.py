@@ -156,10 +156,7 @@ class RecordHandler:
             self._sync_call.cancel()
         self._sync_call = None
         try:
-            if self._fd is not None and self._unsynced and (
-                self.settings.fsync_every or self.settings.fsync_interval
-            ):
-                self._sync()
+            self._sync_owed()
         finally:
             # A failed sync is reported to the caller; the file is closed
             # all the same.
@@ -178,10 +175,7 @@ class RecordHandler:
             "Consumer {consumer} reopens {path}", consumer=self.name, path=self.settings.path
         )
         try:
-            if self._fd is not None and self._unsynced and (
-                self.settings.fsync_every or self.settings.fsync_interval
-            ):
-                self._sync()
+            self._sync_owed()
         finally:
             # A failed sync is reported to the caller; the rotation happens
             # all the same, or lines would keep going to the renamed file.
@@ -215,11 +209,7 @@ class RecordHandler:
         Queue the message's line; the Deferred fires once it is written.
         """
         waiter: Deferred[None] = Deferred()
-        # A header name that was not UTF-8 on the wire is held with lone
-        # surrogates: they are written as JSON escapes, which load back to
-        # the same name, instead of failing the line.
-        line = dump_line(message).encode("utf-8", "backslashreplace")
-        self._pending.append(_Pending(line, waiter))
+        self._pending.append(_Pending(dump_line(message).encode("utf-8"), waiter))
         if len(self._pending) >= self.settings.max_batch:
             self._cancel_flush()
             self._flush()
@@ -265,8 +255,7 @@ class RecordHandler:
                 )
                 # Lines acknowledged in the old file get the sync they were
                 # promised before it is let go, as with reopen().
-                if self._unsynced and (self.settings.fsync_every or self.settings.fsync_interval):
-                    self._sync()
+                self._sync_owed()
                 self._close()
                 self._open()
             self._append(b"".join(item.line for item in batch))
@@ -332,6 +321,16 @@ class RecordHandler:
                     path=self.settings.path,
                     reason=e.strerror,
                 )
+
+    def _sync_owed(self) -> None:
+        """
+        Sync the lines written since the last sync, when any fsync is
+        configured: what must happen before the file is let go.
+        """
+        if self._fd is not None and self._unsynced and (
+            self.settings.fsync_every or self.settings.fsync_interval
+        ):
+            self._sync()
 
     def _sync(self) -> None:
         assert self._fd is not None
