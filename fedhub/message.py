@@ -875,7 +875,7 @@ def _loaded_body(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], bytes]:
     except UnicodeEncodeError:
         # Surrogates occur only inside JSON strings, where an escape stands
         # for the same character.
-        encoded = _SURROGATE.sub(_surrogate_escape, text).encode("utf-8")
+        encoded = escape_surrogates(text).encode("utf-8")
     if body.__class__ is FrozenDict:
         return body, encoded
     return _frozen_body(body, encoded), encoded
@@ -953,6 +953,17 @@ def _surrogate_escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
+def escape_surrogates(text: str) -> str:
+    """
+    C{text} with lone surrogates written as C{\\uXXXX} escapes, so that it
+    always encodes as UTF-8: inside a JSON string an escape stands for the
+    same character; elsewhere it is a visible stand-in.
+    """
+    if text.isascii():
+        return text
+    return _SURROGATE.sub(_surrogate_escape, text)
+
+
 def dump_line(message: Message) -> str:
     """
     Serialize one message as one line, newline included.
@@ -961,14 +972,12 @@ def dump_line(message: Message) -> str:
     surrogates: they are written as escapes, so that the line always encodes
     as UTF-8, and a header name that held them loads back the same.
     """
+    # Surrogates occur only inside JSON strings, where an escape stands for
+    # the same character.
     text = json.dumps(
         message.to_serialized(), ensure_ascii=False, sort_keys=True, default=_header_json
     )
-    if not text.isascii():
-        # Surrogates occur only inside JSON strings, where an escape stands
-        # for the same character.
-        text = _SURROGATE.sub(_surrogate_escape, text)
-    return text + "\n"
+    return escape_surrogates(text) + "\n"
 
 
 def iter_loads(lines: Iterable[str | bytes]) -> Iterator[Message]:

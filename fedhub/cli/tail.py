@@ -41,7 +41,7 @@ from fedhub.cli.runner import EX_OK, EX_USAGE, CommandError, Runtime, positive_i
 from fedhub.config import DomainConfig, check_topic_pattern
 from fedhub.consumers.log import format_line
 from fedhub.interfaces import IDelivery
-from fedhub.message import Message, dump_line, format_sent_at
+from fedhub.message import Message, dump_line, escape_surrogates, format_sent_at
 from fedhub.text import escape_control
 from fedhub.topology import BindingSpec, QueueSpec, Topology, topic_matches
 
@@ -105,27 +105,11 @@ def format_json(message: Message) -> str:
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", dump_line(message))
 
 
-#: A lone surrogate: a header name that was not UTF-8 on the wire holds
-#: them, and so does a body whose JSON has an unpaired C{\\uD800} escape.
-#: UTF-8 can not encode one, so printing it would fail.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _escape_surrogates(text: str) -> str:
-    """
-    C{text} with lone surrogates written as C{\\uXXXX} escapes: inside a
-    JSON string the same value, elsewhere a visible stand-in.
-    """
-    if text.isascii():
-        return text
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
 def format_terse(message: Message) -> str:
     """
     One line: send time, topic, summary (as the C{log} consumer writes it).
     """
-    return _escape_surrogates(format_line(message)) + "\n"
+    return escape_surrogates(format_line(message)) + "\n"
 
 
 def format_pretty(message: Message) -> str:
@@ -152,7 +136,7 @@ def format_pretty(message: Message) -> str:
     lines.append("  body:")
     body = json.dumps(message.body, ensure_ascii=False, sort_keys=True, indent=2, default=str)
     lines.extend("    " + line for line in body.split("\n"))
-    return _escape_surrogates("".join(escape_control(line) + "\n" for line in lines) + "\n")
+    return escape_surrogates("".join(escape_control(line) + "\n" for line in lines) + "\n")
 
 
 FORMATTERS: dict[str, Callable[[Message], str]] = {

@@ -686,12 +686,8 @@ class _Run:
 def _serialized(messages: Sequence[Message]) -> bytes:
     """
     The messages as standard input: one serialized line each, in UTF-8.
-
-    A header name that was not valid UTF-8 on the wire is held with lone
-    surrogates, which UTF-8 can not encode; they are written as JSON
-    escapes (C{\\udcff}), which read back to the same name.
     """
-    return "".join(dump_line(m) for m in messages).encode("utf-8", "backslashreplace")
+    return "".join(dump_line(m) for m in messages).encode("utf-8")
 
 
 @dataclass

@@ -310,9 +310,7 @@ class WebhookHandler:
         """
         if self._client is None:
             raise Retry("the webhook consumer is not started")
-        # A header name that was not UTF-8 on the wire is held with lone
-        # surrogates: they go as JSON escapes, which read back to the name.
-        body = dump_line(message).encode("utf-8", "backslashreplace")
+        body = dump_line(message).encode("utf-8")
         headers = self.request_headers(message)
         timed_out: list[bool] = []
 
