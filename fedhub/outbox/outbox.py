@@ -385,15 +385,9 @@ class Outbox(Service):
         if self._trouble is not None:
             return fail(TemporarilyUnavailable(self._trouble, message.id))
         store = self.store
-        count = store.pending_count + self._waiting_count
-        if count >= self._max_messages:
-            return fail(
-                TemporarilyUnavailable(
-                    f"the outbox of domain {self.domain} is full: {count} messages waiting "
-                    f"(limit {self._max_messages})",
-                    message.id,
-                )
-            )
+        full = self._full_by_count(store.pending_count + self._waiting_count)
+        if full is not None:
+            return fail(TemporarilyUnavailable(full, message.id))
         try:
             data = encode(message)
         except MessageError as e:
@@ -407,15 +401,11 @@ class Outbox(Service):
                     message.id,
                 )
             )
-        used = store.pending_bytes + store.failed_bytes + self._waiting_bytes
-        if used + size > self._max_bytes:
-            return fail(
-                TemporarilyUnavailable(
-                    f"the outbox of domain {self.domain} is full: {used} bytes stored "
-                    f"(limit {self._max_bytes})",
-                    message.id,
-                )
-            )
+        full = self._full_by_bytes(
+            store.pending_bytes + store.failed_bytes + self._waiting_bytes, size
+        )
+        if full is not None:
+            return fail(TemporarilyUnavailable(full, message.id))
         if self._waiting_count >= self._max_waiting:
             return fail(
                 TemporarilyUnavailable(
@@ -716,23 +706,38 @@ class Outbox(Service):
         used = store.pending_bytes + store.failed_bytes
         for index, handover in enumerate(self._inserts):
             size = len(handover.data)
-            if count >= self._max_messages:
-                reason = (
-                    f"the outbox of domain {self.domain} is full: {count} messages waiting "
-                    f"(limit {self._max_messages})"
-                )
-            elif used + size > self._max_bytes:
-                reason = (
-                    f"the outbox of domain {self.domain} is full: {used} bytes stored "
-                    f"(limit {self._max_bytes})"
-                )
-            else:
+            reason = self._full_by_count(count) or self._full_by_bytes(used, size)
+            if reason is None:
                 count += 1
                 used += size
                 continue
             refused, self._inserts = self._inserts[index:], self._inserts[:index]
             self._fail_handovers(refused, reason)
             return
+
+    def _full_by_count(self, count: int) -> str | None:
+        """
+        Why a hand-over is refused with C{count} messages waiting, or
+        C{None} when there is room.
+        """
+        if count >= self._max_messages:
+            return (
+                f"the outbox of domain {self.domain} is full: {count} messages waiting "
+                f"(limit {self._max_messages})"
+            )
+        return None
+
+    def _full_by_bytes(self, used: int, size: int) -> str | None:
+        """
+        Why a hand-over of C{size} bytes is refused with C{used} bytes
+        stored, or C{None} when there is room.
+        """
+        if used + size > self._max_bytes:
+            return (
+                f"the outbox of domain {self.domain} is full: {used} bytes stored "
+                f"(limit {self._max_bytes})"
+            )
+        return None
 
     def _store_open_failed(self, failure: TwistedFailure) -> None:
         self._opening = False
