@@ -15,41 +15,26 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus, MemorySubscription
-from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
 from fedhub.errors import DeadLetter, Halt, Retry
-from fedhub.interfaces import IDelivery, IMessageHandler, ISubscription
+from fedhub.interfaces import IDelivery, ISubscription
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry
+from tests.test_consumer_runner import FakeDelivery, ScriptedHandler, component
 
 
-@implementer(IMessageHandler)
-class Handler:
+class Handler(ScriptedHandler):
     """
-    A handler whose result per call is scripted (the last one repeats); an
-    exception is raised, anything else returned.  Its C{stop()} returns
-    C{stop_result}.
+    A L{ScriptedHandler} whose C{stop()} returns C{stop_result} and counts
+    its calls.
     """
-
-    topics = ("#",)
 
     def __init__(self, *outcomes: Any) -> None:
-        self.outcomes = list(outcomes) or [None]
-        self.seen: list[Message] = []
+        super().__init__(*outcomes)
         self.stop_result: Any = None
         self.stops = 0
 
-    def handle(self, message: Message) -> Any:
-        self.seen.append(message)
-        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> Any:
+    def stop(self) -> Any:  # type: ignore[override]
         self.stops += 1
         return self.stop_result
 
@@ -78,20 +63,6 @@ class LateSubscribingBus(MemoryBus):
             subscribed.addCallback(lambda s: (started.append(s), s)[1]).chainDeferred(later)
         self.held = []
         return started
-
-
-def component(**changes: Any) -> ComponentConfig:
-    fields: dict[str, Any] = {
-        "kind": "consumer",
-        "index": 0,
-        "name": "c",
-        "plugin": "test",
-        "domain": "d",
-        "options": {},
-        "topics": ("t.#",),
-    }
-    fields.update(changes)
-    return ComponentConfig(**fields)
 
 
 def retried(count: Any, queue: str = "fedhub.c.retry.1", reason: str = "expired") -> dict[str, Any]:
@@ -357,35 +328,25 @@ class EdgeTests(SynchronousTestCase):
         self.assertEqual(service.stats["retried"], 1)
 
 
-@implementer(IDelivery)
-class RecordingDelivery:
+class RecordingDelivery(FakeDelivery):
     """
-    A delivery handed to the runner by hand: it records its verdicts, and
-    its C{ack} raises C{ack_error} when one is set.
+    A L{FakeDelivery} whose C{ack} raises C{ack_error} when one is set, and
+    whose C{reject} after a verdict does nothing.
     """
 
     def __init__(self, message: Message, ack_error: Exception | None = None) -> None:
-        self.message = message
-        self.redelivered = message.redelivered
-        self.queue = message.queue
+        super().__init__(message)
         self.ack_error = ack_error
-        self.verdicts: list[str] = []
-
-    @property
-    def live(self) -> bool:
-        return not self.verdicts
 
     def ack(self) -> bool:
         if self.ack_error is not None:
             raise self.ack_error
-        self.verdicts.append("ack")
-        return True
+        return super().ack()
 
     def reject(self, requeue: bool) -> bool:
         if self.verdicts:
             return False
-        self.verdicts.append("requeue" if requeue else "reject")
-        return True
+        return super().reject(requeue)
 
 
 class BrokenPublishBus(MemoryBus):
