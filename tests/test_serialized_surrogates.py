@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -134,59 +135,47 @@ class LiveCommandTests(LiveCase):
         bus = await self.start_bus()
         await bus.publish(message)
 
-    async def test_record_command(self) -> None:
-        """fedhub record records such a message and exits 0; the file loads back to it."""
-        path = self.directory / "recorded.jsonl"
-        process = spawn("record", "-c", self.config, str(path), "--topic", f"{self.prefix}.#",
+    async def run_for_one(self, command: str, *args: str, message: Message) -> Any:
+        """
+        Run C{fedhub COMMAND ARGS --count 1} on the test's topics until it
+        follows, publish C{message}, and wait for the command to exit 0.
+        """
+        process = spawn(command, "-c", self.config, *args, "--topic", f"{self.prefix}.#",
                         "--count", "1")
         self.addCleanup(process.kill)
         await self.wait_for(lambda: b"following" in process.err or process.ended.called,
-                            "record to follow", 30)
-        message = odd_message(f"{self.prefix}.a")
+                            f"{command} to follow", 30)
         await self.publish(message)
         await self.wait_for(lambda: process.ended.called, "the command to end", 30)
         self.assertEqual(await process.ended, 0, process.stderr)
+        return process
+
+    async def test_record_command(self) -> None:
+        """fedhub record records such a message and exits 0; the file loads back to it."""
+        path = self.directory / "recorded.jsonl"
+        message = odd_message(f"{self.prefix}.a")
+        await self.run_for_one("record", str(path), message=message)
         (recorded,) = list(iter_loads(path.read_bytes().split(b"\n")))
         self.assertEqual(recorded.evolve(queue=None), message)
 
     async def test_tail_json_command(self) -> None:
         """fedhub tail --format json prints such a message and exits 0; the line loads back to it."""
-        process = spawn("tail", "-c", self.config, "--topic", f"{self.prefix}.#", "--count", "1",
-                        "--format", "json")
-        self.addCleanup(process.kill)
-        await self.wait_for(lambda: b"following" in process.err or process.ended.called,
-                            "tail to follow", 30)
         message = odd_message(f"{self.prefix}.a")
-        await self.publish(message)
-        await self.wait_for(lambda: process.ended.called, "the command to end", 30)
-        self.assertEqual(await process.ended, 0, process.stderr)
+        process = await self.run_for_one("tail", "--format", "json", message=message)
         (shown,) = loads(bytes(process.out))
         self.assertEqual(shown.evolve(queue=None), message)
 
     async def test_tail_pretty_command(self) -> None:
         """fedhub tail --format pretty prints such a message, escaped, and exits 0."""
-        process = spawn("tail", "-c", self.config, "--topic", f"{self.prefix}.#", "--count", "1",
-                        "--format", "pretty")
-        self.addCleanup(process.kill)
-        await self.wait_for(lambda: b"following" in process.err or process.ended.called,
-                            "tail to follow", 30)
-        await self.publish(odd_message(f"{self.prefix}.a"))
-        await self.wait_for(lambda: process.ended.called, "the command to end", 30)
-        self.assertEqual(await process.ended, 0, process.stderr)
+        process = await self.run_for_one("tail", "--format", "pretty",
+                                         message=odd_message(f"{self.prefix}.a"))
         self.assertIn(b'    \\udcffname: "value"\n', bytes(process.out))
 
     async def test_record_then_replay(self) -> None:
         """A message whose body holds lone surrogates is recorded, and fedhub replay publishes it as it arrived (exit 0)."""
         path = self.directory / "recorded.jsonl"
-        process = spawn("record", "-c", self.config, str(path), "--topic", f"{self.prefix}.#",
-                        "--count", "1")
-        self.addCleanup(process.kill)
-        await self.wait_for(lambda: b"following" in process.err or process.ended.called,
-                            "record to follow", 30)
         message = odd_body_message(f"{self.prefix}.body")
-        await self.publish(message)
-        await self.wait_for(lambda: process.ended.called, "the command to end", 30)
-        self.assertEqual(await process.ended, 0, process.stderr)
+        await self.run_for_one("record", str(path), message=message)
 
         bus = await self.start_bus()
         queue = await self.queue(bus, f"{self.prefix}.#")
