@@ -641,8 +641,6 @@ class _Session:
         # that refusal's text.
         self.body_limit: int | None = None
         self.body_limit_text = ""
-        # Whether messages are checked against refusals before they go out.
-        self.refusing = False
         self.reopening = False
         self.drained = Latch()
         self.drained.fire()
@@ -754,11 +752,18 @@ class _Session:
                 self._check_exchange(pending.exchange)
                 return
             waiting.popleft()
-            refusal = self._refusal(pending) if self.refusing else None
+            refusal = self._refusal(pending) if self.refusing() else None
             if refusal is not None:
                 pending.outcome.errback(refusal)
                 continue
             self._send(pending)
+
+    def refusing(self) -> bool:
+        """
+        Whether messages are checked against refusals before they go out:
+        once the broker refused a publish on this connection.
+        """
+        return bool(self.refusals) or self.body_limit is not None
 
     def _refusal(self, pending: _Pending) -> PublishError | None:
         """
@@ -1085,7 +1090,6 @@ class _Session:
                 # connection); the others were discarded with the channel
                 # and are sent again.
                 self.refusals.append(error)
-                self.refusing = True
             limit = _size_limit(error)
             if limit is not None:
                 # A body larger than the broker's max_message_size: that
@@ -1096,10 +1100,9 @@ class _Session:
                 # may be reconfigured before the next one.
                 self.body_limit = limit
                 self.body_limit_text = error.reply_text
-                self.refusing = True
 
             def failure(pending: _Pending) -> Exception:
-                refusal = self._refusal(pending) if self.refusing else None
+                refusal = self._refusal(pending) if self.refusing() else None
                 if refusal is not None:
                     return refusal
                 return NotConnected(f"the publish channel closed: {error}", pending.message.id)
