@@ -169,10 +169,15 @@ class ConsumerService(Service):
     Runs one consumer: declares its queues, subscribes, hands each message to
     its handler and settles the delivery by the outcome.
 
-    @ivar stats: Counters by outcome (C{consumed}, C{acked}, C{dropped},
-        C{dead_lettered}, C{invalid}, C{failed}, C{requeued}), and
-        C{unsettled}: verdicts the bus dropped because the delivery's
-        channel was gone (the broker delivers those messages again).
+    @ivar stats: Counters: C{consumed}, C{invalid} and C{failed} as
+        deliveries come and handlers end; then each delivery once, by the
+        L{Settled} outcome its verdict reached the broker with (C{acked},
+        C{dropped}, C{retried}, C{dead_lettered}, C{rejected}, C{requeued}),
+        or as C{unsettled}: verdicts the bus dropped because the delivery's
+        channel was gone (the broker delivers those messages again).  A
+        delivery replaced by a copy counts as C{retried} or
+        C{dead_lettered} only once the broker confirmed the copy and the
+        original was acknowledged; as C{rejected} when the copy failed.
     @ivar halted: Whether a L{Halt} verdict stopped it.
     @ivar in_flight: Handler calls started and not finished.
     @ivar concurrency: At most this many handler calls at once.
@@ -240,7 +245,7 @@ class ConsumerService(Service):
         self._pumping = False
         self.stats = dict.fromkeys(
             ("consumed", "acked", "dropped", "dead_lettered", "retried", "invalid", "failed",
-             "requeued", "unsettled"),
+             "requeued", "rejected", "unsettled"),
             0,
         )
         self._in_flight: set[Deferred[None]] = set()
@@ -680,7 +685,6 @@ class ConsumerService(Service):
             attempt=attempts + 1,
             reason=reason,
         )
-        self.stats["retried"] += 1
         name = f"{self.retry_prefix}{level}"
         # maybeDeferred: a bus that raises refuses the copy like one that fails.
         return maybeDeferred(
@@ -699,7 +703,6 @@ class ConsumerService(Service):
             topic=message.topic,
             reason=reason,
         )
-        self.stats["dead_lettered"] += 1
         headers = dict(message.headers)
         headers[DEAD_LETTER_REASON_HEADER] = reason[:1000]
         copy = message.evolve(queue=None, headers=headers)
@@ -718,6 +721,10 @@ class ConsumerService(Service):
         """
         Acknowledge a delivery once the copy replacing it is confirmed; if the
         copy can not be published, let the broker dead-letter the original.
+
+        The delivery is counted, and observers told, by what became of it,
+        once that is known: C{outcome} only when the copy is confirmed and
+        the original acknowledged.
         """
 
         def confirmed(_: object) -> None:
@@ -725,6 +732,7 @@ class ConsumerService(Service):
                 # The copy is out; the original comes again as well.
                 self._unsettled(delivery, outcome, handling)
                 return
+            self.stats[outcome] += 1
             self._tell(delivery.message, outcome, reason, handling)
 
         def refused(failure: Failure) -> None:
@@ -737,6 +745,7 @@ class ConsumerService(Service):
             if delivery.reject(False) is False:
                 self._unsettled(delivery, "rejected", handling)
                 return
+            self.stats["rejected"] += 1
             self._tell(delivery.message, "rejected", reason, handling)
 
         replaced.addCallbacks(confirmed, refused)

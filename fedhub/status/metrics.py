@@ -61,11 +61,12 @@ _CONSUMER_COUNTERS = {
     "consumed": "Deliveries handed to the consumer",
     "acked": "Deliveries acknowledged after the handler succeeded",
     "dropped": "Deliveries dropped by a Drop verdict or policy",
-    "retried": "Copies put in a retry queue",
-    "dead_lettered": "Copies put in the dead-letter queue",
+    "retried": "Deliveries replaced by a confirmed copy in a retry queue",
+    "dead_lettered": "Deliveries replaced by a confirmed copy in the dead-letter queue",
     "invalid": "Deliveries whose body failed its schema",
     "failed": "Handler calls that raised something other than a verdict",
-    "requeued": "Deliveries returned to the queue (halt, stop)",
+    "requeued": "Deliveries returned to the queue (halt, stop, a failed settle)",
+    "rejected": "Deliveries left to the broker to dead-letter because their copy could not be published",
     "unsettled": "Verdicts dropped because the delivery's channel had closed (delivered again)",
 }
 
