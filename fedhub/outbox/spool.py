@@ -8,8 +8,15 @@ temporary name, fsync'd, renamed, and the directory fsync'd, so once
 L{write_spool} returns the message survives a crash of either process.  The
 hub's L{SpoolImporter} picks the files up in name order (which is hand-over
 order), hands each to the domain's outbox, and deletes the file only after the
-outbox made the message durable.  When the hub is not running the files wait;
-they are imported when it starts.
+outbox made the message durable, before handing over the next one.  When the
+hub is not running the files wait; they are imported when it starts.
+
+Nothing records a hand-over and the deletion of its file together: a hub
+killed between the two hands that one message over again at its next start,
+with the same id (and a power loss before the directory is fsync'd, once per
+batch, may bring back the files of that batch).  A file that can not be
+deleted is not handed over again by the same hub; later scans try to delete
+it first, and stop there while that fails.
 
 The spool also carries requests about the outbox's failed area from
 C{fedhub outbox} while the hub holds the outbox: a request file
@@ -225,14 +232,15 @@ def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes | None]]:
     return batch
 
 
-def _remove(paths: list[str], directory: str) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    if paths:
-        _fsync_directory(directory)
+def _remove(path: str) -> None:
+    """
+    Delete a spool file whose message the outbox holds (one gone already
+    is fine).  The directory is fsync'd once per batch, not here.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _quarantine(path: str) -> str | None:
@@ -286,6 +294,9 @@ class SpoolImporter(Service):
         self.batch = batch
         self.imported = 0
         self.rejected = 0
+        # Spool files whose message was handed over but which could not be
+        # deleted: later scans delete them instead of handing them over again.
+        self._handed_over: set[str] = set()
         self._pool = self._new_pool()
         self._loop: LoopingCall | None = None
         self._running: Deferred[Any] | None = None
@@ -322,9 +333,14 @@ class SpoolImporter(Service):
             batch = yield self._in_thread(_read_batch, self.directory, self.batch)
             if not batch:
                 return
-            done: list[str] = []
+            removed = False
             try:
                 for path, data in batch:
+                    if path in self._handed_over:
+                        yield self._in_thread(_remove, path)
+                        self._handed_over.discard(path)
+                        removed = True
+                        continue
                     try:
                         if data is None:
                             raise DecodeError(f"larger than {MAX_FILE_BYTES} bytes")
@@ -364,11 +380,20 @@ class SpoolImporter(Service):
                             msg_id=message.id, domain=self.domain, reason=str(e), bad=bad,
                         )
                         continue
-                    done.append(path)
                     self.imported += 1
+                    # Deleted before the next hand-over, not with the batch:
+                    # a crash between the outbox's commit and this deletion
+                    # hands over this one message again at the next start
+                    # (with its id), not every message of the batch.
+                    self._handed_over.add(path)
+                    yield self._in_thread(_remove, path)
+                    self._handed_over.discard(path)
+                    removed = True
             finally:
-                if done:
-                    yield self._in_thread(_remove, done, self.directory)
+                if removed:
+                    # Until then a power loss may bring deleted files back:
+                    # their messages are handed over again, never lost.
+                    yield self._in_thread(_fsync_directory, self.directory)
             # A batch cut short by its size in bytes leaves files behind;
             # the next read finds out whether any are left.
 
