@@ -155,12 +155,16 @@ class CLIProcess(ProcessProtocol):
         return self.err.decode("utf-8", "replace")
 
 
-def spawn(*args: str, stdin: bytes | None = None, close_stdin: bool = True) -> CLIProcess:
+def spawn(
+    *args: str, stdin: bytes | None = None, close_stdin: bool = True, env: dict[str, str] | None = None
+) -> CLIProcess:
     """
     Start C{fedhub ARGS...} in a subprocess (the checkout on its path).
+
+    @param env: Environment variables to set for it, beyond the inherited ones.
     """
     process = CLIProcess(stdin, close_stdin)
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cast(Any, _reactor()).spawnProcess(
         process, sys.executable, [sys.executable, "-c", CLI_SCRIPT, *args], env=env, path=os.getcwd()

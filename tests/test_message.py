@@ -83,6 +83,15 @@ class CreateTests(SynchronousTestCase):
         for topic in ("", None, 42, "a b", "a\nb", "a\x00b"):
             self.assertRaises(MessageError, Message.create, topic, {})
 
+    def test_topics_amqp_routes(self) -> None:
+        """Empty words and literal * or # (routed by the broker, sent by fedora-messaging) are accepted on every path."""
+        for topic in ("a..b", ".a", "a.", "org.fedoraproject.", "a.*.b", "a.#"):
+            with self.subTest(topic=topic):
+                message = Message.create(topic, {"n": 1})
+                self.assertEqual(list(iter_loads([dump_line(message)])), [message])
+                self.assertEqual(from_amqp(topic, {}, b"{}").topic, topic)
+                self.assertEqual(sample().evolve(topic=topic).topic, topic)
+
     def test_body_must_be_object(self) -> None:
         """A body that is not a JSON object is refused with a typed error."""
         for body in ([], "text", 1, None):

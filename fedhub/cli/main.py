@@ -8,9 +8,11 @@ C{add_arguments(parser)} and C{run(args) -> int} (the exit status).
 from __future__ import annotations
 
 import argparse
+import codecs
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import ModuleType
 
 from fedhub import __version__
@@ -26,6 +28,67 @@ COMMANDS: dict[str, ModuleType] = {
     "replay": replay,
     "outbox": outbox,
 }
+
+
+#: The codec error handler standard output gets while a command runs.
+ESCAPE_ERRORS = "fedhub-escape"
+
+#: The error handlers standard output may have by default: on a terminal
+#: whose encoding lacks a character of a message, they would end the
+#: command.  One chosen otherwise (C{PYTHONIOENCODING=ascii:replace}) is kept.
+DEFAULT_ERRORS = frozenset({"strict", "surrogateescape"})
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def escape_unencodable(error: UnicodeError) -> tuple[str, int]:
+    """
+    A codec error handler: each character the encoding has no form for is
+    written as JSON writes it with C{ensure_ascii} (C{\\uXXXX}, a surrogate
+    pair beyond U+FFFF).  Inside a JSON string the escape stands for the same
+    character, so the JSON C{tail} prints stays the same JSON; elsewhere it
+    is a visible stand-in, as lone surrogates are
+    (L{fedhub.message.escape_surrogates}).
+
+    @raise UnicodeError: C{error} itself when it is not an encoding error.
+    """
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    return "".join(map(_escape, error.object[error.start:error.end])), error.end
+
+
+codecs.register_error(ESCAPE_ERRORS, escape_unencodable)
+
+
+@contextmanager
+def escaping_output() -> Iterator[None]:
+    """
+    While the block runs, standard output escapes the characters its
+    encoding lacks (see L{escape_unencodable}) instead of raising: a message
+    holding one must not end C{tail} or hide the rest of a listing on a
+    terminal that is not UTF-8.  The error handler is restored afterwards.
+    """
+    stream = sys.stdout
+    previous = getattr(stream, "errors", None)
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is None or previous not in DEFAULT_ERRORS:
+        yield
+        return
+    reconfigure(errors=ESCAPE_ERRORS)
+    try:
+        yield
+    finally:
+        try:
+            reconfigure(errors=previous)
+        except (OSError, ValueError):
+            # Closed, or its reader went away: nothing more is written to it.
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return run(args)
+        with escaping_output():
+            return run(args)
     except KeyboardInterrupt:
         # Ctrl-C outside the reactor (reading a configuration, waiting for
         # the running hub, importing plugins): one line, as for any other stop.

@@ -16,9 +16,11 @@ terminal grow the broker's memory.  Formats:
     C{fedhub record} writes and C{fedhub publish --file} reads).
 
 Control characters in untrusted text are escaped in every format, so a
-message can not drive the terminal.  C{--exclude}, C{--user} and C{--package}
-filter further.  The command exits 0 after C{--count} messages, and on SIGINT
-(Ctrl-C) or SIGTERM.
+message can not drive the terminal; characters the terminal's encoding
+lacks (on a terminal that is not UTF-8) are written as C{\\uXXXX} escapes,
+which in the C{json} format leave the same JSON value.  C{--exclude},
+C{--user} and C{--package} filter further.  The command exits 0 after
+C{--count} messages, and on SIGINT (Ctrl-C) or SIGTERM.
 """
 
 from __future__ import annotations
