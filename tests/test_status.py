@@ -458,9 +458,9 @@ class ReadyTests(SynchronousTestCase):
 
     def test_bus_down_and_back(self) -> None:
         """
-        A stopped bus turns the answer to 503; started again, its domain is
-        ready, but a memory bus's stop cancelled the consumer's subscription
-        for good, and the answer stays 503 rather than claim it consumes.
+        A stopped bus turns the answer to 503, its consumer not consuming;
+        started again, its domain is ready and the consumer's subscription
+        consumes again, and the answer is 200.
         """
         world = World(self)
         world.start()
@@ -473,8 +473,8 @@ class ReadyTests(SynchronousTestCase):
         world.bus.startService()
         code, body = self.ready(world)
         self.assertEqual(body["domains"]["one"]["ready"], True)
-        self.assertEqual(body["consumers"]["a"]["consuming"], False)
-        self.assertEqual(code, 503)
+        self.assertEqual(body["consumers"]["a"]["consuming"], True)
+        self.assertEqual(code, 200)
 
     def test_connection_error_shown(self) -> None:
         """A bus's last connection error is in the details, control characters escaped."""

@@ -256,15 +256,17 @@ class MemoryDelivery:
     @property
     def live(self) -> bool:
         """
-        Whether a verdict would still count: none was given and the
-        subscription is not cancelled.
+        Whether a verdict would still count: none was given, the
+        subscription is not cancelled and the bus did not stop since the
+        delivery.
         """
         return self._subscription.unacked.get(self._tag) is self
 
     def ack(self) -> bool:
         """
-        Remove the message from its queue.  Ignored after a first verdict or
-        once its subscription is cancelled (then it returns C{False}).
+        Remove the message from its queue.  Ignored after a first verdict,
+        once its subscription is cancelled or once the bus stopped (then it
+        returns C{False}).
         """
         return self._bus._settle(self._subscription, self._tag, None)
 
@@ -272,8 +274,8 @@ class MemoryDelivery:
         """
         Put the message back in its queue at the place it had, ahead of the
         messages that were behind it (C{requeue}), or dead-letter it.
-        Ignored after a first verdict or once its subscription is cancelled
-        (then it returns C{False}).
+        Ignored after a first verdict, once its subscription is cancelled or
+        once the bus stopped (then it returns C{False}).
         """
         return self._bus._settle(self._subscription, self._tag, bool(requeue))
 
@@ -281,7 +283,9 @@ class MemoryDelivery:
 @implementer(ISubscription)
 class MemorySubscription:
     """
-    A consumer of one queue of a L{MemoryBus}.
+    A consumer of one queue of a L{MemoryBus}.  Like a subscription of an
+    AMQP bus across a reconnect, it outlives a stop of its bus: it consumes
+    again when the bus starts again, until cancelled.
 
     @ivar queue: The queue consumed from.
     @ivar prefetch: At most this many deliveries unacknowledged; 0 for no limit.
@@ -335,10 +339,11 @@ class MemoryBus(Service):
     raises is logged and its delivery dead-lettered (rejected without requeue),
     so a faulty handler can neither stop the bus nor loop on one message.
 
-    Queues, exchanges and bindings live as long as this object: they survive
-    C{stopService} and C{startService}.  Declaring and subscribing work before
-    the service starts; publishing needs it running, and deliveries start with
-    it.
+    Queues, exchanges, bindings and subscriptions live as long as this object:
+    they survive C{stopService} and C{startService}, as an AMQP bus declares
+    and consumes again after a reconnect.  Declaring and subscribing work
+    before the service starts and while it is stopped; publishing needs it
+    running, and deliveries start with it.
 
     @ivar domain: The domain served.
     @ivar exchange: The exchange L{publish} uses by default.
@@ -392,7 +397,8 @@ class MemoryBus(Service):
 
     def startService(self) -> None:
         """
-        Start taking messages and making deliveries.
+        Start taking messages and making deliveries, to the subscriptions
+        made before too (those not cancelled since).
         """
         Service.startService(self)  # type: ignore[no-untyped-call]
         self.log.warn(
@@ -406,18 +412,20 @@ class MemoryBus(Service):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop: cancel every subscription (their unacknowledged deliveries go
-        back to their queues), fail the publishes still waiting for room with
-        L{NotConnected}, and stop every timer.  Queued messages stay for a
-        later start.
+        Stop: put every unacknowledged delivery back in its queue, marked
+        redelivered (a verdict on it no longer counts, as on a closed AMQP
+        channel), fail the publishes still waiting for room with
+        L{NotConnected}, and stop every timer.  Queued messages and
+        subscriptions stay for a later start: the subscriptions consume again
+        then, and are not consuming until then.
 
         @return: A Deferred that has fired.
         """
         Service.stopService(self)  # type: ignore[no-untyped-call]
         waiting: dict[int, _Waiting] = {}
         for queue in self._queues.values():
-            for subscription in list(queue.consumers):
-                self._cancel(subscription)
+            for subscription in queue.consumers:
+                self._take_back(queue, subscription)
             for call in (queue.dispatch_call, queue.ttl_call):
                 if call is not None and call.active():
                     call.cancel()
@@ -875,13 +883,21 @@ class MemoryBus(Service):
         del queue.consumers[index]
         if queue.next_consumer > index:
             queue.next_consumer -= 1
+        self._take_back(queue, subscription)
+        self._arm_expiry(queue)
+        self._schedule_dispatch(queue)
+
+    @staticmethod
+    def _take_back(queue: _Queue, subscription: MemorySubscription) -> None:
+        """
+        Put the unacknowledged deliveries of C{subscription} back in C{queue},
+        marked redelivered; verdicts on them no longer count.
+        """
         returned = list(subscription.unacked.values())
         subscription.unacked.clear()
         queue.unacked -= len(returned)
         for delivery in reversed(returned):
             _put_back(queue, delivery._entry)
-        self._arm_expiry(queue)
-        self._schedule_dispatch(queue)
 
 
 def _put_back(queue: _Queue, entry: _Entry) -> None:
