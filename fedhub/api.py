@@ -9,7 +9,7 @@ For Twisted programs::
 
     d = api.publish(Message.create("org.example.prod.scm.push", {"repo": "x"}))
     # ... fires with None once the broker confirmed the message
-    d = api.close()          # at the end: disconnect
+    d = api.close(timeout=10)  # at the end: disconnect, waiting at most 10 s
 
 For everything else (an SCM hook, a cron script, a WSGI application)::
 
@@ -187,6 +187,36 @@ def with_timeout(
     return result
 
 
+def _bad_timeout(timeout: float | None) -> ValueError | None:
+    """
+    The error for a C{timeout} that is given and not a positive number of
+    seconds, else C{None}.
+    """
+    if timeout is None or timeout > 0:
+        return None
+    return ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+class _WaitedEnough(Exception):
+    """
+    Closing takes longer than its caller wants to wait.
+    """
+
+
+def _at_most(d: Deferred[None], timeout: float | None, clock: IReactorTime) -> Deferred[None]:
+    """
+    A Deferred firing with C{None} when C{d} fires, or after C{timeout}
+    seconds if that comes first (never, when C{None}); C{d} goes on.
+    """
+    if timeout is None:
+        return d
+
+    def waited_enough(failure: Failure) -> None:
+        failure.trap(_WaitedEnough)
+
+    return with_timeout(d, timeout, clock, _WaitedEnough).addErrback(waited_enough)
+
+
 def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     clock.callLater(seconds, d.callback, None)
@@ -324,11 +354,28 @@ class Client:
 
         return self.bus(domain).addCallback(send)
 
-    def close(self) -> Deferred[None]:
+    def close(self, timeout: float | None = None) -> Deferred[None]:
         """
-        Close every connection, after the confirms in flight (each bus waits
-        at most its confirm timeout).
+        Close every connection.  Each one first waits for the confirms of the
+        messages already sent (at most its confirm timeout: the client's
+        C{timeout} when the connection opened, or L{DEFAULT_TIMEOUT} if longer),
+        then closes (a few more seconds at most); the connections close one
+        after another.  Messages not sent yet fail at once with
+        L{NotConnected}, and so do those whose confirm had not come when
+        their connection closed.  Later calls of L{publish} fail with
+        L{NotConnected}.
+
+        @param timeout: Seconds to wait at most, for all the connections
+            together; C{None} to wait for them however long that takes.  When
+            it passes, the Deferred fires all the same and the connections go
+            on closing (and failing their publishes) in the background.
+        @return: a Deferred firing with C{None}; failing with C{ValueError}
+            (and closing nothing) when C{timeout} is not a positive number of
+            seconds.
         """
+        error = _bad_timeout(timeout)
+        if error is not None:
+            return fail(error)
         if self._closing is None:
             buses, self._buses = list(self._buses.values()), {}
             self._closing = Deferred.fromCoroutine(self._close(buses))
@@ -339,7 +386,7 @@ class Client:
             return result
 
         self._closing.addBoth(closed)
-        return waiter
+        return _at_most(waiter, timeout, self._reactor)
 
     @staticmethod
     async def _close(buses: list[Any]) -> None:
@@ -418,10 +465,30 @@ def publish(
     return _client(config, reactor, timeout).publish(message, domain)
 
 
-def close() -> Deferred[None]:
+def close(timeout: float | None = None, *, reactor: Any = None) -> Deferred[None]:
     """
-    Close every connection L{publish} opened.
+    Close every connection L{publish} opened, as L{Client.close} does: after
+    the confirms of the messages already sent (each connection waits at most
+    its confirm timeout, L{publish}'s C{timeout} when it connected or
+    L{DEFAULT_TIMEOUT} if longer, then a few seconds to close), one
+    connection after another.  Later calls of L{publish} connect again.
+
+    @param timeout: Seconds to wait at most, for all the connections
+        together; C{None} to wait however long their limits allow.  When it
+        passes, the Deferred fires all the same and the connections go on
+        closing in the background (L{close_sync} waits 10 s by default).
+    @param reactor: Keeps time for C{timeout}; C{None} for the global
+        reactor.  Connections opened with any reactor are closed.
+    @return: a Deferred firing with C{None}; failing with C{ValueError} (and
+        closing nothing) when C{timeout} is not a positive number of seconds.
     """
+    error = _bad_timeout(timeout)
+    if error is not None:
+        return fail(error)
+    if timeout is not None and reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
     clients = [client for _, _, client in _clients]
     del _clients[:]
 
@@ -429,7 +496,7 @@ def close() -> Deferred[None]:
         for client in clients:
             await client.close()
 
-    return Deferred.fromCoroutine(close_all())
+    return _at_most(Deferred.fromCoroutine(close_all()), timeout, reactor)
 
 
 # --- the blocking wrapper ----------------------------------------------------

@@ -198,3 +198,127 @@ class TimeoutValueTests(SynchronousTestCase):
             self.assertIn("timeout must be a positive number", str(failure.value))
             error = self.assertRaises(ValueError, api.publish_sync, message, timeout=bad)
             self.assertIn(repr(bad), str(error))
+
+
+class StoppingBus(ConfirmingBus):
+    """
+    A connected bus whose stop waits (for confirms in flight) until the test
+    lets it finish.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping: list[Deferred[None]] = []
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.stopping.append(d)
+        return d
+
+
+class CloseTimeoutTests(SynchronousTestCase):
+    """
+    How long closing waits for the buses to stop (their confirms in flight).
+    """
+
+    def client(self, clock: Clock, *buses: StoppingBus) -> api.Client:
+        config = load_config(write_config(Path(self.mktemp()).absolute()))
+        client = api.Client(config, clock)
+        for n, bus in enumerate(buses):
+            client._buses[f"d{n}"] = bus
+        return client
+
+    def test_client_close_bounded(self) -> None:
+        """Client.close(timeout) fires once the timeout passed, though a bus still waits for confirms."""
+        clock = Clock()
+        bus = StoppingBus()
+        client = self.client(clock, bus)
+        d = client.close(timeout=5)
+        self.assertEqual(len(bus.stopping), 1)
+        clock.advance(4.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        # The stop finishing later changes nothing.
+        bus.stopping[0].callback(None)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_client_close_bounds_all_buses(self) -> None:
+        """The timeout bounds the whole close, not each bus: buses stop one after another."""
+        clock = Clock()
+        first, second = StoppingBus(), StoppingBus()
+        client = self.client(clock, first, second)
+        d = client.close(timeout=5)
+        clock.advance(3)
+        first.stopping[0].callback(None)
+        self.assertEqual(len(second.stopping), 1)
+        clock.advance(2)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_client_close_in_time(self) -> None:
+        """A close that ends before its timeout fires then and leaves no timer."""
+        clock = Clock()
+        bus = StoppingBus()
+        client = self.client(clock, bus)
+        d = client.close(timeout=5)
+        clock.advance(1)
+        bus.stopping[0].callback(None)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_client_close_unbounded_by_default(self) -> None:
+        """Without a timeout, close waits for the buses' own limits, however long."""
+        clock = Clock()
+        bus = StoppingBus()
+        client = self.client(clock, bus)
+        d = client.close()
+        clock.advance(3600)
+        self.assertNoResult(d)
+        bus.stopping[0].callback(None)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_close_again_bounded(self) -> None:
+        """A second close with a timeout is bounded too, and both fire once the stop ends."""
+        clock = Clock()
+        bus = StoppingBus()
+        client = self.client(clock, bus)
+        unbounded = client.close()
+        bounded = client.close(timeout=2)
+        self.assertEqual(len(bus.stopping), 1)
+        clock.advance(2)
+        self.assertIsNone(self.successResultOf(bounded))
+        self.assertNoResult(unbounded)
+        bus.stopping[0].callback(None)
+        self.assertIsNone(self.successResultOf(unbounded))
+
+    def test_module_close_bounded(self) -> None:
+        """api.close(timeout, reactor=clock) fires once the timeout passed, over every client."""
+        clock = Clock()
+        first, second = StoppingBus(), StoppingBus()
+        clients = [(object(), clock, self.client(clock, first)), (object(), clock, self.client(clock, second))]
+        self.patch(api, "_clients", list(clients))
+        d = api.close(timeout=5, reactor=clock)
+        self.assertEqual(api._clients, [])
+        clock.advance(4)
+        self.assertNoResult(d)
+        first.stopping[0].callback(None)
+        self.assertEqual(len(second.stopping), 1)
+        clock.advance(1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_bad_timeout_refused(self) -> None:
+        """A timeout of 0, a negative one or NaN fails with ValueError naming it, and closes nothing."""
+        clock = Clock()
+        bus = StoppingBus()
+        client = self.client(clock, bus)
+        self.patch(api, "_clients", [(object(), clock, client)])
+        for bad in (0, -1.0, float("nan")):
+            error = self.failureResultOf(client.close(timeout=bad), ValueError).value
+            self.assertIn(repr(bad), str(error))
+            error = self.failureResultOf(api.close(timeout=bad, reactor=clock), ValueError).value
+            self.assertIn(repr(bad), str(error))
+        self.assertEqual(bus.stopping, [])
+        self.assertEqual(len(api._clients), 1)
