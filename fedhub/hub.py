@@ -10,7 +10,9 @@ producers, the status server); a service whose start fails is logged and
 the others run.  They stop in the reverse order, one kind after the other
 (the services of one kind together), so producers stop taking work first,
 consumers drain before the outboxes stop, and outboxes are flushed before
-their connection goes.
+their connection goes.  A service whose stop does not finish within
+L{STOP_TIMEOUT} (a consumer: plus twice its C{drain_timeout}) is logged and
+the kinds after it stop without it, so the process still exits.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig, Config, DomainConfig, format_path
@@ -36,6 +39,26 @@ from fedhub.text import escape_control
 from fedhub.topology import Topology
 
 
+#: Seconds the hub waits for one of its services to stop before it logs the
+#: service by name and goes on stopping the kinds after it, so that a stop
+#: that never finishes cannot keep the process from exiting.  It is longer
+#: than the bounds the built-in services set on their own stops (an outbox's
+#: C{stop_timeout}, an AMQP bus's C{confirm_timeout}, a poller's
+#: C{stop_timeout}).  A consumer gets twice its C{drain_timeout} on top: its
+#: messages in hand and its plugin's C{stop()} may each take that long.
+STOP_TIMEOUT: Final = 60.0
+
+
+def stop_timeout(service: IService) -> float:
+    """
+    How long L{SequentialMultiService} waits for C{service} to stop (see
+    L{STOP_TIMEOUT}).
+    """
+    if isinstance(service, ConsumerService):
+        return STOP_TIMEOUT + 2 * service.drain_timeout
+    return STOP_TIMEOUT
+
+
 class SequentialMultiService(MultiService):
     """
     A C{MultiService} that starts its children in order, containing a child
@@ -47,9 +70,20 @@ class SequentialMultiService(MultiService):
     has stopped.  A child without such a name is a stage of its own.  So
     the time a stop takes is the longest drain of each kind, not the sum
     of every component's.
+
+    With a clock, a child whose stop has not finished after
+    L{stop_timeout} is logged by name and counts as stopped: the stages
+    before it stop all the same.
+
+    @ivar clock: Times the bound on each child's stop; C{None} waits for
+        every child however long its stop takes.
     """
 
     log = HubLogger()
+
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        super().__init__()
+        self.clock = clock
 
     def startService(self) -> None:
         Service.startService(self)
@@ -84,14 +118,42 @@ class SequentialMultiService(MultiService):
             yield DeferredList([self._stop_child(service) for service in reversed(stage)])
 
     def _stop_child(self, service: IService) -> Deferred[None]:
+        """
+        Stop one child.  The result fires once its stop finished or failed
+        (the failure logged), or, with a clock, once its L{stop_timeout}
+        passed; the child's own Deferred is left alone then, not cancelled.
+        """
+        fields = _component_fields(service.name)
+
         def failed(failure: Failure) -> None:
             self.log.failure(
-                "Stopping {service} failed", failure, service=service.name,
-                **_component_fields(service.name),
+                "Stopping {service} failed", failure, service=service.name, **fields
             )
 
         stopped: Deferred[None] = maybeDeferred(service.stopService)
-        return stopped.addErrback(failed)
+        stopped.addErrback(failed)
+        if self.clock is None:
+            return stopped
+        timeout = stop_timeout(service)
+        waiter: Deferred[None] = Deferred()
+
+        def gave_up() -> None:
+            self.log.error(
+                "{service} did not stop within {timeout} s; stopping the rest of the hub "
+                "without it",
+                service=service.name, timeout=timeout, **fields,
+            )
+            waiter.callback(None)
+
+        call = self.clock.callLater(timeout, gave_up)
+
+        def finished(_: object) -> None:
+            if call.active():
+                call.cancel()
+                waiter.callback(None)
+
+        stopped.addCallback(finished)
+        return waiter
 
 
 def _stage_key(service: IService) -> str | None:
@@ -237,7 +299,7 @@ class Hub(SequentialMultiService):
         find_consumer: Callable[[str], IConsumerPlugin] = find_consumer_plugin,
         find_producer: Callable[[str], IProducerPlugin] = find_producer_plugin,
     ) -> None:
-        super().__init__()
+        super().__init__(clock=reactor)
         self.config = config
         self.reactor = reactor
         self.domains: dict[str, DomainRuntime] = {}
