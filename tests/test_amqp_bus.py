@@ -1223,6 +1223,26 @@ class ConsumeTests(BusCase):
         self.assertEqual(methods[0], ("basic.ack", {"delivery_tag": 3, "multiple": True}))
         self.assertEqual([m[0] for m in methods[1:]], ["channel.close"])
 
+    def test_stop_writes_held_acks_first(self) -> None:
+        """
+        A bus stopped while the frames of a read are still being handled
+        writes the acknowledgements held back before it closes the
+        connection; otherwise the broker would deliver those messages again.
+        """
+        stopping: list[Deferred[None]] = []
+
+        def handle(delivery: Any) -> None:
+            delivery.ack()
+            if delivery.delivery_tag == 3:
+                stopping.append(self.bus.stopService())
+
+        tag = self.subscribe_with(handle)
+        self.broker.deliver_together(tag, [1, 2, 3])
+        methods = [(m[1], m[2]) for m in self.broker.methods("basic.ack", "connection.close")]
+        self.assertEqual(methods[0], ("basic.ack", {"delivery_tag": 3, "multiple": True}))
+        self.assertEqual([m[0] for m in methods[1:]], ["connection.close"])
+        self.assertEqual(self.bus.stats.acked, 3)
+
     def test_held_acks_dropped_with_a_closed_channel(self) -> None:
         """
         Acknowledgements held back when the broker closes the channel in the

@@ -1568,6 +1568,13 @@ class AMQPBus(Service):
             self._fail_waiters(subscription.waiters, why)
         waiters, self._connected_waiters = self._connected_waiters, []
         self._fail_waiters(waiters, why)
+        session = self._session
+        if session is not None and session.alive:
+            # A stop begun while the frames of a read are being handled would
+            # close the connection before the acknowledgements held back for
+            # the end of that read are written, and the broker would deliver
+            # those messages again.
+            session.frames_handled()
         if self._reconnector is not None:
             await self._reconnector.stop()
 
