@@ -9,8 +9,9 @@ import struct
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IProtocol, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -63,6 +64,17 @@ class FakeTCP(StringTransport):
     """
     A C{StringTransport} that is a TCP transport: records Nagle, aborts and
     the number of writes.
+
+    Once L{attach}ed to its protocol and a clock, it ends the connection as a
+    reactor's TCP transport does: C{abortConnection} reports
+    C{connectionLost} with L{ConnectionAborted} on the next turn of the clock,
+    and C{loseConnection} (when L{peer_closes}) with L{ConnectionDone}.  The
+    loss is reported once, whatever comes after.  Without C{peer_closes} a
+    closing connection stays open until L{lose} says it is gone, as a peer
+    that has not closed its side (or a TLS close not yet answered) leaves it.
+
+    @ivar peer_closes: Whether C{loseConnection} completes on its own.
+    @ivar lost_with: The reason reported to the protocol, once it was.
     """
 
     def __init__(self) -> None:
@@ -70,6 +82,44 @@ class FakeTCP(StringTransport):
         self.no_delay = False
         self.aborted = False
         self.writes = 0
+        self.peer_closes = False
+        self.lost_with: Failure | None = None
+        self._protocol: IProtocol | None = None
+        self._clock: Clock | None = None
+        self._loss_call: IDelayedCall | None = None
+
+    def attach(self, protocol: IProtocol, clock: Clock) -> None:
+        """
+        Report the end of the connection to C{protocol}, delayed on C{clock}.
+        """
+        self._protocol = protocol
+        self._clock = clock
+
+    def lose(self, reason: BaseException | None = None) -> None:
+        """
+        The connection is gone now (the peer closed it, or it broke): report
+        C{connectionLost} with C{reason} (L{ConnectionDone} by default),
+        unless a loss was reported already.
+        """
+        if self._loss_call is not None and self._loss_call.active():
+            self._loss_call.cancel()
+        self._loss_call = None
+        if self.lost_with is not None or self._protocol is None:
+            return
+        self.lost_with = Failure(reason if reason is not None else ConnectionDone())
+        self.connected = False
+        self.disconnected = True
+        self._protocol.connectionLost(self.lost_with)
+
+    def _lose_soon(self, reason: BaseException) -> None:
+        if self._clock is None or self.lost_with is not None or self._loss_call is not None:
+            return
+        self._loss_call = self._clock.callLater(0, self.lose, reason)
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        if self.peer_closes:
+            self._lose_soon(ConnectionDone())
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self.no_delay = enabled
@@ -89,6 +139,7 @@ class FakeTCP(StringTransport):
     def abortConnection(self) -> None:
         self.aborted = True
         super().abortConnection()
+        self._lose_soon(ConnectionAborted())
 
     def write(self, data: bytes) -> None:
         self.writes += 1
@@ -152,6 +203,7 @@ class Broker:
         self.events = RecordingEvents()
         self.client.events = self.events
         self.transport = FakeTCP()
+        self.transport.attach(self.client, self.clock)
         self.client.makeConnection(self.transport)
         self.header = self.transport.value()
         self.transport.clear()
@@ -229,6 +281,95 @@ class Broker:
         assert name == "channel.open"
         self.send(self.frame(channel_id, "channel.open-ok"))
         return opening
+
+
+class _RecordingProtocol(Protocol):
+    """
+    Records the reasons it is told the connection was lost for.
+    """
+
+    def __init__(self) -> None:
+        self.reasons: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reasons.append(reason)
+
+
+class FakeTCPTests(SynchronousTestCase):
+    """
+    L{FakeTCP} ends a connection as a reactor's TCP transport does.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.protocol = _RecordingProtocol()
+        self.transport = FakeTCP()
+        self.transport.attach(self.protocol, self.clock)
+        self.protocol.makeConnection(self.transport)
+
+    def kinds(self) -> list[type]:
+        return [type(reason.value) for reason in self.protocol.reasons]
+
+    def test_abort_reports_loss_once(self) -> None:
+        """
+        An abort reports ConnectionAborted on the next turn of the clock, not
+        during the call; aborting again or losing later reports nothing more.
+        """
+        self.transport.abortConnection()
+        self.assertEqual(self.protocol.reasons, [])
+        self.clock.advance(0)
+        self.assertEqual(self.kinds(), [ConnectionAborted])
+        self.assertIs(self.transport.lost_with, self.protocol.reasons[0])
+        self.transport.abortConnection()
+        self.transport.lose(ConnectionLost())
+        self.clock.advance(1)
+        self.assertEqual(self.kinds(), [ConnectionAborted])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lose_during_abort(self) -> None:
+        """
+        A loss reported before an abort's is the only one.
+        """
+        self.transport.abortConnection()
+        self.transport.lose(ConnectionLost())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.kinds(), [ConnectionLost])
+
+    def test_close_waits_for_peer(self) -> None:
+        """
+        A clean close is not reported until the peer closed too; then as
+        ConnectionDone, once, even if an abort follows.
+        """
+        self.transport.loseConnection()
+        self.clock.advance(1)
+        self.assertEqual(self.protocol.reasons, [])
+        self.transport.lose()
+        self.transport.abortConnection()
+        self.clock.advance(1)
+        self.assertEqual(self.kinds(), [ConnectionDone])
+
+    def test_close_with_peer_closing(self) -> None:
+        """
+        With a peer that closes at once, a clean close reports
+        ConnectionDone on the next turn, and an abort meanwhile adds nothing.
+        """
+        self.transport.peer_closes = True
+        self.transport.loseConnection()
+        self.transport.abortConnection()
+        self.assertEqual(self.protocol.reasons, [])
+        self.clock.advance(0)
+        self.assertEqual(self.kinds(), [ConnectionDone])
+
+    def test_detached(self) -> None:
+        """
+        A fake attached to no protocol reports nothing and schedules nothing.
+        """
+        transport = FakeTCP()
+        transport.abortConnection()
+        transport.lose()
+        self.assertTrue(transport.aborted)
+        self.assertIsNone(transport.lost_with)
 
 
 class ConnectTests(SynchronousTestCase):
@@ -358,6 +499,8 @@ class HandshakeTests(SynchronousTestCase):
         self.assertTrue(broker.transport.aborted)
         error = self.failureResultOf(opening, AccessRefused).value
         self.assertIn("not EXTERNAL", error.reply_text)
+        broker.clock.advance(0)
+        self.assertIsInstance(self.successResultOf(broker.client.when_lost()), ConnectionAborted)
 
     def test_unknown_mechanism(self) -> None:
         """
@@ -448,7 +591,7 @@ class HandshakeTests(SynchronousTestCase):
         """
         broker = Broker()
         opening = broker.client.open()
-        broker.client.connectionLost(Failure(ConnectionLost()))
+        broker.transport.lose(ConnectionLost())
         self.failureResultOf(opening, NotConnected)
 
 
@@ -487,10 +630,14 @@ class HeartbeatTests(SynchronousTestCase):
         """
         Two intervals without a byte from the broker abort the connection.
         """
+        lost = self.broker.client.when_lost()
         self.broker.clock.pump([0.5] * 7)
         self.assertFalse(self.broker.transport.aborted)
+        self.assertNoResult(lost)
         self.broker.clock.advance(0.5)
         self.assertTrue(self.broker.transport.aborted)
+        self.assertIsInstance(self.successResultOf(lost), ConnectionAborted)
+        self.assertEqual(self.broker.clock.getDelayedCalls(), [])
 
     def test_traffic_keeps_alive(self) -> None:
         """
@@ -508,7 +655,7 @@ class HeartbeatTests(SynchronousTestCase):
         nothing.
         """
         client = self.broker.client
-        client.connectionLost(Failure(ConnectionLost()))
+        self.broker.transport.lose(ConnectionLost())
         self.assertEqual(self.broker.clock.getDelayedCalls(), [])
         client.transport = None
         client._heartbeat_tick()
@@ -521,7 +668,7 @@ class HeartbeatTests(SynchronousTestCase):
         abort() on a lost connection does nothing.
         """
         client = self.broker.client
-        client.connectionLost(Failure(ConnectionLost()))
+        self.broker.transport.lose(ConnectionLost())
         client.abort("late")
         self.assertFalse(self.broker.transport.aborted)
 
@@ -681,7 +828,7 @@ class EventTests(SynchronousTestCase):
         self.assertTrue(b.transport.disconnecting)
         self.assertIsInstance(map_error(self.failureResultOf(pending)), NotConnected)
         self.assertNoResult(lost)
-        b.client.connectionLost(Failure(ConnectionDone()))
+        b.transport.lose()
         self.assertIsInstance(self.successResultOf(lost), ConnectionDone)
         self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionDone)
 
@@ -696,7 +843,7 @@ class EventTests(SynchronousTestCase):
         opening = b.client.open_channel()
         self.assertEqual(sorted(b.client.channels), [0, 1, 2])
         waiting = self.channel.queue_declare(queue="q")
-        b.client.connectionLost(Failure(ConnectionLost()))
+        b.transport.lose(ConnectionLost())
         self.assertIsInstance(map_error(self.failureResultOf(waiting)), NotConnected)
         self.assertIsInstance(map_error(self.failureResultOf(opening)), NotConnected)
         self.assertNotIn(2, b.client.channels)
@@ -707,11 +854,15 @@ class EventTests(SynchronousTestCase):
         A frame with a wrong end octet is a protocol error: logged, connection dropped.
         """
         b = self.broker
+        waiting = self.channel.queue_declare(queue="q")
         frame = bytearray(b.frame(1, "basic.ack", delivery_tag=1))
         frame[-1] = 0
         b.send(bytes(frame))
         self.assertTrue(b.transport.aborted)
         self.assertEqual(self.events.seen, [])
+        b.clock.advance(0)
+        self.assertIsInstance(map_error(self.failureResultOf(waiting)), NotConnected)
+        self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionAborted)
 
     def test_oversized_frame(self) -> None:
         """
@@ -721,6 +872,8 @@ class EventTests(SynchronousTestCase):
         b = self.broker
         b.send(struct.pack("!BHI", 3, 1, 10_000_000))
         self.assertTrue(b.transport.aborted)
+        b.clock.advance(0)
+        self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionAborted)
 
 
 class WriteTests(SynchronousTestCase):
@@ -805,7 +958,7 @@ class WriteTests(SynchronousTestCase):
         No channel opens on a lost connection.
         """
         b = self.broker
-        b.client.connectionLost(Failure(ConnectionLost()))
+        b.transport.lose(ConnectionLost())
         self.failureResultOf(b.client.open_channel(), NotConnected)
         self.successResultOf(b.client.close_channel(self.channel))
 
@@ -828,7 +981,7 @@ class WriteTests(SynchronousTestCase):
         After the connection is lost, writes are dropped, not sent to a dead transport.
         """
         b = self.broker
-        b.client.connectionLost(Failure(ConnectionLost()))
+        b.transport.lose(ConnectionLost())
         self.assertFalse(b.client.write_bytes(b"x"))
         self.assertEqual(b.transport.value(), b"")
 
@@ -843,7 +996,7 @@ class WriteTests(SynchronousTestCase):
         b.send(b.frame(0, "connection.close-ok"))
         self.assertTrue(b.transport.disconnecting)
         self.assertNoResult(closing)
-        b.client.connectionLost(Failure(ConnectionDone()))
+        b.transport.lose()
         self.successResultOf(closing)
         self.assertEqual(b.clock.getDelayedCalls(), [])
 
@@ -855,10 +1008,12 @@ class WriteTests(SynchronousTestCase):
         closing = b.client.close_connection(timeout=5)
         b.clock.advance(5)
         self.assertTrue(b.transport.disconnecting)
+        self.assertNoResult(closing)
         b.clock.advance(5)
         self.assertTrue(b.transport.aborted)
-        b.client.connectionLost(Failure(ConnectionLost()))
         self.successResultOf(closing)
+        self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionAborted)
+        self.assertEqual(b.clock.getDelayedCalls(), [])
 
 
 class ErrorTests(SynchronousTestCase):

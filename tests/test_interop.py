@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 from fedhub.amqp.transport import AMQPBus
 from fedhub.amqp.url import parse_url
@@ -35,6 +36,28 @@ KOJI_TAG_BODY = next(
     )["messages"]
     if m["topic"] == "buildsys.tag"
 )
+
+
+def delete_queue(name: str) -> None:
+    """
+    Delete a queue on the shared broker, with what it holds; a queue that
+    is not there is no error.
+    """
+    import pika
+
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            5672,
+            credentials=pika.PlainCredentials("guest", "guest"),
+            socket_timeout=5,
+            connection_attempts=1,
+        )
+    )
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()
 
 
 def fedora_messaging_config(directory: Path, **extra: str) -> Path:
@@ -72,10 +95,17 @@ class InteropTests(LiveCase):
 
     async def test_fedora_messaging_to_fedhub(self) -> None:
         """A message from fedora-messaging's api.publish reaches a fedhub subscriber with topic, body, headers and id intact."""
-        bus = await self.bus()
         token = uuid.uuid4().hex
         topic = f"org.fedoraproject.test.interop.{token}"
         queue = f"fedhub.test.interop.{token}"
+        # Registered before the bus, so it runs once the bus has stopped (a
+        # running bus consumes again from a queue deleted under it, and
+        # declares it again when it reconnects).  x-expires alone leaves the
+        # queue for a minute, with the message if its acknowledgement was
+        # not written: the test ends, and the bus stops, while the delivery
+        # is still being handled.
+        self.addCleanup(deferToThread, delete_queue, queue)
+        bus = await self.bus()
         await bus.declare(
             Topology(
                 queues=(QueueSpec(queue, durable=False, arguments={"x-expires": 60000}),),
@@ -168,7 +198,15 @@ class InteropTests(LiveCase):
              "--routing-key", f"org.fedoraproject.test.fm.{token}.#", "--exchange", "amq.topic"],
             env=env, cwd=str(directory), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.addCleanup(lambda: consumer.poll() is None and consumer.kill())
+
+        def stop_consumer() -> None:
+            # Its queue is exclusive to its connection: the broker deletes it
+            # once the process is gone.
+            if consumer.poll() is None:
+                consumer.kill()
+                consumer.wait()
+
+        self.addCleanup(stop_consumer)
         # Publish once the consumer's queue is bound: until then a publish is returned.
         pending = list(messages)
         for _ in range(200):
@@ -183,8 +221,6 @@ class InteropTests(LiveCase):
                 continue
             pending.pop(0)
         self.assertEqual(pending, [])
-        from twisted.internet.threads import deferToThread
-
         output, _ = await deferToThread(consumer.communicate, timeout=60)
         self.assertEqual(consumer.returncode, 0, output)
         records: list[dict[str, Any]] = [json.loads(line) for line in out.read_text().splitlines()]
