@@ -22,7 +22,13 @@ The spool also carries requests about the outbox's failed area from
 C{fedhub outbox} while the hub holds the outbox: a request file
 (C{*.ctl}: C{{"action": "list"|"retry"|"drop", "seqs": [...] or null,
 "reply": NAME}}) is carried out by the importer, which writes the answer to
-C{replies/NAME.json} in the spool directory.
+C{replies/NAME.json} in the spool directory and then deletes the request.
+A hub killed in between carries the request out again at its next start, so
+before it retries or drops anything it fixes the messages the request means
+(every failed one for C{null}, else those of C{seqs} still failed) in the
+request file, as C{"found": [...]}, written durably like a spool file; a
+request carried out again acts on those only, never on messages that failed
+since, and answers with their number again.
 
 The spool is bounded: L{write_spool} refuses with L{TemporarilyUnavailable}
 when it holds C{max_files} messages already, so a stopped hub makes the mail
@@ -73,6 +79,10 @@ DEFAULT_MAX_FILES = 10_000
 #: A spool file larger than this is never read: the importer sets it aside
 #: as too large.
 MAX_FILE_BYTES = 16 * 1024 * 1024
+
+#: A request file larger than this is never carried out (a request for every
+#: failed message grows by the sequence numbers it is fixed to).
+REQUEST_BYTES = MAX_FILE_BYTES
 
 #: The importer holds at most this many bytes of spool files at once (and at
 #: least one file), so a burst of large mails does not fill the hub's memory.
@@ -150,11 +160,18 @@ def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_F
 
 def _write_atomically(path: str, data: bytes) -> None:
     temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 def write_request(directory: str, action: str, seqs: list[int] | None) -> str:
@@ -174,20 +191,42 @@ def write_request(directory: str, action: str, seqs: list[int] | None) -> str:
     return os.path.join(directory, REPLIES, name + ".json")
 
 
-def _read_requests(directory: str) -> list[tuple[str, bytes]]:
+def _request_paths(directory: str) -> list[str]:
+    """
+    Up to 20 request files, oldest first.
+    """
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith(CONTROL_SUFFIX))
     except FileNotFoundError:
         return []
-    found = []
-    for name in names[:20]:
-        path = os.path.join(directory, name)
-        try:
-            with open(path, "rb") as f:
-                found.append((path, f.read(64 * 1024)))
-        except FileNotFoundError:
-            continue
-    return found
+    return [os.path.join(directory, name) for name in names[:20]]
+
+
+def _read_request(path: str) -> bytes | None:
+    """
+    The contents of a request file, at most one byte more than
+    L{REQUEST_BYTES}; C{None} when it is gone.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read(REQUEST_BYTES + 1)
+    except FileNotFoundError:
+        return None
+
+
+def _rewrite_request(directory: str, path: str, data: bytes) -> None:
+    """
+    Replace a request file with C{data} durably: once this returns, a crash
+    brings back the new request, never the old one.
+    """
+    _write_atomically(path, data)
+    _fsync_directory(directory)
+
+
+def _is_seq_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in value
+    )
 
 
 def _answer(directory: str, request_path: str, reply: str, answer: dict[str, Any]) -> None:
@@ -413,13 +452,18 @@ class SpoolImporter(Service):
         """
         Carry out the failed-area requests waiting in the spool.
         """
-        requests = yield self._in_thread(_read_requests, self.directory)
-        for path, data in requests:
+        paths = yield self._in_thread(_request_paths, self.directory)
+        for path in paths:
+            data = yield self._in_thread(_read_request, path)
+            if data is None:
+                continue
             reply = ""
             try:
+                if len(data) > REQUEST_BYTES:
+                    raise ValueError(f"request larger than {REQUEST_BYTES} bytes")
                 request = json.loads(data)
                 reply = str(request.get("reply", ""))
-                answer = yield self._carry_out(request)
+                answer = yield self._carry_out(request, path)
             except Exception as e:
                 answer = {"error": f"{type(e).__name__}: {e}"}
             self.log.info(
@@ -429,15 +473,25 @@ class SpoolImporter(Service):
             yield self._in_thread(_answer, self.directory, path, reply, answer)
 
     @inlineCallbacks
-    def _carry_out(self, request: dict[str, Any]) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+    def _carry_out(
+        self, request: dict[str, Any], path: str
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """
+        Carry out one request read from the file C{path}.
+
+        A retry or drop is first fixed to the messages it acts on (see
+        L{_fixed}); one fixed already, by a run that may have acted on them
+        before the hub died, acts on those again (those gone are ignored)
+        and answers with how many there were.
+
+        @return: The answer.
+        """
         area = self.failed_area
         action = request.get("action")
         seqs = request.get("seqs")
         if area is None:
             return {"action": action, "error": "this hub has no outbox for the domain"}
-        if seqs is not None and not (
-            isinstance(seqs, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in seqs)
-        ):
+        if seqs is not None and not _is_seq_list(seqs):
             return {"action": action, "error": "seqs must be a list of integers"}
         if action == "list":
             records: list[Any] = []
@@ -461,13 +515,61 @@ class SpoolImporter(Service):
                     for r in records
                 ],
             }
-        if action == "retry":
-            count = yield area.retry_failed(seqs)
-            return {"action": action, "count": count}
-        if action == "drop":
-            count = yield area.drop_failed(seqs)
-            return {"action": action, "count": count}
-        return {"action": action, "error": f"unknown action {action!r}"}
+        if action not in ("retry", "drop"):
+            return {"action": action, "error": f"unknown action {action!r}"}
+        again = "found" in request
+        if again:
+            found = request["found"]
+            if not _is_seq_list(found):
+                return {"action": action, "error": "found must be a list of integers"}
+        else:
+            found = yield self._fixed(area, seqs)
+            fixed = json.dumps({**request, "found": found}).encode("utf-8")
+            if len(fixed) > REQUEST_BYTES:
+                return {
+                    "action": action,
+                    "error": f"too many failed messages ({len(found)}) for one request",
+                }
+            yield self._in_thread(_rewrite_request, self.directory, path, fixed)
+        count = 0
+        if found:
+            act = area.retry_failed if action == "retry" else area.drop_failed
+            count = yield act(found)
+        if again:
+            # What this run found is what the first one left: none when it
+            # acted before the hub died, else all.  The answer is the first
+            # run's either way.
+            self.log.info(
+                "Failed area of {domain}: {action} of {count} messages carried out again "
+                "after a restart ({left} were left)",
+                domain=self.domain, action=action, count=len(found), left=count,
+            )
+            count = len(found)
+        return {"action": action, "count": count}
+
+    @inlineCallbacks
+    def _fixed(
+        self, area: Any, seqs: list[int] | None
+    ) -> Generator[Deferred[Any], Any, list[int]]:
+        """
+        The sequence numbers of the failed messages a retry or drop acts on:
+        every failed one for C{None}, else those of C{seqs} in the failed
+        area; in order.
+        """
+        found: list[int] = []
+        if seqs is None:
+            after = 0
+            while True:
+                page = yield area.failed(after, 500)
+                found.extend(record.seq for record in page)
+                if len(page) < 500:
+                    return found
+                after = page[-1].seq
+        for seq in sorted(set(seqs)):
+            page = yield area.failed(seq - 1, 1)
+            if page and page[0].seq == seq:
+                found.append(seq)
+        return found
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
