@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
@@ -248,6 +248,11 @@ class PollingService(Service):
     @ivar errors: Polls that failed.
     @ivar published: Messages handed over.
     @ivar dropped: Messages the publisher refused for good.
+
+    Blocking work (reading and writing the cursor) runs through
+    C{run_in_thread}: by default in C{reactor}'s thread pool, or at once
+    when C{reactor} has no threads (a L{twisted.internet.task.Clock} in a
+    test).
     """
 
     log = HubLogger()
@@ -296,7 +301,11 @@ class PollingService(Service):
         self.lag: float | None = None
         self._reactor = reactor
         self._random = random
-        self._thread = run_in_thread if run_in_thread is not None else thread_runner(reactor)
+        if run_in_thread is None:
+            # A reactor without threads is a test's fake clock: blocking work
+            # (the cursor file) runs at once there.
+            run_in_thread = thread_runner(reactor) if IReactorThreads.providedBy(reactor) else run_inline
+        self._thread = run_in_thread
         self._cursor_loaded = False
         self._cursor: Any = None
         self._phase = "stopped"
