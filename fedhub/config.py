@@ -38,7 +38,7 @@ from types import MappingProxyType
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
-from fedhub.errors import ConfigError, ConfigProblem, UnknownPlugin
+from fedhub.errors import NO_PLUGINS, ConfigError, ConfigProblem, UnknownPlugin
 from fedhub.logs import LEVELS
 from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 
@@ -1397,7 +1397,7 @@ class _Validator:
         try:
             return self._find_plugin(kind, name)
         except UnknownPlugin as e:
-            installed = ", ".join(_quote(known) for known in e.known) or "none"
+            installed = ", ".join(_quote(known) for known in e.known) or NO_PLUGINS
             self.report(path, f"unknown {kind} plugin {_quote(name)} (installed: {installed})")
             return None
 

@@ -109,8 +109,16 @@ class UnknownPlugin(FedhubError):
         self.name = name
         self.known = sorted(known)
         super().__init__(
-            f"unknown {kind} plugin {name!r} (installed: {', '.join(self.known) or 'none'})"
+            f"unknown {kind} plugin {name!r} (installed: {', '.join(self.known) or NO_PLUGINS})"
         )
+
+
+#: What an unknown plugin's error says when no plugin at all is found, not
+#: even fedhub's own: the usual cause is an editable install.
+NO_PLUGINS = (
+    "none; not even fedhub's own are found, as after `pip install -e` without "
+    "`--config-settings editable_mode=compat`"
+)
 
 
 # --- publishing ---------------------------------------------------------
@@ -179,8 +187,14 @@ class Verdict(FedhubError):
 
 class Retry(Verdict):
     """
-    Handle the message again later, after C{delay} seconds (or the consumer's
-    backoff when C{None}), until the consumer's delivery limit; then dead-letter it.
+    Handle the message again later, through the consumer's retry queues; once
+    its C{max_retries} are used up, dead-letter it instead.
+
+    The queues wait fixed times: C{retry_delay}, doubling from one retry to
+    the next, at most C{max_retry_delay}.  Without C{delay} the message takes
+    the next one (the backoff); with it, the first not yet used that waits at
+    least C{delay} seconds, else the longest (so the wait is rounded up to a
+    queue's, and cut to the longest one's).
     """
 
     def __init__(self, reason: str = "", delay: float | None = None) -> None:

@@ -383,10 +383,12 @@ class DefaultConfigTests(SynchronousTestCase):
             raise UnknownPlugin(kind, name, [])
 
         error = self.assertRaises(ConfigError, default_config, find_plugin=nothing)
+        hint = ("none; not even fedhub's own are found, as after `pip install -e` without "
+                "`--config-settings editable_mode=compat`")
         self.assertEqual([str(p) for p in error.problems],
                          ['producers[0].plugin: unknown producer plugin "bugzilla-smtp" '
-                          "(installed: none) (line 9)",
-                          'consumers[0].plugin: unknown consumer plugin "log" (installed: none) '
+                          f"(installed: {hint}) (line 9)",
+                          f'consumers[0].plugin: unknown consumer plugin "log" (installed: {hint}) '
                           "(line 16)"])
 
     def test_default_text(self) -> None:
