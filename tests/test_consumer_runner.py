@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -297,6 +298,24 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual([(s.outcome, s.handling) for s in settled],
                          [("acked", 2.5), ("dead_lettered", 0.0), ("dropped", 0.0),
                           ("dead_lettered", None)])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_handler_error_logged_as_error(self) -> None:
+        """
+        A handler's unforeseen exception is logged at error level, with its
+        traceback and the message id: the policy handles it, so it is no
+        critical event.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = self.start(ScriptedHandler(RuntimeError("boom")), on_error="drop")
+        self.publish()
+        failed = [e for e in events if "failed on" in e.get("log_format", "")]
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0]["log_level"], LogLevel.error)
+        self.assertIsInstance(failed[0]["log_failure"].value, RuntimeError)
+        self.assertEqual(service.stats["dropped"], 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_coroutine_handler(self) -> None:

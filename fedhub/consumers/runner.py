@@ -53,6 +53,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     maybeDeferred,
 )
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig
@@ -580,9 +581,11 @@ class ConsumerService(Service):
         verdict = failure.value
         if not isinstance(verdict, (Drop, Halt, DeadLetter, Retry)):
             self.stats["failed"] += 1
+            # Error, not critical: the policy handles it.
             self.log.failure(
                 "Consumer {consumer} failed on {msg_id} ({topic}); policy {policy}",
                 failure,
+                level=LogLevel.error,
                 consumer=self.component.name,
                 msg_id=message.id,
                 topic=message.topic,

@@ -17,8 +17,9 @@ option to turn verification off.
 Verdicts, by the answer:
 
   - C{2xx}: acknowledged;
-  - C{408}, C{429} and C{5xx}: L{Retry}, after the server's
-    C{Retry-After} seconds when it gives them as a number;
+  - C{408}, C{429} and C{5xx}: L{Retry}, asking for the server's
+    C{Retry-After} seconds when it gives them as a number (the wait is
+    then the first retry queue's at least as long, at most the longest);
   - any other status (other C{4xx}, a redirect, C{1xx}): L{DeadLetter} with
     the status and the start of the answer's body: sending the same request
     again would not help;
