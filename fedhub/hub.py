@@ -77,6 +77,8 @@ class SequentialMultiService(MultiService):
 
     @ivar clock: Times the bound on each child's stop; C{None} waits for
         every child however long its stop takes.
+    @ivar start_failures: Why the children whose start failed did (the
+        exception, as text), by service name.
     """
 
     log = HubLogger()
@@ -84,9 +86,11 @@ class SequentialMultiService(MultiService):
     def __init__(self, clock: IReactorTime | None = None) -> None:
         super().__init__()
         self.clock = clock
+        self.start_failures: dict[str, str] = {}
 
     def startService(self) -> None:
         Service.startService(self)
+        self.start_failures.clear()
         for service in self:
             self._start_child(service)
 
@@ -98,6 +102,8 @@ class SequentialMultiService(MultiService):
         """
 
         def failed(failure: Failure | None = None) -> None:
+            error = (failure or Failure()).value
+            self.start_failures[service.name] = f"{type(error).__name__}: {error}"
             self.log.failure(
                 "Starting {service} failed; the hub runs without it", failure,
                 service=service.name, **_component_fields(service.name),

@@ -113,6 +113,31 @@ class StartFailureTests(SynchronousTestCase):
         self.assertEqual(failures[0]["service"], "producer:mail")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_start_failures_kept(self) -> None:
+        """
+        Why each child's start failed is kept by service name (for
+        C{/ready}); a later start begins afresh.
+        """
+        parent = SequentialMultiService()
+        raising = RaisingStart()
+        raising.setName("producer:raising")
+        raising.setServiceParent(parent)
+        failing = FailingStart()
+        failing.setName("producer:mail")
+        failing.setServiceParent(parent)
+        Service().setServiceParent(parent)
+        parent.startService()
+        self.assertEqual(parent.start_failures, {
+            "producer:raising": "RuntimeError: cannot start",
+            "producer:mail": "RuntimeError: start failed later",
+        })
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.successResultOf(parent.stopService())
+        parent.removeService(raising)
+        parent.removeService(failing)
+        parent.startService()
+        self.assertEqual(parent.start_failures, {})
+
 
 class StagedStopTests(SynchronousTestCase):
     """

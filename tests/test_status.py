@@ -163,6 +163,7 @@ class FakeHub:
     domains: dict[str, DomainRuntime] = field(default_factory=dict)
     consumers: dict[str, ConsumerService] = field(default_factory=dict)
     producers: dict[str, Any] = field(default_factory=dict)
+    start_failures: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -475,6 +476,33 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(body["domains"]["one"]["ready"], True)
         self.assertEqual(body["consumers"]["a"]["consuming"], True)
         self.assertEqual(code, 200)
+
+    def test_producer_that_did_not_start(self) -> None:
+        """
+        A producer whose start failed (the hub runs without it) makes the
+        answer 503, with the error in the details and the status page's
+        headline; one that runs is ready.
+        """
+        good, bad = Service(), Service()
+        good.setName("producer:good")
+        bad.setName("producer:mail")
+        world = World(self, producers={"good": good, "mail": bad})
+        world.start()
+        good.startService()
+        code, body = self.ready(world)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["producers"]["good"], {"ready": True, "running": True, "error": None})
+        self.assertEqual(body["producers"]["mail"], {"ready": True, "running": False, "error": None})
+        bad.startService()
+        world.hub.start_failures["producer:mail"] = "TLSFilesError: /x/key.pem: holds no\x1b PEM certificate"
+        code, body = self.ready(world)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["producers"]["mail"]["ready"], False)
+        self.assertEqual(body["producers"]["mail"]["error"],
+                         "TLSFilesError: /x/key.pem: holds no\\x1b PEM certificate")
+        self.assertIn("producer mail did not start", world.view()["headline"])
+        del world.hub.start_failures["producer:mail"]
+        self.assertEqual(self.ready(world)[0], 200)
 
     def test_connection_error_shown(self) -> None:
         """A bus's last connection error is in the details, control characters escaped."""

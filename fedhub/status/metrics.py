@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -90,12 +90,16 @@ class HubView(Protocol):
     def producers(self) -> Mapping[str, IService]:
         """The producer services, by component name."""
 
+    @property
+    def start_failures(self) -> Mapping[str, str]:
+        """Why the services whose start failed did, by service name."""
+
 
 @dataclass(frozen=True)
 class Readiness:
     """
-    Whether a hub can do its work: every domain's bus is connected and every
-    consumer consumes (none halted).
+    Whether a hub can do its work: every domain's bus is connected, every
+    consumer consumes (none halted) and no producer's start failed.
 
     @ivar ready: The verdict.
     @ivar domains: By domain: C{ready}, C{connected}, C{transport}
@@ -103,17 +107,25 @@ class Readiness:
         C{error}: the last connection error, or C{None}.
     @ivar consumers: By consumer: C{ready}, C{domain}, C{consuming},
         C{halted}.
+    @ivar producers: By producer: C{ready} (its start did not fail),
+        C{running}, and C{error}: why its start failed, or C{None}.
     """
 
     ready: bool
     domains: dict[str, dict[str, Any]]
     consumers: dict[str, dict[str, Any]]
+    producers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """
         The verdict and its details as a JSON-ready dictionary.
         """
-        return {"ready": self.ready, "domains": self.domains, "consumers": self.consumers}
+        return {
+            "ready": self.ready,
+            "domains": self.domains,
+            "consumers": self.consumers,
+            "producers": self.producers,
+        }
 
 
 def readiness(hub: HubView) -> Readiness:
@@ -149,8 +161,20 @@ def readiness(hub: HubView) -> Readiness:
             "consuming": consuming,
             "halted": halted,
         }
-    ready = all(d["ready"] for d in domains.values()) and all(c["ready"] for c in consumers.values())
-    return Readiness(ready, domains, consumers)
+    producers: dict[str, dict[str, Any]] = {}
+    failures = hub.start_failures
+    for name, producer in hub.producers.items():
+        failure = failures.get(producer.name)
+        running = bool(producer.running)
+        producers[name] = {
+            "ready": failure is None,
+            "running": running,
+            "error": None if failure is None else escape_control(failure, 300),
+        }
+    ready = all(
+        detail["ready"] for group in (domains, consumers, producers) for detail in group.values()
+    )
+    return Readiness(ready, domains, consumers, producers)
 
 
 @dataclass(frozen=True)
@@ -476,7 +500,7 @@ class _HubCollector:
 
     @staticmethod
     def _outbox(families: _Families, labels: list[str], stats: OutboxStats) -> None:
-        for field, doc in (
+        for counter, doc in (
             ("accepted", "Messages handed to the outbox and written to disk"),
             ("published", "Messages given to the bus, resends included"),
             ("confirmed", "Messages the broker confirmed"),
@@ -484,8 +508,8 @@ class _HubCollector:
             ("nacked", "Messages the broker refused"),
             ("rejected", "Messages the bus refused as invalid"),
         ):
-            families.counter(f"fedhub_outbox_{field}", doc, ["domain"]).add_metric(
-                labels, float(getattr(stats, field))
+            families.counter(f"fedhub_outbox_{counter}", doc, ["domain"]).add_metric(
+                labels, float(getattr(stats, counter))
             )
         families.gauge(
             "fedhub_outbox_depth_messages", "Messages in the outbox waiting for their confirm", ["domain"]

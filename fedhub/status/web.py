@@ -4,8 +4,8 @@ The hub's HTTP status server.
 Resources, all answering C{GET} (and C{HEAD}) only:
 
   - C{/live}: C{200 ok} while the process runs;
-  - C{/ready}: C{200} when every domain's bus is connected and every consumer
-    consumes (none halted), else C{503}; the JSON body has the details;
+  - C{/ready}: C{200} when every domain's bus is connected, every consumer
+    consumes (none halted) and no producer's start failed, else C{503}; the JSON body has the details;
   - C{/metrics}: Prometheus text (OpenMetrics when asked for);
   - C{/}: a status page for people: domains and their connections,
     consumers and producers with their counters and last trouble, and the
@@ -395,6 +395,10 @@ def status_view(hub: HubView, monitor: HubMonitor, now: float) -> dict[str, Any]
         f"consumer {name} is {'halted' if c['halted'] else 'not consuming'}"
         for name, c in check.consumers.items()
         if not c["ready"]
+    ] + [
+        f"producer {name} did not start"
+        for name, p in check.producers.items()
+        if not p["ready"]
     ]
     headline = "Ready" if check.ready else "Not ready: " + "; ".join(problems)
     domain_columns = ["Domain", "Broker", "Connection", "Published", "Confirmed", "Returned", "Nacked",
