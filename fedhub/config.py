@@ -1503,6 +1503,24 @@ def check_options(
     return MappingProxyType(values)
 
 
+def check_plugin(plugin: Any, path: str = "plugin") -> Mapping[str, Option]:
+    """
+    Check a plugin's declaration of its own keys (its C{options}) as a
+    configuration naming it would: outside a configuration file, for
+    example in a plugin's tests.
+
+    @param plugin: The plugin.
+    @param path: The key path problems are reported under.
+    @return: Its C{options}.
+    @raise ConfigError: when a configuration naming it would be refused.
+    """
+    validator = _Validator("", _default_lookup(), None)
+    schema = validator.plugin_schema(plugin, str(getattr(plugin, "name", "?")), (path,))
+    if schema is None:
+        raise ConfigError(validator.problems)
+    return schema
+
+
 def parse_config(
     text: str,
     source: str | None = None,

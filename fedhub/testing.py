@@ -23,6 +23,27 @@ each firing with what became of its own delivery.  A retried copy coming
 back from a retry queue is not a new delivery: its outcome is in
 C{harness.settled}.
 
+Like the hub, a harness binds the consumer's queue to the handler's own
+C{topics} unless given C{topics} (a configuration's C{topics} key): a message
+on a topic the handler does not declare reaches no queue, and its
+L{ConsumerHarness.deliver} fails with L{fedhub.errors.MessageReturned}.
+A plugin whose C{options} a configuration would refuse (an option named
+like one of fedhub's own keys, such as C{queue}) is refused with the same
+L{fedhub.errors.ConfigError}.  C{deliver(..., redelivered=True)} delivers a
+message flagged redelivered, as the broker flags one it delivered before.
+
+A handler's exception (other than fedhub's verdicts) is settled by the
+consumer's C{on_error} policy and logged with C{log.failure}, so a trial
+test that expects one must flush it: C{self.flushLoggedErrors(ValueError)}.
+
+With its fake clock a harness runs everything within the calls of the
+test; a handler that works in threads (C{deferToThread}) needs a running
+reactor: give the harness C{reactor=reactor} in an asynchronous trial
+C{TestCase}, wait for the Deferreds of L{ConsumerHarness.deliver} and
+L{ConsumerHarness.stop} (yield or return them), and let time pass with
+L{twisted.internet.task.deferLater}: L{ConsumerHarness.advance} moves only
+the fake clock and raises L{TypeError} with a real reactor.
+
 Unless given a C{hub} whose C{state_dir} it should use, a harness makes a
 temporary state directory for the plugin (C{harness.state_dir}) and removes
 it when L{ConsumerHarness.stop} has stopped everything; those of harnesses
@@ -46,10 +67,16 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.config import ComponentConfig, HubSettings, check_options
+from fedhub.config import ComponentConfig, HubSettings, check_options, check_plugin
 from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.errors import FedhubError
-from fedhub.interfaces import IConsumerPlugin, IDelivery, IMessageHandler, IPublisher, ISubscription
+from fedhub.interfaces import (
+    IConsumerPlugin,
+    IDelivery,
+    IMessageHandler,
+    IPublisher,
+    ISubscription,
+)
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 
@@ -103,14 +130,43 @@ class RecordingPublisher:
         return succeed(None)
 
 
-class _WatchedBus(MemoryBus):
+@implementer(IDelivery)
+class _Redelivery:
     """
-    The harness's bus: it tells the harness of every delivery before the
-    consumer gets it, so the harness can tell which of its deliveries a
-    settled message was.
+    A delivery of the bus shown to the consumer as one the broker made
+    before: its message and C{redelivered} flagged, its verdicts those of
+    the delivery it wraps.
     """
 
-    def __init__(self, domain: str, clock: Any, seen: Callable[[IDelivery], None]) -> None:
+    redelivered = True
+
+    def __init__(self, delivery: IDelivery) -> None:
+        self._delivery = delivery
+        self.message: Message = delivery.message.evolve(redelivered=True)
+        self.queue: str = delivery.queue
+
+    @property
+    def live(self) -> bool:
+        return bool(self._delivery.live)
+
+    def ack(self) -> bool:
+        return bool(self._delivery.ack())
+
+    def reject(self, requeue: bool) -> bool:
+        return bool(self._delivery.reject(requeue))
+
+
+class _WatchedBus(MemoryBus):
+    """
+    The harness's bus: it shows the harness every delivery before the
+    consumer gets it, so the harness can tell which of its deliveries a
+    settled message was, and hands the consumer the delivery the harness
+    returns.
+    """
+
+    def __init__(
+        self, domain: str, clock: Any, seen: Callable[[IDelivery], IDelivery]
+    ) -> None:
         super().__init__(domain, clock=clock)
         self._seen = seen
 
@@ -121,8 +177,7 @@ class _WatchedBus(MemoryBus):
         prefetch: int,
     ) -> Deferred[ISubscription]:
         def watched(delivery: IDelivery) -> object:
-            self._seen(delivery)
-            return on_delivery(delivery)
+            return on_delivery(self._seen(delivery))
 
         return super().subscribe(queue, watched, prefetch)
 
@@ -130,6 +185,34 @@ class _WatchedBus(MemoryBus):
 class ConsumerHarness:
     """
     Runs one consumer plugin on the in-process bus.
+
+    By default everything runs on a fake L{Clock}, within the calls of a
+    L{SynchronousTestCase}: L{deliver} and L{advance} turn it.  A handler
+    that works in threads (C{deferToThread}, C{deferToThreadPool}) gets its
+    thread's result only from a running reactor, so under the fake clock
+    the Deferred of its delivery never fires.  Test such a handler in an
+    asynchronous trial C{TestCase} with C{reactor=reactor}, yielding (or
+    returning) the Deferreds of L{deliver} and of L{stop}, so that no
+    timer outlives the test::
+
+        class ThreadedTests(TestCase):
+            @inlineCallbacks
+            def test_hashes(self):
+                harness = ConsumerHarness(HashPlugin(), reactor=reactor)
+                harness.start()
+                self.addCleanup(harness.stop)
+                settled = yield harness.deliver("org.example.dev.x", {"a": 1})
+                self.assertEqual(settled.outcome, "acked")
+
+    Time then passes by itself: L{advance} raises L{TypeError}, and a test
+    waits for a retry with C{deferLater(reactor, seconds)} (give a short
+    C{retry_delay}).
+
+    An exception the handler raises (other than fedhub's verdicts
+    L{fedhub.errors.Retry}, C{Drop}, C{DeadLetter} and C{Halt}) is settled
+    by C{on_error} and logged with C{log.failure}; trial fails a test that
+    leaves a logged failure, so a test expecting one flushes it with
+    C{self.flushLoggedErrors(TheError)}.
 
     @ivar clock: The clock the bus, the runner and the plugin (as its
         C{reactor}) use; a L{Clock} unless a reactor was given.
@@ -151,7 +234,7 @@ class ConsumerHarness:
         *,
         name: str = "test",
         domain: str = "test",
-        topics: tuple[str, ...] = ("#",),
+        topics: tuple[str, ...] = (),
         hub: HubSettings | None = None,
         reactor: Any = None,
         concurrency: int = 1,
@@ -165,11 +248,19 @@ class ConsumerHarness:
         Build the plugin's handler and its consumer.
 
         @param options: The plugin's own keys, checked against its
-            C{options} (a L{fedhub.errors.ConfigError} names what is wrong).
+            C{options} (a L{fedhub.errors.ConfigError} names what is wrong,
+            as it does for C{options} a configuration would refuse).
+        @param topics: The topic patterns the consumer's queue is bound to,
+            as the C{topics} key of a configuration gives them (and the
+            plugin sees them in C{context.component.topics}).  By default
+            none, so the queue is bound to the handler's own C{topics}, as
+            the hub binds it: a message on any other topic reaches no queue.
+            C{("#",)} binds every topic.
         @param hub: The hub's settings; by default the defaults, with a
             temporary C{state_dir} the harness removes once stopped.
-        @param reactor: A real reactor for plugins that do real I/O; by
-            default a L{Clock}, advanced by L{deliver} and L{advance}.
+        @param reactor: A real reactor for plugins that do real I/O or
+            use threads, in an asynchronous test (see above); by default a
+            L{Clock}, advanced by L{deliver} and L{advance}.
         @param concurrency: The consumer's C{concurrency}, and
             C{prefetch} its C{prefetch} (0: the consumer's choice), as in a
             configuration.
@@ -177,16 +268,18 @@ class ConsumerHarness:
             C{crosses_domains = True} (a bridge) gets a L{RecordingPublisher}
             for each, found in L{peers}.
         """
-        # Deliveries asked for and not yet handed to the consumer, in order,
-        # then those handed over, by the identity of the message the
-        # consumer got (which every Settled of that delivery carries).
-        self._undelivered: list[tuple[Message, Deferred[Settled]]] = []
+        # Deliveries asked for and not yet handed to the consumer, in order
+        # (with whether to flag them redelivered), then those handed over,
+        # by the identity of the message the consumer got (which every
+        # Settled of that delivery carries).
+        self._undelivered: list[tuple[Message, Deferred[Settled], bool]] = []
         self._delivered: dict[int, tuple[Message, Deferred[Settled]]] = {}
         self.clock = reactor if reactor is not None else Clock()
         self.bus: MemoryBus = _WatchedBus(domain, self.clock, self._on_delivery)
         self.publisher = RecordingPublisher(domain)
         self.peers = {name: RecordingPublisher(name) for name in peer_domains}
-        checked = check_options(plugin.options, options or {})
+        # A plugin a configuration would refuse never runs in a hub.
+        checked = check_options(check_plugin(plugin), options or {})
         self._own_state_dir: str | None = None
         if hub is None:
             self._own_state_dir = tempfile.mkdtemp(prefix="fedhub-harness-")
@@ -236,18 +329,20 @@ class ConsumerHarness:
         """
         return self.publisher.published
 
-    def _on_delivery(self, delivery: IDelivery) -> None:
+    def _on_delivery(self, delivery: IDelivery) -> IDelivery:
         """
-        Pair a delivery with the oldest L{deliver} call it answers.
+        Pair a delivery with the oldest L{deliver} call it answers, and
+        return the delivery to hand to the consumer: flagged redelivered
+        when that call asked for it.
 
         A delivery the broker makes again (a requeued one) or a copy that
         comes back from a retry queue (it carries C{x-death}) answers none:
         the first outcome of that delivery was reported already.
         """
         if delivery.redelivered:
-            return
+            return delivery
         got = delivery.message
-        for index, (sent, waiter) in enumerate(self._undelivered):
+        for index, (sent, waiter, redelivered) in enumerate(self._undelivered):
             if (
                 sent.id == got.id
                 and sent.topic == got.topic
@@ -255,8 +350,12 @@ class ConsumerHarness:
                 and sent.body == got.body
             ):
                 del self._undelivered[index]
+                if redelivered:
+                    delivery = _Redelivery(delivery)
+                    got = delivery.message
                 self._delivered[id(got)] = (got, waiter)
-                return
+                return delivery
+        return delivery
 
     def _on_settled(self, event: Settled) -> None:
         self.settled.append(event)
@@ -303,22 +402,35 @@ class ConsumerHarness:
         return d
 
     def deliver(
-        self, message: Message | str, body: Mapping[str, Any] | None = None, **fields: Any
+        self,
+        message: Message | str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        redelivered: bool = False,
+        **fields: Any,
     ) -> Deferred[Settled]:
         """
         Publish a message to the consumer's queue and return a Deferred that
-        fires with its L{Settled} once the consumer decided its fate.
+        fires with its L{Settled} once the consumer decided its fate, or
+        fails when the bus refuses the message (with
+        L{fedhub.errors.MessageReturned} when the consumer's queue is not
+        bound to its topic).
 
         Every call is one delivery with its own outcome, also when the same
         message (or one with the same id) is delivered again before or after.
 
         @param message: A L{Message}, or a topic to build one from with
             C{body} and C{fields} (see L{Message.create}).
+        @param redelivered: Deliver it flagged redelivered, as the broker
+            flags a message it delivered before (after a lost connection, a
+            requeue or a consumer timeout), to test how the handler treats
+            such a message.  The C{redelivered} flag of C{message} itself
+            is not carried: the broker, not the publisher, sets it.
         """
         if not isinstance(message, Message):
             message = Message.create(message, body or {}, **fields)
         waiter: Deferred[Settled] = Deferred()
-        entry = (message, waiter)
+        entry = (message, waiter, bool(redelivered))
         self._undelivered.append(entry)
 
         def refused(failure: Any) -> None:
@@ -334,8 +446,16 @@ class ConsumerHarness:
     def advance(self, seconds: float) -> None:
         """
         Let C{seconds} pass on the fake clock (retry delays, plugin timers).
+
+        @raise TypeError: when the harness was given a real reactor: time
+            passes by itself then, and a test waits for it, for example
+            with C{deferLater(reactor, seconds)}.
         """
         if not isinstance(self.clock, Clock):
-            raise TypeError("advance() needs the harness's own Clock")
+            raise TypeError(
+                "advance() moves the harness's fake Clock, and this harness runs on a real "
+                f"reactor ({type(self.clock).__name__}): time passes by itself; wait for it, "
+                "for example with twisted.internet.task.deferLater(reactor, seconds)"
+            )
         self.clock.advance(seconds)
         self._turn()

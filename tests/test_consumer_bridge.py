@@ -65,13 +65,14 @@ class BridgeTests(SynchronousTestCase):
 
     def bridge(self, options: Mapping[str, Any], **kwargs: Any) -> ConsumerHarness:
         """
-        A started harness running a bridge in domain C{infra}.
+        A started harness running a bridge in domain C{infra}, its queue
+        bound to every topic (as with C{topics = ["#"]}) unless given
+        C{topics}, so that topics outside its allow-list reach it too.
         """
         harness = ConsumerHarness(
             WithPeers(BridgePlugin(), {"community": self.target, "fas": RecordingPublisher("fas")}),
             options,
-            domain="infra",
-            **kwargs,
+            **{"domain": "infra", "topics": ("#",), **kwargs},
         )
         harness.start()
         return harness

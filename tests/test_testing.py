@@ -7,21 +7,31 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from fedhub.config import HubSettings, Option
 from fedhub.consumers.log import LogPlugin
-from fedhub.errors import ConfigError, DeadLetter, Drop, Retry, TemporarilyUnavailable
-from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
+from fedhub.errors import (
+    ConfigError,
+    DeadLetter,
+    Drop,
+    MessageReturned,
+    Retry,
+    TemporarilyUnavailable,
+)
+from fedhub.interfaces import IConsumerPlugin, IDelivery, IMessageHandler, IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
-from fedhub.testing import ConsumerHarness, RecordingPublisher
+from fedhub.testing import ConsumerHarness, RecordingPublisher, Settled, _Redelivery
 
 
 @implementer(IMessageHandler)
@@ -105,6 +115,86 @@ class OncePlugin:
 
     def build(self, context: PluginContext) -> Once:
         return Once(context)
+
+
+@implementer(IMessageHandler)
+class Recorder:
+    """
+    Keeps each message it gets; raises C{fail} when set, and runs C{work}
+    (when set) in the reactor's thread pool, answering with its result.
+    """
+
+    def __init__(self, context: PluginContext, topics: tuple[str, ...]) -> None:
+        self.context = context
+        self.topics = topics
+        self.got: list[Message] = []
+        self.fail: BaseException | None = None
+        self.work: Any = None
+        self.threads: list[int] = []
+
+    def handle(self, message: Message) -> Any:
+        self.got.append(message)
+        if self.fail is not None:
+            raise self.fail
+        if self.work is not None:
+            reactor = self.context.reactor
+            return deferToThreadPool(reactor, reactor.getThreadPool(), self.work, message)
+        return None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@implementer(IConsumerPlugin)
+class RecorderPlugin:
+    """
+    Builds a L{Recorder} for its own topics, or for the consumer's when the
+    configuration gives some, as the built-in plugins do.
+    """
+
+    name = "recorder"
+    description = "records"
+
+    def __init__(
+        self, topics: tuple[str, ...] = ("a.#",), options: Any = None
+    ) -> None:
+        self.topics = topics
+        self.options: Any = {} if options is None else options
+        self.built: list[PluginContext] = []
+
+    def build(self, context: PluginContext) -> Recorder:
+        self.built.append(context)
+        topics = self.topics
+        if context.component is not None and context.component.topics:
+            topics = tuple(context.component.topics)
+        return Recorder(context, topics)
+
+
+@implementer(IDelivery)
+class FakeDelivery:
+    """
+    A delivery that records its verdicts (C{None} for an ack, else the
+    requeue flag) and counts them while C{live}.
+    """
+
+    redelivered = False
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.queue = message.queue
+        self.live = True
+        self.verdicts: list[bool | None] = []
+
+    def ack(self) -> bool:
+        self.verdicts.append(None)
+        return self.live
+
+    def reject(self, requeue: bool) -> bool:
+        self.verdicts.append(requeue)
+        return self.live
 
 
 class HarnessTests(SynchronousTestCase):
@@ -314,3 +404,219 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual([m.id for m in harness.peers["other"].published], [settled.message.id])
         echo = ConsumerHarness(EchoPlugin(), peer_domains=("other",))
         self.assertEqual(dict(echo.handler.context.peer_publishers), {})  # type: ignore[attr-defined]
+
+
+class TopicTests(SynchronousTestCase):
+    """
+    The harness binds the consumer's queue as the hub does: to the topics
+    given, else to the handler's own.
+    """
+
+    def test_handler_topics_by_default(self) -> None:
+        """Without topics the queue is bound to the handler's topics: a message on another topic never reaches it."""
+        plugin = RecorderPlugin(("a.#",))
+        harness = ConsumerHarness(plugin)
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        harness.start()
+        self.assertEqual(plugin.built[0].component.topics, ())  # type: ignore[union-attr]
+        self.assertEqual(harness.service.topics, ("a.#",))
+        self.assertEqual(self.successResultOf(harness.deliver("a.b", {})).outcome, "acked")
+        self.failureResultOf(harness.deliver("b.c", {}), MessageReturned)
+        self.assertEqual([m.topic for m in handler.got], ["a.b"])
+        self.assertEqual([s.message.topic for s in harness.settled], ["a.b"])
+
+    def test_given_topics(self) -> None:
+        """Topics given to the harness are the consumer's, as a configuration's topics are."""
+        plugin = RecorderPlugin(("a.#",))
+        harness = ConsumerHarness(plugin, topics=("b.#",))
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        harness.start()
+        self.assertEqual(plugin.built[0].component.topics, ("b.#",))  # type: ignore[union-attr]
+        self.assertEqual(harness.service.topics, ("b.#",))
+        self.assertEqual(self.successResultOf(harness.deliver("b.c", {})).outcome, "acked")
+        self.failureResultOf(harness.deliver("a.b", {}), MessageReturned)
+        self.assertEqual([m.topic for m in handler.got], ["b.c"])
+
+    def test_every_topic(self) -> None:
+        """topics=("#",) binds every topic, whatever the handler declares."""
+        harness = ConsumerHarness(RecorderPlugin(("a.#",)), topics=("#",))
+        harness.start()
+        self.assertEqual(self.successResultOf(harness.deliver("z.y", {})).outcome, "acked")
+
+
+class BrokenPluginTests(SynchronousTestCase):
+    """
+    A plugin the configuration would refuse is refused by the harness, with
+    the same problem, before it is built.
+    """
+
+    def test_option_named_like_own_key(self) -> None:
+        """An option named like one of fedhub's own consumer keys is refused, naming it."""
+        plugin = RecorderPlugin(options={"queue": Option(str, "x", "where")})
+        error = self.assertRaises(ConfigError, ConsumerHarness, plugin, {})
+        self.assertEqual(
+            [(p.path, p.message) for p in error.problems],
+            [("plugin", 'plugin "recorder" is broken: its option "queue" has the name of '
+              "one of fedhub's own keys")],
+        )
+        self.assertEqual(plugin.built, [])
+
+    def test_options_not_options(self) -> None:
+        """Options that are not a mapping of fedhub.config.Option are refused as a configuration refuses them."""
+        for options, message in [
+            ({"x": 3}, 'plugin "recorder" is broken: its option "x" is not a fedhub.config.Option'),
+            ([1], 'plugin "recorder" is broken: its options are not a mapping'),
+        ]:
+            plugin = RecorderPlugin(options=options)
+            error = self.assertRaises(ConfigError, ConsumerHarness, plugin, {})
+            self.assertEqual([p.message for p in error.problems], [message])
+            self.assertEqual(plugin.built, [])
+
+
+class RedeliveredTests(SynchronousTestCase):
+    """
+    A test can deliver a message flagged redelivered, as the broker flags a
+    message it delivered before.
+    """
+
+    def test_not_redelivered_by_default(self) -> None:
+        """A delivery is a first one; the flag a message carries is not what the consumer sees."""
+        harness = ConsumerHarness(RecorderPlugin(("#",)))
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        harness.start()
+        self.successResultOf(harness.deliver("a.b", {}))
+        self.successResultOf(harness.deliver(Message.create("a.b", {}).evolve(redelivered=True)))
+        self.assertEqual([m.redelivered for m in handler.got], [False, False])
+
+    def test_redelivered(self) -> None:
+        """deliver(..., redelivered=True) hands the handler a message flagged redelivered, and settles as usual."""
+        harness = ConsumerHarness(RecorderPlugin(("#",)))
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        harness.start()
+        message = Message.create("a.b", {"n": 1})
+        settled: Settled = self.successResultOf(harness.deliver(message, redelivered=True))
+        self.assertEqual(settled.outcome, "acked")
+        self.assertTrue(settled.message.redelivered)
+        built = self.successResultOf(harness.deliver("a.c", {"n": 2}, redelivered=True))
+        self.assertEqual(built.message.body, {"n": 2})
+        self.assertEqual([(m.id, m.redelivered) for m in handler.got][0], (message.id, True))
+        self.assertEqual([m.redelivered for m in handler.got], [True, True])
+        self.assertEqual(harness.bus.unacked("fedhub.test"), 0)
+
+    def test_redelivered_failure_paths(self) -> None:
+        """A redelivered delivery that fails is dropped or retried as any other; its retried copy is a fresh delivery."""
+        harness = ConsumerHarness(RecorderPlugin(("#",)), retry_delay=5)
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        harness.start()
+        handler.fail = Drop("seen")
+        dropped = self.successResultOf(harness.deliver("a.b", {}, redelivered=True))
+        self.assertEqual((dropped.outcome, dropped.reason), ("dropped", "seen"))
+        handler.fail = Retry("later")
+        retried = self.successResultOf(harness.deliver("a.b", {}, redelivered=True))
+        self.assertEqual(retried.outcome, "retried")
+        handler.fail = None
+        harness.advance(5)
+        self.assertEqual([s.outcome for s in harness.settled], ["dropped", "retried", "acked"])
+        # Like RabbitMQ, the copy coming back from the retry queue is a new
+        # message to the broker, not a redelivery.
+        self.assertEqual([m.redelivered for m in handler.got], [True, True, False])
+        self.assertIn("x-death", handler.got[2].headers)
+
+    def test_redelivery_wraps_the_delivery(self) -> None:
+        """The redelivered view of a delivery provides IDelivery and passes verdicts and liveness through."""
+        original = FakeDelivery(Message.create("a.b", {}).evolve(queue="q"))
+        delivery = _Redelivery(original)
+        verifyObject(IDelivery, delivery)
+        self.assertEqual((delivery.redelivered, delivery.message.redelivered), (True, True))
+        self.assertEqual((delivery.message.id, delivery.queue), (original.message.id, "q"))
+        self.assertTrue(delivery.live)
+        self.assertTrue(delivery.reject(True))
+        original.live = False
+        self.assertFalse(delivery.live)
+        self.assertFalse(delivery.ack())
+        self.assertEqual(original.verdicts, [True, None])
+
+    def test_redelivered_refused_publish(self) -> None:
+        """A redelivered delivery whose topic no queue takes fails like any other."""
+        harness = ConsumerHarness(RecorderPlugin(("a.#",)))
+        harness.start()
+        self.failureResultOf(harness.deliver("b.c", {}, redelivered=True), MessageReturned)
+
+
+class HandlerErrorTests(SynchronousTestCase):
+    """
+    A handler's exception is logged as a failure, which a trial test flushes.
+    """
+
+    def test_exception_logged(self) -> None:
+        """An exception of the handler is settled by the policy and logged as a failure for flushLoggedErrors."""
+        harness = ConsumerHarness(RecorderPlugin(("#",)))
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        harness.start()
+        handler.fail = ValueError("bad")
+        settled = self.successResultOf(harness.deliver("a.b", {}))
+        self.assertEqual((settled.outcome, settled.reason), ("retried", "ValueError: bad"))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class RealReactorTests(TestCase):
+    """
+    A handler that uses threads runs under a harness given the real reactor,
+    in an asynchronous test.
+    """
+
+    def test_advance_refused(self) -> None:
+        """advance() with a real reactor fails, saying that time passes by itself then."""
+        harness = ConsumerHarness(
+            RecorderPlugin(("#",)), reactor=_reactor, hub=HubSettings(state_dir=self.mktemp())
+        )
+        error = self.assertRaises(TypeError, harness.advance, 1)
+        self.assertIn("real reactor", str(error))
+        self.assertIn("deferLater", str(error))
+
+    @inlineCallbacks
+    def test_thread_handler(self) -> Any:
+        """A handler answering from the reactor's thread pool is settled by its thread's result."""
+        harness = ConsumerHarness(RecorderPlugin(("#",)), reactor=_reactor)
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        handler.work = lambda message: handler.threads.append(threading.get_ident())
+        harness.start()
+        try:
+            settled: Settled = yield harness.deliver("a.b", {"n": 1})
+            self.assertEqual(settled.outcome, "acked")
+            self.assertEqual(len(handler.threads), 1)
+            self.assertNotEqual(handler.threads[0], threading.get_ident())
+
+            def fails(message: Message) -> None:
+                raise ValueError("in a thread")
+
+            handler.work = fails
+            settled = yield harness.deliver("a.b", {"n": 2})
+            self.assertEqual((settled.outcome, settled.reason), ("retried", "ValueError: in a thread"))
+            self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        finally:
+            yield harness.stop()
+
+    @inlineCallbacks
+    def test_retry_comes_back(self) -> Any:
+        """With a real reactor a retried message comes back after its retry delay, with no advance()."""
+        harness = ConsumerHarness(RecorderPlugin(("#",)), reactor=_reactor, retry_delay=0.01)
+        handler: Recorder = harness.handler  # type: ignore[assignment]
+        handler.fail = Retry("not yet")
+        acked: Deferred[Settled] = Deferred()
+
+        def watch(event: Settled) -> None:
+            if event.outcome == "acked" and not acked.called:
+                acked.callback(event)
+
+        harness.service.add_observer(watch)
+        harness.start()
+        try:
+            settled: Settled = yield harness.deliver("a.b", {})
+            self.assertEqual(settled.outcome, "retried")
+            handler.fail = None
+            back: Settled = yield acked
+            self.assertEqual(back.message.id, settled.message.id)
+            self.assertEqual([s.outcome for s in harness.settled], ["retried", "acked"])
+        finally:
+            yield harness.stop()
