@@ -8,8 +8,11 @@ the sending mail server only after the callback's Deferred fired:
 
   - fired with anything: C{250}, the sender forgets the mail;
   - failed with C{fedhub.errors.TemporarilyUnavailable}: C{451}, the sender
-    retries later (and the event is offered again);
-  - failed with anything else: C{451} too, and the failure is logged.
+    retries later (and the event is offered again); C{452} when it says
+    storage is full;
+  - failed with C{fedhub.errors.MessageError}: C{550}; with another
+    C{fedhub.errors.PublishError}: C{554}, the mail bounces;
+  - failed with anything else: C{451}, and the failure is logged.
 
 Run it:
 
@@ -18,8 +21,9 @@ Run it:
 
 and send it a bugmail, for example with Python's smtplib:
 
-    python3 -c 'import smtplib, sys; smtplib.SMTP("127.0.0.1", 8025).sendmail(
-        "bugzilla-daemon@localhost", ["bugs@localhost"], open(sys.argv[1], "rb").read())' \\
+    python3 -c 'import re, smtplib, sys; smtplib.SMTP("127.0.0.1", 8025).sendmail(
+        "bugzilla-daemon@localhost", ["bugs@localhost"],
+        re.sub(rb"\\r?\\n", b"\\r\\n", open(sys.argv[1], "rb").read()))' \\
         tests/data/bugzilla/04_changed_status_resolution_with_comment.eml
 
 To publish fedhub messages instead of calling your own code, build the

@@ -9,7 +9,7 @@ understand:
 
   - C{0}: accepted (published, or a copy of an event already published);
   - C{75} (C{EX_TEMPFAIL}): not now, the mail must be delivered again later
-    (the hub's outbox is full or unreachable, the configuration can not be
+    (the spool is full or can not be written, the configuration can not be
     read, an unexpected error);
   - C{65} (C{EX_DATAERR}): never acceptable (not Bugzilla mail, malformed,
     too large).
