@@ -209,6 +209,10 @@ class Option:
     @ivar items: For lists, the type every element must have.
     @ivar path: The value names a file that must be readable; a relative
         path is taken relative to the configuration file's directory.
+    @ivar directory: The value names a directory the plugin writes in (and
+        creates when missing), so it or its nearest existing parent must be
+        a directory it can write to; a relative path is taken relative to
+        the configuration file's directory.  An empty value stays empty.
     """
 
     type: builtins.type | tuple[builtins.type, ...]
@@ -217,6 +221,7 @@ class Option:
     check: Callable[[Any], str | None] | None = None
     items: builtins.type | None = None
     path: bool = False
+    directory: bool = False
 
     @property
     def required(self) -> bool:
@@ -1051,6 +1056,12 @@ class _Validator:
             if error is not None:
                 self.report(path, error)
                 return REQUIRED
+        if option.directory and isinstance(value, str) and value:
+            value = self.resolve(value)
+            error = _unwritable_directory(value)
+            if error is not None:
+                self.report(path, error)
+                return REQUIRED
         if option.check is not None:
             try:
                 error = option.check(value)
@@ -1436,6 +1447,26 @@ def _unreadable(path: str) -> str | None:
             pass
     except OSError as e:
         return f"can not read {_quote(path)}: {e.strerror}"
+    return None
+
+
+def _unwritable_directory(path: str) -> str | None:
+    """
+    Why no directory can be written at C{path} (it, or the nearest parent
+    that exists, is no directory or can not be written), or C{None}.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        if existing == os.path.abspath(path):
+            return f"{_quote(path)} is not a directory"
+        return f"can not create {_quote(path)}: {_quote(existing)} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"can not write in {_quote(existing)}: permission denied"
     return None
 
 

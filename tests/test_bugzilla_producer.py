@@ -448,11 +448,11 @@ class IntakeTests(SynchronousTestCase):
         self.failureResultOf(intake.receive(sample(NOT_BUGMAIL), "peer"), NotBugmail)
 
     def test_quarantine_unwritable(self) -> None:
-        """When the quarantine can not be written, the mail is refused and the error logged."""
+        """When the quarantine can not be written, the mail is refused for now and the error logged."""
         blocker = self.mktemp()
         Path(blocker).write_bytes(b"a file, not a directory")
         intake = self.intake(quarantine=Quarantine(os.path.join(blocker, "q"), 5, 10**6, self.clock))
-        self.failureResultOf(intake.receive(sample(NOT_BUGMAIL), "peer"), NotBugmail)
+        self.failureResultOf(intake.receive(sample(NOT_BUGMAIL), "peer"), TemporarilyUnavailable)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_callback_result_names_message(self) -> None:

@@ -85,6 +85,7 @@ CONSUMERS = {
             "headers": Option(dict, {}),
             "events": Option(list, [], items=str),
             "secret_file": Option(str, None, path=True),
+            "spool_dir": Option(str, None, directory=True),
             "mode": Option((str, int), "fast"),
         },
     ),
@@ -147,7 +148,7 @@ class ProblemsMixin:
         return [(path, message) for path, message, _ in self.problems(text, **kwargs)]
 
 
-class ValidConfigTests(SynchronousTestCase):
+class ValidConfigTests(SynchronousTestCase, ProblemsMixin):
     """
     Valid configurations and the values they give.
     """
@@ -246,7 +247,7 @@ class ValidConfigTests(SynchronousTestCase):
                          ("fedhub.community.notify", 4, "consumers[1]"))
         self.assertEqual(dict(notify.options), {
             "url": "https://hooks.community.example/fedhub", "timeout": 5.0, "retries": 3,
-            "headers": {}, "events": [], "secret_file": None, "mode": "fast"})
+            "headers": {}, "events": [], "secret_file": None, "spool_dir": None, "mode": "fast"})
         self.assertIsInstance(notify.options["timeout"], float)
         self.assertEqual((accounts.domain, accounts.path), ("fas", "consumers[2]"))
         self.assertEqual([c.name for c in config.components],
@@ -291,6 +292,31 @@ class ValidConfigTests(SynchronousTestCase):
         config = parse(MEMORY_DOMAIN + '[[consumers]]\nname = "h"\nplugin = "webhook"\n'
                        'domain = "d"\nurl = "https://h/"\nsecret_file = "secret"\n', base_dir=base)
         self.assertEqual(config.consumers[0].options["secret_file"], os.path.join(base, "secret"))
+
+    def test_directory_option(self) -> None:
+        """
+        A directory option is resolved against base_dir; it may not exist
+        yet, but it or its nearest existing parent must be a directory that
+        can be written; an empty value stays empty.
+        """
+        base = os.path.abspath(self.mktemp())
+        write(os.path.join(base, "a-file"))
+        head = MEMORY_DOMAIN + '[[consumers]]\nname = "h"\nplugin = "webhook"\ndomain = "d"\nurl = "https://h/"\n'
+        for given, expected in (("q", os.path.join(base, "q")), ("new/q", os.path.join(base, "new", "q")),
+                                (base, base), ("", "")):
+            config = parse(head + f'spool_dir = "{given}"\n', base_dir=base)
+            self.assertEqual(config.consumers[0].options["spool_dir"], expected)
+        self.assertEqual(self.messages(head + 'spool_dir = "a-file"\n', base_dir=base),
+                         [("consumers[0].spool_dir", f'"{base}/a-file" is not a directory')])
+        self.assertEqual(
+            self.messages(head + 'spool_dir = "a-file/q"\n', base_dir=base),
+            [("consumers[0].spool_dir",
+              f'can not create "{base}/a-file/q": "{base}/a-file" is not a directory')])
+        if os.getuid() != 0:
+            locked = os.path.join(base, "locked")
+            os.mkdir(locked, 0o500)
+            self.assertEqual(self.messages(head + 'spool_dir = "locked/q"\n', base_dir=base),
+                             [("consumers[0].spool_dir", f'can not write in "{locked}": permission denied')])
 
     def test_minimal_file(self) -> None:
         """

@@ -48,8 +48,8 @@ from importlib import resources
 from typing import Any, Literal, Protocol, cast
 
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -75,6 +75,7 @@ from fedhub.producers.bugzilla.fingerprint import (
     fingerprint_of,
 )
 from fedhub.producers.bugzilla.parser import BugEvent, BugmailError, parse_bugmail
+from fedhub.producers.poller import run_inline, thread_runner
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.text import SUMMARY_HEADER, escape_control
 
@@ -506,21 +507,44 @@ class Quarantine:
     beyond that L{save} refuses.
 
     The directory is created (mode 0700) and counted on first use, not in
-    the constructor.
+    the constructor, and counted again whenever a mail would pass a limit:
+    mail removed from it makes room without a restart, at the cost of one
+    directory listing per mail refused as long as it stays full.
+
+    Its disk work blocks: L{keep} runs it through C{run_in_thread} (by
+    default in C{clock}'s thread pool, or at once when C{clock} has no
+    threads, as a L{twisted.internet.task.Clock} in a test), one mail at a
+    time.
     """
 
     log = HubLogger()
 
-    def __init__(self, directory: str, max_files: int, max_bytes: int, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        directory: str,
+        max_files: int,
+        max_bytes: int,
+        clock: IReactorTime,
+        *,
+        run_in_thread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
         self.directory = directory
         self.max_files = max_files
         self.max_bytes = max_bytes
         self.clock = clock
+        if run_in_thread is None:
+            run_in_thread = thread_runner(clock) if IReactorThreads.providedBy(clock) else run_inline
+        self._thread = run_in_thread
+        # One mail at a time: the counts are only ever touched by one thread.
+        self._lock = DeferredLock()
         self._count: int | None = None
         self._bytes = 0
 
     def _scan(self) -> None:
+        created = not os.path.isdir(self.directory)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if created:
+            _sync_directory(os.path.dirname(os.path.abspath(self.directory)))
         count = size = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
@@ -529,27 +553,65 @@ class Quarantine:
                     size += entry.stat(follow_symlinks=False).st_size
         self._count, self._bytes = count, size
 
-    def save(self, raw: bytes, reason: str, code: str, source: str) -> str | None:
-        """
-        Keep one mail.
+    def _full(self, size: int) -> bool:
+        count = self._count or 0
+        return count + 1 > self.max_files or self._bytes + size > self.max_bytes
 
+    def keep(self, raw: bytes, reason: str, code: str, source: str) -> Deferred[str | None]:
+        """
+        Keep one mail: L{save} through C{run_in_thread}, after any other
+        mail's.
+
+        @return: a Deferred firing with the path it was saved under once it
+            is on disk, or with C{None} when the quarantine is full; failing
+            with the L{OSError} when it could not be written.
+        """
+        now = self.clock.seconds()
+        return self._lock.run(self._thread, self.save, raw, reason, code, source, now)
+
+    def save(
+        self, raw: bytes, reason: str, code: str, source: str, received_at: float | None = None
+    ) -> str | None:
+        """
+        Keep one mail and its note, each written to a temporary name,
+        synced, and renamed into place, then the directory synced: once it
+        returns a path, the mail survives a crash.  It blocks; L{keep} runs
+        it in a thread.
+
+        @param received_at: When the mail came, for the note and the file
+            name; by default C{clock}'s time now.
         @return: the path it was saved under, or C{None} when the quarantine
             is full.
-        @raise OSError: when it could not be written.
+        @raise OSError: when it could not be written; nothing of it is left
+            then.
         """
-        if self._count is None:
+        size = len(raw)
+        if self._count is None or self._full(size):
             self._scan()
-        assert self._count is not None
-        if self._count + 1 > self.max_files or self._bytes + len(raw) > self.max_bytes:
+        if self._full(size):
             return None
-        now = self.clock.seconds()
+        now = self.clock.seconds() if received_at is None else received_at
         stem = f"{int(now * 1000):015d}-{uuid.uuid4().hex}"
         path = os.path.join(self.directory, stem + ".eml")
         note = {"reason": reason, "code": code, "source": source, "received_at": now}
-        self._write(os.path.join(self.directory, stem + ".json"), json.dumps(note).encode("utf-8"))
-        self._write(path, raw)
-        self._count += 1
-        self._bytes += len(raw)
+        written: list[str] = []
+        try:
+            for target, data in (
+                (os.path.join(self.directory, stem + ".json"), json.dumps(note).encode("utf-8")),
+                (path, raw),
+            ):
+                self._write(target, data)
+                written.append(target)
+            _sync_directory(self.directory)
+        except BaseException:
+            for target in written:
+                try:
+                    os.unlink(target)
+                except OSError:
+                    pass
+            raise
+        self._count = (self._count or 0) + 1
+        self._bytes += size
         return path
 
     @staticmethod
@@ -559,6 +621,8 @@ class Quarantine:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.rename(partial, path)
         except BaseException:
             try:
@@ -566,6 +630,18 @@ class Quarantine:
             except OSError:
                 pass
             raise
+
+
+def _sync_directory(directory: str) -> None:
+    """
+    Sync a directory, so that names created or renamed in it survive a
+    crash.
+    """
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- outcomes -------------------------------------------------------------------
@@ -789,34 +865,49 @@ class BugmailIntake:
         """
         reason = escape_control(getattr(error, "reason", None) or str(error), 200)
         code = getattr(error, "code", None) or type(error).__name__
-        if self.quarantine is None:
+        quarantine = self.quarantine
+        if quarantine is None:
             return fail(error)
-        try:
-            path = self.quarantine.save(raw, reason, str(code), source)
-        except OSError:
-            self.log.failure(
-                "Could not quarantine a refused mail from {peer}",
-                peer=escape_control(source),
-                producer=self.producer,
-            )
-            return fail(error)
-        if path is None:
+        peer = escape_control(source)
+
+        def kept(path: str | None) -> Accepted | Failure:
+            if path is None:
+                self.log.warn(
+                    "The quarantine {directory} is full; refusing a mail from {peer}: {reason}",
+                    directory=quarantine.directory,
+                    peer=peer,
+                    reason=reason,
+                    producer=self.producer,
+                )
+                return Failure(error)
             self.log.warn(
-                "The quarantine {directory} is full; refusing a mail from {peer}: {reason}",
-                directory=self.quarantine.directory,
-                peer=escape_control(source),
+                "Quarantined a mail from {peer} as {path}: {reason}",
+                peer=peer,
+                path=path,
                 reason=reason,
                 producer=self.producer,
             )
-            return fail(error)
-        self.log.warn(
-            "Quarantined a mail from {peer} as {path}: {reason}",
-            peer=escape_control(source),
-            path=path,
-            reason=reason,
-            producer=self.producer,
+            return Accepted("quarantined", None, None, None, path)
+
+        def not_kept(failure: Failure) -> Failure:
+            self.log.failure(
+                "Could not quarantine a refused mail from {peer}",
+                failure,
+                peer=peer,
+                producer=self.producer,
+            )
+            # Our disk failed, not the mail: the sender keeps it and tries
+            # again (452 when the disk is full, as for the outbox).
+            unavailable = TemporarilyUnavailable(
+                f"the quarantine can not take the mail now: {failure.getErrorMessage()}"
+            )
+            unavailable.__cause__ = failure.value
+            return Failure(unavailable)
+
+        d: Deferred[Accepted] = quarantine.keep(raw, reason, str(code), source).addCallbacks(
+            kept, not_kept
         )
-        return succeed(Accepted("quarantined", None, None, None, path))
+        return d
 
 
 # --- the plugin ---------------------------------------------------------------------
@@ -951,7 +1042,7 @@ class BugzillaSMTPPlugin:
         "secret_header": Option(str, "X-Fedhub-Secret", "header that carries the shared secret",
                                 _header_name),
         "quarantine_dir": Option(str, None, "keep never-acceptable mail here (answer 250) "
-                                 "instead of refusing it"),
+                                 "instead of refusing it", directory=True),
         "quarantine_max_files": Option(int, 1000, "mails in the quarantine at most",
                                        _at_least_one),
         "quarantine_max_bytes": Option(int, 100 * 1024 * 1024,
