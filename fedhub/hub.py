@@ -276,6 +276,29 @@ def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
     return []
 
 
+def file_problems(component: ComponentConfig, plugin: Any) -> list[ConfigProblem]:
+    """
+    Ask a component's plugin what it would refuse, when the component starts,
+    of the files it reads then (its optional C{file_problems(options)},
+    returning C{(option, what is wrong)} pairs: a TLS certificate that is
+    none, an empty secret).  C{fedhub check-config} and C{twistd fedhub}
+    ask before anything starts, as they do L{tls_problems}: such a file
+    stops the hub from starting instead of leaving it running without the
+    component.
+    """
+    check = getattr(plugin, "file_problems", None)
+    if check is None:
+        return []
+    try:
+        found = list(check(component.options))
+    except Exception as e:
+        return [build_refusal(component, e)]
+    return [
+        ConfigProblem(f"{component.path}.{key}", escape_control(str(message), 500))
+        for key, message in found
+    ]
+
+
 def build_refusal(component: ComponentConfig, error: Exception) -> ConfigProblem:
     """
     The configuration problem of a component its plugin refused to build

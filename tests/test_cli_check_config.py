@@ -96,6 +96,41 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertTrue(lines[2].startswith("domains.b.key: "), lines)
         self.assertIn("does not match the certificate", lines[2])
 
+    def test_unusable_smtp_files(self) -> None:
+        """
+        The SMTP listener's certificate, key and client CA, and its secret
+        file, are read as the listener reads them when it starts: one that
+        holds no certificate, a key of another certificate or an empty
+        secret is a problem of the producer's key.
+        """
+        ca = Authority.create("check-config CA")
+        key, leaf = ca.issue("mail")
+        other_key, _ = ca.issue("other")
+        (self.directory / "leaf.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
+        (self.directory / "leaf.key").write_text(key_pem(key))
+        (self.directory / "other.key").write_text(key_pem(other_key))
+        (self.directory / "empty").write_text("\n")
+        head = ('[domains.a]\nbroker = "memory"\n[[producers]]\nname = "mail"\nplugin = "bugzilla-smtp"\n'
+                'domain = "a"\nrecipients = ["bugs@hub.example"]\n')
+        code = self.check(head + 'tls_certificate = "leaf.key"\n')
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[1].startswith("producers[0].tls_certificate: "), lines)
+        self.assertIn("holds no PEM certificate", lines[1])
+        self.err.truncate(0)
+        self.err.seek(0)
+        code = self.check(head + 'tls_certificate = "leaf.pem"\ntls_key = "other.key"\nsecret_file = "empty"\n')
+        self.assertEqual(code, 1)
+        lines = sorted(line.strip() for line in self.err.getvalue().splitlines()[1:])
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].startswith("producers[0].secret_file: "), lines)
+        self.assertTrue(lines[1].startswith("producers[0].tls_key: "), lines)
+        self.err.truncate(0)
+        self.err.seek(0)
+        code = self.check(head + 'tls_certificate = "leaf.pem"\ntls_key = "leaf.key"\n')
+        self.assertEqual(code, 0, self.err.getvalue())
+
     def test_usable_tls_files(self) -> None:
         """A domain with a real CA bundle and a matching client certificate and key passes."""
         ca = Authority.create("check-config CA")

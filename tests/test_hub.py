@@ -336,6 +336,25 @@ class TapTests(SynchronousTestCase):
         self.assertIn("holds no PEM certificate", str(error))
 
 
+    def test_unusable_smtp_tls_file_refused(self) -> None:
+        """
+        An SMTP listener whose certificate file holds no certificate stops
+        twistd before anything starts, naming the producer's key; the hub
+        does not run without its listener.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "cert.pem").write_text("not a certificate\n")
+        path = directory / "hub.toml"
+        path.write_text('[domains.a]\nbroker = "memory"\n[[producers]]\nname = "mail"\n'
+                        'plugin = "bugzilla-smtp"\ndomain = "a"\nrecipients = ["bugs@hub.example"]\n'
+                        'tls_certificate = "cert.pem"\n')
+        from twisted.python.usage import UsageError
+
+        error = self.assertRaises(UsageError, Options().parseOptions, ["--config", str(path)])
+        self.assertIn("producers[0].tls_certificate: ", str(error))
+        self.assertIn("holds no PEM certificate", str(error))
+
     def test_plugin_refusal_names_the_component(self) -> None:
         """A component its plugin refuses to build stops twistd with one message naming the component's key."""
         path = Path(self.mktemp())

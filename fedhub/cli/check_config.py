@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from fedhub.config import Config, load_config
 from fedhub.errors import ConfigError, ConfigProblem, TemporarilyUnavailable
-from fedhub.hub import build_refusal, tls_problems
+from fedhub.hub import build_refusal, file_problems, tls_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -41,7 +41,8 @@ class _NoPublisher:
 
 def build_problems(config: Config) -> list[ConfigProblem]:
     """
-    Check each TLS domain's files (see L{tls_problems}), then build every
+    Check each TLS domain's files (see L{tls_problems}) and the files
+    components read when they start (L{file_problems}), then build every
     component the way the hub would (plugins do no I/O when built), and
     collect what their plugins refuse: problems only a plugin can see, such
     as a bridge naming an unknown domain.
@@ -52,6 +53,7 @@ def build_problems(config: Config) -> list[ConfigProblem]:
     publishers = {name: _NoPublisher(name) for name in config.domains}
     for component in config.components:
         plugin = find_plugin(component.kind, component.plugin)
+        problems.extend(file_problems(component, plugin))
         peers = {}
         if getattr(plugin, "crosses_domains", False) is True:
             peers = {n: p for n, p in publishers.items() if n != component.domain}

@@ -1009,6 +1009,15 @@ class BugzillaSMTPPlugin:
 
     name = "bugzilla-smtp"
     description = "Receive Bugzilla notification mail over SMTP and publish bug events."
+
+    def file_problems(self, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """
+        What the listener would refuse of its TLS files and secret file when
+        it starts (see L{fedhub.hub.file_problems}).
+        """
+        from fedhub.producers.bugzilla.smtp import file_problems, settings_from_options
+
+        return file_problems(settings_from_options(options))
     options: Mapping[str, Option] = {
         "listen": Option(str, "tcp:8025:interface=127.0.0.1",
                          "endpoint string the SMTP listener binds", server_endpoint_problem),

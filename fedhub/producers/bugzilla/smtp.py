@@ -325,6 +325,49 @@ def _private_key(data: bytes, path: str) -> Any:
         raise TLSFilesError(path, f"holds no usable private key (encrypted keys are not supported): {e}") from None
 
 
+def read_secret(settings: ListenerSettings) -> bytes | None:
+    """
+    The shared secret mail must carry: the settings' own, or what the secret
+    file holds, surrounding white space left out; C{None} for none.
+
+    @raise OSError: when the file can not be read.
+    @raise ValueError: when it holds nothing.
+    """
+    if settings.secret is not None or settings.secret_file is None:
+        return settings.secret
+    with open(settings.secret_file, "rb") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError(f"the secret file {settings.secret_file} is empty")
+    return secret
+
+
+#: The C{bugzilla-smtp} options naming TLS files, in the order a file named
+#: by several is blamed on.
+_TLS_KEYS = ("tls_certificate", "tls_key", "tls_client_ca")
+
+
+def file_problems(settings: ListenerSettings) -> list[tuple[str, str]]:
+    """
+    Read the files the listener reads when it starts (L{load_tls_options},
+    L{read_secret}) and say what it would refuse, before anything starts.
+
+    @return: C{(option, what is wrong)} pairs, the option one of the
+        C{bugzilla-smtp} plugin's.
+    """
+    problems: list[tuple[str, str]] = []
+    try:
+        load_tls_options(settings)
+    except TLSFilesError as e:
+        key = next((k for k in _TLS_KEYS if getattr(settings, k) == e.path), _TLS_KEYS[0])
+        problems.append((key, str(e)))
+    try:
+        read_secret(settings)
+    except (OSError, ValueError) as e:
+        problems.append(("secret_file", str(e)))
+    return problems
+
+
 def load_tls_options(settings: ListenerSettings) -> Any:
     """
     The server-side TLS context factory for C{STARTTLS} (TLS 1.2 or newer),
@@ -366,7 +409,7 @@ def load_tls_options(settings: ListenerSettings) -> Any:
         # certificate fails the start instead of the first handshake.
         options.getContext()
     except Exception as e:
-        raise TLSFilesError(cert_path, f"certificate and key do not work together: {e}") from None
+        raise TLSFilesError(key_path, f"certificate and key do not work together: {e}") from None
     return options
 
 
@@ -1656,12 +1699,7 @@ class BugmailListener(Service):
         """
         reactor = _default_reactor(self._reactor)
         tls_options = load_tls_options(self.settings)
-        secret = self.settings.secret
-        if secret is None and self.settings.secret_file is not None:
-            with open(self.settings.secret_file, "rb") as f:
-                secret = f.read().strip()
-            if not secret:
-                raise ValueError(f"the secret file {self.settings.secret_file} is empty")
+        secret = read_secret(self.settings)
         self.factory = BugmailSMTPFactory(
             self.settings, self.intake, reactor, tls_options=tls_options, secret=secret
         )
