@@ -36,7 +36,7 @@ class FakeClockTests(SynchronousTestCase):
         source = FakeSource(["a", "b", "c"])
         context = PluginContext(
             name="files", domain="test", options={"interval": 30.0, "jitter": 0.0},
-            publisher=publisher, reactor=clock, hub=HubSettings(),
+            publisher=publisher, reactor=clock, hub=HubSettings(state_dir=state_dir),
         )
         service = polling_service(context, source)
         service.startService()
