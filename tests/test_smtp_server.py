@@ -937,6 +937,33 @@ class ListenerServiceTests(SynchronousTestCase):
         self.assertEqual(stops, [True])
         self.assertIsNone(listener.port)
 
+    def test_listen_failure_kept(self) -> None:
+        """
+        A listener that can not bind its port says why in C{start_error}
+        (which the hub's /ready reports) and logs it; a later start that
+        listens clears it.
+        """
+        from twisted.internet.error import CannotListenError
+
+        reactor = MemoryReactorClock()
+        listener = self.listener(reactor, RecordingIntake())
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise CannotListenError("127.0.0.1", 8025, OSError(98, "Address already in use"))
+
+        self.patch(reactor, "listenTCP", refuse)
+        self.assertIsNone(listener.start_error)
+        listener.startService()
+        self.failureResultOf(listener.when_listening(), CannotListenError)
+        self.assertIn("Address already in use", listener.start_error or "")
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+        self.successResultOf(listener.stopService())
+        self.patch(reactor, "listenTCP", MemoryReactorClock.listenTCP.__get__(reactor))
+        listener.startService()
+        self.successResultOf(listener.when_listening())
+        self.assertIsNone(listener.start_error)
+        self.successResultOf(listener.stopService())
+
     def test_stop_waits_for_hand_over(self) -> None:
         """Stopping closes idle sessions with 421 and waits for a mail being handed over, which is answered first."""
         reactor = MemoryReactorClock()

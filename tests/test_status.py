@@ -503,6 +503,14 @@ class ReadyTests(SynchronousTestCase):
         self.assertIn("producer mail did not start", world.view()["headline"])
         del world.hub.start_failures["producer:mail"]
         self.assertEqual(self.ready(world)[0], 200)
+        # A service that started but could not listen says so itself.
+        bad.start_error = "could not listen on tcp:8025: Address already in use"  # type: ignore[attr-defined]
+        code, body = self.ready(world)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["producers"]["mail"]["error"],
+                         "could not listen on tcp:8025: Address already in use")
+        bad.start_error = None  # type: ignore[attr-defined]
+        self.assertEqual(self.ready(world)[0], 200)
 
     def test_connection_error_shown(self) -> None:
         """A bus's last connection error is in the details, control characters escaped."""

@@ -108,7 +108,9 @@ class Readiness:
     @ivar consumers: By consumer: C{ready}, C{domain}, C{consuming},
         C{halted}.
     @ivar producers: By producer: C{ready} (its start did not fail),
-        C{running}, and C{error}: why its start failed, or C{None}.
+        C{running}, and C{error}: why its start failed (the hub's record,
+        or the service's own C{start_error}: a listener that could not
+        bind), or C{None}.
     """
 
     ready: bool
@@ -164,7 +166,7 @@ def readiness(hub: HubView) -> Readiness:
     producers: dict[str, dict[str, Any]] = {}
     failures = hub.start_failures
     for name, producer in hub.producers.items():
-        failure = failures.get(producer.name)
+        failure = failures.get(producer.name) or getattr(producer, "start_error", None)
         running = bool(producer.running)
         producers[name] = {
             "ready": failure is None,

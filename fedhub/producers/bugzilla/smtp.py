@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -1593,6 +1593,8 @@ class BugmailListener(Service):
     @ivar intake: Where complete mails go (an L{IBugmailIntake}).
     @ivar factory: The L{BugmailSMTPFactory} once started, else C{None}.
     @ivar port: The listening port once listening, else C{None}.
+    @ivar start_error: Why the last start could not listen (the port is
+        taken, say), else C{None}; the hub's C{/ready} reports it.
     """
 
     log = HubLogger()
@@ -1611,6 +1613,8 @@ class BugmailListener(Service):
         self._reactor = reactor
         self.factory: BugmailSMTPFactory | None = None
         self.port: IListeningPort | None = None
+        self.start_error: str | None = None
+        self._listen_failure: Failure | None = None
         self._listening: Deferred[IListeningPort] | None = None
         self._waiters: list[Deferred[IListeningPort]] = []
         self._cleanups: list[Callable[[], object]] = []
@@ -1698,6 +1702,8 @@ class BugmailListener(Service):
         @raise OSError: when the secret file can not be read.
         """
         reactor = _default_reactor(self._reactor)
+        self.start_error = None
+        self._listen_failure = None
         tls_options = load_tls_options(self.settings)
         secret = read_secret(self.settings)
         self.factory = BugmailSMTPFactory(
@@ -1722,6 +1728,8 @@ class BugmailListener(Service):
             waiter.callback(port)
 
     def _listen_failed(self, failure: Failure) -> None:
+        self.start_error = f"could not listen on {self.endpoint}: {failure.getErrorMessage()}"
+        self._listen_failure = failure
         self.log.failure("The SMTP listener could not listen on {endpoint}", failure,
                          endpoint=self.endpoint)
         waiters, self._waiters = self._waiters, []
@@ -1743,6 +1751,8 @@ class BugmailListener(Service):
         """
         if self.port is not None:
             return succeed(self.port)
+        if self._listen_failure is not None:
+            return fail(self._listen_failure)
         d: Deferred[IListeningPort] = Deferred()
         self._waiters.append(d)
         return d
