@@ -60,7 +60,7 @@ class CheckConfigTests(SynchronousTestCase):
                           'plugin = "log"\ndomain = "fas"\n')
         self.assertEqual(code, 1)
         lines = [line.strip() for line in self.err.getvalue().splitlines()]
-        self.assertTrue(lines[0].endswith(": 2 problem(s)"), lines)
+        self.assertTrue(lines[0].endswith(": 2 configuration problem(s):"), lines)
         self.assertEqual(lines[1:], ["hub.bogus: unknown key (line 3)",
                                      'consumers[0].domain: unknown domain "fas" (line 9)'])
 

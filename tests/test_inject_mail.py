@@ -236,6 +236,13 @@ class ExitStatusTests(InjectTestCase):
         self.assertEqual(self.error_lines(),
                          ["fedhub inject-mail: can not read the mail: no standard input"])
 
+    def test_missing_input_file_66(self) -> None:
+        """An --input file that can not be opened exits 66 (EX_NOINPUT): trying again would not help."""
+        missing = os.path.join(self.mktemp(), "nothing.eml")
+        self.assertEqual(self.inject(None, "--input", missing), inject_mail.EX_NOINPUT)
+        self.assertEqual(self.error_lines(),
+                         [f"fedhub inject-mail: can not read the mail: {missing}: No such file or directory"])
+
     def test_unexpected_synchronous_error_75(self) -> None:
         """An unexpected exception raised before the hand-over exits 75 with one line, so the mail is retried, never bounced."""
         def broken(*args: object, **kwargs: object) -> Deferred[object]:

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         problems = e.problems
     if problems:
-        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        print(f"{args.file}: {len(problems)} configuration problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1

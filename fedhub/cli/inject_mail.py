@@ -12,7 +12,8 @@ understand:
     (the spool is full or can not be written, the configuration can not be
     read, an unexpected error);
   - C{65} (C{EX_DATAERR}): never acceptable (not Bugzilla mail, malformed,
-    too large).
+    too large);
+  - C{66} (C{EX_NOINPUT}): the file given with C{--input} can not be opened.
 
 Every failure prints one line with the reason on standard error.
 """
@@ -48,6 +49,8 @@ from fedhub.text import escape_control
 EX_OK = 0
 #: The input data was incorrect: the mail will never be accepted.
 EX_DATAERR = 65
+#: The file given with C{--input} can not be opened.
+EX_NOINPUT = 66
 #: A temporary failure: the mail must be delivered again later.
 EX_TEMPFAIL = 75
 
@@ -329,6 +332,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         raw = _read_mail(args.input, limit)
     except OSError as e:
+        if args.input != "-":
+            # A file named by hand, not a mail server's pipe: retrying the
+            # same command would not help.
+            return _fail(f"can not read the mail: {args.input}: {e.strerror or e}", EX_NOINPUT)
         return _fail(f"can not read the mail: {e.strerror or e}", EX_TEMPFAIL)
     if len(raw) > limit:
         return _fail(f"the mail is larger than {limit} bytes", EX_DATAERR)
