@@ -101,6 +101,18 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertNotIn("\x1b", out)
         self.assertIn("\\x1b", lines[2])
 
+    def test_config_before_the_action(self) -> None:
+        """-c and -d may come before the action too, as with the other commands; after it, they win."""
+        self.prepare()
+        before = self.command("-c", self.config, "list")
+        self.assertEqual(before, self.command("list", "-c", self.config))
+        self.assertEqual(before[0], 0)
+        self.assertEqual(len(before[1].splitlines()), 3)
+        status, _ = self.command("-c", "/nonexistent/hub.toml", "list", "-c", self.config)
+        self.assertEqual(status, 0)
+        status, _ = self.command("-c", self.config, "retry")
+        self.assertEqual(status, 64)
+
     def test_list_json(self) -> None:
         """list --json gives one object per line, with the stored message."""
         messages = self.prepare()

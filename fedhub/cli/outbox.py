@@ -251,11 +251,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     Arguments of C{fedhub outbox}.
     """
+    runner.add_config_arguments(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     listing = actions.add_parser("list", help="list the failed messages", description="List the failed messages.")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    runner.add_config_arguments(listing)
+    runner.add_config_arguments(listing, inner=True)
     for name, summary in (
         ("retry", "move failed messages back to the pending queue (published when the hub starts)"),
         ("drop", "delete failed messages for good"),
@@ -263,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action = actions.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
         action.add_argument("ids", nargs="*", metavar="SEQ|ID", help="sequence numbers or message ids")
         action.add_argument("--all", action="store_true", help="every failed message")
-        runner.add_config_arguments(action)
+        runner.add_config_arguments(action, inner=True)
 
 
 def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:

@@ -104,17 +104,22 @@ class CommandError(FedhubError):
         super().__init__(reason)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *, inner: bool = False) -> None:
     """
     C{--config} and C{--domain}.
+
+    @param inner: Add them to a sub-command's parser whose parent has them
+        too: given there they win, and not given they leave the parent's
+        value alone (argparse would otherwise put back the default).
     """
+    default = argparse.SUPPRESS if inner else None
     parser.add_argument(
-        "-c", "--config", default=None, metavar="FILE",
+        "-c", "--config", default=default, metavar="FILE",
         help=f"the hub's TOML configuration (default {DEFAULT_CONFIG_PATH} if it exists, "
         "else the built-in default)",
     )
     parser.add_argument(
-        "-d", "--domain", default=None,
+        "-d", "--domain", default=default,
         help="the domain to use (default: the only one in the configuration)",
     )
 
