@@ -129,6 +129,34 @@ class ImportTests(SynchronousTestCase):
         self.successResultOf(self.importer._import())
         self.assertEqual(len(self.publisher.published), 2)
 
+    def test_outbox_full_logged_once(self) -> None:
+        """
+        A full outbox is logged when the spool starts waiting, not on every
+        scan while it waits; once files go in again that is logged, and a
+        later wait is logged anew.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def said(text: str) -> int:
+            return sum(1 for e in events if text in e.get("log_format", ""))
+
+        write_spool(str(self.directory), Message.create("a", {}))
+        self.publisher.refuse_with = TemporarilyUnavailable("outbox full")
+        for _ in range(5):
+            self.successResultOf(self.importer._import())
+        self.assertEqual(said("takes no more for now"), 1)
+        self.publisher.refuse_with = None
+        self.successResultOf(self.importer._import())
+        self.assertEqual(said("takes spooled messages again"), 1)
+        write_spool(str(self.directory), Message.create("a", {}))
+        self.publisher.refuse_with = TemporarilyUnavailable("outbox full")
+        self.successResultOf(self.importer._import())
+        self.assertEqual(said("takes no more for now"), 2)
+
     def test_bad_file_quarantined(self) -> None:
         """A file that holds no valid message is renamed *.bad and the rest still imported."""
         (self.directory).mkdir(parents=True)

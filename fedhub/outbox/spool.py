@@ -333,6 +333,9 @@ class SpoolImporter(Service):
         self.batch = batch
         self.imported = 0
         self.rejected = 0
+        # Whether the outbox refused the last hand-over for now: the wait is
+        # logged when it begins and when it ends, not on every scan.
+        self._waiting = False
         # Spool files whose message was handed over but which could not be
         # deleted: later scans delete them instead of handing them over again.
         self._handed_over: set[str] = set()
@@ -400,10 +403,12 @@ class SpoolImporter(Service):
                     try:
                         yield self.publisher.publish(message)
                     except TemporarilyUnavailable as e:
-                        self.log.warn(
-                            "Outbox of {domain} takes no more for now ({reason}); spool waits",
-                            domain=self.domain, reason=e.reason,
-                        )
+                        if not self._waiting:
+                            self._waiting = True
+                            self.log.warn(
+                                "Outbox of {domain} takes no more for now ({reason}); spool waits",
+                                domain=self.domain, reason=e.reason,
+                            )
                         return
                     except (MessageError, PublishError) as e:
                         # Never acceptable (invalid, or larger than the whole
@@ -420,6 +425,9 @@ class SpoolImporter(Service):
                         )
                         continue
                     self.imported += 1
+                    if self._waiting:
+                        self._waiting = False
+                        self.log.info("Outbox of {domain} takes spooled messages again", domain=self.domain)
                     # Deleted before the next hand-over, not with the batch:
                     # a crash between the outbox's commit and this deletion
                     # hands over this one message again at the next start
