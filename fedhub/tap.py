@@ -7,6 +7,9 @@ takes the reactor as a parameter.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -17,8 +20,11 @@ from twisted.python import usage
 
 from fedhub import __version__
 from fedhub.config import Config, default_config, load_config
-from fedhub.errors import ConfigError
+from fedhub.errors import ConfigError, FedhubError
 from fedhub.logs import HubLogger
+
+#: The file in the state directory that a running hub holds locked.
+LOCK_FILE = "hub.lock"
 
 
 class Options(usage.Options):
@@ -107,6 +113,127 @@ class GracefulStop(Service):
         self.reactor.callFromThread(self.reactor.stop)
 
 
+class StateDirectoryInUse(FedhubError):
+    """
+    The hub's state directory could not be locked: another hub holds it, or
+    it could not be created or opened.
+
+    @ivar directory: The state directory.
+    @ivar pid: The process id the holder recorded, when known.
+    @ivar reason: Why it could not be locked, when not held by another hub.
+    """
+
+    def __init__(self, directory: str, pid: int | None = None, reason: str | None = None) -> None:
+        if reason is not None:
+            text = f"the state directory {directory} can not be locked: {reason}"
+        else:
+            text = f"the state directory {directory} is in use by another hub"
+            if pid is not None:
+                text += f" (pid {pid})"
+        super().__init__(text)
+        self.directory = directory
+        self.pid = pid
+        self.reason = reason
+
+
+class StateLock(Service):
+    """
+    An exclusive C{flock} on C{<state_dir>/hub.lock}, held from before the
+    hub starts until its process ends, so that two hubs never share a state
+    directory (their consumers would compete for the same queues and write
+    the same files).  The file holds the holder's pid, for the refusal.
+
+    Only the hub takes this lock: the commands that work beside a running
+    hub (C{fedhub inject-mail}, C{fedhub outbox}) do not.  Stopping the
+    service keeps the lock (a stopping hub still writes its state); the
+    operating system releases it when the process ends, or when this object
+    is released or collected.
+
+    @ivar directory: The state directory.
+    @ivar path: The lock file.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """
+        Whether this object holds the lock.
+        """
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """
+        Create the state directory if needed, take the lock without waiting
+        and record this process's pid in the file.
+
+        @raise StateDirectoryInUse: when another process (or another
+            L{StateLock}) holds it, or it can not be created or opened.
+        """
+        if self._fd is not None:
+            return
+        try:
+            # As the hub creates each directory of its state: only its user
+            # may read what it keeps there.
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateDirectoryInUse(self.directory, reason=e.strerror or str(e)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            pid = _recorded_pid(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StateDirectoryInUse(self.directory, pid) from None
+            raise StateDirectoryInUse(self.directory, reason=e.strerror or str(e)) from None
+        self._fd = fd
+        self._record_pid()
+
+    def _record_pid(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            # The pid is only for the message of a refused hub; the lock
+            # holds without it.
+            pass
+
+    def release(self) -> None:
+        """
+        Let go of the lock (the file stays, for the next hub to lock).
+        """
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def startService(self) -> None:
+        super().startService()
+        # twistd forks between building the service and starting it when it
+        # daemonizes: record the pid of the process that runs the hub.
+        self._record_pid()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _recorded_pid(fd: int) -> int | None:
+    """
+    The pid a lock file holds, or C{None} when it holds none.
+    """
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        pid = int(text)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
 def makeService(options: Options | dict[str, Any]) -> IService:
     """
     Build the hub's service tree from parsed options.
@@ -119,13 +246,27 @@ def makeService(options: Options | dict[str, Any]) -> IService:
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
     set_log_level(LEVELS[config.hub.log_level])
+    # Before anything is built: a second hub on the same state directory is
+    # refused with one line, as a configuration problem is.
+    lock = StateLock(config.hub.state_dir)
+    try:
+        lock.acquire()
+    except StateDirectoryInUse as e:
+        sys.stderr.write(f"twistd fedhub: {e}\n")
+        raise SystemExit(1) from None
     try:
         hub = Hub(config, reactor)
     except ConfigError as e:
+        lock.release()
         # A plugin refused its component: one message naming it, as for
         # any other configuration problem, rather than a traceback.
         sys.stderr.write(f"twistd fedhub: {e}\n")
         raise SystemExit(1) from None
+    except BaseException:
+        lock.release()
+        raise
+    lock.setName("state-lock")
+    lock.setServiceParent(hub)
     GracefulStop(reactor, on_hangup=hub.reopen_files).setServiceParent(hub)
     NotifyService(reactor).setServiceParent(hub)
     return hub

@@ -300,9 +300,17 @@ class TapTests(SynchronousTestCase):
 
     def test_default(self) -> None:
         """With no --config the hub runs the built-in default: one memory domain and the log consumer."""
+        import tempfile
+
+        # The default's state directory (and the lock the hub takes there)
+        # in this test's own temporary directory, not the machine's.
+        private = os.path.abspath(self.mktemp())
+        os.makedirs(private)
+        self.patch(tempfile, "tempdir", private)
         options = Options()
         options.parseOptions([])
         service = makeService(options)
+        self.assertTrue(os.path.exists(os.path.join(private, f"fedhub-{os.getuid()}", "hub.lock")))
         assert isinstance(service, Hub)
         self.assertEqual(list(service.domains), ["default"])
         self.assertTrue(service.domains["default"].config.is_memory)
