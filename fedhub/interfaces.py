@@ -195,7 +195,10 @@ class IMessageHandler(Interface):
 
     def start() -> Any:
         """
-        Called once before the first message; may return a Deferred.
+        Called before the first message; may return a Deferred.  One that
+        raises or fails has not started: it is called again later (the
+        consumer tries its start again), so it should release what it took
+        before failing.
         """
 
     def stop() -> Any:

@@ -434,7 +434,7 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(body["domains"]["one"]["transport"], "memory")
         self.assertEqual(
             body["consumers"]["a"],
-            {"ready": False, "domain": "one", "consuming": False, "halted": False},
+            {"ready": False, "domain": "one", "consuming": False, "halted": False, "error": None},
         )
 
     def test_ready_once_running(self) -> None:
@@ -511,6 +511,14 @@ class ReadyTests(SynchronousTestCase):
                          "could not listen on tcp:8025: Address already in use")
         bad.start_error = None  # type: ignore[attr-defined]
         self.assertEqual(self.ready(world)[0], 200)
+
+    def test_consumer_start_error_shown(self) -> None:
+        """A consumer waiting to try its start again says why in /ready."""
+        world = World(self)
+        world.start()
+        world.consumer.start_error = "AccessRefused: 403 ACCESS_REFUSED\x1b"
+        self.assertEqual(self.ready(world)[1]["consumers"]["a"]["error"],
+                         "AccessRefused: 403 ACCESS_REFUSED\\x1b")
 
     def test_connection_error_shown(self) -> None:
         """A bus's last connection error is in the details, control characters escaped."""

@@ -53,6 +53,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     maybeDeferred,
 )
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
@@ -120,6 +121,22 @@ _TRACKED = 10_000
 #: handler is C{long_running} or its concurrency is higher: fedora-messaging's
 #: default prefetch count, with which it too handles one message at a time.
 DEFAULT_PREFETCH = 10
+
+
+#: Seconds a consumer whose start failed waits before trying again: this
+#: after the first failure, doubling after each further one...
+START_RETRY_INITIAL = 1.0
+#: ... up to this.
+START_RETRY_MAX = 60.0
+
+
+def start_delay(failures: int) -> float:
+    """
+    How long a consumer waits before it tries to start again after
+    C{failures} failed attempts in a row (1 for the first): from
+    L{START_RETRY_INITIAL}, doubling, at most L{START_RETRY_MAX}.
+    """
+    return min(START_RETRY_MAX, START_RETRY_INITIAL * 2.0 ** min(max(0, failures - 1), 32))
 
 
 def prefetch_for(component: ComponentConfig, handler: object) -> int:
@@ -249,10 +266,25 @@ class ConsumerService(Service):
              "requeued", "rejected", "unsettled"),
             0,
         )
-        self._in_flight: set[Deferred[None]] = set()
+        self._in_flight: set[Deferred[Any]] = set()
         self._observers: list[Callable[[Settled], None]] = []
         self._subscription: ISubscription | None = None
+        # The attempt to start that is going, and the call of the next one
+        # after a failed one.
         self._starting: Deferred[None] | None = None
+        self._start_retry: IDelayedCall | None = None
+        # Failed attempts since the consumer started, or since the last
+        # attempt that succeeded.
+        self._start_failures = 0
+        # Counts the consumer's starts: an attempt made for an earlier one
+        # does not consume.
+        self._run = 0
+        # Whether the plugin's start() succeeded and its stop() was not
+        # called since.
+        self._handler_started = False
+        #: Why the last attempt to start failed, while the next is awaited;
+        #: C{None} once an attempt succeeds.
+        self.start_error: str | None = None
 
     @property
     def consuming(self) -> bool:
@@ -327,24 +359,94 @@ class ConsumerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._starting = self._start()
-        self._starting.addErrback(
-            lambda f: self.log.failure(
-                "Consumer {consumer} could not start", f, consumer=self.component.name
-            )
+        # Attempts of an earlier run that are still going see this and end
+        # without consuming.
+        self._run += 1
+        self._start_failures = 0
+        self._try_start()
+
+    def _try_start(self) -> None:
+        """
+        Make one attempt to start, unless one is going (it tries again for
+        this run once it ends) or the consumer is stopped.
+        """
+        self._start_retry = None
+        if not self.running or self._starting is not None:
+            return
+        run = self._run
+        starting = self._start(run)
+        self._starting = starting
+        starting.addBoth(self._start_ended, run)
+
+    def _start_ended(self, result: object, run: int) -> None:
+        """
+        An attempt to start ended: if it failed, try again after the backoff
+        (L{start_delay}) unless the consumer was stopped meanwhile; if the
+        consumer was stopped and started again meanwhile, start afresh now.
+        """
+        self._starting = None
+        if not self.running:
+            if isinstance(result, Failure):
+                self.log.debug(
+                    "Consumer {consumer} stopped while starting: {error}",
+                    consumer=self.component.name,
+                    error=result.getErrorMessage(),
+                )
+            return
+        if run != self._run:
+            self._try_start()
+            return
+        if not isinstance(result, Failure):
+            self._start_failures = 0
+            self.start_error = None
+            return
+        self._start_failures += 1
+        self.start_error = f"{type(result.value).__name__}: {result.getErrorMessage()}"
+        delay = start_delay(self._start_failures)
+        # Error, not critical: the consumer starts by itself once the cause
+        # (permissions, a queue's changed arguments, a plugin's file) is gone.
+        self.log.failure(
+            "Consumer {consumer} could not start (attempt {attempt}); trying again in {delay} s",
+            result,
+            level=LogLevel.error,
+            consumer=self.component.name,
+            attempt=self._start_failures,
+            delay=delay,
         )
+        self._start_retry = self.clock.callLater(delay, self._try_start)
+
+    def _current(self, run: int) -> bool:
+        """
+        Whether an attempt to start made for C{run} should go on: the
+        consumer was not stopped (nor stopped and started again) since.
+        """
+        return bool(self.running) and run == self._run
 
     @inlineCallbacks
-    def _start(self) -> Generator[Deferred[Any], Any, None]:
-        yield maybeDeferred(self.handler.start)
+    def _start(self, run: int) -> Generator[Deferred[Any], Any, None]:
+        """
+        Start the plugin, unless it started in an earlier attempt of this
+        run; declare the topology and subscribe.
+
+        A plugin whose C{start()} raised or failed has not started: a later
+        attempt calls it again, as a restart of the hub would.  Declaring
+        again is harmless: a bus remembers a topology declared the same way
+        once.
+        """
+        if not self._handler_started:
+            yield maybeDeferred(self.handler.start)
+            if not self._current(run):
+                return
+            self._handler_started = True
         yield self.bus.declare(self.topology())
-        if not self.running:
+        if not self._current(run):
             return
         subscription = yield self.bus.subscribe(self.queue, self._on_delivery, self.prefetch)
-        if not self.running:
+        if not self._current(run):
             # Stopping began while the bus was subscribing (its broker was
             # unreachable until now): nothing would cancel this subscription,
-            # and every delivery on it would only be put back at once.
+            # and every delivery on it would only be put back at once.  After
+            # a start since, the attempt of that start subscribes itself.
             yield subscription.cancel()
             return
         self._subscription = subscription
@@ -484,9 +586,7 @@ class ConsumerService(Service):
         d.addErrback(
             lambda f: self.log.failure("Settling {msg_id} failed", f, msg_id=message.id)
         )
-        if not d.called:
-            self._in_flight.add(d)
-            d.addBoth(self._forget, d)
+        self._track(d)
 
     def _count_delivery(self, message_id: str) -> int:
         """
@@ -549,7 +649,18 @@ class ConsumerService(Service):
         self.stats["requeued"] += 1
         self._tell(message, "requeued", f"settling it failed ({type(failure.value).__name__})")
 
-    def _forget(self, result: object, d: Deferred[None]) -> object:
+    def _track(self, d: Deferred[Any]) -> None:
+        """
+        Count C{d} as work in hand, which a stop waits for, until its
+        callbacks have run.  A Deferred that has fired may still be paused
+        on another (a handler returning C{DeferredSemaphore.run}, a callback
+        that returned a Deferred): it is in hand as much as one that has not
+        fired.  One whose callbacks have all run leaves the set at once.
+        """
+        self._in_flight.add(d)
+        d.addBoth(self._forget, d)
+
+    def _forget(self, result: object, d: Deferred[Any]) -> object:
         self._in_flight.discard(d)
         return result
 
@@ -753,9 +864,7 @@ class ConsumerService(Service):
 
         replaced.addCallbacks(confirmed, refused)
         replaced.addErrback(lambda f: self._settling_failed(delivery, f))
-        if not replaced.called:
-            self._in_flight.add(replaced)
-            replaced.addBoth(self._forget, replaced)
+        self._track(replaced)
 
     def _halt(self) -> None:
         if self.halted:
@@ -775,6 +884,10 @@ class ConsumerService(Service):
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         self._consuming = False
+        if self._start_retry is not None:
+            if self._start_retry.active():
+                self._start_retry.cancel()
+            self._start_retry = None
         # What waits for the handler goes back to the queue now.
         self._pump()
         drain = getattr(self.handler, "drain", None)
@@ -809,6 +922,7 @@ class ConsumerService(Service):
                 yield subscription.cancel()
             except Exception:
                 self.log.failure("Cancelling {consumer} failed", consumer=self.component.name)
+        self._handler_started = False
         try:
             # A plugin's stop() that never finishes must not hold up the
             # hub, which stops its services one after the other.

@@ -106,7 +106,8 @@ class Readiness:
         (C{"memory"} or C{"amqp"}), C{blocked} when the bus can tell, and
         C{error}: the last connection error, or C{None}.
     @ivar consumers: By consumer: C{ready}, C{domain}, C{consuming},
-        C{halted}.
+        C{halted}, and C{error}: why its last attempt to start failed (it
+        tries again), or C{None}.
     @ivar producers: By producer: C{ready} (its start did not fail),
         C{running}, and C{error}: why its start failed (the hub's record,
         or the service's own C{start_error}: a listener that could not
@@ -157,11 +158,13 @@ def readiness(hub: HubView) -> Readiness:
     for name, service in hub.consumers.items():
         consuming = bool(service.consuming)
         halted = bool(service.halted)
+        start_error = getattr(service, "start_error", None)
         consumers[name] = {
             "ready": consuming and not halted,
             "domain": service.component.domain,
             "consuming": consuming,
             "halted": halted,
+            "error": None if start_error is None else escape_control(str(start_error), 300),
         }
     producers: dict[str, dict[str, Any]] = {}
     failures = hub.start_failures

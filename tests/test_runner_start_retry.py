@@ -1,0 +1,267 @@
+"""
+Tests for L{fedhub.consumers.runner}: a consumer whose start fails (the
+broker refuses its topology, its plugin's C{start()} raises) tries again with
+backoff until it consumes, and stops trying when it is stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from fedhub.bus.memory import MemoryBus
+from fedhub.config import ComponentConfig
+from fedhub.consumers.runner import ConsumerService
+from fedhub.errors import AccessRefused, PreconditionFailed
+from fedhub.interfaces import IMessageHandler
+from fedhub.message import Message
+from fedhub.topology import Topology
+
+
+@implementer(IMessageHandler)
+class StartingHandler:
+    """
+    A handler whose start() raises the given exceptions, one per call, then
+    succeeds; it records its start() and stop() calls in order.
+    """
+
+    topics = ("#",)
+
+    def __init__(self, *failures: BaseException) -> None:
+        self.failures = list(failures)
+        self.calls: list[str] = []
+        self.seen: list[Message] = []
+
+    def handle(self, message: Message) -> None:
+        self.seen.append(message)
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self.failures:
+            raise self.failures.pop(0)
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+class RefusingBus(MemoryBus):
+    """
+    A memory bus that refuses the first C{refusals} declarations (as a
+    broker answering C{403 ACCESS_REFUSED}), or holds each declaration
+    until the test fires it, when C{hold} is set.
+    """
+
+    def __init__(self, *args: Any, refusals: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusals = refusals
+        self.declares = 0
+        self.subscribes = 0
+        self.hold = False
+        self.held: list[Deferred[None]] = []
+
+    def declare(self, topology: Topology) -> Deferred[None]:
+        self.declares += 1
+        if self.hold:
+            held: Deferred[None] = Deferred()
+            self.held.append(held)
+            return held.addCallback(lambda _: super(RefusingBus, self).declare(topology))
+        if self.refusals:
+            self.refusals -= 1
+            return fail(AccessRefused(403, "ACCESS_REFUSED - configure access to queue refused"))
+        return super().declare(topology)
+
+    def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        self.subscribes += 1
+        return super().subscribe(*args, **kwargs)
+
+
+def component(**changes: Any) -> ComponentConfig:
+    fields: dict[str, Any] = {
+        "kind": "consumer",
+        "index": 0,
+        "name": "c",
+        "plugin": "test",
+        "domain": "d",
+        "options": {},
+        "topics": ("t.#",),
+    }
+    fields.update(changes)
+    return ComponentConfig(**fields)
+
+
+class StartRetryTests(SynchronousTestCase):
+    """
+    A consumer on a memory bus that refuses, whose time is a L{Clock}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def make(self, handler: StartingHandler, refusals: int = 0) -> tuple[ConsumerService, RefusingBus]:
+        bus = RefusingBus("d", clock=self.clock, refusals=refusals)
+        bus.startService()
+        service = ConsumerService(component(), handler, bus, self.clock)
+        return service, bus
+
+    def next_delay(self) -> float:
+        """The delay until the one call the clock holds."""
+        calls = self.clock.getDelayedCalls()
+        self.assertEqual(len(calls), 1)
+        return calls[0].getTime() - self.clock.seconds()
+
+    def start_failures(self) -> list[dict[str, Any]]:
+        return [
+            e for e in self.events
+            if "could not start" in e.get("log_format", "") and e.get("consumer") == "c"
+        ]
+
+    def test_refused_declare_retried_with_backoff(self) -> None:
+        """A refused declaration is tried again after 1, 2, 4 s; then the consumer consumes, its plugin started once."""
+        handler = StartingHandler()
+        service, bus = self.make(handler, refusals=3)
+        service.startService()
+        self.assertFalse(service.consuming)
+        self.assertIn("AccessRefused", service.start_error or "")
+        delays = []
+        while not service.consuming:
+            delays.append(self.next_delay())
+            self.clock.advance(delays[-1])
+        self.assertIsNone(service.start_error)
+        self.assertEqual(delays, [1.0, 2.0, 4.0])
+        self.assertEqual(bus.declares, 4)
+        self.assertEqual(bus.subscribes, 1)
+        self.assertEqual(handler.calls, ["start"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        failures = self.start_failures()
+        self.assertEqual([e["log_level"] for e in failures], [LogLevel.error] * 3)
+        self.assertEqual([e["attempt"] for e in failures], [1, 2, 3])
+        self.assertEqual([e["delay"] for e in failures], [1.0, 2.0, 4.0])
+        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 3)
+        message = Message.create("t.x", {"n": 1})
+        self.successResultOf(bus.publish(message))
+        self.clock.advance(0)
+        self.assertEqual([m.id for m in handler.seen], [message.id])
+
+    def test_backoff_capped(self) -> None:
+        """The delay doubles from 1 s and stays at 60 s."""
+        handler = StartingHandler()
+        service, bus = self.make(handler, refusals=9)
+        service.startService()
+        delays = []
+        while not service.consuming:
+            delays.append(self.next_delay())
+            self.clock.advance(delays[-1])
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0])
+        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 9)
+
+    def test_backoff_starts_over_after_a_start(self) -> None:
+        """Once a start succeeded, the next failed start (after a restart of the service) waits 1 s again."""
+        handler = StartingHandler()
+        service, bus = self.make(handler, refusals=3)
+        service.startService()
+        self.clock.advance(1)
+        self.clock.advance(2)
+        self.clock.advance(4)
+        self.assertTrue(service.consuming)
+        self.successResultOf(service.stopService())
+        bus.refusals = 1
+        service.startService()
+        self.assertEqual(self.next_delay(), 1.0)
+        self.clock.advance(1)
+        self.assertTrue(service.consuming)
+        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 4)
+
+    def test_plugin_start_retried(self) -> None:
+        """A plugin whose start() raised is started again after the backoff, without a stop() between."""
+        handler = StartingHandler(RuntimeError("CA file unreadable"), OSError("still unreadable"))
+        service, bus = self.make(handler)
+        service.startService()
+        self.assertFalse(service.consuming)
+        self.assertEqual(bus.declares, 0)
+        self.clock.advance(1)
+        self.assertFalse(service.consuming)
+        self.clock.advance(2)
+        self.assertTrue(service.consuming)
+        self.assertEqual(handler.calls, ["start", "start", "start"])
+        self.assertEqual(bus.declares, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError, OSError)), 2)
+        self.assertEqual([e["log_level"] for e in self.start_failures()], [LogLevel.error] * 2)
+
+    def test_changed_arguments_retried(self) -> None:
+        """A 406 on the queue's arguments is retried too, the plugin not started again."""
+        handler = StartingHandler()
+        service, bus = self.make(handler)
+        real = bus.declare
+        answers: list[Any] = [PreconditionFailed(406, "PRECONDITION_FAILED - inequivalent arg"), None]
+
+        def declare(topology: Topology) -> Deferred[None]:
+            answer = answers.pop(0)
+            return fail(answer) if answer is not None else real(topology)
+
+        bus.declare = declare  # type: ignore[method-assign]
+        service.startService()
+        self.assertFalse(service.consuming)
+        self.clock.advance(1)
+        self.assertTrue(service.consuming)
+        self.assertEqual(handler.calls, ["start"])
+        self.assertEqual(len(self.flushLoggedErrors(PreconditionFailed)), 1)
+
+    def test_stop_during_backoff(self) -> None:
+        """Stopping while waiting to try again cancels the retry; nothing is tried afterwards."""
+        handler = StartingHandler()
+        service, bus = self.make(handler, refusals=100)
+        service.startService()
+        self.clock.advance(1)
+        self.assertEqual(bus.declares, 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(1000)
+        self.assertEqual(bus.declares, 2)
+        self.assertFalse(service.consuming)
+        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 2)
+
+    def test_failure_after_stop_not_retried(self) -> None:
+        """An attempt that fails after the consumer stopped is not retried and not logged as an error."""
+        handler = StartingHandler()
+        service, bus = self.make(handler)
+        bus.hold = True
+        service.startService()
+        self.assertEqual(len(bus.held), 1)
+        self.successResultOf(service.stopService())
+        bus.held[0].errback(AccessRefused(403, "ACCESS_REFUSED"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.start_failures(), [])
+        self.assertEqual(bus.subscribes, 0)
+        self.assertEqual(self.flushLoggedErrors(AccessRefused), [])
+
+    def test_no_two_starts_at_once(self) -> None:
+        """
+        A restart while an attempt still waits for the bus starts nothing
+        new; once that attempt ends, it does not subscribe for the old run,
+        and one fresh attempt (plugin started again) follows.
+        """
+        handler = StartingHandler()
+        service, bus = self.make(handler)
+        bus.hold = True
+        service.startService()
+        self.successResultOf(service.stopService())
+        service.startService()
+        self.assertEqual(bus.declares, 1)
+        self.assertEqual(handler.calls, ["start", "stop"])
+        bus.hold = False
+        bus.held[0].callback(None)
+        self.assertTrue(service.consuming)
+        self.assertEqual(bus.declares, 2)
+        self.assertEqual(bus.subscribes, 1)
+        self.assertEqual(handler.calls, ["start", "stop", "start"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
