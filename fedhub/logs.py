@@ -67,15 +67,27 @@ def log_level() -> LogLevel:
     return list(LEVELS.values())[_threshold[0]]
 
 
+#: Event fields whose values come from outside the hub (messages, mail
+#: peers, brokers, remote servers): L{HubLogger} escapes them in every
+#: event, whichever code logs them.
+UNTRUSTED_FIELDS = ("msg_id", "topic", "queue", "peer", "reason", "error")
+
+
 class HubLogger(Logger):
     """
     A L{Logger} that drops events below the hub's log level before any
-    observer sees them.
+    observer sees them, and escapes the control characters of the
+    L{UNTRUSTED_FIELDS} given as text, so a message id or a reason can not
+    forge a log line or drive the terminal a log is read on.
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         if _RANK.get(level, len(_RANK)) < _threshold[0]:
             return
+        for key in UNTRUSTED_FIELDS:
+            value = kwargs.get(key)
+            if value.__class__ is str:
+                kwargs[key] = escape_control(value)  # type: ignore[arg-type]
         Logger.emit(self, level, format, **kwargs)
 
 

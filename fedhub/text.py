@@ -13,7 +13,10 @@ from fedhub.message import Message
 #: The extra header a producer may set to give its message a human summary.
 SUMMARY_HEADER = "fedhub_summary"
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Control characters, line and paragraph separators, and the invisible
+#: marks that reorder how text is shown (bidirectional embeddings,
+#: overrides and isolates).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_control(text: str, limit: int | None = None) -> str:

@@ -65,6 +65,27 @@ class LogLevelTests(SynchronousTestCase):
         allow_level(LogLevel.debug)
         self.assertEqual(log_level(), LogLevel.debug)
 
+    def test_untrusted_fields_escaped(self) -> None:
+        """
+        Fields that carry outside text (message ids, topics, reasons,
+        peers) are escaped in every event, whoever logs them: a message id
+        can not forge a log line, drive the terminal or reverse the text.
+        """
+        from twisted.logger import formatEvent
+
+        log = HubLogger(observer=self.events.append)
+        forged = "id1\n2026-11-29T02:39:00+0000 [fedhub.tap#critical] FAKE \x1b[31mred\u202eevil\x00"
+        log.warn("Consumer {consumer} dead-letters {msg_id}: {reason}", consumer="c", msg_id=forged,
+                 reason="bad\r\nline", count=3)
+        [event] = self.events
+        text = formatEvent(event)
+        self.assertEqual(text.count("\n"), 0)
+        for raw in ("\x1b", "\u202e", "\x00", "\r"):
+            self.assertNotIn(raw, text)
+        self.assertIn("\\x1b[31mred", text)
+        self.assertIn("\\u202e", text)
+        self.assertEqual(event["count"], 3)
+
     def test_class_attribute(self) -> None:
         """As a class attribute it still is a HubLogger, named after the class."""
         self.assertIsInstance(self.Emitter.log, HubLogger)
