@@ -42,6 +42,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -504,6 +505,28 @@ def _split_pem(data: bytes) -> list[bytes]:
     return blocks
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    """
+    Twisted's HTTP client connection factory without its two log lines
+    ("Starting factory", "Stopping factory") for every new connection.
+    """
+
+    noisy = False
+
+
+def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
+    """
+    An C{HTTPConnectionPool} whose connections are made without a log line
+    each: a poller whose server closes every connection, or is down, would
+    otherwise log two lines per poll beside its own.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
+    # The factory class is the pool's documented way to make connections,
+    # though marked private; only its noise differs.
+    pool._factory = _QuietClientFactory
+    return pool
+
+
 def tls_policy(ca_file: str | None) -> BrowserLikePolicyForHTTPS:
     """
     The HTTPS policy for an endpoint: verify the server's certificate and
@@ -591,9 +614,7 @@ class XMLRPCClient:
     def _get_agent(self) -> IAgent:
         # Built on first use, not in the constructor: it reads the CA file.
         if self._agent is None:
-            self._pool = HTTPConnectionPool(  # type: ignore[no-untyped-call]
-                self._reactor, persistent=self._persistent
-            )
+            self._pool = quiet_pool(self._reactor, persistent=self._persistent)
             self._pool.maxPersistentPerHost = 2
             # Servers close idle connections (Apache after 5 s by default);
             # keeping ours much longer only invites a failed reuse.

@@ -108,6 +108,23 @@ class CallTests(ClientTestBase):
             self.assertEqual((yield client.call("echo", i)), [i])
         self.assertEqual(self.server.requests, 3)
 
+    @inlineCallbacks
+    def test_connections_not_announced(self) -> Any:
+        """
+        A new connection per call (a server that does not keep them) logs
+        nothing: Twisted's HTTP client would log two lines for each.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = self.client(self.url, persistent=False)
+        for i in range(2):
+            self.assertEqual((yield client.call("echo", i)), [i])
+        said = [e.get("log_format") or "" for e in events]
+        self.assertEqual([s for s in said if "factory" in s.lower()], [])
+
     def test_bad_url(self) -> None:
         """Only http and https endpoints are accepted."""
         self.assertRaises(XMLRPCError, XMLRPCClient, "ftp://example.org/", reactor)

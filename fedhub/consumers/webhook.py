@@ -242,7 +242,9 @@ class WebhookHandler:
         """
         from treq.client import HTTPClient
         from twisted.internet.ssl import platformTrust
-        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.client import Agent
+
+        from fedhub.xmlrpc import quiet_pool
 
         trust_root: Any = platformTrust()  # type: ignore[no-untyped-call]
         if self.ca is not None:
@@ -266,7 +268,7 @@ class WebhookHandler:
                     "must hold one non-empty line (the Authorization header's value)",
                 )])
             self._authorization = secret
-        self._pool = HTTPConnectionPool(self.reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self._pool = quiet_pool(self.reactor)
         self._pool.maxPersistentPerHost = self.max_connections
         self._pool.retryAutomatically = False
         agent = Agent(  # type: ignore[no-untyped-call]
