@@ -10,7 +10,10 @@ C{items} inside it) is a list of structs, the items.  Every item has an id
 in time order, or a C{dateTime}).  Items before the cursor are
 skipped, and so are those at the cursor's very position that were published
 already (APIs that answer "at or after X" repeat them), so each item is
-published once.  The new cursor is the highest position published.
+published once (an item listed twice in one answer, once).  The new cursor
+is the highest position published.  With a clock, a C{dateTime} position
+more than L{FUTURE_MARGIN} past it is published but does not become the
+cursor (see L{XMLRPCSource.poll}).
 
 The topic is C{topic} with C{{field}} placeholders filled from the item
 (values reduced to letters, digits, C{_} and C{-} so an item can not add
@@ -18,7 +21,8 @@ topic words), put behind the hub's prefix and environment.  The body is the
 item itself, or C{body}: a table whose strings are templates: C{"{a.b}"}
 alone is the item's value there (any JSON type), C{"{}"} the whole item,
 and other strings are text with placeholders filled in.  C{{{} and C{}}}
-write literal braces.
+write literal braces; any other brace is refused when the configuration
+is checked.
 
 On first start the cursor is C{initial_cursor}, or what C{initial_method}
 (with C{initial_params}) answers at C{initial_path}: the service's current
@@ -29,15 +33,18 @@ C{docs/pollers.md} for a worked example.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -47,6 +54,7 @@ from fedhub.interfaces import IProducerPlugin
 from fedhub.logs import HubLogger
 from fedhub.message import BASE_SCHEMA, INFO, SEVERITIES, Message
 from fedhub.producers.poller import (
+    FUTURE_MARGIN,
     IPollSource,
     PollingService,
     PollResult,
@@ -62,6 +70,12 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _NAMESPACE = uuid.UUID("3c7f0d2a-91b4-5e6f-8a1d-6b2e4f9c0a17")
 _MISSING = object()
+#: Items dated beyond the clock's bound that a cursor remembers as published
+#: (the farthest ahead are kept).
+AHEAD_LIMIT = 1000
+#: Problems with items remembered as reported, so that an item a service
+#: keeps answering is warned about once (the most recent are kept).
+WARNED_LIMIT = 1000
 
 
 class ItemError(FedhubError):
@@ -160,6 +174,21 @@ def render(template: Any, item: Any, *, cursor: Any = _MISSING,
     return _PLACEHOLDER.sub(fill, template)
 
 
+def unmatched_brace(template: str) -> str | None:
+    """
+    What is wrong with the braces of a template, or C{None}: outside a
+    C{{field}} placeholder, only C{{{} and C{}}} (literal braces) may hold
+    one.  A lone brace would otherwise be kept as text, so a typo such as
+    C{"pkgdb.{action"} would only show in the messages.
+    """
+    masked = _PLACEHOLDER.sub(lambda m: " " * len(m.group(0)), template)
+    where = min((i for i in (masked.find("{"), masked.find("}")) if i >= 0), default=-1)
+    if where < 0:
+        return None
+    return (f"unmatched {masked[where]!r} at character {where + 1} of {template!r} "
+            '(a placeholder is "{field}"; write "{{" and "}}" for literal braces)')
+
+
 def topic_word(value: str) -> str:
     """
     A value made safe inside a topic: one word of letters, digits, C{_}, C{-}.
@@ -188,6 +217,12 @@ def _position(value: Any) -> tuple[Any, bool]:
 class XMLRPCSource:
     """
     Polls one XML-RPC method as configured; see the module docstring.
+
+    @ivar clock: This process's clock: a C{dateTime} position more than
+        L{FUTURE_MARGIN} past it does not move the cursor.  C{None}: no such
+        bound.
+    @ivar skipped: Items skipped because they could not be published, each
+        counted once while it is remembered (see L{WARNED_LIMIT}).
     """
 
     log = HubLogger()
@@ -212,16 +247,14 @@ class XMLRPCSource:
         initial_params: list[Any] | None = None,
         initial_path: str = "",
         page_size: int | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        # The plugin's checks, for sources made without it.
         if initial_cursor is None and initial_method is None:
-            raise ConfigError([ConfigProblem(f"producers.{name}",
-                                             "set initial_cursor or initial_method")])
-        try:
-            render(params, {}, cursor=None)
-        except ItemError:
-            raise ConfigError([ConfigProblem(f"producers.{name}.params",
-                                             'the only placeholder allowed is "{cursor}"')]
-                              ) from None
+            raise ConfigError([ConfigProblem("initial_cursor", _NO_START)])
+        error = _params(params)
+        if error is not None:
+            raise ConfigError([ConfigProblem("params", error)])
         self.name = name
         self.client = client
         self.topic = topic
@@ -239,8 +272,11 @@ class XMLRPCSource:
         self.initial_params = initial_params or []
         self.initial_path = initial_path
         self.page_size = page_size
+        self.clock = clock
         self.description = f"{method} at {client.url}"
         self.skipped = 0
+        # What was reported already, oldest first (see _skip).
+        self._warned: OrderedDict[str, None] = OrderedDict()
         # The position a stall was last reported at (see _check_stall).
         self._stalled_at: Any = _MISSING
 
@@ -274,12 +310,40 @@ class XMLRPCSource:
             return datetime.fromisoformat(cursor["value"])
         return cursor["value"]
 
+    def _bound(self, cursor: Mapping[str, Any]) -> tuple[str, str] | None:
+        """
+        This process's "now" and the latest position a C{dateTime} cursor may
+        reach (now and L{FUTURE_MARGIN}), as cursors hold them; C{None} for
+        other cursors or without a clock.  Numbers and text have no known
+        relation to time, so no bound is set on them.
+        """
+        if self.clock is None or not cursor.get("time"):
+            return None
+        now = self.clock.seconds()
+
+        def text(when: float) -> str:
+            return datetime.fromtimestamp(when, timezone.utc).replace(tzinfo=None).isoformat()
+
+        return text(now), text(now + FUTURE_MARGIN)
+
     @inlineCallbacks
     def poll(self, cursor: Any) -> Generator[Deferred[Any], Any, PollResult]:
         """
         Call the method with the cursor and publish the items after it.
+
+        An item dated more than L{FUTURE_MARGIN} past this process's clock (a
+        broken clock, a corrupt row) is published, with a warning, but does
+        not become the cursor: every later answer would start past the items
+        still to come.  The cursor remembers it (C{"ahead"}: position and id)
+        until the cursor passes its position, so it is published once.  A
+        cursor found beyond the bound (saved without one, or a clock that
+        went back) is brought back to now, and what follows is read again
+        rather than lost.
         """
         c = copy.deepcopy(cursor)
+        bound = self._bound(c)
+        if bound is not None and c["value"] > bound[1]:
+            self._bring_back(c, bound[0])
         params = render(self.params, {}, cursor=self._sent_cursor(c))
         answer = yield self.client.call(self.method, *params)
         try:
@@ -290,58 +354,139 @@ class XMLRPCSource:
             raise AnswerError(f"{self.method} answered {type(found).__name__} at "
                               f"{self.items!r}, not a list")
         current, seen = c["value"], set(c.get("seen", []))
-        fresh: list[tuple[Any, str, dict[str, Any]]] = []
+        ahead = {(position, item_id) for position, item_id in c.get("ahead", [])}
+        answered: set[tuple[Any, str]] = set()
+        beyond = False
+        # (position, id, item, published already)
+        fresh: list[tuple[Any, str, dict[str, Any], bool]] = []
         for item in found:
-            try:
-                if not isinstance(item, dict):
-                    raise ItemError(f"an item is a {type(item).__name__}, not a struct")
-                position, is_time = _position(lookup(item, self.cursor_field))
-                item_id = _text(lookup(item, self.id_field))
-            except (ItemError, KeyError) as e:
-                self._skip(e)
+            parsed = self._parse(item, c)
+            if parsed is None:
                 continue
-            except RecursionError:
-                self._skip(ItemError("an item's id is nested too deeply"))
+            position, item_id = parsed
+            if bound is not None and position > bound[1]:
+                beyond = True
+            if (position, item_id) in answered:
+                # Listed twice in one answer: the same event (the message id
+                # is made of both), published once.
                 continue
-            numbers = isinstance(position, (int, float)) and isinstance(current, (int, float))
-            if is_time != bool(c.get("time")) or (type(position) is not type(current)
-                                                  and not numbers):
-                hint = ""
-                if is_time and not c.get("time"):
-                    # The usual cause: a quoted initial_cursor, which is text.
-                    hint = (" (for a dateTime cursor_field, write initial_cursor as a TOML "
-                            "date-time, without quotes, and remove the saved cursor)")
-                self._skip(ItemError(f"item {item_id}: position {position!r} does not compare "
-                                     f"with the cursor {current!r}{hint}"))
+            answered.add((position, item_id))
+            known = (position, item_id) in ahead
+            if known and (bound is None or position > bound[1] or position <= current):
                 continue
+            # An item published ahead that the clock has reached moves the
+            # cursor like any other, without being published again.
             if position < current or (position == current
                                       and (item_id in seen or c.get("after"))):
                 continue
-            fresh.append((position, item_id, item))
+            fresh.append((position, item_id, item, known))
         fresh.sort(key=lambda f: (f[0], f[1]))
         messages = []
-        for position, item_id, item in fresh:
+        failed: set[tuple[Any, str]] = set()
+        for position, item_id, item, known in fresh:
+            if known:
+                continue
             try:
                 messages.append(self._message(position, item_id, item))
             except (ItemError, FedhubError) as e:
-                self._skip(e)
+                failed.add((position, item_id))
+                self._skip(e, f"{item_id}|{position}")
             except RecursionError:
                 # The answer's parser has no depth limit; converting the
                 # item does.  One such item must not fail every later poll.
-                self._skip(ItemError(f"item {item_id}: nested too deeply"))
-        if fresh:
-            top = fresh[-1][0]
-            at_top = {item_id for position, item_id, _ in fresh if position == top}
+                failed.add((position, item_id))
+                self._skip(ItemError(f"item {item_id}: nested too deeply"),
+                           f"{item_id}|{position}")
+        # Sorted by position: the items beyond the bound come last.
+        movers = [f for f in fresh if bound is None or f[0] <= bound[1]]
+        later = fresh[len(movers):]
+        if movers:
+            top = movers[-1][0]
+            at_top = {f[1] for f in movers if f[0] == top}
             if top == current:
                 at_top |= seen
             c["value"], c["seen"] = top, sorted(at_top)
             if top != current:
                 c.pop("after", None)
+        for position, item_id, _, _ in later:
+            ahead.add((position, item_id))
+            if (position, item_id) not in failed:
+                self.log.warn("Item {item} of {method} is dated {position}, more than "
+                              "{margin:g} s past this host's clock: published, but the cursor "
+                              "stays at {cursor}", producer=self.name, item=item_id,
+                              method=self.method, position=_text(position),
+                              margin=FUTURE_MARGIN, cursor=_text(c["value"]))
+        # Remembered until the cursor passes them; beyond the limit, the
+        # nearest are forgotten first (the clock reaches them first).
+        kept = sorted(a for a in ahead if a[0] >= c["value"])[-AHEAD_LIMIT:]
+        if kept:
+            c["ahead"] = [list(a) for a in kept]
+        else:
+            c.pop("ahead", None)
         full = self.page_size is not None and len(found) >= self.page_size
-        self._check_stall(full and not fresh, c)
-        return PollResult(messages, c, more=full and bool(fresh))
+        self._check_stall(full and not movers, c, beyond)
+        # Polling again at once helps only when the cursor moved: otherwise
+        # the next answer is this one again.
+        return PollResult(messages, c, more=full and bool(movers))
 
-    def _check_stall(self, stalled: bool, cursor: Mapping[str, Any]) -> None:
+    def _parse(self, item: Any, cursor: Mapping[str, Any]) -> tuple[Any, str] | None:
+        """
+        An item's position and id, or C{None} (and a warning) when it has
+        none that compares with the cursor.
+        """
+        item_id: str | None = None
+        try:
+            if not isinstance(item, dict):
+                raise ItemError(f"an item is a {type(item).__name__}, not a struct")
+            try:
+                item_id = _text(lookup(item, self.id_field))
+            except KeyError:
+                raise ItemError(f"an item has no {self.id_field!r} (id_field)") from None
+            try:
+                value = lookup(item, self.cursor_field)
+            except KeyError:
+                raise ItemError(f"item {item_id}: no {self.cursor_field!r} "
+                                f"(cursor_field)") from None
+            try:
+                position, is_time = _position(value)
+            except ItemError as e:
+                raise ItemError(f"item {item_id}: {e.reason}") from None
+        except ItemError as e:
+            self._skip(e, item_id, item)
+            return None
+        except RecursionError:
+            self._skip(ItemError("an item's id is nested too deeply"), None, item)
+            return None
+        current = cursor["value"]
+        numbers = isinstance(position, (int, float)) and isinstance(current, (int, float))
+        if is_time != bool(cursor.get("time")) or (type(position) is not type(current)
+                                                   and not numbers):
+            hint = ""
+            if is_time and not cursor.get("time"):
+                # The usual cause: a quoted initial_cursor, which is text.
+                hint = (" (for a dateTime cursor_field, write initial_cursor as a TOML "
+                        "date-time, without quotes, and remove the saved cursor)")
+            self._skip(ItemError(f"item {item_id}: position {position!r} does not compare "
+                                 f"with the cursor {current!r}{hint}"), item_id)
+            return None
+        return position, item_id
+
+    def _bring_back(self, cursor: dict[str, Any], now: str) -> None:
+        """
+        Move a cursor found beyond the clock's bound back to C{now}.  The
+        items published at its position are remembered as ahead, so they
+        are not published again.
+        """
+        self.log.warn("The cursor {cursor} of {method} is more than {margin:g} s past this "
+                      "host's clock: brought back to {now}; what follows is read again",
+                      producer=self.name, cursor=_text(cursor["value"]), method=self.method,
+                      margin=FUTURE_MARGIN, now=now)
+        cursor["ahead"] = [*cursor.get("ahead", []),
+                           *([cursor["value"], i] for i in cursor.get("seen", []))]
+        cursor["value"], cursor["seen"] = now, []
+        cursor.pop("after", None)
+
+    def _check_stall(self, stalled: bool, cursor: Mapping[str, Any], ahead: bool) -> None:
         """
         Warn, once per position, when a full answer held nothing new: more
         items share the cursor's position than one answer holds (with an
@@ -349,6 +494,9 @@ class XMLRPCSource:
         position can be skipped to safely: the items at it that did not fit
         would be lost, and the method's answers say nothing of what lies
         between this position and the next.
+
+        @param ahead: The answer held items dated beyond the clock's bound:
+            they take the rest of the room (they sort last).
         """
         if not stalled:
             self._stalled_at = _MISSING
@@ -356,6 +504,15 @@ class XMLRPCSource:
         if self._stalled_at == cursor["value"]:
             return
         self._stalled_at = cursor["value"]
+        if ahead:
+            self.log.warn("{method} answered a full page ({page_size} items) ending in items "
+                          "dated more than {margin:g} s ahead, and nothing new before them "
+                          "after the cursor {cursor}: more such items may not fit in an "
+                          "answer and are not read.  Correct their dates, or raise the "
+                          "method's limit (and page_size).", producer=self.name,
+                          method=self.method, page_size=self.page_size, margin=FUTURE_MARGIN,
+                          cursor=_text(cursor["value"]))
+            return
         self.log.warn("{method} answered a full page ({page_size} items) and nothing new "
                       "after the cursor {cursor}: polling can get no further.  Usually more "
                       "items share that position than one answer holds; raise the method's "
@@ -363,10 +520,29 @@ class XMLRPCSource:
                       method=self.method, page_size=self.page_size,
                       cursor=_text(cursor["value"]))
 
-    def _skip(self, error: Exception) -> None:
+    def _skip(self, error: Exception, item_id: str | None, item: Any = None) -> None:
+        """
+        Count and report an item that is skipped, once: a service answers
+        the same bad item at every poll that reads its position again.  The
+        item is known by its id, or without one by a digest of it, and by
+        the problem, so another problem with it is reported too.
+        """
+        if item_id is None:
+            try:
+                item_id = "#" + hashlib.sha256(repr(item).encode()).hexdigest()
+            except RecursionError:
+                item_id = "#nested"
+        key = f"{item_id}|{error}"
+        if key in self._warned:
+            self._warned.move_to_end(key)
+            return
+        self._warned[key] = None
+        while len(self._warned) > WARNED_LIMIT:
+            self._warned.popitem(last=False)
         self.skipped += 1
-        self.log.warn("Skipping an item of {method}: {error}", producer=self.name,
-                      method=self.method, error=str(error))
+        self.log.warn("Skipping an item of {method}: {error} (warned once, though later "
+                      "answers may list it again)", producer=self.name, method=self.method,
+                      error=str(error))
 
     def _message(self, position: Any, item_id: str, item: dict[str, Any]) -> Message:
         data = jsonable(item, times="iso")
@@ -386,13 +562,54 @@ def _severity(value: int) -> str | None:
     return None if value in SEVERITIES else f"must be one of {', '.join(map(str, SEVERITIES))}"
 
 
+_NO_START = "set initial_cursor or initial_method (where the first start begins)"
+
+
 def _template(value: str) -> str | None:
+    error = unmatched_brace(value)
+    if error is not None:
+        return error
     try:
         render(value, {}, clean=topic_word)
     except ItemError:
         return None  # placeholders are checked against items at run time
     except Exception as e:
         return f"is not a template: {e}"
+    return None
+
+
+def _strings(value: Any, where: str = "") -> Generator[tuple[str, str], None, None]:
+    """
+    The strings in nested tables and lists, with their dotted paths.
+    """
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{where}.{index}" if where else str(index))
+
+
+def _params(value: list[Any]) -> str | None:
+    for where, text in _strings(value):
+        error = unmatched_brace(text)
+        if error is not None:
+            return f"element {where}: {error}"
+        try:
+            render(text, {}, cursor=None)
+        except ItemError:
+            return (f'element {where}: the only placeholder allowed is "{{cursor}}", '
+                    f"not in {text!r}")
+    return None
+
+
+def _body(value: dict[str, Any]) -> str | None:
+    for where, text in _strings(value):
+        error = unmatched_brace(text)
+        if error is not None:
+            return f"{where}: {error}"
     return None
 
 
@@ -411,7 +628,8 @@ class XMLRPCPollPlugin:
     options: Mapping[str, Option] = {
         "url": Option(str, REQUIRED, "The XML-RPC endpoint.", check=http_url),
         "method": Option(str, REQUIRED, "The method that lists items after a cursor."),
-        "params": Option(list, [CURSOR], 'Its parameters; "{cursor}" stands for the cursor.'),
+        "params": Option(list, [CURSOR], 'Its parameters; "{cursor}" stands for the cursor.',
+                         check=_params),
         "items": Option(str, "", "Dotted path to the list of items in the answer "
                         "(empty: the answer itself)."),
         "id_field": Option(str, REQUIRED, "Dotted path to an item's unique id."),
@@ -419,7 +637,8 @@ class XMLRPCPollPlugin:
                                "(a number, a sortable string or a dateTime)."),
         "topic": Option(str, REQUIRED, "Topic after the hub's prefix, with {field} "
                         "placeholders.", check=_template),
-        "body": Option(dict, None, "The body: a table of templates (default: the item)."),
+        "body": Option(dict, None, "The body: a table of templates (default: the item).",
+                       check=_body),
         "schema": Option(str, BASE_SCHEMA, "The fedora_messaging_schema of the messages."),
         "severity": Option(int, INFO, "The severity of the messages.", check=_severity),
         "initial_cursor": Option((int, float, str, datetime), None, "The cursor on first "
@@ -438,9 +657,13 @@ class XMLRPCPollPlugin:
         """
         A polling service for the configured method.  No I/O happens here.
 
-        @raise ConfigError: when neither initial_cursor nor initial_method is set.
+        @raise ConfigError: when neither initial_cursor nor initial_method is set
+            (a check of two keys, which options can not make one by one).
         """
         o = context.options
+        if o.get("initial_cursor") is None and o.get("initial_method") is None:
+            where = context.component.path if context.component is not None else "options"
+            raise ConfigError([ConfigProblem(f"{where}.initial_cursor", _NO_START)])
         client = XMLRPCClient(o["url"], context.reactor, **client_settings(o))
         source = XMLRPCSource(
             context.name, client, context.topic, method=o["method"],
@@ -450,5 +673,6 @@ class XMLRPCPollPlugin:
             severity=o.get("severity", INFO), initial_cursor=o.get("initial_cursor"),
             initial_method=o.get("initial_method"), initial_params=o.get("initial_params"),
             initial_path=o.get("initial_path", ""), page_size=o.get("page_size"),
+            clock=context.reactor,
         )
         return polling_service(context, source)
