@@ -19,7 +19,9 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from fedhub.config import HubSettings
@@ -164,6 +166,20 @@ class SourceTestBase(SynchronousTestCase):
         for message in result.messages:
             check_with_schema_package(message)
         return result
+
+
+@implementer(ILogObserver)
+class Warnings:
+    """Collects the text of every warning logged while it is installed."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.texts: list[str] = []
+        globalLogPublisher.addObserver(self)
+        case.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            self.texts.append(formatEvent(event))
 
 
 def kinds(messages: Any) -> list[tuple[str, int, str, str]]:
@@ -348,6 +364,158 @@ class SourceTests(SourceTestBase):
         self.assertEqual(sorted(m.body["bug"]["id"] for m in messages), bugs)
         self.assertEqual(cursor["offset"], 0)
         self.assertEqual(self.poll(source, cursor).messages, [])
+
+    def drain(self, source: BugzillaSource, cursor: Any, between: Callable[[int], None]
+              ) -> tuple[list[Message], Any]:
+        """
+        Poll, calling C{between} after each poll, until a poll is caught up
+        and publishes nothing.
+        """
+        messages: list[Message] = []
+        for polls in range(50):
+            result = self.poll(source, cursor)
+            messages += result.messages
+            cursor = result.cursor
+            between(polls)
+            if not result.more and not result.messages:
+                return messages, cursor
+        self.fail("polling never caught up")
+
+    def test_paging_bug_leaving_the_results(self) -> None:
+        """A bug already read that leaves the results mid-pass does not make the next one skipped."""
+        source = self.source(page_size=2, max_pages=1, products=["Fedora"])
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(8)]
+
+        def between(polls: int) -> None:
+            if polls == 0:
+                self.bz.change(bugs[0], "maintainer@example.org", product="Fedora EPEL")
+
+        messages, _ = self.drain(source, cursor, between)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in messages), bugs)
+        self.assertEqual(len(messages), len(bugs))
+
+    def test_paging_many_bugs_leaving_the_results(self) -> None:
+        """More bugs than a page leaving the results mid-pass: the pass steps back, skipping none."""
+        source = self.source(page_size=2, max_pages=1, products=["Fedora"])
+        cursor = self.start(source)
+        self.bz.step = 400.0  # further apart than the overlap
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(10)]
+
+        def between(polls: int) -> None:
+            if polls == 1:  # b0 to b3 read
+                for bug in bugs[:5]:
+                    self.bz.change(bug, "maintainer@example.org", product="Fedora EPEL")
+
+        messages, _ = self.drain(source, cursor, between)
+        # b4 left before it was read: it is no longer a bug of the product.
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in messages),
+                         [*bugs[:4], *bugs[5:]])
+
+    def test_paging_cursor_without_last(self) -> None:
+        """A cursor in a pass that does not say where (an older one) starts the pass again."""
+        source = self.source(page_size=2, max_pages=1)
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(5)]
+        first = self.poll(source, cursor)
+        self.assertTrue(first.more)
+        older = {k: v for k, v in first.cursor.items() if k not in ("last", "start")}
+        older["offset"] = 2
+        messages, _ = self.drain(source, older, lambda polls: None)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in [*first.messages, *messages]),
+                         bugs)
+
+    def test_paging_change_on_a_read_page(self) -> None:
+        """A change to a bug on a page already read, then a later one past it, are both published."""
+        source = self.source(page_size=2, max_pages=1)
+        old = self.bz.new_bug(summary="changed before the start")
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(8)]
+
+        def between(polls: int) -> None:
+            if polls == 0:
+                self.bz.change(old, "maintainer@example.org", status="ASSIGNED")
+                self.bz.now += 360
+                self.bz.change(bugs[7], "maintainer@example.org", status="ASSIGNED")
+
+        messages, cursor = self.drain(source, cursor, between)
+        # Pages are read by bug id: time order holds within each poll only.
+        self.assertEqual(sorted(kinds(m for m in messages if m.topic.endswith("update"))), [
+            ("bugzilla.bug.update", old, "modify", "bug"),
+            ("bugzilla.bug.update", bugs[7], "modify", "bug"),
+        ])
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in messages
+                                if m.topic.endswith("new")), bugs)
+        # The pass over, the cursor is past the changes and forgets what is behind it.
+        self.assertEqual(cursor["offset"], 0)
+        self.assertGreater(cursor["since"], self.bz.now - 600)
+        self.assertLess(len(cursor["seen"]), 4)
+
+    def test_paging_bugs_changed_before_the_offset(self) -> None:
+        """Many bugs entering the results before the offset mid-pass skip none after it."""
+        source = self.source(page_size=2, max_pages=1)
+        old = [self.bz.new_bug(summary=f"old {i}") for i in range(5)]
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(6)]
+
+        def between(polls: int) -> None:
+            if polls == 1:
+                for bug in old:
+                    self.bz.change(bug, "maintainer@example.org", status="CLOSED")
+
+        messages, _ = self.drain(source, cursor, between)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in messages
+                                if m.topic.endswith("new")), bugs)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in messages
+                                if m.topic.endswith("update")), old)
+
+    def test_server_clock_ahead_of_host(self) -> None:
+        """With Bugzilla's clock an hour ahead of the host's, the cursor follows Bugzilla's."""
+        clock = Clock()
+        clock.advance(self.bz.now - 3600)
+        source = self.source(clock=clock)
+        cursor = self.start(source)
+        bug = self.bz.new_bug()
+        bodies: list[str] = []
+        for i in range(10):
+            self.bz.add_comment(bug, "triage@example.org", f"comment {i}")
+            when = self.bz.now
+            self.bz.now += 540
+            clock.advance(600)
+            result = self.poll(source, cursor)
+            bodies += [m.body["comment"]["body"] for m in result.messages
+                       if m.body.get("comment")]
+            cursor = result.cursor
+            self.assertEqual(cursor["since"], when)
+            self.assertLessEqual(len(cursor["seen"]), 2)
+        self.assertEqual(bodies, [f"comment {i}" for i in range(10)])
+
+    def test_change_past_the_clocks_logged(self) -> None:
+        """A change dated past both clocks is published once and logged once as such."""
+        warnings = Warnings(self)
+        clock = Clock()
+        clock.advance(self.bz.now)
+        source = self.source(clock=clock)
+        cursor = self.start(source)
+        bug = self.bz.new_bug()
+        self.bz.add_comment(bug, "triage@example.org", "from the future")
+        self.bz.comments[bug][1]["creation_time"] = datetime(9999, 1, 1)
+        one = self.poll(source, cursor)
+        two = self.poll(source, one.cursor)
+        self.assertEqual(len(one.messages), 2)
+        self.assertEqual(two.messages, [])
+        ahead = [t for t in warnings.texts if "ahead" in t]
+        self.assertEqual(len(ahead), 1, warnings.texts)
+        self.assertIn(str(bug), ahead[0])
+
+    def test_server_time_fails(self) -> None:
+        """A poll whose Bugzilla.time call fails fails as a whole, and the cursor stays."""
+        source = self.source()
+        cursor = self.start(source)
+        self.bz.new_bug()
+        self.caller.fail_next.append(XMLRPCFault(URL, "Bugzilla.time", 1, "boom"))
+        self.failureResultOf(source.poll(cursor), XMLRPCFault)
+        self.assertEqual(len(self.poll(source, cursor).messages), 1)
 
     def test_row_with_a_bad_time_skipped(self) -> None:
         """A row whose time is not a time is skipped with a count; the others and later polls go on."""

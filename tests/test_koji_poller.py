@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -351,6 +352,71 @@ class SourceTests(SourceTestBase):
         self.assertEqual([(suffixes([m])[0], m.body["build_id"]) for m in messages][:2],
                          [("buildsys.tag", 6), ("buildsys.untag", 5)])
 
+    def test_backfill_includes_repos(self) -> None:
+        """backfill_from_event publishes the repos made after it, in order with the tags, once."""
+        earlier = self.koji.new_repo("f24")
+        self.koji.repo_state(earlier, REPO_READY)
+        unfinished = self.koji.new_repo("f24")  # made before the start, ready after it
+        self.koji.tick()
+        start = self.koji.event()
+        expected: list[tuple[str, int]] = []
+        ready: list[int] = []
+        for i in range(12):
+            expected.append(("buildsys.tag", self.koji.tag_build(574, "f24")))
+            repo = self.koji.new_repo("f33-build" if i % 2 else "f24")
+            expected.append(("buildsys.repo.init", repo))
+            if i % 3 == 0:
+                self.koji.repo_state(repo, REPO_PROBLEM)
+            elif i != 11:
+                self.koji.repo_state(repo, REPO_READY)
+                ready.append(repo)
+        building = repo
+        source = self.source(builds=False, tasks="none", backfill_from_event=start,
+                             event_step=5, repo_probe=2, page_size=4)
+        cursor = self.start(source)
+        # Where the newest newRepo task finished before the start left off.
+        self.assertEqual(cursor["repos"], {"next": earlier + 1, "pending": []})
+        first = self.poll(source, cursor)
+        self.assertTrue(first.more)
+        self.koji.repo_state(unfinished, REPO_READY)
+        messages, cursor = self.drain(source, first.cursor)
+        messages = list(first.messages) + messages
+        # Tags are published in event order; a repo may come after tags made
+        # later than it (its stream trails while its probe widens), never
+        # before a tag made earlier.
+        tag_events = [e for s, e in expected if s == "buildsys.tag"]
+        self.assertEqual(suffixes(messages).count("buildsys.tag"), len(tag_events))
+        inits = []
+        for i, message in enumerate(messages):
+            if message.topic.endswith("repo.init"):
+                made = self.koji.repos[message.body["repo_id"]]["create_event"]
+                tags_before = suffixes(messages[:i]).count("buildsys.tag")
+                self.assertGreaterEqual(tags_before, len([e for e in tag_events if e < made]))
+                inits.append(message.body["repo_id"])
+        self.assertEqual(inits, [r for s, r in expected if s == "buildsys.repo.init"])
+        self.assertEqual(sorted(m.body["repo_id"] for m in messages
+                                if m.topic.endswith("repo.done")), [unfinished, *ready])
+        self.assertEqual(len({m.id for m in messages}), len(messages))
+        self.assertEqual(cursor["repos"], {"next": building + 1, "pending": [building]})
+        self.koji.repo_state(building, REPO_READY)
+        last = self.poll(source, cursor)
+        self.assertEqual([(suffixes([m])[0], m.body["repo_id"]) for m in last.messages],
+                         [("buildsys.repo.done", building)])
+
+    def test_backfill_repo_start_is_bounded(self) -> None:
+        """First start with a backfill costs two calls, whatever the number of repos since."""
+        start = self.koji.event()
+        for _ in range(60):
+            self.koji.repo_state(self.koji.new_repo("f24"), REPO_READY)
+        source = self.source(builds=False, tasks="none", tags=False, backfill_from_event=start)
+        before = self.caller.requests
+        cursor = self.start(source)
+        self.assertEqual(self.caller.requests - before, 2)
+        self.assertEqual(self.koji.server.calls.count("repoInfo"), 0)
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual(suffixes(messages).count("buildsys.repo.init"), 60)
+        self.assertEqual(suffixes(messages).count("buildsys.repo.done"), 60)
+
     def test_late_commit_within_overlap(self) -> None:
         """A tag committed after a later event was seen is still published, once."""
         source = self.source(builds=False, tasks="none", repos=False, event_overlap=5)
@@ -435,6 +501,44 @@ class SourceTests(SourceTestBase):
         self.koji.set_task_state(good, OPEN)
         later = self.poll(source, result.cursor)
         self.assertEqual([(m.body["id"], m.body["new"]) for m in later.messages], [(good, "OPEN")])
+
+    def test_state_of_wrong_type_skipped(self) -> None:
+        """A build or task row whose state is not an integer is skipped, warned and counted once."""
+        logged: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, logged.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        source = self.source(tasks="scratch", repos=False)
+        cursor = self.start(source)
+        bad_build, _ = self.koji.start_build("bad", "1", "1")
+        self.koji.builds[bad_build]["state"] = "1"
+        flag_build, _ = self.koji.start_build("flag", "1", "1")
+        self.koji.builds[flag_build]["state"] = True
+        bad_task = self.koji.scratch_build("tasks/1/bad-1-1.src.rpm")
+        self.koji.set_task_state(bad_task, CLOSED)
+        self.koji.tasks[bad_task]["state"] = None
+        good, _ = self.koji.start_build("good", "1", "1")
+        first = self.poll(source, cursor)
+        self.assertEqual([m.body.get("build_id") for m in first.messages], [good])
+        self.assertEqual(source.skipped, 3)
+        # Read again within the overlap: neither warned nor counted again.
+        second = self.poll(source, first.cursor)
+        self.assertEqual(second.messages, [])
+        self.assertEqual(source.skipped, 3)
+        warnings = [formatEvent(e) for e in logged
+                    if e.get("log_level") == LogLevel.warn and e.get("producer") == "koji"]
+        self.assertEqual(len(warnings), 3)
+        self.assertEqual(sorted(w.split(" event ")[0] for w in warnings),
+                         ["Skipping a build", "Skipping a build", "Skipping a task"])
+        self.assertTrue(any("'1'" in w and f"build {bad_build}" in w for w in warnings),
+                        warnings)
+        # Once the hub answers a real state, the row is published.
+        self.koji.builds[bad_build]["state"] = COMPLETE
+        self.koji.finish_build(good)
+        third = self.poll(source, second.cursor)
+        self.assertEqual([(m.body["build_id"], m.body["old"], m.body["new"])
+                          for m in third.messages],
+                         [(bad_build, None, COMPLETE), (good, BUILDING, COMPLETE)])
 
     def test_event_without_a_usable_time(self) -> None:
         """An event whose time is not a number fails the poll with a KojiError naming it."""

@@ -108,7 +108,8 @@ class BugzillaSource:
         self.backfill_seconds = backfill_seconds
         self.publish_private = publish_private
         #: This process's clock: a change dated more than L{FUTURE_MARGIN}
-        #: past it does not move the cursor.  C{None}: no such limit.
+        #: past both it and Bugzilla's (C{Bugzilla.time}) does not move the
+        #: cursor.  C{None}: Bugzilla's clock alone.
         self.clock = clock
         what = ", ".join([*self.products, *self.components]) or "all products"
         self.description = f"Bugzilla {url} ({what})"
@@ -128,35 +129,72 @@ class BugzillaSource:
         start = now - self.backfill_seconds
         # "floor": nothing at or before the start is published, even though
         # the first polls read the overlap before it.
-        return {"since": start, "seen": {}, "offset": 0, "high": start, "floor": start}
+        return {"since": start, "seen": {}, "offset": 0, "last": None, "start": now,
+                "high": start, "floor": start}
 
     @inlineCallbacks
     def poll(self, cursor: Any) -> Generator[Deferred[Any], Any, PollResult]:
         """
         The events after the cursor; see the module docstring.
+
+        Bugs are read in pages of C{page_size}, at most C{max_pages} per
+        poll; more than that is one I{pass} over several polls, all asking
+        for the bugs changed since the same time.  The pass is paged by
+        offset, but every page after the first starts with the last bug of
+        the one before (C{last}) to see whether bugs before the offset left
+        the results: the bugs after it would have moved back under the
+        offset, so the pass steps back until it finds its place.  A bug on a
+        page already read that changes again is not read again in the pass:
+        when the pass ends, the cursor moves only as far as Bugzilla's clock
+        when the pass began (C{start}), so the next pass reads that change.
         """
         c = copy.deepcopy(cursor)
         since = float(c["since"])
-        limit = None if self.clock is None else self.clock.seconds() + FUTURE_MARGIN
-        if limit is not None and since > limit:
+        server_now = yield self.api.server_time()
+        # Changes later than this do not move the cursor: the later of
+        # Bugzilla's clock and this process's, plus a margin for clocks that
+        # disagree a little.
+        now = server_now if self.clock is None else max(server_now, self.clock.seconds())
+        limit = now + FUTURE_MARGIN
+        offset = int(c.get("offset", 0))
+        last = c.get("last")
+        if offset and not isinstance(last, int):
+            offset = 0  # a pass without its place (an older cursor): start it again
+        if since > limit:
             # A cursor saved before this limit was kept (or a clock that went
             # back): come back to now, reading changes again rather than
             # never asking for them.
-            since = limit - FUTURE_MARGIN
+            since, offset = now, 0
+        if offset == 0:
+            last, c["start"] = None, server_now
+        start = float(c.get("start", since))
         query = since - self.overlap
         floor = max(query, float(c.get("floor", query)))
         bugs: list[dict[str, Any]] = []
-        offset = int(c.get("offset", 0))
-        truncated = False
-        for page in range(self.max_pages):
+        done = False
+        for _ in range(self.max_pages):
+            # From the second page of a pass on, the last bug read is asked
+            # for again: where it is tells whether the offset still holds.
+            rows = self.page_size + (1 if offset else 0)
             found = yield self.api.search_changed(
                 query, products=self.products, components=self.components,
-                limit=self.page_size, offset=offset)
+                limit=rows, offset=offset)
             bugs += found
-            offset += len(found)
-            if len(found) < self.page_size:
+            ids = [b["id"] for b in found]
+            if offset and last is not None and (not ids or ids[0] > last):
+                # Bugs before the offset left the results (moved to another
+                # product, made private): those after the last one read moved
+                # back under the offset.  Step back to find the place again;
+                # from the first page, the pass reads everything again.
+                offset = max(0, offset - self.page_size)
+                if offset == 0:
+                    last = None
+                continue
+            if len(found) < rows:
+                done = True
                 break
-            truncated = page == self.max_pages - 1
+            last = max(ids) if last is None else max(last, *ids)
+            offset += len(found) - 1
         if not self.publish_private:
             bugs = [b for b in bugs if not b.get("groups")]
         by_id = {b["id"]: b for b in bugs}
@@ -170,7 +208,7 @@ class BugzillaSource:
         seen: dict[str, float] = dict(c.get("seen", {}))
         events: list[tuple[float, int, int, str, Message]] = []
         high = float(c.get("high", since))
-        if limit is not None and high > limit:
+        if high > limit:
             high = since
 
         def report(kind: str, bug_id: int, error: str) -> None:
@@ -211,11 +249,17 @@ class BugzillaSource:
             if key in seen or when <= floor:
                 return
             seen[key] = when
-            if limit is None or when <= limit:
+            if when <= limit:
+                high = max(high, when)
+            else:
                 # A change dated far ahead is published but does not become
                 # the cursor: every later query would start past the changes
                 # still to come.
-                high = max(high, when)
+                self.log.warn("A {kind} event of bug {bug} of {url} is dated {when}, more than "
+                              "{margin:.0f} s ahead of Bugzilla's clock and this host's: it "
+                              "does not move the cursor",
+                              producer=self.name, kind=kind, bug=bug_id, url=self.url,
+                              when=escape_control(repr(when), 40), margin=FUTURE_MARGIN)
             try:
                 message = make()
             except (MessageError, ValueError, TypeError, OverflowError, KeyError,
@@ -250,14 +294,18 @@ class BugzillaSource:
                     partial(self._comment, bug, comment, when))
 
         events.sort(key=lambda e: e[:3])
-        if truncated:
-            c["offset"] = offset
+        if done:
+            # The pass is over.  Every bug changed before it began has been
+            # read, but one read early may have changed again since: the
+            # cursor goes no further than the pass's beginning, and the seen
+            # table drops what the next pass reads again.
+            c["offset"], c["last"] = 0, None
+            since = max(since, min(high, start))
         else:
-            c["offset"] = 0
-            since = max(since, high)
+            c["offset"], c["last"] = offset, last
         c["since"], c["high"] = since, high
         c["seen"] = {k: v for k, v in seen.items() if v > since - self.overlap - 1}
-        return PollResult([e[4] for e in events], c, more=truncated)
+        return PollResult([e[4] for e in events], c, more=not done)
 
     # --- messages -------------------------------------------------------------
 

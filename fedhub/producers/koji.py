@@ -12,7 +12,8 @@ the C{koji-fedoramessaging-messages} schemas work unchanged:
   - C{buildsys.task.state.change}: from C{listTasks} (created, started,
     completed), by default only for scratch builds' parent tasks as in Fedora;
   - C{buildsys.repo.init} / C{buildsys.repo.done}: by looking at new repo
-    ids (they are allocated in sequence) and at repos still being made.
+    ids (they are allocated in sequence) and at repos still being made;
+    while catching up, a repo waits for the poll that reads its event.
 
 One poll is one C{getLastEvent} call when nothing changed, plus one
 C{multiCall} for the queries and at most one more for details (build owners,
@@ -39,7 +40,7 @@ import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -152,13 +153,14 @@ class KojiSettings:
         (as Fedora does), C{parents}, C{all} (children too) or C{none}.
     @ivar repos: Publish repo init and done events.
     @ivar backfill_from_event: On first start, begin after this event instead
-        of the hub's current one.
+        of the hub's current one (every kind, repos included).
     @ivar event_step: At most this many events of history per poll.
     @ivar event_overlap: Events read again each poll (late commits).
     @ivar time_overlap: Seconds of builds and tasks read again each poll.
     @ivar page_size: At most this many rows per query.
     @ivar batch_size: At most this many calls per multiCall request.
-    @ivar repo_probe: How many repo ids past the newest known one to look at.
+    @ivar repo_probe: How many repo ids past the newest known one to look at
+        (twice as many each poll, up to C{page_size}, while all were repos).
     """
 
     hub_url: str
@@ -287,7 +289,10 @@ class KojiSource:
         event_id, event_ts = self._event(event)
         repo_next, pending = 1, []
         if self.settings.repos:
-            repo_next, pending = yield self._seed_repos()
+            if self.settings.backfill_from_event is None:
+                repo_next, pending = yield self._seed_repos()
+            else:
+                repo_next = yield self._newest_repo(event_ts)
         # The floors: nothing at or before the start is published, even though
         # the first polls read the overlap before it.
         return {
@@ -304,21 +309,31 @@ class KojiSource:
         }
 
     @inlineCallbacks
-    def _seed_repos(self) -> Generator[Deferred[Any], Any, tuple[int, list[int]]]:
-        # The newest finished newRepo task names a recent repo; the ones made
-        # since are found by looking at the ids after it.
-        tasks = yield self.client.call(
-            "listTasks",
-            {"method": "newRepo", "state": [TASK_CLOSED], "decode": True},
-            {"order": "-id", "limit": 1},
-        )
+    def _newest_repo(self, before: float | None = None
+                     ) -> Generator[Deferred[Any], Any, int]:
+        """
+        The id after the repo of the newest finished C{newRepo} task (that
+        finished before C{before}, if given), or 1 if there is none: repos
+        are made in id order, so those made since have the ids after it.
+        """
+        opts: dict[str, Any] = {"method": "newRepo", "state": [TASK_CLOSED], "decode": True}
+        if before is not None:
+            opts["completeBefore"] = before
+        tasks = yield self.client.call("listTasks", opts, {"order": "-id", "limit": 1})
         start = 1
-        if isinstance(tasks, list) and tasks:
+        if isinstance(tasks, list) and tasks and isinstance(tasks[0], dict):
             result = tasks[0].get("result")
             if isinstance(result, list) and len(result) == 1 and isinstance(result[0], list):
                 result = result[0]
             if isinstance(result, list) and result and isinstance(result[0], int):
                 start = result[0] + 1
+        return start
+
+    @inlineCallbacks
+    def _seed_repos(self) -> Generator[Deferred[Any], Any, tuple[int, list[int]]]:
+        # The newest finished newRepo task names a recent repo; the ones made
+        # since are found by looking at the ids after it.
+        start = yield self._newest_repo()
         pending: list[int] = []
         for _ in range(20):
             ids = list(range(start, start + 50))
@@ -406,12 +421,16 @@ class KojiSource:
                     opts["state"] = _UNFINISHED[stream]
                 add(f"tasks.{stream}", Call("listTasks", (opts, {"order": order,
                                                                  "limit": s.page_size})))
-        repo_ids: list[int] = []
+        new_repos: list[int] = []
+        pending_repos: list[int] = []
+        probe = s.repo_probe
         if s.repos:
             repos = c["repos"]
-            repo_ids = [*range(int(repos["next"]), int(repos["next"]) + s.repo_probe),
-                        *[int(i) for i in repos["pending"]]]
-            for repo_id in repo_ids:
+            probe = min(max(int(repos.get("probe", s.repo_probe)), s.repo_probe),
+                        max(s.repo_probe, s.page_size))
+            new_repos = list(range(int(repos["next"]), int(repos["next"]) + probe))
+            pending_repos = [int(i) for i in repos["pending"]]
+            for repo_id in new_repos + pending_repos:
                 add(f"repo.{repo_id}", Call("repoInfo", (repo_id, kwargs(strict=False))))
 
         answers = [unwrap(a) for a in (yield self._multicall(calls))]
@@ -471,14 +490,15 @@ class KojiSource:
             known: dict[str, int] = dict(state.get("open", {}))
             for build_id, row in sorted(current.items()):
                 new = row.get("state")
-                if not isinstance(new, int):
-                    continue
                 position = (_number(row.get("completion_ts")) or _number(row.get("creation_ts"))
                             or 0.0)
-                key = f"{build_id}:{new}"
+                key = f"{build_id}:{new!r}"
                 if key in seen or position <= floor_ts:
                     continue
                 seen.add(key, position)
+                if not _integer(new):
+                    self._skip("build", f"build {build_id} has the state {new!r}")
+                    continue
                 old = known.pop(str(build_id), None)
                 if new not in FINAL_BUILD_STATES:
                     known[str(build_id)] = new
@@ -505,14 +525,17 @@ class KojiSource:
             known = dict(state.get("open", {}))
             for task_id, row in sorted(tasks.items()):
                 new = row.get("state")
-                if not isinstance(new, int) or not self._wanted(row):
+                if not self._wanted(row):
                     continue
                 position = (_number(row.get("completion_ts")) or _number(row.get("start_ts"))
                             or _number(row.get("create_ts")) or 0.0)
-                key = f"{task_id}:{new}"
+                key = f"{task_id}:{new!r}"
                 if key in seen or position <= floor_ts:
                     continue
                 seen.add(key, position)
+                if not _integer(new):
+                    self._skip("task", f"task {task_id} has the state {new!r}")
+                    continue
                 old = known.pop(str(task_id), None)
                 if new not in FINAL_TASK_STATES:
                     known[str(task_id)] = new
@@ -524,27 +547,62 @@ class KojiSource:
         # -- repos --------------------------------------------------------------
         if s.repos:
             repos = c["repos"]
-            pending = {int(i) for i in repos["pending"]}
-            probe_end = int(repos["next"]) + s.repo_probe
+            pending = set(pending_repos)
+            floor_event = int(c.get("floor_event", 0))
             highest = int(repos["next"]) - 1
-            for repo_id in repo_ids:
+            held = False
+            for repo_id in new_repos:
                 info = answer(f"repo.{repo_id}")
-                is_new = repo_id >= int(repos["next"])
+                if not isinstance(info, dict):
+                    continue
+                made = info.get("create_event")
+                made = made if _integer(made) else None
+                if made is not None and end < made <= last_id:
+                    # Made after the history this poll reads (catching up):
+                    # it comes with its event, in order with the rest.  (An
+                    # event past the hub's last can not be waited for.)
+                    held = True
+                    break
+                highest = repo_id
+                created = _number(info.get("create_ts")) or last_ts
+                if made is not None and made <= floor_event:
+                    # Made before the first start: not published, but its
+                    # end is if it comes later.
+                    if info.get("state") == REPO_INIT:
+                        pending.add(repo_id)
+                    continue
+                events.append((created, 2, "repo.init", info))
+                if info.get("state") == REPO_INIT:
+                    pending.add(repo_id)
+                elif info.get("state") == REPO_READY:
+                    events.append((max(created, last_ts), 3, "repo.done", info))
+            for repo_id in pending_repos:
+                info = answer(f"repo.{repo_id}")
                 if not isinstance(info, dict):
                     pending.discard(repo_id)
                     continue
-                created = _number(info.get("create_ts")) or last_ts
-                if is_new:
-                    highest = max(highest, repo_id)
-                    events.append((created, 2, "repo.init", info))
-                    if info.get("state") == REPO_INIT:
-                        pending.add(repo_id)
-                if info.get("state") == REPO_READY and (is_new or repo_id in pending):
+                if info.get("state") == REPO_READY:
+                    created = _number(info.get("create_ts")) or last_ts
                     events.append((max(created, last_ts), 3, "repo.done", info))
                 if info.get("state") != REPO_INIT:
                     pending.discard(repo_id)
-            if highest == probe_end - 1:
+            # How many ids the next poll looks at.  Every id looked at was a
+            # repo: more are likely waiting (a backfill, a long outage), so
+            # the next poll comes at once and looks twice as far.  Stopped at
+            # a repo made after the history read: about as far as this poll
+            # went, twice over.  At most page_size ids either way.
+            widest = max(s.repo_probe, s.page_size)
+            if held:
+                probe = min(max(s.repo_probe, 2 * (highest - new_repos[0] + 1)), widest)
+            elif highest == new_repos[-1]:
                 more = True
+                probe = min(probe * 2, widest)
+            else:
+                probe = s.repo_probe
+            if probe == s.repo_probe:
+                repos.pop("probe", None)
+            else:
+                repos["probe"] = probe
             repos["next"] = highest + 1
             repos["pending"] = sorted(pending)
 
@@ -658,11 +716,16 @@ class KojiSource:
                 # A row no message can be made of (a broken hub's types, data
                 # JSON can not carry) would fail this poll, and every one
                 # after it, for good: skip it and go on.
-                self.skipped += 1
-                self.log.warn("Skipping a {kind} event of {hub}: {error}", producer=self.name,
-                              kind=kind, hub=self.settings.hub_url,
-                              error=escape_control(f"{type(e).__name__}: {e}", 300))
+                self._skip(kind, f"{type(e).__name__}: {e}")
         return messages
+
+    def _skip(self, kind: str, error: str) -> None:
+        """
+        Count and log an event no message can be made of.
+        """
+        self.skipped += 1
+        self.log.warn("Skipping a {kind} event of {hub}: {error}", producer=self.name,
+                      kind=kind, hub=self.settings.hub_url, error=escape_control(error, 300))
 
     def _message(self, suffix: str, body: dict[str, Any], key: str, summary: str, *,
                  severity: int = INFO, priority: int = 0, users: tuple[Any, ...] = (),
@@ -781,6 +844,14 @@ class KojiSource:
             f"buildsys.{kind}", body, f"{kind}:{info.get('id')}",
             f"Repo {info.get('id')} for {info.get('tag_name')} {what}", severity=DEBUG,
         )
+
+
+def _integer(value: Any) -> TypeGuard[int]:
+    """
+    Whether C{value} is an integer as Koji sends one (a state, an event id:
+    C{INTEGER} columns), not a boolean, a string or nil.
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _state_name(names: tuple[str, ...], state: int | None) -> str | None:
