@@ -867,6 +867,10 @@ class FakeBugzilla:
             if components and not set(bug["component"]) & set(components):
                 continue
             found.append(copy.deepcopy(bug))
+        if params.get("order") != "bug_id":
+            # Bugzilla sorts only when asked to; the database's own order
+            # (PostgreSQL's, say) is anything.
+            found.reverse()
         offset = int(params.get("offset") or 0)
         found = found[offset:]
         if params.get("limit"):

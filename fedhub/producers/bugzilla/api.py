@@ -169,11 +169,14 @@ class BugzillaAPI:
     ) -> Generator[Deferred[Any], Any, list[dict[str, Any]]]:
         """
         Bugs changed at or after C{since} (epoch seconds), by bug id, one
-        page of at most C{limit} from C{offset}.
+        page of at most C{limit} from C{offset}.  The order is asked for:
+        without it Bugzilla sorts nothing, and what the database happens to
+        return (id order on MySQL, anything on PostgreSQL) would make
+        paging by offset skip and repeat bugs.
         """
         params: dict[str, Any] = {
             "last_change_time": from_epoch(since), "limit": limit, "offset": offset,
-            "include_fields": list(fields),
+            "order": "bug_id", "include_fields": list(fields),
         }
         if products:
             params["product"] = list(products)
