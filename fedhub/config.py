@@ -1367,6 +1367,7 @@ class _Validator:
                 ok = ok and valid
                 self.unknown_keys(rest, path, [*schema, *plugin_schema],
                                   f" for plugin {_quote(values['plugin'])}")
+                ok = self.plugin_keys_together(plugin, options, path, valid) and ok
         prefetch = values.get("prefetch")
         if prefetch and isinstance(values.get("concurrency"), int) and prefetch < values["concurrency"]:
             self.report(path + ("prefetch",), f"must be 0 or at least concurrency "
@@ -1411,6 +1412,32 @@ class _Validator:
             installed = ", ".join(_quote(known) for known in e.known) or NO_PLUGINS
             self.report(path, f"unknown {kind} plugin {_quote(name)} (installed: {installed})")
             return None
+
+    def plugin_keys_together(
+        self, plugin: Any, options: Mapping[str, Any], path: _Path, valid: bool
+    ) -> bool:
+        """
+        Ask a plugin with an optional C{check_options(options)} about its
+        keys taken together (one of two needed, say): it returns C{(key,
+        what is wrong)} pairs, reported at the key like any other problem.
+        It is asked even when some keys were refused (C{valid} false), so
+        its problems come with the others; an error it raises then is taken
+        for a consequence of those.  Whether it found nothing.
+        """
+        check = getattr(plugin, "check_options", None)
+        if check is None:
+            return True
+        try:
+            found = list(check(MappingProxyType(options)))
+        except Exception as e:
+            if not valid:
+                return False
+            self.report(path, f"plugin {_quote(str(getattr(plugin, 'name', '?')))} could not check "
+                              f"its keys: {type(e).__name__}: {e}")
+            return False
+        for key, message in found:
+            self.report(path + (str(key),), str(message))
+        return not found
 
     def plugin_schema(self, plugin: Any, name: str, path: _Path) -> Mapping[str, Option] | None:
         """

@@ -318,6 +318,41 @@ class ValidConfigTests(SynchronousTestCase, ProblemsMixin):
             self.assertEqual(self.messages(head + 'spool_dir = "locked/q"\n', base_dir=base),
                              [("consumers[0].spool_dir", f'can not write in "{locked}": permission denied')])
 
+    def test_keys_checked_together(self) -> None:
+        """
+        A plugin's check_options sees its checked keys together and its
+        problems are reported at their keys, with the file's others; one
+        that raises on valid keys is a problem of the component.
+        """
+        seen: list[dict[str, Any]] = []
+
+        def check(options: Mapping[str, Any]) -> list[tuple[str, str]]:
+            seen.append(dict(options))
+            return [] if options["retries"] else [("retries", "must not be 0 without a secret_file")]
+
+        plugin = FakeConsumerPlugin("pair", CONSUMERS["webhook"].options)
+        plugin.check_options = check  # type: ignore[attr-defined]
+
+        def lookup(kind: str, name: str) -> Any:
+            return plugin if name == "pair" else fake_lookup(kind, name)
+
+        head = MEMORY_DOMAIN + '[[consumers]]\nname = "h"\nplugin = "pair"\ndomain = "d"\nurl = "https://h/"\n'
+        config = parse(head, find_plugin=lookup)
+        self.assertEqual(config.consumers[0].options["retries"], 3)
+        self.assertEqual(seen[-1]["retries"], 3)
+        self.assertEqual(self.messages(head + "retries = 0\nbogus = 1\n", find_plugin=lookup), [
+            ("consumers[0].retries", "must not be 0 without a secret_file"),
+            ("consumers[0].bogus", 'unknown key for plugin "pair"'),
+        ])
+
+        def broken(options: Mapping[str, Any]) -> list[tuple[str, str]]:
+            raise KeyError("x")
+
+        plugin.check_options = broken  # type: ignore[attr-defined]
+        self.assertEqual(self.messages(head, find_plugin=lookup), [
+            ("consumers[0]", 'plugin "pair" could not check its keys: KeyError: \'x\''),
+        ])
+
     def test_minimal_file(self) -> None:
         """
         The minimal sample file loads.

@@ -373,6 +373,17 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(list(problems), ["producers[0].initial_cursor"])
         self.assertIn("initial_method", problems["producers[0].initial_cursor"])
 
+    def test_no_start_reported_with_the_others(self) -> None:
+        """
+        The missing start is found while the file is checked, with the
+        file's other problems and the line of its table, not only once they
+        are fixed.
+        """
+        error = self.assertRaises(ConfigError, self.parse, 'topic = "t"\ninterval = 0')
+        found = {p.path: p for p in error.problems}
+        self.assertEqual(sorted(found), ["producers[0].initial_cursor", "producers[0].interval"])
+        self.assertIsNotNone(found["producers[0].initial_cursor"].line)
+
     def test_no_start_without_a_component(self) -> None:
         """Built outside a configuration, the problem is named by the bare key."""
         options = {**example_options(), "initial_method": None}

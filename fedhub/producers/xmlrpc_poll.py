@@ -653,6 +653,16 @@ class XMLRPCPollPlugin:
         **poller_options(60.0),
     }
 
+    def check_options(self, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """
+        The checks of keys taken together, which a configuration asks for
+        with the others (see L{fedhub.config}): where the first start
+        begins must be given one way.
+        """
+        if options.get("initial_cursor") is None and options.get("initial_method") is None:
+            return [("initial_cursor", _NO_START)]
+        return []
+
     def build(self, context: Any) -> PollingService:
         """
         A polling service for the configured method.  No I/O happens here.
@@ -661,9 +671,10 @@ class XMLRPCPollPlugin:
             (a check of two keys, which options can not make one by one).
         """
         o = context.options
-        if o.get("initial_cursor") is None and o.get("initial_method") is None:
+        problems = self.check_options(o)
+        if problems:
             where = context.component.path if context.component is not None else "options"
-            raise ConfigError([ConfigProblem(f"{where}.initial_cursor", _NO_START)])
+            raise ConfigError([ConfigProblem(f"{where}.{key}", text) for key, text in problems])
         client = XMLRPCClient(o["url"], context.reactor, **client_settings(o))
         source = XMLRPCSource(
             context.name, client, context.topic, method=o["method"],
