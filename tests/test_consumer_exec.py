@@ -9,6 +9,7 @@ the bound on runs at once, coalescing and stopping.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -16,15 +17,16 @@ import sys
 import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from fedhub.consumers import exec as exec_module
 from fedhub.consumers.exec import (
     ExecHandler,
     ExecPlugin,
@@ -32,6 +34,7 @@ from fedhub.consumers.exec import (
     TemplateField,
     parse_template,
     render_template,
+    session_processes,
 )
 from fedhub.errors import ConfigError
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
@@ -160,6 +163,123 @@ class OptionTests(SynchronousTestCase):
         harness.handler.start()
 
 
+class SessionTests(SynchronousTestCase):
+    """
+    Finding the processes of a session in a C{/proc}-like tree.
+    """
+
+    def proc(self, stats: Mapping[str, bytes], me: int | None = None) -> str:
+        """
+        A directory holding C{NAME/stat} for each name and content given,
+        and C{self} naming this process (or C{me}), as C{/proc} does.
+        """
+        root = Path(self.mktemp())
+        root.mkdir()
+        for name, content in stats.items():
+            (root / name).mkdir()
+            (root / name / "stat").write_bytes(content)
+        (root / "self").symlink_to(str(os.getpid() if me is None else me))
+        return str(root)
+
+    def test_members(self) -> None:
+        """Processes whose session (field 6) matches are found, whatever their command name holds; zombies and others are not."""
+        root = self.proc({
+            "100": b"100 (sh) S 1 100 100 0 -1 4194560 0 0\n",
+            # A command name may hold spaces, parentheses and digits.
+            "101": b"101 (a) 7 S 1 100 (x) R 100 555 100 0 -1 0\n",
+            "102": b"102 (gone) Z 100 100 100 0 -1 0\n",
+            "103": b"103 (other) S 1 103 103 0 -1 0\n",
+            "104": b"104 (x) S 1 100 1000 0 -1 0\n",
+            "105": b"nonsense",
+            "106": b"106 (short) S 1",
+            "thread-self": b"100 (sh) S 1 100 100 0 -1 0\n",
+        })
+        (Path(root) / "107").mkdir()
+        self.assertEqual(session_processes(100, root), {100, 101})
+        self.assertEqual(session_processes(103, root), {103})
+        self.assertEqual(session_processes(999, root), set())
+        self.assertEqual(session_processes(1000, root), {104})
+
+    def test_no_proc(self) -> None:
+        """Without a readable /proc, None says the session can not be listed."""
+        self.assertIsNone(session_processes(1, str(Path(self.mktemp()) / "none")))
+
+    def test_other_namespace(self) -> None:
+        """A /proc whose self is another process (another pid namespace) is not used."""
+        root = self.proc({"100": b"100 (sh) S 1 100 100 0 -1 0\n"}, me=os.getpid() + 1)
+        self.assertIsNone(session_processes(100, root))
+        self.assertEqual(session_processes(100, self.proc({"100": b"100 (sh) S 1 100 100\n"})),
+                         {100})
+
+    def test_this_process(self) -> None:
+        """On the real /proc, this process is in its own session's list."""
+        found = session_processes(os.getsid(0))
+        if found is None:
+            raise self.skipTest("no /proc")
+        self.assertIn(os.getpid(), found)
+
+
+class SpawnErrorTests(SynchronousTestCase):
+    """
+    A command that can not be spawned: retried when a later attempt may
+    succeed, dead-lettered when it never can for that message.
+    """
+
+    def settle(self, number: int, **options: Any) -> Settled:
+        harness = ConsumerHarness(ExecPlugin(), {"command": ["/bin/true"], **options})
+        harness.start()
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        handler.reactor = FailingReactor(harness.clock, number)
+        settled = self.successResultOf(harness.deliver(sample()))
+        self.assertEqual(handler.runs, 0)
+        self.successResultOf(harness.stop())
+        return settled
+
+    def test_transient_errors_retry(self) -> None:
+        """Out of processes, memory or file descriptors: the message is retried."""
+        for number in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+            settled = self.settle(number)
+            self.assertEqual(settled.outcome, "retried", errno.errorcode[number])
+            self.assertIn(os.strerror(number), settled.reason or "")
+
+    def test_too_long_dead_letters(self) -> None:
+        """Arguments and environment too long (E2BIG) never fit: dead-lettered at once."""
+        settled = self.settle(errno.E2BIG)
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("Argument list too long", settled.reason or "")
+
+    def test_too_long_dead_letters_batch(self) -> None:
+        """A coalesced batch whose run is too long dead-letters every message of it."""
+        harness = ConsumerHarness(ExecPlugin(), {"command": ["/bin/true"], "coalesce": 1.0},
+                                  concurrency=5)
+        harness.start()
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        handler.reactor = FailingReactor(harness.clock, errno.E2BIG)
+        waiting = [harness.deliver(sample()) for _ in range(3)]
+        harness.advance(1.0)
+        settled = [self.successResultOf(d) for d in waiting]
+        self.assertEqual([s.outcome for s in settled], ["dead_lettered"] * 3)
+        self.successResultOf(harness.stop())
+
+
+class FailingReactor:
+    """
+    A L{Clock} whose C{spawnProcess} fails with C{OSError(number)}.
+    """
+
+    def __init__(self, clock: Clock, number: int) -> None:
+        self.clock = clock
+        self.number = number
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(self.number, os.strerror(self.number))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.clock, name)
+
+
 class RunTests(TestCase):
     """
     Real runs on the real reactor.
@@ -183,6 +303,16 @@ class RunTests(TestCase):
         path = Path(self.mktemp()).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(name)
+
+    def logged(self) -> list[dict[str, Any]]:
+        """
+        The events logged from now on, until the test ends.
+        """
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
 
     @inlineCallbacks
     def wait_for(self, condition: Callable[[], bool], limit: float = 20.0) -> Any:
@@ -383,9 +513,7 @@ class RunTests(TestCase):
         """Processes a command leaves in its group get SIGTERM when it exits, with a warning; its status decides."""
         pids = self.out("pids")
         self.reap_later(pids)
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.logged()
         harness = self.harness({"kill_grace": 1.0, "command": script("""
             import subprocess, sys
             child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
@@ -441,6 +569,106 @@ class RunTests(TestCase):
         settled: Settled = yield harness.deliver(sample())
         self.assertEqual(settled.outcome, "acked")
         yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
+
+    @inlineCallbacks
+    def test_timeout_reaches_other_process_groups(self) -> Any:
+        """A timeout reaches a child that made its own process group, as long as it stays in the run's session."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        harness = self.harness({"timeout": 1.0, "kill_grace": 0.5, "command": script("""
+            import subprocess, sys, time
+            child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],
+                                     process_group=0)
+            open(sys.argv[1], 'w').write(str(child.pid))
+            time.sleep(60)
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("timed out", settled.reason or "")
+        yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
+
+    @inlineCallbacks
+    def test_leftovers_in_other_groups_terminated_after_exit(self) -> Any:
+        """A child in a process group of its own, left when the command exits, gets SIGTERM with a warning."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        events = self.logged()
+        harness = self.harness({"kill_grace": 30, "command": script("""
+            import subprocess, sys
+            child = subprocess.Popen(
+                [sys.executable, '-c', 'import time; time.sleep(60)'], process_group=0,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            open(sys.argv[1], 'w').write(str(child.pid))
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        # The run ended once the child was gone, long before kill_grace.
+        self.assertFalse(alive(int(pids.read_text())))
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn
+                    and "leaving processes" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+
+    @inlineCallbacks
+    def test_leftover_group_holding_pipes(self) -> Any:
+        """A child in a process group of its own that holds the output pipes gets SIGTERM when the command exits; the run then ends."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        harness = self.harness({"kill_grace": 3, "command": script("""
+            import subprocess, sys
+            child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],
+                                     process_group=0)
+            open(sys.argv[1], 'w').write(str(child.pid))
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        self.assertFalse(alive(int(pids.read_text())))
+
+    @inlineCallbacks
+    def test_own_session_outlives_run(self) -> Any:
+        """A child that starts its own session (a daemon) is left alone, without a warning."""
+        pids = self.out("pids")
+        self.reap_later(pids)
+        events = self.logged()
+        harness = self.harness({"kill_grace": 0.2, "command": script("""
+            import subprocess, sys
+            child = subprocess.Popen(
+                [sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            open(sys.argv[1], 'w').write(str(child.pid))
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        yield deferLater(reactor, 0.4, lambda: None)
+        self.assertTrue(alive(int(pids.read_text())))
+        self.assertEqual([e for e in events if "leaving processes" in e.get("log_format", "")],
+                         [])
+
+    @inlineCallbacks
+    def test_without_proc_process_group_still_reached(self) -> Any:
+        """Where /proc can not be read, a timeout still reaches the run's process group."""
+        self.patch(exec_module, "PROC", str(Path(self.mktemp()) / "no-proc"))
+        pids = self.out("pids")
+        self.reap_later(pids)
+        harness = self.harness({"timeout": 1.0, "kill_grace": 0.5, "command": script("""
+            import subprocess, sys, time
+            child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+            open(sys.argv[1], 'w').write(str(child.pid))
+            time.sleep(60)
+        """) + [str(pids)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "dead_lettered")
+        yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
+
+    @inlineCallbacks
+    def test_argument_list_too_long_dead_letters(self) -> Any:
+        """An argument too long for the system dead-letters the message at once, nothing runs."""
+        harness = self.harness({"command": ["/bin/true", "{body[a]}"]})
+        settled: Settled = yield harness.deliver(Message.create(TOPIC, {"a": "x" * 200_000}))
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("Argument list too long", settled.reason or "")
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        self.assertEqual(handler.runs, 0)
 
     @inlineCallbacks
     def test_max_running(self) -> Any:
@@ -605,7 +833,7 @@ class RunTests(TestCase):
             "import sys, shutil; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
         ) + [str(out)]}, concurrency=5)
         odd = from_amqp(TOPIC, {"headers": {"\udcffname": True}}, b'{"n": 1}')
-        settled = []
+        settled: list[Settled] = []
         for message in (odd, sample()):
             harness.deliver(message).addCallback(settled.append)
         yield self.wait_for(lambda: len(settled) == 2, limit=10.0)

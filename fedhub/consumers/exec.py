@@ -21,32 +21,39 @@ Each run is started in its own session (so its own process group) by a tiny
 launcher, C{sys.executable -I -S -c ...}, that calls C{setsid()}, puts
 back the default actions of C{SIGPIPE} and C{SIGXFSZ} (which the interpreter
 ignores) and then C{execvp()}s the command; Twisted's C{spawnProcess} has no
-such option.  A run that passes C{timeout} gets C{SIGTERM} sent to its whole
-process group, then C{SIGKILL} after C{kill_grace} seconds.  When the
-command exits, whatever it left in its process group gets the same
-treatment, and the run ends once they are gone; its verdict is the
-command's own exit status.
+such option.  A run that passes C{timeout} gets C{SIGTERM} sent to every
+process of its session (process groups a command made within it included;
+where C{/proc} can not be read, to its process group only), then C{SIGKILL}
+after C{kill_grace} seconds.  When the command exits, whatever it left in
+its session gets the same treatment, and the run ends once they are gone;
+its verdict is the command's own exit status.  A process that started a
+session of its own is out of reach: that is how a daemon outlives a run.
+When the hub stops, runs still going get C{SIGTERM}, and C{SIGKILL} at the
+latest when the consumer stops waiting for them.
 
 Verdicts: exit status 0 acknowledges; a status in C{retry_codes} (default
 75, C{EX_TEMPFAIL}) is a L{Retry}; any other status, a signal, a timeout or
 a program that can not be started is a L{DeadLetter} whose reason has the
-status and the last lines of standard error.  At most C{max_output} bytes of
+status and the last lines of standard error.  A run that can not even be
+spawned is a L{Retry}, unless its arguments and environment are too long
+(L{SPAWN_NEVER_ERRORS}): a L{DeadLetter} then.  At most C{max_output} bytes of
 each output stream are kept (the last ones); the rest is read and discarded,
 so a chatty command never blocks on a full pipe.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
@@ -71,6 +78,7 @@ __all__ = [
     "TemplateField",
     "parse_template",
     "render_template",
+    "session_processes",
 ]
 
 #: Exit status of a command that asks to be run again later (C{EX_TEMPFAIL}).
@@ -90,7 +98,7 @@ REASON_LINES = 10
 LEFTOVER_POLL = 0.05
 
 #: Runs the command in a new session (its own process group), so that a
-#: timeout can signal everything it started.  Exit statuses 126 and 127 are
+#: timeout can signal everything it started (see L{session_processes}).  Exit statuses 126 and 127 are
 #: the shell's for "not executable" and "not found".
 LAUNCHER = (
     "import os, signal, sys\n"
@@ -107,6 +115,21 @@ LAUNCHER = (
     "    sys.stderr.flush()\n"
     "    os._exit(127 if isinstance(e, FileNotFoundError) else 126)\n"
 )
+
+#: Where the kernel lists processes (Linux); without it a run is reached
+#: through its process group alone.
+PROC = "/proc"
+
+#: At most how many times a run's session is listed to signal it: each
+#: listing after the first finds what was forked while signalling.
+SCAN_ROUNDS = 5
+
+#: Errors of starting a run that no later attempt for the same message can
+#: avoid: the arguments and environment (both made from the message) are
+#: too long (C{E2BIG}), for all of them or for one argument.  Its messages
+#: are dead-lettered at once; any other error starting a run (C{EAGAIN},
+#: C{ENOMEM}, C{EMFILE}, ...: none comes from the message) is a L{Retry}.
+SPAWN_NEVER_ERRORS = frozenset({errno.E2BIG})
 
 #: The message fields a template may name; C{body} and C{headers} take keys.
 TEMPLATE_ROOTS = frozenset({"topic", "id", "schema", "severity", "priority", "body", "headers"})
@@ -330,7 +353,7 @@ class ExecSettings:
     @ivar env: Extra environment variables.
     @ivar pass_env: Variables taken from the hub's environment.
     @ivar cwd: The working directory, or C{None} for the hub's.
-    @ivar timeout: Seconds a run may take before its process group is
+    @ivar timeout: Seconds a run may take before its processes are
         signalled.
     @ivar kill_grace: Seconds between C{SIGTERM} and C{SIGKILL}.
     @ivar max_running: Runs at once, across messages.
@@ -383,6 +406,64 @@ class ExecSettings:
 # --- running one command ----------------------------------------------------
 
 
+def session_processes(
+    session: int, proc: str | None = None, among: Iterable[int] | None = None
+) -> set[int] | None:
+    """
+    The live processes of a session, from C{/proc/PID/stat} (Linux): those
+    whose session id (its sixth field) is C{session}, zombies left out.
+
+    @param proc: Where processes are listed; by default L{PROC}.
+    @param among: Look only at these process ids rather than at all.
+    @return: Their process ids, or C{None} when processes can not be listed
+        there: no C{/proc}, or one whose C{self} is not this process (that
+        of another pid namespace, whose numbers mean other processes).
+    """
+    root = PROC if proc is None else proc
+    names: Iterable[str]
+    if among is None:
+        try:
+            if os.readlink(os.path.join(root, "self")) != str(os.getpid()):
+                return None
+            names = os.listdir(root)
+        except OSError:
+            return None
+    else:
+        names = [str(pid) for pid in among]
+    found: set[int] = set()
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(os.path.join(root, name, "stat"), os.O_RDONLY)
+        except OSError:
+            # It ended meanwhile.
+            continue
+        try:
+            # The fields looked at come well within the first bytes.
+            stat = os.read(fd, 512)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        # The command name (field 2) is in parentheses and may hold any
+        # character, parentheses and spaces included: the fields after it
+        # start after the last ')'.
+        end = stat.rfind(b")")
+        if end < 0:
+            continue
+        # state, ppid, pgrp, session, then the rest
+        fields = stat[end + 1 :].split(None, 4)
+        if len(fields) < 4 or fields[0] in (b"Z", b"X", b"x"):
+            continue
+        try:
+            if int(fields[3]) == session:
+                found.add(int(name))
+        except ValueError:
+            continue
+    return found
+
+
 class _Tail:
     """
     The last C{limit} bytes of a stream, and how many bytes it had.
@@ -416,8 +497,8 @@ class RunResult:
     @ivar stderr: The last bytes of its standard error.
     @ivar stdout_truncated: Whether earlier output was discarded.
     @ivar stderr_truncated: Likewise for standard error.
-    @ivar left_processes: Whether it exited leaving processes in its process
-        group, which were then terminated.
+    @ivar left_processes: Whether it exited leaving processes in its
+        session, which were then terminated.
     """
 
     exit_code: int | None
@@ -512,6 +593,8 @@ class _Run:
         self.main_exited = False
         self.left_processes = False
         self._killed = False
+        # The processes of its session seen alive last.
+        self._members: set[int] = set()
         self._reason: Failure | None = None
         self._timers: list[IDelayedCall] = []
         self._waiting: list[Deferred[None]] = []
@@ -546,35 +629,55 @@ class _Run:
         self._timers = [t for t in self._timers if t.active()]
         self._timers.append(self.reactor.callLater(delay, fn))
 
+    def _reach(self, number: int) -> bool:
+        """
+        Send signal C{number} to every process of the run's session (where
+        processes can be listed, see L{session_processes}), else to its
+        process group: whether any process was there.
+
+        The session is listed again after signalling, to reach processes
+        forked meanwhile, until a listing finds no new one (at most
+        L{SCAN_ROUNDS} listings).  A process that started a session of its
+        own is not reached: that is how a daemon outlives a run.
+        """
+        if self.pgid is None:
+            return False
+        session = self.pgid
+        found = session_processes(session)
+        if found is None:
+            try:
+                os.killpg(self.pgid, number)
+            except OSError:
+                return False
+            return True
+        signalled: set[int] = set()
+        for _ in range(SCAN_ROUNDS):
+            new = found - signalled
+            if not new:
+                break
+            for pid in new:
+                try:
+                    os.kill(pid, number)
+                except OSError:
+                    # It ended since the listing.
+                    pass
+            signalled |= new
+            found = session_processes(session) or set()
+        self._members = found
+        return bool(signalled)
+
     def _signal(self, number: int) -> None:
         if self.finished:
             return
-        if self.pgid is not None:
-            try:
-                os.killpg(self.pgid, number)
-                return
-            except OSError:
-                # The launcher has not made its group yet: signal the
-                # process alone.
-                pass
+        if self._reach(number):
+            return
+        # The launcher has not made its session yet (or the command is
+        # gone): signal the process alone.
         try:
             self.transport.signalProcess(number)
         except Exception:
             # It is gone already (ProcessExitedAlready).
             pass
-
-    def _signal_group(self, number: int) -> bool:
-        """
-        Signal the process group alone (never a lone process: the command
-        itself is gone); whether any process was left in it.
-        """
-        if self.finished or self.pgid is None:
-            return False
-        try:
-            os.killpg(self.pgid, number)
-        except OSError:
-            return False
-        return True
 
     def _expire(self) -> None:
         if self.main_exited:
@@ -587,13 +690,26 @@ class _Run:
 
     def terminate(self) -> None:
         """
-        C{SIGTERM} to the process group now, C{SIGKILL} after the grace
+        C{SIGTERM} to the run's processes now, C{SIGKILL} after the grace
         period.
         """
         if self.finished:
             return
         self._signal(signal.SIGTERM)
         self._later(self.settings.kill_grace, self._kill)
+
+    def kill(self) -> None:
+        """
+        C{SIGKILL} to the run's processes now, without a grace period; the
+        run ends once the command's end is reported (its output pipes are
+        closed for it, should processes out of reach hold them).
+        """
+        if self.finished:
+            return
+        self._signal(signal.SIGKILL)
+        self._killed = True
+        # Never ends the run from here: the caller may be tearing down.
+        self._close_pipes()
 
     def _kill(self) -> None:
         self._signal(signal.SIGKILL)
@@ -612,23 +728,42 @@ class _Run:
 
     def exited(self) -> None:
         """
-        The process exited.  Whatever it left in its process group gets
+        The process exited.  Whatever it left in its session gets
         C{SIGTERM} now and C{SIGKILL} after the grace period (when its
         output pipes, which those processes may hold, are closed too), so
         that nothing a run started outlives it.
         """
         self.main_exited = True
-        if self._signal_group(signal.SIGTERM) and not self.timed_out:
+        if self._reach(signal.SIGTERM) and not self.timed_out:
             self.left_processes = True
         self._later(self.settings.kill_grace, self._kill)
 
-    def _group_alive(self) -> bool:
-        return self._signal_group(0)
+    def _leftovers_alive(self) -> bool:
+        """
+        Whether processes of the run are left.  Those seen last are looked
+        at first (a few files); only when they are gone is the whole
+        session listed again, for processes they forked meanwhile.
+        """
+        if self.pgid is None:
+            return False
+        if self._members:
+            self._members = session_processes(self.pgid, among=self._members) or set()
+            if self._members:
+                return True
+        found = session_processes(self.pgid)
+        if found is None:
+            try:
+                os.killpg(self.pgid, 0)
+            except OSError:
+                return False
+            return True
+        self._members = found
+        return bool(found)
 
     def ended(self, reason: Failure) -> None:
         """
         The process exited and its pipes are closed: report the result once
-        nothing is left of its process group (or all of it got C{SIGKILL}).
+        nothing is left of its session (or all of it got C{SIGKILL}).
         """
         if self.finished:
             return
@@ -638,7 +773,7 @@ class _Run:
     def _await_group(self) -> None:
         if self.finished:
             return
-        if self._killed or not self._group_alive():
+        if self._killed or not self._leftovers_alive():
             self._finish()
         else:
             self._later(LEFTOVER_POLL, self._await_group)
@@ -681,6 +816,13 @@ class _Run:
 
 
 # --- the handler --------------------------------------------------------------
+
+
+def _encoded_size(text: str) -> int:
+    """
+    About how many bytes C{text} takes as an argument or variable.
+    """
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _serialized(messages: Sequence[Message]) -> bytes:
@@ -774,18 +916,56 @@ class ExecHandler:
         for them to end.  Messages of those runs, and of a batch that never
         ran, are left unsettled: the runner gave up on them before calling
         this, and they went back to the queue.
+
+        @return: A Deferred that fires once every run ended.  Cancelling it
+            (as the runner does when it stops waiting) sends C{SIGKILL} at
+            once to whatever every remaining run started, and fails it with
+            C{CancelledError}, so that nothing outlives the hub.
         """
         self._stopping = True
         if self._batch is not None:
             if self._batch.timer is not None and self._batch.timer.active():
                 self._batch.timer.cancel()
             self._batch = None
-        waits: list[Deferred[None]] = []
-        for run in list(self._running):
-            waits.append(run.wait())
+        runs = list(self._running)
+        if not runs:
+            return succeed(None)
+        waits = [run.wait() for run in runs]
+        for run in runs:
             run.terminate()
-        gathered = gatherResults(waits, consumeErrors=True)
-        return gathered.addBoth(lambda _: None)
+        cancelled: list[bool] = []
+
+        def kill(stopped: Deferred[None]) -> None:
+            # Called before the Deferred fails with CancelledError: the
+            # signals are sent before the hub goes on stopping.
+            cancelled.append(True)
+            going = [run for run in self._running if not run.finished]
+            for run in going:
+                run.kill()
+            if going:
+                self.log.warn(
+                    "Consumer {consumer}: sent SIGKILL to {count} run(s) of {program} still "
+                    "going when its stop timed out",
+                    consumer=self.name,
+                    count=len(going),
+                    program=self.settings.program,
+                )
+
+        stopped: Deferred[None] = Deferred(kill)
+
+        def ended(_: object) -> None:
+            if not cancelled and not stopped.called:
+                stopped.callback(None)
+
+        gatherResults(waits, consumeErrors=True).addBoth(ended)
+        return stopped
+
+    @property
+    def running(self) -> int:
+        """
+        How many runs are going (started, and not yet ended).
+        """
+        return sum(1 for run in self._running if not run.finished)
 
     # messages
 
@@ -831,7 +1011,16 @@ class ExecHandler:
         try:
             done = run.start()
         except OSError as e:
-            raise Retry(f"can not start {self.settings.program!r}: {e.strerror or e}") from None
+            reason = f"can not start {self.settings.program!r}: {e.strerror or e}"
+            if e.errno in SPAWN_NEVER_ERRORS:
+                # Running this message again can not help.
+                size = sum(_encoded_size(item) + 1 for item in argv)
+                size += sum(_encoded_size(f"{k}={v}") + 1 for k, v in env.items())
+                raise DeadLetter(
+                    f"{reason} (arguments and environment: about {size} bytes)"
+                ) from None
+            # Out of processes, memory or file descriptors: that may pass.
+            raise Retry(reason) from None
         self.runs += 1
         self._running.add(run)
         newest = messages[-1]
@@ -866,9 +1055,9 @@ class ExecHandler:
         }
         if result.left_processes:
             self.log.warn(
-                "Consumer {consumer}: {program} exited leaving processes in its process "
-                "group; they were terminated (a process meant to outlive a run must start "
-                "its own session)",
+                "Consumer {consumer}: {program} exited leaving processes in its session; "
+                "they were terminated (a process meant to outlive a run must start its "
+                "own session)",
                 **fields,
             )
         if result.exit_code == 0 and result.signal is None and not result.timed_out:
