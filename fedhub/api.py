@@ -56,7 +56,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    TimeoutError as DeferredTimeout,
+    fail,
+    maybeDeferred,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -359,8 +365,8 @@ class Client:
         Close every connection.  Each one first waits for the confirms of the
         messages already sent (at most its confirm timeout: the client's
         C{timeout} when the connection opened, or L{DEFAULT_TIMEOUT} if longer),
-        then closes (a few more seconds at most); the connections close one
-        after another.  Messages not sent yet fail at once with
+        then closes (a few more seconds at most); the connections close at
+        the same time.  Messages not sent yet fail at once with
         L{NotConnected}, and so do those whose confirm had not come when
         their connection closed.  Later calls of L{publish} fail with
         L{NotConnected}.
@@ -378,7 +384,7 @@ class Client:
             return fail(error)
         if self._closing is None:
             buses, self._buses = list(self._buses.values()), {}
-            self._closing = Deferred.fromCoroutine(self._close(buses))
+            self._closing = self._close(buses)
         waiter: Deferred[None] = Deferred()
 
         def closed(result: object) -> object:
@@ -389,12 +395,13 @@ class Client:
         return _at_most(waiter, timeout, self._reactor)
 
     @staticmethod
-    async def _close(buses: list[Any]) -> None:
-        for bus in buses:
-            try:
-                await bus.stopService()
-            except Exception:
-                pass
+    def _close(buses: list[Any]) -> Deferred[None]:
+        """
+        Stop every bus at once; fires when the last has stopped, whether
+        its stop succeeded or not.
+        """
+        stops = [maybeDeferred(bus.stopService) for bus in buses]
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
 
 # --- module-level functions ------------------------------------------------
@@ -470,8 +477,8 @@ def close(timeout: float | None = None, *, reactor: Any = None) -> Deferred[None
     Close every connection L{publish} opened, as L{Client.close} does: after
     the confirms of the messages already sent (each connection waits at most
     its confirm timeout, L{publish}'s C{timeout} when it connected or
-    L{DEFAULT_TIMEOUT} if longer, then a few seconds to close), one
-    connection after another.  Later calls of L{publish} connect again.
+    L{DEFAULT_TIMEOUT} if longer, then a few seconds to close), the
+    connections closing at the same time.  Later calls of L{publish} connect again.
 
     @param timeout: Seconds to wait at most, for all the connections
         together; C{None} to wait however long their limits allow.  When it
@@ -492,11 +499,8 @@ def close(timeout: float | None = None, *, reactor: Any = None) -> Deferred[None
     clients = [client for _, _, client in _clients]
     del _clients[:]
 
-    async def close_all() -> None:
-        for client in clients:
-            await client.close()
-
-    return _at_most(Deferred.fromCoroutine(close_all()), timeout, reactor)
+    closing = DeferredList([client.close() for client in clients], consumeErrors=True)
+    return _at_most(closing.addCallback(lambda _: None), timeout, reactor)
 
 
 # --- the blocking wrapper ----------------------------------------------------

@@ -245,17 +245,29 @@ class CloseTimeoutTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(d))
 
     def test_client_close_bounds_all_buses(self) -> None:
-        """The timeout bounds the whole close, not each bus: buses stop one after another."""
+        """The timeout bounds the whole close: the buses stop at the same time, each waiting for its confirms."""
         clock = Clock()
         first, second = StoppingBus(), StoppingBus()
         client = self.client(clock, first, second)
         d = client.close(timeout=5)
+        self.assertEqual((len(first.stopping), len(second.stopping)), (1, 1))
         clock.advance(3)
         first.stopping[0].callback(None)
-        self.assertEqual(len(second.stopping), 1)
+        self.assertNoResult(d)
         clock.advance(2)
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_client_close_waits_for_every_bus(self) -> None:
+        """Without a timeout, close fires once the last bus stopped, whichever order they stop in; a failing stop does not stop it."""
+        clock = Clock()
+        first, second = StoppingBus(), StoppingBus()
+        client = self.client(clock, first, second)
+        d = client.close()
+        second.stopping[0].callback(None)
+        self.assertNoResult(d)
+        first.stopping[0].errback(RuntimeError("broken"))
+        self.assertIsNone(self.successResultOf(d))
 
     def test_client_close_in_time(self) -> None:
         """A close that ends before its timeout fires then and leaves no timer."""
