@@ -540,6 +540,88 @@ class SourceTests(SourceTestBase):
                           for m in third.messages],
                          [(bad_build, None, COMPLETE), (good, BUILDING, COMPLETE)])
 
+    def test_tag_event_of_wrong_type_skipped(self) -> None:
+        """A tag history row whose event is not an integer is skipped, warned and counted once."""
+        logged: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, logged.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        # The hub's answers with an event id (the original) replaced.
+        broken: dict[int, tuple[str, Any]] = {}
+        real = self.koji.queryHistory
+
+        def query_history(*args: Any, **kw: Any) -> dict[str, Any]:
+            result = real(*args, **kw)
+            for row in result["tag_listing"]:
+                for field in ("create_event", "revoke_event"):
+                    if row[field] in broken and broken[row[field]][0] == field:
+                        row[field] = broken[row[field]][1]
+            return result
+
+        self.koji.server.handlers["queryHistory"] = query_history
+        source = self.source(builds=False, tasks="none", repos=False)
+        # Before the first start: read again by the overlap, never published, not warned of.
+        broken[self.koji.tag_build(574, "f24")] = ("create_event", "early")
+        cursor = self.start(source)
+        broken[self.koji.tag_build(574, "f33-build")] = ("create_event", str(self.koji.last_event))
+        broken[self.koji.tag_build(574, "destination")] = ("create_event", True)
+        broken[self.koji.tag_build(574, "epel8-signing-pending")] = ("create_event", None)
+        self.koji.tag_build(574, "f31-updates-pending")
+        broken[self.koji.untag_build(574, "f31-updates-pending")] = ("revoke_event", "later")
+        self.koji.untag_build(574, "f24")
+        first = self.poll(source, cursor)
+        self.assertEqual([(suffixes([m])[0], m.body["tag"]) for m in first.messages],
+                         [("buildsys.tag", "f31-updates-pending"), ("buildsys.untag", "f24")])
+        self.assertEqual(source.skipped, 4)
+        # Read again within the overlap: neither warned nor counted again.
+        self.koji.event()
+        second = self.poll(source, first.cursor)
+        self.assertEqual(second.messages, [])
+        self.assertEqual(source.skipped, 4)
+        warnings = [formatEvent(e) for e in logged
+                    if e.get("log_level") == LogLevel.warn and e.get("producer") == "koji"]
+        self.assertEqual(sorted(w.split(" event ")[0] for w in warnings),
+                         ["Skipping a tag", "Skipping a tag", "Skipping a tag",
+                          "Skipping a untag"])
+        self.assertTrue(any("'later'" in w and "f31-updates-pending" in w for w in warnings),
+                        warnings)
+        # What the cursor keeps of them is an event position, as for any other row.
+        self.assertTrue(all(isinstance(v, (int, float)) for v in
+                            second.cursor["history_seen"].values()))
+
+    def test_repo_state_of_wrong_type_skipped(self) -> None:
+        """A repo whose state is not an integer has its repo.done skipped, warned and counted once."""
+        logged: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, logged.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        source = self.source(builds=False, tasks="none")
+        cursor = self.start(source)
+        text = self.koji.new_repo("f24")
+        self.koji.repos[text]["state"] = "1"
+        flag = self.koji.new_repo("f33-build")
+        self.koji.repos[flag]["state"] = True  # == REPO_READY, yet no state
+        making = self.koji.new_repo("destination")
+        first = self.poll(source, cursor)
+        self.assertEqual([(suffixes([m])[0], m.body["repo_id"]) for m in first.messages],
+                         [("buildsys.repo.init", text), ("buildsys.repo.init", flag),
+                          ("buildsys.repo.init", making)])
+        self.assertEqual(source.skipped, 2)
+        self.assertEqual(first.cursor["repos"]["pending"], [making])
+        # A repo being made whose state turns into a wrong type: skipped once.
+        self.koji.repos[making]["state"] = None
+        second = self.poll(source, first.cursor)
+        third = self.poll(source, second.cursor)
+        self.assertEqual(second.messages + third.messages, [])
+        self.assertEqual(source.skipped, 3)
+        self.assertEqual(third.cursor["repos"], {"next": making + 1, "pending": []})
+        warnings = [formatEvent(e) for e in logged
+                    if e.get("log_level") == LogLevel.warn and e.get("producer") == "koji"]
+        self.assertEqual([w.split(" event ")[0] for w in warnings],
+                         ["Skipping a repo.done"] * 3)
+        self.assertTrue(any("'1'" in w and f"repo {text}" in w for w in warnings), warnings)
+        self.assertTrue(any("None" in w and f"repo {making}" in w for w in warnings), warnings)
+
     def test_event_without_a_usable_time(self) -> None:
         """An event whose time is not a number fails the poll with a KojiError naming it."""
         source = self.source()

@@ -456,12 +456,17 @@ class KojiSource:
             history = answer("history")
             if not isinstance(history, dict):
                 raise KojiError(f"queryHistory answered {type(history).__name__}, not a struct")
+            low = max(0, start - s.event_overlap, int(c.get("floor_event", 0)))
             for row in self._rows(history.get("tag_listing", []), "queryHistory"):
                 created, revoked = row.get("create_event"), row.get("revoke_event")
-                low = max(0, start - s.event_overlap, int(c.get("floor_event", 0)))
                 for op, event_id, ts in (("tag", created, row.get("create_ts")),
                                          ("untag", revoked, row.get("revoke_ts"))):
-                    if not isinstance(event_id, int) or not low < event_id <= end:
+                    if op == "untag" and revoked is None:
+                        continue  # still tagged
+                    if not _integer(event_id):
+                        self._skip_history(history_seen, op, row, event_id, ts, end, floor_ts)
+                        continue
+                    if not low < event_id <= end:
                         continue
                     key = f"tag_listing:{op}:{row.get('tag_id')}:{row.get('build_id')}:{event_id}"
                     if key in history_seen:
@@ -568,17 +573,19 @@ class KojiSource:
                 if made is not None and made <= floor_event:
                     # Made before the first start: not published, but its
                     # end is if it comes later.
-                    if info.get("state") == REPO_INIT:
+                    if self._repo_state(info) and info.get("state") == REPO_INIT:
                         pending.add(repo_id)
                     continue
                 events.append((created, 2, "repo.init", info))
+                if not self._repo_state(info):
+                    continue
                 if info.get("state") == REPO_INIT:
                     pending.add(repo_id)
                 elif info.get("state") == REPO_READY:
                     events.append((max(created, last_ts), 3, "repo.done", info))
             for repo_id in pending_repos:
                 info = answer(f"repo.{repo_id}")
-                if not isinstance(info, dict):
+                if not isinstance(info, dict) or not self._repo_state(info):
                     pending.discard(repo_id)
                     continue
                 if info.get("state") == REPO_READY:
@@ -726,6 +733,44 @@ class KojiSource:
         self.skipped += 1
         self.log.warn("Skipping a {kind} event of {hub}: {error}", producer=self.name,
                       kind=kind, hub=self.settings.hub_url, error=escape_control(error, 300))
+
+    def _skip_history(self, seen: _SeenWindow, op: str, row: Mapping[str, Any], event_id: Any,
+                      ts: Any, end: int, floor_ts: float) -> None:
+        """
+        Skip a tag or untag whose event is not an integer (Koji's event
+        columns are C{INTEGER}): it can not be placed in the history, and
+        would be dropped unseen.  It is counted once while the overlap reads
+        its row again.
+
+        @param seen: The keys of the history published or skipped.
+        @param op: C{tag} or C{untag}.
+        @param event_id: The event the row gives for C{op}.
+        @param ts: The time the row gives for C{op}.
+        @param end: The last event this poll reads.
+        @param floor_ts: The time of the first start: what is not later is
+            not published, so not warned of either.
+        """
+        key = f"tag_listing:{op}:{row.get('tag_id')}:{row.get('build_id')}:{event_id!r}"
+        when = _number(ts)
+        if key in seen or (when is not None and when <= floor_ts):
+            return
+        # Kept as long as the row's other event, or this poll's last one
+        # (the row came in this poll's window), is read again.
+        others = [e for e in (row.get("create_event"), row.get("revoke_event")) if _integer(e)]
+        seen.add(key, max([end, *others]))
+        self._skip(op, f"the {op} of build {row.get('build_id')!r} in tag "
+                       f"{row.get('tag.name')!r} has the event {event_id!r}")
+
+    def _repo_state(self, info: Mapping[str, Any]) -> bool:
+        """
+        Whether a repo's C{state} is an integer (Koji's column is
+        C{INTEGER}).  Otherwise whether the repo is done can not be told: its
+        C{repo.done} is skipped, and the repo is no longer looked at.
+        """
+        if _integer(info.get("state")):
+            return True
+        self._skip("repo.done", f"repo {info.get('id')!r} has the state {info.get('state')!r}")
+        return False
 
     def _message(self, suffix: str, body: dict[str, Any], key: str, summary: str, *,
                  severity: int = INFO, priority: int = 0, users: tuple[Any, ...] = (),
