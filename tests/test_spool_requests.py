@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.errors import MessageReturned, TemporarilyUnavailable
 from fedhub.message import Message
@@ -445,3 +447,31 @@ class FixedRequestTests(RequestTestCase):
         self.assertEqual(len(self.failed(outbox)), 1)
         self.assertEqual(self.requests(), [])
         self.assertEqual([name for name in os.listdir(self.spool) if name != REPLIES], [])
+
+
+class StaleFilesTests(SynchronousTestCase):
+    """
+    Replies no command read and temporary files of writers that died do not
+    pile up in the spool.
+    """
+
+    def test_answering_prunes_stale_files(self) -> None:
+        """
+        Answering a request removes replies and temporary files older than
+        STALE_AFTER, and keeps the fresh ones.
+        """
+        directory = Path(self.mktemp()).absolute()
+        replies = directory / REPLIES
+        replies.mkdir(parents=True)
+        old = time.time() - spool.STALE_AFTER - 60
+        stale_reply, fresh_reply = replies / "gone.json", replies / "waiting.json"
+        stale_tmp, fresh_tmp = directory / "1-2-3.ctl.tmp", directory / "4-5-6.msg.tmp"
+        for path in (stale_reply, fresh_reply, stale_tmp, fresh_tmp):
+            path.write_bytes(b"{}")
+        for path in (stale_reply, stale_tmp):
+            os.utime(path, (old, old))
+        request = directory / ("7-8-9" + CONTROL_SUFFIX)
+        request.write_bytes(b"{}")
+        spool._answer(str(directory), str(request), "answer", {"action": "list", "count": 0})
+        self.assertEqual(sorted(p.name for p in replies.iterdir()), ["answer.json", "waiting.json"])
+        self.assertEqual(sorted(p.name for p in directory.iterdir() if p.is_file()), ["4-5-6.msg.tmp"])

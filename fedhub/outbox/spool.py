@@ -73,6 +73,11 @@ CONTROL_SUFFIX = ".ctl"
 #: Answers to requests go in this subdirectory.
 REPLIES = "replies"
 
+#: A reply, or a temporary file, older than this many seconds is left over
+#: (a command that gave up waiting, a writer that died midway) and removed
+#: when the hub next answers a request.
+STALE_AFTER = 3600.0
+
 #: The spool holds at most this many messages by default.
 DEFAULT_MAX_FILES = 10_000
 
@@ -229,7 +234,31 @@ def _is_seq_list(value: object) -> bool:
     )
 
 
+def _prune_stale(directory: str) -> None:
+    """
+    Remove the replies and temporary files older than L{STALE_AFTER}: no
+    command waits for such a reply any more, and no writer for such a file.
+    """
+    limit = time.time() - STALE_AFTER
+    for folder, suffix in ((os.path.join(directory, REPLIES), ".json"), (directory, ".tmp")):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if (
+                    entry.name.endswith(suffix)
+                    and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < limit
+                ):
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+
+
 def _answer(directory: str, request_path: str, reply: str, answer: dict[str, Any]) -> None:
+    _prune_stale(directory)
     if reply and all(c.isalnum() or c in "-_" for c in reply):
         os.makedirs(os.path.join(directory, REPLIES), mode=0o700, exist_ok=True)
         _write_atomically(
