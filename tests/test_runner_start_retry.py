@@ -265,3 +265,56 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual(bus.subscribes, 1)
         self.assertEqual(handler.calls, ["start", "stop", "start"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SlowStartHandler(StartingHandler):
+    """
+    A handler whose start() returns a Deferred the test fires.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:  # type: ignore[override]
+        self.calls.append("start")
+        return self.started
+
+
+class StopDuringStartTests(SynchronousTestCase):
+    """
+    A consumer stopped while its plugin's start() is still going.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def service(self, handler: StartingHandler) -> ConsumerService:
+        bus = RefusingBus("d", clock=self.clock, refusals=0)
+        bus.startService()
+        return ConsumerService(component(), handler, bus, self.clock)
+
+    def test_stop_comes_after_start(self) -> None:
+        """The plugin's stop() is called after its start() ended, never before; nothing is consumed."""
+        handler = SlowStartHandler()
+        service = self.service(handler)
+        service.startService()
+        stopped = service.stopService()
+        self.assertEqual(handler.calls, ["start"])
+        self.assertNoResult(stopped)
+        handler.started.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(handler.calls, ["start", "stop"])
+        self.assertFalse(service.consuming)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_start_that_never_ends_bounded(self) -> None:
+        """A start() that never ends holds the stop for drain_timeout at most; then stop() is called."""
+        handler = SlowStartHandler()
+        service = self.service(handler)
+        service.startService()
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.clock.advance(service.drain_timeout)
+        self.successResultOf(stopped)
+        self.assertEqual(handler.calls, ["start", "stop"])

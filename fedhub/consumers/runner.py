@@ -282,6 +282,8 @@ class ConsumerService(Service):
         # Whether the plugin's start() succeeded and its stop() was not
         # called since.
         self._handler_started = False
+        # The plugin's start() while it runs.
+        self._plugin_starting: Deferred[Any] | None = None
         #: Why the last attempt to start failed, while the next is awaited;
         #: C{None} once an attempt succeeds.
         self.start_error: str | None = None
@@ -434,7 +436,11 @@ class ConsumerService(Service):
         once.
         """
         if not self._handler_started:
-            yield maybeDeferred(self.handler.start)
+            self._plugin_starting = maybeDeferred(self.handler.start)
+            try:
+                yield self._plugin_starting
+            finally:
+                self._plugin_starting = None
             if not self._current(run):
                 return
             self._handler_started = True
@@ -648,6 +654,23 @@ class ConsumerService(Service):
             return
         self.stats["requeued"] += 1
         self._tell(message, "requeued", f"settling it failed ({type(failure.value).__name__})")
+
+    def _within(self, d: Deferred[Any], seconds: float) -> Deferred[bool]:
+        """
+        A Deferred firing with C{True} once C{d} has fired (its result left
+        to it), or with C{False} after C{seconds} if that comes first.
+        """
+        waiter: Deferred[bool] = Deferred()
+
+        def ended(result: object) -> object:
+            if timeout.active():
+                timeout.cancel()
+                waiter.callback(True)
+            return result
+
+        timeout = self.clock.callLater(seconds, waiter.callback, False)
+        d.addBoth(ended)
+        return waiter
 
     def _track(self, d: Deferred[Any]) -> None:
         """
@@ -901,15 +924,8 @@ class ConsumerService(Service):
         if self._in_flight:
             # Wait for the plugin's work, but not forever; what is still in
             # hand afterwards goes back to the queue when the channel closes.
-            waiter: Deferred[bool] = Deferred()
             drained = DeferredList(list(self._in_flight), consumeErrors=True)
-            drained.addBoth(lambda _: None if waiter.called else waiter.callback(True))
-            timeout = self.clock.callLater(
-                self.drain_timeout, lambda: None if waiter.called else waiter.callback(False)
-            )
-            finished = yield waiter
-            if timeout.active():
-                timeout.cancel()
+            finished = yield self._within(drained, self.drain_timeout)
             if not finished:
                 self.log.warn(
                     "Consumer {consumer} stopped with {count} message(s) still in hand",
@@ -922,6 +938,10 @@ class ConsumerService(Service):
                 yield subscription.cancel()
             except Exception:
                 self.log.failure("Cancelling {consumer} failed", consumer=self.component.name)
+        if self._plugin_starting is not None:
+            # A plugin's start() still going gets its stop() after it ends,
+            # not before (within the drain timeout).
+            yield self._within(self._plugin_starting, self.drain_timeout)
         self._handler_started = False
         try:
             # A plugin's stop() that never finishes must not hold up the
