@@ -280,21 +280,12 @@ class FailingReactor:
         return getattr(self.clock, name)
 
 
-class RunTests(TestCase):
+class ProcessCase(TestCase):
     """
-    Real runs on the real reactor.
+    Commands run as real processes on the real reactor.
     """
 
     timeout = 60
-
-    def harness(self, options: Mapping[str, Any], **kwargs: Any) -> ConsumerHarness:
-        """
-        A started harness on the real reactor, stopped after the test.
-        """
-        harness = ConsumerHarness(ExecPlugin(), options, reactor=reactor, **kwargs)
-        harness.start()
-        self.addCleanup(harness.stop)
-        return harness
 
     def out(self, name: str = "out") -> Path:
         """
@@ -303,16 +294,6 @@ class RunTests(TestCase):
         path = Path(self.mktemp()).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(name)
-
-    def logged(self) -> list[dict[str, Any]]:
-        """
-        The events logged from now on, until the test ends.
-        """
-        events: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, events.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
-        return events
 
     @inlineCallbacks
     def wait_for(self, condition: Callable[[], bool], limit: float = 20.0) -> Any:
@@ -325,6 +306,31 @@ class RunTests(TestCase):
                 self.fail("condition never held")
             yield deferLater(reactor, 0.02, lambda: None)
             waited += 0.02
+
+
+class RunTests(ProcessCase):
+    """
+    Real runs on the real reactor.
+    """
+
+    def harness(self, options: Mapping[str, Any], **kwargs: Any) -> ConsumerHarness:
+        """
+        A started harness on the real reactor, stopped after the test.
+        """
+        harness = ConsumerHarness(ExecPlugin(), options, reactor=reactor, **kwargs)
+        harness.start()
+        self.addCleanup(harness.stop)
+        return harness
+
+    def logged(self) -> list[dict[str, Any]]:
+        """
+        The events logged from now on, until the test ends.
+        """
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
 
     @inlineCallbacks
     def test_exit_zero_acks_with_stdin(self) -> Any:
@@ -466,7 +472,9 @@ class RunTests(TestCase):
     def test_timeout_kills_process_group(self) -> Any:
         """A run past its timeout gets its whole process group killed and is dead-lettered."""
         pids = self.out("pids")
-        harness = self.harness({"timeout": 0.5, "kill_grace": 0.5, "command": script("""
+        # Time for a loaded machine to start both interpreters and write
+        # their pids before the timeout.
+        harness = self.harness({"timeout": 3.0, "kill_grace": 0.5, "command": script("""
             import os, subprocess, sys, time
             child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
             open(sys.argv[1], 'w').write('%d %d' % (os.getpid(), child.pid))
@@ -483,13 +491,16 @@ class RunTests(TestCase):
     def test_timeout_escalates_to_sigkill(self) -> Any:
         """A command that ignores SIGTERM is killed with SIGKILL after the grace period."""
         ready = self.out("ready")
-        harness = self.harness({"timeout": 0.3, "kill_grace": 0.3, "command": script("""
+        # The timeout leaves a loaded machine time to start Python and
+        # ignore SIGTERM: a SIGTERM before that would end the run by itself.
+        harness = self.harness({"timeout": 5.0, "kill_grace": 0.3, "command": script("""
             import signal, sys, time
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             open(sys.argv[1], 'w').write('ready')
             time.sleep(60)
         """) + [str(ready)]})
         settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(ready.read_text(), "ready")
         self.assertEqual(settled.outcome, "dead_lettered")
         self.assertIn(f"signal {signal.SIGKILL.value}", settled.reason or "")
 
@@ -555,7 +566,9 @@ class RunTests(TestCase):
         """A timeout passing after the command exited 0, while a leftover holds its pipes, does not fail it."""
         pids = self.out("pids")
         self.reap_later(pids)
-        harness = self.harness({"timeout": 0.3, "kill_grace": 2.0, "command": script("""
+        # The command must exit before the timeout, and the timeout pass
+        # while the leftover lives on until its SIGKILL (kill_grace later).
+        harness = self.harness({"timeout": 2.0, "kill_grace": 4.0, "command": script("""
             import os, subprocess, sys, time
             child = subprocess.Popen(
                 [sys.executable, '-c', 'import signal, sys, time\\n'

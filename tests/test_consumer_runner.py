@@ -96,7 +96,7 @@ def component(name: str = "c", **changes: Any) -> ComponentConfig:
     return ComponentConfig(**fields)
 
 
-class RunnerTests(SynchronousTestCase):
+class ConsumerCase(SynchronousTestCase):
     """
     A consumer on a memory bus whose time is a L{Clock}.
     """
@@ -107,11 +107,17 @@ class RunnerTests(SynchronousTestCase):
         self.bus.startService()
 
     def start(
-        self, handler: ScriptedHandler, concurrency: int = 1, prefetch: int = 0, **settings: Any
+        self,
+        handler: IMessageHandler,
+        concurrency: int = 1,
+        prefetch: int = 0,
+        bus: MemoryBus | None = None,
+        **settings: Any,
     ) -> ConsumerService:
+        """A consuming consumer of C{handler} on C{bus} (the test's own by default)."""
         service = ConsumerService(
-            component(concurrency=concurrency, prefetch=prefetch), handler, self.bus, self.clock,
-            **settings,
+            component(concurrency=concurrency, prefetch=prefetch), handler, bus or self.bus,
+            self.clock, **settings,
         )
         service.startService()
         self.flush()
@@ -126,11 +132,20 @@ class RunnerTests(SynchronousTestCase):
         for _ in range(5):
             self.clock.advance(0)
 
-    def publish(self, body: dict[str, Any] | None = None, **kw: Any) -> Message:
+    def publish(
+        self, body: dict[str, Any] | None = None, bus: MemoryBus | None = None, **kw: Any
+    ) -> Message:
+        """Publish a message to C{bus} (the test's own by default) and run what it sets off."""
         message = Message.create("t.x", body or {"n": 1}, **kw)
-        self.successResultOf(self.bus.publish(message))
+        self.successResultOf((bus or self.bus).publish(message))
         self.flush()
         return message
+
+
+class RunnerTests(ConsumerCase):
+    """
+    A consumer on a memory bus whose time is a L{Clock}.
+    """
 
     def test_success_acks(self) -> None:
         """A handler that returns acknowledges: the queue is empty and nothing is retried."""

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,11 +21,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.consumers.exec import ExecHandler, ExecPlugin, ExecSettings, parse_template
 from fedhub.message import Message
 from fedhub.testing import ConsumerHarness
+from tests.test_consumer_exec import ProcessCase, alive
 
 PY = sys.executable
 TOPIC = "org.example.dev.pkg.update"
@@ -39,18 +40,6 @@ IGNORES_TERM = textwrap.dedent("""
     open(sys.argv[1], 'w').write('ready')
     time.sleep(120)
 """)
-
-
-def alive(pid: int) -> bool:
-    """
-    Whether a process exists and is not a zombie.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 class ClockedReactor:
@@ -95,20 +84,10 @@ class StopNothingTests(SynchronousTestCase):
         self.successResultOf(d)
 
 
-class StopTests(TestCase):
+class StopTests(ProcessCase):
     """
     Real processes that do not end when asked to.
     """
-
-    timeout = 60
-
-    def out(self, name: str) -> Path:
-        """
-        A file path for a command to write to.
-        """
-        path = Path(self.mktemp()).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(name)
 
     def reap_later(self, *paths: Path) -> None:
         """
@@ -125,18 +104,6 @@ class StopTests(TestCase):
                     os.kill(pid, signal.SIGKILL)
 
         self.addCleanup(kill)
-
-    @inlineCallbacks
-    def wait_for(self, condition: Callable[[], bool], limit: float = 20.0) -> Any:
-        """
-        Wait until C{condition()} holds, polling the real reactor.
-        """
-        waited = 0.0
-        while not condition():
-            if waited > limit:
-                self.fail("condition never held")
-            yield deferLater(reactor, 0.02, lambda: None)
-            waited += 0.02
 
     def errors(self) -> list[dict[str, Any]]:
         """
@@ -166,18 +133,48 @@ class StopTests(TestCase):
         return harness
 
     @inlineCallbacks
-    def test_run_ignoring_term_killed_when_stop_times_out(self) -> Any:
-        """A run ignoring SIGTERM, with kill_grace beyond drain_timeout, is killed when the runner gives up on stop(), which is logged."""
-        ready, pids = self.out("ready"), self.out("pid")
-        self.reap_later(pids)
-        errors = self.errors()
-        harness = self.harness([PY, "-c", IGNORES_TERM, str(ready), str(pids)], kill_grace=30)
+    def stop_once_ready(
+        self, harness: ConsumerHarness, ready: Path, pids: Path
+    ) -> Generator[Any, Any, tuple[ExecHandler, int]]:
+        """
+        Hand C{harness} a message, wait until its command wrote "ready" to
+        C{ready}, then stop the harness; the handler, and the pid the
+        command wrote to C{pids}.
+        """
         handler = harness.handler
         assert isinstance(handler, ExecHandler)
         harness.deliver(Message.create(TOPIC, {}))
         yield self.wait_for(lambda: ready.exists() and ready.read_text() == "ready")
         pid = int(pids.read_text())
         yield harness.stop()
+        return handler, pid
+
+    @inlineCallbacks
+    def clocked_run(self, clock: Clock) -> Generator[Any, Any, tuple[ExecHandler, Deferred[Any], int]]:
+        """
+        A started handler whose timers run on C{clock}, handling a message
+        with a command that ignores SIGTERM; once the command is ready: the
+        handler, the Deferred of its handling, and the command's pid.
+        """
+        ready, pids = self.out("ready"), self.out("pid")
+        self.reap_later(pids)
+        handler = ExecHandler("clocked", ("#",), ClockedReactor(reactor, clock), ExecSettings(
+            command=tuple(parse_template(item) for item in (
+                PY, "-c", IGNORES_TERM, str(ready), str(pids))),
+            kill_grace=30, timeout=3600))
+        handler.start()
+        handled = handler.handle(Message.create(TOPIC, {}))
+        yield self.wait_for(lambda: ready.exists() and ready.read_text() == "ready")
+        return handler, handled, int(pids.read_text())
+
+    @inlineCallbacks
+    def test_run_ignoring_term_killed_when_stop_times_out(self) -> Any:
+        """A run ignoring SIGTERM, with kill_grace beyond drain_timeout, is killed when the runner gives up on stop(), which is logged."""
+        ready, pids = self.out("ready"), self.out("pid")
+        self.reap_later(pids)
+        errors = self.errors()
+        harness = self.harness([PY, "-c", IGNORES_TERM, str(ready), str(pids)], kill_grace=30)
+        handler, pid = yield self.stop_once_ready(harness, ready, pids)
         self.assertEqual(len(errors), 1)
         self.assertIn("did not stop within", errors[0]["log_format"])
         self.assertEqual(errors[0]["consumer"], "test")
@@ -202,12 +199,7 @@ class StopTests(TestCase):
             while not os.path.exists(sys.argv[1]):
                 time.sleep(0.01)
         """), str(ready), str(pids), IGNORES_TERM], kill_grace=30)
-        handler = harness.handler
-        assert isinstance(handler, ExecHandler)
-        harness.deliver(Message.create(TOPIC, {}))
-        yield self.wait_for(lambda: ready.exists() and ready.read_text() == "ready")
-        pid = int(pids.read_text())
-        yield harness.stop()
+        handler, pid = yield self.stop_once_ready(harness, ready, pids)
         self.assertEqual(len(errors), 1)
         self.assertIn("did not stop within", errors[0]["log_format"])
         yield self.wait_for(lambda: not alive(pid), limit=10.0)
@@ -217,16 +209,7 @@ class StopTests(TestCase):
     def test_cancel_kills_without_waiting_for_grace(self) -> Any:
         """Cancelling stop() sends SIGKILL at once, before any grace period passes, and fails it with CancelledError."""
         clock = Clock()
-        ready, pids = self.out("ready"), self.out("pid")
-        self.reap_later(pids)
-        handler = ExecHandler("clocked", ("#",), ClockedReactor(reactor, clock), ExecSettings(
-            command=tuple(parse_template(item) for item in (
-                PY, "-c", IGNORES_TERM, str(ready), str(pids))),
-            kill_grace=30, timeout=3600))
-        handler.start()
-        handled = handler.handle(Message.create(TOPIC, {}))
-        yield self.wait_for(lambda: ready.exists() and ready.read_text() == "ready")
-        pid = int(pids.read_text())
+        handler, handled, pid = yield self.clocked_run(clock)
         stopped = handler.stop()
         # SIGTERM is ignored and the clock does not move: nothing ends.
         yield deferLater(reactor, 0.2, lambda: None)
@@ -243,16 +226,7 @@ class StopTests(TestCase):
     def test_timeout_of_stop_kills(self) -> Any:
         """stop() bounded with addTimeout, as the runner does, fails with TimeoutError and kills the run."""
         clock = Clock()
-        ready, pids = self.out("ready"), self.out("pid")
-        self.reap_later(pids)
-        handler = ExecHandler("clocked", ("#",), ClockedReactor(reactor, clock), ExecSettings(
-            command=tuple(parse_template(item) for item in (
-                PY, "-c", IGNORES_TERM, str(ready), str(pids))),
-            kill_grace=30, timeout=3600))
-        handler.start()
-        handler.handle(Message.create(TOPIC, {}))
-        yield self.wait_for(lambda: ready.exists() and ready.read_text() == "ready")
-        pid = int(pids.read_text())
+        handler, _, pid = yield self.clocked_run(clock)
         stopped: Deferred[None] = handler.stop()
         stopped.addTimeout(5, clock)
         clock.advance(5)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -70,8 +70,9 @@ class Recorder:
 
     def __init__(self, test: SynchronousTestCase) -> None:
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        test.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def failures(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("log_failure") is not None]
@@ -229,6 +230,18 @@ domain = "one"
 """
 
 
+def hub_from(test: SynchronousTestCase, text: str, lookup: Mapping[str, Any]) -> Hub:
+    """
+    A hub on the real reactor configured by C{text}, its C{{state}} a new
+    directory of C{test}'s, with the plugins of C{lookup} by name.
+    """
+    config = parse_config(
+        text.format(state=os.path.abspath(test.mktemp())), "test",
+        find_plugin=lambda kind, name: lookup.get(name),
+    )
+    return Hub(config, reactor, find_consumer=lambda n: lookup[n], find_producer=lambda n: lookup[n])
+
+
 class HubStartFailureTests(TestCase):
     """
     A hub with a producer whose start raises.
@@ -241,11 +254,7 @@ class HubStartFailureTests(TestCase):
         lookup: dict[str, Any] = {
             "log": LogPlugin(), "raising": ServicePlugin("raising", RaisingStart), "plain": plain,
         }
-        config = parse_config(
-            CONFIG.format(state=os.path.abspath(self.mktemp())), "test",
-            find_plugin=lambda kind, name: lookup.get(name),
-        )
-        hub = Hub(config, reactor, find_consumer=lambda n: lookup[n], find_producer=lambda n: lookup[n])
+        hub = hub_from(self, CONFIG, lookup)
         hub.startService()
         self.addCleanup(hub.stopService)
         self.assertTrue(hub.producers["fine"].running)

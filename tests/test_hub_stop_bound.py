@@ -5,54 +5,31 @@ finishes is logged by name and the services after it stop all the same.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator, Mapping
-from typing import Any, cast
+from typing import Any
 
 from twisted.application.service import IService, Service
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.config import ComponentConfig, Option, parse_config
+from fedhub.config import ComponentConfig, Option
 from fedhub.consumers.log import LogPlugin
 from fedhub.consumers.runner import ConsumerService
-from fedhub.hub import STOP_TIMEOUT, Hub, SequentialMultiService
+from fedhub.hub import STOP_TIMEOUT, SequentialMultiService
 from fedhub.interfaces import IMessageHandler, IProducerPlugin
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
+from tests import test_hub_edge
+from tests.test_hub import Step
 
 
-class Step(Service):
-    """
-    A service that records its stops, and stops only when told.
-    """
-
-    def __init__(self, name: str, order: list[str]) -> None:
-        self.setName(name)
-        self.order = order
-        self.release: Deferred[None] = Deferred()
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        self.order.append(f"stop {self.name}")
-        return self.release
-
-
-class Recorder:
+class Recorder(test_hub_edge.Recorder):
     """
     Collects log events for the duration of a test.
     """
-
-    def __init__(self, test: SynchronousTestCase) -> None:
-        self.events: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, self.events.append)
-        globalLogPublisher.addObserver(observer)
-        test.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def unfinished(self) -> list[dict[str, Any]]:
         """
@@ -89,14 +66,14 @@ class StopBoundTests(SynchronousTestCase):
         clock, order = Clock(), list[str]()
         parent, (bus, outbox, stuck) = staged(clock, order, "bus:one", "outbox:one", "producer:stuck")
         stopped = parent.stopService()
-        self.assertEqual(order, ["stop producer:stuck"])
+        self.assertEqual(order, ["producer:stuck"])
         clock.advance(STOP_TIMEOUT - 1)
-        self.assertEqual(order, ["stop producer:stuck"])
+        self.assertEqual(order, ["producer:stuck"])
         self.assertEqual(events.unfinished(), [])
         clock.advance(1)
-        self.assertEqual(order, ["stop producer:stuck", "stop outbox:one"])
+        self.assertEqual(order, ["producer:stuck", "outbox:one"])
         outbox.release.callback(None)
-        self.assertEqual(order[-1], "stop bus:one")
+        self.assertEqual(order[-1], "bus:one")
         self.assertNoResult(stopped)
         bus.release.callback(None)
         self.successResultOf(stopped)
@@ -118,7 +95,7 @@ class StopBoundTests(SynchronousTestCase):
         stopped = parent.stopService()
         b.release.callback(None)
         clock.advance(STOP_TIMEOUT)
-        self.assertEqual(order[-1], "stop outbox:one")
+        self.assertEqual(order[-1], "outbox:one")
         self.assertEqual(sorted(e["service"] for e in events.unfinished()), ["consumer:a", "consumer:c"])
         self.assertEqual(sorted(e["consumer"] for e in events.unfinished()), ["a", "c"])
         # Finishing late, or failing late, logs nothing more about the timeout.
@@ -144,7 +121,7 @@ class StopBoundTests(SynchronousTestCase):
         clock.advance(STOP_TIMEOUT - 1)
         outbox.release.callback(None)
         self.successResultOf(stopped)
-        self.assertEqual(order, ["stop producer:p", "stop outbox:one"])
+        self.assertEqual(order, ["producer:p", "outbox:one"])
         self.assertEqual(events.unfinished(), [])
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -155,7 +132,7 @@ class StopBoundTests(SynchronousTestCase):
         parent, (outbox, producer) = staged(clock, order, "outbox:one", "producer:p")
         stopped = parent.stopService()
         producer.release.errback(RuntimeError("cannot stop"))
-        self.assertEqual(order, ["stop producer:p", "stop outbox:one"])
+        self.assertEqual(order, ["producer:p", "outbox:one"])
         outbox.release.callback(None)
         self.successResultOf(stopped)
         self.assertEqual(events.unfinished(), [])
@@ -213,7 +190,7 @@ class ConsumerAllowanceTests(SynchronousTestCase):
         self.assertEqual(order, [])
         clock.advance(drain - STOP_TIMEOUT - 1)
         # The consumer gave up on its plugin's stop() itself and finished.
-        self.assertEqual(order, ["stop outbox:one"])
+        self.assertEqual(order, ["outbox:one"])
         outbox.release.callback(None)
         self.successResultOf(stopped)
         self.assertEqual(events.unfinished(), [])
@@ -279,11 +256,7 @@ class HubStopTests(TestCase):
         """After STOP_TIMEOUT on the hub's clock the consumers, the outbox and the bus stop, and the hub's stop fires."""
         events = Recorder(self)
         lookup: dict[str, Any] = {"log": LogPlugin(), "never-stops": NeverStopsPlugin()}
-        config = parse_config(
-            CONFIG.format(state=os.path.abspath(self.mktemp())), "test",
-            find_plugin=lambda kind, name: lookup.get(name),
-        )
-        hub = Hub(config, reactor, find_consumer=lambda n: lookup[n], find_producer=lambda n: lookup[n])
+        hub = test_hub_edge.hub_from(self, CONFIG, lookup)
         clock = Clock()
         hub.clock = clock
         hub.startService()

@@ -25,6 +25,24 @@ from fedhub.logs import HubLogger, JSONLinesObserver, allow_level, event_record,
 from fedhub.systemd import Notifier, NotifyService
 
 
+def read_until(process: subprocess.Popen[str], marker: str) -> list[str]:
+    """
+    The lines C{process} writes up to one holding C{marker}, or up to its
+    end (or for a minute at most).
+    """
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            break
+    return lines
+
+
 class LogLevelTests(SynchronousTestCase):
     """
     The hub's log level, applied by L{HubLogger} where events are made.
@@ -158,23 +176,9 @@ class JSONLogTests(SynchronousTestCase):
         )
         lines: list[str] = []
         try:
-            assert process.stdout is not None
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                line = process.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if "SIGTERM or SIGINT stops it" in line:
-                    break
+            lines += read_until(process, "SIGTERM or SIGINT stops it")
             process.send_signal(signal.SIGHUP)
-            while time.monotonic() < deadline:
-                line = process.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if "SIGHUP" in line:
-                    break
+            lines += read_until(process, "SIGHUP")
             process.send_signal(signal.SIGTERM)
             rest, errors = process.communicate(timeout=60)
         finally:

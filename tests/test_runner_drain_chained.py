@@ -7,19 +7,18 @@ Deferred has not fired yet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import DeadLetter
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
+from tests.test_consumer_runner import ConsumerCase, ScriptedHandler
 
 
 def chained_on(inner: Deferred[Any]) -> Deferred[Any]:
@@ -87,56 +86,28 @@ class PausedCopiesBus(MemoryBus):
         return chained_on(held)
 
 
-def component(**changes: Any) -> ComponentConfig:
-    fields: dict[str, Any] = {
-        "kind": "consumer",
-        "index": 0,
-        "name": "c",
-        "plugin": "test",
-        "domain": "d",
-        "options": {},
-        "topics": ("t.#",),
-    }
-    fields.update(changes)
-    return ComponentConfig(**fields)
-
-
-class ChainedDrainTests(SynchronousTestCase):
+class ChainedDrainTests(ConsumerCase):
     """
     A consumer on a memory bus whose time is a L{Clock}, its handler
     returning Deferreds paused on others.
     """
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.bus = MemoryBus("d", clock=self.clock)
-        self.bus.startService()
-
-    def start(self, handler: Any, bus: MemoryBus | None = None, **settings: Any) -> ConsumerService:
-        concurrency = settings.pop("concurrency", 1)
-        prefetch = settings.pop("prefetch", 0)
-        service = ConsumerService(
-            component(concurrency=concurrency, prefetch=prefetch), handler, bus or self.bus,
-            self.clock, **settings,
-        )
-        service.startService()
+    def assert_stop_waits(
+        self, service: ConsumerService, handler: Any, seconds: float, release: Callable[[], object]
+    ) -> None:
+        """
+        Stopping C{service} is still waiting, its C{handler} not stopped,
+        after C{seconds}; once C{release()} let the work settle, the stop
+        ends and the handler is stopped.
+        """
+        stopped = service.stopService()
+        self.flush(seconds)
+        self.assertNoResult(stopped)
+        self.assertFalse(handler.stopped)
+        release()
         self.flush()
-        self.assertTrue(service.consuming)
-        return service
-
-    def flush(self, seconds: float = 0) -> None:
-        """Run what is due now (and after C{seconds})."""
-        self.clock.advance(0)
-        if seconds:
-            self.clock.advance(seconds)
-        for _ in range(5):
-            self.clock.advance(0)
-
-    def publish(self, bus: MemoryBus | None = None) -> Message:
-        message = Message.create("t.x", {"n": 1})
-        self.successResultOf((bus or self.bus).publish(message))
-        self.flush()
-        return message
+        self.successResultOf(stopped)
+        self.assertTrue(handler.stopped)
 
     def test_stop_waits_for_a_paused_result(self) -> None:
         """Stopping waits for a handler's fired-but-paused Deferred, and stops the handler only once it settled."""
@@ -144,14 +115,7 @@ class ChainedDrainTests(SynchronousTestCase):
         service = self.start(handler, drain_timeout=30)
         self.publish()
         self.assertEqual(len(handler.inners), 1)
-        stopped = service.stopService()
-        self.flush(10)
-        self.assertNoResult(stopped)
-        self.assertFalse(handler.stopped)
-        handler.inners[0].callback(None)
-        self.flush()
-        self.successResultOf(stopped)
-        self.assertTrue(handler.stopped)
+        self.assert_stop_waits(service, handler, 10, lambda: handler.inners[0].callback(None))
         self.assertEqual(service.stats["acked"], 1)
         self.assertEqual(self.bus.queue_depth("fedhub.c") + self.bus.unacked("fedhub.c"), 0)
 
@@ -160,14 +124,7 @@ class ChainedDrainTests(SynchronousTestCase):
         handler = ChainedHandler(DeferredSemaphore(1))
         service = self.start(handler, drain_timeout=30)
         self.publish()
-        stopped = service.stopService()
-        self.flush(29)
-        self.assertNoResult(stopped)
-        self.assertFalse(handler.stopped)
-        handler.inners[0].callback(None)
-        self.flush()
-        self.successResultOf(stopped)
-        self.assertTrue(handler.stopped)
+        self.assert_stop_waits(service, handler, 29, lambda: handler.inners[0].callback(None))
         self.assertEqual(service.stats["acked"], 1)
 
     def test_paused_result_bounded_by_drain_timeout(self) -> None:
@@ -208,33 +165,11 @@ class ChainedDrainTests(SynchronousTestCase):
         """A dead-letter copy whose publish Deferred is paused is waited for before the handler stops."""
         bus = PausedCopiesBus("d", clock=self.clock)
         bus.startService()
-
-        @implementer(IMessageHandler)
-        class Refusing:
-            topics = ("#",)
-            stopped = False
-
-            def handle(self, message: Message) -> None:
-                raise DeadLetter("not for us")
-
-            def start(self) -> None:
-                pass
-
-            def stop(self) -> None:
-                self.stopped = True
-
-        handler = Refusing()
+        handler = ScriptedHandler(DeadLetter("not for us"))
         service = self.start(handler, bus=bus, drain_timeout=30)
-        self.publish(bus)
+        self.publish(bus=bus)
         self.assertEqual(service.in_flight, 0)
-        stopped = service.stopService()
-        self.flush(10)
-        self.assertNoResult(stopped)
-        self.assertFalse(handler.stopped)
-        bus.gate.callback(None)
-        self.flush()
-        self.successResultOf(stopped)
-        self.assertTrue(handler.stopped)
+        self.assert_stop_waits(service, handler, 10, lambda: bus.gate.callback(None))
         self.assertEqual(service.stats["dead_lettered"], 1)
         self.assertEqual(bus.queue_depth("fedhub.c.dead"), 1)
         self.assertEqual(bus.queue_depth("fedhub.c") + bus.unacked("fedhub.c"), 0)

@@ -15,12 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import AccessRefused, PreconditionFailed
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
 from fedhub.topology import Topology
+from tests.test_consumer_runner import component
 
 
 @implementer(IMessageHandler)
@@ -78,20 +78,6 @@ class RefusingBus(MemoryBus):
     def subscribe(self, *args: Any, **kwargs: Any) -> Any:
         self.subscribes += 1
         return super().subscribe(*args, **kwargs)
-
-
-def component(**changes: Any) -> ComponentConfig:
-    fields: dict[str, Any] = {
-        "kind": "consumer",
-        "index": 0,
-        "name": "c",
-        "plugin": "test",
-        "domain": "d",
-        "options": {},
-        "topics": ("t.#",),
-    }
-    fields.update(changes)
-    return ComponentConfig(**fields)
 
 
 class StartRetryTests(SynchronousTestCase):

@@ -125,6 +125,19 @@ class RequestTestCase(OutboxTestCase):
         d.addErrback(lambda f: f.trap(Died))
         self.successResultOf(d)
 
+    def rerun_after_a_failure(self, outbox: Outbox) -> tuple[Outbox, Message]:
+        """
+        Start a new hub on what is left of C{outbox}, have one more message
+        fail, then carry out the requests in the spool.
+
+        @return: The new hub's outbox and the message that failed.
+        """
+        outbox, bus = self.restart(outbox)
+        later = make_message(10)
+        self.make_failed(outbox, bus, [later])
+        self.successResultOf(self.importer(outbox)._import())
+        return outbox, later
+
     def crash_before_answer(self, area: Any) -> None:
         """
         Carry out the requests in the spool; die right before the first
@@ -151,10 +164,7 @@ class RepeatedRequestTests(RequestTestCase):
         self.assertEqual(self.failed_ids(outbox), [])
         self.assertEqual(len(self.requests()), 1)
 
-        outbox, bus = self.restart(outbox)
-        later = make_message(10)
-        self.make_failed(outbox, bus, [later])
-        self.successResultOf(self.importer(outbox)._import())
+        outbox, later = self.rerun_after_a_failure(outbox)
         self.assertEqual(self.failed_ids(outbox), [later.id])
         self.assertEqual(self.answer(reply), {"action": "drop", "count": 3})
         self.assertEqual(self.requests(), [])
@@ -237,10 +247,7 @@ class RepeatedRequestTests(RequestTestCase):
         self.assertEqual(self.answer(reply), {"action": "drop", "count": 2})
         os.unlink(reply)
 
-        outbox, bus = self.restart(outbox)
-        later = make_message(10)
-        self.make_failed(outbox, bus, [later])
-        self.successResultOf(self.importer(outbox)._import())
+        outbox, later = self.rerun_after_a_failure(outbox)
         self.assertEqual(self.failed_ids(outbox), [later.id])
         self.assertEqual(self.answer(reply), {"action": "drop", "count": 2})
         self.assertEqual(self.requests(), [])
@@ -259,10 +266,7 @@ class RepeatedRequestTests(RequestTestCase):
         self.end(process, d)
         self.assertEqual(self.failed_ids(outbox), [m.id for m in first])
 
-        outbox, bus = self.restart(outbox)
-        later = make_message(10)
-        self.make_failed(outbox, bus, [later])
-        self.successResultOf(self.importer(outbox)._import())
+        outbox, later = self.rerun_after_a_failure(outbox)
         self.assertEqual(self.failed_ids(outbox), [later.id])
         self.assertEqual(self.answer(reply), {"action": "drop", "count": 2})
 
@@ -278,10 +282,7 @@ class RepeatedRequestTests(RequestTestCase):
         self.end(process, d)
         self.assertEqual(self.failed_ids(outbox), [m.id for m in first])
 
-        outbox, bus = self.restart(outbox)
-        later = make_message(10)
-        self.make_failed(outbox, bus, [later])
-        self.successResultOf(self.importer(outbox)._import())
+        outbox, _ = self.rerun_after_a_failure(outbox)
         self.assertEqual(self.failed_ids(outbox), [])
         self.assertEqual(self.answer(reply), {"action": "drop", "count": 3})
 

@@ -26,6 +26,7 @@ from fedhub.cli import inject_mail, outbox
 from fedhub.cli.inject_mail import EX_OK
 from fedhub.hub import Hub
 from fedhub.tap import LOCK_FILE, Options, StateLock, makeService
+from tests.test_ops import read_until
 from tests.test_smtp_server import CHANGED, sample
 
 CONFIG = """\
@@ -239,23 +240,6 @@ class TwistdTests(SynchronousTestCase):
         self.addCleanup(end)
         return process
 
-    def read_until(self, process: subprocess.Popen[str], marker: str) -> list[str]:
-        """
-        The lines C{process} writes up to one holding C{marker}, or up to
-        its end.
-        """
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if marker in line:
-                break
-        return lines
-
     def fedhub(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "fedhub"), *argv],
@@ -273,11 +257,11 @@ class TwistdTests(SynchronousTestCase):
         first; once it exited, the directory is free.
         """
         first = self.twistd()
-        started = self.read_until(first, "Hub running")
+        started = read_until(first, "Hub running")
         self.assertIn("Hub running", "".join(started), "".join(started))
 
         second = self.twistd()
-        lines = self.read_until(second, "Hub running")
+        lines = read_until(second, "Hub running")
         self.assertFalse(any("Hub running" in line for line in lines), "".join(lines))
         second.wait(timeout=60)
         self.assertEqual(second.returncode, 1, "".join(lines))

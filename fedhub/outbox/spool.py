@@ -60,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from fedhub.errors import DecodeError, MessageError, PublishError, TemporarilyUnavailable
+from fedhub.files import replace_durably
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message, dump_line, iter_loads
 from fedhub.text import escape_control
@@ -163,22 +164,6 @@ def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_F
     return final
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    temporary = path + ".tmp"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
-    except OSError:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
 def write_request(directory: str, action: str, seqs: list[int] | None) -> str:
     """
     Ask the running hub to act on the failed area (blocking; for commands).
@@ -190,8 +175,8 @@ def write_request(directory: str, action: str, seqs: list[int] | None) -> str:
     name = f"{time.time_ns():020d}-{os.getpid()}-{_sequence}"
     os.makedirs(os.path.join(directory, REPLIES), mode=0o700, exist_ok=True)
     request = {"action": action, "seqs": seqs, "reply": name}
-    _write_atomically(
-        os.path.join(directory, name + CONTROL_SUFFIX), json.dumps(request).encode("utf-8")
+    replace_durably(
+        os.path.join(directory, name + CONTROL_SUFFIX), json.dumps(request).encode("utf-8"), ".tmp"
     )
     return os.path.join(directory, REPLIES, name + ".json")
 
@@ -224,7 +209,7 @@ def _rewrite_request(directory: str, path: str, data: bytes) -> None:
     Replace a request file with C{data} durably: once this returns, a crash
     brings back the new request, never the old one.
     """
-    _write_atomically(path, data)
+    replace_durably(path, data, ".tmp")
     _fsync_directory(directory)
 
 
@@ -261,8 +246,10 @@ def _answer(directory: str, request_path: str, reply: str, answer: dict[str, Any
     _prune_stale(directory)
     if reply and all(c.isalnum() or c in "-_" for c in reply):
         os.makedirs(os.path.join(directory, REPLIES), mode=0o700, exist_ok=True)
-        _write_atomically(
-            os.path.join(directory, REPLIES, reply + ".json"), json.dumps(answer).encode("utf-8")
+        replace_durably(
+            os.path.join(directory, REPLIES, reply + ".json"),
+            json.dumps(answer).encode("utf-8"),
+            ".tmp",
         )
     os.unlink(request_path)
 

@@ -63,6 +63,7 @@ from fedhub.errors import (
     PublishError,
     TemporarilyUnavailable,
 )
+from fedhub.files import replace_durably
 from fedhub.interfaces import IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
 from fedhub.message import Message, uuid_text
@@ -600,7 +601,7 @@ class Quarantine:
                 (os.path.join(self.directory, stem + ".json"), json.dumps(note).encode("utf-8")),
                 (path, raw),
             ):
-                self._write(target, data)
+                replace_durably(target, data, ".part", private=True)
                 written.append(target)
             _sync_directory(self.directory)
         except BaseException:
@@ -613,23 +614,6 @@ class Quarantine:
         self._count = (self._count or 0) + 1
         self._bytes += size
         return path
-
-    @staticmethod
-    def _write(path: str, data: bytes) -> None:
-        partial = path + ".part"
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(partial, path)
-        except BaseException:
-            try:
-                os.unlink(partial)
-            except OSError:
-                pass
-            raise
 
 
 def _sync_directory(directory: str) -> None:
