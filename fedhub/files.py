@@ -8,6 +8,20 @@ from __future__ import annotations
 import os
 
 
+def fsync_directory(path: str) -> None:
+    """
+    Sync a directory, so that the names created, renamed or removed in it
+    survive a crash.  This blocks on disk I/O.
+
+    @raise OSError: When it can not be opened or synced.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_durably(path: str, data: bytes, suffix: str, private: bool = False) -> None:
     """
     Write C{data} to C{path + suffix}, flush and fsync it, then rename it

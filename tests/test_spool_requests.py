@@ -300,13 +300,13 @@ class FixedRequestTests(RequestTestCase):
         write_request(self.spool, "drop", None)
         [name] = self.requests()
         seen: list[Any] = []
-        real_fsync = spool._fsync_directory
+        real_fsync = spool.fsync_directory
 
         def fsync(path: str) -> None:
             seen.append(("fsync", path))
             real_fsync(path)
 
-        self.patch(spool, "_fsync_directory", fsync)
+        self.patch(spool, "fsync_directory", fsync)
         process = Process()
         area = DyingArea(outbox, process)
         importer = process.run(SpoolImporter("test", self.spool, outbox, self.clock, failed_area=area))

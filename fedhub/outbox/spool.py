@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from fedhub.errors import DecodeError, MessageError, PublishError, TemporarilyUnavailable
-from fedhub.files import replace_durably
+from fedhub.files import fsync_directory, replace_durably
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message, dump_line, iter_loads
 from fedhub.text import escape_control
@@ -104,14 +104,6 @@ def spool_directory(state_dir: str, domain: str) -> str:
     return os.path.join(state_dir, "spool", domain)
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_FILES) -> str:
     """
     Write one message durably into a spool directory.  This blocks on disk
@@ -150,7 +142,7 @@ def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_F
         finally:
             os.close(fd)
         os.rename(temporary, final)
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except OSError as e:
         try:
             os.unlink(temporary)
@@ -210,7 +202,7 @@ def _rewrite_request(directory: str, path: str, data: bytes) -> None:
     brings back the new request, never the old one.
     """
     replace_durably(path, data, ".tmp")
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def _is_seq_list(value: object) -> bool:
@@ -456,7 +448,7 @@ class SpoolImporter(Service):
                 if removed:
                     # Until then a power loss may bring deleted files back:
                     # their messages are handed over again, never lost.
-                    yield self._in_thread(_fsync_directory, self.directory)
+                    yield self._in_thread(fsync_directory, self.directory)
             # A batch cut short by its size in bytes leaves files behind;
             # the next read finds out whether any are left.
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import random as _random
-import tempfile
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -52,6 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from fedhub.errors import FedhubError, MessageError, PublishError, TemporarilyUnavailable
+from fedhub.files import fsync_directory, replace_durably
 from fedhub.interfaces import IPublisher
 from fedhub.logs import HubLogger
 from fedhub.message import Message
@@ -186,24 +186,8 @@ class CursorStore:
             raise CursorError(self.path, f"cursor is not JSON-serializable: {e}") from None
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".cursor-", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                try:
-                    os.unlink(temporary)
-                except OSError:
-                    pass
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_durably(self.path, payload, ".tmp")
+            fsync_directory(directory)
         except OSError as e:
             raise CursorError(self.path, f"can not be written: {e.strerror or e}") from None
 

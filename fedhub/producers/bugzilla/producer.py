@@ -63,7 +63,7 @@ from fedhub.errors import (
     PublishError,
     TemporarilyUnavailable,
 )
-from fedhub.files import replace_durably
+from fedhub.files import fsync_directory, replace_durably
 from fedhub.interfaces import IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
 from fedhub.message import Message, uuid_text
@@ -545,7 +545,7 @@ class Quarantine:
         created = not os.path.isdir(self.directory)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         if created:
-            _sync_directory(os.path.dirname(os.path.abspath(self.directory)))
+            fsync_directory(os.path.dirname(os.path.abspath(self.directory)))
         count = size = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
@@ -603,7 +603,7 @@ class Quarantine:
             ):
                 replace_durably(target, data, ".part", private=True)
                 written.append(target)
-            _sync_directory(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             for target in written:
                 try:
@@ -614,18 +614,6 @@ class Quarantine:
         self._count = (self._count or 0) + 1
         self._bytes += size
         return path
-
-
-def _sync_directory(directory: str) -> None:
-    """
-    Sync a directory, so that names created or renamed in it survive a
-    crash.
-    """
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- outcomes -------------------------------------------------------------------
