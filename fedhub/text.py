@@ -13,10 +13,13 @@ from fedhub.message import Message
 #: The extra header a producer may set to give its message a human summary.
 SUMMARY_HEADER = "fedhub_summary"
 
-#: Control characters, line and paragraph separators, and the invisible
-#: marks that reorder how text is shown (bidirectional embeddings,
-#: overrides and isolates).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: Control characters, line and paragraph separators, the invisible marks
+#: that reorder how text is shown (bidirectional embeddings, overrides and
+#: isolates), and lone surrogates (JSON's \\ud800 escapes), which no output
+#: can encode.
+_CONTROL = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 
 
 def escape_control(text: str, limit: int | None = None) -> str:

@@ -103,6 +103,10 @@ class LogLevelTests(SynchronousTestCase):
         self.assertIn("\\x1b[31mred", text)
         self.assertIn("\\u202e", text)
         self.assertEqual(event["count"], 3)
+        # A lone surrogate (JSON allows it) would make a file observer fail
+        # to write the line at all.
+        log.info("Consumer {consumer}: {reason}", consumer="c", reason="half \ud800 a pair")
+        formatEvent(self.events[-1]).encode("utf-8")
 
     def test_class_attribute(self) -> None:
         """As a class attribute it still is a HubLogger, named after the class."""
