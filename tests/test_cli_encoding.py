@@ -13,6 +13,11 @@ shared RabbitMQ (a missing broker fails under C{CI=true}, skips elsewhere).
 
 from __future__ import annotations
 
+from typing import Any
+
+import os
+import subprocess
+
 import io
 import json
 import sys
@@ -21,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from fedhub.cli.main import escape_unencodable, main
 from fedhub.errors import MessageNacked
@@ -201,3 +206,43 @@ class LiveTailEncodingTests(LiveCase):
             bytes(process.out),
             f"2026-11-28T06:00:00+00:00 {self.prefix}.caf\u00e9 caf\u00e9 \\u20ac \\ud83d\\ude00\n".encode("latin-1"),
         )
+
+
+class StandardOutputFailureTests(SynchronousTestCase):
+    """
+    A command whose standard output can not be written (a full disk, a
+    reader gone) ends with one line and the documented status, never a
+    traceback.
+    """
+
+    def run_cli(self, stdout: Any, *argv: str) -> subprocess.CompletedProcess[bytes]:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root}
+        return subprocess.run(
+            [sys.executable, "-m", "fedhub.cli", *argv], stdout=stdout, stderr=subprocess.PIPE,
+            env=env, timeout=120, check=False,
+        )
+
+    def config(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[domains.a]\nbroker = "memory"\n')
+        return path
+
+    def test_full_disk(self) -> None:
+        """Standard output on a full disk: status 74 and one line saying so."""
+        if not os.path.exists("/dev/full"):
+            raise SkipTest("no /dev/full")
+        with open("/dev/full", "w") as full:
+            done = self.run_cli(full, "check-config", self.config())
+        self.assertEqual(done.returncode, 74, done.stderr)
+        self.assertEqual(done.stderr.decode().splitlines(),
+                         ["fedhub check-config: can not write standard output: No space left on device"])
+
+    def test_reader_gone(self) -> None:
+        """A reader that went away ends the command quietly with 0."""
+        read, write = os.pipe()
+        os.close(read)
+        with os.fdopen(write, "w") as closed:
+            done = self.run_cli(closed, "check-config", self.config())
+        self.assertEqual((done.returncode, done.stderr), (0, b""))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from contextlib import contextmanager
 from types import ModuleType
 
@@ -64,6 +66,52 @@ def escape_unencodable(error: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(ESCAPE_ERRORS, escape_unencodable)
+
+
+class _TaggedOutput:
+    """
+    Standard output whose write failures say they came from it (the
+    attribute C{standard_output} of the C{OSError}), so that a full disk or
+    a closed pipe behind it is told apart from the command's own failures.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as e:
+            e.standard_output = True  # type: ignore[attr-defined]
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            e.standard_output = True  # type: ignore[attr-defined]
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def tagged_output() -> Iterator[None]:
+    """
+    While the block runs, standard output is a L{_TaggedOutput}; the block
+    ends with its buffer flushed.
+    """
+    stream = sys.stdout
+    if stream is None:
+        yield
+        return
+    sys.stdout = _TaggedOutput(stream)  # type: ignore[assignment]
+    try:
+        yield
+        sys.stdout.flush()
+    finally:
+        sys.stdout = stream
 
 
 @contextmanager
@@ -120,12 +168,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        with escaping_output():
+        with escaping_output(), tagged_output():
             return run(args)
+    except OSError as e:
+        if not getattr(e, "standard_output", False):
+            raise
+        _drop_standard_output()
+        if isinstance(e, BrokenPipeError):
+            # Its reader went away (`fedhub outbox list | head`): nothing
+            # more to say to it.
+            return 0
+        return runner.fail(args.command, runner.status_of(e)[1], runner.EX_IOERR)
     except KeyboardInterrupt:
         # Ctrl-C outside the reactor (reading a configuration, waiting for
         # the running hub, importing plugins): one line, as for any other stop.
         return runner.fail(args.command, "interrupted", runner.interrupted_status(signal.SIGINT))
+
+
+def _drop_standard_output() -> None:
+    """
+    Point standard output at /dev/null, so that flushing it at exit does
+    not fail once more.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def entry() -> None:

@@ -224,6 +224,8 @@ def status_of(error: BaseException) -> tuple[int, str]:
         return EX_CONFIG, str(first)
     if isinstance(error, DomainError):
         return EX_CONFIG, error.reason
+    if isinstance(error, OSError) and getattr(error, "standard_output", False):
+        return EX_IOERR, f"can not write standard output: {error.strerror or error}"
     return EX_SOFTWARE, f"unexpected error: {type(error).__name__}: {error}"
 
 
