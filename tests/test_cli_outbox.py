@@ -200,6 +200,36 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertIn("interrupted", lines[0])
         self.assertIn("stays queued", lines[0])
 
+    def test_names_not_answered(self) -> None:
+        """
+        retry or drop by name while the hub does not answer: the look-up of
+        the names went unanswered, so the line says nothing was changed,
+        not that a drop stays queued (none was sent).
+        """
+        from fedhub.cli import outbox
+
+        def interrupt(seconds: float) -> None:
+            raise KeyboardInterrupt()
+
+        self.patch(outbox.time, "sleep", interrupt)
+        self.prepare()
+        holder = Store(self.outbox_dir, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        try:
+            status, _ = self.command("drop", "1", "-c", self.config)
+        finally:
+            self.successResultOf(holder.close())
+        self.assertEqual(status, 130)
+        lines = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("nothing was changed", lines[0])
+        spool = os.path.join(os.path.dirname(os.path.dirname(self.outbox_dir)), "spool")
+        requests = [n for _, _, names in os.walk(spool) for n in names if n.endswith(".ctl")]
+        self.assertEqual(len(requests), 1)
+        [path] = [os.path.join(d, n) for d, _, names in os.walk(spool) for n in names if n.endswith(".ctl")]
+        with open(path) as f:
+            self.assertEqual(json.load(f)["action"], "list")
+
     def test_no_outbox_yet(self) -> None:
         """A domain whose hub never ran has no failed messages; nothing is created."""
         status, out = self.command("list", "-c", self.config)

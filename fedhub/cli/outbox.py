@@ -16,7 +16,9 @@ hub holds its outbox's database with an exclusive lock for as long as it
 runs (so that two hubs never publish one outbox): on a stopped hub these
 commands open the database themselves; while the hub runs they send their
 request through the domain's spool and the hub carries it out (exit 75 when
-it does not answer within 10 s; the request then stays queued).
+it does not answer within 10 s; a retry or drop then stays queued, while a
+list, also the look-up of the names a retry or drop is given, changes
+nothing).
 """
 
 from __future__ import annotations
@@ -397,8 +399,7 @@ class HubFailedArea(FailedArea):
                     # on it at any moment, so say so rather than imply that
                     # Ctrl-C cancelled it.
                     raise CommandError(
-                        f"interrupted while waiting for the hub; the {action} request stays "
-                        "queued and the hub carries it out",
+                        f"interrupted while waiting for the hub; {self._left(action)}",
                         runner.interrupted_status(signal.SIGINT),
                     ) from None
                 continue
@@ -408,9 +409,20 @@ class HubFailedArea(FailedArea):
             return answer
         raise CommandError(
             f"the hub holds the outbox of domain {self.domain} but did not answer within "
-            f"{self.timeout:g} s; the request stays queued",
+            f"{self.timeout:g} s; {self._left(action)}",
             EX_TEMPFAIL,
         )
+
+    @staticmethod
+    def _left(action: str) -> str:
+        """
+        What an unanswered request leaves behind.  A list (also the look-up
+        of the names given to retry or drop) changes nothing; a retry or a
+        drop stays queued, and the hub carries it out.
+        """
+        if action == "list":
+            return "nothing was changed"
+        return f"the {action} request stays queued and the hub carries it out"
 
     def records(self) -> list[FailedRecord]:
         return [
