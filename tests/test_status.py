@@ -1196,13 +1196,17 @@ class HostCheckTests(SynchronousTestCase):
     """
 
     def test_allowed_hosts(self) -> None:
-        """IP literals, localhost and the machine's names pass; other names do not."""
+        """
+        IP literals, localhost and the machine's names pass, and so does a
+        request without Host (an HTTP/1.0 health check; a browser always
+        sends one); other names do not.
+        """
         from fedhub.status.web import host_allowed
 
         names = frozenset({"hub1", "hub1.example.org"})
         for host in (b"127.0.0.1:8070", b"127.0.0.1", b"[::1]:8070", b"localhost:8070",
-                     b"LOCALHOST", b"hub1:8070", b"hub1.example.org", b"10.1.2.3:80"):
+                     b"LOCALHOST", b"hub1:8070", b"hub1.example.org", b"10.1.2.3:80", None):
             self.assertTrue(host_allowed(host, names), host)
-        for host in (None, b"", b"attacker.example:8070", b"hub1.attacker.example",
+        for host in (b"", b"attacker.example:8070", b"hub1.attacker.example",
                      b"127.0.0.1.nip.io", b"[evil]:80"):
             self.assertFalse(host_allowed(host, names), host)

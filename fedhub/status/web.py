@@ -911,8 +911,12 @@ def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
     Whether a request's C{Host} header names this server: an IP address,
     C{localhost}, or one of C{names} (the machine's own names).  A page
     reached through any other name is refused, so a web page whose name an
-    attacker resolves to 127.0.0.1 (DNS rebinding) can not read it.
+    attacker resolves to 127.0.0.1 (DNS rebinding) can not read it.  A
+    request without the header passes: browsers always send one, and an
+    HTTP/1.0 health check (HAProxy's, say) may not.
     """
+    if host is None:
+        return True
     if not host:
         return False
     text = host.decode("latin-1").strip().lower()
@@ -964,7 +968,7 @@ class _HostCheck(Resource):
 
 class _Misdirected(_Leaf):
     def render_GET(self, request: _Request) -> bytes:
-        request.setResponseCode(421)
+        request.setResponseCode(421, b"Misdirected Request")
         _headers(request, "text/plain; charset=utf-8")
         return b"this server answers only to its own names\n"
 
