@@ -166,8 +166,25 @@ def _json_object(data: bytes | str) -> FrozenDict:
     except ValueError as e:
         raise DecodeError(f"body is not valid JSON: {e}") from None
     if value.__class__ is not FrozenDict:
-        raise DecodeError(f"body is a JSON {type(value).__name__}, not an object")
+        raise DecodeError(f"body is a JSON {_json_kind(value)}, not an object")
     return value
+
+
+def _json_kind(value: object) -> str:
+    """
+    What JSON calls the kind of a decoded value, for messages.
+    """
+    if isinstance(value, list):
+        return "array"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__
 
 
 # One encoder for every message, for the decoder's reason.
@@ -827,7 +844,7 @@ def load_message(record: object, line: int | None = None) -> Message:
             raise DecodeError(f"record has no {key!r}", line)
     body = record["body"]
     if not isinstance(body, Mapping):
-        raise DecodeError(f"body is a JSON {type(body).__name__}, not an object", line)
+        raise DecodeError(f"body is a JSON {_json_kind(body)}, not an object", line)
     try:
         schema, severity, priority, sent_at, extra = _split_headers(record.get("headers"))
     except DecodeError as e:

@@ -367,6 +367,28 @@ class LineReaderTests(SynchronousTestCase):
         self.assertIsInstance(outcome, Failure)
         cast(Failure, outcome).trap(DecodeError)
 
+    def test_long_line_numbered(self) -> None:
+        """
+        The lines before a long one come first, so that counting them names
+        the long one: a file of 5 good lines and a long 6th fails at line 6.
+        """
+        reactor = FakeThreadReactor()
+        data = b"".join(b'{"topic": "a.b", "body": {"n": %d}}\n' % n for n in range(5)) + b"x" * 500 + b"\n"
+        reader = LineReader(io.BytesIO(data), reactor, chunk_size=1 << 16, max_line=200)
+        reader.start()
+        seen: list[int | None] = []
+
+        async def drain() -> None:
+            async for number, _ in publish.file_messages(reader):
+                seen.append(number)
+
+        d = Deferred.fromCoroutine(drain())
+        while not d.called:
+            reactor.run_calls()
+        error = self.failureResultOf(d, DecodeError).value
+        self.assertEqual(seen, [1, 2, 3, 4, 5])
+        self.assertEqual(error.line, 6)
+
     def test_stop(self) -> None:
         """Stopping fails the read that waits, and later ones, with InputStopped."""
         reader = LineReader(io.BytesIO(b""), FakeThreadReactor())

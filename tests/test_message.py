@@ -338,7 +338,7 @@ class SerializedFormTests(SynchronousTestCase):
             "[1]": "not an object",
             '{"body": {}}': "no 'topic'",
             '{"topic": "a"}': "no 'body'",
-            '{"topic": "a", "body": []}': "not an object",
+            '{"topic": "a", "body": []}': "body is a JSON array, not an object",
             '{"topic": "a", "body": {}, "extra": 1}': "unknown keys",
             '{"topic": "a", "body": {}, "headers": {"fedora_messaging_severity": 7}}': "fedora_messaging_severity",
             '{"topic": "", "body": {}}': "topic",

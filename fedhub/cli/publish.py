@@ -158,6 +158,15 @@ class LineReader:
                     partial.append(data[start:])
                     partial_size += len(data) - start
                 if partial_size > self._max_line or any(len(line) > self._max_line for line in lines):
+                    # The lines before the long one first, so that its
+                    # number is known where lines are counted.
+                    good = []
+                    for line in lines:
+                        if len(line) > self._max_line:
+                            break
+                        good.append(line)
+                    if good:
+                        self._hand_over(good)
                     self._hand_over(
                         DecodeError(f"a line is longer than {self._max_line} bytes", None)
                     )
@@ -249,7 +258,13 @@ async def file_messages(
     """
     number = 0
     while True:
-        lines = await reader.next_lines()
+        try:
+            lines = await reader.next_lines()
+        except DecodeError as e:
+            if e.line is not None:
+                raise
+            # The reader does not count lines: the next one is the culprit.
+            raise DecodeError(e.reason, number + 1) from None
         if lines is None:
             return
         for line in lines:
