@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
@@ -625,6 +625,49 @@ class FirstOfTests(SynchronousTestCase):
 
 
 # --- the shared broker ----------------------------------------------------------------
+
+
+class BlockedWatchTests(SynchronousTestCase):
+    """
+    The watch that keeps a publishing command's time bound while its broker
+    blocks publishing (a resource alarm), when the bus stops timing confirms.
+    """
+
+    def test_fires_after_timeout_blocked(self) -> None:
+        """Blocked for longer than the timeout in a row: it fires; an unblock in between starts afresh."""
+
+        class Bus:
+            blocked = False
+
+        clock = Clock()
+        bus = Bus()
+
+        def advance(seconds: float) -> None:
+            clock.pump([0.25] * int(seconds / 0.25))
+
+        watch = runner._blocked_too_long(bus, clock, 5.0)
+        bus.blocked = True
+        advance(4)
+        bus.blocked = False
+        advance(0.25)
+        bus.blocked = True
+        advance(5)
+        self.assertNoResult(watch)
+        advance(1)
+        self.assertIsNone(self.successResultOf(watch))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """Cancelled (the work ended first), it stops looking."""
+
+        class Bus:
+            blocked = True
+
+        clock = Clock()
+        watch = runner._blocked_too_long(Bus(), clock, 5.0)
+        watch.addErrback(lambda f: f.trap(CancelledError))
+        watch.cancel()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class LivePublishTests(LiveCase):

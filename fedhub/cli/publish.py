@@ -567,6 +567,7 @@ def _run(args: argparse.Namespace) -> int:
         return await runner.with_bus(
             "publish", runtime, domain, args.timeout,
             lambda bus: Deferred.fromCoroutine(publish(bus)),
+            publishing=True,
             max_in_flight=window,
         )
 

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return await runner.with_bus(
             "replay", runtime, domain, args.timeout,
             lambda bus: Deferred.fromCoroutine(replay(bus)),
+            publishing=True,
             max_in_flight=window,
         )
 

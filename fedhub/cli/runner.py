@@ -351,6 +351,8 @@ async def with_bus(
     domain: DomainConfig,
     timeout: float,
     work: Callable[[Any], Deferred[int]],
+    *,
+    publishing: bool = False,
     **options: Any,
 ) -> int:
     """
@@ -358,6 +360,11 @@ async def with_bus(
     C{work(bus)}, and disconnect.  A SIGINT or SIGTERM while connecting ends
     the command.
 
+    @param publishing: The work publishes: a broker that blocks publishing
+        (a resource alarm) for longer than C{timeout} ends the command with
+        L{EX_TEMPFAIL}.  The bus itself waits out such an alarm without
+        timing its confirms (right for the hub, which has its outbox), so
+        the command's time bound is kept here.
     @param options: More keyword arguments for the bus.
     """
     from fedhub.amqp.transport import AMQPBus
@@ -379,7 +386,20 @@ async def with_bus(
             return fail(
                 command, "interrupted while connecting", interrupted_status(runtime.signal or 2)
             )
-        return await work(bus)
+        if not publishing:
+            return await work(bus)
+        working = work(bus)
+        watch = _blocked_too_long(bus, reactor, timeout)
+        which, result = await first_of(working, watch)
+        if which == 1:
+            working.addErrback(lambda _: None)
+            raise CommandError(
+                f"the broker blocks publishing (a resource alarm: memory or disk) for more than "
+                f"{timeout:g} s; messages not confirmed may or may not have been taken",
+                EX_TEMPFAIL,
+            )
+        watch.cancel()
+        return int(result)
     finally:
         if bus.running:
             stopping = with_timeout(bus.stopService(), timeout + 5.0, reactor, lambda: TimeoutError())
@@ -387,6 +407,35 @@ async def with_bus(
                 await stopping
             except Exception:
                 pass
+
+
+def _blocked_too_long(bus: Any, reactor: Any, timeout: float) -> Deferred[None]:
+    """
+    A Deferred firing once C{bus} has been blocked by its broker for more
+    than C{timeout} seconds in a row (checked a few times a second);
+    cancelling it stops the watch.
+    """
+    from twisted.internet.task import LoopingCall
+
+    since: list[float | None] = [None]
+
+    def check() -> None:
+        if not bus.blocked:
+            since[0] = None
+            return
+        now = reactor.seconds()
+        if since[0] is None:
+            since[0] = now
+        elif now - since[0] > timeout:
+            loop.stop()
+
+    loop = LoopingCall(check)
+    loop.clock = reactor
+    done: Deferred[None] = Deferred(lambda _: loop.stop() if loop.running else None)
+    loop.start(min(0.25, timeout / 4), now=True).addCallback(
+        lambda _: None if done.called else done.callback(None)
+    )
+    return done
 
 
 def interrupted_status(signum: int) -> int:
