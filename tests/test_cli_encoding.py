@@ -144,7 +144,7 @@ class MainOutputTests(SynchronousTestCase):
     def test_failing_command_restores(self) -> None:
         """A command that fails leaves standard output as it found it."""
         stdout = terminal("ascii")
-        self.assertEqual(self.run_main(stdout, "check-config", str(self.directory / "missing.toml")), 1)
+        self.assertEqual(self.run_main(stdout, "check-config", str(self.directory / "missing.toml")), 78)
         self.assertEqual(stdout.errors, "strict")
 
 
