@@ -1467,10 +1467,12 @@ class ConsumeTests(BusCase):
             self.broker.pump()
         self.assertTrue(self.bus.connected)
         self.assertFalse(subscription.consuming)
+        self.assertIn("NOT_FOUND - no queue", subscription.last_error or "")
         del self.broker.failures[("basic.consume", "hub.q")]
         self.clock.advance(8.0)
         self.broker.pump()
         self.assertTrue(subscription.consuming)
+        self.assertIsNone(subscription.last_error)
         subscription.cancel()
         self.assertFalse(subscription.consuming)
 

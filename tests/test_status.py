@@ -520,6 +520,17 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(self.ready(world)[1]["consumers"]["a"]["error"],
                          "AccessRefused: 403 ACCESS_REFUSED\\x1b")
 
+    def test_consumer_queue_gone_shown(self) -> None:
+        """A consumer whose broker does not let it consume (its queue deleted) says why in /ready."""
+        world = World(self)
+        world.start()
+        subscription: Any = world.consumer._subscription
+        subscription.last_error = "404 NOT_FOUND - no queue 'fedhub.a'"
+        code, body = self.ready(world)
+        self.assertEqual(body["consumers"]["a"]["error"], "404 NOT_FOUND - no queue 'fedhub.a'")
+        subscription.last_error = None
+        self.assertIsNone(self.ready(world)[1]["consumers"]["a"]["error"])
+
     def test_connection_error_shown(self) -> None:
         """A bus's last connection error is in the details, control characters escaped."""
         bus = AMQPLikeBus(False, ConnectionRefusedError("refused\r\nX-Forged: yes"), 0)

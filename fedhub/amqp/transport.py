@@ -547,6 +547,8 @@ class AMQPSubscription:
     @ivar prefetch: Deliveries unacknowledged at once, at most.
     @ivar started: Whether it ever consumed.
     @ivar cancelled: Whether L{cancel} was called.
+    @ivar last_error: Why the broker refused to let it consume again (its
+        queue gone, say), while it retries; C{None} once it consumes.
     """
 
     @property
@@ -570,6 +572,7 @@ class AMQPSubscription:
         self.on_delivery = on_delivery
         self.started = False
         self.cancelled = False
+        self.last_error: str | None = None
         self.consumer: _Consumer | None = None
         self.retries = 0
         self.retry_call: IDelayedCall | None = None
@@ -1728,6 +1731,7 @@ class AMQPBus(Service):
                 subscription.cancelled = True
                 self._fail_waiters(subscription.waiters, error)
                 return
+            subscription.last_error = str(error)
             self.log.error(
                 "Consuming from queue {queue} of domain {domain} failed: {error}",
                 queue=escape_control(subscription.queue),
@@ -1745,6 +1749,7 @@ class AMQPBus(Service):
             return
         subscription.consumer = consumer
         subscription.started = True
+        subscription.last_error = None
         subscription.retries = 0
         waiters, subscription.waiters = subscription.waiters, []
         for d in waiters:

@@ -289,6 +289,18 @@ class ConsumerService(Service):
         self.start_error: str | None = None
 
     @property
+    def problem(self) -> str | None:
+        """
+        Why it is not consuming, when it can tell: its last failed start,
+        or what the broker said when refusing to let its subscription
+        consume again (a queue gone); C{None} otherwise.
+        """
+        if self.start_error is not None:
+            return self.start_error
+        error = getattr(self._subscription, "last_error", None)
+        return error if isinstance(error, str) else None
+
+    @property
     def consuming(self) -> bool:
         """
         Whether messages can come to this consumer now: it subscribed, is

@@ -106,8 +106,9 @@ class Readiness:
         (C{"memory"} or C{"amqp"}), C{blocked} when the bus can tell, and
         C{error}: the last connection error, or C{None}.
     @ivar consumers: By consumer: C{ready}, C{domain}, C{consuming},
-        C{halted}, and C{error}: why its last attempt to start failed (it
-        tries again), or C{None}.
+        C{halted}, and C{error}: why its last attempt to start failed, or
+        why the broker does not let it consume (it tries again in both
+        cases), or C{None}.
     @ivar producers: By producer: C{ready} (its start did not fail),
         C{running}, and C{error}: why its start failed (the hub's record,
         or the service's own C{start_error}: a listener that could not
@@ -158,7 +159,7 @@ def readiness(hub: HubView) -> Readiness:
     for name, service in hub.consumers.items():
         consuming = bool(service.consuming)
         halted = bool(service.halted)
-        start_error = getattr(service, "start_error", None)
+        start_error = getattr(service, "problem", None)
         consumers[name] = {
             "ready": consuming and not halted,
             "domain": service.component.domain,
