@@ -622,6 +622,22 @@ class SourceTests(SourceTestBase):
         self.assertTrue(any("'1'" in w and f"repo {text}" in w for w in warnings), warnings)
         self.assertTrue(any("None" in w and f"repo {making}" in w for w in warnings), warnings)
 
+    def test_first_start_reads_repo_rows_strictly(self) -> None:
+        """
+        At the first start, a repo being made counts only with an integer
+        INIT state (False is no state), and a row with a broken id does not
+        fail the start.
+        """
+        source = self.source(builds=False, tasks="none")
+        making = self.koji.new_repo("f24")
+        flag = self.koji.new_repo("f33-build")
+        self.koji.repos[flag]["state"] = False  # == REPO_INIT, yet no state
+        broken = self.koji.new_repo("destination")
+        self.koji.repos[broken]["id"] = "not a number"
+        cursor = self.start(source)
+        self.assertEqual(cursor["repos"]["pending"], [making, broken])
+        self.assertEqual(cursor["repos"]["next"], broken + 1)
+
     def test_event_without_a_usable_time(self) -> None:
         """An event whose time is not a number fails the poll with a KojiError naming it."""
         source = self.source()

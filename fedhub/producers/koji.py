@@ -339,12 +339,14 @@ class KojiSource:
             ids = list(range(start, start + 50))
             found = yield self._multicall([Call("repoInfo", (i, kwargs(strict=False)))
                                            for i in ids])
-            repos = [unwrap(r) for r in found]
-            present = [r for r in repos if isinstance(r, dict)]
-            pending += [int(r["id"]) for r in present if r.get("state") == REPO_INIT]
+            # By the id asked for: the row's own may be anything.
+            present = [(i, r) for i, r in zip(ids, map(unwrap, found)) if isinstance(r, dict)]
+            pending += [
+                i for i, r in present if _integer(r.get("state")) and r["state"] == REPO_INIT
+            ]
             if not present:
                 break
-            start = max(int(r["id"]) for r in present) + 1
+            start = max(i for i, _ in present) + 1
         return start, pending
 
     @staticmethod
