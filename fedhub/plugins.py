@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.plugin import getPlugins
+from zope.interface import implementer
 
 from fedhub.config import ComponentConfig, HubSettings, is_valid_name
 from fedhub.errors import UnknownPlugin
@@ -151,8 +153,26 @@ def _discover(kind: str, interface: Any, package: ModuleType | None) -> dict[str
         import twisted.plugins
 
         package = twisted.plugins
-    found = [(_origin(plugin, package.__name__), plugin)
-             for plugin in getPlugins(interface, package)]
+    # getPlugins logs whatever a plugin module raises, Ctrl-C included, and
+    # goes on: an interrupt must still interrupt.
+    interrupted: list[BaseException] = []
+
+    @implementer(ILogObserver)
+    def watch(event: dict[str, Any]) -> None:
+        # getPlugins logs with the legacy log.err: the failure is "failure".
+        failure = event.get("log_failure") or event.get("failure")
+        value = getattr(failure, "value", None)
+        if isinstance(value, (KeyboardInterrupt, SystemExit)):
+            interrupted.append(value)
+
+    globalLogPublisher.addObserver(watch)
+    try:
+        found = [(_origin(plugin, package.__name__), plugin)
+                 for plugin in getPlugins(interface, package)]
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    if interrupted:
+        raise interrupted[0]
     return collect(kind, found)
 
 

@@ -251,6 +251,23 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(sorted(plugins_of_kind("producer", self.package)), ["source"])
         self.assertEqual(find_producer_plugin("source", self.package).description, "s")
 
+    def test_interrupt_while_importing(self) -> None:
+        """
+        Ctrl-C while a plugin module is imported interrupts the discovery
+        (Twisted's getPlugins would log it and go on, and a command would
+        carry on as if nothing happened); a module that fails otherwise is
+        only skipped.
+        """
+        directory = os.path.dirname(self.package.__file__)
+        with open(os.path.join(directory, "d_interrupted.py"), "w") as f:
+            f.write("raise KeyboardInterrupt()\n")
+        self.assertRaises(KeyboardInterrupt, consumer_plugins, self.package)
+        self.flushLoggedErrors(KeyboardInterrupt)
+        with open(os.path.join(directory, "d_interrupted.py"), "w") as f:
+            f.write("raise ValueError('broken plugin module')\n")
+        self.assertEqual(sorted(consumer_plugins(self.package)), ["dup", "other"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_unknown(self) -> None:
         """
         Looking up a missing plugin raises UnknownPlugin listing the installed ones.
