@@ -622,6 +622,26 @@ class SourceTests(SourceTestBase):
         self.assertTrue(any("'1'" in w and f"repo {text}" in w for w in warnings), warnings)
         self.assertTrue(any("None" in w and f"repo {making}" in w for w in warnings), warnings)
 
+    def test_repos_followed_are_bounded(self) -> None:
+        """
+        The cursor follows at most MAX_PENDING_REPOS repos being made (each
+        is looked at every poll): the newest, with a warning.
+        """
+        from fedhub.producers import koji
+
+        self.patch(koji, "MAX_PENDING_REPOS", 3)
+        logged: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, logged.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        source = self.source(builds=False, tasks="none")
+        cursor = self.start(source)
+        made = [self.koji.new_repo(tag) for tag in ("f24", "f33-build", "destination", "f24", "f33-build")]
+        messages, cursor = self.drain(source, cursor)
+        self.assertEqual(sorted(m.body["repo_id"] for m in messages), made)
+        self.assertEqual(cursor["repos"]["pending"], made[-3:])
+        self.assertTrue(any("following the newest 3" in formatEvent(e) for e in logged))
+
     def test_first_start_reads_repo_rows_strictly(self) -> None:
         """
         At the first start, a repo being made counts only with an integer

@@ -92,6 +92,9 @@ _NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
 _UNFINISHED = {"created": [0, 1, 4], "started": [1]}
 # How many entries the cursor keeps of builds and tasks not finished yet.
 _MAX_OPEN = 20000
+# How many repos being made the cursor follows (each is looked at every
+# poll): the newest; an older one past that gets no repo.done.
+MAX_PENDING_REPOS = 1000
 
 
 class KojiError(FedhubError):
@@ -613,7 +616,15 @@ class KojiSource:
             else:
                 repos["probe"] = probe
             repos["next"] = highest + 1
-            repos["pending"] = sorted(pending)
+            followed = sorted(pending)
+            if len(followed) > MAX_PENDING_REPOS:
+                self.log.warn(
+                    "{count} repos are being made at once; following the newest {limit}, "
+                    "the others get no repo.done",
+                    count=len(followed), limit=MAX_PENDING_REPOS, producer=self.name,
+                )
+                followed = followed[-MAX_PENDING_REPOS:]
+            repos["pending"] = followed
 
         events.sort(key=lambda e: (e[0], e[1]))
         messages = yield self._messages(events, owners, task_rows)
