@@ -63,13 +63,14 @@ from twisted.internet.defer import (
     fail,
     maybeDeferred,
 )
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from fedhub.config import Config, DomainConfig, default_config, load_config
 from fedhub.errors import AccessRefused, FedhubError, NotConnected, TemporarilyUnavailable
 from fedhub.message import Message
 from fedhub.text import escape_control
+from fedhub.waiting import with_timeout
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -156,41 +157,6 @@ def choose_domain(config: Config, name: str | None, *, need_broker: bool = True)
             known,
         )
     return domain
-
-
-def with_timeout(
-    d: Deferred[_T], timeout: float, clock: IReactorTime, error: Callable[[], Exception]
-) -> Deferred[_T]:
-    """
-    A Deferred with C{d}'s result, or failing with C{error()} when C{d} has
-    not fired within C{timeout} seconds.
-
-    Unlike C{Deferred.addTimeout}, C{d} itself is never cancelled: the bus
-    fires its Deferreds later (a confirm that arrives late), and a cancelled
-    one would then be fired twice.
-    """
-    result: Deferred[_T] = Deferred()
-    call: IDelayedCall | None = None
-
-    def expire() -> None:
-        nonlocal call
-        call = None
-        if not result.called:
-            result.errback(error())
-
-    def done(outcome: _T | Failure) -> None:
-        if call is not None and call.active():
-            call.cancel()
-        if not result.called:
-            if isinstance(outcome, Failure):
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
-
-    if timeout > 0:
-        call = clock.callLater(timeout, expire)
-    d.addBoth(done)
-    return result
 
 
 def _bad_timeout(timeout: float | None) -> ValueError | None:

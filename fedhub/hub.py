@@ -37,6 +37,7 @@ from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
 from fedhub.text import escape_control
 from fedhub.topology import Topology
+from fedhub.waiting import with_timeout
 
 
 #: Seconds the hub waits for one of its services to stop before it logs the
@@ -47,6 +48,12 @@ from fedhub.topology import Topology
 #: C{stop_timeout}).  A consumer gets twice its C{drain_timeout} on top: its
 #: messages in hand and its plugin's C{stop()} may each take that long.
 STOP_TIMEOUT: Final = 60.0
+
+
+class _StopTooLong(Exception):
+    """
+    A service did not stop within its L{stop_timeout}.
+    """
 
 
 def stop_timeout(service: IService) -> float:
@@ -141,25 +148,16 @@ class SequentialMultiService(MultiService):
         if self.clock is None:
             return stopped
         timeout = stop_timeout(service)
-        waiter: Deferred[None] = Deferred()
 
-        def gave_up() -> None:
+        def gave_up(failure: Failure) -> None:
+            failure.trap(_StopTooLong)
             self.log.error(
                 "{service} did not stop within {timeout} s; stopping the rest of the hub "
                 "without it",
                 service=service.name, timeout=timeout, **fields,
             )
-            waiter.callback(None)
 
-        call = self.clock.callLater(timeout, gave_up)
-
-        def finished(_: object) -> None:
-            if call.active():
-                call.cancel()
-                waiter.callback(None)
-
-        stopped.addCallback(finished)
-        return waiter
+        return with_timeout(stopped, timeout, self.clock, _StopTooLong).addErrback(gave_up)
 
 
 def _stage_key(service: IService) -> str | None:

@@ -54,7 +54,6 @@ from fedhub.api import (
     choose_domain,
     connect_bus,
     load,
-    with_timeout,
 )
 from fedhub.config import Config, DomainConfig
 from fedhub.errors import (
@@ -71,6 +70,7 @@ from fedhub.errors import (
 )
 from fedhub.logs import allow_level
 from fedhub.text import escape_control
+from fedhub.waiting import with_timeout
 
 EX_OK = 0
 #: Some of the records named were not found.

@@ -71,6 +71,7 @@ from fedhub.topology import (
     QueueSpec,
     Topology,
 )
+from fedhub.waiting import with_timeout
 
 #: The header a dead-lettered copy carries its reason in.
 DEAD_LETTER_REASON_HEADER = "fedhub_dead_letter_reason"
@@ -128,6 +129,12 @@ DEFAULT_PREFETCH = 10
 START_RETRY_INITIAL = 1.0
 #: ... up to this.
 START_RETRY_MAX = 60.0
+
+
+class _Late(Exception):
+    """
+    What a consumer waited for did not end within its time.
+    """
 
 
 def start_delay(failures: int) -> float:
@@ -669,20 +676,14 @@ class ConsumerService(Service):
 
     def _within(self, d: Deferred[Any], seconds: float) -> Deferred[bool]:
         """
-        A Deferred firing with C{True} once C{d} has fired (its result left
-        to it), or with C{False} after C{seconds} if that comes first.
+        A Deferred firing with C{True} once C{d} has fired (whatever its
+        result), or with C{False} after C{seconds} if that comes first.
         """
-        waiter: Deferred[bool] = Deferred()
 
-        def ended(result: object) -> object:
-            if timeout.active():
-                timeout.cancel()
-                waiter.callback(True)
-            return result
+        def ended(result: object) -> bool:
+            return not (isinstance(result, Failure) and result.check(_Late))
 
-        timeout = self.clock.callLater(seconds, waiter.callback, False)
-        d.addBoth(ended)
-        return waiter
+        return with_timeout(d, seconds, self.clock, _Late).addBoth(ended)
 
     def _track(self, d: Deferred[Any]) -> None:
         """
