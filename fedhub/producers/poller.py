@@ -194,9 +194,13 @@ class CursorStore:
 
 def thread_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
     """
-    Run blocking functions in C{reactor}'s thread pool.
+    Run blocking functions in C{reactor}'s thread pool; on a reactor without
+    threads, which is a test's fake clock, at once (L{run_inline}).
     """
     from twisted.internet.threads import deferToThreadPool
+
+    if not IReactorThreads.providedBy(reactor):
+        return run_inline
 
     def run(f: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -285,11 +289,7 @@ class PollingService(Service):
         self.lag: float | None = None
         self._reactor = reactor
         self._random = random
-        if run_in_thread is None:
-            # A reactor without threads is a test's fake clock: blocking work
-            # (the cursor file) runs at once there.
-            run_in_thread = thread_runner(reactor) if IReactorThreads.providedBy(reactor) else run_inline
-        self._thread = run_in_thread
+        self._thread = run_in_thread if run_in_thread is not None else thread_runner(reactor)
         self._cursor_loaded = False
         self._cursor: Any = None
         self._phase = "stopped"

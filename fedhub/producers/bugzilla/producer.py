@@ -49,7 +49,7 @@ from typing import Any, Literal, Protocol, cast
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -76,7 +76,7 @@ from fedhub.producers.bugzilla.fingerprint import (
     fingerprint_of,
 )
 from fedhub.producers.bugzilla.parser import BugEvent, BugmailError, parse_bugmail
-from fedhub.producers.poller import run_inline, thread_runner
+from fedhub.producers.poller import thread_runner
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.text import SUMMARY_HEADER, escape_control
 
@@ -533,9 +533,7 @@ class Quarantine:
         self.max_files = max_files
         self.max_bytes = max_bytes
         self.clock = clock
-        if run_in_thread is None:
-            run_in_thread = thread_runner(clock) if IReactorThreads.providedBy(clock) else run_inline
-        self._thread = run_in_thread
+        self._thread = run_in_thread if run_in_thread is not None else thread_runner(clock)
         # One mail at a time: the counts are only ever touched by one thread.
         self._lock = DeferredLock()
         self._count: int | None = None
