@@ -38,7 +38,7 @@ from types import MappingProxyType
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
-from fedhub.errors import NO_PLUGINS, ConfigError, ConfigProblem, UnknownPlugin
+from fedhub.errors import NO_PLUGINS, ConfigError, ConfigProblem, ConfigUnreadable, UnknownPlugin
 from fedhub.logs import LEVELS
 from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 
@@ -1649,15 +1649,15 @@ def load_config(path: str, *, find_plugin: PluginLookup | None = None) -> Config
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ConfigError([ConfigProblem("file", f"can not read it: {e.strerror}")],
-                          shown) from None
+        raise ConfigUnreadable([ConfigProblem("file", f"can not read it: {e.strerror}")],
+                               shown) from None
     if len(data) > MAX_FILE_BYTES:
-        raise ConfigError([ConfigProblem("file", f"larger than {MAX_FILE_BYTES} bytes")], shown)
+        raise ConfigUnreadable([ConfigProblem("file", f"larger than {MAX_FILE_BYTES} bytes")], shown)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(
+        raise ConfigUnreadable(
             [ConfigProblem("file", f"not valid UTF-8 (byte {e.start}: {e.reason})", line)], shown
         ) from None
     base_dir = os.path.dirname(os.path.abspath(path))

@@ -95,6 +95,13 @@ class ConfigError(FedhubError):
         super().__init__(f"{head}{len(self.problems)} configuration problem(s):\n{lines}")
 
 
+class ConfigUnreadable(ConfigError):
+    """
+    The configuration file could not be read as text at all (missing,
+    unreadable, too large, not UTF-8), so nothing of it was checked.
+    """
+
+
 class UnknownPlugin(FedhubError):
     """
     No installed plugin has the requested name.

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from fedhub.config import Config, load_config
-from fedhub.errors import ConfigError, ConfigProblem, TemporarilyUnavailable
+from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
 from fedhub.hub import build_refusal, file_problems, tls_problems
 from fedhub.interfaces import IPublisher
@@ -85,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
         problems = build_problems(config)
+    except ConfigUnreadable as e:
+        # Not read at all: nothing was checked (78, as for every command).
+        return runner.fail("check-config", f"{args.file}: {e.problems[0].message}", runner.EX_CONFIG)
     except ConfigError as e:
         problems = e.problems
-        if [p.path for p in problems] == ["file"]:
-            # Not read at all: nothing was checked (78, as for every command).
-            return runner.fail("check-config", f"{args.file}: {problems[0].message}", runner.EX_CONFIG)
     if problems:
         print(f"{args.file}: {len(problems)} configuration problem(s):", file=sys.stderr)
         for problem in problems:
