@@ -67,7 +67,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from fedhub.config import Config, DomainConfig, default_config, load_config
-from fedhub.errors import AccessRefused, FedhubError, NotConnected, TemporarilyUnavailable
+from fedhub.errors import (
+    AccessRefused,
+    FedhubError,
+    NotConnected,
+    TemporarilyUnavailable,
+    TLSFailed,
+)
 from fedhub.message import Message
 from fedhub.text import escape_control
 from fedhub.waiting import with_timeout
@@ -202,6 +208,8 @@ async def connect_bus(bus: Any, clock: IReactorTime, timeout: float) -> None:
 
     @raise AccessRefused: at once when the broker refuses the login or the
         virtual host.
+    @raise TLSFailed: at once when a certificate was refused in the TLS
+        handshake, on either side: waiting does not fix that.
     @raise NotConnected: when no connection was made within C{timeout}
         seconds; its C{reason} names the broker and the last error.
     """
@@ -217,6 +225,11 @@ async def connect_bus(bus: Any, clock: IReactorTime, timeout: float) -> None:
         error = bus.last_error
         if isinstance(error, AccessRefused):
             raise AccessRefused(error.reply_code, error.reply_text)
+        if isinstance(error, TLSFailed) and error.certificate:
+            raise TLSFailed(
+                f"{error.details} (connecting to {bus.settings.safe_url()}, domain {bus.domain})",
+                certificate=True,
+            )
         left = deadline - clock.seconds()
         if left <= 0:
             why = "no answer"

@@ -176,6 +176,26 @@ class NotConnected(TemporarilyUnavailable):
     """
 
 
+class TLSFailed(NotConnected):
+    """
+    The TLS handshake with the broker failed, before any AMQP: the broker's
+    certificate was not accepted (a CA not trusted, a name not matching) or
+    the broker refused the client's (missing, or signed by a CA it does not
+    trust).  Retrying only helps once a certificate or the configuration is
+    fixed.
+
+    @ivar details: What OpenSSL or service-identity said, and for a broker
+        certificate that did not verify, why.
+    @ivar certificate: Whether a certificate was refused, on either side (as
+        opposed to a handshake cut short, which a restarting broker may do).
+    """
+
+    def __init__(self, details: str, certificate: bool = False) -> None:
+        self.details = details
+        self.certificate = certificate
+        super().__init__(f"the TLS handshake with the broker failed: {details}")
+
+
 # --- consumers: verdicts a plugin may raise -----------------------------
 
 

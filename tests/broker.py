@@ -210,13 +210,15 @@ class Authority:
         server: bool = False,
         dns: Sequence[str] = (),
         ips: Sequence[str] = (),
+        expired: bool = False,
     ) -> tuple[Key, x509.Certificate]:
         """
         A leaf certificate signed by this CA: for a server (with the given
-        names) or a client (its common name is the login).
+        names) or a client (its common name is the login); valid from
+        yesterday for 30 days, or C{expired} yesterday.
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc) - (timedelta(days=31) if expired else timedelta(0))
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             x509.CertificateBuilder()

@@ -31,6 +31,7 @@ from fedhub.errors import AccessRefused, NotConnected
 from fedhub.message import Message
 from fedhub.topology import BindingSpec, QueueSpec, Topology
 from tests.broker import PrivateBrokerCase, User, reactor, report, wait_until
+from tests.test_cli_publish import run_cli
 
 INFRA = "/infra"
 COMMUNITY = "/community"
@@ -247,7 +248,50 @@ key = "{pki.clients['community-hub'].key}"
             self.domain("rogue-trust", "infra-hub", INFRA, ca=self.broker.pki.rogue_ca)
         )
         error = await self.refused(bus, log)
-        self.assertIn("certificate verify failed", error)
+        # OpenSSL's bare "certificate verify failed" is explained.
+        self.assertRegex(
+            error,
+            r"^certificate verify failed: (unable to get local issuer certificate"
+            r"|self-signed certificate in certificate chain) \(depth \d, CN=",
+        )
+        self.assertTrue(bus.last_error.certificate)  # type: ignore[union-attr]
+
+    async def test_publish_command_refused_certificate(self) -> None:
+        """
+        C{fedhub publish} to a broker whose certificate does not verify exits
+        at once with C{EX_CONFIG} and says why, instead of retrying until its
+        timeout and exiting as if the broker were away.
+        """
+        assert self.broker.pki is not None
+        identity = self.broker.pki.clients["infra-hub"]
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write(
+                f"""
+[hub]
+state_dir = "{os.path.abspath(self.mktemp())}"
+
+[domains.infra]
+broker = "{self.broker.tls_url(INFRA)}"
+ca = "{self.broker.pki.rogue_ca}"
+cert = "{identity.cert}"
+key = "{identity.key}"
+"""
+            )
+        process = await run_cli(
+            "publish", "--config", config, "--timeout", "60", "--topic", "org.example.dev.tls",
+            "--body", "{}",
+        )
+        self.assertEqual(process.ended.result, 78, process.stderr)
+        self.assertRegex(
+            process.stderr,
+            r"^fedhub publish: the TLS handshake with the broker failed: certificate verify failed: "
+            r"(unable to get local issuer certificate|self-signed certificate in certificate chain)"
+            r" \(depth \d, CN=[^)]*\) \(connecting to amqps://",
+        )
+        # One line, and not the timeout's "could not connect ... within 60 s".
+        self.assertEqual(process.stderr.count("\n"), 1, process.stderr)
+        self.assertNotIn("within", process.stderr)
 
     async def test_missing_client_certificate_refused(self) -> None:
         """

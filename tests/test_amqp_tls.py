@@ -21,11 +21,13 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.amqp.tls import (
+    ExplainedTLSOptions,
     client_tls_options,
     load_certificates,
     load_client_identity,
     parse_certificates,
 )
+from fedhub.amqp.transport import TLSFailed, _attempt_error
 from fedhub.errors import ConfigError
 from tests.broker import Authority, Key
 
@@ -45,13 +47,14 @@ def make_leaf(
     dns: tuple[str, ...] = (),
     ips: tuple[str, ...] = (),
     client: bool = False,
+    expired: bool = False,
 ) -> tuple[Key, x509.Certificate]:
     """
     A server (or client) certificate signed by C{ca}.
     """
     ca_key, ca_cert = ca
     return Authority(common_name, ca_key, ca_cert).issue(
-        common_name, server=not client, dns=dns, ips=ips
+        common_name, server=not client, dns=dns, ips=ips, expired=expired
     )
 
 
@@ -296,6 +299,86 @@ class ClientOptionsTests(Files):
             client_tls_options("broker.example", only_other), self.server_options()
         )
         self.assertHandshakeFails(client, server)
+
+    def refusal(self, options: ExplainedTLSOptions, client: _Peer) -> TLSFailed:
+        """
+        What the bus makes of a handshake that failed: a L{TLSFailed} about
+        a certificate.
+        """
+        assert client.lost is not None
+        error = _attempt_error(client.lost, options)
+        assert isinstance(error, TLSFailed), error
+        self.assertTrue(error.certificate)
+        return error
+
+    def test_untrusted_ca_explained(self) -> None:
+        """
+        Why the broker's certificate did not verify is added to OpenSSL's
+        bare "certificate verify failed": here, its CA is not trusted.
+        """
+        only_other = self.write("other.pem", cert_pem(self.other_ca[1]))
+        options = client_tls_options("broker.example", only_other)
+        client, server, _ = handshake(options, self.server_options())
+        self.assertHandshakeFails(client, server)
+        self.assertEqual(
+            self.refusal(options, client).details,
+            "certificate verify failed: unable to get local issuer certificate"
+            " (depth 0, CN=broker,O=fedhub tests)",
+        )
+
+    def test_expired_certificate_explained(self) -> None:
+        """
+        An expired broker certificate is refused, and named as expired.
+        """
+        key, cert = make_leaf(self.broker_ca, "broker", dns=("broker.example",), expired=True)
+        expired = PrivateCertificate.loadPEM(cert_pem(cert) + key_pem(key))
+        options = client_tls_options("broker.example", self.bundle)
+        client, server, _ = handshake(
+            options,
+            CertificateOptions(privateKey=expired.privateKey.original, certificate=expired.original),
+        )
+        self.assertHandshakeFails(client, server)
+        self.assertIn(
+            "certificate verify failed: certificate has expired (depth 0, CN=broker,O=fedhub tests)",
+            self.refusal(options, client).details,
+        )
+
+    def test_explanation_is_the_last_connections(self) -> None:
+        """
+        The explanation is about the chain of the last connection: none
+        after a connection whose chain verified, none before any connection.
+        """
+        options = client_tls_options("broker.example", self.bundle)
+        self.assertIsNone(options.explain_refusal())
+        rogue = make_ca("Rogue CA")
+        key, cert = make_leaf(rogue, "rogue", dns=("broker.example",))
+        rogue_server = PrivateCertificate.loadPEM(cert_pem(cert) + key_pem(key))
+        client, server, _ = handshake(
+            options,
+            CertificateOptions(
+                privateKey=rogue_server.privateKey.original, certificate=rogue_server.original
+            ),
+        )
+        self.assertHandshakeFails(client, server)
+        self.assertEqual(
+            options.explain_refusal(),
+            "unable to get local issuer certificate (depth 0, CN=rogue,O=fedhub tests)",
+        )
+        client, server, _ = handshake(options, self.server_options())
+        self.assertEqual(server.received, b"from client")
+        self.assertIsNone(options.explain_refusal())
+
+    def test_name_mismatch_not_explained_as_chain(self) -> None:
+        """
+        A certificate whose chain verifies but whose name does not match is
+        refused for its name, with no chain explanation added.
+        """
+        options = client_tls_options("elsewhere.example", self.bundle)
+        client, server, _ = handshake(options, self.server_options())
+        self.assertHandshakeFails(client, server)
+        self.assertIsNone(options.explain_refusal())
+        error = self.refusal(options, client)
+        self.assertIn("elsewhere.example", error.details)
 
     def test_client_certificate_presented(self) -> None:
         """

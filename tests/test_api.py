@@ -30,6 +30,7 @@ from fedhub.errors import (
     NotConnected,
     PublishError,
     TemporarilyUnavailable,
+    TLSFailed,
 )
 from fedhub.message import Message
 from tests.test_amqp_bus import Collector, LiveCase
@@ -156,6 +157,30 @@ class ConnectBusTests(SynchronousTestCase):
         self.clock.advance(0.05)
         self.failureResultOf(d, AccessRefused)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_certificate_refused_at_once(self) -> None:
+        """
+        A certificate refused in the TLS handshake fails at once, naming the
+        broker (no password); a handshake cut short waits as any other
+        failure.
+        """
+        d = self.connect(timeout=60)
+        self.bus.last_error = TLSFailed("tlsv1 alert unknown ca", certificate=True)
+        self.clock.advance(0.05)
+        error = self.failureResultOf(d, TLSFailed).value
+        self.assertTrue(error.certificate)
+        self.assertEqual(
+            error.reason,
+            "the TLS handshake with the broker failed: tlsv1 alert unknown ca"
+            " (connecting to amqp://guest@broker.example:5672/%2F, domain test)",
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.bus.last_error = TLSFailed("unexpected eof while reading")
+        d = self.connect(timeout=1)
+        self.clock.advance(0.5)
+        self.assertNoResult(d)
+        self.clock.pump([0.05] * 15)
+        self.assertIn("unexpected eof", self.failureResultOf(d, NotConnected).value.reason)
 
     def test_timeout(self) -> None:
         """No connection in time: NotConnected naming the broker (no password) and the last error."""

@@ -20,10 +20,13 @@ configuration is checked, never from a constructor.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 from twisted.internet.ssl import (
     Certificate,
     KeyPair,
@@ -148,12 +151,65 @@ def load_client_identity(cert_path: str, key_path: str | None = None) -> ClientI
     )
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class ExplainedTLSOptions:
+    """
+    Client TLS options that can say why the broker's certificate did not
+    verify, where OpenSSL's error for such a handshake says only
+    "certificate verify failed".
+
+    Verification is left to the options wrapped.  For the explanation, the
+    chain the broker sent in the last connection made is verified again
+    against the same trusted CAs (L{explain_refusal}); connection attempts
+    of one bus are made one after the other.
+    """
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator, roots: list[Certificate]) -> None:
+        self._options = options
+        self._roots = roots
+        self._last: weakref.ref[SSL.Connection] | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection: SSL.Connection = self._options.clientConnectionForTLS(tlsProtocol)
+        self._last = weakref.ref(connection)
+        return connection
+
+    def explain_refusal(self) -> str | None:
+        """
+        Why the certificate chain the broker sent in the last connection does
+        not verify, for example C{"certificate has expired (depth 0,
+        CN=broker.example)"}; C{None} when there was no connection or chain,
+        or the chain verifies (its name is checked apart).
+        """
+        connection = self._last() if self._last is not None else None
+        if connection is None:
+            return None
+        try:
+            chain = connection.get_peer_cert_chain()
+            if not chain:
+                return None
+            store = crypto.X509Store()
+            for root in self._roots:
+                store.add_cert(root.original)
+            crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            _, depth, message = e.errors
+            try:
+                subject = e.certificate.to_cryptography().subject.rfc4514_string()
+            except Exception:
+                subject = "an unreadable certificate"
+            return f"{message} (depth {depth}, {subject or 'no subject'})"
+        except Exception:
+            return None
+        return None
+
+
 def client_tls_options(
     hostname: str,
     ca: str | None,
     cert: str | None = None,
     key: str | None = None,
-) -> IOpenSSLClientConnectionCreator:
+) -> ExplainedTLSOptions:
     """
     Options for a verified TLS connection to a broker.
 
@@ -185,9 +241,12 @@ def client_tls_options(
         identity = load_client_identity(cert, key)
         if identity.chain:
             extra["extraCertChain"] = [c.original for c in identity.chain]
-    return optionsForClientTLS(
-        hostname,
-        trustRoot=trustRootFromCertificates(roots),  # type: ignore[no-untyped-call]
-        clientCertificate=identity.certificate if identity else None,
-        extraCertificateOptions=extra,
+    return ExplainedTLSOptions(
+        optionsForClientTLS(
+            hostname,
+            trustRoot=trustRootFromCertificates(roots),  # type: ignore[no-untyped-call]
+            clientCertificate=identity.certificate if identity else None,
+            extraCertificateOptions=extra,
+        ),
+        roots,
     )

@@ -97,7 +97,7 @@ from fedhub.amqp.protocol import (
 )
 from fedhub.amqp.reconnect import Reconnector, backoff
 from fedhub.amqp.spec import load_spec
-from fedhub.amqp.tls import client_tls_options
+from fedhub.amqp.tls import ExplainedTLSOptions, client_tls_options
 from fedhub.amqp.url import AMQPSettings, endpoint_description, parse_url
 from fedhub.errors import (
     ChannelError,
@@ -107,6 +107,7 @@ from fedhub.errors import (
     MessageReturned,
     NotConnected,
     PublishError,
+    TLSFailed,
 )
 from fedhub.interfaces import IBus, IDelivery, ISubscription
 from fedhub.latch import Latch
@@ -187,56 +188,64 @@ class MessageTooLarge(PublishError):
         )
 
 
-class TLSFailed(NotConnected):
-    """
-    The TLS handshake with the broker failed, before any AMQP: the broker's
-    certificate was not accepted (a CA not trusted, a name not matching) or
-    the broker refused the client's (missing, or signed by a CA it does not
-    trust).  Retrying only helps once a certificate or the configuration is
-    fixed.
-
-    @ivar details: What OpenSSL or service-identity said.
-    """
-
-    def __init__(self, details: str) -> None:
-        self.details = details
-        super().__init__(f"the TLS handshake with the broker failed: {details}")
+#: What OpenSSL's alerts and errors say when a certificate was refused: by
+#: fedhub (verification), or by the broker (its alert names the reason).
+_CERTIFICATE_REFUSALS = ("certificate", "unknown ca", "access denied")
 
 
-def _tls_failure(error: object, depth: int = 0) -> TLSFailed | None:
+def _tls_failure(error: object, depth: int = 0, verify_error: str | None = None) -> TLSFailed | None:
     """
     The TLS failure inside what a failed connection attempt raised, if
     there is one (txamqp wraps the transport's reason in its own errors).
+
+    @param verify_error: Why the broker's certificate did not verify (see
+        L{fedhub.amqp.tls.ExplainedTLSOptions.explain_refusal}), added to
+        OpenSSL's bare "certificate verify failed".
     """
     if depth > 6 or error is None:
         return None
     if isinstance(error, Failure):
-        return _tls_failure(error.value, depth + 1)
+        return _tls_failure(error.value, depth + 1, verify_error)
     if isinstance(error, VerificationError):
-        return TLSFailed(f"the broker's certificate is not for the expected name ({error})")
+        return TLSFailed(
+            f"the broker's certificate is not for the expected name ({error})", certificate=True
+        )
     if isinstance(error, SSL.Error):
         reasons = []
         if error.args and isinstance(error.args[0], list):
             reasons = [str(item[-1]) for item in error.args[0] if isinstance(item, tuple) and item]
-        return TLSFailed(", ".join(r for r in reasons if r) or str(error) or "SSL error")
+        if verify_error:
+            reasons = [
+                f"{reason}: {verify_error}" if reason == "certificate verify failed" else reason
+                for reason in reasons
+            ]
+        details = ", ".join(r for r in reasons if r) or str(error) or "SSL error"
+        lowered = details.lower()
+        return TLSFailed(details, certificate=any(word in lowered for word in _CERTIFICATE_REFUSALS))
     if isinstance(error, BaseException):
         for arg in error.args:
-            found = _tls_failure(arg, depth + 1)
+            found = _tls_failure(arg, depth + 1, verify_error)
             if found is not None:
                 return found
         # The protocol raises its own error "from None": the original is
         # still the context.
-        return _tls_failure(error.__cause__ or error.__context__, depth + 1)
+        return _tls_failure(error.__cause__ or error.__context__, depth + 1, verify_error)
     return None
 
 
-def _attempt_error(failure: Failure) -> BaseException:
+def _attempt_error(failure: Failure, options: ExplainedTLSOptions | None = None) -> BaseException:
     """
     Why a connection attempt failed, as fedhub names it: L{TLSFailed} for a
-    failed TLS handshake, else what L{map_error} makes of it (for example
+    failed TLS handshake (with why the broker's certificate did not verify,
+    when C{options} saw it), else what L{map_error} makes of it (for example
     L{fedhub.errors.AccessRefused} for a refused login or vhost).
     """
-    return _tls_failure(failure.value) or map_error(failure)
+    found = _tls_failure(failure.value)
+    if found is None:
+        return map_error(failure)
+    if options is not None and "certificate verify failed" in found.details:
+        found = _tls_failure(failure.value, verify_error=options.explain_refusal()) or found
+    return found
 
 
 def _refuses(error: ChannelError, exchange: str, routing_key: str) -> bool:
@@ -1490,6 +1499,7 @@ class AMQPBus(Service):
         @raise fedhub.errors.ConfigError: when TLS is configured unusably.
         """
         endpoint = self._endpoint
+        options: ExplainedTLSOptions | None = None
         if endpoint is None:
             endpoint = clientFromString(  # type: ignore[no-untyped-call]
                 self._reactor, endpoint_description(self.settings)
@@ -1535,7 +1545,7 @@ class AMQPBus(Service):
             setup_timeout=self.setup_timeout,
             close_timeout=self.close_timeout,
             describe=f"{settings.safe_url()} (domain {self.domain})",
-            explain=_attempt_error,
+            explain=lambda failure: _attempt_error(failure, options),
         )
         super().startService()  # type: ignore[no-untyped-call]
         self._reconnector.start()

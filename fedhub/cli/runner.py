@@ -23,7 +23,8 @@ Exit statuses follow C{<sysexits.h>}:
   - C{77} (C{EX_NOPERM}): the broker refused the login, or its
     permissions forbid the publish (403);
   - C{78} (C{EX_CONFIG}): the configuration can not be read or is invalid,
-    or names no usable domain;
+    or names no usable domain, or a certificate was refused in the TLS
+    handshake with the broker (on either side);
   - C{130}/C{143}: a command that publishes was interrupted (SIGINT/SIGTERM).
 """
 
@@ -67,6 +68,7 @@ from fedhub.errors import (
     MessageReturned,
     PublishError,
     TemporarilyUnavailable,
+    TLSFailed,
 )
 from fedhub.logs import allow_level
 from fedhub.text import escape_control
@@ -208,6 +210,8 @@ def status_of(error: BaseException) -> tuple[int, str]:
         return EX_NOPERM, f"the broker refused access: {error}"
     if isinstance(error, ChannelError):
         return EX_UNAVAILABLE, f"the broker refused: {error}"
+    if isinstance(error, TLSFailed) and error.certificate:
+        return EX_CONFIG, str(error)
     if isinstance(error, TemporarilyUnavailable):
         return EX_TEMPFAIL, error.reason
     if isinstance(error, PublishError):
