@@ -34,13 +34,14 @@ from zope.interface.verify import verifyObject
 
 from fedhub.amqp.transport import AMQPBus
 from fedhub.config import Option, parse_config
-from fedhub.consumers.runner import ConsumerService, Settled
+from fedhub.consumers.runner import TRANSIENT_REQUEUE_DELAY, ConsumerService, Settled
 from fedhub.hub import Hub
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 from tests.broker import PrivateBrokerCase, User, reactor, report, wait_until
 from tests.test_amqp_bus import BusCase, Recorder
+from tests.test_consumer_runner import ScriptedHandler, component
 
 CONSUMER_TIMEOUT_MS = 3000
 """
@@ -441,3 +442,76 @@ class StaleAckTests(BusCase):
             self.assertEqual(len(consumes), count)
             channel = consumes[-1][0]
         self.assertTrue(self.bus.connected)
+
+    def test_ack_on_a_closing_channel(self) -> None:
+        """
+        Once a subscription is cancelled (its channel.close written, the
+        close-ok not yet read), an acknowledgement writes nothing and says
+        so, whether it is decided during a read (here: when the confirm of
+        a publish arrives) or outside one.
+        """
+        recorder = Recorder()
+        d = self.bus.subscribe("hub.q", recorder, 10)
+        self.broker.pump()
+        subscription = self.successResultOf(d)
+        tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        channel = self.broker.consumers[tag]
+        self.broker.deliver(tag, 1, b"{}")
+        self.broker.deliver(tag, 2, b"{}")
+        first, second = recorder.deliveries
+        _, published = self.publish()
+        subscription.cancel()
+        answers: list[bool] = []
+        published.addCallback(lambda _: answers.append(first.ack()))
+        self.broker.ack(1)
+        self.assertEqual(answers, [False])
+        self.assertIs(second.ack(), False)
+        self.broker.pump()
+        self.assertEqual([m for m in self.broker.methods("basic.ack") if m[0] == channel], [])
+        self.assertEqual(self.bus.stats.acked, 0)
+
+
+class PublishChannelClosedTests(BusCase):
+    """
+    A consumer's retry copy on a publish channel the broker closes because
+    of another publish, on a scripted broker.
+    """
+
+    def test_original_goes_back_not_dead(self) -> None:
+        """
+        The broker closes the shared publish channel (403 on another
+        exchange) while a retry copy waits for its confirm: the copy fails
+        for a passing reason, and the original goes back to its queue after
+        a pause instead of being rejected to the dead-letter queue.
+        """
+        service = ConsumerService(
+            component(), ScriptedHandler(RuntimeError("flaky")), self.bus, self.clock,
+            retry_delay=1.0, max_retries=3,
+        )
+        service.startService()
+        self.broker.pump()
+        self.assertTrue(service.consuming)
+        tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        channel = self.broker.consumers[tag]
+        self.broker.deliver(tag, 1, b"{}", routing_key="t.x")
+        self.assertEqual(self.broker.published[-1][1], "fedhub.c.retry.1")
+        self.broker.send(
+            self.broker.frame(
+                self.broker.publish_channel(),
+                "channel.close",
+                reply_code=403,
+                reply_text="ACCESS_REFUSED - access to exchange 'forbidden' in vhost '/' refused"
+                " for user 'guest'",
+                class_id=60,
+                method_id=40,
+            )
+        )
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(self.broker.methods("basic.reject"), [])
+        self.clock.advance(TRANSIENT_REQUEUE_DELAY)
+        self.broker.pump()
+        self.assertEqual(
+            self.broker.methods("basic.reject"),
+            [(channel, "basic.reject", {"delivery_tag": 1, "requeue": True})],
+        )
+        self.assertEqual((service.stats["requeued"], service.stats["rejected"]), (1, 0))

@@ -9,14 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus, MemorySubscription
-from fedhub.consumers.runner import DEAD_LETTER_REASON_HEADER, ConsumerService, Settled, attempts_from
-from fedhub.errors import DeadLetter, Halt, Retry
+from fedhub.consumers.runner import (
+    DEAD_LETTER_REASON_HEADER,
+    TRANSIENT_REQUEUE_DELAY,
+    ConsumerService,
+    Settled,
+    attempts_from,
+)
+from fedhub.errors import DeadLetter, Halt, NotConnected, Retry
 from fedhub.interfaces import IDelivery, ISubscription
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry
@@ -360,6 +366,17 @@ class BrokenPublishBus(MemoryBus):
         raise RuntimeError("publishing is broken")
 
 
+class AwayPublishBus(MemoryBus):
+    """
+    A memory bus whose publishes fail as the AMQP bus's do when its publish
+    channel or connection went away: with L{NotConnected}.
+    """
+
+    def publish(self, message: Message, exchange: str | None = None,
+                routing_key: str | None = None) -> Deferred[None]:
+        return fail(NotConnected("the publish channel was closed by the broker"))
+
+
 class CrashingSchemas(SchemaRegistry):
     """
     A schema registry whose check raises something other than a
@@ -418,6 +435,24 @@ class SettlingFailureTests(SynchronousTestCase):
         self.assertEqual(delivery.verdicts, ["reject"])
         self.assertEqual([s.outcome for s in self.settled], ["rejected"])
         self.flushLoggedErrors(RuntimeError)
+
+    def test_copy_not_published_for_a_passing_reason(self) -> None:
+        """
+        A retry or dead-letter copy that could not be published because the
+        publish side went away puts the original back in its queue, after a
+        pause and without using up a retry; it is not dead-lettered.
+        """
+        for verdict, outcome in ((Retry("later"), "retried"), (DeadLetter("bad"), "dead_lettered")):
+            service = self.start(Handler(verdict), AwayPublishBus("d", clock=self.clock))
+            delivery = self.deliver(service)
+            self.assertEqual(delivery.verdicts, [])
+            self.assertEqual(self.settled, [])
+            self.clock.advance(TRANSIENT_REQUEUE_DELAY)
+            self.assertEqual(delivery.verdicts, ["requeue"])
+            self.assertEqual([s.outcome for s in self.settled], ["requeued"])
+            self.assertIn(f"{outcome}, but the copy could not be published", self.settled[0].reason)
+            self.assertEqual((service.stats["requeued"], service.stats["rejected"]), (1, 0))
+            self.assertFalse(self.flushLoggedErrors())
 
     def test_ack_raises(self) -> None:
         """

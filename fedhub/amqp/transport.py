@@ -459,7 +459,12 @@ class _Consumer:
         # the message back, and a channel opened since may have the same
         # number, where a tag of this one names another delivery.
         channel = self.channel
-        return channel is not None and not channel.closed and self.session.alive
+        if channel is None or channel.closed or not self.session.alive:
+            return False
+        # Nor may a channel being closed (the subscription was cancelled)
+        # carry acknowledgements: the broker puts its messages back.
+        client = self.session.client
+        return client.channels.get(channel.id) is channel and client.channel_is_open(channel.id)
 
     def settle(self, delivery_tag: int, ack: bool, requeue: bool) -> bool:
         """

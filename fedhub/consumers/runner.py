@@ -54,11 +54,19 @@ from twisted.internet.defer import (
     maybeDeferred,
 )
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig
-from fedhub.errors import DeadLetter, Drop, Halt, Retry, SchemaValidationError
+from fedhub.errors import (
+    DeadLetter,
+    Drop,
+    Halt,
+    Retry,
+    SchemaValidationError,
+    TemporarilyUnavailable,
+)
 from fedhub.interfaces import IBus, IDelivery, IMessageHandler, ISubscription
 from fedhub.logs import HubLogger
 from fedhub.message import Message
@@ -79,6 +87,13 @@ DEAD_LETTER_REASON_HEADER = "fedhub_dead_letter_reason"
 #: What a consumer does with a message whose handler raised an exception
 #: that is no verdict.
 ERROR_POLICIES = ("retry", "dead-letter", "drop", "halt")
+
+
+#: Seconds a delivery is held before it goes back to its queue, when the
+#: copy replacing it (for a retry or a dead-letter) could not be published
+#: for a passing reason (the publish channel or the connection went away):
+#: handled again at once, the message would find the publish side no better.
+TRANSIENT_REQUEUE_DELAY = 1.0
 
 
 #: The level at the end of a retry queue's name.
@@ -175,8 +190,9 @@ class Settled:
 
     @ivar message: The message.
     @ivar outcome: C{"acked"}, C{"dropped"}, C{"retried"}, C{"dead_lettered"},
-        C{"requeued"} (a L{Halt}) or C{"rejected"} (the replacing copy could
-        not be published; the broker dead-letters the original).
+        C{"requeued"} (a L{Halt}, or the copy replacing it could not be
+        published for a passing reason) or C{"rejected"} (the replacing copy
+        was refused; the broker dead-letters the original).
     @ivar reason: Why, for every outcome but C{"acked"}.
     @ivar handling: Seconds from the call of the handler until its result
         was known, or C{None} when the handler was not called (an invalid
@@ -870,7 +886,9 @@ class ConsumerService(Service):
     ) -> None:
         """
         Acknowledge a delivery once the copy replacing it is confirmed; if the
-        copy can not be published, let the broker dead-letter the original.
+        copy is refused, let the broker dead-letter the original; if it could
+        not be published for a passing reason (L{TemporarilyUnavailable}),
+        put the original back in its queue after L{TRANSIENT_REQUEUE_DELAY}.
 
         The delivery is counted, and observers told, by what became of it,
         once that is known: C{outcome} only when the copy is confirmed and
@@ -885,7 +903,19 @@ class ConsumerService(Service):
             self.stats[outcome] += 1
             self._tell(delivery.message, outcome, reason, handling)
 
-        def refused(failure: Failure) -> None:
+        def refused(failure: Failure) -> Deferred[None] | None:
+            if failure.check(TemporarilyUnavailable):
+                # Not the copy's fault: the original goes back to its queue
+                # (after a pause) and is handled again, retries not used up.
+                self.log.warn(
+                    "Consumer {consumer} could not re-publish {msg_id} ({why}); it goes back "
+                    "to its queue in {delay:g} s",
+                    consumer=self.component.name,
+                    msg_id=delivery.message.id,
+                    why=failure.getErrorMessage(),
+                    delay=TRANSIENT_REQUEUE_DELAY,
+                )
+                return deferLater(self.clock, TRANSIENT_REQUEUE_DELAY, put_back, failure)
             self.log.failure(
                 "Consumer {consumer} could not re-publish {msg_id}; rejecting it",
                 failure,
@@ -897,6 +927,19 @@ class ConsumerService(Service):
                 return
             self.stats["rejected"] += 1
             self._tell(delivery.message, "rejected", reason, handling)
+            return None
+
+        def put_back(failure: Failure) -> None:
+            if delivery.reject(True) is False:
+                self._unsettled(delivery, outcome, handling)
+                return
+            self.stats["requeued"] += 1
+            self._tell(
+                delivery.message,
+                "requeued",
+                f"{outcome}, but the copy could not be published: {failure.getErrorMessage()}",
+                handling,
+            )
 
         replaced.addCallbacks(confirmed, refused)
         replaced.addErrback(lambda f: self._settling_failed(delivery, f))
