@@ -730,6 +730,29 @@ class BackoffTests(OutboxTestCase):
         self.assertEqual(outbox.store.pending_count, 0)
         self.assertFalse(outbox.stats().paused)
 
+    def test_failure_reported_after_the_pause_resent(self) -> None:
+        """
+        A message sent before a pause whose transient failure is reported
+        only after the pause is over is sent again at once, not left until
+        some later hand-over or confirm happens to send.
+        """
+        outbox, bus = self.make(window=10)
+        first, second = make_message(1), make_message(2)
+        self.publish_all(outbox, [first, second])
+        (_, sent_first), (_, sent_second) = list(bus.outstanding)
+        bus.outstanding.clear()
+        sent_first.errback(NotConnected("the connection was lost", first.id))
+        self.assertTrue(outbox.stats().paused)
+        self.clock.advance(1)
+        self.assertEqual([m.id for m, _ in bus.outstanding], [first.id])
+        bus.ack()
+        self.assertFalse(outbox.stats().paused)
+        sent_second.errback(NotConnected("the connection was lost", second.id))
+        self.assertEqual([m.id for m, _ in bus.outstanding], [second.id])
+        self.assertFalse(outbox.stats().paused)
+        bus.ack()
+        self.assertEqual(outbox.store.pending_count, 0)
+
     def test_no_hot_loop(self) -> None:
         """
         A bus that fails every publish is tried with growing delays, one message at a time.

@@ -1074,8 +1074,13 @@ class Outbox(Service):
         if kind is None:
             # Transient: the message stays and is sent again, in order.
             heapq.heappush(self._resend, (entry.seq, entry))
-            if generation == self._generation and not self._paused and self._stop_d is None:
-                self._pause(reason, failure)
+            if not self._paused and self._stop_d is None:
+                if generation == self._generation:
+                    self._pause(reason, failure)
+                else:
+                    # Sent before a pause that is over: the sending goes on
+                    # and takes this one again, as it would at the pause's end.
+                    self._pump()
             self._check_stop()
             return
         # The broker answered, so the connection works.
