@@ -762,6 +762,9 @@ class FakeBugzilla:
             "nobody@fedoraproject.org": (1, "Nobody's working on this"),
         }
         self.search_calls: list[dict[str, Any]] = []
+        #: Bugzilla's C{max_search_results}: a C{Bug.search} limit above it
+        #: (or none) gives this many bugs, silently.
+        self.max_search_results: int | None = None
         self.server = FakeXMLRPCServer({
             "Bugzilla.version": lambda *a: {"version": "5.0.4.rh100"},
             "Bugzilla.time": self.time,
@@ -873,8 +876,12 @@ class FakeBugzilla:
             found.reverse()
         offset = int(params.get("offset") or 0)
         found = found[offset:]
-        if params.get("limit"):
-            found = found[: int(params["limit"])]
+        limit = int(params.get("limit") or 0)
+        cap = self.max_search_results
+        if cap is not None and (limit == 0 or limit > cap):
+            limit = cap
+        if limit:
+            found = found[:limit]
         return {"bugs": found, "faults": []}
 
     def get(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -381,6 +381,60 @@ class SourceTests(SourceTestBase):
                 return messages, cursor
         self.fail("polling never caught up")
 
+    def test_paging_past_the_bugzillas_own_limit(self) -> None:
+        """
+        A Bugzilla that gives fewer bugs than a page asks for (its
+        max_search_results below page_size) is paged through all the same:
+        the cut page is not taken for the end; page_size is lowered to what
+        it gives, with one warning.
+        """
+        warnings = Warnings(self)
+        self.bz.max_search_results = 120
+        self.bz.step = 1.0
+        source = self.source(page_size=200, max_pages=3)
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(450)]
+        messages, _ = self.drain(source, cursor, lambda polls: None)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in messages), bugs)
+        self.assertEqual(source.page_size, 119)
+        cut = [t for t in warnings.texts if "max_search_results" in t]
+        self.assertEqual(len(cut), 1, warnings.texts)
+        self.assertIn("answered 120 bugs to a search for 200", cut[0])
+        self.assertTrue(all(int(c["limit"]) <= 201 for c in self.bz.search_calls))
+
+    def test_short_page_of_a_caught_up_poll_asks_once(self) -> None:
+        """
+        A poll whose page is short, and shorter than a cut page can be, is
+        the end of the results: one search, no warning.
+        """
+        warnings = Warnings(self)
+        source = self.source(page_size=200)
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(30)]
+        calls = len(self.bz.search_calls)
+        result = self.poll(source, cursor)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in result.messages), bugs)
+        self.assertFalse(result.more)
+        self.assertEqual(len(self.bz.search_calls), calls + 1)
+        self.assertEqual(source.page_size, 200)
+        self.assertEqual([t for t in warnings.texts if "max_search_results" in t], [])
+
+    def test_long_short_page_not_cut(self) -> None:
+        """
+        A page shorter than asked but long enough to be a cut one is looked
+        past once; when nothing follows it, page_size stays.
+        """
+        warnings = Warnings(self)
+        self.bz.step = 1.0
+        source = self.source(page_size=200)
+        cursor = self.start(source)
+        bugs = [self.bz.new_bug(summary=f"b{i}") for i in range(150)]
+        result = self.poll(source, cursor)
+        self.assertEqual(sorted(m.body["bug"]["id"] for m in result.messages), bugs)
+        self.assertFalse(result.more)
+        self.assertEqual(source.page_size, 200)
+        self.assertEqual([t for t in warnings.texts if "max_search_results" in t], [])
+
     def test_paging_bug_leaving_the_results(self) -> None:
         """A bug already read that leaves the results mid-pass does not make the next one skipped."""
         source = self.source(page_size=2, max_pages=1, products=["Fedora"])

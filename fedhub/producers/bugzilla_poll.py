@@ -69,6 +69,13 @@ _NAMESPACE = uuid.UUID("0b5d3c61-7f0e-5a0d-8d64-2d1f8ab4c2e9")
 # Kinds of event, in the order they sort within one second of one bug.
 _ORDER = {"new": 0, "change": 1, "comment": 2}
 
+#: A page shorter than asked for but at least this long may be cut by the
+#: Bugzilla, not the end of the results: Bugzilla answers a C{Bug.search}
+#: whose C{limit} is above its C{max_search_results} with that many bugs,
+#: silently.  The next page is asked for to find out.  (Shorter pages, the
+#: usual answer of a poll that is caught up, are taken as the end.)
+CAPPED_PAGE_MIN = 100
+
 
 @implementer(IPollSource)
 class BugzillaSource:
@@ -172,6 +179,10 @@ class BugzillaSource:
         floor = max(query, float(c.get("floor", query)))
         bugs: list[dict[str, Any]] = []
         done = False
+        # A short page that may have been cut by the Bugzilla (see
+        # CAPPED_PAGE_MIN), its length and the rows asked for, while the page
+        # after it is read.
+        short: tuple[int, int] | None = None
         for _ in range(self.max_pages):
             # From the second page of a pass on, the last bug read is asked
             # for again: where it is tells whether the offset still holds.
@@ -181,6 +192,17 @@ class BugzillaSource:
                 limit=rows, offset=offset)
             bugs += found
             ids = [b["id"] for b in found]
+            if short is not None and len(found) > 1 and short[0] - 1 < self.page_size:
+                # Bugs after the short page: the Bugzilla cut it.  Pages of
+                # what it gives (the bug read again included) keep the
+                # offsets right.
+                self.log.warn(
+                    "Bugzilla {url} answered {got} bugs to a search for {asked}: it gives at "
+                    "most {got} (its max_search_results); page_size is lowered to {size}",
+                    producer=self.name, url=self.url, got=short[0], asked=short[1],
+                    size=short[0] - 1)
+                self.page_size = short[0] - 1
+            short = None
             if offset and last is not None and (not ids or ids[0] > last):
                 # Bugs before the offset left the results (moved to another
                 # product, made private): those after the last one read moved
@@ -191,8 +213,10 @@ class BugzillaSource:
                     last = None
                 continue
             if len(found) < rows:
-                done = True
-                break
+                if len(found) < CAPPED_PAGE_MIN:
+                    done = True
+                    break
+                short = (len(found), rows)
             last = max(ids) if last is None else max(last, *ids)
             offset += len(found) - 1
         if not self.publish_private:
