@@ -924,7 +924,7 @@ class ConsumerService(Service):
             )
             if delivery.reject(False) is False:
                 self._unsettled(delivery, "rejected", handling)
-                return
+                return None
             self.stats["rejected"] += 1
             self._tell(delivery.message, "rejected", reason, handling)
             return None
