@@ -673,6 +673,45 @@ class RunTests(ProcessCase):
         yield self.wait_for(lambda: not alive(int(pids.read_text())), limit=5.0)
 
     @inlineCallbacks
+    def test_cwd(self) -> Any:
+        """The command runs in the configured working directory."""
+        where = Path(self.mktemp()).absolute()
+        where.mkdir()
+        seen = self.out("cwd")
+        harness = self.harness({"cwd": str(where), "command": script("""
+            import os, sys
+            open(sys.argv[1], 'w').write(os.getcwd())
+        """) + [str(seen)]})
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual(seen.read_text(), str(where))
+
+    @inlineCallbacks
+    def test_cwd_gone_retries(self) -> Any:
+        """A working directory removed after the start makes the message retried, saying why."""
+        where = Path(self.mktemp()).absolute()
+        where.mkdir()
+        harness = self.harness({"cwd": str(where), "command": ["/bin/true"]})
+        where.rmdir()
+        settled: Settled = yield harness.deliver(sample())
+        self.assertEqual(settled.outcome, "retried")
+        self.assertIn(f"exit status {exec_module.CWD_MISSING_STATUS}", settled.reason or "")
+        self.assertIn(f"can not change to {str(where)!r}: No such file or directory", settled.reason or "")
+
+    @inlineCallbacks
+    def test_argument_list_too_long_with_cwd_dead_letters(self) -> Any:
+        """With a working directory too, an argument too long dead-letters at once, nothing runs."""
+        where = Path(self.mktemp()).absolute()
+        where.mkdir()
+        harness = self.harness({"cwd": str(where), "command": ["/bin/true", "{body[a]}"]})
+        settled: Settled = yield harness.deliver(Message.create(TOPIC, {"a": "x" * 200_000}))
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("Argument list too long", settled.reason or "")
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        self.assertEqual(handler.runs, 0)
+
+    @inlineCallbacks
     def test_argument_list_too_long_dead_letters(self) -> Any:
         """An argument too long for the system dead-letters the message at once, nothing runs."""
         harness = self.harness({"command": ["/bin/true", "{body[a]}"]})

@@ -97,12 +97,29 @@ REASON_LINES = 10
 #: gone, once its output pipes are closed.
 LEFTOVER_POLL = 0.05
 
+#: How a run whose working directory can not be entered exits: C{EX_TEMPFAIL},
+#: so that the message is retried (a directory gone with an unmounted disk,
+#: say), as the default C{retry_codes} say.
+CWD_MISSING_STATUS = 75
+
 #: Runs the command in a new session (its own process group), so that a
-#: timeout can signal everything it started (see L{session_processes}).  Exit statuses 126 and 127 are
-#: the shell's for "not executable" and "not found".
+#: timeout can signal everything it started (see L{session_processes}), in
+#: the working directory given as its first argument (none: the hub's).
+#: Changing directory here, not in C{spawnProcess}, lets Twisted spawn
+#: without forking the hub, and names the error.  Exit statuses 126 and 127
+#: are the shell's for "not executable" and "not found"; a working
+#: directory that is gone exits with L{CWD_MISSING_STATUS}.
 LAUNCHER = (
     "import os, signal, sys\n"
     "os.setsid()\n"
+    "if sys.argv[1]:\n"
+    "    try:\n"
+    "        os.chdir(sys.argv[1])\n"
+    "    except OSError as e:\n"
+    "        sys.stderr.write('fedhub exec: can not change to %r: %s\\n' % (sys.argv[1], e.strerror))\n"
+    "        sys.stderr.flush()\n"
+    f"        os._exit({CWD_MISSING_STATUS})\n"
+    "del sys.argv[1]\n"
     # The interpreter ignores these two at start-up, and an ignored signal
     # stays ignored across exec: give the command the defaults a shell
     # would, so that a pipeline's writer dies of SIGPIPE.
@@ -617,9 +634,9 @@ class _Run:
 
         @raise OSError: when it can not be spawned (no fork, no pipes).
         """
-        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, *self.argv]
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, self.settings.cwd or "", *self.argv]
         self.transport = self.reactor.spawnProcess(
-            self.protocol, sys.executable, launcher, env=self.env, path=self.settings.cwd
+            self.protocol, sys.executable, launcher, env=self.env
         )
         self.pgid = self.transport.pid
         self._later(self.settings.timeout, self._expire)
