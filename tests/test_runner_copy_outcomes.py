@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.consumers.runner import ConsumerService, Settled
+from fedhub.consumers.runner import TRANSIENT_REQUEUE_DELAY, ConsumerService, Settled
 from fedhub.errors import (
     DeadLetter,
     MessageNacked,
@@ -229,10 +229,26 @@ class CopyOutcomeTests(SynchronousTestCase):
         service = self.start(ScriptedHandler(Retry("later")), max_retries=1)
         deaths = [{"queue": "fedhub.c.retry.1", "reason": "expired", "count": 1}]
         self.deliver(service, headers={"x-death": deaths})
-        self.bus.refuse(NotConnected("gone"))
+        self.bus.refuse(MessageNacked("nacked"))
         self.assertEqual(self.counts(service), {"rejected": 1})
         self.assertEqual(self.outcomes(), ["rejected"])
-        self.flushLoggedErrors(NotConnected)
+        self.flushLoggedErrors(MessageNacked)
+
+    def test_retries_used_up_copy_not_sent(self) -> None:
+        """
+        A Retry past max_retries whose dead-letter copy could not be
+        published for a passing reason puts the original back in its queue
+        after a pause: counted as requeued, not rejected.
+        """
+        service = self.start(ScriptedHandler(Retry("later")), max_retries=1)
+        deaths = [{"queue": "fedhub.c.retry.1", "reason": "expired", "count": 1}]
+        self.deliver(service, headers={"x-death": deaths})
+        self.bus.refuse(NotConnected("gone"))
+        self.assertEqual(self.counts(service), {})
+        self.clock.advance(TRANSIENT_REQUEUE_DELAY)
+        self.assertEqual(self.counts(service), {"requeued": 1})
+        self.assertEqual(self.outcomes(), ["requeued"])
+        self.assertEqual(self.flushLoggedErrors(NotConnected), [])
 
     def test_copy_publish_raises(self) -> None:
         """
