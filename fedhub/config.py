@@ -797,6 +797,15 @@ def _escaped(line: str, pos: int) -> bool:
     return backslashes % 2 == 1
 
 
+#: How deep L{_LineIndex} records keys; deeper ones get the line of their
+#: ancestor at this depth.
+_INDEXED_DEPTH = 32
+
+#: The most parts a dotted key (or a table name) may have; no
+#: configuration needs more than a few.
+MAX_KEY_PARTS = 64
+
+
 class _LineIndex:
     """
     The 1-based line of each key of a TOML text, found by scanning it
@@ -807,12 +816,15 @@ class _LineIndex:
 
     def __init__(self, text: str) -> None:
         self._lines: dict[_Path, int] = {}
+        #: The most parts of a dotted key or table name, and its line.
+        self.deepest = (0, 0)
         self._scan(text)
 
     def line_of(self, path: _Path) -> int | None:
         """
         The line of C{path}, or of its nearest ancestor that has one.
         """
+        path = path[:_INDEXED_DEPTH]
         while path:
             if path in self._lines:
                 return self._lines[path]
@@ -820,7 +832,9 @@ class _LineIndex:
         return None
 
     def _record(self, path: _Path, line: int, start: int = 1) -> None:
-        for end in range(start, len(path) + 1):
+        # Each prefix is a tuple of its own: past the depth any configuration
+        # has, a long dotted key would cost memory in the square of its parts.
+        for end in range(start, min(len(path), _INDEXED_DEPTH) + 1):
             self._lines.setdefault(path[:end], line)
 
     def _scan(self, text: str) -> None:
@@ -840,7 +854,9 @@ class _LineIndex:
                 keys, _ = _read_key(line, i + (2 if array else 1))
                 if keys is None:
                     continue
-                raw = tuple(keys)
+                if len(keys) > self.deepest[0]:
+                    self.deepest = (len(keys), number)
+                raw = tuple(keys[:_INDEXED_DEPTH])
                 if array:
                     counts[raw] = counts.get(raw, 0) + 1
                 table = self._resolve(raw, counts)
@@ -849,6 +865,8 @@ class _LineIndex:
             keys, j = _read_key(line, i)
             if keys is None or j >= len(line) or line[j] != "=":
                 continue
+            if len(keys) > self.deepest[0]:
+                self.deepest = (len(keys), number)
             self._record(table + tuple(keys), number, len(table) + 1)
             pending, depth = _skip_value(line, j + 1, None, 0)
 
@@ -927,9 +945,13 @@ class _Validator:
     """
 
     def __init__(
-        self, text: str, find_plugin: PluginLookup, base_dir: str | None
+        self,
+        text: str,
+        find_plugin: PluginLookup,
+        base_dir: str | None,
+        index: _LineIndex | None = None,
     ) -> None:
-        self._index = _LineIndex(text)
+        self._index = index if index is not None else _LineIndex(text)
         self._find_plugin = find_plugin
         self._base_dir = base_dir
         self._problems: list[ConfigProblem] = []
@@ -1600,6 +1622,16 @@ def parse_config(
     @raise ConfigError: listing every problem found, in file order.
     """
     shown_source = escape_text(source) if source is not None else None
+    index = _LineIndex(text)
+    if index.deepest[0] > MAX_KEY_PARTS:
+        # tomllib takes memory in the square of a dotted key's parts: a
+        # 30 KB key of 15,000 parts takes about 1 GB.
+        parts, line = index.deepest
+        raise ConfigError(
+            [ConfigProblem("toml", f"a key of {parts} dotted parts (line {line}); "
+                                   f"at most {MAX_KEY_PARTS} are allowed")],
+            shown_source,
+        )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -1607,7 +1639,7 @@ def parse_config(
     except RecursionError:
         raise ConfigError([ConfigProblem("toml", "values are nested too deeply")],
                           shown_source) from None
-    validator = _Validator(text, find_plugin or _default_lookup(), base_dir)
+    validator = _Validator(text, find_plugin or _default_lookup(), base_dir, index)
     validator.unknown_keys(data, (), _TOP_KEYS)
     hub = validator.hub(data)
     domains, domain_names = validator.domains(data)

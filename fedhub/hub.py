@@ -243,6 +243,25 @@ def make_bus(domain: DomainConfig, reactor: Any) -> IBus:
     return bus
 
 
+def domain_problems(domain: DomainConfig) -> list[ConfigProblem]:
+    """
+    What a domain's bus would refuse when it is built (its broker URL and
+    settings, as L{fedhub.amqp.transport.AMQPBus.from_domain} reads them:
+    whitespace in the URL, say), then its TLS files (L{tls_problems}).
+    C{fedhub check-config} and C{twistd fedhub} ask before anything starts.
+    """
+    if domain.is_memory:
+        return []
+    from twisted.internet.task import Clock
+
+    try:
+        make_bus(domain, Clock())
+    except ConfigError as e:
+        return [replace(problem, message=escape_control(problem.message, 500))
+                for problem in e.problems]
+    return tls_problems(domain)
+
+
 def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
     """
     Read a TLS domain's CA bundle, client certificate and key the way its

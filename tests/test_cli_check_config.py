@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli.main import main
+from fedhub.config import MAX_KEY_PARTS
 from tests.broker import Authority, Key
 
 
@@ -70,6 +71,33 @@ class CheckConfigTests(SynchronousTestCase):
                           'domain = "a"\ntopics = ["#"]\nto_domain = "nowhere"\nallow = ["#"]\n')
         self.assertEqual(code, 1)
         self.assertIn("consumers[0].to_domain", self.err.getvalue())
+
+    def test_broker_url_the_bus_refuses(self) -> None:
+        """
+        A broker URL the domain's bus would refuse at start (whitespace in
+        it) is reported, as the hub refuses it, with the password hidden.
+        """
+        code = self.check('[domains.a]\nbroker = " amqp://u:secret@127.0.0.1/"\n'
+                          '[domains.b]\nbroker = "amqp://u:secret@host name/"\n')
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertEqual(lines[1:], [
+            "domains.a.broker: the broker URL contains whitespace or control characters",
+            "domains.b.broker: the broker URL contains whitespace or control characters",
+        ])
+        self.assertNotIn("secret", self.err.getvalue())
+
+    def test_long_dotted_key_refused(self) -> None:
+        """
+        A dotted key of thousands of parts is refused before the TOML parser
+        reads it (which takes memory in the square of its parts).
+        """
+        code = self.check('[domains.a]\nbroker = "memory"\n' + ".".join(["a"] * 15_000) + " = 1\n")
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertEqual(
+            lines[1:], [f"toml: a key of 15000 dotted parts (line 5); at most {MAX_KEY_PARTS} are allowed"]
+        )
 
     def test_unusable_tls_files(self) -> None:
         """

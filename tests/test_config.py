@@ -19,6 +19,7 @@ from zope.interface import implementer
 from fedhub.config import (
     DEFAULT_CONFIG_TEXT,
     REQUIRED,
+    MAX_KEY_PARTS,
     ComponentConfig,
     Config,
     DomainConfig,
@@ -32,6 +33,7 @@ from fedhub.config import (
     parse_config,
     redact_url,
 )
+from fedhub.config import _LineIndex
 from fedhub.errors import ConfigError, UnknownPlugin
 from fedhub.interfaces import IConsumerPlugin, IProducerPlugin
 
@@ -1124,6 +1126,32 @@ class LineTests(SynchronousTestCase, ProblemsMixin):
                 '[domains.d]\nbroker = "memory"\nheartbeat = 0\n[hub]\nenvironment = "a.b"\n')
         self.assertEqual([(path, line) for path, _, line in self.problems(text)], [
             ("consumers[0].domain", 4), ("domains.d.heartbeat", 7), ("hub.environment", 9)])
+
+    def test_long_dotted_keys(self) -> None:
+        """
+        Keys of more dotted parts than MAX_KEY_PARTS, as a key or a table
+        name, are refused before the TOML parser reads them, naming their
+        line; a key of that many parts is read, and its unknown part found
+        on its line.
+        """
+        long_key = ".".join(["a"] * (MAX_KEY_PARTS + 1))
+        for text, line in ((MEMORY_DOMAIN + long_key + " = 1\n", 3),
+                           (f"[{long_key}]\n", 1)):
+            self.assertEqual(self.problems(text), [
+                ("toml", f"a key of {MAX_KEY_PARTS + 1} dotted parts (line {line}); "
+                         f"at most {MAX_KEY_PARTS} are allowed", None)])
+        text = MEMORY_DOMAIN + ".".join(["x"] * MAX_KEY_PARTS) + " = 1\n"
+        self.assertEqual(self.problems(text), [("domains.d.x", "unknown key", 3)])
+
+    def test_line_index_bounded(self) -> None:
+        """
+        The line index keeps a bounded number of prefixes of a deep key:
+        not one per part, each a tuple as long as its depth.
+        """
+        index = _LineIndex(".".join(["a"] * 5000) + " = 1\n")
+        self.assertLessEqual(len(index._lines), 32)
+        self.assertEqual(index.line_of(("a",) * 5000), 1)
+        self.assertEqual(index.deepest, (5000, 1))
 
     def test_subtable_of_array(self) -> None:
         """

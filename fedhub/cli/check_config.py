@@ -14,7 +14,7 @@ from zope.interface import implementer
 from fedhub.config import Config, load_config
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
-from fedhub.hub import build_refusal, file_problems, tls_problems
+from fedhub.hub import build_refusal, domain_problems, file_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -42,7 +42,8 @@ class _NoPublisher:
 
 def build_problems(config: Config) -> list[ConfigProblem]:
     """
-    Check each TLS domain's files (see L{tls_problems}) and the files
+    Check each domain's broker settings and TLS files (see
+    L{domain_problems}) and the files
     components read when they start (L{file_problems}), then build every
     component the way the hub would (plugins do no I/O when built), and
     collect what their plugins refuse: problems only a plugin can see, such
@@ -50,7 +51,7 @@ def build_problems(config: Config) -> list[ConfigProblem]:
     """
     problems: list[ConfigProblem] = []
     for domain in config.domains.values():
-        problems.extend(tls_problems(domain))
+        problems.extend(domain_problems(domain))
     publishers = {name: _NoPublisher(name) for name in config.domains}
     for component in config.components:
         plugin = find_plugin(component.kind, component.plugin)
