@@ -1668,6 +1668,27 @@ def _syntax_problem(message: str) -> ConfigProblem:
     )
 
 
+def exposed_password(config: Config) -> str | None:
+    """
+    A warning when the configuration file holds a broker password and every
+    user of the machine can read it; C{None} otherwise (a file readable by
+    its group, as C{root:fedhub} mode C{0640}, is left alone).
+    """
+    if config.source is None or not any(d.password for d in config.domains.values()):
+        return None
+    try:
+        mode = os.stat(config.source).st_mode
+    except OSError:
+        return None
+    if not mode & 0o004:
+        return None
+    return (
+        f"{escape_text(config.source)} holds a broker password and every user can read it "
+        f"(mode {mode & 0o7777:04o}): chmod o-r it, or keep the password out of it "
+        "(a client certificate and EXTERNAL login)"
+    )
+
+
 def load_config(path: str, *, find_plugin: PluginLookup | None = None) -> Config:
     """
     Read a configuration file and validate it (see L{parse_config}).

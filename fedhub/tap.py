@@ -19,7 +19,7 @@ from twisted.application.service import IService, Service
 from twisted.python import usage
 
 from fedhub import __version__
-from fedhub.config import Config, default_config, load_config
+from fedhub.config import Config, default_config, exposed_password, load_config
 from fedhub.errors import ConfigError, FedhubError
 from fedhub.logs import HubLogger
 
@@ -246,6 +246,9 @@ def makeService(options: Options | dict[str, Any]) -> IService:
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
     set_log_level(LEVELS[config.hub.log_level])
+    warning = exposed_password(config)
+    if warning is not None:
+        HubLogger(namespace="fedhub.tap").warn("{warning}", warning=warning)
     # Before anything is built: a second hub on the same state directory is
     # refused with one line, as a configuration problem is.
     lock = StateLock(config.hub.state_dir)

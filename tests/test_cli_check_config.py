@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,31 @@ class CheckConfigTests(SynchronousTestCase):
                           'domain = "a"\ntopics = ["#"]\n')
         self.assertEqual(code, 0)
         self.assertIn("OK (1 domain(s), 0 producer(s), 1 consumer(s))", self.out.getvalue())
+
+    def test_world_readable_password_warned(self) -> None:
+        """
+        A valid file that holds a broker password and every user can read
+        gets a warning on standard error, and still exits 0.
+        """
+        path = self.directory / "hub.toml"
+        text = '[domains.a]\nbroker = "amqp://hub:s3cret@127.0.0.1/"\n'
+        self.check(text)
+        os.chmod(path, 0o644)
+        self.err.truncate(0)
+        self.err.seek(0)
+        code = main(["check-config", str(path)])
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"warning: {path} holds a broker password and every user can read it (mode 0644): "
+            "chmod o-r it, or keep the password out of it (a client certificate and EXTERNAL "
+            "login)\n",
+        )
+        os.chmod(path, 0o600)
+        self.err.truncate(0)
+        self.err.seek(0)
+        self.assertEqual(main(["check-config", str(path)]), 0)
+        self.assertEqual(self.err.getvalue(), "")
 
     def test_every_problem(self) -> None:
         """Every problem gets its own line with key path and line; exit status 1."""

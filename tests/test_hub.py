@@ -22,7 +22,7 @@ from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -316,6 +316,37 @@ class TapTests(SynchronousTestCase):
         self.assertTrue(service.domains["default"].config.is_memory)
         self.assertEqual(list(service.consumers), ["log"])
         self.assertEqual(list(service.producers), ["bugzilla-mail"])
+
+    def test_world_readable_password_warned(self) -> None:
+        """
+        A configuration file that holds a broker password and every user
+        can read is warned about when the hub is built (the password not
+        shown); readable by its group only, it is not.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "hub.toml")
+        with open(path, "w") as f:
+            f.write(f'[hub]\nstate_dir = "{directory}"\n[domains.d]\n'
+                    'broker = "amqp://hub:s3cret@127.0.0.1:1/"\n')
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for mode, warned in ((0o644, True), (0o640, False)):
+            os.chmod(path, mode)
+            del events[:]
+            options = Options()
+            options.parseOptions(["--config", path])
+            service = makeService(options)
+            assert isinstance(service, Hub)
+            lock = service.getServiceNamed("state-lock")
+            lock.release()  # type: ignore[attr-defined]
+            texts = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+            found = [t for t in texts if "broker password" in t]
+            self.assertEqual(len(found), 1 if warned else 0, texts)
+            if warned:
+                self.assertIn("every user can read it (mode 0644)", found[0])
+            self.assertNotIn("s3cret", "".join(texts))
 
     def test_bad_config_refused(self) -> None:
         """A configuration with problems is a usage error naming every problem; nothing is built."""

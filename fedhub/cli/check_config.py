@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedhub.config import Config, load_config
+from fedhub.config import Config, exposed_password, load_config
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
 from fedhub.hub import build_refusal, domain_problems, file_problems
@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         return runner.fail("check-config", f"{args.file}: {e.problems[0].message}", runner.EX_CONFIG)
     except ConfigError as e:
         problems = e.problems
+    warning = exposed_password(config) if not problems else None
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     if problems:
         print(f"{args.file}: {len(problems)} configuration problem(s):", file=sys.stderr)
         for problem in problems:
