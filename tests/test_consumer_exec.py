@@ -200,6 +200,32 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(session_processes(999, root), set())
         self.assertEqual(session_processes(1000, root), {104})
 
+    def test_only_processes_made_since_the_session(self) -> None:
+        """
+        Where C{loadavg} gives the last process id, only processes numbered
+        from the session's to it are looked at (around the end of the range
+        when the numbers wrapped); an older one, whatever its stat file
+        says, is not.
+        """
+        stats = {
+            "90": b"90 (older) S 1 100 100 0 -1 0\n",
+            "100": b"100 (sh) S 1 100 100 0 -1 0\n",
+            "101": b"101 (child) S 100 100 100 0 -1 0\n",
+            "150": b"150 (newer) S 1 100 100 0 -1 0\n",
+        }
+        root = self.proc(stats)
+        (Path(root) / "loadavg").write_bytes(b"0.10 0.20 0.30 1/123 120\n")
+        self.assertEqual(session_processes(100, root), {100, 101})
+        # Too many numbers to look up one by one: the listing, narrowed.
+        (Path(root) / "loadavg").write_bytes(b"0.10 0.20 0.30 1/123 100000\n")
+        self.assertEqual(session_processes(100, root), {100, 101, 150})
+        # The numbers wrapped: from the session's to the end, then from the
+        # start to the last one.
+        (Path(root) / "loadavg").write_bytes(b"0.10 0.20 0.30 1/123 95\n")
+        self.assertEqual(session_processes(100, root), {90, 100, 101, 150})
+        (Path(root) / "loadavg").write_bytes(b"garbled\n")
+        self.assertEqual(session_processes(100, root), {90, 100, 101, 150})
+
     def test_no_proc(self) -> None:
         """Without a readable /proc, None says the session can not be listed."""
         self.assertIsNone(session_processes(1, str(Path(self.mktemp()) / "none")))

@@ -423,12 +423,31 @@ class ExecSettings:
 # --- running one command ----------------------------------------------------
 
 
+#: Up to how many process numbers a session's listing looks up one by one,
+#: rather than listing every process.
+DIRECT_LOOKUPS = 512
+
+
+def _last_pid(root: str) -> int | None:
+    """
+    The process id given out last, from C{loadavg} (its fifth field) in
+    the C{/proc} at C{root}, or C{None} when it can not be read.
+    """
+    try:
+        with open(os.path.join(root, "loadavg"), "rb") as f:
+            return int(f.read(256).split()[4])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def session_processes(
     session: int, proc: str | None = None, among: Iterable[int] | None = None
 ) -> set[int] | None:
     """
     The live processes of a session, from C{/proc/PID/stat} (Linux): those
     whose session id (its sixth field) is C{session}, zombies left out.
+    Only processes made since the session's leader are looked at (see
+    L{_last_pid}).
 
     @param proc: Where processes are listed; by default L{PROC}.
     @param among: Look only at these process ids rather than at all.
@@ -442,9 +461,26 @@ def session_processes(
         try:
             if os.readlink(os.path.join(root, "self")) != str(os.getpid()):
                 return None
-            names = os.listdir(root)
         except OSError:
             return None
+        # Only processes made since the session began can be in it: their
+        # numbers run from the session's to the last one given out, around
+        # the end of the range if the numbers wrapped meanwhile.  Few
+        # numbers: each is looked up; else the listing is narrowed to them.
+        # (Opening every process's stat file costs milliseconds on a busy
+        # host; listing them, a fraction of that.)
+        last = _last_pid(root)
+        if last is not None and session <= last < session + DIRECT_LOOKUPS:
+            names = [str(pid) for pid in range(session, last + 1)]
+        else:
+            try:
+                names = os.listdir(root)
+            except OSError:
+                return None
+            if last is not None and last >= session:
+                names = [n for n in names if n.isdigit() and session <= int(n) <= last]
+            elif last is not None:
+                names = [n for n in names if n.isdigit() and (int(n) >= session or int(n) <= last)]
     else:
         names = [str(pid) for pid in among]
     found: set[int] = set()
