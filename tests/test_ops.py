@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -74,6 +74,32 @@ class LogLevelTests(SynchronousTestCase):
         self.assertEqual(self.emit_all(), ["w", "e"])
         set_log_level(LogLevel.debug)
         self.assertEqual(self.emit_all(), ["d", "i", "w", "e"])
+
+    def test_every_logger_of_fedhub_applies_the_level(self) -> None:
+        """
+        Every logger fedhub's modules and classes hold is a HubLogger, so
+        the level (and the escaping of untrusted fields) applies to all of
+        them.
+        """
+        import importlib
+        import pkgutil
+
+        import fedhub
+
+        plain = []
+        for info in pkgutil.walk_packages(fedhub.__path__, "fedhub."):
+            if info.name.endswith("__main__"):
+                continue
+            module = importlib.import_module(info.name)
+            holders: list[Any] = [module] + [
+                value for value in vars(module).values()
+                if isinstance(value, type) and value.__module__ == module.__name__
+            ]
+            for holder in holders:
+                for name, value in vars(holder).items():
+                    if isinstance(value, Logger) and not isinstance(value, HubLogger):
+                        plain.append(f"{getattr(holder, '__name__', holder)}.{name}")
+        self.assertEqual(plain, [])
 
     def test_allow_only_lowers(self) -> None:
         """allow_level lowers the level and never raises it."""

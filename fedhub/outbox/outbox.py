@@ -31,7 +31,6 @@ from typing import Any, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 from zope.interface import implementer
 
@@ -44,6 +43,7 @@ from fedhub.errors import (
     TemporarilyUnavailable,
 )
 from fedhub.interfaces import IBus, IPublisher
+from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.text import escape_control
 from fedhub.outbox.store import (
@@ -214,7 +214,7 @@ class Outbox(Service):
     @ivar store: The store holding the messages.
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,

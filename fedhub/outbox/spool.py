@@ -56,12 +56,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from fedhub.errors import DecodeError, MessageError, PublishError, TemporarilyUnavailable
 from fedhub.files import fsync_directory, replace_durably
 from fedhub.interfaces import IPublisher
+from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line, iter_loads
 from fedhub.text import escape_control
 
@@ -314,7 +314,7 @@ class SpoolImporter(Service):
         C{*.bad} and kept for inspection).
     """
 
-    log = Logger()
+    log = HubLogger()
 
     def __init__(
         self,
