@@ -23,6 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -34,6 +35,7 @@ from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import DeadLetter, Halt
 from fedhub.hub import DomainRuntime, Hub
 from fedhub.interfaces import IMessageHandler
+from fedhub.logs import log_level, set_log_level
 from fedhub.message import Message
 from fedhub.outbox import Outbox
 from fedhub.outbox.store import SynchronousExecutor
@@ -1181,6 +1183,37 @@ class ServiceTests(TestCase):
         self.assertEqual(type(hub.consumers["audit"].handler).__name__, "LogHandler")
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", number), timeout=2).close()
+
+    @inlineCallbacks
+    def test_requests_logged_at_debug_only(self) -> Any:
+        """
+        Each request is logged at debug level: nothing at the default info
+        level (health probes come every few seconds), one line at debug.
+        """
+        self.addCleanup(set_log_level, log_level())
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        status = StatusService(FakeHub(), "tcp:0:interface=127.0.0.1", reactor)
+        status.startService()
+        self.addCleanup(status.stopService)
+        port = yield status.when_listening()
+        url = f"http://127.0.0.1:{port.getHost().port}/live"
+        found = []
+        for level in (LogLevel.info, LogLevel.debug):
+            set_log_level(level)
+            del events[:]
+            response = yield treq.get(url, persistent=False)
+            yield response.content()
+            for _ in range(50):
+                found = [e for e in events if "GET /live" in formatEvent(e)]
+                if found or level is LogLevel.info:
+                    break
+                yield deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(response.code, 200)
+            if level is LogLevel.info:
+                self.assertEqual(found, [])
+        self.assertEqual([e["log_level"] for e in found], [LogLevel.debug])
 
     @inlineCallbacks
     def test_listen_failure(self) -> Any:

@@ -48,6 +48,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProdu
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import combinedLogFormatter, datetimeToLogString
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -1005,8 +1006,16 @@ def build_resource(
 class _StatusSite(Site):
     """
     The status server's site: tells each connection when a request of it
-    has arrived in full.
+    has arrived in full, and logs each request at debug level only (health
+    probes and metrics scrapes come every few seconds).
     """
+
+    access_log = HubLogger()
+
+    def log(self, request: Any) -> None:
+        self.access_log.debug(
+            "{line}", line=combinedLogFormatter(datetimeToLogString(), request)
+        )
 
     def getResourceFor(self, request: Any) -> IResource:
         connection = getattr(request.channel, "transport", None)
