@@ -514,6 +514,34 @@ class ReadyTests(SynchronousTestCase):
         bad.start_error = None  # type: ignore[attr-defined]
         self.assertEqual(self.ready(world)[0], 200)
 
+    def test_outbox_that_can_not_open(self) -> None:
+        """
+        A domain whose outbox can not be opened (here its directory is a
+        file) refuses every hand-over: /ready answers 503 with why, naming
+        the store; once it opens, the domain is ready again.
+        """
+        world = World(self)
+        directory = world.outbox.store.directory
+        with open(directory, "w") as f:
+            f.write("not a directory")
+        world.start()
+        code, body = self.ready(world)
+        self.assertEqual(code, 503)
+        one = body["domains"]["one"]
+        self.assertEqual((one["ready"], one["connected"]), (False, True))
+        self.assertTrue(one["outbox_error"].startswith(
+            f"the outbox of domain one can not open {directory}/outbox.sqlite3: "), one)
+        self.assertEqual(world.view()["headline"], "Not ready: the outbox of domain one can not be used")
+        os.remove(directory)
+        for _ in range(100):
+            world.clock.advance(1)
+            if world.outbox.store.is_open:
+                break
+        code, body = self.ready(world)
+        self.assertEqual(code, 200)
+        self.assertIsNone(body["domains"]["one"]["outbox_error"])
+        self.flushLoggedErrors()
+
     def test_consumer_start_error_shown(self) -> None:
         """A consumer waiting to try its start again says why in /ready."""
         world = World(self)

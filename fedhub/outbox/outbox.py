@@ -313,6 +313,7 @@ class Outbox(Service):
         self._opening = False
         self._opened = False
         self._trouble: str | None = None
+        self._problem: str | None = None
         self._trouble_call: _DelayedCall | None = None
         self._trouble_attempt = 0
         # Writing.
@@ -467,6 +468,15 @@ class Outbox(Service):
                     msg_id=message_id,
                     domain=self.domain,
                 )
+
+    @property
+    def problem(self) -> str | None:
+        """
+        Why the store can not be used, from its last failure to open or to
+        write (a disk full, a damaged file), until it opens or writes again;
+        C{None} when it works.  Meanwhile every hand-over is refused.
+        """
+        return self._problem
 
     def stats(self) -> OutboxStats:
         """
@@ -678,6 +688,7 @@ class Outbox(Service):
         self._opening = False
         self._opened = True
         self._trouble_attempt = 0
+        self._problem = None
         self._backlog = summary.pending > 0
         self._loaded_upto = 0
         self._oldest_hint = summary.oldest_created
@@ -748,13 +759,14 @@ class Outbox(Service):
         self._set_trouble(failure, [])
 
     def _trouble_reason(self, error: BaseException) -> str:
+        verb = "can not write" if self._opened else "can not open"
         if isinstance(error, StoreError):
             if error.disk_full:
                 return f"the disk of the outbox of domain {self.domain} is full"
             if error.locked:
                 return f"the outbox of domain {self.domain} is in use by another process"
-            return f"the outbox of domain {self.domain} can not write: {error.reason}"
-        return f"the outbox of domain {self.domain} can not write: {error!r}"
+            return f"the outbox of domain {self.domain} {verb} {error.path}: {error.reason}"
+        return f"the outbox of domain {self.domain} {verb}: {error!r}"
 
     def _set_trouble(self, failure: TwistedFailure, failed: list[_Handover]) -> None:
         """
@@ -781,6 +793,7 @@ class Outbox(Service):
         # Set before failing anyone: a producer retrying at once from its
         # errback must be refused, not start another transaction.
         self._trouble = reason
+        self._problem = reason
         if self._trouble_call is not None and self._trouble_call.active():
             self._trouble_call.cancel()
         self._trouble_call = self._reactor.callLater(delay, self._trouble_over)
@@ -843,6 +856,7 @@ class Outbox(Service):
 
     def _committed(self, result: CommitResult, inserts: list[_Handover]) -> None:
         self._trouble_attempt = 0
+        self._problem = None
         count = len(inserts)
         if count:
             for handover in inserts:

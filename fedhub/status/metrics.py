@@ -154,6 +154,11 @@ def readiness(hub: HubView) -> Readiness:
             if isinstance(error, BaseException)
             else None
         )
+        # An outbox that can not open or write refuses every hand-over.
+        problem = getattr(runtime.publisher, "problem", None)
+        detail["outbox_error"] = None if problem is None else escape_control(str(problem), 300)
+        if problem is not None:
+            detail["ready"] = False
         domains[name] = detail
     consumers: dict[str, dict[str, Any]] = {}
     for name, service in hub.consumers.items():

@@ -391,7 +391,10 @@ def status_view(hub: HubView, monitor: HubMonitor, now: float) -> dict[str, Any]
     """
     check = readiness(hub)
     problems = [
-        f"domain {name} is not connected" for name, d in check.domains.items() if not d["ready"]
+        f"domain {name} is not connected" if not d["connected"]
+        else f"the outbox of domain {name} can not be used"
+        for name, d in check.domains.items()
+        if not d["ready"]
     ] + [
         f"consumer {name} is {'halted' if c['halted'] else 'not consuming'}"
         for name, c in check.consumers.items()
