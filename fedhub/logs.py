@@ -70,7 +70,7 @@ def log_level() -> LogLevel:
 #: Event fields whose values come from outside the hub (messages, mail
 #: peers, brokers, remote servers): L{HubLogger} escapes them in every
 #: event, whichever code logs them.
-UNTRUSTED_FIELDS = ("msg_id", "topic", "queue", "peer", "reason", "error")
+UNTRUSTED_FIELDS = ("msg_id", "topic", "queue", "peer", "reason", "error", "path")
 
 
 class HubLogger(Logger):

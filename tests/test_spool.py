@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fedhub.errors import PublishError, TemporarilyUnavailable
@@ -167,6 +167,25 @@ class ImportTests(SynchronousTestCase):
         self.assertEqual(self.importer.rejected, 1)
         self.assertTrue((self.directory / f"0000-bad{SUFFIX}.bad").exists())
         self.assertEqual(waiting(self.directory), [])
+
+    def test_bad_file_with_undecodable_name_logged_escaped(self) -> None:
+        """
+        A bad file whose name is not UTF-8 is set aside all the same, and
+        its name is escaped in the log line: no raw byte reaches the log.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.directory.mkdir(parents=True)
+        name = os.fsencode(str(self.directory)) + b"/0000-\xff" + os.fsencode(SUFFIX)
+        with open(name, "wb") as f:
+            f.write(b'{"topic": "a", "body": [1]}\n')
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.importer.rejected, 1)
+        self.assertTrue(os.path.exists(name + b".bad"))
+        (line,) = [formatEvent(e) for e in events if "holds no valid message" in e.get("log_format", "")]
+        line.encode("utf-8")  # no lone surrogate left of the byte
+        self.assertIn("0000-\\udcff", line)
 
     def test_message_too_large_for_outbox_quarantined(self) -> None:
         """A spooled message larger than the whole outbox is set aside; the files after it are still imported."""

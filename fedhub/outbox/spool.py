@@ -405,7 +405,8 @@ class SpoolImporter(Service):
                         self.log.error(
                             "Spool file {path} of {domain} holds no valid message ({reason}); "
                             "kept as {bad}",
-                            path=path, domain=self.domain, reason=reason, bad=bad,
+                            path=path, domain=self.domain, reason=reason,
+                            bad=escape_control(bad),
                         )
                         continue
                     try:
