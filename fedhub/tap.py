@@ -181,7 +181,11 @@ class StateLock(Service):
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise StateDirectoryInUse(self.directory, reason=e.strerror or str(e)) from None
+            reason = e.strerror or str(e)
+            if os.path.islink(self.directory) and not os.path.exists(self.directory):
+                # makedirs says "File exists" of a link to nowhere.
+                reason = f"it is a symbolic link to {os.readlink(self.directory)!r}, which does not exist"
+            raise StateDirectoryInUse(self.directory, reason=reason) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

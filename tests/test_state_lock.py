@@ -169,6 +169,17 @@ class MakeServiceTests(SynchronousTestCase):
             line,
         )
 
+    def test_state_directory_dangling_link(self) -> None:
+        """A state directory that is a symbolic link to nowhere is refused saying so."""
+        self.state.symlink_to(self.state.parent / "gone")
+        self.refusal()
+        [line] = self.stderr.getvalue().splitlines()
+        self.assertEqual(
+            line,
+            f"twistd fedhub: the state directory {self.state} can not be locked: it is a symbolic "
+            f"link to {str(self.state.parent / 'gone')!r}, which does not exist",
+        )
+
     def test_lock_released_when_build_fails(self) -> None:
         """A hub whose build is refused after the lock was taken does not keep the directory locked."""
         path = self.directory / "bad.toml"
