@@ -127,6 +127,29 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
     L{Store} with a synchronous executor.
     """
 
+    def test_empty_file_refused(self) -> None:
+        """
+        An empty store file (truncated: the store never leaves one) is
+        refused, naming it, instead of being taken for a new store, which
+        would drop the messages of its log; the file and its log are left
+        as they are.
+        """
+        directory = self.mktemp()
+        store = self.open_store(directory)
+        self.successResultOf(store.commit([row(make_message(1))]))
+        path = os.path.join(directory, DATABASE_NAME)
+        wal = path + "-wal"
+        self.successResultOf(store.close())
+        with open(path, "wb"):
+            pass
+        with open(wal, "wb") as f:
+            f.write(b"log frames")
+        again = Store(directory, SynchronousExecutor())
+        error = self.failureResultOf(again.open(), StoreError).value
+        self.assertEqual(error.path, path)
+        self.assertIn("the file is empty: it was truncated or damaged", error.reason)
+        self.assertEqual((os.path.getsize(path), os.path.getsize(wal)), (0, 10))
+
     def test_open_creates(self) -> None:
         """
         Opening creates the directory and an empty WAL-mode database with full sync.

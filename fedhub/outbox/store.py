@@ -81,6 +81,19 @@ SCHEMA_VERSION = 3
 #: two checkpoints is copied once.
 CHECKPOINT_PAGES = 8000
 
+#: Room kept free on the outbox's file system for writing down confirms:
+#: SQLite needs space in its log to delete rows, so a backlog that filled
+#: the disk could otherwise never be deleted once the broker confirms it.
+#: Hand-overs that would leave less free are refused (as on a full disk).
+#: At most 1/RESERVE_SHARE of the file system.
+RESERVE_BYTES = 16 * 1024 * 1024
+RESERVE_SHARE = 8
+
+#: Below this many times the reserve free, every commit is followed by a
+#: checkpoint that copies the log into the database and empties it, so the
+#: log never holds the room the reserve keeps.
+LOW_SPACE_FACTOR = 4
+
 #: Older layouts a store upgrades in place when it opens.
 UPGRADABLE_VERSIONS = ("1", "2")
 
@@ -782,6 +795,13 @@ def decode_for_publish(data: bytes) -> Message:
 # --- the database, used on the store's thread only ----------------------
 
 
+def _is_empty_file(path: str) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
 def _is_disk_full(error: BaseException) -> bool:
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
@@ -909,6 +929,16 @@ class _Database:
         conn: sqlite3.Connection | None = None
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if _is_empty_file(self.path):
+                # The store writes its tables as it creates the file, so an
+                # empty one was cut short by something else; SQLite would
+                # take it for a new store and drop its log with the messages
+                # in it.
+                raise StoreError(
+                    self.path,
+                    "the file is empty: it was truncated or damaged; move it aside, with its "
+                    "-wal file if there is one, to start with an empty outbox",
+                )
             conn = sqlite3.connect(
                 self.path,
                 timeout=self.lock_timeout,
@@ -1025,9 +1055,61 @@ class _Database:
                     ).fetchone()[0]
             return CommitResult(first, len(inserts), deleted, moved), moved_bytes, recount
 
+        space = self._space()
+        if inserts and space is not None:
+            free, reserve = space
+            size = sum(len(row[2]) for row in inserts if isinstance(row[2], bytes))
+            if free - size < reserve:
+                raise StoreError(
+                    self.path,
+                    f"less than {reserve} bytes would be left free on its disk, which are kept "
+                    "for writing down confirms",
+                    disk_full=True,
+                )
         # Deleting confirmed messages need not wait for the disk: should the
         # deletion be lost with power, the messages are published again.
-        return self._write(work, durable=bool(inserts or failures))
+        durable = bool(inserts or failures)
+        try:
+            outcome = self._write(work, durable=durable)
+        except StoreError as e:
+            if not e.disk_full:
+                raise
+            # The log may hold the room: copy it into the database, empty
+            # it, and try once more.
+            self._checkpoint()
+            outcome = self._write(work, durable=durable)
+        if space is not None and space[0] < LOW_SPACE_FACTOR * space[1]:
+            self._checkpoint()
+        return outcome
+
+    def _space(self) -> tuple[int, int] | None:
+        """
+        The bytes free for the store, on its file system and in the pages
+        of its database that deletions freed (new rows take those first),
+        and the reserve kept (see L{RESERVE_BYTES}); or C{None} when that
+        can not be told.
+        """
+        conn = self._connection()
+        try:
+            st = os.statvfs(self.directory)
+            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        except (OSError, sqlite3.Error):
+            return None
+        free = st.f_bavail * st.f_frsize + free_pages * page_size
+        return free, min(RESERVE_BYTES, st.f_blocks * st.f_frsize // RESERVE_SHARE)
+
+    def _checkpoint(self) -> None:
+        """
+        Copy the log into the database and empty it, if it can be done.
+        """
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
 
     def load(self, after_seq: int, limit: int) -> list[StoredRow]:
         conn = self._connection()
