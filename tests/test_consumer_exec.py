@@ -725,28 +725,18 @@ class RunTests(ProcessCase):
         self.assertIn(f"can not change to {str(where)!r}: No such file or directory", settled.reason or "")
 
     @inlineCallbacks
-    def test_argument_list_too_long_with_cwd_dead_letters(self) -> Any:
-        """With a working directory too, an argument too long dead-letters at once, nothing runs."""
+    def test_argument_list_too_long_dead_letters(self) -> Any:
+        """An argument too long for the system dead-letters the message at once, nothing runs, with or without a cwd."""
         where = Path(self.mktemp()).absolute()
         where.mkdir()
-        harness = self.harness({"cwd": str(where), "command": ["/bin/true", "{body[a]}"]})
-        settled: Settled = yield harness.deliver(Message.create(TOPIC, {"a": "x" * 200_000}))
-        self.assertEqual(settled.outcome, "dead_lettered")
-        self.assertIn("Argument list too long", settled.reason or "")
-        handler = harness.handler
-        assert isinstance(handler, ExecHandler)
-        self.assertEqual(handler.runs, 0)
-
-    @inlineCallbacks
-    def test_argument_list_too_long_dead_letters(self) -> Any:
-        """An argument too long for the system dead-letters the message at once, nothing runs."""
-        harness = self.harness({"command": ["/bin/true", "{body[a]}"]})
-        settled: Settled = yield harness.deliver(Message.create(TOPIC, {"a": "x" * 200_000}))
-        self.assertEqual(settled.outcome, "dead_lettered")
-        self.assertIn("Argument list too long", settled.reason or "")
-        handler = harness.handler
-        assert isinstance(handler, ExecHandler)
-        self.assertEqual(handler.runs, 0)
+        for options in ({}, {"cwd": str(where)}):
+            harness = self.harness({**options, "command": ["/bin/true", "{body[a]}"]})
+            settled: Settled = yield harness.deliver(Message.create(TOPIC, {"a": "x" * 200_000}))
+            self.assertEqual(settled.outcome, "dead_lettered")
+            self.assertIn("Argument list too long", settled.reason or "")
+            handler = harness.handler
+            assert isinstance(handler, ExecHandler)
+            self.assertEqual(handler.runs, 0)
 
     @inlineCallbacks
     def test_max_running(self) -> Any:
