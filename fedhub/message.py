@@ -987,14 +987,25 @@ def dump_line(message: Message) -> str:
 
     Text is written as it is (not as C{\\uXXXX} escapes), except lone
     surrogates: they are written as escapes, so that the line always encodes
-    as UTF-8, and a header name that held them loads back the same.
+    as UTF-8, and a header name that held them loads back the same; and the
+    characters that Python's C{str.splitlines} (which fedora-messaging's
+    C{loads} splits a file with) takes for line ends besides those JSON
+    escapes anyway: U+0085, U+2028 and U+2029.
     """
-    # Surrogates occur only inside JSON strings, where an escape stands for
-    # the same character.
+    # Both occur only inside JSON strings, where an escape stands for the
+    # same character.
     text = json.dumps(
         message.to_serialized(), ensure_ascii=False, sort_keys=True, default=_header_json
     )
-    return escape_surrogates(text) + "\n"
+    return _LINE_BREAKS.sub(_escape_char, escape_surrogates(text)) + "\n"
+
+
+#: What C{str.splitlines} takes for a line end that C{json.dumps} leaves raw.
+_LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def iter_loads(lines: Iterable[str | bytes]) -> Iterator[Message]:

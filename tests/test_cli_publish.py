@@ -39,7 +39,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli import publish, runner
 from fedhub.cli.main import build_parser
-from fedhub.cli.publish import LineReader, Progress, decode_line, publish_all
+from fedhub.cli.publish import MAX_LINE, LineReader, Progress, decode_line, publish_all
 from fedhub.cli.runner import CommandError, Runtime
 from fedhub.errors import (
     AccessRefused,
@@ -366,6 +366,16 @@ class LineReaderTests(SynchronousTestCase):
         outcome = self.read_all(b"short\n" + b"x" * 100 + b"\n", chunk_size=8, max_line=50)
         self.assertIsInstance(outcome, Failure)
         cast(Failure, outcome).trap(DecodeError)
+
+    def test_line_of_a_large_message_read(self) -> None:
+        """
+        By default a line as long as what record writes of a 17 MiB message
+        (more than the 16 MiB limit of before) is read: the limit is
+        RabbitMQ's largest message, 512 MiB.
+        """
+        self.assertEqual(MAX_LINE, 512 * 1024 * 1024)
+        big = b"x" * (17 << 20)
+        self.assertEqual(self.read_all(b"a\n" + big + b"\n", chunk_size=1 << 20), [b"a", big])
 
     def test_long_line_numbered(self) -> None:
         """

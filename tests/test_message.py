@@ -406,6 +406,23 @@ class SerializedFormTests(SynchronousTestCase):
         record = json.loads(dump_line(odd_body).encode("utf-8"))
         self.assertEqual(record["body"], odd_body.body)
 
+    def test_line_breaks_of_splitlines_escaped(self) -> None:
+        """
+        U+0085, U+2028 and U+2029, which str.splitlines (and so
+        fedora-messaging's loads) takes for line ends, are written as escapes:
+        the line stays one line for both, with the same value.
+        """
+        from fedora_messaging import message as fm_message
+
+        message = sample(body={"s": "a\u2028b\u2029c\x85d\u00e9"},
+                         headers={"note\u2028": "x\u2029"})
+        line = dump_line(message)
+        self.assertEqual(line.splitlines(), [line[:-1]])
+        self.assertIn("\\u2028b\\u2029c\\u0085d\u00e9", line)
+        self.assertEqual(loads(line.encode("utf-8")), [message])
+        (theirs,) = fm_message.loads(line)
+        self.assertEqual((theirs.id, theirs.body), (message.id, dict(message.body)))
+
     def test_load_message_not_mapping(self) -> None:
         """load_message refuses what is not an object."""
         self.assertRaises(DecodeError, load_message, ["topic"])

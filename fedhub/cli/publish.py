@@ -57,8 +57,10 @@ from fedhub.message import (
     utc_now,
 )
 
-#: A line of a message file may be at most this long.
-MAX_LINE = 16 * 1024 * 1024
+#: A line of a message file may be at most this long: RabbitMQ's largest
+#: message (its C{max_message_size} may be set up to 512 MiB), so that what
+#: C{fedhub record} wrote of a message it received can be read back.
+MAX_LINE = 512 * 1024 * 1024
 
 #: Severity names accepted besides the numbers.
 SEVERITY_NAMES = {"debug": 10, "info": 20, "warning": 30, "error": 40}
