@@ -347,6 +347,7 @@ class FakeKoji:
         self.next_task = 14461
         self.next_repo = 2581
         self.fail_methods: dict[str, int] = {}
+        self.hosts: dict[int, str] = {1: "buildvm-x86-01.iad2.fedoraproject.org"}
 
         build = koji_sample("getBuild.json")
         self.builds[build["build_id"]] = build
@@ -382,6 +383,7 @@ class FakeKoji:
                 "repoInfo": self.repoInfo,
                 "getTag": self.getTag,
                 "getUser": self.getUser,
+                "getHost": self.getHost,
             },
             multicall_names=("multiCall", "system.multicall"),
         )
@@ -678,6 +680,15 @@ class FakeKoji:
         if build is None and strict:
             raise xmlrpc.client.Fault(1000, f"GenericError: No such build: {buildInfo!r}")
         return copy.deepcopy(build)
+
+    def getHost(self, host: int | str, strict: bool = False) -> dict[str, Any] | None:
+        self._maybe_fail("getHost")
+        name = self.hosts.get(host) if isinstance(host, int) else None
+        if name is None:
+            if strict:
+                raise xmlrpc.client.Fault(1000, f"GenericError: No such host: {host!r}")
+            return None
+        return {"id": host, "name": name, "arches": "x86_64", "enabled": True, "ready": True}
 
     def getTaskInfo(self, task_id: int, request: bool = False,
                     strict: bool = False) -> dict[str, Any] | None:

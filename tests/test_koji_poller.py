@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 
 from fedhub.config import HubSettings
 from fedhub.interfaces import IProducerPlugin
-from fedhub.message import DEBUG, INFO, Message
+from fedhub.message import DEBUG, INFO, Message, dump_line
 from fedhub.plugins import PluginContext
 from fedhub.producers.koji import (
     SCHEMAS,
@@ -783,6 +783,49 @@ class SchemaTests(SynchronousTestCase):
             if sample["topic"] in published and sample["topic"] != "buildsys.package.list.change":
                 missing = set(sample["body"]) - published[sample["topic"]]
                 self.assertEqual(missing, set(), sample["topic"])
+
+
+    def test_fedora_message_classes_read_them(self) -> None:
+        """
+        fedora-messaging's Koji message classes take the published messages
+        and format them: a task's info carries the build host's name, from
+        getHost (asked once per host), as Fedora's plugin sends it; the task
+        info of every sample has the same keys as Fedora's.
+        """
+        from fedora_messaging import message as fm_message
+
+        koji = FakeKoji()
+        koji.hosts[1] = "buildhw-x86-13.iad2.fedoraproject.org"
+        caller = DirectCaller(koji.server, HUB, multicall_method="multiCall")
+        source = KojiSource("koji", caller, KojiSettings.for_hub(HUB, tasks="all"), topic)
+        cursor = self.successResultOf(source.initial_cursor())
+        build, _ = koji.start_build("a", "1", "1")
+        koji.finish_build(build)
+        task = koji.scratch_build("x.src.rpm")
+        koji.set_task_state(task, OPEN)
+        result: PollResult = self.successResultOf(source.poll(cursor))
+        seen = set()
+        for message in result.messages:
+            kind = message.topic[len(PREFIX):]
+            if kind not in ("buildsys.build.state.change", "buildsys.task.state.change"):
+                continue
+            info = message.body["task"] if kind.startswith("buildsys.build") else message.body["info"]
+            if info is None:
+                continue
+            (theirs,) = fm_message.loads(dump_line(message))
+            self.assertNotEqual(type(theirs), fm_message.Message, kind)
+            text = str(theirs)
+            if info["host_id"] == 1:
+                self.assertEqual(info["host_name"], "buildhw-x86-13.iad2.fedoraproject.org")
+                seen.add(kind)
+            else:
+                self.assertIsNone(info["host_name"])
+            self.assertTrue(text)
+        self.assertEqual(seen, {"buildsys.build.state.change", "buildsys.task.state.change"})
+        for sample in koji_bodies():
+            info = sample["body"].get("task") or sample["body"].get("info")
+            if isinstance(info, dict):
+                self.assertIn("host_name", info)
 
 
 class PluginTests(SynchronousTestCase):

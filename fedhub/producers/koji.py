@@ -37,7 +37,7 @@ import copy
 import math
 import posixpath
 import uuid
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeGuard
@@ -65,6 +65,10 @@ from fedhub.producers.poller import (
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
 from fedhub.xmlrpc import Call, XMLRPCCaller, XMLRPCClient, unwrap
+
+#: At most how many build hosts' names a poller remembers (a hub has a few
+#: hundred).
+MAX_HOST_NAMES = 10_000
 
 BUILD_STATES = ("BUILDING", "COMPLETE", "DELETED", "FAILED", "CANCELED")
 TASK_STATES = ("FREE", "OPEN", "CLOSED", "CANCELED", "ASSIGNED", "FAILED")
@@ -268,6 +272,9 @@ class KojiSource:
         self.description = f"Koji hub {settings.hub_url}"
         #: Events skipped because no message could be made of them.
         self.skipped = 0
+        #: Build hosts' names by id (C{getHost}), as messages carry them;
+        #: at most L{MAX_HOST_NAMES}.
+        self._host_names: dict[int, str] = {}
 
     def close(self) -> Deferred[None]:
         closed: Deferred[None] = self.client.close()
@@ -716,6 +723,9 @@ class KojiSource:
         owners = {**owners, **{i: a.get("owner_name") if isinstance(a, dict) else None
                                for i, a in zip(build_ids, answers)}}
         task_infos: dict[Any, Any] = {**task_rows, **dict(zip(task_ids, answers[len(build_ids):]))}
+        tasks = [t for t in task_infos.values() if isinstance(t, dict)]
+        tasks += [data[0] for _, _, kind, data in events if kind == "task"]
+        yield self._learn_host_names(tasks)
         messages = []
         for _, event_id, kind, data in events:
             try:
@@ -738,6 +748,29 @@ class KojiSource:
                 # after it, for good: skip it and go on.
                 self._skip(kind, f"{type(e).__name__}: {e}")
         return messages
+
+    @inlineCallbacks
+    def _learn_host_names(self, tasks: Sequence[Mapping[str, Any]]) -> Generator[Deferred[Any], Any, None]:
+        """
+        Ask the hub the names of the build hosts of C{tasks} not known yet:
+        a task's info in a message carries C{host_name} (koji-fedoramessaging
+        adds it; C{getTaskInfo} gives the id only), and fedora-messaging's
+        Koji message classes read it.  A host the hub does not name stays
+        unnamed (C{None}); the poll goes on.
+        """
+        wanted = sorted({
+            t["host_id"] for t in tasks
+            if type(t.get("host_id")) is int and t["host_id"] not in self._host_names
+        })
+        if not wanted:
+            return
+        answers = yield self._multicall([Call("getHost", (i,)) for i in wanted])
+        if len(self._host_names) + len(wanted) > MAX_HOST_NAMES:
+            self._host_names.clear()
+        for host_id, answer in zip(wanted, answers):
+            name = answer.get("name") if isinstance(answer, dict) else None
+            if isinstance(name, str):
+                self._host_names[host_id] = name
 
     def _skip(self, kind: str, error: str) -> None:
         """
@@ -845,6 +878,11 @@ class KojiSource:
         if isinstance(task.get("owner_name"), str):
             info["owner"] = task["owner_name"]
         info.setdefault("host_id", None)
+        host_id = info["host_id"]
+        info["host_name"] = self._host_names.get(host_id) if type(host_id) is int else None
+        # Fedora's plugin lists the sub-tasks, read in the hub's database; over
+        # the API that would be a call and a result per child: none are given.
+        info["children"] = []
         info.setdefault("arch", "noarch")
         info["result"] = _result(task)
         if not isinstance(info.get("request"), list):
