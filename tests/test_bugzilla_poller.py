@@ -523,6 +523,26 @@ class SourceTests(SourceTestBase):
         self.assertEqual(sorted(m.body["bug"]["id"] for m in messages
                                 if m.topic.endswith("update")), old)
 
+    def test_first_start_far_ahead_or_not_a_time_refused(self) -> None:
+        """
+        A first start from a Bugzilla clock more than a day past this host's
+        fails (it would be the floor for good, nothing before it published),
+        and so does one from a clock that is not a finite time; with the
+        clock right, the start is taken.
+        """
+        clock = Clock()
+        clock.advance(self.bz.now)
+        source = self.source(clock=clock)
+        right = self.bz.now
+        for db_time, said in ((right + 2 * 86400, "more than a day ahead of this host's"),
+                              (float("nan"), "not a time: nan"),
+                              (float("inf"), "not a time: inf")):
+            self.bz.server.handlers["Bugzilla.time"] = lambda *a, t=db_time: {"db_time": t}
+            failure = self.failureResultOf(source.initial_cursor(), BugzillaError)
+            self.assertIn(said, str(failure.value))
+        self.bz.server.handlers["Bugzilla.time"] = self.bz.time
+        self.assertEqual(self.start(source)["floor"], right)
+
     def test_server_clock_ahead_of_host(self) -> None:
         """With Bugzilla's clock an hour ahead of the host's, the cursor follows Bugzilla's."""
         clock = Clock()

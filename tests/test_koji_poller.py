@@ -670,6 +670,49 @@ class SourceTests(SourceTestBase):
             self.assertIn(f"event {last}", str(failure.value))
             self.failureResultOf(source.initial_cursor(), KojiError)
 
+    def test_bogus_last_event_does_not_move_the_cursor(self) -> None:
+        """
+        One answer of getLastEvent far past the hub's events (the event past
+        the step and the claimed last one do not exist) fails the poll and
+        leaves the cursor; with sane answers again, the tags made meanwhile
+        are published.
+        """
+        source = self.source(tasks="none", repos=False)
+        cursor = self.start(source)
+        build, _ = self.koji.start_build("a", "1", "1")
+        self.koji.finish_build(build)
+        real = self.koji.server.handlers["getLastEvent"]
+        self.koji.server.handlers["getLastEvent"] = lambda *a, **k: {"id": 10**9, "ts": self.koji.now}
+        failure = self.failureResultOf(source.poll(cursor), KojiError)
+        self.assertIn(f"last event {10**9} does not exist", str(failure.value))
+        self.koji.server.handlers["getLastEvent"] = real
+        self.koji.tag_build(build, "f24")
+        messages, cursor = self.drain(source, cursor)
+        self.assertIn("buildsys.tag", suffixes(messages))
+        self.assertEqual(cursor["event"], self.koji.last_event)
+
+    def test_boolean_event_id_refused(self) -> None:
+        """An event id that is a boolean is named as not an integer, not taken as 1."""
+        source = self.source()
+        cursor = self.start(source)
+        self.koji.server.handlers["getLastEvent"] = lambda *a, **k: {"id": True, "ts": self.koji.now}
+        failure = self.failureResultOf(source.poll(cursor), KojiError)
+        self.assertIn("the hub's event id is not an integer: True", str(failure.value))
+
+    def test_first_start_far_ahead_refused(self) -> None:
+        """
+        A first start from an event dated more than a day past this host's
+        clock fails (it would be the floor for good); an hour ahead is
+        taken.
+        """
+        clock = Clock()
+        clock.advance(self.koji.now - 2 * 86400)
+        source = KojiSource("koji", self.caller, KojiSettings.for_hub(HUB), topic, clock=clock)
+        failure = self.failureResultOf(source.initial_cursor(), KojiError)
+        self.assertIn("more than a day ahead of this host's clock", str(failure.value))
+        clock.advance(2 * 86400 - 3600)
+        self.assertEqual(self.start(source)["event"], self.koji.last_event)
+
     def test_row_far_in_the_future(self) -> None:
         """A row with an absurd future time is published but does not move its stream out of reach."""
         source = self.source(tasks="none", repos=False)

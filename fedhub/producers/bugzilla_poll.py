@@ -53,6 +53,7 @@ from fedhub.producers.bugzilla.messagev1 import (
 from fedhub.producers.bugzilla.messagev1 import user_object as _user
 from fedhub.producers.poller import (
     FUTURE_MARGIN,
+    START_SKEW_LIMIT,
     IPollSource,
     PollingService,
     PollResult,
@@ -133,6 +134,14 @@ class BugzillaSource:
         The Bugzilla's own clock now (less C{backfill_seconds}).
         """
         now = yield self.api.server_time()
+        if self.clock is not None and now > self.clock.seconds() + START_SKEW_LIMIT:
+            # It would be the floor for good: nothing dated before it, every
+            # change to come, would ever be published.
+            raise BugzillaError(
+                "Bugzilla.time",
+                f"the clock says {now!r}, more than a day ahead of this host's: "
+                "not starting from it",
+            )
         start = now - self.backfill_seconds
         # "floor": nothing at or before the start is published, even though
         # the first polls read the overlap before it.

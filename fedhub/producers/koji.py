@@ -55,6 +55,7 @@ from fedhub.logs import HubLogger
 from fedhub.message import DEBUG, INFO, Message
 from fedhub.producers.poller import (
     FUTURE_MARGIN,
+    START_SKEW_LIMIT,
     IPollSource,
     PollingService,
     PollResult,
@@ -297,6 +298,13 @@ class KojiSource:
         else:
             event = yield self.client.call("getEvent", self.settings.backfill_from_event)
         event_id, event_ts = self._event(event)
+        if self.clock is not None and event_ts > self.clock.seconds() + START_SKEW_LIMIT:
+            # It would be the floor for good: nothing dated before it, all
+            # builds and tasks to come, would ever be published.
+            raise KojiError(
+                f"the hub's event {event_id} is dated {event_ts!r}, more than a day ahead of "
+                "this host's clock: not starting from it"
+            )
         repo_next, pending = 1, []
         if self.settings.repos:
             if self.settings.backfill_from_event is None:
@@ -361,8 +369,12 @@ class KojiSource:
 
     @staticmethod
     def _event(event: Any) -> tuple[int, float]:
-        if not isinstance(event, dict) or not isinstance(event.get("id"), int):
-            raise KojiError(f"the hub answered {type(event).__name__} for an event")
+        if not isinstance(event, dict) or type(event.get("id")) is not int:
+            raise KojiError(
+                f"the hub answered {type(event).__name__} for an event"
+                if not isinstance(event, dict)
+                else f"the hub's event id is not an integer: {escape_control(repr(event.get('id')), 100)}"
+            )
         ts = _number(event.get("ts"))
         if ts is None:
             # The event's time is where builds and tasks are read from: a
@@ -392,7 +404,12 @@ class KojiSource:
         if catching_up:
             event = yield self.client.call("getEvent", end, kwargs(strict=False))
             if event is None:
-                # A hole in the event sequence: take the whole rest at once.
+                # A hole in the event sequence: take the whole rest at once,
+                # once the last event is known to be there (one bogus answer
+                # would otherwise move the cursor past every event to come).
+                if (yield self.client.call("getEvent", last_id, kwargs(strict=False))) is None:
+                    raise KojiError(f"the hub's last event {last_id} does not exist "
+                                    "(getEvent answers nothing): not moving to it")
                 end, catching_up = last_id, False
             else:
                 end_ts = self._event(event)[1]

@@ -68,6 +68,13 @@ CURSOR_VERSION = 1
 #: does not move the cursor past every row still to come.
 FUTURE_MARGIN = 600.0
 
+#: Seconds a service's clock may be ahead of this host's when a poller
+#: first starts from it.  A start further ahead (a clock set to 2100) would
+#: be the floor below which nothing is published, for good: the first start
+#: fails instead, and is tried again.  Clocks an hour or so apart are taken
+#: as they are.
+START_SKEW_LIMIT = 86400.0
+
 
 class CursorError(FedhubError):
     """

@@ -19,6 +19,7 @@ never appears in logs or errors.
 
 from __future__ import annotations
 
+import math
 import xmlrpc.client
 from collections.abc import Generator, Iterable, Sequence
 from datetime import datetime, timezone
@@ -74,7 +75,10 @@ def to_epoch(value: Any) -> float | None:
     if isinstance(value, xmlrpc.client.DateTime):
         return to_epoch(datetime.strptime(value.value, "%Y%m%dT%H:%M:%S"))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise BugzillaError("-", f"not a time: {seconds!r}")
+        return seconds
     raise BugzillaError("-", f"not a time: {type(value).__name__}")
 
 
@@ -159,7 +163,8 @@ class BugzillaAPI:
         if not isinstance(answer, dict) or "db_time" not in answer:
             raise BugzillaError("Bugzilla.time", "the answer has no db_time")
         when = to_epoch(answer["db_time"])
-        assert when is not None
+        if when is None:
+            raise BugzillaError("Bugzilla.time", "the answer's db_time is null")
         return when
 
     @inlineCallbacks
