@@ -34,7 +34,7 @@ from zope.interface.verify import verifyObject
 from fedhub.amqp.codec import body_frame, content_header_frame, pack_frame, unpack_frame
 from fedhub.amqp.protocol import HEARTBEAT_FRAME, PROTOCOL_HEADER, AMQPClient
 from fedhub.amqp import transport
-from fedhub.amqp.transport import AMQPBus, AMQPSubscription
+from fedhub.amqp.transport import REFUSAL_HOLD, AMQPBus, AMQPSubscription, PublishRefused
 from fedhub.amqp.url import AMQPSettings, parse_url
 from fedhub.errors import (
     ConfigError,
@@ -932,6 +932,42 @@ class PublishTests(BusCase):
         self.assertIsInstance(not_connected, NotConnected)
         self.assertIsInstance(bad_key, MessageError)
         self.assertEqual([len(o.reports) for o in outcomes[:4]], [1, 1, 1, 1])
+
+    def test_permission_refusal_held_for_a_while(self) -> None:
+        """
+        A publish the broker's permissions refuse (403 closing the publish
+        channel) fails for good, and so do later ones like it, at once,
+        without closing the channel again; after REFUSAL_HOLD seconds one is
+        sent again, the permissions may have been granted: confirmed, the
+        next ones go too.
+        """
+        _, first = self.publish()
+        self.broker.send(
+            self.broker.frame(
+                self.broker.publish_channel(),
+                "channel.close",
+                reply_code=403,
+                reply_text="ACCESS_REFUSED - access to exchange 'amq.topic' in vhost '/' refused"
+                " for user 'guest'",
+                class_id=60,
+                method_id=40,
+            )
+        )
+        self.broker.pump()
+        self.failureResultOf(first, PublishRefused)
+        new_channel = self.broker.methods("confirm.select")[-1][0]
+        self.broker.confirm_seq = {new_channel: 0}
+        sent = len(self.broker.published)
+        _, held = self.publish()
+        self.broker.pump()
+        self.failureResultOf(held, PublishRefused)
+        self.assertEqual(len(self.broker.published), sent)
+        self.clock.advance(REFUSAL_HOLD + 1)
+        _, again = self.publish()
+        self.broker.pump()
+        self.assertEqual(len(self.broker.published), sent + 1)
+        self.broker.ack(1)
+        self.successResultOf(again)
 
     def test_stop_waits_for_confirms(self) -> None:
         """

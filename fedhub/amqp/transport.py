@@ -32,9 +32,10 @@ passive declare before the first message goes to it, so a typo never costs
 the publish channel and the messages in flight on it.  A publish the broker's
 permissions forbid (C{403}: no write permission on the exchange, or a topic
 permission) closes the publish channel: the messages it names fail with
-L{PublishRefused}, which is final, later ones like them fail at once for the
-rest of the connection instead of closing the channel again, and the other
-messages in flight fail with L{NotConnected} to be sent again.  A message
+L{PublishRefused}, which is final, later ones like them fail at once for
+L{REFUSAL_HOLD} seconds instead of closing the channel again (then one is
+sent again: the permissions may have been granted), and the other messages
+in flight fail with L{NotConnected} to be sent again.  A message
 whose body is larger than the broker takes (RabbitMQ's C{max_message_size})
 closes the publish channel with C{406 PRECONDITION_FAILED} in the same way:
 the bus reads the limit from the broker's reply, every message in flight
@@ -123,6 +124,11 @@ MAX_NAME_BYTES = 255
 
 ACCESS_REFUSED = 403
 """The reply code of a publish the broker's permissions forbid."""
+
+REFUSAL_HOLD = 30.0
+"""Seconds a publish the broker's permissions refused (C{403}) makes later
+ones like it fail at once, without closing the publish channel again; then
+they are sent again: the permissions may have been granted meanwhile."""
 
 PRECONDITION_FAILED = 406
 """The reply code of, among others, a publish larger than the broker takes."""
@@ -653,7 +659,9 @@ class _Session:
         self.known_exchanges: set[str] = {""}
         self.checking: str | None = None
         self.confirm_call: IDelayedCall | None = None
-        self.refusals: list[ChannelError] = []
+        # The broker's 403 refusals of publishes, with when they came (the
+        # clock's seconds); each holds for REFUSAL_HOLD seconds.
+        self.refusals: list[tuple[ChannelError, float]] = []
         # The largest body the broker takes, once a refusal named it, and
         # that refusal's text.
         self.body_limit: int | None = None
@@ -794,7 +802,13 @@ class _Session:
             size = len(pending.message.body_bytes)
             if size > limit:
                 return MessageTooLarge(size, limit, self.body_limit_text, pending.message.id)
-        for error in self.refusals:
+        if self.refusals:
+            # Permissions may be granted meanwhile: a refusal is trusted for
+            # a while, then a message like it is sent again (at the cost of
+            # one channel closed, should the broker still refuse it).
+            since = self.clock.seconds() - REFUSAL_HOLD
+            self.refusals = [(e, when) for e, when in self.refusals if when > since]
+        for error, _ in self.refusals:
             if _refuses(error, pending.exchange, pending.routing_key):
                 return PublishRefused(
                     pending.exchange,
@@ -1106,7 +1120,7 @@ class _Session:
                 # fail for good (and so do later ones like them on this
                 # connection); the others were discarded with the channel
                 # and are sent again.
-                self.refusals.append(error)
+                self.refusals.append((error, self.clock.seconds()))
             limit = _size_limit(error)
             if limit is not None:
                 # A body larger than the broker's max_message_size: that
