@@ -33,7 +33,7 @@ from typing import Protocol as _TypedProtocol
 
 from defusedxml.xmlrpc import DefusedExpatParser
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -42,6 +42,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
+    ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
@@ -600,6 +601,8 @@ class XMLRPCClient:
         self.max_response_bytes = max_response_bytes
         self.multicall_method = multicall_method
         self.calls = 0
+        #: Calls sent again because a kept connection closed before any answer.
+        self.resent = 0
         self.failures: dict[str, int] = {}
         self.bytes_received = 0
         self._reactor = reactor
@@ -644,9 +647,28 @@ class XMLRPCClient:
             return _failed(e)
         self.calls += 1
         headers = Headers({k.encode("latin-1"): [v.encode("latin-1")] for k, v in self._headers.items()})
-        d: Deferred[Any] = agent.request(
-            b"POST", self.url.encode("ascii"), headers, _BytesProducer(payload)
-        )
+
+        def request() -> Deferred[IResponse]:
+            sent: Deferred[IResponse] = agent.request(
+                b"POST", self.url.encode("ascii"), headers, _BytesProducer(payload)
+            )
+            return sent
+
+        def again(failure: Failure) -> Deferred[IResponse] | Failure:
+            # A kept connection the server had closed (an HTTP/1.0 server
+            # closes after each answer) fails before any answer: the call
+            # did not reach the server, so it goes once more, on a new
+            # connection.  (Twisted's pool does this for GET, not POST.)
+            if failure.check(ResponseNeverReceived) and all(  # type: ignore[no-untyped-call]
+                isinstance(r, Failure) and isinstance(r.value, (ConnectionDone, ConnectionLost))
+                for r in getattr(failure.value, "reasons", None) or [None]
+            ):
+                self.resent += 1
+                return request()
+            return failure
+
+        d: Deferred[Any] = request()
+        d.addErrback(again)
         d.addCallbacks(
             lambda response: self._read(response, method),
             lambda failure: self._transport_failed(failure, method),

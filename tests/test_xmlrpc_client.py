@@ -9,7 +9,9 @@ that answer well and badly (faults, HTTP errors, truncated and hostile XML, a
 from __future__ import annotations
 
 import os
+import threading
 import xmlrpc.client
+from xmlrpc.server import SimpleXMLRPCServer
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -137,6 +139,44 @@ class CallTests(ClientTestBase):
         yield self.assertFailure(client.call("echo", object()), XMLRPCError)
         yield self.assertFailure(client.call("echo", 2**70), XMLRPCError)
         self.assertEqual(self.server.requests, 0)
+
+
+class ClosingServerTests(ClientTestBase):
+    """
+    A server that closes the connection after each answer (an HTTP/1.0
+    server: Python's own SimpleXMLRPCServer), in a thread.
+    """
+
+    def test_calls_back_to_back(self) -> Any:
+        """
+        Calls made one right after the other all succeed: the one sent on a
+        kept connection the server had closed goes again on a new one.
+        """
+        server = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False)
+        server.register_function(echo, "echo")
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+
+        def shut() -> None:
+            server.shutdown()
+            server.server_close()
+
+        self.addCleanup(shut)
+        client = self.client(f"http://127.0.0.1:{server.server_address[1]}/RPC2")
+
+        async def run() -> list[Any]:
+            results = []
+            for n in range(5):
+                results.append(await client.call("echo", n))
+            return results
+
+        d = Deferred.fromCoroutine(run())
+
+        def check(results: list[Any]) -> None:
+            self.assertEqual(results, [[0], [1], [2], [3], [4]])
+            self.assertEqual(client.failures, {})
+
+        return d.addCallback(check)
 
 
 class MulticallTests(ClientTestBase):
