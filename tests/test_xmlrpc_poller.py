@@ -225,6 +225,33 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(result.messages[0].severity, WARNING)
         self.assertEqual(result.cursor["value"], 4)
 
+    def test_position_beyond_64_bits_skipped(self) -> None:
+        """
+        A numeric position XML-RPC can not carry (it would be sent back as
+        the cursor, and every later poll would fail) is skipped with a
+        warning; the items around it are published and the cursor stays
+        one that can be sent; an initial cursor that large is refused.
+        """
+        rows = [{"serial": 3}, {"serial": 2**63}, {"serial": 4}]
+        server = FakeXMLRPCServer({"changes": lambda after: [r for r in rows if r["serial"] > after]})
+        source = XMLRPCSource("n", DirectCaller(server, URL), topic, method="changes",
+                              params=["{cursor}"], items="", id_field="serial",
+                              cursor_field="serial", topic_template="numbers.change",
+                              initial_cursor=2)
+        cursor = self.successResultOf(source.initial_cursor())
+        result = self.poll(cursor, source)
+        self.assertEqual([m.body["serial"] for m in result.messages], [3, 4])
+        self.assertEqual(result.cursor["value"], 4)
+        self.assertEqual(source.skipped, 1)
+        again = self.poll(result.cursor, source)
+        self.assertEqual(again.messages, [])
+        huge = XMLRPCSource("n", DirectCaller(server, URL), topic, method="changes",
+                            params=["{cursor}"], items="", id_field="serial",
+                            cursor_field="serial", topic_template="numbers.change",
+                            initial_cursor=10**30)
+        failure = self.failureResultOf(huge.initial_cursor(), AnswerError)
+        self.assertIn("must fit in 64 bits", str(failure.value))
+
     def test_bad_items_skipped(self) -> None:
         """Items without an id or with a position of another kind are skipped, the rest published."""
         cursor = self.successResultOf(self.source.initial_cursor())

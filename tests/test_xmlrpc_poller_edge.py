@@ -282,6 +282,22 @@ class BadItemTests(SynchronousTestCase):
         self.assertEqual(len(warned), 1)
         self.assertIn("77", warned[0])
 
+    def test_bad_item_warned_once_while_the_cursor_moves(self) -> None:
+        """
+        An item whose position does not compare with the cursor is warned
+        about once, though the warning names the cursor and good items move
+        it at every poll.
+        """
+        self.db.updates.append({"id": 77, "package": "bad-time", "changed": 12})
+        cursor: Any = {"value": "2025-03-01T12:01:00", "time": True, "seen": [], "after": True}
+        for n in range(3):
+            self.db.update(f"good-{n}", "orphan")
+            result: PollResult = self.successResultOf(self.source.poll(cursor))
+            self.assertNotEqual(result.cursor["value"], cursor["value"])
+            cursor = result.cursor
+        self.assertEqual(self.source.skipped, 1)
+        self.assertEqual(len(self.logs.warnings("Skipping")), 1)
+
     def test_missing_position_names_the_item(self) -> None:
         """The warning about an item without a position names its id; it is given once."""
         self.db.updates.append({"id": 78, "package": "no-time"})

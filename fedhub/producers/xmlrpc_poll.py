@@ -84,10 +84,14 @@ class ItemError(FedhubError):
     template that does not fit it).  The item is skipped with a log line.
 
     @ivar reason: What was wrong.
+    @ivar kind: What the item is warned about once by, when the reason
+        names something that changes from poll to poll (the cursor); by
+        default the reason.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str | None = None) -> None:
         self.reason = reason
+        self.kind = reason if kind is None else kind
         super().__init__(reason)
 
 
@@ -210,6 +214,10 @@ def _position(value: Any) -> tuple[Any, bool]:
         # NaN compares with nothing and infinity is beyond every later item:
         # either as the cursor would stop publishing for good.
         raise ItemError(f"a position must be finite, not {value!r}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        # The cursor is sent back as a parameter, which XML-RPC can not
+        # carry: every later poll would fail.
+        raise ItemError(f"a position must fit in 64 bits, not {value}")
     return value, False
 
 
@@ -467,7 +475,9 @@ class XMLRPCSource:
                 hint = (" (for a dateTime cursor_field, write initial_cursor as a TOML "
                         "date-time, without quotes, and remove the saved cursor)")
             self._skip(ItemError(f"item {item_id}: position {position!r} does not compare "
-                                 f"with the cursor {current!r}{hint}"), item_id)
+                                 f"with the cursor {current!r}{hint}",
+                                 f"position {position!r} against a {type(current).__name__} "
+                                 "cursor"), item_id)
             return None
         return position, item_id
 
@@ -532,7 +542,7 @@ class XMLRPCSource:
                 item_id = "#" + hashlib.sha256(repr(item).encode()).hexdigest()
             except RecursionError:
                 item_id = "#nested"
-        key = f"{item_id}|{error}"
+        key = f"{item_id}|{error.kind if isinstance(error, ItemError) else error}"
         if key in self._warned:
             self._warned.move_to_end(key)
             return
