@@ -386,6 +386,41 @@ def _discard(response: IResponse, error: XMLRPCError, limit: int = 64 * 1024) ->
     return discard.done.addCallback(fail)
 
 
+def parse_datetime(text: str) -> datetime:
+    """
+    A C{dateTime.iso8601} value: the form the specification gives
+    (C{20261129T04:00:00}), or the ISO 8601 forms servers also send (dashes,
+    fractions of a second, C{Z} or an offset).  A time with an offset is
+    given in UTC, without it, as XML-RPC times are taken.
+
+    @raise ValueError: when C{text} is no such time.
+    """
+    text = text.strip()
+    try:
+        return datetime.strptime(text, "%Y%m%dT%H:%M:%S")
+    except ValueError:
+        pass
+    when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when
+
+
+class _Unmarshaller(xmlrpc.client.Unmarshaller):
+    """
+    The standard unmarshaller (built-in types), taking the C{dateTime}
+    forms of L{parse_datetime}: one such value would otherwise fail the
+    whole answer, at every poll that reads it again.
+    """
+
+    dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
+
+    def end_dateTime(self, data: str) -> None:
+        self.append(parse_datetime(data))
+
+    dispatch["dateTime.iso8601"] = end_dateTime  # type: ignore[assignment]
+
+
 class _ResponseParser(Protocol):
     """
     Streams an XML-RPC response body into a defused parser, counting bytes,
@@ -399,7 +434,7 @@ class _ResponseParser(Protocol):
         self._limit = limit
         self._received = 0
         self._done = False
-        self._unmarshaller = xmlrpc.client.Unmarshaller(use_builtin_types=True)
+        self._unmarshaller = _Unmarshaller(use_builtin_types=True)
         # XML-RPC has no use for a DTD: refusing it also refuses every entity
         # declaration (billion laughs) and external reference (XXE).
         self._parser = DefusedExpatParser(

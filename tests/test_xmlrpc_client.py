@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from datetime import datetime
 import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCServer
 from typing import Any
@@ -278,6 +279,38 @@ class MisbehavingServerTests(ClientTestBase):
         self.assertEqual(error.location, "https://xmlrpc.example.org/RPC2\\x1b[0m")
         self.assertIn("https://xmlrpc.example.org/RPC2", str(error))
         self.assertNotIn("\x1b", str(error))
+
+    @inlineCallbacks
+    def test_datetime_forms(self) -> Any:
+        """
+        dateTime values in the forms servers send besides the specified one
+        (dashes, Z, an offset, fractions) are read, as naive UTC; one that is
+        no time at all fails the answer as malformed.
+        """
+        forms = ["20261129T04:00:00", "2026-11-29T04:00:00", "2026-11-29T04:00:00Z",
+                 "2026-11-29T06:00:00+02:00", "2026-11-29T04:00:00.500"]
+        values = "".join(f"<value><dateTime.iso8601>{f}</dateTime.iso8601></value>" for f in forms)
+
+        class Times(Resource):
+            isLeaf = True
+            body = values
+
+            def render_POST(self, request: Request) -> bytes:
+                request.setHeader(b"content-type", b"text/xml")
+                return (b"<?xml version='1.0'?><methodResponse><params><param><value><array><data>"
+                        + self.body.encode() + b"</data></array></value></param></params>"
+                        b"</methodResponse>")
+
+        resource = Times()
+        client = self.client(self.serve(resource))
+        got = yield client.call("times")
+        base = datetime(2026, 11, 29, 4, 0, 0)
+        self.assertEqual(got, [base, base, base, base, base.replace(microsecond=500000)])
+        resource.body = "<value><dateTime.iso8601>yesterday</dateTime.iso8601></value>"
+        yield self.assertFailure(client.call("times"), BadResponse)
+        # The client stays usable for the next call.
+        resource.body = "<value><dateTime.iso8601>20261129T04:00:00</dateTime.iso8601></value>"
+        self.assertEqual((yield client.call("times")), [base])
 
     def test_truncated(self) -> Any:
         """A cleanly ended but truncated answer is a BadResponse."""
