@@ -107,6 +107,7 @@ class RecordingPublisher:
         example L{fedhub.errors.TemporarilyUnavailable}) and nothing is kept.
     @ivar hold: When true, hand-overs wait: their Deferreds are in
         L{waiting} for the test to fire.
+    @ivar refused: How many hand-overs failed with L{refuse_with}.
     """
 
     def __init__(self, domain: str = "test") -> None:
@@ -115,11 +116,13 @@ class RecordingPublisher:
         self.refuse_with: FedhubError | None = None
         self.hold = False
         self.waiting: list[tuple[Message, Deferred[None]]] = []
+        self.refused = 0
 
     def publish(self, message: Message) -> Deferred[None]:
         if not isinstance(message, Message):
             return fail(TypeError(f"expected a Message, not {type(message).__name__}"))
         if self.refuse_with is not None:
+            self.refused += 1
             return fail(self.refuse_with)
         if self.hold:
             d: Deferred[None] = Deferred()

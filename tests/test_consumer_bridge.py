@@ -191,6 +191,8 @@ class BridgeTests(SynchronousTestCase):
 
     def test_retried_message_forwarded_clean(self) -> None:
         """A message retried in this domain (x-death set by the bus) crosses without x-death."""
+        self.harness = self.bridge({"to_domain": "community", "allow": ["org.example.prod.#"],
+                                    "hold": 0})
         self.target.refuse_with = TemporarilyUnavailable("outbox full")
         message = Message.create(ALLOWED, {"n": 1})
         self.assertEqual(self.successResultOf(self.harness.deliver(message)).outcome, "retried")
@@ -201,12 +203,51 @@ class BridgeTests(SynchronousTestCase):
         self.assertEqual(forwarded.id, message.id)
         self.assertNotIn("x-death", forwarded.headers)
 
-    def test_temporarily_unavailable_retries(self) -> None:
-        """A target that can not take the message now makes it a retry."""
+    def test_temporarily_unavailable_held_then_forwarded(self) -> None:
+        """
+        A target that can not take the message now (its outbox full) holds
+        it: the hand-over is tried again, after 1 s, then doubling, and once
+        the target takes it the message is acknowledged, not retried.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        settled = self.harness.deliver(ALLOWED, {})
+        for _ in range(1 + 2 + 4):
+            self.harness.advance(1)
+        self.assertNoResult(settled)
+        self.assertEqual(self.target.refused, 4)
+        self.target.refuse_with = None
+        for _ in range(8):
+            self.harness.advance(1)
+        self.assertEqual(self.successResultOf(settled).outcome, "acked")
+        self.assertEqual(len(self.target.published), 1)
+
+    def test_temporarily_unavailable_past_hold_retries(self) -> None:
+        """
+        A target that can not take the message for longer than hold makes
+        it a retry, naming why; waits are at most 30 s apart.
+        """
         self.target.refuse_with = TemporarilyUnavailable("broker gone")
-        settled = self.successResultOf(self.harness.deliver(ALLOWED, {}))
+        settled = self.harness.deliver(ALLOWED, {})
+        waited = 0
+        while not settled.called and waited < 700:
+            self.harness.advance(1)
+            waited += 1
+        # The last hand-over at 571 s: the next would come after the hold.
+        self.assertEqual(waited, 571)
+        outcome = self.successResultOf(settled)
+        self.assertEqual(outcome.outcome, "retried")
+        self.assertIn("broker gone", outcome.reason or "")
+        # 1, 2, 4, 8, 16, then every 30 s, within the 600 s hold.
+        self.assertEqual(self.target.refused, 6 + (600 - 31) // 30)
+
+    def test_no_hold_retries_at_once(self) -> None:
+        """With hold = 0, a target that can not take the message now makes it a retry at once."""
+        harness = self.bridge({"to_domain": "community", "allow": ["org.example.prod.#"],
+                               "hold": 0})
+        self.target.refuse_with = TemporarilyUnavailable("broker gone")
+        settled = self.successResultOf(harness.deliver(ALLOWED, {}))
         self.assertEqual(settled.outcome, "retried")
-        self.assertIn("broker gone", settled.reason or "")
+        self.assertEqual(self.target.refused, 1)
 
     def test_permanent_refusal_dead_letters(self) -> None:
         """A target that will never take the message dead-letters it."""
@@ -258,3 +299,11 @@ class BridgeTests(SynchronousTestCase):
             self.assertRaises(ConfigError, ConsumerHarness,
                               WithPeers(BridgePlugin(), {"community": self.target}),
                               {"to_domain": "community", "allow": allow})
+        # Every bad pattern is named, by its index.
+        error = self.assertRaises(ConfigError, ConsumerHarness,
+                                  WithPeers(BridgePlugin(), {"community": self.target}),
+                                  {"to_domain": "community", "allow": ["a..b", "ok.#", "c.#x"]})
+        (problem,) = error.problems
+        self.assertIn('[0]: empty word in topic pattern "a..b"', problem.message)
+        self.assertIn('[2]: ', problem.message)
+        self.assertIn('"c.#x"', problem.message)

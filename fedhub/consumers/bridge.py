@@ -26,10 +26,15 @@ Loop protection: a message whose C{fedhub_bridged_from} already names the
 target domain or this one has been there, and is dropped.  So two bridges
 in opposite directions (A to B, B to A) carry each message once.
 
-Verdicts: not allowed or a loop is L{Drop}; the target's publisher saying
-L{TemporarilyUnavailable} (outbox full, broker gone) is L{Retry}; a
-message the target can never take (L{MessageError}, L{PublishError}) is
-L{DeadLetter}.
+Verdicts: not allowed or a loop is L{Drop}; a message the target can never
+take (L{MessageError}, L{PublishError}) is L{DeadLetter}.  While the
+target's publisher says L{TemporarilyUnavailable} (its outbox full, its disk
+full), the message is held and handed over again, after 1 s, then doubling
+up to 30 s, for at most C{hold} seconds (600 by default): the consumer takes
+no more meanwhile (at its concurrency), so the backlog stays in this
+domain's queue, where the broker keeps it, instead of running through the
+retry queues into the dead-letter queue.  Past C{hold} (or when the hub
+stops) it is a L{Retry}.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -62,6 +68,12 @@ from fedhub.text import escape_control
 from fedhub.topology import topic_matches
 
 __all__ = ["BridgePlugin", "BridgeHandler", "BRIDGED_FROM_HEADER", "bridged_from"]
+
+#: Seconds a message is held, by default, while the target can not take it.
+DEFAULT_HOLD = 600.0
+
+#: The longest wait between two hand-overs of a held message.
+HOLD_MAX_DELAY = 30.0
 
 #: The loop header: the domains a message was forwarded from, oldest first.
 BRIDGED_FROM_HEADER = "fedhub_bridged_from"
@@ -106,6 +118,8 @@ class BridgeHandler:
         allow: tuple[str, ...],
         to_domain: str,
         target: IPublisher,
+        clock: IReactorTime | None = None,
+        hold: float = DEFAULT_HOLD,
     ) -> None:
         self.name = name
         self.domain = domain
@@ -113,17 +127,29 @@ class BridgeHandler:
         self.allow = allow
         self.to_domain = to_domain
         self.target = target
+        self.clock = clock
+        self.hold = hold if clock is not None else 0.0
         self.forwarded = 0
+        #: Hand-overs waiting to be tried again, by their delayed call.
+        self._waits: dict[IDelayedCall, Deferred[Any]] = {}
+        self._stopping = False
 
     def start(self) -> None:
         """
-        Nothing to prepare: the target's publisher is the hub's.
+        Take messages again after a stop.
         """
+        self._stopping = False
 
     def stop(self) -> None:
         """
-        Nothing to release.
+        Stop holding messages: those waiting become L{Retry}s at once.
         """
+        self._stopping = True
+        for call, waiting in list(self._waits.items()):
+            if call.active():
+                call.cancel()
+            waiting.cancel()
+        self._waits.clear()
 
     def forwarded_copy(self, message: Message) -> Message:
         """
@@ -154,9 +180,49 @@ class BridgeHandler:
             copy = self.forwarded_copy(message)
         except MessageError as e:
             raise DeadLetter(f"can not forward to {self.to_domain}: {e}") from None
-        d = self.target.publish(copy)
+        d = self._hand_over(copy, self.clock.seconds() + self.hold if self.clock else 0.0, 1.0)
         d.addCallbacks(self._sent, self._refused, callbackArgs=(message,), errbackArgs=(message,))
         return d
+
+    def _hand_over(self, copy: Message, until: float, delay: float) -> Deferred[None]:
+        """
+        Hand C{copy} to the target; while it can not take it now, try again
+        after C{delay} (doubling up to L{HOLD_MAX_DELAY}) until C{until}.
+        """
+        d = self.target.publish(copy)
+        if self.clock is None or self.hold <= 0:
+            return d
+        d.addErrback(self._again, copy, until, delay)
+        return d
+
+    def _again(self, failure: Failure, copy: Message, until: float, delay: float) -> Any:
+        clock = self.clock
+        assert clock is not None
+        if (
+            not failure.check(TemporarilyUnavailable)  # type: ignore[no-untyped-call]
+            or self._stopping
+            or clock.seconds() + delay > until
+        ):
+            return failure
+        waiting: Deferred[Any] = Deferred()
+
+        def wake() -> None:
+            self._waits.pop(call, None)
+            waiting.callback(None)
+
+        def stopped(cancelled: Failure) -> Failure:
+            # The hub stops: the message is a Retry, as past the hold.
+            cancelled.trap(CancelledError)  # type: ignore[no-untyped-call]
+            return failure
+
+        call = clock.callLater(delay, wake)
+        self._waits[call] = waiting
+        def go(_: object) -> Deferred[None]:
+            return self._hand_over(copy, until, min(delay * 2, HOLD_MAX_DELAY))
+
+        waiting.addErrback(stopped)
+        waiting.addCallback(go)
+        return waiting
 
     def _sent(self, _: object, message: Message) -> None:
         self.forwarded += 1
@@ -181,11 +247,16 @@ class BridgeHandler:
 def _check_allow(value: list[str]) -> str | None:
     if not value:
         return "needs at least one topic pattern"
-    for pattern in value:
-        problem = check_topic_pattern(pattern)
-        if problem is not None:
-            return problem
-    return None
+    problems = [
+        f"[{index}]: {problem}"
+        for index, problem in enumerate(check_topic_pattern(pattern) for pattern in value)
+        if problem is not None
+    ]
+    return "; ".join(problems) or None
+
+
+def _check_hold(value: float) -> str | None:
+    return None if 0 <= value <= 3600 else "must be from 0 to 3600 seconds"
 
 
 def _check_domain(value: str) -> str | None:
@@ -206,6 +277,9 @@ class BridgePlugin:
         "to_domain": Option(str, help="the domain messages are forwarded to", check=_check_domain),
         "allow": Option(list, help="topic patterns that may be forwarded", check=_check_allow,
                         items=str),
+        "hold": Option(float, DEFAULT_HOLD,
+                       "seconds a message waits for the target domain to take it (0: retry at once)",
+                       check=_check_hold),
     }
 
     def build(self, context: PluginContext) -> BridgeHandler:
@@ -231,5 +305,6 @@ class BridgePlugin:
         if context.component is not None and context.component.topics:
             topics = tuple(context.component.topics)
         return BridgeHandler(
-            context.name, context.domain, topics, tuple(context.options["allow"]), to_domain, target
+            context.name, context.domain, topics, tuple(context.options["allow"]), to_domain, target,
+            clock=context.reactor, hold=float(context.options.get("hold", DEFAULT_HOLD)),
         )
