@@ -420,6 +420,26 @@ class _Unmarshaller(xmlrpc.client.Unmarshaller):
 
     dispatch["dateTime.iso8601"] = end_dateTime  # type: ignore[assignment]
 
+    def close(self) -> tuple[Any, ...]:
+        # The standard one builds the fault with Fault(**value): a fault
+        # whose value is not a struct, or lacks a member, would be a
+        # TypeError about Python's call instead of the server's fault.
+        if self._type == "fault" and not self._marks and self._stack:  # type: ignore[attr-defined]
+            value = self._stack[0]  # type: ignore[attr-defined]
+            if not isinstance(value, dict):
+                raise BadFault(f"a fault whose value is not a struct: {value!r}"[:300])
+            raise xmlrpc.client.Fault(
+                value.get("faultCode", -1), value.get("faultString", "(the fault has no faultString)")
+            )
+        values: tuple[Any, ...] = super().close()
+        return values
+
+
+class BadFault(ValueError):
+    """
+    A fault answer that is not one (its value not a struct).
+    """
+
 
 class _ResponseParser(Protocol):
     """
@@ -749,6 +769,12 @@ class XMLRPCClient:
             return _discard(response, HTTPStatusError(
                 self.url, method, response.code, response.phrase.decode("latin-1", "replace"),
                 location))
+        kind = response.headers.getRawHeaders(b"content-type", [b""])[-1]
+        if kind.split(b";")[0].strip().lower() == b"text/html":
+            # An error page of a proxy or a web server in front of the service.
+            return _discard(response, BadResponse(
+                self.url, method, "the answer is an HTML page, not XML-RPC (is the URL the "
+                "service's XML-RPC endpoint?)"))
         encoding = response.headers.getRawHeaders(b"content-encoding", [b"identity"])[-1]
         if encoding.strip().lower() not in (b"identity", b""):
             return _discard(response, BadResponse(

@@ -312,6 +312,42 @@ class MisbehavingServerTests(ClientTestBase):
         resource.body = "<value><dateTime.iso8601>20261129T04:00:00</dateTime.iso8601></value>"
         self.assertEqual((yield client.call("times")), [base])
 
+    @inlineCallbacks
+    def test_odd_faults_and_html_named(self) -> Any:
+        """
+        A fault whose value is not a struct, one without a faultString, and an
+        HTML page are reported as what they are, not as Python's errors.
+        """
+
+        class Odd(Resource):
+            isLeaf = True
+            kind = b"text/xml"
+            body = b""
+
+            def render_POST(self, request: Request) -> bytes:
+                request.setHeader(b"content-type", self.kind)
+                return self.body
+
+        resource = Odd()
+        client = self.client(self.serve(resource))
+        resource.body = (b"<?xml version='1.0'?><methodResponse><fault><value><string>boom</string>"
+                         b"</value></fault></methodResponse>")
+        error = yield self.assertFailure(client.call("x"), BadResponse)
+        self.assertIn("a fault whose value is not a struct: 'boom'", str(error))
+        resource.body = (b"<?xml version='1.0'?><methodResponse><fault><value><struct><member>"
+                         b"<name>faultCode</name><value><int>3</int></value></member></struct>"
+                         b"</value></fault></methodResponse>")
+        fault = yield self.assertFailure(client.call("x"), XMLRPCFault)
+        self.assertEqual((fault.fault_code, fault.fault_string), (3, "(the fault has no faultString)"))
+        resource.kind = b"text/html; charset=utf-8"
+        resource.body = b"<html><body>502 Bad Gateway</body></html>"
+        error = yield self.assertFailure(client.call("x"), BadResponse)
+        self.assertIn("the answer is an HTML page, not XML-RPC", str(error))
+        resource.kind = b"text/xml"
+        resource.body = (b"<?xml version='1.0'?><methodResponse><params><param><value><int>1</int>"
+                         b"</value></param></params></methodResponse>")
+        self.assertEqual((yield client.call("x")), 1)
+
     def test_truncated(self) -> Any:
         """A cleanly ended but truncated answer is a BadResponse."""
         return self.misbehaving("truncated", BadResponse)
