@@ -266,6 +266,37 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.assertEqual((service.errors, service.consecutive_errors, service.polls), (2, 0, 1))
         self.successResultOf(service.stopService())
 
+    def test_repeated_failure_logged_once(self) -> None:
+        """
+        The same failure poll after poll is logged when it begins, then at
+        debug level only (the status counts them), and a line says when
+        polling works again; another failure is logged again.
+        """
+        from fedhub.errors import FedhubError
+        from fedhub.logs import log_level, set_log_level
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        self.addCleanup(set_log_level, log_level())
+        set_log_level(LogLevel.info)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        source = FakeSource(["a"])
+        source.failures = [FedhubError("hub down")] * 3 + [FedhubError("hub odd")]
+        service = self.service(source, FakePublisher())
+        service.startService()
+        for _ in range(60):
+            self.clock.advance(1)
+        about = [(e["log_level"], e.get("error"), e.get("count")) for e in events
+                 if e.get("log_format", "").startswith("Poll of {source}")]
+        self.assertEqual(about, [
+            (LogLevel.error, "FedhubError: hub down", None),
+            (LogLevel.error, "FedhubError: hub odd", None),
+            (LogLevel.info, None, 4),
+        ])
+        self.assertEqual(service.errors, 4)
+        self.successResultOf(service.stopService())
+
     def test_backoff_is_exponential_capped_and_jittered(self) -> None:
         """Delays double from the base up to the cap; jitter keeps them in [d/2, d]."""
         source = FakeSource()

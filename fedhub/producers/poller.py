@@ -391,9 +391,21 @@ class PollingService(Service):
             self.errors += 1
             self.consecutive_errors += 1
             now = self._reactor.seconds()
-            self.last_error = (now, _describe(result))
+            described = _describe(result)
+            repeated = self.consecutive_errors > 1 and self.last_error is not None and (
+                self.last_error[1] == described
+            )
+            self.last_error = (now, described)
             delay = self._backoff_delay()
-            if isinstance(result.value, TemporarilyUnavailable):
+            if repeated:
+                # Logged when it began; the status page and the metrics
+                # count the polls that fail since.
+                self.log.debug(
+                    "Poll of {source} failed again ({count} in a row): {error}; next poll in "
+                    "{delay:.1f} s", producer=self.name, source=self.source.description,
+                    count=self.consecutive_errors, error=described, delay=delay,
+                )
+            elif isinstance(result.value, TemporarilyUnavailable):
                 self.log.warn(
                     "Publisher can not take messages now ({error}); keeping the cursor, "
                     "next poll in {delay:.1f} s",
@@ -413,6 +425,11 @@ class PollingService(Service):
             self._schedule(delay)
             return
         self.polls += 1
+        if self.consecutive_errors > 1:
+            self.log.info(
+                "Poll of {source} works again after {count} failed polls",
+                producer=self.name, source=self.source.description, count=self.consecutive_errors,
+            )
         self.consecutive_errors = 0
         self.last_success = self._reactor.seconds()
         self.lag = result.lag
