@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import struct
 from datetime import datetime, timezone
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -473,7 +474,10 @@ class Layout1Tests(OutboxTestCase):
 
     def test_upgrade(self) -> None:
         """
-        Opening a layout 1 store marks it as the current layout and reads its records as they are.
+        A layout 1 store is read as it is; opening it (as fedhub outbox list
+        does) leaves its version, so an older fedhub can still open it; the
+        first record written in the current layout marks it as such, and a
+        store left empty is marked as the oldest layout again when closed.
         """
         directory = self.copy_layout1()
         before = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
@@ -495,9 +499,33 @@ class Layout1Tests(OutboxTestCase):
         self.assertEqual(record.message(), messages[1])
         conn = store._db.conn
         assert conn is not None
-        self.assertEqual(
-            conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), (str(SCHEMA_VERSION),)
-        )
+
+        def version() -> Any:
+            return conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+
+        self.assertEqual(version(), ("1",))
+        self.successResultOf(store.close())
+        reopened = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
+        try:
+            self.assertEqual(reopened.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("1",))
+        finally:
+            reopened.close()
+        store = Store(directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        conn = store._db.conn
+        assert conn is not None
+        self.successResultOf(store.commit([(messages[0].id, 5.0, encode(messages[0]))]))
+        self.assertEqual(version(), (str(SCHEMA_VERSION),))
+        pending = self.successResultOf(store.load(0, 100))
+        self.successResultOf(store.commit([], [(row.seq, len(row.data)) for row in pending]))
+        self.successResultOf(store.drop_failed())
+        self.successResultOf(store.close())
+        drained = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
+        try:
+            self.assertEqual(drained.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("1",))
+        finally:
+            drained.close()
 
     def test_drains(self) -> None:
         """

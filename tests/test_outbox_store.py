@@ -487,10 +487,13 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         """
         directory = os.path.join(self.mktemp(), "o")
         store = self.open_store(directory)
-        conn = store._db.conn
-        assert conn is not None
-        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
         self.successResultOf(store.close())
+        conn = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
+        try:
+            conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+            conn.commit()
+        finally:
+            conn.close()
         failure = self.failureResultOf(Store(directory, SynchronousExecutor()).open(), StoreError)
         self.assertIn("99", failure.value.reason)
 

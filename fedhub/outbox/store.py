@@ -97,6 +97,10 @@ LOW_SPACE_FACTOR = 4
 #: Older layouts a store upgrades in place when it opens.
 UPGRADABLE_VERSIONS = ("1", "2")
 
+#: The version an empty store is left with: its tables are those of every
+#: layout.
+OLDEST_VERSION = UPGRADABLE_VERSIONS[0]
+
 #: Why a message is in the failed area.
 RETURNED = "returned"
 NACKED = "nacked"
@@ -877,6 +881,8 @@ class _Database:
         self.conn: sqlite3.Connection | None = None
         # Whether the connection commits with fsync (it opens so).
         self.durable = True
+        # The layout version the store says (see commit and close).
+        self.schema = str(SCHEMA_VERSION)
 
     def _error(self, error: BaseException) -> StoreError:
         if _is_locked(error):
@@ -965,16 +971,19 @@ class _Database:
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
                 )
+                self.schema = str(SCHEMA_VERSION)
             elif row[0] in UPGRADABLE_VERSIONS:
-                # The tables are the same; only new records are written in
-                # the publish form, and records of both forms are read.
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
-                )
+                # The tables are the same; records of every form are read.
+                # The version is raised with the first record of this
+                # layout written (see commit), not by opening: an older
+                # fedhub can still open the store until then.
+                self.schema = row[0]
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(
                     self.path, f"unknown outbox layout version {row[0]} (this fedhub knows {SCHEMA_VERSION})"
                 )
+            else:
+                self.schema = row[0]
             conn.execute("COMMIT")
             summary = self._summary(conn)
         except BaseException as e:
@@ -1020,6 +1029,12 @@ class _Database:
         def work(conn: sqlite3.Connection) -> tuple[CommitResult, int, int | None]:
             first = 0
             if inserts:
+                if self.schema != str(SCHEMA_VERSION):
+                    # The first record of this layout in a store of an
+                    # earlier one: from now on only this fedhub reads it.
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
+                    )
                 _insert_pending(conn, inserts)
                 # One writer holds the database, so the rows of one
                 # transaction get consecutive numbers.
@@ -1078,6 +1093,8 @@ class _Database:
             # it, and try once more.
             self._checkpoint()
             outcome = self._write(work, durable=durable)
+        if inserts:
+            self.schema = str(SCHEMA_VERSION)
         if space is not None and space[0] < LOW_SPACE_FACTOR * space[1]:
             self._checkpoint()
         return outcome
@@ -1171,12 +1188,34 @@ class _Database:
         return self._write(work)
 
     def close(self) -> None:
+        if self.conn is not None and self.schema != OLDEST_VERSION:
+            self._mark_empty()
         conn, self.conn = self.conn, None
         if conn is not None:
             try:
                 conn.close()
             except sqlite3.Error as e:
                 raise self._error(e) from e
+
+    def _mark_empty(self) -> None:
+        """
+        An empty store is the same in every layout: say the oldest, so that
+        an older fedhub can open it again (a downgrade after draining).
+        """
+
+        def work(conn: sqlite3.Connection) -> None:
+            pending, failed = conn.execute(
+                "SELECT (SELECT count(*) FROM pending), (SELECT count(*) FROM failed)"
+            ).fetchone()
+            if pending == 0 and failed == 0:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (OLDEST_VERSION,))
+
+        try:
+            self._write(work, durable=True)
+        except StoreError:
+            # Only a downgrade would have used it.
+            return
+        self.schema = OLDEST_VERSION
 
 
 # --- the store ----------------------------------------------------------
