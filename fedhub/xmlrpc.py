@@ -36,15 +36,18 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
+    RequestTransmissionFailed,
     ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -561,13 +564,83 @@ def _split_pem(data: bytes) -> list[bytes]:
     return blocks
 
 
+#: The most bytes an answer's status line and headers may take (interim
+#: C{1xx} answers included).  Twisted's client keeps every header line it is
+#: sent: a server sending header lines without end would grow the hub's
+#: memory by tens of megabytes a second until the request times out.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+#: Takes the client parser's "Ignoring unexpected 1xx response" lines: a
+#: server could send thousands of them for one request.
+_SILENT = Logger(observer=lambda event: None)  # type: ignore[arg-type]
+
+
+class ResponseHeadTooLarge(Exception):
+    """
+    An answer's status line and headers are larger than L{MAX_RESPONSE_HEAD}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(f"the answer's headers are larger than {MAX_RESPONSE_HEAD} bytes")
+
+
+class _BoundedClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
+    """
+    Twisted's HTTP/1.1 client connection, with the head of each answer
+    bounded (L{MAX_RESPONSE_HEAD}) and interim answers not logged.
+    """
+
+    _head = 0
+
+    def request(self, request: Any) -> Any:
+        self._head = 0
+        sent = super().request(request)
+        if self._parser is not None:
+            self._parser._log = _SILENT
+        return sent
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            self._head += len(data)
+            if self._head > MAX_RESPONSE_HEAD:
+                try:
+                    raise ResponseHeadTooLarge()
+                except ResponseHeadTooLarge:
+                    # As Twisted does with an answer it can not parse.
+                    self._giveUp(Failure())
+                return
+        super().dataReceived(data)
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
     """
     Twisted's HTTP client connection factory without its two log lines
-    ("Starting factory", "Stopping factory") for every new connection.
+    ("Starting factory", "Stopping factory") for every new connection, and
+    with the head of answers bounded (L{_BoundedClientProtocol}).
     """
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _BoundedClientProtocol(self._quiescentCallback)
+
+
+def closed_before_answer(failure: Failure) -> bool:
+    """
+    Whether a request failed because its connection was closed (by the
+    server, or reset) before any answer: a kept connection the server had
+    closed meanwhile.  Sending it again on a new connection is then safe.
+    Not for TLS failures, timeouts or answers that could not be read.
+    """
+    error = failure.value
+    if not isinstance(error, (ResponseNeverReceived, RequestTransmissionFailed)):
+        return False
+    reasons = getattr(error, "reasons", None) or []
+    return bool(reasons) and all(
+        isinstance(r, Failure) and isinstance(r.value, (ConnectionDone, ConnectionLost))
+        for r in reasons
+    )
 
 
 def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
@@ -714,10 +787,7 @@ class XMLRPCClient:
             # closes after each answer) fails before any answer: the call
             # did not reach the server, so it goes once more, on a new
             # connection.  (Twisted's pool does this for GET, not POST.)
-            if failure.check(ResponseNeverReceived) and all(  # type: ignore[no-untyped-call]
-                isinstance(r, Failure) and isinstance(r.value, (ConnectionDone, ConnectionLost))
-                for r in getattr(failure.value, "reasons", None) or [None]
-            ):
+            if closed_before_answer(failure):
                 self.resent += 1
                 return request()
             return failure

@@ -18,14 +18,20 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface.verify import verifyObject
 
 from fedhub.xmlrpc import (
+    MAX_RESPONSE_HEAD,
     BadResponse,
+    ResponseHeadTooLarge,
+    closed_before_answer,
     Call,
     HTTPStatusError,
     IXMLRPCCaller,
@@ -178,6 +184,86 @@ class ClosingServerTests(ClientTestBase):
             self.assertEqual(client.failures, {})
 
         return d.addCallback(check)
+
+
+class _Flood(Protocol):
+    """
+    Answers a request with C{head}, then nothing more (the connection stays
+    open).
+    """
+
+    head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.head:
+            self.transport.write(self.head)  # type: ignore[union-attr]
+            self.head = b""
+
+
+class ResponseHeadTests(ClientTestBase):
+    """
+    Answers whose status line and headers never end.
+    """
+
+    def flood(self, head: bytes) -> str:
+        factory = Factory()
+
+        def build(addr: Any) -> _Flood:
+            protocol = _Flood()
+            protocol.head = head
+            return protocol
+
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/RPC2"
+
+    @inlineCallbacks
+    def test_endless_headers(self) -> Any:
+        """
+        Header lines without end are read up to MAX_RESPONSE_HEAD, then the
+        call fails saying so (the headers were kept in memory all along).
+        """
+        url = self.flood(b"HTTP/1.1 200 OK\r\n" + (b"X-Flood: " + b"v" * 1000 + b"\r\n") * 300)
+        client = self.client(url, timeout=10)
+        error = yield self.assertFailure(client.call("x"), TransportError)
+        self.assertIn(f"the answer's headers are larger than {MAX_RESPONSE_HEAD} bytes", str(error))
+
+    @inlineCallbacks
+    def test_endless_interim_answers(self) -> Any:
+        """
+        Interim 1xx answers without end count towards the same bound and
+        are not logged one by one.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        url = self.flood(b"HTTP/1.1 102 Processing\r\n\r\n" * 5000)
+        client = self.client(url, timeout=10)
+        error = yield self.assertFailure(client.call("x"), TransportError)
+        self.assertIn("headers are larger than", str(error))
+        self.assertEqual([e for e in events if "Ignoring unexpected" in e.get("log_format", "")], [])
+
+    def test_closed_before_answer(self) -> None:
+        """
+        Only a connection closed or lost before any answer counts as one
+        to send again on; a TLS failure or an unreadable answer does not.
+        """
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectionDone, ConnectionLost
+        from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
+
+        def never(*reasons: BaseException) -> Failure:
+            return Failure(ResponseNeverReceived([Failure(r) for r in reasons]))
+
+        self.assertTrue(closed_before_answer(never(ConnectionDone())))
+        self.assertTrue(closed_before_answer(never(ConnectionLost())))
+        self.assertTrue(closed_before_answer(
+            Failure(RequestTransmissionFailed([Failure(ConnectionLost())]))))
+        self.assertFalse(closed_before_answer(never(SSL.Error([("SSL routines", "", "certificate verify failed")]))))
+        self.assertFalse(closed_before_answer(never(ResponseHeadTooLarge())))
+        self.assertFalse(closed_before_answer(never()))
+        self.assertFalse(closed_before_answer(Failure(ValueError("x"))))
 
 
 class MulticallTests(ClientTestBase):

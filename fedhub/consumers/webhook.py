@@ -46,7 +46,6 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
-from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 from zope.interface import implementer
 
 import fedhub
@@ -328,12 +327,12 @@ class WebhookHandler:
             )
             return sent.addCallback(read)
 
+        from fedhub.xmlrpc import closed_before_answer
+
         def again(failure: Failure) -> Any:
             # A kept-alive connection the server closed meanwhile fails
             # before any answer: try once more on a new connection.
-            if not timed_out and isinstance(
-                failure.value, (RequestTransmissionFailed, ResponseNeverReceived)
-            ):
+            if not timed_out and closed_before_answer(failure):
                 self.log.debug(
                     "Consumer {consumer}: connection to {url} closed before an answer to "
                     "{msg_id}; trying once more",
