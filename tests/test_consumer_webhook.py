@@ -164,6 +164,9 @@ class HelperTests(SynchronousTestCase):
             self.assertIsInstance(verdict_for_status(status, "", "", "u"), Retry)
         for status in (400, 401, 403, 404, 410, 413, 422, 301, 302, 307, 100):
             self.assertIsInstance(verdict_for_status(status, "", "", "u"), DeadLetter)
+        moved = verdict_for_status(301, "Moved", "", "https://a/", location="https://b/hook")
+        assert moved is not None
+        self.assertIn("(redirects to https://b/hook are not followed)", moved.reason)
 
     def test_retry_after(self) -> None:
         """Retry-After in seconds is used and capped; dates and junk are ignored."""

@@ -93,10 +93,14 @@ def display_url(url: str) -> str:
 
 
 def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
-                       retry_after: float | None = None) -> Retry | DeadLetter | None:
+                       retry_after: float | None = None,
+                       location: str | None = None) -> Retry | DeadLetter | None:
     """
     The verdict for an HTTP answer: C{None} for success, else the L{Retry}
     or L{DeadLetter} to raise.
+
+    @param location: Where a redirect points (escaped), named in its reason:
+        the URL to configure instead.
     """
     if 200 <= status < 300:
         return None
@@ -106,7 +110,8 @@ def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
     if status >= 500 or status in RETRY_STATUSES:
         return Retry(reason, retry_after)
     if 300 <= status < 400:
-        return DeadLetter(reason + " (redirects are not followed)")
+        to = f" to {location}" if location else ""
+        return DeadLetter(reason + f" (redirects{to} are not followed)")
     return DeadLetter(reason)
 
 
@@ -375,7 +380,12 @@ class WebhookHandler:
         retry_after = parse_retry_after(
             (response.headers.getRawHeaders(b"Retry-After") or [None])[0]
         )
-        verdict = verdict_for_status(status, phrase, excerpt, self.shown_url, retry_after)
+        location = (response.headers.getRawHeaders(b"Location") or [None])[0]
+        verdict = verdict_for_status(
+            status, phrase, excerpt, self.shown_url, retry_after,
+            None if location is None else escape_control(
+                bytes(location).decode("latin-1").split("?", 1)[0], 300),
+        )
         fields = {
             "consumer": self.name,
             "msg_id": message.id,
