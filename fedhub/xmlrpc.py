@@ -36,7 +36,6 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -572,7 +571,7 @@ MAX_RESPONSE_HEAD = 64 * 1024
 
 #: Takes the client parser's "Ignoring unexpected 1xx response" lines: a
 #: server could send thousands of them for one request.
-_SILENT = Logger(observer=lambda event: None)  # type: ignore[arg-type]
+_SILENT = HubLogger(observer=lambda event: None)  # type: ignore[arg-type]
 
 
 class ResponseHeadTooLarge(Exception):
