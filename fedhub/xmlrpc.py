@@ -642,13 +642,34 @@ def closed_before_answer(failure: Failure) -> bool:
     )
 
 
+class _QuietPool(HTTPConnectionPool):  # type: ignore[misc]
+    """
+    An C{HTTPConnectionPool} that, once its cached connections were closed
+    (the client is closing), closes a connection handed back to it after
+    that (its answer was read just before) instead of keeping it.
+    """
+
+    closing = False
+
+    def closeCachedConnections(self) -> Any:
+        self.closing = True
+        return super().closeCachedConnections()
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self.closing:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+
 def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
     """
     An C{HTTPConnectionPool} whose connections are made without a log line
     each: a poller whose server closes every connection, or is down, would
-    otherwise log two lines per poll beside its own.
+    otherwise log two lines per poll beside its own.  A connection handed
+    back after the pool's connections were closed is closed too.
     """
-    pool = HTTPConnectionPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
+    pool = _QuietPool(reactor, persistent=persistent)
     # The factory class is the pool's documented way to make connections,
     # though marked private; only its noise differs.
     pool._factory = _QuietClientFactory

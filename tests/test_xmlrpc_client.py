@@ -394,9 +394,8 @@ class MisbehavingServerTests(ClientTestBase):
         self.assertEqual(got, [base, base, base, base, base.replace(microsecond=500000)])
         resource.body = "<value><dateTime.iso8601>yesterday</dateTime.iso8601></value>"
         yield self.assertFailure(client.call("times"), BadResponse)
-        # The client stays usable for the next call.
-        resource.body = "<value><dateTime.iso8601>20261129T04:00:00</dateTime.iso8601></value>"
-        self.assertEqual((yield client.call("times")), [base])
+        # Closed right after a failed answer, whose connection goes back to
+        # the pool only after: it is closed too (the reactor is left clean).
 
     @inlineCallbacks
     def test_odd_faults_and_html_named(self) -> Any:
