@@ -243,6 +243,28 @@ def make_bus(domain: DomainConfig, reactor: Any) -> IBus:
     return bus
 
 
+def state_problems(config: Config) -> list[ConfigProblem]:
+    """
+    What the state directory's length would refuse: each domain's outbox
+    is a SQLite database under it, and SQLite opens no path longer than
+    L{fedhub.outbox.store.MAX_DATABASE_PATH} bytes.  C{fedhub check-config}
+    and C{twistd fedhub} ask before anything starts.
+    """
+    from fedhub.outbox.store import DATABASE_NAME, MAX_DATABASE_PATH
+
+    problems = []
+    for name in config.domains:
+        path = os.path.join(config.hub.state_dir, "outbox", name, DATABASE_NAME)
+        size = len(os.fsencode(path))
+        if size > MAX_DATABASE_PATH:
+            problems.append(ConfigProblem(
+                "hub.state_dir",
+                f"too long: the outbox of domain {escape_control(name, 100)} would be a path of "
+                f"{size} bytes, and SQLite opens at most {MAX_DATABASE_PATH}",
+            ))
+    return problems
+
+
 def domain_problems(domain: DomainConfig) -> list[ConfigProblem]:
     """
     What a domain's bus would refuse when it is built (its broker URL and

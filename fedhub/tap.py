@@ -50,13 +50,14 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         # Imported here: the hub's modules are not needed for --help.
-        from fedhub.hub import domain_problems, file_problems
+        from fedhub.hub import domain_problems, file_problems, state_problems
         from fedhub.plugins import find_plugin
 
         path = self["config"]
         try:
             config = load_config(path) if path else default_config()
-            problems = [p for domain in config.domains.values() for p in domain_problems(domain)]
+            problems = state_problems(config)
+            problems += [p for domain in config.domains.values() for p in domain_problems(domain)]
             for component in config.components:
                 problems.extend(
                     file_problems(component, find_plugin(component.kind, component.plugin))

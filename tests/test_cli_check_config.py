@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli.main import main
 from fedhub.config import MAX_KEY_PARTS
+from fedhub.outbox.store import MAX_DATABASE_PATH
 from tests.broker import Authority, Key
 
 
@@ -112,6 +113,22 @@ class CheckConfigTests(SynchronousTestCase):
             "domains.b.broker: the broker URL contains whitespace or control characters",
         ])
         self.assertNotIn("secret", self.err.getvalue())
+
+    def test_state_dir_too_long_for_sqlite(self) -> None:
+        """
+        A state directory so long that a domain's outbox database would have
+        a path SQLite does not open is reported (the hub refuses it too).
+        """
+        long = "/tmp/" + "s" * 480
+        path = self.directory / "long.toml"
+        path.write_text(f'[hub]\nstate_dir = "{long}"\n[domains.d]\nbroker = "memory"\n')
+        self.assertEqual(main(["check-config", str(path)]), 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertEqual(lines[1:], [
+            "hub.state_dir: too long: the outbox of domain d would be a path of 509 bytes, "
+            f"and SQLite opens at most {MAX_DATABASE_PATH}",
+        ])
+        self.assertEqual(self.check('[domains.d]\nbroker = "memory"\n'), 0)
 
     def test_long_dotted_key_refused(self) -> None:
         """

@@ -14,7 +14,7 @@ from zope.interface import implementer
 from fedhub.config import Config, exposed_password, load_config
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
-from fedhub.hub import build_refusal, domain_problems, file_problems
+from fedhub.hub import build_refusal, domain_problems, file_problems, state_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -49,7 +49,7 @@ def build_problems(config: Config) -> list[ConfigProblem]:
     collect what their plugins refuse: problems only a plugin can see, such
     as a bridge naming an unknown domain.
     """
-    problems: list[ConfigProblem] = []
+    problems: list[ConfigProblem] = state_problems(config)
     for domain in config.domains.values():
         problems.extend(domain_problems(domain))
     publishers = {name: _NoPublisher(name) for name in config.domains}

@@ -69,6 +69,12 @@ _T = TypeVar("_T")
 #: The file name of the database inside a store's directory.
 DATABASE_NAME = "outbox.sqlite3"
 
+#: The longest path of a database file, in bytes, that the store is used
+#: with: SQLite's default build opens paths of at most 512 bytes with the
+#: suffix of its log ("-wal") and a final NUL, 504 for the file itself in
+#: practice; a little under that, to be safe.
+MAX_DATABASE_PATH = 500
+
 #: The layout version written to the database.  A store of layout 1 (whose
 #: records are the serialized form) or 2 (the publish form) is upgraded to it
 #: when opened; a store refuses any other.  Older code refuses a newer
