@@ -136,16 +136,37 @@ class HTTPStatusError(XMLRPCError):
     @ivar status: The HTTP status code.
     @ivar location: Where a redirect points (control characters escaped), or
         C{None}.
+    @ivar retry_after: The seconds the server's C{Retry-After} asked to wait
+        (given in seconds; at most L{MAX_RETRY_AFTER}), or C{None}.
     """
 
     def __init__(self, url: str, method: str, status: int, phrase: str,
-                 location: str | None = None) -> None:
+                 location: str | None = None, retry_after: float | None = None) -> None:
         self.status = status
         self.location = None if location is None else escape_control(location, 300)
+        self.retry_after = retry_after
         reason = f"HTTP {status} {escape_control(phrase, 80)}"
         if self.location is not None:
             reason += f" to {self.location} (redirects are not followed: configure that URL)"
         super().__init__(url, method, reason)
+
+
+#: The longest C{Retry-After} taken from a server, in seconds.
+MAX_RETRY_AFTER = 3600.0
+
+
+def retry_after_seconds(value: bytes | None) -> float | None:
+    """
+    A C{Retry-After} header's delay when given in seconds (at most
+    L{MAX_RETRY_AFTER}); C{None} for none, or an HTTP date.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit():
+        return None
+    # More digits than any sensible delay: the cap (int() refuses thousands).
+    return MAX_RETRY_AFTER if len(text) > 9 else min(float(text), MAX_RETRY_AFTER)
 
 
 class BadResponse(XMLRPCError):
@@ -858,7 +879,9 @@ class XMLRPCClient:
                 location = found[-1].decode("latin-1") if found else None
             return _discard(response, HTTPStatusError(
                 self.url, method, response.code, response.phrase.decode("latin-1", "replace"),
-                location))
+                location,
+                retry_after_seconds((response.headers.getRawHeaders(b"retry-after") or [None])[0]),
+            ))
         kind = response.headers.getRawHeaders(b"content-type", [b""])[-1]
         if kind.split(b";")[0].strip().lower() == b"text/html":
             # An error page of a proxy or a web server in front of the service.

@@ -297,6 +297,41 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.assertEqual(service.errors, 4)
         self.successResultOf(service.stopService())
 
+    def test_retry_after_is_waited_for(self) -> None:
+        """
+        A failure whose service asked to come back later (Retry-After, here
+        on an error raised from it) is polled again no sooner; a shorter
+        request leaves the backoff.
+        """
+        from fedhub.xmlrpc import HTTPStatusError
+
+        def unavailable(seconds: float) -> Exception:
+            try:
+                raise HTTPStatusError("u", "m", 503, "Busy", retry_after=seconds)
+            except HTTPStatusError as e:
+                try:
+                    raise SourceFailure("the API failed") from e
+                except SourceFailure as wrapped:
+                    return wrapped
+
+        source = FakeSource(["a"])
+        source.failures = [unavailable(120.0), unavailable(0.1)]
+        service = self.service(source, FakePublisher())
+        service.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(source.polled), 1)
+        self.clock.advance(119)
+        self.assertEqual(len(source.polled), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(source.polled), 2)
+        # Asked for less than the backoff (1 s doubled to 2, jittered to 1.5).
+        self.clock.advance(1.4)
+        self.assertEqual(len(source.polled), 2)
+        self.clock.advance(0.2)
+        self.assertEqual(len(source.polled), 3)
+        self.flushLoggedErrors(SourceFailure)
+        self.successResultOf(service.stopService())
+
     def test_backoff_is_exponential_capped_and_jittered(self) -> None:
         """Delays double from the base up to the cap; jitter keeps them in [d/2, d]."""
         source = FakeSource()

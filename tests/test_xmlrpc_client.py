@@ -348,6 +348,30 @@ class MisbehavingServerTests(ClientTestBase):
         self.assertEqual(error.status, 500)
 
     @inlineCallbacks
+    def test_retry_after_kept(self) -> Any:
+        """An HTTP 503's Retry-After in seconds is kept on the error, capped; a date is not."""
+
+        class Busy(Resource):
+            isLeaf = True
+            value = b"120"
+
+            def render_POST(self, request: Request) -> bytes:
+                request.setResponseCode(503)
+                request.setHeader(b"retry-after", self.value)
+                return b"busy"
+
+        resource = Busy()
+        client = self.client(self.serve(resource))
+        error = yield self.assertFailure(client.call("x"), HTTPStatusError)
+        self.assertEqual((error.status, error.retry_after), (503, 120.0))
+        resource.value = b"99999999999999"
+        error = yield self.assertFailure(client.call("x"), HTTPStatusError)
+        self.assertEqual(error.retry_after, 3600.0)
+        resource.value = b"Wed, 21 Oct 2026 07:28:00 GMT"
+        error = yield self.assertFailure(client.call("x"), HTTPStatusError)
+        self.assertIsNone(error.retry_after)
+
+    @inlineCallbacks
     def test_redirect_names_its_target(self) -> Any:
         """A redirect is not followed; the error says where it points, control characters escaped."""
 

@@ -234,6 +234,19 @@ def _describe(failure: Failure) -> str:
     return escape_control(f"{type(value).__name__}: {value}", 500)
 
 
+def _retry_after(error: BaseException | None, depth: int = 0) -> float | None:
+    """
+    The delay a service asked for with C{Retry-After}, found on the error
+    or what it was raised from (an API wrapping the client's errors).
+    """
+    if error is None or depth > 4:
+        return None
+    asked = getattr(error, "retry_after", None)
+    if isinstance(asked, (int, float)) and not isinstance(asked, bool):
+        return float(asked)
+    return _retry_after(error.__cause__ or error.__context__, depth + 1)
+
+
 class PollingService(Service):
     """
     Polls one L{IPollSource} and publishes what it finds; see the module
@@ -397,6 +410,10 @@ class PollingService(Service):
             )
             self.last_error = (now, described)
             delay = self._backoff_delay()
+            asked = _retry_after(result.value)
+            if asked is not None and asked > delay:
+                # The service said when to come back (Retry-After).
+                delay = asked
             if repeated:
                 # Logged when it began; the status page and the metrics
                 # count the polls that fail since.
