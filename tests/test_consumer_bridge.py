@@ -240,6 +240,19 @@ class BridgeTests(SynchronousTestCase):
         # 1, 2, 4, 8, 16, then every 30 s, within the 600 s hold.
         self.assertEqual(self.target.refused, 6 + (600 - 31) // 30)
 
+    def test_stop_ends_the_hold(self) -> None:
+        """
+        A consumer stopping with a held message settles it at once, as a
+        retry, instead of holding the hub's stop until its drain timeout.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        settled = self.harness.deliver(ALLOWED, {})
+        self.harness.advance(1)
+        self.assertNoResult(settled)
+        stopped = self.harness.stop()
+        self.assertEqual(self.successResultOf(settled).outcome, "retried")
+        self.successResultOf(stopped)
+
     def test_no_hold_retries_at_once(self) -> None:
         """With hold = 0, a target that can not take the message now makes it a retry at once."""
         harness = self.bridge({"to_domain": "community", "allow": ["org.example.prod.#"],

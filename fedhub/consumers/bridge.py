@@ -140,6 +140,13 @@ class BridgeHandler:
         """
         self._stopping = False
 
+    def drain(self) -> None:
+        """
+        The consumer is stopping with messages in hand: stop holding them,
+        so that they are settled (as L{Retry}s) within its drain timeout.
+        """
+        self.stop()
+
     def stop(self) -> None:
         """
         Stop holding messages: those waiting become L{Retry}s at once.
