@@ -1646,7 +1646,17 @@ def parse_config(
     producers, consumers, components_ok = validator.components(data, domain_names)
     problems = validator.problems
     if problems or hub is None or not components_ok:
-        raise ConfigError(problems, shown_source)
+        error = ConfigError(problems, shown_source)
+        if hub is not None:
+            error.partial = Config(
+                hub=hub,
+                domains=MappingProxyType(domains),
+                producers=tuple(producers),
+                consumers=tuple(consumers),
+                source=source,
+            )
+            error.defined_domains = frozenset(domain_names)
+        raise error
     return Config(
         hub=hub,
         domains=MappingProxyType(domains),
@@ -1654,6 +1664,52 @@ def parse_config(
         consumers=tuple(consumers),
         source=source,
     )
+
+
+#: One part of a key path as problems name it: a bare key, a quoted one,
+#: or an array index.
+_PATH_PART = re.compile(r'([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|\[(\d+)\]')
+
+
+def _split_path(path: str) -> _Path | None:
+    """
+    The parts of a key path as L{format_path} writes it
+    (C{consumers[2].domain}), or C{None} when it is not one.
+    """
+    parts: list[str | int] = []
+    pos = 0
+    while pos < len(path):
+        if parts and path[pos] == ".":
+            pos += 1
+        match = _PATH_PART.match(path, pos)
+        if match is None:
+            return None
+        key, quoted, index = match.groups()
+        if index is not None:
+            parts.append(int(index))
+        elif quoted is not None:
+            parts.append(quoted.replace('\\"', '"').replace("\\\\", "\\"))
+        else:
+            parts.append(key)
+        pos = match.end()
+    return tuple(parts)
+
+
+def locate_problems(text: str, problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    """
+    C{problems} with the line of their key path in C{text} filled in where
+    they have none (problems a plugin reports when it is built, say).
+    """
+    index = _LineIndex(text)
+    located = []
+    for problem in problems:
+        if problem.line is None:
+            parts = _split_path(problem.path)
+            line = index.line_of(parts) if parts else None
+            if line is not None:
+                problem = replace(problem, line=line)
+        located.append(problem)
+    return located
 
 
 def _syntax_problem(message: str) -> ConfigProblem:

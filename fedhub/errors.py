@@ -9,6 +9,7 @@ on them without parsing messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class FedhubError(Exception):
@@ -85,7 +86,16 @@ class ConfigError(FedhubError):
 
     @ivar problems: Every problem found, in file order.
     @ivar source: The file the configuration came from, if any.
+    @ivar partial: What of the configuration was valid (a
+        L{fedhub.config.Config} of the valid domains and components), when
+        its C{[hub]} table was; C{None} otherwise.  C{fedhub check-config}
+        checks it further, so that every problem is reported at once.
+    @ivar defined_domains: The names of every domain the file defines,
+        valid or not, with L{partial}.
     """
+
+    partial: Any = None
+    defined_domains: frozenset[str] = frozenset()
 
     def __init__(self, problems: list[ConfigProblem], source: str | None = None) -> None:
         self.problems = list(problems)

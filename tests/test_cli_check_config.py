@@ -109,8 +109,8 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         lines = [line.strip() for line in self.err.getvalue().splitlines()]
         self.assertEqual(lines[1:], [
-            "domains.a.broker: the broker URL contains whitespace or control characters",
-            "domains.b.broker: the broker URL contains whitespace or control characters",
+            "domains.a.broker: the broker URL contains whitespace or control characters (line 4)",
+            "domains.b.broker: the broker URL contains whitespace or control characters (line 6)",
         ])
         self.assertNotIn("secret", self.err.getvalue())
 
@@ -126,7 +126,7 @@ class CheckConfigTests(SynchronousTestCase):
         lines = [line.strip() for line in self.err.getvalue().splitlines()]
         self.assertEqual(lines[1:], [
             "hub.state_dir: too long: the outbox of domain d would be a path of 509 bytes, "
-            f"and SQLite opens at most {MAX_DATABASE_PATH}",
+            f"and SQLite opens at most {MAX_DATABASE_PATH} (line 2)",
         ])
         self.assertEqual(self.check('[domains.d]\nbroker = "memory"\n'), 0)
 
@@ -141,6 +141,36 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(
             lines[1:], [f"toml: a key of 15000 dotted parts (line 5); at most {MAX_KEY_PARTS} are allowed"]
         )
+
+    def test_plugin_and_file_problems_with_other_problems(self) -> None:
+        """
+        A file with problems of its own still gets what the valid parts'
+        plugins and files refuse, with lines: every problem in one round.
+        A bridge to a domain the file defines, though wrongly, is not told
+        that domain is unknown.
+        """
+        (self.directory / "notes.txt").write_text("placeholder\n")
+        code = self.check(
+            '[domains.a]\nbroker = "memory"\n'
+            '[domains.b]\nbroker = "memory"\nheartbeat = 0\n'
+            '[domains.t]\nbroker = "amqps://broker.example/"\nca = "notes.txt"\n'
+            '[[consumers]]\nname = "x"\nplugin = "bridge"\ndomain = "a"\nconcurency = 2\n'
+            'to_domain = "nowhere"\nallow = ["#"]\n'
+            '[[consumers]]\nname = "y"\nplugin = "bridge"\ndomain = "a"\nto_domain = "b"\n'
+            'allow = ["#"]\n'
+        )
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertTrue(lines[0].endswith(": 4 configuration problem(s):"), lines)
+        self.assertEqual(lines[1], "domains.b.heartbeat: must be at least 1 second; 0 is refused "
+                                   "(0 would turn heartbeats off and a dead broker would go "
+                                   "unnoticed) (line 7)")
+        self.assertTrue(lines[2].startswith("consumers[0].concurency: unknown key"), lines)
+        self.assertTrue(lines[3].startswith("domains.t.ca: "), lines)
+        self.assertIn("holds no PEM certificate", lines[3])
+        self.assertIn("(line 10)", lines[3])
+        self.assertEqual(lines[4], "consumers[0].to_domain: unknown domain 'nowhere' "
+                                   "(other domains: b, t) (line 16)")
 
     def test_unusable_tls_files(self) -> None:
         """

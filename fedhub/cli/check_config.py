@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Collection
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedhub.config import Config, exposed_password, load_config
+from fedhub.config import Config, exposed_password, load_config, locate_problems
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
 from fedhub.hub import build_refusal, domain_problems, file_problems, state_problems
@@ -40,7 +41,7 @@ class _NoPublisher:
         return fail(TemporarilyUnavailable("check-config publishes nothing", message.id))
 
 
-def build_problems(config: Config) -> list[ConfigProblem]:
+def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[ConfigProblem]:
     """
     Check each domain's broker settings and TLS files (see
     L{domain_problems}) and the files
@@ -48,12 +49,19 @@ def build_problems(config: Config) -> list[ConfigProblem]:
     component the way the hub would (plugins do no I/O when built), and
     collect what their plugins refuse: problems only a plugin can see, such
     as a bridge naming an unknown domain.
+
+    @param domain_names: Every domain the file defines, when C{config} holds
+        only its valid ones (see L{ConfigError.partial}): components of an
+        invalid domain are skipped, and a bridge to one is not told that
+        domain is unknown.
     """
     problems: list[ConfigProblem] = state_problems(config)
     for domain in config.domains.values():
         problems.extend(domain_problems(domain))
-    publishers = {name: _NoPublisher(name) for name in config.domains}
+    publishers = {name: _NoPublisher(name) for name in {*config.domains, *domain_names}}
     for component in config.components:
+        if component.domain not in config.domains:
+            continue
         plugin = find_plugin(component.kind, component.plugin)
         problems.extend(file_problems(component, plugin))
         peers = {}
@@ -90,7 +98,17 @@ def run(args: argparse.Namespace) -> int:
         # Not read at all: nothing was checked (78, as for every command).
         return runner.fail("check-config", f"{args.file}: {e.problems[0].message}", runner.EX_CONFIG)
     except ConfigError as e:
-        problems = e.problems
+        problems = list(e.problems)
+        # What was valid is checked as far as it goes (its files, what its
+        # plugins refuse): every problem at once, not one round each.
+        if e.partial is not None:
+            problems += build_problems(e.partial, e.defined_domains)
+    if problems:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                problems = locate_problems(f.read(), problems)
+        except (OSError, UnicodeDecodeError):
+            pass
     warning = exposed_password(config) if not problems else None
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
