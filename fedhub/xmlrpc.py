@@ -151,22 +151,26 @@ class HTTPStatusError(XMLRPCError):
         super().__init__(url, method, reason)
 
 
-#: The longest C{Retry-After} taken from a server, in seconds.
+#: A C{Retry-After} longer than this is cut to it.
 MAX_RETRY_AFTER = 3600.0
 
 
-def retry_after_seconds(value: bytes | None) -> float | None:
+def parse_retry_after(value: bytes | None) -> float | None:
     """
-    A C{Retry-After} header's delay when given in seconds (at most
-    L{MAX_RETRY_AFTER}); C{None} for none, or an HTTP date.
+    A C{Retry-After} header given in seconds, capped (L{MAX_RETRY_AFTER});
+    C{None} for none or an HTTP date (not worth the parsing: the caller's
+    backoff applies then).
     """
     if value is None:
         return None
     text = value.strip()
     if not text.isdigit():
         return None
-    # More digits than any sensible delay: the cap (int() refuses thousands).
-    return MAX_RETRY_AFTER if len(text) > 9 else min(float(text), MAX_RETRY_AFTER)
+    if len(text) > 9:
+        # Past the cap anyway; int() refuses thousands of digits, and the
+        # header is the server's to fill.
+        return MAX_RETRY_AFTER
+    return min(float(int(text)), MAX_RETRY_AFTER)
 
 
 class BadResponse(XMLRPCError):
@@ -880,7 +884,7 @@ class XMLRPCClient:
             return _discard(response, HTTPStatusError(
                 self.url, method, response.code, response.phrase.decode("latin-1", "replace"),
                 location,
-                retry_after_seconds((response.headers.getRawHeaders(b"retry-after") or [None])[0]),
+                parse_retry_after((response.headers.getRawHeaders(b"retry-after") or [None])[0]),
             ))
         kind = response.headers.getRawHeaders(b"content-type", [b""])[-1]
         if kind.split(b";")[0].strip().lower() == b"text/html":

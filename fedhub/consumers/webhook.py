@@ -56,14 +56,12 @@ from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control
+from fedhub.xmlrpc import closed_before_answer, parse_retry_after, quiet_pool
 
 __all__ = ["WebhookPlugin", "WebhookHandler", "verdict_for_status", "load_ca_bundle"]
 
 #: At most this much of an answer's body is read.
 MAX_RESPONSE_BYTES = 64 * 1024
-
-#: A C{Retry-After} longer than this is cut to it.
-MAX_RETRY_AFTER = 3600.0
 
 #: Statuses outside 5xx that are worth trying again.
 RETRY_STATUSES = frozenset({408, 429})
@@ -113,23 +111,6 @@ def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
         to = f" to {location}" if location else ""
         return DeadLetter(reason + f" (redirects{to} are not followed)")
     return DeadLetter(reason)
-
-
-def parse_retry_after(value: bytes | None) -> float | None:
-    """
-    A C{Retry-After} header given in seconds, capped; C{None} for none or an
-    HTTP date (not worth the parsing: the consumer's backoff applies then).
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text.isdigit():
-        return None
-    if len(text) > 9:
-        # Past the cap anyway; int() refuses thousands of digits, and the
-        # header is the server's to fill.
-        return MAX_RETRY_AFTER
-    return min(float(int(text)), MAX_RETRY_AFTER)
 
 
 def load_ca_bundle(data: bytes) -> Any:
@@ -248,8 +229,6 @@ class WebhookHandler:
         from twisted.internet.ssl import platformTrust
         from twisted.web.client import Agent
 
-        from fedhub.xmlrpc import quiet_pool
-
         trust_root: Any = platformTrust()  # type: ignore[no-untyped-call]
         if self.ca is not None:
             try:
@@ -331,8 +310,6 @@ class WebhookHandler:
                 self.url, data=body, headers=headers, allow_redirects=False, unbuffered=True
             )
             return sent.addCallback(read)
-
-        from fedhub.xmlrpc import closed_before_answer
 
         def again(failure: Failure) -> Any:
             # A kept-alive connection the server closed meanwhile fails
