@@ -34,7 +34,7 @@ from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
 from fedhub.outbox import Outbox
 from fedhub.outbox.spool import SpoolImporter, spool_directory
-from fedhub.plugins import PluginContext, find_consumer_plugin, find_producer_plugin
+from fedhub.plugins import PluginContext, find_consumer_plugin, find_plugin, find_producer_plugin
 from fedhub.text import escape_control
 from fedhub.topology import Topology
 from fedhub.waiting import with_timeout
@@ -241,6 +241,26 @@ def make_bus(domain: DomainConfig, reactor: Any) -> IBus:
 
     bus: IBus = AMQPBus.from_domain(domain, reactor)
     return bus
+
+
+def start_problems(config: Config) -> list[ConfigProblem]:
+    """
+    What the hub would refuse when it starts, beyond the file itself: the
+    state directory's length (L{state_problems}), each domain's connection
+    settings and TLS files (L{domain_problems}), and the files each
+    component reads when it starts (L{file_problems}).  C{twistd fedhub}
+    and C{fedhub check-config} ask before anything starts.  Components of a
+    domain C{config} lacks (the valid part of a file with problems) are
+    left out.
+    """
+    problems = state_problems(config)
+    for domain in config.domains.values():
+        problems.extend(domain_problems(domain))
+    for component in config.components:
+        if component.domain in config.domains:
+            plugin = find_plugin(component.kind, component.plugin)
+            problems.extend(file_problems(component, plugin))
+    return problems
 
 
 def state_problems(config: Config) -> list[ConfigProblem]:

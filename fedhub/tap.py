@@ -50,18 +50,12 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         # Imported here: the hub's modules are not needed for --help.
-        from fedhub.hub import domain_problems, file_problems, state_problems
-        from fedhub.plugins import find_plugin
+        from fedhub.hub import start_problems
 
         path = self["config"]
         try:
             config = load_config(path) if path else default_config()
-            problems = state_problems(config)
-            problems += [p for domain in config.domains.values() for p in domain_problems(domain)]
-            for component in config.components:
-                problems.extend(
-                    file_problems(component, find_plugin(component.kind, component.plugin))
-                )
+            problems = start_problems(config)
             if problems:
                 # Files the hub could not use are refused before anything
                 # starts, as check-config refuses them.

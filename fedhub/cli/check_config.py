@@ -15,7 +15,7 @@ from zope.interface import implementer
 from fedhub.config import Config, exposed_password, load_config, locate_problems
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
-from fedhub.hub import build_refusal, domain_problems, file_problems, state_problems
+from fedhub.hub import build_refusal, start_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -43,10 +43,9 @@ class _NoPublisher:
 
 def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[ConfigProblem]:
     """
-    Check each domain's broker settings and TLS files (see
-    L{domain_problems}) and the files
-    components read when they start (L{file_problems}), then build every
-    component the way the hub would (plugins do no I/O when built), and
+    What the hub would refuse when it starts (L{start_problems}: the state
+    directory, each domain's settings and TLS files, the files components
+    read when they start), then build every component the way the hub would (plugins do no I/O when built), and
     collect what their plugins refuse: problems only a plugin can see, such
     as a bridge naming an unknown domain.
 
@@ -55,15 +54,12 @@ def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[C
         invalid domain are skipped, and a bridge to one is not told that
         domain is unknown.
     """
-    problems: list[ConfigProblem] = state_problems(config)
-    for domain in config.domains.values():
-        problems.extend(domain_problems(domain))
+    problems = start_problems(config)
     publishers = {name: _NoPublisher(name) for name in {*config.domains, *domain_names}}
     for component in config.components:
         if component.domain not in config.domains:
             continue
         plugin = find_plugin(component.kind, component.plugin)
-        problems.extend(file_problems(component, plugin))
         peers = {}
         if getattr(plugin, "crosses_domains", False) is True:
             peers = {n: p for n, p in publishers.items() if n != component.domain}
