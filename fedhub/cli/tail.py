@@ -95,14 +95,17 @@ class Filter:
         return True
 
 
-_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+#: C1 controls: JSON leaves them raw, terminals act on them.  (The line
+#: and paragraph separators are escaped by dump_line already.)
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f]")
 
 
 def format_json(message: Message) -> str:
     """
     The serialized form on one line, newline included.  Characters JSON
-    leaves raw but terminals act on (C1 controls, line and paragraph
-    separators) are written as C{\\uXXXX} escapes: the same JSON value.
+    leaves raw but terminals act on (C1 controls; line and paragraph
+    separators, as L{dump_line} writes them) are written as C{\\uXXXX}
+    escapes: the same JSON value.
     """
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", dump_line(message))
 
