@@ -889,6 +889,8 @@ class _Database:
         self.durable = True
         # The layout version the store says (see commit and close).
         self.schema = str(SCHEMA_VERSION)
+        # The database's page size, read when it opens.
+        self.page_size = 4096
 
     def _error(self, error: BaseException) -> StoreError:
         if _is_locked(error):
@@ -992,6 +994,7 @@ class _Database:
                 self.schema = row[0]
             conn.execute("COMMIT")
             summary = self._summary(conn)
+            self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         except BaseException as e:
             if conn is not None:
                 try:
@@ -1116,10 +1119,9 @@ class _Database:
         try:
             st = os.statvfs(self.directory)
             free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         except (OSError, sqlite3.Error):
             return None
-        free = st.f_bavail * st.f_frsize + free_pages * page_size
+        free = st.f_bavail * st.f_frsize + free_pages * self.page_size
         return free, min(RESERVE_BYTES, st.f_blocks * st.f_frsize // RESERVE_SHARE)
 
     def _checkpoint(self) -> None:
