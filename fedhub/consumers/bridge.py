@@ -43,7 +43,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -130,8 +131,8 @@ class BridgeHandler:
         self.clock = clock
         self.hold = hold if clock is not None else 0.0
         self.forwarded = 0
-        #: Hand-overs waiting to be tried again, by their delayed call.
-        self._waits: dict[IDelayedCall, Deferred[Any]] = {}
+        #: The waits of hand-overs to be tried again.
+        self._waits: set[Deferred[None]] = set()
         self._stopping = False
 
     def start(self) -> None:
@@ -152,11 +153,8 @@ class BridgeHandler:
         Stop holding messages: those waiting become L{Retry}s at once.
         """
         self._stopping = True
-        for call, waiting in list(self._waits.items()):
-            if call.active():
-                call.cancel()
+        for waiting in list(self._waits):
             waiting.cancel()
-        self._waits.clear()
 
     def forwarded_copy(self, message: Message) -> Message:
         """
@@ -211,22 +209,22 @@ class BridgeHandler:
             or clock.seconds() + delay > until
         ):
             return failure
-        waiting: Deferred[Any] = Deferred()
+        waiting: Deferred[None] = deferLater(clock, delay, lambda: None)
+        self._waits.add(waiting)
 
-        def wake() -> None:
-            self._waits.pop(call, None)
-            waiting.callback(None)
+        def waited(result: object) -> object:
+            self._waits.discard(waiting)
+            return result
 
         def stopped(cancelled: Failure) -> Failure:
             # The hub stops: the message is a Retry, as past the hold.
             cancelled.trap(CancelledError)  # type: ignore[no-untyped-call]
             return failure
 
-        call = clock.callLater(delay, wake)
-        self._waits[call] = waiting
         def go(_: object) -> Deferred[None]:
             return self._hand_over(copy, until, min(delay * 2, HOLD_MAX_DELAY))
 
+        waiting.addBoth(waited)
         waiting.addErrback(stopped)
         waiting.addCallback(go)
         return waiting
