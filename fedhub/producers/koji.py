@@ -369,7 +369,7 @@ class KojiSource:
 
     @staticmethod
     def _event(event: Any) -> tuple[int, float]:
-        if not isinstance(event, dict) or type(event.get("id")) is not int:
+        if not isinstance(event, dict) or not _integer(event.get("id")):
             raise KojiError(
                 f"the hub answered {type(event).__name__} for an event"
                 if not isinstance(event, dict)
@@ -777,7 +777,7 @@ class KojiSource:
         """
         wanted = sorted({
             t["host_id"] for t in tasks
-            if type(t.get("host_id")) is int and t["host_id"] not in self._host_names
+            if _integer(t.get("host_id")) and t["host_id"] not in self._host_names
         })
         if not wanted:
             return
@@ -896,7 +896,7 @@ class KojiSource:
             info["owner"] = task["owner_name"]
         info.setdefault("host_id", None)
         host_id = info["host_id"]
-        info["host_name"] = self._host_names.get(host_id) if type(host_id) is int else None
+        info["host_name"] = self._host_names.get(host_id) if _integer(host_id) else None
         # Fedora's plugin lists the sub-tasks, read in the hub's database; over
         # the API that would be a call and a result per child: none are given.
         info["children"] = []
