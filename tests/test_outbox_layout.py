@@ -103,6 +103,16 @@ def varied_messages() -> list[Message]:
     ]
 
 
+def stored_version(directory: str) -> Any:
+    """
+    The layout version a closed store in C{directory} says it has.
+    """
+    conn = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
+    try:
+        return conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    finally:
+        conn.close()
+
 class PublishFormTests(SynchronousTestCase):
     """
     The stored form is what publishing needs, and reads back unchanged.
@@ -480,11 +490,7 @@ class Layout1Tests(OutboxTestCase):
         store left empty is marked as the oldest layout again when closed.
         """
         directory = self.copy_layout1()
-        before = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
-        try:
-            self.assertEqual(before.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("1",))
-        finally:
-            before.close()
+        self.assertEqual(stored_version(directory), ("1",))
         store = Store(directory, SynchronousExecutor())
         summary = self.successResultOf(store.open())
         self.addCleanup(store.close)
@@ -505,11 +511,7 @@ class Layout1Tests(OutboxTestCase):
 
         self.assertEqual(version(), ("1",))
         self.successResultOf(store.close())
-        reopened = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
-        try:
-            self.assertEqual(reopened.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("1",))
-        finally:
-            reopened.close()
+        self.assertEqual(stored_version(directory), ("1",))
         store = Store(directory, SynchronousExecutor())
         self.successResultOf(store.open())
         self.addCleanup(store.close)
@@ -521,11 +523,7 @@ class Layout1Tests(OutboxTestCase):
         self.successResultOf(store.commit([], [(row.seq, len(row.data)) for row in pending]))
         self.successResultOf(store.drop_failed())
         self.successResultOf(store.close())
-        drained = sqlite3.connect(os.path.join(directory, DATABASE_NAME))
-        try:
-            self.assertEqual(drained.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone(), ("1",))
-        finally:
-            drained.close()
+        self.assertEqual(stored_version(directory), ("1",))
 
     def test_drains(self) -> None:
         """
