@@ -229,6 +229,23 @@ class ScriptedBroker:
     def publish_channel(self) -> int:
         return next(iter(self.confirm_seq))
 
+    def refuse_publish(self, exchange: str) -> None:
+        """
+        Close the publish channel as RabbitMQ does when its permissions
+        forbid a publish to C{exchange} (403).
+        """
+        self.send(
+            self.frame(
+                self.publish_channel(),
+                "channel.close",
+                reply_code=403,
+                reply_text=f"ACCESS_REFUSED - access to exchange '{exchange}' in vhost '/' refused"
+                " for user 'guest'",
+                class_id=60,
+                method_id=40,
+            )
+        )
+
     def ack(self, tag: int, multiple: bool = False) -> None:
         self.send(self.frame(self.publish_channel(), "basic.ack", delivery_tag=tag,
                              multiple=multiple))
@@ -942,17 +959,7 @@ class PublishTests(BusCase):
         next ones go too.
         """
         _, first = self.publish()
-        self.broker.send(
-            self.broker.frame(
-                self.broker.publish_channel(),
-                "channel.close",
-                reply_code=403,
-                reply_text="ACCESS_REFUSED - access to exchange 'amq.topic' in vhost '/' refused"
-                " for user 'guest'",
-                class_id=60,
-                method_id=40,
-            )
-        )
+        self.broker.refuse_publish("amq.topic")
         self.broker.pump()
         self.failureResultOf(first, PublishRefused)
         new_channel = self.broker.methods("confirm.select")[-1][0]

@@ -495,17 +495,7 @@ class PublishChannelClosedTests(BusCase):
         channel = self.broker.consumers[tag]
         self.broker.deliver(tag, 1, b"{}", routing_key="t.x")
         self.assertEqual(self.broker.published[-1][1], "fedhub.c.retry.1")
-        self.broker.send(
-            self.broker.frame(
-                self.broker.publish_channel(),
-                "channel.close",
-                reply_code=403,
-                reply_text="ACCESS_REFUSED - access to exchange 'forbidden' in vhost '/' refused"
-                " for user 'guest'",
-                class_id=60,
-                method_id=40,
-            )
-        )
+        self.broker.refuse_publish("forbidden")
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(self.broker.methods("basic.reject"), [])
         self.clock.advance(TRANSIENT_REQUEUE_DELAY)
