@@ -77,6 +77,16 @@ class SourceTestBase(SynchronousTestCase):
     def source(self, **settings: Any) -> KojiSource:
         return KojiSource("koji", self.caller, KojiSettings.for_hub(HUB, **settings), topic)
 
+    def logged(self) -> list[dict[str, Any]]:
+        """
+        The log events of the rest of the test.
+        """
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
+
     def start(self, source: KojiSource) -> Any:
         return self.successResultOf(source.initial_cursor())
 
@@ -504,10 +514,7 @@ class SourceTests(SourceTestBase):
 
     def test_state_of_wrong_type_skipped(self) -> None:
         """A build or task row whose state is not an integer is skipped, warned and counted once."""
-        logged: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, logged.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logged = self.logged()
         source = self.source(tasks="scratch", repos=False)
         cursor = self.start(source)
         bad_build, _ = self.koji.start_build("bad", "1", "1")
@@ -542,10 +549,7 @@ class SourceTests(SourceTestBase):
 
     def test_tag_event_of_wrong_type_skipped(self) -> None:
         """A tag history row whose event is not an integer is skipped, warned and counted once."""
-        logged: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, logged.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logged = self.logged()
         # The hub's answers with an event id (the original) replaced.
         broken: dict[int, tuple[str, Any]] = {}
         real = self.koji.queryHistory
@@ -591,10 +595,7 @@ class SourceTests(SourceTestBase):
 
     def test_repo_state_of_wrong_type_skipped(self) -> None:
         """A repo whose state is not an integer has its repo.done skipped, warned and counted once."""
-        logged: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, logged.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logged = self.logged()
         source = self.source(builds=False, tasks="none")
         cursor = self.start(source)
         text = self.koji.new_repo("f24")
@@ -630,10 +631,7 @@ class SourceTests(SourceTestBase):
         from fedhub.producers import koji
 
         self.patch(koji, "MAX_PENDING_REPOS", 3)
-        logged: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, logged.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logged = self.logged()
         source = self.source(builds=False, tasks="none")
         cursor = self.start(source)
         made = [self.koji.new_repo(tag) for tag in ("f24", "f33-build", "destination", "f24", "f33-build")]
