@@ -179,8 +179,11 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertIn("did not answer within 0.3 s", self.stderr.getvalue())
         self.assertEqual(len(self.store_state()[1]), 2)
 
-    def test_interrupted_waiting_for_hub(self) -> None:
-        """Ctrl-C while waiting for the hub's answer: status 130, one line saying the request stays queued."""
+    def interrupted_while_held(self, *argv: str) -> int:
+        """
+        Run C{fedhub outbox ARGV...} while the store is held (a hub runs),
+        with Ctrl-C as it waits for the hub's answer; its status.
+        """
         from fedhub.cli import outbox
 
         def interrupt(seconds: float) -> None:
@@ -191,9 +194,14 @@ class OutboxCommandTests(SynchronousTestCase):
         holder = Store(self.outbox_dir, SynchronousExecutor())
         self.successResultOf(holder.open())
         try:
-            status, _ = self.command("drop", "--all", "-c", self.config)
+            status, _ = self.command(*argv, "-c", self.config)
         finally:
             self.successResultOf(holder.close())
+        return status
+
+    def test_interrupted_waiting_for_hub(self) -> None:
+        """Ctrl-C while waiting for the hub's answer: status 130, one line saying the request stays queued."""
+        status = self.interrupted_while_held("drop", "--all")
         self.assertEqual(status, 130)
         lines = self.stderr.getvalue().splitlines()
         self.assertEqual(len(lines), 1, lines)
@@ -206,28 +214,16 @@ class OutboxCommandTests(SynchronousTestCase):
         the names went unanswered, so the line says nothing was changed,
         not that a drop stays queued (none was sent).
         """
-        from fedhub.cli import outbox
-
-        def interrupt(seconds: float) -> None:
-            raise KeyboardInterrupt()
-
-        self.patch(outbox.time, "sleep", interrupt)
-        self.prepare()
-        holder = Store(self.outbox_dir, SynchronousExecutor())
-        self.successResultOf(holder.open())
-        try:
-            status, _ = self.command("drop", "1", "-c", self.config)
-        finally:
-            self.successResultOf(holder.close())
+        status = self.interrupted_while_held("drop", "1")
         self.assertEqual(status, 130)
         lines = self.stderr.getvalue().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("nothing was changed", lines[0])
         spool = os.path.join(os.path.dirname(os.path.dirname(self.outbox_dir)), "spool")
-        requests = [n for _, _, names in os.walk(spool) for n in names if n.endswith(".ctl")]
+        requests = [os.path.join(d, n) for d, _, names in os.walk(spool) for n in names
+                    if n.endswith(".ctl")]
         self.assertEqual(len(requests), 1)
-        [path] = [os.path.join(d, n) for d, _, names in os.walk(spool) for n in names if n.endswith(".ctl")]
-        with open(path) as f:
+        with open(requests[0]) as f:
             self.assertEqual(json.load(f)["action"], "list")
 
     def test_no_outbox_yet(self) -> None:
