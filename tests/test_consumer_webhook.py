@@ -9,6 +9,7 @@ connection, TLS verification, and the option checks.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -434,6 +436,54 @@ class PostTests(TestCase):
         settled: Settled = yield harness.deliver(TOPIC, {})
         self.assertEqual(settled.outcome, "retried")
         self.assertIn("refused", (settled.reason or "").lower())
+
+    def raw_server(self, answer: bytes) -> str:
+        """
+        The URL of a server that reads a request, writes C{answer} and
+        closes the connection.
+        """
+
+        class Answering(Protocol):
+            received = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received += data
+                head, found, body = self.received.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length: *(\d+)", head)
+                if found and length is not None and len(body) >= int(length.group(1)):
+                    self.transport.write(answer)
+                    self.transport.loseConnection()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Answering), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/"
+
+    @inlineCallbacks
+    def test_success_cut_off_retries(self) -> Any:
+        """A 2xx whose body the connection cut off is a retry: it may not have been one."""
+        url = self.raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        harness = self.harness({"url": url})
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "retried")
+        self.assertIn("HTTP 200 OK", settled.reason or "")
+        self.assertIn("cut off", settled.reason or "")
+
+    @inlineCallbacks
+    def test_success_ended_by_close_acks(self) -> Any:
+        """A 2xx without a length, whose end is the connection closing, is complete."""
+        url = self.raw_server(b"HTTP/1.0 200 OK\r\n\r\nfine")
+        harness = self.harness({"url": url})
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "acked")
+
+    @inlineCallbacks
+    def test_error_cut_off_keeps_its_verdict(self) -> Any:
+        """A 4xx cut off is still decided by its status."""
+        url = self.raw_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\nno")
+        harness = self.harness({"url": url})
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("HTTP 400 Bad Request", settled.reason or "")
 
     @inlineCallbacks
     def test_stop_closes_connections(self) -> Any:

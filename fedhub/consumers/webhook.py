@@ -24,7 +24,9 @@ Verdicts, by the answer:
     the status and the start of the answer's body: sending the same request
     again would not help;
   - no complete answer within C{timeout} seconds (request and body), a
-    refused or broken connection, a DNS or TLS failure: L{Retry}.
+    refused or broken connection, a DNS or TLS failure: L{Retry}; so is a
+    C{2xx} whose body the connection cut off, since the server may have
+    failed after sending its status line.
 
 The answer's body is read whole, so the connection can be reused, and its
 first 64 KiB kept for the verdict's reason.  A connection kept for reuse
@@ -45,6 +47,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -162,6 +166,8 @@ class _BodyReader(Protocol):
 
     def __init__(self) -> None:
         self.data = bytearray()
+        #: Why the body ended when it did not end as its framing said.
+        self.broken: str | None = None
         self.done: Deferred[bytes] = Deferred(lambda d: self.abort())
 
     def abort(self) -> None:
@@ -175,8 +181,12 @@ class _BodyReader(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
-            # Complete (ResponseDone), cut short by us, or broken: whatever
-            # arrived is enough for a verdict, which the status decides.
+            # Complete (ResponseDone, or PotentialDataLoss: an answer
+            # without a length, ended by closing), or broken: whatever
+            # arrived is enough for a verdict, which the status decides,
+            # unless it is a success that may not have been one.
+            if not reason.check(ResponseDone, PotentialDataLoss):
+                self.broken = _describe(reason)
             self.done.callback(bytes(self.data))
 
 
@@ -300,12 +310,12 @@ class WebhookHandler:
         headers = self.request_headers(message)
         timed_out: list[bool] = []
 
-        def read(response: Any) -> Deferred[tuple[Any, bytes]]:
+        def read(response: Any) -> Deferred[tuple[Any, bytes, str | None]]:
             reader = _BodyReader()
             response.deliverBody(reader)
-            return reader.done.addCallback(lambda data: (response, data))
+            return reader.done.addCallback(lambda data: (response, data, reader.broken))
 
-        def post() -> Deferred[tuple[Any, bytes]]:
+        def post() -> Deferred[tuple[Any, bytes, str | None]]:
             sent: Deferred[Any] = self._client.post(
                 self.url, data=body, headers=headers, allow_redirects=False, unbuffered=True
             )
@@ -348,8 +358,8 @@ class WebhookHandler:
         )
         return done
 
-    def _answered(self, result: tuple[Any, bytes], message: Message) -> None:
-        response, data = result
+    def _answered(self, result: tuple[Any, bytes, str | None], message: Message) -> None:
+        response, data, broken = result
         self.posted += 1
         status = int(response.code)
         phrase = escape_control(bytes(response.phrase or b"").decode("latin-1"), 80)
@@ -363,6 +373,9 @@ class WebhookHandler:
             None if location is None else escape_control(
                 bytes(location).decode("latin-1").split("?", 1)[0], 300),
         )
+        if verdict is None and broken is not None:
+            verdict = Retry(f"HTTP {status} {phrase} from {self.shown_url}, but the answer was "
+                            f"cut off: {broken}")
         fields = {
             "consumer": self.name,
             "msg_id": message.id,
