@@ -18,7 +18,7 @@ the kinds after it stop without it, so the process still exits.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -367,6 +367,47 @@ def build_refusal(component: ComponentConfig, error: Exception) -> ConfigProblem
     return ConfigProblem(component.path, f"plugin {component.plugin!r} refused it: {text}")
 
 
+def built_problem(component: ComponentConfig, built: object) -> ConfigProblem | None:
+    """
+    The configuration problem of a component whose plugin's C{build}
+    returned something the hub can not run: a consumer's handler needs
+    callable C{handle}, C{start} and C{stop}, and C{topics} when the
+    configuration gives none; a producer must be (or adapt to) an
+    C{IService}.  C{None} when it can run.
+    """
+    what = type(built).__name__
+    refused = f"plugin {component.plugin!r} built a {what}, "
+    if component.kind == "producer":
+        if IService(built, None) is None:
+            return ConfigProblem(component.path, refused + "not a Twisted service (IService)")
+        return None
+    missing = [
+        name for name in ("handle", "start", "stop") if not callable(getattr(built, name, None))
+    ]
+    if missing:
+        return ConfigProblem(
+            component.path,
+            refused + f"not a message handler: it has no callable {', '.join(missing)}",
+        )
+    if not component.topics:
+        topics = getattr(built, "topics", None)
+        if (
+            isinstance(topics, (str, bytes))
+            or not isinstance(topics, Iterable)
+            or not tuple(topics)
+            or not all(isinstance(t, str) and t for t in topics)
+        ):
+            found = (
+                "missing" if topics is None
+                else f"not a list of topic patterns ({escape_control(repr(topics), 100)})"
+            )
+            return ConfigProblem(
+                component.path,
+                f"no topics: the configuration gives none and the handler's topics are {found}",
+            )
+    return None
+
+
 class Hub(SequentialMultiService):
     """
     The whole hub built from a L{Config}.
@@ -468,11 +509,15 @@ class Hub(SequentialMultiService):
             build it (with any exception: plugins check their options here).
         """
         try:
-            return plugin.build(self._context(component, plugin))
+            built = plugin.build(self._context(component, plugin))
         except ConfigError as e:
             raise ConfigError(e.problems, self.config.source) from None
         except Exception as e:
             raise ConfigError([build_refusal(component, e)], self.config.source) from e
+        problem = built_problem(component, built)
+        if problem is not None:
+            raise ConfigError([problem], self.config.source)
+        return built
 
     def _add_consumer(self, component: ComponentConfig) -> None:
         plugin = self._find_consumer(component.plugin)

@@ -1,8 +1,8 @@
 """
 Finding consumer and producer plugins, and what they are built with.
 
-Plugins are found with C{twisted.plugin.getPlugins} in the C{twisted.plugins}
-package: fedhub's own live in C{twisted/plugins/fedhub_builtins.py}, and any
+Plugins are found as C{twisted.plugin.getPlugins} finds them, in the
+C{twisted.plugins} package, once per process: fedhub's own live in C{twisted/plugins/fedhub_builtins.py}, and any
 installed distribution can add more with a module under its own
 C{twisted/plugins/} directory (see C{docs/configuration.md}, "Writing a
 plugin").  Such a module holds objects that provide
@@ -21,15 +21,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.plugin import getPlugins
+from twisted.plugin import getCache
 from zope.interface import implementer
 
 from fedhub.config import ComponentConfig, HubSettings, is_valid_name
 from fedhub.errors import UnknownPlugin
 from fedhub.interfaces import IConsumerPlugin, IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
+from fedhub.text import escape_control
 
 __all__ = [
     "PluginContext",
@@ -148,32 +150,71 @@ def collect(kind: str, found: Iterable[tuple[str, _P]]) -> dict[str, _P]:
     return result
 
 
+#: What discovery found in a package, by kind, once per process: a plugin
+#: module that can not be imported is tried (and its traceback logged) once,
+#: not at every lookup.
+_found: WeakKeyDictionary[ModuleType, dict[str, dict[str, Any]]] = WeakKeyDictionary()
+
+
 def _discover(kind: str, interface: Any, package: ModuleType | None) -> dict[str, Any]:
     if package is None:
         import twisted.plugins
 
         package = twisted.plugins
-    # getPlugins logs whatever a plugin module raises, Ctrl-C included, and
-    # goes on: an interrupt must still interrupt.
+    found = _found.get(package)
+    if found is None:
+        found = _found[package] = _discover_all(package)
+    return dict(found[kind])
+
+
+def _discover_all(package: ModuleType) -> dict[str, dict[str, Any]]:
+    """
+    The plugins of every kind in C{package}, as C{getPlugins} finds them;
+    a module that can not be imported is skipped with a warning.
+
+    @raise KeyboardInterrupt: Ctrl-C while a plugin module was imported
+        (C{getCache} logs whatever an import raises, and goes on: an
+        interrupt must still interrupt).
+    """
     interrupted: list[BaseException] = []
+    broken: list[str] = []
 
     @implementer(ILogObserver)
     def watch(event: dict[str, Any]) -> None:
-        # getPlugins logs with the legacy log.err: the failure is "failure".
+        # getCache logs with the legacy log.err: the failure is "failure".
         failure = event.get("log_failure") or event.get("failure")
         value = getattr(failure, "value", None)
         if isinstance(value, (KeyboardInterrupt, SystemExit)):
             interrupted.append(value)
+        elif isinstance(value, BaseException):
+            broken.append(f"{type(value).__name__}: {value}")
 
+    by_kind: dict[str, list[tuple[str, Any]]] = {kind: [] for kind in KINDS}
     globalLogPublisher.addObserver(watch)
     try:
-        found = [(_origin(plugin, package.__name__), plugin)
-                 for plugin in getPlugins(interface, package)]
+        for dropin in getCache(package).values():
+            for cached in dropin.plugins:
+                for kind, interface in KINDS.items():
+                    try:
+                        plugin = interface(cached, None)
+                    except Exception as e:
+                        # Cached from an earlier import, broken since.
+                        broken.append(f"{type(e).__name__}: {e}")
+                        break
+                    if plugin is not None:
+                        by_kind[kind].append((_origin(plugin, package.__name__), plugin))
     finally:
         globalLogPublisher.removeObserver(watch)
     if interrupted:
         raise interrupted[0]
-    return collect(kind, found)
+    for error in broken:
+        log.warn(
+            "A plugin module in {package} could not be imported; the plugins it holds are "
+            "not available: {error}",
+            package=package.__name__,
+            error=escape_control(error, 500),
+        )
+    return {kind: collect(kind, found) for kind, found in by_kind.items()}
 
 
 def consumer_plugins(package: ModuleType | None = None) -> dict[str, IConsumerPlugin]:

@@ -16,7 +16,10 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from fedhub.config import Option, parse_config
+from fedhub import hub as hub_module
+from fedhub.cli import check_config
+from fedhub.config import Config, Option, parse_config
+from fedhub.errors import ConfigError
 from fedhub.consumers.log import LogPlugin
 from fedhub.hub import Hub, SequentialMultiService
 from fedhub.interfaces import IProducerPlugin
@@ -263,3 +266,134 @@ class HubStartFailureTests(TestCase):
         failures = events.failures()
         self.assertEqual([f.get("producer") for f in failures], ["broken"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class Builds:
+    """
+    A plugin of either kind whose C{build} returns what it is given.
+    """
+
+    description = "builds what it is given"
+    options: Mapping[str, Option] = {}
+
+    def __init__(self, name: str, built: object) -> None:
+        self.name = name
+        self.built = built
+
+    def build(self, context: PluginContext) -> object:
+        return self.built
+
+
+class Handler:
+    """
+    A message handler with the given topics (C{None}: no attribute).
+    """
+
+    def __init__(self, topics: object = None) -> None:
+        if topics is not None:
+            self.topics = topics
+
+    def handle(self, message: object) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class NoStop:
+    topics = ("#",)
+
+    def handle(self, message: object) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+BUILT_CONFIG = """
+[hub]
+state_dir = "{state}"
+
+[domains.one]
+broker = "memory"
+
+[[{kind}s]]
+name = "odd"
+plugin = "odd"
+domain = "one"
+{extra}
+"""
+
+
+class BuiltCheckTests(SynchronousTestCase):
+    """
+    What a plugin's C{build} returns is checked before the hub runs it, by
+    the hub and by C{fedhub check-config} alike: a plugin that builds
+    something that can not run is a configuration problem naming the
+    component, never a traceback.
+    """
+
+    def config(self, kind: str, built: object, extra: str) -> tuple[Config, dict[str, Builds]]:
+        """
+        A configuration of one component C{odd} of C{kind}, whose plugin
+        builds C{built}; the hub and check-config find that plugin.
+        """
+        text = BUILT_CONFIG.format(state=os.path.abspath(self.mktemp()), kind=kind, extra=extra)
+        lookup = {"odd": Builds("odd", built)}
+        find = lambda k, name: lookup[name]  # noqa: E731
+        self.patch(hub_module, "find_plugin", find)
+        self.patch(check_config, "find_plugin", find)
+        return parse_config(text, "test", find_plugin=find), lookup
+
+    def problems(self, kind: str, built: object, extra: str = "") -> list[str]:
+        """
+        The problems the hub and check-config find, which must agree.
+        """
+        config, lookup = self.config(kind, built, extra)
+        checked = [str(p) for p in check_config.build_problems(config)]
+        with self.assertRaises(ConfigError) as raised:
+            Hub(config, reactor, find_consumer=lookup.__getitem__, find_producer=lookup.__getitem__)
+        self.assertEqual([str(p) for p in raised.exception.problems], checked)
+        return checked
+
+    def problems_none(self, kind: str, built: object, extra: str = "") -> list[str]:
+        """
+        What check-config finds in a configuration the hub takes.
+        """
+        config, lookup = self.config(kind, built, extra)
+        Hub(config, reactor, find_consumer=lookup.__getitem__, find_producer=lookup.__getitem__)
+        return [str(p) for p in check_config.build_problems(config)]
+
+    def test_consumer_built_none(self) -> None:
+        """A consumer plugin that built C{None} is named with what it built."""
+        (problem,) = self.problems("consumer", None, 'topics = ["#"]')
+        self.assertIn("consumers[0]", problem)
+        self.assertIn("plugin 'odd' built a NoneType, not a message handler: it has no callable "
+                      "handle, start, stop", problem)
+
+    def test_consumer_without_stop(self) -> None:
+        """A handler missing one of its methods is refused, naming it."""
+        (problem,) = self.problems("consumer", NoStop())
+        self.assertIn("it has no callable stop", problem)
+
+    def test_topics_from_nowhere(self) -> None:
+        """No topics in the configuration and none (or bad ones) on the handler: refused."""
+        for topics, shown in [(None, "missing"), ("a.b", "'a.b'"), ((), "()"), ([1], "[1]")]:
+            (problem,) = self.problems("consumer", Handler(topics))
+            self.assertIn("consumers[0]", problem)
+            self.assertIn("no topics: the configuration gives none", problem)
+            self.assertIn(shown, problem)
+
+    def test_topics_from_either(self) -> None:
+        """Topics in the configuration or on the handler are enough."""
+        self.assertEqual(self.problems_none("consumer", Handler(), 'topics = ["#"]'), [])
+        self.assertEqual(self.problems_none("consumer", Handler(["a.#"])), [])
+
+    def test_producer_not_a_service(self) -> None:
+        """A producer plugin that built something that is no service is refused."""
+        (problem,) = self.problems("producer", object())
+        self.assertIn("producers[0]", problem)
+        self.assertIn("plugin 'odd' built a object, not a Twisted service (IService)", problem)

@@ -268,6 +268,28 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(sorted(consumer_plugins(self.package)), ["dup", "other"])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
+    def test_broken_module_reported_once(self) -> None:
+        """
+        A plugin module that can not be imported is tried once per process:
+        its traceback is logged once and one warning says which package's
+        plugins may be missing, however many lookups follow; the other
+        modules' plugins are found.
+        """
+        events = capture_log(self)
+        directory = os.path.dirname(self.package.__file__)
+        with open(os.path.join(directory, "d_broken.py"), "w") as f:
+            f.write("import fedhub_no_such_module_anywhere\n")
+        for _ in range(3):
+            self.assertEqual(sorted(consumer_plugins(self.package)), ["dup", "other"])
+            self.assertEqual(sorted(producer_plugins(self.package)), ["source"])
+            self.assertEqual(find_consumer_plugin("other", self.package).description, "o")
+        self.assertEqual(len(self.flushLoggedErrors(ModuleNotFoundError)), 1)
+        warnings = [e for e in events if "could not be imported" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["package"], self.package.__name__)
+        self.assertIn("ModuleNotFoundError: No module named 'fedhub_no_such_module_anywhere'",
+                      warnings[0]["error"])
+
     def test_unknown(self) -> None:
         """
         Looking up a missing plugin raises UnknownPlugin listing the installed ones.

@@ -500,6 +500,11 @@ class ReadyTests(SynchronousTestCase):
         code, body = self.ready(world)
         self.assertEqual(code, 503)
         self.assertEqual(body["producers"]["mail"]["ready"], False)
+        # Marked running by its start, which then raised: not running.
+        self.assertEqual(body["producers"]["mail"]["running"], False)
+        running = world.metrics()["fedhub_producer_running"]
+        self.assertEqual(running[labels(producer="mail")], 0.0)
+        self.assertEqual(running[labels(producer="good")], 1.0)
         self.assertEqual(body["producers"]["mail"]["error"],
                          "TLSFilesError: /x/key.pem: holds no\\x1b PEM certificate")
         self.assertIn("producer mail did not start", world.view()["headline"])

@@ -15,7 +15,7 @@ from zope.interface import implementer
 from fedhub.config import Config, exposed_password, load_config, locate_problems
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
-from fedhub.hub import build_refusal, start_problems
+from fedhub.hub import build_refusal, built_problem, start_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -74,11 +74,15 @@ def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[C
             peer_publishers=peers,
         )
         try:
-            plugin.build(context)
+            built = plugin.build(context)
         except ConfigError as e:
             problems.extend(e.problems)
         except Exception as e:
             problems.append(build_refusal(component, e))
+        else:
+            problem = built_problem(component, built)
+            if problem is not None:
+                problems.append(problem)
     return problems
 
 

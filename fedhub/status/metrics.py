@@ -176,7 +176,8 @@ def readiness(hub: HubView) -> Readiness:
     failures = hub.start_failures
     for name, producer in hub.producers.items():
         failure = failures.get(producer.name) or getattr(producer, "start_error", None)
-        running = bool(producer.running)
+        # One whose start raised after marking itself running is not.
+        running = bool(producer.running) and producer.name not in failures
         producers[name] = {
             "ready": failure is None,
             "running": running,
@@ -467,7 +468,7 @@ class _HubCollector:
                 self.log.failure("Reading the numbers of consumer {consumer} failed", consumer=name)
         for name, producer in hub.producers.items():
             try:
-                self._producer(families, name, producer, now)
+                self._producer(families, name, producer, now, producer.name not in hub.start_failures)
             except Exception:
                 self.log.failure("Reading the numbers of producer {producer} failed", producer=name)
         if ready is not None:
@@ -566,10 +567,12 @@ class _HubCollector:
             "fedhub_consumer_halted", "1 once a Halt verdict stopped the consumer", label_names
         ).add_metric(labels, 1.0 if service.halted else 0.0)
 
-    def _producer(self, families: _Families, name: str, producer: IService, now: float) -> None:
+    def _producer(
+        self, families: _Families, name: str, producer: IService, now: float, started: bool
+    ) -> None:
         labels = [name]
         families.gauge("fedhub_producer_running", "1 while the producer runs", ["producer"]).add_metric(
-            labels, 1.0 if getattr(producer, "running", False) else 0.0
+            labels, 1.0 if started and getattr(producer, "running", False) else 0.0
         )
         status = getattr(producer, "status", None)
         if callable(status):
