@@ -1563,7 +1563,8 @@ def _default_lookup() -> PluginLookup:
 
 
 def check_options(
-    schema: Mapping[str, Option], table: Mapping[str, Any], path: str = "options"
+    schema: Mapping[str, Option], table: Mapping[str, Any], path: str = "options",
+    plugin: Any = None,
 ) -> Mapping[str, Any]:
     """
     Check a plugin's own keys outside a configuration file (for example in
@@ -1572,12 +1573,16 @@ def check_options(
     @param schema: The plugin's C{options}.
     @param table: The keys to check.
     @param path: The key path problems are reported under.
+    @param plugin: The plugin, when its C{check_options} (keys taken
+        together) is to be asked as well, as a configuration asks it.
     @return: The values with defaults applied (read-only).
     @raise ConfigError: naming every problem.
     """
     validator = _Validator("", _default_lookup(), None)
     values, ok = validator.values(dict(table), (path,), schema)
     validator.unknown_keys(table, (path,), list(schema))
+    if plugin is not None:
+        ok = validator.plugin_keys_together(plugin, values, (path,), ok) and ok
     if validator.problems or not ok:
         raise ConfigError(validator.problems or [ConfigProblem(path, "invalid options")])
     return MappingProxyType(values)

@@ -549,15 +549,6 @@ class Hub(SequentialMultiService):
                 except Exception:
                     self.log.failure("Reopening files of {component} failed", component=target)
 
-    def startService(self) -> None:
-        for name, runtime in self.domains.items():
-            if runtime.config.is_memory:
-                self.log.warn(
-                    "Domain {domain} runs on the in-process memory bus: its messages "
-                    "do not leave this process",
-                    domain=name,
-                )
-        super().startService()
 
 
 def _outbox_settings(domain: DomainConfig) -> dict[str, Any]:

@@ -282,7 +282,7 @@ class ConsumerHarness:
         self.publisher = RecordingPublisher(domain)
         self.peers = {name: RecordingPublisher(name) for name in peer_domains}
         # A plugin a configuration would refuse never runs in a hub.
-        checked = check_options(check_plugin(plugin), options or {})
+        checked = check_options(check_plugin(plugin), options or {}, plugin=plugin)
         self._own_state_dir: str | None = None
         if hub is None:
             self._own_state_dir = tempfile.mkdtemp(prefix="fedhub-harness-")

@@ -849,6 +849,23 @@ class PoolTests(PoolTestCase):
         self.assertEqual(pool.counters["parsed"], len(events()))
 
     @inlineCallbacks
+    def test_group_signals_ignored(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        SIGINT and SIGTERM, which reach the workers when sent to the hub's
+        process group, do not end them: the pool, which stops them itself,
+        sees no crash and they go on parsing.
+        """
+        pool = self.pool(1)
+        yield self.started(pool)
+        [pid] = pool.pids
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        event = yield pool.parse(CHANGED)
+        self.assertEqual(event, parse_bugmail(CHANGED))
+        self.assertEqual(pool.pids, [pid])
+        self.assertEqual(pool.counters["crashes"], 0)
+
+    @inlineCallbacks
     def test_refusals(self) -> Generator[Deferred[Any], Any, None]:
         """NotBugmail and MalformedBugmail come back as the same class with the same reason and code."""
         pool = self.pool()

@@ -197,6 +197,26 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertTrue(lines[2].startswith("domains.b.key: "), lines)
         self.assertIn("does not match the certificate", lines[2])
 
+    def test_tls_problems_of_one_domain_together(self) -> None:
+        """A domain's unusable CA bundle and its mismatched key are reported in one round."""
+        ca = Authority.create("check-config CA")
+        _, leaf = ca.issue("hub")
+        other_key, _ = ca.issue("other")
+        (self.directory / "hub.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
+        (self.directory / "other.key").write_text(key_pem(other_key))
+        (self.directory / "notes.txt").write_text("placeholder\n")
+        code = self.check(
+            '[domains.b]\nbroker = "amqps://broker.example/"\nca = "notes.txt"\ncert = "hub.pem"\n'
+            'key = "other.key"\n'
+        )
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[1].startswith("domains.b.ca: "), lines)
+        self.assertIn("holds no PEM certificate", lines[1])
+        self.assertTrue(lines[2].startswith("domains.b.key: "), lines)
+        self.assertIn("does not match the certificate", lines[2])
+
     def test_unusable_smtp_files(self) -> None:
         """
         The SMTP listener's certificate, key and client CA, and its secret

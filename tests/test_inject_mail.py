@@ -282,7 +282,8 @@ class ConfigurationTests(InjectTestCase):
         """A configuration without a bugzilla-smtp producer exits 75."""
         self.config = self.write_config("")
         self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
-        self.assertIn("found: none", self.error_lines()[0])
+        self.assertTrue(self.error_lines()[0].endswith("the configuration has no bugzilla-smtp "
+                                                       "producer"), self.error_lines())
 
     def test_choose_producer(self) -> None:
         """With two producers, --producer picks one; without it the run exits 75."""
@@ -290,6 +291,8 @@ class ConfigurationTests(InjectTestCase):
             PRODUCER.format(name="one", extra="") + PRODUCER.format(name="two", extra="")
         )
         self.assertEqual(self.inject(sample(CHANGED)), EX_TEMPFAIL)
+        self.assertIn("name the bugzilla-smtp producer to use with --producer (found: one, two)",
+                      self.error_lines()[-1])
         self.assertEqual(self.inject(sample(CHANGED), "--producer", "two"), EX_OK)
         self.assertEqual(self.opened[-1][1], "two")
         self.assertEqual(self.inject(sample(NEW), "--producer", "three"), EX_TEMPFAIL)

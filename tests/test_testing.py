@@ -241,6 +241,21 @@ class HarnessTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, ConsumerHarness, EchoPlugin(), {"loud": "yes", "x": 1})
         self.assertEqual([p.path for p in error.problems], ["options.loud", "options.x"])
 
+    def test_keys_together_checked(self) -> None:
+        """
+        The plugin's own check of its keys taken together is asked, as a
+        configuration asks it: the harness refuses what check-config would.
+        """
+
+        class Picky(EchoPlugin):
+            def check_options(self, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+                return [("loud", "not on Sundays")] if options["loud"] else []
+
+        error = self.assertRaises(ConfigError, ConsumerHarness, Picky(), {"loud": True})
+        self.assertEqual([(p.path, p.message) for p in error.problems],
+                         [("options.loud", "not on Sundays")])
+        ConsumerHarness(Picky(), {"loud": False})
+
     def test_log_plugin(self) -> None:
         """The built-in log consumer acks every message under the harness."""
         harness = ConsumerHarness(LogPlugin(), {"max_length": 40})

@@ -234,13 +234,25 @@ def client_tls_options(
         )
     if key and not cert:
         raise _problem("key", "a client key is set without a client certificate")
-    roots = load_certificates(ca, "ca")
-    extra: dict[str, object] = {"raiseMinimumTo": MINIMUM_TLS_VERSION}
+    # Both the CA bundle and the client identity are read, so that their
+    # problems are reported together.
+    problems: list[ConfigProblem] = []
+    roots: list[Certificate] = []
     identity = None
+    try:
+        roots = load_certificates(ca, "ca")
+    except ConfigError as e:
+        problems += e.problems
     if cert:
-        identity = load_client_identity(cert, key)
-        if identity.chain:
-            extra["extraCertChain"] = [c.original for c in identity.chain]
+        try:
+            identity = load_client_identity(cert, key)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    extra: dict[str, object] = {"raiseMinimumTo": MINIMUM_TLS_VERSION}
+    if identity is not None and identity.chain:
+        extra["extraCertChain"] = [c.original for c in identity.chain]
     return ExplainedTLSOptions(
         optionsForClientTLS(
             hostname,

@@ -194,7 +194,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "-c", "--config", default=DEFAULT_CONFIG,
-        help=f"the hub's TOML configuration file (default {DEFAULT_CONFIG})",
+        help=f"the hub's TOML configuration file (default {DEFAULT_CONFIG}; unlike the other "
+        "commands, never the built-in default, so that no mail is taken into a spool no "
+        "configured hub reads)",
     )
     parser.add_argument(
         "-p", "--producer", default=None,
@@ -226,8 +228,10 @@ def find_producer(config: Config, name: str | None) -> ComponentConfig:
             if producer.name == name:
                 return producer
         raise InjectProblem(f"the configuration has no {PLUGIN} producer named {name!r}")
-    if len(producers) != 1:
-        found = ", ".join(p.name for p in producers) or "none"
+    if not producers:
+        raise InjectProblem(f"the configuration has no {PLUGIN} producer")
+    if len(producers) > 1:
+        found = ", ".join(p.name for p in producers)
         raise InjectProblem(
             f"name the {PLUGIN} producer to use with --producer (found: {found})"
         )

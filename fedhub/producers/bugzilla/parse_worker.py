@@ -21,7 +21,8 @@ length, then that many bytes of payload.
         of its traceback>}}} for anything else (a bug).
   - When its standard input ends it exits (status 0); so does it, killed by
     the kernel, when its parent process dies (Linux), or when a frame is
-    broken (status 2).
+    broken (status 2).  It ignores SIGINT and SIGTERM, which are meant for
+    the hub when they reach its process group.
 
 Nothing here imports Twisted: the worker starts fast and stays small.
 """
@@ -187,9 +188,13 @@ def main(argv: list[str] | None = None, handler: Callable[[bytes], dict[str, Any
     elif args:
         sys.stderr.write("usage: python -m fedhub.producers.bugzilla.parse_worker [--parent PID]\n")
         return 64
-    # The hub stops its workers by closing their input; a Ctrl-C meant for
-    # the hub in a terminal reaches them too and must not kill them mid-mail.
+    # The hub stops its workers by closing their input (and kills them with
+    # SIGKILL when they take too long).  A Ctrl-C meant for the hub in a
+    # terminal reaches them too, and so does a SIGTERM sent to the hub's
+    # whole process group (timeout(1), some service managers): neither may
+    # end them mid-mail, before the hub has stopped taking mail.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Frames go over private copies of the descriptors; anything else that
     # writes to standard output (a warning, a stray print) lands on standard
     # error, which the hub logs, and can not break a frame.
