@@ -246,6 +246,9 @@ class ConsumerHarness:
         max_retries: int = 5,
         on_error: str = "retry",
         peer_domains: tuple[str, ...] = (),
+        max_retry_delay: float = 3600.0,
+        drain_timeout: float = 30.0,
+        max_deliveries: int = 10,
     ) -> None:
         """
         Build the plugin's handler and its consumer.
@@ -270,6 +273,10 @@ class ConsumerHarness:
         @param peer_domains: Other domains; a plugin that sets
             C{crosses_domains = True} (a bridge) gets a L{RecordingPublisher}
             for each, found in L{peers}.
+
+        C{retry_delay}, C{max_retries}, C{max_retry_delay}, C{on_error},
+        C{drain_timeout} and C{max_deliveries} are the consumer's keys of
+        the same names, with a configuration's defaults.
         """
         # Deliveries asked for and not yet handed to the consumer, in order
         # (with whether to flag them redelivered), then those handed over,
@@ -303,6 +310,9 @@ class ConsumerHarness:
             on_error=on_error,
             retry_delay=retry_delay,
             max_retries=max_retries,
+            max_retry_delay=max_retry_delay,
+            drain_timeout=drain_timeout,
+            max_deliveries=max_deliveries,
         )
         context = PluginContext(
             name=name,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from fedhub.config import HubSettings, Option
+from fedhub.config import ComponentConfig, HubSettings, Option
 from fedhub.consumers.log import LogPlugin
 from fedhub.errors import (
     ConfigError,
@@ -227,6 +228,22 @@ class HarnessTests(SynchronousTestCase):
         harness.advance(5)
         harness.advance(10)
         self.assertEqual([s.outcome for s in harness.settled], ["retried", "retried", "acked"])
+
+    def test_consumer_keys(self) -> None:
+        """
+        The consumer's retry, drain and delivery keys reach its runner as a
+        configuration's would: retries wait at most C{max_retry_delay}.
+        """
+        harness = ConsumerHarness(EchoPlugin(), retry_delay=5, max_retries=4, max_retry_delay=12,
+                                  drain_timeout=2, max_deliveries=3)
+        self.assertEqual(harness.service.retry_delays, (5, 10, 12, 12))
+        self.assertEqual((harness.service.drain_timeout, harness.service.max_deliveries), (2, 3))
+        # Its defaults are a configuration's.
+        component = ConsumerHarness(EchoPlugin()).service.component
+        configured = {f.name: f.default for f in fields(ComponentConfig)}
+        for key in ("retry_delay", "max_retries", "max_retry_delay", "on_error", "drain_timeout",
+                    "max_deliveries"):
+            self.assertEqual(getattr(component, key), configured[key], key)
 
     def test_dead_letter(self) -> None:
         """A DeadLetter verdict settles as dead_lettered with its reason."""
