@@ -60,7 +60,7 @@ from txamqp.spec import pythonize
 from zope.interface import Interface, implementer
 
 from fedhub import __version__
-from fedhub.amqp.codec import FieldTableFrameMixin, FrameError
+from fedhub.amqp.codec import FieldTableFrameMixin, FrameError, unpack_frame
 from fedhub.amqp.frames import (
     ACK,
     BASIC,
@@ -533,6 +533,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         # no method announced are protocol errors: queued, they would be
         # read as the answer to the channel's next request, and kept.
         self._generic_content: dict[int, int] = {}
+        # Channels whose content headers on the generic path are decoded
+        # exactly (see exact_content).
+        self._exact_channels: set[int] = set()
         self._next_channel = 0
         self._closing_channels: set[int] = set()
         self._gate = _WriteGate(self)
@@ -1007,6 +1010,30 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             else:
                 del self._generic_content[channel_id]
 
+    def _unpack_frame(self, data: bytes) -> Any:
+        """
+        Decode one frame of the generic path; content headers of the
+        channels in L{exact_content} in exact mode.
+        """
+        exact = (
+            bool(self._exact_channels)
+            and data[0] == FRAME_HEADER
+            and _FRAME_HEAD.unpack_from(data)[1] in self._exact_channels
+        )
+        return unpack_frame(self.spec, data, exact=exact)
+
+    def exact_content(self, channel_id: int) -> None:
+        """
+        Decode the properties of the messages an open channel gets through
+        the generic path (C{basic.get-ok}) in exact mode: header values whose
+        plain Python form would encode differently (a C{b} or C{l} integer, a
+        long string that is not UTF-8) stay L{fedhub.amqp.codec.FieldValue}s,
+        so that the properties encode back to the very same bytes, for
+        copying a message untouched.  Ends with the channel.
+        """
+        if self.channel_is_open(channel_id):
+            self._exact_channels.add(channel_id)
+
     def dispatch(self, queue: Any) -> Deferred[None]:
         """
         Read one method (and its content) from a channel's queue and hand it to
@@ -1242,6 +1269,7 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             del self.channels[channel.id]
             self._contents.forget(channel.id)
             self._generic_content.pop(channel.id, None)
+            self._exact_channels.discard(channel.id)
 
     def channel_failed(self, channel: Any, reason: Any) -> None:
         """

@@ -1509,6 +1509,32 @@ class AMQPBus(Service):
             Deferred.fromCoroutine(self._consume(session, subscription))
         return waiter
 
+    def open_channel(self, *, exact_content: bool = False) -> Deferred[Any]:
+        """
+        A channel of its own on the current connection, for work at the AMQP
+        level that the bus has no method for (C{basic.get}, say): the caller
+        runs txamqp's channel methods on it (L{map_error} names their
+        errors) and closes it with its client's C{close_channel}, which puts
+        the messages it got and did not acknowledge back in their queues.
+        It is not opened again after a reconnect.
+
+        @param exact_content: Decode the properties of the messages it gets
+            in exact mode (L{AMQPClient.exact_content}).
+        @return: A Deferred firing with the open channel, or failing with
+            L{NotConnected}.
+        """
+        session = self._session
+        if session is None or not session.alive or self._stopping:
+            return fail(NotConnected("not connected to the broker"))
+        client = session.client
+
+        def opened(channel: Any) -> Any:
+            if exact_content:
+                client.exact_content(channel.id)
+            return channel
+
+        return client.open_channel().addCallback(opened)
+
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:

@@ -18,7 +18,17 @@ from contextlib import contextmanager
 from types import ModuleType
 
 from fedhub import __version__
-from fedhub.cli import check_config, inject_mail, outbox, publish, record, replay, runner, tail
+from fedhub.cli import (
+    check_config,
+    dead_letters,
+    inject_mail,
+    outbox,
+    publish,
+    record,
+    replay,
+    runner,
+    tail,
+)
 
 #: Sub-command name → module with add_arguments/run and a docstring.
 COMMANDS: dict[str, ModuleType] = {
@@ -29,6 +39,7 @@ COMMANDS: dict[str, ModuleType] = {
     "record": record,
     "replay": replay,
     "outbox": outbox,
+    "dead-letters": dead_letters,
 }
 
 

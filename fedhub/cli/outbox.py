@@ -239,11 +239,7 @@ def table(records: list[FailedRecord]) -> list[str]:
                 escape_control(record.reason, 200),
             )
         )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
-        for row in rows
-    ]
+    return runner.aligned(rows)
 
 
 # --- the command -----------------------------------------------------------

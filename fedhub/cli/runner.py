@@ -34,7 +34,7 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any, TextIO
 
@@ -106,13 +106,17 @@ class CommandError(FedhubError):
         super().__init__(reason)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, inner: bool = False) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, *, inner: bool = False, domain: bool = True
+) -> None:
     """
     C{--config} and C{--domain}.
 
     @param inner: Add them to a sub-command's parser whose parent has them
         too: given there they win, and not given they leave the parent's
         value alone (argparse would otherwise put back the default).
+    @param domain: Add C{--domain} (not for a command whose domain follows
+        from another argument).
     """
     default = argparse.SUPPRESS if inner else None
     parser.add_argument(
@@ -120,23 +124,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, inner: bool = False
         help=f"the hub's TOML configuration (default {DEFAULT_CONFIG_PATH} if it exists, "
         "else the built-in default)",
     )
-    parser.add_argument(
-        "-d", "--domain", default=default,
-        help="the domain to use (default: the only one in the configuration)",
-    )
+    if domain:
+        parser.add_argument(
+            "-d", "--domain", default=default,
+            help="the domain to use (default: the only one in the configuration)",
+        )
 
 
-def add_broker_arguments(parser: argparse.ArgumentParser, timeout_help: str) -> None:
+def add_broker_arguments(
+    parser: argparse.ArgumentParser, timeout_help: str, *, inner: bool = False, domain: bool = True
+) -> None:
     """
-    C{--config}, C{--domain}, C{--timeout} and C{--verbose}.
+    C{--config}, C{--domain}, C{--timeout} and C{--verbose}; C{inner} and
+    C{domain} as for L{add_config_arguments}.
     """
-    add_config_arguments(parser)
+    add_config_arguments(parser, inner=inner, domain=domain)
     parser.add_argument(
-        "-t", "--timeout", type=positive_float, default=30.0, metavar="SECONDS",
-        help=timeout_help + " (default 30)",
+        "-t", "--timeout", type=positive_float, default=argparse.SUPPRESS if inner else 30.0,
+        metavar="SECONDS", help=timeout_help + " (default 30)",
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS if inner else False,
         help="log what the connection does on standard error",
     )
 
@@ -231,6 +239,18 @@ def status_of(error: BaseException) -> tuple[int, str]:
     if isinstance(error, OSError) and getattr(error, "standard_output", False):
         return EX_IOERR, f"can not write standard output: {error.strerror or error}"
     return EX_SOFTWARE, f"unexpected error: {type(error).__name__}: {error}"
+
+
+def aligned(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """
+    Table rows as text lines: every column but the last padded to its
+    widest cell, two spaces between columns.
+    """
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+        for row in rows
+    ]
 
 
 def fail(command: str, reason: str, status: int, stream: TextIO | None = None) -> int:

@@ -130,6 +130,16 @@ def attempts_from(message: Message, retry_prefix: str) -> int:
     return total
 
 
+def consumer_queues(component: ComponentConfig) -> tuple[str, str, str]:
+    """
+    The names of a consumer's queue C{Q} (its C{queue} key, by default
+    C{fedhub.<name>}), of its dead-letter queue C{Q.dead} and of its return
+    exchange C{Q.return}, which feeds C{Q}.
+    """
+    queue = component.queue or f"fedhub.{component.name}"
+    return queue, f"{queue}.dead", f"{queue}.return"
+
+
 #: Redelivered messages a consumer counts the deliveries of, at most.
 _TRACKED = 10_000
 
@@ -259,9 +269,7 @@ class ConsumerService(Service):
         self.clock = clock
         self.schemas = schemas
         self.drain_timeout = drain_timeout
-        self.queue = component.queue or f"fedhub.{component.name}"
-        self.dead_letter_queue = f"{self.queue}.dead"
-        self.return_exchange = f"{self.queue}.return"
+        self.queue, self.dead_letter_queue, self.return_exchange = consumer_queues(component)
         self.retry_prefix = f"{self.queue}.retry."
         self.retry_delays = tuple(
             min(max_retry_delay, retry_delay * 2**level) for level in range(max_retries)
