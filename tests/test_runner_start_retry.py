@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.consumers.runner import ConsumerService
-from fedhub.errors import AccessRefused, PreconditionFailed
+from fedhub.consumers.runner import START_SLOW, ConsumerService
+from fedhub.errors import AccessRefused, ConfigError, ConfigProblem, PreconditionFailed
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
 from fedhub.topology import Topology
@@ -110,6 +110,16 @@ class StartRetryTests(SynchronousTestCase):
             if "could not start" in e.get("log_format", "") and e.get("consumer") == "c"
         ]
 
+    def told(self, kind: type[Exception]) -> int:
+        """
+        How many start failures were logged with an error of C{kind}, one
+        of fedhub's: by what it says, without a traceback.
+        """
+        told = [e for e in self.start_failures() if e.get("error", "").startswith(kind.__name__ + ": ")]
+        for event in told:
+            self.assertIsNone(event.get("log_failure"))
+        return len(told)
+
     def test_refused_declare_retried_with_backoff(self) -> None:
         """A refused declaration is tried again after 1, 2, 4 s; then the consumer consumes, its plugin started once."""
         handler = StartingHandler()
@@ -131,7 +141,7 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual([e["log_level"] for e in failures], [LogLevel.error] * 3)
         self.assertEqual([e["attempt"] for e in failures], [1, 2, 3])
         self.assertEqual([e["delay"] for e in failures], [1.0, 2.0, 4.0])
-        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 3)
+        self.assertEqual(self.told(AccessRefused), 3)
         message = Message.create("t.x", {"n": 1})
         self.successResultOf(bus.publish(message))
         self.clock.advance(0)
@@ -147,7 +157,7 @@ class StartRetryTests(SynchronousTestCase):
             delays.append(self.next_delay())
             self.clock.advance(delays[-1])
         self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0])
-        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 9)
+        self.assertEqual(self.told(AccessRefused), 9)
 
     def test_backoff_starts_over_after_a_start(self) -> None:
         """Once a start succeeded, the next failed start (after a restart of the service) waits 1 s again."""
@@ -164,7 +174,7 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual(self.next_delay(), 1.0)
         self.clock.advance(1)
         self.assertTrue(service.consuming)
-        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 4)
+        self.assertEqual(self.told(AccessRefused), 4)
 
     def test_plugin_start_retried(self) -> None:
         """A plugin whose start() raised is started again after the backoff, without a stop() between."""
@@ -181,6 +191,23 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual(bus.declares, 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError, OSError)), 2)
         self.assertEqual([e["log_level"] for e in self.start_failures()], [LogLevel.error] * 2)
+
+    def test_configuration_error_on_one_line(self) -> None:
+        """
+        A plugin whose start() finds its configuration unusable (exec's
+        missing program) is logged and shown by its problems, on one line,
+        without a traceback.
+        """
+        problem = ConfigProblem("notify.command", "can not run 'notify': not found or not executable")
+        handler = StartingHandler(ConfigError([problem]))
+        service, bus = self.make(handler)
+        service.startService()
+        expected = "ConfigError: notify.command: can not run 'notify': not found or not executable"
+        self.assertEqual(service.start_error, expected)
+        self.assertEqual(self.told(ConfigError), 1)
+        self.assertEqual(self.start_failures()[0]["error"], expected)
+        self.clock.advance(1)
+        self.assertTrue(service.consuming)
 
     def test_changed_arguments_retried(self) -> None:
         """A 406 on the queue's arguments is retried too, the plugin not started again."""
@@ -199,7 +226,7 @@ class StartRetryTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertTrue(service.consuming)
         self.assertEqual(handler.calls, ["start"])
-        self.assertEqual(len(self.flushLoggedErrors(PreconditionFailed)), 1)
+        self.assertEqual(self.told(PreconditionFailed), 1)
 
     def test_stop_during_backoff(self) -> None:
         """Stopping while waiting to try again cancels the retry; nothing is tried afterwards."""
@@ -214,7 +241,7 @@ class StartRetryTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.assertEqual(bus.declares, 2)
         self.assertFalse(service.consuming)
-        self.assertEqual(len(self.flushLoggedErrors(AccessRefused)), 2)
+        self.assertEqual(self.told(AccessRefused), 2)
 
     def test_failure_after_stop_not_retried(self) -> None:
         """An attempt that fails after the consumer stopped is not retried and not logged as an error."""
@@ -304,3 +331,39 @@ class StopDuringStartTests(SynchronousTestCase):
         self.clock.advance(service.drain_timeout)
         self.successResultOf(stopped)
         self.assertEqual(handler.calls, ["start", "stop"])
+
+    def test_slow_start_said(self) -> None:
+        """
+        A start() still going after START_SLOW seconds is logged as a
+        warning and shown in start_error (so /ready says why the consumer
+        does not consume); once it ends the consumer consumes and the error
+        is gone.  A stop while it goes says what it waits for.
+        """
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        handler = SlowStartHandler()
+        service = self.service(handler)
+        service.startService()
+        self.clock.advance(START_SLOW - 1)
+        self.assertIsNone(service.start_error)
+        self.clock.advance(1)
+        self.assertEqual(service.start_error,
+                         f"its plugin's start() has not finished after {START_SLOW:g} s")
+        [warning] = [e for e in events if e.get("log_level") == LogLevel.warn and "consumer" in e]
+        self.assertIn("has not finished", warning["log_format"])
+        self.assertEqual(warning["consumer"], "c")
+        handler.started.callback(None)
+        self.assertTrue(service.consuming)
+        self.assertIsNone(service.start_error)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Started again: a start() that does not end, and a stop.
+        self.successResultOf(service.stopService())
+        handler.started = Deferred()
+        service.startService()
+        stopped = service.stopService()
+        [waiting] = [e for e in events if "waiting up to" in e.get("log_format", "")]
+        self.assertEqual(waiting["timeout"], service.drain_timeout)
+        handler.started.callback(None)
+        self.successResultOf(stopped)

@@ -229,6 +229,30 @@ class HarnessTests(SynchronousTestCase):
         harness.advance(10)
         self.assertEqual([s.outcome for s in harness.settled], ["retried", "retried", "acked"])
 
+    def test_retries_used_up(self) -> None:
+        """
+        Once its retries are used up a message is dead-lettered, and its
+        Settled reason is the one its dead-letter copy carries.
+        """
+        harness = ConsumerHarness(EchoPlugin(), retry_delay=1, max_retries=1)
+        harness.start()
+        self.assertEqual(self.successResultOf(harness.deliver("a.b", {"retry": True})).outcome,
+                         "retried")
+        harness.advance(1)
+        last = harness.settled[-1]
+        self.assertEqual((last.outcome, last.reason),
+                         ("dead_lettered", "gave up after 1 retries; last: not yet"))
+        dead: list[Message] = []
+
+        def take(delivery: Any) -> None:
+            dead.append(delivery.message)
+            delivery.ack()
+
+        self.successResultOf(harness.bus.subscribe("fedhub.test.dead", take, 1))
+        harness.advance(0)
+        [copy] = dead
+        self.assertEqual(copy.headers["fedhub_dead_letter_reason"], last.reason)
+
     def test_consumer_keys(self) -> None:
         """
         The consumer's retry, drain and delivery keys reach its runner as a

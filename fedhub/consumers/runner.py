@@ -60,8 +60,10 @@ from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig
 from fedhub.errors import (
+    ConfigError,
     DeadLetter,
     Drop,
+    FedhubError,
     Halt,
     Retry,
     SchemaValidationError,
@@ -71,6 +73,7 @@ from fedhub.interfaces import IBus, IDelivery, IMessageHandler, ISubscription
 from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry, registry
+from fedhub.text import escape_control
 from fedhub.topology import (
     DEAD_LETTER_EXCHANGE,
     MESSAGE_TTL,
@@ -140,6 +143,13 @@ def consumer_queues(component: ComponentConfig) -> tuple[str, str, str]:
     return queue, f"{queue}.dead", f"{queue}.return"
 
 
+def gave_up(attempts: int, reason: str) -> str:
+    """
+    The reason a message whose retries are used up is dead-lettered with.
+    """
+    return f"gave up after {attempts} retries; last: {reason}"
+
+
 #: Redelivered messages a consumer counts the deliveries of, at most.
 _TRACKED = 10_000
 
@@ -154,6 +164,10 @@ DEFAULT_PREFETCH = 10
 START_RETRY_INITIAL = 1.0
 #: ... up to this.
 START_RETRY_MAX = 60.0
+
+#: Seconds a plugin's C{start()} may take before the consumer says, in its
+#: log and its C{start_error}, that it is still waiting for it.
+START_SLOW = 30.0
 
 
 class _Late(Exception):
@@ -446,19 +460,46 @@ class ConsumerService(Service):
             self.start_error = None
             return
         self._start_failures += 1
-        self.start_error = f"{type(result.value).__name__}: {result.getErrorMessage()}"
+        error = result.value
+        # A configuration error's problems on one line.
+        text = (
+            "; ".join(str(problem) for problem in error.problems)
+            if isinstance(error, ConfigError) else result.getErrorMessage()
+        )
+        self.start_error = f"{type(error).__name__}: {text}"
         delay = start_delay(self._start_failures)
         # Error, not critical: the consumer starts by itself once the cause
         # (permissions, a queue's changed arguments, a plugin's file) is gone.
-        self.log.failure(
-            "Consumer {consumer} could not start (attempt {attempt}); trying again in {delay} s",
-            result,
-            level=LogLevel.error,
-            consumer=self.component.name,
-            attempt=self._start_failures,
-            delay=delay,
-        )
+        # fedhub's own errors say what is wrong; a traceback is for the rest.
+        fields = {"consumer": self.component.name, "attempt": self._start_failures, "delay": delay}
+        if isinstance(error, FedhubError):
+            self.log.error(
+                "Consumer {consumer} could not start (attempt {attempt}); trying again in "
+                "{delay} s: {error}",
+                error=escape_control(self.start_error, 1000),
+                **fields,
+            )
+        else:
+            self.log.failure(
+                "Consumer {consumer} could not start (attempt {attempt}); trying again in {delay} s",
+                result,
+                level=LogLevel.error,
+                **fields,
+            )
         self._start_retry = self.clock.callLater(delay, self._try_start)
+
+    def _start_slow(self) -> None:
+        """
+        The plugin's C{start()} has not ended after L{START_SLOW} seconds:
+        say so, since the consumer does not consume until it has.
+        """
+        self.start_error = f"its plugin's start() has not finished after {START_SLOW:g} s"
+        self.log.warn(
+            "Consumer {consumer}: its plugin's start() has not finished after {seconds} s; "
+            "it consumes nothing until it has",
+            consumer=self.component.name,
+            seconds=START_SLOW,
+        )
 
     def _current(self, run: int) -> bool:
         """
@@ -480,10 +521,13 @@ class ConsumerService(Service):
         """
         if not self._handler_started:
             self._plugin_starting = maybeDeferred(self.handler.start)
+            slow = self.clock.callLater(START_SLOW, self._start_slow)
             try:
                 yield self._plugin_starting
             finally:
                 self._plugin_starting = None
+                if slow.active():
+                    slow.cancel()
             if not self._current(run):
                 return
             self._handler_started = True
@@ -807,7 +851,11 @@ class ConsumerService(Service):
             self._unsettled(delivery, outcome, handling)
         elif isinstance(verdict, Retry):
             attempts = attempts_from(message, self.retry_prefix)
-            outcome = "retried" if attempts < len(self.retry_delays) else "dead_lettered"
+            if attempts < len(self.retry_delays):
+                outcome = "retried"
+            else:
+                # Told as the dead-letter copy's header says it.
+                outcome, why = "dead_lettered", gave_up(attempts, why)
             self._settle(
                 self._retry(delivery, why, verdict.delay), delivery, outcome, why, handling
             )
@@ -829,9 +877,8 @@ class ConsumerService(Service):
         message = delivery.message
         attempts = attempts_from(message, self.retry_prefix)
         if attempts >= len(self.retry_delays):
-            return self._dead_letter(
-                delivery, f"gave up after {attempts} retries; last: {reason}"
-            )
+            # The reason is gave_up's already (see _failed).
+            return self._dead_letter(delivery, reason)
         level = attempts + 1
         if delay is not None and (
             isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay != delay
@@ -1005,6 +1052,12 @@ class ConsumerService(Service):
         if self._plugin_starting is not None:
             # A plugin's start() still going gets its stop() after it ends,
             # not before (within the drain timeout).
+            self.log.info(
+                "Consumer {consumer}: waiting up to {timeout} s for its plugin's start() to end "
+                "before stopping it",
+                consumer=self.component.name,
+                timeout=self.drain_timeout,
+            )
             yield self._within(self._plugin_starting, self.drain_timeout)
         self._handler_started = False
         try:
