@@ -258,6 +258,17 @@ class Halt(Verdict):
     """
 
 
+class NotHandled(Verdict):
+    """
+    The handler gives the message back without handling it: it goes back to
+    its queue at once, no retry counted.  For a handler that drops a call
+    the consumer abandoned (see L{fedhub.interfaces.IMessageHandler}'s
+    optional C{abandon}) or will not begin one while the consumer stops; a
+    message given back over and over is dead-lettered after the consumer's
+    C{max_deliveries}.
+    """
+
+
 # --- broker -------------------------------------------------------------
 
 

@@ -205,6 +205,16 @@ class IMessageHandler(Interface):
         """
         Called once after the last message has been handled; may return a
         Deferred.
+
+        Two more methods are optional, asked for with C{getattr}:
+        C{drain()}, called when the consumer begins to stop, before it waits
+        up to C{drain_timeout} for the calls in progress (a handler can then
+        finish early what it holds, or give back with
+        L{fedhub.errors.NotHandled} what it has not begun); and
+        C{abandon(message)}, called when the consumer forgets a call in
+        progress because the message's channel closed (the broker delivers
+        the message again): a handler that has not begun on it yet can drop
+        it, its call failing with L{fedhub.errors.NotHandled}.
         """
 
 

@@ -36,7 +36,7 @@ from fedhub.consumers.exec import (
     render_template,
     session_processes,
 )
-from fedhub.errors import ConfigError
+from fedhub.errors import ConfigError, NotHandled
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
 from fedhub.message import Message, dump_line, from_amqp, loads
 from fedhub.testing import ConsumerHarness, Settled
@@ -774,6 +774,124 @@ class RunTests(ProcessCase):
             running += 1 if word == "start" else -1
             peak = max(peak, running)
         self.assertEqual(peak, 2)
+
+    def blocking(self, log: Path, release: Path, **options: Any) -> dict[str, Any]:
+        """
+        Options of a command that notes its start and end in C{log} and
+        waits for C{release} to exist.
+        """
+        return {"command": script("""
+            import os, sys, time
+            log, release = sys.argv[1:3]
+            def note(word):
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, (word + ' ' + os.environ['FEDHUB_MSG_ID'] + '\\n').encode())
+                os.close(fd)
+            note('start')
+            while not os.path.exists(release):
+                time.sleep(0.01)
+            note('end')
+        """) + [str(log), str(release)], **options}
+
+    @inlineCallbacks
+    def test_abandoned_waiting_run_never_begins(self) -> Any:
+        """
+        A message waiting for a free run whose call the consumer abandons
+        (its channel closed) never runs: its call fails with NotHandled, and
+        the one after it takes the free run.
+        """
+        log, release = self.out("log"), self.out("release")
+        harness = self.harness(self.blocking(log, release, max_running=1), concurrency=3)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        first, second, third = sample(), sample(), sample()
+        running = handler.handle(first)
+        waiting = handler.handle(second)
+        after = handler.handle(third)
+        yield self.wait_for(lambda: log.exists())
+        handler.abandon(second)
+        failure = self.failureResultOf(waiting, NotHandled)
+        self.assertEqual(failure.value.reason, "abandoned before its run began")
+        handler.abandon(second)  # again, or for a call already begun: nothing
+        handler.abandon(first)
+        release.write_text("go")
+        yield running
+        yield after
+        self.assertEqual(handler.runs, 2)
+        started = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("start")]
+        self.assertEqual(started, [first.id, third.id])
+
+    @inlineCallbacks
+    def test_stopping_gives_back_waiting_runs(self) -> Any:
+        """
+        When the consumer stops, messages waiting for a free run go back to
+        the queue at once instead of being begun during the drain (and
+        killed half-way when it ends); the run going finishes.
+        """
+        log, release = self.out("log"), self.out("release")
+        harness = ConsumerHarness(ExecPlugin(), self.blocking(log, release, max_running=1),
+                                  reactor=reactor, concurrency=3, drain_timeout=20)
+        harness.start()
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        results = [harness.deliver(sample()) for _ in range(3)]
+        yield self.wait_for(lambda: log.exists() and harness.service.in_flight == 3)
+        stopped = harness.stop()
+        yield self.wait_for(lambda: harness.service.in_flight == 1)
+        release.write_text("go")
+        yield stopped
+        settled = yield gatherResults(results)
+        self.assertEqual([s.outcome for s in settled], ["acked", "requeued", "requeued"])
+        self.assertEqual(settled[1].reason, "not handled: the consumer is stopping")
+        self.assertEqual(handler.runs, 1)
+
+    @inlineCallbacks
+    def test_coalesce_bad_message_alone_dead_lettered(self) -> Any:
+        """
+        A message the command can not be built from is dead-lettered when it
+        joins; the batch it would have joined runs without it.
+        """
+        out = self.out("runs")
+        harness = self.harness({"coalesce": 0.3, "command": script("""
+            import os, sys
+            open(sys.argv[1], "a").write(os.environ['FEDHUB_MESSAGE_COUNT'] + "\\n")
+        """) + [str(out), "{body[n]}"]}, concurrency=10)
+        good = [sample() for _ in range(3)]
+        bad = Message.create(TOPIC, {"no_n": 1})
+        settled = yield gatherResults([harness.deliver(m) for m in good[:2] + [bad] + good[2:]])
+        self.assertEqual([s.outcome for s in settled], ["acked", "acked", "dead_lettered", "acked"])
+        self.assertIn("can not build the command", settled[2].reason or "")
+        self.assertEqual(out.read_text(), "3\n")
+
+    @inlineCallbacks
+    def test_coalesce_same_message_one_line(self) -> Any:
+        """
+        A copy of a message already in the open batch (delivered again) shares
+        its line: the command reads it once; both calls get the run's verdict.
+        An abandoned call leaves the batch.
+        """
+        out = self.out("runs")
+        harness = self.harness({"coalesce": 0.3, "command": script("""
+            import os, sys
+            open(sys.argv[1], "a").write(os.environ['FEDHUB_MESSAGE_COUNT'] + " "
+                                         + str(len(sys.stdin.readlines())) + "\\n")
+        """) + [str(out)]}, concurrency=10)
+        handler = harness.handler
+        assert isinstance(handler, ExecHandler)
+        message, gone, other = sample(), sample(), sample()
+        calls = [handler.handle(message), handler.handle(message.evolve(redelivered=True)),
+                 handler.handle(gone), handler.handle(other)]
+        handler.abandon(gone)
+        self.failureResultOf(calls[2], NotHandled)
+        yield gatherResults([calls[0], calls[1], calls[3]])
+        self.assertEqual(out.read_text(), "2 2\n")
+        # The only message of a batch abandoned: no run at all.
+        lone = sample()
+        call = handler.handle(lone)
+        handler.abandon(lone)
+        self.failureResultOf(call, NotHandled)
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(handler.runs, 1)
 
     @inlineCallbacks
     def test_coalesce_one_run_per_burst(self) -> Any:

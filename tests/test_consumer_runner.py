@@ -23,7 +23,7 @@ from fedhub.consumers.runner import (
     attempts_from,
     prefetch_for,
 )
-from fedhub.errors import DeadLetter, Drop, Halt, Retry
+from fedhub.errors import DeadLetter, Drop, Halt, NotHandled, Retry
 from fedhub.interfaces import IDelivery, IMessageHandler
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry
@@ -630,6 +630,52 @@ class RunnerTests(ConsumerCase):
         self.assertEqual((second.verdicts, third.verdicts), (["ack"], ["ack"]))
         self.assertEqual(service.in_flight, 1)
 
+    def test_orphaned_call_abandoned(self) -> None:
+        """
+        A handler with C{abandon} is told of each call the consumer forgets
+        because its channel closed, before the delivery after it is handled,
+        even below the concurrency limit; the call then failing with
+        NotHandled is requeued quietly, with no warning.
+        """
+        abandoned: list[Message] = []
+        given_back: Deferred[None] = Deferred()
+
+        class Abandoning(ScriptedHandler):
+            def abandon(self, message: Message) -> None:
+                abandoned.append(message)
+                given_back.errback(NotHandled("abandoned before its run began"))
+
+        handler = Abandoning(given_back, None)
+        service = self.start(handler, concurrency=3)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first = FakeDelivery(Message.create("t.x", {"n": 1}).evolve(queue=service.queue))
+        service._on_delivery(first)
+        first.verdicts.append("channel closed")
+        second = FakeDelivery(Message.create("t.x", {"n": 2}).evolve(queue=service.queue))
+        service._on_delivery(second)
+        self.assertEqual(abandoned, [first.message])
+        self.assertEqual([(x.message.body["n"], x.outcome) for x in settled],
+                         [(1, "requeued"), (2, "acked")])
+        self.assertEqual(settled[0].reason, "not handled: abandoned before its run began")
+        self.assertEqual(first.verdicts, ["channel closed"])
+        self.assertEqual(service.in_flight, 0)
+        self.assertEqual([e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error)],
+                         [])
+
+    def test_not_handled_goes_back(self) -> None:
+        """A call failing with NotHandled on an open channel puts its message back at once."""
+        handler = ScriptedHandler(NotHandled("the consumer is stopping"))
+        service = self.start(handler)
+        delivery = FakeDelivery(Message.create("t.x", {"n": 1}).evolve(queue=service.queue))
+        service._on_delivery(delivery)
+        self.assertEqual(delivery.verdicts, ["requeue"])
+        self.assertEqual(service.stats["requeued"], 1)
+        self.assertEqual(service.stats["failed"], 0)
+
     def test_room_looks_at_the_oldest_calls_only(self) -> None:
         """
         At its limit, the consumer asks only the oldest calls whether their
@@ -660,7 +706,9 @@ class RunnerTests(ConsumerCase):
         calls[1].verdicts.append("channel closed")
         asked.clear()
         service._pump()
-        self.assertEqual(asked[:3], [0, 1, 2])
+        # The oldest first (to see whether any closed), then each up to the
+        # first open one.
+        self.assertEqual(asked[:4], [0, 0, 1, 2])
         self.assertEqual([m.body["n"] for m in handler.seen], [0, 1, 2, 3, 4])
         self.assertEqual(service.waiting, 1)
 

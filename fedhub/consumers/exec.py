@@ -53,7 +53,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
@@ -62,7 +68,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fedhub.config import Option
-from fedhub.errors import ConfigError, ConfigProblem, DeadLetter, FedhubError, Retry
+from fedhub.errors import ConfigError, ConfigProblem, DeadLetter, FedhubError, NotHandled, Retry
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
 from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
@@ -888,13 +894,34 @@ def _serialized(messages: Sequence[Message]) -> bytes:
 @dataclass
 class _Batch:
     """
-    Messages that share one coalesced run.
+    Messages that share one coalesced run, with the calls waiting for it
+    (by the identity of the message each call was for).
     """
 
     messages: list[Message] = field(default_factory=list)
-    waiters: list[Deferred[None]] = field(default_factory=list)
+    waiters: dict[int, Deferred[None]] = field(default_factory=dict)
     timer: IDelayedCall | None = None
     due: bool = False
+
+    def add(self, message: Message) -> Deferred[None]:
+        """
+        Add a call for C{message}; a message with the same id as one already
+        here (a copy delivered again) shares its line instead of adding one.
+        """
+        waiter: Deferred[None] = Deferred()
+        if not any(m.id == message.id for m in self.messages):
+            self.messages.append(message)
+        self.waiters[id(message)] = waiter
+        return waiter
+
+    def remove(self, message: Message) -> Deferred[None] | None:
+        """
+        Take out the call for C{message}; its waiter, or C{None}.
+        """
+        waiter = self.waiters.pop(id(message), None)
+        if waiter is not None and message in self.messages:
+            self.messages.remove(message)
+        return waiter
 
 
 @implementer(IMessageHandler)
@@ -925,6 +952,9 @@ class ExecHandler:
         self._batch: _Batch | None = None
         self._batch_running = False
         self._stopping = False
+        self._draining = False
+        # Calls waiting for a free run, by the identity of their message.
+        self._queued: dict[int, Deferred[Any]] = {}
 
     # lifecycle
 
@@ -934,6 +964,7 @@ class ExecHandler:
 
         @raise ConfigError: when the program can not be found or run.
         """
+        self._stopping = self._draining = False
         env = {name: os.environ[name] for name in self.settings.pass_env if name in os.environ}
         env.setdefault("PATH", FALLBACK_PATH)
         env.update(self.settings.env)
@@ -956,12 +987,40 @@ class ExecHandler:
     def drain(self) -> None:
         """
         The consumer is stopping: a batch still collecting messages runs now
-        (once the run going, if any, ends) rather than after C{coalesce}.
+        (once the run going, if any, ends) rather than after C{coalesce};
+        messages waiting for a free run are given back to the queue
+        (L{NotHandled}) rather than begun, to be killed half-way when the
+        drain ends.
         """
+        self._draining = True
+        for waiting in list(self._queued.values()):
+            waiting.cancel()
         batch = self._batch
         if batch is not None and batch.timer is not None and batch.timer.active():
             batch.timer.cancel()
             self._batch_due(batch)
+
+    def abandon(self, message: Message) -> None:
+        """
+        The consumer forgot the call for C{message}: its channel closed, and
+        the broker delivers it again.  If its run has not begun it never
+        will (it would run the message twice): it leaves the queue of calls
+        waiting for a run, or the batch still collecting, and its call
+        fails with L{NotHandled}.
+        """
+        waiting = self._queued.get(id(message))
+        if waiting is not None:
+            waiting.cancel()
+            return
+        batch = self._batch
+        if batch is not None:
+            waiter = batch.remove(message)
+            if waiter is not None:
+                if not batch.waiters:
+                    if batch.timer is not None and batch.timer.active():
+                        batch.timer.cancel()
+                    self._batch = None
+                waiter.errback(NotHandled("abandoned before its run began"))
 
     def stop(self) -> Deferred[None]:
         """
@@ -1034,7 +1093,40 @@ class ExecHandler:
             raise DeadLetter(f"can not build the command: {e.reason}") from None
         env = self._env(message, 1)
         stdin = _serialized([message]) if self.settings.stdin else None
-        d: Deferred[RunResult] = self._semaphore.run(self._spawn, argv, env, stdin, [message])
+        semaphore = self._semaphore
+        key = id(message)
+
+        def begin(_: object) -> Deferred[RunResult]:
+            self._queued.pop(key, None)
+            if self._draining:
+                semaphore.release()
+                raise NotHandled("the consumer is stopping")
+            try:
+                running = self._spawn(argv, env, stdin, [message])
+            except BaseException:
+                semaphore.release()
+                raise
+
+            def release(result: object) -> object:
+                semaphore.release()
+                return result
+
+            return running.addBoth(release)
+
+        def dropped(failure: Failure) -> Deferred[RunResult]:
+            # The wait for a run was cancelled: by abandon() or drain().  (A
+            # run, once begun, is never cancelled.)
+            failure.trap(CancelledError)
+            self._queued.pop(key, None)
+            raise NotHandled(
+                "the consumer is stopping" if self._draining else "abandoned before its run began"
+            )
+
+        waiting: Deferred[Any] = semaphore.acquire()
+        if not waiting.called:
+            self._queued[key] = waiting
+        d: Deferred[RunResult] = waiting.addCallback(begin)
+        d.addErrback(dropped)
         return d.addCallback(self._verdict, [message])
 
     def _argv(self, message: Message) -> list[str]:
@@ -1143,14 +1235,19 @@ class ExecHandler:
     # coalescing
 
     def _join_batch(self, message: Message) -> Deferred[None]:
+        # The command is built from a batch's newest message: one it can not
+        # be built from is dead-lettered alone, not with the whole batch.
+        try:
+            self._argv(message)
+        except TemplateError as e:
+            raise DeadLetter(f"can not build the command: {e.reason}") from None
+        if "\x00" in message.id:
+            raise DeadLetter("the message id holds a NUL character")
         if self._batch is None:
             batch = _Batch()
             batch.timer = self.reactor.callLater(self.settings.coalesce, self._batch_due, batch)
             self._batch = batch
-        waiter: Deferred[None] = Deferred()
-        self._batch.messages.append(message)
-        self._batch.waiters.append(waiter)
-        return waiter
+        return self._batch.add(message)
 
     def _batch_due(self, batch: _Batch) -> None:
         batch.timer = None
@@ -1187,7 +1284,7 @@ class ExecHandler:
 
     def _settle_batch(self, batch: _Batch, outcome: object) -> None:
         self._batch_running = False
-        for waiter in batch.waiters:
+        for waiter in batch.waiters.values():
             if isinstance(outcome, (Failure, BaseException)):
                 waiter.errback(outcome)
             else:

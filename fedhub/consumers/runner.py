@@ -23,6 +23,8 @@ the broker.  What happens otherwise:
   - L{DeadLetter}: a copy with the reason in header C{fedhub_dead_letter_reason}
     goes to C{Q.dead};
   - L{Halt}: returned to the queue, and this consumer stops consuming;
+  - L{NotHandled}: returned to the queue at once (a handler giving back a
+    call the consumer abandoned, or one it will not begin while stopping);
   - a body that fails its schema: dead-lettered with the reason;
   - a message delivered more than C{max_deliveries} times without a verdict
     reaching the broker (its channel closed first: the broker's consumer
@@ -65,6 +67,7 @@ from fedhub.errors import (
     Drop,
     FedhubError,
     Halt,
+    NotHandled,
     Retry,
     SchemaValidationError,
     TemporarilyUnavailable,
@@ -584,7 +587,10 @@ class ConsumerService(Service):
                     while waiting:
                         self._give_back(waiting.popleft())
                     return
-                if self.in_flight >= self.concurrency and not self._room():
+                handling = self._handling
+                if handling and not next(iter(handling)).live:
+                    self._forget_orphans()
+                if self.in_flight >= self.concurrency and len(handling) >= self.concurrency:
                     return
                 delivery = waiting.popleft()
                 if not delivery.live:
@@ -599,13 +605,14 @@ class ConsumerService(Service):
         finally:
             self._pumping = False
 
-    def _room(self) -> bool:
+    def _forget_orphans(self) -> None:
         """
-        Whether the handler has room for one more call, not counting calls
-        whose delivery's channel closed (the broker's consumer timeout, a
-        lost connection): their messages are back in the queue, and a call
-        that hangs must not stop the consumer.  Such calls are forgotten
-        here and no longer looked at.
+        Forget the handler calls whose delivery's channel closed (the
+        broker's consumer timeout, a lost connection): their messages are
+        back in the queue and come again, and a call that hangs must not
+        take the handler's room for ever.  A handler with an C{abandon}
+        method is told of each (C{exec} then drops a run not yet started,
+        which would only run the message twice).
 
         Only the oldest calls are looked at: a consumer's deliveries come on
         one channel at a time, a new one after the last closed, so once the
@@ -617,9 +624,15 @@ class ConsumerService(Service):
             if delivery.live:
                 break
             orphaned.append(delivery)
+        abandon = getattr(self.handler, "abandon", None) if orphaned else None
         for delivery in orphaned:
             del handling[delivery]
-        return len(handling) < self.concurrency
+            if callable(abandon):
+                try:
+                    abandon(delivery.message)
+                except Exception:
+                    self.log.failure("Consumer {consumer}: abandoning {msg_id} failed",
+                                     consumer=self.component.name, msg_id=delivery.message.id)
 
     def _handle(self, delivery: IDelivery) -> None:
         message = delivery.message
@@ -775,6 +788,23 @@ class ConsumerService(Service):
         self.stats["acked"] += 1
         self._tell(delivery.message, "acked", None, handling)
 
+    def _not_handled(self, delivery: IDelivery, verdict: NotHandled, handling: float | None) -> None:
+        """
+        The handler gave the message back unhandled: back to its queue, by
+        rejecting it, or by its channel having closed already.
+        """
+        reason = f"not handled: {verdict.reason or 'given back'}"
+        if delivery.live:
+            delivery.reject(True)
+        self.stats["requeued"] += 1
+        self.log.debug(
+            "Consumer {consumer}: {msg_id} goes back to its queue, {reason}",
+            consumer=self.component.name,
+            msg_id=delivery.message.id,
+            reason=reason,
+        )
+        self._tell(delivery.message, "requeued", reason, handling)
+
     def _unsettled(self, delivery: IDelivery, outcome: str, handling: float | None) -> None:
         """
         The bus dropped the verdict on a delivery: its channel closed first
@@ -794,6 +824,9 @@ class ConsumerService(Service):
     def _failed(self, failure: Failure, delivery: IDelivery, handling: float | None) -> None:
         message = delivery.message
         verdict = failure.value
+        if isinstance(verdict, NotHandled):
+            self._not_handled(delivery, verdict, handling)
+            return
         if not isinstance(verdict, (Drop, Halt, DeadLetter, Retry)):
             self.stats["failed"] += 1
             # Error, not critical: the policy handles it.
