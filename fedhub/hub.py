@@ -25,6 +25,7 @@ from typing import Any, Final
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig, Config, DomainConfig, format_path
@@ -540,14 +541,19 @@ class Hub(SequentialMultiService):
         Reopen the files components write (after log rotation): every
         consumer handler and producer with a C{reopen()} method.
         """
-        targets = [c.handler for c in self.consumers.values()] + list(self.producers.values())
-        for target in targets:
+        targets: list[tuple[str, object]] = [
+            *((f"consumer {name}", service.handler) for name, service in self.consumers.items()),
+            *((f"producer {name}", service) for name, service in self.producers.items()),
+        ]
+        for component, target in targets:
             reopen = getattr(target, "reopen", None)
             if callable(reopen):
                 try:
                     reopen()
                 except Exception:
-                    self.log.failure("Reopening files of {component} failed", component=target)
+                    # An error, not critical: its next write tries again.
+                    self.log.failure("Reopening files of {component} failed", component=component,
+                                     level=LogLevel.error)
 
 
 

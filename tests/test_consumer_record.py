@@ -165,6 +165,39 @@ class RecordTests(SynchronousTestCase):
         self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 2})))
         self.assertEqual([m.body["n"] for m in loads(self.path.read_text())], [2])
 
+    def test_fifo_at_the_path_refused(self) -> None:
+        """
+        A FIFO put at the path, read or not, is refused at once, the message
+        retried with a reason naming the path, never waited on: the reactor
+        would block until a reader came.  A file put back is written again.
+        """
+        harness = self.harness()
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 0})))
+        os.rename(self.path, self.dir / "messages.jsonl.1")
+        os.mkfifo(self.path)
+        settled = self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 1})))
+        self.assertEqual(settled.outcome, "retried")
+        self.assertEqual(settled.reason, f"can not write {self.path}: {str(self.path)!r} is a "
+                                         "FIFO, not a file")
+        # With a reader it is opened, and refused all the same.
+        reader = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        self.addCleanup(os.close, reader)
+        settled = self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 1})))
+        self.assertEqual(settled.outcome, "retried")
+        self.assertIn("is a FIFO, not a file", settled.reason or "")
+        self.assertEqual(os.read(reader, 100), b"")
+        self.path.unlink()
+        self.successResultOf(harness.deliver(Message.create(TOPIC, {"n": 2})))
+        self.assertEqual([m.body["n"] for m in loads(self.path.read_text())], [2])
+
+    def test_fifo_at_start_refused(self) -> None:
+        """A FIFO at the path when the consumer starts is a start failure naming it."""
+        os.mkfifo(self.path)
+        harness = ConsumerHarness(RecordPlugin(), {"path": str(self.path)})
+        with self.assertRaises(ConfigError) as caught:
+            harness.handler.start()
+        self.assertIn("is a FIFO, not a file", str(caught.exception))
+
     def test_rotation_syncs_the_old_file(self) -> None:
         """With fsync set, lines written before a rotation are synced to the old file before it is closed."""
         harness = self.harness({"fsync_interval": 60.0})

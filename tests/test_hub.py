@@ -203,6 +203,22 @@ class HubTests(TestCase):
         self.hub.reopen_files()
         self.assertEqual([getattr(h, "reopened", 0) for h in self.plugin.handlers.values()], [1, 1, 1])
 
+    def test_reopen_failure_names_the_consumer(self) -> None:
+        """A reopen() that fails is logged as an error naming the consumer; the others still reopen."""
+        first = next(iter(self.plugin.handlers.values()))
+
+        def broken() -> None:
+            raise OSError("read-only file system")
+
+        first.reopen = broken  # type: ignore[attr-defined]
+        self.hub.reopen_files()
+        self.assertEqual([getattr(h, "reopened", 0) for h in self.plugin.handlers.values()][1:], [1, 1])
+        [failed] = [e for e in self.events if "Reopening files" in e.get("log_format", "")]
+        self.assertEqual(failed["log_level"], LogLevel.error)
+        name = next(n for n, s in self.hub.consumers.items() if s.handler is first)
+        self.assertEqual(failed["component"], f"consumer {name}")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_memory_warning(self) -> None:
         """Starting a memory domain logs that its messages do not leave the process."""
         texts = [e.get("log_format", "") for e in self.events if e.get("domain") == "one"]

@@ -33,6 +33,7 @@ old file is synced before it is closed.  The file is meant to have one writer.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -183,16 +184,36 @@ class RecordHandler:
             self._open()
 
     def _open(self) -> None:
+        """
+        Open the path for appending, without waiting: a FIFO (named pipe)
+        put at the path would block the reactor until a reader came, and
+        then at every write a slow reader holds up; it is refused.
+        """
         path = self.settings.path
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._fd = os.open(
-                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK,
+                FILE_MODE,
             )
         except OSError as e:
-            raise ConfigError(
-                [ConfigProblem(f"{self.name}.path", f"can not open {path!r}: {e.strerror}")]
-            ) from None
+            # ENXIO: a FIFO nothing reads.
+            what = (
+                "is a FIFO, not a file" if e.errno == errno.ENXIO
+                else f"can not be opened: {e.strerror}"
+            )
+            raise ConfigError([ConfigProblem(f"{self.name}.path", f"{path!r} {what}")]) from None
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise ConfigError(
+                    [ConfigProblem(f"{self.name}.path", f"{path!r} is a FIFO, not a file")]
+                )
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -268,7 +289,10 @@ class RecordHandler:
                     self.settings.fsync_interval, self._timed_sync
                 )
         except (OSError, ConfigError) as e:
-            reason = e.strerror if isinstance(e, OSError) else str(e)
+            reason = (
+                e.strerror if isinstance(e, OSError)
+                else "; ".join(problem.message for problem in e.problems)
+            )
             self.log.error(
                 "Consumer {consumer} could not write {count} message(s) to {path}: {reason}",
                 consumer=self.name,
