@@ -35,7 +35,8 @@ class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = (
         "Run the fedhub hub. With no --config, it runs the built-in default: "
-        "an in-process bus (messages do not leave the process) with a log consumer."
+        "an in-process bus (messages do not leave the process) with a log consumer, "
+        "a Bugzilla mail listener on 127.0.0.1:8025 and the status page on 127.0.0.1:8070."
     )
     optParameters = [
         ["config", "c", None, "The hub's TOML configuration file."],

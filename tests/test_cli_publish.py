@@ -526,13 +526,17 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(self.failed(MessageNacked("refused")), 69)
         self.assertEqual(self.failed(NotFound(404, "NOT_FOUND - no exchange")), 69)
         self.assertEqual(self.failed(AccessRefused(403, "ACCESS_REFUSED")), 77)
+        self.assertEqual(self.failed(AccessRefused(530, "NOT_ALLOWED - access to vhost 'a' "
+                                                        "refused for user 'guest'")), 77)
+        self.assertEqual(self.failed(AccessRefused(530, "NOT_ALLOWED - vhost a not found")), 78)
         self.assertEqual(self.failed(NotConnected("the connection was lost")), 75)
         from fedhub.amqp.transport import PublishRefused
 
         self.assertEqual(self.failed(PublishRefused("amq.topic", "a.b", 403, "ACCESS_REFUSED - write")), 77)
         lines = self.stderr.getvalue().splitlines()
-        self.assertEqual(len(lines), 6)
-        self.assertIn("the broker refused publishing to exchange 'amq.topic': 403", lines[5])
+        self.assertEqual(len(lines), 8)
+        self.assertIn("the broker has no such virtual host", lines[5])
+        self.assertIn("the broker refused publishing to exchange 'amq.topic': 403", lines[7])
         self.assertTrue(lines[0].startswith(f"fedhub publish: line 2: message {make(2).id}"), lines[0])
         self.assertIn("1 of 2 message(s) sent were confirmed", lines[0])
 
@@ -772,6 +776,16 @@ class LivePublishTests(LiveCase):
         self.assertEqual(await result.ended, 75)
         self.assertIn("could not connect to amqp://guest@127.0.0.1:1/", result.stderr)
         self.assertNotIn("secret", result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+    async def test_vhost_missing(self) -> None:
+        """A vhost the broker does not have is a configuration problem (78), not a permission."""
+        config = write_config(self.directory / "novhost",
+                              broker=f"amqp://guest:guest@127.0.0.1:5672/fedhubtest-none-{self.tag}")
+        result = await run_cli("publish", "-c", config, "--timeout", "10", "--topic", "a.b",
+                               "--body", "{}")
+        self.assertEqual(await result.ended, 78, result.stderr)
+        self.assertIn("the broker has no such virtual host: 530", result.stderr)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
 
     async def test_interrupted(self) -> None:

@@ -256,7 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     runner.add_config_arguments(listing, inner=True)
     for name, summary in (
-        ("retry", "move failed messages back to the pending queue (published when the hub starts)"),
+        ("retry", "move failed messages back to the pending queue (a running hub publishes them "
+                  "at once, a stopped one when it starts)"),
         ("drop", "delete failed messages for good"),
     ):
         action = actions.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")

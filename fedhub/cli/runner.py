@@ -31,6 +31,7 @@ Exit statuses follow C{<sysexits.h>}:
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -202,6 +203,10 @@ def domain_of(config: Config, name: str | None, *, need_broker: bool = True) -> 
         raise CommandError(e.reason, EX_CONFIG) from None
 
 
+#: RabbitMQ's text for a connection to a vhost it does not have (530).
+_NO_VHOST = re.compile(r"\bvhost\b.*\bnot found\b")
+
+
 def status_of(error: BaseException) -> tuple[int, str]:
     """
     The exit status and the one-line reason for an error.
@@ -215,6 +220,10 @@ def status_of(error: BaseException) -> tuple[int, str]:
     if isinstance(error, MessageNacked):
         return EX_UNAVAILABLE, error.reason
     if isinstance(error, AccessRefused):
+        if error.reply_code == 530 and _NO_VHOST.search(error.reply_text):
+            # Not a permission: the configuration names a vhost the broker
+            # does not have.
+            return EX_CONFIG, f"the broker has no such virtual host: {error}"
         return EX_NOPERM, f"the broker refused access: {error}"
     if isinstance(error, ChannelError):
         return EX_UNAVAILABLE, f"the broker refused: {error}"
