@@ -50,8 +50,10 @@ it when L{ConsumerHarness.stop} has stopped everything; those of harnesses
 never stopped are removed when the process exits.  To look at what a plugin
 left there after it stopped, pass C{hub=HubSettings(state_dir=...)}.
 
-L{RecordingPublisher} is an honest fake L{IPublisher} for producer tests: it
-records what is handed over and can be told to refuse.
+L{producer_context} is what the hub gives a producer plugin's C{build}, its
+options checked as a configuration's, with a L{RecordingPublisher}: an honest
+fake L{IPublisher} that records what is handed over and can be told to
+refuse (or to hold hand-overs, as a full outbox would).
 """
 
 from __future__ import annotations
@@ -74,13 +76,14 @@ from fedhub.interfaces import (
     IConsumerPlugin,
     IDelivery,
     IMessageHandler,
+    IProducerPlugin,
     IPublisher,
     ISubscription,
 )
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 
-__all__ = ["ConsumerHarness", "RecordingPublisher", "Settled"]
+__all__ = ["ConsumerHarness", "RecordingPublisher", "Settled", "producer_context"]
 
 #: State directories harnesses made and have not removed yet.
 _left_behind: set[str] = set()
@@ -131,6 +134,48 @@ class RecordingPublisher:
             return d
         self.published.append(message)
         return succeed(None)
+
+
+def producer_context(
+    plugin: IProducerPlugin,
+    options: Mapping[str, Any] | None = None,
+    *,
+    name: str = "test",
+    domain: str = "test",
+    reactor: Any = None,
+    hub: HubSettings | None = None,
+) -> PluginContext:
+    """
+    What the hub would give a producer plugin's C{build}: its options
+    checked and completed as a configuration's (a
+    L{fedhub.errors.ConfigError} names what is wrong), a
+    L{RecordingPublisher} as C{context.publisher}, C{reactor} (a L{Clock}
+    by default) and C{hub}'s settings, by default with a temporary
+    C{state_dir} removed when the test process exits::
+
+        context = producer_context(TickerPlugin(), {"interval": 5})
+        service = TickerPlugin().build(context)
+        service.startService()
+        context.reactor.advance(5)
+        self.assertEqual(len(context.publisher.published), 1)
+    """
+    checked = check_options(check_plugin(plugin), options or {}, plugin=plugin)
+    if hub is None:
+        state_dir = tempfile.mkdtemp(prefix="fedhub-producer-")
+        _left_behind.add(state_dir)
+        hub = HubSettings(state_dir=state_dir)
+    component = ComponentConfig(
+        kind="producer", index=0, name=name, plugin=plugin.name, domain=domain, options=checked
+    )
+    return PluginContext(
+        name=name,
+        domain=domain,
+        options=checked,
+        publisher=RecordingPublisher(domain),
+        reactor=reactor if reactor is not None else Clock(),
+        hub=hub,
+        component=component,
+    )
 
 
 @implementer(IDelivery)

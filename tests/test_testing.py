@@ -13,7 +13,9 @@ from dataclasses import fields
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -29,10 +31,22 @@ from fedhub.errors import (
     Retry,
     TemporarilyUnavailable,
 )
-from fedhub.interfaces import IConsumerPlugin, IDelivery, IMessageHandler, IPublisher
+from fedhub.interfaces import (
+    IConsumerPlugin,
+    IDelivery,
+    IMessageHandler,
+    IProducerPlugin,
+    IPublisher,
+)
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
-from fedhub.testing import ConsumerHarness, RecordingPublisher, Settled, _Redelivery
+from fedhub.testing import (
+    ConsumerHarness,
+    RecordingPublisher,
+    Settled,
+    _Redelivery,
+    producer_context,
+)
 
 
 @implementer(IMessageHandler)
@@ -676,3 +690,71 @@ class RealReactorTests(TestCase):
             self.assertEqual([s.outcome for s in harness.settled], ["retried", "acked"])
         finally:
             yield harness.stop()
+
+
+class Ticker(Service):
+    """
+    A producer publishing one message every C{interval} seconds.
+    """
+
+    def __init__(self, context: PluginContext) -> None:
+        self.context = context
+        self.loop = LoopingCall(self.tick)
+        self.loop.clock = context.reactor
+
+    def tick(self) -> Deferred[None]:
+        return self.context.publisher.publish(
+            Message.create(self.context.topic("tick"), {"state_dir": self.context.hub.state_dir}))
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(self.context.options["interval"], now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.loop.stop()
+
+
+@implementer(IProducerPlugin)
+class TickerPlugin:
+    name = "ticker"
+    description = "ticks"
+    options: Mapping[str, Option] = {"interval": Option(float, 10.0, "seconds between ticks")}
+
+    def check_options(self, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [("interval", "at least a second")] if options["interval"] < 1 else []
+
+    def build(self, context: PluginContext) -> Ticker:
+        return Ticker(context)
+
+
+class ProducerContextTests(SynchronousTestCase):
+    """
+    L{producer_context}: what the hub gives a producer plugin.
+    """
+
+    def test_publishes_on_the_clock(self) -> None:
+        """The built service publishes through the recording publisher, on the fake clock."""
+        context = producer_context(TickerPlugin(), {"interval": 5}, name="tick", domain="infra")
+        service = TickerPlugin().build(context)
+        service.startService()
+        self.addCleanup(service.stopService)
+        publisher = context.publisher
+        assert isinstance(publisher, RecordingPublisher)
+        assert isinstance(context.reactor, Clock)
+        context.reactor.advance(5)
+        context.reactor.advance(5)
+        self.assertEqual(len(publisher.published), 2)
+        self.assertEqual(publisher.domain, "infra")
+        self.assertTrue(publisher.published[0].topic.endswith(".tick"))
+        self.assertTrue(os.path.isdir(publisher.published[0].body["state_dir"]))
+        self.assertEqual((context.component.kind, context.component.name), ("producer", "tick"))
+
+    def test_options_checked_and_completed(self) -> None:
+        """Defaults are filled in; what a configuration refuses is refused, keys together too."""
+        self.assertEqual(producer_context(TickerPlugin()).options["interval"], 10.0)
+        error = self.assertRaises(ConfigError, producer_context, TickerPlugin(), {"interval": "x"})
+        self.assertEqual([p.path for p in error.problems], ["options.interval"])
+        error = self.assertRaises(ConfigError, producer_context, TickerPlugin(), {"interval": 0.5})
+        self.assertEqual([(p.path, p.message) for p in error.problems],
+                         [("options.interval", "at least a second")])
