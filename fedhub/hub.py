@@ -286,6 +286,35 @@ def state_problems(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+def directory_problem(path: str) -> str | None:
+    """
+    Why the directory C{path} could not be used, or made, by this user; or
+    C{None}.  C{fedhub check-config} asks it of the state directory, which
+    the hub locks (and makes) when it starts, and refuses to start without.
+    """
+    shown = escape_control(path, 300)
+    existing = path
+    while not os.path.lexists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if os.path.islink(existing) and not os.path.exists(existing):
+        target = escape_control(repr(os.readlink(existing)), 300)
+        return f"{escape_control(existing, 300)} is a symbolic link to {target}, which does not exist"
+    if not os.path.isdir(existing):
+        if existing == path:
+            return f"{shown} is not a directory"
+        return f"{escape_control(existing, 300)} is not a directory, so {shown} can not be made"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = (
+            "written" if existing == path
+            else f"made ({escape_control(existing, 300)} can not be written)"
+        )
+        return f"{shown} can not be {what} by this user (uid {os.getuid()})"
+    return None
+
+
 def domain_problems(domain: DomainConfig) -> list[ConfigProblem]:
     """
     What a domain's bus would refuse when it is built (its broker URL and

@@ -178,6 +178,8 @@ class StateLock(Service):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             reason = e.strerror or str(e)
+            if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+                reason = "it is not a directory"
             if os.path.islink(self.directory) and not os.path.exists(self.directory):
                 # makedirs says "File exists" of a link to nowhere.
                 reason = f"it is a symbolic link to {os.readlink(self.directory)!r}, which does not exist"
@@ -220,6 +222,26 @@ class StateLock(Service):
 
     def __del__(self) -> None:
         self.release()
+
+
+def hub_running(directory: str) -> bool:
+    """
+    Whether a hub holds the lock of the state directory C{directory} (see
+    L{StateLock}), for a command that finds one of its files locked: by
+    the hub, or by another process.  Tested with a shared lock taken and
+    let go at once, without waiting.
+    """
+    try:
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
 
 
 def _recorded_pid(fd: int) -> int | None:

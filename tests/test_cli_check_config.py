@@ -130,6 +130,29 @@ class CheckConfigTests(SynchronousTestCase):
         ])
         self.assertEqual(self.check('[domains.d]\nbroker = "memory"\n'), 0)
 
+    def test_state_dir_not_a_directory(self) -> None:
+        """
+        A state directory that is a file, or lies under one, is reported:
+        the hub could not lock it, nor make its outboxes there.
+        """
+        blocker = self.directory / "afile"
+        blocker.write_text("")
+        for state, expected in [
+            (blocker, f"{blocker} is not a directory"),
+            (blocker / "sub", f"{blocker} is not a directory, so {blocker / 'sub'} can not be made"),
+        ]:
+            self.err.truncate(0)
+            self.err.seek(0)
+            path = self.directory / "state.toml"
+            path.write_text(f'[hub]\nstate_dir = "{state}"\n[domains.d]\nbroker = "memory"\n')
+            self.assertEqual(main(["check-config", str(path)]), 1)
+            lines = [line.strip() for line in self.err.getvalue().splitlines()]
+            self.assertEqual(lines[1:], [f"hub.state_dir: {expected} (line 2)"])
+        # One to be made in a directory that can be written is fine.
+        path.write_text(f'[hub]\nstate_dir = "{self.directory / "new" / "state"}"\n'
+                        '[domains.d]\nbroker = "memory"\n')
+        self.assertEqual(main(["check-config", str(path)]), 0)
+
     def test_long_dotted_key_refused(self) -> None:
         """
         A dotted key of thousands of parts is refused before the TOML parser

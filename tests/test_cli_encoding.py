@@ -246,3 +246,34 @@ class StandardOutputFailureTests(SynchronousTestCase):
         with os.fdopen(write, "w") as closed:
             done = self.run_cli(closed, "check-config", self.config())
         self.assertEqual((done.returncode, done.stderr), (0, b""))
+
+    def run_closed(self, *argv: str, closing: int) -> subprocess.CompletedProcess[bytes]:
+        """
+        Run C{fedhub ARGV...} started with file descriptor C{closing} (0 or
+        1) closed, as C{<&-} or C{>&-} in a shell leaves it.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root}
+        return subprocess.run(
+            ["/bin/sh", "-c", f'exec "$0" -m fedhub.cli "$@" {closing}>&-', sys.executable, *argv],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            timeout=120, check=False,
+        )
+
+    def test_standard_output_closed(self) -> None:
+        """Standard output closed: what the command would print fails with 74 and one line, not lost without a word."""
+        done = self.run_closed("check-config", self.config(), closing=1)
+        self.assertEqual(done.returncode, 74, done.stderr)
+        self.assertEqual(done.stderr.decode().splitlines(),
+                         ["fedhub check-config: can not write standard output: it is closed"])
+
+    def test_standard_input_closed(self) -> None:
+        """publish and replay of standard input when it is closed: 66 and one line, no traceback."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[domains.a]\nbroker = "amqp://127.0.0.1:5672/"\n')
+        for argv in (["publish", "-c", path, "-f", "-"], ["replay", "-c", path, "-"]):
+            done = self.run_closed(*argv, closing=0)
+            self.assertEqual(done.returncode, 66, done.stderr)
+            self.assertEqual(done.stderr.decode().splitlines(),
+                             [f"fedhub {argv[0]}: can not read standard input: it is closed"])

@@ -30,6 +30,7 @@ from fedhub.errors import MessageNacked, MessageReturned
 from fedhub.message import Message
 from fedhub.outbox import Outbox, Store, SynchronousExecutor
 from fedhub.outbox.spool import SpoolImporter
+from fedhub.tap import StateLock
 from tests.test_cli_publish import write_config
 from tests.test_outbox import FakeBus, make_message
 
@@ -163,21 +164,67 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertEqual(self.command("retry", "1", "--all", "-c", self.config)[0], 64)
         self.assertEqual(len(self.store_state()[1]), 2)
 
+    def hold(self, hub: bool = True) -> Store:
+        """
+        Hold the outbox's store, as a running hub does (with the state
+        directory's lock), or as another process might (C{hub} false);
+        let go at the end of the test.
+        """
+        if hub:
+            lock = StateLock(str(self.directory / "state"))
+            lock.acquire()
+            self.addCleanup(lock.release)
+        holder = Store(self.outbox_dir, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        self.addCleanup(lambda: self.successResultOf(holder.close()))
+        return holder
+
     def test_hub_not_answering(self) -> None:
-        """While a process holds the outbox and no hub answers the request, exit 75 and say why; nothing changes."""
+        """While a hub holds the outbox and does not answer the request, exit 75 and say why; nothing changes."""
         from fedhub.cli import outbox
 
         self.patch(outbox, "REQUEST_TIMEOUT", 0.3)
         self.prepare()
-        holder = Store(self.outbox_dir, SynchronousExecutor())
-        self.successResultOf(holder.open())
-        try:
-            status, _ = self.command("drop", "--all", "-c", self.config)
-        finally:
-            self.successResultOf(holder.close())
+        holder = self.hold()
+        status, _ = self.command("drop", "--all", "-c", self.config)
+        self.successResultOf(holder.close())
         self.assertEqual(status, 75)
         self.assertIn("did not answer within 0.3 s", self.stderr.getvalue())
         self.assertEqual(len(self.store_state()[1]), 2)
+
+    def test_held_by_another_process(self) -> None:
+        """
+        The outbox held by a process that is no hub (no hub holds the state
+        directory): exit 75 saying so, and no request is left queued for
+        whenever a hub starts.
+        """
+        self.prepare()
+        holder = self.hold(hub=False)
+        status, _ = self.command("drop", "--all", "-c", self.config)
+        self.successResultOf(holder.close())
+        self.assertEqual(status, 75)
+        [line] = self.stderr.getvalue().splitlines()
+        self.assertIn("is in use by another process, not a running hub", line)
+        self.assertIn("nothing was changed", line)
+        spool = self.directory / "state" / "spool"
+        self.assertEqual([n for _, _, names in os.walk(spool) for n in names if n.endswith(".ctl")], [])
+        self.assertEqual(len(self.store_state()[1]), 2)
+
+    def test_unreadable_state(self) -> None:
+        """An outbox this user may not look at is an error (77), not an empty one."""
+        self.prepare()
+
+        def refused(path: Any, *args: Any, **kwargs: Any) -> Any:
+            raise PermissionError(13, "Permission denied", str(path))
+
+        from fedhub.cli import outbox
+
+        self.patch(outbox.os, "stat", refused)
+        status, out = self.command("list", "-c", self.config)
+        self.assertEqual((status, out), (77, ""))
+        [line] = self.stderr.getvalue().splitlines()
+        self.assertIn("can not look at the outbox of domain test", line)
+        self.assertIn("Permission denied", line)
 
     def interrupted_while_held(self, *argv: str) -> int:
         """
@@ -191,12 +238,9 @@ class OutboxCommandTests(SynchronousTestCase):
 
         self.patch(outbox.time, "sleep", interrupt)
         self.prepare()
-        holder = Store(self.outbox_dir, SynchronousExecutor())
-        self.successResultOf(holder.open())
-        try:
-            status, _ = self.command(*argv, "-c", self.config)
-        finally:
-            self.successResultOf(holder.close())
+        holder = self.hold()
+        status, _ = self.command(*argv, "-c", self.config)
+        self.successResultOf(holder.close())
         return status
 
     def test_interrupted_waiting_for_hub(self) -> None:
@@ -262,6 +306,10 @@ class RunningHubTests(TestCase):
         helper.stderr = io.StringIO()
         self.patch(sys, "stderr", helper.stderr)
         messages = helper.prepare()
+        # The hub's lock on its state directory, as twistd takes it.
+        lock = StateLock(str(helper.directory / "state"))
+        lock.acquire()
+        self.addCleanup(lock.release)
         bus = FakeBus()
         bus.auto_ack = True
         outbox = Outbox("test", helper.outbox_dir, bus, reactor)

@@ -540,6 +540,22 @@ class ReportTests(SynchronousTestCase):
         self.assertTrue(lines[0].startswith(f"fedhub publish: line 2: message {make(2).id}"), lines[0])
         self.assertIn("1 of 2 message(s) sent were confirmed", lines[0])
 
+    def test_interrupted_while_confirms_stalled(self) -> None:
+        """
+        A signal while confirms are stalled: the connection given up for it
+        fails the unconfirmed messages as lost, but the command reports the
+        interruption (130, 143), with what may or may not have arrived.
+        """
+        self.runtime.signal = signal.SIGTERM
+        progress = Progress(sent=10, confirmed=7, last_line=10,
+                            failed=(8, make(8), NotConnected("the connection to the broker was lost")))
+        self.assertEqual(self.status(progress), 143)
+        (line,) = self.stderr.getvalue().splitlines()
+        self.assertIn("interrupted after line 10; 7 of 10 message(s) sent were confirmed; "
+                      "3 unconfirmed may or may not have arrived", line)
+        # A refusal is still reported as one.
+        self.assertEqual(self.failed(AccessRefused(403, "ACCESS_REFUSED")), 77)
+
     def test_too_large(self) -> None:
         """A body larger than the broker's max_message_size is 69, the line naming both sizes."""
         from fedhub.amqp.transport import MessageTooLarge

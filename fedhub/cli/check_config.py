@@ -15,7 +15,7 @@ from zope.interface import implementer
 from fedhub.config import Config, exposed_password, load_config, locate_problems
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
-from fedhub.hub import build_refusal, built_problem, start_problems
+from fedhub.hub import build_refusal, built_problem, directory_problem, start_problems
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -44,8 +44,10 @@ class _NoPublisher:
 def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[ConfigProblem]:
     """
     What the hub would refuse when it starts (L{start_problems}: the state
-    directory, each domain's settings and TLS files, the files components
-    read when they start), then build every component the way the hub would (plugins do no I/O when built), and
+    directory's length, each domain's settings and TLS files, the files
+    components read when they start; a state directory it could not use or
+    make), then build every component the way the hub would (plugins do no
+    I/O when built), and
     collect what their plugins refuse: problems only a plugin can see, such
     as a bridge naming an unknown domain.
 
@@ -55,6 +57,11 @@ def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[C
         domain is unknown.
     """
     problems = start_problems(config)
+    # The hub reports an unusable state directory itself, in one line, when
+    # it locks it at start; a check before then says so too.
+    unusable = directory_problem(config.hub.state_dir)
+    if unusable is not None:
+        problems.insert(0, ConfigProblem("hub.state_dir", unusable))
     publishers = {name: _NoPublisher(name) for name in {*config.domains, *domain_names}}
     for component in config.components:
         if component.domain not in config.domains:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import os
 import signal
 import sys
@@ -107,15 +108,47 @@ class _TaggedOutput:
         return getattr(self._stream, name)
 
 
+class _ClosedOutput:
+    """
+    Standard output of a process started with file descriptor 1 closed
+    (C{sys.stdout} is C{None}): writing to it, as text or to its C{buffer},
+    fails as a write to standard output, where C{print} would drop the text
+    without a word.
+    """
+
+    @property
+    def buffer(self) -> _ClosedOutput:
+        return self
+
+    def _closed(self) -> OSError:
+        error = OSError(errno.EBADF, "it is closed")
+        error.standard_output = True  # type: ignore[attr-defined]
+        return error
+
+    def write(self, data: object) -> int:
+        raise self._closed()
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise self._closed()
+
+
 @contextmanager
 def tagged_output() -> Iterator[None]:
     """
-    While the block runs, standard output is a L{_TaggedOutput}; the block
-    ends with its buffer flushed.
+    While the block runs, standard output is a L{_TaggedOutput} (or a
+    L{_ClosedOutput}, when there is none); the block ends with its buffer
+    flushed.
     """
     stream = sys.stdout
     if stream is None:
-        yield
+        sys.stdout = _ClosedOutput()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            sys.stdout = stream
         return
     sys.stdout = _TaggedOutput(stream)  # type: ignore[assignment]
     try:

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from fedhub.cli import runner
 from fedhub.cli.runner import (
     EX_IOERR,
+    EX_NOPERM,
     EX_NOTFOUND,
     EX_OK,
     EX_TEMPFAIL,
@@ -50,6 +51,7 @@ from fedhub.config import Config
 from fedhub.errors import DecodeError
 from fedhub.outbox.spool import spool_directory, write_request
 from fedhub.outbox.store import DATABASE_NAME, FailedRecord, Store, StoreError, SynchronousExecutor
+from fedhub.tap import hub_running
 from fedhub.text import escape_control
 
 _T = TypeVar("_T")
@@ -102,8 +104,22 @@ class FailedArea:
         """
         Whether the outbox has a database at all (it is made when the hub
         first starts).
+
+        @raise CommandError: C{EX_NOPERM} when this user may not look, else
+            C{EX_IOERR} when it can not be told.
         """
-        return os.path.exists(os.path.join(self.directory, DATABASE_NAME))
+        path = os.path.join(self.directory, DATABASE_NAME)
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:
+            status = EX_NOPERM if isinstance(e, PermissionError) else EX_IOERR
+            raise CommandError(
+                f"can not look at the outbox of domain {self.domain} ({path}): "
+                f"{e.strerror or e}", status,
+            ) from None
+        return True
 
     def open(self) -> None:
         """
@@ -299,6 +315,14 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     except CommandError as e:
         if e.status != EX_TEMPFAIL:
             raise
+        if not hub_running(config.hub.state_dir):
+            # Locked, but by no hub: a request queued now would wait for
+            # whenever a hub starts.
+            raise CommandError(
+                f"the outbox of domain {domain.name} is in use by another process, not a running "
+                f"hub ({os.path.join(area.directory, DATABASE_NAME)}); nothing was changed: try "
+                "again once it is done", EX_TEMPFAIL,
+            ) from None
         # The running hub holds the outbox: ask it through the spool.
         area = HubFailedArea(
             spool_directory(config.hub.state_dir, domain.name), domain.name, REQUEST_TIMEOUT

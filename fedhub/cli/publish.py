@@ -47,7 +47,7 @@ from fedhub.cli.runner import (
     Runtime,
     positive_int,
 )
-from fedhub.errors import DecodeError, FedhubError, MessageError
+from fedhub.errors import DecodeError, FedhubError, MessageError, TemporarilyUnavailable
 from fedhub.message import (
     BASE_SCHEMA,
     INFO,
@@ -290,6 +290,9 @@ def open_input(path: str) -> IO[bytes]:
     @raise CommandError: with C{EX_NOINPUT} when it can not be opened.
     """
     if path == "-":
+        if sys.stdin is None:
+            # Started with file descriptor 0 closed.
+            raise CommandError("can not read standard input: it is closed", EX_NOINPUT)
         return sys.stdin.buffer
     try:
         return open(path, "rb")
@@ -428,6 +431,21 @@ def report(command: str, progress: Progress, runtime: Runtime, *, single: bool) 
     The exit status of a publishing command, printing why when it is not 0.
     """
     counts = f"{progress.confirmed} of {progress.sent} message(s) sent were confirmed"
+    if (
+        progress.failed is not None
+        and runtime.signal is not None
+        and isinstance(progress.failed[2], TemporarilyUnavailable)
+    ):
+        # Interrupted while confirms were stalled: giving up on them lost the
+        # connection, which is what the signal asked for, not the broker
+        # failing.
+        unconfirmed = progress.sent - progress.confirmed
+        where = f" after line {progress.last_line}" if progress.last_line is not None else ""
+        return runner.fail(
+            command,
+            f"interrupted{where}; {counts}; {unconfirmed} unconfirmed may or may not have arrived",
+            runner.interrupted_status(runtime.signal),
+        )
     if progress.failed is not None:
         status, reason = describe_failure(*progress.failed)
         if not single:

@@ -481,6 +481,15 @@ class SpoolImporter(Service):
                 request = json.loads(data)
                 reply = str(request.get("reply", ""))
                 answer = yield self._carry_out(request, path)
+            except TemporarilyUnavailable as e:
+                # The outbox is not open yet (the hub is starting) or can not
+                # be used for now: the request stays, for the next pass, as
+                # the command promised.  Those after it wait their turn.
+                self.log.debug(
+                    "Failed-area request {path} of {domain} waits: {reason}",
+                    path=path, domain=self.domain, reason=e.reason,
+                )
+                return
             except Exception as e:
                 answer = {"error": f"{type(e).__name__}: {e}"}
             self.log.info(
