@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
@@ -81,9 +82,24 @@ class HubLogger(Logger):
     forge a log line or drive the terminal a log is read on.
     """
 
+    #: Fields every event of this logger carries (see L{bound}).
+    fields: Mapping[str, object] = {}
+
+    def bound(self, **fields: object) -> HubLogger:
+        """
+        A logger of the same namespace and source whose every event also
+        carries C{fields} (the domain of a broker connection, say), unless
+        the event gives them itself.
+        """
+        logger = HubLogger(self.namespace, self.source, self.observer)
+        logger.fields = {**self.fields, **fields}
+        return logger
+
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         if _RANK.get(level, len(_RANK)) < _threshold[0]:
             return
+        if self.fields:
+            kwargs = {**self.fields, **kwargs}
         for key in UNTRUSTED_FIELDS:
             value = kwargs.get(key)
             if value.__class__ is str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast
 from typing import Protocol as _TypedProtocol
+from urllib.parse import urlsplit
 
 from defusedxml.xmlrpc import DefusedExpatParser
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -67,6 +68,23 @@ DEFAULT_BATCH_SIZE = 100
 USER_AGENT = f"fedhub/{__version__}"
 
 
+def display_url(url: str) -> str:
+    """
+    A URL fit for logs, errors and status pages: scheme, host, port and
+    path, without its query string (which often carries an API key or a
+    token) and fragment.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
 # --- errors -------------------------------------------------------------
 
 
@@ -74,7 +92,8 @@ class XMLRPCError(FedhubError):
     """
     An XML-RPC call failed.
 
-    @ivar url: The endpoint called.
+    @ivar url: The endpoint called (its text shows it without the query
+        string, see L{display_url}).
     @ivar method: The method called.
     @ivar reason: A short human-readable reason.
     """
@@ -83,7 +102,7 @@ class XMLRPCError(FedhubError):
         self.url = url
         self.method = method
         self.reason = reason
-        super().__init__(f"{method} at {url}: {reason}")
+        super().__init__(f"{method} at {display_url(url)}: {reason}")
 
 
 class XMLRPCFault(XMLRPCError):

@@ -482,6 +482,26 @@ class ReconnectorTests(SynchronousTestCase):
         self.assertEqual(self.reconnector.state, "waiting")
         self.assertIsNone(self.reconnector.current)
 
+    def test_domain_on_every_event(self) -> None:
+        """
+        Given its domain, every event the reconnector logs carries it (the
+        JSON log's C{domain} field), so that the connection of one domain is
+        told from another's on a hub with several; the logger's namespace
+        stays the reconnector's.
+        """
+        self.reconnector = self.make(domain="infra")
+        self.reconnector.start()
+        self.preparing[0].errback(RuntimeError("no"))
+        self.connections[0].lose()
+        self.clock.advance(1.0)
+        self.preparing[1].callback(None)
+        self.connections[1].lose()
+        ours = [e for e in self.logged
+                if e.get("log_namespace") == "fedhub.amqp.reconnect.Reconnector"]
+        self.assertGreaterEqual(len(ours), 2)
+        self.assertEqual({e.get("domain") for e in ours}, {"infra"})
+        self.successResultOf(self.reconnector.stop())
+
     def test_on_lost_raises(self) -> None:
         """An on_lost that raises is logged; reconnecting goes on."""
 

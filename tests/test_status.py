@@ -397,11 +397,27 @@ class LiveTests(SynchronousTestCase):
         self.assertIn(response.code, (200, 503))
 
     def test_head(self) -> None:
-        """HEAD is answered like GET, without a body."""
+        """
+        HEAD is answered like GET, with its headers and the length of its
+        body but no body, and without logging anything (a load balancer
+        probing with HEAD must not fill the log).
+        """
         world = World(self)
-        response = self.successResultOf(world.http.head("http://localhost/live"))
-        self.assertEqual(response.code, 200)
-        self.assertEqual(self.successResultOf(response.content()), b"")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for path in ("/live", "/ready", "/metrics", "/status.json", "/recent.json", "/"):
+            response = self.successResultOf(world.http.head(f"http://localhost{path}"))
+            got, body = world.get(path)
+            self.assertEqual(response.code, got.code, path)
+            self.assertEqual(self.successResultOf(response.content()), b"", path)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"),
+                             got.headers.getRawHeaders(b"content-type"), path)
+            if path in ("/live", "/ready", "/recent.json"):
+                self.assertEqual(response.headers.getRawHeaders(b"content-length"),
+                                 [str(len(body)).encode()], path)
+        eaten = [e for e in events if "eat it" in str(e.get("log_format") or e.get("format") or "")]
+        self.assertEqual(eaten, [])
 
     def test_post_refused(self) -> None:
         """Other methods are refused with 405."""
@@ -516,6 +532,13 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(code, 503)
         self.assertEqual(body["producers"]["mail"]["error"],
                          "could not listen on tcp:8025: Address already in use")
+        # Running as a service, but not listening: not running, anywhere.
+        self.assertEqual(body["producers"]["mail"]["running"], False)
+        self.assertEqual(world.metrics()["fedhub_producer_running"][labels(producer="mail")], 0.0)
+        [row] = [r for section in world.view()["sections"] if section["id"] == "producers"
+                 for r in section["rows"] if r[0][0] == "mail"]
+        self.assertEqual(row[2], ["stopped", "bad"])
+        self.assertEqual(row[4][0], "could not listen on tcp:8025: Address already in use")
         bad.start_error = None  # type: ignore[attr-defined]
         self.assertEqual(self.ready(world)[0], 200)
 

@@ -428,3 +428,26 @@ class ConfigTests(SynchronousTestCase):
                                  '[producers.body]\nsummary = "{user.name set"')
         self.assertEqual(sorted(problems), ["producers[0].body", "producers[0].params"])
         self.assertIn("summary", problems["producers[0].body"])
+
+
+class SecretInURLTests(SynchronousTestCase):
+    """
+    A poller URL's query string (often an API key) is never shown: not in
+    the source's description (logs, the status page), nor in the text of a
+    failed call.
+    """
+
+    def test_description_and_errors(self) -> None:
+        from fedhub.testing import producer_context
+        from fedhub.xmlrpc import TransportError, XMLRPCError, display_url
+
+        url = "http://127.0.0.1:9/RPC2?apikey=S3CRET&x=1"
+        plugin = XMLRPCPollPlugin()
+        options = {**{k: v for k, v in example_options().items() if v is not None}, "url": url}
+        service = plugin.build(producer_context(plugin, options))
+        self.assertEqual(service.source.description, f"{options['method']} at http://127.0.0.1:9/RPC2")
+        for error in (XMLRPCError(url, "m", "broken"), TransportError(url, "m", "refused")):
+            self.assertNotIn("S3CRET", str(error))
+            self.assertEqual(error.url, url)
+        self.assertEqual(display_url("https://[::1]:8443/a/b?k=v#f"), "https://[::1]:8443/a/b")
+        self.assertEqual(display_url("http://h:99999/x?k"), "http://h/x")

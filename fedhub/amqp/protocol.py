@@ -468,6 +468,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
     """
 
     log = HubLogger()
+    #: The domain of the connection (see L{ClientFactory}), for what it logs.
+    domain: str | None = None
 
     def __init__(
         self,
@@ -1384,9 +1386,11 @@ class _Delegate(TwistedDelegate):  # type: ignore[misc]
 
     def connection_close(self, channel: Any, message: Any) -> None:
         self.log.info(
-            "The broker closed the connection: {code} {text}",
+            "The broker closed the connection{of}: {code} {text}",
+            of="" if self.client.domain is None else f" of domain {self.client.domain}",
             code=message.reply_code,
             text=_text(message.reply_text),
+            domain=self.client.domain,
         )
         channel.connection_close_ok().addErrback(lambda _: None)
         self.client.do_close(message)
@@ -1461,6 +1465,7 @@ class ClientFactory(Factory):
         heartbeat: int = 30,
         connection_name: str | None = None,
         close_timeout: float = 5.0,
+        domain: str | None = None,
     ) -> None:
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
             raise ConfigError(
@@ -1473,6 +1478,8 @@ class ClientFactory(Factory):
         self.heartbeat = heartbeat
         self.connection_name = connection_name
         self.close_timeout = close_timeout
+        #: The domain the connections are for, named in what they log.
+        self.domain = domain
 
     def buildProtocol(self, addr: Any) -> AMQPClient:
         """
@@ -1488,4 +1495,5 @@ class ClientFactory(Factory):
             close_timeout=self.close_timeout,
         )
         client.factory = self
+        client.domain = self.domain
         return client

@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from automat import TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred
@@ -395,6 +395,7 @@ class Reconnector:
         close_timeout: float = 5.0,
         describe: str = "the broker",
         explain: Callable[[Failure], BaseException] = map_error,
+        domain: str | None = None,
     ) -> None:
         """
         @param connect: Makes a new connection (a L{Connection}); a Deferred
@@ -413,6 +414,8 @@ class Reconnector:
         @param explain: Why an attempt failed, from what it failed with: the
             L{last_error}.  By default L{map_error
             <fedhub.amqp.protocol.map_error>}'s name for it.
+        @param domain: The domain the connection is for, given to every event
+            logged (the C{domain} field of the JSON log).
         """
         self._core = _Core(
             connect,
@@ -425,7 +428,7 @@ class Reconnector:
             close_timeout,
             describe,
             explain,
-            self.log,
+            self.log if domain is None else cast(HubLogger, self.log).bound(domain=domain),
         )
         self._machine = _Machine(self._core)
 

@@ -1573,6 +1573,7 @@ class AMQPBus(Service):
             heartbeat=settings.heartbeat,
             connection_name=settings.connection_name,
             close_timeout=self.close_timeout,
+            domain=self.domain,
         )
         connecting = endpoint
 
@@ -1591,6 +1592,7 @@ class AMQPBus(Service):
             close_timeout=self.close_timeout,
             describe=f"{settings.safe_url()} (domain {self.domain})",
             explain=lambda failure: _attempt_error(failure, options),
+            domain=self.domain,
         )
         super().startService()  # type: ignore[no-untyped-call]
         self._reconnector.start()

@@ -60,7 +60,7 @@ from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control
-from fedhub.xmlrpc import closed_before_answer, parse_retry_after, quiet_pool
+from fedhub.xmlrpc import closed_before_answer, display_url, parse_retry_after, quiet_pool
 
 __all__ = ["WebhookPlugin", "WebhookHandler", "verdict_for_status", "load_ca_bundle"]
 
@@ -80,18 +80,6 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
-
-
-def display_url(url: str) -> str:
-    """
-    A URL fit for logs: scheme, host, port and path, no query or fragment.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,

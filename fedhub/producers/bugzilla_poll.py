@@ -63,6 +63,7 @@ from fedhub.producers.poller import (
     polling_service,
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
+from fedhub.xmlrpc import display_url
 
 __all__ = ["SCHEMA", "BugzillaPollPlugin", "BugzillaSource", "bug_object"]
 
@@ -120,7 +121,7 @@ class BugzillaSource:
         #: cursor.  C{None}: Bugzilla's clock alone.
         self.clock = clock
         what = ", ".join([*self.products, *self.components]) or "all products"
-        self.description = f"Bugzilla {url} ({what})"
+        self.description = f"Bugzilla {display_url(url)} ({what})"
         self.show_bug = url.rsplit("/", 1)[0] + "/show_bug.cgi?id="
         #: Events skipped because no message could be made of them.
         self.skipped = 0
@@ -208,7 +209,7 @@ class BugzillaSource:
                 self.log.warn(
                     "Bugzilla {url} answered {got} bugs to a search for {asked}: it gives at "
                     "most {got} (its max_search_results); page_size is lowered to {size}",
-                    producer=self.name, url=self.url, got=short[0], asked=short[1],
+                    producer=self.name, url=display_url(self.url), got=short[0], asked=short[1],
                     size=short[0] - 1)
                 self.page_size = short[0] - 1
             short = None
@@ -252,7 +253,7 @@ class BugzillaSource:
             # it again.
             self.skipped += 1
             self.log.warn("Skipping a {kind} event of bug {bug} of {url}: {error}",
-                          producer=self.name, kind=kind, bug=bug_id, url=self.url,
+                          producer=self.name, kind=kind, bug=bug_id, url=display_url(self.url),
                           error=escape_control(error, 300))
 
         def time_of(value: Any, kind: str, bug_id: int, row: str) -> float | None:
@@ -291,7 +292,7 @@ class BugzillaSource:
                 self.log.warn("A {kind} event of bug {bug} of {url} is dated {when}, more than "
                               "{margin:.0f} s ahead of Bugzilla's clock and this host's: it "
                               "does not move the cursor",
-                              producer=self.name, kind=kind, bug=bug_id, url=self.url,
+                              producer=self.name, kind=kind, bug=bug_id, url=display_url(self.url),
                               when=escape_control(repr(when), 40), margin=FUTURE_MARGIN)
             try:
                 message = make()

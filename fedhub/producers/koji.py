@@ -65,7 +65,7 @@ from fedhub.producers.poller import (
     polling_service,
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
-from fedhub.xmlrpc import Call, XMLRPCCaller, XMLRPCClient, unwrap
+from fedhub.xmlrpc import Call, XMLRPCCaller, XMLRPCClient, display_url, unwrap
 
 #: At most how many build hosts' names a poller remembers (a hub has a few
 #: hundred).
@@ -270,7 +270,7 @@ class KojiSource:
         #: This process's clock, or C{None} to judge "now" by the hub's
         #: last event alone.
         self.clock = clock
-        self.description = f"Koji hub {settings.hub_url}"
+        self.description = f"Koji hub {display_url(settings.hub_url)}"
         #: Events skipped because no message could be made of them.
         self.skipped = 0
         #: Build hosts' names by id (C{getHost}), as messages carry them;

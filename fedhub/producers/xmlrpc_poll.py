@@ -63,7 +63,7 @@ from fedhub.producers.poller import (
     poller_options,
     polling_service,
 )
-from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient, jsonable
+from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient, display_url, jsonable
 
 CURSOR = "{cursor}"
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
@@ -281,7 +281,7 @@ class XMLRPCSource:
         self.initial_path = initial_path
         self.page_size = page_size
         self.clock = clock
-        self.description = f"{method} at {client.url}"
+        self.description = f"{method} at {display_url(client.url)}"
         self.skipped = 0
         # What was reported already, oldest first (see _skip).
         self._warned: OrderedDict[str, None] = OrderedDict()

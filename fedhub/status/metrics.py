@@ -132,6 +132,18 @@ class Readiness:
         }
 
 
+def producer_failure(hub: HubView, producer: IService) -> str | None:
+    """
+    Why a producer did not start, or C{None}: its C{startService} failed
+    (the hub's C{start_failures}), or it says so itself (C{start_error}: a
+    listener that could not bind).
+    """
+    failure: str | None = hub.start_failures.get(producer.name) or getattr(
+        producer, "start_error", None
+    )
+    return failure
+
+
 def readiness(hub: HubView) -> Readiness:
     """
     Check whether C{hub} is ready now.
@@ -173,11 +185,11 @@ def readiness(hub: HubView) -> Readiness:
             "error": None if start_error is None else escape_control(str(start_error), 300),
         }
     producers: dict[str, dict[str, Any]] = {}
-    failures = hub.start_failures
     for name, producer in hub.producers.items():
-        failure = failures.get(producer.name) or getattr(producer, "start_error", None)
-        # One whose start raised after marking itself running is not.
-        running = bool(producer.running) and producer.name not in failures
+        failure = producer_failure(hub, producer)
+        # One whose start failed, even after marking itself running (its
+        # startService raised, its listener could not bind), is not.
+        running = bool(producer.running) and failure is None
         producers[name] = {
             "ready": failure is None,
             "running": running,
@@ -468,7 +480,7 @@ class _HubCollector:
                 self.log.failure("Reading the numbers of consumer {consumer} failed", consumer=name)
         for name, producer in hub.producers.items():
             try:
-                self._producer(families, name, producer, now, producer.name not in hub.start_failures)
+                self._producer(families, name, producer, now, producer_failure(hub, producer) is None)
             except Exception:
                 self.log.failure("Reading the numbers of producer {producer} failed", producer=name)
         if ready is not None:

@@ -314,8 +314,15 @@ def _consumer_row(name: str, service: ConsumerService, monitor: HubMonitor, now:
     ]
 
 
-def _producer_row(name: str, producer: IService, now: float) -> list[list[str]]:
-    running = bool(getattr(producer, "running", False))
+def _producer_row(
+    name: str, producer: IService, ready: Mapping[str, Any], now: float
+) -> list[list[str]]:
+    running = bool(ready.get("running", getattr(producer, "running", False)))
+    failure = ready.get("error")
+    if failure:
+        # It did not start (see readiness): that is its trouble.
+        return [_cell(name, "name"), _cell(type(producer).__name__), _cell("stopped", "bad"),
+                _cell("–", "muted"), _cell(str(failure), "bad error")]
     status_method = getattr(producer, "status", None)
     counters = getattr(producer, "counters", None)
     if callable(status_method):
@@ -420,7 +427,7 @@ def status_view(hub: HubView, monitor: HubMonitor, now: float) -> dict[str, Any]
         for name, service in hub.consumers.items()
     ]
     producers = [
-        _guarded("producer", name, len(producer_columns), partial(_producer_row, name, producer, now))
+        _guarded("producer", name, len(producer_columns), partial(_producer_row, name, producer, check.producers.get(name, {}), now))
         for name, producer in hub.producers.items()
     ]
     return {
@@ -567,12 +574,26 @@ def _query_int(request: _Request, name: bytes) -> int:
     return _number(values[0]) if values else 0
 
 
+def _head(resource: Any, request: _Request) -> bytes:
+    """
+    A C{HEAD} answer: the headers C{GET} would give, with the length of its
+    body, and no body.  (Left to Twisted, C{HEAD} runs C{render_GET} and
+    drops the body, logging "I think I'll eat it" for every probe.)
+    """
+    body = resource.render_GET(request)
+    if isinstance(body, bytes):
+        request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+    return b""
+
+
 class _Leaf(Resource):
-    # Twisted answers HEAD with render_GET and drops the body.
     isLeaf = True
 
     def render_GET(self, request: _Request) -> bytes:
         raise NotImplementedError()
+
+    def render_HEAD(self, request: _Request) -> bytes:
+        return _head(self, request)
 
 
 class _Live(_Leaf):
@@ -614,6 +635,9 @@ class _Page(Resource):
         if path == b"":
             return self
         return notFound()
+
+    def render_HEAD(self, request: _Request) -> bytes:
+        return _head(self, request)
 
     def render_GET(self, request: _Request) -> bytes:
         state = self._state

@@ -55,7 +55,13 @@ from fedhub.producers.bugzilla.messagev1 import (
 )
 from fedhub.producers.bugzilla.parser import BugEvent
 from fedhub.text import escape_control
-from fedhub.xmlrpc import HTTPStatusError, TransportError, XMLRPCError, XMLRPCTimeout
+from fedhub.xmlrpc import (
+    HTTPStatusError,
+    TransportError,
+    XMLRPCError,
+    XMLRPCTimeout,
+    display_url,
+)
 
 __all__ = [
     "BugzillaEnricher",
@@ -309,7 +315,7 @@ class BugzillaEnricher:
             self.log.info(
                 "Bug {bug_id} is from {source}, not from {url}; publishing the mail-derived message",
                 bug_id=event.bug_id, source=escape_control(event.source or event.url, 200),
-                url=self.url, producer=self.producer)
+                url=display_url(self.url), producer=self.producer)
             return succeed(None)
         if self._resume_at is not None:
             if self.clock.seconds() < self._resume_at:
@@ -375,13 +381,13 @@ class BugzillaEnricher:
             self.log.warn(
                 "Enriching bug {bug_id} from {url} failed ({reason}); publishing the mail-derived "
                 "message{pause}",
-                bug_id=event.bug_id, url=self.url, reason=_reason(error),
+                bug_id=event.bug_id, url=display_url(self.url), reason=_reason(error),
                 pause=f"; not asking again for {self.retry_after:g}s" if outage else "",
                 producer=self.producer)
         else:
             self.log.failure(
                 "Enriching bug {bug_id} from {url} failed; publishing the mail-derived message",
-                failure, bug_id=event.bug_id, url=self.url, producer=self.producer)
+                failure, bug_id=event.bug_id, url=display_url(self.url), producer=self.producer)
         return None
 
 
