@@ -13,7 +13,7 @@ import io
 import re
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args, get_type_hints
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
@@ -36,8 +36,10 @@ from fedhub.producers.bugzilla.producer import (
     EventPublisher,
     IBugmailIntake,
     Quarantine,
+    Refusal,
 )
 from fedhub.producers.bugzilla.smtp import (
+    COUNTERS,
     BugmailListener,
     BugmailSMTP,
     BugmailSMTPFactory,
@@ -506,12 +508,20 @@ class CounterTests(SynchronousTestCase):
         harness.publisher.failure = TemporarilyUnavailable("later")
         client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n" + dot_stuffed(sample(NEW)))
         harness.connect()
-        self.assertEqual(
-            dict(harness.factory.counters),
-            {"connections": 1, "mails_published": 1, "mails_duplicate": 1, "recipients_refused": 1,
-             "mails_refused_content": 1, "mails_refused_unavailable": 1, "connections_refused_peer_limit": 1},
-        )
+        counted = {"connections": 1, "mails_published": 1, "mails_duplicate": 1, "recipients_refused": 1,
+                   "mails_refused_content": 1, "mails_refused_unavailable": 1,
+                   "connections_refused_peer_limit": 1}
+        # Every other counter is there, at 0, from the start.
+        self.assertEqual(dict(harness.factory.counters), {**dict.fromkeys(COUNTERS, 0), **counted})
         harness.close_all()
+
+    def test_every_refusal_kind_counted_from_the_start(self) -> None:
+        """The counters a listener starts with cover every kind of refusal the intake gives."""
+        kinds = get_args(get_type_hints(Refusal)["kind"])
+        self.assertTrue(kinds)
+        for kind in kinds:
+            self.assertIn(f"mails_refused_{kind}", COUNTERS)
+        self.assertEqual(dict(Harness().factory.counters), dict.fromkeys(COUNTERS, 0))
 
 
 class RecipientTests(SynchronousTestCase):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from pathlib import Path
 import socket
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -473,6 +475,9 @@ class ReadyTests(SynchronousTestCase):
         code, body = self.ready(world)
         self.assertEqual(code, 503)
         self.assertEqual(body["consumers"]["a"]["halted"], True)
+        # It says why: the message it halted on, and the handler's reason.
+        error = body["consumers"]["a"]["error"]
+        self.assertTrue(error.startswith("halted on ") and error.endswith(": told to halt"), error)
         self.assertEqual(body["domains"]["one"]["ready"], True)
 
     def test_bus_down_and_back(self) -> None:
@@ -1310,3 +1315,34 @@ class HostCheckTests(SynchronousTestCase):
         for host in (b"", b"attacker.example:8070", b"hub1.attacker.example",
                      b"127.0.0.1.nip.io", b"[evil]:80"):
             self.assertFalse(host_allowed(host, names), host)
+
+
+class MetricsDocumentedTests(SynchronousTestCase):
+    """
+    docs/deployment.md's table of metrics names every metric the hub
+    serves, and nothing it does not.
+    """
+
+    def test_table_matches(self) -> None:
+        world = World(self, producers={"koji": FakePoller(), "mail": PooledListener()})
+        # A bus that can be blocked (as the AMQP bus can; the memory bus can not).
+        world.bus.blocked = False  # type: ignore[attr-defined]
+        world.start()
+        world.publish()
+        world.clock.advance(100)
+        served = {name for name in world.metrics()}
+        # Sample names: a counter's end in _total, a histogram's in
+        # _bucket, _count, _sum, _created.
+        families = {re.sub(r"_(bucket|count|sum|created)$", "", name) for name in served}
+        text = (Path(__file__).parent.parent / "docs" / "deployment.md").read_text()
+        table = text[text.index("## Metrics"):]
+        documented: set[str] = set()
+        for cell in re.findall(r"`(fedhub_[a-z_{},]+)`", table):
+            head, _, rest = cell.partition("{")
+            if rest:
+                alternatives, _, tail = rest.partition("}")
+                documented.update(head + a + tail for a in alternatives.split(","))
+            else:
+                documented.add(cell)
+        self.assertEqual(sorted(families - documented), [])
+        self.assertEqual(sorted(documented - families), [])

@@ -298,6 +298,8 @@ class ConsumerService(Service):
         self._deliveries: OrderedDict[str, int] = OrderedDict()
         self.topics = tuple(component.topics) or tuple(handler.topics)
         self.halted = False
+        #: Why it halted, once it did.
+        self.halt_reason: str | None = None
         # Subscribed, and neither halted nor stopping: see consuming.
         self._consuming = False
         self.in_flight = 0
@@ -340,11 +342,13 @@ class ConsumerService(Service):
     def problem(self) -> str | None:
         """
         Why it is not consuming, when it can tell: its last failed start,
-        or what the broker said when refusing to let its subscription
+        the message it halted on and why, or what the broker said when refusing to let its subscription
         consume again (a queue gone); C{None} otherwise.
         """
         if self.start_error is not None:
             return self.start_error
+        if self.halted:
+            return self.halt_reason
         error = getattr(self._subscription, "last_error", None)
         return error if isinstance(error, str) else None
 
@@ -872,7 +876,7 @@ class ConsumerService(Service):
             # subscription lasts may come again on it at once.  Once the
             # subscription is gone the message is back in its queue, whether
             # the rejection went out or the channel closing put it back.
-            self._halt()
+            self._halt(f"halted on {message.id}: {why}")
             delivery.reject(True)
             self.stats["requeued"] += 1
             self._tell(message, "requeued", why, handling)
@@ -1033,10 +1037,11 @@ class ConsumerService(Service):
         replaced.addErrback(lambda f: self._settling_failed(delivery, f))
         self._track(replaced)
 
-    def _halt(self) -> None:
+    def _halt(self, reason: str) -> None:
         if self.halted:
             return
         self.halted = True
+        self.halt_reason = reason
         self._consuming = False
         # Cancelled before the waiting deliveries go back, for the same
         # reason as the halting one.

@@ -485,7 +485,8 @@ class _HubCollector:
                 self.log.failure("Reading the numbers of producer {producer} failed", producer=name)
         if ready is not None:
             families.gauge(
-                "fedhub_ready", "1 when every bus is connected and every consumer consumes", []
+                "fedhub_ready", "1 when /ready answers 200: every domain connected with a usable outbox, "
+                "every consumer consuming, every producer started", []
             ).add_metric([], 1.0 if ready else 0.0)
         return families
 

@@ -113,6 +113,23 @@ _PEM_PRIVATE_KEY = re.compile(
 )
 
 
+#: What a listener counts (its C{counters}), all there from its start, at 0,
+#: so that a metric's first event shows as an increase: C{connections},
+#: C{connections_refused_<reason>}, C{mails_<outcome>} of the mails
+#: answered 250, C{mails_refused_<kind>} (see
+#: L{fedhub.producers.bugzilla.producer.Refusal}, and C{limit} and
+#: C{secret}), and the other events.
+COUNTERS: tuple[str, ...] = (
+    "connections",
+    *(f"connections_refused_{reason}" for reason in ("network", "limit", "peer_limit")),
+    *(f"mails_{outcome}" for outcome in ("published", "duplicate", "quarantined")),
+    *(f"mails_refused_{kind}" for kind in (
+        "storage", "unavailable", "content", "rejected", "internal", "limit", "secret")),
+    "recipients_refused", "idle_timeouts", "data_timeouts", "delivery_timeouts",
+    "error_limit_closes",
+)
+
+
 # --- settings -------------------------------------------------------------------
 
 
@@ -1468,14 +1485,9 @@ class BugmailSMTPFactory(ServerFactory):
         self.secret = secret
         self.producer: str = getattr(intake, "producer", "bugzilla-smtp")
         self.sessions: set[BugmailSMTP] = set()
-        #: Events by name, for metrics: C{connections},
-        #: C{connections_refused_network}/C{_limit}/C{_peer_limit},
-        #: C{mails_published}/C{_duplicate}/C{_quarantined},
-        #: C{mails_refused_<kind>} (storage, unavailable, content, rejected,
-        #: internal, limit, secret), C{recipients_refused},
-        #: C{idle_timeouts}, C{data_timeouts}, C{delivery_timeouts},
-        #: C{error_limit_closes}.
-        self.counters: Counter[str] = Counter()
+        #: Events by name, for metrics (L{COUNTERS}), each there from the
+        #: start, at 0.
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._per_peer: Counter[str] = Counter()
         self._pending: set[Deferred[Any]] = set()
         # Peers are matched in the form _normal_host gives them.
