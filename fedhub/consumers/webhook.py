@@ -375,8 +375,9 @@ class WebhookHandler:
             self.log.debug("Consumer {consumer} posted {msg_id} ({topic}) to {url}: {status}",
                            **fields)
             return
-        self.log.warn("Consumer {consumer} posted {msg_id} ({topic}) to {url}: {status} "
-                      "{reason}", reason=verdict.reason, **fields)
+        # The reason names the status and the URL already.
+        self.log.warn("Consumer {consumer} posted {msg_id} ({topic}): {reason}",
+                      reason=verdict.reason, **fields)
         raise verdict
 
     def _failed(self, failure: Failure, message: Message, timed_out: list[bool]) -> None:
