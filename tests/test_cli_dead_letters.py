@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import subprocess
 import sys
 import uuid
 from collections import deque
@@ -37,8 +39,17 @@ from zope.interface import implementer
 from fedhub.amqp.codec import FieldValue
 from fedhub.amqp.frames import encode_properties
 from fedhub.amqp.transport import AMQPBus
-from fedhub.cli.dead_letters import ConsumerQueues, DeadMessage, Row, act, as_json, table
-from fedhub.cli.main import build_parser
+from fedhub.cli.dead_letters import (
+    ConsumerQueues,
+    DeadMessage,
+    Row,
+    act,
+    as_json,
+    consumer_of,
+    table,
+    warn_quorum,
+)
+from fedhub.cli.main import build_parser, parse_arguments
 from fedhub.cli.runner import Runtime
 from fedhub.config import DomainConfig, load_config
 from fedhub.consumers.runner import ConsumerService, attempts_from
@@ -118,6 +129,13 @@ class DeadMessageTests(SynchronousTestCase):
                                "n": 7, "x-other": "kept"}
         self.assertEqual(copy.encoded_properties(), encode_properties(expected))
 
+    def test_copy_strips_quorum_delivery_count(self) -> None:
+        """A quorum queue's count of deliveries (every list adds one) does not go with the copy."""
+        message = dead(headers={"x-delivery-count": 7, "kept": 1})
+        expected = dict(message.properties)
+        expected["headers"] = {"kept": 1}
+        self.assertEqual(message.copy().encoded_properties(), encode_properties(expected))
+
     def test_copy_without_headers(self) -> None:
         """A message without headers gets none."""
         message = dead()
@@ -179,6 +197,36 @@ class UsageTests(SynchronousTestCase):
             self.assertEqual(self.run_command(action, "-c", config, "one"), 64)
             self.assertEqual(self.run_command(action, "-c", config, "one", "m1", "--all"), 64)
         self.assertIn("name the messages (ID ...) or give --all", self.stderr.getvalue())
+
+    def test_quorum_queues_warned_about(self) -> None:
+        """
+        A consumer on quorum queues: reading its dead letters and putting
+        them back counts deliveries, and the command says so before it
+        reads (list, or requeue and drop by name).
+        """
+        more = ('\n[[consumers]]\nname = "q"\nplugin = "log"\ndomain = "test"\n'
+                'queue_arguments = { "x-queue-type" = "quorum" }\n'
+                '\n[[consumers]]\nname = "c"\nplugin = "log"\ndomain = "test"\n')
+        config = load_config(write_config(self.directory, more=more))
+        self.assertEqual((consumer_of(config, "q").quorum, consumer_of(config, "c").quorum),
+                         (True, False))
+        warn_quorum(consumer_of(config, "c"))
+        self.assertEqual(self.stderr.getvalue(), "")
+        warn_quorum(consumer_of(config, "q"))
+        [line] = self.stderr.getvalue().splitlines()
+        self.assertTrue(line.startswith("fedhub dead-letters: warning: fedhub.q.dead is a quorum queue"))
+        self.assertIn("x-delivery-count", line)
+
+    def test_names_after_options(self) -> None:
+        """Names may follow options (--limit, -c) after the consumer; an unknown option is still refused."""
+        args = parse_arguments(build_parser(), ["dead-letters", "requeue", "one", "-c", "a.toml", "--limit", "50", "m1", "m2"])
+        self.assertEqual((args.ids, args.limit, args.config), (["m1", "m2"], 50, "a.toml"))
+        args = parse_arguments(build_parser(), ["outbox", "retry", "1", "-c", "a.toml", "2"])
+        self.assertEqual(args.ids, ["1", "2"])
+        with self.assertRaises(SystemExit) as raised:
+            parse_arguments(build_parser(), ["dead-letters", "requeue", "one", "--all", "--bogus", "m1"])
+        self.assertEqual(raised.exception.code, 2)
+        self.assertIn("unrecognized arguments: --bogus m1", self.stderr.getvalue())
 
     def test_options_before_the_action(self) -> None:
         """-c, -t and -v may come before the action; after it, they win."""
@@ -637,6 +685,21 @@ class LiveDeadLetterTests(LiveCase):
         self.assertEqual(records[1]["size"], len(INVALID_BODY))
         self.assertIn("holds 3 message(s); the first 2 are shown", process.stderr)
         self.assertEqual(await self.peek(bus, self.dead), before)
+
+    async def test_list_reader_gone(self) -> None:
+        """list | head: a reader of standard output that went away ends the command quietly with 0."""
+        await self.fill()
+        read, write = os.pipe()
+        os.close(read)
+        root = str(Path(__file__).parent.parent)
+        with os.fdopen(write, "w") as closed:
+            done = await deferToThread(
+                subprocess.run,
+                [sys.executable, "-m", "fedhub.cli", "dead-letters", "list", "-c", self.config, self.name],
+                stdout=closed, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": root},
+                timeout=120, check=False,
+            )
+        self.assertEqual((done.returncode, done.stderr), (0, b""))
 
     async def test_requeue_all(self) -> None:
         """requeue --all moves everything intact but the death headers; the consumer starts afresh."""

@@ -76,6 +76,9 @@ ACT_LIMIT = 10_000
 #: message (and RabbitMQ's summaries of the first and the last time).
 DEATH_HEADER = "x-death"
 DEATH_PREFIXES = ("x-first-death-", "x-last-death-")
+#: The count of deliveries a quorum queue adds to a message it redelivers
+#: (every C{list} or passed-over message counts one).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class ConsumerQueues:
     @ivar queue: Its queue C{Q}.
     @ivar dead: Its dead-letter queue C{Q.dead}.
     @ivar return_exchange: The fanout exchange C{Q.return} bound to C{Q}.
+    @ivar quorum: Whether its queues are quorum queues (its
+        C{queue_arguments}), whose messages can not be read without
+        counting a delivery of each (see L{QUORUM_WARNING}).
     """
 
     consumer: str
@@ -95,6 +101,7 @@ class ConsumerQueues:
     queue: str
     dead: str
     return_exchange: str
+    quorum: bool = False
 
 
 def consumer_of(config: Config, name: str) -> ConsumerQueues:
@@ -112,7 +119,30 @@ def consumer_of(config: Config, name: str) -> ConsumerQueues:
         )
     domain = runner.domain_of(config, component.domain)
     queue, dead, return_exchange = consumer_queues(component)
-    return ConsumerQueues(component.name, domain, queue, dead, return_exchange)
+    quorum = component.queue_arguments.get("x-queue-type") == "quorum"
+    return ConsumerQueues(component.name, domain, queue, dead, return_exchange, quorum)
+
+
+#: What reading the messages of a quorum queue without taking them does:
+#: each message put back counts one delivery, goes to the back of the
+#: queue, and past a C{delivery-limit} (a policy's; RabbitMQ 4 sets 20 by
+#: default) is dropped, since a dead-letter queue has no dead-letter
+#: exchange of its own.
+QUORUM_WARNING = (
+    "{queue} is a quorum queue: every message read and put back counts one delivery "
+    "(x-delivery-count) and goes to the back of the queue, and one put back more often than a "
+    "delivery-limit allows is dropped; keep *.dead queues out of delivery-limit policies"
+)
+
+
+def warn_quorum(queues: ConsumerQueues) -> None:
+    """
+    Say on standard error what reading a quorum dead-letter queue costs,
+    before a command reads messages it puts back.
+    """
+    if queues.quorum:
+        print(f"fedhub dead-letters: warning: {QUORUM_WARNING.format(queue=queues.dead)}",
+              file=sys.stderr)
 
 
 # --- one dead-lettered message ------------------------------------------------
@@ -135,10 +165,13 @@ def _text(value: Any) -> str | None:
 
 def is_death_header(name: str) -> bool:
     """
-    Whether a header records the message's death: fedhub's reason, or the
-    broker's records, which a requeued copy goes without.
+    Whether a header records the message's death: fedhub's reason, the
+    broker's records, or a quorum queue's count of its deliveries, which a
+    requeued copy goes without.
     """
-    return name == DEAD_LETTER_REASON_HEADER or name == DEATH_HEADER or name.startswith(DEATH_PREFIXES)
+    return name in (DEAD_LETTER_REASON_HEADER, DEATH_HEADER, DELIVERY_COUNT_HEADER) or name.startswith(
+        DEATH_PREFIXES
+    )
 
 
 @dataclass(frozen=True)
@@ -404,6 +437,7 @@ async def list_messages(
     Print the first C{limit} messages of the dead-letter queue, leaving
     them all in place.
     """
+    warn_quorum(queues)
     dead = await DeadLetterQueue.open(bus, queues)
     rows: list[Row] = []
     try:
@@ -494,6 +528,9 @@ async def act(
     Requeue or drop the messages named (all of them for C{None}) and say
     how many; see the module docstring.
     """
+    if names is not None:
+        # Those passed over go back; --all puts none back but failures.
+        warn_quorum(queues)
     dead = await DeadLetterQueue.open(bus, queues)
     progress = Progress()
     wanted = None if names is None else set(names)

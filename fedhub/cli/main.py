@@ -201,12 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """
+    The parsed command line.  Names given after an option (C{dead-letters
+    requeue CONSUMER --limit N ID ...}, C{outbox retry 1 -c FILE 2}) join
+    the names before it: argparse fills a C{nargs="*"} positional once, at
+    its first chance, and would refuse the rest.
+
+    @raise SystemExit: (2) for arguments that can not be parsed, as argparse.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        names = getattr(args, "ids", None)
+        if isinstance(names, list) and not any(e.startswith("-") for e in extra):
+            names.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command line and return the exit status.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
     if run is None:
         parser.print_help(sys.stderr)

@@ -555,6 +555,10 @@ def run(
         error = result.value
         if error is None:  # pragma: no cover - a Failure always carries its exception
             return fail(command, "unknown failure", EX_SOFTWARE)
+        if isinstance(error, BrokenPipeError) and getattr(error, "standard_output", False):
+            # Its reader went away (`fedhub dead-letters list | head`):
+            # let main() end quietly with 0, as for the other commands.
+            raise error
         status, reason = status_of(error)
         if status == EX_SOFTWARE:
             if verbose:
