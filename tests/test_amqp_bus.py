@@ -958,10 +958,15 @@ class PublishTests(BusCase):
         sent again, the permissions may have been granted: confirmed, the
         next ones go too.
         """
+        self.assertIsNone(self.bus.publish_refused)
         _, first = self.publish()
         self.broker.refuse_publish("amq.topic")
         self.broker.pump()
         self.failureResultOf(first, PublishRefused)
+        # Said while it holds (for /ready), then no more.
+        refused = self.bus.publish_refused
+        self.assertIsNotNone(refused)
+        self.assertIn("403", refused or "")
         new_channel = self.broker.methods("confirm.select")[-1][0]
         self.broker.confirm_seq = {new_channel: 0}
         sent = len(self.broker.published)
@@ -970,6 +975,7 @@ class PublishTests(BusCase):
         self.failureResultOf(held, PublishRefused)
         self.assertEqual(len(self.broker.published), sent)
         self.clock.advance(REFUSAL_HOLD + 1)
+        self.assertIsNone(self.bus.publish_refused)
         _, again = self.publish()
         self.broker.pump()
         self.assertEqual(len(self.broker.published), sent + 1)

@@ -395,7 +395,12 @@ class ReconnectorTests(SynchronousTestCase):
         """A preparation that times out is logged as a failed attempt and retried."""
         self.reconnector.start()
         self.clock.advance(30.0)
-        self.assertEqual(len(self.warnings()), 1)
+        self.assertEqual(self.warnings(), [
+            "Connecting to the test broker failed (the broker did not finish setting the "
+            "connection up within 30 s); attempt 1, next in 1.0 s"
+        ])
+        self.assertEqual(str(self.reconnector.last_error),
+                         "the broker did not finish setting the connection up within 30 s")
         self.assertEqual(self.reconnector.failures, 1)
         self.connections[0].lose()
         self.clock.advance(1.0)

@@ -796,6 +796,57 @@ class BackoffTests(OutboxTestCase):
         bus.ack()
         self.assertEqual(bus.published, messages)
 
+    def test_resumes_when_the_bus_connects(self) -> None:
+        """
+        A bus that can say when it connects ends the pause at once, not at
+        the end of a backoff delay that grew while the broker was away; one
+        wait at a time however many backoffs pass; a bus that stops instead
+        leaves the backoff as it was.
+        """
+
+        class Announcing(FakeBus):
+            def __init__(self) -> None:
+                super().__init__()
+                self.waiters: list[Deferred[None]] = []
+
+            def when_connected(self) -> Deferred[None]:
+                d: Deferred[None] = Deferred()
+                self.waiters.append(d)
+                return d
+
+            def come_back(self) -> None:
+                self.connected = True
+                waiters, self.waiters = self.waiters, []
+                for d in waiters:
+                    d.callback(None)
+
+        bus = Announcing()
+        bus.connected = False
+        outbox, _ = self.make(bus, window=10)
+        messages = [make_message(n) for n in range(3)]
+        for d in self.publish_all(outbox, messages):
+            self.successResultOf(d)
+        self.clock.advance(60)
+        self.assertEqual(bus.published, [])
+        self.assertEqual(len(bus.waiters), 1)
+        bus.come_back()
+        # No clock advance: the probe goes at once, the rest on its confirm.
+        self.assertEqual(bus.published, messages[:1])
+        bus.ack()
+        self.assertEqual(bus.published, messages)
+        self.assertFalse(outbox.stats().paused)
+        # Lost again, and the bus stops: the wait ends, the backoff goes on.
+        bus.drop()
+        self.clock.advance(1)
+        self.assertEqual(len(bus.waiters), 1)
+        bus.waiters.pop().errback(NotConnected("the bus stopped"))
+        bus.connected = True
+        self.clock.advance(10)
+        # The probe first, then the other one on its confirm.
+        self.assertEqual(len(bus.ack_all()), 1)
+        self.assertEqual(len(bus.ack_all()), 1)
+        self.assertEqual(outbox.stats().depth, 0)
+
     def test_unexpected_error(self) -> None:
         """
         A bus that raises something unexpected is logged and retried later like a lost connection.

@@ -547,6 +547,25 @@ class ReadyTests(SynchronousTestCase):
         bad.start_error = None  # type: ignore[attr-defined]
         self.assertEqual(self.ready(world)[0], 200)
 
+    def test_publishing_refused(self) -> None:
+        """
+        A domain whose broker refuses its publishes (403: they go to the
+        failed area) is not ready while the refusal holds; the body and the
+        headline say so.
+        """
+        world = World(self)
+        world.start()
+        self.assertEqual(self.ready(world)[0], 200)
+        world.bus.publish_refused = "403 ACCESS_REFUSED - write access to exchange\x1b"  # type: ignore[attr-defined]
+        code, body = self.ready(world)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["domains"]["one"]["ready"], False)
+        self.assertEqual(body["domains"]["one"]["publish_refused"],
+                         "403 ACCESS_REFUSED - write access to exchange\\x1b")
+        self.assertIn("the broker refuses publishing in domain one", world.view()["headline"])
+        world.bus.publish_refused = None  # type: ignore[attr-defined]
+        self.assertEqual(self.ready(world)[0], 200)
+
     def test_outbox_that_can_not_open(self) -> None:
         """
         A domain whose outbox can not be opened (here its directory is a

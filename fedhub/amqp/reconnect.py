@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from automat import TypeMachineBuilder
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -266,7 +266,15 @@ def _build() -> Callable[[_Core], _Inputs]:
         core.failures += 1
         delay = core.retry_delay(core.failures)
         error = failure.value
-        if isinstance(error, CancelledError):
+        if isinstance(error, DeferredTimeout):
+            # Connected, but the AMQP handshake (or declaring, consuming)
+            # did not finish within setup_timeout: a broker that hangs.
+            core.last_error = NotConnected(
+                f"the broker did not finish setting the connection up within "
+                f"{core.setup_timeout:g} s"
+            )
+            text = str(core.last_error)
+        elif isinstance(error, CancelledError):
             text = "took too long"
             core.last_error = error
         else:

@@ -1384,6 +1384,21 @@ class AMQPBus(Service):
         session = self._session
         return session is not None and session.alive and session.client.blocked
 
+    @property
+    def publish_refused(self) -> str | None:
+        """
+        The broker's latest refusal (C{403}) of a publish on the current
+        connection while it still holds (L{REFUSAL_HOLD} seconds), as text;
+        C{None} when there is none.  Messages refused so go to the outbox's
+        failed area, so a domain with one is not ready.
+        """
+        session = self._session
+        if session is None or not session.alive or not session.refusals:
+            return None
+        since = self._reactor.seconds() - REFUSAL_HOLD
+        held = [error for error, when in session.refusals if when > since]
+        return str(held[-1]) if held else None
+
     # -- IBus ---------------------------------------------------------------------
 
     @property

@@ -340,6 +340,8 @@ class Outbox(Service):
         self._probing = False
         self._probe_sent = False
         self._retry_call: _DelayedCall | None = None
+        # Waits for the bus to connect while sending is paused (see _pause).
+        self._connect_wait: Deferred[None] | None = None
         self._attempt = 0
         self._generation = 0
         self._settled_later = False
@@ -1145,6 +1147,34 @@ class Outbox(Service):
                 delay=delay,
             )
         self._retry_call = self._reactor.callLater(delay, self._resume)
+        if not self._bus.connected:
+            self._resume_on_connect()
+
+    def _resume_on_connect(self) -> None:
+        """
+        End the pause as soon as the bus connects again (a bus that can say
+        when: L{fedhub.amqp.transport.AMQPBus.when_connected}), rather than
+        at the end of a backoff delay that grew while the broker was away.
+        One wait at a time, however long the outage.
+        """
+        when_connected = getattr(self._bus, "when_connected", None)
+        if when_connected is None or self._connect_wait is not None:
+            return
+
+        def connected(_: object) -> None:
+            self._connect_wait = None
+            call = self._retry_call
+            if self._paused and self._stop_d is None and call is not None and call.active():
+                call.cancel()
+                self._resume()
+
+        def gone(_: TwistedFailure) -> None:
+            # The bus stopped: the backoff goes on as before.
+            self._connect_wait = None
+
+        d: Deferred[None] = when_connected()
+        self._connect_wait = d
+        d.addCallbacks(connected, gone)
 
     def _resume(self) -> None:
         self._retry_call = None

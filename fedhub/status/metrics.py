@@ -166,6 +166,11 @@ def readiness(hub: HubView) -> Readiness:
             if isinstance(error, BaseException)
             else None
         )
+        # The broker refusing publishes (403): they go to the failed area.
+        refused = getattr(bus, "publish_refused", None)
+        if isinstance(refused, str):
+            detail["publish_refused"] = escape_control(refused, 300)
+            detail["ready"] = False
         # An outbox that can not open or write refuses every hand-over.
         problem = getattr(runtime.publisher, "problem", None)
         detail["outbox_error"] = None if problem is None else escape_control(str(problem), 300)

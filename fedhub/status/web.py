@@ -399,6 +399,7 @@ def status_view(hub: HubView, monitor: HubMonitor, now: float) -> dict[str, Any]
     check = readiness(hub)
     problems = [
         f"domain {name} is not connected" if not d["connected"]
+        else f"the broker refuses publishing in domain {name}" if d.get("publish_refused")
         else f"the outbox of domain {name} can not be used"
         for name, d in check.domains.items()
         if not d["ready"]
