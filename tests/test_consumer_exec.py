@@ -885,13 +885,22 @@ class RunTests(ProcessCase):
         self.failureResultOf(calls[2], NotHandled)
         yield gatherResults([calls[0], calls[1], calls[3]])
         self.assertEqual(out.read_text(), "2 2\n")
+        # The first of two copies abandoned: the line stays for the other.
+        first = sample()
+        again = first.evolve(redelivered=True)
+        calls = [handler.handle(first), handler.handle(again)]
+        handler.abandon(first)
+        self.failureResultOf(calls[0], NotHandled)
+        yield calls[1]
+        self.assertEqual(out.read_text(), "2 2\n1 1\n")
+        self.assertEqual(handler.runs, 2)
         # The only message of a batch abandoned: no run at all.
         lone = sample()
         call = handler.handle(lone)
         handler.abandon(lone)
         self.failureResultOf(call, NotHandled)
         yield deferLater(reactor, 0.5, lambda: None)
-        self.assertEqual(handler.runs, 1)
+        self.assertEqual(handler.runs, 2)
 
     @inlineCallbacks
     def test_coalesce_one_run_per_burst(self) -> Any:

@@ -562,8 +562,11 @@ class RunnerTests(ConsumerCase):
 
     def test_stop_gives_back_waiting(self) -> None:
         """
-        Stopping puts the waiting deliveries back at once, finishes the one
-        in hand, and never calls the handler again.
+        Stopping gives up the waiting deliveries at once, finishes the one
+        in hand, and never calls the handler again.  The ones given up stay
+        with the subscription until it ends after the drain: rejected at
+        once, they would free their prefetch slots and the broker would hand
+        them straight back, again and again for as long as the drain lasts.
         """
         pending: Deferred[None] = Deferred()
         handler = ScriptedHandler(pending)
@@ -572,14 +575,46 @@ class RunnerTests(ConsumerCase):
             self.publish({"n": n})
         stopped = service.stopService()
         self.assertEqual(len(service._waiting), 0)
-        self.assertEqual(self.bus.queue_depth("fedhub.c"), 2)
+        self.flush()
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (0, 3))
+        self.assertEqual(service.stats["requeued"], 2)
         self.assertNoResult(stopped)
         pending.callback(None)
         self.flush()
         self.successResultOf(stopped)
         self.assertEqual(len(handler.seen), 1)
         self.assertEqual((service.stats["acked"], service.stats["requeued"]), (1, 2))
-        self.assertEqual(self.bus.queue_depth("fedhub.c"), 2)
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (2, 0))
+
+    def test_not_handled_while_stopping_not_redelivered(self) -> None:
+        """
+        Calls a handler gives back while the consumer stops (exec's waiting
+        runs) stay with the subscription until it ends; nothing comes back
+        to the stopping consumer meanwhile.
+        """
+        running: Deferred[None] = Deferred()
+        given_back: list[Deferred[None]] = [Deferred(), Deferred()]
+
+        class Draining(ScriptedHandler):
+            def drain(self) -> None:
+                for d in given_back:
+                    d.errback(NotHandled("the consumer is stopping"))
+
+        handler = Draining(running, *given_back)
+        service = self.start(handler, concurrency=3, prefetch=3)
+        for n in range(3):
+            self.publish({"n": n})
+        self.assertEqual(len(handler.seen), 3)
+        stopped = service.stopService()
+        for _ in range(50):
+            self.clock.advance(0)
+        self.assertEqual(len(handler.seen), 3)
+        self.assertEqual(service.stats["requeued"], 2)
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (0, 3))
+        running.callback(None)
+        self.flush()
+        self.successResultOf(stopped)
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (2, 0))
 
     def test_waiting_delivery_whose_channel_closed(self) -> None:
         """

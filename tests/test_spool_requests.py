@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.errors import MessageReturned, TemporarilyUnavailable
@@ -394,7 +395,14 @@ class FixedRequestTests(RequestTestCase):
 
         area = Opening()
         importer = self.importer(area)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.successResultOf(importer._import())
+        self.successResultOf(importer._import())
+        waits = [e for e in events if "waits until the outbox" in e.get("log_format", "")]
+        # Said once (later passes say it at debug level, below the default).
+        self.assertEqual([e["log_level"] for e in waits], [LogLevel.warn])
         self.assertFalse(os.path.exists(reply))
         self.assertEqual(len(self.requests()), 1)
         self.assertEqual(len(self.failed(outbox)), 1)

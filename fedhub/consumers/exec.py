@@ -898,8 +898,11 @@ class _Batch:
     (by the identity of the message each call was for).
     """
 
+    #: One line per message id, in the order they came.
     messages: list[Message] = field(default_factory=list)
-    waiters: dict[int, Deferred[None]] = field(default_factory=dict)
+    #: The calls waiting for the run: by the identity of each call's
+    #: message, its id and its waiter.
+    waiters: dict[int, tuple[str, Deferred[None]]] = field(default_factory=dict)
     timer: IDelayedCall | None = None
     due: bool = False
 
@@ -911,16 +914,20 @@ class _Batch:
         waiter: Deferred[None] = Deferred()
         if not any(m.id == message.id for m in self.messages):
             self.messages.append(message)
-        self.waiters[id(message)] = waiter
+        self.waiters[id(message)] = (message.id, waiter)
         return waiter
 
     def remove(self, message: Message) -> Deferred[None] | None:
         """
-        Take out the call for C{message}; its waiter, or C{None}.
+        Take out the call for C{message} (this very object); its waiter, or
+        C{None}.  Its line goes only with the last call sharing it.
         """
-        waiter = self.waiters.pop(id(message), None)
-        if waiter is not None and message in self.messages:
-            self.messages.remove(message)
+        entry = self.waiters.pop(id(message), None)
+        if entry is None:
+            return None
+        message_id, waiter = entry
+        if all(other != message_id for other, _ in self.waiters.values()):
+            self.messages = [m for m in self.messages if m.id != message_id]
         return waiter
 
 
@@ -1260,6 +1267,10 @@ class ExecHandler:
             self._batch = None
         self._batch_running = True
         messages = list(batch.messages)
+        if not messages:
+            # Every call left it (abandoned): nothing to run.
+            self._settle_batch(batch, None)
+            return
         newest = messages[-1]
         try:
             argv = self._argv(newest)
@@ -1284,7 +1295,7 @@ class ExecHandler:
 
     def _settle_batch(self, batch: _Batch, outcome: object) -> None:
         self._batch_running = False
-        for waiter in batch.waiters.values():
+        for _, waiter in batch.waiters.values():
             if isinstance(outcome, (Failure, BaseException)):
                 waiter.errback(outcome)
             else:

@@ -87,6 +87,13 @@ class _Pending:
     waiter: Deferred[None]
 
 
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 @implementer(IMessageHandler)
 class RecordHandler:
     """
@@ -198,9 +205,10 @@ class RecordHandler:
                 FILE_MODE,
             )
         except OSError as e:
-            # ENXIO: a FIFO nothing reads.
+            # ENXIO: a FIFO nothing reads (or a socket, a device without
+            # its driver).
             what = (
-                "is a FIFO, not a file" if e.errno == errno.ENXIO
+                "is a FIFO, not a file" if e.errno == errno.ENXIO and _is_fifo(path)
                 else f"can not be opened: {e.strerror}"
             )
             raise ConfigError([ConfigProblem(f"{self.name}.path", f"{path!r} {what}")]) from None

@@ -342,8 +342,9 @@ class ConsumerService(Service):
     def problem(self) -> str | None:
         """
         Why it is not consuming, when it can tell: its last failed start,
-        the message it halted on and why, or what the broker said when refusing to let its subscription
-        consume again (a queue gone); C{None} otherwise.
+        the message it halted on and why, or what the broker said when
+        refusing to let its subscription consume again (a queue gone);
+        C{None} otherwise.
         """
         if self.start_error is not None:
             return self.start_error
@@ -495,11 +496,14 @@ class ConsumerService(Service):
             )
         self._start_retry = self.clock.callLater(delay, self._try_start)
 
-    def _start_slow(self) -> None:
+    def _start_slow(self, run: int) -> None:
         """
         The plugin's C{start()} has not ended after L{START_SLOW} seconds:
-        say so, since the consumer does not consume until it has.
+        say so, since the consumer does not consume until it has (unless it
+        was stopped meanwhile).
         """
+        if not self._current(run):
+            return
         self.start_error = f"its plugin's start() has not finished after {START_SLOW:g} s"
         self.log.warn(
             "Consumer {consumer}: its plugin's start() has not finished after {seconds} s; "
@@ -528,7 +532,7 @@ class ConsumerService(Service):
         """
         if not self._handler_started:
             self._plugin_starting = maybeDeferred(self.handler.start)
-            slow = self.clock.callLater(START_SLOW, self._start_slow)
+            slow = self.clock.callLater(START_SLOW, self._start_slow, run)
             try:
                 yield self._plugin_starting
             finally:
@@ -565,11 +569,24 @@ class ConsumerService(Service):
         self._waiting.append(delivery)
         self._pump()
 
+    def _put_back(self, delivery: IDelivery) -> None:
+        """
+        Return a delivery to its queue: by rejecting it, unless the consumer
+        is stopping with its subscription still on (it waits for the calls
+        in progress before cancelling it).  A rejection then would only
+        free a prefetch slot, and the broker would hand the message straight
+        back to this consumer, again and again until the subscription ends;
+        held instead, the message goes back when the subscription's channel
+        closes.
+        """
+        if self.running or self._subscription is None:
+            delivery.reject(True)
+
     def _give_back(self, delivery: IDelivery) -> None:
         """
         Put a delivery the consumer will not handle back in its queue.
         """
-        delivery.reject(True)
+        self._put_back(delivery)
         self.stats["requeued"] += 1
         self._tell(delivery.message, "requeued", "consumer stopping or halted")
 
@@ -799,7 +816,7 @@ class ConsumerService(Service):
         """
         reason = f"not handled: {verdict.reason or 'given back'}"
         if delivery.live:
-            delivery.reject(True)
+            self._put_back(delivery)
         self.stats["requeued"] += 1
         self.log.debug(
             "Consumer {consumer}: {msg_id} goes back to its queue, {reason}",

@@ -347,6 +347,8 @@ class SpoolImporter(Service):
         # Spool files whose message was handed over but which could not be
         # deleted: later scans delete them instead of handing them over again.
         self._handed_over: set[str] = set()
+        # Requests told to wait for the outbox (see _requests).
+        self._waiting_requests: set[str] = set()
         self._pool = self._new_pool()
         self._loop: LoopingCall | None = None
         self._running: Deferred[Any] | None = None
@@ -484,14 +486,19 @@ class SpoolImporter(Service):
             except TemporarilyUnavailable as e:
                 # The outbox is not open yet (the hub is starting) or can not
                 # be used for now: the request stays, for the next pass, as
-                # the command promised.  Those after it wait their turn.
-                self.log.debug(
-                    "Failed-area request {path} of {domain} waits: {reason}",
+                # the command promised.  Those after it wait their turn.  Said
+                # once per request: an outbox that never opens keeps it.
+                told = path in self._waiting_requests
+                self._waiting_requests.add(path)
+                (self.log.debug if told else self.log.warn)(
+                    "Failed-area request {path} of {domain} waits until the outbox can be used: "
+                    "{reason}",
                     path=path, domain=self.domain, reason=e.reason,
                 )
                 return
             except Exception as e:
                 answer = {"error": f"{type(e).__name__}: {e}"}
+            self._waiting_requests.discard(path)
             self.log.info(
                 "Failed area of {domain}: {action} requested by a command",
                 domain=self.domain, action=escape_control(str(answer.get("action", "?"))),

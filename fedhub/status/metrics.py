@@ -98,17 +98,20 @@ class HubView(Protocol):
 @dataclass(frozen=True)
 class Readiness:
     """
-    Whether a hub can do its work: every domain's bus is connected, every
-    consumer consumes (none halted) and no producer's start failed.
+    Whether a hub can do its work: every domain's bus is connected, its
+    outbox usable and its publishes not refused, every consumer consumes
+    (none halted) and no producer's start failed.
 
     @ivar ready: The verdict.
     @ivar domains: By domain: C{ready}, C{connected}, C{transport}
-        (C{"memory"} or C{"amqp"}), C{blocked} when the bus can tell, and
-        C{error}: the last connection error, or C{None}.
+        (C{"memory"} or C{"amqp"}), C{blocked} when the bus can tell,
+        C{error}: the last connection error, or C{None};
+        C{outbox_error}: why its outbox can not be used, or C{None}; and,
+        while the broker refuses its publishes, C{publish_refused}.
     @ivar consumers: By consumer: C{ready}, C{domain}, C{consuming},
-        C{halted}, and C{error}: why its last attempt to start failed, or
-        why the broker does not let it consume (it tries again in both
-        cases), or C{None}.
+        C{halted}, and C{error}: why its last attempt to start failed, why
+        the broker does not let it consume (it tries again in both cases),
+        or the message it halted on and why; or C{None}.
     @ivar producers: By producer: C{ready} (its start did not fail),
         C{running}, and C{error}: why its start failed (the hub's record,
         or the service's own C{start_error}: a listener that could not
