@@ -255,6 +255,8 @@ class Halt(Verdict):
     """
     Stop this consumer: the message is returned to its queue and the consumer
     consumes nothing more until the hub restarts.  Other consumers go on.
+    The consumer's other calls in progress finish first (within its
+    C{drain_timeout}), so their messages are settled once.
     """
 
 

@@ -537,6 +537,47 @@ class RunnerTests(ConsumerCase):
         self.assertEqual(len(slow.seen), 3)
         self.assertEqual([m.id for m in slow.seen], [m.id for m in sent])
 
+    def test_halt_lets_calls_in_progress_settle(self) -> None:
+        """
+        A Halt while other calls are in progress: their messages stay with
+        the open subscription until they settle (acknowledged once, not put
+        back to be handled twice); the halting one and the waiting ones are
+        held meanwhile, not rejected (which would bring them straight back),
+        and go back to the queue when the subscription then ends.
+        """
+        first: Deferred[None] = Deferred()
+        halting: Deferred[None] = Deferred()
+        handler = ScriptedHandler(first, halting)
+        service = self.start(handler, concurrency=2, prefetch=4)
+        for n in range(4):
+            self.publish({"n": n})
+        self.assertEqual(len(handler.seen), 2)
+        halting.errback(Halt("stop here"))
+        for _ in range(20):
+            self.clock.advance(0)
+        self.assertTrue(service.halted)
+        self.assertFalse(service.consuming)
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (0, 4))
+        self.assertEqual(service.stats["requeued"], 3)
+        first.callback(None)
+        self.flush()
+        self.assertEqual(service.stats["acked"], 1)
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (3, 0))
+        self.assertEqual(len(handler.seen), 2)
+
+    def test_halt_waits_for_calls_at_most_drain_timeout(self) -> None:
+        """A call that never ends holds a halted consumer's subscription for drain_timeout at most."""
+        stuck: Deferred[None] = Deferred()
+        handler = ScriptedHandler(stuck, Halt("stop here"))
+        service = self.start(handler, concurrency=2, prefetch=4)
+        for n in range(3):
+            self.publish({"n": n})
+        self.flush()
+        self.assertEqual(self.bus.queue_depth("fedhub.c"), 0)
+        self.clock.advance(service.drain_timeout)
+        self.flush()
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c")), (3, 0))
+
     def test_halt_gives_back_waiting(self) -> None:
         """
         A Halt puts the message in hand and every waiting one back in the

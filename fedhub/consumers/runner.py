@@ -54,6 +54,7 @@ from twisted.internet.defer import (
     ensureDeferred,
     inlineCallbacks,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
@@ -572,14 +573,14 @@ class ConsumerService(Service):
     def _put_back(self, delivery: IDelivery) -> None:
         """
         Return a delivery to its queue: by rejecting it, unless the consumer
-        is stopping with its subscription still on (it waits for the calls
-        in progress before cancelling it).  A rejection then would only
+        is stopping or halting with its subscription still on (it waits for
+        the calls in progress before ending it).  A rejection then would only
         free a prefetch slot, and the broker would hand the message straight
         back to this consumer, again and again until the subscription ends;
         held instead, the message goes back when the subscription's channel
         closes.
         """
-        if self.running or self._subscription is None:
+        if (self.running and not self.halted) or self._subscription is None:
             delivery.reject(True)
 
     def _give_back(self, delivery: IDelivery) -> None:
@@ -889,12 +890,10 @@ class ConsumerService(Service):
                 msg_id=message.id,
                 reason=why,
             )
-            # Consuming stops first: a message put back while the
-            # subscription lasts may come again on it at once.  Once the
-            # subscription is gone the message is back in its queue, whether
-            # the rejection went out or the channel closing put it back.
+            # Held, not rejected, while the calls in progress settle (see
+            # _halt): it goes back when the subscription ends.
             self._halt(f"halted on {message.id}: {why}")
-            delivery.reject(True)
+            self._put_back(delivery)
             self.stats["requeued"] += 1
             self._tell(message, "requeued", why, handling)
         elif not delivery.live:
@@ -1060,14 +1059,30 @@ class ConsumerService(Service):
         self.halted = True
         self.halt_reason = reason
         self._consuming = False
-        # Cancelled before the waiting deliveries go back, for the same
-        # reason as the halting one.
-        if self._subscription is not None:
-            subscription, self._subscription = self._subscription, None
-            subscription.cancel().addErrback(
-                lambda f: self.log.failure("Cancelling {consumer} failed", f, consumer=self.component.name)
-            )
+        # The waiting deliveries are given up (held: see _put_back).
         self._pump()
+        # The calls in progress settle on the subscription's open channel,
+        # within drain_timeout: ended now, its channel would put their
+        # messages back while the plugin still works on them, and they would
+        # be handled twice.  Then the subscription ends, and its channel puts
+        # back what the consumer held.
+        calls = list(self._in_flight)
+        settled: Deferred[Any] = (
+            self._within(DeferredList(calls, consumeErrors=True), self.drain_timeout)
+            if calls else succeed(True)
+        )
+        settled.addCallback(lambda _: self._end_halted_subscription())
+
+    def _end_halted_subscription(self) -> None:
+        """
+        End a halted consumer's subscription (unless a stop did already).
+        """
+        if not self.halted or self._subscription is None:
+            return
+        subscription, self._subscription = self._subscription, None
+        subscription.cancel().addErrback(
+            lambda f: self.log.failure("Cancelling {consumer} failed", f, consumer=self.component.name)
+        )
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
