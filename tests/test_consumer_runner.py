@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -821,3 +822,60 @@ class RunnerTests(ConsumerCase):
         for name in ("fedhub.c", "fedhub.c.dead", "fedhub.c.retry.1", "fedhub.c.retry.2"):
             self.assertEqual(self.bus.queue_depth(name), 0)
         self.assertRaises(Exception, self.bus.queue_depth, "fedhub.c.retry.3")
+
+
+class DelayedConfirmTests(ConsumerCase):
+    """
+    As on AMQP, where a copy's confirm comes a broker round trip after the
+    handler call that asked for it: a halt's wait and a stop's drain last
+    until the copy replacing a message is confirmed, not only until the
+    calls end, so the message is in one place, not back in its queue and
+    in the copy's too.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        publish = self.bus.publish
+
+        def later(message: Message, exchange: str | None = None,
+                  routing_key: str | None = None) -> Deferred[None]:
+            d = publish(message, exchange=exchange, routing_key=routing_key)
+            if exchange is None:
+                return d
+            delayed: Deferred[None] = Deferred()
+            d.addBoth(lambda result: self.clock.callLater(
+                0.01, (delayed.errback if isinstance(result, Failure) else delayed.callback), result))
+            return delayed
+
+        self.bus.publish = later  # type: ignore[method-assign]
+
+    def depths(self, service: ConsumerService) -> tuple[int, int, int]:
+        return (self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c"),
+                self.bus.queue_depth(service.retry_prefix + "1"))
+
+    def test_halt_then_a_call_in_progress_retries(self) -> None:
+        """After a Halt, another call ending in Retry has its copy confirmed and its original acknowledged."""
+        other: Deferred[None] = Deferred()
+        halting: Deferred[None] = Deferred()
+        service = self.start(ScriptedHandler(other, halting), concurrency=2, prefetch=2)
+        self.publish({"n": 0})
+        self.publish({"n": 1})
+        halting.errback(Halt("stop here"))
+        self.flush()
+        other.errback(Retry("later"))
+        self.flush(0.05)
+        self.assertEqual(service.stats["unsettled"], 0)
+        self.assertEqual(service.stats["retried"], 1)
+        self.assertEqual(self.depths(service), (1, 0, 1))
+
+    def test_stop_then_the_call_in_progress_retries(self) -> None:
+        """During a stop's drain, a call ending in Retry has its copy confirmed and its original acknowledged."""
+        other: Deferred[None] = Deferred()
+        service = self.start(ScriptedHandler(other), concurrency=1, prefetch=1)
+        self.publish({"n": 0})
+        stopped = service.stopService()
+        other.errback(Retry("later"))
+        self.flush(0.05)
+        self.successResultOf(stopped)
+        self.assertEqual(service.stats["unsettled"], 0)
+        self.assertEqual(self.depths(service), (0, 0, 1))

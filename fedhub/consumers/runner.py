@@ -54,7 +54,6 @@ from twisted.internet.defer import (
     ensureDeferred,
     inlineCallbacks,
     maybeDeferred,
-    succeed,
 )
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
@@ -301,6 +300,8 @@ class ConsumerService(Service):
         self.halted = False
         #: Why it halted, once it did.
         self.halt_reason: str | None = None
+        # The end of the subscription a halt cancelled (see _halt).
+        self._halt_ending: Deferred[Any] | None = None
         # Subscribed, and neither halted nor stopping: see consuming.
         self._consuming = False
         self.in_flight = 0
@@ -1038,9 +1039,11 @@ class ConsumerService(Service):
             return None
 
         def put_back(failure: Failure) -> None:
-            if delivery.reject(True) is False:
+            if not delivery.live:
                 self._unsettled(delivery, outcome, handling)
                 return
+            # Rejected, or held while stopping or halting (see _put_back).
+            self._put_back(delivery)
             self.stats["requeued"] += 1
             self._tell(
                 delivery.message,
@@ -1053,34 +1056,62 @@ class ConsumerService(Service):
         replaced.addErrback(lambda f: self._settling_failed(delivery, f))
         self._track(replaced)
 
+    def _drain(self) -> None:
+        """
+        Ask a handler with a C{drain()} method to finish what it holds now
+        (a batch collecting messages) and give back what it has not begun.
+        """
+        drain = getattr(self.handler, "drain", None)
+        if self._in_flight and callable(drain):
+            try:
+                drain()
+            except Exception:
+                self.log.failure("Draining consumer {consumer} failed", consumer=self.component.name)
+
+    @inlineCallbacks
+    def _settled(self, seconds: float) -> Generator[Deferred[Any], Any, bool]:
+        """
+        Wait until no work is in hand, or C{seconds} pass; whether it got
+        there.  Work in hand is the handler calls, and what begins as each
+        ends: the copy replacing its message (a retry, a dead-letter), whose
+        confirm comes later, and a delayed put-back.  A wait for the calls
+        alone would end the subscription before those, and the message would
+        be both back in its queue and in the copy's.
+        """
+        deadline = self.clock.seconds() + seconds
+        while self._in_flight:
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                return False
+            yield self._within(DeferredList(list(self._in_flight), consumeErrors=True), left)
+        return True
+
     def _halt(self, reason: str) -> None:
         if self.halted:
             return
         self.halted = True
         self.halt_reason = reason
         self._consuming = False
-        # The waiting deliveries are given up (held: see _put_back).
+        # The waiting deliveries are given up (held: see _put_back), and so
+        # is what the handler has not begun.
         self._pump()
-        # The calls in progress settle on the subscription's open channel,
-        # within drain_timeout: ended now, its channel would put their
+        self._drain()
+        # The work in hand settles on the subscription's open channel,
+        # within drain_timeout: ended now, its channel would put those
         # messages back while the plugin still works on them, and they would
         # be handled twice.  Then the subscription ends, and its channel puts
         # back what the consumer held.
-        calls = list(self._in_flight)
-        settled: Deferred[Any] = (
-            self._within(DeferredList(calls, consumeErrors=True), self.drain_timeout)
-            if calls else succeed(True)
-        )
-        settled.addCallback(lambda _: self._end_halted_subscription())
+        self._settled(self.drain_timeout).addCallback(lambda _: self._end_halted_subscription())
 
     def _end_halted_subscription(self) -> None:
         """
-        End a halted consumer's subscription (unless a stop did already).
+        End a halted consumer's subscription (unless a stop did already); a
+        stop waits for it to end (L{_halt_ending}).
         """
         if not self.halted or self._subscription is None:
             return
         subscription, self._subscription = self._subscription, None
-        subscription.cancel().addErrback(
+        self._halt_ending = subscription.cancel().addErrback(
             lambda f: self.log.failure("Cancelling {consumer} failed", f, consumer=self.component.name)
         )
 
@@ -1092,21 +1123,15 @@ class ConsumerService(Service):
             if self._start_retry.active():
                 self._start_retry.cancel()
             self._start_retry = None
-        # What waits for the handler goes back to the queue now.
+        # What waits for the handler is given up (held: see _put_back).
         self._pump()
-        drain = getattr(self.handler, "drain", None)
-        if self._in_flight and callable(drain):
-            # A handler batching messages finishes them now rather than at
-            # the end of its delay, which may be past the drain timeout.
-            try:
-                drain()
-            except Exception:
-                self.log.failure("Draining consumer {consumer} failed", consumer=self.component.name)
+        # A handler batching messages finishes them now rather than at the
+        # end of its delay, which may be past the drain timeout.
+        self._drain()
         if self._in_flight:
             # Wait for the plugin's work, but not forever; what is still in
             # hand afterwards goes back to the queue when the channel closes.
-            drained = DeferredList(list(self._in_flight), consumeErrors=True)
-            finished = yield self._within(drained, self.drain_timeout)
+            finished = yield self._settled(self.drain_timeout)
             if not finished:
                 self.log.warn(
                     "Consumer {consumer} stopped with {count} message(s) still in hand",
@@ -1119,6 +1144,9 @@ class ConsumerService(Service):
                 yield subscription.cancel()
             except Exception:
                 self.log.failure("Cancelling {consumer} failed", consumer=self.component.name)
+        elif self._halt_ending is not None:
+            # A halt ended the subscription: its channel closes first.
+            yield self._halt_ending
         if self._plugin_starting is not None:
             # A plugin's start() still going gets its stop() after it ends,
             # not before (within the drain timeout).
