@@ -868,6 +868,21 @@ class DelayedConfirmTests(ConsumerCase):
         self.assertEqual(service.stats["retried"], 1)
         self.assertEqual(self.depths(service), (1, 0, 1))
 
+    def test_halt_then_a_call_in_progress_dead_letters(self) -> None:
+        """After a Halt, another call ending in DeadLetter has its copy confirmed and its original acknowledged."""
+        other: Deferred[None] = Deferred()
+        halting: Deferred[None] = Deferred()
+        service = self.start(ScriptedHandler(other, halting), concurrency=2, prefetch=2)
+        self.publish({"n": 0})
+        self.publish({"n": 1})
+        halting.errback(Halt("stop here"))
+        self.flush()
+        other.errback(DeadLetter("bad"))
+        self.flush(0.05)
+        self.assertEqual((service.stats["unsettled"], service.stats["dead_lettered"]), (0, 1))
+        self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c"),
+                          self.bus.queue_depth("fedhub.c.dead")), (1, 0, 1))
+
     def test_stop_then_the_call_in_progress_retries(self) -> None:
         """During a stop's drain, a call ending in Retry has its copy confirmed and its original acknowledged."""
         other: Deferred[None] = Deferred()

@@ -1101,7 +1101,18 @@ class ConsumerService(Service):
         # messages back while the plugin still works on them, and they would
         # be handled twice.  Then the subscription ends, and its channel puts
         # back what the consumer held.
-        self._settled(self.drain_timeout).addCallback(lambda _: self._end_halted_subscription())
+        self._settled(self.drain_timeout).addCallback(self._halted_settled)
+
+    def _halted_settled(self, settled: bool) -> None:
+        if not settled and self.halted and self._subscription is not None:
+            self.log.warn(
+                "Consumer {consumer} halted with {count} message(s) still in hand after "
+                "{timeout} s; they go back to the queue with the others",
+                consumer=self.component.name,
+                count=len(self._in_flight),
+                timeout=self.drain_timeout,
+            )
+        self._end_halted_subscription()
 
     def _end_halted_subscription(self) -> None:
         """
