@@ -54,7 +54,6 @@ from fedhub.cli.runner import (
     EX_NOTFOUND,
     EX_OK,
     EX_UNAVAILABLE,
-    EX_USAGE,
     CommandError,
     Runtime,
     positive_int,
@@ -718,11 +717,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: IO[str]) -> int:
     action: str = args.action
-    names: list[str] | None = None
-    if action != "list":
-        if bool(args.ids) == bool(args.all):
-            raise CommandError(f"{action}: name the messages (ID ...) or give --all", EX_USAGE)
-        names = None if args.all else list(args.ids)
+    names = None if action == "list" else runner.names_or_all(args, "ID")
     config = runner.read_config(args.config)
     queues = consumer_of(config, args.consumer)
 

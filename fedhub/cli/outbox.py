@@ -44,7 +44,6 @@ from fedhub.cli.runner import (
     EX_NOTFOUND,
     EX_OK,
     EX_TEMPFAIL,
-    EX_USAGE,
     CommandError,
 )
 from fedhub.config import Config
@@ -295,9 +294,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: IO[str]) -> int:
     action: str = args.action
-    if action != "list":
-        if bool(args.ids) == bool(args.all):
-            raise CommandError(f"{action}: name the messages (SEQ or ID ...) or give --all", EX_USAGE)
+    names = None if action == "list" else runner.names_or_all(args, "SEQ or ID")
     config = runner.read_config(args.config)
     domain = runner.domain_of(config, args.domain, need_broker=False)
     area = FailedArea(outbox_directory(config, domain.name), domain.name)
@@ -306,8 +303,8 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
             if not args.json:
                 print(f"the outbox of domain {domain.name} has no failed messages", file=out)
             return EX_OK
-        if args.ids:
-            raise CommandError(f"not found: {', '.join(escape_control(i) for i in args.ids)}", EX_NOTFOUND)
+        if names:
+            raise CommandError(f"not found: {', '.join(escape_control(i) for i in names)}", EX_NOTFOUND)
         print(f"0 message(s) {'moved back to pending' if action == 'retry' else 'dropped'}", file=out)
         return EX_OK
     try:
@@ -330,7 +327,7 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     try:
         if action == "list":
             return _list(area, args.json, out)
-        return _act(area, action, None if args.all else list(args.ids), out)
+        return _act(area, action, names, out)
     finally:
         area.close()
 

@@ -191,6 +191,19 @@ def read_config(path: str | None) -> Config:
         raise CommandError(f"{source}: {first}{more}", EX_CONFIG) from None
 
 
+def names_or_all(args: argparse.Namespace, what: str) -> list[str] | None:
+    """
+    The names an action acting on stored messages was given (its C{ids}),
+    or C{None} for C{--all}.
+
+    @param what: How the names are written in the usage error (C{"ID"}).
+    @raise CommandError: with C{EX_USAGE} when it has both or neither.
+    """
+    if bool(args.ids) == bool(args.all):
+        raise CommandError(f"{args.action}: name the messages ({what} ...) or give --all", EX_USAGE)
+    return None if args.all else list(args.ids)
+
+
 def domain_of(config: Config, name: str | None, *, need_broker: bool = True) -> DomainConfig:
     """
     The domain a command works on (see L{fedhub.api.choose_domain}).
