@@ -1094,10 +1094,7 @@ class ExecHandler:
         """
         if self.settings.coalesce > 0:
             return self._join_batch(message)
-        try:
-            argv = self._argv(message)
-        except TemplateError as e:
-            raise DeadLetter(f"can not build the command: {e.reason}") from None
+        argv = self._argv(message)
         env = self._env(message, 1)
         stdin = _serialized([message]) if self.settings.stdin else None
         semaphore = self._semaphore
@@ -1137,12 +1134,23 @@ class ExecHandler:
         return d.addCallback(self._verdict, [message])
 
     def _argv(self, message: Message) -> list[str]:
-        return [render_template(template, message) for template in self.settings.command]
+        """
+        The command line for C{message}, its arguments templated from it.
+
+        @raise DeadLetter: when no command can be run for it: a template
+            names what it lacks, or its id (given in the environment) holds
+            a NUL character.
+        """
+        try:
+            argv = [render_template(template, message) for template in self.settings.command]
+        except TemplateError as e:
+            raise DeadLetter(f"can not build the command: {e.reason}") from None
+        if "\x00" in message.id:
+            raise DeadLetter("the message id holds a NUL character")
+        return argv
 
     def _env(self, newest: Message, count: int) -> dict[str, str]:
         env = dict(self._base_env)
-        if "\x00" in newest.id:
-            raise DeadLetter("the message id holds a NUL character")
         env["FEDHUB_TOPIC"] = newest.topic
         env["FEDHUB_MSG_ID"] = newest.id
         env["FEDHUB_CONSUMER"] = self.name
@@ -1244,12 +1252,7 @@ class ExecHandler:
     def _join_batch(self, message: Message) -> Deferred[None]:
         # The command is built from a batch's newest message: one it can not
         # be built from is dead-lettered alone, not with the whole batch.
-        try:
-            self._argv(message)
-        except TemplateError as e:
-            raise DeadLetter(f"can not build the command: {e.reason}") from None
-        if "\x00" in message.id:
-            raise DeadLetter("the message id holds a NUL character")
+        self._argv(message)
         if self._batch is None:
             batch = _Batch()
             batch.timer = self.reactor.callLater(self.settings.coalesce, self._batch_due, batch)
@@ -1274,13 +1277,10 @@ class ExecHandler:
         newest = messages[-1]
         try:
             argv = self._argv(newest)
-            env = self._env(newest, len(messages))
-        except TemplateError as e:
-            self._settle_batch(batch, DeadLetter(f"can not build the command: {e.reason}"))
-            return
         except DeadLetter as e:
             self._settle_batch(batch, e)
             return
+        env = self._env(newest, len(messages))
         try:
             stdin = _serialized(messages) if self.settings.stdin else None
             d = self._spawn(argv, env, stdin, messages)
