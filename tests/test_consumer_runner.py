@@ -853,8 +853,11 @@ class DelayedConfirmTests(ConsumerCase):
         return (self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c"),
                 self.bus.queue_depth(service.retry_prefix + "1"))
 
-    def test_halt_then_a_call_in_progress_retries(self) -> None:
-        """After a Halt, another call ending in Retry has its copy confirmed and its original acknowledged."""
+    def halt_then_other_call_ends(self, verdict: Exception) -> ConsumerService:
+        """
+        Two calls in progress; one halts the consumer, then the other ends
+        with C{verdict}, and its copy's confirm comes.
+        """
         other: Deferred[None] = Deferred()
         halting: Deferred[None] = Deferred()
         service = self.start(ScriptedHandler(other, halting), concurrency=2, prefetch=2)
@@ -862,23 +865,20 @@ class DelayedConfirmTests(ConsumerCase):
         self.publish({"n": 1})
         halting.errback(Halt("stop here"))
         self.flush()
-        other.errback(Retry("later"))
+        other.errback(verdict)
         self.flush(0.05)
+        return service
+
+    def test_halt_then_a_call_in_progress_retries(self) -> None:
+        """After a Halt, another call ending in Retry has its copy confirmed and its original acknowledged."""
+        service = self.halt_then_other_call_ends(Retry("later"))
         self.assertEqual(service.stats["unsettled"], 0)
         self.assertEqual(service.stats["retried"], 1)
         self.assertEqual(self.depths(service), (1, 0, 1))
 
     def test_halt_then_a_call_in_progress_dead_letters(self) -> None:
         """After a Halt, another call ending in DeadLetter has its copy confirmed and its original acknowledged."""
-        other: Deferred[None] = Deferred()
-        halting: Deferred[None] = Deferred()
-        service = self.start(ScriptedHandler(other, halting), concurrency=2, prefetch=2)
-        self.publish({"n": 0})
-        self.publish({"n": 1})
-        halting.errback(Halt("stop here"))
-        self.flush()
-        other.errback(DeadLetter("bad"))
-        self.flush(0.05)
+        service = self.halt_then_other_call_ends(DeadLetter("bad"))
         self.assertEqual((service.stats["unsettled"], service.stats["dead_lettered"]), (0, 1))
         self.assertEqual((self.bus.queue_depth("fedhub.c"), self.bus.unacked("fedhub.c"),
                           self.bus.queue_depth("fedhub.c.dead")), (1, 0, 1))

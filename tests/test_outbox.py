@@ -778,11 +778,11 @@ class BackoffTests(OutboxTestCase):
         self.assertEqual(bus.published[attempts:], messages)
         self.assertEqual(outbox.store.pending_count, 0)
 
-    def test_disconnected_bus_not_called(self) -> None:
+    def held_while_disconnected(self, bus: FakeBus) -> tuple[Outbox, list[Message]]:
         """
-        While the bus says it is not connected, nothing is published; when it is back, everything is.
+        An outbox on C{bus}, not connected, that took three messages and,
+        a minute later, has published none.
         """
-        bus = FakeBus()
         bus.connected = False
         outbox, _ = self.make(bus, window=10)
         messages = [make_message(n) for n in range(3)]
@@ -790,6 +790,14 @@ class BackoffTests(OutboxTestCase):
             self.successResultOf(d)
         self.clock.advance(60)
         self.assertEqual(bus.published, [])
+        return outbox, messages
+
+    def test_disconnected_bus_not_called(self) -> None:
+        """
+        While the bus says it is not connected, nothing is published; when it is back, everything is.
+        """
+        bus = FakeBus()
+        outbox, messages = self.held_while_disconnected(bus)
         self.assertTrue(outbox.stats().paused)
         bus.connected = True
         self.clock.advance(10)
@@ -821,13 +829,7 @@ class BackoffTests(OutboxTestCase):
                     d.callback(None)
 
         bus = Announcing()
-        bus.connected = False
-        outbox, _ = self.make(bus, window=10)
-        messages = [make_message(n) for n in range(3)]
-        for d in self.publish_all(outbox, messages):
-            self.successResultOf(d)
-        self.clock.advance(60)
-        self.assertEqual(bus.published, [])
+        outbox, messages = self.held_while_disconnected(bus)
         self.assertEqual(len(bus.waiters), 1)
         bus.come_back()
         # No clock advance: the probe goes at once, the rest on its confirm.
