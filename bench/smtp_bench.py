@@ -417,6 +417,7 @@ def serve_aiosmtpd() -> None:
 def serve_fedhub(
     directory: str, log_path: str | None, profile: str | None, handover: bool = True,
     parse_workers: int = 0,
+    parse_inline_max: int | None = None,
 ) -> None:
     """
     The listener with the hub's hand-over: parse (in C{parse_workers}
@@ -482,7 +483,8 @@ def serve_fedhub(
             dedup_max_entries=1_000_000,
             # Mails up to parse_inline_max (all of the benchmark's) are
             # parsed in process, as the plugin does by default.
-            parse=parse_by_size(pool) if pool is not None else parse_bugmail,
+            parse=(parse_by_size(pool) if parse_inline_max is None
+                   else parse_by_size(pool, parse_inline_max)) if pool is not None else parse_bugmail,
         )
     listener: BugmailListener
     if pool is not None:
@@ -634,6 +636,8 @@ def fedhub_extra(args: argparse.Namespace, scratch: str, run: str, profile: str 
     """
     directory = tempfile.mkdtemp(prefix=f"{run}-", dir=scratch)
     extra = ["--dir", os.path.join(directory, "outbox"), "--parse-workers", str(args.parse_workers)]
+    if args.parse_inline_max is not None:
+        extra += ["--parse-inline-max", str(args.parse_inline_max)]
     if not args.no_log:
         extra += ["--log", os.path.join(directory, "hub.log")]
     if profile is not None:
@@ -786,6 +790,7 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--log")
     serve.add_argument("--profile")
     serve.add_argument("--parse-workers", type=int, default=0)
+    serve.add_argument("--parse-inline-max", type=int, default=None)
     steps = sub.add_parser("stages")
     steps.add_argument("--mails", type=int, default=2000)
     worker = sub.add_parser("client")
@@ -805,6 +810,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--parse-workers", type=int, default=None,
                         help="parse worker processes of the fedhub server (default: the "
                         "bugzilla-smtp plugin's; 0 parses on the reactor thread)")
+    parser.add_argument("--parse-inline-max", type=int, default=None,
+                        help="with parse workers, mails of at most this many bytes are parsed on "
+                        "the reactor thread (default: the plugin's parse_inline_max; 0: none)")
     args = parser.parse_args(argv)
     if args.command is None and args.parse_workers is None:
         sys.path.insert(0, ROOT)
@@ -818,7 +826,8 @@ def main(argv: list[str]) -> int:
             "aiosmtpd": serve_aiosmtpd,
             "listener": lambda: serve_fedhub(args.dir, args.log, args.profile, handover=False),
             "fedhub": lambda: serve_fedhub(args.dir, args.log, args.profile,
-                                           parse_workers=args.parse_workers),
+                                           parse_workers=args.parse_workers,
+                                           parse_inline_max=args.parse_inline_max),
         }
         runners[args.kind]()
         return 0
