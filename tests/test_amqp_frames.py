@@ -278,13 +278,21 @@ class PublishEncoderTests(SynchronousTestCase):
         exchange: str,
         routing_key: str,
     ) -> None:
-        """Any properties, body and frame size give the generic codec's bytes."""
-        fast = PublishEncoder(SPEC, frame_max).publish(
-            channel, exchange, routing_key, body, properties, mandatory, immediate
-        )
+        """
+        Any properties, body and frame size give the generic codec's bytes,
+        or are refused when the content header does not fit in a frame.
+        """
         generic = generic_publish(
             channel, exchange, routing_key, body, properties, frame_max, mandatory, immediate
         )
+        encoder = PublishEncoder(SPEC, frame_max)
+        if len(split_frames(generic)[1]) > frame_max:
+            self.assertRaises(
+                FrameEncodeError, encoder.publish,
+                channel, exchange, routing_key, body, properties, mandatory, immediate,
+            )
+            return
+        fast = encoder.publish(channel, exchange, routing_key, body, properties, mandatory, immediate)
         self.assertEqual(fast, generic)
 
     def test_non_ascii_short_strings_counted_in_bytes(self) -> None:
@@ -947,6 +955,31 @@ class ClientTests(SynchronousTestCase):
         encoded = encode_properties(EVERY_PROPERTY)
         for damaged in (b"", encoded[:1], encoded[:-1], encoded + b"x", encoded[:2] + b"\xff" + encoded[3:]):
             self.assertRaises(FrameError, decode_properties, damaged)
+
+    def test_header_larger_than_a_frame_refused(self) -> None:
+        """
+        A content header is never split: one that does not fit in a frame
+        of the negotiated frame_max is refused, on both paths, before
+        anything is written (a broker would close the connection).
+        """
+        encoder = PublishEncoder(SPEC, 4096)
+        # The header frame's payload: 14 bytes before the flags, 2 of flags,
+        # then the table: 4 of length, the name (2), the type (1), 4 of
+        # string length and the string: 25 bytes and the string.
+        fits = {"headers": {"x": "a" * (4088 - 25)}}
+        data = encoder.publish(1, "", "q", b"{}", fits)
+        self.assertEqual(max(len(f) for f in split_frames(data)), 4096)
+        too_big = {"headers": {"x": "a" * (4088 - 24)}}
+        with self.assertRaises(FrameEncodeError) as raised:
+            encoder.publish(1, "", "q", b"{}", too_big)
+        self.assertIn("4097 bytes, more than the connection's frame_max of 4096", str(raised.exception))
+        for fast in (True, False):
+            connection = Connection(fast)
+            self.assertRaises(
+                FrameEncodeError, connection.client.basic_publish, 1, "", "q", b"{}",
+                {"headers": {f"user_{i}": True for i in range(1000)}},
+            )
+            self.assertEqual(connection.transport.value(), b"")
 
     def test_publish_refused_writes_nothing(self) -> None:
         """An unencodable publish raises before anything is written."""

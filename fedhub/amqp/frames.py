@@ -270,6 +270,22 @@ def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
     return _HEAD.pack(frame_type, channel, len(payload)) + payload + b"\xce"
 
 
+def check_header_size(payload_size: int, frame_max: int) -> None:
+    """
+    Refuse a content header of C{payload_size} bytes that does not fit in
+    one frame of at most C{frame_max} bytes: a header is never split, and a
+    broker answers a frame over its C{frame_max} by closing the connection.
+
+    @raise FrameEncodeError: It does not fit.
+    """
+    if payload_size + FRAME_OVERHEAD > frame_max:
+        raise FrameEncodeError(
+            "properties",
+            f"the content header takes {payload_size + FRAME_OVERHEAD} bytes, more than the "
+            f"connection's frame_max of {frame_max} (too many or too large headers)",
+        )
+
+
 class PublishEncoder:
     """
     Encodes whole C{basic.publish} messages for one connection.
@@ -443,7 +459,9 @@ class PublishEncoder:
         @param properties: Values by Python name, or already encoded (what
             L{property_bytes} returns).
         @raise KeyError: A property name is unknown.
-        @raise FrameEncodeError: A name or property value can not be encoded.
+        @raise FrameEncodeError: A name or property value can not be encoded,
+            or the content header is larger than a frame (AMQP sends it in
+            one, and a broker closes the connection on a larger frame).
         @raise fedhub.amqp.codec.FieldTableEncodeError: The headers can not be
             encoded.
         """
@@ -451,6 +469,7 @@ class PublishEncoder:
             properties = self.property_bytes(properties)
         size = len(body)
         header_payload = _HEADER_FIXED.pack(BASIC, 0, size) + properties
+        check_header_size(len(header_payload), self.frame_max)
         parts: list[bytes | memoryview] = [
             self.method_frame(channel, exchange, routing_key, mandatory, immediate),
             _HEAD.pack(FRAME_HEADER, channel, len(header_payload)),

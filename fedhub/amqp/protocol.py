@@ -77,6 +77,7 @@ from fedhub.amqp.frames import (
     ContentDecoder,
     Deliver,
     PublishEncoder,
+    check_header_size,
     decode_deliver,
     decode_properties,
     decode_return,
@@ -1163,12 +1164,14 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         if isinstance(properties, bytes):
             properties = decode_properties(properties)
         wire = {self._wire_property[name]: value for name, value in properties.items()}
+        header = Frame(channel_id, Header(self._basic_class, 0, len(body), **wire))
+        check_header_size(len(self._pack_frame(header)) - FRAME_OVERHEAD, self.MAX_LENGTH)
         frames = [
             Frame(
                 channel_id,
                 Method(self._method("basic.publish"), 0, exchange, routing_key, mandatory, False),
             ),
-            Frame(channel_id, Header(self._basic_class, 0, len(body), **wire)),
+            header,
         ]
         chunk = self.MAX_LENGTH - FRAME_OVERHEAD
         for start in range(0, len(body), chunk):
