@@ -776,10 +776,11 @@ def from_amqp(
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
         try:
             text: bytes | str = body.decode(encoding)
-        except LookupError:
-            raise DecodeError(f"unknown content encoding {encoding!r}") from None
         except UnicodeDecodeError as e:
-            raise DecodeError(f"body is not valid {encoding}: {e.reason}") from None
+            raise DecodeError(f"body is not valid {encoding[:100]}: {e.reason}") from None
+        except (LookupError, ValueError):
+            # ValueError: a name no codec can have (a NUL, a lone surrogate).
+            raise DecodeError(f"unknown content encoding {encoding[:100]!r}") from None
         body_bytes = None
     else:
         text = body

@@ -134,6 +134,8 @@ class ScriptedBroker:
         if payload.type == Frame.HEARTBEAT:
             return []
         if payload.type != Frame.METHOD:
+            if channel not in self._publishing:
+                return []  # the content of a publish refused by closing the channel
             parts = self._publishing[channel]
             parts.append(payload)
             header = parts[1]
@@ -708,6 +710,42 @@ class PublishTests(BusCase):
         self.assertEqual([c[2]["exchange"] for c in checks], ["missing", "amq.topic"])
         self.assertTrue(all(c[2]["passive"] for c in checks))
 
+    def test_exchange_deleted_after_its_check(self) -> None:
+        """
+        An exchange deleted after its check closes the publish channel once:
+        every exchange is checked again, so further messages to it fail with
+        NotFound while the channel stays up, and the domain says the broker
+        refuses until a check finds the exchange again.
+        """
+        self.broker.exchanges.add("x")
+        _, d = self.publish(exchange="x")
+        self.broker.ack(1)
+        self.successResultOf(d)
+        self.broker.exchanges.discard("x")
+        self.broker.failures[("basic.publish", "x")] = (404, "NOT_FOUND - no exchange 'x'")
+        _, lost = self.publish(exchange="x")
+        self.failureResultOf(lost, NotConnected)
+        # Each check runs on the declaring channel, which the broker closes
+        # on a 404; the publish channel (in confirm mode) is opened once more.
+        opened = len(self.broker.methods("confirm.select"))
+        for _ in range(3):
+            _, d = self.publish(exchange="x")
+            self.assertIn("no exchange 'x'", str(self.failureResultOf(d, NotFound).value))
+        self.assertEqual(len(self.broker.methods("confirm.select")), opened)
+        self.assertEqual(opened, 2)
+        self.assertIn("no exchange 'x'", str(self.bus.publish_refused))
+        new_channel = self.broker.methods("confirm.select")[-1][0]
+        self.broker.confirm_seq = {new_channel: 0}
+        _, fine = self.publish()
+        self.broker.ack(1)
+        self.successResultOf(fine)
+        self.broker.exchanges.add("x")
+        del self.broker.failures[("basic.publish", "x")]
+        _, d = self.publish(exchange="x")
+        self.broker.ack(2)
+        self.successResultOf(d)
+        self.assertIsNone(self.bus.publish_refused)
+
     def test_known_exchange_checked_once(self) -> None:
         """
         An exchange is checked once per connection.
@@ -897,9 +935,16 @@ class PublishTests(BusCase):
         message = Message.create("a.b", {})
         bad_key = self.bus.publish(message, routing_key="a.\udc80")
         huge = self.bus.publish(Message.create("a.b", {}, headers={"n": 2**64}))
+        # A content header is one frame: one over frame_max would make the
+        # broker close the connection, every time the message is sent.
+        crowded = self.bus.publish(Message.create(
+            "a.b", {}, headers={f"fedora_messaging_user_u{i:05d}": True for i in range(5000)}
+        ))
         self.broker.pump()
         self.assertIn("can not be encoded", str(self.failureResultOf(bad_key, MessageError).value))
         self.assertIn("can not be encoded", str(self.failureResultOf(huge, MessageError).value))
+        self.assertIn("frame_max", str(self.failureResultOf(crowded, MessageError).value))
+        self.assertTrue(self.bus.connected)
         self.assertEqual(self.broker.published, [])
         _, d = self.publish()
         self.broker.ack(1)
@@ -1413,6 +1458,26 @@ class ConsumeTests(BusCase):
         self.assertEqual(len(warnings), 1)
         self.assertEqual(warnings[0]["msg_id"], "bad\\nid")
         self.assertIn("JSON", warnings[0]["reason"])
+
+    def test_decoder_bug_rejected(self) -> None:
+        """
+        A decoder that fails unexpectedly refuses the message all the same
+        (it would hold a prefetch slot until the channel closes), and logs
+        the error.
+        """
+
+        def broken(*args: Any, **kwargs: Any) -> Message:
+            raise RuntimeError("a decoder bug")
+
+        self.patch(transport, "from_amqp", broken)
+        _, recorder, tag = self.subscribe()
+        self.broker.deliver(tag, 4, b"{}")
+        self.broker.pump()
+        self.assertEqual(recorder.deliveries, [])
+        ((_, _, reject),) = self.broker.methods("basic.reject")
+        self.assertEqual(reject, {"delivery_tag": 4, "requeue": False})
+        self.assertEqual(self.bus.stats.undecodable, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_failing_subscriber_contained(self) -> None:
         """

@@ -234,8 +234,12 @@ class AMQPWireTests(SynchronousTestCase):
                 self.assertRaises(DecodeError, from_amqp, "a", {}, body)
 
     def test_unknown_encoding(self) -> None:
-        """An unknown content encoding is a DecodeError."""
-        self.assertRaises(DecodeError, from_amqp, "a", {"content_encoding": "klingon"}, b"{}")
+        """An unknown content encoding, or a name no codec can have, is a DecodeError."""
+        for name in ("klingon", "utf\x00-8", "utf-8\udc80", b"utf\x00-8", "x" * 100_000):
+            with self.subTest(name=name[:20]):
+                with self.assertRaises(DecodeError) as raised:
+                    from_amqp("a", {"content_encoding": name}, b"{}")
+                self.assertLess(len(str(raised.exception)), 200)
 
     def test_bad_headers(self) -> None:
         """Managed headers of the wrong type or value give DecodeError."""

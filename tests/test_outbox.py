@@ -46,7 +46,7 @@ from fedhub.outbox import (
     StoreError,
     SynchronousExecutor,
 )
-from fedhub.outbox.store import encode
+from fedhub.outbox.store import StoredRow, encode
 
 
 @implementer(ISubscription)
@@ -1149,6 +1149,39 @@ class RecoveryTests(OutboxTestCase):
         bus.ack()
         executor.run_all()
         self.assertIsNone(outbox.stats().oldest_age)
+
+    def test_oldest_age_while_backlog_unreadable(self) -> None:
+        """
+        Messages left on disk that can not be read back still have an
+        oldest age (at least that of the last one read): the status must not
+        lose it when the backlog is stuck.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        messages = [make_message(n) for n in range(10)]
+        self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in messages]))
+        self.successResultOf(store.close())
+        self.clock.advance(1000)
+        loads = []
+
+        class FailingLoads(Store):
+            # The first read works; the next ones fail (a bad sector, say).
+            def load(self, after_seq: int, limit: int) -> Deferred[list[StoredRow]]:
+                loads.append(after_seq)
+                if len(loads) > 1:
+                    return fail(StoreError(self.path, "disk I/O error"))
+                return super().load(after_seq, limit)
+
+        outbox, bus = self.make(store=FailingLoads(self.directory, SynchronousExecutor()),
+                                window=2, read_batch=2)
+        self.assertEqual(outbox.stats().oldest_age, 1000.0)
+        while bus.outstanding:
+            bus.ack()
+        stats = outbox.stats()
+        self.assertEqual((stats.depth, stats.in_flight), (8, 0))
+        self.assertEqual(stats.oldest_age, 1000.0)
+        self.assertGreater(len(loads), 1)
+        self.flushLoggedErrors(StoreError)
 
     def test_unreadable_row(self) -> None:
         """

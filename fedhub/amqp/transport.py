@@ -125,6 +125,9 @@ MAX_NAME_BYTES = 255
 ACCESS_REFUSED = 403
 """The reply code of a publish the broker's permissions forbid."""
 
+NOT_FOUND = 404
+"""The reply code of a publish to an exchange that does not exist."""
+
 REFUSAL_HOLD = 30.0
 """Seconds a publish the broker's permissions refused (C{403}) makes later
 ones like it fail at once, without closing the publish channel again; then
@@ -658,6 +661,9 @@ class _Session:
         self.declare_lock = DeferredLock()
         self.known_exchanges: set[str] = {""}
         self.checking: str | None = None
+        # The exchanges found missing by their check (404), with the error
+        # and when; an exchange leaves once a check finds it.
+        self.missing: dict[str, tuple[ChannelError, float]] = {}
         self.confirm_call: IDelayedCall | None = None
         # The broker's 403 refusals of publishes, with when they came (the
         # clock's seconds); each holds for REFUSAL_HOLD seconds.
@@ -878,12 +884,15 @@ class _Session:
                     )
                 )
             except ChannelError as e:
-                self.log.warn(
-                    "Exchange {exchange} of domain {domain} can not be published to: {error}",
-                    exchange=escape_control(name),
-                    domain=self.bus.domain,
-                    error=escape_control(str(e)),
-                )
+                if name not in self.missing:
+                    self.log.warn(
+                        "Exchange {exchange} of domain {domain} can not be published to: {error}",
+                        exchange=escape_control(name),
+                        domain=self.bus.domain,
+                        error=escape_control(str(e)),
+                    )
+                if e.reply_code == NOT_FOUND:
+                    self.missing[name] = (e, self.clock.seconds())
                 refused = [p for p in self.waiting if p.exchange == name]
                 self.waiting = deque(p for p in self.waiting if p.exchange != name)
                 for pending in refused:
@@ -893,6 +902,7 @@ class _Session:
                 return
             else:
                 self.known_exchanges.add(name)
+                self.missing.pop(name, None)
             finally:
                 self.checking = None
             self.pump()
@@ -1060,7 +1070,16 @@ class _Session:
             message = from_amqp(
                 routing_key, properties, body, queue=subscription.queue, redelivered=redelivered
             )
-        except DecodeError as e:
+        except Exception as e:
+            if not isinstance(e, DecodeError):
+                # A bug of the decoder: the message is refused all the same,
+                # or it would hold a prefetch slot until the channel closes.
+                self.log.failure(
+                    "Decoding message {msg_id} from queue {queue} failed unexpectedly",
+                    msg_id=escape_control(str(properties.get("message_id")), 100),
+                    queue=escape_control(subscription.queue),
+                )
+                e = DecodeError(f"the message could not be decoded ({type(e).__name__})")
             stats.undecodable += 1
             stats.rejected += self.client.send_method(
                 channel_id, "basic.reject", delivery_tag, False
@@ -1121,6 +1140,12 @@ class _Session:
                 # connection); the others were discarded with the channel
                 # and are sent again.
                 self.refusals.append((error, self.clock.seconds()))
+            elif error.reply_code == NOT_FOUND:
+                # An exchange deleted since it was checked: every exchange
+                # is checked again before its next message, so the one that
+                # is gone fails its messages (NotFound) without closing the
+                # channel again and again.
+                self.known_exchanges = {""}
             limit = _size_limit(error)
             if limit is not None:
                 # A body larger than the broker's max_message_size: that
@@ -1387,17 +1412,20 @@ class AMQPBus(Service):
     @property
     def publish_refused(self) -> str | None:
         """
-        The broker's latest refusal (C{403}) of a publish on the current
-        connection while it still holds (L{REFUSAL_HOLD} seconds), as text;
-        C{None} when there is none.  Messages refused so go to the outbox's
-        failed area, so a domain with one is not ready.
+        The broker's latest refusal of a publish on the current connection
+        while it still holds (L{REFUSAL_HOLD} seconds), as text; C{None}
+        when there is none: a C{403} (messages refused so go to the
+        outbox's failed area), or a C{404} for an exchange that does not
+        exist (until a check finds it; the outbox keeps its messages and
+        tries again).  A domain with one is not ready.
         """
         session = self._session
-        if session is None or not session.alive or not session.refusals:
+        if session is None or not session.alive:
             return None
         since = self._reactor.seconds() - REFUSAL_HOLD
-        held = [error for error, when in session.refusals if when > since]
-        return str(held[-1]) if held else None
+        held = [(when, error) for error, when in session.refusals if when > since]
+        held += [(when, error) for error, when in session.missing.values() if when > since]
+        return str(max(held, key=lambda pair: pair[0])[1]) if held else None
 
     # -- IBus ---------------------------------------------------------------------
 

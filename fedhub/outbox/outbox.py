@@ -35,6 +35,7 @@ from twisted.python.failure import Failure as TwistedFailure
 from zope.interface import implementer
 
 from fedhub.errors import (
+    ChannelError,
     DecodeError,
     MessageError,
     MessageNacked,
@@ -1125,7 +1126,9 @@ class Outbox(Service):
         delay = self._backoff(self._attempt)
         self._attempt += 1
         if self._attempt == 1:
-            if failure is not None and not isinstance(failure.value, PublishError):
+            # The broker's refusals (a missing exchange, say) are not
+            # unexpected: the operator reads the broker's reason.
+            if failure is not None and not isinstance(failure.value, (PublishError, ChannelError)):
                 self.log.failure(
                     "Publishing to domain {domain} failed unexpectedly; retrying in {delay:.1f}s",
                     failure,
@@ -1233,10 +1236,13 @@ class Outbox(Service):
             ready.append(_Entry(self, row.seq, message, len(row.data), row.created))
         if rows:
             self._loaded_upto = rows[-1].seq
-            # From now on the oldest waiting message is always in memory.
-            self._oldest_hint = None
         if len(rows) < limit:
             self._backlog = False
+        # Once the backlog is read, the oldest waiting message is always in
+        # memory.  Before, one on disk may be older than all in memory (once
+        # these are confirmed and the next read fails, say): it was handed
+        # over no earlier than the last one read.
+        self._oldest_hint = rows[-1].created if rows and self._backlog else None
         if self._failures:
             self._flush()
         self._pump()
