@@ -884,6 +884,24 @@ class PublishTests(BusCase):
         self.failureResultOf(sent, NotConnected)
         self.failureResultOf(waiting, NotConnected)
 
+    def test_publish_channel_closed_fails_waiting(self) -> None:
+        """
+        Messages still waiting to be written when the broker closes the
+        publish channel fail with the unconfirmed ones, so that whoever
+        sends them again (the outbox) keeps their order: written on the new
+        channel first, they would overtake those.
+        """
+        self.make_bus(max_in_flight=1)
+        _, sent = self.publish()
+        _, waiting = self.publish()
+        channel = self.broker.publish_channel()
+        self.broker.send(self.broker.frame(channel, "channel.close", reply_code=406,
+                                           reply_text="PRECONDITION_FAILED - boom"))
+        self.broker.pump()
+        self.failureResultOf(sent, NotConnected)
+        self.failureResultOf(waiting, NotConnected)
+        self.assertEqual(len(self.broker.published), 1)
+
     def test_publish_channel_closed(self) -> None:
         """
         When the broker closes the publish channel, its unconfirmed messages

@@ -29,7 +29,11 @@ is dropped because a confirm took longer than C{confirm_timeout}: the outbox
 then sends the message again.  Publishing to an exchange that does not exist
 fails with L{NotFound}: each exchange is checked once per connection with a
 passive declare before the first message goes to it, so a typo never costs
-the publish channel and the messages in flight on it.  A publish the broker's
+the publish channel and the messages in flight on it (and checked again
+after the broker closed that channel with a C{404}: an exchange deleted
+since its check).  In every case below, "in flight" takes in the messages
+not written yet, which fail with the others so that the outbox, sending
+them all again in order, keeps their order.  A publish the broker's
 permissions forbid (C{403}: no write permission on the exchange, or a topic
 permission) closes the publish channel: the messages it names fail with
 L{PublishRefused}, which is final, later ones like them fail at once for
@@ -1164,6 +1168,12 @@ class _Session:
                 return NotConnected(f"the publish channel closed: {error}", pending.message.id)
 
             self._fail_unconfirmed(failure)
+            # Those not written yet fail too: written first on the new
+            # channel, they would overtake the failed ones when these are
+            # sent again.
+            waiting, self.waiting = self.waiting, deque()
+            for pending in waiting:
+                pending.outcome.errback(failure(pending))
             self._reopen_publish_channel()
             return
         for tag, consumer in list(self.consumers.items()):
