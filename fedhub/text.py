@@ -28,6 +28,9 @@ def escape_control(text: str, limit: int | None = None) -> str:
     untrusted text can not forge log lines or drive a terminal; optionally
     cut it to C{limit} characters, marking the cut with an ellipsis.
     """
+    if limit is not None:
+        # Escapes only lengthen: the rest can not show.
+        text = text[: limit + 1]
     escaped = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
     if limit is not None and len(escaped) > limit:
         escaped = escaped[: max(0, limit - 1)] + "…"

@@ -140,10 +140,15 @@ class ResponseTooLarge(XMLRPCError):
         announced C{Content-Length}).
     """
 
-    def __init__(self, url: str, method: str, limit: int, received: int) -> None:
+    def __init__(self, url: str, method: str, limit: int, received: int,
+                 announced: bool = False) -> None:
         self.limit = limit
         self.received = received
-        super().__init__(url, method, f"response larger than {limit} bytes (at least {received})")
+        # How much of a streamed answer had arrived is left out of the text:
+        # it differs from call to call, and a repeated failure is known by
+        # its text (logged once, not at every poll).
+        detail = f" ({received} announced)" if announced else ""
+        super().__init__(url, method, f"response larger than {limit} bytes{detail}")
 
 
 class HTTPStatusError(XMLRPCError):
@@ -918,7 +923,8 @@ class XMLRPCClient:
         length = response.length
         if length is not UNKNOWN_LENGTH and cast(int, length) > self.max_response_bytes:
             return _discard(response, ResponseTooLarge(
-                self.url, method, self.max_response_bytes, cast(int, length)), limit=0)
+                self.url, method, self.max_response_bytes, cast(int, length), announced=True),
+                limit=0)
         parser: _ResponseParser | None = None
 
         def cancel(d: Deferred[Any]) -> None:

@@ -14,7 +14,7 @@ import os
 import xmlrpc.client
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
@@ -659,6 +659,64 @@ class SourceTests(SourceTestBase):
         self.assertEqual(source.skipped, 1)
         self.assertEqual(self.poll(source, result.cursor).messages, [])
         self.assertEqual(source.skipped, 1)
+
+    def test_rows_nested_too_deeply_skipped(self) -> None:
+        """
+        A bug, a history entry or a comment whose data is nested deeper than
+        Python recurses is skipped and reported once; the other bugs, and
+        the bug's other rows, are published, and later polls go on.
+        """
+        source_caller = self.caller
+        deep: Any = 1
+        for _ in range(5000):
+            deep = [deep]
+
+        class Deepening:
+            # The fake Bugzilla's answers, with deep values put in after the
+            # XML-RPC round trip (which would not carry them).
+            url = URL
+
+            def call(self, method: str, *params: Any) -> Any:
+                return source_caller.call(method, *params).addCallback(self.deepen, method)
+
+            def deepen(self, answer: Any, method: str) -> Any:
+                if method in ("Bug.search", "Bug.get"):
+                    for bug in answer["bugs"]:
+                        if bug["id"] == broken:
+                            bug["whiteboard"] = deep
+                elif method == "Bug.history":
+                    for bug in answer["bugs"]:
+                        if bug["id"] == changed:
+                            bug["history"][0]["changes"] = deep
+                elif method == "Bug.comments":
+                    answer["bugs"][str(changed)]["comments"][1]["tags"] = deep
+                return answer
+
+            def close(self) -> Any:
+                return source_caller.close()
+
+        warnings = Warnings(self)
+        source = self.source(api=BugzillaAPI(cast(Any, Deepening())))
+        cursor = self.start(source)
+        broken = self.bz.new_bug(summary="broken")
+        changed = self.bz.new_bug(summary="changed")
+        self.bz.change(changed, "triage@example.org", status="ASSIGNED")
+        self.bz.add_comment(changed, "triage@example.org", "deep")
+        self.bz.add_comment(changed, "triage@example.org", "fine")
+        result = self.poll(source, cursor)
+        self.assertEqual(
+            [(k[1], k[2], k[3]) for k in kinds(result.messages)],
+            [(changed, "create", "bug"), (changed, "create", "comment")],
+        )
+        self.assertEqual(result.messages[1].body["comment"]["body"], "fine")
+        self.assertEqual(source.skipped, 3)
+        self.assertEqual(sum("nested too deeply" in text for text in warnings.texts), 3)
+        again = self.poll(source, result.cursor)
+        self.assertEqual(again.messages, [])
+        self.assertEqual(source.skipped, 3)
+        self.bz.add_comment(changed, "triage@example.org", "still published")
+        later = self.poll(source, again.cursor)
+        self.assertEqual([m.body["comment"]["body"] for m in later.messages], ["still published"])
 
     def test_same_ids_for_same_events(self) -> None:
         """The same events polled again get the same message ids."""

@@ -776,9 +776,23 @@ class SourceTests(SourceTestBase):
         source = self.source()
         cursor = self.start(source)
         cursor = dict(cursor, event=cursor["event"] + 100)
+        events = self.logged()
         result = self.poll(source, cursor)
         self.assertEqual(result.messages, [])
         self.assertEqual(result.cursor["event"], cursor["event"])
+        # Said once while it lasts, however many polls it takes, and once
+        # when it is over.
+        for _ in range(3):
+            result = self.poll(source, result.cursor)
+        behind = [e for e in events if "before the cursor" in formatEvent(e)]
+        self.assertEqual([e["log_level"] for e in behind], [LogLevel.warn])
+        for _ in range(100):
+            self.koji.event()
+        build, _ = self.koji.start_build("after-the-restore", "1", "1")
+        self.koji.event()
+        messages, _ = self.drain(source, result.cursor)
+        self.assertIn(build, [m.body.get("build_id") for m in messages])
+        self.assertEqual(len([e for e in events if "reached the cursor" in formatEvent(e)]), 1)
 
 
 class SchemaTests(SynchronousTestCase):

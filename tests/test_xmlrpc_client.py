@@ -489,6 +489,9 @@ class MisbehavingServerTests(ClientTestBase):
         error = yield self.misbehaving("huge", ResponseTooLarge, max_response_bytes=cap)
         self.assertEqual(error.limit, cap)
         self.assertLess(error.received, cap + 128 * 1024)
+        # The text is the same however much arrived: a failure repeated at
+        # every poll is known by it, and logged once.
+        self.assertEqual(error.reason, f"response larger than {cap} bytes")
         # Socket buffers hold a few MB at most; the server never got to write
         # anything like the 100 MB it meant to.
         self.assertLess(self.server.flood_sent, 32 * 1024 * 1024)
@@ -500,6 +503,7 @@ class MisbehavingServerTests(ClientTestBase):
         client = self.client(self.url, max_response_bytes=1024 * 1024)
         error = yield self.assertFailure(client.call("blob"), ResponseTooLarge)
         self.assertGreater(error.received, 2 * 1024 * 1024)
+        self.assertIn(f"({error.received} announced)", error.reason)
         self.assertEqual(client.bytes_received, 0)
 
     @inlineCallbacks

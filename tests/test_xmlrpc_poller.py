@@ -265,6 +265,39 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(self.source.skipped, 3)
         self.flushLoggedErrors()
 
+    def test_huge_bad_ids_bounded(self) -> None:
+        """
+        Skipped items are remembered by a digest and logged cut short: a
+        service answering ids of megabytes does not grow the hub's memory or
+        its log by as much at every poll.
+        """
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        polls = iter(range(1000))
+
+        class Huge:
+            url = URL
+
+            def call(self, method: str, *params: Any) -> Any:
+                n = next(polls)
+                return succeed({"updates": [{"id": f"{n}" + "A\n" * 100_000, "action": "b"}]})
+
+            def close(self) -> Any:
+                return succeed(None)
+
+        source = XMLRPCSource("gen", cast(Any, Huge()), lambda t: "org.example." + t, method="m",
+                              params=["{cursor}"], items="updates", id_field="id",
+                              cursor_field="changed", topic_template="t.{action}", initial_cursor=0)
+        for _ in range(5):
+            self.poll({"value": 0, "time": False, "seen": [], "after": True}, source)
+        self.assertEqual(source.skipped, 5)
+        self.assertTrue(all(len(key) == 64 for key in source._warned))
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 5)
+        self.assertTrue(all(len(text) < 500 and "\n" not in text for text in warnings), warnings)
+
     def test_answer_without_items(self) -> None:
         """An answer without the configured list fails the poll."""
         cursor = self.successResultOf(self.source.initial_cursor())

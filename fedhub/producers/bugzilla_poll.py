@@ -42,7 +42,13 @@ from fedhub.errors import MessageError
 from fedhub.interfaces import IProducerPlugin
 from fedhub.logs import HubLogger
 from fedhub.message import Message
-from fedhub.producers.bugzilla.api import BugzillaAPI, BugzillaError, from_epoch, to_epoch
+from fedhub.producers.bugzilla.api import (
+    UNREADABLE,
+    BugzillaAPI,
+    BugzillaError,
+    from_epoch,
+    to_epoch,
+)
 from fedhub.producers.bugzilla.messagev1 import (
     SCHEMA,
     bug_object,
@@ -302,12 +308,27 @@ class BugzillaSource:
                 return
             events.append((when, bug_id, _ORDER[kind], key, message))
 
+        def unreadable(row: dict[str, Any], kind: str, bug_id: int, name: str) -> bool:
+            # A row the API could not read (see UNREADABLE): skipped, and
+            # reported once.
+            if UNREADABLE not in row:
+                return False
+            key = f"{bug_id}:{kind}:{name}:unreadable"
+            if key not in seen:
+                seen[key] = since
+                report(kind, bug_id, str(row[UNREADABLE]))
+            return True
+
         for bug_id in ids:
             bug = by_id[bug_id]
+            if unreadable(bug, "bug", bug_id, ""):
+                continue
             created = time_of(bug.get("creation_time"), "new", bug_id, "")
             if created is not None:
                 add(f"{bug_id}:new", created, "new", bug_id, partial(self._new, bug, created))
-            for entry in history.get(bug_id, []):
+            for number, entry in enumerate(history.get(bug_id, [])):
+                if unreadable(entry, "change", bug_id, str(number)):
+                    continue
                 when = time_of(entry.get("when"), "change", bug_id, _digest(entry))
                 if when is None:
                     continue
@@ -316,6 +337,8 @@ class BugzillaSource:
                 add(key, when, "change", bug_id,
                     partial(self._change, bug, entry, changes, when, key))
             for comment in comments.get(bug_id, []):
+                if unreadable(comment, "comment", bug_id, str(comment.get("id"))):
+                    continue
                 if not isinstance(comment.get("id"), int) or comment.get("count") == 0:
                     continue  # comment 0 is the description, part of the new bug
                 if comment.get("is_private") and not self.publish_private:

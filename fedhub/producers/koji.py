@@ -273,6 +273,8 @@ class KojiSource:
         self.description = f"Koji hub {display_url(settings.hub_url)}"
         #: Events skipped because no message could be made of them.
         self.skipped = 0
+        # Whether the hub's last event was found before the cursor (warned once).
+        self._behind = False
         #: Build hosts' names by id (C{getHost}), as messages carry them;
         #: at most L{MAX_HOST_NAMES}.
         self._host_names: dict[int, str] = {}
@@ -395,10 +397,18 @@ class KojiSource:
         last_id, last_ts = self._event((yield self.client.call("getLastEvent")))
         start = int(c["event"])
         if last_id < start:
-            self.log.warn("The hub's last event {last} is before the cursor's {cursor}: "
-                          "was its database restored? Waiting for it to catch up",
-                          producer=self.name, last=last_id, cursor=start)
+            # Once while it lasts (a restored database may take days to
+            # catch up), and once when it is over.
+            if not self._behind:
+                self._behind = True
+                self.log.warn("The hub's last event {last} is before the cursor's {cursor}: "
+                              "was its database restored? Waiting for it to catch up",
+                              producer=self.name, last=last_id, cursor=start)
             last_id, last_ts = start, float(c.get("event_ts") or last_ts)
+        elif self._behind:
+            self._behind = False
+            self.log.info("The hub's events reached the cursor again ({last})",
+                          producer=self.name, last=last_id)
         end, end_ts = min(last_id, start + s.event_step), last_ts
         catching_up = end < last_id
         if catching_up:

@@ -63,6 +63,7 @@ from fedhub.producers.poller import (
     poller_options,
     polling_service,
 )
+from fedhub.text import escape_control
 from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient, display_url, jsonable
 
 CURSOR = "{cursor}"
@@ -76,6 +77,9 @@ AHEAD_LIMIT = 1000
 #: Problems with items remembered as reported, so that an item a service
 #: keeps answering is warned about once (the most recent are kept).
 WARNED_LIMIT = 1000
+
+#: The longest item id or reason a log line shows, in characters.
+ITEM_TEXT_LIMIT = 300
 
 
 class ItemError(FedhubError):
@@ -421,7 +425,8 @@ class XMLRPCSource:
             if (position, item_id) not in failed:
                 self.log.warn("Item {item} of {method} is dated {position}, more than "
                               "{margin:g} s past this host's clock: published, but the cursor "
-                              "stays at {cursor}", producer=self.name, item=item_id,
+                              "stays at {cursor}", producer=self.name,
+                              item=escape_control(item_id, ITEM_TEXT_LIMIT),
                               method=self.method, position=_text(position),
                               margin=FUTURE_MARGIN, cursor=_text(c["value"]))
         # Remembered until the cursor passes them; beyond the limit, the
@@ -542,7 +547,12 @@ class XMLRPCSource:
                 item_id = "#" + hashlib.sha256(repr(item).encode()).hexdigest()
             except RecursionError:
                 item_id = "#nested"
-        key = f"{item_id}|{error.kind if isinstance(error, ItemError) else error}"
+        # A digest: an id or a reason can be as large as an answer.
+        key = hashlib.sha256(
+            f"{item_id}|{error.kind if isinstance(error, ItemError) else error}".encode(
+                "utf-8", "surrogatepass"
+            )
+        ).hexdigest()
         if key in self._warned:
             self._warned.move_to_end(key)
             return
@@ -552,7 +562,7 @@ class XMLRPCSource:
         self.skipped += 1
         self.log.warn("Skipping an item of {method}: {error} (warned once, though later "
                       "answers may list it again)", producer=self.name, method=self.method,
-                      error=str(error))
+                      error=escape_control(str(error), ITEM_TEXT_LIMIT))
 
     def _message(self, position: Any, item_id: str, item: dict[str, Any]) -> Message:
         data = jsonable(item, times="iso")

@@ -98,6 +98,28 @@ def jsonable(value: Any) -> Any:
     return xmlrpc_jsonable(value, "epoch")
 
 
+#: The key of a row (a bug, a history entry, a comment) that could not be
+#: made JSON-ready, put in its place with the reason: C{{"id": ...,
+#: UNREADABLE: reason}} (the id when it has a whole number one).  Its reader
+#: skips it, and reports it, rather than failing the whole answer for it.
+UNREADABLE = "fedhub_unreadable"
+
+
+def _row(value: dict[str, Any]) -> dict[str, Any]:
+    """
+    A row of an answer made JSON-ready, or its L{UNREADABLE} stand-in.
+    """
+    try:
+        row: dict[str, Any] = jsonable(value)
+        return row
+    except RecursionError:
+        stand_in: dict[str, Any] = {UNREADABLE: "its data is nested too deeply"}
+        row_id = value.get("id")
+        if isinstance(row_id, int) and not isinstance(row_id, bool):
+            stand_in["id"] = row_id
+        return stand_in
+
+
 def _batches(ids: Sequence[int], size: int) -> Iterable[list[int]]:
     for start in range(0, len(ids), size):
         yield list(ids[start : start + size])
@@ -223,7 +245,7 @@ class BugzillaAPI:
             for bug in answer["bugs"]:
                 if isinstance(bug, dict) and isinstance(bug.get("id"), int):
                     entries = bug.get("history") or []
-                    result[bug["id"]] = [jsonable(e) for e in entries if isinstance(e, dict)]
+                    result[bug["id"]] = [_row(e) for e in entries if isinstance(e, dict)]
         return result
 
     @inlineCallbacks
@@ -248,7 +270,7 @@ class BugzillaAPI:
                 except (TypeError, ValueError):
                     continue
                 comments = bug.get("comments") if isinstance(bug, dict) else None
-                result[bug_id] = [jsonable(c) for c in comments or [] if isinstance(c, dict)]
+                result[bug_id] = [_row(c) for c in comments or [] if isinstance(c, dict)]
         return result
 
     @inlineCallbacks
@@ -277,5 +299,5 @@ class BugzillaAPI:
     def _bugs(method: str, answer: Any) -> list[dict[str, Any]]:
         if not isinstance(answer, dict) or not isinstance(answer.get("bugs"), list):
             raise BugzillaError(method, "the answer has no list of bugs")
-        return [jsonable(b) for b in answer["bugs"]
+        return [_row(b) for b in answer["bugs"]
                 if isinstance(b, dict) and isinstance(b.get("id"), int)]
