@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from fedhub.config import ComponentConfig, Config, DomainConfig, format_path
+from fedhub.config import ComponentConfig, Config, DomainConfig
 from fedhub.errors import ConfigError, ConfigProblem
 from fedhub.consumers.runner import ConsumerService
 from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
@@ -345,23 +345,14 @@ def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
     """
     if not domain.tls:
         return []
-    from fedhub.amqp.tls import client_tls_options
+    from fedhub.amqp.tls import client_tls_options, in_domain
 
     try:
         client_tls_options(
             domain.server_hostname or domain.host or "", domain.ca, domain.cert, domain.key
         )
     except ConfigError as e:
-        # The TLS code names bare keys ("ca", "key"); give them their domain.
-        return [
-            replace(
-                problem,
-                path=format_path(("domains", domain.name, "broker" if problem.path == "url"
-                                  else problem.path)),
-                message=escape_control(problem.message, 500),
-            )
-            for problem in e.problems
-        ]
+        return in_domain(domain.name, e)
     return []
 
 

@@ -19,7 +19,7 @@ from twisted.application.service import IService, Service
 from twisted.python import usage
 
 from fedhub import __version__
-from fedhub.config import Config, default_config, exposed_password, load_config
+from fedhub.config import Config, default_config, exposed_password, load_config, locate_problems
 from fedhub.errors import ConfigError, FedhubError
 from fedhub.logs import HubLogger
 
@@ -59,10 +59,19 @@ class Options(usage.Options):
             problems = start_problems(config)
             if problems:
                 # Files the hub could not use are refused before anything
-                # starts, as check-config refuses them.
+                # starts, as check-config refuses them (with their lines).
+                if path:
+                    try:
+                        with open(path, encoding="utf-8") as f:
+                            problems = locate_problems(f.read(), problems)
+                    except (OSError, UnicodeDecodeError):
+                        pass
                 raise ConfigError(problems, path)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # The problems alone, as check-config prints them: not after
+            # twistd's usage text, which a usage error would print first.
+            sys.stderr.write(f"twistd fedhub: {e}\n")
+            raise SystemExit(1) from None
         self["loaded"] = config
 
 

@@ -7,7 +7,8 @@ The certificates are made in the test run with C{cryptography}.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.amqp.tls import (
     ExplainedTLSOptions,
+    RenewableTLSOptions,
     client_tls_options,
     load_certificates,
     load_client_identity,
@@ -401,6 +403,48 @@ class ClientOptionsTests(Files):
         peer = Certificate.peerFromTransport(server_tls)
         self.assertEqual(peer.getSubject().commonName, b"hub.example")
 
+    def test_renewed_client_certificate_used(self) -> None:
+        """
+        Renewable options read the files again once they change, so a
+        renewed client certificate is presented from the next connection on;
+        files that can not be used then are reported, and the options read
+        before stay in use until the files change again.
+        """
+        client_ca = make_ca("Client CA")
+        server_options = self.server_options(
+            verify=True, caCerts=[Certificate.loadPEM(cert_pem(client_ca[1])).original],
+            requireCertificate=True,
+        )
+
+        def write(path: str, data: bytes, when: int) -> None:
+            with open(path, "wb") as f:
+                f.write(data)
+            os.utime(path, (when, when))
+
+        def presented(options: Any) -> bytes:
+            client, server, server_tls = handshake(options, server_options)
+            self.assertEqual(server.received, b"from client")
+            return cast(bytes, Certificate.peerFromTransport(server_tls).getSubject().commonName)
+
+        old_key, old_cert = make_leaf(client_ca, "hub-2025", client=True)
+        cert_file, key_file = self.write("c.pem", cert_pem(old_cert)), self.write("k.pem", key_pem(old_key))
+        changes: list[ConfigError | None] = []
+        renewable = RenewableTLSOptions("broker.example", self.bundle, cert_file, key_file,
+                                        on_change=changes.append)
+        self.assertEqual(presented(renewable.current()), b"hub-2025")
+        self.assertEqual(changes, [])
+        new_key, new_cert = make_leaf(client_ca, "hub-2026", client=True)
+        # The certificate first: for a moment it does not match the key.
+        write(cert_file, cert_pem(new_cert), 1_000_000_000)
+        self.assertEqual(presented(renewable.current()), b"hub-2025")
+        (error,) = changes
+        self.assertIn("does not match", str(error))
+        self.assertEqual(presented(renewable.current()), b"hub-2025")
+        self.assertEqual(len(changes), 1)
+        write(key_file, key_pem(new_key), 1_000_000_001)
+        self.assertEqual(presented(renewable.current()), b"hub-2026")
+        self.assertEqual(changes[1:], [None])
+
     def test_missing_client_certificate_refused_by_broker(self) -> None:
         """
         Without a client certificate, such a broker refuses the handshake
@@ -435,3 +479,33 @@ class ClientOptionsTests(Files):
         self.assertRaises(
             ConfigError, client_tls_options, "broker.example", self.bundle, None, "/k.pem"
         )
+
+
+class BusTLSFilesTests(Files):
+    """
+    A bus reports unusable TLS files by their place in the configuration.
+    """
+
+    def test_problems_name_the_domain(self) -> None:
+        """
+        The broker commands and the API start a bus directly: its refusal
+        names the domain's keys (C{domains.infra.key}), as C{fedhub
+        check-config} does, not a bare C{key}.
+        """
+        from fedhub.amqp.transport import AMQPBus
+        from fedhub.amqp.url import AMQPSettings
+
+        ca = make_ca("Broker CA")
+        key, cert = make_leaf(ca, "hub", client=True)
+        settings = AMQPSettings(
+            host="broker.example", tls=True, ca=self.write("ca.pem", b"not a certificate"),
+            cert=self.write("c.pem", cert_pem(cert)),
+            key=self.write("k.pem", key_pem(key, password=b"secret")),
+        )
+        bus = AMQPBus("infra", settings, reactor=Clock())
+        with self.assertRaises(ConfigError) as raised:
+            bus.startService()
+        self.assertEqual([p.path for p in raised.exception.problems],
+                         ["domains.infra.ca", "domains.infra.key"])
+        self.assertIn("encrypted", raised.exception.problems[1].message)
+        self.assertFalse(bus.running)

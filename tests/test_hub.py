@@ -364,17 +364,28 @@ class TapTests(SynchronousTestCase):
                 self.assertIn("every user can read it (mode 0644)", found[0])
             self.assertNotIn("s3cret", "".join(texts))
 
+    def refused(self, path: str | Path) -> str:
+        """
+        What twistd prints when its options refuse the configuration at
+        C{path}: it exits with status 1 and no usage text.
+        """
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--config", str(path)])
+        self.assertEqual(error.code, 1)
+        text = stderr.getvalue()
+        self.assertTrue(text.startswith("twistd fedhub: "), text)
+        self.assertNotIn("Usage", text)
+        return text
+
     def test_bad_config_refused(self) -> None:
-        """A configuration with problems is a usage error naming every problem; nothing is built."""
+        """A configuration with problems is refused naming every problem and its line; nothing is built."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write('[hub]\nbogus = 1\n[[consumers]]\nname = "x"\nplugin = "log"\ndomain = "nowhere"\n')
-        options = Options()
-        from twisted.python.usage import UsageError
-
-        error = self.assertRaises(UsageError, options.parseOptions, ["--config", path])
-        self.assertIn("hub.bogus", str(error))
-        self.assertIn('unknown domain "nowhere"', str(error))
+        error = self.refused(path)
+        self.assertIn("hub.bogus", error)
+        self.assertIn('unknown domain "nowhere"', error)
 
 
     def test_unusable_tls_file_refused(self) -> None:
@@ -384,11 +395,10 @@ class TapTests(SynchronousTestCase):
         (directory / "ca.pem").write_text("not a certificate\n")
         path = directory / "hub.toml"
         path.write_text('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n')
-        from twisted.python.usage import UsageError
-
-        error = self.assertRaises(UsageError, Options().parseOptions, ["--config", str(path)])
-        self.assertIn("domains.a.ca: ", str(error))
-        self.assertIn("holds no PEM certificate", str(error))
+        error = self.refused(path)
+        self.assertIn("domains.a.ca: ", error)
+        self.assertIn("holds no PEM certificate", error)
+        self.assertIn("(line 3)", error)
 
 
     def test_unusable_smtp_tls_file_refused(self) -> None:
@@ -404,11 +414,9 @@ class TapTests(SynchronousTestCase):
         path.write_text('[domains.a]\nbroker = "memory"\n[[producers]]\nname = "mail"\n'
                         'plugin = "bugzilla-smtp"\ndomain = "a"\nrecipients = ["bugs@hub.example"]\n'
                         'tls_certificate = "cert.pem"\n')
-        from twisted.python.usage import UsageError
-
-        error = self.assertRaises(UsageError, Options().parseOptions, ["--config", str(path)])
-        self.assertIn("producers[0].tls_certificate: ", str(error))
-        self.assertIn("holds no PEM certificate", str(error))
+        error = self.refused(path)
+        self.assertIn("producers[0].tls_certificate: ", error)
+        self.assertIn("holds no PEM certificate", error)
 
     def test_plugin_refusal_names_the_component(self) -> None:
         """A component its plugin refuses to build stops twistd with one message naming the component's key."""

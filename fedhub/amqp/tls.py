@@ -14,14 +14,18 @@ Two Twisted traps are avoided here:
     explicit trust root.
 
 Everything here reads files: call it when a service starts or a
-configuration is checked, never from a constructor.
+configuration is checked, never from a constructor (L{RenewableTLSOptions}
+reads them again before a connection when they changed: small files, read
+rarely).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -49,6 +53,27 @@ _PEM_PRIVATE_KEY = re.compile(
     rb"-----END (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----",
     re.DOTALL,
 )
+
+
+def in_domain(domain: str, error: ConfigError) -> list[ConfigProblem]:
+    """
+    The problems of C{error}, which name the bare key of the file concerned
+    (C{ca}, C{key}; C{url} for the broker's name), named by their place in
+    the configuration instead (C{domains.<domain>.key}), their text cut to
+    500 characters: the same message from C{fedhub check-config}, C{twistd
+    fedhub} and the broker commands.
+    """
+    from fedhub.config import format_path
+    from fedhub.text import escape_control
+
+    return [
+        replace(
+            problem,
+            path=format_path(("domains", domain, "broker" if problem.path == "url" else problem.path)),
+            message=escape_control(problem.message, 500),
+        )
+        for problem in error.problems
+    ]
 
 
 def _problem(key: str, message: str) -> ConfigError:
@@ -262,3 +287,68 @@ def client_tls_options(
         ),
         roots,
     )
+
+
+class RenewableTLSOptions:
+    """
+    The client TLS options of a broker connection, read again when one of
+    their files changes: a renewed client certificate (or CA bundle) is
+    used from the next connection on, without restarting the hub.
+
+    The files are looked at (C{stat}) before each connection attempt and
+    read only when their inode, size or modification time changed.  Files
+    that can not be used then (half written, a key not matching the new
+    certificate yet) are reported once, and the options read before stay in
+    use until the files change again.
+
+    @ivar options: The options in use.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        ca: str | None,
+        cert: str | None = None,
+        key: str | None = None,
+        *,
+        on_change: Callable[[ConfigError | None], None] = lambda error: None,
+    ) -> None:
+        """
+        Read the files.
+
+        @param on_change: Called after the files changed and were read again:
+            with C{None}, or with the error that made them unusable.
+        @raise ConfigError: when they are unusable now (see
+            L{client_tls_options}).
+        """
+        self._args = (hostname, ca, cert, key)
+        self._paths = tuple(path for path in (ca, cert, key) if path)
+        self._on_change = on_change
+        self._stamp = self._stamps()
+        self.options = client_tls_options(hostname, ca, cert, key)
+
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self._paths:
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((info.st_ino, info.st_size, info.st_mtime_ns))
+        return tuple(stamps)
+
+    def current(self) -> ExplainedTLSOptions:
+        """
+        The options for the next connection: read again if a file changed.
+        """
+        stamp = self._stamps()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.options = client_tls_options(*self._args)
+            except ConfigError as e:
+                self._on_change(e)
+            else:
+                self._on_change(None)
+        return self.options

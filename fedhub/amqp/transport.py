@@ -102,10 +102,11 @@ from fedhub.amqp.protocol import (
 )
 from fedhub.amqp.reconnect import Reconnector, backoff
 from fedhub.amqp.spec import load_spec
-from fedhub.amqp.tls import ExplainedTLSOptions, client_tls_options
+from fedhub.amqp.tls import ExplainedTLSOptions, RenewableTLSOptions, in_domain
 from fedhub.amqp.url import AMQPSettings, endpoint_description, parse_url
 from fedhub.errors import (
     ChannelError,
+    ConfigError,
     DecodeError,
     MessageError,
     MessageNacked,
@@ -1597,19 +1598,22 @@ class AMQPBus(Service):
         @raise fedhub.errors.ConfigError: when TLS is configured unusably.
         """
         endpoint = self._endpoint
-        options: ExplainedTLSOptions | None = None
+        tls: RenewableTLSOptions | None = None
         if endpoint is None:
             endpoint = clientFromString(  # type: ignore[no-untyped-call]
                 self._reactor, endpoint_description(self.settings)
             )
             if self.settings.tls:
-                options = client_tls_options(
-                    self.settings.verify_hostname,
-                    self.settings.ca,
-                    self.settings.cert,
-                    self.settings.key,
-                )
-                endpoint = wrapClientTLS(options, endpoint)
+                try:
+                    tls = RenewableTLSOptions(
+                        self.settings.verify_hostname,
+                        self.settings.ca,
+                        self.settings.cert,
+                        self.settings.key,
+                        on_change=self._tls_files_changed,
+                    )
+                except ConfigError as e:
+                    raise ConfigError(in_domain(self.domain, e)) from None
         settings = self.settings
         if not settings.tls and settings.host not in ("localhost", "127.0.0.1", "::1"):
             self.log.warn(
@@ -1631,6 +1635,9 @@ class AMQPBus(Service):
         connecting = endpoint
 
         def connect() -> Deferred[Any]:
+            if tls is not None:
+                # A renewed certificate is used from the next attempt on.
+                return wrapClientTLS(tls.current(), connecting).connect(factory)
             return connecting.connect(factory)
 
         self._stopping = False
@@ -1644,11 +1651,25 @@ class AMQPBus(Service):
             setup_timeout=self.setup_timeout,
             close_timeout=self.close_timeout,
             describe=f"{settings.safe_url()} (domain {self.domain})",
-            explain=lambda failure: _attempt_error(failure, options),
+            explain=lambda failure: _attempt_error(failure, None if tls is None else tls.options),
             domain=self.domain,
         )
         super().startService()  # type: ignore[no-untyped-call]
         self._reconnector.start()
+
+    def _tls_files_changed(self, error: ConfigError | None) -> None:
+        if error is None:
+            self.log.info(
+                "The TLS files of domain {domain} changed; read again for the next connection",
+                domain=self.domain,
+            )
+            return
+        self.log.warn(
+            "The TLS files of domain {domain} changed but can not be used ({error}); the ones "
+            "read before stay in use until they change again",
+            domain=self.domain,
+            error=escape_control(str(error), 300),
+        )
 
     def stopService(self) -> Deferred[None]:
         """
