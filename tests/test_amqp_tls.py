@@ -380,7 +380,11 @@ class ClientOptionsTests(Files):
         self.assertHandshakeFails(client, server)
         self.assertIsNone(options.explain_refusal())
         error = self.refusal(options, client)
-        self.assertIn("elsewhere.example", error.details)
+        self.assertEqual(
+            error.details,
+            "the broker's certificate is not for the name 'elsewhere.example' (server_hostname, "
+            "or the broker URL's host)",
+        )
 
     def test_client_certificate_presented(self) -> None:
         """

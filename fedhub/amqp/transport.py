@@ -207,6 +207,25 @@ class MessageTooLarge(PublishError):
 _CERTIFICATE_REFUSALS = ("certificate", "unknown ca", "access denied")
 
 
+def _expected_names(error: VerificationError) -> str:
+    """
+    The names a certificate was checked for, as text: C{the name
+    'broker.example'} (service-identity's errors name the ids that did not
+    match, each with its C{hostname} or C{ip}).
+    """
+    names = []
+    for mismatch in getattr(error, "errors", None) or []:
+        wanted = getattr(mismatch, "mismatched_id", None)
+        name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        if name is not None:
+            names.append(repr(escape_control(str(name), 100)))
+    if not names:
+        return "the expected name"
+    return f"the name {' or '.join(names)} (server_hostname, or the broker URL's host)"
+
+
 def _tls_failure(error: object, depth: int = 0, verify_error: str | None = None) -> TLSFailed | None:
     """
     The TLS failure inside what a failed connection attempt raised, if
@@ -222,7 +241,7 @@ def _tls_failure(error: object, depth: int = 0, verify_error: str | None = None)
         return _tls_failure(error.value, depth + 1, verify_error)
     if isinstance(error, VerificationError):
         return TLSFailed(
-            f"the broker's certificate is not for the expected name ({error})", certificate=True
+            f"the broker's certificate is not for {_expected_names(error)}", certificate=True
         )
     if isinstance(error, SSL.Error):
         reasons = []
