@@ -12,6 +12,8 @@ import argparse
 import io
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,26 @@ class ConfigurationTests(InjectTestCase):
     Configuration problems are temporary: the mail waits until they are fixed.
     """
 
+    def test_bad_command_line(self) -> None:
+        """
+        A command line with a mistake (in master.cf, say) exits 75, not
+        argparse's 2, on which a mail server bounces the mail; other
+        commands keep 2, and --help 0.
+        """
+        from fedhub.cli.main import main
+
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(main(["inject-mail", "--timeout", "60s"]), EX_TEMPFAIL)
+        self.assertEqual(main(["inject-mail", "--no-such-option"]), EX_TEMPFAIL)
+        self.assertIn("--timeout: invalid float value", sys.stderr.getvalue())
+        with self.assertRaises(SystemExit) as other:
+            main(["publish", "--no-such-option"])
+        self.assertEqual(other.exception.code, 2)
+        self.patch(sys, "stdout", io.StringIO())
+        with self.assertRaises(SystemExit) as helped:
+            main(["inject-mail", "--help"])
+        self.assertEqual(helped.exception.code, 0)
+
     def test_missing_file(self) -> None:
         """An unreadable configuration exits 75."""
         self.config = str(self.directory / "absent.toml")
@@ -326,7 +348,47 @@ class SeenFileTests(SynchronousTestCase):
         seen = SeenFile(os.path.join(blocker, "seen"), 10.0, 5, warn=warnings.append)
         seen.add("a")
         self.assertFalse(seen.seen("a"))
-        self.assertEqual(len(warnings), 2)
+        self.assertEqual(len(warnings), 1)
+
+    def test_copy_handed_over_meanwhile_found(self) -> None:
+        """
+        A run that did not find its event keeps the file locked until it
+        added it: another run with a copy of the event waits, then finds it
+        (Bugzilla mails every recipient a copy at once).
+        """
+        path = self.mktemp()
+        first, second = SeenFile(path, 10.0, 5), SeenFile(path, 10.0, 5)
+        self.assertFalse(first.seen("k"))
+        found: list[bool] = []
+        waiting = threading.Thread(target=lambda: found.append(second.seen("k")))
+        waiting.start()
+        time.sleep(0.2)
+        self.assertEqual(found, [])
+        first.add("k")
+        waiting.join(5)
+        self.assertEqual(found, [True])
+
+    def test_released_without_adding(self) -> None:
+        """A failed hand-over lets the lock go: the next run is not held up, and finds nothing."""
+        path = self.mktemp()
+        first, second = SeenFile(path, 10.0, 5), SeenFile(path, 10.0, 5)
+        self.assertFalse(first.seen("k"))
+        first.release()
+        self.assertFalse(second.seen("k"))
+
+    def test_held_too_long(self) -> None:
+        """A lock held past SEEN_LOCK_WAIT is given up on with a warning: the mail still goes."""
+        self.patch(inject_mail, "SEEN_LOCK_WAIT", 0.05)
+        path = self.mktemp()
+        warnings: list[str] = []
+        first, second = SeenFile(path, 10.0, 5), SeenFile(path, 10.0, 5, warn=warnings.append)
+        first.add("k")
+        self.assertFalse(first.seen("other"))
+        self.assertFalse(second.seen("k"))
+        second.add("k")
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("stayed locked by another inject-mail", warnings[0])
+        first.release()
 
     def test_garbage_lines_ignored(self) -> None:
         """Lines that are not <time> <key> are ignored."""

@@ -107,14 +107,25 @@ def open_publisher(config: Config, producer_name: str) -> IPublisher:
     )
 
 
+#: Seconds an C{inject-mail} waits for the seen file's lock, held by
+#: another one handing over a mail, before going on without it.
+SEEN_LOCK_WAIT = 10.0
+
+
 class SeenFile:
     """
     Fingerprints of recently handed-over events, kept in a small file that
     every C{inject-mail} process shares (under an exclusive C{flock}): at
     most C{max_entries} lines of C{<time> <fingerprint>}, none older than
-    C{window} seconds.  It is best effort: when the file can not be used,
-    nothing is remembered (copies are then published again, with the same
-    message id).
+    C{window} seconds.
+
+    A process that did not find its event keeps the lock until it has
+    handed the event over and added it (or given up, L{release}): Bugzilla
+    mails each recipient a copy at once, and a mail server runs several
+    pipes together, so two copies must not both be found new.  It is best
+    effort: when the file can not be used, or stays locked longer than
+    L{SEEN_LOCK_WAIT} seconds, nothing is remembered (copies are then
+    published again, with the same message id).
     """
 
     def __init__(
@@ -130,6 +141,8 @@ class SeenFile:
         self.max_entries = max_entries
         self.now = now
         self.warn = warn
+        self._held: IO[bytes] | None = None
+        self._unusable = False
 
     def _entries(self, f: IO[bytes]) -> list[tuple[float, str]]:
         f.seek(0)
@@ -146,26 +159,66 @@ class SeenFile:
         return entries[-self.max_entries :]
 
     def _open(self) -> IO[bytes] | None:
+        """
+        The file, locked: the one held, or opened and locked now; C{None}
+        (warned about once) when it can not be.
+        """
+        held, self._held = self._held, None
+        if held is not None:
+            return held
+        if self._unusable:
+            return None
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             f = os.fdopen(fd, "r+b")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            return f
         except OSError as e:
-            if self.warn is not None:
-                self.warn(f"can not use {self.path} to recognize copies: {e.strerror or e}")
+            self._give_up(f"can not use {self.path} to recognize copies: {e.strerror or e}")
             return None
+        deadline = time.monotonic() + SEEN_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return f
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.close()
+                    self._give_up(f"{self.path} stayed locked by another inject-mail for "
+                                  f"{SEEN_LOCK_WAIT:g} s; copies are not recognized this time")
+                    return None
+                time.sleep(0.01)
+            except OSError as e:
+                f.close()
+                self._give_up(f"can not use {self.path} to recognize copies: {e.strerror or e}")
+                return None
+
+    def _give_up(self, reason: str) -> None:
+        self._unusable = True
+        if self.warn is not None:
+            self.warn(reason)
 
     def seen(self, key: str) -> bool:
         """
-        Whether C{key} was added within the window.
+        Whether C{key} was added within the window.  When it was not, the
+        file stays locked until L{add} or L{release}.
         """
         f = self._open()
         if f is None:
             return False
-        with f:
-            return any(k == key for _, k in self._entries(f))
+        if any(k == key for _, k in self._entries(f)):
+            f.close()
+            return True
+        self._held = f
+        return False
+
+    def release(self) -> None:
+        """
+        Let the lock L{seen} kept go, without adding anything (the hand-over
+        failed).
+        """
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def add(self, key: str) -> None:
         """
@@ -367,7 +420,11 @@ def _run(args: argparse.Namespace) -> int:
             return closing.addBoth(lambda _: result)
 
         d.addBoth(closed)
-    result = _wait(d, args.timeout)
+    try:
+        result = _wait(d, args.timeout)
+    finally:
+        if seen is not None:
+            seen.release()
     if isinstance(result, Failure):
         return _report(result)
     return EX_OK

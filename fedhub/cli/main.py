@@ -227,7 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run the command line and return the exit status.
     """
     parser = build_parser()
-    args = parse_arguments(parser, argv)
+    try:
+        args = parse_arguments(parser, argv)
+    except SystemExit as e:
+        if e.code == 2 and _command_in(sys.argv[1:] if argv is None else argv) == "inject-mail":
+            # A mail server bounces the mail when its pipe exits 2: a typo
+            # in master.cf or an alias must keep the mail queued instead.
+            return inject_mail.EX_TEMPFAIL
+        raise
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
     if run is None:
         parser.print_help(sys.stderr)
@@ -248,6 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C outside the reactor (reading a configuration, waiting for
         # the running hub, importing plugins): one line, as for any other stop.
         return runner.fail(args.command, "interrupted", runner.interrupted_status(signal.SIGINT))
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """
+    The command a command line names: its first word that is not an option.
+    """
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _drop_standard_output() -> None:
