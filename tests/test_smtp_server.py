@@ -998,6 +998,31 @@ class ListenerServiceTests(SynchronousTestCase):
         idle.close()
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_stop_does_not_wait_for_ever(self) -> None:
+        """
+        A hand-over that never ends (an embedding's callback whose Deferred
+        never fires) is waited for at most delivery_timeout once stopping:
+        its mail was answered 451, and the program can stop.
+        """
+        reactor = MemoryReactorClock()
+        intake = RecordingIntake()
+        intake.result = Deferred()
+        listener = self.listener(reactor, intake)
+        listener.startService()
+        assert listener.factory is not None
+        timeout = listener.factory.settings.delivery_timeout
+        busy = Client(listener.factory, "127.0.0.1", 1)
+        busy.send(envelope() + dot_stuffed(sample(CHANGED)))
+        busy.replies()
+        reactor.advance(timeout)
+        self.assertEqual(busy.codes(), [451])
+        stopped = listener.stopService()
+        reactor.advance(timeout - 0.1)
+        self.assertNoResult(stopped)
+        reactor.advance(0.1)
+        self.successResultOf(stopped)
+        busy.close()
+
     def test_with_publisher(self) -> None:
         """with_publisher builds a listener whose mails become messages on the given publisher."""
         reactor = MemoryReactorClock()

@@ -76,6 +76,7 @@ from fedhub.producers.bugzilla.producer import (
     classify_failure,
 )
 from fedhub.text import escape_control
+from fedhub.waiting import with_timeout
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -1565,7 +1566,11 @@ class BugmailSMTPFactory(ServerFactory):
     def shutdown(self) -> Deferred[None]:
         """
         Close every session (after the answer for those handing over a mail)
-        and fire once no hand-over is in progress.
+        and fire once no hand-over is in progress, or once
+        C{delivery_timeout} seconds have passed: a hand-over that never
+        ends (an embedding's callback whose Deferred never fires) must not
+        keep the program from stopping.  Its mail was answered C{451} by
+        then, so the sender still has it.
         """
         for session in list(self.sessions):
             session.shutdown()
@@ -1575,7 +1580,22 @@ class BugmailSMTPFactory(ServerFactory):
         waiting: Deferred[Any] = DeferredList(
             [self._settled(d) for d in pending], consumeErrors=True
         )
-        return waiting.addCallback(lambda _: None)
+        timeout = self.settings.delivery_timeout
+
+        def gave_up(failure: Failure) -> None:
+            failure.trap(TimeoutError)
+            self.log.warn(
+                "Stopping with {count} hand-over(s) still unfinished after {timeout}s; their "
+                "mails were answered 451",
+                count=len([d for d in pending if not d.called]),
+                timeout=timeout,
+                producer=self.producer,
+            )
+
+        bounded: Deferred[Any] = with_timeout(
+            waiting, timeout, self.clock, lambda: TimeoutError("hand-overs unfinished")
+        )
+        return bounded.addCallbacks(lambda _: None, gave_up)
 
     @staticmethod
     def _settled(d: Deferred[Any]) -> Deferred[None]:
