@@ -27,6 +27,7 @@ from fedhub.message import WARNING
 from fedhub.plugins import PluginContext
 from fedhub.producers.poller import IPollSource, PollingService, PollResult, run_inline
 from fedhub.producers.xmlrpc_poll import (
+    ITEM_SLICE,
     AnswerError,
     ItemError,
     XMLRPCPollPlugin,
@@ -297,6 +298,44 @@ class SourceTests(SynchronousTestCase):
         warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
         self.assertEqual(len(warnings), 5)
         self.assertTrue(all(len(text) < 500 and "\n" not in text for text in warnings), warnings)
+
+    def test_large_answer_lets_the_reactor_run(self) -> None:
+        """
+        A large answer is handled in slices with turns of the reactor in
+        between (the status page and the heartbeats keep answering), and
+        gives the same result as at once.
+        """
+        count = 3 * ITEM_SLICE + 7
+        answer = {"updates": [{"id": n, "changed": 1000 + n, "action": "b"} for n in range(count)]}
+
+        class Large:
+            url = URL
+
+            def call(self, method: str, *params: Any) -> Any:
+                return succeed(answer)
+
+            def close(self) -> Any:
+                return succeed(None)
+
+        clock = Clock()
+        source = XMLRPCSource("gen", cast(Any, Large()), lambda t: "org.example." + t, method="m",
+                              params=["{cursor}"], items="updates", id_field="id",
+                              cursor_field="changed", topic_template="t.{action}",
+                              initial_cursor=0, clock=clock)
+        d = source.poll({"value": 0, "time": False, "seen": [], "after": True})
+        # After the first slice it waits for the reactor's next turn.
+        self.assertNoResult(d)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        result: PollResult = self.successResultOf(d)
+        self.assertEqual(len(result.messages), count)
+        self.assertEqual(result.cursor["value"], 1000 + count - 1)
+        at_once = self.poll({"value": 0, "time": False, "seen": [], "after": True},
+                            XMLRPCSource("gen", cast(Any, Large()), lambda t: "org.example." + t,
+                                         method="m", params=["{cursor}"], items="updates",
+                                         id_field="id", cursor_field="changed",
+                                         topic_template="t.{action}", initial_cursor=0))
+        self.assertEqual([m.id for m in at_once.messages], [m.id for m in result.messages])
 
     def test_answer_without_items(self) -> None:
         """An answer without the configured list fails the poll."""

@@ -43,7 +43,8 @@ from collections.abc import Callable, Generator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -77,6 +78,12 @@ AHEAD_LIMIT = 1000
 #: Problems with items remembered as reported, so that an item a service
 #: keeps answering is warned about once (the most recent are kept).
 WARNED_LIMIT = 1000
+
+#: Items of one answer handled between two turns of the reactor: an answer
+#: of 100,000 items (a service catching up, well under the response cap)
+#: would otherwise hold it for seconds, the status page and the AMQP
+#: heartbeats with it.
+ITEM_SLICE = 500
 
 #: The longest item id or reason a log line shows, in characters.
 ITEM_TEXT_LIMIT = 300
@@ -296,6 +303,15 @@ class XMLRPCSource:
         closed: Deferred[None] = self.client.close()
         return closed
 
+    def _turn(self) -> Deferred[None]:
+        """
+        Let the reactor run other work before the next slice of a large
+        answer (see L{ITEM_SLICE}); at once without a clock.
+        """
+        if self.clock is None:
+            return succeed(None)
+        return deferLater(self.clock, 0, lambda: None)
+
     @inlineCallbacks
     def initial_cursor(self) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """
@@ -371,7 +387,9 @@ class XMLRPCSource:
         beyond = False
         # (position, id, item, published already)
         fresh: list[tuple[Any, str, dict[str, Any], bool]] = []
-        for item in found:
+        for n, item in enumerate(found):
+            if n and n % ITEM_SLICE == 0:
+                yield self._turn()
             parsed = self._parse(item, c)
             if parsed is None:
                 continue
@@ -395,7 +413,9 @@ class XMLRPCSource:
         fresh.sort(key=lambda f: (f[0], f[1]))
         messages = []
         failed: set[tuple[Any, str]] = set()
-        for position, item_id, item, known in fresh:
+        for n, (position, item_id, item, known) in enumerate(fresh):
+            if n and n % ITEM_SLICE == 0:
+                yield self._turn()
             if known:
                 continue
             try:
