@@ -766,6 +766,26 @@ class PublishTests(BusCase):
         self.assertFalse(self.bus.connected)
         self.failureResultOf(self.bus.publish(message), NotConnected)
 
+    def test_broker_closing_the_connection_explained(self) -> None:
+        """
+        Messages in flight when the broker closes the connection fail with
+        the broker's reason, not a bare "closed cleanly".
+        """
+        _, d = self.publish()
+        self.broker.send(self.broker.frame(
+            0, "connection.close", reply_code=320,
+            reply_text="CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+            class_id=0, method_id=0))
+        self.broker.pump()
+        if not d.called:
+            self.lose()
+        reason = self.failureResultOf(d, NotConnected).value.reason
+        self.assertEqual(
+            reason,
+            "the broker closed the connection (320 CONNECTION_FORCED - broker forced connection "
+            "closure with reason 'shutdown')",
+        )
+
     def test_confirm_timeout(self) -> None:
         """
         A confirm that does not come within confirm_timeout drops the

@@ -509,6 +509,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self.channel_max = channel_max
         self.server_properties: dict[str, Any] = {}
         self.blocked = False
+        #: The broker's reply code and text when it closed the connection
+        #: (C{connection.close}), for what the loss is explained by.
+        self.broker_closed: str | None = None
         self.writable = True
         self.receiving = False
         self.lost = False
@@ -1395,6 +1398,7 @@ class _Delegate(TwistedDelegate):  # type: ignore[misc]
             text=_text(message.reply_text),
             domain=self.client.domain,
         )
+        self.client.broker_closed = f"{message.reply_code} {_text(message.reply_text)}"
         channel.connection_close_ok().addErrback(lambda _: None)
         self.client.do_close(message)
 

@@ -1784,7 +1784,13 @@ class AMQPBus(Service):
     def _lost(self, client: AMQPClient, reason: BaseException) -> None:
         session, self._session = self._session, None
         self.stats.connection_losses += 1
-        why = f"the connection to the broker was lost ({escape_control(str(reason), 200)})"
+        closed = getattr(client, "broker_closed", None)
+        if closed:
+            # The broker said why (320 CONNECTION_FORCED, a node shutting
+            # down): its words rather than "closed cleanly".
+            why = f"the broker closed the connection ({escape_control(closed, 200)})"
+        else:
+            why = f"the connection to the broker was lost ({escape_control(str(reason), 200)})"
         if session is not None:
             session.teardown(why)
 
