@@ -57,6 +57,7 @@ from fedhub import __version__
 from fedhub.errors import FedhubError
 from fedhub.logs import HubLogger
 from fedhub.text import escape_control
+from fedhub.tlsnames import StrictPolicyForHTTPS
 
 #: The default cap on one response: 32 MiB.
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
@@ -725,18 +726,19 @@ def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
     return pool
 
 
-def tls_policy(ca_file: str | None) -> BrowserLikePolicyForHTTPS:
+def tls_policy(ca_file: str | None) -> StrictPolicyForHTTPS:
     """
     The HTTPS policy for an endpoint: verify the server's certificate and
-    host name against the platform's trust store, or against the
-    certificates of C{ca_file} (a PEM bundle) when given.
+    host name (strictly: L{fedhub.tlsnames}) against the platform's trust
+    store, or against the certificates of C{ca_file} (a PEM bundle) when
+    given.
 
     Reads C{ca_file}: call it outside the reactor's hot path.
 
     @raise XMLRPCError: when C{ca_file} can not be read or holds no certificate.
     """
     if ca_file is None:
-        return BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]
+        return StrictPolicyForHTTPS(BrowserLikePolicyForHTTPS())  # type: ignore[no-untyped-call]
     from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
     try:
@@ -752,7 +754,9 @@ def tls_policy(ca_file: str | None) -> BrowserLikePolicyForHTTPS:
     except Exception as e:
         raise XMLRPCError(ca_file, "-", f"bad certificate in CA file: {_describe(e)}") from None
     roots = trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
-    return BrowserLikePolicyForHTTPS(trustRoot=roots)  # type: ignore[no-untyped-call]
+    return StrictPolicyForHTTPS(
+        BrowserLikePolicyForHTTPS(trustRoot=roots)  # type: ignore[no-untyped-call]
+    )
 
 
 # --- the client ---------------------------------------------------------

@@ -386,6 +386,25 @@ class ClientOptionsTests(Files):
             "or the broker URL's host)",
         )
 
+    def test_certificate_without_names_refused(self) -> None:
+        """
+        A certificate the trusted CA signed with no subjectAltName at all
+        (a client certificate, say) does not pass for the broker: Twisted's
+        own check only logs that case and lets the handshake go on.
+        """
+        key, cert = make_leaf(self.broker_ca, "broker.example")
+        self.assertRaises(x509.ExtensionNotFound, cert.extensions.get_extension_for_class,
+                          x509.SubjectAlternativeName)
+        nameless = PrivateCertificate.loadPEM(cert_pem(cert) + key_pem(key))
+        options = client_tls_options("broker.example", self.bundle)
+        client, server, _ = handshake(options, CertificateOptions(
+            privateKey=nameless.privateKey.original, certificate=nameless.original))
+        self.assertHandshakeFails(client, server)
+        error = self.refusal(options, client)
+        self.assertIn("the broker's certificate names no host", error.details)
+        self.assertIn("subjectAltName", error.details)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_client_certificate_presented(self) -> None:
         """
         With a client certificate, a broker that requires one sees it.

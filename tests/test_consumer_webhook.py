@@ -133,11 +133,13 @@ def make_ca(common: str) -> tuple[Any, x509.Certificate]:
     return authority.key, authority.certificate
 
 
-def make_server_pem(ca_key: Any, ca_cert: x509.Certificate) -> bytes:
+def make_server_pem(ca_key: Any, ca_cert: x509.Certificate, named: bool = True) -> bytes:
     """
-    A certificate for 127.0.0.1 signed by the CA, with its key, as PEM.
+    A certificate for 127.0.0.1 signed by the CA, with its key, as PEM;
+    with no subjectAltName when not C{named}.
     """
-    key, cert = Authority("ca", ca_key, ca_cert).issue("127.0.0.1", server=True, ips=["127.0.0.1"])
+    key, cert = Authority("ca", ca_key, ca_cert).issue(
+        "127.0.0.1", server=True, ips=["127.0.0.1"] if named else [])
     return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
@@ -554,6 +556,24 @@ class TLSTests(TestCase):
         self.assertEqual(settled.outcome, "retried")
         self.assertIn("certificate", (settled.reason or "").lower())
         self.assertEqual(self.hook.received, [])
+
+    @inlineCallbacks
+    def test_certificate_naming_no_host_refused(self) -> Any:
+        """
+        A certificate from the trusted CA that names no host (no
+        subjectAltName) is refused: Twisted's own check lets it through.
+        """
+        nameless = ssl.PrivateCertificate.loadPEM(
+            make_server_pem(self.ca_key, self.ca_cert, named=False))
+        hook = Hook()
+        port = reactor.listenSSL(0, Tracking(hook), nameless.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        harness = self.harness({"url": f"https://127.0.0.1:{port.getHost().port}/",
+                                "ca": str(self.bundle)})
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "retried")
+        self.assertEqual(hook.received, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
     def test_wrong_host_name(self) -> Any:

@@ -609,6 +609,8 @@ def make_pki(directory: str) -> dict[str, str]:
     ca_cert = authority.certificate
     other_cert = Authority.create("some other CA").certificate
     server_key, server_cert = authority.issue("127.0.0.1", server=True, ips=["127.0.0.1"])
+    # Signed by the same CA, but naming no host (as client certificates do).
+    nameless_key, nameless_cert = authority.issue("127.0.0.1", server=True)
     pem = serialization.Encoding.PEM
 
     def write(name: str, data: bytes) -> None:
@@ -621,6 +623,8 @@ def make_pki(directory: str) -> dict[str, str]:
     # The signing CA second: loading only the first certificate would fail.
     write("bundle.pem", other_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
     write("server.pem", server_cert.public_bytes(pem) + server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    write("nameless.pem", nameless_cert.public_bytes(pem) + nameless_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths
 
@@ -658,6 +662,25 @@ class HTTPSTests(ClientTestBase):
         """A server the trust roots do not vouch for is refused."""
         client = self.client(self.url, ca_file=self.pki["other.pem"])
         yield self.assertFailure(client.call("echo"), TransportError)
+
+    @inlineCallbacks
+    def test_certificate_naming_no_host_refused(self) -> Any:
+        """
+        A certificate from the trusted CA that names no host at all (no
+        subjectAltName) is refused, quietly: Twisted's own check only logs
+        that case, critically, and lets the connection go on.
+        """
+        with open(self.pki["nameless.pem"], "rb") as f:
+            options = PrivateCertificate.loadPEM(f.read()).options()
+        site = Site(FakeXMLRPCServer({"echo": echo}))
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = self.client(f"https://127.0.0.1:{port.getHost().port}/RPC2",
+                             ca_file=self.pki["ca.pem"])
+        error = yield self.assertFailure(client.call("echo"), TransportError)
+        self.assertIn("subjectAltName", error.reason)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
     def test_platform_trust_refuses_test_ca(self) -> Any:

@@ -41,6 +41,7 @@ from twisted.internet.ssl import (
 )
 
 from fedhub.errors import ConfigError, ConfigProblem
+from fedhub.tlsnames import StrictNames
 
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
 """The oldest TLS version fedhub speaks to a broker."""
@@ -279,11 +280,14 @@ def client_tls_options(
     if identity is not None and identity.chain:
         extra["extraCertChain"] = [c.original for c in identity.chain]
     return ExplainedTLSOptions(
-        optionsForClientTLS(
+        StrictNames(
+            optionsForClientTLS(
+                hostname,
+                trustRoot=trustRootFromCertificates(roots),  # type: ignore[no-untyped-call]
+                clientCertificate=identity.certificate if identity else None,
+                extraCertificateOptions=extra,
+            ),
             hostname,
-            trustRoot=trustRootFromCertificates(roots),  # type: ignore[no-untyped-call]
-            clientCertificate=identity.certificate if identity else None,
-            extraCertificateOptions=extra,
         ),
         roots,
     )

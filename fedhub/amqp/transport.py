@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
@@ -242,6 +242,14 @@ def _tls_failure(error: object, depth: int = 0, verify_error: str | None = None)
     if isinstance(error, VerificationError):
         return TLSFailed(
             f"the broker's certificate is not for {_expected_names(error)}", certificate=True
+        )
+    if isinstance(error, CertificateError):
+        # No subjectAltName at all (see fedhub.tlsnames): its name can not
+        # be checked, so it is refused whatever its common name.
+        return TLSFailed(
+            f"the broker's certificate names no host: {escape_control(str(error), 200)} (a "
+            "server certificate needs its names as subjectAltName)",
+            certificate=True,
         )
     if isinstance(error, SSL.Error):
         reasons = []

@@ -137,10 +137,16 @@ class _TLSPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 
-        return optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self.trust_root,
-            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+        from fedhub.tlsnames import StrictNames
+
+        name = hostname.decode("ascii")
+        return StrictNames(
+            optionsForClientTLS(
+                name,
+                trustRoot=self.trust_root,
+                extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+            ),
+            name,
         )
 
 
