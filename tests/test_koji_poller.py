@@ -41,6 +41,7 @@ from tests.fakes_xmlrpc import (
     COMPLETE,
     FAILED,
     OPEN,
+    REPO_EXPIRED,
     REPO_PROBLEM,
     REPO_READY,
     DirectCaller,
@@ -302,6 +303,27 @@ class SourceTests(SourceTestBase):
             "base_url": "https://koji.example.org"})
         self.assertEqual(third.messages, [])
         self.assertEqual(third.cursor["repos"], {"next": broken + 1, "pending": []})
+
+    def test_repo_ready_then_expired_between_polls(self) -> None:
+        """
+        A repo followed while being made that is ready and then expired by
+        the next poll (a newer repo of its tag was quick) gets its repo.done:
+        Koji expires only ready repos.
+        """
+        source = self.source(builds=False, tasks="none", tags=False)
+        cursor = self.start(source)
+        repo = self.koji.new_repo("f24")
+        first = self.poll(source, cursor)
+        self.koji.repo_state(repo, REPO_READY)
+        newer = self.koji.new_repo("f24")
+        self.koji.repo_state(newer, REPO_READY)
+        self.koji.repo_state(repo, REPO_EXPIRED)
+        self.koji.event()
+        second = self.poll(source, first.cursor)
+        done = [m.body["repo_id"] for m in first.messages + second.messages
+                if m.topic.endswith(".repo.done")]
+        self.assertEqual(sorted(done), sorted([repo, newer]))
+        self.assertEqual(second.cursor["repos"]["pending"], [])
 
     def test_repos_seen_pending_at_first_start(self) -> None:
         """A repo still being made at first start gets its repo.done later, not its init."""
@@ -755,6 +777,74 @@ class SourceTests(SourceTestBase):
         self.assertLess(self.poll(self.source(tasks="none", repos=False), cursor)
                         .cursor["builds"]["created"], self.koji.now + 3600)
 
+    def test_rows_of_one_time_across_a_full_page(self) -> None:
+        """
+        Rows written in one transaction share its time; a page boundary
+        among them loses none (Koji asks for times strictly after the one
+        given), and more rows of one time than a page are read with wider
+        pages.
+        """
+        source = self.source(tasks="none", repos=False, tags=False, page_size=3)
+        cursor = self.start(source)
+        self.koji.now += 10
+        self.koji.step = 0.0
+        together = [self.koji.start_build(f"p{i}", "1", "1")[0] for i in range(5)]
+        self.koji.step = 1.0
+        self.koji.tick()
+        later = [self.koji.start_build(f"q{i}", "1", "1")[0] for i in range(2)]
+        self.koji.event()
+        messages, cursor = self.drain(source, cursor)
+        self.assertEqual(sorted(m.body["build_id"] for m in messages), together + later)
+        self.assertNotIn("limits", cursor["builds"])
+        # Mixed times: the page's last time is read again.
+        self.koji.now += 10
+        mixed = [self.koji.start_build(f"r{i}", "1", "1")[0] for i in range(2)]
+        self.koji.step = 0.0
+        mixed += [self.koji.start_build(f"s{i}", "1", "1")[0] for i in range(3)]
+        self.koji.step = 1.0
+        self.koji.event()
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual(sorted(m.body["build_id"] for m in messages), mixed)
+
+    def test_child_tasks_of_one_time_across_a_full_page(self) -> None:
+        """Child tasks created with their parent's transaction, more than a page: all published."""
+        source = self.source(builds=False, repos=False, tags=False, tasks="all", page_size=4)
+        cursor = self.start(source)
+        self.koji.now += 10
+        parent = self.koji._new_task("build", ["x.src.rpm", "f24", {}], OPEN)
+        self.koji.now += 1
+        children = []
+        for arch in ("x86_64", "aarch64", "ppc64le", "s390x", "i686", "noarch"):
+            task_id = self.koji.next_task
+            self.koji.next_task += 1
+            self.koji.tasks[task_id] = self.koji._task_row(
+                task_id, "buildArch", ["x.src.rpm", 1, arch], 0, parent=parent, arch=arch)
+            children.append(task_id)
+        self.koji.now += 1
+        self.koji.event()
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual(sorted(m.body["id"] for m in messages), sorted([parent] + children))
+
+    def test_seen_table_bounded_when_tasks_finish_between_polls(self) -> None:
+        """
+        On a hub whose tasks all finish between two polls, the streams of
+        unfinished tasks get no rows; they still move, so the seen table
+        keeps about the overlap's worth of keys.
+        """
+        source = self.source(builds=False, repos=False, tags=False, tasks="parents")
+        cursor = self.start(source)
+        sizes = []
+        for _ in range(30):
+            self.koji.now += 60
+            task = self.koji._new_task("createrepo", ["f24", {}], OPEN)
+            self.koji.set_task_state(task, CLOSED)
+            self.koji.event()
+            result = self.poll(source, cursor)
+            self.assertEqual(len(result.messages), 1)
+            cursor = result.cursor
+            sizes.append(len(cursor["tasks"]["seen"]))
+        self.assertLessEqual(max(sizes[5:]), 4)
+
     def test_full_page_beyond_now(self) -> None:
         """A full page that ends beyond the hub's now does not page on for ever; later rows come."""
         source = self.source(tasks="none", repos=False, page_size=2)
@@ -765,7 +855,11 @@ class SourceTests(SourceTestBase):
         self.koji.event()
         messages, cursor = self.drain(source, cursor)
         self.assertEqual(sorted(m.body["build_id"] for m in messages), builds[:2])
-        self.assertEqual(source.skipped, 2)  # no time in 1e30 s can be written
+        # No time in 1e30 s can be written: such a row is skipped.  (The page
+        # with the first of them ends the paging, and the second may never
+        # be read: a page's last time is read again, and the pages fall
+        # differently.)
+        self.assertGreaterEqual(source.skipped, 1)
         later, _ = self.koji.start_build("later", "1", "1")
         self.koji.event()
         messages, _ = self.drain(source, cursor)

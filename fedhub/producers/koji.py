@@ -77,7 +77,11 @@ BUILDING = 0
 FINAL_BUILD_STATES = frozenset({1, 2, 3, 4})
 FINAL_TASK_STATES = frozenset({2, 3, 5})
 TASK_CLOSED = 2
-REPO_INIT, REPO_READY = 0, 1
+REPO_INIT, REPO_READY, REPO_EXPIRED, REPO_DELETED = 0, 1, 2, 3
+#: The states of a repo that was ready: Koji expires only ready repos (and
+#: deletes only expired ones), so a repo followed while it was being made
+#: and found in one of these finished, whatever happened since.
+_WAS_READY = frozenset({REPO_READY, REPO_EXPIRED, REPO_DELETED})
 
 #: The schema names (entry points of C{koji-fedoramessaging-messages}) by topic suffix.
 SCHEMAS: Mapping[str, str] = {
@@ -95,6 +99,11 @@ TASK_MODES = ("scratch", "parents", "all", "none")
 _NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
 # The states the "created" and "started" task queries ask for.
 _UNFINISHED = {"created": [0, 1, 4], "started": [1]}
+
+#: The most rows a time stream asks for in one query, when a page of
+#: C{page_size} rows held nothing but rows of one time (see
+#: L{KojiSource._advance}).
+MAX_PAGE = 10_000
 # How many entries the cursor keeps of builds and tasks not finished yet.
 _MAX_OPEN = 20000
 # How many repos being made the cursor follows (each is looked at every
@@ -443,7 +452,7 @@ class KojiSource:
                 after = self._after(c["builds"], stream)
                 add(f"builds.{stream}", Call("listBuilds", (kwargs(
                     **{after_key: after, before_key: before},
-                    queryOpts={"order": order, "limit": s.page_size}),)))
+                    queryOpts={"order": order, "limit": self._limit(c["builds"], stream)}),)))
         task_streams = {"created": ("createdAfter", "createdBefore", "create_ts"),
                         "started": ("startedAfter", "startedBefore", "start_ts"),
                         "completed": ("completeAfter", "completeBefore", "completion_ts")}
@@ -458,8 +467,8 @@ class KojiSource:
                     # Finished tasks come from the "completed" stream: asking
                     # again for them here would only double the download.
                     opts["state"] = _UNFINISHED[stream]
-                add(f"tasks.{stream}", Call("listTasks", (opts, {"order": order,
-                                                                 "limit": s.page_size})))
+                add(f"tasks.{stream}", Call("listTasks", (opts, {
+                    "order": order, "limit": self._limit(c["tasks"], stream)})))
         new_repos: list[int] = []
         pending_repos: list[int] = []
         probe = s.repo_probe
@@ -524,7 +533,7 @@ class KojiSource:
             for stream, (_, _, order) in build_streams.items():
                 rows = self._rows(answer(f"builds.{stream}"), "listBuilds")
                 full = self._advance(state, paging, stream, rows, order,
-                                     len(rows) >= s.page_size, end_ts, limit)
+                                     len(rows) >= self._limit(state, stream), end_ts, limit)
                 more = more or full
                 for row in rows:
                     if isinstance(row.get("build_id"), int):
@@ -560,7 +569,7 @@ class KojiSource:
             for stream, (_, _, order) in task_streams.items():
                 rows = self._rows(answer(f"tasks.{stream}"), "listTasks")
                 full = self._advance(state, paging, stream, rows, order,
-                                     len(rows) >= s.page_size, end_ts, limit)
+                                     len(rows) >= self._limit(state, stream), end_ts, limit)
                 more = more or full
                 for row in rows:
                     if isinstance(row.get("id"), int):
@@ -627,7 +636,9 @@ class KojiSource:
                 if not isinstance(info, dict) or not self._repo_state(info):
                     pending.discard(repo_id)
                     continue
-                if info.get("state") == REPO_READY:
+                if info.get("state") in _WAS_READY:
+                    # Even if expired since (a newer repo of its tag was
+                    # quicker than this poll): it was done.
                     created = _number(info.get("create_ts")) or last_ts
                     events.append((max(created, last_ts), 3, "repo.done", info))
                 if info.get("state") != REPO_INIT:
@@ -671,14 +682,28 @@ class KojiSource:
             return since
         return since - self.settings.time_overlap
 
-    @staticmethod
-    def _advance(state: dict[str, Any], paging: set[str], stream: str,
+    def _limit(self, state: Mapping[str, Any], stream: str) -> int:
+        """
+        The rows a stream's next query asks for: C{page_size}, or more while
+        a page held nothing but rows of one time (see L{_advance}).
+        """
+        wider = state.get("limits", {}).get(stream)
+        return int(wider) if isinstance(wider, int) and wider > 0 else self.settings.page_size
+
+    def _advance(self, state: dict[str, Any], paging: set[str], stream: str,
                  rows: list[dict[str, Any]], order: str, full: bool, hub_now: float,
                  limit: float) -> bool:
         """
-        Move a time stream's position to the newest row it returned.  After a
-        full page, the next query starts exactly there (no overlap) so paging
-        always makes progress.
+        Move a time stream's position to the newest row it returned.
+
+        After a full page, the next query starts at the page's last time but
+        one (no overlap beyond that): the rows of the page's last time are
+        read again, as the page may have held only some of them (rows written
+        in one transaction share its time, and Koji asks for times strictly
+        after the one given); the seen table skips those published already.
+        A full page of rows that all share one time can not be paged by
+        time: the next query of the stream asks for twice as many rows, up
+        to L{MAX_PAGE}, until a page holds more than that time.
 
         A row later than C{limit} (the hub's "now" and a margin: a broken
         clock, a corrupt row) is published but does not move the position,
@@ -700,8 +725,39 @@ class KojiSource:
             # hub whose clock went back): start again from the hub's now,
             # reading rows again rather than losing them.
             position = hub_now
+        limits: dict[str, int] = dict(state.get("limits", {}))
+        limits.pop(stream, None)
         if sane:
-            position = max(position, max(sane))
+            top = max(sane)
+            earlier = [t for t in sane if t < top]
+            if full and earlier:
+                position = max(position, max(earlier))
+            elif full:
+                # One time on the whole page: wider pages until it is passed.
+                rows_asked = self._limit(state, stream)
+                limits[stream] = min(max(rows_asked * 2, self.settings.page_size), MAX_PAGE)
+                if rows_asked >= MAX_PAGE:
+                    # More than MAX_PAGE rows of one instant: the rest are
+                    # passed over, said once.
+                    self.log.warn("More than {rows} {stream} rows of Koji hub {url} share the "
+                                  "time {time}: those past the first {rows} are not published",
+                                  producer=self.name, rows=MAX_PAGE, stream=stream,
+                                  url=display_url(self.settings.hub_url), time=top)
+                    limits.pop(stream)
+                    position = max(position, top)
+            else:
+                position = max(position, top)
+        elif not times:
+            # Nothing after the position, up to the hub's now: the position
+            # may move there.  A stream that only asks for unfinished tasks
+            # gets no rows on a hub whose tasks all finish between two
+            # polls; left behind, it would keep the seen table (pruned
+            # below the lowest position) from ever shrinking.
+            position = max(position, min(hub_now, limit))
+        if limits:
+            state["limits"] = limits
+        else:
+            state.pop("limits", None)
         state[stream] = position
         if full:
             paging.add(stream)
