@@ -48,6 +48,7 @@ from tests.fakes_xmlrpc import (
     FakeKoji,
     check_with_schema_package,
     koji_bodies,
+    koji_time,
     listen,
     schema_names,
 )
@@ -824,6 +825,41 @@ class SourceTests(SourceTestBase):
         self.koji.event()
         messages, _ = self.drain(source, cursor)
         self.assertEqual(sorted(m.body["id"] for m in messages), sorted([parent] + children))
+
+    def recycle(self, build: int) -> None:
+        """Build a failed build's NVR again: Koji gives it its row back."""
+        event = self.koji.event()
+        self.koji.builds[build].update(
+            state=BUILDING, creation_event_id=event, creation_ts=self.koji.now,
+            creation_time=koji_time(self.koji.now), completion_ts=None, completion_time=None)
+
+    def test_recycled_build_within_the_overlap(self) -> None:
+        """
+        A failed build built again 30 s later (Koji recycles its row: same
+        build id, new creation event) gets its new states published, with
+        message ids of their own.
+        """
+        source = self.source(tasks="none", repos=False, tags=False)
+        cursor = self.start(source)
+        build, _ = self.koji.start_build("foo", "1.0", "1.fc42")
+        self.koji.finish_build(build, FAILED)
+        self.koji.tick()
+        self.koji.event()
+        one = self.poll(source, cursor)
+        self.koji.now += 30
+        self.recycle(build)
+        two = self.poll(source, one.cursor)
+        self.koji.now += 30
+        self.koji.finish_build(build, FAILED)
+        self.koji.tick()
+        self.koji.event()
+        three = self.poll(source, two.cursor)
+        states = [[(m.body["old"], m.body["new"]) for m in r.messages] for r in (one, two, three)]
+        self.assertEqual(states, [[(None, FAILED)], [(None, BUILDING)], [(BUILDING, FAILED)]])
+        self.assertNotEqual(one.messages[0].id, three.messages[0].id)
+        # The same attempt polled again keeps its ids.
+        again = self.poll(self.source(tasks="none", repos=False, tags=False), two.cursor)
+        self.assertEqual([m.id for m in again.messages], [m.id for m in three.messages])
 
     def test_seen_table_bounded_when_tasks_finish_between_polls(self) -> None:
         """

@@ -545,8 +545,10 @@ class KojiSource:
                 new = row.get("state")
                 position = (_number(row.get("completion_ts")) or _number(row.get("creation_ts"))
                             or 0.0)
-                key = f"{build_id}:{new!r}"
-                if key in seen or position <= floor_ts:
+                key = f"{build_id}:{new!r}{_attempt(row)}"
+                # The key without the attempt, as cursors of earlier
+                # versions hold it, counts too.
+                if key in seen or f"{build_id}:{new!r}" in seen or position <= floor_ts:
                     continue
                 seen.add(key, position)
                 if not _integer(new):
@@ -990,7 +992,7 @@ class KojiSource:
         }
         state = BUILD_STATES[new] if 0 <= new < len(BUILD_STATES) else str(new)
         return self._message(
-            "buildsys.build.state.change", body, f"build:{build_id}:{new}",
+            "buildsys.build.state.change", body, f"build:{build_id}:{new}{_attempt(row)}",
             f"Build {state}: {row.get('owner_name')}'s {row.get('nvr')}",
             users=(row.get("owner_name"),), packages=(row.get("name"),),
         )
@@ -1024,6 +1026,17 @@ class KojiSource:
             f"Repo {info.get('id')} for {info.get('tag_name')} {what}", severity=DEBUG,
         )
 
+
+
+def _attempt(row: Mapping[str, Any]) -> str:
+    """
+    What tells a build's attempts apart: Koji gives a failed or cancelled
+    build that is built again (the same NVR) its row back, with its build id
+    and a new creation event.  C{":<creation event>"}, or nothing for a row
+    without one.
+    """
+    event = row.get("creation_event_id")
+    return f":{event}" if _integer(event) else ""
 
 def _integer(value: Any) -> TypeGuard[int]:
     """
