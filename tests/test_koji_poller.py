@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -34,7 +34,7 @@ from fedhub.producers.koji import (
 )
 from fedhub.producers.poller import IPollSource, PollingService, PollResult, run_inline
 from fedhub.text import SUMMARY_HEADER
-from fedhub.xmlrpc import XMLRPCClient, XMLRPCFault
+from fedhub.xmlrpc import ResponseTooLarge, XMLRPCClient, XMLRPCFault
 from tests.fakes_xmlrpc import (
     BUILDING,
     CLOSED,
@@ -860,6 +860,46 @@ class SourceTests(SourceTestBase):
         # The same attempt polled again keeps its ids.
         again = self.poll(self.source(tasks="none", repos=False, tags=False), two.cursor)
         self.assertEqual([m.id for m in again.messages], [m.id for m in three.messages])
+
+    def test_window_too_large_for_the_cap_halved(self) -> None:
+        """
+        A window of history whose answer passes the client's size cap (a
+        tag cloned in one go) fails that poll, naming the window; the next
+        polls read half as many events at a time, and event_step again once
+        windows go through.
+        """
+        source = self.source(builds=False, tasks="none", repos=False, event_step=100)
+        cursor = self.start(source)
+        start = cursor["event"]
+        for _ in range(400):
+            self.koji.event()
+        too_large = ResponseTooLarge(HUB, "multiCall", 1000, 2000)
+        caller = self.caller
+
+        def fail_once(calls: Any, batch_size: int = 100) -> Any:
+            del caller.multicall  # back to the class's
+            return fail(too_large)
+
+        def answer_too_large() -> None:
+            caller.multicall = fail_once  # type: ignore[method-assign]
+
+        answer_too_large()
+        error = self.failureResultOf(source.poll(cursor), KojiError).value
+        self.assertEqual(error.reason, f"the answer for events {start + 1}..{start + 100} is "
+                         "larger than 1000 bytes; reading 50 events at a time until it passes")
+        answer_too_large()
+        self.failureResultOf(source.poll(cursor), KojiError)
+        result = self.poll(source, cursor)
+        self.assertEqual(result.cursor["event"], start + 25)
+        result = self.poll(source, result.cursor)
+        self.assertEqual(result.cursor["event"], start + 25 + 50)
+        result = self.poll(source, result.cursor)
+        self.assertEqual(result.cursor["event"], start + 75 + 100)
+        # One event alone too large: only a larger cap helps.
+        one = self.source(builds=False, tasks="none", repos=False, event_step=1)
+        answer_too_large()
+        error = self.failureResultOf(one.poll(result.cursor), KojiError).value
+        self.assertIn("alone is larger than 1000 bytes: raise max_response_bytes", error.reason)
 
     def test_seen_table_bounded_when_tasks_finish_between_polls(self) -> None:
         """

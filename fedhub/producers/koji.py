@@ -65,7 +65,14 @@ from fedhub.producers.poller import (
     polling_service,
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
-from fedhub.xmlrpc import Call, XMLRPCCaller, XMLRPCClient, display_url, unwrap
+from fedhub.xmlrpc import (
+    Call,
+    ResponseTooLarge,
+    XMLRPCCaller,
+    XMLRPCClient,
+    display_url,
+    unwrap,
+)
 
 #: At most how many build hosts' names a poller remembers (a hub has a few
 #: hundred).
@@ -284,6 +291,9 @@ class KojiSource:
         self.skipped = 0
         # Whether the hub's last event was found before the cursor (warned once).
         self._behind = False
+        # Events of history read per poll: event_step, or fewer while a
+        # window's answer was larger than the client takes (see _too_large).
+        self._event_step = settings.event_step
         #: Build hosts' names by id (C{getHost}), as messages carry them;
         #: at most L{MAX_HOST_NAMES}.
         self._host_names: dict[int, str] = {}
@@ -418,7 +428,7 @@ class KojiSource:
             self._behind = False
             self.log.info("The hub's events reached the cursor again ({last})",
                           producer=self.name, last=last_id)
-        end, end_ts = min(last_id, start + s.event_step), last_ts
+        end, end_ts = min(last_id, start + self._event_step), last_ts
         catching_up = end < last_id
         if catching_up:
             event = yield self.client.call("getEvent", end, kwargs(strict=False))
@@ -481,7 +491,12 @@ class KojiSource:
             for repo_id in new_repos + pending_repos:
                 add(f"repo.{repo_id}", Call("repoInfo", (repo_id, kwargs(strict=False))))
 
-        answers = [unwrap(a) for a in (yield self._multicall(calls))]
+        try:
+            answers = [unwrap(a) for a in (yield self._multicall(calls))]
+        except ResponseTooLarge as e:
+            raise self._too_large(e, start, end) from None
+        # A window that went through: back towards event_step.
+        self._event_step = min(s.event_step, self._event_step * 2)
 
         def answer(slot: str) -> Any:
             return answers[slots[slot]] if slot in slots else None
@@ -677,6 +692,23 @@ class KojiSource:
         messages = yield self._messages(events, owners, task_rows)
         lag = max(0.0, last_ts - end_ts) if catching_up else 0.0
         return PollResult(messages, c, more=more, lag=lag)
+
+    def _too_large(self, error: ResponseTooLarge, start: int, end: int) -> KojiError:
+        """
+        What a poll whose answer passed the client's size cap fails with.
+        The window of events it read is halved for the next poll (a tag
+        cloned in one go is one event per hundred builds tagged; a window of
+        them can be larger than any cap), back up to C{event_step} once
+        windows go through again; a single event too large for the cap
+        needs a larger C{max_response_bytes}.
+        """
+        if end - start > 1:
+            self._event_step = max(1, (end - start) // 2)
+            return KojiError(f"the answer for events {start + 1}..{end} is larger than "
+                             f"{error.limit} bytes; reading {self._event_step} events at a "
+                             "time until it passes")
+        return KojiError(f"the answer for event {end} alone is larger than {error.limit} "
+                         "bytes: raise max_response_bytes")
 
     def _after(self, state: Mapping[str, Any], stream: str) -> float:
         since = float(state[stream])
