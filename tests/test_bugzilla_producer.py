@@ -303,6 +303,22 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual((refusal.temporary, refusal.kind), (True, "internal"))
         self.assertNotIn("bug", refusal.reason)
 
+    def test_parser_failure_temporary(self) -> None:
+        """
+        A mail the parser failed on unexpectedly (a bug, memory running out)
+        is kept by its sender (451), not bounced as malformed.
+        """
+        from fedhub.producers.bugzilla import parser
+
+        def broken(raw: bytes) -> Any:
+            raise MemoryError()
+
+        self.patch(parser, "_parse", broken)
+        with self.assertRaises(MalformedBugmail) as raised:
+            parser.parse_bugmail(sample(CHANGED))
+        refusal = classify_failure(raised.exception)
+        self.assertEqual((refusal.temporary, refusal.kind), (True, "internal"))
+
     def test_storage(self) -> None:
         """A full outbox or disk, by reason, by attribute or by cause, is a storage shortage."""
         self.assertEqual(classify_failure(TemporarilyUnavailable("the outbox of domain x is full")).kind, "storage")

@@ -239,6 +239,20 @@ class DeliveryTests(RawSMTPTestCase):
         self.assertEqual(self.publisher.published, [])
 
     @inlineCallbacks
+    def test_unparsable_address_reply_short(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        The 553 for an address that can not be parsed stays one short line
+        (RFC 5321 allows 512 octets), however long the address.
+        """
+        self.start()
+        client = yield self.connect()
+        client.send(b"EHLO raw\r\nMAIL FROM:<a@b.example>\r\n"
+                    b"RCPT TO:<a@example.org" + b",x" * 900 + b">\r\n")
+        yield client.replies(4)
+        self.assertEqual(client.codes()[-1], 553)
+        self.assertLessEqual(len(client.lines()[-1]), 512)
+
+    @inlineCallbacks
     def test_unknown_recipient(self) -> Generator[Deferred[Any], Any, None]:
         """An unknown recipient and a relay attempt are refused, and DATA without a recipient too."""
         self.start()
@@ -306,6 +320,30 @@ class InjectionTests(RawSMTPTestCase):
         yield client.replies(9)
         self.assertEqual(client.codes()[5:], [250, 250, 354, 250])
         self.assertEqual(len(self.publisher.published), 1)
+
+    @inlineCallbacks
+    def test_nothing_runs_after_closing_over_tls(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Over TLS as over plaintext, commands sent after the session's closing
+        reply (221 after QUIT, 421 after too many errors) are not run: a
+        mail in them is not published.
+        """
+        pki = make_pki(self.mktemp())
+        self.start(tls_certificate=pki["server.pem"], tls_key=pki["server.key"])
+        trust = Certificate.loadPEM(open(pki["ca.pem"], "rb").read())
+        mail = (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bugs@example.org>\r\nDATA\r\n"
+                + dot_stuffed(sample(CHANGED)))
+        for closing, code in ((b"QUIT\r\n", 221), (b"BOGUS\r\n" * 20, 421)):
+            client = yield self.connect()
+            client.send(b"EHLO raw\r\nSTARTTLS\r\n")
+            yield client.replies(3)
+            assert client.transport is not None
+            client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=trust))
+            client.send(b"EHLO raw\r\n" + closing + mail)
+            yield client.until(lambda: client.lost)
+            self.assertEqual(client.codes()[-1], code)
+            self.assertNotIn(354, client.codes())
+        self.assertEqual(self.publisher.published, [])
 
     @inlineCallbacks
     def test_client_certificate_required(self) -> Generator[Deferred[Any], Any, None]:

@@ -1746,6 +1746,12 @@ def _valid_login(value: str) -> bool:
 # --- the parser ---------------------------------------------------------
 
 
+#: The code of the L{MalformedBugmail} a parser failure that is not the
+#: mail's is reported with (a bug, or memory running out): the mail's sender
+#: keeps it and tries again (L{fedhub.producers.bugzilla.producer.classify_failure}).
+INTERNAL_ERROR = "internal_error"
+
+
 def parse_bugmail(raw: bytes) -> BugEvent:
     """
     Parse one Bugzilla notification mail.
@@ -1765,7 +1771,7 @@ def parse_bugmail(raw: bytes) -> BugEvent:
         raise
     except Exception as e:  # the promise: hostile input never escapes as anything else
         raise MalformedBugmail(
-            f"internal error while parsing: {type(e).__name__}", code="internal_error"
+            f"internal error while parsing: {type(e).__name__}", code=INTERNAL_ERROR
         ) from e
 
 

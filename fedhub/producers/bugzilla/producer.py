@@ -75,7 +75,12 @@ from fedhub.producers.bugzilla.fingerprint import (
     body_of,
     fingerprint_of,
 )
-from fedhub.producers.bugzilla.parser import BugEvent, BugmailError, parse_bugmail
+from fedhub.producers.bugzilla.parser import (
+    INTERNAL_ERROR,
+    BugEvent,
+    BugmailError,
+    parse_bugmail,
+)
 from fedhub.producers.poller import thread_runner
 from fedhub.schema import SchemaRegistry, registry
 from fedhub.text import SUMMARY_HEADER, escape_control
@@ -677,7 +682,8 @@ def classify_failure(error: BaseException) -> Refusal:
 
     L{TemporarilyUnavailable} is temporary (storage when it, its cause, or
     its reason says the outbox or disk is full); mail that is not bugmail,
-    malformed mail and invalid messages are permanent; other
+    malformed mail and invalid messages are permanent, except a mail the
+    parser failed on unexpectedly (C{internal_error}: a bug); other
     L{PublishError}s are permanent (the publisher says it never will take
     the message); anything else is an unexpected error and temporary, so no
     mail is lost to a bug.
@@ -688,6 +694,10 @@ def classify_failure(error: BaseException) -> Refusal:
         )
         return Refusal(True, kind, escape_control(error.reason or "try again later", 200))
     if isinstance(error, BugmailError):
+        if error.code == INTERNAL_ERROR:
+            # The parser failed, not the mail: kept by its sender, which
+            # tries again (a fixed hub takes it), never bounced.
+            return Refusal(True, "internal", "local error in processing")
         return Refusal(False, "content", escape_control(error.reason, 200))
     if isinstance(error, MessageError):
         return Refusal(False, "content", escape_control(str(error), 200))

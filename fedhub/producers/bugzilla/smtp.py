@@ -57,7 +57,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.tcp import Server as _TCPServer
 from twisted.mail.smtp import COMMAND, DATA, ESMTP, Address, AddressError, SMTPBadRcpt, User
-from twisted.python.compat import networkString
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -526,6 +525,15 @@ def _reply_text(text: str) -> bytes:
     return _UNPRINTABLE.sub(b"?", clean)
 
 
+def _address_refusal(error: AddressError) -> bytes:
+    """
+    The text of the 553 for an address that could not be parsed: Twisted's
+    error lists every token of the address, so a long one would make a reply
+    line far over the 512 octets RFC 5321 allows (section 4.5.3.1.5).
+    """
+    return _reply_text(str(error))
+
+
 def _parse_address(path: bytes, default_domain: bytes) -> Address:
     """
     C{Address(path, default_domain)}: for a plain path, the address it
@@ -712,6 +720,8 @@ class BugmailSMTP(ESMTP):
         self._delivery_call: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._lost = False
+        # Set once the session closes the connection itself (see _open).
+        self._closed = False
         # Whether the transport asked to stop producing replies for now.
         self._output_paused = False
         self._registered = False
@@ -764,7 +774,11 @@ class BugmailSMTP(ESMTP):
         return self.transport
 
     def _open(self) -> bool:
-        return not self._lost and self._tx is not None and not self._tx.disconnecting
+        # The session's own flag too: over TLS, closing sets the TLS layer's
+        # disconnecting, not the transport's, and the commands a client sent
+        # after the closing reply would still run.
+        return (not self._lost and not self._closed and self._tx is not None
+                and not self._tx.disconnecting)
 
     def _close(self, code: int, text: bytes) -> None:
         if not self._open():
@@ -779,6 +793,7 @@ class BugmailSMTP(ESMTP):
         (or, over TLS, never finishes the handshake or the close) would
         otherwise keep it open for ever.
         """
+        self._closed = True
         if self._registered:
             # A transport does not close while a producer is registered.
             self._registered = False
@@ -1142,7 +1157,7 @@ class BugmailSMTP(ESMTP):
         try:
             address = _parse_address(match.group("path"), self.host)
         except AddressError as e:
-            self.sendCode(553, networkString(str(e)))
+            self.sendCode(553, _address_refusal(e))
             return
         self._validate(
             self.validateFrom, (self._helo, address), self._cbFromValidate, self._ebFromValidate
@@ -1213,7 +1228,7 @@ class BugmailSMTP(ESMTP):
             user = User(_parse_address(match.group("path"), self.host), self._helo, self,
                         self._from)
         except AddressError as e:
-            self.sendCode(553, networkString(str(e)))
+            self.sendCode(553, _address_refusal(e))
             return
         self._validate(self.validateTo, (user,), self._cbToValidate, self._ebToValidate, user)
 
