@@ -19,6 +19,7 @@ from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import (
     DEAD_LETTER_REASON_HEADER,
     DEFAULT_PREFETCH,
+    MAIN_QUEUE_ONLY,
     ConsumerService,
     Settled,
     attempts_from,
@@ -236,6 +237,23 @@ class RunnerTests(ConsumerCase):
         for _ in range(2):
             self.redeliver(service, message)
         self.assertEqual(len(handler.seen), 5)
+
+    def test_own_put_backs_not_counted_as_deliveries(self) -> None:
+        """
+        A message the consumer puts back itself (its handler gives it back,
+        or its retry copy could not be published for a passing reason) got a
+        verdict that reached the broker: its redeliveries do not count
+        towards max_deliveries.
+        """
+        handler = ScriptedHandler(*[NotHandled("busy")] * 6, None)
+        service = self.start(handler, max_deliveries=2)
+        settled: list[Settled] = []
+        service.add_observer(settled.append)
+        self.publish()
+        self.flush()
+        self.assertEqual(len(handler.seen), 7)
+        self.assertTrue(all(m.redelivered for m in handler.seen[1:]))
+        self.assertEqual([s.outcome for s in settled], ["requeued"] * 6 + ["acked"])
 
     def test_max_deliveries_off(self) -> None:
         """
@@ -815,6 +833,23 @@ class RunnerTests(ConsumerCase):
         self.flush(0.1)
         self.successResultOf(stopped)
         self.assertEqual(self.bus.queue_depth("fedhub.c"), 1)
+
+    def test_length_limits_on_the_consumer_queue_only(self) -> None:
+        """
+        Queue arguments apply to every queue of the consumer, except length
+        limits: a full retry queue would send its oldest message straight
+        back with no wait and no retry counted (a tight loop), a full
+        dead-letter queue drop dead letters.
+        """
+        arguments = {"x-queue-type": "quorum", "x-max-length": 10, "x-overflow": "reject-publish",
+                     "x-max-length-bytes": 1000}
+        service = ConsumerService(component(queue_arguments=arguments, max_retries=2),
+                                  ScriptedHandler(), self.bus, self.clock)
+        queues = {q.name: q.arguments for q in service.topology().queues}
+        self.assertEqual({k: queues["fedhub.c"][k] for k in arguments}, arguments)
+        for name in ("fedhub.c.dead", "fedhub.c.retry.1", "fedhub.c.retry.2"):
+            self.assertEqual(queues[name]["x-queue-type"], "quorum", name)
+            self.assertFalse(MAIN_QUEUE_ONLY & set(queues[name]), name)
 
     def test_topology_declared(self) -> None:
         """The queue, its dead-letter queue and one retry queue per level exist after start."""

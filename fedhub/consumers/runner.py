@@ -87,6 +87,13 @@ from fedhub.topology import (
 )
 from fedhub.waiting import with_timeout
 
+#: Queue arguments that apply to the consumer's queue alone, not to its
+#: retry and dead-letter queues: a full retry queue dead-letters its oldest
+#: message straight back to the consumer's queue, with no wait and no
+#: retry counted (a tight loop), and a full dead-letter queue drops the
+#: oldest dead letter.
+MAIN_QUEUE_ONLY = frozenset({"x-max-length", "x-max-length-bytes", "x-overflow"})
+
 #: The header a dead-lettered copy carries its reason in.
 DEAD_LETTER_REASON_HEADER = "fedhub_dead_letter_reason"
 
@@ -382,11 +389,14 @@ class ConsumerService(Service):
         """
         dead = self.dead_letter_queue
         # The configured arguments (a queue type, say) apply to every queue
-        # of the consumer; the ones the retry design needs come on top.
+        # of the consumer, except length limits: they are the consumer
+        # queue's alone (see MAIN_QUEUE_ONLY).  The arguments the retry design
+        # needs come on top.
         extra = dict(self.component.queue_arguments)
+        kept = {key: value for key, value in extra.items() if key not in MAIN_QUEUE_ONLY}
         exchanges = [ExchangeSpec(dead, "fanout"), ExchangeSpec(self.return_exchange, "fanout")]
         queues = [
-            QueueSpec(dead, arguments=extra),
+            QueueSpec(dead, arguments=kept),
             QueueSpec(self.queue, arguments={**extra, DEAD_LETTER_EXCHANGE: dead}),
         ]
         bindings = [BindingSpec(dead, dead, ""), BindingSpec(self.queue, self.return_exchange, "")]
@@ -397,7 +407,7 @@ class ConsumerService(Service):
                 QueueSpec(
                     name,
                     arguments={
-                        **extra,
+                        **kept,
                         MESSAGE_TTL: int(delay * 1000),
                         DEAD_LETTER_EXCHANGE: self.return_exchange,
                     },
@@ -582,7 +592,11 @@ class ConsumerService(Service):
         closes.
         """
         if (self.running and not self.halted) or self._subscription is None:
-            delivery.reject(True)
+            if delivery.reject(True) and self._deliveries:
+                # A verdict that reached the broker: the delivery that
+                # brings the message back is not one "without a verdict"
+                # (max_deliveries).
+                self._deliveries.pop(delivery.message.id, None)
 
     def _give_back(self, delivery: IDelivery) -> None:
         """
