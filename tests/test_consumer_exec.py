@@ -128,8 +128,13 @@ class OptionTests(SynchronousTestCase):
         verifyObject(IMessageHandler, harness.handler)
 
     def test_bad_commands(self) -> None:
-        """An empty command, a templated program or a bad template is a ConfigError."""
-        for command in ([], [""], ["{body[prog]}"], ["/bin/echo", "{nope}"], ["/bin/echo", "{"]):
+        """
+        An empty command, a templated program, a bad template or a relative
+        program path (checked from the hub's directory, run from cwd) is a
+        ConfigError.
+        """
+        for command in ([], [""], ["{body[prog]}"], ["/bin/echo", "{nope}"], ["/bin/echo", "{"],
+                        ["./tool"], ["bin/tool", "x"]):
             with self.assertRaises(ConfigError, msg=repr(command)) as caught:
                 ConsumerHarness(ExecPlugin(), {"command": command})
             self.assertIn("options.command", str(caught.exception))

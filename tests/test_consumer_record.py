@@ -14,11 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fedhub.config import HubSettings
-from fedhub.consumers.record import RecordHandler, RecordPlugin
+from fedhub.consumers.record import RecordHandler, RecordPlugin, RecordSettings
 from fedhub.errors import ConfigError
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler
 from fedhub.message import Message, from_amqp, loads
@@ -143,6 +144,22 @@ class RecordTests(SynchronousTestCase):
             self.successResultOf(harness.deliver(m))
         self.assertEqual([m.id for m in loads(rotated.read_text())], [m.id for m in first])
         self.assertEqual([m.id for m in loads(self.path.read_text())], [m.id for m in second])
+
+    def test_reopen_when_not_open(self) -> None:
+        """
+        A reopen (SIGHUP) before the handler's start (one that failed and is
+        tried again) or after its stop opens nothing: no descriptor is left
+        behind, and the start opens the path.
+        """
+        handler = RecordHandler("r", ("#",), Clock(), RecordSettings(path=str(self.path)))
+        before = len(os.listdir("/proc/self/fd"))
+        handler.reopen()
+        self.assertFalse(handler.is_open)
+        handler.start()
+        handler.stop()
+        handler.reopen()
+        self.assertFalse(handler.is_open)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
 
     def test_without_reopen_rename_keeps_old_file(self) -> None:
         """With follow_rotation off and no reopen(), lines keep going to the renamed file."""

@@ -313,6 +313,11 @@ def _check_command(value: list[str]) -> str | None:
         return "must name at least the program"
     if not value[0]:
         return "the program can not be empty"
+    if "/" in value[0] and not value[0].startswith("/"):
+        # Checked at start from the hub's directory, run from cwd: a
+        # relative path would name two programs.
+        return (f"the program {value[0]!r} must be an absolute path, or a name looked up on "
+                "PATH (no slash)")
     for position, item in enumerate(value):
         if "\x00" in item:
             return f"element {position} holds a NUL character"

@@ -179,6 +179,10 @@ class RecordHandler:
             the path opened even then.
         @raise ConfigError: when the path can not be opened.
         """
+        if self._fd is None:
+            # Not started (a start that failed and is tried again) or
+            # stopped: the next start opens the path as it is then.
+            return
         self.log.info(
             "Consumer {consumer} reopens {path}", consumer=self.name, path=self.settings.path
         )
