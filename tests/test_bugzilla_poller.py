@@ -718,6 +718,38 @@ class SourceTests(SourceTestBase):
         later = self.poll(source, again.cursor)
         self.assertEqual([m.body["comment"]["body"] for m in later.messages], ["still published"])
 
+    def test_one_users_updates_within_one_second(self) -> None:
+        """
+        Bugzilla makes one history entry of one user's updates within one
+        second; a poll between two such updates publishes the first, and
+        the next poll the second alone, not the first again.
+        """
+        bz = self.bz
+        real_change = bz.change
+
+        def grouping_change(bug_id: int, who: str, **fields: Any) -> None:
+            real_change(bug_id, who, **fields)
+            entries = bz.history[bug_id]
+            if (len(entries) >= 2 and entries[-2]["who"] == who
+                    and entries[-2]["when"] == entries[-1]["when"]):
+                entries[-2]["changes"].extend(entries.pop()["changes"])
+
+        bz.change = grouping_change  # type: ignore[method-assign]
+        bug = bz.new_bug()
+        source = self.source()
+        cursor = self.start(source)
+        bz.change(bug, "bot@example.org", status="ASSIGNED")
+        one = self.poll(source, cursor)
+        bz.now -= bz.step  # the second update in the same second
+        bz.change(bug, "bot@example.org", priority="high")
+        self.assertEqual(len(bz.history[bug][-1]["changes"]), 2)
+        bz.now += 5
+        two = self.poll(source, one.cursor)
+        changes = [[c["field"] for c in m.body["event"]["changes"]]
+                   for m in [*one.messages, *two.messages] if m.body["event"]["action"] == "modify"]
+        self.assertEqual(changes, [["status"], ["priority"]])
+        self.assertEqual(self.poll(source, two.cursor).messages, [])
+
     def test_same_ids_for_same_events(self) -> None:
         """The same events polled again get the same message ids."""
         source = self.source()

@@ -333,9 +333,23 @@ class BugzillaSource:
                 if when is None:
                     continue
                 changes = [ch for ch in entry.get("changes") or [] if isinstance(ch, dict)]
-                key = f"{bug_id}:change:{int(when)}:{entry.get('who')}:{_digest(changes)}"
+                prefix = f"{bug_id}:change:{int(when)}:{entry.get('who')}"
+                if f"{prefix}:{_digest(changes)}" in seen:
+                    continue  # the whole entry, published before
+                # Bugzilla makes one history entry of one user's updates
+                # within one second: an entry read before may have grown
+                # since.  Its changes are known one by one, and only those
+                # not published yet are (the key, and so the message id, of
+                # an entry published whole is the same as before).
+                keys = [f"{prefix}:{_digest([ch])}" for ch in changes]
+                fresh = [ch for ch, k in zip(changes, keys) if k not in seen]
+                if not fresh and changes:
+                    continue
+                key = f"{prefix}:{_digest(fresh)}"
                 add(key, when, "change", bug_id,
-                    partial(self._change, bug, entry, changes, when, key))
+                    partial(self._change, bug, entry, fresh, when, key))
+                for k in keys:
+                    seen.setdefault(k, when)
             for comment in comments.get(bug_id, []):
                 if unreadable(comment, "comment", bug_id, str(comment.get("id"))):
                     continue
