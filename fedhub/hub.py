@@ -334,6 +334,24 @@ def domain_problems(domain: DomainConfig) -> list[ConfigProblem]:
     return tls_problems(domain)
 
 
+def certificate_warnings(config: Config) -> list[str]:
+    """
+    Warnings about the domains' client certificates: expired, or ending
+    soon (see L{fedhub.amqp.tls.expiry_warning}).  C{fedhub check-config}
+    prints them and the hub logs them when it starts; they refuse nothing
+    (a renewed certificate is read at the next connection).
+    """
+    from fedhub.amqp.tls import expiry_warning
+
+    warnings = []
+    for domain in config.domains.values():
+        if domain.tls and domain.cert:
+            warning = expiry_warning(domain.cert)
+            if warning is not None:
+                warnings.append(f"domains.{domain.name}.cert: {warning}")
+    return warnings
+
+
 def tls_problems(domain: DomainConfig) -> list[ConfigProblem]:
     """
     Read a TLS domain's CA bundle, client certificate and key the way its

@@ -280,6 +280,10 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     warning = exposed_password(config)
     if warning is not None:
         HubLogger(namespace="fedhub.tap").warn("{warning}", warning=warning)
+    from fedhub.hub import certificate_warnings
+
+    for text in certificate_warnings(config):
+        HubLogger(namespace="fedhub.tap").warn("{warning}", warning=text)
     # Before anything is built: a second hub on the same state directory is
     # refused with one line, as a configuration problem is.
     lock = StateLock(config.hub.state_dir)

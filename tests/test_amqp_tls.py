@@ -532,3 +532,31 @@ class BusTLSFilesTests(Files):
                          ["domains.infra.ca", "domains.infra.key"])
         self.assertIn("encrypted", raised.exception.problems[1].message)
         self.assertFalse(bus.running)
+
+
+class ExpiryWarningTests(Files):
+    """
+    Client certificates that expired or end soon are warned about.
+    """
+
+    def test_expired_soon_and_fine(self) -> None:
+        """An expired certificate, one ending within 30 days, and one that does not."""
+        from datetime import timedelta
+
+        from fedhub.amqp.tls import expiry_warning
+
+        ca = make_ca("Client CA")
+        _, expired = make_leaf(ca, "hub", client=True, expired=True)
+        path = self.write("old.pem", cert_pem(expired))
+        warning = expiry_warning(path)
+        assert warning is not None
+        self.assertIn("expired on", warning)
+        self.assertIn("the broker refuses it", warning)
+        _, current = make_leaf(ca, "hub", client=True)
+        path = self.write("new.pem", cert_pem(current))
+        ends = current.not_valid_after_utc
+        self.assertIsNone(expiry_warning(path, now=ends - timedelta(days=60)))
+        soon = expiry_warning(path, now=ends - timedelta(days=10, hours=1))
+        assert soon is not None
+        self.assertIn("in 10 day(s)", soon)
+        self.assertIsNone(expiry_warning(os.path.join(self.mktemp(), "missing.pem")))

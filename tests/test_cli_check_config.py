@@ -293,6 +293,23 @@ class CheckConfigTests(SynchronousTestCase):
                           'cert = "hub.pem"\nkey = "hub.key"\n')
         self.assertEqual(code, 0, self.err.getvalue())
 
+    def test_expired_client_certificate_warned(self) -> None:
+        """
+        An expired client certificate passes (a renewed one is read at the
+        next connection) with a warning naming the domain's key: the broker
+        would refuse it with a bare "certificate expired".
+        """
+        ca = Authority.create("check-config CA")
+        key, leaf = ca.issue("hub", expired=True)
+        (self.directory / "ca.pem").write_text(cert_pem(ca))
+        (self.directory / "hub.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
+        (self.directory / "hub.key").write_text(key_pem(key))
+        code = self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
+                          'cert = "hub.pem"\nkey = "hub.key"\n')
+        self.assertEqual(code, 0, self.err.getvalue())
+        self.assertIn("warning: domains.a.cert: the client certificate in", self.err.getvalue())
+        self.assertIn("expired on", self.err.getvalue())
+
 
 class ExampleConfigTests(SynchronousTestCase):
     """

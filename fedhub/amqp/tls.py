@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime, timedelta, timezone
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -75,6 +76,34 @@ def in_domain(domain: str, error: ConfigError) -> list[ConfigProblem]:
         )
         for problem in error.problems
     ]
+
+
+#: Days before its end a client certificate is warned about.
+EXPIRY_WARNING_DAYS = 30
+
+
+def expiry_warning(cert_path: str, now: datetime | None = None) -> str | None:
+    """
+    A warning when the client certificate of C{cert_path} (its first) has
+    expired, or ends within L{EXPIRY_WARNING_DAYS}: the broker refuses an
+    expired one with a bare "certificate expired" alert.  C{None} otherwise,
+    and when the file can not be read (the other checks report that).
+    """
+    try:
+        with open(cert_path, "rb") as f:
+            leaf = parse_certificates(f.read(), cert_path, "cert")[0]
+        ends = leaf.original.to_cryptography().not_valid_after_utc
+    except (OSError, ConfigError, ValueError):
+        return None
+    now = now or datetime.now(timezone.utc)
+    when = ends.strftime("%Y-%m-%d %H:%M UTC")
+    if ends <= now:
+        return f"the client certificate in {cert_path!r} expired on {when}: the broker refuses it"
+    left = ends - now
+    if left <= timedelta(days=EXPIRY_WARNING_DAYS):
+        return (f"the client certificate in {cert_path!r} expires on {when}, in {left.days} "
+                "day(s): renew it (the hub reads renewed files at its next connection)")
+    return None
 
 
 def _problem(key: str, message: str) -> ConfigError:

@@ -15,7 +15,13 @@ from zope.interface import implementer
 from fedhub.config import Config, exposed_password, load_config, locate_problems
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
-from fedhub.hub import build_refusal, built_problem, directory_problem, start_problems
+from fedhub.hub import (
+    build_refusal,
+    built_problem,
+    certificate_warnings,
+    directory_problem,
+    start_problems,
+)
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext, find_plugin
@@ -119,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     warning = exposed_password(config) if not problems else None
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
+    if not problems:
+        for text in certificate_warnings(config):
+            print(f"warning: {text}", file=sys.stderr)
     if problems:
         print(f"{args.file}: {len(problems)} configuration problem(s):", file=sys.stderr)
         for problem in problems:
