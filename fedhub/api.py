@@ -128,8 +128,14 @@ def load(path: str | None = None) -> Config:
     @raise fedhub.errors.ConfigError: when it can not be read or is invalid.
     """
     if path is None:
-        if not os.path.exists(DEFAULT_CONFIG_PATH):
+        try:
+            os.lstat(DEFAULT_CONFIG_PATH)
+        except FileNotFoundError:
             return default_config()
+        except OSError:
+            pass  # there, but not to be looked at: reading it says why
+        # A link to nothing, or a file that can not be read, is an error to
+        # report, not a missing file to replace by the built-in default.
         path = DEFAULT_CONFIG_PATH
     return load_config(path)
 

@@ -92,6 +92,10 @@ MAX_FILE_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_STATE_DIR: Final = "/var/lib/fedhub"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+#: A consumer's dead-letter queue (group 2) or retry queue, and the queue it belongs to
+#: (group 1): see L{fedhub.consumers.runner.consumer_queues}.
+_DERIVED_QUEUE = re.compile(r"(.+)\.(?:(dead)|retry\.[0-9]+)")
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -1343,6 +1347,18 @@ class _Validator:
                     queues[domain, queue] = path
                 if component is not None:
                     built[kind].append(component)
+        # A consumer's queue may not be one of another's own queues either:
+        # its dead-letter queue (<queue>.dead) or a retry queue
+        # (<queue>.retry.N), declared with other arguments (the broker would
+        # refuse one of the two declarations).
+        for (domain, queue), path in queues.items():
+            match = _DERIVED_QUEUE.fullmatch(queue)
+            if match is not None and (domain, match.group(1)) in queues:
+                owner = format_path(queues[domain, match.group(1)])
+                self.report(path + ("queue",), f"queue {_quote(queue)} is a queue of {owner} "
+                            f"(its {'dead letters' if match.group(2) else 'retries'}) in domain "
+                            f"{_quote(domain)}")
+                ok = False
         return built["producer"], built["consumer"], ok
 
     def component(

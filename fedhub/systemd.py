@@ -40,7 +40,9 @@ class Notifier:
         pid = environ.get("WATCHDOG_PID", "")
         self.watchdog_interval: float | None = None
         self.dropped = 0
-        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+        if usec.isascii() and usec.isdigit() and int(usec) > 0 and (
+            not pid or pid == str(os.getpid())
+        ):
             self.watchdog_interval = int(usec) / 1_000_000 / 2
 
     def notify(self, *assignments: str) -> bool:

@@ -26,6 +26,7 @@ from fedhub.amqp.url import parse_url
 from fedhub.config import load_config
 from fedhub.errors import (
     AccessRefused,
+    ConfigError,
     MessageReturned,
     NotConnected,
     PublishError,
@@ -76,6 +77,13 @@ class ChooseDomainTests(SynchronousTestCase):
         path = write_config(Path(self.mktemp()).absolute())
         self.patch(api, "DEFAULT_CONFIG_PATH", path)
         self.assertEqual(list(api.load(None).domains), ["test"])
+        # A link to nothing is a broken system file, not a missing one: an
+        # error, not the built-in default (a command would act on another
+        # hub's state).
+        dangling = Path(self.mktemp())
+        dangling.symlink_to(Path(self.mktemp()) / "gone.toml")
+        self.patch(api, "DEFAULT_CONFIG_PATH", str(dangling))
+        self.assertRaises(ConfigError, api.load, None)
 
 
 class WithTimeoutTests(SynchronousTestCase):

@@ -31,3 +31,47 @@ class InterruptTests(SynchronousTestCase):
         self.patch(check_config, "run", interrupted)
         self.assertEqual(main(["check-config", "hub.toml"]), 130)
         self.assertEqual(err.getvalue(), "fedhub check-config: interrupted\n")
+
+
+class IgnoredSignalTests(SynchronousTestCase):
+    """
+    A command started with SIGINT ignored (a script's `fedhub publish &`,
+    nohup) leaves it ignored, as Unix commands do.
+    """
+
+    def test_ignored_sigint_stays_ignored(self) -> None:
+        """
+        SIGINT while publishing to a broker that is not there: ignored, the
+        command ends on its timeout (75), not as interrupted (130).
+        """
+        import os
+        import signal
+        import socket
+        import subprocess
+        import time
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        directory = self.mktemp()
+        os.makedirs(directory)
+        config = os.path.join(directory, "hub.toml")
+        with open(config, "w") as f:
+            f.write(f'[hub]\nstate_dir = "{directory}/state"\n'
+                    f'[domains.d]\nbroker = "amqp://guest:guest@127.0.0.1:{port}/"\n')
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from fedhub.cli.main import main; sys.exit(main())",
+             "publish", "-c", config, "--topic", "org.example.t", "--body", "{}", "-t", "6"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        try:
+            time.sleep(3)
+            child.send_signal(signal.SIGINT)
+            _, stderr = child.communicate(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        self.assertEqual(child.returncode, 75, stderr)
+        self.assertNotIn(b"interrupted", stderr)

@@ -141,6 +141,18 @@ class OutboxCommandTests(SynchronousTestCase):
         self.successResultOf(outbox.stopService())
         self.assertEqual([m.id for m in bus.published], [messages[0].id, messages[1].id])
 
+    def test_digits_of_other_scripts_are_no_sequence_numbers(self) -> None:
+        """
+        Names that Python calls digits but are not ASCII ('²', an Arabic-Indic
+        two) are not sequence numbers: not found, one line, exit 1; no
+        traceback, and nothing retried by them.
+        """
+        self.prepare()
+        status, _ = self.command("retry", "\u00b2", "\u0662", "-c", self.config)
+        self.assertEqual(status, 1, self.stderr.getvalue())
+        self.assertNotIn("Traceback", self.stderr.getvalue())
+        self.assertEqual(len(self.store_state()[1]), 2)
+
     def test_drop_all(self) -> None:
         """drop --all empties the failed area."""
         self.prepare()

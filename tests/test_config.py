@@ -777,6 +777,24 @@ class ReferenceTests(SynchronousTestCase, ProblemsMixin):
         self.assertEqual(self.messages(text), [
             ("consumers[1].queue", 'queue "fedhub.a" is already used by consumers[0] in domain "d"')])
 
+    def test_queue_of_another_consumer(self) -> None:
+        """
+        A consumer's queue may not be another's dead-letter or retry queue:
+        the broker would refuse one of the two declarations.
+        """
+        text = MEMORY_DOMAIN + (
+            '[[consumers]]\nname = "a"\nplugin = "log"\ndomain = "d"\n'
+            '[[consumers]]\nname = "b"\nplugin = "log"\ndomain = "d"\nqueue = "fedhub.a.dead"\n'
+            '[[consumers]]\nname = "c"\nplugin = "log"\ndomain = "d"\nqueue = "fedhub.a.retry.2"\n'
+            '[[consumers]]\nname = "e"\nplugin = "log"\ndomain = "d"\nqueue = "fedhub.x.dead"\n'
+        )
+        self.assertEqual(self.messages(text), [
+            ("consumers[1].queue",
+             'queue "fedhub.a.dead" is a queue of consumers[0] (its dead letters) in domain "d"'),
+            ("consumers[2].queue",
+             'queue "fedhub.a.retry.2" is a queue of consumers[0] (its retries) in domain "d"'),
+        ])
+
     def test_names(self) -> None:
         """
         Component and domain names must be safe as queue and directory names.

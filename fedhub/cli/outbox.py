@@ -189,7 +189,7 @@ class FailedArea:
         missing: list[str] = []
         for name in names:
             matched = [r.seq for r in records if r.message_id == name]
-            if not matched and name.isdigit() and int(name) in by_seq:
+            if not matched and name.isascii() and name.isdigit() and int(name) in by_seq:
                 matched = [int(name)]
             if matched:
                 seqs.extend(seq for seq in matched if seq not in seqs)

@@ -551,6 +551,10 @@ def run(
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         for wanted in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(wanted) is signal.SIG_IGN:
+                # Ignored by whoever started the command (a script's
+                # `fedhub publish &`, nohup): left so, as Unix commands do.
+                continue
             previous[wanted] = signal.signal(wanted, handler)
     try:
         reactor.callWhenRunning(start)

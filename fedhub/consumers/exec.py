@@ -266,7 +266,7 @@ def _field_value(message: Message, spec: TemplateField) -> object:
             if key not in value:
                 raise TemplateError(f"{walked} has no key {key!r}")
             value = value[key]
-        elif isinstance(value, list) and key.isdigit():
+        elif isinstance(value, list) and key.isascii() and key.isdigit():
             index = int(key)
             if index >= len(value):
                 raise TemplateError(f"{walked} has no element {index}")
