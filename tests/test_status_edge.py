@@ -79,3 +79,39 @@ class SlowClientTests(SynchronousTestCase):
             self.reactor.advance(2)
         self.assertFalse(transport.disconnecting)
         self.assertIn(b"event: status", transport.value().rsplit(b"\n\n", 2)[-2])
+
+
+class StopTests(SynchronousTestCase):
+    """
+    Stopping the status server does not wait on its clients.
+    """
+
+    def test_client_not_reading_cut_at_stop(self) -> None:
+        """
+        A connection whose client stopped reading (a stalled /events viewer)
+        is closed politely when the server stops, and cut CLOSE_GRACE
+        seconds later: the hub's stop, producers and consumers still running
+        meanwhile, does not wait for the request timeout.
+        """
+        from twisted.python.failure import Failure
+        from twisted.internet.error import ConnectionLost
+
+        from fedhub.status.web import CLOSE_GRACE
+
+        reactor = MemoryReactorClock()
+        status = StatusService(FakeHub(), "tcp:8070:interface=127.0.0.1", reactor,
+                               request_timeout=20.0)
+        status.startService()
+        factory = reactor.tcpServers[0][1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        stopped = status.stopService()
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        reactor.advance(CLOSE_GRACE)
+        self.assertTrue(transport.disconnected, "the connection is cut")
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(stopped)
+        self.assertLess(reactor.seconds(), 20.0)
+        self.assertEqual(reactor.getDelayedCalls(), [])

@@ -1111,6 +1111,11 @@ class _Connection(ProtocolWrapper):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
+#: Seconds the status server's connections get to send what they have when
+#: it stops, before they are cut.
+CLOSE_GRACE = 1.0
+
+
 class _Connections(WrappingFactory["_Connection"]):
     """
     Keeps track of the server's connections, refuses more than C{limit} at
@@ -1154,6 +1159,25 @@ class _Connections(WrappingFactory["_Connection"]):
             transport = protocol.transport
             if transport is not None:
                 transport.loseConnection()
+
+        def abort() -> None:
+            # A client that stopped reading (a stalled /events viewer)
+            # keeps a closing connection until its unsent data is taken:
+            # the hub's stop would wait for it, producers and consumers
+            # still running meanwhile.
+            for protocol in list(self.protocols):
+                transport = protocol.transport
+                if transport is not None:
+                    getattr(transport, "abortConnection", transport.loseConnection)()
+
+        call = self.clock.callLater(CLOSE_GRACE, abort)
+
+        def closed(result: None) -> None:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addCallback(closed)
         return d
 
 
