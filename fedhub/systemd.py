@@ -20,6 +20,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 from fedhub.logs import HubLogger
+from fedhub.text import ascii_digits
 
 
 class Notifier:
@@ -40,9 +41,7 @@ class Notifier:
         pid = environ.get("WATCHDOG_PID", "")
         self.watchdog_interval: float | None = None
         self.dropped = 0
-        if usec.isascii() and usec.isdigit() and int(usec) > 0 and (
-            not pid or pid == str(os.getpid())
-        ):
+        if ascii_digits(usec) and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1_000_000 / 2
 
     def notify(self, *assignments: str) -> bool:

@@ -5,6 +5,7 @@ messages in one line.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 
@@ -20,6 +21,26 @@ SUMMARY_HEADER = "fedhub_summary"
 _CONTROL = re.compile(
     r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
+
+
+def ascii_digits(text: str) -> bool:
+    """
+    Whether C{text} is a decimal number written with ASCII digits only:
+    C{str.isdigit} alone says yes to C{"²"} and to other scripts' digits,
+    which C{int} refuses or reads as another number.
+    """
+    return text.isascii() and text.isdigit()
+
+
+def is_ip_address(text: str) -> bool:
+    """
+    Whether C{text} is an IPv4 or IPv6 address (not a host name).
+    """
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def escape_control(text: str, limit: int | None = None) -> str:

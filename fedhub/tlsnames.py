@@ -20,7 +20,6 @@ L{StrictPolicyForHTTPS} does the same for an HTTPS policy's connections.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -34,15 +33,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from fedhub.text import is_ip_address
+
 __all__ = ["StrictNames", "StrictPolicyForHTTPS"]
-
-
-def _is_address(hostname: str) -> bool:
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        return False
-    return True
 
 
 def _verify_callback(
@@ -53,7 +46,7 @@ def _verify_callback(
     judged it, and the leaf certificate's names checked against
     C{hostname}, every error failing the handshake.
     """
-    check = verify_certificate_ip_address if _is_address(hostname) else verify_certificate_hostname
+    check = verify_certificate_ip_address if is_ip_address(hostname) else verify_certificate_hostname
     # The protocol holds the connection, which holds this callback: the
     # reference is dropped once used, as Twisted's own callback does.
     protocol: list[Any] = [tls_protocol]

@@ -189,7 +189,7 @@ def parse_retry_after(value: bytes | None) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if not (text.isascii() and text.isdigit()):
+    if not text.isdigit():  # bytes: ASCII digits only
         return None
     if len(text) > 9:
         # Past the cap anyway; int() refuses thousands of digits, and the

@@ -51,7 +51,7 @@ from fedhub.errors import DecodeError
 from fedhub.outbox.spool import spool_directory, write_request
 from fedhub.outbox.store import DATABASE_NAME, FailedRecord, Store, StoreError, SynchronousExecutor
 from fedhub.tap import hub_running
-from fedhub.text import escape_control
+from fedhub.text import ascii_digits, escape_control
 
 _T = TypeVar("_T")
 
@@ -189,7 +189,7 @@ class FailedArea:
         missing: list[str] = []
         for name in names:
             matched = [r.seq for r in records if r.message_id == name]
-            if not matched and name.isascii() and name.isdigit() and int(name) in by_seq:
+            if not matched and ascii_digits(name) and int(name) in by_seq:
                 matched = [int(name)]
             if matched:
                 seqs.extend(seq for seq in matched if seq not in seqs)

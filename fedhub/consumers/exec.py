@@ -73,7 +73,7 @@ from fedhub.interfaces import IConsumerPlugin, IMessageHandler
 from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
-from fedhub.text import escape_control
+from fedhub.text import ascii_digits, escape_control
 
 __all__ = [
     "ExecPlugin",
@@ -266,7 +266,7 @@ def _field_value(message: Message, spec: TemplateField) -> object:
             if key not in value:
                 raise TemplateError(f"{walked} has no key {key!r}")
             value = value[key]
-        elif isinstance(value, list) and key.isascii() and key.isdigit():
+        elif isinstance(value, list) and ascii_digits(key):
             index = int(key)
             if index >= len(value):
                 raise TemplateError(f"{walked} has no element {index}")

@@ -64,7 +64,7 @@ from fedhub.producers.poller import (
     poller_options,
     polling_service,
 )
-from fedhub.text import escape_control
+from fedhub.text import ascii_digits, escape_control
 from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient, display_url, jsonable
 
 CURSOR = "{cursor}"
@@ -130,8 +130,7 @@ def lookup(value: Any, path: str) -> Any:
     for part in path.split("."):
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif (isinstance(value, list) and part.isascii() and part.isdigit()
-              and int(part) < len(value)):
+        elif isinstance(value, list) and ascii_digits(part) and int(part) < len(value):
             value = value[int(part)]
         else:
             raise KeyError(path)

@@ -28,7 +28,6 @@ authenticates.
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import re
 import secrets
@@ -59,7 +58,7 @@ from fedhub.hub import DomainRuntime
 from fedhub.logs import HubLogger
 from fedhub.outbox.outbox import OutboxStats
 from fedhub.status.metrics import Activity, HubMonitor, HubView, readiness
-from fedhub.text import escape_control, summarize
+from fedhub.text import ascii_digits, escape_control, is_ip_address, summarize
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -565,7 +564,7 @@ def _number(text: str | bytes) -> int:
     """
     if isinstance(text, bytes):
         text = text.decode("latin-1")
-    if not text.isascii() or not text.isdigit() or len(text) > 18:
+    if not ascii_digits(text) or len(text) > 18:
         return 0
     return int(text)
 
@@ -950,19 +949,11 @@ def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
         return False
     text = host.decode("latin-1").strip().lower()
     if text.startswith("["):
-        return text.partition("]")[0].lstrip("[") != "" and _is_ip(text.partition("]")[0][1:])
+        return text.partition("]")[0].lstrip("[") != "" and is_ip_address(text.partition("]")[0][1:])
     name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-    if _is_ip(name):
+    if is_ip_address(name):
         return True
     return name == "localhost" or name.endswith(".localhost") or name in names
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def machine_names() -> frozenset[str]:
