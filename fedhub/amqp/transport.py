@@ -1199,9 +1199,7 @@ class _Session:
             # Those not written yet fail too: written first on the new
             # channel, they would overtake the failed ones when these are
             # sent again.
-            waiting, self.waiting = self.waiting, deque()
-            for pending in waiting:
-                pending.outcome.errback(failure(pending))
+            self.fail_waiting(failure)
             self._reopen_publish_channel()
             return
         for tag, consumer in list(self.consumers.items()):
@@ -1285,10 +1283,10 @@ class _Session:
             pending.outcome.errback(error(pending))
         self.drained.fire()
 
-    def fail_waiting(self, why: str) -> None:
+    def fail_waiting(self, error: Callable[[_Pending], Exception]) -> None:
         waiting, self.waiting = self.waiting, deque()
         for pending in waiting:
-            pending.outcome.errback(NotConnected(why, pending.message.id))
+            pending.outcome.errback(error(pending))
 
     def teardown(self, why: str) -> None:
         """
@@ -1298,8 +1296,11 @@ class _Session:
         if not self.alive:
             return
         self.alive = False
-        self._fail_unconfirmed(lambda p: NotConnected(why, p.message.id))
-        self.fail_waiting(why)
+        def lost(pending: _Pending) -> Exception:
+            return NotConnected(why, pending.message.id)
+
+        self._fail_unconfirmed(lost)
+        self.fail_waiting(lost)
         for consumer in self.consumers.values():
             consumer.active = False
             if consumer.subscription.consumer is consumer:
@@ -1711,7 +1712,7 @@ class AMQPBus(Service):
         self._stopping = True
         session = self._session
         if session is not None and session.alive:
-            session.fail_waiting("the bus is stopping")
+            session.fail_waiting(lambda p: NotConnected("the bus is stopping", p.message.id))
             drained = session.drained.wait()
             drained.addTimeout(self.confirm_timeout, self._reactor)
             try:
