@@ -1716,6 +1716,18 @@ def _split_path(path: str) -> _Path | None:
     return tuple(parts)
 
 
+def locate_problems_in(path: str, problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    """
+    C{problems} located in the configuration file at C{path} (see
+    L{locate_problems}); as they are when it can not be read as text.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return locate_problems(f.read(), problems)
+    except (OSError, UnicodeDecodeError):
+        return problems
+
+
 def locate_problems(text: str, problems: list[ConfigProblem]) -> list[ConfigProblem]:
     """
     C{problems} with the line of their key path in C{text} filled in where

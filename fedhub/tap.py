@@ -19,7 +19,13 @@ from twisted.application.service import IService, Service
 from twisted.python import usage
 
 from fedhub import __version__
-from fedhub.config import Config, default_config, exposed_password, load_config, locate_problems
+from fedhub.config import (
+    Config,
+    default_config,
+    exposed_password,
+    load_config,
+    locate_problems_in,
+)
 from fedhub.errors import ConfigError, FedhubError
 from fedhub.logs import HubLogger
 
@@ -60,13 +66,7 @@ class Options(usage.Options):
             if problems:
                 # Files the hub could not use are refused before anything
                 # starts, as check-config refuses them (with their lines).
-                if path:
-                    try:
-                        with open(path, encoding="utf-8") as f:
-                            problems = locate_problems(f.read(), problems)
-                    except (OSError, UnicodeDecodeError):
-                        pass
-                raise ConfigError(problems, path)
+                raise ConfigError(locate_problems_in(path, problems) if path else problems, path)
         except ConfigError as e:
             # The problems alone, as check-config prints them: not after
             # twistd's usage text, which a usage error would print first.
@@ -271,19 +271,16 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     """
     from twisted.internet import reactor
 
-    from fedhub.hub import Hub
+    from fedhub.hub import Hub, certificate_warnings
     from fedhub.logs import LEVELS, set_log_level
     from fedhub.systemd import NotifyService
 
     config: Config = options["loaded"] if "loaded" in options else default_config()
     set_log_level(LEVELS[config.hub.log_level])
-    warning = exposed_password(config)
-    if warning is not None:
-        HubLogger(namespace="fedhub.tap").warn("{warning}", warning=warning)
-    from fedhub.hub import certificate_warnings
-
-    for text in certificate_warnings(config):
-        HubLogger(namespace="fedhub.tap").warn("{warning}", warning=text)
+    exposed = exposed_password(config)
+    log = HubLogger(namespace="fedhub.tap")
+    for warning in ([exposed] if exposed is not None else []) + certificate_warnings(config):
+        log.warn("{warning}", warning=warning)
     # Before anything is built: a second hub on the same state directory is
     # refused with one line, as a configuration problem is.
     lock = StateLock(config.hub.state_dir)

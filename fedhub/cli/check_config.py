@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from fedhub.config import Config, exposed_password, load_config, locate_problems
+from fedhub.config import Config, exposed_password, load_config, locate_problems_in
 from fedhub.errors import ConfigError, ConfigProblem, ConfigUnreadable, TemporarilyUnavailable
 from fedhub.cli import runner
 from fedhub.hub import (
@@ -117,11 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if e.partial is not None:
             problems += build_problems(e.partial, e.defined_domains)
     if problems:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                problems = locate_problems(f.read(), problems)
-        except (OSError, UnicodeDecodeError):
-            pass
+        problems = locate_problems_in(args.file, problems)
     warning = exposed_password(config) if not problems else None
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
