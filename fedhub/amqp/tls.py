@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timedelta, timezone
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from OpenSSL import SSL, crypto

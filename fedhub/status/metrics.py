@@ -169,7 +169,8 @@ def readiness(hub: HubView) -> Readiness:
             if isinstance(error, BaseException)
             else None
         )
-        # The broker refusing publishes (403): they go to the failed area.
+        # The broker refusing publishes: a 403 (they go to the failed area)
+        # or a missing exchange (they wait in the outbox).
         refused = getattr(bus, "publish_refused", None)
         if isinstance(refused, str):
             detail["publish_refused"] = escape_control(refused, 300)

@@ -1146,22 +1146,18 @@ class _Connections(WrappingFactory["_Connection"]):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
-        for protocol in list(self.protocols):
-            transport = protocol.transport
-            if transport is not None:
-                transport.loseConnection()
 
-        def abort() -> None:
-            # A client that stopped reading (a stalled /events viewer)
-            # keeps a closing connection until its unsent data is taken:
-            # the hub's stop would wait for it, producers and consumers
-            # still running meanwhile.
+        def close(how: str) -> None:
             for protocol in list(self.protocols):
                 transport = protocol.transport
                 if transport is not None:
-                    getattr(transport, "abortConnection", transport.loseConnection)()
+                    getattr(transport, how, transport.loseConnection)()
 
-        call = self.clock.callLater(CLOSE_GRACE, abort)
+        close("loseConnection")
+        # A client that stopped reading (a stalled /events viewer) keeps a
+        # closing connection until its unsent data is taken: the hub's stop
+        # would wait for it, producers and consumers still running meanwhile.
+        call = self.clock.callLater(CLOSE_GRACE, close, "abortConnection")
 
         def closed(result: None) -> None:
             if call.active():
