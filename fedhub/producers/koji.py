@@ -769,7 +769,7 @@ class KojiSource:
             elif full:
                 # One time on the whole page: wider pages until it is passed.
                 rows_asked = self._limit(state, stream)
-                limits[stream] = min(max(rows_asked * 2, self.settings.page_size), MAX_PAGE)
+                limits[stream] = min(rows_asked * 2, MAX_PAGE)
                 if rows_asked >= MAX_PAGE:
                     # More than MAX_PAGE rows of one instant: the rest are
                     # passed over, said once.
@@ -1059,7 +1059,6 @@ class KojiSource:
         )
 
 
-
 def _attempt(row: Mapping[str, Any]) -> str:
     """
     What tells a build's attempts apart: Koji gives a failed or cancelled
@@ -1069,6 +1068,7 @@ def _attempt(row: Mapping[str, Any]) -> str:
     """
     event = row.get("creation_event_id")
     return f":{event}" if _integer(event) else ""
+
 
 def _integer(value: Any) -> TypeGuard[int]:
     """
