@@ -282,15 +282,22 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(self.err.getvalue().splitlines(),
                          [f"fedhub check-config: {missing}: can not read it: No such file or directory"])
 
-    def test_usable_tls_files(self) -> None:
-        """A domain with a real CA bundle and a matching client certificate and key passes."""
+    def check_tls_domain(self, expired: bool = False) -> int:
+        """
+        Check a TLS domain whose CA bundle, client certificate (expired when
+        asked) and key are real files that belong together.
+        """
         ca = Authority.create("check-config CA")
-        key, leaf = ca.issue("hub")
+        key, leaf = ca.issue("hub", expired=expired)
         (self.directory / "ca.pem").write_text(cert_pem(ca))
         (self.directory / "hub.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
         (self.directory / "hub.key").write_text(key_pem(key))
-        code = self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
+        return self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
                           'cert = "hub.pem"\nkey = "hub.key"\n')
+
+    def test_usable_tls_files(self) -> None:
+        """A domain with a real CA bundle and a matching client certificate and key passes."""
+        code = self.check_tls_domain()
         self.assertEqual(code, 0, self.err.getvalue())
 
     def test_expired_client_certificate_warned(self) -> None:
@@ -299,13 +306,7 @@ class CheckConfigTests(SynchronousTestCase):
         next connection) with a warning naming the domain's key: the broker
         would refuse it with a bare "certificate expired".
         """
-        ca = Authority.create("check-config CA")
-        key, leaf = ca.issue("hub", expired=True)
-        (self.directory / "ca.pem").write_text(cert_pem(ca))
-        (self.directory / "hub.pem").write_text(leaf.public_bytes(serialization.Encoding.PEM).decode())
-        (self.directory / "hub.key").write_text(key_pem(key))
-        code = self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
-                          'cert = "hub.pem"\nkey = "hub.key"\n')
+        code = self.check_tls_domain(expired=True)
         self.assertEqual(code, 0, self.err.getvalue())
         self.assertIn("warning: domains.a.cert: the client certificate in", self.err.getvalue())
         self.assertIn("expired on", self.err.getvalue())

@@ -974,18 +974,29 @@ class ListenerServiceTests(SynchronousTestCase):
         self.assertIsNone(listener.start_error)
         self.successResultOf(listener.stopService())
 
-    def test_stop_waits_for_hand_over(self) -> None:
-        """Stopping closes idle sessions with 421 and waits for a mail being handed over, which is answered first."""
-        reactor = MemoryReactorClock()
+    def handing_over(
+        self, reactor: MemoryReactorClock
+    ) -> tuple[BugmailListener, RecordingIntake, Client]:
+        """
+        A started listener and a client whose mail it is handing over to an
+        intake that has not answered yet.
+        """
         intake = RecordingIntake()
         intake.result = Deferred()
         listener = self.listener(reactor, intake)
         listener.startService()
         assert listener.factory is not None
         busy = Client(listener.factory, "127.0.0.1", 1)
-        idle = Client(listener.factory, "127.0.0.1", 2)
         busy.send(envelope() + dot_stuffed(sample(CHANGED)))
         busy.replies()
+        return listener, intake, busy
+
+    def test_stop_waits_for_hand_over(self) -> None:
+        """Stopping closes idle sessions with 421 and waits for a mail being handed over, which is answered first."""
+        reactor = MemoryReactorClock()
+        listener, intake, busy = self.handing_over(reactor)
+        assert listener.factory is not None
+        idle = Client(listener.factory, "127.0.0.1", 2)
         idle.replies()
         stopped = listener.stopService()
         self.assertNoResult(stopped)
@@ -1005,15 +1016,9 @@ class ListenerServiceTests(SynchronousTestCase):
         its mail was answered 451, and the program can stop.
         """
         reactor = MemoryReactorClock()
-        intake = RecordingIntake()
-        intake.result = Deferred()
-        listener = self.listener(reactor, intake)
-        listener.startService()
+        listener, _, busy = self.handing_over(reactor)
         assert listener.factory is not None
         timeout = listener.factory.settings.delivery_timeout
-        busy = Client(listener.factory, "127.0.0.1", 1)
-        busy.send(envelope() + dot_stuffed(sample(CHANGED)))
-        busy.replies()
         reactor.advance(timeout)
         self.assertEqual(busy.codes(), [451])
         stopped = listener.stopService()
