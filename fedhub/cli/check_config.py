@@ -96,7 +96,9 @@ def build_problems(config: Config, domain_names: Collection[str] = ()) -> list[C
             problem = built_problem(component, built)
             if problem is not None:
                 problems.append(problem)
-    return problems
+    # A plugin that refuses its options refuses them both when asked for the
+    # files it reads and when built: one line is enough.
+    return list(dict.fromkeys(problems))
 
 
 def run(args: argparse.Namespace) -> int:
