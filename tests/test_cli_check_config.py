@@ -99,6 +99,17 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("consumers[0].to_domain", self.err.getvalue())
 
+
+    def test_plugin_refusal_reported_once(self) -> None:
+        """Options a plugin refuses both when asked for its files and when built give one line, not two."""
+        code = self.check('[domains.a]\nbroker = "memory"\n[[producers]]\nname = "m"\n'
+                          'plugin = "bugzilla-smtp"\ndomain = "a"\nrecipients = ["bugs@example.org"]\n'
+                          'max_recipients = 50\nmax_commands_per_mail = 20\n')
+        self.assertEqual(code, 1)
+        lines = [line.strip() for line in self.err.getvalue().splitlines()]
+        self.assertTrue(lines[0].endswith(": 1 configuration problem(s):"), lines)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("max_commands_per_mail must be at least max_recipients + 5 (55)", lines[1])
     def test_broker_url_the_bus_refuses(self) -> None:
         """
         A broker URL the domain's bus would refuse at start (whitespace in

@@ -13,6 +13,7 @@ from twisted.mail.smtp import Address, AddressError, SMTPBadSender, User
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.producers.bugzilla import smtp
+from fedhub.producers.bugzilla.producer import Accepted
 from fedhub.producers.bugzilla.smtp import BugmailSMTP, ListenerSettings, _parse_address
 from tests.test_smtp_server import RECIPIENT, CHANGED, Harness, RecordingIntake, dot_stuffed, sample
 
@@ -164,6 +165,100 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(client.codes(), [500, 500, 500, 421])
         self.assertTrue(client.closed)
         client.close()
+
+    def test_commands_without_a_mail_are_bounded(self) -> None:
+        """Answered commands that move no mail forward (NOOP, RSET, EHLO, a recipient over the limit) close the session past max_commands_per_mail, and a mail's data starts the count again."""
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
+                                    max_commands_per_mail=8)
+        harness = Harness(settings)
+        client = harness.connect()
+        client.replies()
+        rcpt = b"RCPT TO:<" + RECIPIENT.encode() + b">\r\n"
+        client.send(b"EHLO a.example\r\nMAIL FROM:<bugzilla@example.com>\r\n" + rcpt + rcpt)
+        # The second recipient is over max_recipients: 452, not an error.
+        self.assertEqual(client.codes(), [250, 250, 250, 452])
+        client.send(b"DATA\r\n" + dot_stuffed(sample(CHANGED)))
+        self.assertEqual(client.codes(), [354, 250])
+        # The end of the data started the count again: eight commands more.
+        client.send(b"NOOP\r\nRSET\r\nEHLO a.example\r\nMAIL FROM:<b@example.com>\r\n" + rcpt * 3
+                    + b"NOOP\r\n")
+        self.assertEqual(client.codes(), [250, 250, 250, 250, 250, 452, 452, 250])
+        self.assertFalse(client.closed)
+        client.send(b"NOOP\r\nNOOP\r\n")
+        self.assertEqual(client.replies(),
+                         [b"421 4.7.0 Too many commands without a mail, closing connection"])
+        self.assertTrue(client.closed)
+        self.assertEqual(harness.factory.counters["command_limit_closes"], 1)
+        self.assertEqual(harness.factory.counters["error_limit_closes"], 0)
+
+    def session_time_harness(self) -> tuple[Harness, RecordingIntake]:
+        intake = RecordingIntake()
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_session_time=60.0,
+                                    idle_timeout=50.0)
+        return Harness(settings, intake=intake), intake
+
+    def test_session_time_between_mails(self) -> None:
+        """A session that stays active (NOOP before every idle_timeout) past max_session_time is closed with 421 at once."""
+        harness, _ = self.session_time_harness()
+        client = harness.connect()
+        client.replies()
+        for _ in range(2):
+            harness.clock.advance(29)
+            client.send(b"NOOP\r\n")
+            self.assertEqual(client.codes(), [250])
+        client.send(b"MAIL FROM:<bugzilla@example.com>\r\n")
+        self.assertEqual(client.codes(), [250])
+        harness.clock.advance(2)
+        self.assertEqual(client.replies(), [b"421 4.4.2 Session lasted too long, closing connection"])
+        self.assertTrue(client.closed)
+        self.assertEqual(harness.factory.counters["session_time_closes"], 1)
+        self.assertEqual(harness.factory.counters["idle_timeouts"], 0)
+
+    def test_session_time_lets_the_mail_in_progress_finish(self) -> None:
+        """A session past max_session_time during a mail's data, or its hand-over, gets the mail's answer first, then 421."""
+        harness, intake = self.session_time_harness()
+        mail = dot_stuffed(sample(CHANGED))
+        envelope = b"MAIL FROM:<bugzilla@example.com>\r\nRCPT TO:<" + RECIPIENT.encode() + b">\r\nDATA\r\n"
+        # Time runs out while the data comes in.
+        client = harness.connect()
+        client.replies()
+        client.send(envelope + mail[:100])
+        self.assertEqual(client.codes(), [250, 250, 354])
+        harness.clock.advance(40)
+        client.send(mail[100:200])
+        harness.clock.advance(21)
+        self.assertFalse(client.closed)
+        self.assertEqual(harness.factory.counters["session_time_closes"], 1)
+        client.send(mail[200:] + b"NOOP\r\n")
+        self.assertEqual(client.replies()[0][:4], b"250 ")
+        self.assertTrue(client.closed)
+        self.assertEqual(len(intake.received), 1)
+        # Time runs out while the mail is handed over.
+        intake.result = Deferred()
+        client = harness.connect()
+        client.replies()
+        client.send(envelope + mail)
+        self.assertEqual(client.codes(), [250, 250, 354])
+        harness.clock.advance(61)
+        self.assertFalse(client.closed)
+        intake.result.callback(Accepted("published", None, None, "id-2"))
+        self.assertEqual(client.replies(), [b"250 2.0.0 Ok: published as id-2",
+                                            b"421 4.4.2 Session lasted too long, closing connection"])
+        self.assertTrue(client.closed)
+        self.assertEqual(harness.factory.counters["session_time_closes"], 2)
+        self.assertEqual(harness.factory.counters["mails_published"], 2)
+
+    def test_command_limit_leaves_room_for_a_mail(self) -> None:
+        """max_commands_per_mail below what a mail to max_recipients needs is refused, naming the least it can be."""
+        with self.assertRaises(ValueError) as caught:
+            ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=50,
+                             max_commands_per_mail=54)
+        self.assertIn("at least max_recipients + 5 (55)", str(caught.exception))
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=50,
+                                    max_commands_per_mail=55)
+        self.assertEqual(settings.max_commands_per_mail, 55)
+        self.assertEqual(ListenerSettings(recipients=frozenset({RECIPIENT})).max_commands_per_mail,
+                         100)
 
     def test_deferred_validation(self) -> None:
         """A validation that answers with a Deferred is still waited for."""

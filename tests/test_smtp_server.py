@@ -910,10 +910,12 @@ class SettingsTests(SynchronousTestCase):
         """Plugin options become settings; absent optional ones keep the defaults."""
         settings = settings_from_options(
             {"recipients": ["bugs@example.org"], "max_recipients": 3, "tls_certificate": None,
-             "allowed_networks": ["127.0.0.0/8"], "idle_timeout": 10.0}
+             "allowed_networks": ["127.0.0.0/8"], "idle_timeout": 10.0, "max_errors": 4,
+             "max_commands_per_mail": 30}
         )
         self.assertEqual(settings.max_recipients, 3)
         self.assertEqual(settings.idle_timeout, 10.0)
+        self.assertEqual((settings.max_errors, settings.max_commands_per_mail), (4, 30))
         self.assertIsNone(settings.tls_certificate)
         self.assertEqual(settings.max_message_size, 1024 * 1024)
 

@@ -1014,6 +1014,13 @@ class BugzillaSMTPPlugin:
         "max_connections": Option(int, 20, "connections at once at most", _at_least_one),
         "max_connections_per_peer": Option(int, 5, "connections at once from one address",
                                            _at_least_one),
+        "max_errors": Option(int, 20, "refused commands in one session before it is closed",
+                             _at_least_one),
+        "max_commands_per_mail": Option(int, 100, "commands a session may send before its first "
+                                        "mail and between two mails before it is closed",
+                                        _at_least_one),
+        "max_session_time": Option(float, 3600.0, "seconds a session may last before it is "
+                                   "closed (between mails)", _positive),
         "idle_timeout": Option(float, 300.0, "seconds a client may stay silent", _positive),
         "data_timeout": Option(float, 600.0, "seconds a client may take to send one mail",
                                _positive),

@@ -92,6 +92,9 @@ __all__ = [
 
 #: Where the listener binds unless told otherwise: loopback only.
 DEFAULT_ENDPOINT = "tcp:8025:interface=127.0.0.1"
+#: Commands a mail needs besides one C{RCPT} per recipient: C{EHLO},
+#: C{STARTTLS}, C{EHLO} again, C{MAIL} and C{DATA}.
+MAIL_COMMANDS = 5
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -126,7 +129,7 @@ COUNTERS: tuple[str, ...] = (
     *(f"mails_refused_{kind}" for kind in (
         "storage", "unavailable", "content", "rejected", "internal", "limit", "secret")),
     "recipients_refused", "idle_timeouts", "data_timeouts", "delivery_timeouts",
-    "error_limit_closes",
+    "error_limit_closes", "command_limit_closes", "session_time_closes",
 )
 
 
@@ -161,6 +164,14 @@ class ListenerSettings:
     @ivar max_connections_per_peer: Connections at once from one address
         (an IPv4 address and its IPv4-mapped IPv6 form are one address).
     @ivar max_errors: Refused commands in one session before it is closed.
+    @ivar max_commands_per_mail: Commands a session may send before its
+        first mail and between two mails (the end of a mail's data starts
+        the count again); one more closes it.  Commands that are answered
+        but move no mail forward (C{NOOP}, C{RSET}, C{HELO}, a refused
+        C{RCPT}) would otherwise hold a connection slot for ever.
+    @ivar max_session_time: Seconds a session may last: past them it is
+        closed at once when it is between mails, or else at its next command
+        once the mail in progress has its answer.
     @ivar idle_timeout: Seconds a client may stay silent.
     @ivar data_timeout: Seconds a client may take to send one mail.
     @ivar delivery_timeout: Seconds to wait for the hand-over of a mail
@@ -188,6 +199,8 @@ class ListenerSettings:
     max_connections: int = 20
     max_connections_per_peer: int = 5
     max_errors: int = 20
+    max_commands_per_mail: int = 100
+    max_session_time: float = 3600.0
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     delivery_timeout: float = 120.0
@@ -222,9 +235,15 @@ class ListenerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_commands_per_mail < self.max_recipients + MAIL_COMMANDS:
+            raise ValueError(
+                f"max_commands_per_mail must be at least max_recipients + {MAIL_COMMANDS}"
+                f" ({self.max_recipients + MAIL_COMMANDS}): a mail to every recipient needs"
+                " that many (EHLO, STARTTLS, EHLO again, MAIL, one RCPT each, DATA)"
+            )
         if self.max_line_length < 100 or self.max_command_length < 100:
             raise ValueError("line length limits must be at least 100 bytes")
-        for name in ("idle_timeout", "data_timeout", "delivery_timeout"):
+        for name in ("max_session_time", "idle_timeout", "data_timeout", "delivery_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than 0")
         if self.tls_key is not None and self.tls_certificate is None:
@@ -273,6 +292,9 @@ def settings_from_options(options: Mapping[str, Any]) -> ListenerSettings:
         "max_line_length",
         "max_connections",
         "max_connections_per_peer",
+        "max_errors",
+        "max_commands_per_mail",
+        "max_session_time",
         "idle_timeout",
         "data_timeout",
         "delivery_timeout",
@@ -708,14 +730,19 @@ class BugmailSMTP(ESMTP):
         # (one answered 451 after the delivery timeout still runs).
         self._hand_overs = 0
         self._closing = False
+        # Set once the session has lasted max_session_time.
+        self._expired = False
         # The mail so far: pieces of whole lines, each ending with CRLF.
         self._lines: list[bytes] = []
         self._size = 0
         self._data_error: tuple[int, bytes, str] | None = None
         self._envelope: Envelope | None = None
         self._errors = 0
+        # Commands since the last mail's data ended (or the session began).
+        self._commands = 0
         self._last_code = 0
         self._idle_call: IDelayedCall | None = None
+        self._session_call: IDelayedCall | None = None
         self._data_call: IDelayedCall | None = None
         self._delivery_call: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
@@ -736,10 +763,12 @@ class BugmailSMTP(ESMTP):
         self.log.debug("SMTP connection from {peer}", peer=self.peer, producer=self.factory.producer)
         self.sendCode(220, self.host + b" ESMTP ready")
         self._start_idle()
+        self._session_call = self.clock.callLater(self.settings.max_session_time,
+                                                  self._session_expired)
 
     def connectionLost(self, reason: object = None) -> None:
         self._lost = True
-        for name in ("_idle_call", "_data_call", "_delivery_call", "_abort_call"):
+        for name in ("_idle_call", "_session_call", "_data_call", "_delivery_call", "_abort_call"):
             call: IDelayedCall | None = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -858,6 +887,20 @@ class BugmailSMTP(ESMTP):
                       producer=self.factory.producer)
         self._lines = []
         self._close(421, b"4.4.2 Idle timeout, closing connection")
+
+    def _session_expired(self) -> None:
+        self._session_call = None
+        self._expired = True
+        self.factory.counters["session_time_closes"] += 1
+        self.log.info("SMTP client {peer} kept its session for {seconds}s; closing",
+                      peer=self.peer, seconds=self.settings.max_session_time,
+                      producer=self.factory.producer)
+        if self.mode == COMMAND and self._waiting is None:
+            self._close_expired()
+
+    def _close_expired(self) -> None:
+        self._lines = []
+        self._close(421, b"4.4.2 Session lasted too long, closing connection")
 
     def _data_timed_out(self) -> None:
         self._data_call = None
@@ -1007,6 +1050,17 @@ class BugmailSMTP(ESMTP):
     # -- commands ----------------------------------------------------------------
 
     def _command(self, line: bytes) -> None:
+        if self._expired:
+            self._close_expired()
+            return
+        self._commands += 1
+        if self._commands > self.settings.max_commands_per_mail:
+            self.log.info("SMTP client {peer} sent {count} commands without a mail; closing",
+                          peer=self.peer, count=self._commands - 1,
+                          producer=self.factory.producer)
+            self.factory.counters["command_limit_closes"] += 1
+            self._close(421, b"4.7.0 Too many commands without a mail, closing connection")
+            return
         words = line.split(None, 1)
         if not words or not _VERB.fullmatch(words[0]):
             self.sendCode(500, b"5.5.2 Syntax error")
@@ -1303,6 +1357,7 @@ class BugmailSMTP(ESMTP):
 
     def _end_of_data(self) -> None:
         self.mode = COMMAND
+        self._commands = 0
         if self._data_call is not None and self._data_call.active():
             self._data_call.cancel()
         self._data_call = None
@@ -1445,6 +1500,9 @@ class BugmailSMTP(ESMTP):
             return
         if self._closing:
             self._close(421, b"4.3.2 Service shutting down, try again later")
+            return
+        if self._expired:
+            self._close_expired()
             return
         self._start_idle()
         if self._output_paused:
