@@ -297,6 +297,47 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.assertEqual(service.errors, 4)
         self.successResultOf(service.stopService())
 
+    def test_flapping_failure_logged_once_in_a_while(self) -> None:
+        """
+        A service that fails every other poll, each failure followed by a
+        success, has that failure and its recovery logged once per
+        FLAP_LOG_INTERVAL, not at every poll; a different failure is logged
+        at once.
+        """
+        from fedhub.errors import FedhubError
+        from fedhub.logs import log_level, set_log_level
+        from fedhub.producers.poller import FLAP_LOG_INTERVAL
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        self.addCleanup(set_log_level, log_level())
+        set_log_level(LogLevel.info)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        source = FakeSource(["a"])
+        service = self.service(source, FakePublisher())
+        service.startService()
+        self.assertEqual(FLAP_LOG_INTERVAL, 600.0)
+        # Each round: one failed poll, a success after the backoff, then
+        # the interval (10 s): 90 rounds take 16 to 17 minutes.
+        for _ in range(90):
+            source.failures.append(FedhubError("hub flaps"))
+            for _ in range(12):
+                self.clock.advance(1)
+        self.assertEqual(service.errors, 90)
+        self.assertEqual(service.consecutive_errors, 0)
+        about = [(e["log_level"], e.get("count")) for e in events
+                 if e.get("log_format", "").startswith("Poll of {source}")
+                 and e["log_level"] > LogLevel.debug]
+        self.assertEqual(about, [(LogLevel.error, None), (LogLevel.info, 1)] * 2)
+        source.failures.append(FedhubError("hub odd"))
+        self.clock.advance(12)
+        about = [e.get("error") for e in events
+                 if e.get("log_format", "").startswith("Poll of {source} failed")
+                 and e["log_level"] > LogLevel.debug]
+        self.assertEqual(about, ["FedhubError: hub flaps"] * 2 + ["FedhubError: hub odd"])
+        self.successResultOf(service.stopService())
+
     def test_retry_after_is_waited_for(self) -> None:
         """
         A failure whose service asked to come back later (Retry-After, here

@@ -75,6 +75,12 @@ FUTURE_MARGIN = 600.0
 #: as they are.
 START_SKEW_LIMIT = 86400.0
 
+#: Seconds during which a failure like the last one logged is logged again
+#: at debug level only, even with successful polls between them: a service
+#: that fails every other poll logs its failure, and that polling works
+#: again, once in this time, not at every poll.
+FLAP_LOG_INTERVAL = 600.0
+
 
 class CursorError(FedhubError):
     """
@@ -306,6 +312,10 @@ class PollingService(Service):
         self.last_poll: float | None = None
         self.last_success: float | None = None
         self.last_error: tuple[float, str] | None = None
+        # The last failure logged above debug level, when, and whether the
+        # failures since the last success include one so logged.
+        self._logged_error: tuple[float, str] | None = None
+        self._run_logged = False
         self.lag: float | None = None
         self._reactor = reactor
         self._random = random
@@ -408,12 +418,19 @@ class PollingService(Service):
             repeated = self.consecutive_errors > 1 and self.last_error is not None and (
                 self.last_error[1] == described
             )
+            logged = self._logged_error
+            if logged is not None and logged[1] == described and now - logged[0] < FLAP_LOG_INTERVAL:
+                # It failed like this a moment ago, successes in between.
+                repeated = True
             self.last_error = (now, described)
             delay = self._backoff_delay()
             asked = _retry_after(result.value)
             if asked is not None and asked > delay:
                 # The service said when to come back (Retry-After).
                 delay = asked
+            if not repeated:
+                self._logged_error = (now, described)
+                self._run_logged = True
             if repeated:
                 # Logged when it began; the status page and the metrics
                 # count the polls that fail since.
@@ -442,11 +459,12 @@ class PollingService(Service):
             self._schedule(delay)
             return
         self.polls += 1
-        if self.consecutive_errors > 1:
+        if self._run_logged:
             self.log.info(
-                "Poll of {source} works again after {count} failed polls",
+                "Poll of {source} works again after {count} failed poll(s)",
                 producer=self.name, source=self.source.description, count=self.consecutive_errors,
             )
+            self._run_logged = False
         self.consecutive_errors = 0
         self.last_success = self._reactor.seconds()
         self.lag = result.lag
