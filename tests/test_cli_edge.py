@@ -33,6 +33,60 @@ class InterruptTests(SynchronousTestCase):
         self.assertEqual(err.getvalue(), "fedhub check-config: interrupted\n")
 
 
+class EarlyInterruptTests(SynchronousTestCase):
+    """
+    Ctrl-C while the console script is still importing the commands.
+    """
+
+    def test_interrupted_import(self) -> None:
+        """A KeyboardInterrupt while fedhub.cli.main is imported ends the script with one line and status 130."""
+        import types
+
+        import fedhub.cli
+
+        class Importing(types.ModuleType):
+            def __getattr__(self, name: str) -> object:
+                raise KeyboardInterrupt()
+
+        real = sys.modules["fedhub.cli.main"]
+        sys.modules["fedhub.cli.main"] = Importing("fedhub.cli.main")
+        self.addCleanup(sys.modules.__setitem__, "fedhub.cli.main", real)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.patch(sys, "argv", ["fedhub", "-q", "publish", "--topic", "t"])
+        with self.assertRaises(SystemExit) as caught:
+            fedhub.cli.entry()
+        self.assertEqual(caught.exception.code, 130)
+        self.assertEqual(err.getvalue(), "fedhub publish: interrupted\n")
+
+    def test_script_interrupted_early(self) -> None:
+        """
+        SIGINT at several moments of a real command's first second (its
+        imports, then the command) never ends it with a traceback.
+        """
+        import signal
+        import subprocess
+        import time
+
+        for delay in (0.1, 0.2, 0.3, 0.8):
+            child = subprocess.Popen(
+                [sys.executable, "-m", "fedhub.cli", "check-config", "/nonexistent/hub.toml"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            try:
+                time.sleep(delay)
+                child.send_signal(signal.SIGINT)
+                _, stderr = child.communicate(timeout=30)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+            self.assertNotIn(b"Traceback", stderr, delay)
+            # Interrupted (130), killed by the signal before Python took it
+            # over (-2), or done before it came (78: no such file).
+            self.assertIn(child.returncode, (130, -signal.SIGINT, 78), (delay, stderr))
+
+
 class IgnoredSignalTests(SynchronousTestCase):
     """
     A command started with SIGINT ignored (a script's `fedhub publish &`,

@@ -79,7 +79,7 @@ class WheelTests(SynchronousTestCase):
         (entry_points,) = [n for n in self.names if n.endswith(".dist-info/entry_points.txt")]
         with zipfile.ZipFile(self.wheel) as archive:
             text = archive.read(entry_points).decode()
-        self.assertIn("fedhub = fedhub.cli.main:entry", text)
+        self.assertIn("fedhub = fedhub.cli:entry", text)
 
 
 class FreshInstallTests(SynchronousTestCase):

@@ -1,7 +1,36 @@
 """
 The C{fedhub} command line: C{fedhub COMMAND [options]}.
+
+This package's own module imports nothing but the standard library, so
+that the console script (L{entry}) answers a Ctrl-C that comes while the
+commands, Twisted and the plugins are still being imported.
 """
 
-from fedhub.cli.main import main
+from __future__ import annotations
 
-__all__ = ["main"]
+import sys
+
+__all__ = ["entry"]
+
+#: The exit status of a command stopped by SIGINT (128 + 2), as
+#: L{fedhub.cli.runner.interrupted_status} gives it.
+INTERRUPTED = 130
+
+
+def entry() -> None:
+    """
+    The console script: run L{fedhub.cli.main.main} and exit with what it
+    returns; a Ctrl-C before it can answer one itself (while importing)
+    ends the command with one line and status 130, not a traceback.
+    """
+    try:
+        from fedhub.cli.main import main as run
+
+        status = run()
+    except KeyboardInterrupt:
+        words = [word for word in sys.argv[1:] if not word.startswith("-")]
+        command = f"fedhub {words[0]}" if words else "fedhub"
+        print(f"{command}: interrupted", file=sys.stderr)
+        status = INTERRUPTED
+    sys.exit(status)
+

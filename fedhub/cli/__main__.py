@@ -2,6 +2,6 @@
 C{python -m fedhub.cli}: the same as the C{fedhub} command.
 """
 
-from fedhub.cli.main import entry
+from fedhub.cli import entry
 
 entry()

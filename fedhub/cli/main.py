@@ -277,12 +277,5 @@ def _drop_standard_output() -> None:
         pass
 
 
-def entry() -> None:
-    """
-    The console script: exit with what L{main} returns.
-    """
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())
