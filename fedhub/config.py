@@ -31,7 +31,7 @@ import re
 import tempfile
 import tomllib
 import unicodedata
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from types import MappingProxyType
@@ -1361,6 +1361,49 @@ class _Validator:
                 ok = False
         return built["producer"], built["consumer"], ok
 
+    def consumers_own_topology(
+        self, domains: Mapping[str, DomainConfig], consumers: Sequence[ComponentConfig]
+    ) -> bool:
+        """
+        Whether no domain's C{topology} declares a queue or an exchange of a
+        consumer's own (see L{fedhub.consumers.runner}): the hub declares
+        those itself, with arguments and types of its own, and the broker
+        would refuse one of the two declarations when the hub starts (406).
+        Bindings to a consumer's queue are fine.
+        """
+        ok = True
+        for name, domain in domains.items():
+            queues: dict[str, str] = {}
+            exchanges: dict[str, str] = {}
+            for consumer in consumers:
+                if consumer.domain != name:
+                    continue
+                queue = consumer.queue or f"fedhub.{consumer.name}"
+                owner = consumer.path
+                queues[queue] = f"the queue of {owner}"
+                queues[f"{queue}.dead"] = f"the dead-letter queue of {owner}"
+                exchanges[f"{queue}.dead"] = f"the dead-letter exchange of {owner}"
+                exchanges[f"{queue}.return"] = f"the return exchange of {owner}"
+                for level in range(1, consumer.max_retries + 1):
+                    queues[f"{queue}.retry.{level}"] = f"retry queue {level} of {owner}"
+                    exchanges[f"{queue}.retry.{level}"] = f"retry exchange {level} of {owner}"
+            for kind, declared, owned, advice in (
+                ("queues", [q.name for q in domain.topology.queues], queues,
+                 "give its arguments as the consumer's queue_arguments"),
+                ("exchanges", [e.name for e in domain.topology.exchanges], exchanges,
+                 "a fanout exchange"),
+            ):
+                for index, declared_name in enumerate(declared):
+                    role = owned.get(declared_name)
+                    if role is not None:
+                        self.report(
+                            ("domains", name, "topology", kind, index, "name"),
+                            f"{kind[:-1]} {_quote(declared_name)} is {role}, which the hub declares "
+                            f"itself ({advice}); leave it out of the topology",
+                        )
+                        ok = False
+        return ok
+
     def component(
         self, kind: str, index: int, value: object, path: _Path, domains: Collection[str]
     ) -> ComponentConfig | None:
@@ -1665,6 +1708,8 @@ def parse_config(
     hub = validator.hub(data)
     domains, domain_names = validator.domains(data)
     producers, consumers, components_ok = validator.components(data, domain_names)
+    if not validator.consumers_own_topology(domains, consumers):
+        components_ok = False
     problems = validator.problems
     if problems or hub is None or not components_ok:
         error = ConfigError(problems, shown_source)
