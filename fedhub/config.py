@@ -286,6 +286,11 @@ class DomainConfig:
     @ivar connection_timeout: Seconds to wait for a connection to be set up.
     @ivar confirm_window: At most this many published messages wait for
         their publisher confirm at once.
+    @ivar reconnect_delay: Seconds before the first attempt to reach the
+        broker again after losing it (or failing to reach it); each next
+        attempt waits twice as long, up to L{reconnect_max_delay}, both
+        with jitter (half to all of the delay).
+    @ivar reconnect_max_delay: The longest wait between two attempts.
     @ivar outbox_max_messages: The outbox takes no more messages beyond this
         many (producers are told to retry later).
     @ivar outbox_max_bytes: Likewise, in bytes of stored messages.
@@ -305,6 +310,8 @@ class DomainConfig:
     connection_name: str | None = None
     connection_timeout: float = 10.0
     confirm_window: int = 1000
+    reconnect_delay: float = 1.0
+    reconnect_max_delay: float = 60.0
     outbox_max_messages: int = 100_000
     outbox_max_bytes: int = 1024 * 1024 * 1024
     passive_declares: bool = False
@@ -500,6 +507,18 @@ def _retry_delay(value: float) -> str | None:
     return None
 
 
+#: The longest wait between two attempts to reach a broker, in seconds.
+MAX_RECONNECT_DELAY: Final = 3600.0
+
+
+def _reconnect_delay(value: float) -> str | None:
+    if not value > 0:
+        return "must be greater than 0"
+    if value > MAX_RECONNECT_DELAY:
+        return f"is in seconds and at most {MAX_RECONNECT_DELAY:g}"
+    return None
+
+
 def _heartbeat(value: int) -> str | None:
     if value <= 0:
         return (
@@ -620,6 +639,10 @@ _DOMAIN_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
         "connection_timeout": Option(float, 10.0, "seconds to set up a connection",
                                      _connection_timeout),
         "confirm_window": Option(int, 1000, "unconfirmed messages at most", _positive),
+        "reconnect_delay": Option(float, 1.0, "seconds before the first attempt to reconnect",
+                                  _reconnect_delay),
+        "reconnect_max_delay": Option(float, 60.0, "longest wait between attempts to reconnect",
+                                      _reconnect_delay),
         "outbox_max_messages": Option(int, 100_000, "outbox limit in messages", _positive),
         "outbox_max_bytes": Option(int, 1024 * 1024 * 1024, "outbox limit in bytes", _positive),
         "passive_declares": Option(bool, False, "only check that queues and exchanges exist"),
@@ -1184,6 +1207,15 @@ class _Validator:
             ok = False
         if scheme == MEMORY_BROKER and "auth_mechanism" in table:
             self.report(path + ("auth_mechanism",), "not used with the memory broker")
+            ok = False
+        delay, longest = values.get("reconnect_delay"), values.get("reconnect_max_delay")
+        if delay is not None and longest is not None and delay > longest:
+            if "reconnect_max_delay" in table:
+                self.report(path + ("reconnect_max_delay",),
+                            f"must be at least reconnect_delay ({delay:g})")
+            else:
+                self.report(path + ("reconnect_delay",),
+                            f"must be at most reconnect_max_delay ({longest:g}, its default)")
             ok = False
         topology = self.topology(values.pop("topology", None), path + ("topology",))
         if topology is None:

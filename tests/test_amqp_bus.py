@@ -538,8 +538,10 @@ class ConnectTests(BusCase):
             connection_timeout: float = 4.0
             confirm_window: int = 50
             passive_declares: bool = True
+            reconnect_delay: float = 5.0
+            reconnect_max_delay: float = 12.0
 
-        bus = AMQPBus.from_domain(Domain(), self.clock)
+        bus = AMQPBus.from_domain(Domain(), self.clock, rand=lambda: 1.0)
         self.assertEqual(bus.domain, "accounts")
         self.assertEqual(bus.exchange, "accounts.topic")
         self.assertEqual(bus.settings.vhost, "acct")
@@ -548,6 +550,8 @@ class ConnectTests(BusCase):
         self.assertEqual(bus.settings.connection_name, "fedhub accounts")
         self.assertEqual(bus.max_in_flight, 50)
         self.assertTrue(bus.passive_declares)
+        # Attempts wait 5, 10, then 12 s at most (without jitter here).
+        self.assertEqual([bus._retry_delay(attempt) for attempt in (1, 2, 3, 10)], [5.0, 10.0, 12.0, 12.0])
         self.assertRaises(ConfigError, AMQPBus.from_domain, Domain(heartbeat=0), self.clock)
 
     def test_tls_needs_ca_at_start(self) -> None:

@@ -183,8 +183,9 @@ class ValidConfigTests(SynchronousTestCase, ProblemsMixin):
         domain = DomainConfig(name="d", broker="memory")
         self.assertEqual(
             (domain.exchange, domain.heartbeat, domain.confirm_window, domain.connection_timeout,
-             domain.outbox_max_messages, domain.outbox_max_bytes, domain.passive_declares),
-            ("amq.topic", 30, 1000, 10.0, 100_000, 1024**3, False),
+             domain.outbox_max_messages, domain.outbox_max_bytes, domain.passive_declares,
+             domain.reconnect_delay, domain.reconnect_max_delay),
+            ("amq.topic", 30, 1000, 10.0, 100_000, 1024**3, False, 1.0, 60.0),
         )
         self.assertTrue(domain.is_memory)
         self.assertFalse(domain.tls)
@@ -1011,6 +1012,27 @@ class DomainTests(SynchronousTestCase, ProblemsMixin):
             [("domains.x.confirm_window", "must be greater than 0"),
              ("domains.x.connection_timeout", "must be greater than 0"),
              ("domains.x.outbox_max_bytes", "must be greater than 0")])
+
+    def test_reconnect_delays(self) -> None:
+        """
+        The reconnect delays are seconds, greater than 0, at most an hour,
+        and the first no longer than the longest (its default, 60, when not
+        given).
+        """
+        self.assertEqual(
+            self.domain('broker = "memory"\nreconnect_delay = 0\nreconnect_max_delay = 7200\n'),
+            [("domains.x.reconnect_delay", "must be greater than 0"),
+             ("domains.x.reconnect_max_delay", "is in seconds and at most 3600")])
+        self.assertEqual(
+            self.domain('broker = "memory"\nreconnect_delay = 5\nreconnect_max_delay = 2\n'),
+            [("domains.x.reconnect_max_delay", "must be at least reconnect_delay (5)")])
+        self.assertEqual(
+            self.domain('broker = "memory"\nreconnect_delay = 90\n'),
+            [("domains.x.reconnect_delay", "must be at most reconnect_max_delay (60, its default)")])
+        config = parse('[domains.x]\nbroker = "memory"\nreconnect_delay = 0.5\n'
+                       'reconnect_max_delay = 600\n')
+        self.assertEqual((config.domains["x"].reconnect_delay, config.domains["x"].reconnect_max_delay),
+                         (0.5, 600.0))
 
     def test_hub_values(self) -> None:
         """

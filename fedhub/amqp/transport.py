@@ -1393,7 +1393,8 @@ class AMQPBus(Service):
         C{name}, C{broker} (the URL), C{exchange}, C{ca}, C{cert}, C{key},
         C{server_hostname}, C{auth_mechanism}, C{heartbeat},
         C{connection_name}, C{connection_timeout}, C{confirm_window},
-        C{passive_declares}).  Does no I/O.
+        C{reconnect_delay}, C{reconnect_max_delay}, C{passive_declares}).
+        Does no I/O.
 
         @param options: More keyword arguments for the constructor.
         @raise fedhub.errors.ConfigError: when the settings are not usable.
@@ -1421,6 +1422,11 @@ class AMQPBus(Service):
         if window is not None:
             options.setdefault("max_in_flight", window)
         options.setdefault("passive_declares", bool(getattr(domain, "passive_declares", False)))
+        for attribute, option in (("reconnect_delay", "reconnect_initial"),
+                                  ("reconnect_max_delay", "reconnect_max")):
+            value = getattr(domain, attribute, None)
+            if value is not None:
+                options.setdefault(option, value)
         return cls(
             name,
             settings,
