@@ -58,6 +58,7 @@ __all__ = [
     "format_path",
     "is_valid_name",
     "check_topic_pattern",
+    "resolve_endpoint_paths",
     "server_endpoint_problem",
 ]
 
@@ -217,6 +218,9 @@ class Option:
         creates when missing), so it or its nearest existing parent must be
         a directory it can write to; a relative path is taken relative to
         the configuration file's directory.  An empty value stays empty.
+    @ivar endpoint: The value is a server endpoint string; relative paths in
+        it are taken relative to the configuration file's directory (see
+        L{resolve_endpoint_paths}).
     """
 
     type: builtins.type | tuple[builtins.type, ...]
@@ -226,6 +230,7 @@ class Option:
     items: builtins.type | None = None
     path: bool = False
     directory: bool = False
+    endpoint: bool = False
 
     @property
     def required(self) -> bool:
@@ -618,7 +623,8 @@ _HUB_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
                               _environment),
         "state_dir": Option(str, DEFAULT_STATE_DIR, "outbox, cursors and plugin state",
                             _not_empty),
-        "status": Option(str, None, "endpoint string of the HTTP status server", _not_empty),
+        "status": Option(str, None, "endpoint string of the HTTP status server", _not_empty,
+                         endpoint=True),
         "log_level": Option(str, "info", "least important log events written", _log_level),
     }
 )
@@ -1105,6 +1111,8 @@ class _Validator:
             if error is not None:
                 self.report(path, error)
                 return REQUIRED
+        if option.endpoint and isinstance(value, str):
+            value = resolve_endpoint_paths(value, self._base_dir)
         if option.directory and isinstance(value, str) and value:
             value = self.resolve(value)
             error = _unwritable_directory(value)
@@ -1608,6 +1616,74 @@ def _unwritable_directory(path: str) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"can not write in {_quote(existing)}: permission denied"
     return None
+
+
+#: The parameters of server endpoint strings that name files, by endpoint
+#: type; C{None} stands for the first positional argument (a C{unix:}
+#: socket's path).
+_ENDPOINT_PATHS: Final[Mapping[str, frozenset[str | None]]] = MappingProxyType({
+    "unix": frozenset({None, "address"}),
+    "ssl": frozenset({"privateKey", "certKey", "extraCertChain", "caCertsDir", "dhParameters"}),
+})
+_ENDPOINT_ESCAPE = re.compile(r"([:=\\])")
+
+
+def _endpoint_split(text: str, separator: str, most: int = -1) -> list[str]:
+    """
+    C{text} split at every C{separator} not escaped by a backslash (at the
+    first C{most} when not -1), as Twisted splits endpoint strings, the
+    escapes left in.
+    """
+    parts: list[str] = []
+    start = index = 0
+    while index < len(text):
+        if text[index] == "\\":
+            index += 2
+            continue
+        if text[index] == separator and most != len(parts):
+            parts.append(text[start:index])
+            start = index + 1
+        index += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _endpoint_unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text, flags=re.DOTALL)
+
+
+def resolve_endpoint_paths(description: str, base_dir: str | None) -> str:
+    """
+    C{description}, a server endpoint string, with its relative file paths
+    (a C{unix:} socket's, C{ssl:}'s C{privateKey}, C{certKey},
+    C{extraCertChain}, C{caCertsDir} and C{dhParameters}) made relative to
+    C{base_dir}, as every other path of a configuration file is; Twisted
+    would otherwise take them from the working directory of whatever process
+    reads them.  Anything else, and every string when C{base_dir} is
+    C{None}, is returned as it is.
+    """
+    if base_dir is None:
+        return description
+    parts = _endpoint_split(description, ":")
+    keys = _ENDPOINT_PATHS.get(_endpoint_unescape(parts[0]))
+    if keys is None:
+        return description
+    out = [parts[0]]
+    positional = 0
+    for part in parts[1:]:
+        key, value, named = part, part, False
+        pair = _endpoint_split(part, "=", 1)
+        if len(pair) == 2:
+            (key, value), named = pair, True
+        else:
+            positional += 1
+        name = _endpoint_unescape(key) if named else (None if positional == 1 else "")
+        path = _endpoint_unescape(value)
+        if name in keys and path and not os.path.isabs(path):
+            value = _ENDPOINT_ESCAPE.sub(r"\\\1", os.path.join(base_dir, path))
+            part = f"{key}={value}" if named else value
+        out.append(part)
+    return ":".join(out)
 
 
 def server_endpoint_problem(description: str) -> str | None:

@@ -31,6 +31,7 @@ from fedhub.config import (
     format_path,
     load_config,
     parse_config,
+    resolve_endpoint_paths,
     redact_url,
 )
 from fedhub.config import _LineIndex
@@ -97,7 +98,7 @@ PRODUCERS = {
         "bugzilla-smtp",
         {
             "recipients": Option(list, items=str),
-            "listen": Option(str, "tcp:2525:interface=127.0.0.1"),
+            "listen": Option(str, "tcp:2525:interface=127.0.0.1", endpoint=True),
         },
     ),
 }
@@ -295,6 +296,35 @@ class ValidConfigTests(SynchronousTestCase, ProblemsMixin):
         config = parse(MEMORY_DOMAIN + '[[consumers]]\nname = "h"\nplugin = "webhook"\n'
                        'domain = "d"\nurl = "https://h/"\nsecret_file = "secret"\n', base_dir=base)
         self.assertEqual(config.consumers[0].options["secret_file"], os.path.join(base, "secret"))
+
+    def test_endpoint_paths(self) -> None:
+        """
+        Relative paths in endpoint strings ([hub] status, an endpoint option)
+        are resolved against base_dir, escaped as endpoint strings need;
+        other parameters, absolute paths and other endpoint types are kept.
+        """
+        base = os.path.abspath(os.path.join(self.mktemp(), "conf:dir"))
+        os.makedirs(base)
+        escaped = base.replace(":", "\\:")
+        config = parse('[hub]\nstatus = "unix:run/status.sock:mode=600"\n' + MEMORY_DOMAIN
+                       + '[[producers]]\nname = "m"\nplugin = "bugzilla-smtp"\ndomain = "d"\n'
+                       'recipients = ["a@b.example"]\nlisten = "unix:address=smtp.sock"\n', base_dir=base)
+        self.assertEqual(config.hub.status, f"unix:{escaped}/run/status.sock:mode=600")
+        self.assertEqual(config.producers[0].options["listen"], f"unix:address={escaped}/smtp.sock")
+        from twisted.internet.endpoints import _parse
+
+        self.assertEqual(_parse(config.hub.status), (["unix", f"{base}/run/status.sock"], {"mode": "600"}))
+        for given, expected in (
+            ("ssl:8443:privateKey=k.pem:certKey=c\\:1.pem:interface=::1",
+             f"ssl:8443:privateKey={escaped}/k.pem:certKey={escaped}/c\\:1.pem:interface=::1"),
+            ("ssl:8443:privateKey=/etc/k.pem:extraCertChain=chain.pem",
+             f"ssl:8443:privateKey=/etc/k.pem:extraCertChain={escaped}/chain.pem"),
+            ("unix:/run/s.sock", "unix:/run/s.sock"),
+            ("tcp:8070:interface=127.0.0.1", "tcp:8070:interface=127.0.0.1"),
+            ("unix:", "unix:"),
+        ):
+            self.assertEqual(resolve_endpoint_paths(given, base), expected)
+            self.assertEqual(resolve_endpoint_paths(given, None), given)
 
     def test_directory_option(self) -> None:
         """

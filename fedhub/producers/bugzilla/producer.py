@@ -1000,7 +1000,8 @@ class BugzillaSMTPPlugin:
         return file_problems(settings_from_options(options))
     options: Mapping[str, Option] = {
         "listen": Option(str, "tcp:8025:interface=127.0.0.1",
-                         "endpoint string the SMTP listener binds", server_endpoint_problem),
+                         "endpoint string the SMTP listener binds", server_endpoint_problem,
+                         endpoint=True),
         "recipients": Option(list, help="addresses (local@domain) mail is accepted for",
                              check=_recipients, items=str),
         "hostname": Option(str, "localhost", "the name the listener greets with", _not_empty),
