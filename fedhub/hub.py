@@ -17,6 +17,7 @@ the kinds after it stop without it, so the process still exits.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ from fedhub.outbox import Outbox
 from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_plugin, find_producer_plugin
 from fedhub.text import escape_control
-from fedhub.topology import Topology
+from fedhub.topology import Topology, topic_matched_by_all
 from fedhub.waiting import with_timeout
 
 
@@ -349,6 +350,36 @@ def certificate_warnings(config: Config) -> list[str]:
             warning = expiry_warning(domain.cert)
             if warning is not None:
                 warnings.append(f"domains.{domain.name}.cert: {warning}")
+    return warnings
+
+
+def bridge_warnings(config: Config) -> list[str]:
+    """
+    Warnings about bridges that forward the same messages: two C{bridge}
+    consumers from one domain to another whose queues both get a topic
+    (their C{topics}, or their C{allow} patterns) that both C{allow}
+    forward it each, so the target domain gets it twice.  C{fedhub
+    check-config} prints them and the hub logs them when it starts.
+    """
+    bridges = [c for c in config.consumers if c.kind == "consumer" and c.plugin == "bridge"]
+    warnings = []
+    for first, second in itertools.combinations(bridges, 2):
+        target = first.options.get("to_domain")
+        if first.domain != second.domain or target != second.options.get("to_domain"):
+            continue
+        allowed = [tuple(c.options.get("allow") or ()) for c in (first, second)]
+        taken = [c.topics or allow for c, allow in zip((first, second), allowed)]
+        example = next(
+            (found for patterns in itertools.product(taken[0], allowed[0], taken[1], allowed[1])
+             if (found := topic_matched_by_all(*patterns)) is not None),
+            None,
+        )
+        if example is not None:
+            warnings.append(
+                f"{first.path} and {second.path} both forward messages such as {example!r} "
+                f"from domain {first.domain!r} to {target!r}: the target gets each of them "
+                "twice; give each topic to one bridge"
+            )
     return warnings
 
 

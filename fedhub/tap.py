@@ -271,7 +271,7 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     """
     from twisted.internet import reactor
 
-    from fedhub.hub import Hub, certificate_warnings
+    from fedhub.hub import Hub, bridge_warnings, certificate_warnings
     from fedhub.logs import LEVELS, set_log_level
     from fedhub.systemd import NotifyService
 
@@ -279,7 +279,8 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     set_log_level(LEVELS[config.hub.log_level])
     exposed = exposed_password(config)
     log = HubLogger(namespace="fedhub.tap")
-    for warning in ([exposed] if exposed is not None else []) + certificate_warnings(config):
+    warnings = [exposed] if exposed is not None else []
+    for warning in warnings + certificate_warnings(config) + bridge_warnings(config):
         log.warn("{warning}", warning=warning)
     # Before anything is built: a second hub on the same state directory is
     # refused with one line, as a configuration problem is.

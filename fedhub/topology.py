@@ -121,3 +121,65 @@ def _match(pattern: list[str], p: int, words: list[str], w: int) -> bool:
         p += 1
         w += 1
     return w == len(words)
+
+
+#: Pattern states a search of L{topic_matched_by_all} visits at most before
+#: it gives up (answering C{None}); real patterns need a few dozen.
+OVERLAP_SEARCH_LIMIT = 10_000
+
+
+def topic_matched_by_all(*patterns: str) -> str | None:
+    """
+    A topic (of at least one word) that every one of C{patterns} matches,
+    or C{None} when there is none: whether topic patterns overlap, with an
+    example.  Also C{None} when telling would take more than
+    L{OVERLAP_SEARCH_LIMIT} steps.
+    """
+    parts = [pattern.split(".") for pattern in patterns]
+    literals = sorted({word for words in parts for word in words if word not in ("*", "#")})
+    fresh = "x"
+    while fresh in literals:
+        fresh += "x"
+    candidates = [fresh, *literals]
+
+    def closure(positions: frozenset[int], words: list[str]) -> frozenset[int]:
+        # A '#' may match no word: the position after it is reached too.
+        found = set(positions)
+        todo = list(positions)
+        while todo:
+            at = todo.pop()
+            if at < len(words) and words[at] == "#" and at + 1 not in found:
+                found.add(at + 1)
+                todo.append(at + 1)
+        return frozenset(found)
+
+    def step(positions: frozenset[int], words: list[str], word: str) -> frozenset[int]:
+        after = set()
+        for at in positions:
+            if at < len(words):
+                if words[at] == "#":
+                    after.add(at)
+                elif words[at] in ("*", word):
+                    after.add(at + 1)
+        return closure(frozenset(after), words)
+
+    start = tuple(closure(frozenset({0}), words) for words in parts)
+    seen = {start}
+    frontier: list[tuple[tuple[frozenset[int], ...], tuple[str, ...]]] = [(start, ())]
+    while frontier:
+        next_frontier = []
+        for state, topic in frontier:
+            for word in candidates:
+                following = tuple(step(positions, words, word)
+                                  for positions, words in zip(state, parts))
+                if not all(following):
+                    continue
+                if all(len(words) in positions for positions, words in zip(following, parts)):
+                    return ".".join((*topic, word))
+                if following not in seen:
+                    if len(seen) >= OVERLAP_SEARCH_LIMIT:
+                        return None
+                    seen.add(following)
+                    next_frontier.append((following, (*topic, word)))
+        frontier = next_frontier
+    return None

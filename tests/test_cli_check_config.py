@@ -100,6 +100,29 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertIn("consumers[0].to_domain", self.err.getvalue())
 
 
+    def test_overlapping_bridges_warned(self) -> None:
+        """
+        Two bridges of one domain to the same other domain that both forward
+        some topic get a warning naming them and such a topic; the file is
+        still valid.  Bridges whose topics can not meet, or that go to
+        different domains, get none.
+        """
+        bridge = ('[[consumers]]\nname = "{name}"\nplugin = "bridge"\ndomain = "a"\n'
+                  'to_domain = "{to}"\nallow = {allow}\n')
+        head = '[domains.a]\nbroker = "memory"\n[domains.b]\nbroker = "memory"\n[domains.c]\nbroker = "memory"\n'
+        code = self.check(
+            head
+            + bridge.format(name="one", to="b", allow='["org.example.prod.bugzilla.#"]')
+            + bridge.format(name="two", to="b", allow='["org.example.*.bugzilla.bug.*"]')
+            + bridge.format(name="three", to="b", allow='["org.example.prod.koji.#"]')
+            + bridge.format(name="four", to="c", allow='["#"]')
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(self.err.getvalue(), (
+            "warning: consumers[0] and consumers[1] both forward messages such as "
+            "'org.example.prod.bugzilla.bug.x' from domain 'a' to 'b': the target gets each of "
+            "them twice; give each topic to one bridge\n"))
+
     def test_plugin_refusal_reported_once(self) -> None:
         """Options a plugin refuses both when asked for its files and when built give one line, not two."""
         code = self.check('[domains.a]\nbroker = "memory"\n[[producers]]\nname = "m"\n'

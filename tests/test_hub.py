@@ -364,6 +364,30 @@ class TapTests(SynchronousTestCase):
                 self.assertIn("every user can read it (mode 0644)", found[0])
             self.assertNotIn("s3cret", "".join(texts))
 
+    def test_overlapping_bridges_warned(self) -> None:
+        """The hub logs a warning, when it is built, about two bridges that forward the same topics."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "hub.toml")
+        bridge = ('[[consumers]]\nname = "{name}"\nplugin = "bridge"\ndomain = "a"\n'
+                  'to_domain = "b"\nallow = ["org.example.#"]\n')
+        with open(path, "w") as f:
+            f.write(f'[hub]\nstate_dir = "{directory}"\n[domains.a]\nbroker = "memory"\n'
+                    '[domains.b]\nbroker = "memory"\n'
+                    + bridge.format(name="one") + bridge.format(name="two"))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        options = Options()
+        options.parseOptions(["--config", path])
+        service = makeService(options)
+        assert isinstance(service, Hub)
+        service.getServiceNamed("state-lock").release()  # type: ignore[attr-defined]
+        texts = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(texts, [
+            "consumers[0] and consumers[1] both forward messages such as 'org.example' from "
+            "domain 'a' to 'b': the target gets each of them twice; give each topic to one bridge"])
+
     def refused(self, path: str | Path) -> str:
         """
         What twistd prints when its options refuse the configuration at

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,7 +20,7 @@ from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import ConfigError
 from fedhub.hub import Hub
 from fedhub.message import Message
-from fedhub.topology import BindingSpec, ExchangeSpec
+from fedhub.topology import BindingSpec, ExchangeSpec, topic_matched_by_all, topic_matches
 
 LOOKUP = {"log": LogPlugin()}
 
@@ -129,3 +131,41 @@ class DeclareTests(SynchronousTestCase):
         self.successResultOf(bus.publish(Message.create("org.x", {})))
         self.successResultOf(bus.publish(Message.create("x", {}), exchange="fedhub.archive"))
         self.assertEqual(bus.queue_depth("archive"), 2)  # type: ignore[attr-defined]
+
+
+class OverlapTests(SynchronousTestCase):
+    """
+    L{topic_matched_by_all}: whether topic patterns overlap, with an example.
+    """
+
+    def test_examples(self) -> None:
+        """Overlapping patterns give a topic every one matches; disjoint ones give None."""
+        for patterns, expected in (
+            (("a.#", "#.b"), "a.b"),
+            (("org.example.prod.bugzilla.#", "org.example.*.bugzilla.bug.*"),
+             "org.example.prod.bugzilla.bug.x"),
+            (("*.*", "#.x.#", "a.#"), "a.x"),
+            (("#", "#"), "x"),
+            (("a.*", "a.b.c"), None),
+            (("a.b", "a.c"), None),
+            (("a.#.b", "#.c"), None),
+        ):
+            self.assertEqual(topic_matched_by_all(*patterns), expected, patterns)
+
+    @given(
+        st.lists(st.lists(st.sampled_from(["a", "b", "x", "*", "#"]), min_size=1, max_size=4),
+                 min_size=1, max_size=4),
+        st.lists(st.lists(st.sampled_from(["a", "b", "x", "c"]), min_size=1, max_size=6),
+                 max_size=30),
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_agrees_with_matching(self, patterns: list[list[str]], topics: list[list[str]]) -> None:
+        """The example matches every pattern, and there is one whenever some topic matches them all."""
+        texts = [".".join(words) for words in patterns]
+        found = topic_matched_by_all(*texts)
+        if found is not None:
+            self.assertTrue(all(topic_matches(p, found) for p in texts), (texts, found))
+        for words in topics:
+            topic = ".".join(words)
+            if all(topic_matches(p, topic) for p in texts):
+                self.assertIsNotNone(found, (texts, topic))

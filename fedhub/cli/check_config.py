@@ -18,6 +18,7 @@ from fedhub.cli import runner
 from fedhub.hub import (
     build_refusal,
     built_problem,
+    bridge_warnings,
     certificate_warnings,
     directory_problem,
     start_problems,
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
     if not problems:
-        for text in certificate_warnings(config):
+        for text in certificate_warnings(config) + bridge_warnings(config):
             print(f"warning: {text}", file=sys.stderr)
     if problems:
         print(f"{args.file}: {len(problems)} configuration problem(s):", file=sys.stderr)
