@@ -251,6 +251,22 @@ def _cap(mapping: dict[str, Any], limit: int = _MAX_OPEN) -> dict[str, Any]:
     return {k: mapping[k] for k in keep}
 
 
+def _time_streams(names: Sequence[str], ts: float) -> dict[str, Any]:
+    """
+    The state of builds or tasks starting at C{ts}: each of their time
+    streams (C{names}) there, nothing paged, seen or followed.
+    """
+    return {**{name: ts for name in names}, "paging": [], "seen": {}, "open": {}}
+
+
+def _floor(state: Mapping[str, Any], floor_ts: float) -> float:
+    """
+    The time up to which builds or tasks are not published: the first
+    start's (C{floor_ts}), or the later one at which they were switched on.
+    """
+    return max(floor_ts, _number(state.get("floor")) or floor_ts)
+
+
 def _result(task: Mapping[str, Any]) -> Any:
     """
     A task result as koji-fedoramessaging's schema takes it: C{null}, an
@@ -319,13 +335,7 @@ class KojiSource:
         else:
             event = yield self.client.call("getEvent", self.settings.backfill_from_event)
         event_id, event_ts = self._event(event)
-        if self.clock is not None and event_ts > self.clock.seconds() + START_SKEW_LIMIT:
-            # It would be the floor for good: nothing dated before it, all
-            # builds and tasks to come, would ever be published.
-            raise KojiError(
-                f"the hub's event {event_id} is dated {event_ts!r}, more than a day ahead of "
-                "this host's clock: not starting from it"
-            )
+        self._check_start(event_id, event_ts)
         repo_next, pending = 1, []
         if self.settings.repos:
             if self.settings.backfill_from_event is None:
@@ -340,12 +350,61 @@ class KojiSource:
             "floor_event": event_id,
             "floor_ts": event_ts,
             "history_seen": {},
-            "builds": {"created": event_ts, "completed": event_ts, "paging": [], "seen": {},
-                       "open": {}},
-            "tasks": {"created": event_ts, "started": event_ts, "completed": event_ts,
-                      "paging": [], "seen": {}, "open": {}},
+            "builds": _time_streams(("created", "completed"), event_ts),
+            "tasks": _time_streams(("created", "started", "completed"), event_ts),
             "repos": {"next": repo_next, "pending": pending},
+            "streams": self._streams(),
         }
+
+    def _check_start(self, event_id: int, event_ts: float) -> None:
+        """
+        Refuse to start from an event dated more than L{START_SKEW_LIMIT}
+        past this process's clock: it would be the floor for good, and
+        nothing dated before it, all builds and tasks to come, would ever be
+        published.
+        """
+        if self.clock is not None and event_ts > self.clock.seconds() + START_SKEW_LIMIT:
+            raise KojiError(
+                f"the hub's event {event_id} is dated {event_ts!r}, more than a day ahead of "
+                "this host's clock: not starting from it"
+            )
+
+    def _streams(self) -> list[str]:
+        """
+        The kinds switched on whose position is their own (builds, tasks and
+        repos; tags follow the cursor's event, which moves whatever is on).
+        """
+        s = self.settings
+        on = {"builds": s.builds, "tasks": s.tasks != "none", "repos": s.repos}
+        return [name for name, enabled in on.items() if enabled]
+
+    @inlineCallbacks
+    def _switch_on(self, cursor: dict[str, Any], streams: list[str], event_id: int,
+                   event_ts: float) -> Generator[Deferred[Any], Any, None]:
+        """
+        Start C{streams}, switched on since the last poll, from the hub's
+        present, as a first start does: their positions were left where they
+        were switched off (or, off at the first start, at it), and would
+        publish everything since.  Builds and tasks get a floor of their own
+        (what is not later is not published, even though the overlap reads
+        it); repos are found again from the newest finished C{newRepo} task.
+
+        @param event_id: The hub's last event.
+        @param event_ts: Its time.
+        """
+        self._check_start(event_id, event_ts)
+        if "builds" in streams:
+            cursor["builds"] = {**_time_streams(("created", "completed"), event_ts),
+                                "floor": event_ts}
+        if "tasks" in streams:
+            cursor["tasks"] = {**_time_streams(("created", "started", "completed"), event_ts),
+                               "floor": event_ts}
+        if "repos" in streams:
+            repo_next, pending = yield self._seed_repos()
+            cursor["repos"] = {"next": repo_next, "pending": pending}
+        self.log.info("Switched on since the last poll: publishing {streams} of {hub} from now "
+                      "(event {event})", producer=self.name, streams=", ".join(streams),
+                      hub=display_url(self.settings.hub_url), event=event_id)
 
     @inlineCallbacks
     def _newest_repo(self, before: float | None = None
@@ -428,6 +487,14 @@ class KojiSource:
             self._behind = False
             self.log.info("The hub's events reached the cursor again ({last})",
                           producer=self.name, last=last_id)
+        # Kinds switched on since the last poll start from now.  A cursor of
+        # an earlier version does not say which were on: the ones on now are
+        # taken to have been, and go on from where they are.
+        streams = self._streams()
+        switched_on = [k for k in streams if k not in c.get("streams", streams)]
+        if switched_on:
+            yield self._switch_on(c, switched_on, last_id, last_ts)
+        c["streams"] = streams
         end, end_ts = min(last_id, start + self._event_step), last_ts
         catching_up = end < last_id
         if catching_up:
@@ -542,6 +609,7 @@ class KojiSource:
         # -- builds -------------------------------------------------------------
         if s.builds:
             state = c["builds"]
+            floor = _floor(state, floor_ts)
             seen = _SeenWindow(state.get("seen"))
             paging = set(state.get("paging", []))
             current: dict[int, dict[str, Any]] = {}
@@ -563,7 +631,7 @@ class KojiSource:
                 key = f"{build_id}:{new!r}{_attempt(row)}"
                 # The key without the attempt, as cursors of earlier
                 # versions hold it, counts too.
-                if key in seen or f"{build_id}:{new!r}" in seen or position <= floor_ts:
+                if key in seen or f"{build_id}:{new!r}" in seen or position <= floor:
                     continue
                 seen.add(key, position)
                 if not _integer(new):
@@ -580,6 +648,7 @@ class KojiSource:
         # -- tasks --------------------------------------------------------------
         if s.tasks != "none":
             state = c["tasks"]
+            floor = _floor(state, floor_ts)
             seen = _SeenWindow(state.get("seen"))
             paging = set(state.get("paging", []))
             tasks: dict[int, dict[str, Any]] = {}
@@ -600,7 +669,7 @@ class KojiSource:
                 position = (_number(row.get("completion_ts")) or _number(row.get("start_ts"))
                             or _number(row.get("create_ts")) or 0.0)
                 key = f"{task_id}:{new!r}"
-                if key in seen or position <= floor_ts:
+                if key in seen or position <= floor:
                     continue
                 seen.add(key, position)
                 if not _integer(new):

@@ -1,0 +1,223 @@
+"""
+Tests for L{fedhub.producers.koji}: a kind of event (builds, tasks, repos)
+switched on after the first start starts from the hub's present, as the
+poller does at its first start, and cursors of earlier versions go on where
+they were.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
+
+from fedhub.message import Message
+from fedhub.producers.koji import KojiError, KojiSettings, KojiSource
+from tests.fakes_xmlrpc import CLOSED, COMPLETE, OPEN, REPO_READY
+from tests.test_koji_poller import HUB, SourceTestBase, suffixes, topic
+
+ALL_OFF: dict[str, Any] = {"tags": False, "builds": False, "tasks": "none", "repos": False}
+
+
+class SwitchedOnLaterTests(SourceTestBase):
+    """
+    Kinds switched on in the configuration of a poller that already has a
+    cursor.
+    """
+
+    def busy_day(self, hours: int = 10) -> dict[str, list[int]]:
+        """
+        An hour apart each: a build started and finished, a scratch build's
+        task opened and closed, a tag, a repo made and ready.
+
+        @return: The builds, tasks and repos made, by kind.
+        """
+        made: dict[str, list[int]] = {"builds": [], "tasks": [], "repos": []}
+        step, self.koji.step = self.koji.step, 600.0
+        for i in range(hours):
+            build, _ = self.koji.start_build(f"day{i}", "1", "1")
+            self.koji.finish_build(build)
+            task = self.koji.scratch_build(f"day{i}.src.rpm")
+            self.koji.set_task_state(task, OPEN)
+            self.koji.set_task_state(task, CLOSED)
+            self.koji.tag_build(build, "f24")
+            repo = self.koji.new_repo("f24")
+            self.koji.repo_state(repo, REPO_READY)
+            made["builds"].append(build)
+            made["tasks"].append(task)
+            made["repos"].append(repo)
+        self.koji.step = step
+        return made
+
+    def run_with(self, cursor: Any, **settings: Any) -> tuple[list[Message], Any]:
+        """
+        Poll with C{settings} (over all kinds off) until nothing is left.
+        """
+        return self.drain(self.source(**{**ALL_OFF, **settings}), cursor)
+
+    def test_builds_switched_on_later(self) -> None:
+        """
+        Builds off at the first start and switched on later publish what
+        happens from then on, not the builds made since the first start,
+        nor those just before the switch that the overlap reads again.
+        """
+        cursor = self.start(self.source(**ALL_OFF))
+        _, cursor = self.run_with(cursor)
+        self.busy_day()
+        _, cursor = self.run_with(cursor)
+        self.koji.finish_build(self.koji.start_build("just-before", "1", "1")[0])
+        switched = self.koji.event()
+        events = self.logged()
+        messages, cursor = self.run_with(cursor, builds=True)
+        self.assertEqual(messages, [])
+        build, _ = self.koji.start_build("after", "1", "1")
+        self.koji.finish_build(build)
+        messages, _ = self.run_with(cursor, builds=True)
+        self.assertEqual([(m.body["build_id"], m.body["new"]) for m in messages],
+                         [(build, COMPLETE)])
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.info]
+        self.assertEqual(
+            lines, ["Switched on since the last poll: publishing builds of "
+                    f"{HUB} from now (event {switched})"])
+
+    def test_tasks_switched_on_later(self) -> None:
+        """
+        Tasks (C{tasks = "none"} at the first start) switched on later
+        publish what happens from then on.
+        """
+        cursor = self.start(self.source(**ALL_OFF))
+        self.busy_day()
+        _, cursor = self.run_with(cursor)
+        self.koji.scratch_build("just-before.src.rpm")
+        self.koji.event()
+        messages, cursor = self.run_with(cursor, tasks="scratch")
+        self.assertEqual(messages, [])
+        task = self.koji.scratch_build("after.src.rpm")
+        messages, _ = self.run_with(cursor, tasks="scratch")
+        self.assertEqual([(m.body["id"], m.body["new"]) for m in messages], [(task, "FREE")])
+
+    def test_repos_switched_on_later(self) -> None:
+        """
+        Repos off at the first start and switched on later are found from
+        the newest finished newRepo task: a repo being made at the switch
+        gets its repo.done, not its init, and the repos made while they
+        were off are neither published nor looked at.
+        """
+        cursor = self.start(self.source(**ALL_OFF))
+        self.busy_day()
+        building = self.koji.new_repo("f24")
+        _, cursor = self.run_with(cursor)
+        messages, cursor = self.run_with(cursor, repos=True)
+        self.assertEqual(messages, [])
+        self.assertEqual(cursor["repos"], {"next": building + 1, "pending": [building]})
+        self.koji.repo_state(building, REPO_READY)
+        new = self.koji.new_repo("f33-build")
+        messages, _ = self.run_with(cursor, repos=True)
+        self.assertEqual([(suffixes([m])[0], m.body["repo_id"]) for m in messages],
+                         [("buildsys.repo.init", new), ("buildsys.repo.done", building)])
+
+    def test_switched_off_and_on_again(self) -> None:
+        """
+        Kinds switched off and on again start from now too: nothing of the
+        time they were off, not even the end of a repo that was being made
+        when they were switched off.
+        """
+        source = self.source(tags=False, tasks="all")
+        cursor = self.start(source)
+        building = self.koji.new_repo("f24")
+        open_build, _ = self.koji.start_build("open", "1", "1")
+        messages, cursor = self.drain(source, cursor)
+        self.assertEqual(len(messages), 4)  # the repo, the build, their tasks
+        self.assertEqual(cursor["repos"]["pending"], [building])
+        _, cursor = self.run_with(cursor)
+        self.busy_day()
+        self.koji.repo_state(building, REPO_READY)
+        self.koji.finish_build(open_build)
+        self.koji.event()
+        _, cursor = self.run_with(cursor)
+        messages, cursor = self.drain(source, cursor)
+        self.assertEqual(messages, [])
+        build, _ = self.koji.start_build("after", "1", "1")
+        repo = self.koji.new_repo("f24")
+        messages, _ = self.drain(source, cursor)
+        self.assertEqual(
+            sorted((suffixes([m])[0], m.body.get("build_id") or m.body.get("repo_id")
+                    or m.body["id"]) for m in messages),
+            sorted([("buildsys.build.state.change", build), ("buildsys.repo.init", repo),
+                    ("buildsys.task.state.change", self.koji.builds[build]["task_id"]),
+                    ("buildsys.task.state.change", self.koji.repos[repo]["task_id"])]))
+
+    def test_kinds_already_on_go_on(self) -> None:
+        """
+        Switching one kind on leaves the others where they were: what they
+        had not read yet is published.
+        """
+        source = self.source(**{**ALL_OFF, "tasks": "scratch", "repos": True})
+        cursor = self.start(source)
+        _, cursor = self.drain(source, cursor)
+        task = self.koji.scratch_build("meanwhile.src.rpm")
+        repo = self.koji.new_repo("f24")
+        messages, _ = self.run_with(cursor, tasks="scratch", repos=True, builds=True)
+        self.assertEqual([(suffixes([m])[0], m.body.get("id") or m.body.get("repo_id"))
+                          for m in messages],
+                         [("buildsys.task.state.change", task), ("buildsys.repo.init", repo)])
+
+    def test_switched_on_far_ahead_refused(self) -> None:
+        """
+        A kind is not switched on from an event dated more than a day past
+        this host's clock (it would be its floor for good), as at a first
+        start: the poll fails, and the kind starts once the clocks agree.
+        """
+        cursor = self.start(self.source(**ALL_OFF))
+        clock = Clock()
+        clock.advance(self.koji.now - 2 * 86400)
+        source = KojiSource("koji", self.caller,
+                            KojiSettings.for_hub(HUB, **{**ALL_OFF, "builds": True}), topic,
+                            clock=clock)
+        failure = self.failureResultOf(source.poll(cursor), KojiError)
+        self.assertIn("more than a day ahead of this host's clock", str(failure.value))
+        clock.advance(2 * 86400)
+        self.assertEqual(self.poll(source, cursor).cursor["streams"], ["builds"])
+
+
+class UpgradeTests(SourceTestBase):
+    """
+    Cursors saved by versions that did not record which kinds were on.
+    """
+
+    def test_cursor_of_earlier_version(self) -> None:
+        """
+        A cursor without the kinds that were on, saved with every kind on,
+        goes on where it was: what happened since is published once, and
+        nothing of before again.
+        """
+        source = self.source(tasks="all")
+        cursor = self.start(source)
+        build, _ = self.koji.start_build("before", "1", "1")
+        repo = self.koji.new_repo("f24")
+        self.koji.tag_build(574, "f24")
+        before, cursor = self.drain(source, cursor)
+        # The cursor file as the earlier version wrote it.
+        cursor.pop("streams", None)
+        self.assertEqual(sorted(cursor), ["builds", "event", "event_ts", "floor_event",
+                                          "floor_ts", "history_seen", "repos", "tasks"])
+        cursor = json.loads(json.dumps(cursor))
+        self.koji.finish_build(build)
+        self.koji.repo_state(repo, REPO_READY)
+        self.koji.untag_build(574, "f24")
+        task = self.koji.scratch_build("since.src.rpm")
+        after, cursor = self.drain(self.source(tasks="all"), cursor)
+        self.assertEqual(cursor["streams"], ["builds", "tasks", "repos"])
+        self.assertFalse({m.id for m in before} & {m.id for m in after})
+        self.assertEqual(
+            sorted((suffixes([m])[0], m.body.get("new")) for m in after),
+            sorted([("buildsys.build.state.change", COMPLETE),
+                    ("buildsys.task.state.change", "CLOSED"),  # the build's
+                    ("buildsys.task.state.change", "CLOSED"),  # the repo's
+                    ("buildsys.task.state.change", "FREE"),
+                    ("buildsys.repo.done", None), ("buildsys.untag", None)]))
+        self.assertIn(task, [m.body.get("id") for m in after])
