@@ -570,6 +570,21 @@ class SourceTests(SourceTestBase):
                           for m in third.messages],
                          [(bad_build, None, COMPLETE), (good, BUILDING, COMPLETE)])
 
+    def test_skip_warning_hides_the_query(self) -> None:
+        """The warning of a skipped event names the hub without its URL's query (which may hold a token)."""
+        logged = self.logged()
+        source = KojiSource("koji", self.caller,
+                            KojiSettings.for_hub(HUB + "?token=s3cret", repos=False), topic)
+        cursor = self.start(source)
+        bad_build, _ = self.koji.start_build("bad", "1", "1")
+        self.koji.builds[bad_build]["state"] = "1"
+        self.poll(source, cursor)
+        self.assertEqual(source.skipped, 1)
+        warnings = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("kojihub", warnings[0])
+        self.assertNotIn("s3cret", warnings[0])
+
     def test_tag_event_of_wrong_type_skipped(self) -> None:
         """A tag history row whose event is not an integer is skipped, warned and counted once."""
         logged = self.logged()

@@ -964,7 +964,8 @@ class KojiSource:
         """
         self.skipped += 1
         self.log.warn("Skipping a {kind} event of {hub}: {error}", producer=self.name,
-                      kind=kind, hub=self.settings.hub_url, error=escape_control(error, 300))
+                      kind=kind, hub=display_url(self.settings.hub_url),
+                      error=escape_control(error, 300))
 
     def _skip_history(self, seen: _SeenWindow, op: str, row: Mapping[str, Any], event_id: Any,
                       ts: Any, end: int, floor_ts: float) -> None:
