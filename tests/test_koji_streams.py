@@ -100,6 +100,25 @@ class SwitchedOnLaterTests(SourceTestBase):
         messages, _ = self.run_with(cursor, tasks="scratch")
         self.assertEqual([(m.body["id"], m.body["new"]) for m in messages], [(task, "FREE")])
 
+    def test_tags_switched_on_later(self) -> None:
+        """
+        Tags off at the first start and switched on later publish the tags
+        and untags from then on, not those of the events just before the
+        switch that the overlap reads again.
+        """
+        cursor = self.start(self.source(**ALL_OFF))
+        self.busy_day(3)
+        _, cursor = self.run_with(cursor)
+        self.koji.tag_build(574, "destination")
+        self.koji.untag_build(574, "destination")
+        self.koji.event()
+        messages, cursor = self.run_with(cursor, tags=True)
+        self.assertEqual(messages, [])
+        self.koji.tag_build(574, "destination")
+        messages, _ = self.run_with(cursor, tags=True)
+        self.assertEqual([(suffixes([m])[0], m.body["tag"]) for m in messages],
+                         [("buildsys.tag", "destination")])
+
     def test_repos_switched_on_later(self) -> None:
         """
         Repos off at the first start and switched on later are found from
@@ -211,7 +230,7 @@ class UpgradeTests(SourceTestBase):
         self.koji.untag_build(574, "f24")
         task = self.koji.scratch_build("since.src.rpm")
         after, cursor = self.drain(self.source(tasks="all"), cursor)
-        self.assertEqual(cursor["streams"], ["builds", "tasks", "repos"])
+        self.assertEqual(cursor["streams"], ["tags", "builds", "tasks", "repos"])
         self.assertFalse({m.id for m in before} & {m.id for m in after})
         self.assertEqual(
             sorted((suffixes([m])[0], m.body.get("new")) for m in after),

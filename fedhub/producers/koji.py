@@ -371,11 +371,10 @@ class KojiSource:
 
     def _streams(self) -> list[str]:
         """
-        The kinds switched on whose position is their own (builds, tasks and
-        repos; tags follow the cursor's event, which moves whatever is on).
+        The kinds switched on: tags (and untags), builds, tasks and repos.
         """
         s = self.settings
-        on = {"builds": s.builds, "tasks": s.tasks != "none", "repos": s.repos}
+        on = {"tags": s.tags, "builds": s.builds, "tasks": s.tasks != "none", "repos": s.repos}
         return [name for name, enabled in on.items() if enabled]
 
     @inlineCallbacks
@@ -385,14 +384,18 @@ class KojiSource:
         Start C{streams}, switched on since the last poll, from the hub's
         present, as a first start does: their positions were left where they
         were switched off (or, off at the first start, at it), and would
-        publish everything since.  Builds and tasks get a floor of their own
-        (what is not later is not published, even though the overlap reads
-        it); repos are found again from the newest finished C{newRepo} task.
+        publish everything since.  Tags follow the cursor's event, which
+        moves whatever is on, but get an event floor so that the overlap
+        read again publishes none from before the switch; builds and tasks
+        get a time floor of their own likewise; repos are found again from
+        the newest finished C{newRepo} task.
 
         @param event_id: The hub's last event.
         @param event_ts: Its time.
         """
         self._check_start(event_id, event_ts)
+        if "tags" in streams:
+            cursor["tags_floor"] = event_id
         if "builds" in streams:
             cursor["builds"] = {**_time_streams(("created", "completed"), event_ts),
                                 "floor": event_ts}
@@ -586,7 +589,8 @@ class KojiSource:
             history = answer("history")
             if not isinstance(history, dict):
                 raise KojiError(f"queryHistory answered {type(history).__name__}, not a struct")
-            low = max(0, start - s.event_overlap, int(c.get("floor_event", 0)))
+            low = max(0, start - s.event_overlap, int(c.get("floor_event", 0)),
+                      int(c.get("tags_floor", 0)))
             for row in self._rows(history.get("tag_listing", []), "queryHistory"):
                 created, revoked = row.get("create_event"), row.get("revoke_event")
                 for op, event_id, ts in (("tag", created, row.get("create_ts")),
