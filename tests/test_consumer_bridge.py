@@ -17,13 +17,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from fedhub.config import Option
 from fedhub.consumers.bridge import BRIDGED_FROM_HEADER, BridgeHandler, BridgePlugin
-from fedhub.errors import ConfigError, MessageReturned, TemporarilyUnavailable
+from fedhub.errors import ConfigError, MessageReturned, NotHandled, Retry, TemporarilyUnavailable
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
 from fedhub.message import ERROR, Message
 from fedhub.plugins import PluginContext
@@ -320,3 +321,172 @@ class BridgeTests(SynchronousTestCase):
         self.assertIn('[0]: empty word in topic pattern "a..b"', problem.message)
         self.assertIn('[2]: ', problem.message)
         self.assertIn('"c.#x"', problem.message)
+
+
+class AbandonTests(SynchronousTestCase):
+    """
+    A held message whose call the consumer forgets (its channel closed, the
+    broker delivers it again) is not forwarded by the old hold.
+    """
+
+    def setUp(self) -> None:
+        self.target = RecordingPublisher("community")
+        self.harness = ConsumerHarness(
+            WithPeers(BridgePlugin(), {"community": self.target}),
+            {"to_domain": "community", "allow": ["org.example.prod.#"]},
+            domain="infra",
+        )
+        self.harness.start()
+        handler = self.harness.handler
+        assert isinstance(handler, BridgeHandler)
+        self.handler = handler
+
+    def lose_connection(self) -> None:
+        """
+        The bus of the bridge's domain goes away and comes back: what the
+        consumer held goes back to its queue and is delivered again.
+        """
+        self.harness.bus.stopService()
+        self.harness.bus.startService()
+        self.harness.advance(0)
+
+    def test_redelivered_while_held_forwarded_once(self) -> None:
+        """
+        A message held for a full target whose channel closes is forwarded
+        once, by its new delivery, when the target recovers.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        message = Message.create(ALLOWED, {"n": 1})
+        first = self.harness.deliver(message)
+        self.harness.advance(1)
+        self.assertNoResult(first)
+        self.lose_connection()
+        settled = self.successResultOf(first)
+        self.assertEqual(settled.outcome, "requeued")
+        self.assertIn("abandoned", settled.reason or "")
+        self.target.refuse_with = None
+        for _ in range(60):
+            self.harness.advance(1)
+        self.assertEqual([m.id for m in self.target.published], [message.id])
+        self.assertEqual(self.handler.forwarded, 1)
+        self.assertEqual([s.outcome for s in self.harness.settled], ["requeued", "acked"])
+        self.assertTrue(self.harness.settled[1].message.redelivered)
+        self.assertEqual(self.harness.clock.getDelayedCalls(), [])
+
+    def test_stop_after_abandon(self) -> None:
+        """
+        A stop after a held call was abandoned ends the other holds as
+        retries and leaves no timer behind.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        first = self.harness.deliver(ALLOWED, {"n": 1})
+        self.harness.advance(1)
+        self.lose_connection()
+        self.assertEqual(self.successResultOf(first).outcome, "requeued")
+        stopped = self.harness.stop()
+        self.successResultOf(stopped)
+        self.assertEqual([s.outcome for s in self.harness.settled], ["requeued", "retried"])
+        self.assertEqual(self.target.published, [])
+        self.assertEqual(self.harness.clock.getDelayedCalls(), [])
+
+
+class HandlerAbandonTests(SynchronousTestCase):
+    """
+    L{BridgeHandler.abandon} called directly, as the consumer calls it.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.target = RecordingPublisher("community")
+        self.handler = BridgeHandler(
+            "test", "infra", ("#",), ("#",), "community", self.target, clock=self.clock
+        )
+
+    def test_abandon_held(self) -> None:
+        """
+        A held call abandoned fails at once with NotHandled, its wait
+        cancelled: the message is never handed over again.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("full")
+        message = Message.create(ALLOWED, {})
+        d = self.handler.handle(message)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.handler.abandon(message)
+        failure = self.failureResultOf(d, NotHandled)
+        self.assertIn("abandoned", failure.value.reason)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.target.refuse_with = None
+        self.clock.advance(60)
+        self.assertEqual(self.target.published, [])
+        self.assertEqual(self.target.refused, 1)
+        self.assertEqual(self.handler._calls, {})
+
+    def test_abandon_another_message(self) -> None:
+        """
+        Abandoning a message that is not held (never handled, a copy with
+        the same id, one already forwarded) does nothing; neither does
+        abandoning a held one twice.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("full")
+        message = Message.create(ALLOWED, {})
+        held = self.handler.handle(message)
+        self.handler.abandon(Message.create(ALLOWED, {}))
+        self.handler.abandon(message.evolve(redelivered=True))
+        self.assertNoResult(held)
+        self.target.refuse_with = None
+        forwarded = Message.create(ALLOWED, {"n": 2})
+        self.successResultOf(self.handler.handle(forwarded))
+        self.handler.abandon(forwarded)
+        self.assertNoResult(held)
+        self.handler.abandon(message)
+        self.handler.abandon(message)
+        self.failureResultOf(held, NotHandled)
+        self.assertEqual([m.id for m in self.target.published], [forwarded.id])
+
+    def test_abandon_during_hand_over(self) -> None:
+        """
+        A call whose message the target is taking when abandoned is left
+        alone: once the target took it, it is forwarded.
+        """
+        self.target.hold = True
+        message = Message.create(ALLOWED, {})
+        d = self.handler.handle(message)
+        self.handler.abandon(message)
+        self.assertNoResult(d)
+        (_, taken) = self.target.waiting[0]
+        taken.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(self.handler.forwarded, 1)
+        self.assertEqual(len(self.target.published), 1)
+        self.assertEqual(self.handler._calls, {})
+
+    def test_abandon_during_hand_over_then_refused(self) -> None:
+        """
+        A hand-over in progress when the call was abandoned that the target
+        then can not take is not held again: NotHandled, no timer.
+        """
+        self.target.hold = True
+        message = Message.create(ALLOWED, {})
+        d = self.handler.handle(message)
+        self.handler.abandon(message)
+        (_, taken) = self.target.waiting[0]
+        taken.errback(TemporarilyUnavailable("full"))
+        self.failureResultOf(d, NotHandled)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.handler._calls, {})
+
+    def test_abandon_one_of_two(self) -> None:
+        """
+        Abandoning one held call leaves another held, and a stop still makes
+        that one a retry.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("full")
+        gone, kept = Message.create(ALLOWED, {"n": 1}), Message.create(ALLOWED, {"n": 2})
+        first, second = self.handler.handle(gone), self.handler.handle(kept)
+        self.handler.abandon(gone)
+        self.failureResultOf(first, NotHandled)
+        self.assertNoResult(second)
+        self.handler.stop()
+        self.failureResultOf(second, Retry)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.handler._calls, {})

@@ -35,6 +35,15 @@ no more meanwhile (at its concurrency), so the backlog stays in this
 domain's queue, where the broker keeps it, instead of running through the
 retry queues into the dead-letter queue.  Past C{hold} (or when the hub
 stops) it is a L{Retry}.
+
+A held message whose call the consumer abandons (its channel closed: the
+broker delivers it again, and the new delivery is forwarded) is handed over
+no more: its wait is cancelled and its call fails with L{NotHandled}.  A
+hand-over the target has already begun on is left to end; if the target
+takes the message, it crosses twice (at least once, as always), and if not,
+it is not held again.  The consumer abandons a call when it notices its
+channel closed (a delivery comes, another call ends): until then, the hold
+goes on.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from fedhub.errors import (
     DeadLetter,
     Drop,
     MessageError,
+    NotHandled,
     PublishError,
     Retry,
     TemporarilyUnavailable,
@@ -85,6 +95,22 @@ BRIDGED_FROM_HEADER = "fedhub_bridged_from"
 #: list as well, past the allow-list.
 _LOCAL_HEADERS = ("x-death", DEAD_LETTER_REASON_HEADER, "CC", "BCC")
 _LOCAL_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+class _Call:
+    """
+    One call of L{BridgeHandler.handle} that has not ended: what C{abandon}
+    and C{stop} need to end its hold.
+
+    @ivar message: The message the call was made with.
+    @ivar waiting: The wait before the next hand-over, while there is one.
+    @ivar abandoned: Whether the consumer abandoned the call.
+    """
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.waiting: Deferred[None] | None = None
+        self.abandoned = False
 
 
 def bridged_from(message: Message) -> tuple[str, ...]:
@@ -131,8 +157,9 @@ class BridgeHandler:
         self.clock = clock
         self.hold = hold if clock is not None else 0.0
         self.forwarded = 0
-        #: The waits of hand-overs to be tried again.
-        self._waits: set[Deferred[None]] = set()
+        # The calls not yet ended, by the identity of their message (which
+        # the consumer passes to abandon()).
+        self._calls: dict[int, _Call] = {}
         self._stopping = False
 
     def start(self) -> None:
@@ -153,8 +180,26 @@ class BridgeHandler:
         Stop holding messages: those waiting become L{Retry}s at once.
         """
         self._stopping = True
-        for waiting in list(self._waits):
-            waiting.cancel()
+        for call in list(self._calls.values()):
+            if call.waiting is not None:
+                call.waiting.cancel()
+
+    def abandon(self, message: Message) -> None:
+        """
+        The consumer forgot the call for C{message}: its channel closed, and
+        the broker delivers it again, to be forwarded by that delivery.  If
+        the message is held (waiting for its next hand-over), the wait is
+        cancelled and the call fails with L{NotHandled}; a hand-over in
+        progress is left to end (the target may have taken the message),
+        but the message is not held again after it.  Nothing for a message
+        whose call has ended or was abandoned already.
+        """
+        call = self._calls.get(id(message))
+        if call is None or call.message is not message or call.abandoned:
+            return
+        call.abandoned = True
+        if call.waiting is not None:
+            call.waiting.cancel()
 
     def forwarded_copy(self, message: Message) -> Message:
         """
@@ -185,44 +230,65 @@ class BridgeHandler:
             copy = self.forwarded_copy(message)
         except MessageError as e:
             raise DeadLetter(f"can not forward to {self.to_domain}: {e}") from None
-        d = self._hand_over(copy, self.clock.seconds() + self.hold if self.clock else 0.0, 1.0)
+        call = _Call(message)
+        key = id(message)
+        self._calls[key] = call
+
+        def ended(result: object) -> object:
+            # Only this call's own entry: the same message object may be
+            # handed over by a later call too.
+            if self._calls.get(key) is call:
+                del self._calls[key]
+            return result
+
+        d = self._hand_over(
+            copy, call, self.clock.seconds() + self.hold if self.clock else 0.0, 1.0
+        )
+        d.addBoth(ended)
         d.addCallbacks(self._sent, self._refused, callbackArgs=(message,), errbackArgs=(message,))
         return d
 
-    def _hand_over(self, copy: Message, until: float, delay: float) -> Deferred[None]:
+    def _hand_over(self, copy: Message, call: _Call, until: float, delay: float) -> Deferred[None]:
         """
         Hand C{copy} to the target; while it can not take it now, try again
-        after C{delay} (doubling up to L{HOLD_MAX_DELAY}) until C{until}.
+        after C{delay} (doubling up to L{HOLD_MAX_DELAY}) until C{until},
+        unless the call is abandoned or the consumer stops.
         """
         d = self.target.publish(copy)
         if self.clock is None or self.hold <= 0:
             return d
-        d.addErrback(self._again, copy, until, delay)
+        d.addErrback(self._again, copy, call, until, delay)
         return d
 
-    def _again(self, failure: Failure, copy: Message, until: float, delay: float) -> Any:
+    def _again(
+        self, failure: Failure, copy: Message, call: _Call, until: float, delay: float
+    ) -> Any:
         clock = self.clock
         assert clock is not None
-        if (
-            not failure.check(TemporarilyUnavailable)  # type: ignore[no-untyped-call]
-            or self._stopping
-            or clock.seconds() + delay > until
-        ):
+        if not failure.check(TemporarilyUnavailable):  # type: ignore[no-untyped-call]
+            return failure
+        if call.abandoned:
+            # Its new delivery is forwarded: held again, this one would
+            # cross too.
+            raise NotHandled("abandoned while held for the target")
+        if self._stopping or clock.seconds() + delay > until:
             return failure
         waiting: Deferred[None] = deferLater(clock, delay, lambda: None)
-        self._waits.add(waiting)
+        call.waiting = waiting
 
         def waited(result: object) -> object:
-            self._waits.discard(waiting)
+            call.waiting = None
             return result
 
         def stopped(cancelled: Failure) -> Failure:
-            # The hub stops: the message is a Retry, as past the hold.
             cancelled.trap(CancelledError)  # type: ignore[no-untyped-call]
+            if call.abandoned:
+                return Failure(NotHandled("abandoned while held for the target"))
+            # The hub stops: the message is a Retry, as past the hold.
             return failure
 
         def go(_: object) -> Deferred[None]:
-            return self._hand_over(copy, until, min(delay * 2, HOLD_MAX_DELAY))
+            return self._hand_over(copy, call, until, min(delay * 2, HOLD_MAX_DELAY))
 
         waiting.addBoth(waited)
         waiting.addErrback(stopped)

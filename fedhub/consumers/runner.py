@@ -649,7 +649,8 @@ class ConsumerService(Service):
         back in the queue and come again, and a call that hangs must not
         take the handler's room for ever.  A handler with an C{abandon}
         method is told of each (C{exec} then drops a run not yet started,
-        which would only run the message twice).
+        which would only run the message twice; C{bridge} a message it holds
+        for a target that can not take it, which would only cross twice).
 
         Only the oldest calls are looked at: a consumer's deliveries come on
         one channel at a time, a new one after the last closed, so once the
