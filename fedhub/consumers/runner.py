@@ -171,6 +171,12 @@ DEFAULT_PREFETCH = 10
 
 #: Seconds a consumer whose start failed waits before trying again: this
 #: after the first failure, doubling after each further one...
+#: Seconds between two looks, while handler calls are in progress, for
+#: calls whose delivery's channel closed, so that a handler with an
+#: C{abandon} method hears of them soon even when no delivery comes (the
+#: connection is still down) and no other call ends.
+ORPHAN_CHECK_INTERVAL = 1.0
+
 START_RETRY_INITIAL = 1.0
 #: ... up to this.
 START_RETRY_MAX = 60.0
@@ -315,6 +321,8 @@ class ConsumerService(Service):
         # The deliveries of the handler calls in progress, oldest first (a
         # dict for its order).
         self._handling: dict[IDelivery, None] = {}
+        # The next look for orphaned calls (see _watch_orphans).
+        self._orphan_check: IDelayedCall | None = None
         self.concurrency = max(1, component.concurrency)
         self.prefetch = prefetch_for(component, handler)
         # Deliveries waiting for a handler call to end, oldest first.
@@ -663,6 +671,9 @@ class ConsumerService(Service):
                 break
             orphaned.append(delivery)
         abandon = getattr(self.handler, "abandon", None) if orphaned else None
+        if orphaned and len(orphaned) == len(handling) and self._orphan_check is not None:
+            self._orphan_check.cancel()
+            self._orphan_check = None
         for delivery in orphaned:
             del handling[delivery]
             if callable(abandon):
@@ -671,6 +682,28 @@ class ConsumerService(Service):
                 except Exception:
                     self.log.failure("Consumer {consumer}: abandoning {msg_id} failed",
                                      consumer=self.component.name, msg_id=delivery.message.id)
+
+    def _watch_orphans(self) -> None:
+        """
+        While handler calls are in progress, look for orphaned ones every
+        L{ORPHAN_CHECK_INTERVAL} seconds (see L{_forget_orphans}), if the
+        handler wants to hear of them (it has C{abandon}), until the
+        subscription ends.
+        """
+        if (
+            self._orphan_check is None
+            and self._handling
+            and self._subscription is not None
+            and callable(getattr(self.handler, "abandon", None))
+        ):
+            self._orphan_check = self.clock.callLater(ORPHAN_CHECK_INTERVAL, self._check_orphans)
+
+    def _check_orphans(self) -> None:
+        self._orphan_check = None
+        handling = self._handling
+        if handling and not next(iter(handling)).live:
+            self._forget_orphans()
+        self._watch_orphans()
 
     def _handle(self, delivery: IDelivery) -> None:
         message = delivery.message
@@ -731,6 +764,7 @@ class ConsumerService(Service):
             lambda f: self.log.failure("Settling {msg_id} failed", f, msg_id=message.id)
         )
         self._track(d)
+        self._watch_orphans()
 
     def _count_delivery(self, message_id: str) -> int:
         """
@@ -752,6 +786,9 @@ class ConsumerService(Service):
         """
         self.in_flight -= 1
         self._handling.pop(delivery, None)
+        if not self._handling and self._orphan_check is not None:
+            self._orphan_check.cancel()
+            self._orphan_check = None
         took: float = self.clock.seconds() - started
         return max(0.0, took)
 
@@ -1196,3 +1233,6 @@ class ConsumerService(Service):
             )
         except Exception:
             self.log.failure("Stopping consumer {consumer} failed", consumer=self.component.name)
+        if self._orphan_check is not None:
+            self._orphan_check.cancel()
+            self._orphan_check = None
