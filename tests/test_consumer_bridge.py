@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 
 from fedhub.config import Option
 from fedhub.consumers.bridge import BRIDGED_FROM_HEADER, BridgeHandler, BridgePlugin
+from fedhub.consumers.runner import ORPHAN_CHECK_INTERVAL
 from fedhub.errors import ConfigError, MessageReturned, NotHandled, Retry, TemporarilyUnavailable
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
 from fedhub.message import ERROR, Message
@@ -371,6 +372,33 @@ class AbandonTests(SynchronousTestCase):
         self.assertEqual(self.handler.forwarded, 1)
         self.assertEqual([s.outcome for s in self.harness.settled], ["requeued", "acked"])
         self.assertTrue(self.harness.settled[1].message.redelivered)
+        self.assertEqual(self.harness.clock.getDelayedCalls(), [])
+
+    def test_target_recovers_while_connection_down(self) -> None:
+        """
+        A message held for a full target whose connection stays down (no
+        delivery comes, no other call ends) is given up within a second,
+        not forwarded when the target recovers first: it crosses once, by
+        its new delivery once the connection is back.
+        """
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        message = Message.create(ALLOWED, {"n": 1})
+        first = self.harness.deliver(message)
+        self.harness.advance(1)
+        self.assertNoResult(first)
+        self.harness.bus.stopService()
+        self.harness.advance(ORPHAN_CHECK_INTERVAL)
+        settled = self.successResultOf(first)
+        self.assertEqual(settled.outcome, "requeued")
+        self.target.refuse_with = None
+        for _ in range(60):
+            self.harness.advance(1)
+        self.assertEqual(self.target.published, [])
+        self.harness.bus.startService()
+        for _ in range(5):
+            self.harness.advance(1)
+        self.assertEqual([m.id for m in self.target.published], [message.id])
+        self.assertEqual([s.outcome for s in self.harness.settled], ["requeued", "acked"])
         self.assertEqual(self.harness.clock.getDelayedCalls(), [])
 
     def test_stop_after_abandon(self) -> None:
