@@ -259,6 +259,10 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(settings.max_commands_per_mail, 55)
         self.assertEqual(ListenerSettings(recipients=frozenset({RECIPIENT})).max_commands_per_mail,
                          100)
+        # Not given, it makes room for max_recipients as a file that sets
+        # only max_recipients expects.
+        self.assertEqual(ListenerSettings(recipients=frozenset({RECIPIENT}),
+                                          max_recipients=100).max_commands_per_mail, 105)
 
     def test_deferred_validation(self) -> None:
         """A validation that answers with a Deferred is still waited for."""

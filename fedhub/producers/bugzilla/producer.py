@@ -1017,8 +1017,9 @@ class BugzillaSMTPPlugin:
                                            _at_least_one),
         "max_errors": Option(int, 20, "refused commands in one session before it is closed",
                              _at_least_one),
-        "max_commands_per_mail": Option(int, 100, "commands a session may send before its first "
-                                        "mail and between two mails before it is closed",
+        "max_commands_per_mail": Option(int, None, "commands a session may send before its first "
+                                        "mail and between two mails before it is closed "
+                                        "(default: 100, or max_recipients + 5 when more)",
                                         _at_least_one),
         "max_session_time": Option(float, 3600.0, "seconds a session may last before it is "
                                    "closed (between mails)", _positive),

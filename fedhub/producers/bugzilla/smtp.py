@@ -41,7 +41,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
@@ -95,6 +95,9 @@ DEFAULT_ENDPOINT = "tcp:8025:interface=127.0.0.1"
 #: Commands a mail needs besides one C{RCPT} per recipient: C{EHLO},
 #: C{STARTTLS}, C{EHLO} again, C{MAIL} and C{DATA}.
 MAIL_COMMANDS = 5
+#: Commands a session may send before its first mail and between two, at
+#: least (see L{ListenerSettings.max_commands_per_mail}).
+DEFAULT_COMMANDS_PER_MAIL = 100
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -168,7 +171,9 @@ class ListenerSettings:
         first mail and between two mails (the end of a mail's data starts
         the count again); one more closes it.  Commands that are answered
         but move no mail forward (C{NOOP}, C{RSET}, C{HELO}, a refused
-        C{RCPT}) would otherwise hold a connection slot for ever.
+        C{RCPT}) would otherwise hold a connection slot for ever.  C{None}
+        (the default): L{DEFAULT_COMMANDS_PER_MAIL}, or C{max_recipients}
+        + L{MAIL_COMMANDS} when that is more.
     @ivar max_session_time: Seconds a session may last: past them it is
         closed at once when it is between mails, or else at its next command
         once the mail in progress has its answer.
@@ -199,7 +204,7 @@ class ListenerSettings:
     max_connections: int = 20
     max_connections_per_peer: int = 5
     max_errors: int = 20
-    max_commands_per_mail: int = 100
+    max_commands_per_mail: int | None = None
     max_session_time: float = 3600.0
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -235,7 +240,10 @@ class ListenerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_commands_per_mail < self.max_recipients + MAIL_COMMANDS:
+        if self.max_commands_per_mail is None:
+            object.__setattr__(self, "max_commands_per_mail",
+                               max(DEFAULT_COMMANDS_PER_MAIL, self.max_recipients + MAIL_COMMANDS))
+        elif self.max_commands_per_mail < self.max_recipients + MAIL_COMMANDS:
             raise ValueError(
                 f"max_commands_per_mail must be at least max_recipients + {MAIL_COMMANDS}"
                 f" ({self.max_recipients + MAIL_COMMANDS}): a mail to every recipient needs"
@@ -1054,7 +1062,7 @@ class BugmailSMTP(ESMTP):
             self._close_expired()
             return
         self._commands += 1
-        if self._commands > self.settings.max_commands_per_mail:
+        if self._commands > cast(int, self.settings.max_commands_per_mail):
             self.log.info("SMTP client {peer} sent {count} commands without a mail; closing",
                           peer=self.peer, count=self._commands - 1,
                           producer=self.factory.producer)
