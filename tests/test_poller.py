@@ -338,6 +338,37 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.assertEqual(about, ["FedhubError: hub flaps"] * 2 + ["FedhubError: hub odd"])
         self.successResultOf(service.stopService())
 
+    def test_outage_soon_after_a_flap_logged(self) -> None:
+        """
+        A failure like one logged a minute before, that goes on (a second
+        failed poll in a row), is logged then, and so is its end: quiet is
+        only for single failures between successes.
+        """
+        from fedhub.errors import FedhubError
+        from fedhub.logs import log_level, set_log_level
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        self.addCleanup(set_log_level, log_level())
+        set_log_level(LogLevel.info)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        source = FakeSource(["a"])
+        service = self.service(source, FakePublisher())
+        service.startService()
+        source.failures.append(FedhubError("hub down"))
+        for _ in range(60):
+            self.clock.advance(1)
+        source.failures.extend([FedhubError("hub down")] * 100)
+        for _ in range(3600):
+            self.clock.advance(1)
+        self.assertEqual(service.consecutive_errors, 0)
+        about = [(e["log_level"], e.get("count")) for e in events
+                 if e.get("log_format", "").startswith("Poll of {source}")
+                 and e["log_level"] > LogLevel.debug]
+        self.assertEqual(about, [(LogLevel.error, None), (LogLevel.info, 1),
+                                 (LogLevel.error, None), (LogLevel.info, 100)])
+
     def test_retry_after_is_waited_for(self) -> None:
         """
         A failure whose service asked to come back later (Retry-After, here

@@ -415,13 +415,18 @@ class PollingService(Service):
             self.consecutive_errors += 1
             now = self._reactor.seconds()
             described = _describe(result)
-            repeated = self.consecutive_errors > 1 and self.last_error is not None and (
-                self.last_error[1] == described
-            )
-            logged = self._logged_error
-            if logged is not None and logged[1] == described and now - logged[0] < FLAP_LOG_INTERVAL:
-                # It failed like this a moment ago, successes in between.
-                repeated = True
+            if self.consecutive_errors == 1:
+                # Quiet when it failed like this a moment ago, successes in
+                # between (the service flaps)...
+                logged = self._logged_error
+                repeated = (logged is not None and logged[1] == described
+                            and now - logged[0] < FLAP_LOG_INTERVAL)
+            else:
+                # ...but not once it fails twice in a row: logged then, and
+                # its end too.
+                repeated = self._run_logged and self.last_error is not None and (
+                    self.last_error[1] == described
+                )
             self.last_error = (now, described)
             delay = self._backoff_delay()
             asked = _retry_after(result.value)
