@@ -38,7 +38,7 @@ from fedhub.outbox import Outbox
 from fedhub.outbox.spool import SpoolImporter, spool_directory
 from fedhub.plugins import PluginContext, find_consumer_plugin, find_plugin, find_producer_plugin
 from fedhub.text import escape_control
-from fedhub.topology import Topology, topic_matched_by_all
+from fedhub.topology import OverlapSearch, Topology
 from fedhub.waiting import with_timeout
 
 
@@ -353,25 +353,43 @@ def certificate_warnings(config: Config) -> list[str]:
     return warnings
 
 
+#: Steps L{bridge_warnings} may take in all (see
+#: L{fedhub.topology.OverlapSearch}): a few tenths of a second at most.
+BRIDGE_CHECK_LIMIT = 250_000
+
+
 def bridge_warnings(config: Config) -> list[str]:
     """
     Warnings about bridges that forward the same messages: two C{bridge}
     consumers from one domain to another whose queues both get a topic
     (their C{topics}, or their C{allow} patterns) that both C{allow}
     forward it each, so the target domain gets it twice.  C{fedhub
-    check-config} prints them and the hub logs them when it starts.
+    check-config} prints them and the hub logs them when it starts.  The
+    search is bounded (L{BRIDGE_CHECK_LIMIT}): past it, a warning says
+    what was not checked.
     """
+    search = OverlapSearch(BRIDGE_CHECK_LIMIT)
     bridges = [c for c in config.consumers if c.kind == "consumer" and c.plugin == "bridge"]
+    # What each bridge forwards: its allow patterns, each with a topic
+    # pattern it meets when the consumer has topics of its own.
+    forwards: dict[str, list[tuple[str, ...]]] = {}
+    for bridge in bridges:
+        allow = tuple(bridge.options.get("allow") or ())
+        if not bridge.topics:
+            forwards[bridge.path] = [(pattern,) for pattern in allow]
+        else:
+            forwards[bridge.path] = [
+                pair for pair in itertools.product(bridge.topics, allow)
+                if search.find(*pair) is not None
+            ]
     warnings = []
     for first, second in itertools.combinations(bridges, 2):
         target = first.options.get("to_domain")
         if first.domain != second.domain or target != second.options.get("to_domain"):
             continue
-        allowed = [tuple(c.options.get("allow") or ()) for c in (first, second)]
-        taken = [c.topics or allow for c, allow in zip((first, second), allowed)]
         example = next(
-            (found for patterns in itertools.product(taken[0], allowed[0], taken[1], allowed[1])
-             if (found := topic_matched_by_all(*patterns)) is not None),
+            (found for one, other in itertools.product(forwards[first.path], forwards[second.path])
+             if (found := search.find(*one, *other)) is not None),
             None,
         )
         if example is not None:
@@ -380,6 +398,11 @@ def bridge_warnings(config: Config) -> list[str]:
                 f"from domain {first.domain!r} to {target!r}: the target gets each of them "
                 "twice; give each topic to one bridge"
             )
+    if search.exhausted:
+        warnings.append(
+            "the bridges' topic patterns are too many or too intricate to check them all for "
+            "bridges that forward the same messages"
+        )
     return warnings
 
 

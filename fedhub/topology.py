@@ -123,9 +123,95 @@ def _match(pattern: list[str], p: int, words: list[str], w: int) -> bool:
     return w == len(words)
 
 
-#: Pattern states a search of L{topic_matched_by_all} visits at most before
-#: it gives up (answering C{None}); real patterns need a few dozen.
-OVERLAP_SEARCH_LIMIT = 10_000
+#: Steps (a word tried at a position of a pattern) a search of
+#: L{topic_matched_by_all} takes at most before it gives up (answering
+#: C{None}); patterns of real configurations need a few hundred.
+OVERLAP_SEARCH_LIMIT = 100_000
+
+
+class OverlapSearch:
+    """
+    Searches for topics that several patterns all match (see L{find}),
+    within a budget of steps shared by every search it makes, so that a
+    check of many patterns stays bounded however they are written.
+
+    @ivar remaining: The steps left.
+    @ivar exhausted: Whether a search ran out of steps (and answered
+        C{None} without knowing).
+    """
+
+    def __init__(self, limit: int = OVERLAP_SEARCH_LIMIT) -> None:
+        self.remaining = limit
+        self.exhausted = False
+
+    def find(self, *patterns: str) -> str | None:
+        """
+        A topic (of at least one word) that every one of C{patterns}
+        matches, or C{None} when there is none or the budget ran out
+        (L{exhausted} then says so).
+        """
+        parts = [pattern.split(".") for pattern in patterns]
+        literals = {word for words in parts for word in words if word not in ("*", "#")}
+        fresh = "x"
+        while fresh in literals:
+            fresh += "x"
+        start = tuple(_closure(frozenset({0}), words) for words in parts)
+        seen = {start}
+        frontier: list[tuple[tuple[frozenset[int], ...], tuple[str, ...]]] = [(start, ())]
+        while frontier:
+            next_frontier = []
+            for state, topic in frontier:
+                # A literal at none of the positions reached does what any
+                # other word does (only '*' and '#' take it): the fresh one
+                # stands for them all.
+                words_here = sorted({words[at] for positions, words in zip(state, parts)
+                                     for at in positions if at < len(words)} - {"*", "#"})
+                for word in (fresh, *words_here):
+                    self.remaining -= sum(len(positions) for positions in state)
+                    if self.remaining < 0:
+                        self.exhausted = True
+                        return None
+                    following = tuple(_step(positions, words, word)
+                                      for positions, words in zip(state, parts))
+                    if not all(following):
+                        continue
+                    if all(len(words) in positions for positions, words in zip(following, parts)):
+                        return ".".join((*topic, word))
+                    if following not in seen:
+                        seen.add(following)
+                        next_frontier.append((following, (*topic, word)))
+            frontier = next_frontier
+        return None
+
+
+def _closure(positions: frozenset[int], words: list[str]) -> frozenset[int]:
+    """
+    C{positions} of a pattern's C{words} and those reached from them
+    without a word: a '#' may match none.
+    """
+    found = set(positions)
+    todo = list(positions)
+    while todo:
+        at = todo.pop()
+        if at < len(words) and words[at] == "#" and at + 1 not in found:
+            found.add(at + 1)
+            todo.append(at + 1)
+    return frozenset(found)
+
+
+def _step(positions: frozenset[int], words: list[str], word: str) -> frozenset[int]:
+    """
+    The positions of a pattern's C{words} reached from C{positions} by
+    taking C{word}.
+    """
+    after = set()
+    for at in positions:
+        if at < len(words):
+            if words[at] == "#":
+                after.add(at)
+            elif words[at] in ("*", word):
+                after.add(at + 1)
+    return _closure(frozenset(after), words)
 
 
 def topic_matched_by_all(*patterns: str) -> str | None:
@@ -135,51 +221,4 @@ def topic_matched_by_all(*patterns: str) -> str | None:
     example.  Also C{None} when telling would take more than
     L{OVERLAP_SEARCH_LIMIT} steps.
     """
-    parts = [pattern.split(".") for pattern in patterns]
-    literals = sorted({word for words in parts for word in words if word not in ("*", "#")})
-    fresh = "x"
-    while fresh in literals:
-        fresh += "x"
-    candidates = [fresh, *literals]
-
-    def closure(positions: frozenset[int], words: list[str]) -> frozenset[int]:
-        # A '#' may match no word: the position after it is reached too.
-        found = set(positions)
-        todo = list(positions)
-        while todo:
-            at = todo.pop()
-            if at < len(words) and words[at] == "#" and at + 1 not in found:
-                found.add(at + 1)
-                todo.append(at + 1)
-        return frozenset(found)
-
-    def step(positions: frozenset[int], words: list[str], word: str) -> frozenset[int]:
-        after = set()
-        for at in positions:
-            if at < len(words):
-                if words[at] == "#":
-                    after.add(at)
-                elif words[at] in ("*", word):
-                    after.add(at + 1)
-        return closure(frozenset(after), words)
-
-    start = tuple(closure(frozenset({0}), words) for words in parts)
-    seen = {start}
-    frontier: list[tuple[tuple[frozenset[int], ...], tuple[str, ...]]] = [(start, ())]
-    while frontier:
-        next_frontier = []
-        for state, topic in frontier:
-            for word in candidates:
-                following = tuple(step(positions, words, word)
-                                  for positions, words in zip(state, parts))
-                if not all(following):
-                    continue
-                if all(len(words) in positions for positions, words in zip(following, parts)):
-                    return ".".join((*topic, word))
-                if following not in seen:
-                    if len(seen) >= OVERLAP_SEARCH_LIMIT:
-                        return None
-                    seen.add(following)
-                    next_frontier.append((following, (*topic, word)))
-        frontier = next_frontier
-    return None
+    return OverlapSearch().find(*patterns)

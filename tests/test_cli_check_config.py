@@ -123,6 +123,26 @@ class CheckConfigTests(SynchronousTestCase):
             "'org.example.prod.bugzilla.bug.x' from domain 'a' to 'b': the target gets each of "
             "them twice; give each topic to one bridge\n"))
 
+    def test_overlapping_bridges_check_bounded(self) -> None:
+        """
+        Bridges whose patterns would take long to compare are checked only
+        so far, and a warning says so; the file is still valid.
+        """
+        bridge = ('[[consumers]]\nname = "{name}"\nplugin = "bridge"\ndomain = "a"\n'
+                  'to_domain = "b"\nallow = {allow}\n')
+        stars = ".".join(["*"] * 20)
+        hard = lambda word, last: "[" + ", ".join(  # noqa: E731
+            f'"#.{word}{n}.{stars}.{last}"' for n in range(3)) + "]"
+        code = self.check(
+            '[domains.a]\nbroker = "memory"\n[domains.b]\nbroker = "memory"\n'
+            + bridge.format(name="one", allow=hard("a", "z"))
+            + bridge.format(name="two", allow=hard("b", "y"))
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(self.err.getvalue(), (
+            "warning: the bridges' topic patterns are too many or too intricate to check them "
+            "all for bridges that forward the same messages\n"))
+
     def test_plugin_refusal_reported_once(self) -> None:
         """Options a plugin refuses both when asked for its files and when built give one line, not two."""
         code = self.check('[domains.a]\nbroker = "memory"\n[[producers]]\nname = "m"\n'

@@ -20,7 +20,13 @@ from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import ConfigError
 from fedhub.hub import Hub
 from fedhub.message import Message
-from fedhub.topology import BindingSpec, ExchangeSpec, topic_matched_by_all, topic_matches
+from fedhub.topology import (
+    BindingSpec,
+    ExchangeSpec,
+    OverlapSearch,
+    topic_matched_by_all,
+    topic_matches,
+)
 
 LOOKUP = {"log": LogPlugin()}
 
@@ -152,6 +158,25 @@ class OverlapTests(SynchronousTestCase):
         ):
             self.assertEqual(topic_matched_by_all(*patterns), expected, patterns)
 
+    def test_bounded(self) -> None:
+        """
+        Patterns that would take long to tell apart (many positions after a
+        '#') use up the search's steps: it answers None and says so, and a
+        search sharing the budget answers None at once.
+        """
+        first = "#.a." + ".".join(["*"] * 20) + ".z"
+        second = "#.b." + ".".join(["*"] * 20) + ".y"
+        search = OverlapSearch(20_000)
+        self.assertIsNone(search.find(first, second))
+        self.assertTrue(search.exhausted)
+        self.assertLess(search.remaining, 0)
+        self.assertIsNone(search.find("a", "a"))
+        # With room enough, the same search tells they do not meet.
+        roomy = OverlapSearch(10_000_000)
+        self.assertIsNone(roomy.find("#.a.*.*.z", "#.b.*.*.y"))
+        self.assertFalse(roomy.exhausted)
+        self.assertEqual(roomy.find("#.a.*.*.z", "#.*.*.*.z"), "a.x.x.z")
+
     @given(
         st.lists(st.lists(st.sampled_from(["a", "b", "x", "*", "#"]), min_size=1, max_size=4),
                  min_size=1, max_size=4),
@@ -162,7 +187,9 @@ class OverlapTests(SynchronousTestCase):
     def test_agrees_with_matching(self, patterns: list[list[str]], topics: list[list[str]]) -> None:
         """The example matches every pattern, and there is one whenever some topic matches them all."""
         texts = [".".join(words) for words in patterns]
-        found = topic_matched_by_all(*texts)
+        search = OverlapSearch()
+        found = search.find(*texts)
+        self.assertFalse(search.exhausted)
         if found is not None:
             self.assertTrue(all(topic_matches(p, found) for p in texts), (texts, found))
         for words in topics:
