@@ -25,6 +25,7 @@ import builtins
 import copy
 import difflib
 import enum
+import json
 import math
 import os
 import re
@@ -1406,42 +1407,58 @@ class _Validator:
     ) -> bool:
         """
         Whether no domain's C{topology} declares a queue or an exchange of a
-        consumer's own (see L{fedhub.consumers.runner}): the hub declares
-        those itself, with arguments and types of its own, and the broker
-        would refuse one of the two declarations when the hub starts (406).
-        Bindings to a consumer's queue are fine.
+        consumer's own (see L{fedhub.consumers.runner}) otherwise than the
+        hub declares it: the broker would refuse one of the two declarations
+        when the hub starts (406).  Declaring one the same way (a consumer's
+        dead-letter exchange, say, to bind a queue of the topology to it) is
+        fine, and so are bindings to a consumer's queue.
         """
+        from fedhub.consumers.runner import consumer_topology
+
         ok = True
         for name, domain in domains.items():
-            queues: dict[str, str] = {}
-            exchanges: dict[str, str] = {}
+            queues: dict[str, tuple[str, QueueSpec]] = {}
+            exchanges: dict[str, tuple[str, ExchangeSpec]] = {}
             for consumer in consumers:
                 if consumer.domain != name:
                     continue
+                own = consumer_topology(consumer)
                 queue = consumer.queue or f"fedhub.{consumer.name}"
-                owner = consumer.path
-                queues[queue] = f"the queue of {owner}"
-                queues[f"{queue}.dead"] = f"the dead-letter queue of {owner}"
-                exchanges[f"{queue}.dead"] = f"the dead-letter exchange of {owner}"
-                exchanges[f"{queue}.return"] = f"the return exchange of {owner}"
-                for level in range(1, consumer.max_retries + 1):
-                    queues[f"{queue}.retry.{level}"] = f"retry queue {level} of {owner}"
-                    exchanges[f"{queue}.retry.{level}"] = f"retry exchange {level} of {owner}"
-            for kind, declared, owned, advice in (
-                ("queues", [q.name for q in domain.topology.queues], queues,
-                 "give its arguments as the consumer's queue_arguments"),
-                ("exchanges", [e.name for e in domain.topology.exchanges], exchanges,
-                 "a fanout exchange"),
-            ):
-                for index, declared_name in enumerate(declared):
-                    role = owned.get(declared_name)
-                    if role is not None:
-                        self.report(
-                            ("domains", name, "topology", kind, index, "name"),
-                            f"{kind[:-1]} {_quote(declared_name)} is {role}, which the hub declares "
-                            f"itself ({advice}); leave it out of the topology",
-                        )
-                        ok = False
+                roles = {queue: "the queue", f"{queue}.dead": "the dead-letter queue"}
+                for spec in own.queues:
+                    role = roles.get(spec.name) or f"retry queue {spec.name.rpartition('.')[2]}"
+                    queues[spec.name] = (f"{role} of {consumer.path}", spec)
+                roles = {f"{queue}.dead": "the dead-letter exchange",
+                         f"{queue}.return": "the return exchange"}
+                for ex in own.exchanges:
+                    role = roles.get(ex.name) or f"retry exchange {ex.name.rpartition('.')[2]}"
+                    exchanges[ex.name] = (f"{role} of {consumer.path}", ex)
+            for index, declared in enumerate(domain.topology.queues):
+                if declared.name not in queues:
+                    continue
+                role, spec = queues[declared.name]
+                if (declared.durable, dict(declared.arguments)) != (spec.durable, dict(spec.arguments)):
+                    shown = json.dumps(dict(spec.arguments), sort_keys=True)
+                    self.report(
+                        ("domains", name, "topology", "queues", index, "name"),
+                        f"queue {_quote(declared.name)} is {role}, which the hub declares "
+                        f"itself, durable, with the arguments {shown}; declare it the same "
+                        "way or leave it out (its arguments come from the consumer's "
+                        "queue_arguments)",
+                    )
+                    ok = False
+            for index, declared_exchange in enumerate(domain.topology.exchanges):
+                if declared_exchange.name not in exchanges:
+                    continue
+                role, ex = exchanges[declared_exchange.name]
+                if (declared_exchange.type, declared_exchange.durable) != (ex.type, ex.durable):
+                    self.report(
+                        ("domains", name, "topology", "exchanges", index, "name"),
+                        f"exchange {_quote(declared_exchange.name)} is {role}, which the hub "
+                        f"declares itself as a durable {ex.type} exchange; declare it the "
+                        "same way or leave it out",
+                    )
+                    ok = False
         return ok
 
     def component(

@@ -828,42 +828,45 @@ class ReferenceTests(SynchronousTestCase, ProblemsMixin):
 
     def test_topology_declares_a_consumers_own(self) -> None:
         """
-        A domain's topology may not declare a consumer's own queues or
-        exchanges (the hub declares them with arguments and types of its
-        own: the broker would refuse one of the two declarations at start),
-        nor one of a consumer past its max_retries; binding to a consumer's
-        queue, and the same names in another domain, are fine.
+        A domain's topology may declare a consumer's own queues and
+        exchanges only as the hub declares them (a dead-letter exchange, to
+        bind a queue to it, say): otherwise the broker would refuse one of
+        the two declarations at start.  A queue past a consumer's
+        max_retries, bindings to its queue, and the same names in another
+        domain are none of its own.
         """
         text = (
             '[domains.d]\nbroker = "memory"\n[domains.d.topology]\n'
             'exchanges = [{ name = "fedhub.a.dead", type = "topic" }, { name = "q.return" },'
-            ' { name = "archive", type = "fanout" }]\n'
+            ' { name = "q.dead", type = "fanout" }, { name = "archive", type = "fanout" }]\n'
             'queues = [{ name = "archive" }, { name = "fedhub.a" }, { name = "q.retry.2" },'
-            ' { name = "q.retry.3" }, { name = "q.dead" }]\n'
-            'bindings = [{ queue = "fedhub.a", exchange = "archive", routing_key = "" }]\n'
+            ' { name = "q.retry.3" }, { name = "q.dead" },'
+            ' { name = "fedhub.a.dead", arguments = { "x-queue-type" = "quorum" } }]\n'
+            'bindings = [{ queue = "fedhub.a", exchange = "archive", routing_key = "" },'
+            ' { queue = "archive", exchange = "q.dead", routing_key = "" }]\n'
             '[domains.e]\nbroker = "memory"\n[domains.e.topology]\n'
             'queues = [{ name = "fedhub.a" }]\n'
             '[[consumers]]\nname = "a"\nplugin = "log"\ndomain = "d"\n'
+            'queue_arguments = { "x-queue-type" = "quorum", "x-max-length" = 10 }\n'
             '[[consumers]]\nname = "b"\nplugin = "log"\ndomain = "d"\nqueue = "q"\nmax_retries = 2\n'
         )
-        declared = "which the hub declares itself"
-        arguments = "(give its arguments as the consumer's queue_arguments)"
+        same = "declare it the same way or leave it out"
+        from_arguments = "(its arguments come from the consumer's queue_arguments)"
         self.assertEqual(self.messages(text), [
             ("domains.d.topology.exchanges[0].name",
-             f'exchange "fedhub.a.dead" is the dead-letter exchange of consumers[0], {declared} '
-             "(a fanout exchange); leave it out of the topology"),
+             'exchange "fedhub.a.dead" is the dead-letter exchange of consumers[0], which the '
+             f"hub declares itself as a durable fanout exchange; {same}"),
             ("domains.d.topology.exchanges[1].name",
-             f'exchange "q.return" is the return exchange of consumers[1], {declared} '
-             "(a fanout exchange); leave it out of the topology"),
+             'exchange "q.return" is the return exchange of consumers[1], which the hub '
+             f"declares itself as a durable fanout exchange; {same}"),
             ("domains.d.topology.queues[1].name",
-             f'queue "fedhub.a" is the queue of consumers[0], {declared} {arguments}; '
-             "leave it out of the topology"),
+             'queue "fedhub.a" is the queue of consumers[0], which the hub declares itself, '
+             'durable, with the arguments {"x-dead-letter-exchange": "fedhub.a.dead", '
+             f'"x-max-length": 10, "x-queue-type": "quorum"}}; {same} {from_arguments}'),
             ("domains.d.topology.queues[2].name",
-             f'queue "q.retry.2" is retry queue 2 of consumers[1], {declared} {arguments}; '
-             "leave it out of the topology"),
-            ("domains.d.topology.queues[4].name",
-             f'queue "q.dead" is the dead-letter queue of consumers[1], {declared} {arguments}; '
-             "leave it out of the topology"),
+             'queue "q.retry.2" is retry queue 2 of consumers[1], which the hub declares '
+             'itself, durable, with the arguments {"x-dead-letter-exchange": "q.return", '
+             f'"x-message-ttl": 20000}}; {same} {from_arguments}'),
         ])
 
     def test_names(self) -> None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,54 @@ def consumer_queues(component: ComponentConfig) -> tuple[str, str, str]:
     """
     queue = component.queue or f"fedhub.{component.name}"
     return queue, f"{queue}.dead", f"{queue}.return"
+
+
+def retry_delays_for(retry_delay: float, max_retry_delay: float, max_retries: int) -> tuple[float, ...]:
+    """
+    The wait of each retry queue, in seconds: C{retry_delay} doubling with
+    each retry, at most C{max_retry_delay}.
+    """
+    return tuple(min(max_retry_delay, retry_delay * 2**level) for level in range(max_retries))
+
+
+def consumer_topology(component: ComponentConfig, retry_delays: Sequence[float] | None = None
+                      ) -> Topology:
+    """
+    A consumer's own exchanges, queues and the bindings between them (not
+    those of its topics), as the hub declares them (see the module's
+    docstring).
+
+    @param retry_delays: The wait of each retry queue; by default the
+        component's (L{retry_delays_for}).
+    """
+    if retry_delays is None:
+        retry_delays = retry_delays_for(
+            component.retry_delay, component.max_retry_delay, component.max_retries
+        )
+    queue, dead, back = consumer_queues(component)
+    # The configured arguments (a queue type, say) apply to every queue
+    # of the consumer, except length limits: they are the consumer
+    # queue's alone (see MAIN_QUEUE_ONLY).  The arguments the retry design
+    # needs come on top.
+    extra = dict(component.queue_arguments)
+    kept = {key: value for key, value in extra.items() if key not in MAIN_QUEUE_ONLY}
+    exchanges = [ExchangeSpec(dead, "fanout"), ExchangeSpec(back, "fanout")]
+    queues = [
+        QueueSpec(dead, arguments=kept),
+        QueueSpec(queue, arguments={**extra, DEAD_LETTER_EXCHANGE: dead}),
+    ]
+    bindings = [BindingSpec(dead, dead, ""), BindingSpec(queue, back, "")]
+    for level, delay in enumerate(retry_delays, 1):
+        name = f"{queue}.retry.{level}"
+        exchanges.append(ExchangeSpec(name, "fanout"))
+        queues.append(
+            QueueSpec(
+                name,
+                arguments={**kept, MESSAGE_TTL: int(delay * 1000), DEAD_LETTER_EXCHANGE: back},
+            )
+        )
+        bindings.append(BindingSpec(name, name, ""))
+    return Topology(tuple(exchanges), tuple(queues), tuple(bindings))
 
 
 def gave_up(attempts: int, reason: str) -> str:
@@ -301,9 +349,7 @@ class ConsumerService(Service):
         self.drain_timeout = drain_timeout
         self.queue, self.dead_letter_queue, self.return_exchange = consumer_queues(component)
         self.retry_prefix = f"{self.queue}.retry."
-        self.retry_delays = tuple(
-            min(max_retry_delay, retry_delay * 2**level) for level in range(max_retries)
-        )
+        self.retry_delays = retry_delays_for(retry_delay, max_retry_delay, max_retries)
         self.on_error = on_error
         self.max_deliveries = component.max_deliveries if max_deliveries is None else max_deliveries
         # Deliveries seen of messages that came back redelivered, by id,
@@ -395,35 +441,10 @@ class ConsumerService(Service):
         """
         The exchanges, queues and bindings this consumer needs.
         """
-        dead = self.dead_letter_queue
-        # The configured arguments (a queue type, say) apply to every queue
-        # of the consumer, except length limits: they are the consumer
-        # queue's alone (see MAIN_QUEUE_ONLY).  The arguments the retry design
-        # needs come on top.
-        extra = dict(self.component.queue_arguments)
-        kept = {key: value for key, value in extra.items() if key not in MAIN_QUEUE_ONLY}
-        exchanges = [ExchangeSpec(dead, "fanout"), ExchangeSpec(self.return_exchange, "fanout")]
-        queues = [
-            QueueSpec(dead, arguments=kept),
-            QueueSpec(self.queue, arguments={**extra, DEAD_LETTER_EXCHANGE: dead}),
-        ]
-        bindings = [BindingSpec(dead, dead, ""), BindingSpec(self.queue, self.return_exchange, "")]
-        for level, delay in enumerate(self.retry_delays, 1):
-            name = f"{self.retry_prefix}{level}"
-            exchanges.append(ExchangeSpec(name, "fanout"))
-            queues.append(
-                QueueSpec(
-                    name,
-                    arguments={
-                        **kept,
-                        MESSAGE_TTL: int(delay * 1000),
-                        DEAD_LETTER_EXCHANGE: self.return_exchange,
-                    },
-                )
-            )
-            bindings.append(BindingSpec(name, name, ""))
-        bindings.extend(BindingSpec(self.queue, self.bus.exchange, t) for t in self.topics)
-        return Topology(tuple(exchanges), tuple(queues), tuple(bindings))
+        own = consumer_topology(self.component, self.retry_delays)
+        return own + Topology(
+            bindings=tuple(BindingSpec(self.queue, self.bus.exchange, t) for t in self.topics)
+        )
 
     def add_observer(self, observer: Callable[[Settled], None]) -> None:
         """
