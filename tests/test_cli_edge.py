@@ -59,6 +59,18 @@ class EarlyInterruptTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, 130)
         self.assertEqual(err.getvalue(), "fedhub publish: interrupted\n")
 
+    def test_earlier_entry_point(self) -> None:
+        """The console script's earlier name, fedhub.cli.main:entry, still runs the command."""
+        from fedhub.cli import main as module
+
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.patch(sys, "argv", ["fedhub", "check-config", "/nonexistent/hub.toml"])
+        with self.assertRaises(SystemExit) as caught:
+            module.entry()
+        self.assertEqual(caught.exception.code, 78)
+        self.assertIn("can not read it", err.getvalue())
+
     def test_script_interrupted_early(self) -> None:
         """
         SIGINT at several moments of a real command's first second (its

@@ -277,5 +277,15 @@ def _drop_standard_output() -> None:
         pass
 
 
+def entry() -> None:
+    """
+    The console script as installations of earlier versions name it: see
+    L{fedhub.cli.entry}.
+    """
+    from fedhub.cli import entry as run
+
+    run()
+
+
 if __name__ == "__main__":
     sys.exit(main())
