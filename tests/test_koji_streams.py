@@ -139,6 +139,35 @@ class SwitchedOnLaterTests(SourceTestBase):
         self.assertEqual([(suffixes([m])[0], m.body["repo_id"]) for m in messages],
                          [("buildsys.repo.init", new), ("buildsys.repo.done", building)])
 
+    def test_switch_saved_before_anything_read(self) -> None:
+        """
+        The first poll after a switch publishes nothing and only records
+        the switch (and asks for the next poll at once), so the switch is
+        saved before any message from it needs handing over: what comes
+        after it is published by the polls that follow, whatever becomes of
+        their messages.
+        """
+        cursor = self.start(self.source(**ALL_OFF))
+        self.busy_day(2)
+        _, cursor = self.run_with(cursor)
+        on = {**ALL_OFF, "tags": True, "builds": True, "repos": True}
+        switch = self.poll(self.source(**on), cursor)
+        self.assertEqual((switch.messages, switch.more), ([], True))
+        self.assertEqual(switch.cursor["streams"], ["tags", "builds", "repos"])
+        build, _ = self.koji.start_build("after-switch", "1", "1")
+        self.koji.finish_build(build)
+        self.koji.tag_build(574, "destination")
+        repo = self.koji.new_repo("f24")
+        # The next poll's messages are not handed over (say the publisher
+        # pushed back): the poll after it, from the same cursor, has them.
+        self.poll(self.source(**on), switch.cursor)
+        messages, _ = self.run_with(switch.cursor, tags=True, builds=True, repos=True)
+        self.assertEqual(
+            sorted((suffixes([m])[0], m.body.get("repo_id") or m.body.get("tag")
+                    or m.body.get("build_id")) for m in messages),
+            sorted([("buildsys.build.state.change", build), ("buildsys.tag", "destination"),
+                    ("buildsys.repo.init", repo)]))
+
     def test_switched_off_and_on_again(self) -> None:
         """
         Kinds switched off and on again start from now too: nothing of the

@@ -495,9 +495,16 @@ class KojiSource:
         # taken to have been, and go on from where they are.
         streams = self._streams()
         switched_on = [k for k in streams if k not in c.get("streams", streams)]
+        c["streams"] = streams
         if switched_on:
             yield self._switch_on(c, switched_on, last_id, last_ts)
-        c["streams"] = streams
+            # A poll of its own, with nothing to publish, so the switch is
+            # saved before anything is read from it (as a first start saves
+            # its cursor): a poll whose messages could not all be handed
+            # over would otherwise be read again from before the switch,
+            # which the next one would place later, and what happened in
+            # between would be lost.
+            return PollResult([], c, more=True)
         end, end_ts = min(last_id, start + self._event_step), last_ts
         catching_up = end < last_id
         if catching_up:
