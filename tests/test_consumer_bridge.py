@@ -401,6 +401,30 @@ class AbandonTests(SynchronousTestCase):
         self.assertEqual([s.outcome for s in self.harness.settled], ["requeued", "acked"])
         self.assertEqual(self.harness.clock.getDelayedCalls(), [])
 
+    def test_several_held_while_connection_down(self) -> None:
+        """
+        Several calls held (concurrency 2, another delivery waiting) whose
+        connection goes down and stays down are all given up by one look,
+        the first of them ending at once without upsetting the second.
+        """
+        harness = ConsumerHarness(
+            WithPeers(BridgePlugin(), {"community": self.target}),
+            {"to_domain": "community", "allow": ["org.example.prod.#"]},
+            domain="infra", concurrency=2, prefetch=3,
+        )
+        harness.start()
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        waiting = [harness.deliver(Message.create(ALLOWED, {"n": n})) for n in range(3)]
+        harness.advance(1)
+        for one in waiting:
+            self.assertNoResult(one)
+        harness.bus.stopService()
+        harness.advance(ORPHAN_CHECK_INTERVAL)
+        self.assertEqual([self.successResultOf(one).outcome for one in waiting], ["requeued"] * 3)
+        self.assertEqual(harness.service.in_flight, 0)
+        self.assertEqual(self.target.published, [])
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
     def test_stop_after_abandon(self) -> None:
         """
         A stop after a held call was abandoned ends the other holds as

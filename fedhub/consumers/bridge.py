@@ -41,9 +41,9 @@ broker delivers it again, and the new delivery is forwarded) is handed over
 no more: its wait is cancelled and its call fails with L{NotHandled}.  A
 hand-over the target has already begun on is left to end; if the target
 takes the message, it crosses twice (at least once, as always), and if not,
-it is not held again.  The consumer abandons a call when it notices its
-channel closed (a delivery comes, another call ends): until then, the hold
-goes on.
+it is not held again.  The consumer notices a closed channel within a
+second (it looks every second while calls are in progress, and when a
+delivery comes or another call ends).
 """
 
 from __future__ import annotations

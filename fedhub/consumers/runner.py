@@ -217,14 +217,14 @@ _TRACKED = 10_000
 DEFAULT_PREFETCH = 10
 
 
-#: Seconds a consumer whose start failed waits before trying again: this
-#: after the first failure, doubling after each further one...
 #: Seconds between two looks, while handler calls are in progress, for
 #: calls whose delivery's channel closed, so that a handler with an
 #: C{abandon} method hears of them soon even when no delivery comes (the
 #: connection is still down) and no other call ends.
 ORPHAN_CHECK_INTERVAL = 1.0
 
+#: Seconds a consumer whose start failed waits before trying again: this
+#: after the first failure, doubling after each further one...
 START_RETRY_INITIAL = 1.0
 #: ... up to this.
 START_RETRY_MAX = 60.0
@@ -695,8 +695,11 @@ class ConsumerService(Service):
         if orphaned and len(orphaned) == len(handling) and self._orphan_check is not None:
             self._orphan_check.cancel()
             self._orphan_check = None
+        # All forgotten before the handler hears of any: a call it ends at
+        # once (NotHandled) pumps, which may look for orphans again.
         for delivery in orphaned:
             del handling[delivery]
+        for delivery in orphaned:
             if callable(abandon):
                 try:
                     abandon(delivery.message)
