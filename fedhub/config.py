@@ -1437,8 +1437,12 @@ class _Validator:
                 if declared.name not in queues:
                     continue
                 role, spec = queues[declared.name]
-                if (declared.durable, dict(declared.arguments)) != (spec.durable, dict(spec.arguments)):
-                    shown = json.dumps(dict(spec.arguments), sort_keys=True)
+                # Compared as JSON, which tells 10000.0 from 10000 and true
+                # from 1 as the broker does (a double is not an integer).
+                shown = json.dumps(dict(spec.arguments), sort_keys=True)
+                if (declared.durable, json.dumps(dict(declared.arguments), sort_keys=True)) != (
+                    spec.durable, shown
+                ):
                     self.report(
                         ("domains", name, "topology", "queues", index, "name"),
                         f"queue {_quote(declared.name)} is {role}, which the hub declares "

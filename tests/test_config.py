@@ -841,7 +841,9 @@ class ReferenceTests(SynchronousTestCase, ProblemsMixin):
             ' { name = "q.dead", type = "fanout" }, { name = "archive", type = "fanout" }]\n'
             'queues = [{ name = "archive" }, { name = "fedhub.a" }, { name = "q.retry.2" },'
             ' { name = "q.retry.3" }, { name = "q.dead" },'
-            ' { name = "fedhub.a.dead", arguments = { "x-queue-type" = "quorum" } }]\n'
+            ' { name = "fedhub.a.dead", arguments = { "x-queue-type" = "quorum" } },'
+            ' { name = "q.retry.1", arguments = { "x-message-ttl" = 10000.0,'
+            ' "x-dead-letter-exchange" = "q.return" } }]\n'
             'bindings = [{ queue = "fedhub.a", exchange = "archive", routing_key = "" },'
             ' { queue = "archive", exchange = "q.dead", routing_key = "" }]\n'
             '[domains.e]\nbroker = "memory"\n[domains.e.topology]\n'
@@ -867,6 +869,11 @@ class ReferenceTests(SynchronousTestCase, ProblemsMixin):
              'queue "q.retry.2" is retry queue 2 of consumers[1], which the hub declares '
              'itself, durable, with the arguments {"x-dead-letter-exchange": "q.return", '
              f'"x-message-ttl": 20000}}; {same} {from_arguments}'),
+            # A double where the hub declares an integer: the broker refuses it.
+            ("domains.d.topology.queues[6].name",
+             'queue "q.retry.1" is retry queue 1 of consumers[1], which the hub declares '
+             'itself, durable, with the arguments {"x-dead-letter-exchange": "q.return", '
+             f'"x-message-ttl": 10000}}; {same} {from_arguments}'),
         ])
 
     def test_names(self) -> None:
