@@ -28,9 +28,9 @@ import json
 import sys
 from datetime import datetime, timezone
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, textFileLogObserver
 from zope.interface import implementer
 
 from fedhub.text import escape_control
@@ -159,8 +159,34 @@ class JSONLinesObserver:
         self.stream.flush()
 
 
+def at_log_level(observer: ILogObserver) -> ILogObserver:
+    """
+    C{observer}, given only the events of the hub's log level and above
+    (L{log_level}, as it is when each event comes): Twisted's own as well
+    as fedhub's, which L{HubLogger} drops before any observer sees them.
+    An event without a level is given.
+    """
+
+    @implementer(ILogObserver)
+    def filtered(event: dict[str, Any]) -> None:
+        if _RANK.get(event.get("log_level"), len(_RANK)) >= _threshold[0]:  # type: ignore[arg-type]
+            observer(event)
+
+    return cast(ILogObserver, filtered)
+
+
 def json_logger() -> ILogObserver:
     """
-    The observer factory for C{twistd --logger fedhub.logs.json_logger}.
+    The observer factory for C{twistd --logger fedhub.logs.json_logger}: one
+    JSON object per line on standard output, at the hub's log level.
     """
-    return JSONLinesObserver(sys.stdout)
+    return at_log_level(JSONLinesObserver(sys.stdout))
+
+
+def text_logger() -> ILogObserver:
+    """
+    The observer factory for C{twistd --logger fedhub.logs.text_logger}:
+    twistd's text lines on standard output, at the hub's log level, Twisted's
+    own lines included (twistd's own log file writes those whatever it is).
+    """
+    return at_log_level(textFileLogObserver(sys.stdout))

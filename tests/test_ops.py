@@ -223,6 +223,83 @@ class JSONLogTests(SynchronousTestCase):
         self.assertEqual(process.returncode, 0, errors)
 
 
+class LogLevelObserverTests(SynchronousTestCase):
+    """
+    The observers twistd's C{--logger} takes write Twisted's own lines at
+    the hub's log level too.
+    """
+
+    def test_filtered_at_event_time(self) -> None:
+        """Events below the log level as it is when they come are dropped; unlevelled ones pass."""
+        from fedhub.logs import at_log_level
+
+        self.addCleanup(set_log_level, log_level())
+        seen: list[dict[str, Any]] = []
+        observer = at_log_level(seen.append)  # type: ignore[arg-type]
+        set_log_level(LogLevel.warn)
+        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.critical):
+            observer({"log_level": level, "n": level.name})
+        observer({"n": "none"})
+        set_log_level(LogLevel.debug)
+        observer({"log_level": LogLevel.debug, "n": "later"})
+        self.assertEqual([e["n"] for e in seen], ["warn", "critical", "none", "later"])
+
+    def test_twistd_text_logs_at_level(self) -> None:
+        """
+        twistd --logger fedhub.logs.text_logger with log_level warn writes
+        the hub's warnings and none of Twisted's own info lines (starting
+        up, the main loop ending, shut down).
+        """
+        import shutil
+        import tempfile
+
+        # Short enough for the status server's UNIX socket path.
+        state = Path(tempfile.mkdtemp(prefix="fedhub-")).resolve()
+        self.addCleanup(shutil.rmtree, state, True)
+        config = state / "hub.toml"
+        config.write_text(
+            f'[hub]\nstate_dir = "{state}"\nlog_level = "warn"\nstatus = "unix:status.sock"\n'
+            '[domains.d]\nbroker = "memory"\n'
+            '[[consumers]]\nname = "log"\nplugin = "log"\ndomain = "d"\ntopics = ["#"]\n'
+        )
+        twistd = Path(sys.executable).parent / "twistd"
+        process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "--logger", "fedhub.logs.text_logger",
+             "fedhub", "--config", str(config)],
+            cwd=str(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        lines: list[str] = []
+        try:
+            lines += read_until(process, "in-process memory bus")
+            # Nothing at info level says the hub runs: its status server
+            # answering does.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    with socket.socket(socket.AF_UNIX) as probe:
+                        probe.settimeout(5)
+                        probe.connect(str(state / "status.sock"))
+                        probe.sendall(b"GET /live HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                        if b" 200 " in probe.recv(100):
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            else:
+                self.fail(f"the hub's status server never answered: {lines}")
+            process.send_signal(signal.SIGTERM)
+            rest, errors = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        lines += [line for line in rest.splitlines() if line.strip()]
+        self.assertEqual(process.returncode, 0, errors)
+        self.assertTrue(any("#warn]" in line and "memory bus" in line for line in lines), lines)
+        self.assertFalse([line for line in lines if "#info]" in line or "[-]" in line], lines)
+        self.assertFalse(any("Shut Down" in line or "starting up" in line for line in lines), lines)
+
+
 class NotifyTests(SynchronousTestCase):
     """
     L{fedhub.systemd}.
