@@ -59,6 +59,25 @@ class EarlyInterruptTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, 130)
         self.assertEqual(err.getvalue(), "fedhub publish: interrupted\n")
 
+    def test_done_command_ignores_late_interrupt(self) -> None:
+        """Once the command has returned, SIGINT is ignored while the process exits with its status."""
+        import signal
+        import types
+
+        import fedhub.cli
+
+        done = types.ModuleType("fedhub.cli.main")
+        done.main = lambda: 0  # type: ignore[attr-defined]
+        real = sys.modules["fedhub.cli.main"]
+        sys.modules["fedhub.cli.main"] = done
+        self.addCleanup(sys.modules.__setitem__, "fedhub.cli.main", real)
+        previous = signal.getsignal(signal.SIGINT)
+        self.addCleanup(signal.signal, signal.SIGINT, previous)
+        with self.assertRaises(SystemExit) as caught:
+            fedhub.cli.entry()
+        self.assertEqual(caught.exception.code, 0)
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.SIG_IGN)
+
     def test_earlier_entry_point(self) -> None:
         """The console script's earlier name, fedhub.cli.main:entry, still runs the command."""
         from fedhub.cli import main as module

@@ -8,6 +8,7 @@ commands, Twisted and the plugins are still being imported.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 __all__ = ["entry"]
@@ -27,6 +28,10 @@ def entry() -> None:
         from fedhub.cli.main import main as run
 
         status = run()
+        # Done: a Ctrl-C while the interpreter shuts down (a tenth of a
+        # second) would end the process by the signal, 130 to a shell, as
+        # if the command had not done its work.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         words = [word for word in sys.argv[1:] if not word.startswith("-")]
         command = f"fedhub {words[0]}" if words else "fedhub"
