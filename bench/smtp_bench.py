@@ -37,6 +37,14 @@ C{bench/smtp_bench.py stages [--mails 2000]} prints the CPU time of each
 step of the hand-over (parse, fingerprint, build, schema check, encode)
 measured on its own.
 
+C{bench/smtp_bench.py parts [--mails 8000] [--rounds 2]} measures what
+each part of the hand-over costs by taking it out: the fedhub server runs
+whole, then without its log line, without its outbox (a hand-over is taken
+as durable at once; the store thread, its fsync'd commits and the in-process
+bus standing in for the broker go with it), and without the outbox, the log
+line, the fingerprint and the schema check, printing mails/s and the CPU per
+mail of the reactor thread and of the whole process.
+
 C{--profile FILE} runs the fedhub server of the first throughput run under
 cProfile and prints where its time goes (the figures of that run are then
 slower than without the profiler).
@@ -614,6 +622,94 @@ def client(port: int, mails: int, connections: int, first: int, rate: float = 0.
     raise RuntimeError(f"the client printed no result:\n{out}")
 
 
+def thread_cpu(pid: int, tid: int) -> float:
+    """
+    CPU seconds (user + system) one thread of a process has used so far.
+    """
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: What C{parts} takes out of the fedhub server, run by run.
+PARTS: tuple[tuple[str, str], ...] = (
+    ("", "the whole hand-over"),
+    ("log", "without the log line"),
+    ("outbox", "without the outbox"),
+    ("outbox,log,fingerprint,schema", "without the outbox, log, fingerprint, schema"),
+)
+
+
+def without(parts: set[str]) -> None:
+    """
+    Take C{parts} out of the fedhub server about to run (C{log} is left to
+    the caller): C{outbox}, a hand-over durable at once; C{fingerprint}, a
+    random one; C{schema}, no check.
+    """
+    sys.path.insert(0, ROOT)
+    import uuid
+
+    from twisted.internet.defer import succeed
+
+    if "outbox" in parts:
+        from fedhub.outbox import Outbox
+
+        Outbox.publish = lambda self, message: succeed(None)  # type: ignore[method-assign]
+    if "fingerprint" in parts:
+        from fedhub.producers.bugzilla import producer
+
+        producer.fingerprint_of = lambda body: uuid.uuid4().hex  # type: ignore[assignment]
+    if "schema" in parts:
+        from fedhub.schema import SchemaRegistry
+
+        SchemaRegistry.validate = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+
+
+def parts_report(args: argparse.Namespace) -> int:
+    """
+    Run the fedhub server whole and without parts (L{PARTS}), round after
+    round, and print what each run took.
+    """
+    scratch = tempfile.mkdtemp(prefix="smtp-parts-", dir=args.dir)
+    print(f"{args.mails} mails of ~2 KB over {args.connections} connections, {args.rounds} "
+          f"round(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in PARTS}
+    try:
+        for round_ in range(args.rounds):
+            for name, _ in PARTS:
+                extra = fedhub_extra(args, scratch, f"r{round_}")
+                if "log" in name.split(","):
+                    extra = [e for i, e in enumerate(extra)
+                             if e != "--log" and (i == 0 or extra[i - 1] != "--log")]
+                if name:
+                    extra += ["--without", name]
+                server = Server("fedhub", extra)
+                try:
+                    pid = server.process.pid
+                    main_before, all_before = thread_cpu(pid, pid), server.cpu()
+                    result = client(server.port, args.mails, args.connections, 0)
+                    main_cpu = thread_cpu(pid, pid) - main_before
+                    all_cpu = server.cpu() - all_before
+                finally:
+                    server.stop()
+                results[name].append((args.mails / result["seconds"],
+                                      1e6 * main_cpu / args.mails, 1e6 * all_cpu / args.mails))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print()
+    print(f"{'fedhub server':48} {'mails/s':>8} {'reactor µs/mail':>16} {'all µs/mail':>12}")
+    for name, label in PARTS:
+        runs = results[name]
+        print(f"{label:48} {statistics.median(r[0] for r in runs):8.0f} "
+              f"{statistics.median(r[1] for r in runs):16.0f} "
+              f"{statistics.median(r[2] for r in runs):12.0f}")
+    print("(medians; the reactor thread's CPU and the whole process's, read from /proc)")
+    return 0
+
+
 def measure(kind: str, extra: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """
     One throughput run against a fresh server of C{kind}.
@@ -791,6 +887,9 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--profile")
     serve.add_argument("--parse-workers", type=int, default=0)
     serve.add_argument("--parse-inline-max", type=int, default=None)
+    serve.add_argument("--without", default="")
+    parts = sub.add_parser("parts")
+    parts.add_argument("--rounds", type=int, default=2)
     steps = sub.add_parser("stages")
     steps.add_argument("--mails", type=int, default=2000)
     worker = sub.add_parser("client")
@@ -814,13 +913,14 @@ def main(argv: list[str]) -> int:
                         help="with parse workers, mails of at most this many bytes are parsed on "
                         "the reactor thread (default: the plugin's parse_inline_max; 0: none)")
     args = parser.parse_args(argv)
-    if args.command is None and args.parse_workers is None:
+    if args.command in (None, "parts") and args.parse_workers is None:
         sys.path.insert(0, ROOT)
         from fedhub.producers.bugzilla.producer import BugzillaSMTPPlugin
 
         args.parse_workers = int(BugzillaSMTPPlugin.options["parse_workers"].default)
     if args.command == "serve":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        without({part for part in args.without.split(",") if part})
         runners: dict[str, Callable[[], None]] = {
             "trivial": serve_trivial,
             "aiosmtpd": serve_aiosmtpd,
@@ -833,6 +933,8 @@ def main(argv: list[str]) -> int:
         return 0
     if args.command == "stages":
         return stages(args.mails)
+    if args.command == "parts":
+        return parts_report(args)
     if args.command == "client":
         run_client(args)
         return 0
