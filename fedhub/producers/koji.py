@@ -371,13 +371,10 @@ class KojiSource:
 
     def _streams(self) -> list[str]:
         """
-        The kinds switched on: tags (and untags), builds, tasks (with the
-        tasks published, C{tasks:scratch}, say: widening them is switching
-        the wider ones on) and repos.
+        The kinds switched on: tags (and untags), builds, tasks and repos.
         """
         s = self.settings
-        on = {"tags": s.tags, "builds": s.builds, f"tasks:{s.tasks}": s.tasks != "none",
-              "repos": s.repos}
+        on = {"tags": s.tags, "builds": s.builds, "tasks": s.tasks != "none", "repos": s.repos}
         return [name for name, enabled in on.items() if enabled]
 
     @inlineCallbacks
@@ -402,15 +399,14 @@ class KojiSource:
         if "builds" in streams:
             cursor["builds"] = {**_time_streams(("created", "completed"), event_ts),
                                 "floor": event_ts}
-        if any(kind.startswith("tasks:") for kind in streams):
+        if "tasks" in streams:
             cursor["tasks"] = {**_time_streams(("created", "started", "completed"), event_ts),
                                "floor": event_ts}
         if "repos" in streams:
             repo_next, pending = yield self._seed_repos()
             cursor["repos"] = {"next": repo_next, "pending": pending}
         self.log.info("Switched on since the last poll: publishing {streams} of {hub} from now "
-                      "(event {event})", producer=self.name,
-                      streams=", ".join(kind.replace(":", " ") for kind in streams),
+                      "(event {event})", producer=self.name, streams=", ".join(streams),
                       hub=display_url(self.settings.hub_url), event=event_id)
 
     @inlineCallbacks
