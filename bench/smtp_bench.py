@@ -37,7 +37,7 @@ C{bench/smtp_bench.py stages [--mails 2000]} prints the CPU time of each
 step of the hand-over (parse, fingerprint, build, schema check, encode)
 measured on its own.
 
-C{bench/smtp_bench.py parts [--mails 8000] [--rounds 2]} measures what
+C{bench/smtp_bench.py [--mails 5000] parts [--rounds 2]} measures what
 each part of the hand-over costs by taking it out: the fedhub server runs
 whole, then without its log line, without its outbox (a hand-over is taken
 as durable at once; the store thread, its fsync'd commits and the in-process
@@ -889,7 +889,7 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--parse-inline-max", type=int, default=None)
     serve.add_argument("--without", default="")
     parts = sub.add_parser("parts")
-    parts.add_argument("--rounds", type=int, default=2)
+    parts.add_argument("--rounds", type=lambda text: max(1, int(text)), default=2)
     steps = sub.add_parser("stages")
     steps.add_argument("--mails", type=int, default=2000)
     worker = sub.add_parser("client")

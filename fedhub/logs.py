@@ -9,8 +9,10 @@ be formatted and written too.
 
 
 C{twistd --logger fedhub.logs.json_logger fedhub ...} writes every log event
-to standard output as a JSON object with stable keys, for journald, Loki or
-Elasticsearch::
+of the hub's log level and above (Twisted's own too) to standard output as
+a JSON object with stable keys, for journald, Loki or Elasticsearch
+(C{fedhub.logs.text_logger} writes twistd's text lines, at the same
+level)::
 
     {"time": "2026-11-28T06:00:00.123456+00:00", "level": "info",
      "namespace": "fedhub.consumers.runner.ConsumerService",

@@ -42,8 +42,8 @@ no more: its wait is cancelled and its call fails with L{NotHandled}.  A
 hand-over the target has already begun on is left to end; if the target
 takes the message, it crosses twice (at least once, as always), and if not,
 it is not held again.  The consumer notices a closed channel within a
-second (it looks every second while calls are in progress, and when a
-delivery comes or another call ends).
+second (it looks every second while calls are in progress, and whenever a
+delivery waits to be handed to the handler).
 """
 
 from __future__ import annotations

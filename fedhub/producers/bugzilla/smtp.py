@@ -175,8 +175,9 @@ class ListenerSettings:
         (the default): L{DEFAULT_COMMANDS_PER_MAIL}, or C{max_recipients}
         + L{MAIL_COMMANDS} when that is more.
     @ivar max_session_time: Seconds a session may last: past them it is
-        closed at once when it is between mails, or else at its next command
-        once the mail in progress has its answer.
+        closed at once, unless a mail's data is coming in or being handed
+        over, and then right after that mail's answer (at its next command
+        when the mail was refused at the end of its data).
     @ivar idle_timeout: Seconds a client may stay silent.
     @ivar data_timeout: Seconds a client may take to send one mail.
     @ivar delivery_timeout: Seconds to wait for the hand-over of a mail
