@@ -496,13 +496,28 @@ MAX_CONNECTION_TIMEOUT: Final = 3600.0
 #: said the file was fine; no retry is worth holding a message longer.
 MAX_RETRY_DELAY: Final = 7 * 24 * 3600.0
 
+#: The longest wait between two attempts to reach a broker, in seconds.
+MAX_RECONNECT_DELAY: Final = 3600.0
 
-def _connection_timeout(value: float) -> str | None:
-    if not value > 0:
-        return "must be greater than 0"
-    if value > MAX_CONNECTION_TIMEOUT:
-        return f"is in seconds and at most {MAX_CONNECTION_TIMEOUT:g}"
-    return None
+
+def _seconds_up_to(limit: float) -> Callable[[float], str | None]:
+    """
+    The check of a number of seconds greater than 0 and at most C{limit}
+    (a larger one is most likely milliseconds meant as seconds).
+    """
+
+    def check(value: float) -> str | None:
+        if not value > 0:
+            return "must be greater than 0"
+        if value > limit:
+            return f"is in seconds and at most {limit:g}"
+        return None
+
+    return check
+
+
+_connection_timeout = _seconds_up_to(MAX_CONNECTION_TIMEOUT)
+_reconnect_delay = _seconds_up_to(MAX_RECONNECT_DELAY)
 
 
 def _retry_delay(value: float) -> str | None:
@@ -510,18 +525,6 @@ def _retry_delay(value: float) -> str | None:
         return "must be greater than 0"
     if value > MAX_RETRY_DELAY:
         return f"must be at most {MAX_RETRY_DELAY:g} seconds (7 days)"
-    return None
-
-
-#: The longest wait between two attempts to reach a broker, in seconds.
-MAX_RECONNECT_DELAY: Final = 3600.0
-
-
-def _reconnect_delay(value: float) -> str | None:
-    if not value > 0:
-        return "must be greater than 0"
-    if value > MAX_RECONNECT_DELAY:
-        return f"is in seconds and at most {MAX_RECONNECT_DELAY:g}"
     return None
 
 
