@@ -692,13 +692,12 @@ class ConsumerService(Service):
                 break
             orphaned.append(delivery)
         abandon = getattr(self.handler, "abandon", None) if orphaned else None
-        if orphaned and len(orphaned) == len(handling) and self._orphan_check is not None:
-            self._orphan_check.cancel()
-            self._orphan_check = None
         # All forgotten before the handler hears of any: a call it ends at
         # once (NotHandled) pumps, which may look for orphans again.
         for delivery in orphaned:
             del handling[delivery]
+        if not handling:
+            self._unwatch_orphans()
         for delivery in orphaned:
             if callable(abandon):
                 try:
@@ -721,6 +720,15 @@ class ConsumerService(Service):
             and callable(getattr(self.handler, "abandon", None))
         ):
             self._orphan_check = self.clock.callLater(ORPHAN_CHECK_INTERVAL, self._check_orphans)
+
+    def _unwatch_orphans(self) -> None:
+        """
+        Stop looking for orphaned calls: none is in progress, or the
+        consumer stopped.
+        """
+        if self._orphan_check is not None:
+            self._orphan_check.cancel()
+            self._orphan_check = None
 
     def _check_orphans(self) -> None:
         self._orphan_check = None
@@ -810,9 +818,8 @@ class ConsumerService(Service):
         """
         self.in_flight -= 1
         self._handling.pop(delivery, None)
-        if not self._handling and self._orphan_check is not None:
-            self._orphan_check.cancel()
-            self._orphan_check = None
+        if not self._handling:
+            self._unwatch_orphans()
         took: float = self.clock.seconds() - started
         return max(0.0, took)
 
@@ -1257,6 +1264,4 @@ class ConsumerService(Service):
             )
         except Exception:
             self.log.failure("Stopping consumer {consumer} failed", consumer=self.component.name)
-        if self._orphan_check is not None:
-            self._orphan_check.cancel()
-            self._orphan_check = None
+        self._unwatch_orphans()
