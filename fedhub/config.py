@@ -1416,7 +1416,7 @@ class _Validator:
         dead-letter exchange, say, to bind a queue of the topology to it) is
         fine, and so are bindings to a consumer's queue.
         """
-        from fedhub.consumers.runner import consumer_topology
+        from fedhub.consumers.runner import consumer_queues, consumer_topology
 
         ok = True
         for name, domain in domains.items():
@@ -1426,13 +1426,12 @@ class _Validator:
                 if consumer.domain != name:
                     continue
                 own = consumer_topology(consumer)
-                queue = consumer.queue or f"fedhub.{consumer.name}"
-                roles = {queue: "the queue", f"{queue}.dead": "the dead-letter queue"}
+                queue, dead, back = consumer_queues(consumer)
+                roles = {queue: "the queue", dead: "the dead-letter queue"}
                 for spec in own.queues:
                     role = roles.get(spec.name) or f"retry queue {spec.name.rpartition('.')[2]}"
                     queues[spec.name] = (f"{role} of {consumer.path}", spec)
-                roles = {f"{queue}.dead": "the dead-letter exchange",
-                         f"{queue}.return": "the return exchange"}
+                roles = {dead: "the dead-letter exchange", back: "the return exchange"}
                 for ex in own.exchanges:
                     role = roles.get(ex.name) or f"retry exchange {ex.name.rpartition('.')[2]}"
                     exchanges[ex.name] = (f"{role} of {consumer.path}", ex)
