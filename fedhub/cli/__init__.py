@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Sequence
 
-__all__ = ["entry"]
+__all__ = ["command_in", "entry"]
 
 #: The exit status of a command stopped by SIGINT (128 + 2), as
 #: L{fedhub.cli.runner.interrupted_status} gives it.
 INTERRUPTED = 130
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """
+    The command a command line names: its first word that is not an option.
+    """
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def entry() -> None:
@@ -33,9 +41,8 @@ def entry() -> None:
         # if the command had not done its work.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
-        words = [word for word in sys.argv[1:] if not word.startswith("-")]
-        command = f"fedhub {words[0]}" if words else "fedhub"
-        print(f"{command}: interrupted", file=sys.stderr)
+        word = command_in(sys.argv[1:])
+        print(f"fedhub {word}: interrupted" if word else "fedhub: interrupted", file=sys.stderr)
         status = INTERRUPTED
     sys.exit(status)
 

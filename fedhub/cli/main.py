@@ -21,6 +21,7 @@ from types import ModuleType
 from fedhub import __version__
 from fedhub.cli import (
     check_config,
+    command_in,
     dead_letters,
     inject_mail,
     outbox,
@@ -230,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_arguments(parser, argv)
     except SystemExit as e:
-        if e.code == 2 and _command_in(sys.argv[1:] if argv is None else argv) == "inject-mail":
+        if e.code == 2 and command_in(sys.argv[1:] if argv is None else argv) == "inject-mail":
             # A mail server bounces the mail when its pipe exits 2: a typo
             # in master.cf or an alias must keep the mail queued instead.
             return inject_mail.EX_TEMPFAIL
@@ -255,13 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C outside the reactor (reading a configuration, waiting for
         # the running hub, importing plugins): one line, as for any other stop.
         return runner.fail(args.command, "interrupted", runner.interrupted_status(signal.SIGINT))
-
-
-def _command_in(argv: Sequence[str]) -> str | None:
-    """
-    The command a command line names: its first word that is not an option.
-    """
-    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _drop_standard_output() -> None:
