@@ -161,18 +161,34 @@ def data_phase(mail: bytes) -> bytes:
     return b"\r\n".join(stuffed) + b"\r\n.\r\n"
 
 
+def stat_cpu(path: str) -> float | None:
+    """
+    CPU seconds (user + system) of the C{/proc} C{stat} file at C{path}, a
+    process's or a thread's; C{None} when it can not be read.
+    """
+    try:
+        with open(path) as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int, tid: int) -> float:
+    """
+    CPU seconds (user + system) one thread of a process has used so far.
+    """
+    return stat_cpu(f"/proc/{pid}/task/{tid}/stat") or 0.0
+
+
 def process_cpu(pid: int) -> float:
     """
     CPU seconds (user + system, all threads) a process and its living
     descendants (the parse workers) have used so far.
     """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
+    seconds = stat_cpu(f"/proc/{pid}/stat")
+    if seconds is None:
         return 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds = (int(fields[11]) + int(fields[12])) / ticks
     children: set[int] = set()
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -620,18 +636,6 @@ def client(port: int, mails: int, connections: int, first: int, rate: float = 0.
             result: dict[str, Any] = json.loads(line[7:])
             return result
     raise RuntimeError(f"the client printed no result:\n{out}")
-
-
-def thread_cpu(pid: int, tid: int) -> float:
-    """
-    CPU seconds (user + system) one thread of a process has used so far.
-    """
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 #: What C{parts} takes out of the fedhub server, run by run.
