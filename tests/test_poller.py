@@ -266,13 +266,10 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.assertEqual((service.errors, service.consecutive_errors, service.polls), (2, 0, 1))
         self.successResultOf(service.stopService())
 
-    def test_repeated_failure_logged_once(self) -> None:
+    def info_events(self) -> list[dict[str, Any]]:
         """
-        The same failure poll after poll is logged when it begins, then at
-        debug level only (the status counts them), and a line says when
-        polling works again; another failure is logged again.
+        The log events of the rest of the test, at the log level C{info}.
         """
-        from fedhub.errors import FedhubError
         from fedhub.logs import log_level, set_log_level
         from twisted.logger import LogLevel, globalLogPublisher
 
@@ -281,6 +278,18 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def test_repeated_failure_logged_once(self) -> None:
+        """
+        The same failure poll after poll is logged when it begins, then at
+        debug level only (the status counts them), and a line says when
+        polling works again; another failure is logged again.
+        """
+        from fedhub.errors import FedhubError
+        from twisted.logger import LogLevel
+
+        events = self.info_events()
         source = FakeSource(["a"])
         source.failures = [FedhubError("hub down")] * 3 + [FedhubError("hub odd")]
         service = self.service(source, FakePublisher())
@@ -305,15 +314,10 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         at once.
         """
         from fedhub.errors import FedhubError
-        from fedhub.logs import log_level, set_log_level
         from fedhub.producers.poller import FLAP_LOG_INTERVAL
-        from twisted.logger import LogLevel, globalLogPublisher
+        from twisted.logger import LogLevel
 
-        self.addCleanup(set_log_level, log_level())
-        set_log_level(LogLevel.info)
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.info_events()
         source = FakeSource(["a"])
         service = self.service(source, FakePublisher())
         service.startService()
@@ -345,14 +349,9 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         only for single failures between successes.
         """
         from fedhub.errors import FedhubError
-        from fedhub.logs import log_level, set_log_level
-        from twisted.logger import LogLevel, globalLogPublisher
+        from twisted.logger import LogLevel
 
-        self.addCleanup(set_log_level, log_level())
-        set_log_level(LogLevel.info)
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.info_events()
         source = FakeSource(["a"])
         service = self.service(source, FakePublisher())
         service.startService()
