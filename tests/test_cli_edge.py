@@ -7,12 +7,34 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
+import subprocess
 import sys
+import time
+import types
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli import check_config
 from fedhub.cli.main import main
+
+
+def interrupted(command: list[str], after: float, **popen: Any) -> tuple[int, bytes]:
+    """
+    Run C{command}, send it SIGINT C{after} seconds later, and return its
+    exit status and standard error.
+    """
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    try:
+        time.sleep(after)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return child.returncode, stderr
 
 
 class InterruptTests(SynchronousTestCase):
@@ -38,19 +60,24 @@ class EarlyInterruptTests(SynchronousTestCase):
     Ctrl-C while the console script is still importing the commands.
     """
 
+    def replace_main(self, module: types.ModuleType) -> None:
+        """
+        Make C{module} what the console script imports as
+        C{fedhub.cli.main} for the rest of the test.
+        """
+        real = sys.modules["fedhub.cli.main"]
+        sys.modules["fedhub.cli.main"] = module
+        self.addCleanup(sys.modules.__setitem__, "fedhub.cli.main", real)
+
     def test_interrupted_import(self) -> None:
         """A KeyboardInterrupt while fedhub.cli.main is imported ends the script with one line and status 130."""
-        import types
-
         import fedhub.cli
 
         class Importing(types.ModuleType):
             def __getattr__(self, name: str) -> object:
                 raise KeyboardInterrupt()
 
-        real = sys.modules["fedhub.cli.main"]
-        sys.modules["fedhub.cli.main"] = Importing("fedhub.cli.main")
-        self.addCleanup(sys.modules.__setitem__, "fedhub.cli.main", real)
+        self.replace_main(Importing("fedhub.cli.main"))
         err = io.StringIO()
         self.patch(sys, "stderr", err)
         self.patch(sys, "argv", ["fedhub", "-q", "publish", "--topic", "t"])
@@ -61,16 +88,11 @@ class EarlyInterruptTests(SynchronousTestCase):
 
     def test_done_command_ignores_late_interrupt(self) -> None:
         """Once the command has returned, SIGINT is ignored while the process exits with its status."""
-        import signal
-        import types
-
         import fedhub.cli
 
         done = types.ModuleType("fedhub.cli.main")
         done.main = lambda: 0  # type: ignore[attr-defined]
-        real = sys.modules["fedhub.cli.main"]
-        sys.modules["fedhub.cli.main"] = done
-        self.addCleanup(sys.modules.__setitem__, "fedhub.cli.main", real)
+        self.replace_main(done)
         previous = signal.getsignal(signal.SIGINT)
         self.addCleanup(signal.signal, signal.SIGINT, previous)
         with self.assertRaises(SystemExit) as caught:
@@ -95,27 +117,14 @@ class EarlyInterruptTests(SynchronousTestCase):
         SIGINT at several moments of a real command's first second (its
         imports, then the command) never ends it with a traceback.
         """
-        import signal
-        import subprocess
-        import time
-
         for delay in (0.1, 0.2, 0.3, 0.8):
-            child = subprocess.Popen(
-                [sys.executable, "-m", "fedhub.cli", "check-config", "/nonexistent/hub.toml"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            status, stderr = interrupted(
+                [sys.executable, "-m", "fedhub.cli", "check-config", "/nonexistent/hub.toml"], delay
             )
-            try:
-                time.sleep(delay)
-                child.send_signal(signal.SIGINT)
-                _, stderr = child.communicate(timeout=30)
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
             self.assertNotIn(b"Traceback", stderr, delay)
             # Interrupted (130), killed by the signal before Python took it
             # over (-2), or done before it came (78: no such file).
-            self.assertIn(child.returncode, (130, -signal.SIGINT, 78), (delay, stderr))
+            self.assertIn(status, (130, -signal.SIGINT, 78), (delay, stderr))
 
 
 class IgnoredSignalTests(SynchronousTestCase):
@@ -130,10 +139,7 @@ class IgnoredSignalTests(SynchronousTestCase):
         command ends on its timeout (75), not as interrupted (130).
         """
         import os
-        import signal
         import socket
-        import subprocess
-        import time
 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -144,19 +150,11 @@ class IgnoredSignalTests(SynchronousTestCase):
         with open(config, "w") as f:
             f.write(f'[hub]\nstate_dir = "{directory}/state"\n'
                     f'[domains.d]\nbroker = "amqp://guest:guest@127.0.0.1:{port}/"\n')
-        child = subprocess.Popen(
+        status, stderr = interrupted(
             [sys.executable, "-c", "import sys; from fedhub.cli.main import main; sys.exit(main())",
              "publish", "-c", config, "--topic", "org.example.t", "--body", "{}", "-t", "6"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            3,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
-        try:
-            time.sleep(3)
-            child.send_signal(signal.SIGINT)
-            _, stderr = child.communicate(timeout=30)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        self.assertEqual(child.returncode, 75, stderr)
+        self.assertEqual(status, 75, stderr)
         self.assertNotIn(b"interrupted", stderr)
