@@ -43,6 +43,24 @@ def read_until(process: subprocess.Popen[str], marker: str) -> list[str]:
     return lines
 
 
+def start_hub(state: Path, logger: str, hub: str = "") -> subprocess.Popen[str]:
+    """
+    Start C{twistd fedhub} with the log observer factory C{logger}, on a
+    memory domain with a C{log} consumer, its state (and configuration) in
+    C{state}; C{hub} adds lines to its C{[hub]} table.
+    """
+    config = state / "hub.toml"
+    config.write_text(
+        f'[hub]\nstate_dir = "{state}"\n{hub}[domains.d]\nbroker = "memory"\n'
+        '[[consumers]]\nname = "log"\nplugin = "log"\ndomain = "d"\ntopics = ["#"]\n'
+    )
+    twistd = Path(sys.executable).parent / "twistd"
+    return subprocess.Popen(
+        [str(twistd), "-n", "--pidfile=", "--logger", logger, "fedhub", "--config", str(config)],
+        cwd=str(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 class LogLevelTests(SynchronousTestCase):
     """
     The hub's log level, applied by L{HubLogger} where events are made.
@@ -193,17 +211,7 @@ class JSONLogTests(SynchronousTestCase):
         """twistd --logger fedhub.logs.json_logger makes every output line a JSON object."""
         state = Path(self.mktemp()).resolve()
         state.mkdir(parents=True)
-        config = state / "hub.toml"
-        config.write_text(
-            f'[hub]\nstate_dir = "{state}"\n[domains.d]\nbroker = "memory"\n'
-            '[[consumers]]\nname = "log"\nplugin = "log"\ndomain = "d"\ntopics = ["#"]\n'
-        )
-        twistd = Path(sys.executable).parent / "twistd"
-        process = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "--logger", "fedhub.logs.json_logger",
-             "fedhub", "--config", str(config)],
-            cwd=str(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        process = start_hub(state, "fedhub.logs.json_logger")
         lines: list[str] = []
         try:
             lines += read_until(process, "SIGTERM or SIGINT stops it")
@@ -256,18 +264,8 @@ class LogLevelObserverTests(SynchronousTestCase):
         # Short enough for the status server's UNIX socket path.
         state = Path(tempfile.mkdtemp(prefix="fedhub-")).resolve()
         self.addCleanup(shutil.rmtree, state, True)
-        config = state / "hub.toml"
-        config.write_text(
-            f'[hub]\nstate_dir = "{state}"\nlog_level = "warn"\nstatus = "unix:status.sock"\n'
-            '[domains.d]\nbroker = "memory"\n'
-            '[[consumers]]\nname = "log"\nplugin = "log"\ndomain = "d"\ntopics = ["#"]\n'
-        )
-        twistd = Path(sys.executable).parent / "twistd"
-        process = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "--logger", "fedhub.logs.text_logger",
-             "fedhub", "--config", str(config)],
-            cwd=str(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        process = start_hub(state, "fedhub.logs.text_logger",
+                            'log_level = "warn"\nstatus = "unix:status.sock"\n')
         lines: list[str] = []
         try:
             lines += read_until(process, "in-process memory bus")
