@@ -323,7 +323,7 @@ class FakeKoji:
     A Koji hub's state and the read calls a poller makes.
 
     Change it with L{start_build}, L{finish_build}, L{import_build},
-    L{tag_build}, L{untag_build}, L{scratch_build}, L{set_task_state},
+    L{tag_build}, L{untag_build}, L{scratch_build}, L{child_task}, L{set_task_state},
     L{new_repo} and L{repo_state}; each advances the hub's clock by C{step}
     seconds and allocates events the way the real hub does (builds and tasks
     change without events; tags and repos get one).
@@ -524,6 +524,16 @@ class FakeKoji:
         """
         self.tick()
         return self._new_task("build", [srpm, target, {"scratch": True}], FREE, owner)
+
+    def child_task(self, parent: int, arch: str = "x86_64") -> int:
+        """
+        Give a parent task a FREE C{buildArch} child task.
+        """
+        self.tick()
+        task_id = self._new_task("buildArch", [self.tasks[parent]["request"][0], 1, arch], FREE,
+                                 self.tasks[parent]["owner"])
+        self.tasks[task_id].update(parent=parent, arch=arch)
+        return task_id
 
     def new_repo(self, tag: str) -> int:
         """

@@ -1,8 +1,8 @@
 """
 Tests for L{fedhub.producers.koji}: a kind of event (builds, tasks, repos)
 switched on after the first start starts from the hub's present, as the
-poller does at its first start, and cursors of earlier versions go on where
-they were.
+poller does at its first start, so do the tasks a wider C{tasks} choice
+adds, and cursors of earlier versions go on where they were.
 """
 
 # mypy: disable-error-code="no-untyped-call"
@@ -232,6 +232,147 @@ class SwitchedOnLaterTests(SourceTestBase):
         self.assertEqual(self.poll(source, cursor).cursor["streams"], ["builds"])
 
 
+class TasksWidenedTests(SourceTestBase):
+    """
+    The C{tasks} choice of a poller that already has a cursor made wider or
+    narrower, tasks staying on.
+    """
+
+    def run_with(self, cursor: Any, tasks: str) -> tuple[list[Message], Any]:
+        """
+        Poll for C{tasks} alone until nothing is left.
+        """
+        return self.drain(self.source(**{**ALL_OFF, "tasks": tasks}), cursor)
+
+    def changes(self, messages: list[Message]) -> list[tuple[int, str]]:
+        return sorted((m.body["id"], m.body["new"]) for m in messages)
+
+    def test_widened_scratch_to_all(self) -> None:
+        """
+        Tasks widened from scratch builds' to all: the other tasks' changes
+        of before the change are not published, even though the overlap
+        reads them again, their changes after it are, and the scratch
+        builds' tasks that changed while the poller was stopped still are.
+        The first poll only records the change.
+        """
+        cursor = self.start(self.source(**{**ALL_OFF, "tasks": "scratch"}))
+        _, overlapped = self.koji.start_build("overlapped", "1", "1")
+        self.koji.event()
+        messages, cursor = self.run_with(cursor, "scratch")
+        self.assertEqual(messages, [])
+        # While the poller is stopped:
+        _, stopped = self.koji.start_build("stopped", "1", "1")
+        child = self.koji.child_task(stopped)
+        scratch = self.koji.scratch_build("meanwhile.src.rpm")
+        widened_at = self.koji.event()
+        events = self.logged()
+        widening = self.poll(self.source(**{**ALL_OFF, "tasks": "all"}), cursor)
+        self.assertEqual((widening.messages, widening.more), ([], True))
+        self.assertEqual(widening.cursor["tasks"]["choice"], "all")
+        self.assertEqual(widening.cursor["tasks"]["widened"],
+                         {"parents": self.koji.now, "all": self.koji.now})
+        messages, cursor = self.run_with(widening.cursor, "all")
+        self.assertEqual(self.changes(messages), [(scratch, "FREE")])
+        _, after = self.koji.start_build("after", "1", "1")
+        self.koji.set_task_state(overlapped, CLOSED)
+        self.koji.set_task_state(child, OPEN)
+        messages, _ = self.run_with(cursor, "all")
+        self.assertEqual(self.changes(messages),
+                         sorted([(overlapped, "CLOSED"), (child, "OPEN"), (after, "OPEN")]))
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.info]
+        self.assertEqual(lines, ["Tasks widened since the last poll from scratch to all: the "
+                                 f"tasks of {HUB} that all adds are published from now "
+                                 f"(event {widened_at})"])
+
+    def test_widening_saved_before_anything_read(self) -> None:
+        """
+        The widening is saved before anything is read from it: a poll after
+        it whose messages are not handed over is read again from the same
+        floor, however far the hub has moved on.
+        """
+        source = self.source(**{**ALL_OFF, "tasks": "parents"})
+        cursor = self.start(source)
+        widening = self.poll(self.source(**{**ALL_OFF, "tasks": "all"}), cursor)
+        self.assertEqual((widening.messages, widening.more), ([], True))
+        _, parent = self.koji.start_build("after", "1", "1")
+        child = self.koji.child_task(parent)
+        self.koji.event()
+        lost = self.poll(self.source(**{**ALL_OFF, "tasks": "all"}), widening.cursor)
+        self.assertEqual(self.changes(lost.messages), [(parent, "OPEN"), (child, "FREE")])
+        self.koji.tick()
+        self.koji.event()
+        messages, _ = self.run_with(widening.cursor, "all")
+        self.assertEqual(self.changes(messages), [(parent, "OPEN"), (child, "FREE")])
+
+    def test_narrowed_then_widened_again(self) -> None:
+        """
+        A narrower choice stops publishing the tasks it leaves out at once,
+        and drops their floors; widened again, the tasks it adds then start
+        from then, step by step, while the ones already published lose
+        nothing.
+        """
+        cursor = self.start(self.source(**{**ALL_OFF, "tasks": "scratch"}))
+        messages, cursor = self.run_with(cursor, "all")
+        self.assertEqual((messages, sorted(cursor["tasks"]["widened"])), ([], ["all", "parents"]))
+        _, parent = self.koji.start_build("p", "1", "1")
+        child = self.koji.child_task(parent)
+        messages, cursor = self.run_with(cursor, "all")
+        self.assertEqual(self.changes(messages), [(parent, "OPEN"), (child, "FREE")])
+        # Narrowed to scratch builds' tasks: at once, no poll of its own.
+        self.koji.set_task_state(child, OPEN)
+        scratch = self.koji.scratch_build("s.src.rpm")
+        self.koji.event()
+        narrowed = self.poll(self.source(**{**ALL_OFF, "tasks": "scratch"}), cursor)
+        self.assertEqual(self.changes(narrowed.messages), [(scratch, "FREE")])
+        self.assertEqual(narrowed.cursor["tasks"]["choice"], "scratch")
+        self.assertNotIn("widened", narrowed.cursor["tasks"])
+        _, cursor = self.run_with(narrowed.cursor, "scratch")
+        # Changed while scratch builds' tasks alone were published, read
+        # again by the overlap once widened to all parent tasks: a floor
+        # newer than the first widening's keeps them out.
+        _, quiet = self.koji.start_build("q", "1", "1")
+        self.koji.set_task_state(child, CLOSED)
+        self.koji.event()
+        messages, cursor = self.run_with(cursor, "parents")
+        self.assertEqual(messages, [])
+        self.assertEqual(cursor["tasks"]["widened"], {"parents": self.koji.now})
+        self.koji.set_task_state(quiet, CLOSED)
+        messages, cursor = self.run_with(cursor, "parents")
+        self.assertEqual(self.changes(messages), [(quiet, "CLOSED")])
+        # Widened to all while stopped: the parent tasks go on from where
+        # they were, the child tasks start from now.
+        parents_floor = cursor["tasks"]["widened"]["parents"]
+        self.koji.set_task_state(parent, CLOSED)
+        late = self.koji.child_task(parent)
+        self.koji.event()
+        messages, cursor = self.run_with(cursor, "all")
+        self.assertEqual([(m.body["id"], m.body["old"], m.body["new"]) for m in messages],
+                         [(parent, "OPEN", "CLOSED")])
+        self.assertEqual(cursor["tasks"]["widened"],
+                         {"parents": parents_floor, "all": self.koji.now})
+        self.koji.set_task_state(late, OPEN)
+        messages, _ = self.run_with(cursor, "all")
+        self.assertEqual(self.changes(messages), [(late, "OPEN")])
+
+    def test_widened_far_ahead_refused(self) -> None:
+        """
+        The tasks a wider choice adds do not start from an event dated more
+        than a day past this host's clock (it would be their floor for
+        good): the poll fails, and they start once the clocks agree.
+        """
+        cursor = self.start(self.source(**{**ALL_OFF, "tasks": "scratch"}))
+        clock = Clock()
+        clock.advance(self.koji.now - 2 * 86400)
+        source = KojiSource("koji", self.caller,
+                            KojiSettings.for_hub(HUB, **{**ALL_OFF, "tasks": "parents"}), topic,
+                            clock=clock)
+        failure = self.failureResultOf(source.poll(cursor), KojiError)
+        self.assertIn("more than a day ahead of this host's clock", str(failure.value))
+        clock.advance(2 * 86400)
+        self.assertEqual(self.poll(source, cursor).cursor["tasks"]["widened"],
+                         {"parents": self.koji.now})
+
+
 class UpgradeTests(SourceTestBase):
     """
     Cursors saved by versions that did not record which kinds were on.
@@ -269,3 +410,28 @@ class UpgradeTests(SourceTestBase):
                     ("buildsys.task.state.change", "FREE"),
                     ("buildsys.repo.done", None), ("buildsys.untag", None)]))
         self.assertIn(task, [m.body.get("id") for m in after])
+
+    def test_cursor_without_tasks_choice(self) -> None:
+        """
+        A cursor of a version that did not record the tasks choice is taken
+        to have had the current one: it goes on where it was, publishing
+        what happened since once and nothing of before again, with no poll
+        of its own and no floor.
+        """
+        source = self.source(**{**ALL_OFF, "tasks": "parents"})
+        cursor = self.start(source)
+        _, task = self.koji.start_build("before", "1", "1")
+        before, cursor = self.drain(source, cursor)
+        self.assertEqual([(m.body["id"], m.body["new"]) for m in before], [(task, "OPEN")])
+        # The cursor file as the earlier version wrote it.
+        del cursor["tasks"]["choice"]
+        cursor = json.loads(json.dumps(cursor))
+        self.koji.set_task_state(task, CLOSED)
+        scratch = self.koji.scratch_build("since.src.rpm")
+        self.koji.event()
+        first = self.poll(source, cursor)
+        self.assertEqual(sorted((m.body["id"], m.body["new"]) for m in first.messages),
+                         [(task, "CLOSED"), (scratch, "FREE")])
+        self.assertFalse({m.id for m in before} & {m.id for m in first.messages})
+        self.assertEqual(first.cursor["tasks"]["choice"], "parents")
+        self.assertNotIn("widened", first.cursor["tasks"])

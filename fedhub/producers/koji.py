@@ -102,6 +102,9 @@ SCHEMAS: Mapping[str, str] = {
 
 #: Which parent tasks get C{task.state.change} messages.
 TASK_MODES = ("scratch", "parents", "all", "none")
+#: The choices of C{tasks} that publish tasks, narrowest first: each
+#: publishes the tasks of the ones before it too (see L{_task_kind}).
+_TASK_CHOICES = ("scratch", "parents", "all")
 
 _NAMESPACE = uuid.UUID("6f1c9d8e-3b0a-5d7e-9a2c-4e8f1b6d0c35")
 # The states the "created" and "started" task queries ask for.
@@ -267,6 +270,31 @@ def _floor(state: Mapping[str, Any], floor_ts: float) -> float:
     return max(floor_ts, _number(state.get("floor")) or floor_ts)
 
 
+def _task_kind(task: Mapping[str, Any]) -> str:
+    """
+    The narrowest choice of C{tasks} that publishes C{task}'s state changes:
+    C{scratch} for the parent task of a scratch build, C{parents} for any
+    other parent task, C{all} for a child task.
+    """
+    if task.get("parent") is not None:
+        return "all"
+    request = task.get("request")
+    if (isinstance(request, list) and bool(request) and isinstance(request[-1], dict)
+            and request[-1].get("scratch") is True):
+        return "scratch"
+    return "parents"
+
+
+def _task_kinds(choice: str) -> tuple[str, ...]:
+    """
+    The kinds of task (see L{_task_kind}) that a choice of C{tasks}
+    publishes: those of the narrower choices too, none for C{none}.
+    """
+    if choice not in _TASK_CHOICES:
+        return ()
+    return _TASK_CHOICES[:_TASK_CHOICES.index(choice) + 1]
+
+
 def _result(task: Mapping[str, Any]) -> Any:
     """
     A task result as koji-fedoramessaging's schema takes it: C{null}, an
@@ -351,7 +379,8 @@ class KojiSource:
             "floor_ts": event_ts,
             "history_seen": {},
             "builds": _time_streams(("created", "completed"), event_ts),
-            "tasks": _time_streams(("created", "started", "completed"), event_ts),
+            "tasks": self._task_state(_time_streams(("created", "started", "completed"),
+                                                    event_ts)),
             "repos": {"next": repo_next, "pending": pending},
             "streams": self._streams(),
         }
@@ -400,14 +429,66 @@ class KojiSource:
             cursor["builds"] = {**_time_streams(("created", "completed"), event_ts),
                                 "floor": event_ts}
         if "tasks" in streams:
-            cursor["tasks"] = {**_time_streams(("created", "started", "completed"), event_ts),
-                               "floor": event_ts}
+            cursor["tasks"] = self._task_state({
+                **_time_streams(("created", "started", "completed"), event_ts),
+                "floor": event_ts})
         if "repos" in streams:
             repo_next, pending = yield self._seed_repos()
             cursor["repos"] = {"next": repo_next, "pending": pending}
         self.log.info("Switched on since the last poll: publishing {streams} of {hub} from now "
                       "(event {event})", producer=self.name, streams=", ".join(streams),
                       hub=display_url(self.settings.hub_url), event=event_id)
+
+    def _task_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{state}, the tasks' state at a first start or a switch, with the
+        C{tasks} choice they start with recorded (none for C{none}: tasks
+        switched on later start afresh, recording their choice then).
+        """
+        if self.settings.tasks != "none":
+            state["choice"] = self.settings.tasks
+        return state
+
+    def _widen_tasks(self, state: dict[str, Any], event_id: int,
+                     event_ts: float) -> list[str]:
+        """
+        Record the choice of C{tasks} in the tasks' C{state}, and when it is
+        wider than the one recorded (C{scratch} to C{all}, say), start the
+        kinds of task it adds from the hub's present: each gets a time floor
+        of its own (in C{widened}, by kind), so that the overlap read again
+        publishes none of their changes from before the change, while the
+        kinds already published go on from where they were, losing nothing
+        of the time the poller was stopped.  A narrower choice only drops
+        the floors of the kinds it leaves out: widened again later, they get
+        new ones.  A cursor without a recorded choice (of an earlier
+        version) is taken to have had the current one.
+
+        @param event_id: The hub's last event.
+        @param event_ts: Its time.
+        @return: The kinds of task added.
+        """
+        recorded = state.get("choice")
+        choice = self.settings.tasks
+        before = _task_kinds(recorded if recorded in _TASK_CHOICES else choice)
+        kinds = _task_kinds(choice)
+        added = [kind for kind in kinds if kind not in before]
+        if added:
+            self._check_start(event_id, event_ts)
+        widened = state.get("widened")
+        floors = {kind: ts for kind, ts in (widened if isinstance(widened, dict) else {}).items()
+                  if kind in kinds}
+        floors.update({kind: event_ts for kind in added})
+        if floors:
+            state["widened"] = floors
+        else:
+            state.pop("widened", None)
+        state["choice"] = choice
+        if added:
+            self.log.info("Tasks widened since the last poll from {old} to {new}: the tasks of "
+                          "{hub} that {new} adds are published from now (event {event})",
+                          producer=self.name, old=recorded, new=choice,
+                          hub=display_url(self.settings.hub_url), event=event_id)
+        return added
 
     @inlineCallbacks
     def _newest_repo(self, before: float | None = None
@@ -496,14 +577,19 @@ class KojiSource:
         streams = self._streams()
         switched_on = [k for k in streams if k not in c.get("streams", streams)]
         c["streams"] = streams
+        # Tasks switched on start with their choice recorded; tasks that
+        # were on may have a wider one now.
+        widened = (self._widen_tasks(c["tasks"], last_id, last_ts)
+                   if "tasks" in streams and "tasks" not in switched_on else [])
         if switched_on:
             yield self._switch_on(c, switched_on, last_id, last_ts)
-            # A poll of its own, with nothing to publish, so the switch is
-            # saved before anything is read from it (as a first start saves
-            # its cursor): a poll whose messages could not all be handed
-            # over would otherwise be read again from before the switch,
-            # which the next one would place later, and what happened in
-            # between would be lost.
+        if switched_on or widened:
+            # A poll of its own, with nothing to publish, so the switch (or
+            # the widening) is saved before anything is read from it (as a
+            # first start saves its cursor): a poll whose messages could not
+            # all be handed over would otherwise be read again from before
+            # the switch, which the next one would place later, and what
+            # happened in between would be lost.
             return PollResult([], c, more=True)
         end, end_ts = min(last_id, start + self._event_step), last_ts
         catching_up = end < last_id
@@ -660,6 +746,10 @@ class KojiSource:
         if s.tasks != "none":
             state = c["tasks"]
             floor = _floor(state, floor_ts)
+            # The kinds of task a wider choice added start later.
+            published = _task_kinds(s.tasks)
+            floors = {kind: max(floor, _number(ts) or floor)
+                      for kind, ts in state.get("widened", {}).items()}
             seen = _SeenWindow(state.get("seen"))
             paging = set(state.get("paging", []))
             tasks: dict[int, dict[str, Any]] = {}
@@ -675,12 +765,13 @@ class KojiSource:
             known = dict(state.get("open", {}))
             for task_id, row in sorted(tasks.items()):
                 new = row.get("state")
-                if not self._wanted(row):
+                kind = _task_kind(row)
+                if kind not in published:
                     continue
                 position = (_number(row.get("completion_ts")) or _number(row.get("start_ts"))
                             or _number(row.get("create_ts")) or 0.0)
                 key = f"{task_id}:{new!r}"
-                if key in seen or position <= floor:
+                if key in seen or position <= floors.get(kind, floor):
                     continue
                 seen.add(key, position)
                 if not _integer(new):
@@ -881,18 +972,6 @@ class KojiSource:
 
     def _low_water(self, state: Mapping[str, Any], streams: Mapping[str, Any]) -> float:
         return min(float(state[s]) for s in streams) - self.settings.time_overlap
-
-    def _wanted(self, task: Mapping[str, Any]) -> bool:
-        mode = self.settings.tasks
-        if mode == "all":
-            return True
-        if task.get("parent") is not None:
-            return False
-        if mode == "parents":
-            return True
-        request = task.get("request")
-        return (isinstance(request, list) and bool(request) and isinstance(request[-1], dict)
-                and request[-1].get("scratch") is True)
 
     @staticmethod
     def _rows(value: Any, method: str) -> list[dict[str, Any]]:
