@@ -159,7 +159,9 @@ class HTTPStatusError(XMLRPCError):
     part of the reason, so the operator can correct the URL.
 
     @ivar status: The HTTP status code.
-    @ivar location: Where a redirect points (control characters escaped), or
+    @ivar location: Where a redirect points, without its query string and
+        fragment (a server moving C{http} to C{https} keeps the query, which
+        may hold the URL's API key) and with control characters escaped; or
         C{None}.
     @ivar retry_after: The seconds the server's C{Retry-After} asked to wait
         (given in seconds; at most L{MAX_RETRY_AFTER}), or C{None}.
@@ -168,7 +170,8 @@ class HTTPStatusError(XMLRPCError):
     def __init__(self, url: str, method: str, status: int, phrase: str,
                  location: str | None = None, retry_after: float | None = None) -> None:
         self.status = status
-        self.location = None if location is None else escape_control(location, 300)
+        self.location = None if location is None else escape_control(
+            location.split("?", 1)[0].split("#", 1)[0], 300)
         self.retry_after = retry_after
         reason = f"HTTP {status} {escape_control(phrase, 80)}"
         if self.location is not None:

@@ -391,6 +391,29 @@ class MisbehavingServerTests(ClientTestBase):
         self.assertNotIn("\x1b", str(error))
 
     @inlineCallbacks
+    def test_redirect_target_without_query(self) -> Any:
+        """
+        Where a redirect points is named without its query string: a server
+        moving C{http} to C{https} keeps the query, which may carry the
+        configured URL's API key, and the error is logged.
+        """
+
+        class Moved(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Request) -> bytes:
+                request.setResponseCode(301)
+                request.setHeader(b"location",
+                                  b"https://xmlrpc.example.org/RPC2?api_key=s3cret#top")
+                return b"<html>moved</html>"
+
+        client = self.client(self.serve(Moved()))
+        error = yield self.assertFailure(client.call("echo"), HTTPStatusError)
+        self.assertEqual(error.location, "https://xmlrpc.example.org/RPC2")
+        self.assertIn("to https://xmlrpc.example.org/RPC2 (redirects", str(error))
+        self.assertNotIn("s3cret", str(error))
+
+    @inlineCallbacks
     def test_datetime_forms(self) -> Any:
         """
         dateTime values in the forms servers send besides the specified one
