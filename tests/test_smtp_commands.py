@@ -6,16 +6,29 @@ command line as C{twisted.mail}'s C{ESMTP} did.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.mail.smtp import Address, AddressError, SMTPBadSender, User
 from twisted.trial.unittest import SynchronousTestCase
 
+from fedhub.errors import PublishError, TemporarilyUnavailable
 from fedhub.producers.bugzilla import smtp
 from fedhub.producers.bugzilla.producer import Accepted
 from fedhub.producers.bugzilla.smtp import BugmailSMTP, ListenerSettings, _parse_address
-from tests.test_smtp_server import RECIPIENT, CHANGED, Harness, RecordingIntake, dot_stuffed, sample
+from tests.test_smtp_server import (
+    CHANGED,
+    NEW,
+    NOT_BUGMAIL,
+    RECIPIENT,
+    Client,
+    Harness,
+    RecordingIntake,
+    dot_stuffed,
+    sample,
+)
 
 #: Command lines sent one at a time in a fresh session, and the reply lines
 #: to each, as the listener gave them when C{ESMTP.state_COMMAND},
@@ -179,7 +192,7 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(client.codes(), [250, 250, 250, 452])
         client.send(b"DATA\r\n" + dot_stuffed(sample(CHANGED)))
         self.assertEqual(client.codes(), [354, 250])
-        # The end of the data started the count again: eight commands more.
+        # The mail taken (250) started the count again: eight commands more.
         client.send(b"NOOP\r\nRSET\r\nEHLO a.example\r\nMAIL FROM:<b@example.com>\r\n" + rcpt * 3
                     + b"NOOP\r\n")
         self.assertEqual(client.codes(), [250, 250, 250, 250, 250, 452, 452, 250])
@@ -190,6 +203,123 @@ class CommandTests(SynchronousTestCase):
         self.assertTrue(client.closed)
         self.assertEqual(harness.factory.counters["command_limit_closes"], 1)
         self.assertEqual(harness.factory.counters["error_limit_closes"], 0)
+
+    def send_mails(self, client: Client, data: bytes, mails: int) -> list[int]:
+        """
+        Send C{mails} mails with the body C{data} (dot-stuffed, ended by its
+        lone dot) in C{client}'s session, each as C{MAIL}, C{RCPT} and
+        C{DATA}, one command at a time, until the session is closed.
+
+        @return: The codes of every reply.
+        """
+        codes: list[int] = []
+        for _ in range(mails):
+            for command in (b"MAIL FROM:<>", b"RCPT TO:<" + RECIPIENT.encode() + b">", b"DATA"):
+                client.send(command + b"\r\n")
+                codes += client.codes()
+                if client.closed:
+                    return codes
+            client.send(data)
+            codes += client.codes()
+        return codes
+
+    def test_refused_mails_do_not_restart_the_command_count(self) -> None:
+        """Mail refused at the end of its data (4xx or 5xx: empty, not Bugzilla mail, too big, a line too long, no secret, the publisher refusing it or failing) does not start the count of commands again: sent over and over, it closes the session with 421 past max_commands_per_mail."""
+        mail = dot_stuffed(sample(CHANGED))
+        too_big = b"x" * 98 + b"\r\n"
+        cases: list[tuple[str, dict[str, Any], bytes, Exception | None, bytes]] = [
+            ("empty", {}, b".\r\n", None, b"550 5.6.0 "),
+            ("not bugmail", {}, dot_stuffed(sample(NOT_BUGMAIL)), None, b"550 5.6.0 "),
+            ("too big", {"max_message_size": 1000}, too_big * 11 + b".\r\n", None, b"552 5.3.4 "),
+            ("line too long", {"max_line_length": 100}, too_big[:-2] * 2 + b"\r\n.\r\n", None,
+             b"500 5.5.2 "),
+            ("no secret", {"secret": b"s3cret"}, mail, None, b"550 5.7.1 "),
+            ("unavailable", {}, mail, TemporarilyUnavailable("the broker is away"), b"451 4.3.0 "),
+            ("outbox full", {}, mail,
+             TemporarilyUnavailable("the outbox of domain test is full: 1 messages waiting (limit 1)"),
+             b"452 4.3.1 "),
+            ("publisher refuses", {}, mail, PublishError("larger than the whole outbox"),
+             b"554 5.3.0 "),
+        ]
+        for name, options, data, failure, refusal in cases:
+            secret = options.pop("secret", None)
+            settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
+                                        max_commands_per_mail=8, **options)
+            harness = Harness(settings, secret=secret)
+            harness.publisher.failure = failure
+            client = harness.connect()
+            client.replies()
+            client.send(b"MAIL FROM:<>\r\nRCPT TO:<" + RECIPIENT.encode() + b">\r\nDATA\r\n"
+                        + data)
+            # The refusal, as the listener gives it.
+            replies = client.replies()
+            self.assertEqual(len(replies), 4, (name, replies))
+            self.assertTrue(replies[-1].startswith(refusal), (name, replies))
+            refused = int(refusal[:3])
+            # Three commands a mail: the third mail's DATA is the ninth
+            # command, one over the limit.
+            self.assertEqual(self.send_mails(client, data, 10),
+                             [250, 250, 354, refused, 250, 250, 421], name)
+            self.assertTrue(client.closed, name)
+            self.assertEqual(harness.factory.counters["command_limit_closes"], 1, name)
+            self.assertEqual(harness.publisher.published, [], name)
+
+    def test_mail_answered_late_does_not_restart_the_command_count(self) -> None:
+        """A mail answered 451 after delivery_timeout does not start the count of commands again, even when its hand-over then succeeds."""
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
+                                    max_commands_per_mail=8)
+        harness = Harness(settings)
+        harness.publisher.hold = True
+        client = harness.connect()
+        client.replies()
+        client.send(b"MAIL FROM:<>\r\nRCPT TO:<" + RECIPIENT.encode() + b">\r\nDATA\r\n"
+                    + dot_stuffed(sample(CHANGED)))
+        self.assertEqual(client.codes(), [250, 250, 354])
+        harness.clock.advance(settings.delivery_timeout)
+        self.assertEqual(client.replies(),
+                         [b"451 4.4.1 Timed out handing the mail over, try again later"])
+        harness.publisher.held[0][1].callback(None)
+        self.assertEqual(client.replies(), [])
+        client.send(b"NOOP\r\n" * 5)
+        self.assertEqual(client.codes(), [250] * 5)
+        client.send(b"NOOP\r\n")
+        self.assertEqual(client.replies(),
+                         [b"421 4.7.0 Too many commands without a mail, closing connection"])
+        self.assertTrue(client.closed)
+
+    def test_taken_mails_restart_the_command_count(self) -> None:
+        """Every mail taken (250: published, a duplicate, or quarantined) starts the count of commands again, so a session sending them is never closed by max_commands_per_mail, and one refused mail before them does not count against the next."""
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
+                                    max_commands_per_mail=8)
+        # Published, then duplicates of it.
+        harness = Harness(settings)
+        client = harness.connect()
+        client.replies()
+        mail = dot_stuffed(sample(CHANGED))
+        self.assertEqual(self.send_mails(client, mail, 20), [250, 250, 354, 250] * 20)
+        self.assertFalse(client.closed)
+        self.assertEqual(len(harness.publisher.published), 1)
+        self.assertEqual(harness.factory.counters["mails_duplicate"], 19)
+        # Quarantined: kept for review, and answered 250.
+        quarantined = Harness(settings, quarantine_dir=self.mktemp(), quarantine_max_files=20)
+        client = quarantined.connect()
+        client.replies()
+        self.assertEqual(self.send_mails(client, b".\r\n", 5), [250, 250, 354, 250] * 5)
+        self.assertFalse(client.closed)
+        self.assertEqual(quarantined.factory.counters["mails_quarantined"], 5)
+        # A refused mail, then a taken one: the count starts again from the
+        # 250, so eight commands more are answered and the ninth closes.
+        harness = Harness(settings)
+        client = harness.connect()
+        client.replies()
+        self.assertEqual(self.send_mails(client, b".\r\n", 1), [250, 250, 354, 550])
+        self.assertEqual(self.send_mails(client, dot_stuffed(sample(NEW)), 1), [250, 250, 354, 250])
+        client.send(b"NOOP\r\n" * 8)
+        self.assertEqual(client.codes(), [250] * 8)
+        self.assertFalse(client.closed)
+        client.send(b"NOOP\r\n")
+        self.assertEqual(client.codes(), [421])
+        self.assertTrue(client.closed)
 
     def session_time_harness(self) -> tuple[Harness, RecordingIntake]:
         intake = RecordingIntake()

@@ -442,3 +442,52 @@ class ConnectionLimitTests(RawSMTPTestCase):
         again = yield self.connect()
         self.assertEqual(again.codes(), [220])
         self.assertEqual(len(self.publisher.published), 1)
+
+
+class CommandLimitTests(RawSMTPTestCase):
+    """
+    C{max_commands_per_mail} against clients that send mail over and over.
+    """
+
+    #: One mail's commands, pipelined: MAIL, RCPT and DATA.
+    ENVELOPE = b"MAIL FROM:<>\r\nRCPT TO:<" + RECIPIENT.encode() + b">\r\nDATA\r\n"
+
+    @inlineCallbacks
+    def mails(self, client: RawClient, data: bytes, count: int) -> Generator[Deferred[Any], Any, None]:
+        """
+        Send C{count} mails with the body C{data} (dot-stuffed, ended by its
+        lone dot), each once the previous one was answered, until the
+        connection is lost.
+        """
+        for _ in range(count):
+            if client.lost:
+                return
+            answered = len(client.codes()) + 4
+            client.send(self.ENVELOPE + data)
+            yield client.replies(answered)
+
+    @inlineCallbacks
+    def test_refused_mails_closed(self) -> Generator[Deferred[Any], Any, None]:
+        """A client sending empty mails over and over (each refused 550) is closed with 421 once its commands pass max_commands_per_mail: a refused mail does not start the count again."""
+        self.start(max_recipients=1, max_commands_per_mail=8)
+        client = yield self.connect()
+        yield self.mails(client, b".\r\n", 10)
+        if not client.lost:
+            client.send(b"QUIT\r\n")
+        yield client.until(lambda: client.lost)
+        # Three commands a mail: the third mail's DATA is the ninth command.
+        self.assertEqual(client.codes(), [220, 250, 250, 354, 550, 250, 250, 354, 550, 250, 250, 421])
+        self.assertEqual(client.lines()[-1],
+                         b"421 4.7.0 Too many commands without a mail, closing connection")
+        self.assertEqual(self.publisher.published, [])
+
+    @inlineCallbacks
+    def test_taken_mails_not_closed(self) -> Generator[Deferred[Any], Any, None]:
+        """A client sending mails that are taken (250: published, then duplicates) over and over is never closed by max_commands_per_mail."""
+        self.start(max_recipients=1, max_commands_per_mail=8)
+        client = yield self.connect()
+        yield self.mails(client, dot_stuffed(sample(CHANGED)), 10)
+        client.send(b"QUIT\r\n")
+        yield client.until(lambda: client.lost)
+        self.assertEqual(client.codes(), [220] + [250, 250, 354, 250] * 10 + [221])
+        self.assertEqual(len(self.publisher.published), 1)

@@ -1018,8 +1018,10 @@ class BugzillaSMTPPlugin:
         "max_errors": Option(int, 20, "refused commands in one session before it is closed",
                              _at_least_one),
         "max_commands_per_mail": Option(int, None, "commands a session may send before its first "
-                                        "mail and between two mails before it is closed "
-                                        "(default: 100, or max_recipients + 5 when more)",
+                                        "mail and between two mails taken (answered 250; "
+                                        "refused mails do not count as one) before it is "
+                                        "closed (default: 100, or max_recipients + 5 when "
+                                        "more)",
                                         _at_least_one),
         "max_session_time": Option(float, 3600.0, "seconds a session may last before it is "
                                    "closed (between mails)", _positive),
