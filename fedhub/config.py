@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 from fedhub.errors import NO_PLUGINS, ConfigError, ConfigProblem, ConfigUnreadable, UnknownPlugin
 from fedhub.logs import LEVELS
-from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from fedhub.topology import QUEUE_TYPE, BindingSpec, ExchangeSpec, QueueSpec, Topology
 
 __all__ = [
     "REQUIRED",
@@ -129,6 +129,22 @@ def _quote(text: str) -> str:
     C{text} in double quotes, escaped so it prints safely and unambiguously.
     """
     return '"' + escape_text(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _queue_arguments_key(arguments: Mapping[str, Any]) -> str:
+    """
+    A queue's arguments as the broker compares two declarations of it: as
+    JSON, which tells 10000.0 from 10000 and true from 1 as the broker does
+    (a double is not an integer), without C{x-queue-type} when it is
+    C{"classic"}: RabbitMQ takes a classic queue declared with that argument
+    and one declared without it as the same queue (a quorum or stream queue
+    not so).  That holds where a queue declared without a type is classic,
+    as it is unless the virtual host or the node names another default
+    queue type, which the configuration does not know.
+    """
+    if arguments.get(QUEUE_TYPE) == "classic":
+        arguments = {key: value for key, value in arguments.items() if key != QUEUE_TYPE}
+    return json.dumps(dict(arguments), sort_keys=True)
 
 
 def redact_url(url: str) -> str:
@@ -1414,7 +1430,9 @@ class _Validator:
         hub declares it: the broker would refuse one of the two declarations
         when the hub starts (406).  Declaring one the same way (a consumer's
         dead-letter exchange, say, to bind a queue of the topology to it) is
-        fine, and so are bindings to a consumer's queue.
+        fine, and so are bindings to a consumer's queue.  A queue's
+        C{x-queue-type} C{"classic"} and no C{x-queue-type} are the same
+        way, as they are to the broker (L{_queue_arguments_key}).
         """
         from fedhub.consumers.runner import consumer_queues, consumer_topology
 
@@ -1439,11 +1457,9 @@ class _Validator:
                 if declared.name not in queues:
                     continue
                 role, spec = queues[declared.name]
-                # Compared as JSON, which tells 10000.0 from 10000 and true
-                # from 1 as the broker does (a double is not an integer).
                 shown = json.dumps(dict(spec.arguments), sort_keys=True)
-                if (declared.durable, json.dumps(dict(declared.arguments), sort_keys=True)) != (
-                    spec.durable, shown
+                if (declared.durable, _queue_arguments_key(declared.arguments)) != (
+                    spec.durable, _queue_arguments_key(spec.arguments)
                 ):
                     self.report(
                         ("domains", name, "topology", "queues", index, "name"),

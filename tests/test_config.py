@@ -876,6 +876,55 @@ class ReferenceTests(SynchronousTestCase, ProblemsMixin):
              f'"x-message-ttl": 10000}}; {same} {from_arguments}'),
         ])
 
+    def test_topology_classic_queue_type(self) -> None:
+        """
+        A consumer's own queue declared in a topology with C{x-queue-type}
+        C{"classic"} where the hub declares it without a type, or the other
+        way round, is declared the same way: RabbitMQ takes both as one
+        classic queue.  C{"quorum"} or C{"stream"} against no type stays
+        different, and so does C{"classic"} against C{"quorum"}.
+        """
+        text = (
+            '[domains.d]\nbroker = "memory"\n[domains.d.topology]\n'
+            'queues = ['
+            # Classic in the topology, no type for the hub.
+            '{ name = "fedhub.a", arguments = { "x-queue-type" = "classic",'
+            ' "x-dead-letter-exchange" = "fedhub.a.dead" } },'
+            ' { name = "fedhub.a.dead", arguments = { "x-queue-type" = "classic" } },'
+            # No type in the topology, classic for the hub.
+            ' { name = "q", arguments = { "x-dead-letter-exchange" = "q.dead" } },'
+            ' { name = "q.dead" },'
+            # Quorum or stream against no type, either way round.
+            ' { name = "fedhub.c", arguments = { "x-queue-type" = "quorum",'
+            ' "x-dead-letter-exchange" = "fedhub.c.dead" } },'
+            ' { name = "fedhub.c.dead", arguments = { "x-queue-type" = "stream" } },'
+            ' { name = "fedhub.e", arguments = { "x-dead-letter-exchange" = "fedhub.e.dead" } },'
+            # Classic against quorum.
+            ' { name = "fedhub.e.dead", arguments = { "x-queue-type" = "classic" } }]\n'
+            '[[consumers]]\nname = "a"\nplugin = "log"\ndomain = "d"\n'
+            '[[consumers]]\nname = "b"\nplugin = "log"\ndomain = "d"\nqueue = "q"\n'
+            'queue_arguments = { "x-queue-type" = "classic" }\n'
+            '[[consumers]]\nname = "c"\nplugin = "log"\ndomain = "d"\n'
+            '[[consumers]]\nname = "e"\nplugin = "log"\ndomain = "d"\n'
+            'queue_arguments = { "x-queue-type" = "quorum" }\n'
+        )
+        tail = "declare it the same way or leave it out (its arguments come from the consumer's queue_arguments)"
+        self.assertEqual(self.messages(text), [
+            ("domains.d.topology.queues[4].name",
+             'queue "fedhub.c" is the queue of consumers[2], which the hub declares itself, '
+             f'durable, with the arguments {{"x-dead-letter-exchange": "fedhub.c.dead"}}; {tail}'),
+            ("domains.d.topology.queues[5].name",
+             'queue "fedhub.c.dead" is the dead-letter queue of consumers[2], which the hub '
+             f"declares itself, durable, with the arguments {{}}; {tail}"),
+            ("domains.d.topology.queues[6].name",
+             'queue "fedhub.e" is the queue of consumers[3], which the hub declares itself, '
+             'durable, with the arguments {"x-dead-letter-exchange": "fedhub.e.dead", '
+             f'"x-queue-type": "quorum"}}; {tail}'),
+            ("domains.d.topology.queues[7].name",
+             'queue "fedhub.e.dead" is the dead-letter queue of consumers[3], which the hub '
+             f'declares itself, durable, with the arguments {{"x-queue-type": "quorum"}}; {tail}'),
+        ])
+
     def test_names(self) -> None:
         """
         Component and domain names must be safe as queue and directory names.

@@ -357,6 +357,27 @@ class TopologyTests(MemoryBusTestsMixin):
             error = self.declare_fails(bus, Topology(queues=(spec,)), PreconditionFailed)
             self.assertIn("inequivalent", error.reply_text)
 
+    def test_redeclare_classic_queue_type(self) -> None:
+        """
+        A queue declared with x-queue-type "classic" and again without a
+        type, or the other way round, is the same queue, as on RabbitMQ; a
+        quorum or stream queue and one without a type are not.
+        """
+        bus, clock = self.bus()
+        classic = {"x-queue-type": "classic"}
+        self.queue(bus, "with", arguments=classic)
+        self.queue(bus, "with", arguments={})
+        self.queue(bus, "without", arguments={})
+        self.queue(bus, "without", arguments=classic)
+        for queue_type in ("quorum", "stream"):
+            typed = {"x-queue-type": queue_type}
+            self.queue(bus, queue_type, arguments=typed)
+            for name, arguments in ((queue_type, {}), (queue_type, classic), ("without", typed)):
+                error = self.declare_fails(
+                    bus, Topology(queues=(QueueSpec(name, arguments=arguments),)), PreconditionFailed
+                )
+                self.assertIn("inequivalent arg 'x-queue-type'", error.reply_text)
+
     def test_declared_exchange_types(self) -> None:
         """
         Declared direct and fanout exchanges route like RabbitMQ's.

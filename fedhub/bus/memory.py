@@ -1058,6 +1058,10 @@ def _inequivalence(current: QueueSpec, received: QueueSpec) -> str | None:
         now = received.arguments.get(name, missing)
         if then is missing and now is missing:
             continue
+        if name == QUEUE_TYPE and all(v is missing or v == "classic" for v in (then, now)):
+            # RabbitMQ takes a classic queue declared with the type
+            # "classic" and one declared without a type as the same.
+            continue
         if then is missing or now is missing or not _same(then, now):
             shown_now = "none" if now is missing else repr(now)
             shown_then = "none" if then is missing else repr(then)
