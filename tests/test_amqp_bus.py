@@ -69,6 +69,8 @@ class ScriptedBroker:
     @ivar auto_confirm: Ack every publish at once.
     @ivar beats: Send heartbeats (on the client's clock) once they are
         agreed, as RabbitMQ does; clear it to play a broker that froze.
+    @ivar answer_cancel: Answer a C{basic.cancel} at once; clear it to send
+        the C{basic.cancel-ok} later (L{cancel_ok}).
     """
 
     def __init__(self, client: AMQPClient, transport: FakeTCP) -> None:
@@ -84,6 +86,7 @@ class ScriptedBroker:
         self.consumers: dict[str, int] = {}
         self.heartbeat = 60
         self.beats = True
+        self.answer_cancel = True
         self._publishing: dict[int, list[Any]] = {}
         self._started = False
 
@@ -183,6 +186,10 @@ class ScriptedBroker:
             return [self.frame(channel, "basic.consume-ok", consumer_tag=fields["consumer_tag"])]
         if name == "queue.declare":
             return [self.frame(channel, "queue.declare-ok", queue=fields["queue"])]
+        if name == "basic.cancel":
+            if not self.answer_cancel:
+                return []
+            return [self.frame(channel, "basic.cancel-ok", consumer_tag=fields["consumer_tag"])]
         answers = {
             "connection.open": "connection.open-ok",
             "connection.close": "connection.close-ok",
@@ -227,6 +234,12 @@ class ScriptedBroker:
         The client's methods with these names, in order.
         """
         return [m for m in self.client_methods if m[1] in names]
+
+    def cancel_ok(self, tag: str) -> None:
+        """
+        Answer the client's C{basic.cancel} of consumer C{tag}.
+        """
+        self.send(self.frame(self.consumers[tag], "basic.cancel-ok", consumer_tag=tag))
 
     def publish_channel(self) -> int:
         return next(iter(self.confirm_seq))
@@ -1653,6 +1666,178 @@ class ConsumeTests(BusCase):
         self.lose()
         self.reconnect()
         self.assertEqual(self.broker.methods("basic.consume"), [])
+
+    def test_stop_consuming(self) -> None:
+        """
+        stop_consuming() sends basic.cancel for the consumer's tag and keeps
+        its channel open: deliveries the broker sent before it had the
+        cancel still reach the subscriber, verdicts still go out on the
+        channel, and the Deferred fires on basic.cancel-ok.  cancel() then
+        closes the channel.
+        """
+        subscription, recorder, tag = self.subscribe()
+        channel = self.broker.consumers[tag]
+        self.broker.deliver(tag, 1, b"{}")
+        self.broker.answer_cancel = False
+        stopped = subscription.stop_consuming()
+        self.broker.pump()
+        self.assertEqual(self.broker.methods("basic.cancel"),
+                         [(channel, "basic.cancel", {"consumer_tag": tag, "no_wait": False})])
+        self.assertEqual(self.broker.methods("channel.close"), [])
+        self.assertFalse(subscription.consuming)
+        self.assertNoResult(stopped)
+        # One more, sent before the broker had the cancel.
+        self.broker.deliver(tag, 2, b"{}")
+        self.assertEqual([d.delivery_tag for d in recorder.deliveries], [1, 2])
+        self.assertTrue(recorder.deliveries[1].reject(True))
+        self.broker.cancel_ok(tag)
+        self.successResultOf(stopped)
+        # Asking again sends nothing more.
+        self.successResultOf(subscription.stop_consuming())
+        self.assertTrue(recorder.deliveries[0].ack())
+        self.assertEqual(
+            self.verdicts(),
+            [("basic.reject", {"delivery_tag": 2, "requeue": True}),
+             ("basic.ack", {"delivery_tag": 1, "multiple": False})],
+        )
+        self.assertEqual(len(self.broker.methods("basic.cancel")), 1)
+        closed = subscription.cancel()
+        self.broker.pump()
+        self.successResultOf(closed)
+        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+
+    def test_stop_consuming_then_rejections_before_held_acks(self) -> None:
+        """
+        A subscriber that stops consuming in the middle of a read and
+        rejects a delivery: the basic.cancel and the rejection go out at
+        once, the acknowledgements held back for the end of the read after
+        them, and the coalesced one does not stand for the rejected
+        delivery (the broker has it back already).
+        """
+        subscriptions: list[Any] = []
+
+        def handle(delivery: Any) -> None:
+            if delivery.delivery_tag == 2:
+                subscriptions[0].stop_consuming()
+                delivery.reject(True)
+            else:
+                delivery.ack()
+
+        d = self.bus.subscribe("hub.q", handle, 100)
+        self.broker.pump()
+        subscriptions.append(self.successResultOf(d))
+        tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        self.broker.deliver_together(tag, [1, 2, 3])
+        self.broker.pump()
+        self.assertEqual(
+            [(m[1], m[2]) for m in self.broker.methods("basic.cancel", "basic.ack", "basic.reject")],
+            [("basic.cancel", {"consumer_tag": tag, "no_wait": False}),
+             ("basic.reject", {"delivery_tag": 2, "requeue": True}),
+             ("basic.ack", {"delivery_tag": 3, "multiple": True})],
+        )
+
+    def test_stop_consuming_unanswered(self) -> None:
+        """
+        Without a basic.cancel-ok, stop_consuming's Deferred fires after the
+        bus's close_timeout; a late answer changes nothing, and the channel
+        still closes on cancel().
+        """
+        subscription, _, tag = self.subscribe()
+        channel = self.broker.consumers[tag]
+        self.broker.answer_cancel = False
+        stopped = subscription.stop_consuming()
+        self.broker.pump()
+        self.clock.advance(self.bus.close_timeout - 0.1)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.broker.cancel_ok(tag)
+        closed = subscription.cancel()
+        self.broker.pump()
+        self.successResultOf(closed)
+        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+        self.assertTrue(self.bus.connected)
+
+    def test_stop_consuming_then_connection_lost(self) -> None:
+        """
+        A connection lost while the basic.cancel waits for its answer fires
+        stop_consuming's Deferred; the subscription does not consume again
+        after the reconnect, and cancel() then has nothing to close.
+        """
+        subscription, recorder, tag = self.subscribe()
+        self.broker.deliver(tag, 1, b"{}")
+        self.broker.answer_cancel = False
+        stopped = subscription.stop_consuming()
+        self.broker.pump()
+        self.lose()
+        self.successResultOf(stopped)
+        self.assertFalse(recorder.deliveries[0].live)
+        self.assertFalse(recorder.deliveries[0].ack())
+        self.reconnect()
+        self.assertTrue(self.bus.connected)
+        self.assertEqual(self.broker.methods("basic.consume"), [])
+        self.successResultOf(subscription.cancel())
+        self.assertEqual(self.broker.methods("channel.close"), [])
+
+    def test_stop_consuming_while_disconnected(self) -> None:
+        """
+        A subscription that stops consuming while the connection is down
+        sends nothing and does not consume again after the reconnect.
+        """
+        subscription, _, _ = self.subscribe()
+        self.lose()
+        self.successResultOf(subscription.stop_consuming())
+        self.reconnect()
+        self.assertTrue(self.bus.connected)
+        self.assertEqual(self.broker.methods("basic.consume", "basic.cancel"), [])
+
+    def test_broker_cancel_after_stop_consuming(self) -> None:
+        """
+        A consumer the broker cancels after the subscription stopped
+        consuming is not consumed again; its channel stays for the verdicts
+        on what it holds, and cancel() closes it.
+        """
+        subscription, recorder, tag = self.subscribe()
+        channel = self.broker.consumers[tag]
+        self.broker.deliver(tag, 1, b"{}")
+        self.broker.answer_cancel = False
+        stopped = subscription.stop_consuming()
+        self.broker.pump()
+        self.broker.send(self.broker.frame(channel, "basic.cancel", consumer_tag=tag))
+        self.broker.cancel_ok(tag)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.broker.methods("basic.consume")), 1)
+        self.assertTrue(recorder.deliveries[0].ack())
+        closed = subscription.cancel()
+        self.broker.pump()
+        self.successResultOf(closed)
+        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+
+    def test_stop_consuming_while_consuming_again(self) -> None:
+        """
+        A subscription that stops consuming while its basic.consume after a
+        cancel by the broker waits for its answer cancels that consumer as
+        soon as it is set up.
+        """
+        subscription, _, tag = self.subscribe()
+        channel = self.broker.consumers[tag]
+        # The broker's cancel and the client's consume-ok to come.
+        self.broker.client.dataReceived(
+            self.broker.frame(channel, "basic.cancel", consumer_tag=tag)
+        )
+        self.assertTrue(subscription.starting)
+        stopped = subscription.stop_consuming()
+        self.successResultOf(stopped)
+        self.broker.pump()
+        new_tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
+        self.assertNotEqual(new_tag, tag)
+        self.assertEqual([m[2]["consumer_tag"] for m in self.broker.methods("basic.cancel")],
+                         [new_tag])
+        self.assertFalse(subscription.consuming)
+        closed = subscription.cancel()
+        self.broker.pump()
+        self.successResultOf(closed)
+        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
 
     def test_resumed_after_reconnect(self) -> None:
         """

@@ -64,6 +64,11 @@ consumer (its queue was deleted, a node went down) or closes its channel,
 the subscription consumes again, at once the first time and then with
 backoff, so a queue that is gone for good does not cause a hot loop.
 
+A subscription that stops consuming (L{AMQPSubscription.stop_consuming})
+sends C{basic.cancel} and keeps its channel open, so that what it holds can
+still be acknowledged, or rejected to go to the queue's other consumers;
+L{AMQPSubscription.cancel} then closes the channel.
+
 Channel errors (403, 404, 406) surface as L{AccessRefused}, L{NotFound} and
 L{PreconditionFailed}; a topology or subscription that fails the first time
 is forgotten, so it does not fail every reconnect.
@@ -121,6 +126,7 @@ from fedhub.logs import HubLogger
 from fedhub.message import Message, from_amqp
 from fedhub.text import escape_control
 from fedhub.topology import Topology
+from fedhub.waiting import with_timeout
 
 _T = TypeVar("_T")
 
@@ -612,11 +618,15 @@ class AMQPSubscription:
         Whether the broker has its consumer now: false from a lost
         connection, a consumer cancelled or a channel closed by the broker
         until C{basic.consume} succeeds again (for ever if its queue is
-        gone), and once cancelled.
+        gone), and once it stopped consuming or was cancelled.
         """
         consumer = self.consumer
         return (
-            not self.cancelled and consumer is not None and consumer.active and consumer.open
+            not self.cancelled
+            and not self.stopped
+            and consumer is not None
+            and consumer.active
+            and consumer.open
         )
 
     def __init__(
@@ -626,6 +636,7 @@ class AMQPSubscription:
         self.prefetch = prefetch
         self.on_delivery = on_delivery
         self.started = False
+        self.stopped = False
         self.cancelled = False
         self.last_error: str | None = None
         self.consumer: _Consumer | None = None
@@ -635,11 +646,35 @@ class AMQPSubscription:
         self.starting = False
         self._bus = bus
         self._gone = Latch()
+        # The broker answered stop_consuming's basic.cancel (or could not).
+        self._answered = Latch()
+
+    def stop_consuming(self) -> Deferred[None]:
+        """
+        Ask the broker to deliver nothing more, keeping the channel open:
+        C{basic.cancel} for the consumer's tag.  The deliveries it holds
+        stay unacknowledged and may still be acknowledged or rejected on the
+        channel, and a rejection with requeue now goes to the queue's other
+        consumers, never back to this one (the broker handles the methods
+        of a channel in order).  Deliveries the broker sent before it had
+        the C{basic.cancel} still reach the subscriber.  It does not consume
+        again after a reconnect or a cancel by the broker; L{cancel} ends
+        it.
+
+        @return: a Deferred firing once the broker answered with
+            C{basic.cancel-ok} (no more deliveries will come), or once its
+            channel or connection is gone, or after the bus's
+            C{close_timeout}; it never fails.
+        """
+        if not self.stopped:
+            self.stopped = True
+            self._bus._stop_consuming(self).addBoth(lambda _: self._answered.fire())
+        return self._answered.wait()
 
     def cancel(self) -> Deferred[None]:
         """
         Stop consuming.  The channel is closed, so the broker puts every
-        unacknowledged delivery back in the queue.
+        delivery not acknowledged or rejected yet back in the queue.
 
         @return: a Deferred firing when no more deliveries will come.
         """
@@ -1150,6 +1185,10 @@ class _Session:
             queue=escape_control(subscription.queue),
             domain=self.bus.domain,
         )
+        if subscription.stopped:
+            # Its channel stays, for the verdicts on what it holds, until
+            # the subscription is cancelled (which closes it).
+            return
         if subscription.consumer is consumer:
             subscription.consumer = None
         self.bus._resume(subscription, consumer.channel)
@@ -1858,7 +1897,7 @@ class AMQPBus(Service):
         channel: Any = None,
         preparing: bool = False,
     ) -> None:
-        if subscription.starting or subscription.cancelled:
+        if subscription.starting or subscription.cancelled or subscription.stopped:
             return
         subscription.starting = True
         client = session.client
@@ -1918,6 +1957,13 @@ class AMQPBus(Service):
             if session.alive:
                 await client.close_channel(channel)
             return
+        if subscription.stopped:
+            # It stopped consuming while this consumer started: the broker
+            # delivers nothing more to it either, and cancel() closes its
+            # channel.
+            subscription.consumer = consumer
+            self._cancel_consumer(consumer)
+            return
         subscription.consumer = consumer
         subscription.started = True
         subscription.last_error = None
@@ -1931,7 +1977,7 @@ class AMQPBus(Service):
         Consume again after the broker cancelled a consumer or closed its
         channel: at once the first time, then with backoff.
         """
-        if subscription.cancelled or subscription.retry_call is not None:
+        if subscription.cancelled or subscription.stopped or subscription.retry_call is not None:
             return
         session = self._session
         if subscription.retries == 0 and session is not None and session.alive:
@@ -1941,7 +1987,7 @@ class AMQPBus(Service):
             self._schedule_resume(subscription)
 
     def _schedule_resume(self, subscription: AMQPSubscription) -> None:
-        if subscription.cancelled or subscription.retry_call is not None:
+        if subscription.cancelled or subscription.stopped or subscription.retry_call is not None:
             return
         subscription.retries += 1
         delay = self._retry_delay(subscription.retries)
@@ -1954,13 +2000,64 @@ class AMQPBus(Service):
 
         subscription.retry_call = self._reactor.callLater(delay, retry)
 
-    def _cancel(self, subscription: AMQPSubscription) -> Deferred[None]:
+    def _forget(self, subscription: AMQPSubscription, why: str) -> None:
+        """
+        Neither consume again after a reconnect nor resume: C{subscription}
+        stopped consuming or was cancelled.
+        """
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
         if subscription.retry_call is not None and subscription.retry_call.active():
             subscription.retry_call.cancel()
         subscription.retry_call = None
-        self._fail_waiters(subscription.waiters, NotConnected("the subscription was cancelled"))
+        self._fail_waiters(subscription.waiters, NotConnected(why))
+
+    def _stop_consuming(self, subscription: AMQPSubscription) -> Deferred[None]:
+        """
+        Forget a subscription that stops consuming, and cancel its consumer
+        with the broker (see L{AMQPSubscription.stop_consuming}).
+        """
+        self._forget(subscription, "the subscription stopped consuming")
+        consumer = subscription.consumer
+        if consumer is None:
+            # Not consuming now (a reconnect, or a consume under way: that
+            # one cancels its consumer once it is set up).
+            return succeed(None)
+        return self._cancel_consumer(consumer)
+
+    def _cancel_consumer(self, consumer: _Consumer) -> Deferred[None]:
+        """
+        Send C{basic.cancel} for a consumer, leaving its channel open, and
+        wait for C{basic.cancel-ok}: at most C{close_timeout} seconds, and
+        no longer than the channel or the connection lasts.  The Deferred
+        never fails.
+        """
+        if not consumer.open:
+            # Its channel is gone, and the broker's consumer with it.
+            return succeed(None)
+        answered = consumer.channel.basic_cancel(consumer_tag=consumer.tag, no_wait=False)
+
+        def unanswered(failure: Failure) -> None:
+            self.log.info(
+                "No basic.cancel-ok for the consumer of queue {queue} of domain {domain}: "
+                "{error}",
+                queue=escape_control(consumer.subscription.queue),
+                domain=self.domain,
+                error=escape_control(failure.getErrorMessage(), 200),
+            )
+
+        # Not cancelled on timeout: a late cancel-ok must still be taken
+        # from the channel's answers, or a later method would get it.
+        waited = with_timeout(
+            answered,
+            self.close_timeout,
+            self._reactor,
+            lambda: NotConnected(f"no answer within {self.close_timeout} s"),
+        )
+        return waited.addCallbacks(lambda _: None, unanswered)
+
+    def _cancel(self, subscription: AMQPSubscription) -> Deferred[None]:
+        self._forget(subscription, "the subscription was cancelled")
         consumer, subscription.consumer = subscription.consumer, None
         if consumer is None or not consumer.session.alive:
             return succeed(None)
