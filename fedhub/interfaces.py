@@ -96,6 +96,13 @@ class IDelivery(Interface):
 class ISubscription(Interface):
     """
     A running subscription of a handler to a queue.
+
+    One may also have C{stop_consuming()}, returning a Deferred that never
+    fails: the bus delivers nothing more on it (the Deferred fires once
+    that is sure), while what it delivered can still be acknowledged or
+    rejected, a rejection with requeue going to the queue's other
+    consumers; C{cancel()} ends it.  An AMQP subscription has it (a
+    C{basic.cancel}); a consumer uses it when there.
     """
 
     queue = Attribute("str: the queue consumed from")

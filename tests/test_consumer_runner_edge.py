@@ -585,3 +585,147 @@ class HaltTests(SynchronousTestCase):
         self.assertTrue(subscription.cancelled)
         self.assertEqual([s.outcome for s in settled], ["requeued"])
         self.assertEqual(service.stats["requeued"], 1)
+
+
+class StoppableSubscription(EagerSubscription):
+    """
+    An L{EagerSubscription} that can stop delivering (as an AMQP one does
+    with C{basic.cancel}): a message rejected with requeue after that goes
+    to the queue's other consumers (L{elsewhere}), never back here.
+
+    @ivar events: C{"stop"}, C{"cancel"} and the verdicts, in order.
+    """
+
+    def __init__(self, on_delivery: Callable[[IDelivery], object]) -> None:
+        super().__init__(on_delivery)
+        self.stopped = False
+        self.answer: Deferred[None] = Deferred()
+        self.events: list[str] = []
+        self.elsewhere: list[Message] = []
+
+    def stop_consuming(self) -> Deferred[None]:
+        self.events.append("stop")
+        self.stopped = True
+        self.consuming = False
+        d: Deferred[None] = Deferred()
+        self.answer.addBoth(lambda _: d.callback(None))
+        return d
+
+    def cancel(self) -> Deferred[None]:
+        self.events.append("cancel")
+        return super().cancel()
+
+    def deliver(self, message: Message) -> RecordingDelivery:
+        if self.stopped and message.redelivered:
+            self.elsewhere.append(message)
+            return RecordingDelivery(message)
+        delivery = StoppableDelivery(message.evolve(queue=self.queue), self)
+        self.on_delivery(delivery)
+        return delivery
+
+
+class StoppableDelivery(EagerDelivery):
+    """
+    A delivery of a L{StoppableSubscription}, its verdicts in its events.
+    """
+
+    subscription: StoppableSubscription
+
+    def ack(self) -> bool:
+        if not self.live:
+            return False
+        self.subscription.events.append(f"ack {self.message.body['n']}")
+        return super().ack()
+
+    def reject(self, requeue: bool) -> bool:
+        if self.live:
+            self.subscription.events.append(f"requeue {self.message.body['n']}")
+        return super().reject(requeue)
+
+
+class StopDeliveringTests(SynchronousTestCase):
+    """
+    A consumer that stops or halts on a subscription that can stop
+    delivering asks it to first, then puts the waiting deliveries back at
+    once; the calls in hand settle before the subscription ends.
+    """
+
+    def consumer(self, *outcomes: Any, concurrency: int = 1
+                 ) -> tuple[ConsumerService, StoppableSubscription, Clock]:
+        clock = Clock()
+        bus = MemoryBus("d", clock=clock)
+        bus.startService()
+        service = ConsumerService(component(concurrency=concurrency), Handler(*outcomes), bus, clock)
+        service.startService()
+        clock.advance(0)
+        assert service._subscription is not None
+        self.successResultOf(service._subscription.cancel())
+        subscription = StoppableSubscription(service._on_delivery)
+        service._subscription = subscription
+        return service, subscription, clock
+
+    def test_stop(self) -> None:
+        """
+        Stopping asks the subscription to stop delivering before it puts
+        the waiting deliveries back, and those it gets before the
+        subscription answers; the one in hand is acknowledged on the
+        subscription still open, which ends only after that and the answer.
+        """
+        pending: Deferred[None] = Deferred()
+        service, subscription, clock = self.consumer(pending)
+        for n in range(3):
+            subscription.deliver(Message.create("t.x", {"n": n}))
+        self.assertEqual(service.waiting, 2)
+        stopped = service.stopService()
+        self.assertEqual(subscription.events, ["stop", "requeue 1", "requeue 2"])
+        self.assertEqual([m.body["n"] for m in subscription.elsewhere], [1, 2])
+        # Sent before the subscription had the request.
+        subscription.deliver(Message.create("t.x", {"n": 3}))
+        self.assertEqual(subscription.events[-1], "requeue 3")
+        pending.callback(None)
+        clock.advance(0)
+        self.assertEqual(subscription.events[-1], "ack 0")
+        self.assertNoResult(stopped)
+        subscription.answer.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(subscription.events[-1], "cancel")
+        self.assertEqual((service.stats["acked"], service.stats["requeued"]), (1, 3))
+
+    def test_halt(self) -> None:
+        """
+        A Halt asks the subscription to stop delivering, then puts the
+        halting message and the waiting ones back at once; the other call in
+        hand settles before the subscription ends.
+        """
+        pending: Deferred[None] = Deferred()
+        service, subscription, clock = self.consumer(
+            pending, Halt("stop"), concurrency=2
+        )
+        for n in range(4):
+            subscription.deliver(Message.create("t.x", {"n": n}))
+        self.assertTrue(service.halted)
+        self.assertEqual(subscription.events, ["stop", "requeue 1", "requeue 2", "requeue 3"])
+        self.assertEqual([m.body["n"] for m in subscription.elsewhere], [1, 2, 3])
+        subscription.answer.callback(None)
+        self.assertNotIn("cancel", subscription.events)
+        pending.callback(None)
+        clock.advance(0)
+        self.assertEqual(subscription.events[-2:], ["ack 0", "cancel"])
+        self.successResultOf(service.stopService())
+        self.assertEqual((service.stats["acked"], service.stats["requeued"]), (1, 3))
+
+    def test_own_put_backs_not_counted_as_deliveries(self) -> None:
+        """
+        A waiting redelivered message put back while stopping is a verdict
+        that reached the broker: it leaves the max_deliveries count.
+        """
+        pending: Deferred[None] = Deferred()
+        service, subscription, _ = self.consumer(pending)
+        subscription.deliver(Message.create("t.x", {"n": 0}))
+        again = Message.create("t.x", {"n": 1}).evolve(redelivered=True)
+        service._deliveries[again.id] = 3
+        subscription.on_delivery(StoppableDelivery(again.evolve(queue="fedhub.c"), subscription))
+        service.stopService()
+        self.assertEqual(subscription.events, ["stop", "requeue 1"])
+        self.assertNotIn(again.id, service._deliveries)
+        pending.callback(None)

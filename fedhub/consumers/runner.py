@@ -54,6 +54,7 @@ from twisted.internet.defer import (
     ensureDeferred,
     inlineCallbacks,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
@@ -73,6 +74,7 @@ from fedhub.errors import (
     TemporarilyUnavailable,
 )
 from fedhub.interfaces import IBus, IDelivery, IMessageHandler, ISubscription
+from fedhub.latch import Latch
 from fedhub.logs import HubLogger
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry, registry
@@ -361,6 +363,9 @@ class ConsumerService(Service):
         self.halt_reason: str | None = None
         # The end of the subscription a halt cancelled (see _halt).
         self._halt_ending: Deferred[Any] | None = None
+        # Whether the bus delivers nothing more on the subscription, once
+        # the consumer asked it to (see _stop_deliveries).
+        self._delivering_ended: Latch | None = None
         # Subscribed, and neither halted nor stopping: see consuming.
         self._consuming = False
         self.in_flight = 0
@@ -595,6 +600,7 @@ class ConsumerService(Service):
             yield subscription.cancel()
             return
         self._subscription = subscription
+        self._delivering_ended = None
         self._consuming = True
         self.log.info(
             "Consumer {consumer} consumes {queue} for {topics}",
@@ -612,20 +618,67 @@ class ConsumerService(Service):
 
     def _put_back(self, delivery: IDelivery) -> None:
         """
-        Return a delivery to its queue: by rejecting it, unless the consumer
-        is stopping or halting with its subscription still on (it waits for
-        the calls in progress before ending it).  A rejection then would only
-        free a prefetch slot, and the broker would hand the message straight
-        back to this consumer, again and again until the subscription ends;
-        held instead, the message goes back when the subscription's channel
-        closes.
+        Return a delivery to its queue by rejecting it, so that the queue's
+        consumers (this one, or once it stops or halts, the others) get it
+        again.
+
+        A consumer stopping or halting keeps its subscription (whose channel
+        the calls in progress settle on) until those calls end, but first
+        asks the bus to deliver nothing more to it (L{_stop_deliveries}: an
+        AMQP C{basic.cancel}); the rejection reaches the broker after that,
+        so the message goes to the other consumers at once.  Only on a
+        subscription that can not stop delivering (one without
+        C{stop_consuming}) is the delivery held instead: a rejection would
+        only free a prefetch slot, and the broker would hand the message
+        straight back to this consumer, again and again until the
+        subscription ends; held, the message goes back when the
+        subscription ends.
         """
-        if (self.running and not self.halted) or self._subscription is None:
+        if (
+            (self.running and not self.halted)
+            or self._subscription is None
+            or self._delivering_ended is not None
+        ):
             if delivery.reject(True) and self._deliveries:
                 # A verdict that reached the broker: the delivery that
                 # brings the message back is not one "without a verdict"
                 # (max_deliveries).
                 self._deliveries.pop(delivery.message.id, None)
+
+    def _stop_deliveries(self) -> Deferred[None]:
+        """
+        Ask the subscription to deliver nothing more while keeping what it
+        delivered open to verdicts (C{stop_consuming}, on AMQP a
+        C{basic.cancel} on the channel, which stays open), if it can: what
+        the consumer puts back from then on goes to the queue's other
+        consumers at once (see L{_put_back}).  Asked once per subscription.
+
+        @return: A Deferred firing once the bus says nothing more will come
+            (or could not tell; at once for a subscription that can not
+            stop delivering).  It never fails.
+        """
+        ended = self._delivering_ended
+        if ended is None:
+            stop = getattr(self._subscription, "stop_consuming", None)
+            if not callable(stop):
+                return succeed(None)
+            try:
+                stopping = stop()
+            except Exception:
+                # Deliveries may still come: what goes back is held.
+                self.log.failure(
+                    "Consumer {consumer}: stopping its deliveries failed",
+                    consumer=self.component.name,
+                )
+                return succeed(None)
+            ended = self._delivering_ended = Latch()
+            maybeDeferred(lambda: stopping).addErrback(
+                lambda f: self.log.failure(
+                    "Consumer {consumer}: stopping its deliveries failed", f,
+                    consumer=self.component.name,
+                )
+            ).addBoth(lambda _: ended.fire())
+        return ended.wait()
 
     def _give_back(self, delivery: IDelivery) -> None:
         """
@@ -974,8 +1027,8 @@ class ConsumerService(Service):
                 msg_id=message.id,
                 reason=why,
             )
-            # Held, not rejected, while the calls in progress settle (see
-            # _halt): it goes back when the subscription ends.
+            # Rejected once the subscription delivers nothing more, or held
+            # until it ends (see _halt and _put_back).
             self._halt(f"halted on {message.id}: {why}")
             self._put_back(delivery)
             self.stats["requeued"] += 1
@@ -1175,22 +1228,26 @@ class ConsumerService(Service):
         self.halted = True
         self.halt_reason = reason
         self._consuming = False
-        # The waiting deliveries are given up (held: see _put_back), and so
-        # is what the handler has not begun.
+        # Nothing more is delivered; then the waiting deliveries are given
+        # back, to the queue's other consumers at once (see _put_back), and
+        # so is what the handler has not begun.
+        stopping = self._stop_deliveries()
         self._pump()
         self._drain()
         # The work in hand settles on the subscription's open channel,
         # within drain_timeout: ended now, its channel would put those
         # messages back while the plugin still works on them, and they would
         # be handled twice.  Then the subscription ends, and its channel puts
-        # back what the consumer held.
-        self._settled(self.drain_timeout).addCallback(self._halted_settled)
+        # back what the consumer still held.
+        self._settled(self.drain_timeout).addCallback(
+            lambda settled: stopping.addCallback(lambda _: settled)
+        ).addCallback(self._halted_settled)
 
     def _halted_settled(self, settled: bool) -> None:
         if not settled and self.halted and self._subscription is not None:
             self.log.warn(
                 "Consumer {consumer} halted with {count} message(s) still in hand after "
-                "{timeout} s; they go back to the queue with the others",
+                "{timeout} s; they go back to the queue as its channel closes",
                 consumer=self.component.name,
                 count=len(self._in_flight),
                 timeout=self.drain_timeout,
@@ -1217,7 +1274,9 @@ class ConsumerService(Service):
             if self._start_retry.active():
                 self._start_retry.cancel()
             self._start_retry = None
-        # What waits for the handler is given up (held: see _put_back).
+        # Nothing more is delivered; then what waits for the handler goes
+        # back, to the queue's other consumers at once (see _put_back).
+        stopping = self._stop_deliveries()
         self._pump()
         # A handler batching messages finishes them now rather than at the
         # end of its delay, which may be past the drain timeout.
@@ -1233,6 +1292,8 @@ class ConsumerService(Service):
                     count=len(self._in_flight),
                 )
         if self._subscription is not None:
+            # The bus bounds this wait (on AMQP, for basic.cancel-ok).
+            yield stopping
             subscription, self._subscription = self._subscription, None
             try:
                 yield subscription.cancel()
