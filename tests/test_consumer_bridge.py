@@ -255,6 +255,37 @@ class BridgeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(settled).outcome, "retried")
         self.successResultOf(stopped)
 
+    def test_held_backlog_stays_in_the_queue(self) -> None:
+        """
+        While a message is held, the messages behind it stay in the queue
+        instead of waiting unacknowledged in the hub, where each would wait
+        up to C{hold} seconds per message ahead of it, past the broker's
+        C{consumer_timeout}: a bridge that holds takes only what it
+        handles (its prefetch is its concurrency).
+        """
+        self.target.refuse_with = TemporarilyUnavailable("the outbox of domain community is full")
+        first = self.harness.deliver(ALLOWED, {"n": 1})
+        second = self.harness.deliver(ALLOWED, {"n": 2})
+        self.harness.advance(1)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertEqual(self.harness.service.waiting, 0)
+        self.assertEqual(self.harness.service.prefetch, 1)
+        self.target.refuse_with = None
+        self.harness.advance(2)
+        self.harness.advance(0)
+        self.assertEqual(self.successResultOf(first).outcome, "acked")
+        self.assertEqual(self.successResultOf(second).outcome, "acked")
+
+    def test_no_hold_prefetches(self) -> None:
+        """
+        With hold = 0 a bridge never holds a message, and prefetches as
+        any consumer does.
+        """
+        harness = self.bridge({"to_domain": "community", "allow": ["org.example.prod.#"],
+                               "hold": 0})
+        self.assertEqual(harness.service.prefetch, 10)
+
     def test_no_hold_retries_at_once(self) -> None:
         """With hold = 0, a target that can not take the message now makes it a retry at once."""
         harness = self.bridge({"to_domain": "community", "allow": ["org.example.prod.#"],

@@ -31,10 +31,11 @@ take (L{MessageError}, L{PublishError}) is L{DeadLetter}.  While the
 target's publisher says L{TemporarilyUnavailable} (its outbox full, its disk
 full), the message is held and handed over again, after 1 s, then doubling
 up to 30 s, for at most C{hold} seconds (600 by default): the consumer takes
-no more meanwhile (at its concurrency), so the backlog stays in this
-domain's queue, where the broker keeps it, instead of running through the
-retry queues into the dead-letter queue.  Past C{hold} (or when the hub
-stops) it is a L{Retry}.
+no more meanwhile (at its concurrency; it is C{long_running}, so unless its
+C{prefetch} says otherwise it holds no more unacknowledged either), so the
+backlog stays in this domain's queue, where the broker keeps it, instead of
+running through the retry queues into the dead-letter queue.  Past C{hold}
+(or when the hub stops) it is a L{Retry}.
 
 A held message whose call the consumer abandons (its channel closed: the
 broker delivers it again, and the new delivery is forwarded) is handed over
@@ -161,6 +162,18 @@ class BridgeHandler:
         # the consumer passes to abandon()).
         self._calls: dict[int, _Call] = {}
         self._stopping = False
+
+    @property
+    def long_running(self) -> bool:
+        """
+        Whether a message may stay in hand for long: up to C{hold} seconds
+        while the target can not take it.  The consumer then holds only the
+        messages in hand (see L{fedhub.consumers.runner.prefetch_for}), and
+        the backlog stays in the queue: waiting in the hub behind held
+        messages, each would wait up to C{hold} seconds per message ahead
+        of it, unacknowledged, towards the broker's C{consumer_timeout}.
+        """
+        return self.hold > 0
 
     def start(self) -> None:
         """
