@@ -338,11 +338,12 @@ def domain_problems(domain: DomainConfig) -> list[ConfigProblem]:
 def certificate_warnings(config: Config) -> list[str]:
     """
     Warnings about the domains' client certificates: expired, or ending
-    soon (see L{fedhub.amqp.tls.expiry_warning}).  C{fedhub check-config}
-    prints them and the hub logs them when it starts; they refuse nothing
-    (a renewed certificate is read at the next connection).
+    soon (see L{fedhub.amqp.tls.expiry_warning}), and a private key every
+    user can read (L{fedhub.amqp.tls.exposed_key_warning}).  C{fedhub
+    check-config} prints them and the hub logs them when it starts; they
+    refuse nothing (a renewed certificate is read at the next connection).
     """
-    from fedhub.amqp.tls import expiry_warning
+    from fedhub.amqp.tls import expiry_warning, exposed_key_warning
 
     warnings = []
     for domain in config.domains.values():
@@ -350,6 +351,10 @@ def certificate_warnings(config: Config) -> list[str]:
             warning = expiry_warning(domain.cert)
             if warning is not None:
                 warnings.append(f"domains.{domain.name}.cert: {warning}")
+            warning = exposed_key_warning(domain.cert, domain.key)
+            if warning is not None:
+                where = "key" if domain.key else "cert"
+                warnings.append(f"domains.{domain.name}.{where}: {warning}")
     return warnings
 
 

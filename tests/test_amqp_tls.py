@@ -560,3 +560,46 @@ class ExpiryWarningTests(Files):
         assert soon is not None
         self.assertIn("in 10 day(s)", soon)
         self.assertIsNone(expiry_warning(os.path.join(self.mktemp(), "missing.pem")))
+
+
+class ExposedKeyWarningTests(Files):
+    """
+    A client key every user can read is warned about.
+    """
+
+    def test_key_file(self) -> None:
+        """A separate key file readable by others is named with its mode; 0600 and 0640 are not."""
+        from fedhub.amqp.tls import exposed_key_warning
+
+        key, cert = make_leaf(make_ca("Client CA"), "hub", client=True)
+        cert_path = self.write("hub.pem", cert_pem(cert))
+        key_path = self.write("hub.key", key_pem(key))
+        os.chmod(cert_path, 0o644)
+        os.chmod(key_path, 0o604)
+        self.assertEqual(
+            exposed_key_warning(cert_path, key_path),
+            f"the private key in {key_path!r} can be read by every user (mode 0604): "
+            "anyone on the machine can log in as the hub; chmod o-r it",
+        )
+        for mode in (0o600, 0o640):
+            os.chmod(key_path, mode)
+            self.assertIsNone(exposed_key_warning(cert_path, key_path))
+
+    def test_key_in_certificate_file(self) -> None:
+        """Without a key file, the certificate file holds the key and is the one looked at."""
+        from fedhub.amqp.tls import exposed_key_warning
+
+        key, cert = make_leaf(make_ca("Client CA"), "hub", client=True)
+        both = self.write("hub.pem", cert_pem(cert), key_pem(key))
+        os.chmod(both, 0o644)
+        warning = exposed_key_warning(both)
+        assert warning is not None
+        self.assertIn(repr(both), warning)
+        os.chmod(both, 0o600)
+        self.assertIsNone(exposed_key_warning(both))
+
+    def test_missing_file(self) -> None:
+        """A file that is not there is left to the other checks."""
+        from fedhub.amqp.tls import exposed_key_warning
+
+        self.assertIsNone(exposed_key_warning(self.mktemp() + "-none.pem"))

@@ -365,6 +365,33 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertIn("warning: domains.a.cert: the client certificate in", self.err.getvalue())
         self.assertIn("expired on", self.err.getvalue())
 
+    def test_key_readable_by_everyone_warned(self) -> None:
+        """
+        A client key every user can read passes with a warning naming the
+        domain's key, the file and its mode; one readable by its owner
+        and group only gets none.
+        """
+        self.check_tls_domain()
+        key = self.directory / "hub.key"
+        key.chmod(0o644)
+        self.err.truncate(0)
+        self.err.seek(0)
+        code = self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
+                          'cert = "hub.pem"\nkey = "hub.key"\n')
+        self.assertEqual(code, 0, self.err.getvalue())
+        self.assertIn(
+            f"warning: domains.a.key: the private key in {str(key)!r} can be read by every user "
+            "(mode 0644)",
+            self.err.getvalue(),
+        )
+        key.chmod(0o640)
+        self.err.truncate(0)
+        self.err.seek(0)
+        code = self.check('[domains.a]\nbroker = "amqps://broker.example/"\nca = "ca.pem"\n'
+                          'cert = "hub.pem"\nkey = "hub.key"\n')
+        self.assertEqual(code, 0, self.err.getvalue())
+        self.assertNotIn("can be read by every user", self.err.getvalue())
+
 
 class ExampleConfigTests(SynchronousTestCase):
     """

@@ -106,6 +106,25 @@ def expiry_warning(cert_path: str, now: datetime | None = None) -> str | None:
     return None
 
 
+def exposed_key_warning(cert_path: str, key_path: str | None = None) -> str | None:
+    """
+    A warning when every user of the machine can read the client's private
+    key: C{key_path}, or C{cert_path} when the key is in it.  C{None}
+    otherwise, and when the file can not be looked at (the other checks
+    report that).  A file readable by its group, as C{root:fedhub} mode
+    C{0640}, is left alone, as for a configuration file holding a password.
+    """
+    path = key_path or cert_path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not mode & 0o004:
+        return None
+    return (f"the private key in {path!r} can be read by every user (mode {mode & 0o7777:04o}): "
+            "anyone on the machine can log in as the hub; chmod o-r it")
+
+
 def _problem(key: str, message: str) -> ConfigError:
     return ConfigError([ConfigProblem(key, message)])
 
