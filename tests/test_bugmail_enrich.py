@@ -318,6 +318,40 @@ class FallbackTests(SynchronousTestCase):
         self.assertEqual(self.publish(enricher).schema, MAIL_SCHEMA)
         self.assertIn("comment 3", self.warnings()[0])
 
+    def test_attachment_of_another_bug(self) -> None:
+        """
+        An attachment the web service says belongs to another bug is not
+        published with this bug's event: the notice's id comes from the
+        mail, whose comment text anyone who may comment can write.
+        """
+        e = event(ATTACHMENT)
+        seed(self.bz, e)
+        self.bz.attachments[e.attachments[0].id]["bug_id"] = e.bug_id + 1
+        enricher = BugzillaEnricher(direct_api(self.bz), self.clock, url=URL, hosts=HOSTS)
+        message = self.publish(enricher, ATTACHMENT)
+        self.assertEqual(message.schema, MAIL_SCHEMA)
+        [warning] = self.warnings()
+        self.assertIn(f"attachment {e.attachments[0].id} belongs to bug {e.bug_id + 1}", warning)
+        self.assertEqual(enricher.counters["failed"], 1)
+
+    def test_attachment_without_bug(self) -> None:
+        """An attachment whose bug the answer does not name is not published either."""
+        e = event(ATTACHMENT)
+        seed(self.bz, e)
+        del self.bz.attachments[e.attachments[0].id]["bug_id"]
+        enricher = BugzillaEnricher(direct_api(self.bz), self.clock, url=URL, hosts=HOSTS)
+        self.assertEqual(self.publish(enricher, ATTACHMENT).schema, MAIL_SCHEMA)
+        self.assertIn("belongs to bug None", self.warnings()[0])
+
+    def test_comment_of_another_bug(self) -> None:
+        """A comment the web service says belongs to another bug is not taken for this bug's."""
+        e = event(RHBZ)
+        seed(self.bz, e)
+        self.bz.comments[e.bug_id][3]["bug_id"] = e.bug_id + 1
+        enricher = BugzillaEnricher(direct_api(self.bz), self.clock, url=URL, hosts=HOSTS)
+        self.assertEqual(self.publish(enricher).schema, MAIL_SCHEMA)
+        self.assertIn("comment 3", self.warnings()[0])
+
     def test_faults_do_not_pause(self) -> None:
         """A fault concerns one bug: the next mail is looked up again."""
         self.fault()

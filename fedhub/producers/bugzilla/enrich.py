@@ -208,7 +208,11 @@ def messagev1_body(
     comment = None
     if event.comment is not None and event.event_type != "new":
         number = event.comment.number
-        found = [c for c in comments or () if c.get("count") == number and number is not None]
+        # A comment another bug's (the answer is keyed by bug, but says
+        # for each comment whose it is) is not this one.
+        found = [c for c in comments or ()
+                 if c.get("count") == number and number is not None
+                 and c.get("bug_id", event.bug_id) == event.bug_id]
         if not found or not isinstance(found[0].get("id"), int):
             raise EnrichmentUnavailable(f"comment {number} of bug {event.bug_id} is not in the "
                                         "web service's answer")
@@ -222,6 +226,15 @@ def messagev1_body(
         if attachment is None or not isinstance(attachment.get("id"), int):
             raise EnrichmentUnavailable(f"the new attachment of bug {event.bug_id} is not in the "
                                         "web service's answer")
+        if attachment.get("bug_id") != event.bug_id:
+            # The attachment's id comes from the mail's "Created attachment"
+            # notice, which the text of any comment can imitate: never
+            # publish another bug's attachment (maybe a private one) with
+            # this bug's event.
+            owner = attachment.get("bug_id")
+            raise EnrichmentUnavailable(
+                f"attachment {attachment.get('id')} belongs to bug "
+                f"{owner if isinstance(owner, int) else None}, not to bug {event.bug_id}")
         attached = attachment_object(attachment)
         what = event_object(event.bug_id, "create", "attachment", when, user)
     else:
