@@ -352,6 +352,27 @@ class FallbackTests(SynchronousTestCase):
         self.assertEqual(self.publish(enricher).schema, MAIL_SCHEMA)
         self.assertIn("comment 3", self.warnings()[0])
 
+    def test_api_key_echoed_in_a_fault_not_logged(self) -> None:
+        """
+        A fault (or any error) whose text repeats the API key, as a broken
+        or hostile web service's may, is logged without the key.
+        """
+        seed(self.bz, event(RHBZ))
+
+        def echo(params: dict[str, Any]) -> Any:
+            raise xmlrpc.client.Fault(1000, f"bad key {params.get('Bugzilla_api_key')!r} in {params!r}")
+
+        self.bz.server.handlers["Bug.get"] = echo
+        key = "s3cret-Key-0123456789"
+        api = BugzillaAPI(DirectCaller(self.bz.server, URL), api_key=key)
+        enricher = BugzillaEnricher(api, self.clock, url=URL, hosts=HOSTS)
+        self.assertEqual(self.publish(enricher).schema, MAIL_SCHEMA)
+        [warning] = self.warnings()
+        self.assertIn("bad key '<the API key>' in", warning)
+        self.assertNotIn(key, warning)
+        for logged in self.logged:
+            self.assertNotIn(key, repr(logged))
+
     def test_faults_do_not_pause(self) -> None:
         """A fault concerns one bug: the next mail is looked up again."""
         self.fault()

@@ -14,7 +14,8 @@ they are.
 
 An API key, when needed, is read from a file (never from the
 configuration itself) and sent as C{Bugzilla_api_key} with every call; it
-never appears in logs or errors.
+never appears in logs or errors (an error whose text repeats it, as a web
+service's fault about a bad parameter may, has it replaced).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 
 from fedhub.errors import FedhubError
 from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient
@@ -125,6 +127,28 @@ def _batches(ids: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(ids[start : start + size])
 
 
+#: What an error's text says in place of the API key.
+HIDDEN_KEY = "<the API key>"
+
+
+def _without_key(failure: Failure, key: str) -> Failure:
+    """
+    C{failure} with the API key taken out of its error's text: a web service
+    may repeat what it was sent (a fault about a bad parameter, an error
+    page), and errors end up in logs.
+    """
+    error = failure.value
+    if error is None:
+        return failure
+    for name, value in list(vars(error).items()):
+        if isinstance(value, str) and key in value:
+            setattr(error, name, value.replace(key, HIDDEN_KEY))
+    error.args = tuple(
+        a.replace(key, HIDDEN_KEY) if isinstance(a, str) else a for a in error.args
+    )
+    return failure
+
+
 class BugzillaAPI:
     """
     The Bugzilla web service calls fedhub makes.
@@ -174,6 +198,8 @@ class BugzillaAPI:
         if key is not None:
             params = {**params, "Bugzilla_api_key": key}
         d: Deferred[Any] = self.caller.call(method, params)
+        if key is not None:
+            d.addErrback(_without_key, key)
         return d
 
     @inlineCallbacks
