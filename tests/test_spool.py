@@ -227,8 +227,8 @@ class ImportTests(SynchronousTestCase):
         read = spool._read_batch
         sizes: list[int] = []
 
-        def recording(directory: str, limit: int) -> Any:
-            batch = read(directory, limit)
+        def recording(directory: str, limit: int, *rest: Any) -> Any:
+            batch = read(directory, limit, *rest)
             sizes.append(sum(len(data or b"") for _, data in batch))
             return batch
 
@@ -263,6 +263,50 @@ class ImportTests(SynchronousTestCase):
         self.assertFalse((self.directory / f"0000-bad{SUFFIX}.bad").exists())
         self.assertEqual(self.importer.rejected, 0)
         self.assertIn(str(bad), [str(e.get("path")) for e in logged])
+
+    def test_unreadable_file_skipped_and_logged_once(self) -> None:
+        """
+        A spool file that can not be read (here a directory by a spool
+        file's name; in practice a file written by another user) does not
+        hold up the files after it, even when there are more such files than
+        a batch: it is logged once while it stays unreadable, not at every
+        scan, and taken in once it can be read.  Found unreadable again after
+        that, it is logged again.
+        """
+        self.directory.mkdir(parents=True)
+        blocked = [self.directory / f"000{n}-blocked{SUFFIX}" for n in range(4)]
+        for path in blocked:
+            path.mkdir()
+        messages = [Message.create("a", {"n": n}) for n in range(5)]
+        for message in messages:
+            write_spool(str(self.directory), message)
+        logged: list[dict[str, Any]] = []
+        self.importer.log = Logger(observer=logged.append)
+
+        def complaints() -> list[str]:
+            return [str(e["path"]) for e in logged if "can not be read" in e["log_format"]]
+
+        for _ in range(3):
+            self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, messages)
+        self.assertEqual(sorted(complaints()), sorted(str(p) for p in blocked))
+        self.assertEqual(self.importer.unreadable, 4)
+        self.assertEqual({e["log_level"].name for e in logged}, {"error"})
+
+        # The first becomes a readable spool file: it is taken in.
+        late = Message.create("a", {"late": True})
+        blocked[0].rmdir()
+        write_spool(str(self.directory), late)
+        os.rename(waiting(self.directory)[-1], blocked[0])
+        self.successResultOf(self.importer._import())
+        self.assertEqual(self.publisher.published, messages + [late])
+        self.assertEqual(self.importer.unreadable, 3)
+        self.assertFalse(blocked[0].exists())
+        # Unreadable again: logged again.
+        blocked[0].mkdir()
+        self.successResultOf(self.importer._import())
+        self.assertEqual(complaints().count(str(blocked[0])), 2)
+        self.assertEqual(len(complaints()), 5)
 
     def test_missing_directory(self) -> None:
         """A spool that does not exist yet is simply empty."""

@@ -246,11 +246,20 @@ def _answer(directory: str, request_path: str, reply: str, answer: dict[str, Any
     os.unlink(request_path)
 
 
-def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes | None]]:
+def _read_batch(
+    directory: str, limit: int, unreadable: dict[str, str] | None = None
+) -> list[tuple[str, bytes | None]]:
     """
     Up to C{limit} spool files, oldest first, with their contents: as many
     as fit in L{BATCH_BYTES} (at least one).  A file larger than
     L{MAX_FILE_BYTES} comes without its contents (C{None}), unread.
+
+    A file that can not be opened or read (written by another user, say)
+    is skipped, so it does not hold up the files after it, and does not
+    count towards C{limit}.
+
+    @param unreadable: Given, it gets the path of each file skipped so,
+        with the reason.
     """
     try:
         names = sorted(name for name in os.listdir(directory) if name.endswith(SUFFIX))
@@ -258,7 +267,9 @@ def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes | None]]:
         return []
     batch: list[tuple[str, bytes | None]] = []
     total = 0
-    for name in names[:limit]:
+    for name in names:
+        if len(batch) >= limit:
+            break
         path = os.path.join(directory, name)
         try:
             with open(path, "rb") as f:
@@ -270,6 +281,10 @@ def _read_batch(directory: str, limit: int) -> list[tuple[str, bytes | None]]:
                     break
                 data = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
+            continue
+        except OSError as e:
+            if unreadable is not None:
+                unreadable[path] = e.strerror or e.__class__.__name__
             continue
         if len(data) > MAX_FILE_BYTES:
             batch.append((path, None))
@@ -349,6 +364,9 @@ class SpoolImporter(Service):
         self._handed_over: set[str] = set()
         # Requests told to wait for the outbox (see _requests).
         self._waiting_requests: set[str] = set()
+        # Spool files that could not be read, with why: each is logged
+        # when first found, not on every scan while it stays so.
+        self._unreadable: dict[str, str] = {}
         self._pool = self._new_pool()
         self._loop: LoopingCall | None = None
         self._running: Deferred[Any] | None = None
@@ -382,7 +400,9 @@ class SpoolImporter(Service):
     def _import(self) -> Generator[Deferred[Any], Any, None]:
         yield self._requests()
         while self.running:
-            batch = yield self._in_thread(_read_batch, self.directory, self.batch)
+            unreadable: dict[str, str] = {}
+            batch = yield self._in_thread(_read_batch, self.directory, self.batch, unreadable)
+            self._found_unreadable(unreadable, complete=not batch)
             if not batch:
                 return
             removed = False
@@ -454,6 +474,35 @@ class SpoolImporter(Service):
                     yield self._in_thread(fsync_directory, self.directory)
             # A batch cut short by its size in bytes leaves files behind;
             # the next read finds out whether any are left.
+
+    @property
+    def unreadable(self) -> int:
+        """
+        Spool files the last scan could not read (they wait; the files
+        after them are taken in).
+        """
+        return len(self._unreadable)
+
+    def _found_unreadable(self, found: dict[str, str], complete: bool) -> None:
+        """
+        Log the spool files found unreadable for the first time.
+
+        @param found: Those a read of the spool skipped, with why.
+        @param complete: Whether that read went through the whole spool:
+            then the files not in C{found} are forgotten (read since, or
+            gone), and one found again later is logged again.
+        """
+        for path, reason in found.items():
+            if path not in self._unreadable:
+                self.log.error(
+                    "Spool file {path} of {domain} can not be read ({reason}); it waits "
+                    "(the files after it are taken in) until the hub's user can read it",
+                    path=escape_control(path), domain=self.domain, reason=reason,
+                )
+        if complete:
+            self._unreadable = found
+        else:
+            self._unreadable.update(found)
 
     def _vanished(self, path: str, reason: str) -> None:
         """
