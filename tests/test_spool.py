@@ -6,6 +6,7 @@ to a running hub.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,32 @@ class ImportTests(SynchronousTestCase):
         self.successResultOf(self.importer._import())
         self.assertEqual(complaints().count(str(blocked[0])), 2)
         self.assertEqual(len(complaints()), 5)
+
+    def test_stale_temporary_files_removed(self) -> None:
+        """
+        Temporary files a writer killed half-way left behind are removed by
+        the running hub's scans, every PRUNE_INTERVAL seconds, once they are
+        older than STALE_AFTER; a recent one (a writer at work) stays.
+        """
+        self.directory.mkdir(parents=True)
+        old = self.directory / ".0001-1-1.tmp"
+        recent = self.directory / ".0002-1-1.tmp"
+        for path in (old, recent):
+            path.write_bytes(b"half a message")
+        aged = time.time() - spool.STALE_AFTER - 10
+        os.utime(old, (aged, aged))
+        self.successResultOf(self.importer._import())
+        self.assertFalse(old.exists())
+        self.assertTrue(recent.exists())
+        # Aged since: removed at the first scan PRUNE_INTERVAL later, not before.
+        os.utime(recent, (aged, aged))
+        clock = self.importer.reactor
+        clock.advance(spool.PRUNE_INTERVAL - 1)
+        self.successResultOf(self.importer._import())
+        self.assertTrue(recent.exists())
+        clock.advance(1)
+        self.successResultOf(self.importer._import())
+        self.assertFalse(recent.exists())
 
     def test_missing_directory(self) -> None:
         """A spool that does not exist yet is simply empty."""

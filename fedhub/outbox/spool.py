@@ -76,8 +76,11 @@ REPLIES = "replies"
 
 #: A reply, or a temporary file, older than this many seconds is left over
 #: (a command that gave up waiting, a writer that died midway) and removed
-#: when the hub next answers a request.
+#: by the running hub (every L{PRUNE_INTERVAL} seconds, and when it answers
+#: a request).
 STALE_AFTER = 3600.0
+#: Seconds between two removals of stale files by the running hub.
+PRUNE_INTERVAL = 600.0
 
 #: The spool holds at most this many messages by default.
 DEFAULT_MAX_FILES = 10_000
@@ -367,6 +370,8 @@ class SpoolImporter(Service):
         # Spool files that could not be read, with why: each is logged
         # when first found, not on every scan while it stays so.
         self._unreadable: dict[str, str] = {}
+        # When the stale temporary files were last removed (see _import).
+        self._pruned_at: float | None = None
         self._pool = self._new_pool()
         self._loop: LoopingCall | None = None
         self._running: Deferred[Any] | None = None
@@ -399,6 +404,12 @@ class SpoolImporter(Service):
     @inlineCallbacks
     def _import(self) -> Generator[Deferred[Any], Any, None]:
         yield self._requests()
+        now = self.reactor.seconds()
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL:
+            # What writers killed half-way (an inject-mail run, a command)
+            # left behind.
+            self._pruned_at = now
+            yield self._in_thread(_prune_stale, self.directory)
         while self.running:
             unreadable: dict[str, str] = {}
             batch = yield self._in_thread(_read_batch, self.directory, self.batch, unreadable)
