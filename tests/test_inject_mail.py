@@ -9,6 +9,7 @@ publisher out, and the exit status procmail or Postfix act on (0 accepted,
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import os
 import sys
@@ -389,6 +390,39 @@ class SeenFileTests(SynchronousTestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn("stayed locked by another inject-mail", warnings[0])
         first.release()
+
+    def test_failed_update_keeps_what_was_remembered(self) -> None:
+        """
+        An update whose write fails (the disk full) is warned about and
+        leaves the keys remembered before: copies of their events are still
+        recognized.
+        """
+        path = self.mktemp()
+        SeenFile(path, 10.0, 5, now=lambda: 50.0).add("k")
+        real_fdopen = os.fdopen
+
+        class DiskFull:
+            def __init__(self, f: Any) -> None:
+                self._f = f
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._f, name)
+
+            def __enter__(self) -> DiskFull:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self._f.close()
+
+            def write(self, data: bytes) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(inject_mail.os, "fdopen", lambda *a, **k: DiskFull(real_fdopen(*a, **k)))
+        warnings: list[str] = []
+        SeenFile(path, 10.0, 5, now=lambda: 51.0, warn=warnings.append).add("other")
+        self.assertEqual(warnings, [f"can not update {path}: No space left on device"])
+        self.patch(inject_mail.os, "fdopen", real_fdopen)
+        self.assertTrue(SeenFile(path, 10.0, 5, now=lambda: 52.0).seen("k"))
 
     def test_garbage_lines_ignored(self) -> None:
         """Lines that are not <time> <key> are ignored."""

@@ -231,11 +231,15 @@ class SeenFile:
             entries = [e for e in self._entries(f) if e[1] != key]
             entries.append((self.now(), key))
             data = "".join(f"{stamp:.3f} {k}\n" for stamp, k in entries[-self.max_entries :])
+            encoded = data.encode("ascii")
             try:
+                # Written over the old lines, then cut to length: a write
+                # that fails (the disk full) leaves what was remembered,
+                # where truncating first would lose all of it.
                 f.seek(0)
-                f.truncate()
-                f.write(data.encode("ascii"))
+                f.write(encoded)
                 f.flush()
+                f.truncate(len(encoded))
             except OSError as e:
                 if self.warn is not None:
                     self.warn(f"can not update {self.path}: {e.strerror or e}")
