@@ -294,8 +294,11 @@ def makeService(options: Options | dict[str, Any]) -> IService:
         hub = Hub(config, reactor)
     except ConfigError as e:
         lock.release()
-        # A plugin refused its component: one message naming it, as for
-        # any other configuration problem, rather than a traceback.
+        # A plugin refused its component: one message naming it and its
+        # line, as check-config prints it, rather than a traceback.
+        path = options.get("config")
+        if path:
+            e = ConfigError(locate_problems_in(path, e.problems), e.source)
         sys.stderr.write(f"twistd fedhub: {e}\n")
         raise SystemExit(1) from None
     except BaseException:

@@ -456,6 +456,26 @@ class TapTests(SynchronousTestCase):
         self.assertIn("consumers[0].to_domain", stderr.getvalue())
         self.assertTrue(stderr.getvalue().startswith("twistd fedhub: "), stderr.getvalue())
 
+    def test_plugin_refusal_names_the_line(self) -> None:
+        """
+        A component its plugin refuses to build is named with its line in
+        the file, as C{fedhub check-config} names it, and twistd prints
+        nothing else: no traceback.
+        """
+        path = Path(self.mktemp())
+        path.write_text('[domains.a]\nbroker = "memory"\n\n[[consumers]]\nname = "b"\nplugin = "bridge"\n'
+                        'domain = "a"\ntopics = ["#"]\nto_domain = "nowhere"\nallow = ["#"]\n')
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(error.code, 1)
+        lines = stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[1].strip().startswith("consumers[0].to_domain: "), lines)
+        self.assertTrue(lines[1].endswith("(line 9)"), lines)
+
 
 class TwistdTests(SynchronousTestCase):
     """
