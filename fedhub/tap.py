@@ -80,7 +80,8 @@ class GracefulStop(Service):
     Makes SIGTERM and SIGINT stop the reactor like twistd does, draining
     every service, but without twistd's re-raising of the signal afterwards:
     a hub that stopped cleanly exits with status 0.  SIGHUP calls
-    C{on_hangup} (reopening files after log rotation).
+    C{on_hangup} (reopening files after log rotation).  Once the reactor
+    has stopped, all three are ignored while the process exits.
     """
 
     log = HubLogger()
@@ -101,7 +102,19 @@ class GracefulStop(Service):
             signal.signal(signum, self._received)
         if self.on_hangup is not None:
             signal.signal(signal.SIGHUP, self._hangup)
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._ignore)
         self.log.info("Hub running; SIGTERM or SIGINT stops it")
+
+    def _ignore(self) -> None:
+        """
+        Ignore the signals once the reactor has stopped.  The process still
+        has its exit ahead (twistd's last lines, the interpreter's
+        shutdown), during which Python puts the default handlers back: a
+        second SIGTERM then would kill a hub that stopped cleanly, and it
+        would exit with the signal instead of status 0.
+        """
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
 
     def _hangup(self, signum: int, frame: object) -> None:
         self.log.info("Received SIGHUP: reopening files")

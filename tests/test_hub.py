@@ -34,7 +34,7 @@ from fedhub.hub import Hub, SequentialMultiService
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
-from fedhub.tap import Options, makeService
+from fedhub.tap import GracefulStop, Options, makeService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -477,10 +477,117 @@ class TapTests(SynchronousTestCase):
         self.assertTrue(lines[1].endswith("(line 9)"), lines)
 
 
+class SignalReactor:
+    """
+    The parts of a reactor L{GracefulStop} uses, run at once: it is
+    running, and C{stop} fires the I{after shutdown} triggers.
+    """
+
+    def __init__(self) -> None:
+        self.after_shutdown: list[Any] = []
+        self.stopped = 0
+
+    def callWhenRunning(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        assert (phase, event) == ("after", "shutdown")
+        self.after_shutdown.append(f)
+
+    def stop(self) -> None:
+        self.stopped += 1
+        for f in self.after_shutdown:
+            f()
+
+
+class GracefulStopTests(SynchronousTestCase):
+    """
+    L{GracefulStop}: what SIGTERM, SIGINT and SIGHUP do in each part of the
+    hub's life.
+    """
+
+    def setUp(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        self.reactor = SignalReactor()
+        self.hangups: list[None] = []
+        self.stop = GracefulStop(self.reactor, on_hangup=lambda: self.hangups.append(None))
+
+    def test_running(self) -> None:
+        """While the hub runs, SIGHUP reopens files and SIGTERM stops the reactor once."""
+        self.stop.startService()
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # type: ignore[operator]
+        self.assertEqual(len(self.hangups), 1)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), self.stop._received)
+        self.assertEqual(signal.getsignal(signal.SIGINT), self.stop._received)
+
+    def test_ignored_once_stopped(self) -> None:
+        """
+        Once the reactor has stopped, SIGTERM, SIGINT and SIGHUP are ignored
+        (not left to the handlers Python puts back while the process exits,
+        which would kill it): a second signal never turns a clean stop into
+        an exit by the signal.
+        """
+        self.stop.startService()
+        self.stop._received(signal.SIGTERM, None)
+        self.assertEqual(self.reactor.stopped, 1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.assertEqual(signal.getsignal(signum), signal.SIG_IGN)
+
+
 class TwistdTests(SynchronousTestCase):
     """
     C{twistd -n fedhub} as an operator runs it.
     """
+
+    def test_signal_after_the_stop_ignored(self) -> None:
+        """
+        A second SIGTERM that arrives once the hub has stopped, while its
+        process exits, leaves the exit status 0: it does not kill the
+        process.
+        """
+        twistd = Path(sys.executable).parent / "twistd"
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        config = state / "hub.toml"
+        config.write_text(f'[hub]\nstate_dir = "{state}"\n[domains.a]\nbroker = "memory"\n')
+        process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "fedhub", "--config", str(config)],
+            cwd=str(state),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        output: list[str] = []
+
+        def read_until(marker: str) -> bool:
+            assert process.stdout is not None
+            for line in process.stdout:
+                output.append(line)
+                if marker in line:
+                    return True
+            return False
+
+        try:
+            self.assertTrue(read_until("SIGTERM or SIGINT stops it"), "".join(output))
+            process.send_signal(signal.SIGTERM)
+            self.assertTrue(read_until("Server Shut Down"), "".join(output))
+            # Signal it again and again until it has exited: one of them
+            # arrives while the interpreter shuts down.  (send_signal
+            # signals no process once this one's exit was collected.)
+            deadline = time.monotonic() + 60
+            while process.poll() is None and time.monotonic() < deadline:
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.001)
+            rest, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.assertEqual(process.returncode, 0, "".join(output) + rest)
 
     def test_runs_until_signalled(self) -> None:
         """The default hub starts, logs a mailed bugmail as one line, and exits 0 on SIGTERM."""
