@@ -192,6 +192,38 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError, OSError)), 2)
         self.assertEqual([e["log_level"] for e in self.start_failures()], [LogLevel.error] * 2)
 
+    def test_same_failure_traced_once(self) -> None:
+        """
+        A plugin whose start() keeps raising the same error has its
+        traceback logged at the first attempt only; the next attempts say
+        the error on one line, until the error changes, and again after the
+        consumer started and failed anew.
+        """
+        handler = StartingHandler(
+            RuntimeError("boom"), RuntimeError("boom"), RuntimeError("boom"), OSError("other"),
+        )
+        service, bus = self.make(handler)
+        service.startService()
+        self.clock.advance(1)
+        self.clock.advance(2)
+        self.clock.advance(4)
+        self.clock.advance(8)
+        self.assertTrue(service.consuming)
+        failures = self.start_failures()
+        self.assertEqual([e["attempt"] for e in failures], [1, 2, 3, 4])
+        self.assertEqual(
+            [e.get("log_failure") is not None for e in failures], [True, False, False, True]
+        )
+        self.assertEqual([e.get("error") for e in failures[1:3]], ["RuntimeError: boom"] * 2)
+        self.assertEqual([e["log_level"] for e in failures], [LogLevel.error] * 4)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        service.stopService()
+        handler.failures = [RuntimeError("boom")]
+        service.startService()
+        self.assertIsNotNone(self.start_failures()[-1].get("log_failure"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_configuration_error_on_one_line(self) -> None:
         """
         A plugin whose start() finds its configuration unusable (exec's

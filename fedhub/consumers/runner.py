@@ -394,6 +394,9 @@ class ConsumerService(Service):
         # Failed attempts since the consumer started, or since the last
         # attempt that succeeded.
         self._start_failures = 0
+        # The error of these attempts whose traceback was logged last: the
+        # same error again is logged on one line.
+        self._traced_error: str | None = None
         # Counts the consumer's starts: an attempt made for an earlier one
         # does not consume.
         self._run = 0
@@ -476,6 +479,7 @@ class ConsumerService(Service):
         # without consuming.
         self._run += 1
         self._start_failures = 0
+        self._traced_error = None
         self._try_start()
 
     def _try_start(self) -> None:
@@ -511,6 +515,7 @@ class ConsumerService(Service):
             return
         if not isinstance(result, Failure):
             self._start_failures = 0
+            self._traced_error = None
             self.start_error = None
             return
         self._start_failures += 1
@@ -524,9 +529,12 @@ class ConsumerService(Service):
         delay = start_delay(self._start_failures)
         # Error, not critical: the consumer starts by itself once the cause
         # (permissions, a queue's changed arguments, a plugin's file) is gone.
-        # fedhub's own errors say what is wrong; a traceback is for the rest.
+        # fedhub's own errors say what is wrong; a traceback is for the rest,
+        # once: an attempt that fails as the one before is logged on one
+        # line, so that a plugin failing for hours does not fill the log
+        # with the same traceback every minute.
         fields = {"consumer": self.component.name, "attempt": self._start_failures, "delay": delay}
-        if isinstance(error, FedhubError):
+        if isinstance(error, FedhubError) or self.start_error == self._traced_error:
             self.log.error(
                 "Consumer {consumer} could not start (attempt {attempt}); trying again in "
                 "{delay} s: {error}",
@@ -534,6 +542,7 @@ class ConsumerService(Service):
                 **fields,
             )
         else:
+            self._traced_error = self.start_error
             self.log.failure(
                 "Consumer {consumer} could not start (attempt {attempt}); trying again in {delay} s",
                 result,
