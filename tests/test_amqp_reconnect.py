@@ -453,6 +453,24 @@ class ReconnectorTests(SynchronousTestCase):
         (call,) = self.clock.getDelayedCalls()
         self.assertEqual(call.getTime() - self.clock.seconds(), 1.0)
 
+    def test_loss_is_the_last_error(self) -> None:
+        """
+        Once the current connection is lost, last_error says why until the
+        next attempt ends: the status page names the reason while an
+        attempt to a broker that hangs takes its time.
+        """
+        self.reconnector.start()
+        self.preparing[0].callback(None)
+        self.assertIsNone(self.reconnector.last_error)
+        self.connections[0].lose(ConnectionLost("missed heartbeats"))
+        self.assertIsInstance(self.reconnector.last_error, ConnectionLost)
+        self.assertIn("missed heartbeats", str(self.reconnector.last_error))
+        self.clock.advance(1.0)
+        self.assertEqual(self.reconnector.state, "connecting")
+        self.assertIn("missed heartbeats", str(self.reconnector.last_error))
+        self.preparing[1].callback(None)
+        self.assertIsNone(self.reconnector.last_error)
+
     def test_on_ready_raises(self) -> None:
         """
         An on_ready that raises is logged and its connection aborted; its

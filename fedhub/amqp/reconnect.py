@@ -300,6 +300,9 @@ def _build() -> Callable[[_Core], _Inputs]:
     def lost(inputs: _Inputs, core: _Core, reason: BaseException) -> None:
         report_lost(core, reason)
         core.failures = 1
+        # Why it is not connected, until an attempt says more (an attempt
+        # to a broker that hangs takes up to setup_timeout to fail).
+        core.last_error = core.explain(Failure(reason))
         delay = core.retry_delay(1)
         core.log.warn(
             "Lost the connection to {broker}; reconnecting in {delay:.1f} s",
