@@ -500,7 +500,10 @@ class HandshakeTests(SynchronousTestCase):
         error = self.failureResultOf(opening, AccessRefused).value
         self.assertIn("not EXTERNAL", error.reply_text)
         broker.clock.advance(0)
-        self.assertIsInstance(self.successResultOf(broker.client.when_lost()), ConnectionAborted)
+        self.assertEqual(
+            str(self.successResultOf(broker.client.when_lost())),
+            "fedhub dropped the connection: no usable login mechanism",
+        )
 
     def test_unknown_mechanism(self) -> None:
         """
@@ -636,7 +639,10 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertNoResult(lost)
         self.broker.clock.advance(0.5)
         self.assertTrue(self.broker.transport.aborted)
-        self.assertIsInstance(self.successResultOf(lost), ConnectionAborted)
+        # The loss says why (the status page shows it), not "aborted locally".
+        reason = self.successResultOf(lost)
+        self.assertIsInstance(reason, NotConnected)
+        self.assertEqual(str(reason), "fedhub dropped the connection: missed heartbeats")
         self.assertEqual(self.broker.clock.getDelayedCalls(), [])
 
     def test_traffic_keeps_alive(self) -> None:
@@ -862,7 +868,10 @@ class EventTests(SynchronousTestCase):
         self.assertEqual(self.events.seen, [])
         b.clock.advance(0)
         self.assertIsInstance(map_error(self.failureResultOf(waiting)), NotConnected)
-        self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionAborted)
+        self.assertEqual(
+            str(self.successResultOf(b.client.when_lost())),
+            "fedhub dropped the connection: protocol error",
+        )
 
     def test_oversized_frame(self) -> None:
         """
@@ -873,7 +882,10 @@ class EventTests(SynchronousTestCase):
         b.send(struct.pack("!BHI", 3, 1, 10_000_000))
         self.assertTrue(b.transport.aborted)
         b.clock.advance(0)
-        self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionAborted)
+        self.assertEqual(
+            str(self.successResultOf(b.client.when_lost())),
+            "fedhub dropped the connection: protocol error",
+        )
 
 
 class WriteTests(SynchronousTestCase):
@@ -1012,7 +1024,10 @@ class WriteTests(SynchronousTestCase):
         b.clock.advance(5)
         self.assertTrue(b.transport.aborted)
         self.successResultOf(closing)
-        self.assertIsInstance(self.successResultOf(b.client.when_lost()), ConnectionAborted)
+        self.assertEqual(
+            str(self.successResultOf(b.client.when_lost())),
+            "fedhub dropped the connection: close timed out",
+        )
         self.assertEqual(b.clock.getDelayedCalls(), [])
 
 

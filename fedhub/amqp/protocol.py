@@ -47,7 +47,7 @@ from typing import Any
 
 import twisted
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -517,6 +517,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self.lost = False
         self.opened = False
         self.lost_reason: Failure | None = None
+        # Why abort() dropped the connection, if it did.
+        self._dropped_because: str | None = None
         # Until tuning, frames are small; AMQP's minimum frame size bounds them.
         self._frame_limit = DEFAULT_FRAME_MAX
         self._heartbeat_call: IDelayedCall | None = None
@@ -613,6 +615,10 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         if self.lost or self.transport is None:
             return
         self.log.info("Dropping the broker connection: {why}", why=why)
+        # The loss is then told as this (see connectionLost), not as the
+        # transport's "aborted locally".
+        if self._dropped_because is None:
+            self._dropped_because = why
         self.transport.abortConnection()
 
     def close_connection(self, timeout: float = 5.0) -> Deferred[None]:
@@ -696,6 +702,8 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             return
         if reason is None:
             reason = Failure(ConnectionDone())  # type: ignore[no-untyped-call]
+        if self._dropped_because is not None and reason.check(ConnectionAborted):
+            reason = Failure(NotConnected(f"fedhub dropped the connection: {self._dropped_because}"))
         self.lost = True
         self.lost_reason = reason
         self.writable = False
