@@ -42,7 +42,7 @@ from fedhub.message import Message
 from fedhub.outbox import Outbox
 from fedhub.outbox.store import SynchronousExecutor
 from fedhub.status import CONTENT_SECURITY_POLICY, HubMonitor, RecentMessages, StatusService, readiness
-from fedhub.status.metrics import Activity
+from fedhub.status.metrics import NOT_CONNECTED_YET, Activity
 from fedhub.status.web import Assets, LiveFeed, build_resource, dumps_json
 from tests.test_amqp_bus import BusCase
 
@@ -454,8 +454,11 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(body["domains"]["one"]["transport"], "memory")
         self.assertEqual(
             body["consumers"]["a"],
-            {"ready": False, "domain": "one", "consuming": False, "halted": False, "error": None},
+            {"ready": False, "domain": "one", "consuming": False, "halted": False,
+             "error": "domain one is not connected"},
         )
+        # A memory bus has no attempts to tell of.
+        self.assertIsNone(body["domains"]["one"]["error"])
 
     def test_ready_once_running(self) -> None:
         """With the bus connected and the consumer consuming the answer is 200."""
@@ -622,6 +625,19 @@ class ReadyTests(SynchronousTestCase):
         self.assertEqual(check.domains["two"]["transport"], "amqp")
         self.assertEqual(check.domains["two"]["blocked"], False)
         self.assertEqual(check.domains["two"]["error"], "refused\\r\\nX-Forged: yes")
+
+    def test_first_attempt_pending_shown(self) -> None:
+        """
+        A domain not connected yet, with no failed attempt (the first one
+        waits for a broker that may hang), says so instead of a null error.
+        """
+        bus = AMQPLikeBus(False, None, 0)
+        hub = FakeHub({"two": DomainRuntime(DomainConfig(name="two", broker="amqp://h/"), bus, object())})
+        check = readiness(hub)  # type: ignore[arg-type]
+        self.assertFalse(check.ready)
+        self.assertEqual(check.domains["two"]["error"], NOT_CONNECTED_YET)
+        bus.connected = True
+        self.assertIsNone(readiness(hub).domains["two"]["error"])  # type: ignore[arg-type]
 
     def test_empty_hub_ready(self) -> None:
         """A hub with nothing to wait for is ready."""

@@ -147,6 +147,11 @@ def producer_failure(hub: HubView, producer: IService) -> str | None:
     return failure
 
 
+#: A domain's error on C{/ready} while it is not connected and no attempt
+#: to connect has failed yet.
+NOT_CONNECTED_YET = "not connected yet: no attempt to connect has ended"
+
+
 def readiness(hub: HubView) -> Readiness:
     """
     Check whether C{hub} is ready now.
@@ -169,6 +174,10 @@ def readiness(hub: HubView) -> Readiness:
             if isinstance(error, BaseException)
             else None
         )
+        if not connected and detail["error"] is None and not runtime.config.is_memory:
+            # Nothing failed yet: the first attempt (to a broker that may
+            # hang) has not ended.
+            detail["error"] = NOT_CONNECTED_YET
         # The broker refusing publishes: a 403 (they go to the failed area)
         # or a missing exchange (they wait in the outbox).
         refused = getattr(bus, "publish_refused", None)
@@ -186,12 +195,19 @@ def readiness(hub: HubView) -> Readiness:
         consuming = bool(service.consuming)
         halted = bool(service.halted)
         start_error = getattr(service, "problem", None)
+        domain = service.component.domain
+        if start_error is not None:
+            why: str | None = escape_control(str(start_error), 300)
+        elif not consuming and not halted and not domains.get(domain, {}).get("connected", True):
+            why = f"domain {domain} is not connected"
+        else:
+            why = None
         consumers[name] = {
             "ready": consuming and not halted,
-            "domain": service.component.domain,
+            "domain": domain,
             "consuming": consuming,
             "halted": halted,
-            "error": None if start_error is None else escape_control(str(start_error), 300),
+            "error": why,
         }
     producers: dict[str, dict[str, Any]] = {}
     for name, producer in hub.producers.items():
