@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fedhub.config import HubSettings, check_options
 from fedhub.errors import ConfigError
-from fedhub.message import Message
+from fedhub.message import Message, loads
 from fedhub.plugins import PluginContext
 from fedhub.producers.bugzilla.api import BugzillaAPI
 from fedhub.producers.bugzilla.enrich import (
@@ -634,8 +634,6 @@ class InjectMailTests(TestCase):
         """With enrich_url set, inject-mail spools a messageV1 message fetched over a real socket."""
         from twisted.internet.utils import getProcessOutputAndValue
 
-        from fedhub.message import loads
-
         bz = AttachmentBugzilla()
         seed(bz, event(RHBZ))
         port, url = listen(bz.server, reactor)
@@ -663,6 +661,42 @@ class InjectMailTests(TestCase):
         self.assertEqual(message.schema, SCHEMA)
         self.assertEqual(message.id, message_id_for(event_fingerprint(event(RHBZ))))
         check_with_schema_package(message)
+
+
+    @inlineCallbacks
+    def test_fallback_warned_on_stderr(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        When the enrichment fails (here nothing listens at enrich_url),
+        inject-mail still spools the mail-derived message and exits 0, and
+        says why on standard error, one line, for the mail server's log.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        port, url = listen(AttachmentBugzilla().server, reactor)
+        yield port.stopListening()
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        (directory / "mail.eml").write_bytes(raw(RHBZ))
+        config = directory / "hub.toml"
+        config.write_text(
+            f'[hub]\ntopic_prefix = "org.example"\nenvironment = "prod"\n'
+            f'state_dir = "{directory / "state"}"\n[domains.community]\nbroker = "memory"\n'
+            '[[producers]]\nname = "bugzilla-mail"\nplugin = "bugzilla-smtp"\n'
+            'domain = "community"\nrecipients = ["bugs@example.org"]\n'
+            f'enrich_url = "{url}"\nenrich_timeout = 5.0\n'
+            'enrich_hosts = ["bugzilla.redhat.com"]\n')
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "fedhub.cli", "inject-mail", "--config", str(config),
+                             "--input", str(directory / "mail.eml")],
+            env=dict(os.environ), path=os.getcwd(), reactor=reactor)
+        self.assertEqual(code, 0, err)
+        [line] = err.decode().splitlines()
+        self.assertTrue(line.startswith("fedhub inject-mail: warning: "), line)
+        self.assertIn("mail-derived message", line)
+        spool = directory / "state" / "spool" / "community"
+        [path] = [p for p in spool.iterdir() if p.name.endswith(".msg")]
+        [message] = loads(path.read_bytes())
+        self.assertNotEqual(message.schema, SCHEMA)
 
 
 class SiblingTests(SynchronousTestCase):

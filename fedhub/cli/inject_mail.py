@@ -364,17 +364,42 @@ def _fail(reason: str, status: int) -> int:
     return status
 
 
+def _warn_on_stderr(event: dict[str, Any]) -> None:
+    """
+    A log observer printing fedhub's warnings and errors (an enrichment
+    that fell back to the mail-derived message, say) on standard error, one
+    line each: C{inject-mail} has no log of its own, and a mail server or
+    procmail keeps what a pipe prints.
+    """
+    from twisted.logger import LogLevel, formatEvent
+
+    if event.get("log_level") not in (LogLevel.warn, LogLevel.error, LogLevel.critical):
+        return
+    if not str(event.get("log_namespace", "")).startswith("fedhub"):
+        return
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text = f"{text}: {failure.getErrorMessage()}"
+    print(f"fedhub inject-mail: warning: {escape_control(text, 300)}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """
     Read one mail and hand it over; the exit status says what the sender
     must do (see the module docstring).
     """
+    from twisted.logger import globalLogPublisher
+
+    globalLogPublisher.addObserver(_warn_on_stderr)
     try:
         return _run(args)
     except Exception as e:
         # Any other exit status (a traceback exits 1) makes a mail server
         # bounce the mail: an unforeseen failure must keep it queued.
         return _fail(f"unexpected error: {type(e).__name__}: {e}", EX_TEMPFAIL)
+    finally:
+        globalLogPublisher.removeObserver(_warn_on_stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
