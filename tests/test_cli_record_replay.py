@@ -9,6 +9,7 @@ elsewhere).
 
 from __future__ import annotations
 
+import errno
 import io
 import sys
 import uuid
@@ -34,6 +35,19 @@ class FullStream(io.BytesIO):
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
         raise OSError(28, "No space left on device")
+
+
+class HalfFullFile(io.FileIO):
+    """
+    A file on a disk that fills up in the middle of a line: a write of more
+    than a few bytes takes half of them, then fails.
+    """
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if len(data) > 10:
+            super().write(bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
 
 
 class AppenderTests(SynchronousTestCase):
@@ -63,6 +77,36 @@ class AppenderTests(SynchronousTestCase):
         e = self.assertRaises(CommandError, appender, Message.create("a.b", {}))
         self.assertEqual(e.status, 74)
         self.assertIn("out.jsonl", e.reason)
+
+    def test_write_failing_half_way(self) -> None:
+        """
+        A write that fails half-way (a full disk) is cut back: the file keeps
+        only whole lines, so that replay reads everything written.
+        """
+        path = Path(self.mktemp())
+        path.write_bytes(b"earlier\n")
+        appender = Appender(HalfFullFile(str(path), "ab"), str(path))
+        e = self.assertRaises(CommandError, appender, Message.create("a.b", {"n": 1}))
+        appender.close()
+        self.assertEqual(e.status, 74)
+        self.assertEqual(path.read_bytes(), b"earlier\n")
+        self.assertEqual(appender.written, 0)
+
+    def test_after_an_unterminated_line(self) -> None:
+        """
+        Appended to a file whose last line has no newline (half a line left
+        by an earlier failure), the messages go on lines of their own.
+        """
+        path = Path(self.mktemp())
+        path.write_bytes(b'{"topic": "a.b", "bo')
+        messages = [Message.create("org.example.dev.a", {"n": n}) for n in range(2)]
+        appender = Appender(open_output(str(path)), str(path))
+        for message in messages:
+            appender(message)
+        appender.close()
+        first, rest = path.read_bytes().split(b"\n", 1)
+        self.assertEqual(first, b'{"topic": "a.b", "bo')
+        self.assertEqual(loads(rest), messages)
 
     def test_unserializable_message(self) -> None:
         """A message that can not be serialized ends the recording with one line naming it and the file (70), writing nothing."""

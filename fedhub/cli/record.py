@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from typing import IO
 
@@ -32,21 +33,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_output(path: str) -> IO[bytes]:
     """
-    Open FILE for appending (C{-}: standard output).
+    Open FILE for appending (C{-}: standard output), unbuffered: each line
+    goes to the file in the writes L{Appender} makes, and no half line can
+    wait in a buffer to be written when the file is closed.
 
     @raise CommandError: with C{EX_CANTCREAT} when it can not be opened.
     """
     if path == "-":
         return sys.stdout.buffer
     try:
-        return open(path, "ab")
+        return open(path, "ab", buffering=0)
     except OSError as e:
         raise CommandError(f"can not open {path} for writing: {e.strerror or e}", EX_CANTCREAT) from None
+
+
+def _regular_size(stream: IO[bytes]) -> int | None:
+    """
+    The size of the regular file C{stream} writes to, or C{None} when it
+    writes to something else (a pipe, a device, memory).
+    """
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _unterminated(stream: IO[bytes]) -> bool:
+    """
+    Whether C{stream} writes to a regular file whose last line has no
+    newline (the end of a write that failed half-way elsewhere, a file
+    edited by hand): a line appended to it would be glued to that one.
+    """
+    size = _regular_size(stream)
+    name = getattr(stream, "name", None)
+    if not size or not isinstance(name, str):
+        return False
+    # Read through a descriptor of its own: the one writing is write-only.
+    try:
+        with open(name, "rb") as f:
+            if os.fstat(f.fileno()).st_ino != os.fstat(stream.fileno()).st_ino:
+                return False
+            f.seek(size - 1)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 class Appender:
     """
     Writes messages to a file, one serialized line each, flushed at once.
+
+    The file never gets half a line from here: a write that fails half-way
+    (a full disk, the file size limit) is cut back to where the line began.
+    Appended to a file whose last line has no newline, the first line starts
+    with one, so that the messages written stay readable lines of their own.
 
     @ivar written: Messages written.
     """
@@ -55,6 +96,7 @@ class Appender:
         self.stream = stream
         self.name = name
         self.written = 0
+        self._newline_first = _unterminated(stream)
 
     def __call__(self, message: Message) -> None:
         """
@@ -73,14 +115,37 @@ class Appender:
             raise CommandError(
                 f"message {message.id} can not be written to {self.name}: {reason}", status
             ) from None
+        if self._newline_first:
+            line = b"\n" + line
         try:
-            self.stream.write(line)
-            self.stream.flush()
+            self._append(line)
         except BrokenPipeError:
             raise
         except OSError as e:
             raise CommandError(f"writing to {self.name} failed: {e.strerror or e}", EX_IOERR) from None
+        self._newline_first = False
         self.written += 1
+
+    def _append(self, line: bytes) -> None:
+        """
+        Write C{line} whole, or cut a regular file back to where it began
+        and raise.
+        """
+        start = _regular_size(self.stream)
+        view = memoryview(line)
+        try:
+            while view:
+                # An unbuffered file may take part of it at a time.
+                written = self.stream.write(view)
+                view = view[written if written is not None else 0:]
+            self.stream.flush()
+        except OSError:
+            if start is not None:
+                try:
+                    os.ftruncate(self.stream.fileno(), start)
+                except OSError:
+                    pass
+            raise
 
     def close(self) -> None:
         """
