@@ -399,6 +399,43 @@ class LineReaderTests(SynchronousTestCase):
         self.assertEqual(seen, [1, 2, 3, 4, 5])
         self.assertEqual(error.line, 6)
 
+    def drain(self, data: bytes) -> tuple[list[tuple[int | None, Message]], Deferred[None]]:
+        """
+        The messages L{publish.file_messages} reads from C{data}, and a
+        Deferred firing once it is done.
+        """
+        reactor = FakeThreadReactor()
+        reader = LineReader(io.BytesIO(data), reactor)
+        reader.start()
+        seen: list[tuple[int | None, Message]] = []
+
+        async def drain() -> None:
+            async for item in publish.file_messages(reader):
+                seen.append(item)
+
+        d = Deferred.fromCoroutine(drain())
+        while not d.called:
+            reactor.run_calls()
+        return seen, d
+
+    def test_byte_order_mark(self) -> None:
+        """
+        A file that starts with a UTF-8 byte order mark (as some editors
+        save it) is read as without it.
+        """
+        messages = [make(n) for n in range(2)]
+        seen, d = self.drain(b"\xef\xbb\xbf" + dumps(messages).encode("utf-8"))
+        self.successResultOf(d)
+        self.assertEqual(seen, [(1, messages[0]), (2, messages[1])])
+
+    def test_byte_order_mark_only_at_the_start(self) -> None:
+        """A byte order mark on a later line is no part of the serialized form: that line is bad."""
+        first, second = make(1), make(2)
+        data = dumps([first]).encode("utf-8") + b"\xef\xbb\xbf" + dumps([second]).encode("utf-8")
+        seen, d = self.drain(data)
+        self.assertEqual(self.failureResultOf(d, DecodeError).value.line, 2)
+        self.assertEqual(seen, [(1, first)])
+
     def test_stop(self) -> None:
         """Stopping fails the read that waits, and later ones, with InputStopped."""
         reader = LineReader(io.BytesIO(b""), FakeThreadReactor())

@@ -62,6 +62,9 @@ from fedhub.message import (
 #: C{fedhub record} wrote of a message it received can be read back.
 MAX_LINE = 512 * 1024 * 1024
 
+#: The byte order mark some editors put at the start of a UTF-8 file.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 #: Severity names accepted besides the numbers.
 SEVERITY_NAMES = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -255,6 +258,8 @@ async def file_messages(
 ) -> AsyncIterator[tuple[int | None, Message]]:
     """
     The messages of a file, with their line numbers, read as they are needed.
+    A UTF-8 byte order mark at the start of the file (as some editors write
+    it) is skipped.
 
     @raise DecodeError: at the first line that is not a message.
     """
@@ -271,6 +276,8 @@ async def file_messages(
             return
         for line in lines:
             number += 1
+            if number == 1 and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM):]
             message = decode_line(line, number)
             if message is not None:
                 yield number, (transform(message) if transform is not None else message)
