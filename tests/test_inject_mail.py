@@ -280,7 +280,7 @@ class ConfigurationTests(InjectTestCase):
         self.patch(sys, "stderr", io.StringIO())
         self.assertEqual(main(["inject-mail", "--timeout", "60s"]), EX_TEMPFAIL)
         self.assertEqual(main(["inject-mail", "--no-such-option"]), EX_TEMPFAIL)
-        self.assertIn("--timeout: invalid float value", sys.stderr.getvalue())
+        self.assertIn("--timeout: not a number: '60s'", sys.stderr.getvalue())
         with self.assertRaises(SystemExit) as other:
             main(["publish", "--no-such-option"])
         self.assertEqual(other.exception.code, 2)
@@ -288,6 +288,21 @@ class ConfigurationTests(InjectTestCase):
         with self.assertRaises(SystemExit) as helped:
             main(["inject-mail", "--help"])
         self.assertEqual(helped.exception.code, 0)
+
+    def test_timeout_must_be_positive(self) -> None:
+        """
+        A --timeout that is not a finite number of seconds greater than 0 is
+        a mistake in the command line (75, the mail waits): a negative one
+        would end an asynchronous hand-over (enrichment) with a traceback
+        and status 1, on which a mail server bounces the mail.
+        """
+        from fedhub.cli.main import build_parser
+
+        self.patch(sys, "stderr", io.StringIO())
+        for value in ("-1", "0", "nan", "inf"):
+            with self.assertRaises(SystemExit, msg=value):
+                build_parser().parse_args(["inject-mail", "--timeout", value])
+        self.assertEqual(build_parser().parse_args(["inject-mail", "--timeout", "0.5"]).timeout, 0.5)
 
     def test_missing_file(self) -> None:
         """An unreadable configuration exits 75."""

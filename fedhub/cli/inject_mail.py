@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from fedhub.cli.runner import positive_float
 from fedhub.config import ComponentConfig, Config, load_config
 from fedhub.errors import ConfigError, FedhubError
 from fedhub.interfaces import IPublisher
@@ -268,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--source", default="stdin", help="where the mail came from, for the hub's logs",
     )
     parser.add_argument(
-        "--timeout", type=float, default=60.0,
+        "--timeout", type=positive_float, default=60.0,
         help="give up (exit 75) when the hand-over takes longer, in seconds (default 60)",
     )
 
