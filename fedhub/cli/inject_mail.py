@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
@@ -390,9 +390,10 @@ def run(args: argparse.Namespace) -> int:
     Read one mail and hand it over; the exit status says what the sender
     must do (see the module docstring).
     """
-    from twisted.logger import globalLogPublisher
+    from twisted.logger import ILogObserver, globalLogPublisher
 
-    globalLogPublisher.addObserver(_warn_on_stderr)
+    observer = cast(ILogObserver, implementer(ILogObserver)(_warn_on_stderr))
+    globalLogPublisher.addObserver(observer)
     try:
         return _run(args)
     except Exception as e:
@@ -400,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
         # bounce the mail: an unforeseen failure must keep it queued.
         return _fail(f"unexpected error: {type(e).__name__}: {e}", EX_TEMPFAIL)
     finally:
-        globalLogPublisher.removeObserver(_warn_on_stderr)
+        globalLogPublisher.removeObserver(observer)
 
 
 def _run(args: argparse.Namespace) -> int:
