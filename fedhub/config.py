@@ -22,6 +22,7 @@ for the file format.
 from __future__ import annotations
 
 import builtins
+import codecs
 import copy
 import difflib
 import enum
@@ -1987,6 +1988,10 @@ def load_config(path: str, *, find_plugin: PluginLookup | None = None) -> Config
                                shown) from None
     if len(data) > MAX_FILE_BYTES:
         raise ConfigUnreadable([ConfigProblem("file", f"larger than {MAX_FILE_BYTES} bytes")], shown)
+    if data.startswith(codecs.BOM_UTF8):
+        # Some editors start a UTF-8 file with a byte order mark, which
+        # TOML parsers refuse as a stray character.
+        data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -550,6 +550,17 @@ class SyntaxTests(SynchronousTestCase, ProblemsMixin):
         self.assertEqual([(p.path, p.message, p.line) for p in error.problems],
                          [("file", "not valid UTF-8 (byte 23: invalid start byte)", 3)])
 
+    def test_byte_order_mark(self) -> None:
+        """
+        A file an editor started with a UTF-8 byte order mark is read as
+        without it; one further on is still a problem.
+        """
+        text = b'[hub]\nenvironment = "dev"\n[domains.default]\nbroker = "memory"\n'
+        path = write(os.path.abspath(self.mktemp()), b"\xef\xbb\xbf" + text)
+        self.assertEqual(load_config(path).hub.environment, "dev")
+        path = write(os.path.abspath(self.mktemp()), text + b"\xef\xbb\xbf")
+        self.assertRaises(ConfigError, load_config, path)
+
     def test_error_text(self) -> None:
         """
         The error's text names the source, the count and every problem.
