@@ -22,6 +22,7 @@ from twisted.internet import ssl
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.protocols.policies import WrappingFactory
@@ -34,7 +35,10 @@ from fedhub.consumers.webhook import (
     WebhookPlugin,
     display_url,
     load_ca_bundle,
+    hide_secrets,
     parse_retry_after,
+    shown_location,
+    url_secrets,
     verdict_for_status,
 )
 from fedhub.errors import ConfigError, DeadLetter, Retry
@@ -98,6 +102,23 @@ class Hook(Resource):
         for name, value in self.answer_headers.items():
             request.setHeader(name, value)
         return self.answer
+
+
+class Echo(Resource):
+    """
+    An endpoint that refuses every request, quoting it: its URL in the
+    status phrase, its URL and headers in the answer.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(400, b"no good: " + request.uri)
+        lines = [b"URL " + request.uri] + [
+            name + b": " + value
+            for name, values in request.requestHeaders.getAllRawHeaders() for value in values
+        ]
+        return b"\n".join(lines)
 
 
 class Tracking(WrappingFactory):
@@ -188,6 +209,25 @@ class HelperTests(SynchronousTestCase):
         """Logs show the URL without its query (where tokens live)."""
         self.assertEqual(display_url("https://h.example:8443/hook?token=s3cret#x"),
                          "https://h.example:8443/hook")
+
+    def test_shown_location(self) -> None:
+        """A redirect's target loses its user, password, query and fragment, nothing else."""
+        self.assertEqual(shown_location("https://user:pw@other.example:8443/x/y?tok=1#f"),
+                         "https://other.example:8443/x/y")
+        self.assertEqual(shown_location("//pw@other.example/x"), "//other.example/x")
+        self.assertEqual(shown_location("/elsewhere?tok=1"), "/elsewhere")
+        self.assertEqual(shown_location("/a/b@c"), "/a/b@c")
+
+    def test_url_secrets(self) -> None:
+        """The query, its values (written and decoded) and the Authorization credentials are secrets; short ones are not."""
+        secrets = url_secrets("https://h/p?token=a%2Fb%3Dsecret&x=1", b"Bearer t0ken")
+        for secret in ("token=a%2Fb%3Dsecret&x=1", "a/b=secret", "a%2Fb%3Dsecret",
+                       "Bearer t0ken", "t0ken"):
+            self.assertIn(secret, secrets)
+        self.assertNotIn("1", secrets)
+        self.assertEqual(hide_secrets("got a/b=secret and Bearer t0ken", secrets),
+                         "got *** and ***")
+        self.assertEqual(url_secrets("https://h/p", None), ())
 
     def test_ca_bundle_needs_certificates(self) -> None:
         """A file without a PEM certificate is refused."""
@@ -414,6 +454,53 @@ class PostTests(TestCase):
         self.assertEqual(settled.outcome, "dead_lettered")
         self.assertIn("redirect", settled.reason or "")
         self.assertEqual(len(self.hook.received), 1)
+
+    @inlineCallbacks
+    def test_redirect_target_without_credentials(self) -> Any:
+        """A redirect's reason names its target without user, password or query."""
+        harness = self.harness()
+        self.hook.status = 307
+        self.hook.answer_headers = {b"Location": b"http://user:pa55word@other.example:81/x?sig=abc"}
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("to http://other.example:81/x ", settled.reason or "")
+        self.assertNotIn("pa55word", settled.reason or "")
+        self.assertNotIn("sig=", settled.reason or "")
+
+    @inlineCallbacks
+    def test_answer_quoting_secrets(self) -> Any:
+        """
+        An answer quoting the request (its URL's token, its Authorization)
+        is shown with those replaced, in the reason and the log.
+        """
+        secret = Path(self.mktemp())
+        secret.write_text("Bearer t0ken-XYZ\n")
+        echo = Echo()
+        site = Tracking(echo)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(site.close_all)
+        logged: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            # The test server's own access log shows the URL.
+            if str(event.get("log_namespace", "")).startswith("fedhub."):
+                logged.append(formatEvent(event) or "")
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        harness = self.harness({"url": f"http://127.0.0.1:{port.getHost().port}/hook?token=s3cret",
+                                "authorization_file": str(secret)})
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "dead_lettered")
+        reason = settled.reason or ""
+        self.assertIn("HTTP 400 no good: /hook?***", reason)
+        self.assertIn("Authorization: ***", reason)
+        self.assertIn("URL /hook?***", reason)
+        text = reason + "\n".join(logged)
+        self.assertIn("Authorization: ***", "\n".join(logged))
+        for leak in ("s3cret", "t0ken"):
+            self.assertNotIn(leak, text)
 
     @inlineCallbacks
     def test_no_answer_times_out(self) -> Any:

@@ -33,7 +33,12 @@ first 64 KiB kept for the verdict's reason.  A connection kept for reuse
 that the server closed meanwhile fails before any answer: the request is
 then sent once more at once on a new connection (a duplicate is possible if
 the server did take the first one; X-Fedhub-Message-Id tells).  Reasons and logs show the URL without
-its query string, which often carries a token.
+its query string, which often carries a token, and a redirect's target without
+its user, password, query string and fragment.  What the server sends (its
+status phrase, the start of its answer, errors quoting it) is shown with the
+URL's query values and the Authorization header's value replaced by C{***}:
+a server may echo the request it found wrong, and the reasons end up in logs
+and in dead-lettered messages' headers.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote_plus, unquote_plus, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
@@ -81,6 +86,13 @@ _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
 
+#: Secrets shorter than this are not hidden from what a server sends back:
+#: they would blank out ordinary words.
+MIN_SECRET_LENGTH = 4
+
+#: An absolute or scheme-relative URL: its scheme, authority and the rest.
+_AUTHORITY = re.compile(r"(?s)([A-Za-z][A-Za-z0-9+.-]*:)?//([^/]*)(.*)")
+
 
 def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
                        retry_after: float | None = None,
@@ -103,6 +115,47 @@ def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
         to = f" to {location}" if location else ""
         return DeadLetter(reason + f" (redirects{to} are not followed)")
     return DeadLetter(reason)
+
+
+def shown_location(location: str) -> str:
+    """
+    Where a redirect points, fit for a reason: without the user and password
+    of its authority, its query string and its fragment.
+    """
+    location = location.split("#", 1)[0].split("?", 1)[0]
+    match = _AUTHORITY.fullmatch(location)
+    if match is None:
+        return location
+    scheme, authority, rest = match.groups()
+    return f"{scheme or ''}//{authority.rpartition('@')[2]}{rest}"
+
+
+def url_secrets(url: str, authorization: bytes | None) -> tuple[str, ...]:
+    """
+    The secrets a server's answer might repeat: the URL's query string and
+    its values (as written and decoded), and the Authorization header's
+    value and its credentials (after the scheme); longest first, none
+    shorter than L{MIN_SECRET_LENGTH}.
+    """
+    query = urlsplit(url).query
+    found = {query, unquote_plus(query)}
+    for _, value in parse_qsl(query, keep_blank_values=True):
+        found.add(value)
+        found.add(quote_plus(value))
+    if authorization is not None:
+        text = authorization.decode("latin-1")
+        found.add(text)
+        found.add(text.partition(" ")[2].strip())
+    return tuple(sorted((s for s in found if len(s) >= MIN_SECRET_LENGTH), key=len, reverse=True))
+
+
+def hide_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """
+    C{text} with every occurrence of each of C{secrets} replaced by C{***}.
+    """
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def load_ca_bundle(data: bytes) -> Any:
@@ -221,6 +274,7 @@ class WebhookHandler:
         self._client: Any = None
         self._pool: Any = None
         self._authorization: bytes | None = None
+        self._secrets = url_secrets(url, None)
 
     def start(self) -> None:
         """
@@ -255,6 +309,7 @@ class WebhookHandler:
                     "must hold one non-empty line (the Authorization header's value)",
                 )])
             self._authorization = secret
+        self._secrets = url_secrets(self.url, self._authorization)
         self._pool = quiet_pool(self.reactor)
         self._pool.maxPersistentPerHost = self.max_connections
         self._pool.retryAutomatically = False
@@ -356,8 +411,11 @@ class WebhookHandler:
         response, data, broken = result
         self.posted += 1
         status = int(response.code)
-        phrase = escape_control(bytes(response.phrase or b"").decode("latin-1"), 80)
-        excerpt = escape_control(data.decode("utf-8", "replace").strip(), 300)
+        # The server's words may quote the request, token and all.
+        phrase = escape_control(
+            hide_secrets(bytes(response.phrase or b"").decode("latin-1"), self._secrets), 80)
+        excerpt = escape_control(
+            hide_secrets(data.decode("utf-8", "replace"), self._secrets).strip(), 300)
         retry_after = parse_retry_after(
             (response.headers.getRawHeaders(b"Retry-After") or [None])[0]
         )
@@ -365,11 +423,12 @@ class WebhookHandler:
         verdict = verdict_for_status(
             status, phrase, excerpt, self.shown_url, retry_after,
             None if location is None else escape_control(
-                bytes(location).decode("latin-1").split("?", 1)[0], 300),
+                hide_secrets(shown_location(bytes(location).decode("latin-1")), self._secrets),
+                300),
         )
         if verdict is None and broken is not None:
             verdict = Retry(f"HTTP {status} {phrase} from {self.shown_url}, but the answer was "
-                            f"cut off: {broken}")
+                            f"cut off: {hide_secrets(broken, self._secrets)}")
         fields = {
             "consumer": self.name,
             "msg_id": message.id,
@@ -392,7 +451,8 @@ class WebhookHandler:
         if timed_out or isinstance(failure.value, CancelledError):
             reason = f"no answer from {self.shown_url} within {self.timeout:g} s"
         else:
-            reason = f"request to {self.shown_url} failed: {_describe(failure)}"
+            reason = (f"request to {self.shown_url} failed: "
+                      f"{hide_secrets(_describe(failure), self._secrets)}")
         self.log.warn(
             "Consumer {consumer} could not post {msg_id} ({topic}): {reason}",
             consumer=self.name,
