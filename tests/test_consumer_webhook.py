@@ -189,6 +189,9 @@ class HelperTests(SynchronousTestCase):
             self.assertIsInstance(verdict_for_status(status, "", "", "u"), Retry)
         for status in (400, 401, 403, 404, 410, 413, 422, 301, 302, 307, 100):
             self.assertIsInstance(verdict_for_status(status, "", "", "u"), DeadLetter)
+        # Twisted's client takes any three digits: past 5xx is no server error.
+        for status in (600, 700, 999):
+            self.assertIsInstance(verdict_for_status(status, "", "", "u"), DeadLetter)
         moved = verdict_for_status(301, "Moved", "", "https://a/", location="https://b/hook")
         assert moved is not None
         self.assertIn("(redirects to https://b/hook are not followed)", moved.reason)
@@ -501,6 +504,15 @@ class PostTests(TestCase):
         self.assertIn("Authorization: ***", "\n".join(logged))
         for leak in ("s3cret", "t0ken"):
             self.assertNotIn(leak, text)
+
+    @inlineCallbacks
+    def test_status_past_5xx_dead_letters(self) -> Any:
+        """A status of 600 or more, which HTTP does not define, is dead-lettered."""
+        url = self.raw_server(b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n")
+        harness = self.harness({"url": url})
+        settled: Settled = yield harness.deliver(TOPIC, {})
+        self.assertEqual(settled.outcome, "dead_lettered")
+        self.assertIn("HTTP 999 Odd", settled.reason or "")
 
     @inlineCallbacks
     def test_no_answer_times_out(self) -> Any:

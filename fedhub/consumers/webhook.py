@@ -109,7 +109,7 @@ def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
     reason = f"HTTP {status} {phrase} from {url}"
     if excerpt:
         reason += f": {excerpt}"
-    if status >= 500 or status in RETRY_STATUSES:
+    if 500 <= status < 600 or status in RETRY_STATUSES:
         return Retry(reason, retry_after)
     if 300 <= status < 400:
         to = f" to {location}" if location else ""
