@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -107,6 +109,17 @@ class AppenderTests(SynchronousTestCase):
         first, rest = path.read_bytes().split(b"\n", 1)
         self.assertEqual(first, b'{"topic": "a.b", "bo')
         self.assertEqual(loads(rest), messages)
+
+    def test_new_file_mode(self) -> None:
+        """A new file is readable by its owner and group only; an existing one keeps its mode."""
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        path = Path(self.mktemp())
+        Appender(open_output(str(path)), str(path)).close()
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o640)
+        path.chmod(0o600)
+        Appender(open_output(str(path)), str(path)).close()
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
 
     def test_unserializable_message(self) -> None:
         """A message that can not be serialized ends the recording with one line naming it and the file (70), writing nothing."""

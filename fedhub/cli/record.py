@@ -5,7 +5,10 @@ C{fedhub record FILE} follows like C{fedhub tail} (a temporary exclusive
 queue bound for the C{--topic} patterns, the same filters) and appends each
 message to FILE as one line of fedora-messaging's serialized form, flushed
 after every message; C{fedhub replay FILE} and C{fedhub publish --file FILE}
-read it back.  FILE C{-} writes to standard output.  The command exits 0 after
+read it back.  A new FILE is made with mode 0640 (messages may hold private
+data), and a write that fails (a full disk) is cut back to where the line
+began, so the file never ends in half a line that the next recording's
+first line would join.  FILE C{-} writes to standard output.  The command exits 0 after
 C{--count} messages, and on SIGINT (Ctrl-C) or SIGTERM.
 """
 
@@ -23,6 +26,11 @@ from fedhub.cli.tail import Follower, add_filter_arguments, filter_of, follow, s
 from fedhub.message import Message, dump_line
 
 
+#: The permissions of a new file, as the C{record} consumer's: messages may
+#: hold private data.
+FILE_MODE = 0o640
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     Arguments of C{fedhub record}.
@@ -33,16 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_output(path: str) -> IO[bytes]:
     """
-    Open FILE for appending (C{-}: standard output), unbuffered: each line
-    goes to the file in the writes L{Appender} makes, and no half line can
-    wait in a buffer to be written when the file is closed.
+    Open FILE for appending (C{-}: standard output), made with mode
+    L{FILE_MODE} when new, unbuffered: each line goes to the file in the
+    writes L{Appender} makes, and no half line can wait in a buffer to be
+    written when the file is closed.
 
     @raise CommandError: with C{EX_CANTCREAT} when it can not be opened.
     """
     if path == "-":
         return sys.stdout.buffer
     try:
-        return open(path, "ab", buffering=0)
+        return open(path, "ab", buffering=0,
+                    opener=lambda name, flags: os.open(name, flags, FILE_MODE))
     except OSError as e:
         raise CommandError(f"can not open {path} for writing: {e.strerror or e}", EX_CANTCREAT) from None
 
