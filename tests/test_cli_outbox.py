@@ -290,6 +290,28 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertEqual(self.command("drop", "7", "-c", self.config)[0], 1)
         self.assertFalse(os.path.exists(self.outbox_dir))
 
+    def test_missing_database_with_log(self) -> None:
+        """
+        An outbox whose database file is missing but whose log is there is
+        an error (74) naming both, not an empty outbox; nothing is created.
+        """
+        self.prepare()
+        path = os.path.join(self.outbox_dir, "outbox.sqlite3")
+        with open(path + "-wal", "wb") as f:
+            f.write(b"frames")
+        os.rename(path, path + ".moved")
+        for argv in (("list",), ("retry", "--all"), ("drop", "--all")):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            status, out = self.command(*argv, "-c", self.config)
+            self.assertEqual((status, out), (74, ""), argv)
+            [line] = self.stderr.getvalue().splitlines()
+            self.assertIn("can not open the outbox of domain test", line)
+            self.assertIn(f"the file is missing but its log {path}-wal (6 bytes) is there", line)
+        self.assertEqual(
+            sorted(os.listdir(self.outbox_dir)), ["outbox.sqlite3-wal", "outbox.sqlite3.moved"]
+        )
+
     def test_memory_domain(self) -> None:
         """An in-process domain has an outbox on disk too: it can be listed."""
         config = write_config(self.directory / "memory", broker="memory")

@@ -150,6 +150,96 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         self.assertIn("the file is empty: it was truncated or damaged", error.reason)
         self.assertEqual((os.path.getsize(path), os.path.getsize(wal)), (0, 10))
 
+    def crashed_copy(self) -> tuple[str, list[Message]]:
+        """
+        A copy of the files of an open store that committed two messages
+        and never checkpointed: what a crash leaves, the messages in the
+        log alone.  Returns its directory and the messages.
+        """
+        directory = self.mktemp()
+        store = self.open_store(directory)
+        messages = [make_message(1), make_message(2)]
+        self.successResultOf(store.commit([row(m) for m in messages]))
+        copy = self.mktemp()
+        os.mkdir(copy)
+        for name in (DATABASE_NAME, DATABASE_NAME + "-wal"):
+            with open(os.path.join(directory, name), "rb") as source:
+                with open(os.path.join(copy, name), "wb") as target:
+                    target.write(source.read())
+        return copy, messages
+
+    def test_crashed_copy_holds_messages(self) -> None:
+        """
+        The copy L{crashed_copy} makes opens with its messages: they are
+        in its log.
+        """
+        copy, messages = self.crashed_copy()
+        store = self.open_store(copy)
+        self.assertEqual(store.pending_count, 2)
+        rows = self.successResultOf(store.load(0, 10))
+        self.assertEqual([r.message().id for r in rows], [m.id for m in messages])
+
+    def test_missing_file_with_log_refused(self) -> None:
+        """
+        A store whose file is missing but whose log is there is refused,
+        naming both, instead of being made anew over the log and the
+        messages in it; the log is left as it is.
+        """
+        copy, _ = self.crashed_copy()
+        path = os.path.join(copy, DATABASE_NAME)
+        wal = path + "-wal"
+        size = os.path.getsize(wal)
+        os.unlink(path)
+        error = self.failureResultOf(Store(copy, SynchronousExecutor()).open(), StoreError).value
+        self.assertEqual(error.path, path)
+        self.assertIn(f"the file is missing but its log {wal} ({size} bytes) is there", error.reason)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(os.path.getsize(wal), size)
+
+    def test_damaged_page(self) -> None:
+        """
+        A store with a damaged page opens (counting needs no more than the
+        rows' headers), but every read of the row on that page fails with a
+        StoreError, which is not a full disk; rows after it are read.
+        """
+        directory = self.mktemp()
+        store = self.open_store(directory)
+        small = [make_message(1), make_message(3)]
+        big = Message.create("org.example.big", {"text": "x" * 20000})
+        self.successResultOf(store.commit([row(small[0])]))
+        conn = store._db.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        self.successResultOf(store.commit([row(big), row(small[1])]))
+        self.successResultOf(store.close())
+        # The first page the big message took holds the start of its
+        # overflow chain: zeroed, the chain ends too soon.
+        with open(os.path.join(directory, DATABASE_NAME), "r+b") as f:
+            f.seek(pages * page_size)
+            f.write(bytes(page_size))
+        again = self.open_store(directory)
+        self.assertEqual(again.pending_count, 3)
+        error = self.failureResultOf(again.load(0, 10), StoreError).value
+        self.assertIn("malformed", error.reason)
+        self.assertFalse(error.disk_full)
+        self.assertEqual([r.seq for r in self.successResultOf(again.load(0, 1))], [1])
+        self.assertEqual([r.seq for r in self.successResultOf(again.load(2, 10))], [3])
+
+    def test_missing_file_with_empty_log(self) -> None:
+        """
+        An empty log without its file holds nothing: the store is made
+        anew.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        with open(os.path.join(directory, DATABASE_NAME + "-wal"), "wb"):
+            pass
+        store = self.open_store(directory)
+        self.assertEqual(store.pending_count, 0)
+        self.successResultOf(store.commit([row(make_message(1))]))
+        self.assertEqual(store.pending_count, 1)
+
     def test_open_creates(self) -> None:
         """
         Opening creates the directory and an empty WAL-mode database with full sync.

@@ -102,23 +102,26 @@ class FailedArea:
     def exists(self) -> bool:
         """
         Whether the outbox has a database at all (it is made when the hub
-        first starts).
+        first starts), or the log of one whose file is missing (which the
+        store refuses to open).
 
         @raise CommandError: C{EX_NOPERM} when this user may not look, else
             C{EX_IOERR} when it can not be told.
         """
-        path = os.path.join(self.directory, DATABASE_NAME)
-        try:
-            os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError as e:
-            status = EX_NOPERM if isinstance(e, PermissionError) else EX_IOERR
-            raise CommandError(
-                f"can not look at the outbox of domain {self.domain} ({path}): "
-                f"{e.strerror or e}", status,
-            ) from None
-        return True
+        database = os.path.join(self.directory, DATABASE_NAME)
+        for path in (database, database + "-wal"):
+            try:
+                os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                status = EX_NOPERM if isinstance(e, PermissionError) else EX_IOERR
+                raise CommandError(
+                    f"can not look at the outbox of domain {self.domain} ({path}): "
+                    f"{e.strerror or e}", status,
+                ) from None
+            return True
+        return False
 
     def open(self) -> None:
         """

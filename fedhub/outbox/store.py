@@ -812,6 +812,19 @@ def _is_empty_file(path: str) -> bool:
         return False
 
 
+def _orphaned_log(path: str) -> int:
+    """
+    The size of the write-ahead log of the database C{path} when the
+    database file itself is missing, else 0.
+    """
+    if os.path.lexists(path):
+        return 0
+    try:
+        return os.stat(path + "-wal").st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _is_disk_full(error: BaseException) -> bool:
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
@@ -943,6 +956,18 @@ class _Database:
         conn: sqlite3.Connection | None = None
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            log_size = _orphaned_log(self.path)
+            if log_size:
+                # Its log may hold every message committed since the last
+                # checkpoint (all of them, for a store that never had
+                # one).  SQLite would make a new database and start a new
+                # log over the old one.
+                raise StoreError(
+                    self.path,
+                    f"the file is missing but its log {self.path}-wal ({log_size} bytes) is "
+                    "there and may hold messages: put the file back, or move the -wal file "
+                    "aside too to start with an empty outbox",
+                )
             if _is_empty_file(self.path):
                 # The store writes its tables as it creates the file, so an
                 # empty one was cut short by something else; SQLite would
