@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python import log
 from twisted.python.failure import Failure as TwistedFailure
 from twisted.trial.unittest import SynchronousTestCase
@@ -1182,6 +1183,60 @@ class RecoveryTests(OutboxTestCase):
         self.assertEqual(stats.oldest_age, 1000.0)
         self.assertGreater(len(loads), 1)
         self.flushLoggedErrors(StoreError)
+
+    def test_backlog_unreadable_is_a_problem(self) -> None:
+        """
+        A backlog that can not be read back (a damaged page) is the
+        outbox's problem, for C{/ready}, even while hand-overs are still
+        written; logged once as an error, then quietly while it lasts; the
+        problem is over once a read works again.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        messages = [make_message(n) for n in range(6)]
+        self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in messages]))
+        self.successResultOf(store.close())
+        damaged = [True]
+
+        class DamagedPage(Store):
+            # Reads past the second message hit a damaged page.
+            def load(self, after_seq: int, limit: int) -> Deferred[list[StoredRow]]:
+                if damaged[0] and after_seq >= 2:
+                    return fail(StoreError(self.path, "database disk image is malformed"))
+                return super().load(after_seq, limit)
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        outbox, bus = self.make(store=DamagedPage(self.directory, SynchronousExecutor()),
+                                window=2, read_batch=2)
+        self.assertEqual([m.id for m in bus.published], [m.id for m in messages[:2]])
+        path = os.path.join(self.directory, "outbox.sqlite3")
+        expected = (
+            f"the outbox of domain test can not read {path}: database disk image is malformed; "
+            "the messages after sequence number 2 are not published"
+        )
+        self.assertEqual(outbox.problem, expected)
+        # Hand-overs are still written; the problem stays.
+        self.successResultOf(outbox.publish(make_message(10)))
+        self.assertEqual(outbox.problem, expected)
+        for _ in range(3):
+            self.clock.advance(10)
+        self.assertEqual(outbox.problem, expected)
+        levels = [e["log_level"].name for e in events if e.get("reason") == expected]
+        self.assertEqual(levels[0], "error")
+        self.assertGreater(len(levels), 2)
+        self.assertEqual(set(levels[1:]), {"info"})
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(len(bus.published), 2)
+        damaged[0] = False
+        self.clock.advance(10)
+        self.assertIsNone(outbox.problem)
+        while bus.outstanding:
+            bus.ack()
+        self.assertEqual(
+            [m.id for m in bus.published], [m.id for m in messages] + [make_message(10).id]
+        )
 
     def test_unreadable_row(self) -> None:
         """

@@ -334,6 +334,10 @@ class Outbox(Service):
         self._loaded_upto = 0
         self._loading = False
         self._load_call: _DelayedCall | None = None
+        # Why the backlog can not be read back (a damaged page, say), until
+        # a read works again: hand-overs are still taken meanwhile, but the
+        # messages from there on are not published.
+        self._load_problem: str | None = None
         # Failed reads back in a row: its own count, since writes that
         # succeed meanwhile say nothing about the pages a read needs.
         self._load_attempt = 0
@@ -476,10 +480,12 @@ class Outbox(Service):
     def problem(self) -> str | None:
         """
         Why the store can not be used, from its last failure to open or to
-        write (a disk full, a damaged file), until it opens or writes again;
-        C{None} when it works.  Meanwhile every hand-over is refused.
+        write (a disk full, a damaged file), until it opens or writes again
+        (meanwhile every hand-over is refused); else why its backlog can not
+        be read back, until a read works again (meanwhile the messages from
+        there on are not published); C{None} when it works.
         """
-        return self._problem
+        return self._problem or self._load_problem
 
     def stats(self) -> OutboxStats:
         """
@@ -1218,6 +1224,7 @@ class Outbox(Service):
     def _loaded(self, rows: list[StoredRow], limit: int) -> None:
         self._loading = False
         self._load_attempt = 0
+        self._load_problem = None
         ready = self._ready
         for row in rows:
             try:
@@ -1252,12 +1259,27 @@ class Outbox(Service):
         self._loading = False
         delay = self._backoff(self._load_attempt)
         self._load_attempt += 1
-        self.log.failure(
-            "Reading the outbox of domain {domain} failed; trying again in {delay:.1f}s",
-            failure,
-            domain=self.domain,
-            delay=delay,
-        )
+        error = _error(failure)
+        if isinstance(error, StoreError):
+            # A damaged page fails every read of it: say so on the status
+            # page, and log it once.
+            self._load_problem = (
+                f"the outbox of domain {self.domain} can not read {error.path}: {error.reason}; "
+                f"the messages after sequence number {self._loaded_upto} are not published"
+            )
+            (self.log.error if self._load_attempt == 1 else self.log.info)(
+                "{reason}; trying again in {delay:.1f}s",
+                reason=self._load_problem,
+                delay=delay,
+                domain=self.domain,
+            )
+        else:
+            self.log.failure(
+                "Reading the outbox of domain {domain} failed; trying again in {delay:.1f}s",
+                failure,
+                domain=self.domain,
+                delay=delay,
+            )
         if self._stop_d is None:
             self._load_call = self._reactor.callLater(delay, self._load_again)
         self._check_stop()
