@@ -11,6 +11,7 @@ can be watched transaction by transaction.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -985,6 +986,57 @@ class LimitTests(OutboxTestCase):
         self.assertEqual(outbox.store.pending_count, 0)
         self.successResultOf(outbox.publish(make_message(6000)))
         self.assertEqual(bus.published[-1].body["n"], 6000)
+
+    def test_fsync_failure(self) -> None:
+        """
+        A commit whose fsync fails (SQLite's "disk I/O error" at COMMIT)
+        acknowledges none of its hand-overs: they fail temporarily, nothing
+        of them is stored or published, the outbox says why, and the
+        deletions of confirmed messages in it are written by a later
+        transaction once the disk works again.
+        """
+        outbox, bus = self.make()
+        db = outbox.store._db
+        real = db.conn
+        assert real is not None
+        failing = [False]
+
+        class FailingCommits:
+            # The connection, whose COMMIT fails while asked to, leaving
+            # the transaction open as SQLite does.
+            def execute(self, sql: str, *args: Any) -> Any:
+                if failing[0] and sql == "COMMIT":
+                    raise sqlite3.OperationalError("disk I/O error")
+                return real.execute(sql, *args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        db.conn = FailingCommits()  # type: ignore[assignment]
+        self.successResultOf(outbox.publish(make_message(1)))
+        failing[0] = True
+        bus.ack_all()
+        refused = [outbox.publish(make_message(n)) for n in (2, 3)]
+        for d in refused:
+            reason = self.failureResultOf(d, TemporarilyUnavailable).value.reason
+            self.assertIn("can not write", reason)
+            self.assertIn("disk I/O error", reason)
+        self.assertEqual(outbox.problem, reason)
+        self.assertEqual([m.body["n"] for m in bus.published], [1])
+        stats = outbox.stats()
+        self.assertEqual((stats.accepted, stats.depth), (1, 1))
+        self.assertFalse(real.in_transaction)
+        self.assertEqual([r.seq for r in self.successResultOf(outbox.store.load(0, 10))], [1])
+        self.clock.advance(10)
+        self.assertEqual(outbox.store.pending_count, 1)
+        failing[0] = False
+        self.clock.advance(10)
+        self.assertIsNone(outbox.problem)
+        self.assertEqual(outbox.store.pending_count, 0)
+        self.assertEqual(self.successResultOf(outbox.store.load(0, 10)), [])
+        self.successResultOf(outbox.publish(make_message(4)))
+        self.assertEqual([m.body["n"] for m in bus.published], [1, 4])
+        self.flushLoggedErrors()
 
     def test_retry_from_errback_refused(self) -> None:
         """
