@@ -597,6 +597,52 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         failure = self.failureResultOf(Store(os.path.join(path, "sub"), SynchronousExecutor()).open(), StoreError)
         self.assertFalse(failure.value.disk_full)
 
+    def test_database_a_directory(self) -> None:
+        """
+        A directory where the database should be is refused, saying so
+        rather than SQLite's "unable to open database file" alone.
+        """
+        directory = self.mktemp()
+        os.makedirs(os.path.join(directory, DATABASE_NAME))
+        error = self.failureResultOf(Store(directory, SynchronousExecutor()).open(), StoreError).value
+        self.assertEqual(
+            error.reason, "unable to open database file (it is a directory, not a database file)"
+        )
+
+    def test_read_only(self) -> None:
+        """
+        A database or a directory this user may not write is refused,
+        saying so rather than SQLite's "disk I/O error" alone (tried as
+        root, whom permissions do not stop, with C{os.access} saying no).
+        """
+        directory = self.mktemp()
+        store = self.open_store(directory)
+        self.successResultOf(store.commit([row(make_message(1))]))
+        self.successResultOf(store.close())
+        path = os.path.join(directory, DATABASE_NAME)
+        denied: list[str] = []
+
+        def access(name: str, mode: int, **kwargs: Any) -> bool:
+            return os.fspath(name) not in denied
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        self.patch(os, "access", access)
+        from fedhub.outbox import store as module
+
+        self.patch(module.sqlite3, "connect", refuse)
+        for name, hint in (
+            (path, "this user may not read and write it"),
+            (directory, f"this user may not write its directory {directory}, where its log goes"),
+        ):
+            denied[:] = [name]
+            error = self.failureResultOf(Store(directory, SynchronousExecutor()).open(), StoreError).value
+            self.assertEqual(error.reason, f"disk I/O error ({hint})")
+        denied[:] = []
+        error = self.failureResultOf(Store(directory, SynchronousExecutor()).open(), StoreError).value
+        self.assertEqual(error.reason, "disk I/O error")
+
     def test_closed(self) -> None:
         """
         A closed store refuses work with a StoreError.

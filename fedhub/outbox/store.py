@@ -1027,11 +1027,31 @@ class _Database:
                 except sqlite3.Error:
                     pass
             if isinstance(e, (sqlite3.Error, OSError)):
-                raise self._error(e) from e
+                error = self._error(e)
+                hint = None if error.locked or error.disk_full else self._why_not_open()
+                if hint is not None:
+                    error = StoreError(self.path, f"{error.reason} ({hint})")
+                raise error from e
             raise
         self.conn = conn
         self.durable = True
         return summary
+
+    def _why_not_open(self) -> str | None:
+        """
+        What keeps the database from being opened, when the file system
+        tells: SQLite says "disk I/O error" for a file it may not write, and
+        "unable to open database file" for a directory.
+        """
+        path = self.path
+        effective = os.access in os.supports_effective_ids
+        if os.path.isdir(path):
+            return "it is a directory, not a database file"
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK, effective_ids=effective):
+            return "this user may not read and write it"
+        if not os.access(self.directory, os.W_OK | os.X_OK, effective_ids=effective):
+            return f"this user may not write its directory {self.directory}, where its log goes"
+        return None
 
     def _summary(self, conn: sqlite3.Connection) -> Summary:
         pending, pending_bytes = conn.execute(
