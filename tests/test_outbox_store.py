@@ -482,6 +482,36 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         page = self.successResultOf(store.failed(after_seq=page[-1].seq, limit=10))
         self.assertEqual([r.seq for r in page], seqs[2:])
 
+    def test_failed_page_bounded(self) -> None:
+        """
+        failed_page reads at most C{limit} records and C{max_bytes} bytes of
+        their data (but always one), and tells where the next page starts:
+        nowhere after the last.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(5)]
+        result = self.successResultOf(store.commit([row(m) for m in messages]))
+        seqs = [result.first_seq + i for i in range(5)]
+        self.successResultOf(store.commit([], [], [Failure(s, RETURNED, "r", 1.0) for s in seqs]))
+        size = len(self.successResultOf(store.failed(limit=1))[0].data)
+        # By count.
+        page = self.successResultOf(store.failed_page(0, 2, 10**9))
+        self.assertEqual(([r.seq for r in page.records], page.next_after), (seqs[:2], seqs[1]))
+        page = self.successResultOf(store.failed_page(seqs[1], 3, 10**9))
+        self.assertEqual(([r.seq for r in page.records], page.next_after), (seqs[2:], None))
+        self.assertEqual([r.message() for r in page.records], messages[2:])
+        # By bytes: two records and a bit are not room for three.
+        page = self.successResultOf(store.failed_page(0, 10, 2 * size + size // 2))
+        self.assertEqual(([r.seq for r in page.records], page.next_after), (seqs[:2], seqs[1]))
+        # A record larger than the budget comes alone.
+        page = self.successResultOf(store.failed_page(seqs[0], 10, 1))
+        self.assertEqual(([r.seq for r in page.records], page.next_after), ([seqs[1]], seqs[1]))
+        page = self.successResultOf(store.failed_page(seqs[3], 10, 1))
+        self.assertEqual(([r.seq for r in page.records], page.next_after), ([seqs[4]], None))
+        # Nothing after the last.
+        page = self.successResultOf(store.failed_page(seqs[4], 10, 10**9))
+        self.assertEqual((page.records, page.next_after), ([], None))
+
     def test_retry_moves_to_end(self) -> None:
         """
         Retrying puts failed messages after every pending one, in their order, keeping attempts.

@@ -54,8 +54,9 @@ from fedhub.outbox.store import (
     UNREADABLE,
     CommitResult,
     Executor,
-    Failure,
+    FailedPage,
     FailedRecord,
+    Failure,
     Store,
     StoreError,
     StoredRow,
@@ -539,6 +540,15 @@ class Outbox(Service):
         if not self.store.is_open:
             return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} is not open"))
         return self.store.failed(after_seq, limit)
+
+    def failed_page(self, after_seq: int, limit: int, max_bytes: int) -> Deferred[FailedPage]:
+        """
+        One page of the failed area, bounded in records and bytes (see
+        L{Store.failed_page}).
+        """
+        if not self.store.is_open:
+            return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} is not open"))
+        return self.store.failed_page(after_seq, limit, max_bytes)
 
     def retry_failed(self, seqs: Iterable[int] | None = None) -> Deferred[int]:
         """

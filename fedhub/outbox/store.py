@@ -352,6 +352,20 @@ class FailedRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class FailedPage:
+    """
+    One page of the failed area (see L{Store.failed_page}).
+
+    @ivar records: Its records, oldest failure first.
+    @ivar next_after: The C{after_seq} that reads the next page, or C{None}
+        when no record follows this page.
+    """
+
+    records: list[FailedRecord]
+    next_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """
     An instruction to move a pending message to the failed area.
@@ -1208,6 +1222,42 @@ class _Database:
             for seq, message_id, created, failed_at, kind, reason, attempts, data in rows
         ]
 
+    def failed_page(self, after_seq: int, limit: int, max_bytes: int) -> FailedPage:
+        conn = self._connection()
+        try:
+            # The sizes first, and one more than the page holds: whether a
+            # record follows is known without reading any data beyond the
+            # page.
+            sizes = conn.execute(
+                "SELECT seq, length(data) FROM failed WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit + 1),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        taken = 0
+        total = 0
+        for _, size in sizes[:limit]:
+            if taken and total + size > max_bytes:
+                break
+            taken += 1
+            total += size
+        if not taken:
+            return FailedPage([], None)
+        last = sizes[taken - 1][0]
+        try:
+            rows = conn.execute(
+                "SELECT seq, message_id, created, failed_at, kind, reason, attempts, data"
+                " FROM failed WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (after_seq, last),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        records = [
+            FailedRecord(seq, message_id, created, failed_at, kind, reason, attempts, bytes(data))
+            for seq, message_id, created, failed_at, kind, reason, attempts, data in rows
+        ]
+        return FailedPage(records, last if taken < len(sizes) else None)
+
     def _select_failed(self, conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[tuple[int, int]]:
         if seqs is None:
             return list(conn.execute("SELECT seq, length(data) FROM failed ORDER BY seq"))
@@ -1406,6 +1456,20 @@ class Store:
         @param limit: At most this many.
         """
         return self._executor.submit(self._db.failed, after_seq, limit)
+
+    def failed_page(self, after_seq: int, limit: int, max_bytes: int) -> Deferred[FailedPage]:
+        """
+        One page of the failed area, oldest failure first, bounded in
+        records and in bytes: what a reader holds at a time however large
+        the failed area.
+
+        @param after_seq: Only records with a larger sequence number (the
+            C{next_after} of the previous page; 0 for the first).
+        @param limit: At most this many records.
+        @param max_bytes: At most this many bytes of stored messages (the
+            C{data} of the records), but at least one record, however large.
+        """
+        return self._executor.submit(self._db.failed_page, after_seq, limit, max_bytes)
 
     def retry_failed(self, seqs: Iterable[int] | None = None, now: float = 0.0) -> Deferred[int]:
         """
