@@ -28,7 +28,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from fedhub.cli.main import build_parser
 from fedhub.errors import MessageNacked, MessageReturned
 from fedhub.message import Message
-from fedhub.outbox import Outbox, Store, SynchronousExecutor
+from fedhub.outbox import FailedPage, Outbox, Store, SynchronousExecutor
+from fedhub.outbox import spool
 from fedhub.outbox.spool import SpoolImporter
 from fedhub.tap import StateLock
 from tests.test_cli_publish import write_config
@@ -67,8 +68,43 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         return messages
 
-    def command(self, *argv: str) -> tuple[int, str]:
-        out = io.StringIO()
+    def prepare_many(self, count: int, *more: Message) -> list[Message]:
+        """
+        Run an outbox whose bus returns each of C{count} messages, then of
+        C{more}; stop it.  Returns the messages, in the order of their
+        sequence numbers.
+        """
+        clock = Clock()
+        bus = FakeBus()
+        outbox = Outbox("test", self.outbox_dir, bus, clock, executor=SynchronousExecutor())
+        outbox.startService()
+        messages = [make_message(n) for n in range(count)] + list(more)
+        for message in messages:
+            outbox.publish(message)
+        while bus.outstanding:
+            message = bus.outstanding[0][0]
+            bus.fail_next(MessageReturned(f"312 NO_ROUTE for {message.topic}", message.id, 312))
+        self.successResultOf(outbox.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
+        return messages
+
+    def page_reads(self, out: io.StringIO) -> list[tuple[int, int]]:
+        """
+        Record every page the command reads from the store: the sequence
+        number it reads after, and how many lines were printed by then.
+        """
+        reads: list[tuple[int, int]] = []
+        real = Store.failed_page
+
+        def failed_page(store: Store, after_seq: int, limit: int, max_bytes: int) -> Any:
+            reads.append((after_seq, len(out.getvalue().splitlines())))
+            return real(store, after_seq, limit, max_bytes)
+
+        self.patch(Store, "failed_page", failed_page)
+        return reads
+
+    def command(self, *argv: str, out: io.StringIO | None = None) -> tuple[int, str]:
+        out = out or io.StringIO()
         args = build_parser().parse_args(["outbox", *argv])
         from fedhub.cli import outbox
 
@@ -101,6 +137,116 @@ class OutboxCommandTests(SynchronousTestCase):
         self.assertEqual(lines[2].split()[:4], ["2", messages[1].id, messages[1].topic, "nacked"])
         self.assertNotIn("\x1b", out)
         self.assertIn("\\x1b", lines[2])
+
+    def test_list_pages(self) -> None:
+        """
+        A failed area larger than a page is read and printed a page at a
+        time: every record once, in order, each page printed before the
+        next is read; the lines are those of a listing in one page.
+        """
+        from fedhub.cli import outbox
+
+        messages = self.prepare_many(8)
+        whole = {flag: self.command("list", *flag, "-c", self.config) for flag in ((), ("--json",))}
+        self.patch(outbox, "PAGE", 3)
+        for flag, expected in (((), [0, 4, 7]), (("--json",), [0, 3, 6])):
+            out = io.StringIO()
+            reads = self.page_reads(out)
+            status, text = self.command("list", *flag, "-c", self.config, out=out)
+            self.assertEqual(status, 0, self.stderr.getvalue())
+            self.assertEqual((status, text), whole[flag])
+            self.assertEqual(reads, list(zip([0, 3, 6], expected)))
+        lines = whole[("--json",)][1].splitlines()
+        self.assertEqual([json.loads(line)["id"] for line in lines], [m.id for m in messages])
+        lines = whole[()][1].splitlines()
+        self.assertEqual([line.split()[1] for line in lines[1:]], [m.id for m in messages])
+
+    def test_table_widens_for_a_later_page(self) -> None:
+        """
+        A page that needs a wider column than the pages before it widens it
+        from there on: its lines are aligned, the earlier ones stay.
+        """
+        from fedhub.cli import outbox
+
+        longer = Message.create("org.example.dev.test.with.a.longer.topic", {}, id="long")
+        self.prepare_many(4, longer)
+        self.patch(outbox, "PAGE", 3)
+        status, text = self.command("list", "-c", self.config)
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        lines = text.splitlines()
+        records = self.records()
+        self.assertEqual(len(lines), 6)
+        self.assertEqual(lines[:4], outbox.table(records[:3]))
+        self.assertEqual(lines[4:], outbox.table(records)[4:])
+        self.assertNotEqual(lines[3].index("returned"), lines[4].index("returned"))
+
+    def records(self) -> list[Any]:
+        store = Store(self.outbox_dir, SynchronousExecutor())
+        self.successResultOf(store.open())
+        try:
+            return self.successResultOf(store.failed(0, 1000))
+        finally:
+            self.successResultOf(store.close())
+
+    def test_retry_by_names_over_pages(self) -> None:
+        """
+        retry by several names (ids and sequence numbers) whose messages
+        are on several pages acts on all of them, reading the failed area
+        once whatever the number of names; a name that matches nothing is
+        reported.
+        """
+        from fedhub.cli import outbox
+
+        messages = self.prepare_many(7)
+        self.patch(outbox, "PAGE", 2)
+        reads = self.page_reads(io.StringIO())
+        status, out = self.command(
+            "retry", messages[6].id, "2", "no-such-id", messages[3].id, "5", "2", "-c", self.config
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("4 message(s) moved back to pending", out)
+        self.assertIn("not found: no-such-id", self.stderr.getvalue())
+        self.assertEqual([after for after, _ in reads], [0, 2, 4, 6])
+        pending, failed = self.store_state()
+        self.assertEqual(sorted(pending), sorted(messages[n].id for n in (1, 3, 4, 6)))
+        self.assertEqual(failed, [messages[n].id for n in (0, 2, 5)])
+
+    def test_huge_number_is_no_sequence_number(self) -> None:
+        """A name of more digits than any sequence number has is not found, not a crash."""
+        self.prepare()
+        status, _ = self.command("drop", "9" * 5000, "-c", self.config)
+        self.assertEqual(status, 1)
+        self.assertIn("not found: 999", self.stderr.getvalue())
+        self.assertEqual(len(self.store_state()[1]), 2)
+
+    def test_hub_pages_end(self) -> None:
+        """
+        The hub's pages are asked for until one comes without C{next}; a
+        C{next} that does not lead past what was asked for is an error, not
+        an endless listing.
+        """
+        from fedhub.cli import outbox
+
+        class Answers(outbox.HubFailedArea):
+            def __init__(self, answers: list[dict[str, Any]]) -> None:
+                super().__init__("/nonexistent", "test")
+                self.answers = answers
+                self.asked: list[int | None] = []
+
+            def _ask(self, action: str, seqs: list[int] | None, after: int | None = None) -> dict[str, Any]:
+                self.asked.append(after)
+                return self.answers.pop(0)
+
+        record = {"seq": 4, "message_id": "x", "created": 0.0, "failed_at": 0.0, "kind": "nacked",
+                  "reason": "r", "attempts": 1, "data_base64": ""}
+        area = Answers([{"records": [record], "next": 4}, {"records": []}])
+        self.assertEqual([[r.seq for r in page] for page in area.pages()], [[4], []])
+        self.assertEqual(area.asked, [None, 4])
+        for following in (4, 3, "5", True):
+            area = Answers([{"records": [record], "next": 4}, {"records": [], "next": following}])
+            with self.assertRaises(outbox.CommandError) as raised:
+                list(area.pages())
+            self.assertIn("does not lead on", raised.exception.reason)
 
     def test_config_before_the_action(self) -> None:
         """-c and -d may come before the action too, as with the other commands; after it, they win."""
@@ -330,16 +476,24 @@ class RunningHubTests(TestCase):
     goes through the spool and the hub's importer carries it out.
     """
 
-    @inlineCallbacks
-    def test_list_retry_drop_through_the_hub(self) -> Generator[Deferred[Any], Any, None]:
-        """list, retry and drop work while the hub runs; retried messages are published at once."""
+    def helper(self) -> OutboxCommandTests:
+        """
+        The stopped hub's tests, to prepare the state directory and run
+        commands.
+        """
         helper = OutboxCommandTests("test_list_table")
         helper.directory = Path(self.mktemp()).absolute()
         helper.config = write_config(helper.directory)
         helper.outbox_dir = str(helper.directory / "state" / "outbox" / "test")
         helper.stderr = io.StringIO()
         self.patch(sys, "stderr", helper.stderr)
-        messages = helper.prepare()
+        return helper
+
+    def start_hub(self, helper: OutboxCommandTests) -> tuple[Outbox, FakeBus]:
+        """
+        Run the outbox and spool importer of a hub on C{helper}'s state
+        directory until the end of the test.
+        """
         # The hub's lock on its state directory, as twistd takes it.
         lock = StateLock(str(helper.directory / "state"))
         lock.acquire()
@@ -349,10 +503,18 @@ class RunningHubTests(TestCase):
         outbox = Outbox("test", helper.outbox_dir, bus, reactor)
         outbox.startService()
         self.addCleanup(outbox.stopService)
-        spool = str(helper.directory / "state" / "spool" / "test")
-        importer = SpoolImporter("test", spool, outbox, reactor, interval=0.05, failed_area=outbox)
+        directory = str(helper.directory / "state" / "spool" / "test")
+        importer = SpoolImporter("test", directory, outbox, reactor, interval=0.05, failed_area=outbox)
         importer.startService()
         self.addCleanup(importer.stopService)
+        return outbox, bus
+
+    @inlineCallbacks
+    def test_list_retry_drop_through_the_hub(self) -> Generator[Deferred[Any], Any, None]:
+        """list, retry and drop work while the hub runs; retried messages are published at once."""
+        helper = self.helper()
+        messages = helper.prepare()
+        outbox, bus = self.start_hub(helper)
 
         status, out = yield deferToThread(helper.command, "list", "--json", "-c", helper.config)
         self.assertEqual(status, 0, helper.stderr.getvalue())
@@ -375,3 +537,50 @@ class RunningHubTests(TestCase):
         self.assertEqual((status, out.strip()), (0, "1 message(s) dropped"))
         stats = outbox.stats()
         self.assertEqual(stats.failed, 0)
+
+    @inlineCallbacks
+    def test_pages_through_the_hub(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        The hub answers a list a page at a time and the command asks for
+        the next until the last: it prints what a stopped hub's listing
+        does, every record once and in order; retry by names on several
+        pages acts on each.
+        """
+        helper = self.helper()
+        messages = helper.prepare_many(8)
+        stopped = {
+            flag: helper.command("list", *flag, "-c", helper.config) for flag in ((), ("--json",))
+        }
+        self.patch(spool, "LIST_RECORDS", 3)
+        outbox, bus = self.start_hub(helper)
+        pages: list[int] = []
+        real = outbox.failed_page
+
+        def read(page: FailedPage) -> FailedPage:
+            pages.append(len(page.records))
+            return page
+
+        def failed_page(after_seq: int, limit: int, max_bytes: int) -> Deferred[FailedPage]:
+            return real(after_seq, limit, max_bytes).addCallback(read)
+
+        outbox.failed_page = failed_page  # type: ignore[method-assign]
+        for flag in ((), ("--json",)):
+            del pages[:]
+            listed = yield deferToThread(helper.command, "list", *flag, "-c", helper.config)
+            self.assertEqual(listed, stopped[flag], helper.stderr.getvalue())
+            self.assertEqual(pages, [3, 3, 2])
+        lines = stopped[("--json",)][1].splitlines()
+        self.assertEqual([json.loads(line)["id"] for line in lines], [m.id for m in messages])
+
+        status, out = yield deferToThread(
+            helper.command, "retry", messages[7].id, "1", messages[4].id, "-c", helper.config
+        )
+        self.assertEqual(status, 0, helper.stderr.getvalue())
+        self.assertIn("3 message(s) moved back to pending", out)
+        for _ in range(100):
+            if len(bus.published) >= 3:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(sorted(m.id for m in bus.published), sorted(messages[n].id for n in (0, 4, 7)))
+        failed = yield outbox.failed(0, 100)
+        self.assertEqual([r.message_id for r in failed], [messages[n].id for n in (1, 2, 3, 5, 6)])

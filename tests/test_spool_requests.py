@@ -477,6 +477,83 @@ class FixedRequestTests(RequestTestCase):
         self.assertEqual([name for name in os.listdir(self.spool) if name != REPLIES], [])
 
 
+class ListPageTests(RequestTestCase):
+    """
+    A list is answered a page at a time: the hub never holds (nor writes)
+    more of a large failed area than one page.
+    """
+
+    def list_page(self, outbox: Outbox, after: int | None = None) -> dict[str, Any]:
+        """
+        The hub's answer to a list request for the page after C{after}.
+        """
+        if after is None:
+            reply = write_request(self.spool, "list", None)
+        else:
+            reply = write_request(self.spool, "list", None, after)
+        self.successResultOf(self.importer(outbox)._import())
+        self.assertEqual(self.requests(), [])
+        answer = self.answer(reply)
+        os.unlink(reply)
+        return answer
+
+    def test_one_page_per_answer(self) -> None:
+        """
+        A failed area larger than a page is answered with one page and the
+        sequence number to ask after for the next; the last page has none.
+        Asked in turn, the pages give every record once, in order.
+        """
+        self.patch(spool, "LIST_RECORDS", 3)
+        outbox, bus = self.make(window=10)
+        messages = [make_message(n) for n in range(7)]
+        self.make_failed(outbox, bus, messages)
+        seqs = [record.seq for record in self.failed(outbox)]
+        answer = self.list_page(outbox)
+        self.assertEqual([r["seq"] for r in answer["records"]], seqs[:3])
+        self.assertEqual(answer["next"], seqs[2])
+        listed = list(answer["records"])
+        while "next" in answer:
+            answer = self.list_page(outbox, answer["next"])
+            self.assertLessEqual(len(answer["records"]), 3)
+            listed.extend(answer["records"])
+        self.assertEqual(len(answer["records"]), 1)
+        self.assertEqual([r["message_id"] for r in listed], [m.id for m in messages])
+        self.assertEqual(len(self.failed(outbox)), 7)
+
+    def test_page_bounded_in_bytes(self) -> None:
+        """
+        A page also ends before the record that would take its stored
+        messages past LIST_BYTES, but holds one record however large.
+        """
+        outbox, bus = self.make(window=10)
+        self.make_failed(outbox, bus, [make_message(n) for n in range(3)])
+        records = self.failed(outbox)
+        self.patch(spool, "LIST_BYTES", len(records[0].data) + len(records[1].data))
+        answer = self.list_page(outbox)
+        self.assertEqual(([r["seq"] for r in answer["records"]], answer["next"]),
+                         ([records[0].seq, records[1].seq], records[1].seq))
+        self.patch(spool, "LIST_BYTES", 1)
+        answer = self.list_page(outbox)
+        self.assertEqual(([r["seq"] for r in answer["records"]], answer["next"]),
+                         ([records[0].seq], records[0].seq))
+        answer = self.list_page(outbox, records[1].seq)
+        self.assertEqual([r["seq"] for r in answer["records"]], [records[2].seq])
+        self.assertNotIn("next", answer)
+
+    def test_after_not_an_integer(self) -> None:
+        """A list request whose C{after} is no integer is answered with an error."""
+        outbox, bus = self.make(window=10)
+        self.make_failed(outbox, bus, [make_message(1)])
+        for after in ("1", True, 1.5):
+            os.makedirs(self.spool, exist_ok=True)
+            with open(os.path.join(self.spool, "0" + CONTROL_SUFFIX), "w") as f:
+                json.dump({"action": "list", "seqs": None, "after": after, "reply": "bad"}, f)
+            self.successResultOf(self.importer(outbox)._import())
+            answer = self.answer(os.path.join(self.spool, REPLIES, "bad.json"))
+            self.assertEqual(answer, {"action": "list", "error": "after must be an integer"}, after)
+        self.assertEqual(len(self.failed(outbox)), 1)
+
+
 class StaleFilesTests(SynchronousTestCase):
     """
     Replies no command read and temporary files of writers that died do not

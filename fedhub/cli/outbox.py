@@ -19,6 +19,12 @@ request through the domain's spool and the hub carries it out (exit 75 when
 it does not answer within 10 s; a retry or drop then stays queued, while a
 list, also the look-up of the names a retry or drop is given, changes
 nothing).
+
+Either way the failed area, which may hold up to the outbox's byte limit, is
+read a page at a time (at most L{PAGE} records and L{PAGE_BYTES} bytes of
+stored messages; the running hub answers with pages of its own size), and
+C{list} prints each page as it comes: neither this command nor the hub holds
+more than one page.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import IO, Any, TypeVar
 
@@ -55,8 +62,12 @@ from fedhub.text import ascii_digits, escape_control
 
 _T = TypeVar("_T")
 
-#: Records read from the store at a time.
+#: Records read from the store at a time...
 PAGE = 500
+
+#: ...and at most this many bytes of their stored messages (but at least
+#: one record).
+PAGE_BYTES = 4 * 1024 * 1024
 
 #: How long to wait for the running hub to answer a request.
 REQUEST_TIMEOUT = 10.0
@@ -150,18 +161,18 @@ class FailedArea:
         except StoreError:
             pass
 
-    def records(self) -> list[FailedRecord]:
+    def pages(self) -> Iterator[list[FailedRecord]]:
         """
-        Every record, oldest failure first.
+        Every record, oldest failure first, a page at a time (the first
+        page empty when there are none).
         """
-        found: list[FailedRecord] = []
         after = 0
         while True:
-            page = _now(self.store.failed(after, PAGE))
-            found.extend(page)
-            if len(page) < PAGE:
-                return found
-            after = page[-1].seq
+            page = _now(self.store.failed_page(after, PAGE, PAGE_BYTES))
+            yield page.records
+            if page.next_after is None:
+                return
+            after = page.next_after
 
     def retry(self, seqs: list[int] | None) -> int:
         """
@@ -185,20 +196,48 @@ class FailedArea:
         """
         The sequence numbers of the records named by sequence number or
         message id, and the names that match none.
+
+        A name is a message id first (every record of that id), else a
+        sequence number.  The failed area is read once, a page at a time,
+        whatever the number of names; only the matches are kept.
         """
-        records = self.records()
-        by_seq = {record.seq: record for record in records}
+        ids = set(names)
+        numbers = {seq for seq in map(_sequence_number, names) if seq is not None}
+        by_id: dict[str, list[int]] = {}
+        numbered: set[int] = set()
+        for page in self.pages():
+            for record in page:
+                if record.message_id in ids:
+                    by_id.setdefault(record.message_id, []).append(record.seq)
+                if record.seq in numbers:
+                    numbered.add(record.seq)
         seqs: list[int] = []
+        chosen: set[int] = set()
         missing: list[str] = []
         for name in names:
-            matched = [r.seq for r in records if r.message_id == name]
-            if not matched and ascii_digits(name) and int(name) in by_seq:
-                matched = [int(name)]
-            if matched:
-                seqs.extend(seq for seq in matched if seq not in seqs)
-            else:
+            matched = by_id.get(name, [])
+            if not matched:
+                seq = _sequence_number(name)
+                if seq is not None and seq in numbered:
+                    matched = [seq]
+            if not matched:
                 missing.append(name)
+            for seq in matched:
+                if seq not in chosen:
+                    chosen.add(seq)
+                    seqs.append(seq)
         return seqs, missing
+
+
+def _sequence_number(name: str) -> int | None:
+    """
+    The sequence number a name given on the command line stands for, if
+    any: ASCII digits, at most 20 of them (a sequence number is a 64-bit
+    integer; Python refuses to read thousands of digits).
+    """
+    if ascii_digits(name) and len(name) <= 20:
+        return int(name)
+    return None
 
 
 def _time(stamp: float) -> str:
@@ -239,25 +278,59 @@ def as_json(record: FailedRecord) -> str:
     )
 
 
-def table(records: list[FailedRecord]) -> list[str]:
+HEADER = ("SEQ", "ID", "TOPIC", "KIND", "FAILED AT", "ATTEMPTS", "REASON")
+
+
+def _row(record: FailedRecord) -> tuple[str, ...]:
+    return (
+        str(record.seq),
+        escape_control(record.message_id, 64),
+        escape_control(_topic(record), 100),
+        record.kind,
+        _time(record.failed_at),
+        str(record.attempts),
+        escape_control(record.reason, 200),
+    )
+
+
+class Table:
+    """
+    The records as aligned text lines, a page at a time, the header
+    first; untrusted text escaped.
+
+    Each column but the last is padded to its widest cell so far, as
+    L{runner.aligned} pads a whole table: records that fit in one page come
+    out exactly so, and a later page that needs a wider column widens it
+    from there on, without holding the pages before it.
+    """
+
+    def __init__(self) -> None:
+        self.widths = [0] * (len(HEADER) - 1)
+        self.started = False
+
+    def lines(self, records: Sequence[FailedRecord]) -> list[str]:
+        """
+        The lines of the next page of records (with the header, for the
+        first).
+        """
+        rows = [_row(record) for record in records]
+        if not self.started:
+            self.started = True
+            rows.insert(0, HEADER)
+        for row in rows:
+            self.widths = [max(width, len(cell)) for width, cell in zip(self.widths, row)]
+        return [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, self.widths)) + "  " + row[-1]
+            for row in rows
+        ]
+
+
+def table(records: Sequence[FailedRecord]) -> list[str]:
     """
     The records as aligned text lines, a header first; untrusted text
     escaped.
     """
-    rows = [("SEQ", "ID", "TOPIC", "KIND", "FAILED AT", "ATTEMPTS", "REASON")]
-    for record in records:
-        rows.append(
-            (
-                str(record.seq),
-                escape_control(record.message_id, 64),
-                escape_control(_topic(record), 100),
-                record.kind,
-                _time(record.failed_at),
-                str(record.attempts),
-                escape_control(record.reason, 200),
-            )
-        )
-    return runner.aligned(rows)
+    return Table().lines(records)
 
 
 # --- the command -----------------------------------------------------------
@@ -336,15 +409,16 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _list(area: FailedArea, as_lines: bool, out: IO[str]) -> int:
-    records = area.records()
-    if as_lines:
-        for record in records:
-            print(as_json(record), file=out)
-    elif not records:
+    listing = Table()
+    for page in area.pages():
+        if as_lines:
+            for record in page:
+                print(as_json(record), file=out)
+        elif page:
+            for line in listing.lines(page):
+                print(line, file=out)
+    if not as_lines and not listing.started:
         print(f"the outbox of domain {area.domain} has no failed messages", file=out)
-    else:
-        for line in table(records):
-            print(line, file=out)
     return EX_OK
 
 
@@ -402,9 +476,9 @@ class HubFailedArea(FailedArea):
         Nothing to close.
         """
 
-    def _ask(self, action: str, seqs: list[int] | None) -> dict[str, Any]:
+    def _ask(self, action: str, seqs: list[int] | None, after: int | None = None) -> dict[str, Any]:
         try:
-            reply = write_request(self.spool, action, seqs)
+            reply = write_request(self.spool, action, seqs, after)
         except OSError as e:
             raise CommandError(f"can not ask the hub: {e}", EX_IOERR) from None
         deadline = time.monotonic() + self.timeout
@@ -445,15 +519,37 @@ class HubFailedArea(FailedArea):
             return "nothing was changed"
         return f"the {action} request stays queued and the hub carries it out"
 
-    def records(self) -> list[FailedRecord]:
-        return [
-            FailedRecord(
-                seq=r["seq"], message_id=r["message_id"], created=r["created"],
-                failed_at=r["failed_at"], kind=r["kind"], reason=r["reason"],
-                attempts=r["attempts"], data=_record_data(r),
-            )
-            for r in self._ask("list", None)["records"]
-        ]
+    def pages(self) -> Iterator[list[FailedRecord]]:
+        """
+        Every record, a page per request: the hub answers with one page and
+        the sequence number to ask after for the next (none after the
+        last).
+        """
+        after: int | None = None
+        while True:
+            answer = self._ask("list", None, after)
+            yield [
+                FailedRecord(
+                    seq=r["seq"], message_id=r["message_id"], created=r["created"],
+                    failed_at=r["failed_at"], kind=r["kind"], reason=r["reason"],
+                    attempts=r["attempts"], data=_record_data(r),
+                )
+                for r in answer["records"]
+            ]
+            following = answer.get("next")
+            if following is None:
+                return
+            if (
+                not isinstance(following, int)
+                or isinstance(following, bool)
+                or following <= (after or 0)
+            ):
+                # Asking after it again would never end.
+                raise CommandError(
+                    f"the hub answered with a page that does not lead on (next {following!r} "
+                    f"after {after or 0})", EX_TEMPFAIL,
+                )
+            after = following
 
     def retry(self, seqs: list[int] | None) -> int:
         return int(self._ask("retry", seqs)["count"])

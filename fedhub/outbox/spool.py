@@ -30,6 +30,13 @@ request file, as C{"found": [...]}, written durably like a spool file; a
 request carried out again acts on those only, never on messages that failed
 since, and answers with their number again.
 
+A list is answered a page at a time (at most L{LIST_RECORDS} records and
+L{LIST_BYTES} bytes of stored messages, but at least one record), so the hub
+never holds more of a large failed area at once: the request names the
+sequence number to list after (C{"after"}, 0 without it) and the answer the
+one to ask after for the next page (C{"next"}), left out after the last
+page.
+
 The spool is bounded: L{write_spool} refuses with L{TemporarilyUnavailable}
 when it holds C{max_files} messages already, so a stopped hub makes the mail
 system keep mail queued instead of filling the disk.
@@ -97,6 +104,14 @@ REQUEST_BYTES = MAX_FILE_BYTES
 #: least one file), so a burst of large mails does not fill the hub's memory.
 BATCH_BYTES = 16 * 1024 * 1024
 
+#: A list request is answered with at most this many failed records...
+LIST_RECORDS = 500
+
+#: ...and at most this many bytes of their stored messages (but at least
+#: one record): a page, not the whole failed area, which may hold up to the
+#: outbox's byte limit.
+LIST_BYTES = 4 * 1024 * 1024
+
 _sequence = 0
 
 
@@ -159,17 +174,23 @@ def write_spool(directory: str, message: Message, max_files: int = DEFAULT_MAX_F
     return final
 
 
-def write_request(directory: str, action: str, seqs: list[int] | None) -> str:
+def write_request(
+    directory: str, action: str, seqs: list[int] | None, after: int | None = None
+) -> str:
     """
     Ask the running hub to act on the failed area (blocking; for commands).
 
+    @param after: For a list, the page of records after this sequence
+        number (the C{"next"} of the previous answer); the first without it.
     @return: The path its answer will be written to.
     """
     global _sequence
     _sequence += 1
     name = f"{time.time_ns():020d}-{os.getpid()}-{_sequence}"
     os.makedirs(os.path.join(directory, REPLIES), mode=0o700, exist_ok=True)
-    request = {"action": action, "seqs": seqs, "reply": name}
+    request: dict[str, Any] = {"action": action, "seqs": seqs, "reply": name}
+    if after is not None:
+        request["after"] = after
     replace_durably(
         os.path.join(directory, name + CONTROL_SUFFIX), json.dumps(request).encode("utf-8"), ".tmp"
     )
@@ -347,8 +368,9 @@ class SpoolImporter(Service):
     ) -> None:
         """
         @param failed_area: The outbox whose failed area requests act on
-            (its C{failed}, C{retry_failed} and C{drop_failed}); without it,
-            requests are answered with an error.
+            (its C{failed}, C{failed_page}, C{retry_failed} and
+            C{drop_failed}); without it, requests are answered with an
+            error.
         """
         self.failed_area = failed_area
         self.domain = domain
@@ -587,15 +609,15 @@ class SpoolImporter(Service):
         if seqs is not None and not _is_seq_list(seqs):
             return {"action": action, "error": "seqs must be a list of integers"}
         if action == "list":
-            records: list[Any] = []
-            after = 0
-            while True:
-                page = yield area.failed(after, 500)
-                records.extend(page)
-                if len(page) < 500:
-                    break
-                after = page[-1].seq
-            return {
+            after = request.get("after")
+            if after is None:
+                after = 0
+            if not isinstance(after, int) or isinstance(after, bool):
+                return {"action": action, "error": "after must be an integer"}
+            # One page, never the whole failed area: the command asks again
+            # for the next.
+            page = yield area.failed_page(after, LIST_RECORDS, LIST_BYTES)
+            answer: dict[str, Any] = {
                 "action": action,
                 "records": [
                     {
@@ -605,9 +627,12 @@ class SpoolImporter(Service):
                         # The stored record is binary (see fedhub.outbox.store.encode).
                         "data_base64": base64.b64encode(r.data).decode("ascii"),
                     }
-                    for r in records
+                    for r in page.records
                 ],
             }
+            if page.next_after is not None:
+                answer["next"] = page.next_after
+            return answer
         if action not in ("retry", "drop"):
             return {"action": action, "error": f"unknown action {action!r}"}
         again = "found" in request
