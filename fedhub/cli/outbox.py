@@ -63,7 +63,7 @@ from fedhub.text import ascii_digits, escape_control
 _T = TypeVar("_T")
 
 #: Records read from the store at a time...
-PAGE = 500
+PAGE = 5000
 
 #: ...and at most this many bytes of their stored messages (but at least
 #: one record).

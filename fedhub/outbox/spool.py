@@ -105,7 +105,7 @@ REQUEST_BYTES = MAX_FILE_BYTES
 BATCH_BYTES = 16 * 1024 * 1024
 
 #: A list request is answered with at most this many failed records...
-LIST_RECORDS = 500
+LIST_RECORDS = 5000
 
 #: ...and at most this many bytes of their stored messages (but at least
 #: one record): a page, not the whole failed area, which may hold up to the
