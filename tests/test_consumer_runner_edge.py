@@ -220,6 +220,35 @@ class EdgeTests(SynchronousTestCase):
         self.assertEqual([s.outcome for s in settled], ["requeued"])
         self.assertEqual((service.stats["retried"], service.stats["unsettled"]), (0, 1))
 
+    def test_late_halt_is_unsettled(self) -> None:
+        """
+        A Halt verdict on a delivery whose channel closed halts the consumer
+        but is counted as unsettled, not requeued: the rejection never
+        reached the broker, which put the message back by itself.
+        """
+        service, settled = self.late_verdict(Halt("enough"))
+        self.assertTrue(service.halted)
+        self.assertEqual(self.depths("fedhub.c"), [1])
+        self.assertEqual([s.outcome for s in settled], ["requeued"])
+        self.assertIn("channel closed", settled[0].reason or "")
+        self.assertEqual((service.stats["requeued"], service.stats["unsettled"]), (0, 1))
+
+    def test_halt_after_drain_timeout(self) -> None:
+        """
+        A handler that halts only after stopping gave up on it: the message
+        is left to its queue and counted as unsettled.
+        """
+        pending: Deferred[None] = Deferred()
+        service = self.start(Handler(pending), drain_timeout=5)
+        self.publish()
+        stopped = service.stopService()
+        self.flush(5)
+        self.successResultOf(stopped)
+        pending.errback(Halt("too late"))
+        self.flush()
+        self.assertEqual(self.depths("fedhub.c"), [1])
+        self.assertEqual((service.stats["requeued"], service.stats["unsettled"]), (0, 1))
+
     def test_verdict_after_drain_timeout(self) -> None:
         """
         A handler that finishes with a DeadLetter only after stopping gave

@@ -1038,7 +1038,16 @@ class ConsumerService(Service):
             )
             # Rejected once the subscription delivers nothing more, or held
             # until it ends (see _halt and _put_back).
+            # Looked at before the halt, which may end the subscription
+            # itself (and so put the message back, as it should).
+            closed = not delivery.live
             self._halt(f"halted on {message.id}: {why}")
+            if closed:
+                # Its channel closed first (the broker's consumer timeout, a
+                # stop that gave up on the call): the broker put the message
+                # back by itself, and no rejection reaches it.
+                self._unsettled(delivery, "requeued", handling)
+                return
             self._put_back(delivery)
             self.stats["requeued"] += 1
             self._tell(message, "requeued", why, handling)
