@@ -610,7 +610,9 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
 
     def abort(self, why: str) -> None:
         """
-        Drop the connection now without a closing handshake.
+        Drop the connection now without a closing handshake.  The loss is
+        then told (C{lost_reason}, L{when_lost}) as a L{NotConnected} naming
+        C{why}, not as the transport's abort.
         """
         if self.lost or self.transport is None:
             return

@@ -456,8 +456,9 @@ class Reconnector:
     @property
     def last_error(self) -> BaseException | None:
         """
-        Why the last attempt failed (as C{explain} names it), or C{None} since
-        the last successful one.
+        Why the last attempt failed, or why the connection was lost until the
+        next attempt ends (as C{explain} names it); C{None} since the last
+        successful attempt.
         """
         return self._core.last_error
 

@@ -1479,8 +1479,10 @@ class AMQPBus(Service):
         """
         Why the last connection attempt failed (typed where fedhub has a type
         for it: L{fedhub.errors.AccessRefused} for a refused login or vhost,
-        L{TLSFailed} for a failed TLS handshake), or C{None} when the bus is
-        connected or has not failed yet.
+        L{TLSFailed} for a failed TLS handshake), or, until the next attempt
+        ends, why the connection was lost (for one fedhub dropped, the
+        reason it dropped it); C{None} when the bus is connected or has not
+        failed yet.
         """
         return self._reconnector.last_error if self._reconnector is not None else None
 

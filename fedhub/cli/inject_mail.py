@@ -10,12 +10,15 @@ understand:
   - C{0}: accepted (published, or a copy of an event already published);
   - C{75} (C{EX_TEMPFAIL}): not now, the mail must be delivered again later
     (the spool is full or can not be written, the configuration can not be
-    read, an unexpected error);
+    read, arguments it can not take, such as a C{--timeout} that is not a
+    finite number greater than 0, an unexpected error);
   - C{65} (C{EX_DATAERR}): never acceptable (not Bugzilla mail, malformed,
     too large);
   - C{66} (C{EX_NOINPUT}): the file given with C{--input} can not be opened.
 
-Every failure prints one line with the reason on standard error.
+Every failure prints one line with the reason on standard error, and every
+warning fedhub logs during the run one line of its own
+(C{fedhub inject-mail: warning: ...}), whatever the exit status.
 """
 
 from __future__ import annotations

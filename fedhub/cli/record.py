@@ -8,8 +8,10 @@ after every message; C{fedhub replay FILE} and C{fedhub publish --file FILE}
 read it back.  A new FILE is made with mode 0640 (messages may hold private
 data), and a write that fails (a full disk) is cut back to where the line
 began, so the file never ends in half a line that the next recording's
-first line would join.  FILE C{-} writes to standard output.  The command exits 0 after
-C{--count} messages, and on SIGINT (Ctrl-C) or SIGTERM.
+first line would join; appending to a file whose last line has no newline
+(left by something else), the first line written starts with one.  FILE
+C{-} writes to standard output.  The command exits 0 after C{--count}
+messages, and on SIGINT (Ctrl-C) or SIGTERM.
 """
 
 from __future__ import annotations

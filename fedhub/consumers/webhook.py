@@ -20,9 +20,9 @@ Verdicts, by the answer:
   - C{408}, C{429} and C{5xx}: L{Retry}, asking for the server's
     C{Retry-After} seconds when it gives them as a number (the wait is
     then the first retry queue's at least as long, at most the longest);
-  - any other status (other C{4xx}, a redirect, C{1xx}): L{DeadLetter} with
-    the status and the start of the answer's body: sending the same request
-    again would not help;
+  - any other status (other C{4xx}, a redirect, C{1xx}, C{600} or more):
+    L{DeadLetter} with the status and the start of the answer's body:
+    sending the same request again would not help;
   - no complete answer within C{timeout} seconds (request and body), a
     refused or broken connection, a DNS or TLS failure: L{Retry}; so is a
     C{2xx} whose body the connection cut off, since the server may have
@@ -32,13 +32,15 @@ The answer's body is read whole, so the connection can be reused, and its
 first 64 KiB kept for the verdict's reason.  A connection kept for reuse
 that the server closed meanwhile fails before any answer: the request is
 then sent once more at once on a new connection (a duplicate is possible if
-the server did take the first one; X-Fedhub-Message-Id tells).  Reasons and logs show the URL without
-its query string, which often carries a token, and a redirect's target without
-its user, password, query string and fragment.  What the server sends (its
-status phrase, the start of its answer, errors quoting it) is shown with the
-URL's query values and the Authorization header's value replaced by C{***}:
-a server may echo the request it found wrong, and the reasons end up in logs
-and in dead-lettered messages' headers.
+the server did take the first one; X-Fedhub-Message-Id tells).  Reasons
+and logs show the URL without its query string, which often carries a token,
+and a redirect's target without its user, password, query string and
+fragment.  What the server sends (its status phrase, the start of its
+answer, errors quoting it) is shown with the URL's query string and values
+and the Authorization header's value and credentials replaced by C{***}
+(those of at least L{MIN_SECRET_LENGTH} characters): a server may echo the
+request it found wrong, and the reasons end up in logs and in dead-lettered
+messages' headers.
 """
 
 from __future__ import annotations

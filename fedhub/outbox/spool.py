@@ -45,8 +45,12 @@ A spool file that can never be handed over (not one valid message, larger
 than L{MAX_FILE_BYTES}, or refused by the outbox for good, e.g. larger than
 the whole outbox) is renamed to C{*.bad} and kept for inspection; the files
 after it are imported as usual.  One that disappears before it can be set
-aside is logged and skipped.  The importer reads files a batch at a time,
-at most L{BATCH_BYTES} of them at once.
+aside is logged and skipped.  One the hub can not read (written by another
+user) is left where it is and logged once, while the files after it are
+imported; it is imported once it can be read.  The importer reads files a
+batch at a time, at most L{BATCH_BYTES} of them at once, and removes the
+temporary files of writers killed half-way once they are L{STALE_AFTER}
+seconds old (looking every L{PRUNE_INTERVAL} seconds).
 """
 
 from __future__ import annotations

@@ -105,13 +105,17 @@ class Readiness:
     @ivar ready: The verdict.
     @ivar domains: By domain: C{ready}, C{connected}, C{transport}
         (C{"memory"} or C{"amqp"}), C{blocked} when the bus can tell,
-        C{error}: the last connection error, or C{None};
-        C{outbox_error}: why its outbox can not be used, or C{None}; and,
-        while the broker refuses its publishes, C{publish_refused}.
+        C{error}: the last connection attempt's error or the lost
+        connection's, L{NOT_CONNECTED_YET} while an AMQP bus is not
+        connected and no attempt has failed yet, or C{None};
+        C{outbox_error}: why its outbox can not be used, or can not read
+        its backlog back, or C{None}; and, while the broker refuses its
+        publishes, C{publish_refused}.
     @ivar consumers: By consumer: C{ready}, C{domain}, C{consuming},
         C{halted}, and C{error}: why its last attempt to start failed, why
         the broker does not let it consume (it tries again in both cases),
-        or the message it halted on and why; or C{None}.
+        the message it halted on and why, or that its domain is not
+        connected; or C{None}.
     @ivar producers: By producer: C{ready} (its start did not fail),
         C{running}, and C{error}: why its start failed (the hub's record,
         or the service's own C{start_error}: a listener that could not
@@ -184,7 +188,8 @@ def readiness(hub: HubView) -> Readiness:
         if isinstance(refused, str):
             detail["publish_refused"] = escape_control(refused, 300)
             detail["ready"] = False
-        # An outbox that can not open or write refuses every hand-over.
+        # An outbox that can not open or write refuses every hand-over;
+        # one that can not read its backlog back publishes none of it.
         problem = getattr(runtime.publisher, "problem", None)
         detail["outbox_error"] = None if problem is None else escape_control(str(problem), 300)
         if problem is not None:
