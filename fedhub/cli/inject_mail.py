@@ -385,7 +385,8 @@ def _warn_on_stderr(event: dict[str, Any]) -> None:
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         text = f"{text}: {failure.getErrorMessage()}"
-    print(f"fedhub inject-mail: warning: {escape_control(text, 300)}", file=sys.stderr)
+    label = "warning" if event["log_level"] is LogLevel.warn else "error"
+    print(f"fedhub inject-mail: {label}: {escape_control(text, 300)}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
