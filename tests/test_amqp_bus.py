@@ -1816,28 +1816,62 @@ class ConsumeTests(BusCase):
     def test_stop_consuming_while_consuming_again(self) -> None:
         """
         A subscription that stops consuming while its basic.consume after a
-        cancel by the broker waits for its answer cancels that consumer as
-        soon as it is set up.
+        cancel by the broker waits for its answer, on the same channel,
+        sends basic.cancel for that consumer at once: a delivery of the
+        cancelled consumer rejected then goes out after it, so it goes to
+        the queue's other consumers rather than back to this channel.
+        stop_consuming's Deferred fires on basic.cancel-ok.
         """
-        subscription, _, tag = self.subscribe()
+        subscription, recorder, tag = self.subscribe()
         channel = self.broker.consumers[tag]
+        self.broker.deliver(tag, 1, b"{}")
         # The broker's cancel and the client's consume-ok to come.
         self.broker.client.dataReceived(
             self.broker.frame(channel, "basic.cancel", consumer_tag=tag)
         )
         self.assertTrue(subscription.starting)
         stopped = subscription.stop_consuming()
-        self.successResultOf(stopped)
+        self.assertTrue(recorder.deliveries[0].reject(True))
+        self.assertNoResult(stopped)
         self.broker.pump()
+        self.successResultOf(stopped)
         new_tag = self.broker.methods("basic.consume")[-1][2]["consumer_tag"]
         self.assertNotEqual(new_tag, tag)
-        self.assertEqual([m[2]["consumer_tag"] for m in self.broker.methods("basic.cancel")],
-                         [new_tag])
+        self.assertEqual(
+            [(m[0], m[1], m[2].get("consumer_tag", m[2].get("delivery_tag")))
+             for m in self.broker.methods("basic.consume", "basic.cancel", "basic.reject")][1:],
+            [(channel, "basic.consume", new_tag), (channel, "basic.cancel", new_tag),
+             (channel, "basic.reject", 1)],
+        )
         self.assertFalse(subscription.consuming)
         closed = subscription.cancel()
         self.broker.pump()
         self.successResultOf(closed)
         self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+
+    def test_stop_consuming_while_opening_a_channel_to_consume_again(self) -> None:
+        """
+        A subscription that stops consuming while it opens a new channel to
+        consume again (the broker closed its channel) does not consume on
+        it: once stop_consuming's Deferred fired, nothing more is delivered.
+        The new channel is closed.
+        """
+        subscription, recorder, tag = self.subscribe()
+        channel = self.broker.consumers[tag]
+        self.broker.client.dataReceived(
+            self.broker.frame(channel, "channel.close", reply_code=406,
+                              reply_text="PRECONDITION_FAILED", class_id=0, method_id=0)
+        )
+        self.assertTrue(subscription.starting)
+        self.successResultOf(subscription.stop_consuming())
+        self.broker.pump()
+        self.assertEqual(len(self.broker.methods("basic.consume")), 1)
+        (opened,) = [m[0] for m in self.broker.methods("channel.open") if m[0] != channel][-1:]
+        self.assertEqual(self.broker.methods("channel.close")[-1][0], opened)
+        self.assertFalse(subscription.starting)
+        self.assertFalse(subscription.consuming)
+        self.successResultOf(subscription.cancel())
+        self.assertEqual(recorder.deliveries, [])
 
     def test_resumed_after_reconnect(self) -> None:
         """

@@ -644,6 +644,8 @@ class AMQPSubscription:
         self.retry_call: IDelayedCall | None = None
         self.waiters: list[Deferred[ISubscription]] = []
         self.starting = False
+        # The consumer whose basic.consume was sent and awaits its answer.
+        self.pending: _Consumer | None = None
         self._bus = bus
         self._gone = Latch()
         # The broker answered stop_consuming's basic.cancel (or could not).
@@ -1914,10 +1916,17 @@ class AMQPBus(Service):
                 await channel.basic_qos(
                     prefetch_size=0, prefetch_count=subscription.prefetch, global_=False
                 )
+                if subscription.stopped:
+                    # It stopped consuming meanwhile: no consumer on this
+                    # channel, which holds no delivery.
+                    subscription.starting = False
+                    if session.alive:
+                        await client.close_channel(channel)
+                    return
             consumer.channel = channel
             consumer.active = True
             session.consumers[consumer.tag] = consumer
-            await channel.basic_consume(
+            consuming = channel.basic_consume(
                 queue=subscription.queue,
                 consumer_tag=consumer.tag,
                 no_local=False,
@@ -1926,8 +1935,13 @@ class AMQPBus(Service):
                 no_wait=False,
                 arguments={},
             )
+            # Sent: a stop from now on cancels this consumer at once (see
+            # _stop_consuming).
+            subscription.pending = consumer
+            await consuming
         except Exception as raw:
             error = map_error(raw)
+            subscription.pending = None
             consumer.active = False
             session.consumers.pop(consumer.tag, None)
             if consumer.channel is not None and not consumer.channel.closed:
@@ -1953,6 +1967,7 @@ class AMQPBus(Service):
             self._schedule_resume(subscription)
             return
         subscription.starting = False
+        subscription.pending = None
         if subscription.cancelled or not session.alive:
             consumer.active = False
             session.consumers.pop(consumer.tag, None)
@@ -1960,11 +1975,10 @@ class AMQPBus(Service):
                 await client.close_channel(channel)
             return
         if subscription.stopped:
-            # It stopped consuming while this consumer started: the broker
-            # delivers nothing more to it either, and cancel() closes its
-            # channel.
+            # It stopped consuming while the basic.consume awaited its
+            # answer, and sent basic.cancel for this consumer then (see
+            # _stop_consuming); cancel() closes its channel.
             subscription.consumer = consumer
-            self._cancel_consumer(consumer)
             return
         subscription.consumer = consumer
         subscription.started = True
@@ -2020,10 +2034,17 @@ class AMQPBus(Service):
         with the broker (see L{AMQPSubscription.stop_consuming}).
         """
         self._forget(subscription, "the subscription stopped consuming")
-        consumer = subscription.consumer
+        # A consumer whose basic.consume awaits its answer is cancelled now,
+        # not once it is set up: the broker handles the methods of a channel
+        # in order, so the basic.cancel comes before any rejection sent from
+        # now on (on a channel reused after a cancel by the broker, one of
+        # the deliveries of the consumer it cancelled), which then goes to
+        # the queue's other consumers rather than back to this one.
+        consumer = subscription.consumer or subscription.pending
         if consumer is None:
-            # Not consuming now (a reconnect, or a consume under way: that
-            # one cancels its consumer once it is set up).
+            # Not consuming now: a reconnect, a consume waiting for its
+            # backoff, or one opening its channel (which then does not
+            # consume).
             return succeed(None)
         return self._cancel_consumer(consumer)
 
