@@ -140,12 +140,20 @@ def load(path: str | None = None) -> Config:
     return load_config(path)
 
 
-def choose_domain(config: Config, name: str | None, *, need_broker: bool = True) -> DomainConfig:
+def choose_domain(
+    config: Config,
+    name: str | None,
+    *,
+    need_broker: bool = True,
+    how: str = "pass its name as the domain argument",
+) -> DomainConfig:
     """
     The domain called C{name}, or the only one when C{name} is C{None}.
 
     @param need_broker: Refuse a domain on the in-process bus (C{broker =
         "memory"}), which only the hub's own process can reach.
+    @param how: How the caller names a domain, for the error when several
+        exist and none was named (the command line says C{--domain}).
     @raise DomainError: when there is no such domain, several and no name,
         or (with C{need_broker}) an in-process one.
     """
@@ -153,7 +161,9 @@ def choose_domain(config: Config, name: str | None, *, need_broker: bool = True)
     shown = ", ".join(sorted(known)) or "none"
     if name is None:
         if len(known) != 1:
-            raise DomainError(None, f"name a domain with --domain (the configuration has: {shown})", known)
+            raise DomainError(
+                None, f"name a domain: {how} (the configuration has: {shown})", known
+            )
         name = known[0]
     domain = config.domains.get(name)
     if domain is None:

@@ -58,6 +58,25 @@ class ChooseDomainTests(SynchronousTestCase):
         self.assertIn("other, test", e.reason)
         self.assertEqual(api.choose_domain(config, "other").name, "other")
 
+    def test_several_named_as_the_caller_names_them(self) -> None:
+        """
+        The error for several domains and no name says how to name one as
+        the caller does: a program calling L{api.publish} has no
+        C{--domain} option.
+        """
+        config = self.config(more=f'[domains.other]\nbroker = "{BROKER_URL}"\n')
+        e = self.assertRaises(api.DomainError, api.choose_domain, config, None)
+        self.assertNotIn("--domain", e.reason)
+        self.assertIn("domain argument", e.reason)
+        failure = self.failureResultOf(
+            api.Client(config, Clock()).publish(Message.create("a.b", {})), api.DomainError
+        )
+        self.assertIn("domain argument", failure.value.reason)
+        e = self.assertRaises(
+            api.DomainError, api.choose_domain, config, None, how="use --domain"
+        )
+        self.assertIn("use --domain", e.reason)
+
     def test_unknown(self) -> None:
         """An unknown name: an error naming it."""
         e = self.assertRaises(api.DomainError, api.choose_domain, self.config(), "nope")

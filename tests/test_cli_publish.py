@@ -655,6 +655,7 @@ class UsageTests(SynchronousTestCase):
         config = write_config(self.directory, more=f'[domains.other]\nbroker = "{BROKER_URL}"\n')
         self.assertEqual(self.run_publish("-c", config, "--topic", "a.b", "--body", "{}"), 78)
         self.assertIn("other, test", self.stderr.getvalue())
+        self.assertIn("use --domain", self.stderr.getvalue())
         self.assertEqual(self.run_publish("-c", config, "-d", "nope", "--topic", "a.b", "--body", "{}"), 78)
 
     def test_bad_config(self) -> None:

@@ -211,7 +211,7 @@ def domain_of(config: Config, name: str | None, *, need_broker: bool = True) -> 
     @raise CommandError: with C{EX_CONFIG}.
     """
     try:
-        return choose_domain(config, name, need_broker=need_broker)
+        return choose_domain(config, name, need_broker=need_broker, how="use --domain")
     except DomainError as e:
         raise CommandError(e.reason, EX_CONFIG) from None
 
