@@ -27,6 +27,10 @@ Like the hub, a harness binds the consumer's queue to the handler's own
 C{topics} unless given C{topics} (a configuration's C{topics} key): a message
 on a topic the handler does not declare reaches no queue, and its
 L{ConsumerHarness.deliver} fails with L{fedhub.errors.MessageReturned}.
+So does a delivery while the plugin's C{start()} fails (the queue is not
+declared until it succeeds), its error naming that failure (also in
+C{harness.service.start_error}); before L{ConsumerHarness.start}, a
+delivery fails with L{fedhub.errors.NotConnected}.
 A plugin whose C{options} a configuration would refuse (an option named
 like one of fedhub's own keys, such as C{queue}) is refused with the same
 L{fedhub.errors.ConfigError}.  C{deliver(..., redelivered=True)} delivers a
@@ -66,12 +70,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
 from fedhub.config import ComponentConfig, HubSettings, check_options, check_plugin
 from fedhub.consumers.runner import ConsumerService, Settled
-from fedhub.errors import FedhubError
+from fedhub.errors import FedhubError, MessageReturned, NotConnected
 from fedhub.interfaces import (
     IConsumerPlugin,
     IDelivery,
@@ -495,11 +500,40 @@ class ConsumerHarness:
             if entry in self._undelivered:
                 self._undelivered.remove(entry)
             if not waiter.called:
-                waiter.errback(failure)
+                waiter.errback(self._why_refused(failure, message))
 
         self.bus.publish(message).addErrback(refused)
         self._turn()
         return waiter
+
+    def _why_refused(self, failure: Any, message: Message) -> Any:
+        """
+        The failure for a delivery the bus refused: when the reason is that
+        the consumer is not consuming (the harness was not started, or the
+        plugin's C{start()} failed, so the queue is not declared yet), an
+        error of the same kind that says so, rather than the bus's word for
+        it, which would suggest a topic the queue is not bound to.
+        """
+        if self.service.consuming:
+            return failure
+        if failure.check(NotConnected) and not self.service.running:
+            return Failure(
+                NotConnected(
+                    "the harness is not started: call harness.start() before harness.deliver()",
+                    message.id,
+                )
+            )
+        error = self.service.start_error
+        if failure.check(MessageReturned) and error is not None:
+            return Failure(
+                MessageReturned(
+                    "the consumer is not consuming, so its queue is not declared yet: its "
+                    f"plugin's start() failed ({error}); the consumer calls it again 1 s after "
+                    "the first failure, the wait doubling",
+                    message.id,
+                )
+            )
+        return failure
 
     def advance(self, seconds: float) -> None:
         """

@@ -28,6 +28,7 @@ from fedhub.errors import (
     DeadLetter,
     Drop,
     MessageReturned,
+    NotConnected,
     Retry,
     TemporarilyUnavailable,
 )
@@ -758,3 +759,77 @@ class ProducerContextTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, producer_context, TickerPlugin(), {"interval": 0.5})
         self.assertEqual([(p.path, p.message) for p in error.problems],
                          [("options.interval", "at least a second")])
+
+
+@implementer(IMessageHandler)
+class FailingStart:
+    """A handler whose C{start()} fails until told otherwise."""
+
+    topics = ("#",)
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.handled: list[str] = []
+
+    def handle(self, message: Message) -> None:
+        self.handled.append(message.topic)
+
+    def start(self) -> None:
+        if self.broken:
+            raise RuntimeError("no database")
+
+    def stop(self) -> None:
+        pass
+
+
+@implementer(IConsumerPlugin)
+class FailingStartPlugin:
+    name = "failing-start"
+    description = "a start() that fails"
+    options: Mapping[str, Option] = {}
+
+    def build(self, context: PluginContext) -> FailingStart:
+        return FailingStart()
+
+
+class NotConsumingTests(SynchronousTestCase):
+    """
+    A delivery refused because the consumer is not consuming says why,
+    instead of blaming the topic.
+    """
+
+    def test_not_started(self) -> None:
+        """Before L{ConsumerHarness.start}: the error says to call it."""
+        harness = ConsumerHarness(FailingStartPlugin())
+        failure = self.failureResultOf(harness.deliver("a.b", {}), NotConnected)
+        self.assertIn("harness.start()", str(failure.value))
+
+    def test_start_failed(self) -> None:
+        """
+        While the plugin's C{start()} fails, a delivery fails with
+        L{MessageReturned} naming that error; once a later attempt starts
+        it, deliveries reach the handler.
+        """
+        harness = ConsumerHarness(FailingStartPlugin())
+        handler: FailingStart = harness.handler  # type: ignore[assignment]
+        harness.start()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        failure = self.failureResultOf(harness.deliver("a.b", {}), MessageReturned)
+        self.assertIn("start() failed (RuntimeError: no database)", str(failure.value))
+        self.assertNotIn("no queue is bound", str(failure.value))
+        handler.broken = False
+        harness.advance(1)
+        settled = self.successResultOf(harness.deliver("a.b", {}))
+        self.assertEqual(settled.outcome, "acked")
+        self.assertEqual(handler.handled, ["a.b"])
+        self.successResultOf(harness.stop())
+
+    def test_unbound_topic_unchanged(self) -> None:
+        """A consuming consumer's unbound topic still fails as the bus says."""
+        harness = ConsumerHarness(FailingStartPlugin(), topics=("org.#",))
+        handler: FailingStart = harness.handler  # type: ignore[assignment]
+        handler.broken = False
+        harness.start()
+        failure = self.failureResultOf(harness.deliver("net.x", {}), MessageReturned)
+        self.assertNotIn("start()", str(failure.value))
+        self.successResultOf(harness.stop())
