@@ -40,7 +40,14 @@ from types import MappingProxyType
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
-from fedhub.errors import NO_PLUGINS, ConfigError, ConfigProblem, ConfigUnreadable, UnknownPlugin
+from fedhub.errors import (
+    NO_PLUGINS,
+    ConfigError,
+    ConfigProblem,
+    ConfigUnreadable,
+    UnknownPlugin,
+    broken_note,
+)
 from fedhub.logs import LEVELS
 from fedhub.topology import QUEUE_TYPE, BindingSpec, ExchangeSpec, QueueSpec, Topology
 
@@ -1571,7 +1578,11 @@ class _Validator:
             return self._find_plugin(kind, name)
         except UnknownPlugin as e:
             installed = ", ".join(_quote(known) for known in e.known) or NO_PLUGINS
-            self.report(path, f"unknown {kind} plugin {_quote(name)} (installed: {installed})")
+            self.report(
+                path,
+                f"unknown {kind} plugin {_quote(name)} (installed: {installed})"
+                + broken_note(getattr(e, "broken", ())),
+            )
             return None
 
     def plugin_keys_together(
@@ -1760,7 +1771,7 @@ def _default_lookup() -> PluginLookup:
             found[kind] = plugins.plugins_of_kind(kind)
         installed = found[kind]
         if name not in installed:
-            raise UnknownPlugin(kind, name, list(installed))
+            raise UnknownPlugin(kind, name, list(installed), plugins.broken_modules())
         return installed[name]
 
     return lookup

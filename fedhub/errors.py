@@ -8,6 +8,7 @@ on them without parsing messages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,15 +120,32 @@ class UnknownPlugin(FedhubError):
     @ivar kind: C{"consumer"} or C{"producer"}.
     @ivar name: The name that was asked for.
     @ivar known: The names that are installed.
+    @ivar broken: The plugin modules that could not be imported, each as
+        C{"<file>: <error>"}: the plugin asked for may be in one of them.
     """
 
-    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+    def __init__(
+        self, kind: str, name: str, known: list[str], broken: Sequence[str] = ()
+    ) -> None:
         self.kind = kind
         self.name = name
         self.known = sorted(known)
+        self.broken = list(broken)
         super().__init__(
             f"unknown {kind} plugin {name!r} (installed: {', '.join(self.known) or NO_PLUGINS})"
+            + broken_note(self.broken)
         )
+
+
+def broken_note(broken: Sequence[str]) -> str:
+    """
+    What an unknown plugin's error adds about plugin modules that could not
+    be imported (the plugin may be in one of them); empty when there are
+    none.
+    """
+    if not broken:
+        return ""
+    return f"; {len(broken)} plugin module(s) could not be imported: " + "; ".join(broken)
 
 
 #: What an unknown plugin's error says when no plugin at all is found, not

@@ -38,6 +38,7 @@ __all__ = [
     "consumer_plugins",
     "producer_plugins",
     "plugins_of_kind",
+    "broken_modules",
     "find_consumer_plugin",
     "find_producer_plugin",
     "find_plugin",
@@ -154,23 +155,59 @@ def collect(kind: str, found: Iterable[tuple[str, _P]]) -> dict[str, _P]:
 #: module that can not be imported is tried (and its traceback logged) once,
 #: not at every lookup.
 _found: WeakKeyDictionary[ModuleType, dict[str, dict[str, Any]]] = WeakKeyDictionary()
+#: The plugin modules of a package that could not be imported, found with
+#: its plugins.
+_broken: WeakKeyDictionary[ModuleType, list[str]] = WeakKeyDictionary()
 
 
-def _discover(kind: str, interface: Any, package: ModuleType | None) -> dict[str, Any]:
+def _package(package: ModuleType | None) -> ModuleType:
     if package is None:
         import twisted.plugins
 
         package = twisted.plugins
-    found = _found.get(package)
-    if found is None:
-        found = _found[package] = _discover_all(package)
-    return dict(found[kind])
+    if package not in _found:
+        _found[package], _broken[package] = _discover_all(package)
+    return package
 
 
-def _discover_all(package: ModuleType) -> dict[str, dict[str, Any]]:
+def _discover(kind: str, interface: Any, package: ModuleType | None) -> dict[str, Any]:
+    return dict(_found[_package(package)][kind])
+
+
+def broken_modules(package: ModuleType | None = None) -> list[str]:
     """
-    The plugins of every kind in C{package}, as C{getPlugins} finds them;
-    a module that can not be imported is skipped with a warning.
+    The plugin modules that could not be imported, and so whose plugins are
+    missing, each as C{"<file>: <error>"} (the file when it can be told):
+    what discovery logs as a warning, for a program or a test that has no
+    log observer.
+
+    @param package: Where to look; the default is C{twisted.plugins}.
+    """
+    return list(_broken[_package(package)])
+
+
+def _plugin_file(failure: Any, package: ModuleType) -> str | None:
+    """
+    The plugin module a failure of C{getCache}'s import came from: the first
+    frame of its traceback in a directory of C{package}, else the file a
+    C{SyntaxError} names (a module that does not parse has no frame).
+    """
+    directories = {os.path.abspath(d) for d in getattr(package, "__path__", ())}
+    for frame in getattr(failure, "frames", None) or ():
+        filename = str(frame[1])
+        if os.path.dirname(os.path.abspath(filename)) in directories:
+            return filename
+    value = getattr(failure, "value", None)
+    if isinstance(value, SyntaxError) and value.filename:
+        return str(value.filename)
+    return None
+
+
+def _discover_all(package: ModuleType) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """
+    The plugins of every kind in C{package}, as C{getPlugins} finds them,
+    and the modules that could not be imported (see L{broken_modules}),
+    which are skipped with a warning.
 
     @raise KeyboardInterrupt: Ctrl-C while a plugin module was imported
         (C{getCache} logs whatever an import raises, and goes on: an
@@ -187,7 +224,9 @@ def _discover_all(package: ModuleType) -> dict[str, dict[str, Any]]:
         if isinstance(value, (KeyboardInterrupt, SystemExit)):
             interrupted.append(value)
         elif isinstance(value, BaseException):
-            broken.append(f"{type(value).__name__}: {value}")
+            where = _plugin_file(failure, package)
+            error = f"{type(value).__name__}: {value}"
+            broken.append(error if where is None else f"{where}: {error}")
 
     by_kind: dict[str, list[tuple[str, Any]]] = {kind: [] for kind in KINDS}
     globalLogPublisher.addObserver(watch)
@@ -207,14 +246,15 @@ def _discover_all(package: ModuleType) -> dict[str, dict[str, Any]]:
         globalLogPublisher.removeObserver(watch)
     if interrupted:
         raise interrupted[0]
+    broken = [escape_control(error, 500) for error in broken]
     for error in broken:
         log.warn(
             "A plugin module in {package} could not be imported; the plugins it holds are "
             "not available: {error}",
             package=package.__name__,
-            error=escape_control(error, 500),
+            error=error,
         )
-    return {kind: collect(kind, found) for kind, found in by_kind.items()}
+    return {kind: collect(kind, found) for kind, found in by_kind.items()}, broken
 
 
 def consumer_plugins(package: ModuleType | None = None) -> dict[str, IConsumerPlugin]:
@@ -254,7 +294,7 @@ def find_consumer_plugin(name: str, package: ModuleType | None = None) -> IConsu
     """
     installed = consumer_plugins(package)
     if name not in installed:
-        raise UnknownPlugin("consumer", name, list(installed))
+        raise UnknownPlugin("consumer", name, list(installed), broken_modules(package))
     return installed[name]
 
 
@@ -266,7 +306,7 @@ def find_producer_plugin(name: str, package: ModuleType | None = None) -> IProdu
     """
     installed = producer_plugins(package)
     if name not in installed:
-        raise UnknownPlugin("producer", name, list(installed))
+        raise UnknownPlugin("producer", name, list(installed), broken_modules(package))
     return installed[name]
 
 
@@ -280,5 +320,5 @@ def find_plugin(kind: str, name: str) -> Any:
     """
     installed = plugins_of_kind(kind)
     if name not in installed:
-        raise UnknownPlugin(kind, name, list(installed))
+        raise UnknownPlugin(kind, name, list(installed), broken_modules())
     return installed[name]

@@ -21,8 +21,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from fedhub import plugins
-from fedhub.config import ComponentConfig, HubSettings
-from fedhub.errors import UnknownPlugin
+from fedhub.config import ComponentConfig, HubSettings, parse_config
+from fedhub.errors import ConfigError, UnknownPlugin
 from fedhub.interfaces import IPublisher
 from fedhub.message import Message
 from fedhub.plugins import (
@@ -290,6 +290,47 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertIn("ModuleNotFoundError: No module named 'fedhub_no_such_module_anywhere'",
                       warnings[0]["error"])
 
+    def test_unknown_names_broken_modules(self) -> None:
+        """
+        The error for an unknown plugin names the plugin modules that could
+        not be imported, with their files and errors, since the plugin asked
+        for may be in one of them; L{plugins.broken_modules} lists them for
+        a program without a log observer.
+        """
+        directory = os.path.dirname(self.package.__file__)
+        missing = os.path.join(directory, "d_broken.py")
+        with open(missing, "w") as f:
+            f.write("import fedhub_no_such_module_anywhere\n")
+        unparsable = os.path.join(directory, "e_unparsable.py")
+        with open(unparsable, "w") as f:
+            f.write("def (:\n")
+        error = self.assertRaises(UnknownPlugin, find_consumer_plugin, "mine", self.package)
+        self.flushLoggedErrors(ModuleNotFoundError, SyntaxError)
+        self.assertEqual(error.known, ["dup", "other"])
+        self.assertEqual(len(error.broken), 2)
+        self.assertTrue(error.broken[0].startswith(
+            f"{missing}: ModuleNotFoundError: No module named 'fedhub_no_such_module_anywhere'"))
+        self.assertTrue(error.broken[1].startswith(f"{unparsable}: SyntaxError: "))
+        self.assertIn("; 2 plugin module(s) could not be imported: " + error.broken[0], str(error))
+        self.assertEqual(plugins.broken_modules(self.package), error.broken)
+        error = self.assertRaises(UnknownPlugin, find_producer_plugin, "mine", self.package)
+        self.assertEqual(len(error.broken), 2)
+
+    def test_unknown_reported_in_configuration(self) -> None:
+        """
+        A configuration naming an unknown plugin reports the plugin modules
+        that could not be imported with it.
+        """
+        self.patch(plugins, "plugins_of_kind", lambda kind: {"log": object()})
+        self.patch(plugins, "broken_modules", lambda: ["/x/twisted/plugins/mine.py: ImportError: no"])
+        with self.assertRaises(ConfigError) as raised:
+            parse_config('[domains.d]\nbroker = "memory"\n[[consumers]]\nname = "c"\n'
+                         'plugin = "mine"\ndomain = "d"\n', "hub.toml")
+        self.assertEqual(
+            [str(problem) for problem in raised.exception.problems],
+            ['consumers[0].plugin: unknown consumer plugin "mine" (installed: "log"); 1 plugin '
+             'module(s) could not be imported: /x/twisted/plugins/mine.py: ImportError: no (line 5)'])
+
     def test_unknown(self) -> None:
         """
         Looking up a missing plugin raises UnknownPlugin listing the installed ones.
@@ -297,6 +338,8 @@ class DiscoveryTests(SynchronousTestCase):
         error = self.assertRaises(UnknownPlugin, find_consumer_plugin, "source", self.package)
         self.assertEqual((error.kind, error.name, error.known), ("consumer", "source",
                                                                  ["dup", "other"]))
+        self.assertEqual(error.broken, [])
+        self.assertNotIn("could not be imported", str(error))
         error = self.assertRaises(UnknownPlugin, find_producer_plugin, "dup", self.package)
         self.assertEqual(error.known, ["source"])
 
