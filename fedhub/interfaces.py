@@ -211,7 +211,10 @@ class IMessageHandler(Interface):
     def stop() -> Any:
         """
         Called once after the last message has been handled; may return a
-        Deferred.
+        Deferred.  It is called whenever the consumer stops, also when
+        C{start()} never succeeded (it raised at every attempt) or has not
+        ended within C{drain_timeout}, so it must cope with a handler that
+        did not start, or is still starting.
 
         Two more methods are optional, asked for with C{getattr}:
         C{drain()}, called when the consumer begins to stop, before it waits
