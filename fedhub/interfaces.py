@@ -87,8 +87,10 @@ class IDelivery(Interface):
         The message is not handled.
 
         @param requeue: C{True} puts it back in its queue for another
-            delivery; C{False} dead-letters it when the queue has a
-            dead-letter exchange, and drops it otherwise.
+            delivery (on AMQP a C{basic.nack} with requeue: a put-back, not
+            a failed delivery, to RabbitMQ 4.3 and later); C{False}
+            dead-letters it when the queue has a dead-letter exchange, and
+            drops it otherwise (C{basic.reject}).
         @return: Like L{ack}'s.
         """
 

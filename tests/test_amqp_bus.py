@@ -1251,12 +1251,16 @@ class ConsumeTests(BusCase):
         delivery.ack()
         delivery.reject(True)
         self.broker.pump()
-        self.assertEqual([m[2] for m in self.broker.methods("basic.ack", "basic.reject")],
-                         [{"delivery_tag": 9, "multiple": False}])
+        self.assertEqual(
+            [m[2] for m in self.broker.methods("basic.ack", "basic.reject", "basic.nack")],
+            [{"delivery_tag": 9, "multiple": False}])
 
     def test_reject(self) -> None:
         """
-        reject sends basic.reject with the requeue flag.
+        reject(requeue=False) sends basic.reject; a put-back,
+        reject(requeue=True), sends basic.nack with requeue, which RabbitMQ
+        4.3 and later do not count against a quorum queue's delivery-limit
+        (it is no failure of the message).
         """
         _, recorder, tag = self.subscribe()
         self.broker.deliver(tag, 1, b"{}")
@@ -1264,15 +1268,17 @@ class ConsumeTests(BusCase):
         recorder.deliveries[0].reject(requeue=True)
         recorder.deliveries[1].reject(requeue=False)
         self.broker.pump()
-        self.assertEqual([m[2]["requeue"] for m in self.broker.methods("basic.reject")],
-                         [True, False])
+        self.assertEqual(
+            [(m[1], m[2]) for m in self.broker.methods("basic.reject", "basic.nack")],
+            [("basic.nack", {"delivery_tag": 1, "multiple": False, "requeue": True}),
+             ("basic.reject", {"delivery_tag": 2, "requeue": False})])
 
     def verdicts(self) -> list[tuple[str, dict[str, Any]]]:
         """
         The acknowledgements and rejections the client sent, in order.
         """
         self.broker.pump()
-        return [(m[1], m[2]) for m in self.broker.methods("basic.ack", "basic.reject")]
+        return [(m[1], m[2]) for m in self.broker.methods("basic.ack", "basic.reject", "basic.nack")]
 
     def subscribe_with(self, on_delivery: Callable[[Any], object]) -> str:
         """
@@ -1466,7 +1472,7 @@ class ConsumeTests(BusCase):
         self.assertEqual(
             self.verdicts(),
             [("basic.ack", {"delivery_tag": n, "multiple": False}) for n in (2, 1, 3, 5)]
-            + [("basic.reject", {"delivery_tag": 4, "requeue": True})],
+            + [("basic.nack", {"delivery_tag": 4, "multiple": False, "requeue": True})],
         )
         consumer = self.bus._subscriptions[0].consumer
         assert consumer is not None
@@ -1697,7 +1703,7 @@ class ConsumeTests(BusCase):
         self.assertTrue(recorder.deliveries[0].ack())
         self.assertEqual(
             self.verdicts(),
-            [("basic.reject", {"delivery_tag": 2, "requeue": True}),
+            [("basic.nack", {"delivery_tag": 2, "multiple": False, "requeue": True}),
              ("basic.ack", {"delivery_tag": 1, "multiple": False})],
         )
         self.assertEqual(len(self.broker.methods("basic.cancel")), 1)
@@ -1730,9 +1736,9 @@ class ConsumeTests(BusCase):
         self.broker.deliver_together(tag, [1, 2, 3])
         self.broker.pump()
         self.assertEqual(
-            [(m[1], m[2]) for m in self.broker.methods("basic.cancel", "basic.ack", "basic.reject")],
+            [(m[1], m[2]) for m in self.broker.methods("basic.cancel", "basic.ack", "basic.nack")],
             [("basic.cancel", {"consumer_tag": tag, "no_wait": False}),
-             ("basic.reject", {"delivery_tag": 2, "requeue": True}),
+             ("basic.nack", {"delivery_tag": 2, "multiple": False, "requeue": True}),
              ("basic.ack", {"delivery_tag": 3, "multiple": True})],
         )
 
@@ -1839,9 +1845,9 @@ class ConsumeTests(BusCase):
         self.assertNotEqual(new_tag, tag)
         self.assertEqual(
             [(m[0], m[1], m[2].get("consumer_tag", m[2].get("delivery_tag")))
-             for m in self.broker.methods("basic.consume", "basic.cancel", "basic.reject")][1:],
+             for m in self.broker.methods("basic.consume", "basic.cancel", "basic.nack")][1:],
             [(channel, "basic.consume", new_tag), (channel, "basic.cancel", new_tag),
-             (channel, "basic.reject", 1)],
+             (channel, "basic.nack", 1)],
         )
         self.assertFalse(subscription.consuming)
         closed = subscription.cancel()

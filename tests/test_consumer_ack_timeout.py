@@ -410,7 +410,7 @@ class StaleAckTests(BusCase):
         self.assertIs(old.ack(), False)
         self.assertIs(old.reject(True), False)
         self.broker.pump()
-        self.assertEqual(self.broker.methods("basic.ack", "basic.reject"), [])
+        self.assertEqual(self.broker.methods("basic.ack", "basic.reject", "basic.nack"), [])
         self.assertIs(new.ack(), True)
         self.assertIs(new.ack(), False)
         self.broker.pump()
@@ -430,7 +430,7 @@ class StaleAckTests(BusCase):
         self.assertEqual(self.broker.methods("basic.consume")[-1][0], channel)
         self.assertIs(recorder.deliveries[0].reject(False), False)
         self.broker.pump()
-        self.assertEqual(self.broker.methods("basic.ack", "basic.reject"), [])
+        self.assertEqual(self.broker.methods("basic.ack", "basic.reject", "basic.nack"), [])
         self.assertEqual(self.bus.stats.rejected, 0)
 
     def test_timeouts_in_a_row(self) -> None:
@@ -497,11 +497,11 @@ class PublishChannelClosedTests(BusCase):
         self.assertEqual(self.broker.published[-1][1], "fedhub.c.retry.1")
         self.broker.refuse_publish("forbidden")
         self.flushLoggedErrors(RuntimeError)
-        self.assertEqual(self.broker.methods("basic.reject"), [])
+        self.assertEqual(self.broker.methods("basic.reject", "basic.nack"), [])
         self.clock.advance(TRANSIENT_REQUEUE_DELAY)
         self.broker.pump()
         self.assertEqual(
-            self.broker.methods("basic.reject"),
-            [(channel, "basic.reject", {"delivery_tag": 1, "requeue": True})],
+            self.broker.methods("basic.reject", "basic.nack"),
+            [(channel, "basic.nack", {"delivery_tag": 1, "multiple": False, "requeue": True})],
         )
         self.assertEqual((service.stats["requeued"], service.stats["rejected"]), (1, 0))

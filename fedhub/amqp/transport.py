@@ -533,8 +533,15 @@ class _Consumer:
                 return True
             sent = client.send_method(channel.id, "basic.ack", delivery_tag, False)
             stats.acked += sent
+        elif requeue:
+            # A put-back (the consumer stopping, a message given back), not
+            # a failure: basic.nack, which RabbitMQ 4.3 and later do not
+            # count against a quorum queue's delivery-limit as they count
+            # basic.reject.
+            sent = client.send_method(channel.id, "basic.nack", delivery_tag, False, True)
+            stats.rejected += sent
         else:
-            sent = client.send_method(channel.id, "basic.reject", delivery_tag, requeue)
+            sent = client.send_method(channel.id, "basic.reject", delivery_tag, False)
             stats.rejected += sent
         if sent:
             self._written(delivery_tag)
