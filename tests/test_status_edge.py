@@ -1,7 +1,7 @@
 """
 Tests for L{fedhub.status.web} at its edges: clients that connect and then
-take their time, driven through the service's own listening factory on a
-memory reactor.
+take their time, send request bodies or ask for what is not there, driven
+through the service's own listening factory on a memory reactor.
 """
 
 from __future__ import annotations
@@ -115,3 +115,143 @@ class StopTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertLess(reactor.seconds(), 20.0)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class RequestBodyTests(SynchronousTestCase):
+    """
+    The status server answers C{GET} and C{HEAD} only: a request with a body
+    is refused before its body is read, so no client can make it store one.
+    (Twisted keeps a request's body, whatever its size, in a temporary file
+    before any resource sees the request.)
+    """
+
+    def setUp(self) -> None:
+        from twisted.web import http
+
+        self.reactor = MemoryReactorClock()
+        self.status = StatusService(FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor)
+        self.status.startService()
+        self.addCleanup(self.status.stopService)
+        self.factory = self.reactor.tcpServers[0][1]
+        self.stored: list[int | None] = []
+        real = http._getContentFile
+
+        def recorded(length: int | None) -> Any:
+            self.stored.append(length)
+            return real(length)
+
+        self.patch(http, "_getContentFile", recorded)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def assert_refused(self, transport: StringTransport) -> None:
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"\r\nconnection: close", head)
+        self.assertIn(b"\r\ncontent-security-policy: default-src 'none'", head)
+        self.assertIn(b"\r\nx-content-type-options: nosniff", head)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.stored, [], "no body was stored")
+
+    def test_huge_body_refused_unread(self) -> None:
+        """A body announced as a terabyte is answered 413 before any of it is kept."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"POST /live HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000000\r\n\r\n"
+        )
+        self.assert_refused(transport)
+        protocol.dataReceived(b"a" * 200_000)
+        self.assertEqual(self.stored, [])
+
+    def test_body_in_same_packet_refused(self) -> None:
+        """Body bytes arriving with the headers are dropped, not handed on."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"PUT /status.json HTTP/1.1\r\nHost: localhost\r\nContent-Length: 300000\r\n\r\n" + b"a" * 300_000
+        )
+        self.assert_refused(transport)
+
+    def test_chunked_body_refused(self) -> None:
+        """A chunked body, of no announced size, is refused the same way."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"100000\r\n" + b"a" * 100_000
+        )
+        self.assert_refused(transport)
+
+    def test_get_with_empty_body_served(self) -> None:
+        """C{Content-Length: 0}, as some clients send with C{GET}, is no body."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /live HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok\n"))
+        self.assertFalse(transport.disconnecting)
+
+    def test_connection_lost_after_refusal(self) -> None:
+        """The refused request's connection goes away cleanly."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /live HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n")
+        self.assert_refused(transport)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(len(self.factory.protocols), 0)
+
+
+class ErrorAnswerHeaderTests(SynchronousTestCase):
+    """
+    Every answer carries the security headers, Twisted's own error pages
+    (an unknown path, a method not allowed or not known) included.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.status = StatusService(FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor)
+        self.status.startService()
+        self.addCleanup(self.status.stopService)
+        self.factory = self.reactor.tcpServers[0][1]
+
+    def answer(self, request_line: bytes) -> tuple[bytes, bytes]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request_line + b"\r\nHost: localhost\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        return head.lower(), body
+
+    def assert_secured(self, head: bytes, status: bytes) -> None:
+        self.assertTrue(head.startswith(b"http/1.1 " + status), head[:100])
+        for header in (
+            b"content-security-policy: default-src 'none';",
+            b"x-content-type-options: nosniff",
+            b"x-frame-options: deny",
+            b"referrer-policy: no-referrer",
+            b"cache-control: no-store",
+        ):
+            self.assertIn(b"\r\n" + header, head)
+
+    def test_not_found(self) -> None:
+        head, body = self.answer(b"GET /nothing-here HTTP/1.1")
+        self.assert_secured(head, b"404")
+        self.assertIn(b"No Such Resource", body)
+
+    def test_not_found_below_static(self) -> None:
+        head, _ = self.answer(b"GET /static/nothing.js HTTP/1.1")
+        self.assert_secured(head, b"404")
+
+    def test_method_not_allowed(self) -> None:
+        head, _ = self.answer(b"POST /ready HTTP/1.1")
+        self.assert_secured(head, b"405")
+        self.assertIn(b"\r\nallow: ", head)
+
+    def test_method_not_known(self) -> None:
+        head, _ = self.answer(b"BREW / HTTP/1.1")
+        self.assert_secured(head, b"501")

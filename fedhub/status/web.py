@@ -1,7 +1,8 @@
 """
 The hub's HTTP status server.
 
-Resources, all answering C{GET} (and C{HEAD}) only:
+Resources, all answering C{GET} (and C{HEAD}) only; a request with a body
+is answered C{413} before its body is read (see L{_StatusChannel}):
 
   - C{/live}: C{200 ok} while the process runs;
   - C{/ready}: C{200} when every domain's bus is connected, every consumer
@@ -19,8 +20,9 @@ Resources, all answering C{GET} (and C{HEAD}) only:
 Everything shown comes from messages, brokers and remote services, so none of
 it is trusted: the server escapes every text it puts in HTML, the page's
 script only ever sets C{textContent}, JSON has C{<}, C{>} and C{&} escaped,
-and every answer carries a Content-Security-Policy that allows no inline
-script or style and no other origin.  The server has no authentication:
+and every answer, Twisted's own error pages included, carries a
+Content-Security-Policy that allows no inline script or style and no other
+origin.  The server has no authentication:
 listen on a loopback address or a Unix socket, or put it behind a proxy that
 authenticates.
 """
@@ -47,7 +49,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProdu
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.http import combinedLogFormatter, datetimeToLogString
+from twisted.web.http import HTTPChannel, combinedLogFormatter, datetimeToLogString
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -544,13 +546,24 @@ class _Request(Protocol):
     def notifyFinish(self) -> Deferred[None]: ...
 
 
+#: The headers of every answer but its content type.
+_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"Content-Security-Policy", CONTENT_SECURITY_POLICY.encode("ascii")),
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"X-Frame-Options", b"DENY"),
+    (b"Referrer-Policy", b"no-referrer"),
+    (b"Cache-Control", b"no-store"),
+)
+
+
+def _security_headers(request: _Request) -> None:
+    for name, value in _SECURITY_HEADERS:
+        request.setHeader(name, value)
+
+
 def _headers(request: _Request, content_type: str) -> None:
     request.setHeader(b"Content-Type", content_type.encode("ascii"))
-    request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY.encode("ascii"))
-    request.setHeader(b"X-Content-Type-Options", b"nosniff")
-    request.setHeader(b"X-Frame-Options", b"DENY")
-    request.setHeader(b"Referrer-Policy", b"no-referrer")
-    request.setHeader(b"Cache-Control", b"no-store")
+    _security_headers(request)
 
 
 def _query_text(request: _Request, name: bytes) -> str:
@@ -986,6 +999,15 @@ class _HostCheck(Resource):
         return self.root
 
 
+class _Static(Resource):
+    """
+    The page's files; any other name is not found.
+    """
+
+    def getChild(self, path: bytes, request: _Request) -> IResource:
+        return notFound()
+
+
 class _Misdirected(_Leaf):
     def render_GET(self, request: _Request) -> bytes:
         request.setResponseCode(421, b"Misdirected Request")
@@ -1015,20 +1037,66 @@ def build_resource(
     root.putChild(b"status.json", _StatusJSON(state))
     root.putChild(b"recent.json", _RecentJSON(recent))
     root.putChild(b"events", _Events(feed))
-    static = Resource()  # type: ignore[no-untyped-call]
+    static = _Static()
     for name, (body, content_type) in assets.files.items():
         static.putChild(name.encode("ascii"), _File(body, content_type))
     root.putChild(b"static", static)
     return _HostCheck(root, machine_names())
 
 
+_BODY_REFUSED_TEXT = b"this server takes no request bodies\n"
+
+#: The answer to a request with a body (see L{_StatusChannel}).
+_BODY_REFUSED = b"".join(
+    [
+        b"HTTP/1.1 413 Content Too Large\r\n",
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        *(name + b": " + value + b"\r\n" for name, value in _SECURITY_HEADERS),
+        b"Content-Length: %d\r\n" % len(_BODY_REFUSED_TEXT),
+        b"Connection: close\r\n",
+        b"\r\n",
+        _BODY_REFUSED_TEXT,
+    ]
+)
+
+
+class _StatusChannel(HTTPChannel):
+    """
+    One HTTP connection of the status server.  Every resource answers
+    C{GET} and C{HEAD} only, so a request announcing a body (a
+    C{Content-Length} above 0, or chunked) is answered C{413} and the
+    connection closed as soon as its headers are in, the body neither read
+    nor kept.  Twisted would otherwise write the whole body, of any size, to
+    a temporary file before any resource sees the request: a client could
+    fill the disk at the speed of the loopback interface.
+    """
+
+    def allHeadersReceived(self) -> None:
+        if self.length == 0:
+            super().allHeadersReceived()
+            return
+        # Nothing more of this connection is parsed; what is already
+        # buffered is dropped too.
+        self.dataReceived = self.lineReceived = self.rawDataReceived = _ignore  # type: ignore[method-assign]
+        if self.transport is not None:
+            self.transport.write(_BODY_REFUSED)
+        self.loseConnection()
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
 class _StatusSite(Site):
     """
     The status server's site: tells each connection when a request of it
-    has arrived in full, and logs each request at debug level only (health
-    probes and metrics scrapes come every few seconds).
+    has arrived in full, gives every answer the security headers (Twisted's
+    own error pages too: an unknown path or method), and logs each request
+    at debug level only (health probes and metrics scrapes come every few
+    seconds).
     """
 
+    protocol = _StatusChannel  # type: ignore[assignment]
     access_log = HubLogger()
 
     def log(self, request: Any) -> None:
@@ -1040,6 +1108,9 @@ class _StatusSite(Site):
         connection = getattr(request.channel, "transport", None)
         if isinstance(connection, _Connection):
             connection.request_arrived(request)
+        # The resources set them again with their content type; these are
+        # for the answers Twisted makes itself.
+        _security_headers(request)
         return super().getResourceFor(request)  # type: ignore[no-any-return,no-untyped-call]
 
 
