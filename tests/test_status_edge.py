@@ -255,3 +255,94 @@ class ErrorAnswerHeaderTests(SynchronousTestCase):
     def test_method_not_known(self) -> None:
         head, _ = self.answer(b"BREW / HTTP/1.1")
         self.assert_secured(head, b"501")
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """
+    When every connection the server allows is taken, a new one takes the
+    place of the one that has waited longest for its client's next request:
+    clients that connect and send nothing can not keep a health probe out.
+    Connections whose request is being answered are never closed for it.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.status = StatusService(
+            FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor, max_connections=3, request_timeout=20.0
+        )
+        self.status.startService()
+        self.addCleanup(self.status.stopService)
+        self.factory = self.reactor.tcpServers[0][1]
+
+    def connect(self) -> tuple[Any, StringTransport] | None:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        if protocol is None:
+            return None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_idle_connections_do_not_keep_a_probe_out(self) -> None:
+        """A probe gets in when idle clients hold every connection; the longest waiting is cut."""
+        idle = []
+        for _ in range(3):
+            connection = self.connect()
+            assert connection is not None
+            idle.append(connection)
+            self.reactor.advance(1)
+        # The second has sent part of a request: it still only waits.
+        idle[1][0].dataReceived(b"GET /live HTTP/1.1\r\n")
+        probe = self.connect()
+        assert probe is not None, "the probe's connection is refused"
+        probe[0].dataReceived(b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(probe[1].value().startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(idle[0][1].disconnected, "the oldest idle connection is cut")
+        self.assertEqual([t.disconnecting for _, t in idle[1:]], [False, False])
+        # The next newcomer cuts the next oldest waiting one, not the one
+        # already closing.
+        self.assertIsNotNone(self.connect())
+        self.assertTrue(idle[1][1].disconnected)
+        self.assertFalse(idle[2][1].disconnecting)
+
+    def test_kept_alive_connection_waits_from_its_last_answer(self) -> None:
+        """A kept-alive connection has waited since its last answer, not since it was made."""
+        first = self.connect()
+        assert first is not None
+        self.reactor.advance(1)
+        second = self.connect()
+        assert second is not None
+        self.reactor.advance(1)
+        first[0].dataReceived(b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertIn(b"ok\n", first[1].value())
+        self.reactor.advance(1)
+        third = self.connect()
+        assert third is not None
+        self.assertIsNotNone(self.connect())
+        self.assertTrue(second[1].disconnected)
+        self.assertFalse(first[1].disconnecting)
+        self.assertFalse(third[1].disconnecting)
+
+    def test_connections_being_answered_are_kept(self) -> None:
+        """With every connection holding a request in progress, a new one is refused."""
+        streams = []
+        for _ in range(3):
+            connection = self.connect()
+            assert connection is not None
+            connection[0].dataReceived(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            self.assertIn(b"text/event-stream", connection[1].value())
+            streams.append(connection)
+        self.assertIsNone(self.connect())
+        self.assertEqual([t.disconnecting for _, t in streams], [False, False, False])
+
+    def test_lost_connections_free_their_place(self) -> None:
+        """A connection that went away leaves room without anyone being cut."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        connections = [self.connect() for _ in range(3)]
+        assert None not in connections
+        first = connections[0]
+        assert first is not None
+        first[0].connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(self.connect())
+        self.assertEqual([c[1].disconnecting for c in connections[1:] if c is not None], [False, False])

@@ -1123,6 +1123,9 @@ class _Connection(ProtocolWrapper):
     byte received, so without this a client trickling a byte now and then
     would hold its connection for as long as it likes, and a few such
     clients would take every connection the server allows.
+
+    @ivar closing: Whether the server is cutting the connection (its
+        deadline passed, or a newer connection took its place).
     """
 
     factory: _Connections
@@ -1130,8 +1133,26 @@ class _Connection(ProtocolWrapper):
     def __init__(self, factory: _Connections, wrapped: Any) -> None:
         super().__init__(factory, wrapped)  # type: ignore[no-untyped-call]
         self._deadline: IDelayedCall | None = None
+        self._waiting_since: float | None = None
         self._requests = 0
         self._lost = False
+        self.closing = False
+
+    @property
+    def waiting_since(self) -> float | None:
+        """
+        Since when (the clock's seconds) the connection has waited for its
+        client's next request; C{None} while a request is being answered or
+        once it is closing.
+        """
+        return self._waiting_since
+
+    def evict(self) -> None:
+        """
+        Cut the connection to make room for a newer one.
+        """
+        self._disarm()
+        self._expired()
 
     def makeConnection(self, transport: Any) -> None:
         self._arm()
@@ -1152,15 +1173,20 @@ class _Connection(ProtocolWrapper):
 
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = self.factory.clock.callLater(self.factory.request_timeout, self._expired)
+        clock = self.factory.clock
+        self._waiting_since = clock.seconds()
+        self._deadline = clock.callLater(self.factory.request_timeout, self._expired)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._waiting_since = None
 
     def _expired(self) -> None:
         self._deadline = None
+        self._waiting_since = None
+        self.closing = True
         transport = self.transport
         if transport is not None:
             # Abort: a client that does not send may not read either, and
@@ -1180,9 +1206,17 @@ CLOSE_GRACE = 1.0
 
 class _Connections(WrappingFactory["_Connection"]):
     """
-    Keeps track of the server's connections, refuses more than C{limit} at
-    once, closes those whose client is too slow to send a request (see
-    L{_Connection}), and closes them all on request.
+    Keeps track of the server's connections, closes those whose client is
+    too slow to send a request (see L{_Connection}), and closes them all on
+    request.
+
+    At most C{limit} are open at once.  A connection beyond them takes the
+    place of the one that has waited longest for its client's next request
+    (which is cut); only when every connection has a request being answered
+    (an open C{/events} stream, say) is it refused.  Clients that connect
+    and send nothing, or trickle their requests, can therefore not keep a
+    health probe out: it connects, sends its request at once and is
+    answered, while they lose their places in turn.
     """
 
     noisy = False
@@ -1198,8 +1232,13 @@ class _Connections(WrappingFactory["_Connection"]):
         self._waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) >= self.limit:
-            return None
+        # Connections being cut are gone once the reactor notices.
+        open_ = [p for p in self.protocols if not p.closing]
+        if len(open_) >= self.limit:
+            waiting = [p for p in open_ if p.waiting_since is not None]
+            if not waiting:
+                return None
+            min(waiting, key=lambda p: p.waiting_since or 0.0).evict()
         return super().buildProtocol(addr)
 
     def unregisterProtocol(self, p: Any) -> None:
