@@ -173,6 +173,7 @@ class FakeHub:
 @dataclass
 class AMQPLikeStats:
     connections: int = 0
+    undecodable: int = 0
 
 
 class AMQPLikeBus:
@@ -847,6 +848,28 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(samples[("fedhub_bus_reconnects_total", labels(domain="two"))], 2)
         self.assertEqual(samples[("fedhub_bus_blocked", labels(domain="two"))], 0)
 
+    def test_undecodable(self) -> None:
+        """
+        Deliveries the bus rejected as no valid message (from a publisher
+        elsewhere), which no consumer ever sees, are counted by domain.
+        """
+        bus = AMQPLikeBus(True, None, 1)
+        bus.stats.undecodable = 4
+        hub = FakeHub({"two": DomainRuntime(DomainConfig(name="two", broker="amqp://h/"), bus, object())})
+        monitor = HubMonitor(hub, Clock())
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(monitor.render()[0].decode())
+            for s in f.samples
+        }
+        self.assertEqual(samples[("fedhub_bus_undecodable_total", labels(domain="two"))], 4)
+
+    def test_undecodable_absent_without_count(self) -> None:
+        """A bus that does not count them (the memory bus) has no such sample."""
+        world = World(self)
+        world.start()
+        self.assertNotIn("fedhub_bus_undecodable_total", world.metrics())
+
     def test_failing_component_left_out(self) -> None:
         """A producer whose numbers can not be read is logged; the scrape goes on."""
         world = World(self, producers={"broken": BrokenProducer()})
@@ -1362,6 +1385,8 @@ class MetricsDocumentedTests(SynchronousTestCase):
         world = World(self, producers={"koji": FakePoller(), "mail": PooledListener()})
         # A bus that can be blocked (as the AMQP bus can; the memory bus can not).
         world.bus.blocked = False  # type: ignore[attr-defined]
+        # And counts undecodable deliveries, as the AMQP bus does.
+        world.bus.stats = AMQPLikeStats(1)  # type: ignore[attr-defined]
         world.start()
         world.publish()
         world.clock.advance(100)

@@ -538,6 +538,14 @@ class _HubCollector:
         families.counter(
             "fedhub_bus_reconnects", "Times the bus connected again after its first connection", ["domain"]
         ).add_metric(labels, float(max(0, int(connections) - 1)))
+        undecodable = getattr(bus_stats, "undecodable", None)
+        if isinstance(undecodable, int):
+            families.counter(
+                "fedhub_bus_undecodable",
+                "Deliveries rejected as no valid message (body not JSON, a bad topic or header), "
+                "before any consumer saw them",
+                ["domain"],
+            ).add_metric(labels, float(undecodable))
         stats_method = getattr(runtime.publisher, "stats", None)
         if callable(stats_method):
             stats = stats_method()
