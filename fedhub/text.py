@@ -68,5 +68,18 @@ def summarize(message: Message, limit: int = 160) -> str:
     if not isinstance(summary, str):
         summary = message.body.get("summary")
     if not isinstance(summary, str):
-        summary = json.dumps(message.body, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        # Only as much of the body as the summary shows is encoded (escapes
+        # only lengthen it): a large body costs no more than a small one.
+        parts: list[str] = []
+        size = 0
+        for chunk in _SUMMARY_JSON.iterencode(message.body):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+        summary = "".join(parts)
     return escape_control(summary, limit)
+
+
+#: Encodes a body for L{summarize} as compact JSON, piece by piece.
+_SUMMARY_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
