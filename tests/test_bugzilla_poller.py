@@ -36,7 +36,13 @@ from fedhub.producers.bugzilla.api import (
     to_epoch,
 )
 from fedhub.producers.bugzilla_poll import SCHEMA, BugzillaPollPlugin, BugzillaSource, bug_object
-from fedhub.producers.poller import IPollSource, PollingService, PollResult, run_inline
+from fedhub.producers.poller import (
+    ForeignCursor,
+    IPollSource,
+    PollingService,
+    PollResult,
+    run_inline,
+)
 from fedhub.text import SUMMARY_HEADER
 from fedhub.xmlrpc import XMLRPCClient, XMLRPCFault
 from tests.fakes_xmlrpc import (
@@ -749,6 +755,29 @@ class SourceTests(SourceTestBase):
                    for m in [*one.messages, *two.messages] if m.body["event"]["action"] == "modify"]
         self.assertEqual(changes, [["status"], ["priority"]])
         self.assertEqual(self.poll(source, two.cursor).messages, [])
+
+    def test_foreign_cursor_refused(self) -> None:
+        """
+        A cursor of another poller (a Koji one's, a generic one's), or one
+        whose time is not a number, is refused as not the poller's own
+        before Bugzilla is asked anything.
+        """
+        source = self.source()
+        good = self.start(source)
+        calls = len(self.bz.server.calls)
+        for cursor, reason in [
+            ({"event": 497700, "builds": {}, "tasks": {}, "repos": {}},
+             "is not a Bugzilla poller's cursor: its 'since' is None"),
+            ({"value": 17, "seen": []}, "is not a Bugzilla poller's cursor: its 'since' is None"),
+            ({**good, "since": "2025-01-01"},
+             "is not a Bugzilla poller's cursor: its 'since' is '2025-01-01'"),
+            ({**good, "since": True}, "is not a Bugzilla poller's cursor: its 'since' is True"),
+            (None, "holds NoneType, not a Bugzilla poller's cursor"),
+        ]:
+            failure = self.failureResultOf(source.poll(cursor), ForeignCursor)
+            self.assertEqual(failure.value.reason, reason)
+        self.assertEqual(len(self.bz.server.calls), calls)
+        self.poll(source, good)
 
     def test_same_ids_for_same_events(self) -> None:
         """The same events polled again get the same message ids."""

@@ -17,6 +17,7 @@ from twisted.logger import LogLevel, formatEvent
 
 from fedhub.message import Message
 from fedhub.producers.koji import KojiError, KojiSettings, KojiSource
+from fedhub.producers.poller import ForeignCursor
 from tests.fakes_xmlrpc import CLOSED, COMPLETE, OPEN, REPO_READY
 from tests.test_koji_poller import HUB, SourceTestBase, suffixes, topic
 
@@ -435,3 +436,35 @@ class UpgradeTests(SourceTestBase):
         self.assertFalse({m.id for m in before} & {m.id for m in first.messages})
         self.assertEqual(first.cursor["tasks"]["choice"], "parents")
         self.assertNotIn("widened", first.cursor["tasks"])
+
+
+class ForeignCursorTests(SourceTestBase):
+    """
+    A saved cursor that is not a Koji poller's.
+    """
+
+    def test_foreign_cursor_refused(self) -> None:
+        """
+        A cursor of another poller (a Bugzilla's, a generic one's), or one
+        edited into another shape, is refused as not the poller's own
+        before the hub is asked anything: it says nothing of where the
+        poller got to.
+        """
+        source = self.source()
+        good = self.start(source)
+        calls = len(self.koji.server.calls)
+        for cursor, reason in [
+            ({"since": 1740000000.0, "seen": {}, "offset": 0},
+             "is not a Koji poller's cursor: its 'event' is None"),
+            ({"value": "2025-03-01T12:01:00", "time": True, "seen": []},
+             "is not a Koji poller's cursor: its 'event' is None"),
+            ({**good, "event": str(good["event"])},
+             f"is not a Koji poller's cursor: its 'event' is '{good['event']}'"),
+            ({k: v for k, v in good.items() if k != "repos"},
+             "is not a Koji poller's cursor: its 'repos' is None"),
+            (497700, "holds int, not a Koji poller's cursor"),
+        ]:
+            failure = self.failureResultOf(source.poll(cursor), ForeignCursor)
+            self.assertEqual(failure.value.reason, reason)
+        self.assertEqual(len(self.koji.server.calls), calls)
+        self.poll(source, good)

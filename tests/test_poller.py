@@ -25,10 +25,12 @@ from fedhub.producers.poller import (
     CURSOR_FILE,
     CursorError,
     CursorStore,
+    ForeignCursor,
     IPollSource,
     PollingService,
     PollResult,
     http_url,
+    require_fields,
     run_inline,
 )
 
@@ -597,6 +599,53 @@ class ServiceTests(PollerTestsMixin, SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertEqual(service.errors, 2)
         self.successResultOf(service.stopService())
+
+    def test_foreign_cursor_is_a_cursor_error(self) -> None:
+        """
+        A cursor file of valid JSON that the source says is not its own is
+        reported as the file's CursorError, not as a bug in the source,
+        and retried; the source's initial cursor is not used, nothing is
+        published and the file is left alone.
+        """
+        os.makedirs(self.state_dir)
+        path = os.path.join(self.state_dir, CURSOR_FILE)
+        with open(path, "w") as f:
+            f.write('{"version": 1, "cursor": {"since": 1.0}}')
+        source = FakeSource(["a"])
+        source.failures = [ForeignCursor("is not a fake cursor"), ForeignCursor("still not")]
+        publisher = FakePublisher()
+        service = self.service(source, publisher)
+        service.startService()
+        self.clock.advance(0)
+        self.assertEqual((source.initial_calls, service.errors), (0, 1))
+        error = service.status()["last_error"]["error"]
+        self.assertTrue(error.startswith(f"CursorError: cursor file {path}: is not a fake cursor"),
+                        error)
+        self.assertIn("remove the file to start from now", error)
+        self.clock.advance(1.0)
+        self.assertEqual((service.errors, publisher.messages), (2, []))
+        with open(path) as f:
+            self.assertEqual(json.load(f), {"version": 1, "cursor": {"since": 1.0}})
+        self.successResultOf(service.stopService())
+
+    def test_require_fields(self) -> None:
+        """
+        require_fields accepts a cursor with the fields and types asked
+        for, and names what is wrong with any other; JSON's booleans are
+        no numbers.
+        """
+        fields = {"event": int, "since": (int, float)}
+        require_fields({"event": 3, "since": 2.5, "other": None}, "a test", fields)
+        for cursor, reason in [
+            ("abc", "holds str, not a test cursor"),
+            ([1], "holds list, not a test cursor"),
+            ({"since": 1.0}, "is not a test cursor: its 'event' is None"),
+            ({"event": "3", "since": 1.0}, "is not a test cursor: its 'event' is '3'"),
+            ({"event": True, "since": 1.0}, "is not a test cursor: its 'event' is True"),
+            ({"event": 3, "since": False}, "is not a test cursor: its 'since' is False"),
+        ]:
+            error = self.assertRaises(ForeignCursor, require_fields, cursor, "a test", fields)
+            self.assertEqual(error.reason, reason)
 
     def test_status(self) -> None:
         """status() reports counters, times, lag and the next poll."""

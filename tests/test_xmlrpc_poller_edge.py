@@ -20,7 +20,7 @@ from fedhub.config import HubSettings, parse_config
 from fedhub.errors import ConfigError
 from fedhub.plugins import PluginContext
 from fedhub.producers import xmlrpc_poll
-from fedhub.producers.poller import FUTURE_MARGIN, PollResult
+from fedhub.producers.poller import FUTURE_MARGIN, ForeignCursor, PollResult
 from fedhub.producers.xmlrpc_poll import XMLRPCPollPlugin, XMLRPCSource
 from tests.fakes_xmlrpc import DirectCaller, FakeXMLRPCServer
 from tests.test_poller import FakePublisher
@@ -253,6 +253,35 @@ class RepeatTests(SynchronousTestCase):
         result: PollResult = self.successResultOf(self.source.poll(cursor))
         self.assertEqual([m.body["update"]["id"] for m in result.messages], [item, item])
         self.assertEqual(len({m.id for m in result.messages}), 2)
+
+
+class ForeignCursorTests(SynchronousTestCase):
+    """
+    A saved cursor that is not a generic poller's.
+    """
+
+    def test_foreign_cursor_refused(self) -> None:
+        """
+        A cursor of another poller (a Koji one's, a Bugzilla one's), or one
+        whose position is no number, text or time, is refused as not the
+        poller's own before the service is called.
+        """
+        db = FakePackageDB()
+        source = built_source(self, db, Clock())
+        good = self.successResultOf(source.initial_cursor())
+        calls = len(db.server.calls)
+        for cursor, reason in [
+            ({"event": 497700, "builds": {}, "tasks": {}, "repos": {}},
+             "is not an XML-RPC poller's cursor: its 'value' is None"),
+            ({"since": 1740000000.0, "seen": {}},
+             "is not an XML-RPC poller's cursor: its 'value' is None"),
+            ({**good, "value": [1]}, "is not an XML-RPC poller's cursor: its 'value' is [1]"),
+            ("2025-03-01T12:01:00", "holds str, not an XML-RPC poller's cursor"),
+        ]:
+            failure = self.failureResultOf(source.poll(cursor), ForeignCursor)
+            self.assertEqual(failure.value.reason, reason)
+        self.assertEqual(len(db.server.calls), calls)
+        self.successResultOf(source.poll(good))
 
 
 class BadItemTests(SynchronousTestCase):

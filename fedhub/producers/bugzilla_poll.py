@@ -67,6 +67,7 @@ from fedhub.producers.poller import (
     http_url,
     poller_options,
     polling_service,
+    require_fields,
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
 from fedhub.xmlrpc import display_url
@@ -171,6 +172,7 @@ class BugzillaSource:
         when the pass ends, the cursor moves only as far as Bugzilla's clock
         when the pass began (C{start}), so the next pass reads that change.
         """
+        require_fields(cursor, "a Bugzilla poller's", {"since": (int, float)})
         c = copy.deepcopy(cursor)
         since = float(c["since"])
         server_now = yield self.api.server_time()

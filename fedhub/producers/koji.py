@@ -63,6 +63,7 @@ from fedhub.producers.poller import (
     http_url,
     poller_options,
     polling_service,
+    require_fields,
 )
 from fedhub.text import SUMMARY_HEADER, escape_control
 from fedhub.xmlrpc import (
@@ -555,6 +556,8 @@ class KojiSource:
         Read what happened after C{cursor}; see the module docstring.
         """
         s = self.settings
+        require_fields(cursor, "a Koji poller's",
+                       {"event": int, "builds": dict, "tasks": dict, "repos": dict})
         c = copy.deepcopy(cursor)
         last_id, last_ts = self._event((yield self.client.call("getLastEvent")))
         start = int(c["event"])

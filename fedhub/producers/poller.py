@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 import random as _random
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -96,6 +96,40 @@ class CursorError(FedhubError):
         self.path = path
         self.reason = reason
         super().__init__(f"cursor file {path}: {reason}")
+
+
+class ForeignCursor(FedhubError):
+    """
+    Raised by a source's C{poll} for a saved cursor that is valid JSON but
+    not one it wrote (a cursor file copied from another poller, a producer
+    whose C{plugin} changed, a file edited by hand): it can not tell where
+    it got to.  The service reports it as the L{CursorError} of its file.
+
+    @ivar reason: What is wrong with the cursor.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def require_fields(cursor: Any, what: str, fields: Mapping[str, type | tuple[type, ...]]) -> None:
+    """
+    Check that C{cursor} is a JSON object with C{fields} of the given types,
+    as a source's C{poll} expects of the cursors it writes.
+
+    @param what: The kind of poller, for the error (C{"a Koji poller's"}).
+    @raise ForeignCursor: when it is not.
+    """
+    if not isinstance(cursor, dict):
+        raise ForeignCursor(f"holds {type(cursor).__name__}, not {what} cursor")
+    for name, kind in fields.items():
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        value = cursor.get(name)
+        # JSON's true and false are no numbers here.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ForeignCursor(f"is not {what} cursor: its {name!r} is "
+                                f"{escape_control(repr(value), 60)}")
 
 
 @dataclass(frozen=True)
@@ -499,7 +533,13 @@ class PollingService(Service):
             self._cursor = cursor
             self._cursor_loaded = True
         self._phase = "fetching"
-        result: PollResult = yield self._fetch(self.source.poll, self._cursor)
+        try:
+            result: PollResult = yield self._fetch(self.source.poll, self._cursor)
+        except ForeignCursor as e:
+            # As for a file that is no JSON: reported and retried until an
+            # operator repairs or removes it, never "start over from now".
+            raise CursorError(self.store.path, f"{e.reason}; remove the file to start "
+                                               "from now") from None
         self._fetch_d = None
         if not self.running:
             raise CancelledError()

@@ -63,6 +63,7 @@ from fedhub.producers.poller import (
     http_url,
     poller_options,
     polling_service,
+    require_fields,
 )
 from fedhub.text import ascii_digits, escape_control
 from fedhub.xmlrpc import XMLRPCCaller, XMLRPCClient, display_url, jsonable
@@ -368,6 +369,7 @@ class XMLRPCSource:
         went back) is brought back to now, and what follows is read again
         rather than lost.
         """
+        require_fields(cursor, "an XML-RPC poller's", {"value": (int, float, str)})
         c = copy.deepcopy(cursor)
         bound = self._bound(c)
         if bound is not None and c["value"] > bound[1]:
