@@ -147,6 +147,20 @@ class FutureTests(SynchronousTestCase):
         self.assertEqual(len(self.logs.warnings("brought back")), 1)
         self.assertEqual(self.ids(self.poll(result.cursor)), [])
 
+    def test_brought_back_to_the_whole_second(self) -> None:
+        """
+        A cursor brought back while the clock is part-way into a second goes
+        back to that second's start, as dateTime positions have no fraction:
+        an item dated in that very second is still published.
+        """
+        self.clock.advance(0.75)
+        at_now = self.db.update("at-now", "orphan", step=240)  # 12:05:00
+        saved = {"value": FAR.isoformat(), "time": True, "seen": []}
+        result = self.poll(saved)
+        self.assertEqual(self.db.since_args[-1], NOW.replace(tzinfo=None))
+        self.assertEqual(self.ids(result), [at_now])
+        self.assertEqual(self.ids(self.poll(result.cursor)), [])
+
     def test_full_answer_ending_ahead(self) -> None:
         """A full answer of far items is not polled again at once; that is warned about once."""
         source = built_source(self, self.db, self.clock, params=["{cursor}", 2], page_size=2)

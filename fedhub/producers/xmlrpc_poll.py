@@ -353,7 +353,10 @@ class XMLRPCSource:
         def text(when: float) -> str:
             return datetime.fromtimestamp(when, timezone.utc).replace(tzinfo=None).isoformat()
 
-        return text(now), text(now + FUTURE_MARGIN)
+        # Now as a dateTime holds it, in whole seconds: a cursor brought
+        # back to a fraction past a second would pass over the items dated
+        # in that second, which the method still answers.
+        return text(math.floor(now)), text(now + FUTURE_MARGIN)
 
     @inlineCallbacks
     def poll(self, cursor: Any) -> Generator[Deferred[Any], Any, PollResult]:
