@@ -534,6 +534,62 @@ class BusTLSFilesTests(Files):
         self.assertFalse(bus.running)
 
 
+    def test_renewed_files_unusable_named_in_one_line(self) -> None:
+        """
+        Files that changed while the bus runs and can not be used (a new
+        certificate written before its key) are logged as one line naming
+        the domain's key, as at start, and not as the multi-line text of
+        the configuration error.
+        """
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+        from zope.interface import provider
+
+        from fedhub.amqp.transport import AMQPBus
+        from fedhub.amqp.url import AMQPSettings
+
+        ca = make_ca("Broker CA")
+        key, cert = make_leaf(ca, "hub", client=True)
+        cert_path = self.write("c.pem", cert_pem(cert))
+        key_path = self.write("k.pem", key_pem(key))
+        settings = AMQPSettings(
+            host="broker.example", tls=True, ca=self.write("ca.pem", cert_pem(ca[1])),
+            cert=cert_path, key=key_path,
+        )
+        events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if "TLS files" in event.get("log_format", ""):
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        reactor = MemoryReactorClock()
+        bus = AMQPBus("infra", settings, reactor=reactor, reconnect_initial=1.0,
+                      reconnect_max=1.0)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        # A renewed certificate, its key not written yet.
+        _, renewed = make_leaf(ca, "hub", client=True)
+        with open(cert_path, "wb") as f:
+            f.write(cert_pem(renewed))
+        # The first attempt fails; the next one looks at the files.
+        factory = reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        reactor.advance(2.0)
+        self.assertEqual(len(reactor.tcpClients), 2)
+        [event] = events
+        text = formatEvent(event)
+        self.assertNotIn("\\n", text)
+        self.assertNotIn("\n", text)
+        self.assertIn(
+            f"(domains.infra.key: the private key in {key_path!r} does not match the certificate)",
+            text,
+        )
+
+
 class ExpiryWarningTests(Files):
     """
     Client certificates that expired or end soon are warned about.

@@ -1752,7 +1752,9 @@ class AMQPBus(Service):
             "The TLS files of domain {domain} changed but can not be used ({error}); the ones "
             "read before stay in use until they change again",
             domain=self.domain,
-            error=escape_control(str(error), 300),
+            # One line, each problem named by its key, as at start:
+            # "domains.infra.key: the private key in '...' does not match ...".
+            error="; ".join(str(problem) for problem in in_domain(self.domain, error)),
         )
 
     def stopService(self) -> Deferred[None]:
