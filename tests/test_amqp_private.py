@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
-from fedhub.amqp.transport import AMQPBus, TLSFailed, _tls_failure
+from fedhub.amqp.transport import AMQPBus, TLSFailed, _attempt_error, _tls_failure
 from fedhub.config import DomainConfig, parse_config
 from fedhub.errors import AccessRefused, NotConnected
 from fedhub.message import Message
@@ -325,6 +325,8 @@ key = "{identity.key}"
         )
         error = await self.refused(bus, log)
         self.assertIn("unknown ca", error)
+        # The line names the file the broker refused.
+        self.assertIn(f"the broker refused the client certificate {rogue.cert!r}", error)
 
     # -- refused vhost ---------------------------------------------------------------
 
@@ -478,6 +480,26 @@ class TLSFailureTests(SynchronousTestCase):
         found = _tls_failure(VerificationError(errors=[mismatch]))
         assert found is not None
         self.assertIn("wrong.example", found.details)
+
+    def test_broker_alert_names_client_certificate(self) -> None:
+        """
+        An alert by which the broker refused the client certificate names
+        its file; the hub's own refusal of the broker's certificate, and an
+        alert when the domain has no client certificate, do not.
+        """
+        alert = Failure(self.raised_over(SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")])))
+        self.assertEqual(
+            str(_attempt_error(alert, None, "/etc/fedhub/infra/hub.pem")),
+            "the TLS handshake with the broker failed: tlsv1 alert unknown ca (the broker"
+            " refused the client certificate '/etc/fedhub/infra/hub.pem')",
+        )
+        self.assertEqual(
+            str(_attempt_error(alert)), "the TLS handshake with the broker failed: tlsv1 alert unknown ca"
+        )
+        ours = Failure(self.raised_over(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+        self.assertNotIn("hub.pem", str(_attempt_error(ours, None, "/etc/fedhub/infra/hub.pem")))
+        cut = Failure(self.raised_over(SSL.Error([("SSL routines", "", "unexpected eof while reading")])))
+        self.assertNotIn("hub.pem", str(_attempt_error(cut, None, "/etc/fedhub/infra/hub.pem")))
 
     def test_other_errors(self) -> None:
         """

@@ -280,18 +280,29 @@ def _tls_failure(error: object, depth: int = 0, verify_error: str | None = None)
     return None
 
 
-def _attempt_error(failure: Failure, options: ExplainedTLSOptions | None = None) -> BaseException:
+def _attempt_error(
+    failure: Failure, options: ExplainedTLSOptions | None = None, client_cert: str | None = None
+) -> BaseException:
     """
     Why a connection attempt failed, as fedhub names it: L{TLSFailed} for a
     failed TLS handshake (with why the broker's certificate did not verify,
-    when C{options} saw it), else what L{map_error} makes of it (for example
-    L{fedhub.errors.AccessRefused} for a refused login or vhost).
+    when C{options} saw it; with the file of the client certificate
+    C{client_cert} when the broker's alert refused it), else what
+    L{map_error} makes of it (for example L{fedhub.errors.AccessRefused} for
+    a refused login or vhost).
     """
     found = _tls_failure(failure.value)
     if found is None:
         return map_error(failure)
     if options is not None and "certificate verify failed" in found.details:
         found = _tls_failure(failure.value, verify_error=options.explain_refusal()) or found
+    elif client_cert and found.certificate and "alert" in found.details.lower():
+        # An alert is the broker's verdict on the certificate the hub sent
+        # (its own verification of the broker's fails as "verify failed").
+        found = TLSFailed(
+            f"{found.details} (the broker refused the client certificate {client_cert!r})",
+            certificate=True,
+        )
     return found
 
 
@@ -1735,7 +1746,9 @@ class AMQPBus(Service):
             setup_timeout=self.setup_timeout,
             close_timeout=self.close_timeout,
             describe=f"{settings.safe_url()} (domain {self.domain})",
-            explain=lambda failure: _attempt_error(failure, None if tls is None else tls.options),
+            explain=lambda failure: _attempt_error(
+                failure, None if tls is None else tls.options, settings.cert if tls else None
+            ),
             domain=self.domain,
         )
         super().startService()  # type: ignore[no-untyped-call]
