@@ -1243,20 +1243,10 @@ class _Database:
             total += size
         if not taken:
             return FailedPage([], None)
-        last = sizes[taken - 1][0]
-        try:
-            rows = conn.execute(
-                "SELECT seq, message_id, created, failed_at, kind, reason, attempts, data"
-                " FROM failed WHERE seq > ? AND seq <= ? ORDER BY seq",
-                (after_seq, last),
-            ).fetchall()
-        except sqlite3.Error as e:
-            raise self._error(e) from e
-        records = [
-            FailedRecord(seq, message_id, created, failed_at, kind, reason, attempts, bytes(data))
-            for seq, message_id, created, failed_at, kind, reason, attempts, data in rows
-        ]
-        return FailedPage(records, last if taken < len(sizes) else None)
+        records = self.failed(after_seq, taken)
+        if taken == len(sizes):
+            return FailedPage(records, None)
+        return FailedPage(records, records[-1].seq if records else sizes[taken - 1][0])
 
     def _select_failed(self, conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[tuple[int, int]]:
         if seqs is None:
