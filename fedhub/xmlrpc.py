@@ -24,6 +24,7 @@ C{system.multicall} (or Koji's C{multiCall}).
 
 from __future__ import annotations
 
+import re
 import xmlrpc.client
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ DEFAULT_BATCH_SIZE = 100
 USER_AGENT = f"fedhub/{__version__}"
 
 
+#: An absolute or scheme-relative URL: its scheme, authority and the rest.
+_AUTHORITY = re.compile(r"(?s)([A-Za-z][A-Za-z0-9+.-]*:)?//([^/]*)(.*)")
+
+
 def display_url(url: str) -> str:
     """
     A URL fit for logs, errors and status pages: scheme, host, port and
@@ -84,6 +89,19 @@ def display_url(url: str) -> str:
     except ValueError:
         port = ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def shown_location(location: str) -> str:
+    """
+    Where a redirect points, fit for a reason: without the user and password
+    of its authority, its query string and its fragment.
+    """
+    location = location.split("#", 1)[0].split("?", 1)[0]
+    match = _AUTHORITY.fullmatch(location)
+    if match is None:
+        return location
+    scheme, authority, rest = match.groups()
+    return f"{scheme or ''}//{authority.rpartition('@')[2]}{rest}"
 
 
 # --- errors -------------------------------------------------------------
@@ -159,10 +177,9 @@ class HTTPStatusError(XMLRPCError):
     part of the reason, so the operator can correct the URL.
 
     @ivar status: The HTTP status code.
-    @ivar location: Where a redirect points, without its query string and
-        fragment (a server moving C{http} to C{https} keeps the query, which
-        may hold the URL's API key) and with control characters escaped; or
-        C{None}.
+    @ivar location: Where a redirect points, as L{shown_location} shows it
+        (a server moving C{http} to C{https} keeps the query, which may hold
+        the URL's API key) and with control characters escaped; or C{None}.
     @ivar retry_after: The seconds the server's C{Retry-After} asked to wait
         (given in seconds; at most L{MAX_RETRY_AFTER}), or C{None}.
     """
@@ -170,8 +187,7 @@ class HTTPStatusError(XMLRPCError):
     def __init__(self, url: str, method: str, status: int, phrase: str,
                  location: str | None = None, retry_after: float | None = None) -> None:
         self.status = status
-        self.location = None if location is None else escape_control(
-            location.split("?", 1)[0].split("#", 1)[0], 300)
+        self.location = None if location is None else escape_control(shown_location(location), 300)
         self.retry_after = retry_after
         reason = f"HTTP {status} {escape_control(phrase, 80)}"
         if self.location is not None:

@@ -67,7 +67,13 @@ from fedhub.logs import HubLogger
 from fedhub.message import Message, dump_line
 from fedhub.plugins import PluginContext
 from fedhub.text import escape_control
-from fedhub.xmlrpc import closed_before_answer, display_url, parse_retry_after, quiet_pool
+from fedhub.xmlrpc import (
+    closed_before_answer,
+    display_url,
+    parse_retry_after,
+    quiet_pool,
+    shown_location,
+)
 
 __all__ = ["WebhookPlugin", "WebhookHandler", "verdict_for_status", "load_ca_bundle"]
 
@@ -92,9 +98,6 @@ _PEM_CERT = re.compile(
 #: they would blank out ordinary words.
 MIN_SECRET_LENGTH = 4
 
-#: An absolute or scheme-relative URL: its scheme, authority and the rest.
-_AUTHORITY = re.compile(r"(?s)([A-Za-z][A-Za-z0-9+.-]*:)?//([^/]*)(.*)")
-
 
 def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
                        retry_after: float | None = None,
@@ -117,19 +120,6 @@ def verdict_for_status(status: int, phrase: str, excerpt: str, url: str,
         to = f" to {location}" if location else ""
         return DeadLetter(reason + f" (redirects{to} are not followed)")
     return DeadLetter(reason)
-
-
-def shown_location(location: str) -> str:
-    """
-    Where a redirect points, fit for a reason: without the user and password
-    of its authority, its query string and its fragment.
-    """
-    location = location.split("#", 1)[0].split("?", 1)[0]
-    match = _AUTHORITY.fullmatch(location)
-    if match is None:
-        return location
-    scheme, authority, rest = match.groups()
-    return f"{scheme or ''}//{authority.rpartition('@')[2]}{rest}"
 
 
 def url_secrets(url: str, authorization: bytes | None) -> tuple[str, ...]:
