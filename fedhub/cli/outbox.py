@@ -319,10 +319,7 @@ class Table:
             rows.insert(0, HEADER)
         for row in rows:
             self.widths = [max(width, len(cell)) for width, cell in zip(self.widths, row)]
-        return [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, self.widths)) + "  " + row[-1]
-            for row in rows
-        ]
+        return runner.aligned(rows, self.widths)
 
 
 def table(records: Sequence[FailedRecord]) -> list[str]:

@@ -263,12 +263,13 @@ def status_of(error: BaseException) -> tuple[int, str]:
     return EX_SOFTWARE, f"unexpected error: {type(error).__name__}: {error}"
 
 
-def aligned(rows: Sequence[tuple[str, ...]]) -> list[str]:
+def aligned(rows: Sequence[tuple[str, ...]], widths: Sequence[int] | None = None) -> list[str]:
     """
     Table rows as text lines: every column but the last padded to its
-    widest cell, two spaces between columns.
+    widest cell (or to C{widths}, when given), two spaces between columns.
     """
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    if widths is None:
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
         for row in rows
