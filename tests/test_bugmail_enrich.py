@@ -629,15 +629,14 @@ class InjectMailTests(TestCase):
     keys of its producer.
     """
 
-    @inlineCallbacks
-    def test_enriched_into_spool(self) -> Generator[Deferred[Any], Any, None]:
-        """With enrich_url set, inject-mail spools a messageV1 message fetched over a real socket."""
+    def inject(self, url: str) -> Deferred[tuple[int, bytes, Message]]:
+        """
+        Run C{fedhub inject-mail} on the RHBZ sample with a producer whose
+        C{enrich_url} is C{url}: its exit status, its standard error and the
+        one message it spooled.
+        """
         from twisted.internet.utils import getProcessOutputAndValue
 
-        bz = AttachmentBugzilla()
-        seed(bz, event(RHBZ))
-        port, url = listen(bz.server, reactor)
-        self.addCleanup(port.stopListening)
         directory = Path(self.mktemp()).absolute()
         directory.mkdir(parents=True)
         (directory / "mail.eml").write_bytes(raw(RHBZ))
@@ -649,19 +648,33 @@ class InjectMailTests(TestCase):
             'domain = "community"\nrecipients = ["bugs@example.org"]\n'
             f'enrich_url = "{url}"\nenrich_timeout = 5.0\n'
             'enrich_hosts = ["bugzilla.redhat.com"]\n')
-        out, err, code = yield getProcessOutputAndValue(
+
+        def spooled(result: tuple[bytes, bytes, int]) -> tuple[int, bytes, Message]:
+            _, err, code = result
+            spool = directory / "state" / "spool" / "community"
+            [path] = [p for p in spool.iterdir() if p.name.endswith(".msg")]
+            [message] = loads(path.read_bytes())
+            return code, err, message
+
+        running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
             sys.executable, ["-m", "fedhub.cli", "inject-mail", "--config", str(config),
                              "--input", str(directory / "mail.eml")],
             env=dict(os.environ), path=os.getcwd(), reactor=reactor)
+        return running.addCallback(spooled)
+
+    @inlineCallbacks
+    def test_enriched_into_spool(self) -> Generator[Deferred[Any], Any, None]:
+        """With enrich_url set, inject-mail spools a messageV1 message fetched over a real socket."""
+        bz = AttachmentBugzilla()
+        seed(bz, event(RHBZ))
+        port, url = listen(bz.server, reactor)
+        self.addCleanup(port.stopListening)
+        code, err, message = yield self.inject(url)
         self.assertEqual((code, err), (0, b""))
         self.assertIn("Bug.get", bz.server.calls)
-        spool = directory / "state" / "spool" / "community"
-        [path] = [p for p in spool.iterdir() if p.name.endswith(".msg")]
-        [message] = loads(path.read_bytes())
         self.assertEqual(message.schema, SCHEMA)
         self.assertEqual(message.id, message_id_for(event_fingerprint(event(RHBZ))))
         check_with_schema_package(message)
-
 
     @inlineCallbacks
     def test_fallback_warned_on_stderr(self) -> Generator[Deferred[Any], Any, None]:
@@ -670,32 +683,13 @@ class InjectMailTests(TestCase):
         inject-mail still spools the mail-derived message and exits 0, and
         says why on standard error, one line, for the mail server's log.
         """
-        from twisted.internet.utils import getProcessOutputAndValue
-
         port, url = listen(AttachmentBugzilla().server, reactor)
         yield port.stopListening()
-        directory = Path(self.mktemp()).absolute()
-        directory.mkdir(parents=True)
-        (directory / "mail.eml").write_bytes(raw(RHBZ))
-        config = directory / "hub.toml"
-        config.write_text(
-            f'[hub]\ntopic_prefix = "org.example"\nenvironment = "prod"\n'
-            f'state_dir = "{directory / "state"}"\n[domains.community]\nbroker = "memory"\n'
-            '[[producers]]\nname = "bugzilla-mail"\nplugin = "bugzilla-smtp"\n'
-            'domain = "community"\nrecipients = ["bugs@example.org"]\n'
-            f'enrich_url = "{url}"\nenrich_timeout = 5.0\n'
-            'enrich_hosts = ["bugzilla.redhat.com"]\n')
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, ["-m", "fedhub.cli", "inject-mail", "--config", str(config),
-                             "--input", str(directory / "mail.eml")],
-            env=dict(os.environ), path=os.getcwd(), reactor=reactor)
+        code, err, message = yield self.inject(url)
         self.assertEqual(code, 0, err)
         [line] = err.decode().splitlines()
         self.assertTrue(line.startswith("fedhub inject-mail: warning: "), line)
         self.assertIn("mail-derived message", line)
-        spool = directory / "state" / "spool" / "community"
-        [path] = [p for p in spool.iterdir() if p.name.endswith(".msg")]
-        [message] = loads(path.read_bytes())
         self.assertNotEqual(message.schema, SCHEMA)
 
 
