@@ -1119,8 +1119,10 @@ def describe(result: dict[str, Any]) -> str:
                f"  p99 {result['p99_ms']:.2f} ms  stalls {result['stalls']}"
                f" ({100 * result['stalled_share']:.1f} % of messages)"
                if "p99_ms" in result else "")
+    broker = (f"  broker {result['broker_cpu_us_per_msg']:>6.1f} us/msg"
+              if "broker_cpu_us_per_msg" in result else "")
     return (f"{result.get('rate', 0):>9.0f} msg/s  {result.get('cpu_us_per_msg', 0):>6.1f} us/msg"
-            f"{latency}  {result.get('error', '')}")
+            f"{broker}{latency}  {result.get('error', '')}")
 
 
 def together(broker: Broker, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
@@ -1200,6 +1202,10 @@ def alternate(args: argparse.Namespace) -> None:
     for spec, runs in results.items():
         rates = [r.get("rate", 0.0) for r in runs]
         line = f"{spec:<28} median {statistics.median(rates):>9.0f} msg/s"
+        if runs and all("cpu_us_per_msg" in r for r in runs):
+            line += f"  {statistics.median(r['cpu_us_per_msg'] for r in runs):6.1f} us/msg"
+        if runs and all("broker_cpu_us_per_msg" in r for r in runs):
+            line += f"  broker {statistics.median(r['broker_cpu_us_per_msg'] for r in runs):6.1f} us/msg"
         if runs and all("p99_ms" in r for r in runs):
             tails = ", ".join(f"{r['p99_ms']:.2f}" for r in runs)
             line += (f"  p50 {statistics.median(r['p50_ms'] for r in runs):.2f} ms"

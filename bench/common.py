@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
 import time
 import uuid
@@ -143,20 +144,68 @@ def keep_out_of_collection() -> None:
     gc.freeze()
 
 
+def listening_pid(port: int) -> int | None:
+    """
+    The process listening on TCP C{port} of 127.0.0.1 or any address (the
+    broker), found through C{/proc}; C{None} when there is none or its
+    sockets can not be read (a process of another user).
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # state 0A is LISTEN; the local address ends in :PORT in hex
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def process_cpu(pid: int | None) -> float | None:
+    """
+    The CPU seconds (user + system) process C{pid} has used, or C{None}.
+    """
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields after the command (which may hold spaces) in parentheses.
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Meter:
     """
-    Times one measured phase of a worker: wall clock, CPU and memory.
+    Times one measured phase of a worker: wall clock, CPU and memory, and
+    the CPU the broker spent meanwhile (whoever else used it too).
     """
 
     def __init__(self) -> None:
         self.baseline = memory()
         self.started = 0.0
         self.cpu_started = 0.0
+        self.broker = listening_pid(BROKER_PORT)
+        self.broker_started: float | None = None
         self.result: dict[str, Any] = {}
 
     def start(self) -> None:
         """The measured phase begins."""
         self.baseline = memory()
+        self.broker_started = process_cpu(self.broker)
         self.started = time.perf_counter()
         self.cpu_started = time.process_time()
 
@@ -167,6 +216,9 @@ class Meter:
         """
         seconds = time.perf_counter() - self.started
         cpu = time.process_time() - self.cpu_started
+        broker_now = process_cpu(self.broker)
+        if broker_now is not None and self.broker_started is not None and count:
+            extra.setdefault("broker_cpu_us_per_msg", 1e6 * (broker_now - self.broker_started) / count)
         now = memory()
         self.result = {
             "count": count,
