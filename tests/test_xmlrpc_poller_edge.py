@@ -20,7 +20,7 @@ from fedhub.config import HubSettings, parse_config
 from fedhub.errors import ConfigError
 from fedhub.plugins import PluginContext
 from fedhub.producers import xmlrpc_poll
-from fedhub.producers.poller import FUTURE_MARGIN, ForeignCursor, PollResult
+from fedhub.producers.poller import FUTURE_MARGIN, ForeignCursor, PollingService, PollResult
 from fedhub.producers.xmlrpc_poll import XMLRPCPollPlugin, XMLRPCSource
 from tests.fakes_xmlrpc import DirectCaller, FakeXMLRPCServer
 from tests.test_poller import FakePublisher
@@ -78,7 +78,13 @@ class FutureTests(SynchronousTestCase):
         self.logs = LogCapture(self)
 
     def poll(self, cursor: Any, source: XMLRPCSource | None = None) -> PollResult:
-        result: PollResult = self.successResultOf((source or self.source).poll(cursor))
+        d = (source or self.source).poll(cursor)
+        # A large answer lets the reactor turn between slices of items.
+        for _ in range(100):
+            if d.called:
+                break
+            self.clock.advance(0)
+        result: PollResult = self.successResultOf(d)
         return result
 
     def far_update(self, package: str = "broken-clock") -> int:
@@ -195,18 +201,171 @@ class FutureTests(SynchronousTestCase):
         self.assertEqual(self.ids(result), [first, far])
         self.assertTrue(result.more)
 
+    def dated(self, when: datetime, package: str = "ahead") -> int:
+        """
+        An update dated C{when} (naive, UTC), listed in date order.
+        """
+        self.db.next_id += 1
+        self.db.updates.append({"id": self.db.next_id, "package": package, "branch": "b",
+                                "action": "orphan", "user": {"name": "x"}, "changed": when})
+        self.db.updates.sort(key=lambda u: u["changed"])
+        return self.db.next_id
+
+    def poll_often(self, cursor: Any, times: int, source: XMLRPCSource | None = None,
+                   published: list[int] | None = None) -> Any:
+        """
+        Poll C{times} times from C{cursor}, adding the ids published to
+        C{published}, and check that the cursor never remembers more than
+        L{xmlrpc_poll.AHEAD_LIMIT} items ahead.  The last cursor.
+        """
+        for _ in range(times):
+            result = self.poll(cursor, source)
+            if published is not None:
+                published.extend(self.ids(result))
+            self.assertLessEqual(len(result.cursor.get("ahead", [])), xmlrpc_poll.AHEAD_LIMIT)
+            cursor = result.cursor
+        return cursor
+
     def test_far_items_remembered_are_bounded(self) -> None:
-        """At most AHEAD_LIMIT far items are remembered, the nearest forgotten first."""
+        """Past AHEAD_LIMIT far items, the nearest are published; the others wait, unrepeated."""
         self.patch(xmlrpc_poll, "AHEAD_LIMIT", 2)
         cursor = self.successResultOf(self.source.initial_cursor())
         for year in (2101, 2100, 2102):
-            self.db.next_id += 1
-            self.db.updates.append({"id": self.db.next_id, "package": str(year), "branch": "b",
-                                    "action": "orphan", "user": {"name": "x"},
-                                    "changed": datetime(year, 1, 1)})
+            self.dated(datetime(year, 1, 1), str(year))
         result = self.poll(cursor)
-        self.assertEqual(len(result.messages), 3)
-        self.assertEqual([a[0][:4] for a in result.cursor["ahead"]], ["2101", "2102"])
+        self.assertEqual([m.body["package"] for m in result.messages], ["2100", "2101"])
+        self.assertEqual([a[0][:4] for a in result.cursor["ahead"]], ["2100", "2101"])
+        self.assertEqual(self.poll(result.cursor).messages, [])
+        warned = self.logs.warnings("held back")
+        self.assertEqual(len(warned), 1)
+        self.assertIn("2102-01-01", warned[0])
+
+    def test_more_far_items_than_remembered_published_once(self) -> None:
+        """
+        More items ahead of the clock than a cursor remembers are each
+        published once over many polls, as the clock reaches them, with
+        the same message id never handed over twice; one that appears
+        nearer while the cursor is full is published when it comes due.
+        """
+        source = built_source(self, self.db, self.clock, params=["{cursor}", 5000],
+                              page_size=None)
+        cursor = self.successResultOf(source.initial_cursor())
+        start = NOW.replace(tzinfo=None) + timedelta(days=1)
+        count = xmlrpc_poll.AHEAD_LIMIT + 250
+        expected = [self.dated(start + timedelta(minutes=i)) for i in range(count)]
+        published: list[int] = []
+        message_ids: list[str] = []
+        first = self.poll(cursor, source)
+        message_ids.extend(m.id for m in first.messages)
+        self.assertEqual(self.ids(first), expected[:xmlrpc_poll.AHEAD_LIMIT])
+        published.extend(self.ids(first))
+        cursor = self.poll_often(first.cursor, 5, source, published)
+        self.assertEqual(len(published), xmlrpc_poll.AHEAD_LIMIT)
+        # A change dated nearer than all of them, while the cursor is full.
+        nearer = self.dated(start - timedelta(hours=1), "nearer")
+        cursor = self.poll_often(cursor, 3, source, published)
+        self.assertNotIn(nearer, published)
+        # The clock reaches the change, then some of the items remembered:
+        # each passed makes room for one held back.
+        self.clock.advance(timedelta(days=1, minutes=100).total_seconds())
+        for _ in range(3):
+            result = self.poll(cursor, source)
+            message_ids.extend(m.id for m in result.messages)
+            published.extend(self.ids(result))
+            cursor = result.cursor
+        self.assertIn(nearer, published)
+        self.assertEqual(len(cursor["ahead"]), xmlrpc_poll.AHEAD_LIMIT)
+        # Then all of them.
+        self.clock.advance(timedelta(minutes=count).total_seconds())
+        for _ in range(3):
+            result = self.poll(cursor, source)
+            message_ids.extend(m.id for m in result.messages)
+            published.extend(self.ids(result))
+            cursor = result.cursor
+        self.assertEqual(sorted(published), sorted([*expected, nearer]))
+        self.assertEqual(len(set(message_ids)), len(message_ids))
+        self.assertEqual(cursor["seen"], [str(expected[-1])])
+        self.assertEqual(len(self.logs.warnings("held back")), 1)
+
+    def test_held_items_published_as_room_is_made(self) -> None:
+        """
+        An item held back is published once the cursor passes a remembered
+        one, before the clock reaches it; one coming due is published as it
+        does; an item remembered is not published again on either way.
+        """
+        self.patch(xmlrpc_poll, "AHEAD_LIMIT", 2)
+        cursor = self.successResultOf(self.source.initial_cursor())
+        base = NOW.replace(tzinfo=None)
+        hour1, hour2, hour3 = (self.dated(base + timedelta(hours=h)) for h in (1, 2, 3))
+        one = self.poll(cursor)
+        self.assertEqual(self.ids(one), [hour1, hour2])
+        # Two changes appear while the cursor is full: held back.
+        soon = self.dated(base + timedelta(minutes=30), "soon")  # 12:35
+        past = self.dated(base + timedelta(hours=1, minutes=1), "past")  # 13:06
+        self.assertEqual(self.ids(self.poll(one.cursor)), [])
+        # 12:45: the bound is 12:55; the change at 12:35 comes due and is
+        # published; both remembered items are still ahead.
+        self.clock.advance(timedelta(minutes=40).total_seconds())
+        two = self.poll(one.cursor)
+        self.assertEqual(self.ids(two), [soon])
+        self.assertEqual(len(two.cursor["ahead"]), 2)
+        # 13:00: the bound is 13:10.  The cursor passes the first hour's item,
+        # unrepeated, to the change at 13:06, published as it comes due; the
+        # room the first hour's item leaves takes the third hour's.
+        self.clock.advance(timedelta(minutes=15).total_seconds())
+        three = self.poll(two.cursor)
+        self.assertEqual(self.ids(three), [past, hour3])
+        self.assertEqual(three.cursor["value"], (base + timedelta(hours=1, minutes=1)).isoformat())
+        self.assertEqual([a[1] for a in three.cursor["ahead"]], [str(hour2), str(hour3)])
+        self.clock.advance(timedelta(hours=3).total_seconds())
+        four = self.poll(three.cursor)
+        self.assertEqual(self.ids(four), [])
+        self.assertEqual(four.cursor["value"], (base + timedelta(hours=3)).isoformat())
+        self.assertEqual(four.cursor["seen"], [str(hour3)])
+        self.assertEqual(len(self.logs.warnings("held back")), 1)
+
+    def test_held_items_across_a_restart(self) -> None:
+        """
+        A poller restarted from its cursor file publishes the items held
+        back once, and none of those it remembered again.
+        """
+        self.patch(xmlrpc_poll, "AHEAD_LIMIT", 3)
+        publisher = FakePublisher()
+        state = HubSettings(state_dir=self.mktemp())
+        options = {**example_options(), "interval": 60.0, "jitter": 0.0}
+
+        def service() -> PollingService:
+            context = PluginContext("pkgdb", "infra", options, publisher, self.clock, state)
+            built = XMLRPCPollPlugin().build(context)
+            assert isinstance(built.source, XMLRPCSource)
+            built.source.client = DirectCaller(self.db.server, URL)
+            return built
+
+        base = NOW.replace(tzinfo=None)
+        first = service()
+        first.startService()
+        self.clock.advance(0)  # the first start: from the latest change, at 12:01
+        self.assertEqual(first.polls, 1)
+        expected = [self.dated(base + timedelta(hours=h)) for h in range(1, 7)]
+        self.clock.advance(60)
+        self.clock.advance(60)
+        self.assertEqual(first.polls, 3)
+        self.assertEqual(len(publisher.messages), 3)
+        self.successResultOf(first.stopService())
+        second = service()
+        second.startService()
+        self.clock.advance(0)
+        self.clock.advance(60)
+        self.assertEqual(second.polls, 2)
+        self.assertEqual(len(publisher.messages), 3)
+        # Hour after hour, the clock reaches them all.
+        for _ in range(7):
+            self.clock.advance(3600)
+        self.assertEqual(second.polls, 9)
+        self.successResultOf(second.stopService())
+        ids = [m.body["update"]["id"] for m in publisher.messages]
+        self.assertEqual(sorted(ids), expected)
+        self.assertEqual(len({m.id for m in publisher.messages}), len(ids))
 
     def test_without_a_clock_nothing_is_bounded(self) -> None:
         """A source built without a clock keeps the former behaviour: the highest position wins."""

@@ -12,8 +12,8 @@ skipped, and so are those at the cursor's very position that were published
 already (APIs that answer "at or after X" repeat them), so each item is
 published once (an item listed twice in one answer, once).  The new cursor
 is the highest position published.  With a clock, a C{dateTime} position
-more than L{FUTURE_MARGIN} past it is published but does not become the
-cursor (see L{XMLRPCSource.poll}).
+more than L{FUTURE_MARGIN} past it is published (at most L{AHEAD_LIMIT} such
+items at once) but does not become the cursor (see L{XMLRPCSource.poll}).
 
 The topic is C{topic} with C{{field}} placeholders filled from the item
 (values reduced to letters, digits, C{_} and C{-} so an item can not add
@@ -73,8 +73,9 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _NAMESPACE = uuid.UUID("3c7f0d2a-91b4-5e6f-8a1d-6b2e4f9c0a17")
 _MISSING = object()
-#: Items dated beyond the clock's bound that a cursor remembers as published
-#: (the farthest ahead are kept).
+#: Items dated beyond the clock's bound that a cursor remembers as published.
+#: Past it, further such items are not published until the clock reaches
+#: them or the cursor passes remembered ones (see L{XMLRPCSource.poll}).
 AHEAD_LIMIT = 1000
 #: Problems with items remembered as reported, so that an item a service
 #: keeps answering is warned about once (the most recent are kept).
@@ -299,6 +300,8 @@ class XMLRPCSource:
         self._warned: OrderedDict[str, None] = OrderedDict()
         # The position a stall was last reported at (see _check_stall).
         self._stalled_at: Any = _MISSING
+        # Whether items ahead are held back, as last reported (see _check_held).
+        self._holding = False
 
     def close(self) -> Deferred[None]:
         closed: Deferred[None] = self.client.close()
@@ -367,10 +370,21 @@ class XMLRPCSource:
         broken clock, a corrupt row) is published, with a warning, but does
         not become the cursor: every later answer would start past the items
         still to come.  The cursor remembers it (C{"ahead"}: position and id)
-        until the cursor passes its position, so it is published once.  A
-        cursor found beyond the bound (saved without one, or a clock that
+        until the cursor passes its position, so it is published once.
+
+        At most L{AHEAD_LIMIT} such items are remembered, and none is ever
+        forgotten before the cursor passes it (the method would answer it
+        again, and it would be published at every poll).  Past the limit,
+        further items ahead are held back, unpublished and unremembered: the
+        nearest are published as soon as the cursor passing remembered ones
+        makes room, and any of them once the clock reaches it, like any other
+        item.  Each is published once, none is skipped, and the cursor stays
+        bounded, at the price of a delay once the limit is reached.
+
+        A cursor found beyond the bound (saved without one, or a clock that
         went back) is brought back to now, and what follows is read again
-        rather than lost.
+        rather than lost; the ids it had published at its position join
+        C{"ahead"}, even past the limit.
         """
         require_fields(cursor, "an XML-RPC poller's", {"value": (int, float, str)})
         c = copy.deepcopy(cursor)
@@ -416,9 +430,30 @@ class XMLRPCSource:
                 continue
             fresh.append((position, item_id, item, known))
         fresh.sort(key=lambda f: (f[0], f[1]))
+        # Sorted by position: the items beyond the bound come last.
+        movers = [f for f in fresh if bound is None or f[0] <= bound[1]]
+        later = fresh[len(movers):]
+        if movers:
+            top = movers[-1][0]
+            at_top = {f[1] for f in movers if f[0] == top}
+            if top == current:
+                at_top |= seen
+            c["value"], c["seen"] = top, sorted(at_top)
+            if top != current:
+                c.pop("after", None)
+        # Items ahead are remembered until the cursor passes them: the
+        # method answers them at every poll until then.  Memory is bounded
+        # by publishing ahead only while fewer than AHEAD_LIMIT are
+        # remembered, nearest first: the others wait, unpublished, until the
+        # cursor passing remembered ones makes room or the clock reaches
+        # them.  Forgetting one that was published instead would publish it
+        # again at every poll.
+        kept = {a for a in ahead if a[0] >= c["value"]}
+        room = max(0, AHEAD_LIMIT - len(kept))
+        admitted, held = later[:room], later[room:]
         messages = []
         failed: set[tuple[Any, str]] = set()
-        for n, (position, item_id, item, known) in enumerate(fresh):
+        for n, (position, item_id, item, known) in enumerate([*movers, *admitted]):
             if n and n % ITEM_SLICE == 0:
                 yield self._turn()
             if known:
@@ -434,19 +469,9 @@ class XMLRPCSource:
                 failed.add((position, item_id))
                 self._skip(ItemError(f"item {item_id}: nested too deeply"),
                            f"{item_id}|{position}")
-        # Sorted by position: the items beyond the bound come last.
-        movers = [f for f in fresh if bound is None or f[0] <= bound[1]]
-        later = fresh[len(movers):]
-        if movers:
-            top = movers[-1][0]
-            at_top = {f[1] for f in movers if f[0] == top}
-            if top == current:
-                at_top |= seen
-            c["value"], c["seen"] = top, sorted(at_top)
-            if top != current:
-                c.pop("after", None)
-        for position, item_id, _, _ in later:
-            ahead.add((position, item_id))
+        for position, item_id, _, _ in admitted:
+            # One that failed is remembered too, so it is not tried again.
+            kept.add((position, item_id))
             if (position, item_id) not in failed:
                 self.log.warn("Item {item} of {method} is dated {position}, more than "
                               "{margin:g} s past this host's clock: published, but the cursor "
@@ -454,11 +479,9 @@ class XMLRPCSource:
                               item=escape_control(item_id, ITEM_TEXT_LIMIT),
                               method=self.method, position=_text(position),
                               margin=FUTURE_MARGIN, cursor=_text(c["value"]))
-        # Remembered until the cursor passes them; beyond the limit, the
-        # nearest are forgotten first (the clock reaches them first).
-        kept = sorted(a for a in ahead if a[0] >= c["value"])[-AHEAD_LIMIT:]
+        self._check_held(len(held), held[0][0] if held else None)
         if kept:
-            c["ahead"] = [list(a) for a in kept]
+            c["ahead"] = [list(a) for a in sorted(kept)]
         else:
             c.pop("ahead", None)
         full = self.page_size is not None and len(found) >= self.page_size
@@ -525,6 +548,31 @@ class XMLRPCSource:
                            *([cursor["value"], i] for i in cursor.get("seen", []))]
         cursor["value"], cursor["seen"] = now, []
         cursor.pop("after", None)
+
+    def _check_held(self, count: int, nearest: Any) -> None:
+        """
+        Warn, once until it ends, that items dated beyond the clock's bound
+        are held back because L{AHEAD_LIMIT} such items are remembered
+        already; say so at info level when none is held any more.
+
+        @param count: Items of this answer held back.
+        @param nearest: The position of the nearest of them.
+        """
+        if not count:
+            if self._holding:
+                self._holding = False
+                self.log.info("No item of {method} is held back any more", producer=self.name,
+                              method=self.method)
+            return
+        if self._holding:
+            return
+        self._holding = True
+        self.log.warn("{count} items of {method} dated more than {margin:g} s past this host's "
+                      "clock, from {position}, are held back: the cursor remembers as many items "
+                      "published ahead of the clock as it may ({limit}).  Each is published "
+                      "once the cursor passes remembered items or the clock reaches it.",
+                      producer=self.name, count=count, method=self.method,
+                      margin=FUTURE_MARGIN, position=_text(nearest), limit=AHEAD_LIMIT)
 
     def _check_stall(self, stalled: bool, cursor: Mapping[str, Any], ahead: bool) -> None:
         """
