@@ -288,7 +288,7 @@ class CommandTests(SynchronousTestCase):
         self.assertTrue(client.closed)
 
     def test_taken_mails_restart_the_command_count(self) -> None:
-        """Every mail taken (250: published, a duplicate, or quarantined) starts the count of commands again, so a session sending them is never closed by max_commands_per_mail, and one refused mail before them does not count against the next."""
+        """Every mail handed over (250: published, or a duplicate) starts the count of commands again, so a session sending them is never closed by max_commands_per_mail, and one refused mail before them does not count against the next."""
         settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
                                     max_commands_per_mail=8)
         # Published, then duplicates of it.
@@ -300,13 +300,6 @@ class CommandTests(SynchronousTestCase):
         self.assertFalse(client.closed)
         self.assertEqual(len(harness.publisher.published), 1)
         self.assertEqual(harness.factory.counters["mails_duplicate"], 19)
-        # Quarantined: kept for review, and answered 250.
-        quarantined = Harness(settings, quarantine_dir=self.mktemp(), quarantine_max_files=20)
-        client = quarantined.connect()
-        client.replies()
-        self.assertEqual(self.send_mails(client, b".\r\n", 5), [250, 250, 354, 250] * 5)
-        self.assertFalse(client.closed)
-        self.assertEqual(quarantined.factory.counters["mails_quarantined"], 5)
         # A refused mail, then a taken one: the count starts again from the
         # 250, so eight commands more are answered and the ninth closes.
         harness = Harness(settings)
@@ -314,6 +307,41 @@ class CommandTests(SynchronousTestCase):
         client.replies()
         self.assertEqual(self.send_mails(client, b".\r\n", 1), [250, 250, 354, 550])
         self.assertEqual(self.send_mails(client, dot_stuffed(sample(NEW)), 1), [250, 250, 354, 250])
+        client.send(b"NOOP\r\n" * 8)
+        self.assertEqual(client.codes(), [250] * 8)
+        self.assertFalse(client.closed)
+        client.send(b"NOOP\r\n")
+        self.assertEqual(client.codes(), [421])
+        self.assertTrue(client.closed)
+
+    def test_quarantined_mails_do_not_restart_the_command_count(self) -> None:
+        """Junk mail kept in the quarantine is answered 250 but does not start the count of commands again: sent over and over on one session, it is closed with 421 past max_commands_per_mail, long before the quarantine's own limits."""
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
+                                    max_commands_per_mail=8)
+        harness = Harness(settings, quarantine_dir=self.mktemp(), quarantine_max_files=100)
+        client = harness.connect()
+        client.replies()
+        # Three commands a mail: the third mail's DATA is the ninth command,
+        # one over the limit.
+        self.assertEqual(self.send_mails(client, dot_stuffed(sample(NOT_BUGMAIL)), 10),
+                         [250, 250, 354, 250, 250, 250, 354, 250, 250, 250, 421])
+        self.assertTrue(client.closed)
+        self.assertEqual(harness.factory.counters["mails_quarantined"], 2)
+        self.assertEqual(harness.factory.counters["command_limit_closes"], 1)
+        self.assertEqual(harness.publisher.published, [])
+
+    def test_good_mail_after_quarantined_restarts_the_command_count(self) -> None:
+        """A mail handed over after a quarantined one starts the count of commands again: the commands of the quarantined mail no longer count."""
+        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
+                                    max_commands_per_mail=8)
+        harness = Harness(settings, quarantine_dir=self.mktemp(), quarantine_max_files=100)
+        client = harness.connect()
+        client.replies()
+        self.assertEqual(self.send_mails(client, b".\r\n", 1), [250, 250, 354, 250])
+        self.assertEqual(harness.factory.counters["mails_quarantined"], 1)
+        self.assertEqual(self.send_mails(client, dot_stuffed(sample(CHANGED)), 1),
+                         [250, 250, 354, 250])
+        self.assertEqual(len(harness.publisher.published), 1)
         client.send(b"NOOP\r\n" * 8)
         self.assertEqual(client.codes(), [250] * 8)
         self.assertFalse(client.closed)

@@ -168,11 +168,13 @@ class ListenerSettings:
         (an IPv4 address and its IPv4-mapped IPv6 form are one address).
     @ivar max_errors: Refused commands in one session before it is closed.
     @ivar max_commands_per_mail: Commands a session may send before its
-        first mail and between two mails (a mail taken, answered C{250},
-        starts the count again; a refused one, answered C{4xx} or C{5xx},
-        does not); one more closes it.  Commands that are answered but
-        move no mail forward (C{NOOP}, C{RSET}, C{HELO}, a refused C{RCPT},
-        a refused mail) would otherwise hold a connection slot for ever.
+        first mail and between two mails (a mail handed over, published or
+        a duplicate, starts the count again; a refused one, answered C{4xx}
+        or C{5xx}, does not, nor does one quarantined, though answered
+        C{250}); one more closes it.  Commands that are answered but move
+        no mail forward (C{NOOP}, C{RSET}, C{HELO}, a refused C{RCPT}, a
+        refused or quarantined mail) would otherwise hold a connection slot
+        for ever.
         C{None} (the default): L{DEFAULT_COMMANDS_PER_MAIL}, or
         C{max_recipients} + L{MAIL_COMMANDS} when that is more.
     @ivar max_session_time: Seconds a session may last: past them it is
@@ -748,8 +750,8 @@ class BugmailSMTP(ESMTP):
         self._data_error: tuple[int, bytes, str] | None = None
         self._envelope: Envelope | None = None
         self._errors = 0
-        # Commands since the last mail was taken (answered 250), or since
-        # the session began.
+        # Commands since the last mail was handed over (answered 250, and
+        # not quarantined), or since the session began.
         self._commands = 0
         self._last_code = 0
         self._idle_call: IDelayedCall | None = None
@@ -1435,11 +1437,15 @@ class BugmailSMTP(ESMTP):
                 self._waiting = None
             code, text = self._answer(result, envelope, late=not answered)
             if answered:
-                if code == 250:
-                    # A mail taken: the count of commands starts again.  A
-                    # refused one (any other answer) does not start it, so
-                    # a client can not keep its place by sending mail that
-                    # is refused, empty or not.
+                if code == 250 and not (isinstance(result, Accepted)
+                                        and result.outcome == "quarantined"):
+                    # A mail handed over (published, or a copy of one that
+                    # was): the count of commands starts again.  A refused
+                    # one (any other answer) does not start it, so a client
+                    # can not keep its place by sending mail that is
+                    # refused, empty or not; nor does one quarantined,
+                    # though answered 250, or junk sent in a loop would be
+                    # bounded by the quarantine's limits only.
                     self._commands = 0
                 if self._open():
                     self.sendCode(code, text)
