@@ -48,6 +48,12 @@ class Options(usage.Options):
         ["config", "c", None, "The hub's TOML configuration file."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        # twistd makes these options as soon as it knows it runs fedhub:
+        # the earliest moment fedhub's code runs in the hub's process.
+        starting_hangups.hold()
+
     def opt_version(self) -> None:
         """
         Print fedhub's version and exit.
@@ -75,20 +81,85 @@ class Options(usage.Options):
         self["loaded"] = config
 
 
+class StartingHangups:
+    """
+    Keeps the SIGHUPs that arrive while the hub starts, before it handles
+    them itself (see L{GracefulStop}), so that they neither kill it nor
+    go unheeded.
+
+    Python leaves SIGHUP at the system's default, which ends the process,
+    and L{GracefulStop} can install the hub's own handler only once the
+    reactor runs.  In between, twistd reads the configuration, builds the
+    hub and starts its services, for as long as that takes: a SIGHUP then (a
+    C{postrotate} script that signals the hub while systemd restarts it)
+    would end the hub.  L{hold} replaces the default with a handler that
+    only counts the signal; L{GracefulStop} takes the count once it handles
+    SIGHUP and reopens the files then if any came.  Ignoring them instead
+    would be wrong: services open their files when they start, before the
+    reactor runs, so a signal during start-up can be about a file the hub
+    already has open and keeps writing to (with C{follow_rotation = false},
+    for ever).  Reopening a file opened after the rotation costs a close
+    and an open.
+
+    @ivar received: The SIGHUPs counted since the last L{take}.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def hold(self) -> None:
+        """
+        Count SIGHUP instead of dying of it, when its handler is still the
+        system's (the default, or ignored): a handler someone installed is
+        left alone.
+        """
+        if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN):
+            return
+        try:
+            signal.signal(signal.SIGHUP, self._received)
+        except ValueError:
+            # Not the main thread (the options made by an embedding program):
+            # only the main thread handles signals.
+            pass
+
+    def _received(self, signum: int, frame: object) -> None:
+        self.received += 1
+
+    def take(self) -> int:
+        """
+        How many SIGHUPs came since the last call.
+        """
+        received, self.received = self.received, 0
+        return received
+
+
+#: The SIGHUPs of this process's start-up: held by L{Options}, taken by the
+#: hub's L{GracefulStop}.
+starting_hangups = StartingHangups()
+
+
 class GracefulStop(Service):
     """
     Makes SIGTERM and SIGINT stop the reactor like twistd does, draining
     every service, but without twistd's re-raising of the signal afterwards:
     a hub that stopped cleanly exits with status 0.  SIGHUP calls
-    C{on_hangup} (reopening files after log rotation).  Once the reactor
-    has stopped, all three are ignored while the process exits.
+    C{on_hangup} (reopening files after log rotation); one that came while
+    the hub started, kept by C{starting}, calls it once the reactor runs.
+    Once the reactor has stopped, all three are ignored while the process
+    exits.
     """
 
     log = HubLogger()
 
-    def __init__(self, reactor: Any, on_hangup: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        on_hangup: Callable[[], object] | None = None,
+        starting: StartingHangups | None = None,
+    ) -> None:
         self.reactor = reactor
         self.on_hangup = on_hangup
+        self.starting = starting
         self.stopping = False
 
     def startService(self) -> None:
@@ -104,6 +175,11 @@ class GracefulStop(Service):
             signal.signal(signal.SIGHUP, self._hangup)
         self.reactor.addSystemEventTrigger("after", "shutdown", self._ignore)
         self.log.info("Hub running; SIGTERM or SIGINT stops it")
+        # Taken after the handler above is in place: a SIGHUP arrives either
+        # before (counted) or after (handled), never in between.
+        if self.on_hangup is not None and self.starting is not None and self.starting.take():
+            self.log.info("Received SIGHUP while starting: reopening files now")
+            self.on_hangup()
 
     def _ignore(self) -> None:
         """
@@ -319,6 +395,6 @@ def makeService(options: Options | dict[str, Any]) -> IService:
         raise
     lock.setName("state-lock")
     lock.setServiceParent(hub)
-    GracefulStop(reactor, on_hangup=hub.reopen_files).setServiceParent(hub)
+    GracefulStop(reactor, on_hangup=hub.reopen_files, starting=starting_hangups).setServiceParent(hub)
     NotifyService(reactor).setServiceParent(hub)
     return hub

@@ -5,11 +5,13 @@ in-process bus.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import json
 import signal
 import smtplib
+import socket
 import urllib.request
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from fedhub.hub import Hub, SequentialMultiService
 from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
-from fedhub.tap import GracefulStop, Options, makeService
+from fedhub.tap import GracefulStop, Options, StartingHangups, makeService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -524,6 +526,58 @@ class GracefulStopTests(SynchronousTestCase):
         self.assertEqual(signal.getsignal(signal.SIGTERM), self.stop._received)
         self.assertEqual(signal.getsignal(signal.SIGINT), self.stop._received)
 
+    def test_hangup_while_starting_reopens_once_running(self) -> None:
+        """
+        SIGHUPs that arrive while the hub starts are counted, not fatal,
+        and reopen the files once, when the hub handles SIGHUP itself.
+        """
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        starting = StartingHangups()
+        starting.hold()
+        held = signal.getsignal(signal.SIGHUP)
+        self.assertNotIn(held, (signal.SIG_DFL, signal.SIG_IGN))
+        assert callable(held)
+        held(signal.SIGHUP, None)
+        held(signal.SIGHUP, None)
+        self.assertEqual(self.hangups, [])
+        stop = GracefulStop(self.reactor, on_hangup=lambda: self.hangups.append(None), starting=starting)
+        stop.startService()
+        self.assertEqual(len(self.hangups), 1)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), stop._hangup)
+        self.assertEqual(starting.take(), 0)
+        stop._hangup(signal.SIGHUP, None)
+        self.assertEqual(len(self.hangups), 2)
+
+    def test_no_hangup_while_starting(self) -> None:
+        """Without a SIGHUP during start-up, nothing is reopened when the hub runs."""
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        starting = StartingHangups()
+        starting.hold()
+        GracefulStop(self.reactor, on_hangup=lambda: self.hangups.append(None), starting=starting).startService()
+        self.assertEqual(self.hangups, [])
+
+    def test_hold_leaves_a_handler_alone(self) -> None:
+        """A SIGHUP handler someone installed is not replaced; an ignored SIGHUP is counted too."""
+        def mine(signum: int, frame: object) -> None:
+            pass
+
+        starting = StartingHangups()
+        signal.signal(signal.SIGHUP, mine)
+        starting.hold()
+        self.assertIs(signal.getsignal(signal.SIGHUP), mine)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        starting.hold()
+        held = signal.getsignal(signal.SIGHUP)
+        assert callable(held)
+        held(signal.SIGHUP, None)
+        self.assertEqual(starting.take(), 1)
+
+    def test_options_hold_hangups(self) -> None:
+        """Making the hub's options (twistd's first call into fedhub) holds SIGHUP."""
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        Options()
+        self.assertNotIn(signal.getsignal(signal.SIGHUP), (signal.SIG_DFL, signal.SIG_IGN))
+
     def test_ignored_once_stopped(self) -> None:
         """
         Once the reactor has stopped, SIGTERM, SIGINT and SIGHUP are ignored
@@ -588,6 +642,91 @@ class TwistdTests(SynchronousTestCase):
                 process.kill()
                 process.wait()
         self.assertEqual(process.returncode, 0, "".join(output) + rest)
+
+    def test_hangup_while_starting(self) -> None:
+        """
+        SIGHUPs sent from the moment twistd hands over to fedhub until the
+        hub is ready neither kill it nor keep it from becoming ready; the
+        files are reopened once it runs.
+        """
+        twistd = Path(sys.executable).parent / "twistd"
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        socket_path = state / "status.sock"
+        # A FIFO for a configuration file: opening it for writing succeeds
+        # once the hub opens it for reading, that is while it reads its
+        # configuration, after fedhub's options are made; and the hub waits
+        # there until the text is written.
+        config = state / "hub.toml"
+        os.mkfifo(config)
+        process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "fedhub", "--config", str(config)],
+            cwd=str(state),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        hangups = 0
+
+        def hang_up() -> None:
+            nonlocal hangups
+            process.send_signal(signal.SIGHUP)
+            hangups += 1
+            time.sleep(0.002)
+
+        def ready() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(10)
+                try:
+                    client.connect(str(socket_path))
+                    client.sendall(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                    answer = client.recv(64)
+                except OSError:
+                    return False
+            return answer.split(b" ")[1:2] == [b"200"]
+
+        try:
+            deadline = time.monotonic() + 60
+            writer = None
+            while writer is None and process.poll() is None and time.monotonic() < deadline:
+                try:
+                    writer = os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError as e:
+                    self.assertEqual(e.errno, errno.ENXIO)
+                    time.sleep(0.001)
+            self.assertIsNotNone(writer, "the hub never read its configuration")
+            assert writer is not None
+            for _ in range(3):
+                hang_up()
+            self.assertIsNone(process.poll(), "a SIGHUP while reading the configuration ended the hub")
+            os.set_blocking(writer, True)
+            os.write(writer, (
+                f'[hub]\nstate_dir = "{state}"\nstatus = "unix:{socket_path}"\n'
+                '[domains.d]\nbroker = "memory"\n'
+                '[[consumers]]\nname = "rec"\nplugin = "record"\ndomain = "d"\ntopics = ["#"]\n'
+                f'path = "{state / "rec.jsonl"}"\nfollow_rotation = false\n'
+            ).encode())
+            os.close(writer)
+            # Through building the hub, starting its services and the
+            # reactor taking over: signalled all along.
+            while process.poll() is None and time.monotonic() < deadline:
+                hang_up()
+                if ready():
+                    break
+            self.assertIsNone(process.poll(), "a SIGHUP while starting ended the hub")
+            self.assertTrue(ready(), "the hub did not become ready")
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.assertEqual(process.returncode, 0, output)
+        lines = output.splitlines()
+        running = next(i for i, line in enumerate(lines) if "SIGTERM or SIGINT stops it" in line)
+        self.assertIn("Received SIGHUP while starting: reopening files now", lines[running + 1], output)
+        self.assertIn("Consumer rec reopens", lines[running + 2], output)
+        self.assertGreater(hangups, 3)
 
     def test_runs_until_signalled(self) -> None:
         """The default hub starts, logs a mailed bugmail as one line, and exits 0 on SIGTERM."""
