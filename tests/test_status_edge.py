@@ -260,8 +260,10 @@ class ErrorAnswerHeaderTests(SynchronousTestCase):
 class ConnectionLimitTests(SynchronousTestCase):
     """
     When every connection the server allows is taken, a new one takes the
-    place of the one that has waited longest for its client's next request:
-    clients that connect and send nothing can not keep a health probe out.
+    place of one waiting for its client's next request: of those that never
+    sent one, the one that has waited longest, else the one answered
+    longest ago.  Clients that connect and send nothing can keep neither a
+    health probe out nor cut a scraper's kept-alive connection.
     Connections whose request is being answered are never closed for it.
     """
 
@@ -303,6 +305,66 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertIsNotNone(self.connect())
         self.assertTrue(idle[1][1].disconnected)
         self.assertFalse(idle[2][1].disconnecting)
+
+    def scrape(self, connection: tuple[Any, StringTransport]) -> bytes:
+        """
+        Ask for the metrics on a kept-alive connection; the answer's head.
+        """
+        protocol, transport = connection
+        transport.clear()
+        protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer: bytes = transport.value()
+        return answer.partition(b"\r\n")[0]
+
+    def test_scraper_kept_through_a_flood_of_silent_connections(self) -> None:
+        """
+        A metrics scraper's kept-alive connection, waiting between scrapes,
+        is not cut for newcomers while connections that never sent a request
+        are open: a flood of silent connections cuts only its own.
+        """
+        scraper = self.connect()
+        assert scraper is not None
+        self.assertEqual(self.scrape(scraper), b"HTTP/1.1 200 OK")
+        silent = []
+        for tick in range(1, 601):
+            self.reactor.advance(0.1)
+            connection = self.connect()
+            assert connection is not None, "a newcomer is refused"
+            silent.append(connection)
+            if tick % 150 == 0:
+                # Every 15 s, as Prometheus scrapes by default.
+                self.assertEqual(self.scrape(scraper), b"HTTP/1.1 200 OK")
+            self.assertFalse(scraper[1].disconnecting, f"the scraper is cut after {tick} newcomers")
+        # Each newcomer took the place of the oldest silent one.
+        self.assertEqual([t.disconnecting for _, t in silent[-3:]], [True, False, False])
+        self.assertTrue(all(t.disconnected for _, t in silent[:-2]))
+
+    def test_answered_connections_cut_after_silent_ones(self) -> None:
+        """
+        A silent connection is cut before one that has been answered, even
+        when it is the newer; among answered ones, the longest waiting is cut.
+        """
+        first = self.connect()
+        second = self.connect()
+        assert first is not None and second is not None
+        self.reactor.advance(1)
+        self.assertEqual(self.scrape(first), b"HTTP/1.1 200 OK")
+        self.reactor.advance(1)
+        self.assertEqual(self.scrape(second), b"HTTP/1.1 200 OK")
+        self.reactor.advance(1)
+        silent = self.connect()
+        assert silent is not None
+        self.reactor.advance(1)
+        newcomer = self.connect()
+        assert newcomer is not None
+        self.assertTrue(silent[1].disconnected)
+        self.assertEqual([first[1].disconnecting, second[1].disconnecting], [False, False])
+        # The newcomer asks too: now every connection has been answered, and
+        # the one answered longest ago is the next to go.
+        self.assertEqual(self.scrape(newcomer), b"HTTP/1.1 200 OK")
+        self.assertIsNotNone(self.connect())
+        self.assertTrue(first[1].disconnected)
+        self.assertEqual([second[1].disconnecting, newcomer[1].disconnecting], [False, False])
 
     def test_kept_alive_connection_waits_from_its_last_answer(self) -> None:
         """A kept-alive connection has waited since its last answer, not since it was made."""

@@ -1126,6 +1126,8 @@ class _Connection(ProtocolWrapper):
 
     @ivar closing: Whether the server is cutting the connection (its
         deadline passed, or a newer connection took its place).
+    @ivar requested: Whether its client has sent a complete request (one
+        L{_Connections} then cuts only after those that have not).
     """
 
     factory: _Connections
@@ -1137,6 +1139,7 @@ class _Connection(ProtocolWrapper):
         self._requests = 0
         self._lost = False
         self.closing = False
+        self.requested = False
 
     @property
     def waiting_since(self) -> float | None:
@@ -1162,6 +1165,7 @@ class _Connection(ProtocolWrapper):
         """
         A request came in full: the deadline waits until it is answered.
         """
+        self.requested = True
         self._requests += 1
         self._disarm()
         request.notifyFinish().addBoth(self._answered)
@@ -1211,12 +1215,22 @@ class _Connections(WrappingFactory["_Connection"]):
     request.
 
     At most C{limit} are open at once.  A connection beyond them takes the
-    place of the one that has waited longest for its client's next request
-    (which is cut); only when every connection has a request being answered
-    (an open C{/events} stream, say) is it refused.  Clients that connect
-    and send nothing, or trickle their requests, can therefore not keep a
-    health probe out: it connects, sends its request at once and is
-    answered, while they lose their places in turn.
+    place of one that waits for its client's next request, which is cut:
+    the one that has waited longest among those whose client has never
+    sent a complete request, and only when there are none, the one that
+    has waited longest since its last answer.  Only when every connection
+    has a request being answered (an open C{/events} stream, say) is the
+    new one refused.
+
+    Clients that connect and send nothing, or trickle their requests, can
+    therefore keep neither a health probe out (it connects, sends its
+    request at once and is answered, while they lose their places in turn)
+    nor cut a metrics scraper's kept-alive connection, which waits between
+    scrapes but has been answered: a flood of new connections cuts the
+    silent ones, oldest first.  A client that sends
+    complete requests on many connections competes as the scraper does,
+    by the time since its last answer; it costs it a request answered per
+    connection and per C{request_timeout}.
     """
 
     noisy = False
@@ -1238,7 +1252,8 @@ class _Connections(WrappingFactory["_Connection"]):
             waiting = [p for p in open_ if p.waiting_since is not None]
             if not waiting:
                 return None
-            min(waiting, key=lambda p: p.waiting_since or 0.0).evict()
+            silent = [p for p in waiting if not p.requested]
+            min(silent or waiting, key=lambda p: p.waiting_since or 0.0).evict()
         return super().buildProtocol(addr)
 
     def unregisterProtocol(self, p: Any) -> None:
@@ -1308,7 +1323,8 @@ class StatusService(Service):
     ) -> None:
         """
         @param recent_size: How many recent entries the page keeps.
-        @param max_connections: Connections beyond this many are refused.
+        @param max_connections: At most this many connections at once; see
+            L{_Connections} for which one a connection beyond them replaces.
         @param request_timeout: Seconds a client has to send a complete
             request, from connecting and from the end of each answer;
             slower connections are closed.
