@@ -2,7 +2,8 @@
 A private RabbitMQ node for integration tests that the shared broker can not
 serve: TLS with client certificates, several vhosts and users, and faults
 (kill -9, SIGSTOP, restarts, resource alarms) that must never touch the shared
-node at 127.0.0.1:5672.
+node at 127.0.0.1:5672.  It also holds what tests on that shared node
+need: L{start_live_bus} and L{delete_declared}.
 
 L{PrivateBroker} starts C{rabbitmq-server} with C{HOME} and every
 C{RABBITMQ_*} path inside a temporary directory, on free ports picked at run
@@ -51,12 +52,53 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from fedhub.amqp.transport import AMQPBus
+from fedhub.amqp.url import parse_url
+
 SBIN = "/usr/lib/rabbitmq/bin"
 SERVER = os.path.join(SBIN, "rabbitmq-server")
 CTL = os.path.join(SBIN, "rabbitmqctl")
 
 SHARED_PORTS = frozenset({5672, 5671, 4369, 25672, 15672})
 """Ports of the shared node and epmd: never handed out to a private node."""
+
+
+async def start_live_bus(
+    case: TestCase,
+    domain: str,
+    timeout: float,
+    *,
+    label: str | None = None,
+    heartbeat: int = 10,
+    **options: Any,
+) -> AMQPBus:
+    """
+    Start an L{AMQPBus} for C{domain} on the shared broker (guest/guest, vhost
+    C{/}) and wait until it is connected, failing after C{timeout} seconds;
+    C{case}'s cleanup stops it.
+
+    It reconnects quickly (C{reconnect_initial} 0.2 s, C{reconnect_max} 1 s)
+    unless C{options} say otherwise; its connection is named
+    C{fedhub-<label>-<random>}, C{label} being the domain unless given, so a
+    test can find it on the broker.
+    """
+    name = f"fedhub-{label or domain}-{uuid.uuid4().hex}"
+    options.setdefault("reconnect_initial", 0.2)
+    options.setdefault("reconnect_max", 1.0)
+    bus = AMQPBus(
+        domain,
+        parse_url(
+            f"amqp://guest:guest@127.0.0.1:5672/?connection_name={name}&heartbeat={heartbeat}"
+        ),
+        reactor=_reactor(),
+        **options,
+    )
+    bus.startService()
+    case.addCleanup(bus.stopService)
+    connected = bus.when_connected()
+    connected.addTimeout(timeout, _reactor())
+    await connected
+    return bus
 
 
 def delete_declared(queues: Iterable[str], exchanges: Iterable[str], port: int = 5672) -> None:

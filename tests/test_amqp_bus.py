@@ -48,6 +48,7 @@ from fedhub.errors import (
 from fedhub.interfaces import IBus, IDelivery, ISubscription
 from fedhub.message import Message
 from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from tests.broker import start_live_bus
 from tests.test_amqp_protocol import _DEFAULTS, FakeTCP
 
 # --- a scripted broker ----------------------------------------------------------
@@ -2003,21 +2004,7 @@ class LiveCase(TestCase):
             raise SkipTest("no RabbitMQ at 127.0.0.1:5672")
 
     async def start_bus(self, **options: Any) -> AMQPBus:
-        name = f"fedhub-test-{uuid.uuid4().hex}"
-        options.setdefault("reconnect_initial", 0.2)
-        options.setdefault("reconnect_max", 1.0)
-        bus = AMQPBus(
-            "test",
-            parse_url(f"amqp://guest:guest@127.0.0.1:5672/?connection_name={name}&heartbeat=10"),
-            reactor=_reactor(),
-            **options,
-        )
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        connected = bus.when_connected()
-        connected.addTimeout(10, _reactor())
-        await connected
-        return bus
+        return await start_live_bus(self, "test", 10, **options)
 
     async def queue(self, bus: AMQPBus, *patterns: str, **arguments: Any) -> str:
         name = f"fedhub.test.amqp.{uuid.uuid4().hex}"

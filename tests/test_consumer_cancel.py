@@ -17,15 +17,14 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from fedhub.amqp.transport import AMQPBus
-from fedhub.amqp.url import parse_url
 from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import ConsumerService
 from fedhub.errors import Halt
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
-from tests.broker import delete_declared
+from tests.broker import delete_declared, start_live_bus
 from tests.test_amqp_bus import Collector, LiveCase
-from tests.test_consumer_resume import BROKER, CuttingProxy
+from tests.test_consumer_resume import CuttingProxy
 
 
 @implementer(IMessageHandler)
@@ -72,21 +71,7 @@ class CancelTests(LiveCase):
     timeout = 120
 
     async def bus(self, endpoint: Any = None) -> AMQPBus:
-        name = f"fedhub-cancel-{uuid.uuid4().hex}"
-        bus = AMQPBus(
-            "live",
-            parse_url(f"{BROKER}?connection_name={name}&heartbeat=10"),
-            reactor=reactor,
-            endpoint=endpoint,
-            reconnect_initial=0.2,
-            reconnect_max=1.0,
-        )
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        connected = bus.when_connected()
-        connected.addTimeout(15, reactor)
-        await connected
-        return bus
+        return await start_live_bus(self, "live", 15, label="cancel", endpoint=endpoint)
 
     async def consumer(
         self, bus: AMQPBus, topic: str, concurrency: int, prefetch: int

@@ -20,15 +20,12 @@ from twisted.protocols import portforward
 from zope.interface import implementer
 
 from fedhub.amqp.transport import AMQPBus
-from fedhub.amqp.url import parse_url
 from fedhub.config import ComponentConfig
 from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.interfaces import IMessageHandler
 from fedhub.message import Message
-from tests.broker import delete_declared
+from tests.broker import delete_declared, start_live_bus
 from tests.test_amqp_bus import LiveCase
-
-BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 class _Forwarder(portforward.ProxyServer):
@@ -124,21 +121,9 @@ class ResumeTests(LiveCase):
     timeout = 400
 
     async def bus(self, endpoint: Any = None, heartbeat: int = 10) -> AMQPBus:
-        name = f"fedhub-resume-{uuid.uuid4().hex}"
-        bus = AMQPBus(
-            "live",
-            parse_url(f"{BROKER}?connection_name={name}&heartbeat={heartbeat}"),
-            reactor=reactor,
-            endpoint=endpoint,
-            reconnect_initial=0.2,
-            reconnect_max=1.0,
+        return await start_live_bus(
+            self, "live", 15, label="resume", heartbeat=heartbeat, endpoint=endpoint
         )
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        connected = bus.when_connected()
-        connected.addTimeout(15, reactor)
-        await connected
-        return bus
 
     async def consumer(self, bus: AMQPBus, name: str, topic: str, concurrency: int = 1) -> tuple[ConsumerService, Recorder]:
         handler = Recorder()
