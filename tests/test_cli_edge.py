@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.cli import check_config
 from fedhub.cli.main import main
+from tests.processes import reaped
 
 
 def interrupted(command: list[str], after: float, **popen: Any) -> tuple[int, bytes]:
@@ -26,14 +27,10 @@ def interrupted(command: list[str], after: float, **popen: Any) -> tuple[int, by
     exit status and standard error.
     """
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
-    try:
+    with reaped(child):
         time.sleep(after)
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     return child.returncode, stderr
 
 

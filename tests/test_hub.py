@@ -37,6 +37,7 @@ from fedhub.interfaces import IConsumerPlugin, IMessageHandler, IPublisher
 from fedhub.message import Message
 from fedhub.plugins import PluginContext
 from fedhub.tap import GracefulStop, Options, StartingHangups, makeService
+from tests.processes import reap, reaped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -625,7 +626,7 @@ class TwistdTests(SynchronousTestCase):
                     return True
             return False
 
-        try:
+        with reaped(process):
             self.assertTrue(read_until("SIGTERM or SIGINT stops it"), "".join(output))
             process.send_signal(signal.SIGTERM)
             self.assertTrue(read_until("Server Shut Down"), "".join(output))
@@ -637,10 +638,6 @@ class TwistdTests(SynchronousTestCase):
                 process.send_signal(signal.SIGTERM)
                 time.sleep(0.001)
             rest, _ = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         self.assertEqual(process.returncode, 0, "".join(output) + rest)
 
     def test_hangup_while_starting(self) -> None:
@@ -718,9 +715,7 @@ class TwistdTests(SynchronousTestCase):
             process.send_signal(signal.SIGTERM)
             output, _ = process.communicate(timeout=60)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            reap(process)
         self.assertEqual(process.returncode, 0, output)
         lines = output.splitlines()
         running = next(i for i, line in enumerate(lines) if "SIGTERM or SIGINT stops it" in line)
@@ -756,7 +751,7 @@ class TwistdTests(SynchronousTestCase):
                     return True
             return False
 
-        try:
+        with reaped(process):
             self.assertTrue(read_until("SIGTERM or SIGINT stops it"), "".join(output))
             self.assertTrue(any("do not leave this process" in line for line in output), "".join(output))
             mail = (ROOT / "tests" / "data" / "bugzilla" / "04_changed_status_resolution_with_comment.eml").read_bytes()
@@ -768,10 +763,6 @@ class TwistdTests(SynchronousTestCase):
                 self.assertEqual(json.loads(answer.read())["ready"], True)
             process.send_signal(signal.SIGTERM)
             rest, _ = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         self.assertEqual(process.returncode, 0, "".join(output) + rest)
         self.assertIn("Server Shut Down", rest)
         everything = output + rest.splitlines()

@@ -24,6 +24,7 @@ from fedhub.amqp.url import parse_url
 from fedhub.interfaces import IDelivery
 from fedhub.message import Message
 from fedhub.topology import BindingSpec, QueueSpec, Topology
+from tests.processes import reap
 from tests.test_amqp_bus import LiveCase
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -199,14 +200,9 @@ class InteropTests(LiveCase):
             env=env, cwd=str(directory), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 
-        def stop_consumer() -> None:
-            # Its queue is exclusive to its connection: the broker deletes it
-            # once the process is gone.
-            if consumer.poll() is None:
-                consumer.kill()
-                consumer.wait()
-
-        self.addCleanup(stop_consumer)
+        # Its queue is exclusive to its connection: the broker deletes it
+        # once the process is gone.
+        self.addCleanup(reap, consumer)
         # Publish once the consumer's queue is bound: until then a publish is returned.
         pending = list(messages)
         for _ in range(200):

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fedhub.logs import HubLogger, JSONLinesObserver, allow_level, event_record, log_level, set_log_level
 from fedhub.systemd import Notifier, NotifyService
+from tests.processes import reaped
 
 
 def read_until(process: subprocess.Popen[str], marker: str) -> list[str]:
@@ -213,16 +214,12 @@ class JSONLogTests(SynchronousTestCase):
         state.mkdir(parents=True)
         process = start_hub(state, "fedhub.logs.json_logger")
         lines: list[str] = []
-        try:
+        with reaped(process):
             lines += read_until(process, "SIGTERM or SIGINT stops it")
             process.send_signal(signal.SIGHUP)
             lines += read_until(process, "SIGHUP")
             process.send_signal(signal.SIGTERM)
             rest, errors = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         lines += rest.splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         self.assertTrue(any(r.get("consumer") == "log" for r in records), lines)
@@ -267,7 +264,7 @@ class LogLevelObserverTests(SynchronousTestCase):
         process = start_hub(state, "fedhub.logs.text_logger",
                             'log_level = "warn"\nstatus = "unix:status.sock"\n')
         lines: list[str] = []
-        try:
+        with reaped(process):
             lines += read_until(process, "in-process memory bus")
             # Nothing at info level says the hub runs: its status server
             # answering does.
@@ -287,10 +284,6 @@ class LogLevelObserverTests(SynchronousTestCase):
                 self.fail(f"the hub's status server never answered: {lines}")
             process.send_signal(signal.SIGTERM)
             rest, errors = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         lines += [line for line in rest.splitlines() if line.strip()]
         self.assertEqual(process.returncode, 0, errors)
         self.assertTrue(any("#warn]" in line and "memory bus" in line for line in lines), lines)

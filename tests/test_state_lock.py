@@ -26,6 +26,7 @@ from fedhub.cli import inject_mail, outbox
 from fedhub.cli.inject_mail import EX_OK
 from fedhub.hub import Hub
 from fedhub.tap import LOCK_FILE, Options, StateLock, makeService
+from tests.processes import reap
 from tests.test_ops import read_until
 from tests.test_smtp_server import CHANGED, sample
 
@@ -242,9 +243,7 @@ class TwistdTests(SynchronousTestCase):
         )
 
         def end() -> None:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            reap(process)
             if process.stdout is not None:
                 process.stdout.close()
 
