@@ -3,7 +3,7 @@ A private RabbitMQ node for integration tests that the shared broker can not
 serve: TLS with client certificates, several vhosts and users, and faults
 (kill -9, SIGSTOP, restarts, resource alarms) that must never touch the shared
 node at 127.0.0.1:5672.  It also holds what tests on that shared node
-need: L{start_live_bus} and L{delete_declared}.
+need: L{require_shared_broker}, L{start_live_bus} and L{delete_declared}.
 
 L{PrivateBroker} starts C{rabbitmq-server} with C{HOME} and every
 C{RABBITMQ_*} path inside a temporary directory, on free ports picked at run
@@ -61,6 +61,21 @@ CTL = os.path.join(SBIN, "rabbitmqctl")
 
 SHARED_PORTS = frozenset({5672, 5671, 4369, 25672, 15672})
 """Ports of the shared node and epmd: never handed out to a private node."""
+
+
+def require_shared_broker(case: TestCase) -> None:
+    """
+    Skip C{case} when nothing listens on the shared broker's port
+    (127.0.0.1:5672), except in CI (C{CI=true}), where that fails it.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1.0):
+            return
+    except OSError:
+        pass
+    if os.environ.get("CI") == "true":
+        case.fail("no RabbitMQ at 127.0.0.1:5672 (CI requires one)")
+    raise SkipTest("no RabbitMQ at 127.0.0.1:5672")
 
 
 async def start_live_bus(

@@ -11,7 +11,6 @@ those tests; elsewhere they are skipped.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import uuid
 from collections.abc import Callable, Iterable
@@ -26,7 +25,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txamqp.connection import Frame, Method
 from txamqp.spec import pythonize
 from zope.interface.verify import verifyObject
@@ -48,7 +47,7 @@ from fedhub.errors import (
 from fedhub.interfaces import IBus, IDelivery, ISubscription
 from fedhub.message import Message
 from fedhub.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
-from tests.broker import start_live_bus
+from tests.broker import require_shared_broker, start_live_bus
 from tests.test_amqp_protocol import _DEFAULTS, FakeTCP
 
 # --- a scripted broker ----------------------------------------------------------
@@ -1947,17 +1946,6 @@ class HeartbeatTests(BusCase):
 
 # --- the shared RabbitMQ -----------------------------------------------------------
 
-BROKER = ("127.0.0.1", 5672)
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(BROKER, timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def _reactor() -> IReactorTime:
     from twisted.internet import reactor
 
@@ -1998,10 +1986,7 @@ class LiveCase(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        if not _broker_up():
-            if os.environ.get("CI") == "true":
-                self.fail("no RabbitMQ at 127.0.0.1:5672 (CI requires one)")
-            raise SkipTest("no RabbitMQ at 127.0.0.1:5672")
+        require_shared_broker(self)
 
     async def start_bus(self, **options: Any) -> AMQPBus:
         return await start_live_bus(self, "test", 10, **options)

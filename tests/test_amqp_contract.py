@@ -6,26 +6,17 @@ tests; elsewhere they are skipped.
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from fedhub.amqp.transport import AMQPBus
 from fedhub.amqp.url import parse_url
+from tests.broker import require_shared_broker
 from tests.bus_contract import BusContractMixin
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 class AMQPBusContractTests(BusContractMixin, TestCase):
@@ -36,10 +27,7 @@ class AMQPBusContractTests(BusContractMixin, TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        if not _broker_up():
-            if os.environ.get("CI") == "true":
-                self.fail("no RabbitMQ at 127.0.0.1:5672 (CI requires one)")
-            raise SkipTest("no RabbitMQ at 127.0.0.1:5672")
+        require_shared_broker(self)
 
     def make_bus(self) -> Deferred[Any]:
         from twisted.internet import reactor
