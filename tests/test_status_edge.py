@@ -6,7 +6,7 @@ through the service's own listening factory on a memory reactor.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -16,26 +16,45 @@ from fedhub.status import StatusService
 from tests.test_status import FakeHub
 
 
-class SlowClientTests(SynchronousTestCase):
+def open_connection(factory: Any) -> tuple[Any, StringTransport]:
     """
-    A client gets a bounded time to send each request, however it spreads
-    its bytes.
+    A client connected through the status server's listening C{factory}:
+    the server's protocol, and the transport that holds what it answers.
     """
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class StatusServerCase(SynchronousTestCase):
+    """
+    A status server of a L{FakeHub} on a memory reactor, built with
+    L{status_options}, started before each test and stopped after it.
+    """
+
+    status_options: ClassVar[dict[str, Any]] = {}
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.status = StatusService(
-            FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor, request_timeout=20.0
+            FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor, **self.status_options
         )
         self.status.startService()
         self.addCleanup(self.status.stopService)
         self.factory = self.reactor.tcpServers[0][1]
 
     def connect(self) -> tuple[Any, StringTransport]:
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
+        return open_connection(self.factory)
+
+
+class SlowClientTests(StatusServerCase):
+    """
+    A client gets a bounded time to send each request, however it spreads
+    its bytes.
+    """
+
+    status_options = {"request_timeout": 20.0}
 
     def test_trickling_request_closed(self) -> None:
         """A client sending its request a byte every few seconds is cut off at the deadline."""
@@ -102,10 +121,7 @@ class StopTests(SynchronousTestCase):
         status = StatusService(FakeHub(), "tcp:8070:interface=127.0.0.1", reactor,
                                request_timeout=20.0)
         status.startService()
-        factory = reactor.tcpServers[0][1]
-        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = open_connection(reactor.tcpServers[0][1])
         stopped = status.stopService()
         self.assertTrue(transport.disconnecting)
         self.assertFalse(transport.disconnected)
@@ -117,7 +133,7 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(reactor.getDelayedCalls(), [])
 
 
-class RequestBodyTests(SynchronousTestCase):
+class RequestBodyTests(StatusServerCase):
     """
     The status server answers C{GET} and C{HEAD} only: a request with a body
     is refused before its body is read, so no client can make it store one.
@@ -128,11 +144,7 @@ class RequestBodyTests(SynchronousTestCase):
     def setUp(self) -> None:
         from twisted.web import http
 
-        self.reactor = MemoryReactorClock()
-        self.status = StatusService(FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor)
-        self.status.startService()
-        self.addCleanup(self.status.stopService)
-        self.factory = self.reactor.tcpServers[0][1]
+        super().setUp()
         self.stored: list[int | None] = []
         real = http._getContentFile
 
@@ -141,12 +153,6 @@ class RequestBodyTests(SynchronousTestCase):
             return real(length)
 
         self.patch(http, "_getContentFile", recorded)
-
-    def connect(self) -> tuple[Any, StringTransport]:
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
 
     def assert_refused(self, transport: StringTransport) -> None:
         answer = transport.value()
@@ -206,23 +212,14 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertEqual(len(self.factory.protocols), 0)
 
 
-class ErrorAnswerHeaderTests(SynchronousTestCase):
+class ErrorAnswerHeaderTests(StatusServerCase):
     """
     Every answer carries the security headers, Twisted's own error pages
     (an unknown path, a method not allowed or not known) included.
     """
 
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.status = StatusService(FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor)
-        self.status.startService()
-        self.addCleanup(self.status.stopService)
-        self.factory = self.reactor.tcpServers[0][1]
-
     def answer(self, request_line: bytes) -> tuple[bytes, bytes]:
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = self.connect()
         protocol.dataReceived(request_line + b"\r\nHost: localhost\r\n\r\n")
         head, _, body = transport.value().partition(b"\r\n\r\n")
         return head.lower(), body
@@ -257,7 +254,7 @@ class ErrorAnswerHeaderTests(SynchronousTestCase):
         self.assert_secured(head, b"501")
 
 
-class ConnectionLimitTests(SynchronousTestCase):
+class ConnectionLimitTests(StatusServerCase):
     """
     When every connection the server allows is taken, a new one takes the
     place of one waiting for its client's next request: of those that never
@@ -267,16 +264,12 @@ class ConnectionLimitTests(SynchronousTestCase):
     Connections whose request is being answered are never closed for it.
     """
 
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.status = StatusService(
-            FakeHub(), "tcp:8070:interface=127.0.0.1", self.reactor, max_connections=3, request_timeout=20.0
-        )
-        self.status.startService()
-        self.addCleanup(self.status.stopService)
-        self.factory = self.reactor.tcpServers[0][1]
+    status_options = {"max_connections": 3, "request_timeout": 20.0}
 
-    def connect(self) -> tuple[Any, StringTransport] | None:
+    def connect(self) -> tuple[Any, StringTransport] | None:  # type: ignore[override]
+        """
+        A client connection, or C{None} when the server refuses it.
+        """
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         if protocol is None:
             return None
