@@ -336,6 +336,31 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(list(service.consumers), ["log"])
         self.assertEqual(list(service.producers), ["bugzilla-mail"])
 
+    def build(self, path: str | Path) -> Hub:
+        """
+        The hub twistd builds from the configuration at C{path}, its state
+        lock released again so that the test can build another.
+        """
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        service = makeService(options)
+        assert isinstance(service, Hub)
+        service.getServiceNamed("state-lock").release()  # type: ignore[attr-defined]
+        return service
+
+    def build_refused(self, path: str | Path) -> str:
+        """
+        What twistd prints when building the hub from the configuration at
+        C{path} fails: it exits with status 1.
+        """
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(error.code, 1)
+        return stderr.getvalue()
+
     def test_world_readable_password_warned(self) -> None:
         """
         A configuration file that holds a broker password and every user
@@ -354,12 +379,7 @@ class TapTests(SynchronousTestCase):
         for mode, warned in ((0o644, True), (0o640, False)):
             os.chmod(path, mode)
             del events[:]
-            options = Options()
-            options.parseOptions(["--config", path])
-            service = makeService(options)
-            assert isinstance(service, Hub)
-            lock = service.getServiceNamed("state-lock")
-            lock.release()  # type: ignore[attr-defined]
+            self.build(path)
             texts = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
             found = [t for t in texts if "broker password" in t]
             self.assertEqual(len(found), 1 if warned else 0, texts)
@@ -381,11 +401,7 @@ class TapTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        options = Options()
-        options.parseOptions(["--config", path])
-        service = makeService(options)
-        assert isinstance(service, Hub)
-        service.getServiceNamed("state-lock").release()  # type: ignore[attr-defined]
+        self.build(path)
         texts = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
         self.assertEqual(texts, [
             "consumers[0] and consumers[1] both forward messages such as 'org.example' from "
@@ -450,14 +466,9 @@ class TapTests(SynchronousTestCase):
         path = Path(self.mktemp())
         path.write_text('[domains.a]\nbroker = "memory"\n[[consumers]]\nname = "b"\nplugin = "bridge"\n'
                         'domain = "a"\ntopics = ["#"]\nto_domain = "nowhere"\nallow = ["#"]\n')
-        options = Options()
-        options.parseOptions(["--config", str(path)])
-        stderr = io.StringIO()
-        self.patch(sys, "stderr", stderr)
-        error = self.assertRaises(SystemExit, makeService, options)
-        self.assertEqual(error.code, 1)
-        self.assertIn("consumers[0].to_domain", stderr.getvalue())
-        self.assertTrue(stderr.getvalue().startswith("twistd fedhub: "), stderr.getvalue())
+        error = self.build_refused(path)
+        self.assertIn("consumers[0].to_domain", error)
+        self.assertTrue(error.startswith("twistd fedhub: "), error)
 
     def test_plugin_refusal_names_the_line(self) -> None:
         """
@@ -468,13 +479,7 @@ class TapTests(SynchronousTestCase):
         path = Path(self.mktemp())
         path.write_text('[domains.a]\nbroker = "memory"\n\n[[consumers]]\nname = "b"\nplugin = "bridge"\n'
                         'domain = "a"\ntopics = ["#"]\nto_domain = "nowhere"\nallow = ["#"]\n')
-        options = Options()
-        options.parseOptions(["--config", str(path)])
-        stderr = io.StringIO()
-        self.patch(sys, "stderr", stderr)
-        error = self.assertRaises(SystemExit, makeService, options)
-        self.assertEqual(error.code, 1)
-        lines = stderr.getvalue().splitlines()
+        lines = self.build_refused(path).splitlines()
         self.assertEqual(len(lines), 2, lines)
         self.assertTrue(lines[1].strip().startswith("consumers[0].to_domain: "), lines)
         self.assertTrue(lines[1].endswith("(line 9)"), lines)
