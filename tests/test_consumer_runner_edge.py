@@ -233,10 +233,10 @@ class EdgeTests(SynchronousTestCase):
         self.assertIn("channel closed", settled[0].reason or "")
         self.assertEqual((service.stats["requeued"], service.stats["unsettled"]), (0, 1))
 
-    def test_halt_after_drain_timeout(self) -> None:
+    def verdict_after_drain_timeout(self, verdict: Exception) -> ConsumerService:
         """
-        A handler that halts only after stopping gave up on it: the message
-        is left to its queue and counted as unsettled.
+        A handler's verdict comes only after stopping gave up waiting for
+        it (drain_timeout 5 s) and the stop finished.
         """
         pending: Deferred[None] = Deferred()
         service = self.start(Handler(pending), drain_timeout=5)
@@ -244,8 +244,16 @@ class EdgeTests(SynchronousTestCase):
         stopped = service.stopService()
         self.flush(5)
         self.successResultOf(stopped)
-        pending.errback(Halt("too late"))
+        pending.errback(verdict)
         self.flush()
+        return service
+
+    def test_halt_after_drain_timeout(self) -> None:
+        """
+        A handler that halts only after stopping gave up on it: the message
+        is left to its queue and counted as unsettled.
+        """
+        service = self.verdict_after_drain_timeout(Halt("too late"))
         self.assertEqual(self.depths("fedhub.c"), [1])
         self.assertEqual((service.stats["requeued"], service.stats["unsettled"]), (0, 1))
 
@@ -254,14 +262,7 @@ class EdgeTests(SynchronousTestCase):
         A handler that finishes with a DeadLetter only after stopping gave
         up on it leaves the message in its queue alone: no copy is published.
         """
-        pending: Deferred[None] = Deferred()
-        service = self.start(Handler(pending), drain_timeout=5)
-        self.publish()
-        stopped = service.stopService()
-        self.flush(5)
-        self.successResultOf(stopped)
-        pending.errback(DeadLetter("too late"))
-        self.flush()
+        service = self.verdict_after_drain_timeout(DeadLetter("too late"))
         self.assertEqual(self.depths("fedhub.c", "fedhub.c.dead"), [1, 0])
         self.assertEqual(service.stats["unsettled"], 1)
 
