@@ -7,7 +7,7 @@ whose C{stop()} hangs, and a subscription that starts after stopping began.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -587,6 +587,31 @@ class EagerDelivery(RecordingDelivery):
         return True
 
 
+Scripted = TypeVar("Scripted", bound=EagerSubscription)
+
+
+def consumer_on(
+    case: SynchronousTestCase, subscription_type: type[Scripted], handler: Handler,
+    concurrency: int = 1,
+) -> tuple[ConsumerService, Scripted, Clock]:
+    """
+    A started consumer of C{handler} on a memory bus, its own subscription
+    cancelled and swapped for one of C{subscription_type}, which the test
+    drives by hand.
+    """
+    clock = Clock()
+    bus = MemoryBus("d", clock=clock)
+    bus.startService()
+    service = ConsumerService(component(concurrency=concurrency), handler, bus, clock)
+    service.startService()
+    clock.advance(0)
+    assert service._subscription is not None
+    case.successResultOf(service._subscription.cancel())
+    subscription = subscription_type(service._on_delivery)
+    service._subscription = subscription
+    return service, subscription, clock
+
+
 class HaltTests(SynchronousTestCase):
     """
     A L{Halt} verdict on a subscription whose broker redelivers at once.
@@ -598,16 +623,7 @@ class HaltTests(SynchronousTestCase):
         can not hand it to the halting consumer again, and observers hear
         "requeued" once.
         """
-        clock = Clock()
-        bus = MemoryBus("d", clock=clock)
-        bus.startService()
-        service = ConsumerService(component(), Handler(Halt("stop")), bus, clock)
-        service.startService()
-        clock.advance(0)
-        assert service._subscription is not None
-        self.successResultOf(service._subscription.cancel())
-        subscription = EagerSubscription(service._on_delivery)
-        service._subscription = subscription
+        service, subscription, _ = consumer_on(self, EagerSubscription, Handler(Halt("stop")))
         settled: list[Settled] = []
         service.add_observer(settled.append)
         subscription.deliver(Message.create("t.x", {"n": 1}))
@@ -682,17 +698,7 @@ class StopDeliveringTests(SynchronousTestCase):
 
     def consumer(self, *outcomes: Any, concurrency: int = 1
                  ) -> tuple[ConsumerService, StoppableSubscription, Clock]:
-        clock = Clock()
-        bus = MemoryBus("d", clock=clock)
-        bus.startService()
-        service = ConsumerService(component(concurrency=concurrency), Handler(*outcomes), bus, clock)
-        service.startService()
-        clock.advance(0)
-        assert service._subscription is not None
-        self.successResultOf(service._subscription.cancel())
-        subscription = StoppableSubscription(service._on_delivery)
-        service._subscription = subscription
-        return service, subscription, clock
+        return consumer_on(self, StoppableSubscription, Handler(*outcomes), concurrency)
 
     def test_stop(self) -> None:
         """
