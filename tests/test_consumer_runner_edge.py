@@ -26,7 +26,7 @@ from fedhub.errors import DeadLetter, Halt, NotConnected, Retry
 from fedhub.interfaces import IDelivery, ISubscription
 from fedhub.message import Message
 from fedhub.schema import SchemaRegistry
-from tests.test_consumer_runner import FakeDelivery, ScriptedHandler, component
+from tests.test_consumer_runner import ConsumerCase, FakeDelivery, ScriptedHandler, component
 
 
 class Handler(ScriptedHandler):
@@ -82,35 +82,23 @@ def retried(count: Any, queue: str = "fedhub.c.retry.1", reason: str = "expired"
     }
 
 
-class EdgeTests(SynchronousTestCase):
+class EdgeTests(ConsumerCase):
     """
     A consumer on a memory bus whose time is a L{Clock}.
     """
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.bus = MemoryBus("d", clock=self.clock)
-        self.bus.startService()
-
-    def start(self, handler: Handler, bus: MemoryBus | None = None, **settings: Any) -> ConsumerService:
+    def start(  # type: ignore[override]
+        self, handler: Handler, bus: MemoryBus | None = None, **settings: Any
+    ) -> ConsumerService:
+        """
+        A started consumer of C{handler} on C{bus} (the test's own by
+        default), consuming or not: a L{LateSubscribingBus}'s consumer
+        does not consume yet.
+        """
         service = ConsumerService(component(), handler, bus or self.bus, self.clock, **settings)
         service.startService()
         self.flush()
         return service
-
-    def flush(self, seconds: float = 0) -> None:
-        """Run what is due now (and after C{seconds})."""
-        self.clock.advance(0)
-        if seconds:
-            self.clock.advance(seconds)
-        for _ in range(5):
-            self.clock.advance(0)
-
-    def publish(self, headers: dict[str, Any] | None = None) -> Message:
-        message = Message.create("t.x", {"n": 1}, headers=headers)
-        self.successResultOf(self.bus.publish(message))
-        self.flush()
-        return message
 
     def depths(self, *queues: str) -> list[int]:
         """Ready plus unacknowledged messages of each queue."""
@@ -128,7 +116,7 @@ class EdgeTests(SynchronousTestCase):
         service = self.start(handler, max_retries=3)
         settled: list[Settled] = []
         service.add_observer(settled.append)
-        message = self.publish({"x-death": [retried(-10), retried(2, "fedhub.c.retry.2")]})
+        message = self.publish(headers={"x-death": [retried(-10), retried(2, "fedhub.c.retry.2")]})
         self.assertEqual(attempts_from(message, "fedhub.c.retry."), 2)
         self.assertEqual(
             self.depths("fedhub.c", "fedhub.c.retry.1", "fedhub.c.retry.2", "fedhub.c.retry.3"),
@@ -140,7 +128,7 @@ class EdgeTests(SynchronousTestCase):
         """A message whose only x-death count is negative is retried from the first level."""
         handler = Handler(Retry("later"))
         service = self.start(handler, max_retries=3)
-        message = self.publish({"x-death": [retried(-1)]})
+        message = self.publish(headers={"x-death": [retried(-1)]})
         self.assertEqual(attempts_from(message, "fedhub.c.retry."), 0)
         self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1", "fedhub.c.dead"), [0, 1, 0])
         self.assertEqual(service.stats["retried"], 1)
@@ -175,7 +163,7 @@ class EdgeTests(SynchronousTestCase):
         deaths.append(retried(10**30))
         handler = Handler(Retry("later"))
         self.start(handler, max_retries=3)
-        self.publish({"x-death": deaths})
+        self.publish(headers={"x-death": deaths})
         self.assertEqual(self.depths("fedhub.c", "fedhub.c.retry.1", "fedhub.c.dead"), [0, 0, 1])
 
     # -- late verdicts ---------------------------------------------------------
