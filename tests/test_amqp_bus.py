@@ -1280,6 +1280,15 @@ class ConsumeTests(BusCase):
         self.broker.pump()
         return [(m[1], m[2]) for m in self.broker.methods("basic.ack", "basic.reject", "basic.nack")]
 
+    def assert_cancel_closes(self, subscription: Any, channel: int) -> None:
+        """
+        cancel() closes the subscription's C{channel}, and its Deferred fires.
+        """
+        closed = subscription.cancel()
+        self.broker.pump()
+        self.successResultOf(closed)
+        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+
     def subscribe_with(self, on_delivery: Callable[[Any], object]) -> str:
         """
         Subscribe C{on_delivery} to C{hub.q}; the consumer tag.
@@ -1707,10 +1716,7 @@ class ConsumeTests(BusCase):
              ("basic.ack", {"delivery_tag": 1, "multiple": False})],
         )
         self.assertEqual(len(self.broker.methods("basic.cancel")), 1)
-        closed = subscription.cancel()
-        self.broker.pump()
-        self.successResultOf(closed)
-        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+        self.assert_cancel_closes(subscription, channel)
 
     def test_stop_consuming_then_rejections_before_held_acks(self) -> None:
         """
@@ -1758,10 +1764,7 @@ class ConsumeTests(BusCase):
         self.clock.advance(0.1)
         self.successResultOf(stopped)
         self.broker.cancel_ok(tag)
-        closed = subscription.cancel()
-        self.broker.pump()
-        self.successResultOf(closed)
-        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+        self.assert_cancel_closes(subscription, channel)
         self.assertTrue(self.bus.connected)
 
     def test_stop_consuming_then_connection_lost(self) -> None:
@@ -1814,10 +1817,7 @@ class ConsumeTests(BusCase):
         self.successResultOf(stopped)
         self.assertEqual(len(self.broker.methods("basic.consume")), 1)
         self.assertTrue(recorder.deliveries[0].ack())
-        closed = subscription.cancel()
-        self.broker.pump()
-        self.successResultOf(closed)
-        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+        self.assert_cancel_closes(subscription, channel)
 
     def test_stop_consuming_while_consuming_again(self) -> None:
         """
@@ -1850,10 +1850,7 @@ class ConsumeTests(BusCase):
              (channel, "basic.nack", 1)],
         )
         self.assertFalse(subscription.consuming)
-        closed = subscription.cancel()
-        self.broker.pump()
-        self.successResultOf(closed)
-        self.assertEqual(self.broker.methods("channel.close")[-1][0], channel)
+        self.assert_cancel_closes(subscription, channel)
 
     def test_stop_consuming_while_opening_a_channel_to_consume_again(self) -> None:
         """
