@@ -70,6 +70,8 @@ class Recorder:
         self.arrivals: dict[str, float] = {}
         self.waiters: dict[str, Deferred[None]] = {}
         self.calls: list[tuple[str, bool]] = []
+        # Ids of the messages whose sleep in a thread has ended.
+        self.slept: set[str] = set()
 
     def handle(self, message: Message) -> Any:
         self.calls.append((message.id, message.redelivered))
@@ -77,7 +79,9 @@ class Recorder:
         sleep = message.body.get("sleep")
         if isinstance(sleep, (int, float)):
             # Blocking work goes to a thread, never the reactor.
-            return deferToThread(time.sleep, sleep)
+            d = deferToThread(time.sleep, sleep)
+            d.addCallback(lambda _: self.slept.add(message.id))
+            return d
         return None
 
     def start(self) -> None:
@@ -158,21 +162,19 @@ class ResumeTests(LiveCase):
         token = uuid.uuid4().hex
         topic = f"org.fedhub.test.resume.{token}"
         service, handler = await self.consumer(consuming_bus, f"resume-{token}", topic)
-        lags = []
         for round_ in range(100):
             self.assertEqual(proxy.cut(), 1, f"round {round_}: one connection to cut")
             await deferLater(reactor, 1.0, lambda: None)
             message = Message.create(topic, {"round": round_})
+            # Handled and acknowledged within 5 s of its publication, or
+            # the wait times out and the test fails.
             processed = handler.arrival(message.id, 5.0)
-            sent = time.monotonic()
             await publishing_bus.publish(message)
             await processed
-            lags.append(handler.arrivals[message.id] - sent)
             # Let the ack leave before the next cut: an ack still in a socket
             # buffer when the connection goes means a (correct) redelivery.
             await deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(len(handler.arrivals), 100)
-        self.assertLess(max(lags), 5.0)
         self.assertGreaterEqual(consuming_bus.stats.connection_losses, 100)
         # A cut can still overtake an ack in flight: the broker then delivers
         # the message again (at least once), flagged as redelivered.
@@ -198,19 +200,16 @@ class ResumeTests(LiveCase):
         await bus.publish(sleeper)
         while sleeper.id not in slow.arrivals:
             await deferLater(reactor, 0.02, lambda: None)
-        started = slow.arrivals[sleeper.id]
-        quick = []
         for n in range(10):
             message = Message.create(fast_topic, {"n": n})
             handled = fast.arrival(message.id, 5.0)
             await bus.publish(message)
             await handled
-            quick.append(fast.arrivals[message.id] - started)
+            # Handled and acknowledged while the slow plugin still sleeps.
+            self.assertNotIn(sleeper.id, slow.slept, f"message {n} waited for the sleeping plugin")
             await deferLater(reactor, 0.05, lambda: None)
-        # All ten were handled while the slow plugin still slept.
-        self.assertLess(max(quick), 2.0)
         await slept
-        self.assertGreaterEqual(time.monotonic() - started, 2.0)
+        self.assertIn(sleeper.id, slow.slept)
         self.assertEqual(bus.stats.connection_losses, losses)
         self.assertTrue(bus.connected)
         self.assertEqual(fast_service.stats["acked"], 10)
