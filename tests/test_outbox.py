@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -692,6 +692,44 @@ class FailedAreaTests(OutboxTestCase):
         self.assertEqual(self.successResultOf(outbox.failed()), [])
         self.assertEqual(outbox.store.failed_count, 0)
         self.assertEqual(outbox.store.pending_count, 0)
+
+    def test_retry_failing_half_way_publishes_what_moved(self) -> None:
+        """
+        A retry whose second batch fails still publishes the messages its
+        first batch moved back to pending, and fails with how many moved.
+        """
+
+        class OneByOne(Store):
+            def retry_failed(
+                self, seqs: Iterable[int] | None = None, now: float = 0.0, *, batch: int = 1
+            ) -> Deferred[int]:
+                return super().retry_failed(seqs, now, batch=1)
+
+        store = OneByOne(self.directory, SynchronousExecutor())
+        outbox, bus = self.make(store=store, window=10)
+        messages = [make_message(n) for n in range(3)]
+        self.publish_all(outbox, messages)
+        for _ in messages:
+            bus.fail_next(MessageReturned("NO_ROUTE"))
+        bus.ack_all()
+        self.assertEqual(store.failed_count, 3)
+        batches = [0]
+        failed_batch = store._db.failed_batch
+
+        def second_fails(*args: Any) -> tuple[int, int, int, int]:
+            batches[0] += 1
+            if batches[0] == 2:
+                raise StoreError(store.path, "disk I/O error")
+            return failed_batch(*args)
+
+        store._db.failed_batch = second_fails  # type: ignore[method-assign]
+        error = self.failureResultOf(outbox.retry_failed(), StoreError).value
+        self.assertIn("after 1 of the messages were moved back to pending", error.reason)
+        self.assertEqual(bus.published[-1], messages[0])
+        self.assertEqual(len(bus.published), 4)
+        bus.ack_all()
+        self.assertEqual(store.failed_count, 2)
+        self.assertEqual(store.pending_count, 0)
 
     def test_not_open(self) -> None:
         """

@@ -25,6 +25,7 @@ from fedhub.message import Message, from_amqp
 from fedhub.outbox.store import (
     CHECKPOINT_PAGES,
     DATABASE_NAME,
+    FAILED_BATCH,
     NACKED,
     RETURNED,
     CommitResult,
@@ -698,6 +699,136 @@ for batch in range(5):
 print(" ".join(ids), flush=True)
 time.sleep(60)
 """
+
+
+class FailedBatchTests(SynchronousTestCase):
+    """
+    Retrying or dropping a large failed area runs in transactions of at most
+    L{FAILED_BATCH} records, between which the hub's commits run.
+    """
+
+    COUNT = 2 * FAILED_BATCH + 500
+
+    def setUp(self) -> None:
+        self.directory = os.path.join(self.mktemp(), "outbox", "test")
+        self.executor = ManualExecutor()
+        self.store = Store(self.directory, self.executor, lock_timeout=0.05)
+        self.store.open()
+        self.executor.run_all()
+        self.addCleanup(self.close)
+        self.ids = [f"m-{n}" for n in range(self.COUNT)]
+        data = encode(make_message(0))
+        self.store.commit([(i, 1.0, data) for i in self.ids])
+        self.executor.run_all()
+        self.seqs = list(range(1, self.COUNT + 1))
+        self.store.commit([], [], [Failure(s, RETURNED, "r", 2.0) for s in self.seqs])
+        self.executor.run_all()
+        self.assertEqual((self.store.pending_count, self.store.failed_count), (0, self.COUNT))
+
+    def close(self) -> None:
+        if self.store._db.conn is not None:
+            self.store.close()
+            self.executor.run_all()
+
+    def ids_on_disk(self) -> tuple[list[str], list[str]]:
+        """
+        The message ids of the pending and of the failed messages, read by a
+        store of its own, as a new process would find them.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        pending = [r.seq for r in self.successResultOf(store.load(0, 10 * self.COUNT))]
+        conn = store._db.conn
+        assert conn is not None
+        by_seq = dict(conn.execute("SELECT seq, message_id FROM pending").fetchall())
+        failed = [r.message_id for r in self.successResultOf(store.failed(0, 10 * self.COUNT))]
+        self.successResultOf(store.close())
+        return [by_seq[seq] for seq in pending], failed
+
+    def test_retry_all_in_batches(self) -> None:
+        """
+        C{retry_failed()} moves a batch per call on the executor; a commit
+        submitted meanwhile runs before the next batch; every record ends up
+        pending once, in order; one that fails again meanwhile stays failed.
+        """
+        retried = self.store.retry_failed(now=5.0)
+        self.assertEqual(len(self.executor.queue), 1)
+        self.executor.run_one()
+        self.assertNoResult(retried)
+        self.assertEqual(self.store.failed_count, self.COUNT - FAILED_BATCH)
+        self.assertEqual(self.store.pending_count, FAILED_BATCH)
+        # The hub hands a message over and a retried one fails again.
+        handed = self.store.commit(
+            [("new", 6.0, encode(make_message(1)))], [], [Failure(self.COUNT + 1, RETURNED, "again", 6.0)]
+        )
+        self.executor.run_one()
+        self.assertNoResult(handed)
+        self.executor.run_one()
+        self.assertEqual(self.successResultOf(handed).inserted, 1)
+        self.assertNoResult(retried)
+        self.executor.run_all()
+        self.assertEqual(self.successResultOf(retried), self.COUNT)
+        self.assertEqual(self.store.failed_count, 1)
+        self.assertEqual(self.store.pending_count, self.COUNT)
+        self.close()
+        pending, failed = self.ids_on_disk()
+        self.assertEqual(failed, [self.ids[0]])
+        expected = self.ids[1 : 2 * FAILED_BATCH] + ["new"] + self.ids[2 * FAILED_BATCH :]
+        self.assertEqual(pending, expected)
+
+    def test_retry_named_in_batches(self) -> None:
+        """
+        Named records (as the running hub's requests name them) are moved a
+        batch at a time too.
+        """
+        retried = self.store.retry_failed(list(reversed(self.seqs)) + [10**9], now=5.0)
+        calls = 0
+        while self.executor.queue:
+            self.executor.run_one()
+            calls += 1
+            self.assertLessEqual(self.store.pending_count, calls * FAILED_BATCH)
+        self.assertEqual(calls, 3)
+        self.assertEqual(self.successResultOf(retried), self.COUNT)
+        self.close()
+        self.assertEqual(self.ids_on_disk(), (self.ids, []))
+
+    def test_retry_interrupted(self) -> None:
+        """
+        A retry that stops between two batches (the store closed under it,
+        as by a killed process) leaves each record either pending or still
+        failed, once; retrying again moves the rest.
+        """
+        retried = self.store.retry_failed(now=5.0)
+        self.executor.run_one()
+        conn = self.store._db.conn
+        assert conn is not None
+        conn.close()
+        self.store._db.conn = None
+        self.executor.run_all()
+        error = self.failureResultOf(retried, StoreError).value
+        self.assertIn(f"after {FAILED_BATCH} of the messages were moved back to pending", error.reason)
+        self.assertEqual(self.store.failed_count, self.COUNT - FAILED_BATCH)
+        pending, failed = self.ids_on_disk()
+        self.assertEqual(pending, self.ids[:FAILED_BATCH])
+        self.assertEqual(failed, self.ids[FAILED_BATCH:])
+        again = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(again.open())
+        self.assertEqual(self.successResultOf(again.retry_failed(now=7.0)), self.COUNT - FAILED_BATCH)
+        self.successResultOf(again.close())
+        self.assertEqual(self.ids_on_disk(), (self.ids, []))
+
+    def test_drop_all_in_batches(self) -> None:
+        """
+        C{drop_failed()} deletes a batch per transaction as well.
+        """
+        dropped = self.store.drop_failed()
+        self.executor.run_one()
+        self.assertEqual(self.store.failed_count, self.COUNT - FAILED_BATCH)
+        self.executor.run_all()
+        self.assertEqual(self.successResultOf(dropped), self.COUNT)
+        self.close()
+        self.assertEqual(self.ids_on_disk(), ([], []))
 
 
 class KillTests(SynchronousTestCase):

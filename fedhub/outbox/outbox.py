@@ -572,7 +572,14 @@ class Outbox(Service):
                 self._pump()
             return count
 
-        return d.addCallback(moved)
+        def stopped_half_way(failure: TwistedFailure) -> TwistedFailure:
+            # The batches before the one that failed may be pending: read
+            # them back (a read that finds none ends the backlog again).
+            self._backlog = True
+            self._pump()
+            return failure
+
+        return d.addCallbacks(moved, stopped_half_way)
 
     def drop_failed(self, seqs: Iterable[int] | None = None) -> Deferred[int]:
         """

@@ -36,12 +36,12 @@ import json
 import os
 import sqlite3
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -106,6 +106,11 @@ UPGRADABLE_VERSIONS = ("1", "2")
 #: The version an empty store is left with: its tables are those of every
 #: layout.
 OLDEST_VERSION = UPGRADABLE_VERSIONS[0]
+
+#: Records of the failed area retried or dropped per transaction at most:
+#: a transaction holds the database for its whole length, and the hub's
+#: own commits wait for it.
+FAILED_BATCH = 2000
 
 #: Why a message is in the failed area.
 RETURNED = "returned"
@@ -1248,35 +1253,52 @@ class _Database:
             return FailedPage(records, None)
         return FailedPage(records, records[-1].seq if records else sizes[taken - 1][0])
 
-    def _select_failed(self, conn: sqlite3.Connection, seqs: Sequence[int] | None) -> list[tuple[int, int]]:
-        if seqs is None:
-            return list(conn.execute("SELECT seq, length(data) FROM failed ORDER BY seq"))
-        found = []
-        for seq in sorted(set(seqs)):
-            row = conn.execute("SELECT seq, length(data) FROM failed WHERE seq = ?", (seq,)).fetchone()
-            if row is not None:
-                found.append((row[0], row[1]))
-        return found
+    def failed_batch(
+        self, action: str, seqs: Sequence[int] | None, after: int, upto: int | None, limit: int, now: float
+    ) -> tuple[int, int, int, int]:
+        """
+        Retry or drop one batch of the failed area, in one transaction.
 
-    def retry_failed(self, seqs: Sequence[int] | None, now: float) -> tuple[int, int]:
-        def work(conn: sqlite3.Connection) -> tuple[int, int]:
-            rows = self._select_failed(conn, seqs)
-            for seq, _ in rows:
-                conn.execute(
+        @param action: C{"retry"} (move back to the end of the pending
+            messages, handed over at C{now}) or C{"drop"}.
+        @param seqs: The records of this batch (those gone are ignored), or
+            C{None} for the next C{limit} records after C{after} up to
+            C{upto}.
+        @param upto: The last record for C{seqs=None}; C{None} on the first
+            batch, which takes the largest in the failed area then, so that
+            what fails again meanwhile (with a new, larger number) is not
+            taken again.
+        @return: how many records were acted on, their stored size, the
+            last sequence number this batch looked at and C{upto}.
+        """
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int, int, int]:
+            last = upto
+            if seqs is None:
+                if last is None:
+                    last = conn.execute("SELECT coalesce(max(seq), 0) FROM failed").fetchone()[0]
+                rows = conn.execute(
+                    "SELECT seq, length(data) FROM failed WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                    (after, last, limit),
+                ).fetchall()
+                # An empty batch looked at everything up to the end.
+                reached = rows[-1][0] if rows else last
+            else:
+                rows = []
+                for seq in seqs:
+                    row = conn.execute("SELECT seq, length(data) FROM failed WHERE seq = ?", (seq,)).fetchone()
+                    if row is not None:
+                        rows.append((row[0], row[1]))
+                reached = max(seqs, default=after)
+                last = 0 if last is None else last
+            if action == "retry":
+                conn.executemany(
                     "INSERT INTO pending (message_id, created, attempts, data)"
                     " SELECT message_id, ?, attempts, data FROM failed WHERE seq = ?",
-                    (now, seq),
+                    [(now, seq) for seq, _ in rows],
                 )
-                conn.execute("DELETE FROM failed WHERE seq = ?", (seq,))
-            return len(rows), sum(size for _, size in rows)
-
-        return self._write(work)
-
-    def drop_failed(self, seqs: Sequence[int] | None) -> tuple[int, int]:
-        def work(conn: sqlite3.Connection) -> tuple[int, int]:
-            rows = self._select_failed(conn, seqs)
             conn.executemany("DELETE FROM failed WHERE seq = ?", [(seq,) for seq, _ in rows])
-            return len(rows), sum(size for _, size in rows)
+            return len(rows), sum(size for _, size in rows), reached, last
 
         return self._write(work)
 
@@ -1461,46 +1483,85 @@ class Store:
         """
         return self._executor.submit(self._db.failed_page, after_seq, limit, max_bytes)
 
-    def retry_failed(self, seqs: Iterable[int] | None = None, now: float = 0.0) -> Deferred[int]:
+    def retry_failed(
+        self, seqs: Iterable[int] | None = None, now: float = 0.0, *, batch: int = FAILED_BATCH
+    ) -> Deferred[int]:
         """
         Move messages from the failed area back to the end of the pending
         ones, to be published again.
 
+        They are moved in transactions of at most C{batch} records, each
+        its own call on the executor: the commits submitted meanwhile run
+        between them instead of waiting for the whole failed area.  Should
+        one fail (or the store close meanwhile), the records of the
+        batches before it are pending and the others still failed; none is
+        lost or moved twice.
+
         @param seqs: The records to retry (by L{FailedRecord.seq}); C{None}
-            retries every one.  Unknown ones are ignored.
+            retries every one in the failed area when the first batch runs
+            (not those that fail again meanwhile).  Unknown ones are
+            ignored.
         @param now: The time they count as handed over again.
-        @return: a Deferred firing with how many were moved.
+        @param batch: At most this many records per transaction.
+        @return: a Deferred firing with how many were moved, or failing
+            with L{StoreError} (saying how many were moved before).
         """
-        chosen = None if seqs is None else list(seqs)
-        d = self._executor.submit(self._db.retry_failed, chosen, now)
+        return self._failed_batches("retry", seqs, now, batch)
 
-        def moved(outcome: tuple[int, int]) -> int:
-            count, size = outcome
-            self.failed_count -= count
-            self.failed_bytes -= size
-            self.pending_count += count
-            self.pending_bytes += size
-            return count
-
-        return d.addCallback(moved)
-
-    def drop_failed(self, seqs: Iterable[int] | None = None) -> Deferred[int]:
+    def drop_failed(self, seqs: Iterable[int] | None = None, *, batch: int = FAILED_BATCH) -> Deferred[int]:
         """
-        Delete messages from the failed area for good.
+        Delete messages from the failed area for good, in transactions of
+        at most C{batch} records as L{retry_failed} moves them.
 
         @param seqs: The records to drop; C{None} drops every one.
         @return: a Deferred firing with how many were dropped.
         """
-        chosen = None if seqs is None else list(seqs)
-        d = self._executor.submit(self._db.drop_failed, chosen)
+        return self._failed_batches("drop", seqs, 0.0, batch)
 
-        def dropped(outcome: tuple[int, int]) -> int:
-            count, size = outcome
+    @inlineCallbacks
+    def _failed_batches(
+        self, action: str, seqs: Iterable[int] | None, now: float, batch: int
+    ) -> Generator[Deferred[Any], Any, int]:
+        """
+        Retry or drop records of the failed area a batch at a time (see
+        L{_Database.failed_batch}), keeping the counters up to date after
+        each.
+        """
+        chosen = None if seqs is None else sorted(set(seqs))
+        batch = max(1, batch)
+        total = 0
+        after = 0
+        upto: int | None = None
+        position = 0
+        while True:
+            chunk = None
+            if chosen is not None:
+                chunk = chosen[position : position + batch]
+                position += batch
+            try:
+                outcome: tuple[int, int, int, int] = yield self._executor.submit(
+                    self._db.failed_batch, action, chunk, after, upto, batch, now
+                )
+            except StoreError as e:
+                if not total:
+                    raise
+                done = "moved back to pending" if action == "retry" else "dropped"
+                raise StoreError(
+                    e.path, f"{e.reason} (after {total} of the messages were {done})",
+                    disk_full=e.disk_full, locked=e.locked,
+                ) from e
+            count, size, after, upto = outcome
             self.failed_count -= count
             self.failed_bytes -= size
-            return count
-
-        return d.addCallback(dropped)
+            if action == "retry":
+                self.pending_count += count
+                self.pending_bytes += size
+            total += count
+            if chosen is None:
+                if count < batch:
+                    return total
+            elif position >= len(chosen):
+                return total
 
     def close(self) -> Deferred[None]:
         """
