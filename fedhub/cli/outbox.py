@@ -1,5 +1,5 @@
 """
-List, retry or drop the messages in a domain's outbox failed area (returned or nacked by the broker).
+List, retry or drop the messages in a domain's outbox failed area, or salvage a damaged outbox.
 
 The failed area holds what the broker returned as unroutable or refused
 (see C{docs/outbox.md}); the hub never retries those by itself.
@@ -8,7 +8,10 @@ The failed area holds what the broker returned as unroutable or refused
     topic, kind, when it failed, attempts and the reason;
   - C{fedhub outbox retry SEQ|ID ... | --all}: move messages back to the
     pending queue, which the hub publishes;
-  - C{fedhub outbox drop SEQ|ID ... | --all}: delete them for good.
+  - C{fedhub outbox drop SEQ|ID ... | --all}: delete them for good;
+  - C{fedhub outbox salvage}: on a stopped hub, copy every readable message
+    of a damaged outbox database into a new one and name those that could
+    not be read (see L{fedhub.outbox.salvage}).
 
 Messages are named by their sequence number (the first column of C{list}) or
 their message id.  The outbox lives in C{<state_dir>/outbox/<domain>/}.  The
@@ -32,12 +35,15 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import errno
+import fcntl
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import IO, Any, TypeVar
 
@@ -55,9 +61,10 @@ from fedhub.cli.runner import (
 )
 from fedhub.config import Config
 from fedhub.errors import DecodeError
+from fedhub.outbox.salvage import SalvageError, salvage
 from fedhub.outbox.spool import spool_directory, write_request
 from fedhub.outbox.store import DATABASE_NAME, FailedRecord, Store, StoreError, SynchronousExecutor
-from fedhub.tap import hub_running
+from fedhub.tap import LOCK_FILE, hub_running
 from fedhub.text import ascii_digits, escape_control
 
 _T = TypeVar("_T")
@@ -352,6 +359,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action.add_argument("ids", nargs="*", metavar="SEQ|ID", help="sequence numbers or message ids")
         action.add_argument("--all", action="store_true", help="every failed message")
         runner.add_config_arguments(action, inner=True)
+    rescue = actions.add_parser(
+        "salvage",
+        help="copy every readable message of a damaged outbox into a new database (hub stopped)",
+        description="Copy every message of a stopped hub's outbox that can still be read into a new "
+        "database that takes its place, keep the damaged one beside it, and list the sequence "
+        "numbers of the messages that could not be read. An outbox that reads whole is left as it is.",
+    )
+    runner.add_config_arguments(rescue, inner=True)
 
 
 def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
@@ -367,9 +382,11 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: IO[str]) -> int:
     action: str = args.action
-    names = None if action == "list" else runner.names_or_all(args, "SEQ or ID")
+    names = None if action in ("list", "salvage") else runner.names_or_all(args, "SEQ or ID")
     config = runner.read_config(args.config)
     domain = runner.domain_of(config, args.domain, need_broker=False)
+    if action == "salvage":
+        return _salvage(config, domain.name, out)
     area = FailedArea(outbox_directory(config, domain.name), domain.name)
     if not area.exists:
         if action == "list":
@@ -403,6 +420,80 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         return _act(area, action, names, out)
     finally:
         area.close()
+
+
+@contextmanager
+def _hub_kept_out(state_dir: str, domain: str) -> Iterator[None]:
+    """
+    Hold the hub's lock of the state directory (when there is one), so that
+    no hub starts while the outbox is being replaced.
+
+    @raise CommandError: C{EX_TEMPFAIL} while a hub runs.
+    """
+    try:
+        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        # No hub ever ran here (or it may not be read: the database's own
+        # lock still keeps a hub out while it is read).
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CommandError(f"can not lock {state_dir}: {e.strerror or e}", EX_IOERR) from None
+            raise CommandError(
+                f"the hub is running ({os.path.join(state_dir, LOCK_FILE)} is locked): the outbox "
+                f"of domain {domain} can only be salvaged while the hub is stopped; stop it, then "
+                "run this again (nothing was changed)", EX_TEMPFAIL,
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _salvage(config: Config, domain: str, out: IO[str]) -> int:
+    """
+    Copy every readable message of a damaged outbox into a new database
+    (see L{fedhub.outbox.salvage}) and say what could not be read.
+    """
+    area = FailedArea(outbox_directory(config, domain), domain)
+    if not area.exists:
+        print(f"the outbox of domain {domain} has no database: nothing to salvage", file=out)
+        return EX_OK
+    with _hub_kept_out(config.hub.state_dir, domain):
+        try:
+            report = salvage(area.directory)
+        except SalvageError as e:
+            if e.locked:
+                raise CommandError(
+                    f"the outbox of domain {domain} is in use by another process ({e.reason}); "
+                    "nothing was changed: stop it, then run this again", EX_TEMPFAIL,
+                ) from None
+            raise CommandError(f"can not salvage the outbox of domain {domain}: {e.reason}", EX_IOERR) from None
+    if not report.damaged:
+        print(
+            f"the outbox of domain {domain} reads whole ({report.pending} pending, {report.failed} "
+            "failed message(s)): nothing to salvage", file=out,
+        )
+        return EX_OK
+    print(
+        f"the outbox of domain {domain}: {report.pending} pending and {report.failed} failed "
+        f"message(s) salvaged into a new database; the damaged one is kept as {report.kept}",
+        file=out,
+    )
+    for table, lost in (("pending", report.lost_pending), ("failed", report.lost_failed)):
+        for seq, message_id in lost.rows:
+            shown = "unreadable" if message_id is None else escape_control(message_id, 255)
+            print(f"not salvaged: {table} message {seq} (id {shown}): it can not be read", file=out)
+        for after, before in lost.ranges:
+            upto = "on" if before is None else f"up to {before - 1}"
+            print(
+                f"not salvaged: {table} messages {after + 1} {upto}: which of these numbers held "
+                "a message can not be told (a damaged page)", file=out,
+            )
+    return EX_OK
 
 
 def _list(area: FailedArea, as_lines: bool, out: IO[str]) -> int:
