@@ -1328,6 +1328,82 @@ class RecoveryTests(OutboxTestCase):
             [m.id for m in bus.published], [m.id for m in messages] + [make_message(10).id]
         )
 
+    def test_damaged_row_holds_back_only_what_follows(self) -> None:
+        """
+        A damaged row in the middle of a read-back batch fails every read
+        that includes it; the outbox reads fewer rows at once until it has
+        published every message before that row, and reports the problem
+        from there.  Once a read works again, all rows are read whole again.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        before = [make_message(n) for n in range(5)]
+        self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in before]))
+        conn = store._db.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        big = Message.create("org.example.big", {"text": "x" * 20000})
+        after = [make_message(n) for n in range(5, 8)]
+        self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in [big, *after]]))
+        self.successResultOf(store.close())
+        # The first page the big message (number 6) took starts its overflow
+        # chain: zeroed, every read of that row fails.
+        with open(os.path.join(self.directory, "outbox.sqlite3"), "r+b") as f:
+            f.seek(pages * page_size)
+            f.write(bytes(page_size))
+        loads: list[int] = []
+
+        class Counting(Store):
+            def load(self, after_seq: int, limit: int) -> Deferred[list[StoredRow]]:
+                loads.append(limit)
+                return super().load(after_seq, limit)
+
+        outbox, bus = self.make(store=Counting(self.directory, SynchronousExecutor()),
+                                window=100, read_batch=64)
+        while bus.outstanding:
+            bus.ack()
+        self.assertEqual([m.id for m in bus.published], [m.id for m in before])
+        self.assertIn("the messages after sequence number 5 are not published", outbox.problem or "")
+        # Halved until a read worked, then narrowed down to the damaged row:
+        # a few dozen reads, not one per row.
+        self.assertEqual(loads[:4], [64, 32, 16, 8])
+        self.assertLess(len(loads), 20)
+        self.assertEqual(loads[-1], 1)
+        self.flushLoggedErrors(StoreError)
+
+    def test_read_size_grows_back(self) -> None:
+        """
+        After reads were narrowed by a failure, each full read doubles the
+        size again, up to C{read_batch}.
+        """
+        store = Store(self.directory, SynchronousExecutor())
+        self.successResultOf(store.open())
+        messages = [make_message(n) for n in range(40)]
+        self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in messages]))
+        self.successResultOf(store.close())
+        loads: list[int] = []
+        failing = [1]
+
+        class OnceFailing(Store):
+            def load(self, after_seq: int, limit: int) -> Deferred[list[StoredRow]]:
+                loads.append(limit)
+                if failing[0]:
+                    failing[0] -= 1
+                    return fail(StoreError(self.path, "disk I/O error"))
+                return super().load(after_seq, limit)
+
+        outbox, bus = self.make(store=OnceFailing(self.directory, SynchronousExecutor()),
+                                window=1, read_batch=8)
+        for _ in range(40):
+            bus.ack()
+        self.assertEqual([m.id for m in bus.published], [m.id for m in messages])
+        # Halved once, then back to as many as the batch has room for.
+        self.assertEqual(loads[:2], [8, 4])
+        self.assertGreater(max(loads[2:]), 4)
+        self.assertEqual(outbox._load_cap, 8)
+        self.assertIsNone(outbox.problem)
+
     def test_unreadable_row(self) -> None:
         """
         A stored row that does not decode goes to the failed area and the rest is published.

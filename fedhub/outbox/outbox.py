@@ -342,6 +342,10 @@ class Outbox(Service):
         # Failed reads back in a row: its own count, since writes that
         # succeed meanwhile say nothing about the pages a read needs.
         self._load_attempt = 0
+        # The most rows a read back asks for: halved after a read that
+        # failed on what may be one damaged row, so that the rows before it
+        # are read and published; doubled again after each full read.
+        self._load_cap = self._read_batch
         self._paused = False
         self._probing = False
         self._probe_sent = False
@@ -1232,10 +1236,10 @@ class Outbox(Service):
         have = len(self._ready) + len(self._resend)
         if have > self._read_batch // 2:
             return
-        limit = self._read_batch - have
+        limit = min(self._read_batch - have, self._load_cap)
         self._loading = True
         d = self.store.load(self._loaded_upto, limit)
-        d.addCallbacks(self._loaded, self._load_failed, callbackArgs=(limit,))
+        d.addCallbacks(self._loaded, self._load_failed, callbackArgs=(limit,), errbackArgs=(limit,))
         d.addErrback(self._bug, "reading the store")
 
     def _loaded(self, rows: list[StoredRow], limit: int) -> None:
@@ -1262,6 +1266,8 @@ class Outbox(Service):
             self._loaded_upto = rows[-1].seq
         if len(rows) < limit:
             self._backlog = False
+        elif self._load_cap < self._read_batch:
+            self._load_cap = min(self._read_batch, 2 * self._load_cap)
         # Once the backlog is read, the oldest waiting message is always in
         # memory.  Before, one on disk may be older than all in memory (once
         # these are confirmed and the next read fails, say): it was handed
@@ -1272,11 +1278,18 @@ class Outbox(Service):
         self._pump()
         self._check_stop()
 
-    def _load_failed(self, failure: TwistedFailure) -> None:
+    def _load_failed(self, failure: TwistedFailure, limit: int) -> None:
         self._loading = False
+        error = _error(failure)
+        if isinstance(error, StoreError) and not error.locked and limit > 1 and self._stop_d is None:
+            # A damaged row fails the whole read: read fewer at once, at
+            # once, so that those before it are published; down to the row
+            # itself, which is then the problem below.
+            self._load_cap = limit // 2
+            self._pump()
+            return
         delay = self._backoff(self._load_attempt)
         self._load_attempt += 1
-        error = _error(failure)
         if isinstance(error, StoreError):
             # A damaged page fails every read of it: say so on the status
             # page, and log it once.
