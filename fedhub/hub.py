@@ -11,8 +11,9 @@ the others run.  They stop in the reverse order, one kind after the other
 (the services of one kind together), so producers stop taking work first,
 consumers drain before the outboxes stop, and outboxes are flushed before
 their connection goes.  A service whose stop does not finish within
-L{STOP_TIMEOUT} (a consumer: plus twice its C{drain_timeout}) is logged and
-the kinds after it stop without it, so the process still exits.
+L{STOP_TIMEOUT} (a consumer: plus twice its C{drain_timeout} and
+L{CANCEL_TIMEOUT}) is logged and the kinds after it stop without it, so the
+process still exits.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig, Config, DomainConfig
 from fedhub.errors import ConfigError, ConfigProblem
-from fedhub.consumers.runner import ConsumerService
+from fedhub.consumers.runner import CANCEL_TIMEOUT, ConsumerService
 from fedhub.interfaces import IBus, IConsumerPlugin, IProducerPlugin, IPublisher
 from fedhub.logs import HubLogger
 from fedhub.outbox import Outbox
@@ -47,8 +48,10 @@ from fedhub.waiting import with_timeout
 #: that never finishes cannot keep the process from exiting.  It is longer
 #: than the bounds the built-in services set on their own stops (an outbox's
 #: C{stop_timeout}, an AMQP bus's C{confirm_timeout}, a poller's
-#: C{stop_timeout}).  A consumer gets twice its C{drain_timeout} on top: its
-#: messages in hand and its plugin's C{stop()} may each take that long.
+#: C{stop_timeout}).  A consumer gets twice its C{drain_timeout} and
+#: L{CANCEL_TIMEOUT} on top: its messages in hand and its plugin's C{stop()}
+#: may each take C{drain_timeout}, and between the two it may wait that long
+#: for its bus to confirm that nothing more is delivered.
 STOP_TIMEOUT: Final = 60.0
 
 
@@ -64,7 +67,7 @@ def stop_timeout(service: IService) -> float:
     L{STOP_TIMEOUT}).
     """
     if isinstance(service, ConsumerService):
-        return STOP_TIMEOUT + 2 * service.drain_timeout
+        return STOP_TIMEOUT + 2 * service.drain_timeout + CANCEL_TIMEOUT
     return STOP_TIMEOUT
 
 

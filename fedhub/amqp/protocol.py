@@ -974,6 +974,19 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
             channel = self._channel_now(0)
         if channel.closed:
             return
+        if (
+            frame.channel in self._closing_channels
+            and payload.type == Frame.METHOD
+            and payload.method is self._method("channel.close-ok")
+        ):
+            # The channel is closed, and an answer still awaited on it
+            # never comes (a basic.cancel-ok the broker never sent, whose
+            # wait timed out): txamqp hands answers to their waiters in
+            # order, so the close-ok would go to the oldest one and the
+            # close would wait for ever.  Closed here, the channel ends
+            # every wait on it, the close's too (see _close_channel).
+            channel.close(Closed("closed by fedhub"))
+            return
         channel.dispatch(frame, self.work)
 
     def _sequence_content(self, channel_id: int, payload: Any) -> None:

@@ -44,7 +44,7 @@ import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -234,6 +234,15 @@ START_RETRY_MAX = 60.0
 #: Seconds a plugin's C{start()} may take before the consumer says, in its
 #: log and its C{start_error}, that it is still waiting for it.
 START_SLOW = 30.0
+
+
+#: Seconds a stopping or halting consumer waits, once its messages in hand
+#: have settled (or its C{drain_timeout} passed), for its bus to say that
+#: nothing more will be delivered (on AMQP the C{basic.cancel-ok} answering
+#: the C{basic.cancel} it sent first) before it ends its subscription
+#: anyway.  The hub counts it in the time it gives a consumer to stop
+#: (L{fedhub.hub.stop_timeout}).
+CANCEL_TIMEOUT: Final = 5.0
 
 
 class _Late(Exception):
@@ -688,6 +697,28 @@ class ConsumerService(Service):
                 )
             ).addBoth(lambda _: ended.fire())
         return ended.wait()
+
+    def _stopped_delivering(self, stopping: Deferred[None]) -> Deferred[bool]:
+        """
+        Wait for the answer to L{_stop_deliveries}, at most
+        L{CANCEL_TIMEOUT} seconds: an AMQP bus bounds its own wait for
+        C{basic.cancel-ok}, but a consumer's stop must not rest on every
+        bus doing so.  Whether the answer came.  Without it, deliveries may
+        still come until the subscription ends; they are put back as they
+        come.
+        """
+
+        def answered(came: bool) -> bool:
+            if not came:
+                self.log.info(
+                    "Consumer {consumer}: no word from the bus within {timeout} s that "
+                    "deliveries stopped; ending its subscription",
+                    consumer=self.component.name,
+                    timeout=CANCEL_TIMEOUT,
+                )
+            return came
+
+        return self._within(stopping, CANCEL_TIMEOUT).addCallback(answered)
 
     def _give_back(self, delivery: IDelivery) -> None:
         """
@@ -1258,7 +1289,7 @@ class ConsumerService(Service):
         # be handled twice.  Then the subscription ends, and its channel puts
         # back what the consumer still held.
         self._settled(self.drain_timeout).addCallback(
-            lambda settled: stopping.addCallback(lambda _: settled)
+            lambda settled: self._stopped_delivering(stopping).addCallback(lambda _: settled)
         ).addCallback(self._halted_settled)
 
     def _halted_settled(self, settled: bool) -> None:
@@ -1310,8 +1341,7 @@ class ConsumerService(Service):
                     count=len(self._in_flight),
                 )
         if self._subscription is not None:
-            # The bus bounds this wait (on AMQP, for basic.cancel-ok).
-            yield stopping
+            yield self._stopped_delivering(stopping)
             subscription, self._subscription = self._subscription, None
             try:
                 yield subscription.cancel()
