@@ -416,6 +416,12 @@ class DomainConfig:
         return None if secret is None else unquote(secret)
 
 
+#: The default C{blocking_warning} of a consumer, in seconds: far beyond
+#: what a call into a plugin that does no blocking work takes, short enough
+#: that the operator hears of one that stalls the hub noticeably.
+DEFAULT_BLOCKING_WARNING: Final = 0.5
+
+
 @dataclass(frozen=True)
 class ComponentConfig:
     """
@@ -443,6 +449,9 @@ class ComponentConfig:
     @ivar drain_timeout: How long stopping waits for messages in hand.
     @ivar max_deliveries: Deliveries of one message, without a verdict that
         reached the broker, after which it is dead-lettered (0: no limit).
+    @ivar blocking_warning: Seconds one call into the plugin may hold the
+        event loop before it is counted and logged
+        (L{fedhub.consumers.blocking}).
     """
 
     kind: str
@@ -461,6 +470,7 @@ class ComponentConfig:
     max_retries: int = 5
     drain_timeout: float = 30.0
     max_deliveries: int = 10
+    blocking_warning: float = DEFAULT_BLOCKING_WARNING
     queue_arguments: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
@@ -523,6 +533,11 @@ MAX_RETRY_DELAY: Final = 7 * 24 * 3600.0
 #: The longest wait between two attempts to reach a broker, in seconds.
 MAX_RECONNECT_DELAY: Final = 3600.0
 
+#: The largest C{blocking_warning}, in seconds: a call that holds the event
+#: loop a minute has stalled the whole hub (and the broker may have dropped
+#: its connections, at two heartbeat intervals) long before the warning.
+MAX_BLOCKING_WARNING: Final = 60.0
+
 
 def _seconds_up_to(limit: float) -> Callable[[float], str | None]:
     """
@@ -542,6 +557,7 @@ def _seconds_up_to(limit: float) -> Callable[[float], str | None]:
 
 _connection_timeout = _seconds_up_to(MAX_CONNECTION_TIMEOUT)
 _reconnect_delay = _seconds_up_to(MAX_RECONNECT_DELAY)
+_blocking_warning = _seconds_up_to(MAX_BLOCKING_WARNING)
 
 
 def _retry_delay(value: float) -> str | None:
@@ -735,6 +751,8 @@ _CONSUMER_OPTIONS: Final[Mapping[str, Option]] = MappingProxyType(
                                 _positive),
         "max_deliveries": Option(int, 10, "deliveries of one message without a verdict before it "
                                  "is dead-lettered (0: no limit)", _deliveries),
+        "blocking_warning": Option(float, DEFAULT_BLOCKING_WARNING, "seconds one call into the plugin may hold the "
+                                   "event loop before a warning", _blocking_warning),
         "queue_arguments": Option(dict, None, 'broker arguments of its queues, such as '
                                   '"x-queue-type"'),
     }
@@ -1556,6 +1574,7 @@ class _Validator:
                 "max_retries": values["max_retries"],
                 "drain_timeout": float(values["drain_timeout"]),
                 "max_deliveries": values["max_deliveries"],
+                "blocking_warning": float(values["blocking_warning"]),
                 "queue_arguments": MappingProxyType(
                     self.arguments(values.get("queue_arguments"), path + ("queue_arguments",))
                 ),

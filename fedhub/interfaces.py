@@ -177,6 +177,11 @@ class IMessageHandler(Interface):
     """
     The code of a consumer: what a consumer plugin builds.
 
+    Its methods run in the hub's event loop and must not block: a call that
+    holds it longer than the consumer's C{blocking_warning} is logged and
+    counted (L{fedhub.consumers.blocking}), but nothing interrupts it, and
+    meanwhile nothing else in the hub runs.
+
     A handler that holds messages back to work on them together (batches
     written or run after a delay) may also have a C{drain()} method, which
     the consumer calls when it begins to stop, before it waits up to its

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from fedhub.config import ComponentConfig
+from fedhub.consumers.blocking import BlockingCalls
 from fedhub.errors import (
     ConfigError,
     DeadLetter,
@@ -323,6 +325,9 @@ class ConsumerService(Service):
     @ivar concurrency: At most this many handler calls at once.
     @ivar prefetch: At most this many messages unacknowledged (L{prefetch_for});
         those beyond C{concurrency} wait in order for a handler call to end.
+    @ivar blocking: Times the calls into the plugin, and counts and logs
+        those that held the event loop longer than C{blocking_warning}
+        (L{fedhub.consumers.blocking}).
     """
 
     log = HubLogger()
@@ -341,9 +346,15 @@ class ConsumerService(Service):
         max_retries: int | None = None,
         on_error: str | None = None,
         max_deliveries: int | None = None,
+        blocking_warning: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """
-        The failure-policy settings default to the component's configuration.
+        The failure-policy settings and C{blocking_warning} default to the
+        component's configuration.
+
+        @param monotonic: The clock the calls into the plugin are timed with
+            (see L{BlockingCalls}).
         """
         drain_timeout = component.drain_timeout if drain_timeout is None else drain_timeout
         retry_delay = component.retry_delay if retry_delay is None else retry_delay
@@ -352,6 +363,12 @@ class ConsumerService(Service):
         on_error = component.on_error if on_error is None else on_error
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
+        self.blocking = BlockingCalls(
+            component.name,
+            component.blocking_warning if blocking_warning is None else blocking_warning,
+            clock,
+            monotonic,
+        )
         self.component = component
         self.handler = handler
         self.bus = bus
@@ -595,7 +612,9 @@ class ConsumerService(Service):
         once.
         """
         if not self._handler_started:
+            began = self.blocking.now()
             self._plugin_starting = maybeDeferred(self.handler.start)
+            self.blocking.ended("start", began)
             slow = self.clock.callLater(START_SLOW, self._start_slow, run)
             try:
                 yield self._plugin_starting
@@ -793,11 +812,14 @@ class ConsumerService(Service):
             self._unwatch_orphans()
         for delivery in orphaned:
             if callable(abandon):
+                began = self.blocking.now()
                 try:
                     abandon(delivery.message)
                 except Exception:
                     self.log.failure("Consumer {consumer}: abandoning {msg_id} failed",
                                      consumer=self.component.name, msg_id=delivery.message.id)
+                finally:
+                    self.blocking.ended("abandon", began)
 
     def _watch_orphans(self) -> None:
         """
@@ -859,15 +881,20 @@ class ConsumerService(Service):
         started = self.clock.seconds()
         self.in_flight += 1
         self._handling[delivery] = None
+        began = self.blocking.now()
         try:
             result = self.handler.handle(message)
+            if inspect.iscoroutine(result):
+                # The coroutine runs up to its first await here: the
+                # plugin's code too, timed with the call.
+                result = ensureDeferred(result)
         except BaseException:
+            self.blocking.ended("handle", began)
             self._settle_now(self._failed, Failure(), delivery, self._took(started, delivery))
             return
-        if inspect.iscoroutine(result):
-            d: Deferred[Any] = ensureDeferred(result)
-        elif isinstance(result, Deferred):
-            d = result
+        self.blocking.ended("handle", began)
+        if isinstance(result, Deferred):
+            d: Deferred[Any] = result
         else:
             self._settle_now(self._succeeded, result, delivery, self._took(started, delivery))
             return
@@ -1248,10 +1275,13 @@ class ConsumerService(Service):
         """
         drain = getattr(self.handler, "drain", None)
         if self._in_flight and callable(drain):
+            began = self.blocking.now()
             try:
                 drain()
             except Exception:
                 self.log.failure("Draining consumer {consumer} failed", consumer=self.component.name)
+            finally:
+                self.blocking.ended("drain", began)
 
     @inlineCallbacks
     def _settled(self, seconds: float) -> Generator[Deferred[Any], Any, bool]:
@@ -1364,7 +1394,10 @@ class ConsumerService(Service):
         try:
             # A plugin's stop() that never finishes must not hold up the
             # hub, which stops its services one after the other.
-            yield maybeDeferred(self.handler.stop).addTimeout(self.drain_timeout, self.clock)
+            began = self.blocking.now()
+            stopping_plugin = maybeDeferred(self.handler.stop)
+            self.blocking.ended("stop", began)
+            yield stopping_plugin.addTimeout(self.drain_timeout, self.clock)
         except StopTimedOut:
             self.log.error(
                 "Consumer {consumer}: its plugin did not stop within {timeout} s; going on",
@@ -1374,3 +1407,4 @@ class ConsumerService(Service):
         except Exception:
             self.log.failure("Stopping consumer {consumer} failed", consumer=self.component.name)
         self._unwatch_orphans()
+        self.blocking.stop()

@@ -617,6 +617,13 @@ class _HubCollector:
         families.gauge(
             "fedhub_consumer_halted", "1 once a Halt verdict stopped the consumer", label_names
         ).add_metric(labels, 1.0 if service.halted else 0.0)
+        blocking = families.counter(
+            "fedhub_consumer_blocking_calls",
+            "Calls into the plugin that held the event loop longer than its blocking_warning",
+            [*label_names, "call"],
+        )
+        for call, count in service.blocking.counts.items():
+            blocking.add_metric([*labels, call], float(count))
 
     def _producer(
         self, families: _Families, name: str, producer: IService, now: float, started: bool
