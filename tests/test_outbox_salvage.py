@@ -250,3 +250,69 @@ class SalvageCommandTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.outbox_dir), [DATABASE_NAME])
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), before)
+
+    def zero_root_page(self, name: str) -> None:
+        """
+        Overwrite the root page of the table or index C{name} with zeros.
+        """
+        store = self.open_store()
+        conn = store._db.conn
+        assert conn is not None
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        [root] = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+        self.successResultOf(store.close())
+        with open(self.path, "r+b") as f:
+            f.seek((root - 1) * page_size)
+            f.write(bytes(page_size))
+
+    def check_rebuilt_whole(self, name: str, said: str) -> None:
+        """
+        With every message readable but C{name}'s page zeroed, the command
+        rebuilds the database, says what was damaged, and the store then
+        opens, publishes its backlog and takes new messages with fresh
+        sequence numbers.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(3)]
+        self.successResultOf(store.commit([(m.id, 1.0, encode(m)) for m in messages]))
+        self.successResultOf(store.close())
+        self.zero_root_page(name)
+
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        lines = out.splitlines()
+        self.assertIn("3 pending and 0 failed message(s) salvaged", lines[0])
+        self.assertTrue(
+            any(line.startswith(f"damaged, though every message reads: {said}") for line in lines[1:]), out
+        )
+        self.assertFalse([line for line in lines if line.startswith("not salvaged")])
+
+        store = self.open_store()
+        new = make_message(20)
+        self.assertEqual(self.successResultOf(store.commit([(new.id, 3.0, encode(new))])).first_seq, 4)
+        self.successResultOf(store.close())
+        published, problem = self.published()
+        self.assertIsNone(problem)
+        self.assertEqual(published, [*messages, new])
+
+    def test_damaged_layout_version(self) -> None:
+        """
+        A zeroed page of the table holding the layout version: the store
+        does not open although every message reads; it is rebuilt, not
+        called whole.
+        """
+        self.check_rebuilt_whole("meta", "the outbox layout version")
+
+    def test_damaged_sequence_record(self) -> None:
+        """
+        A zeroed page of the record of the sequence numbers given: the store
+        opens but every hand-over fails; it is rebuilt, not called whole.
+        """
+        self.check_rebuilt_whole("sqlite_sequence", "the sequence numbers given")
+
+    def test_damaged_index(self) -> None:
+        """
+        A zeroed page of an index (of the layout version's table): it is
+        rebuilt, not called whole.
+        """
+        self.check_rebuilt_whole("sqlite_autoindex_meta_1", "SQLite's check of the file")

@@ -483,6 +483,8 @@ def _salvage(config: Config, domain: str, out: IO[str]) -> int:
         f"message(s) salvaged into a new database; the damaged one is kept as {report.kept}",
         file=out,
     )
+    for what in report.broken:
+        print(f"damaged, though every message reads: {escape_control(what, 1000)}", file=out)
     for table, lost in (("pending", report.lost_pending), ("failed", report.lost_failed)):
         for seq, message_id in lost.rows:
             shown = "unreadable" if message_id is None else escape_control(message_id, 255)

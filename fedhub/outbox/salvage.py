@@ -17,8 +17,11 @@ and the ranges of sequence numbers whose rows can not even be listed (a
 damaged page of the table itself: which numbers it held can not be told).
 
 The new database continues the old sequence numbers (none is used twice),
-so the hub publishes the salvaged backlog in its order.  A store that reads
-whole is left as it is.
+so the hub publishes the salvaged backlog in its order.  A store whose
+messages all read but whose other parts do not (its layout version, the
+record of the sequence numbers given, an index or free page SQLite's check
+finds damaged: the store would fail to open or to write) is rebuilt the same
+way.  A store that reads whole is left as it is.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class SalvageReport:
     @ivar failed: Messages of the failed area read (and copied).
     @ivar lost_pending: What the pending messages lost.
     @ivar lost_failed: What the failed area lost.
+    @ivar broken: What else of the database, outside the messages, is
+        damaged (its layout version, the record of the sequence numbers
+        given, a page SQLite's check finds bad): the store may fail to open
+        or to write with every message readable.
     @ivar kept: Where the damaged database was kept, or C{None} when it
         read whole and was left as it was.
     """
@@ -92,6 +99,7 @@ class SalvageReport:
     failed: int = 0
     lost_pending: Lost = field(default_factory=Lost)
     lost_failed: Lost = field(default_factory=Lost)
+    broken: list[str] = field(default_factory=list)
     kept: str | None = None
 
     @property
@@ -99,7 +107,7 @@ class SalvageReport:
         """
         Whether anything could not be read.
         """
-        return bool(self.lost_pending or self.lost_failed)
+        return bool(self.lost_pending or self.lost_failed or self.broken)
 
 
 _ROW, _LOST, _GAP = "row", "lost", "gap"
@@ -246,6 +254,35 @@ def _schema(conn: sqlite3.Connection) -> str:
     return str(SCHEMA_VERSION) if row is None else str(row[0])
 
 
+def _broken(conn: sqlite3.Connection) -> list[str]:
+    """
+    What the store needs besides its messages and can not read: its layout
+    version (read at every open), the sequence numbers given (read at every
+    hand-over), and any page SQLite's own check finds damaged (an index, the
+    list of free pages: a write that meets it fails).
+    """
+    broken = []
+    for what, sql in (
+        ("the outbox layout version (table meta)", "SELECT value FROM meta WHERE key = 'schema'"),
+        ("the sequence numbers given (table sqlite_sequence)", "SELECT seq FROM sqlite_sequence"),
+    ):
+        try:
+            conn.execute(sql).fetchall()
+        except sqlite3.DatabaseError as e:
+            if _is_locked(e):
+                raise
+            broken.append(f"{what}: {e}")
+    try:
+        found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(10)")]
+    except sqlite3.DatabaseError as e:
+        if _is_locked(e):
+            raise
+        found = [str(e)]
+    if found != ["ok"]:
+        broken.append("SQLite's check of the file: " + "; ".join(found))
+    return broken
+
+
 def _walk(
     conn: sqlite3.Connection, upper: int, report: SalvageReport, copy: sqlite3.Connection | None
 ) -> int:
@@ -334,13 +371,16 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
             conn.execute("COMMIT")
             upper = _upper(conn)
             _walk(conn, upper, report, None)
+            if not report.damaged:
+                report.broken = _broken(conn)
+            broken = report.broken
         except sqlite3.DatabaseError as e:
             if _is_locked(e):
                 raise SalvageError(f"{path} is in use by another process", locked=True) from None
             raise SalvageError(f"can not read {path}: {e}") from None
         if not report.damaged:
             return report
-        report = SalvageReport()
+        report = SalvageReport(broken=broken)
         building = os.path.join(directory, BUILDING_NAME)
         try:
             _build(conn, building, upper, report)
