@@ -16,6 +16,7 @@ import os
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -250,6 +251,77 @@ class SalvageCommandTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.outbox_dir), [DATABASE_NAME])
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), before)
+
+    def test_log_kept_as_found(self) -> None:
+        """
+        The log of a store whose hub did not close it (killed) is copied
+        aside, byte for byte, before SQLite reads it; its messages are in
+        the store after the command.
+        """
+        elsewhere = self.mktemp()
+        holder = Store(elsewhere, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        messages = [make_message(n) for n in range(3)]
+        self.successResultOf(holder.commit([(m.id, 1.0, encode(m)) for m in messages]))
+        os.makedirs(self.outbox_dir)
+        # Copied while the store is open: the database and its log as a
+        # killed hub leaves them.
+        for suffix in ("", "-wal"):
+            with open(os.path.join(elsewhere, DATABASE_NAME + suffix), "rb") as source:
+                data = source.read()
+            with open(self.path + suffix, "wb") as copy:
+                copy.write(data)
+        self.successResultOf(holder.close())
+        self.assertGreater(len(data), 0)
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        first, second = out.splitlines()
+        self.assertIn("reads whole (3 pending, 0 failed message(s))", first)
+        prefix = "its log, as it was found, is kept as "
+        self.assertTrue(second.startswith(prefix), second)
+        kept = second[len(prefix):]
+        self.assertEqual(os.path.dirname(kept), self.outbox_dir)
+        self.assertTrue(os.path.basename(kept).startswith("outbox-log-"))
+        with open(kept, "rb") as f:
+            self.assertEqual(f.read(), data)
+        store = self.open_store()
+        self.assertEqual([r.message() for r in self.successResultOf(store.load(0, 10))], messages)
+        self.successResultOf(store.close())
+
+    def test_lock_file_made(self) -> None:
+        """
+        Without a lock file in the state directory (no hub ran there yet),
+        the command makes one and holds it while it works: a hub starting
+        meanwhile is refused.
+        """
+        readable, _, _ = self.damaged_overflow()
+        lock_path = self.directory / "state" / "hub.lock"
+        self.assertFalse(lock_path.exists())
+        attempts: list[bool] = []
+        from fedhub.cli import outbox as command
+        real = command.salvage
+
+        def salvage_while_a_hub_starts(directory: str) -> Any:
+            hub = StateLock(str(self.directory / "state"))
+            try:
+                hub.acquire()
+            except Exception:
+                attempts.append(False)
+            else:
+                attempts.append(True)
+                hub.release()
+            return real(directory)
+
+        self.patch(command, "salvage", salvage_while_a_hub_starts)
+        status, _ = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        self.assertEqual(attempts, [False])
+        self.assertTrue(lock_path.exists())
+        self.assertEqual(os.stat(lock_path).st_mode & 0o777, 0o600)
+        # Once it is done, a hub can take the lock.
+        hub = StateLock(str(self.directory / "state"))
+        hub.acquire()
+        hub.release()
 
     def zero_root_page(self, name: str) -> None:
         """

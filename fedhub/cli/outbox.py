@@ -430,13 +430,22 @@ def _hub_kept_out(state_dir: str, domain: str) -> Iterator[None]:
 
     @raise CommandError: C{EX_TEMPFAIL} while a hub runs.
     """
+    path = os.path.join(state_dir, LOCK_FILE)
     try:
-        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        # No hub ever ran here (or it may not be read: the database's own
-        # lock still keeps a hub out while it is read).
-        yield
-        return
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # No hub ran here yet (or its lock file went): made now, owned like
+        # the state directory, so that a hub starting meanwhile is refused
+        # as if another hub ran, and can use the file afterwards.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.geteuid() == 0:
+                owner = os.stat(state_dir)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+        except OSError as e:
+            raise CommandError(f"can not make the lock file {path}: {e.strerror or e}", EX_IOERR) from None
+    except OSError as e:
+        raise CommandError(f"can not open the lock file {path}: {e.strerror or e}", EX_IOERR) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -477,12 +486,16 @@ def _salvage(config: Config, domain: str, out: IO[str]) -> int:
             f"the outbox of domain {domain} reads whole ({report.pending} pending, {report.failed} "
             "failed message(s)): nothing to salvage", file=out,
         )
+        if report.log_kept is not None:
+            print(f"its log, as it was found, is kept as {report.log_kept}", file=out)
         return EX_OK
     print(
         f"the outbox of domain {domain}: {report.pending} pending and {report.failed} failed "
         f"message(s) salvaged into a new database; the damaged one is kept as {report.kept}",
         file=out,
     )
+    if report.log_kept is not None:
+        print(f"its log, as it was found, is kept as {report.log_kept}", file=out)
     for what in report.broken:
         print(f"damaged, though every message reads: {escape_control(what, 1000)}", file=out)
     for table, lost in (("pending", report.lost_pending), ("failed", report.lost_failed)):
@@ -492,7 +505,7 @@ def _salvage(config: Config, domain: str, out: IO[str]) -> int:
         for after, before in lost.ranges:
             upto = "on" if before is None else f"up to {before - 1}"
             print(
-                f"not salvaged: {table} messages {after + 1} {upto}: which of these numbers held "
+                f"not salvaged: {table} messages {max(1, after + 1)} {upto}: which of these numbers held "
                 "a message can not be told (a damaged page)", file=out,
             )
     return EX_OK

@@ -27,6 +27,7 @@ way.  A store that reads whole is left as it is.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -93,6 +94,9 @@ class SalvageReport:
         or to write with every message readable.
     @ivar kept: Where the damaged database was kept, or C{None} when it
         read whole and was left as it was.
+    @ivar log_kept: Where a copy of the database's log (C{-wal}) was kept as
+        it was found, before SQLite read it (and dropped what of it fails
+        its checksums), or C{None} when there was none.
     """
 
     pending: int = 0
@@ -101,6 +105,7 @@ class SalvageReport:
     lost_failed: Lost = field(default_factory=Lost)
     broken: list[str] = field(default_factory=list)
     kept: str | None = None
+    log_kept: str | None = None
 
     @property
     def damaged(self) -> bool:
@@ -360,6 +365,11 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
         raise SalvageError(f"can not open {path}: {e.strerror or e}") from None
     if not size:
         raise SalvageError(f"{path} is empty: there is nothing in it to salvage")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    # SQLite stops reading a log at its first frame that fails its checksum,
+    # and drops the rest with the log once it brings the log in: a copy of
+    # the log as found keeps those frames for whoever looks into the damage.
+    log_kept = _keep_log(path, stamp)
     try:
         conn = _connect(path)
     except sqlite3.Error as e:
@@ -379,8 +389,9 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
                 raise SalvageError(f"{path} is in use by another process", locked=True) from None
             raise SalvageError(f"can not read {path}: {e}") from None
         if not report.damaged:
+            report.log_kept = log_kept
             return report
-        report = SalvageReport(broken=broken)
+        report = SalvageReport(broken=broken, log_kept=log_kept)
         building = os.path.join(directory, BUILDING_NAME)
         try:
             _build(conn, building, upper, report)
@@ -399,7 +410,6 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
         os.chmod(building, stat.st_mode & 0o777)
         if os.geteuid() == 0:
             os.chown(building, stat.st_uid, stat.st_gid)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
         kept = os.path.join(directory, f"outbox-damaged-{stamp}.sqlite3")
         number = 1
         while os.path.lexists(kept):
@@ -419,6 +429,40 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
         raise SalvageError(f"can not put the salvaged database in place of {path}: {e}") from None
     report.kept = kept
     return report
+
+
+def _keep_log(path: str, stamp: str) -> str | None:
+    """
+    Copy the log of the database at C{path}, if it holds anything, to
+    C{outbox-log-<stamp>.sqlite3-wal} beside it (fsync'd); where it went.
+
+    @raise SalvageError: when it can not be copied (nothing was changed).
+    """
+    log = path + "-wal"
+    try:
+        if not os.path.getsize(log):
+            return None
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SalvageError(f"can not read the log {log}: {e.strerror or e}") from None
+    directory = os.path.dirname(path)
+    kept = os.path.join(directory, f"outbox-log-{stamp}.sqlite3-wal")
+    number = 1
+    while os.path.lexists(kept):
+        number += 1
+        kept = os.path.join(directory, f"outbox-log-{stamp}-{number}.sqlite3-wal")
+    try:
+        with open(log, "rb") as source, open(kept, "xb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fsync(copy.fileno())
+        os.chmod(kept, os.stat(log).st_mode & 0o777)
+        _fsync_directory(directory)
+    except OSError as e:
+        _remove(kept)
+        raise SalvageError(f"can not keep a copy of the log {log}: {e.strerror or e}") from None
+    return kept
 
 
 def _build(conn: sqlite3.Connection, building: str, upper: int, report: SalvageReport) -> None:
