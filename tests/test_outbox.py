@@ -731,6 +731,52 @@ class FailedAreaTests(OutboxTestCase):
         self.assertEqual(store.failed_count, 2)
         self.assertEqual(store.pending_count, 0)
 
+    def test_handover_between_retry_batches(self) -> None:
+        """
+        A message handed over while a retry moves the failed area back a
+        batch at a time does not hide the batches moved before it: every
+        retried message is read back and published, none is left pending.
+        """
+
+        class OneByOne(Store):
+            def retry_failed(
+                self, seqs: Iterable[int] | None = None, now: float = 0.0, *, batch: int = 1
+            ) -> Deferred[int]:
+                return super().retry_failed(seqs, now, batch=1)
+
+        executor = ManualExecutor()
+        store = OneByOne(self.directory, executor)
+        outbox, bus = self.make(executor=executor, store=store, window=10)
+        executor.run_all()
+        messages = [make_message(n) for n in range(3)]
+        self.publish_all(outbox, messages)
+        executor.run_all()
+        for _ in messages:
+            bus.fail_next(MessageReturned("NO_ROUTE"))
+        bus.ack_all()
+        executor.run_all()
+        self.assertEqual(store.failed_count, 3)
+        del bus.published[:]
+        retried = outbox.retry_failed()
+        executor.run_one()
+        self.assertEqual(store.pending_count, 1)
+        # Handed over while the second batch runs, committed before the
+        # third.
+        late = make_message(3)
+        handed = outbox.publish(late)
+        executor.run_one()
+        self.assertEqual(store.pending_count, 2)
+        executor.run_one()
+        self.successResultOf(handed)
+        executor.run_all()
+        self.assertEqual(self.successResultOf(retried), 3)
+        while bus.outstanding:
+            bus.ack_all()
+            executor.run_all()
+        self.assertEqual(sorted(m.id for m in bus.published), sorted(m.id for m in messages + [late]))
+        self.assertEqual(store.pending_count, 0)
+        self.assertEqual(store.failed_count, 0)
+
     def test_not_open(self) -> None:
         """
         The failed area can not be used before the store is open.

@@ -333,6 +333,12 @@ class Outbox(Service):
         self._inflight: dict[int, _Entry] = {}
         self._backlog = False
         self._loaded_upto = 0
+        # Retries of the failed area under way: each moves its batches to
+        # the end of the pending messages, one transaction after the other,
+        # and a hand-over committed in between is numbered after them.  It
+        # must not be kept in memory then, as that would move the point the
+        # backlog is read back from past the batches already moved.
+        self._retrying = 0
         self._loading = False
         self._load_call: _DelayedCall | None = None
         # Why the backlog can not be read back (a damaged page, say), until
@@ -564,6 +570,13 @@ class Outbox(Service):
         if not self.store.is_open:
             return fail(TemporarilyUnavailable(f"the outbox of domain {self.domain} is not open"))
         d = self.store.retry_failed(seqs, self._reactor.seconds())
+        self._retrying += 1
+
+        def ended(result: Any) -> Any:
+            self._retrying -= 1
+            return result
+
+        d.addBoth(ended)
 
         def moved(count: int) -> int:
             if count:
@@ -893,7 +906,7 @@ class Outbox(Service):
                 self._waiting_bytes -= len(handover.data)
             self._waiting_count -= count
             self._accepted += count
-            if not self._backlog and not self._loading and not self._paused:
+            if not self._backlog and not self._loading and not self._paused and not self._retrying:
                 # Keep them in memory (they were held as hand-overs already)
                 # so they need not be read back, as many as the ready queue
                 # takes; the rest is read back from disk in its turn.  Not
