@@ -965,6 +965,39 @@ class WriteTests(SynchronousTestCase):
         self.successResultOf(closing)
         self.assertNotIn(1, b.client.channels)
 
+    def test_crossing_close_ok_of_a_reused_channel(self) -> None:
+        """
+        When fedhub's channel.close crosses the broker's, the broker still
+        answers fedhub's with a close-ok after taking its own close-ok: that
+        late close-ok belongs to the closed channel, not to a new one that
+        took its number meanwhile, whose channel.open it would otherwise
+        answer (and fail, leaving the channel open on the broker's side).
+        """
+        b = Broker(channel_max=1)
+        b.handshake()
+        self.assertEqual(b.client.channel_max, 1)
+        first = self.successResultOf(b.open_channel())
+        closing = b.client.close_channel(first)
+        self.assertEqual(b.methods()[0][:2], (1, "channel.close"))
+        b.send(b.frame(1, "channel.close", reply_code=404, reply_text="NOT_FOUND - no exchange 'x'",
+                       class_id=60, method_id=40))
+        self.assertEqual([m[:2] for m in b.methods()], [(1, "channel.close-ok")])
+        self.successResultOf(closing)
+        opening = b.client.open_channel()
+        self.assertEqual([m[:2] for m in b.methods()], [(1, "channel.open")])
+        # The broker's answer to the crossed close, then to the open.
+        b.send(b.frame(1, "channel.close-ok"), b.frame(1, "channel.open-ok"))
+        second = self.successResultOf(opening)
+        self.assertEqual(second.id, 1)
+        self.assertTrue(b.client.channel_is_open(1))
+        # Its own close-ok closes it as usual.
+        closing = b.client.close_channel(second)
+        self.assertEqual([m[:2] for m in b.methods()], [(1, "channel.close")])
+        self.assertNoResult(closing)
+        b.send(b.frame(1, "channel.close-ok"))
+        self.successResultOf(closing)
+        self.assertNotIn(1, b.client.channels)
+
     def test_open_channel_when_lost(self) -> None:
         """
         No channel opens on a lost connection.

@@ -546,6 +546,10 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         self._exact_channels: set[int] = set()
         self._next_channel = 0
         self._closing_channels: set[int] = set()
+        # Channel numbers whose next channel.close-ok answers a close of a
+        # channel closed already: its channel.close crossed the broker's
+        # (see _broker_closed_channel).
+        self._crossed_closes: dict[int, int] = {}
         self._gate = _WriteGate(self)
         basic = spec.classes.byname["basic"]
         self._basic_class = basic
@@ -966,6 +970,17 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         if payload.type == Frame.HEARTBEAT:
             return
         self._sequence_content(frame.channel, payload)
+        if (
+            frame.channel in self._crossed_closes
+            and payload.type == Frame.METHOD
+            and payload.method is self._method("channel.close-ok")
+        ):
+            # The answer to a close that crossed the broker's: it comes
+            # before any answer to a channel that took the number since.
+            crossed = self._crossed_closes.pop(frame.channel) - 1
+            if crossed:
+                self._crossed_closes[frame.channel] = crossed
+            return
         channel = self.channels.get(frame.channel)
         if channel is None:
             if frame.channel != 0:
@@ -1309,6 +1324,11 @@ class AMQPClient(FieldTableFrameMixin, AMQClient):  # type: ignore[misc]
         """
 
     def _broker_closed_channel(self, channel: Any, message: Any) -> None:
+        if channel.id in self._closing_channels:
+            # fedhub's channel.close crossed this one: RabbitMQ answers it
+            # still, with a close-ok that may come once the number is taken
+            # by a new channel (see frame_received).
+            self._crossed_closes[channel.id] = self._crossed_closes.get(channel.id, 0) + 1
         channel._closing = True
         try:
             channel.do_close(message)
