@@ -11,28 +11,32 @@ file is overwritten with zeros while the hub is stopped.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import sqlite3
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from fedhub.cli.main import build_parser
 from fedhub.message import Message
 from fedhub.outbox import Outbox, Store, StoreError, SynchronousExecutor
+from fedhub.outbox import salvage as salvage_module
 from fedhub.outbox.store import DATABASE_NAME, RETURNED, Failure, encode
 from fedhub.tap import StateLock
 from tests.test_cli_publish import write_config
 from tests.test_outbox import FakeBus, make_message
 
 
-class SalvageCommandTests(SynchronousTestCase):
+class SalvageTestCase(SynchronousTestCase):
     """
-    C{fedhub outbox salvage} on a stopped hub's outbox.
+    Runs C{fedhub outbox salvage} on an outbox in a temporary directory.
     """
 
     def setUp(self) -> None:
@@ -55,6 +59,28 @@ class SalvageCommandTests(SynchronousTestCase):
         store = Store(self.outbox_dir, SynchronousExecutor())
         self.successResultOf(store.open())
         return store
+
+    def published(self) -> tuple[list[Message], str | None]:
+        """
+        Start an outbox on the directory, as the hub would, and return what
+        it publishes and its problem; stop it.
+        """
+        clock = Clock()
+        bus = FakeBus()
+        outbox = Outbox("test", self.outbox_dir, bus, clock, executor=SynchronousExecutor(), window=1000)
+        outbox.startService()
+        problem = outbox.problem
+        published = list(bus.published)
+        bus.ack_all()
+        self.successResultOf(outbox.stopService())
+        self.flushLoggedErrors(StoreError)
+        return published, problem
+
+
+class SalvageCommandTests(SalvageTestCase):
+    """
+    C{fedhub outbox salvage} on a stopped hub's outbox.
+    """
 
     def damaged_overflow(self) -> tuple[list[Message], Message, Message]:
         """
@@ -84,22 +110,6 @@ class SalvageCommandTests(SynchronousTestCase):
             f.seek(pages * page_size)
             f.write(bytes(page_size))
         return before + after, big, refused
-
-    def published(self) -> tuple[list[Message], str | None]:
-        """
-        Start an outbox on the directory, as the hub would, and return what
-        it publishes and its problem; stop it.
-        """
-        clock = Clock()
-        bus = FakeBus()
-        outbox = Outbox("test", self.outbox_dir, bus, clock, executor=SynchronousExecutor(), window=100)
-        outbox.startService()
-        problem = outbox.problem
-        published = list(bus.published)
-        bus.ack_all()
-        self.successResultOf(outbox.stopService())
-        self.flushLoggedErrors(StoreError)
-        return published, problem
 
     def test_damaged_message_in_the_backlog(self) -> None:
         """
@@ -388,3 +398,374 @@ class SalvageCommandTests(SynchronousTestCase):
         rebuilt, not called whole.
         """
         self.check_rebuilt_whole("sqlite_autoindex_meta_1", "SQLite's check of the file")
+
+
+def _pages_of(conn: sqlite3.Connection, table: str) -> dict[int, int]:
+    """
+    The leaf page that holds each row of C{table}, by sequence number, as
+    SQLite's C{dbstat} table tells it (rows are in leaves in tree order).
+    """
+    leaves = conn.execute(
+        "SELECT pageno, ncell FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY path", (table,)
+    ).fetchall()
+    seqs = iter(row[0] for row in conn.execute(f"SELECT seq FROM {table} ORDER BY seq"))
+    return {next(seqs): page for page, cells in leaves for _ in range(cells)}
+
+
+def _log_pages(path: str, page_size: int) -> set[int]:
+    """
+    The pages of which the log (C{-wal}) at C{path} holds a frame.
+    """
+    with open(path, "rb") as f:
+        log = f.read()
+    return {
+        struct.unpack_from("!I", log, offset)[0] for offset in range(32, len(log), 24 + page_size)
+    }
+
+
+class TruncatedSalvageTests(SalvageTestCase):
+    """
+    C{fedhub outbox salvage} on a database file cut short (its header names
+    more pages than it holds: SQLite fails every read of it).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        try:
+            sqlite3.connect(":memory:").execute("SELECT * FROM dbstat").fetchall()
+        except sqlite3.Error:
+            raise SkipTest("SQLite without its dbstat table") from None
+
+    def fill(self, count: int) -> tuple[list[Message], Message, dict[int, int], int, int]:
+        """
+        A store of C{count} messages, the third moved to the failed area.
+
+        @return: the messages, the failed one, the page of each pending
+            row, the page size, and the page of the failed table's root.
+        """
+        store = self.open_store()
+        messages = [make_message(n) for n in range(count)]
+        self.successResultOf(store.commit([(m.id, 1.0, encode(m)) for m in messages]))
+        self.successResultOf(store.commit([], [], [Failure(3, RETURNED, "312 NO_ROUTE", 2.0)]))
+        conn = store._db.conn
+        assert conn is not None
+        pages = _pages_of(conn, "pending")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        [failed_root] = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'failed'").fetchone()
+        self.successResultOf(store.close())
+        return messages, messages[2], pages, page_size, failed_root
+
+    def cut(self, length: int) -> bytes:
+        """
+        Cut the database file to C{length} bytes; its content then.
+        """
+        os.truncate(self.path, length)
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def salvaged(self, original: bytes) -> tuple[list[str], str]:
+        """
+        Run the command; check that the damaged file is kept as it was and
+        nothing else is left beside the new one.
+
+        @return: the lines it printed, and where it kept the damaged file.
+        """
+        inode = os.stat(self.path).st_ino
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 0, self.stderr.getvalue())
+        lines = out.splitlines()
+        kept = lines[0].rsplit(" ", 1)[-1]
+        with open(kept, "rb") as f:
+            self.assertEqual(f.read(), original)
+        self.assertEqual(os.stat(kept).st_ino, inode)
+        names = set(os.listdir(self.outbox_dir)) - {DATABASE_NAME, os.path.basename(kept)}
+        self.assertEqual({name for name in names if not name.startswith("outbox-log-")}, set())
+        return lines, kept
+
+    def check_store(
+        self, expected: list[int], messages: list[Message], failed: Message | None, next_seq: int
+    ) -> None:
+        """
+        The new store holds the pending messages C{expected} (sequence
+        numbers) in order, C{failed} in its failed area, and gives
+        C{next_seq} next; the hub publishes the backlog.
+        """
+        store = self.open_store()
+        rows = self.successResultOf(store.load(0, 1000))
+        self.assertEqual([r.seq for r in rows], expected)
+        self.assertEqual([r.message() for r in rows], [messages[n - 1] for n in expected])
+        records = self.successResultOf(store.failed())
+        self.assertEqual([(r.seq, r.message()) for r in records], [] if failed is None else [(3, failed)])
+        new = make_message(900)
+        self.assertEqual(self.successResultOf(store.commit([(new.id, 3.0, encode(new))])).first_seq, next_seq)
+        self.successResultOf(store.close())
+        published, problem = self.published()
+        self.assertIsNone(problem)
+        self.assertEqual(published, [*(messages[n - 1] for n in expected), new])
+
+    def check_cut(self, extra: int) -> None:
+        """
+        Cut the file C{extra} bytes past the end of a page in the middle of
+        the pending table: the messages on the whole pages left are
+        salvaged, those after are named as a range, and a page cut in the
+        middle counts as missing.
+        """
+        messages, failed, pages, page_size, failed_root = self.fill(300)
+        held = sorted(set(pages.values()))[len(set(pages.values())) // 2]
+        self.assertLess(failed_root, held)
+        original = self.cut(held * page_size + extra)
+        self.failureResultOf(Store(self.outbox_dir, SynchronousExecutor()).open(), StoreError)
+
+        lines, _ = self.salvaged(original)
+        expected = sorted(seq for seq, page in pages.items() if page <= held)
+        named = max(pages.values())
+        self.assertEqual(expected, [1, 2, *range(4, expected[-1] + 1)])
+        self.assertIn(f"{len(expected)} pending and 1 failed message(s) salvaged", lines[0])
+        self.assertEqual(
+            lines[1:],
+            [
+                f"the damaged database file is cut short: it holds {held} whole page(s) of the {named} its "
+                "header names; the others, and a page cut in the middle, are missing (but for what its log held)",
+                f"not salvaged: pending messages {expected[-1] + 1} on: which of these numbers held a message "
+                "can not be told (a damaged page)",
+            ],
+        )
+        self.check_store(expected, messages, failed, 301)
+
+    def test_cut_at_page_boundary(self) -> None:
+        """
+        A file cut at the end of a page: every message on the pages left is
+        salvaged in order, the rest named, the file kept as it was, and no
+        sequence number given twice.
+        """
+        self.check_cut(0)
+
+    def test_cut_inside_a_page(self) -> None:
+        """
+        A file cut in the middle of a page, or one byte short of its end:
+        that page's rows are not salvaged (they point into what is gone),
+        those on the whole pages are.
+        """
+        self.check_cut(1024)
+
+    def test_cut_one_byte_short(self) -> None:
+        """
+        A file one byte short of a whole page: that page's rows are not
+        salvaged, not even the ones whose bytes are all there but for the
+        last (they would be copied with a byte missing).
+        """
+        self.check_cut(4095)
+
+    def test_cut_loses_failed_table(self) -> None:
+        """
+        A file cut before the failed table's root page: the pending
+        messages are salvaged, the failed area is named lost, and the
+        sequence numbers go on.
+        """
+        messages, _, pages, page_size, failed_root = self.fill(5)
+        self.assertEqual(set(pages.values()), {4}, "the pending table no longer fits in one page")
+        original = self.cut((failed_root - 1) * page_size)
+        lines, _ = self.salvaged(original)
+        self.assertIn("4 pending and 0 failed message(s) salvaged", lines[0])
+        self.assertIn(
+            f"it holds {failed_root - 1} whole page(s) of the {failed_root} its header names", lines[1]
+        )
+        self.assertEqual(
+            lines[2:],
+            [
+                "not salvaged: failed messages 1 on: which of these numbers held a message can not be told "
+                "(a damaged page)"
+            ],
+        )
+        self.check_store([1, 2, 4, 5], messages, None, 6)
+
+    def killed_and_cut(self) -> tuple[list[Message], dict[int, int], set[int], int, bytes, bytes]:
+        """
+        The database and log of a killed hub whose last five messages are
+        only in the log, the database then cut short in the middle of the
+        pending table.
+
+        @return: the messages, the page of each pending row, the pages the
+            log holds, the page the file was cut after, the file's and the
+            log's content.
+        """
+        elsewhere = self.mktemp()
+        holder = Store(elsewhere, SynchronousExecutor())
+        self.successResultOf(holder.open())
+        messages = [make_message(n) for n in range(305)]
+        self.successResultOf(holder.commit([(m.id, 1.0, encode(m)) for m in messages[:300]]))
+        self.successResultOf(holder.commit([], [], [Failure(3, RETURNED, "312 NO_ROUTE", 2.0)]))
+        conn = holder._db.conn
+        assert conn is not None
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.successResultOf(holder.commit([(m.id, 1.0, encode(m)) for m in messages[300:]]))
+        pages = _pages_of(conn, "pending")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        os.makedirs(self.outbox_dir)
+        # Copied while the store is open: the database and its log as a
+        # killed hub leaves them.
+        for suffix in ("", "-wal"):
+            with open(os.path.join(elsewhere, DATABASE_NAME + suffix), "rb") as source:
+                log = source.read()
+            with open(self.path + suffix, "wb") as copy:
+                copy.write(log)
+        self.successResultOf(holder.close())
+        logged = _log_pages(self.path + "-wal", page_size)
+        leaves = sorted(set(pages.values()))
+        held = leaves[len(leaves) // 2]
+        return messages, pages, logged, held, self.cut(held * page_size), log
+
+    def test_cut_with_log(self) -> None:
+        """
+        A file cut short beside the log a killed hub left: what the log
+        holds of the missing pages is salvaged with the pages left; the file
+        and its log are kept as found (neither is brought into the other),
+        and no log is left beside the new database.
+        """
+        messages, pages, logged, held, original, data = self.killed_and_cut()
+        lines, _ = self.salvaged(original)
+        expected = sorted(seq for seq, page in pages.items() if page <= held or page in logged)
+        # The log holds the last messages' page, and not all of the pages
+        # cut away.
+        self.assertEqual(expected[-5:], [301, 302, 303, 304, 305])
+        self.assertLess(len(expected), 304)
+        self.assertIn(f"{len(expected)} pending and 1 failed message(s) salvaged", lines[0])
+        prefix = "its log, as it was found, is kept as "
+        self.assertTrue(lines[1].startswith(prefix), lines)
+        with open(lines[1][len(prefix):], "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertIn("the damaged database file is cut short", lines[2])
+        lost = [n for n in range(1, 306) if n != 3 and n not in expected]
+        self.assertTrue(lines[3:])
+        for line in lines[3:]:
+            words = line.split()
+            first, last = int(words[4]), int(words[7].rstrip(":"))
+            self.assertEqual(words[:4] + words[5:7], ["not", "salvaged:", "pending", "messages", "up", "to"])
+            self.assertTrue(set(range(first, last + 1)) <= set(lost), line)
+        self.assertFalse(os.path.exists(self.path + "-wal"))
+        self.check_store(expected, messages, messages[2], 306)
+
+    def probe(self) -> str:
+        """
+        What SQLite says, in another process, to a read of the outbox's
+        database.
+        """
+        script = (
+            "import sqlite3, sys\n"
+            "conn = sqlite3.connect(sys.argv[1], timeout=0)\n"
+            "try:\n"
+            "    conn.execute('PRAGMA schema_version').fetchall()\n"
+            "except sqlite3.Error as e:\n"
+            "    print(e)\n"
+            "else:\n"
+            "    print('read')\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, self.path], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    def test_cut_held_while_salvaged(self) -> None:
+        """
+        While the copy of a file cut short is read, the file is held with
+        SQLite's exclusive lock: another process's read is refused as
+        locked.
+        """
+        messages, failed, pages, page_size, _ = self.fill(300)
+        original = self.cut(max(pages.values()) // 2 * page_size)
+        self.assertEqual(self.probe(), "database disk image is malformed")
+        said = []
+        real = salvage_module._build
+
+        def build(*args: Any) -> None:
+            said.append(self.probe())
+            real(*args)
+
+        self.patch(salvage_module, "_build", build)
+        self.salvaged(original)
+        self.assertEqual(said, ["database is locked"])
+        self.assertEqual(self.probe(), "read")
+
+    def test_cut_in_use(self) -> None:
+        """
+        A file cut short that another process holds (SQLite's shared lock)
+        is refused with 75, and nothing is changed.
+        """
+        _, _, pages, page_size, _ = self.fill(300)
+        original = self.cut(max(pages.values()) // 2 * page_size)
+        script = (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_SH, 510, 0x40000002)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", script, self.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert holder.stdin is not None and holder.stdout is not None
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.stdin.close)
+        self.assertEqual(holder.stdout.readline(), "held\n")
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 75)
+        self.assertEqual(out, "")
+        self.assertIn("is in use by another process", self.stderr.getvalue())
+        self.assertEqual(os.listdir(self.outbox_dir), [DATABASE_NAME])
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), original)
+
+    def test_cut_copy_fails(self) -> None:
+        """
+        When the copy of a file cut short can not be written (the disk is
+        full), the command exits 74 saying so, and nothing is changed.
+        """
+        messages, failed, pages, page_size, _ = self.fill(300)
+        original = self.cut(max(pages.values()) // 2 * page_size)
+        real = os.write
+
+        def write(fd: int, data: Any) -> int:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(salvage_module.READING_NAME):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data)
+
+        self.patch(os, "write", write)
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 74)
+        self.assertEqual(out, "")
+        reading = os.path.join(self.outbox_dir, salvage_module.READING_NAME)
+        self.assertIn(
+            f"can not copy what is left of {self.path} to {reading} to read it: No space left on device",
+            self.stderr.getvalue(),
+        )
+        self.assertEqual(os.listdir(self.outbox_dir), [DATABASE_NAME])
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), original)
+        self.assertEqual(self.probe(), "database disk image is malformed")
+
+    def test_cut_with_log_not_replaced(self) -> None:
+        """
+        When the new database can not be put in place of a file cut short,
+        the command exits 74 and the file's log is back beside it as found.
+        """
+        _, _, _, _, original, log = self.killed_and_cut()
+        real = os.replace
+
+        def replace(source: str, target: str) -> None:
+            if target == self.path:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(source, target)
+
+        self.patch(os, "replace", replace)
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 74)
+        self.assertIn(f"can not put the salvaged database in place of {self.path}", self.stderr.getvalue())
+        self.assertNotIn("could not put its log back", self.stderr.getvalue())
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), original)
+        with open(self.path + "-wal", "rb") as f:
+            self.assertEqual(f.read(), log)
+        self.assertEqual(
+            sorted(name.split("-")[:2] for name in os.listdir(self.outbox_dir)),
+            [["outbox", "damaged"], ["outbox", "log"], ["outbox.sqlite3"], ["outbox.sqlite3", "wal"]],
+        )

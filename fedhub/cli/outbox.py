@@ -496,6 +496,13 @@ def _salvage(config: Config, domain: str, out: IO[str]) -> int:
     )
     if report.log_kept is not None:
         print(f"its log, as it was found, is kept as {report.log_kept}", file=out)
+    if report.cut is not None:
+        held, named = report.cut
+        print(
+            f"the damaged database file is cut short: it holds {held} whole page(s) of the {named} its "
+            "header names; the others, and a page cut in the middle, are missing (but for what its log held)",
+            file=out,
+        )
     for what in report.broken:
         print(f"damaged, though every message reads: {escape_control(what, 1000)}", file=out)
     for table, lost in (("pending", report.lost_pending), ("failed", report.lost_failed)):

@@ -22,13 +22,29 @@ messages all read but whose other parts do not (its layout version, the
 record of the sequence numbers given, an index or free page SQLite's check
 finds damaged: the store would fail to open or to write) is rebuilt the same
 way.  A store that reads whole is left as it is.
+
+A database file cut short (its header names more pages than the file
+holds) fails every read: SQLite trusts the header's page count.  It is not
+opened in place: held with SQLite's exclusive lock (no SQLite reads or
+writes it meanwhile) and left as it was, the whole pages it still holds are
+copied to C{outbox-reading.sqlite3}, extended with zeros to the length its
+header names, and read instead.  A missing page then reads as a zeroed one
+does, and the walk names what was on it; a page cut in the middle is
+treated as missing, for what is left of it can not be told from what is
+not (its rows point into the part that was cut).  The database's log
+(C{-wal}), if any, is read with the copy (from the kept copy of it), and
+removed beside the old file before the new one takes its place: the old
+log must not be applied to the new file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import sqlite3
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +56,15 @@ BATCH = 1000
 
 #: Where the new database is built, in the outbox's directory.
 BUILDING_NAME = "outbox-salvaging.sqlite3"
+
+#: Where a database cut short is copied to be read, in the outbox's
+#: directory.
+READING_NAME = "outbox-reading.sqlite3"
+
+# SQLite's locks on a database file (os_unix.c): a write lock on these
+# bytes is its EXCLUSIVE lock, which keeps every other connection out.
+_PENDING_BYTE = 0x40000000
+_LOCK_BYTES = 2 + 510
 
 _COLUMNS = {
     "pending": ("seq", "message_id", "created", "attempts", "data"),
@@ -97,6 +122,9 @@ class SalvageReport:
     @ivar log_kept: Where a copy of the database's log (C{-wal}) was kept as
         it was found, before SQLite read it (and dropped what of it fails
         its checksums), or C{None} when there was none.
+    @ivar cut: C{(held, named)} when the file is cut short: it holds
+        C{held} whole pages of the C{named} its header names; C{None}
+        otherwise.
     """
 
     pending: int = 0
@@ -106,13 +134,14 @@ class SalvageReport:
     broken: list[str] = field(default_factory=list)
     kept: str | None = None
     log_kept: str | None = None
+    cut: tuple[int, int] | None = None
 
     @property
     def damaged(self) -> bool:
         """
         Whether anything could not be read.
         """
-        return bool(self.lost_pending or self.lost_failed or self.broken)
+        return bool(self.lost_pending or self.lost_failed or self.broken or self.cut)
 
 
 _ROW, _LOST, _GAP = "row", "lost", "gap"
@@ -356,7 +385,6 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
     @raise SalvageError: when it can not be done (nothing was changed).
     """
     path = os.path.join(directory, DATABASE_NAME)
-    report = SalvageReport()
     # SQLite would take a missing or empty file for a new database (and
     # throw its log away): the store refuses those, and so does this.
     try:
@@ -370,29 +398,42 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
     # and drops the rest with the log once it brings the log in: a copy of
     # the log as found keeps those frames for whoever looks into the damage.
     log_kept = _keep_log(path, stamp)
+    cut = _cut_short(path, size)
+    if cut is None:
+        return _salvage_in_place(directory, path, stamp, log_kept)
+    # Cut short: SQLite fails every read of it, and lets go of its lock when
+    # it does.  The file is held with that lock by hand, and read from a copy.
+    page_size, held, named = cut
+    holder = _hold(path)
+    try:
+        reading = os.path.join(directory, READING_NAME)
+        _copy_pages(holder, path, reading, page_size, held, named, log_kept)
+        try:
+            report = _salvage_copy(directory, path, reading, stamp, log_kept)
+        finally:
+            _remove(reading)
+        report.cut = (held, named)
+        return report
+    finally:
+        # The old file is kept (or, on failure, still the outbox's) as it
+        # was: SQLite's lock on it ends here.
+        os.close(holder)
+
+
+def _salvage_in_place(directory: str, path: str, stamp: str, log_kept: str | None) -> SalvageReport:
+    """
+    Salvage the database at C{path}, opened (exclusively) where it is.
+    """
     try:
         conn = _connect(path)
     except sqlite3.Error as e:
         raise SalvageError(f"can not open {path}: {e}") from None
     try:
-        try:
-            # Takes the exclusive lock, and brings the log in.
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("COMMIT")
-            upper = _upper(conn)
-            _walk(conn, upper, report, None)
-            if not report.damaged:
-                report.broken = _broken(conn)
-            broken = report.broken
-        except sqlite3.DatabaseError as e:
-            if _is_locked(e):
-                raise SalvageError(f"{path} is in use by another process", locked=True) from None
-            raise SalvageError(f"can not read {path}: {e}") from None
+        report, upper = _check(conn, path, log_kept)
         if not report.damaged:
-            report.log_kept = log_kept
             return report
-        report = SalvageReport(broken=broken, log_kept=log_kept)
         building = os.path.join(directory, BUILDING_NAME)
+        report = SalvageReport(broken=report.broken, log_kept=log_kept)
         try:
             _build(conn, building, upper, report)
             # The log, if any, into the file: the kept copy is then whole
@@ -403,9 +444,77 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
             raise SalvageError(f"can not write the salvaged messages next to {path}: {e}") from None
     finally:
         conn.close()
+    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal"):
+        _remove(building)
+        raise SalvageError(f"the log {path}-wal could not be brought into {path}")
+    report.kept = _replace(directory, path, building, stamp)
+    return report
+
+
+def _salvage_copy(directory: str, path: str, reading: str, stamp: str, log_kept: str | None) -> SalvageReport:
+    """
+    Salvage the database at C{path} from the copy of it at C{reading}: the
+    file at C{path}, and its log, are neither read by SQLite nor written.
+    """
     try:
-        if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal"):
-            raise SalvageError(f"the log {path}-wal could not be brought into {path}")
+        conn = _connect(reading)
+    except sqlite3.Error as e:
+        raise SalvageError(f"can not open the copy {reading} of {path}: {e}") from None
+    try:
+        report, upper = _check(conn, path, log_kept)
+        # What the file lacks is damage, even where no message was on it:
+        # SQLite refuses the whole file.
+        building = os.path.join(directory, BUILDING_NAME)
+        report = SalvageReport(broken=report.broken, log_kept=log_kept)
+        try:
+            _build(conn, building, upper, report)
+        except (sqlite3.Error, OSError) as e:
+            _remove(building)
+            raise SalvageError(f"can not write the salvaged messages next to {path}: {e}") from None
+    finally:
+        conn.close()
+    report.kept = _replace(directory, path, building, stamp, drop_log=True, log_kept=log_kept)
+    return report
+
+
+def _check(conn: sqlite3.Connection, path: str, log_kept: str | None) -> tuple[SalvageReport, int]:
+    """
+    Take the exclusive lock on C{conn}'s database, bring its log in and
+    read both tables through.
+
+    @return: what was found, and the largest sequence number given.
+    """
+    report = SalvageReport(log_kept=log_kept)
+    try:
+        # Takes the exclusive lock, and brings the log in.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")
+        upper = _upper(conn)
+        _walk(conn, upper, report, None)
+        if not report.damaged:
+            report.broken = _broken(conn)
+    except sqlite3.DatabaseError as e:
+        if _is_locked(e):
+            raise SalvageError(f"{path} is in use by another process", locked=True) from None
+        raise SalvageError(f"can not read {path}: {e}") from None
+    return report, upper
+
+
+def _replace(
+    directory: str, path: str, building: str, stamp: str, *, drop_log: bool = False, log_kept: str | None = None
+) -> str:
+    """
+    Keep the database at C{path} under a new name, and put the one at
+    C{building} in its place.
+
+    @param drop_log: Whether to remove the old database's log: it must not
+        be applied to the new file.
+    @param log_kept: The copy of that log, put back if the new database
+        can not be put in place.
+    @return: where the old database was kept.
+    """
+    dropped = False
+    try:
         stat = os.stat(path)
         os.chmod(building, stat.st_mode & 0o777)
         if os.geteuid() == 0:
@@ -419,16 +528,146 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
         # the old database or the new one.
         os.link(path, kept)
         _fsync_directory(directory)
+        if drop_log:
+            # Before the new file is in place, never after: SQLite would
+            # apply the old log to it.  Until then the outbox's file is the
+            # old one without its log, which a second salvage reads less
+            # of; the log is kept as found.
+            try:
+                os.unlink(path + "-wal")
+            except FileNotFoundError:
+                pass
+            else:
+                dropped = True
+                _fsync_directory(directory)
         os.replace(building, path)
         _fsync_directory(directory)
-    except SalvageError:
-        _remove(building)
-        raise
     except OSError as e:
         _remove(building)
-        raise SalvageError(f"can not put the salvaged database in place of {path}: {e}") from None
-    report.kept = kept
-    return report
+        reason = f"can not put the salvaged database in place of {path}: {e}"
+        if dropped and log_kept is not None and not _put_back(log_kept, path + "-wal", path):
+            reason += f" (and could not put its log back: copy {log_kept} to {path}-wal)"
+        raise SalvageError(reason) from None
+    return kept
+
+
+def _put_back(log_kept: str, log: str, database: str) -> bool:
+    """
+    Copy the kept log back where it was found, when the old database stays
+    the outbox's (a copy: the kept one stays as found when SQLite later
+    reads and empties the other), with the database's owner.
+
+    @return: whether it could be.
+    """
+    try:
+        with open(log_kept, "rb") as source, open(log, "xb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fsync(copy.fileno())
+        stat = os.stat(database)
+        os.chmod(log, stat.st_mode & 0o777)
+        if os.geteuid() == 0:
+            os.chown(log, stat.st_uid, stat.st_gid)
+        _fsync_directory(os.path.dirname(log))
+    except OSError:
+        return False
+    return True
+
+
+def _cut_short(path: str, size: int) -> tuple[int, int, int] | None:
+    """
+    Whether the database file at C{path} (of C{size} bytes) holds fewer
+    pages than its header names, which makes SQLite refuse every read.
+
+    SQLite trusts the header's page count (bytes 28-31) when it is not 0
+    and the change counter (bytes 24-27) equals the number the count is
+    valid for (bytes 92-95); otherwise it takes the file's length, and the
+    file is not short for it.
+
+    @return: C{(page_size, held, named)}: the whole pages the file holds
+        and those its header names; C{None} when it is not cut short.
+    @raise SalvageError: when the header can not be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as e:
+        raise SalvageError(f"can not read {path}: {e.strerror or e}") from None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return None
+    (page_size,) = struct.unpack_from(">H", header, 16)
+    if page_size == 1:
+        page_size = 65536
+    if page_size < 512 or page_size & (page_size - 1):
+        return None
+    change, named = struct.unpack_from(">II", header, 24)
+    (valid_for,) = struct.unpack_from(">I", header, 92)
+    if not named or valid_for != change or named * page_size <= size:
+        return None
+    return page_size, size // page_size, named
+
+
+def _hold(path: str) -> int:
+    """
+    Take SQLite's exclusive lock on the database file at C{path} without
+    SQLite (which reads the file as it locks it, and lets go when that
+    fails).  The lock lasts until the returned descriptor is closed; no
+    other descriptor of the file may be closed meanwhile (that would end
+    it: POSIX locks belong to the process).
+
+    @raise SalvageError: when another process holds the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise SalvageError(f"can not open {path}: {e.strerror or e}") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _LOCK_BYTES, _PENDING_BYTE)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise SalvageError(f"{path} is in use by another process", locked=True) from None
+        raise SalvageError(f"can not lock {path}: {e.strerror or e}") from None
+    return fd
+
+
+def _copy_pages(
+    source: int, path: str, reading: str, page_size: int, held: int, named: int, log_kept: str | None
+) -> None:
+    """
+    Copy the C{held} whole pages of the database open as C{source} to
+    C{reading}, extended with zeros to the C{named} pages, and the kept log
+    beside it.  A page the file holds only part of is left out: its rows
+    point into the part that is gone, and would read as rows that never
+    were.  The schema's pages past the end are then there (zeroed), and
+    SQLite reads the tables they do not hold.
+
+    @raise SalvageError: when the copy can not be made (nothing is left of
+        it).
+    """
+    _remove(reading)
+    try:
+        fd = os.open(reading, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            offset, end = 0, held * page_size
+            while offset < end:
+                chunk = os.pread(source, min(1 << 20, end - offset), offset)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                offset += len(chunk)
+            os.ftruncate(fd, named * page_size)
+        finally:
+            os.close(fd)
+        if log_kept is not None:
+            shutil.copyfile(log_kept, reading + "-wal")
+    except OSError as e:
+        _remove(reading)
+        raise SalvageError(
+            f"can not copy what is left of {path} to {reading} to read it: {e.strerror or e}"
+        ) from None
 
 
 def _keep_log(path: str, stamp: str) -> str | None:
@@ -490,7 +729,7 @@ def _build(conn: sqlite3.Connection, building: str, upper: int, report: SalvageR
 
 
 def _remove(path: str) -> None:
-    for name in (path, path + "-journal"):
+    for name in (path, path + "-journal", path + "-wal"):
         try:
             os.unlink(name)
         except FileNotFoundError:
