@@ -240,6 +240,24 @@ class SalvageCommandTests(SalvageTestCase):
         self.assertIn("is in use by another process", self.stderr.getvalue())
         self.assertEqual(sorted(os.listdir(self.outbox_dir)), [DATABASE_NAME, DATABASE_NAME + "-wal"])
 
+    def test_database_in_use_with_log(self) -> None:
+        """
+        An outbox another process holds, with messages in its log, is
+        refused with 75 and left without a copy of that log: nothing was
+        changed, as the command says.
+        """
+        holder = self.open_store()
+        self.addCleanup(lambda: self.successResultOf(holder.close()))
+        messages = [make_message(n) for n in range(3)]
+        self.successResultOf(holder.commit([(m.id, 1.0, encode(m)) for m in messages]))
+        self.assertGreater(os.path.getsize(self.path + "-wal"), 0)
+        status, out = self.command("salvage", "-c", self.config)
+        self.assertEqual(status, 75)
+        self.assertEqual(out, "")
+        self.assertIn("is in use by another process", self.stderr.getvalue())
+        self.assertIn("nothing was changed", self.stderr.getvalue())
+        self.assertEqual(sorted(os.listdir(self.outbox_dir)), [DATABASE_NAME, DATABASE_NAME + "-wal"])
+
     def test_nothing_to_salvage(self) -> None:
         """
         A store that reads whole, or none at all, is left as it is.

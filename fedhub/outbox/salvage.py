@@ -382,7 +382,10 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
     holding it makes this fail with C{locked} set.
 
     @param now: The time named in the kept database's file name.
-    @raise SalvageError: when it can not be done (nothing was changed).
+    @raise SalvageError: when it can not be done: the outbox's database
+        is still the old one.  The copy of its log kept as found stays,
+        for whoever looks into the damage, unless another process held
+        the database (C{locked}): then nothing was changed at all.
     """
     path = os.path.join(directory, DATABASE_NAME)
     # SQLite would take a missing or empty file for a new database (and
@@ -398,6 +401,20 @@ def salvage(directory: str, *, now: float | None = None) -> SalvageReport:
     # and drops the rest with the log once it brings the log in: a copy of
     # the log as found keeps those frames for whoever looks into the damage.
     log_kept = _keep_log(path, stamp)
+    try:
+        return _salvage_kept(directory, path, size, stamp, log_kept)
+    except SalvageError as e:
+        if e.locked and log_kept is not None:
+            # Another process holds the database: nothing read its log, so
+            # the copy is of a log still in use, and nothing was changed.
+            _remove(log_kept)
+        raise
+
+
+def _salvage_kept(directory: str, path: str, size: int, stamp: str, log_kept: str | None) -> SalvageReport:
+    """
+    L{salvage}, once the log (if any) is kept as found at C{log_kept}.
+    """
     cut = _cut_short(path, size)
     if cut is None:
         return _salvage_in_place(directory, path, stamp, log_kept)
