@@ -51,7 +51,9 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         # twistd makes these options as soon as it knows it runs fedhub:
-        # the earliest moment fedhub's code runs in the hub's process.
+        # the earliest moment fedhub's code knows it is the hub (twistd
+        # imports the plugin modules before, as any program listing
+        # plugins does).
         starting_hangups.hold()
 
     def opt_version(self) -> None:

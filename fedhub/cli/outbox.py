@@ -364,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="copy every readable message of a damaged outbox into a new database (hub stopped)",
         description="Copy every message of a stopped hub's outbox that can still be read into a new "
         "database that takes its place, keep the damaged one beside it, and list the sequence "
-        "numbers of the messages that could not be read. An outbox that reads whole is left as it is.",
+        "numbers of the messages that could not be read. An outbox that reads whole is not replaced.",
     )
     runner.add_config_arguments(rescue, inner=True)
 

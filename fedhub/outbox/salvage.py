@@ -21,7 +21,9 @@ so the hub publishes the salvaged backlog in its order.  A store whose
 messages all read but whose other parts do not (its layout version, the
 record of the sequence numbers given, an index or free page SQLite's check
 finds damaged: the store would fail to open or to write) is rebuilt the same
-way.  A store that reads whole is left as it is.
+way.  A store that reads whole is not replaced; only its log, if any, is
+brought into it (as the store's next open would), after a copy of the log
+was kept as found (C{outbox-log-<time>.sqlite3-wal}).
 
 A database file cut short (its header names more pages than the file
 holds) fails every read: SQLite trusts the header's page count.  It is not
@@ -74,7 +76,8 @@ _COLUMNS = {
 
 class SalvageError(Exception):
     """
-    The salvage could not be done; nothing was changed.
+    The salvage could not be done; the outbox's database is still the old
+    one (see L{salvage}).
 
     @ivar locked: Whether another process holds the database.
     """
@@ -118,7 +121,7 @@ class SalvageReport:
         given, a page SQLite's check finds bad): the store may fail to open
         or to write with every message readable.
     @ivar kept: Where the damaged database was kept, or C{None} when it
-        read whole and was left as it was.
+        read whole and was not replaced.
     @ivar log_kept: Where a copy of the database's log (C{-wal}) was kept as
         it was found, before SQLite read it (and dropped what of it fails
         its checksums), or C{None} when there was none.

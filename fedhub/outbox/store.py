@@ -1498,9 +1498,10 @@ class Store:
         lost or moved twice.
 
         @param seqs: The records to retry (by L{FailedRecord.seq}); C{None}
-            retries every one in the failed area when the first batch runs
-            (not those that fail again meanwhile).  Unknown ones are
-            ignored.
+            retries every one up to the largest sequence number in the
+            failed area when the first batch runs (so not those that fail
+            again meanwhile, which come back with a larger one).  Unknown
+            ones are ignored.
         @param now: The time they count as handed over again.
         @param batch: At most this many records per transaction.
         @return: a Deferred firing with how many were moved, or failing
@@ -1513,8 +1514,11 @@ class Store:
         Delete messages from the failed area for good, in transactions of
         at most C{batch} records as L{retry_failed} moves them.
 
-        @param seqs: The records to drop; C{None} drops every one.
-        @return: a Deferred firing with how many were dropped.
+        @param seqs: The records to drop; C{None} drops every one up to
+            the largest sequence number in the failed area when the first
+            batch runs.
+        @return: a Deferred firing with how many were dropped, or failing
+            with L{StoreError} (saying how many were dropped before).
         """
         return self._failed_batches("drop", seqs, 0.0, batch)
 
