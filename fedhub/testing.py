@@ -74,7 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fedhub.bus.memory import MemoryBus
-from fedhub.config import ComponentConfig, HubSettings, check_options, check_plugin
+from fedhub.config import DEFAULT_BLOCKING_WARNING, ComponentConfig, HubSettings, check_options, check_plugin
 from fedhub.consumers.runner import ConsumerService, Settled
 from fedhub.errors import FedhubError, MessageReturned, NotConnected
 from fedhub.interfaces import (
@@ -299,6 +299,7 @@ class ConsumerHarness:
         max_retry_delay: float = 3600.0,
         drain_timeout: float = 30.0,
         max_deliveries: int = 10,
+        blocking_warning: float = DEFAULT_BLOCKING_WARNING,
     ) -> None:
         """
         Build the plugin's handler and its consumer.
@@ -325,8 +326,9 @@ class ConsumerHarness:
             for each, found in L{peers}.
 
         C{retry_delay}, C{max_retries}, C{max_retry_delay}, C{on_error},
-        C{drain_timeout} and C{max_deliveries} are the consumer's keys of
-        the same names, with a configuration's defaults.
+        C{drain_timeout}, C{max_deliveries} and C{blocking_warning} are the
+        consumer's keys of the same names, with a configuration's defaults
+        (L{blocking_calls} counts the calls longer than C{blocking_warning}).
         """
         # Deliveries asked for and not yet handed to the consumer, in order
         # (with whether to flag them redelivered), then those handed over,
@@ -363,6 +365,7 @@ class ConsumerHarness:
             max_retry_delay=max_retry_delay,
             drain_timeout=drain_timeout,
             max_deliveries=max_deliveries,
+            blocking_warning=blocking_warning,
         )
         context = PluginContext(
             name=name,
@@ -391,6 +394,16 @@ class ConsumerHarness:
         What the plugin published through its publisher.
         """
         return self.publisher.published
+
+    @property
+    def blocking_calls(self) -> dict[str, int]:
+        """
+        The plugin's calls (C{start}, C{handle}, C{drain}, C{abandon},
+        C{stop}) that held the event loop longer than C{blocking_warning},
+        by call, as the hub counts and logs them: timed with a monotonic
+        clock, whatever clock the harness runs on.
+        """
+        return dict(self.service.blocking.counts)
 
     def _on_delivery(self, delivery: IDelivery) -> IDelivery:
         """

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -227,6 +228,36 @@ class HarnessTests(SynchronousTestCase):
         self.assertEqual(len(harness.published), 1)
         self.assertEqual(harness.published[0].topic, "org.fedoraproject.dev.echo")
         self.assertEqual(harness.published[0].body, {"of": settled.message.id})
+
+    def test_blocking_calls(self) -> None:
+        """
+        A handler that blocks longer than C{blocking_warning} is counted as
+        the hub counts it, whatever clock the harness runs on; a fast one
+        is not.
+        """
+
+        class Sleepy(Echo):
+            def handle(self, message: Message) -> Any:
+                time.sleep(0.05)
+                return super().handle(message)
+
+        @implementer(IConsumerPlugin)
+        class SleepyPlugin(EchoPlugin):
+            def build(self, context: PluginContext) -> Echo:
+                return Sleepy(context)
+
+        harness = ConsumerHarness(SleepyPlugin(), blocking_warning=0.01)
+        harness.start()
+        self.assertEqual(self.successResultOf(harness.deliver("a.b", {})).outcome, "acked")
+        self.assertEqual(harness.blocking_calls["handle"], 1)
+        self.assertEqual(harness.blocking_calls["start"], 0)
+        self.flushLoggedErrors()
+        fast = ConsumerHarness(EchoPlugin())
+        fast.start()
+        self.successResultOf(fast.deliver("a.b", {}))
+        self.assertEqual(fast.blocking_calls, dict.fromkeys(("start", "handle", "drain", "abandon", "stop"), 0))
+        with self.assertRaises(ValueError):
+            ConsumerHarness(EchoPlugin(), blocking_warning=0)
 
     def test_concurrency_and_prefetch(self) -> None:
         """The harness's consumer takes concurrency and prefetch as a configuration gives them."""
