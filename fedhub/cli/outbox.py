@@ -11,7 +11,7 @@ The failed area holds what the broker returned as unroutable or refused
   - C{fedhub outbox drop SEQ|ID ... | --all}: delete them for good;
   - C{fedhub outbox salvage}: on a stopped hub, copy every readable message
     of a damaged outbox database into a new one and name those that could
-    not be read (see L{fedhub.outbox.salvage}).
+    not be read, exiting 1 when there were any (see L{fedhub.outbox.salvage}).
 
 Messages are named by their sequence number (the first column of C{list}) or
 their message id.  The outbox lives in C{<state_dir>/outbox/<domain>/}.  The
@@ -515,6 +515,9 @@ def _salvage(config: Config, domain: str, out: IO[str]) -> int:
                 f"not salvaged: {table} messages {max(1, after + 1)} {upto}: which of these numbers held "
                 "a message can not be told (a damaged page)", file=out,
             )
+    if report.lost_pending or report.lost_failed:
+        # Done, but not whole: a script can tell from the status.
+        return EX_NOTFOUND
     return EX_OK
 
 
