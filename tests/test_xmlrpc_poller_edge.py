@@ -240,6 +240,33 @@ class FutureTests(SynchronousTestCase):
         self.assertEqual(len(warned), 1)
         self.assertIn("2102-01-01", warned[0])
 
+    def test_many_items_ahead_warned_in_few_lines(self) -> None:
+        """
+        A poll that publishes many items ahead of the clock names the first
+        AHEAD_WARNINGS in lines of their own and counts the others in one
+        line; a later poll with nothing new adds no line.
+        """
+        source = built_source(self, self.db, self.clock, params=["{cursor}", 5000],
+                              page_size=None)
+        cursor = self.successResultOf(source.initial_cursor())
+        start = NOW.replace(tzinfo=None) + timedelta(days=1)
+        count = xmlrpc_poll.AHEAD_WARNINGS + 15
+        expected = [self.dated(start + timedelta(minutes=i)) for i in range(count)]
+        first = self.poll(cursor, source)
+        self.assertEqual(self.ids(first), expected)
+        named = self.logs.warnings("past this host's clock: published")
+        self.assertEqual(len(named), xmlrpc_poll.AHEAD_WARNINGS)
+        for warning, item in zip(named, expected):
+            self.assertIn(f"Item {item} ", warning)
+        [summary] = self.logs.warnings("more items")
+        last = (start + timedelta(minutes=count - 1)).isoformat()
+        self.assertIn("15 more items of ", summary)
+        self.assertIn(f"up to {last}", summary)
+        self.assertEqual(len(first.cursor["ahead"]), count)
+        again = self.poll(first.cursor, source)
+        self.assertEqual(self.ids(again), [])
+        self.assertEqual(len(self.logs.warnings("past this host's clock")), xmlrpc_poll.AHEAD_WARNINGS + 1)
+
     def test_more_far_items_than_remembered_published_once(self) -> None:
         """
         More items ahead of the clock than a cursor remembers are each

@@ -77,6 +77,9 @@ _MISSING = object()
 #: Past it, further such items are not published until the clock reaches
 #: them or the cursor passes remembered ones (see L{XMLRPCSource.poll}).
 AHEAD_LIMIT = 1000
+#: Items published ahead of the clock named each in a warning of its own in
+#: one poll; the others of the poll are counted in one line.
+AHEAD_WARNINGS = 10
 #: Problems with items remembered as reported, so that an item a service
 #: keeps answering is warned about once (the most recent are kept).
 WARNED_LIMIT = 1000
@@ -469,16 +472,31 @@ class XMLRPCSource:
                 failed.add((position, item_id))
                 self._skip(ItemError(f"item {item_id}: nested too deeply"),
                            f"{item_id}|{position}")
+        named = 0
+        unnamed: list[Any] = []
         for position, item_id, _, _ in admitted:
             # One that failed is remembered too, so it is not tried again.
             kept.add((position, item_id))
-            if (position, item_id) not in failed:
+            if (position, item_id) in failed:
+                continue
+            if named < AHEAD_WARNINGS:
+                named += 1
                 self.log.warn("Item {item} of {method} is dated {position}, more than "
                               "{margin:g} s past this host's clock: published, but the cursor "
                               "stays at {cursor}", producer=self.name,
                               item=escape_control(item_id, ITEM_TEXT_LIMIT),
                               method=self.method, position=_text(position),
                               margin=FUTURE_MARGIN, cursor=_text(c["value"]))
+            else:
+                unnamed.append(position)
+        if unnamed:
+            # A server whose clock runs ahead can date a whole answer so:
+            # one line for the rest, not one per item.
+            self.log.warn("{count} more items of {method} dated more than {margin:g} s past this "
+                          "host's clock, up to {position}, were published; the cursor stays at "
+                          "{cursor}", producer=self.name, count=len(unnamed), method=self.method,
+                          margin=FUTURE_MARGIN, position=_text(unnamed[-1]),
+                          cursor=_text(c["value"]))
         self._check_held(len(held), held[0][0] if held else None)
         if kept:
             c["ahead"] = [list(a) for a in sorted(kept)]
