@@ -603,24 +603,40 @@ class TwistdTests(SynchronousTestCase):
     C{twistd -n fedhub} as an operator runs it.
     """
 
+    def state_dir(self) -> Path:
+        """
+        A new directory for a hub's state, its configuration and its
+        process's working directory.
+        """
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        return state
+
+    def twistd(self, state: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """
+        Start C{twistd -n --pidfile= fedhub ARGS} in C{state}, its output
+        and errors read as text from C{stdout}.
+        """
+        twistd = Path(sys.executable).parent / "twistd"
+        return subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "fedhub", *args],
+            cwd=str(state),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
     def test_signal_after_the_stop_ignored(self) -> None:
         """
         A second SIGTERM that arrives once the hub has stopped, while its
         process exits, leaves the exit status 0: it does not kill the
         process.
         """
-        twistd = Path(sys.executable).parent / "twistd"
-        state = Path(self.mktemp()).resolve()
-        state.mkdir(parents=True)
+        state = self.state_dir()
         config = state / "hub.toml"
         config.write_text(f'[hub]\nstate_dir = "{state}"\n[domains.a]\nbroker = "memory"\n')
-        process = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "fedhub", "--config", str(config)],
-            cwd=str(state),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        process = self.twistd(state, "--config", str(config))
         output: list[str] = []
 
         def read_until(marker: str) -> bool:
@@ -651,9 +667,7 @@ class TwistdTests(SynchronousTestCase):
         hub is ready neither kill it nor keep it from becoming ready; the
         files are reopened once it runs.
         """
-        twistd = Path(sys.executable).parent / "twistd"
-        state = Path(self.mktemp()).resolve()
-        state.mkdir(parents=True)
+        state = self.state_dir()
         socket_path = state / "status.sock"
         # A FIFO for a configuration file: opening it for writing succeeds
         # once the hub opens it for reading, that is while it reads its
@@ -661,13 +675,7 @@ class TwistdTests(SynchronousTestCase):
         # there until the text is written.
         config = state / "hub.toml"
         os.mkfifo(config)
-        process = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "fedhub", "--config", str(config)],
-            cwd=str(state),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        process = self.twistd(state, "--config", str(config))
         hangups = 0
 
         def hang_up() -> None:
@@ -730,18 +738,8 @@ class TwistdTests(SynchronousTestCase):
 
     def test_runs_until_signalled(self) -> None:
         """The default hub starts, logs a mailed bugmail as one line, and exits 0 on SIGTERM."""
-        twistd = Path(sys.executable).parent / "twistd"
-        state = Path(self.mktemp()).resolve()
-        state.mkdir(parents=True)
-        env = dict(os.environ, TMPDIR=str(state))
-        process = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "fedhub"],
-            cwd=str(state),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        state = self.state_dir()
+        process = self.twistd(state, env=dict(os.environ, TMPDIR=str(state)))
         output: list[str] = []
 
         def read_until(marker: str) -> bool:
