@@ -60,6 +60,20 @@ class SalvageTestCase(SynchronousTestCase):
         self.successResultOf(store.open())
         return store
 
+    def copy_as_killed(self, directory: str) -> bytes:
+        """
+        Copy the database of the open store in C{directory} and its log to
+        the outbox's place, as a hub killed with that store open leaves
+        them; the log's bytes.
+        """
+        os.makedirs(self.outbox_dir)
+        for suffix in ("", "-wal"):
+            with open(os.path.join(directory, DATABASE_NAME + suffix), "rb") as source:
+                data = source.read()
+            with open(self.path + suffix, "wb") as copy:
+                copy.write(data)
+        return data
+
     def published(self) -> tuple[list[Message], str | None]:
         """
         Start an outbox on the directory, as the hub would, and return what
@@ -293,14 +307,7 @@ class SalvageCommandTests(SalvageTestCase):
         self.successResultOf(holder.open())
         messages = [make_message(n) for n in range(3)]
         self.successResultOf(holder.commit([(m.id, 1.0, encode(m)) for m in messages]))
-        os.makedirs(self.outbox_dir)
-        # Copied while the store is open: the database and its log as a
-        # killed hub leaves them.
-        for suffix in ("", "-wal"):
-            with open(os.path.join(elsewhere, DATABASE_NAME + suffix), "rb") as source:
-                data = source.read()
-            with open(self.path + suffix, "wb") as copy:
-                copy.write(data)
+        data = self.copy_as_killed(elsewhere)
         self.successResultOf(holder.close())
         self.assertGreater(len(data), 0)
         status, out = self.command("salvage", "-c", self.config)
@@ -624,14 +631,7 @@ class TruncatedSalvageTests(SalvageTestCase):
         self.successResultOf(holder.commit([(m.id, 1.0, encode(m)) for m in messages[300:]]))
         pages = _pages_of(conn, "pending")
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        os.makedirs(self.outbox_dir)
-        # Copied while the store is open: the database and its log as a
-        # killed hub leaves them.
-        for suffix in ("", "-wal"):
-            with open(os.path.join(elsewhere, DATABASE_NAME + suffix), "rb") as source:
-                log = source.read()
-            with open(self.path + suffix, "wb") as copy:
-                copy.write(log)
+        log = self.copy_as_killed(elsewhere)
         self.successResultOf(holder.close())
         logged = _log_pages(self.path + "-wal", page_size)
         leaves = sorted(set(pages.values()))
