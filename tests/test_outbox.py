@@ -249,6 +249,28 @@ def make_message(n: int) -> Message:
     )
 
 
+def page_layout(store: Store) -> tuple[int, int]:
+    """
+    How many pages the open C{store}'s database has now, and their size:
+    the next page it takes is the first past them.
+    """
+    conn = store._db.conn
+    assert conn is not None
+    pages: int = conn.execute("PRAGMA page_count").fetchone()[0]
+    page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+    return pages, page_size
+
+
+def zero_page(path: str, index: int, page_size: int) -> None:
+    """
+    Overwrite page C{index} (counted from 0) of the database file at
+    C{path} with zeros, as a bad disk would damage it.
+    """
+    with open(path, "r+b") as f:
+        f.seek(index * page_size)
+        f.write(bytes(page_size))
+
+
 class OutboxTestCase(SynchronousTestCase):
     """
     Builds outboxes on temporary directories with a fake bus and a clock, and
@@ -1385,19 +1407,14 @@ class RecoveryTests(OutboxTestCase):
         self.successResultOf(store.open())
         before = [make_message(n) for n in range(5)]
         self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in before]))
-        conn = store._db.conn
-        assert conn is not None
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages, page_size = page_layout(store)
         big = Message.create("org.example.big", {"text": "x" * 20000})
         after = [make_message(n) for n in range(5, 8)]
         self.successResultOf(store.commit([(m.id, 0.0, encode(m)) for m in [big, *after]]))
         self.successResultOf(store.close())
         # The first page the big message (number 6) took starts its overflow
         # chain: zeroed, every read of that row fails.
-        with open(os.path.join(self.directory, "outbox.sqlite3"), "r+b") as f:
-            f.seek(pages * page_size)
-            f.write(bytes(page_size))
+        zero_page(os.path.join(self.directory, "outbox.sqlite3"), pages, page_size)
         loads: list[int] = []
 
         class Counting(Store):

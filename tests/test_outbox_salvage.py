@@ -31,7 +31,7 @@ from fedhub.outbox import salvage as salvage_module
 from fedhub.outbox.store import DATABASE_NAME, RETURNED, Failure, encode
 from fedhub.tap import StateLock
 from tests.test_cli_publish import write_config
-from tests.test_outbox import FakeBus, make_message
+from tests.test_outbox import FakeBus, make_message, page_layout, zero_page
 
 
 class SalvageTestCase(SynchronousTestCase):
@@ -113,16 +113,11 @@ class SalvageCommandTests(SalvageTestCase):
         after = [make_message(n) for n in range(3, 5)]
         self.successResultOf(store.commit([(m.id, 1.0, encode(m)) for m in [*before, refused]]))
         self.successResultOf(store.commit([], [], [Failure(3, RETURNED, "312 NO_ROUTE", 2.0)]))
-        conn = store._db.conn
-        assert conn is not None
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages, page_size = page_layout(store)
         self.successResultOf(store.commit([(big.id, 1.0, encode(big))]))
         self.successResultOf(store.commit([(m.id, 1.0, encode(m)) for m in after]))
         self.successResultOf(store.close())
-        with open(self.path, "r+b") as f:
-            f.seek(pages * page_size)
-            f.write(bytes(page_size))
+        zero_page(self.path, pages, page_size)
         return before + after, big, refused
 
     def test_damaged_message_in_the_backlog(self) -> None:
@@ -371,9 +366,7 @@ class SalvageCommandTests(SalvageTestCase):
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         [root] = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()
         self.successResultOf(store.close())
-        with open(self.path, "r+b") as f:
-            f.seek((root - 1) * page_size)
-            f.write(bytes(page_size))
+        zero_page(self.path, root - 1, page_size)
 
     def check_rebuilt_whole(self, name: str, said: str) -> None:
         """

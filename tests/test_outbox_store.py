@@ -38,7 +38,7 @@ from fedhub.outbox.store import (
     decode,
     encode,
 )
-from tests.test_outbox import ManualExecutor
+from tests.test_outbox import ManualExecutor, page_layout, zero_page
 
 
 def make_message(n: int) -> Message:
@@ -208,17 +208,12 @@ class StoreTests(StoreTestsMixin, SynchronousTestCase):
         small = [make_message(1), make_message(3)]
         big = Message.create("org.example.big", {"text": "x" * 20000})
         self.successResultOf(store.commit([row(small[0])]))
-        conn = store._db.conn
-        assert conn is not None
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages, page_size = page_layout(store)
         self.successResultOf(store.commit([row(big), row(small[1])]))
         self.successResultOf(store.close())
         # The first page the big message took holds the start of its
         # overflow chain: zeroed, the chain ends too soon.
-        with open(os.path.join(directory, DATABASE_NAME), "r+b") as f:
-            f.seek(pages * page_size)
-            f.write(bytes(page_size))
+        zero_page(os.path.join(directory, DATABASE_NAME), pages, page_size)
         again = self.open_store(directory)
         self.assertEqual(again.pending_count, 3)
         error = self.failureResultOf(again.load(0, 10), StoreError).value
