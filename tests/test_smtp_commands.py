@@ -314,13 +314,21 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(client.codes(), [421])
         self.assertTrue(client.closed)
 
-    def test_quarantined_mails_do_not_restart_the_command_count(self) -> None:
-        """Junk mail kept in the quarantine is answered 250 but does not start the count of commands again: sent over and over on one session, it is closed with 421 past max_commands_per_mail, long before the quarantine's own limits."""
+    def quarantining_session(self) -> tuple[Harness, Any]:
+        """
+        A listener with a quarantine and C{max_commands_per_mail} 8, and a
+        session on it past its greeting.
+        """
         settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
                                     max_commands_per_mail=8)
         harness = Harness(settings, quarantine_dir=self.mktemp(), quarantine_max_files=100)
         client = harness.connect()
         client.replies()
+        return harness, client
+
+    def test_quarantined_mails_do_not_restart_the_command_count(self) -> None:
+        """Junk mail kept in the quarantine is answered 250 but does not start the count of commands again: sent over and over on one session, it is closed with 421 past max_commands_per_mail, long before the quarantine's own limits."""
+        harness, client = self.quarantining_session()
         # Three commands a mail: the third mail's DATA is the ninth command,
         # one over the limit.
         self.assertEqual(self.send_mails(client, dot_stuffed(sample(NOT_BUGMAIL)), 10),
@@ -332,11 +340,7 @@ class CommandTests(SynchronousTestCase):
 
     def test_good_mail_after_quarantined_restarts_the_command_count(self) -> None:
         """A mail handed over after a quarantined one starts the count of commands again: the commands of the quarantined mail no longer count."""
-        settings = ListenerSettings(recipients=frozenset({RECIPIENT}), max_recipients=1,
-                                    max_commands_per_mail=8)
-        harness = Harness(settings, quarantine_dir=self.mktemp(), quarantine_max_files=100)
-        client = harness.connect()
-        client.replies()
+        harness, client = self.quarantining_session()
         self.assertEqual(self.send_mails(client, b".\r\n", 1), [250, 250, 354, 250])
         self.assertEqual(harness.factory.counters["mails_quarantined"], 1)
         self.assertEqual(self.send_mails(client, dot_stuffed(sample(CHANGED)), 1),
