@@ -449,19 +449,12 @@ def _salvage_in_place(directory: str, path: str, stamp: str, log_kept: str | Non
     except sqlite3.Error as e:
         raise SalvageError(f"can not open {path}: {e}") from None
     try:
-        report, upper = _check(conn, path, log_kept)
-        if not report.damaged:
-            return report
-        building = os.path.join(directory, BUILDING_NAME)
-        report = SalvageReport(broken=report.broken, log_kept=log_kept)
-        try:
-            _build(conn, building, upper, report)
-            # The log, if any, into the file: the kept copy is then whole
-            # without it, and no log of the old file is left beside the new.
-            conn.execute("PRAGMA journal_mode=DELETE").fetchall()
-        except (sqlite3.Error, OSError) as e:
-            _remove(building)
-            raise SalvageError(f"can not write the salvaged messages next to {path}: {e}") from None
+        found, upper = _check(conn, path, log_kept)
+        if not found.damaged:
+            return found
+        # The log, if any, is brought into the old file: the kept copy is
+        # then whole without it, and no log of it is left beside the new.
+        report, building = _build_beside(conn, directory, path, upper, found, bring_log_in=True)
     finally:
         conn.close()
     if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal"):
@@ -481,20 +474,45 @@ def _salvage_copy(directory: str, path: str, reading: str, stamp: str, log_kept:
     except sqlite3.Error as e:
         raise SalvageError(f"can not open the copy {reading} of {path}: {e}") from None
     try:
-        report, upper = _check(conn, path, log_kept)
+        found, upper = _check(conn, path, log_kept)
         # What the file lacks is damage, even where no message was on it:
         # SQLite refuses the whole file.
-        building = os.path.join(directory, BUILDING_NAME)
-        report = SalvageReport(broken=report.broken, log_kept=log_kept)
-        try:
-            _build(conn, building, upper, report)
-        except (sqlite3.Error, OSError) as e:
-            _remove(building)
-            raise SalvageError(f"can not write the salvaged messages next to {path}: {e}") from None
+        report, building = _build_beside(conn, directory, path, upper, found)
     finally:
         conn.close()
     report.kept = _replace(directory, path, building, stamp, drop_log=True, log_kept=log_kept)
     return report
+
+
+def _build_beside(
+    conn: sqlite3.Connection,
+    directory: str,
+    path: str,
+    upper: int,
+    found: SalvageReport,
+    *,
+    bring_log_in: bool = False,
+) -> tuple[SalvageReport, str]:
+    """
+    Build the new database from what C{conn} reads, at L{BUILDING_NAME} in
+    C{directory}, and report on it (with what L{_check} C{found} outside the
+    messages).
+
+    @param bring_log_in: Whether to bring C{conn}'s log into its file
+        afterwards (C{journal_mode=DELETE}).
+    @return: the report and where the new database is.
+    @raise SalvageError: when it can not be written (nothing is left of it).
+    """
+    building = os.path.join(directory, BUILDING_NAME)
+    report = SalvageReport(broken=found.broken, log_kept=found.log_kept)
+    try:
+        _build(conn, building, upper, report)
+        if bring_log_in:
+            conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+    except (sqlite3.Error, OSError) as e:
+        _remove(building)
+        raise SalvageError(f"can not write the salvaged messages next to {path}: {e}") from None
+    return report, building
 
 
 def _check(conn: sqlite3.Connection, path: str, log_kept: str | None) -> tuple[SalvageReport, int]:
