@@ -472,8 +472,8 @@ class XMLRPCSource:
                 failed.add((position, item_id))
                 self._skip(ItemError(f"item {item_id}: nested too deeply"),
                            f"{item_id}|{position}")
-        named = 0
-        unnamed: list[Any] = []
+        named = unnamed = 0
+        farthest: Any = None
         for position, item_id, _, _ in admitted:
             # One that failed is remembered too, so it is not tried again.
             kept.add((position, item_id))
@@ -488,14 +488,16 @@ class XMLRPCSource:
                               method=self.method, position=_text(position),
                               margin=FUTURE_MARGIN, cursor=_text(c["value"]))
             else:
-                unnamed.append(position)
+                # In order: the last is the farthest.
+                unnamed += 1
+                farthest = position
         if unnamed:
             # A server whose clock runs ahead can date a whole answer so:
             # one line for the rest, not one per item.
             self.log.warn("{count} more items of {method} dated more than {margin:g} s past this "
                           "host's clock, up to {position}, were published; the cursor stays at "
-                          "{cursor}", producer=self.name, count=len(unnamed), method=self.method,
-                          margin=FUTURE_MARGIN, position=_text(unnamed[-1]),
+                          "{cursor}", producer=self.name, count=unnamed, method=self.method,
+                          margin=FUTURE_MARGIN, position=_text(farthest),
                           cursor=_text(c["value"]))
         self._check_held(len(held), held[0][0] if held else None)
         if kept:
